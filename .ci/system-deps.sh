@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Install the servers the tests and the demo start locally, when they are missing:
+# PostgreSQL (initdb, pg_ctl, pg_recvlogical) and Redis, from Debian's packages.
+set -euo pipefail
+need=()
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 \
+  || need+=(postgresql postgresql-contrib)
+command -v pg_recvlogical >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/pg_recvlogical >/dev/null 2>&1 \
+  || need+=(postgresql-client)
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+[ ${#need[@]} -eq 0 ] && exit 0
+echo "installing ${need[*]} from Debian packages" >&2
+SUDO=""
+[ "$(id -u)" -ne 0 ] && SUDO="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+# Debian starts the packaged services; the tests run their own, so stop those.
+$SUDO service postgresql stop >/dev/null 2>&1 || true
+$SUDO service redis-server stop >/dev/null 2>&1 || true

@@ -1,0 +1,54 @@
+"""changefeed: database change streams as composable pipelines of deltas.
+
+    >>> from changefeed import get_changefeed, ChangeFeed
+    >>> feed = get_changefeed("postgresql://localhost/app", "tasks",
+    ...                       ChangeFeed.INSERT | ChangeFeed.UPDATE)   # doctest: +SKIP
+    >>> for change in feed:                                             # doctest: +SKIP
+    ...     print(change.operation, change.new)
+"""
+
+from changefeed.change import ALL, UNCHANGED, Change, Operation, Position
+from changefeed.checkpoint import CheckpointStore, FileCheckpoint, MemoryCheckpoint
+from changefeed.errors import (
+    BackendError,
+    ChangefeedError,
+    ConfigurationError,
+    PermanentBackendError,
+    PipelineError,
+    ResumeError,
+    TransientBackendError,
+)
+from changefeed.feed import ChangeFeed, FeedStats, Retry, get_changefeed
+
+INSERT = Operation.INSERT
+DELETE = Operation.DELETE
+UPDATE = Operation.UPDATE
+
+__all__ = [
+    "ALL",
+    "DELETE",
+    "INSERT",
+    "UNCHANGED",
+    "UPDATE",
+    "BackendError",
+    "Change",
+    "ChangeFeed",
+    "ChangefeedError",
+    "CheckpointStore",
+    "ConfigurationError",
+    "FeedStats",
+    "FileCheckpoint",
+    "MemoryCheckpoint",
+    "Operation",
+    "PermanentBackendError",
+    "PipelineError",
+    "Position",
+    "ResumeError",
+    "Retry",
+    "TransientBackendError",
+    "get_changefeed",
+]
+
+# Importing the backends registers their connection types with get_changefeed; a backend whose
+# driver is not installed is skipped (URLs for it then say which extra to install).
+from changefeed import backends as _backends  # noqa: E402,F401

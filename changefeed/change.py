@@ -1,0 +1,145 @@
+"""The values a feed produces: `Operation` flags and immutable `Change` records.
+
+A `Change` holds Python values (int, Decimal, datetime, UUID, dict, list, bytes), never the
+database's text. Its ``position`` is opaque to everyone but the backend that made it: it is
+JSON-serialisable and, within one feed, ordered, so sinks can drop duplicates after a replay.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from changefeed.errors import ConfigurationError
+
+Position = Any
+"""A backend's resume position: JSON-serialisable, ordered within one feed."""
+
+
+class Operation(enum.IntFlag):
+    """The kinds of change a feed watches; combine them with ``|``.
+
+    The values are BigchainDB's, so ``ChangeFeed.INSERT | ChangeFeed.UPDATE`` code keeps working.
+    """
+
+    INSERT = 1
+    DELETE = 2
+    UPDATE = 4
+
+    @classmethod
+    def parse(cls, text: str) -> Operation:
+        """Parse ``"insert,update"`` (or ``"all"``) into a flag.
+
+        Raises `ConfigurationError` naming the valid words on anything else.
+        """
+        valid = [op.name.lower() for op in cls]
+        words = [word.strip().lower() for word in text.split(",") if word.strip()]
+        if not words:
+            raise ConfigurationError(f"no operation given: use one or more of {', '.join(valid)}")
+        result = cls(0)
+        for word in words:
+            if word == "all":
+                result |= ALL
+            elif word in valid:
+                result |= cls[word.upper()]
+            else:
+                raise ConfigurationError(
+                    f"unknown operation {word!r}: use one or more of {', '.join(valid)}, or all"
+                )
+        return result
+
+    @property
+    def names(self) -> list[str]:
+        """The lower-case names of the single operations in this flag, e.g. ``['insert']``."""
+        return [op.name.lower() for op in Operation if op in self]
+
+
+ALL = Operation.INSERT | Operation.DELETE | Operation.UPDATE
+
+
+class _Unchanged:
+    """The type of `UNCHANGED`: one instance, which survives pickling."""
+
+    _instance: _Unchanged | None = None
+
+    def __new__(cls) -> _Unchanged:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "UNCHANGED"
+
+    def __reduce__(self) -> str:
+        return "UNCHANGED"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+UNCHANGED = _Unchanged()
+"""Stands for a column the source did not send because it did not change.
+
+PostgreSQL leaves unchanged TOASTed values out of an update; the row then holds `UNCHANGED`
+for that column, never a made-up None. JSON output leaves such columns out and lists them
+under ``"unchanged"``.
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One insert, update or delete, as committed.
+
+    ``old`` is the whole row before an update or delete where the source provides it, else only
+    the key columns (PostgreSQL's REPLICA IDENTITY DEFAULT); None for inserts. ``new`` is None for
+    deletes. ``snapshot`` is True for rows read by the snapshot prefeed.
+    """
+
+    operation: Operation
+    table: str
+    new: dict[str, Any] | None
+    old: dict[str, Any] | None = None
+    key: dict[str, Any] | None = None
+    position: Position = None
+    committed_at: datetime | None = None
+    transaction: Any = None
+    snapshot: bool = False
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def row(self) -> dict[str, Any] | None:
+        """The row as it is now: ``new``, or ``old`` for a delete."""
+        return self.new if self.new is not None else self.old
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict for JSON output; `UNCHANGED` columns are listed, not given values."""
+        result: dict[str, Any] = {
+            "operation": self.operation.name.lower() if self.operation.name else None,
+            "table": self.table,
+            "key": self.key,
+            "new": _without_unchanged(self.new),
+            "old": _without_unchanged(self.old),
+            "position": self.position,
+            "committed_at": self.committed_at,
+            "transaction": self.transaction,
+            "snapshot": self.snapshot,
+        }
+        unchanged = unchanged_columns(self.new)
+        if unchanged:
+            result["unchanged"] = unchanged
+        return result
+
+
+def unchanged_columns(row: dict[str, Any] | None) -> list[str]:
+    """The names of the columns of ``row`` that hold `UNCHANGED`."""
+    if not row:
+        return []
+    return [name for name, value in row.items() if value is UNCHANGED]
+
+
+def _without_unchanged(row: dict[str, Any] | None) -> dict[str, Any] | None:
+    if row is None or UNCHANGED not in row.values():
+        return row
+    return {name: value for name, value in row.items() if value is not UNCHANGED}

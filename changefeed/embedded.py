@@ -1,0 +1,161 @@
+"""A throwaway local PostgreSQL cluster, for `changefeed demo`, the tests and the benchmarks.
+
+`TemporaryPostgres` runs ``initdb`` in a temporary directory, starts the server on a free
+loopback port with ``wal_level=logical``, and removes everything on exit. PostgreSQL refuses to
+run as root, so when we are root the cluster belongs to an unprivileged user (``nobody`` unless
+``CHANGEFEED_PG_USER`` names another) and the server runs as that user.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from changefeed.errors import ConfigurationError
+
+
+def find_pg_bindir() -> Path:
+    """The directory holding ``initdb`` and ``pg_ctl`` (Debian keeps them off the PATH)."""
+    candidates = []
+    if os.environ.get("PG_BINDIR"):
+        candidates.append(os.environ["PG_BINDIR"])
+    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=_version_key, reverse=True)
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True)
+        candidates.append(out.stdout.strip())
+    initdb = shutil.which("initdb")
+    if initdb:
+        candidates.append(str(Path(initdb).resolve().parent))
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "initdb").exists():
+            return Path(candidate)
+    raise ConfigurationError(
+        "PostgreSQL server programs not found (initdb): install them, e.g."
+        " apt-get install postgresql, or set PG_BINDIR"
+    )
+
+
+def _version_key(path: str) -> int:
+    try:
+        return int(Path(path).parent.name)
+    except ValueError:
+        return 0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class TemporaryPostgres:
+    """A PostgreSQL cluster in a temporary directory, ready for logical replication.
+
+    Use as a context manager; ``dsn`` connects as the superuser ``postgres`` over TCP with
+    trust authentication (loopback only).
+    """
+
+    def __init__(self, settings: dict[str, str] | None = None) -> None:
+        self.bindir = find_pg_bindir()
+        self.port = free_port()
+        self.settings = {
+            "wal_level": "logical",
+            "max_wal_senders": "20",
+            "max_replication_slots": "20",
+            "listen_addresses": "'127.0.0.1'",
+            "fsync": "off",
+            "synchronous_commit": "off",
+            "full_page_writes": "off",
+            "shared_buffers": "128MB",
+            "wal_sender_timeout": "60s",
+        } | (settings or {})
+        self.directory: Path | None = None
+        self._user: pwd.struct_passwd | None = None
+
+    @property
+    def datadir(self) -> Path:
+        assert self.directory is not None
+        return self.directory / "data"
+
+    def dsn(self, dbname: str = "postgres", user: str = "postgres") -> str:
+        """A libpq URL for ``dbname`` as ``user``."""
+        return f"postgresql://{user}@127.0.0.1:{self.port}/{dbname}"
+
+    def __enter__(self) -> TemporaryPostgres:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.destroy()
+
+    def start(self) -> None:
+        """initdb (first time only) and start the server; wait until it accepts connections."""
+        if self.directory is None:
+            self.directory = Path(tempfile.mkdtemp(prefix="changefeed-pg-"))
+            if os.geteuid() == 0:
+                self._user = pwd.getpwnam(os.environ.get("CHANGEFEED_PG_USER", "nobody"))
+                os.chown(self.directory, self._user.pw_uid, self._user.pw_gid)
+            self._run(
+                [self.bindir / "initdb", "-D", self.datadir, "-U", "postgres", "--auth=trust",
+                 "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"]
+            )
+            config = "".join(f"{key} = {value}\n" for key, value in self.settings.items())
+            config += f"port = {self.port}\nunix_socket_directories = '{self.directory}'\n"
+            with open(self.datadir / "postgresql.conf", "a") as file:
+                file.write(config)
+        self._run(
+            [self.bindir / "pg_ctl", "-D", self.datadir, "-l", self.directory / "server.log",
+             "-w", "-t", "60", "start"]
+        )
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server (``fast`` disconnects clients; ``immediate`` is a crash)."""
+        if self.directory is not None and (self.datadir / "postmaster.pid").exists():
+            self._run([self.bindir / "pg_ctl", "-D", self.datadir, "-m", mode, "-w", "stop"])
+
+    def restart(self) -> None:
+        """Stop and start again on the same port and data."""
+        self.stop()
+        self.start()
+
+    def destroy(self) -> None:
+        """Stop the server and delete the cluster."""
+        try:
+            self.stop("immediate")
+        finally:
+            if self.directory is not None:
+                shutil.rmtree(self.directory, ignore_errors=True)
+                self.directory = None
+
+    def log(self) -> str:
+        """The server log so far (for test failure messages)."""
+        assert self.directory is not None
+        try:
+            return (self.directory / "server.log").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def _run(self, argv: list[object]) -> None:
+        args = [str(arg) for arg in argv]
+        kwargs: dict[str, object] = {"capture_output": True, "text": True, "cwd": self.directory}
+        if self._user is not None:
+            kwargs["user"] = self._user.pw_uid
+            kwargs["group"] = self._user.pw_gid
+            kwargs["extra_groups"] = []
+            kwargs["env"] = {**os.environ, "HOME": str(self.directory)}
+        started = time.monotonic()
+        result = subprocess.run(args, **kwargs)  # type: ignore[call-overload]
+        if result.returncode != 0:
+            raise ConfigurationError(
+                f"{Path(args[0]).name} failed after {time.monotonic() - started:.1f} s:"
+                f" {(result.stderr or result.stdout).strip()}"
+            )

@@ -1,0 +1,345 @@
+"""The `ChangeFeed` node and `get_changefeed`, the one entry point to every backend.
+
+A feed first replays its prefeed, then streams the backend's changes forever. Everything that
+reads a feed goes through `ChangeFeed.changes()`: iterating in-process (``for change in feed``),
+the CLI, and `run_forever()` when the feed runs as a multipipes process. So the retry and resume
+logic exists once:
+
+* the backend's `run_changefeed()` yields changes after the last acknowledged position (and None
+  as an idle tick at least once a second, so timeouts and stop requests are noticed);
+* an exception the backend's `is_transient()` accepts is followed by a reconnect after an
+  exponential backoff with jitter, resuming from the last acknowledged position;
+* any other exception ends the feed: changefeed's own errors as they are, a driver's error
+  wrapped in `PermanentBackendError`.
+
+Delivery is at least once. A consumer acknowledges with `ChangeFeed.ack()` once a change is
+safely delivered; iterating a feed acknowledges a change when the next one is asked for.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import random
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+from multipipes import Node
+
+from changefeed.change import ALL, Change, Operation, Position
+from changefeed.checkpoint import CheckpointStore, MemoryCheckpoint
+from changefeed.errors import ChangefeedError, ConfigurationError, PermanentBackendError
+
+log = logging.getLogger("changefeed")
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How a feed reconnects after a transient error: exponential backoff with full jitter.
+
+    The n-th consecutive failure waits a random time up to ``min(maximum, initial * 2**n)``.
+    ``attempts`` bounds consecutive failures (None: retry forever).
+    """
+
+    initial: float = 0.5
+    maximum: float = 30.0
+    attempts: int | None = None
+
+    def delay(self, failures: int) -> float:
+        """Seconds to wait after ``failures`` consecutive failures (1 for the first)."""
+        ceiling = min(self.maximum, self.initial * 2 ** (failures - 1))
+        return random.uniform(ceiling / 2, ceiling)
+
+
+@dataclass
+class FeedStats:
+    """Counters a feed keeps while it runs, for progress and lag reports."""
+
+    changes: int = 0
+    reconnects: int = 0
+    last_position: Position = None
+    last_committed_at: datetime | None = None
+    acknowledged: Position = None
+    lag_bytes: int | None = None
+    """How far the source's log is ahead of what the feed received, where the backend knows."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ChangeFeed(Node):
+    """A real-time feed of the inserts, updates and deletes of one table or collection.
+
+    It is a `multipipes.Node`: put it in a ``Pipeline`` and its changes go to ``outqueue``. It is
+    also an iterable: ``for change in feed`` runs the same code in the calling process.
+
+    Backends subclass it and implement `run_changefeed()` and `is_transient()`.
+
+    Args:
+        table: the table or collection to watch (backends accept qualified names).
+        operation: the operations to emit, e.g. ``ChangeFeed.INSERT | ChangeFeed.UPDATE``.
+        prefeed: an iterable replayed before the stream, or ``"snapshot"`` for a consistent
+            read of the table handed over to the stream without gap or duplicate (backends
+            that support it).
+        connection: the backend's connection or connection string.
+        checkpoint: where acknowledged positions are kept (default: in memory).
+        retry: the reconnect policy.
+        name: identifies the feed in the checkpoint store (default: the table name).
+    """
+
+    INSERT = Operation.INSERT
+    DELETE = Operation.DELETE
+    UPDATE = Operation.UPDATE
+    ALL = ALL
+
+    supports_snapshot = False
+    """Backends that can take a consistent snapshot set this to True."""
+
+    def __init__(
+        self,
+        table: str,
+        operation: int = ALL,
+        *,
+        prefeed: Iterable[Any] | str | None = None,
+        connection: Any = None,
+        checkpoint: CheckpointStore | None = None,
+        retry: Retry | None = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(name="changefeed")
+        self.table = table
+        self.operation = Operation(operation)
+        if not self.operation:
+            raise ConfigurationError("the feed watches no operation: give INSERT, UPDATE or DELETE")
+        if isinstance(prefeed, str) and prefeed != "snapshot":
+            raise ConfigurationError(f"unknown prefeed {prefeed!r}: give an iterable or 'snapshot'")
+        if prefeed == "snapshot" and not self.supports_snapshot:
+            raise ConfigurationError(f"{type(self).__name__} cannot take a snapshot prefeed")
+        self.prefeed = prefeed if prefeed is not None else []
+        self.connection = connection
+        self.checkpoint = checkpoint if checkpoint is not None else MemoryCheckpoint()
+        self.retry = retry if retry is not None else Retry()
+        self.feed_id = name or table
+        self.stats = FeedStats()
+        self.acknowledged: Position = self.checkpoint.load(self.feed_id)
+        self.stats.acknowledged = self.acknowledged
+        self._stopping = False
+
+    # -- what a backend implements -------------------------------------------------------------
+
+    def run_changefeed(self) -> Iterator[Change | None]:
+        """Stream the changes after `acknowledged`, forever.
+
+        Yield only changes whose operation is in ``self.operation``, and None as an idle tick
+        at least once a second while nothing happens. Raise on failure; the caller decides,
+        through `is_transient()`, whether to call again.
+        """
+        raise NotImplementedError
+
+    def is_transient(self, exc: BaseException) -> bool:
+        """Whether reconnecting may cure ``exc``. Backends refine this pure predicate."""
+        from changefeed.errors import TransientBackendError
+
+        return isinstance(exc, TransientBackendError)
+
+    def on_acknowledge(self, position: Position) -> None:
+        """Called after ``position`` was acknowledged; backends tell their server here."""
+
+    def close(self) -> None:
+        """Release the backend's connections. The feed may be iterated again afterwards."""
+
+    # -- what every feed shares ----------------------------------------------------------------
+
+    def ack(self, position: Position) -> None:
+        """Acknowledge that every change up to ``position`` was delivered.
+
+        The position is saved to the checkpoint store and passed to the backend, which may then
+        let the server discard what came before it. A feed resumes after the last acknowledged
+        position, so unacknowledged changes are delivered again after a failure.
+        """
+        if position is None:
+            return
+        self.acknowledged = position
+        self.stats.acknowledged = position
+        self.checkpoint.save(self.feed_id, position)
+        self.on_acknowledge(position)
+
+    def stop(self) -> None:
+        """Ask a running `changes()` loop to end at its next tick (safe from a signal handler)."""
+        self._stopping = True
+
+    def changes(
+        self,
+        *,
+        timeout: float | None = None,
+        idle_timeout: float | None = None,
+        stop_after: int | None = None,
+    ) -> Iterator[Change]:
+        """Yield the prefeed, then the stream, reconnecting on transient errors.
+
+        Args:
+            timeout: stop after this many seconds in all.
+            idle_timeout: stop once no change arrived for this many seconds.
+            stop_after: stop after this many changes (prefeed included).
+
+        Nothing is acknowledged here: call `ack()` once a change is delivered.
+        """
+        self._stopping = False
+        deadline = time.monotonic() + timeout if timeout is not None else None
+        emitted = 0
+
+        def finished() -> bool:
+            return self._stopping or (stop_after is not None and emitted >= stop_after)
+
+        try:
+            if not isinstance(self.prefeed, str):
+                for item in self.prefeed:
+                    if finished():
+                        return
+                    emitted += 1
+                    yield item
+            failures = 0
+            while not finished():
+                last_seen = time.monotonic()
+                stream = self.run_changefeed()
+                try:
+                    for change in stream:
+                        now = time.monotonic()
+                        if change is not None:
+                            failures = 0
+                            emitted += 1
+                            last_seen = now
+                            self._count(change)
+                            yield change
+                        if finished():
+                            return
+                        if deadline is not None and now >= deadline:
+                            return
+                        if idle_timeout is not None and now - last_seen >= idle_timeout:
+                            return
+                    return
+                except ChangefeedError as exc:
+                    if not self.is_transient(exc):
+                        raise
+                    failures += 1
+                    self._wait_before_retry(exc, failures, deadline)
+                except Exception as exc:
+                    if not self.is_transient(exc):
+                        raise PermanentBackendError(f"{type(exc).__name__}: {exc}") from exc
+                    failures += 1
+                    self._wait_before_retry(exc, failures, deadline)
+                finally:
+                    stream.close()
+                    self.close()
+                if deadline is not None and time.monotonic() >= deadline:
+                    return
+        finally:
+            self.close()
+
+    def _count(self, change: Change) -> None:
+        stats = self.stats
+        stats.changes += 1
+        stats.last_position = change.position
+        if change.committed_at is not None:
+            stats.last_committed_at = change.committed_at
+
+    def _wait_before_retry(
+        self, exc: BaseException, failures: int, deadline: float | None
+    ) -> None:
+        if self.retry.attempts is not None and failures > self.retry.attempts:
+            raise PermanentBackendError(
+                f"gave up after {failures - 1} reconnect attempts; last error: {exc}"
+            ) from exc
+        delay = self.retry.delay(failures)
+        if deadline is not None:
+            delay = max(0.0, min(delay, deadline - time.monotonic()))
+        log.warning("connection lost (%s); reconnecting in %.1f s", _one_line(exc), delay)
+        self.stats.reconnects += 1
+        end = time.monotonic() + delay
+        while not self._stopping and time.monotonic() < end:
+            time.sleep(min(0.1, max(0.0, end - time.monotonic())))
+
+    def __iter__(self) -> Iterator[Change]:
+        """Iterate forever, acknowledging each change when the next one is asked for."""
+        previous: Change | None = None
+        for change in self.changes():
+            if previous is not None:
+                self.ack(previous.position)
+            previous = change
+            yield change
+
+    def run_forever(self) -> None:
+        """The multipipes entry point: put every change on ``outqueue``.
+
+        A change counts as delivered once it is on the queue; pipelines that need
+        acknowledgement after the sink use `changefeed.pipelines` instead.
+        """
+        for change in self.changes():
+            self.outqueue.put(change)
+            if isinstance(change, Change):
+                self.ack(change.position)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+# -- get_changefeed ----------------------------------------------------------------------------
+
+_URL_BACKENDS = {
+    "postgresql": "changefeed.backends.postgres",
+    "postgres": "changefeed.backends.postgres",
+    "mongodb": "changefeed.backends.mongodb",
+    "mongodb+srv": "changefeed.backends.mongodb",
+    "rethinkdb": "changefeed.backends.rethinkdb",
+}
+
+
+@functools.singledispatch
+def get_changefeed(
+    connection: Any,
+    table: str,
+    operation: int = ALL,
+    *,
+    prefeed: Iterable[Any] | str | None = None,
+    **options: Any,
+) -> ChangeFeed:
+    """Return the feed of ``table`` for ``connection``'s backend.
+
+    Dispatches on the connection's type: a psycopg ``Connection``, a pymongo ``MongoClient`` /
+    ``Database`` / ``Collection``, a rethinkdb connection, or a URL string
+    (``postgresql://``, ``mongodb://``, ``rethinkdb://``). ``options`` go to the backend's feed.
+    """
+    raise ConfigurationError(
+        f"no changefeed backend for a {type(connection).__module__}.{type(connection).__name__};"
+        " pass a psycopg, pymongo or rethinkdb connection, or a URL"
+    )
+
+
+@get_changefeed.register(str)
+def _get_changefeed_from_url(
+    connection: str,
+    table: str,
+    operation: int = ALL,
+    *,
+    prefeed: Iterable[Any] | str | None = None,
+    **options: Any,
+) -> ChangeFeed:
+    scheme = urlsplit(connection).scheme.lower() if "://" in connection else ""
+    module_name = _URL_BACKENDS.get(scheme)
+    if module_name is None:
+        known = ", ".join(f"{name}://" for name in _URL_BACKENDS)
+        shown = f"{scheme}://" if scheme else "no scheme"
+        raise ConfigurationError(f"unsupported URL ({shown}): use one of {known}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        extra = module_name.rsplit(".", 1)[-1]
+        raise ConfigurationError(
+            f"the {extra} backend needs its driver: pip install 'changefeed[{extra}]' ({exc})"
+        ) from exc
+    return module.feed_from_url(connection, table, operation, prefeed=prefeed, **options)

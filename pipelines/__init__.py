@@ -1,0 +1,1 @@
+"""Pipelines: stages and sinks that turn changes into delivered deltas."""

@@ -1,0 +1,60 @@
+import pickle
+
+import pytest
+
+from changefeed import UNCHANGED, Change, ChangeFeed, ConfigurationError, Operation
+from changefeed.errors import PermanentBackendError, ResumeError, TransientBackendError
+
+
+def test_operation_values_match_bigchaindb():
+    assert (ChangeFeed.INSERT, ChangeFeed.DELETE, ChangeFeed.UPDATE) == (1, 2, 4)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("insert", Operation.INSERT),
+        ("insert,update", Operation.INSERT | Operation.UPDATE),
+        (" Update , DELETE ", Operation.UPDATE | Operation.DELETE),
+        ("all", Operation.INSERT | Operation.UPDATE | Operation.DELETE),
+    ],
+)
+def test_operation_parse(text, expected):
+    assert Operation.parse(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "insert,upsert", "truncate", ","])
+def test_operation_parse_rejects_unknown_words_and_names_the_valid_ones(text):
+    with pytest.raises(ConfigurationError) as info:
+        Operation.parse(text)
+    assert "insert, delete, update" in str(info.value)
+
+
+def test_unchanged_is_a_singleton_that_survives_pickling():
+    assert pickle.loads(pickle.dumps(UNCHANGED)) is UNCHANGED
+    assert repr(UNCHANGED) == "UNCHANGED"
+    assert UNCHANGED is not None
+
+
+def test_change_to_dict_lists_unchanged_columns_instead_of_inventing_values():
+    change = Change(
+        Operation.UPDATE, "public.t", new={"id": 1, "body": UNCHANGED}, old={"id": 1}, key={"id": 1}
+    )
+    data = change.to_dict()
+    assert data["operation"] == "update"
+    assert data["new"] == {"id": 1}
+    assert data["unchanged"] == ["body"]
+
+
+def test_change_pickles():
+    change = Change(Operation.DELETE, "public.t", new=None, old={"id": 1}, position="00/1")
+    assert pickle.loads(pickle.dumps(change)) == change
+
+
+@pytest.mark.parametrize(
+    "error", [ConfigurationError("x"), TransientBackendError("y"), PermanentBackendError("z"),
+              ResumeError("w")]
+)
+def test_errors_pickle_with_their_message(error):
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error) and str(copy) == str(error)

@@ -1,0 +1,154 @@
+"""The core loop: prefeed, operation mask, acknowledgement, reconnect with backoff, resume."""
+
+import pytest
+from multipipes import Node, Pipeline
+
+from changefeed import (
+    ChangeFeed,
+    ConfigurationError,
+    MemoryCheckpoint,
+    Operation,
+    PermanentBackendError,
+    Retry,
+    TransientBackendError,
+    get_changefeed,
+)
+from changefeed.testing import ListSink, MemoryFeed, delete, insert, update
+
+CHANGES = [
+    insert("t", {"id": 1}),
+    update("t", {"id": 1, "v": 2}, {"id": 1}),
+    delete("t", {"id": 1}),
+]
+
+
+@pytest.mark.parametrize("mask", range(1, 8))
+def test_every_operation_mask_emits_exactly_its_operations(mask):
+    feed = MemoryFeed("t", mask, changes=CHANGES)
+    got = [change.operation for change in feed.changes()]
+    assert got == [c.operation for c in CHANGES if c.operation & mask]
+    assert got, "every non-empty mask matches one of the three changes"
+
+
+def test_empty_mask_is_rejected():
+    with pytest.raises(ConfigurationError):
+        MemoryFeed("t", 0)
+
+
+def test_prefeed_is_replayed_before_the_stream():
+    feed = MemoryFeed("t", changes=CHANGES[:1], prefeed=["a", "b"])
+    assert list(feed.changes())[:2] == ["a", "b"]
+
+
+def test_stop_after_and_timeout_end_an_endless_feed():
+    feed = MemoryFeed("t", changes=CHANGES, endless=True)
+    assert len(list(feed.changes(stop_after=2))) == 2
+    assert list(MemoryFeed("t", endless=True).changes(timeout=0.3)) == []
+
+
+def test_iteration_acknowledges_the_previous_change_and_resumes_after_it():
+    checkpoint = MemoryCheckpoint()
+    feed = MemoryFeed("t", changes=CHANGES, checkpoint=checkpoint)
+    iterator = iter(feed)
+    next(iterator)
+    next(iterator)  # asking for the second acknowledges the first
+    assert checkpoint.load("t") == 1
+    resumed = MemoryFeed("t", changes=CHANGES, checkpoint=checkpoint)
+    assert [c.position for c in resumed.changes()] == [2, 3]
+
+
+class FlakyFeed(MemoryFeed):
+    """Raises after `fail_at` changes, `fail_times` times, like a dropped connection."""
+
+    def __init__(self, *args, fail_times, fail_at=1, error=TransientBackendError, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fail_times = fail_times
+        self.fail_at = fail_at
+        self.error = error
+        self.connects = 0
+
+    def run_changefeed(self):
+        self.connects += 1
+        for number, change in enumerate(super().run_changefeed()):
+            if number == self.fail_at and self.fail_times:
+                self.fail_times -= 1
+                raise self.error("server closed the connection")
+            yield change
+
+
+def test_transient_errors_reconnect_and_resume_from_the_acknowledged_position():
+    feed = FlakyFeed("t", changes=CHANGES, fail_times=2, retry=Retry(initial=0.01))
+    delivered = []
+    for change in feed.changes():
+        delivered.append(change.position)
+        feed.ack(change.position)
+    assert delivered == [1, 2, 3]
+    assert feed.connects == 3
+    assert feed.stats.reconnects == 2
+
+
+def test_unacknowledged_changes_are_delivered_again_after_a_reconnect():
+    feed = FlakyFeed("t", changes=CHANGES, fail_times=1, retry=Retry(initial=0.01))
+    assert [c.position for c in feed.changes()] == [1, 1, 2, 3]
+
+
+def test_permanent_errors_end_the_feed():
+    feed = FlakyFeed("t", changes=CHANGES, fail_times=1, error=ValueError)
+    with pytest.raises(PermanentBackendError, match="ValueError"):
+        list(feed.changes())
+
+
+def test_retry_attempts_bound_consecutive_failures():
+    feed = FlakyFeed(
+        "t", changes=CHANGES, fail_times=10, fail_at=0, retry=Retry(initial=0.01, attempts=2)
+    )
+    with pytest.raises(PermanentBackendError, match="gave up after 2"):
+        list(feed.changes())
+
+
+def test_backoff_grows_exponentially_with_jitter_and_is_capped():
+    retry = Retry(initial=1, maximum=8)
+    for failures, ceiling in [(1, 1), (2, 2), (3, 4), (4, 8), (10, 8)]:
+        delays = [retry.delay(failures) for _ in range(50)]
+        assert all(ceiling / 2 <= d <= ceiling for d in delays)
+        assert len(set(delays)) > 1
+
+
+def test_bigchaindb_style_pipeline_receives_the_feed():
+    sink = ListSink()
+    feed = MemoryFeed("t", ChangeFeed.INSERT | ChangeFeed.DELETE, changes=CHANGES)
+    pipeline = Pipeline([Node(sink)])
+    pipeline.setup(indata=feed)
+    feed.run_forever()  # in this process, so the test can read the queue
+    pipeline.step()
+    pipeline.step()
+    assert [c.operation for c in sink.items] == [Operation.INSERT, Operation.DELETE]
+
+
+def test_bigchaindb_style_pipeline_runs_the_feed_in_its_own_process():
+    import multiprocessing as mp
+
+    results = mp.Queue()
+    feed = MemoryFeed("t", ChangeFeed.INSERT | ChangeFeed.UPDATE, changes=CHANGES)
+    pipeline = Pipeline([Node(lambda change: change.operation.name), results])
+    pipeline.setup(indata=feed)
+    pipeline.start()
+    try:
+        got = [results.get(timeout=10), results.get(timeout=10)]
+    finally:
+        pipeline.terminate()
+    assert got == ["INSERT", "UPDATE"]
+
+
+@pytest.mark.parametrize(
+    "url, message",
+    [("redis://localhost", r"unsupported URL \(redis://\)"), ("localhost:5432", "no scheme")],
+)
+def test_get_changefeed_rejects_unknown_urls(url, message):
+    with pytest.raises(ConfigurationError, match=message):
+        get_changefeed(url, "t", ChangeFeed.INSERT)
+
+
+def test_get_changefeed_rejects_unknown_connection_types():
+    with pytest.raises(ConfigurationError, match="no changefeed backend for a builtins.int"):
+        get_changefeed(42, "t", ChangeFeed.INSERT)
