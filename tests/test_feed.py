@@ -117,11 +117,12 @@ def test_backoff_grows_exponentially_with_jitter_and_is_capped():
 def test_bigchaindb_style_pipeline_receives_the_feed():
     sink = ListSink()
     feed = MemoryFeed("t", ChangeFeed.INSERT | ChangeFeed.DELETE, changes=CHANGES)
-    pipeline = Pipeline([Node(sink)])
+    sink_node = Node(sink)
+    pipeline = Pipeline([sink_node])
     pipeline.setup(indata=feed)
     feed.run_forever()  # in this process, so the test can read the queue
-    pipeline.step()
-    pipeline.step()
+    sink_node.run()
+    sink_node.run()
     assert [c.operation for c in sink.items] == [Operation.INSERT, Operation.DELETE]
 
 
