@@ -1,0 +1,71 @@
+"""Snorky-shaped deltas and the JSON encoding every sink shares.
+
+A delta is what a subscriber of a model needs to apply one change::
+
+    {"type": "insert", "model": "Task", "data": {...}}
+    {"type": "update", "model": "Task", "newData": {...}, "oldData": {...}}
+    {"type": "delete", "model": "Task", "data": {...}}
+
+JSON encoding (orjson): datetimes in ISO 8601, UUIDs as strings, Decimals as strings (a JSON
+number would lose digits in most consumers), bytes as base64, sets as lists. Columns holding
+`UNCHANGED` (an unchanged TOASTed value PostgreSQL did not send) are left out of the row.
+"""
+
+from __future__ import annotations
+
+import base64
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+from changefeed.change import UNCHANGED, Change, Operation, _without_unchanged
+
+
+def to_delta(change: Change, model: str | None = None) -> dict[str, Any]:
+    """The Snorky delta of ``change``; ``model`` defaults to the table name without schema."""
+    if model is None:
+        model = change.table.rsplit(".", 1)[-1]
+    operation = change.operation
+    if operation == Operation.INSERT:
+        return {"type": "insert", "model": model, "data": _without_unchanged(change.new)}
+    if operation == Operation.DELETE:
+        return {"type": "delete", "model": model, "data": _without_unchanged(change.old)}
+    if operation == Operation.UPDATE:
+        return {
+            "type": "update",
+            "model": model,
+            "newData": _without_unchanged(change.new),
+            "oldData": _without_unchanged(change.old),
+        }
+    raise ValueError(f"a change has exactly one operation, not {operation!r}")
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    if value is UNCHANGED:
+        return None  # only reached inside nested values; rows drop such columns first
+    if isinstance(value, Operation):
+        return value.name.lower() if value.name else int(value)
+    if hasattr(value, "isoformat"):  # time, timedelta-free date types orjson does not know
+        return value.isoformat()
+    # psycopg ranges, ipaddress objects and other values with a faithful text form
+    return str(value)
+
+
+_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_SUBCLASS
+
+
+def dumps(value: Any) -> bytes:
+    """``value`` as compact JSON bytes, with changefeed's encoding of database values."""
+    return orjson.dumps(value, default=_default, option=_OPTIONS)
+
+
+def dumps_line(value: Any) -> bytes:
+    """`dumps` followed by a newline: one JSON line."""
+    return orjson.dumps(value, default=_default, option=_OPTIONS | orjson.OPT_APPEND_NEWLINE)
