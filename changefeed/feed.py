@@ -133,9 +133,9 @@ class ChangeFeed(Node):
     def run_changefeed(self) -> Iterator[Change | None]:
         """Stream the changes after `acknowledged`, forever.
 
-        Yield only changes whose operation is in ``self.operation``, and None as an idle tick
-        at least once a second while nothing happens. Raise on failure; the caller decides,
-        through `is_transient()`, whether to call again.
+        Yield only changes whose operation is in ``self.operation``, and None as a tick when
+        nothing more is at hand right now, at least once a second while nothing happens.
+        Raise on failure; the caller decides, through `is_transient()`, whether to call again.
         """
         raise NotImplementedError
 
@@ -177,13 +177,16 @@ class ChangeFeed(Node):
         timeout: float | None = None,
         idle_timeout: float | None = None,
         stop_after: int | None = None,
-    ) -> Iterator[Change]:
+        ticks: bool = False,
+    ) -> Iterator[Change | None]:
         """Yield the prefeed, then the stream, reconnecting on transient errors.
 
         Args:
             timeout: stop after this many seconds in all.
             idle_timeout: stop once no change arrived for this many seconds.
             stop_after: stop after this many changes (prefeed included).
+            ticks: also yield None whenever the backend has nothing more at hand right now,
+                so a consumer can flush buffered output exactly when the stream goes quiet.
 
         Nothing is acknowledged here: call `ack()` once a change is delivered.
         """
@@ -214,6 +217,8 @@ class ChangeFeed(Node):
                             last_seen = now
                             self._count(change)
                             yield change
+                        elif ticks:
+                            yield None
                         if finished():
                             return
                         if deadline is not None and now >= deadline:

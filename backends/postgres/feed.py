@@ -187,6 +187,7 @@ class PostgresChangeFeed(ChangeFeed):
         while True:
             nbytes, buffer = get_copy_data(1)
             if nbytes == 0:
+                yield None  # caught up: the consumer may flush and acknowledge now
                 now = time.monotonic()
                 if now - last_status >= self.status_interval or self._flush_due:
                     self._send_status(pgconn)
@@ -466,8 +467,13 @@ class PostgresChangeFeed(ChangeFeed):
                     [table],
                 ).fetchone()
                 total = estimate["n"] if estimate else 0
+                if total == 0:  # never analysed: count, in the same snapshot
+                    counted = reader.execute(
+                        sql.SQL("SELECT count(*) AS n FROM {}").format(sql.Identifier(schema, name))
+                    ).fetchone()
+                    total = counted["n"] if counted else 0
                 keys = self._key_columns(reader, table)
-                log.info("snapshot of %s: reading about %s rows", table, f"{total:,}")
+                log.info("snapshot of %s: reading ~%s rows", table, f"{total:,}")
                 started = last_report = time.monotonic()
                 done = 0
                 with reader.cursor(name="changefeed_snapshot") as cursor:

@@ -1,0 +1,307 @@
+"""The ``changefeed`` command line: stream a table's changes as JSON lines.
+
+Deltas go to stdout, one JSON object per line; everything meant for a person goes to stderr
+(one line when streaming starts, snapshot progress, and every few seconds the rate and lag).
+Expected failures (bad input, unreachable server, missing privilege) print one line and exit
+with the error's exit code; a traceback means a bug.
+
+Delivery: output is buffered and flushed whenever the stream goes quiet or the buffer fills;
+only after a flush are the written changes acknowledged (to the checkpoint file and the
+server). Ctrl-C or SIGTERM stops at the next change, flushes, acknowledges, and exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, BinaryIO
+
+import click
+
+from changefeed.change import Change, Operation
+from changefeed.checkpoint import FileCheckpoint
+from changefeed.errors import ChangefeedError
+from changefeed.feed import ChangeFeed, get_changefeed
+from changefeed.pipelines.delta import dumps_line, to_delta
+
+log = logging.getLogger("changefeed")
+
+FLUSH_BYTES = 256 * 1024
+PROGRESS_SECONDS = 5.0
+
+
+class CliError(click.ClickException):
+    """An expected failure: shown as one line on stderr, exiting with ``exit_code``."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"changefeed: error: {self.format_message()}", err=True)
+
+
+@contextmanager
+def _expected_errors() -> Iterator[None]:
+    try:
+        yield
+    except ChangefeedError as exc:
+        raise CliError(exc.message, exc.exit_code) from exc
+
+
+def _parse_ops(ctx: click.Context, param: click.Parameter, value: str) -> Operation:
+    try:
+        return Operation.parse(value)
+    except ChangefeedError as exc:
+        raise click.BadParameter(exc.message) from exc
+
+
+def _setup_logging(quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("changefeed: %(message)s"))
+    root = logging.getLogger("changefeed")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING if quiet else logging.INFO)
+    root.propagate = False
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="changefeed")
+def cli() -> None:
+    """Stream database changes as JSON lines of deltas."""
+
+
+url_option = click.option(
+    "--url", envvar="CHANGEFEED_URL", required=True, metavar="URL",
+    help="Database URL: postgresql://, mongodb:// or rethinkdb:// (default: $CHANGEFEED_URL).",
+)
+
+
+@cli.command()
+@click.argument("table")
+@url_option
+@click.option("--ops", default="insert,update,delete", show_default=True, callback=_parse_ops,
+              help="Operations to stream: insert, update, delete (comma-separated) or all.")
+@click.option("--prefeed", type=click.Choice(["snapshot"]), default=None,
+              help="Start with every existing row (as snapshot inserts), then stream.")
+@click.option("--format", "fmt", type=click.Choice(["delta", "change"]), default="delta",
+              show_default=True, help="Snorky delta, or the full change with its position.")
+@click.option("--model", default=None, help="Model name in deltas (default: the table name).")
+@click.option("--slot", default=None,
+              help="PostgreSQL replication slot (default: changefeed_<table>).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="File keeping the last delivered position (needed to resume MongoDB).")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Stop after this many changes.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr, only errors.")
+def run(
+    table: str,
+    url: str,
+    ops: Operation,
+    prefeed: str | None,
+    fmt: str,
+    model: str | None,
+    slot: str | None,
+    checkpoint: str | None,
+    limit: int | None,
+    quiet: bool,
+) -> None:
+    """Stream the changes of TABLE to stdout as JSON lines."""
+    _setup_logging(quiet)
+    options: dict[str, Any] = {}
+    if slot:
+        options["slot"] = slot
+    with _expected_errors():
+        if checkpoint:
+            options["checkpoint"] = FileCheckpoint(checkpoint)
+        feed = get_changefeed(url, table, ops, prefeed=prefeed, **options)
+        encode = _encoder(fmt, model)
+        stream_to(feed, sys.stdout.buffer, encode, limit=limit, quiet=quiet)
+
+
+def _encoder(fmt: str, model: str | None) -> Callable[[Change], bytes]:
+    if fmt == "change":
+        return lambda change: dumps_line(change.to_dict())
+    return lambda change: dumps_line(to_delta(change, model))
+
+
+def stream_to(
+    feed: ChangeFeed,
+    out: BinaryIO,
+    encode: Callable[[Change], bytes],
+    *,
+    limit: int | None = None,
+    quiet: bool = False,
+) -> int:
+    """Write ``feed``'s changes to ``out``, acknowledging only what was flushed; returns count."""
+    buffer: list[bytes] = []
+    size = 0
+    written = 0
+    pending_position: Any = None
+    progress = _Progress(feed, quiet)
+
+    def flush() -> None:
+        nonlocal size, pending_position
+        if buffer:
+            out.write(b"".join(buffer))
+            buffer.clear()
+            size = 0
+        out.flush()
+        if pending_position is not None:
+            feed.ack(pending_position)
+            pending_position = None
+
+    stop_signals = _stop_on_signals(feed)
+    try:
+        for change in feed.changes(stop_after=limit, ticks=True):
+            if change is None:
+                flush()
+                progress.maybe_report(written)
+                continue
+            line = encode(change)
+            buffer.append(line)
+            size += len(line)
+            written += 1
+            pending_position = change.position
+            if size >= FLUSH_BYTES:
+                flush()
+                progress.maybe_report(written)
+        flush()
+    except BrokenPipeError:
+        # The reader went away: what it did not read is not acknowledged.
+        _silence_stdout()
+        return written
+    finally:
+        stop_signals()
+        feed.close()
+    progress.report(written, final=True)
+    return written
+
+
+def _silence_stdout() -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+def _stop_on_signals(feed: ChangeFeed) -> Callable[[], None]:
+    """Make SIGINT/SIGTERM stop the feed cleanly; a second signal interrupts at once."""
+    previous = {}
+
+    def handler(signum: int, frame: Any) -> None:
+        if feed._stopping:
+            raise KeyboardInterrupt
+        log.info("stopping: flushing and acknowledging what was written")
+        feed.stop()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[signum] = signal.signal(signum, handler)
+        except ValueError:  # not the main thread (e.g. under a test runner thread)
+            pass
+
+    def restore() -> None:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+    return restore
+
+
+class _Progress:
+    """Every few seconds while busy: changes so far, rate, and lag behind the source."""
+
+    def __init__(self, feed: ChangeFeed, quiet: bool) -> None:
+        self.feed = feed
+        self.quiet = quiet
+        self.started = self.last = time.monotonic()
+        self.last_count = 0
+
+    def maybe_report(self, count: int) -> None:
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_SECONDS and count != self.last_count:
+            self.report(count)
+
+    def report(self, count: int, final: bool = False) -> None:
+        if self.quiet:
+            return
+        now = time.monotonic()
+        stats = self.feed.stats
+        if final:
+            elapsed = max(now - self.started, 1e-9)
+            log.info("stopped after %s changes (%.0f/s on average)", f"{count:,}", count / elapsed)
+            return
+        rate = (count - self.last_count) / max(now - self.last, 1e-9)
+        lag = []
+        if stats.last_committed_at is not None:
+            seconds = time.time() - stats.last_committed_at.timestamp()
+            lag.append(f"{max(seconds, 0):.1f} s")
+        if stats.lag_bytes is not None:
+            lag.append(f"{stats.lag_bytes:,} bytes of WAL")
+        log.info(
+            "%s changes, %s/s, lag %s", f"{count:,}", f"{rate:,.0f}", " / ".join(lag) or "unknown"
+        )
+        self.last, self.last_count = now, count
+
+
+@cli.command()
+@url_option
+@click.option("--drop", "drops", multiple=True, metavar="SLOT",
+              help="Drop this slot and its publication (repeatable).")
+@click.option("--drop-inactive", is_flag=True,
+              help="Drop every inactive changefeed slot and its publication.")
+def slots(url: str, drops: tuple[str, ...], drop_inactive: bool) -> None:
+    """List (or drop) the PostgreSQL slots and publications changefeed created.
+
+    An abandoned slot makes PostgreSQL keep WAL forever: drop the ones no feed uses.
+    """
+    from changefeed.backends.postgres import slots as pg_slots
+
+    with _expected_errors():
+        if drops or drop_inactive:
+            for name in pg_slots.drop_slots(url, list(drops), inactive=drop_inactive):
+                click.echo(f"dropped {name}")
+            return
+        rows = pg_slots.list_slots(url)
+        if not rows:
+            click.echo("no changefeed slots", err=True)
+            return
+        click.echo(f"{'slot':30} {'active':6} {'confirmed':>14} {'behind':>12} {'wal':9} tables")
+        for row in rows:
+            click.echo(
+                f"{row.name:30} {'yes' if row.active else 'no':6} {row.confirmed_lsn or '-':>14}"
+                f" {_bytes(row.behind_bytes):>12} {row.wal_status or '-':9}"
+                f" {', '.join(row.tables) or '-'}"
+            )
+
+
+def _bytes(value: int | None) -> str:
+    if value is None:
+        return "-"
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(value)
+
+
+@cli.command()
+@click.option("--seconds", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="How long to run (0: until Ctrl-C).")
+@click.option("--format", "fmt", type=click.Choice(["delta", "change"]), default="delta",
+              show_default=True)
+def demo(seconds: float, fmt: str) -> None:
+    """Stream live deltas from a throwaway local PostgreSQL with a demo writer."""
+    from changefeed.demo import run_demo
+
+    _setup_logging(False)
+    with _expected_errors():
+        run_demo(seconds=seconds or None, encode=_encoder(fmt, None))
+
+
+def main() -> None:
+    """Console entry point."""
+    cli(prog_name="changefeed")
