@@ -35,6 +35,9 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import psycopg
+from psycopg import pq, sql
+from psycopg.rows import dict_row
+
 from changefeed.backends.postgres.pgoutput import (
     Begin,
     Commit,
@@ -43,9 +46,6 @@ from changefeed.backends.postgres.pgoutput import (
     make_position,
     psycopg_loaders,
 )
-from psycopg import pq, sql
-from psycopg.rows import dict_row
-
 from changefeed.change import ALL, Change, Operation
 from changefeed.errors import (
     ConfigurationError,
@@ -115,6 +115,7 @@ class PostgresChangeFeed(ChangeFeed):
         self.status_interval = status_interval
         self.snapshot_batch = snapshot_batch
         self.qualified_tables: list[str] = []
+        self.primary_keys: dict[str, list[str]] = {}
         self._sql: psycopg.Connection | None = None
         self._replication: psycopg.Connection | None = None
         self._connected_before = False
@@ -133,9 +134,9 @@ class PostgresChangeFeed(ChangeFeed):
         try:
             conn = self._sql = self._connect(replication=False)
             self._check_server(conn)
+            repl = self._replication = self._connect(replication=True)
             self._ensure_publication(conn)
             slot_exists = self._check_slot(conn, first_connection)
-            repl = self._replication = self._connect(replication=True)
         except psycopg.OperationalError as exc:
             if first_connection:
                 raise PermanentBackendError(_connect_failure(exc, self.dsn)) from exc
@@ -161,8 +162,10 @@ class PostgresChangeFeed(ChangeFeed):
         pgconn.send_query(command.as_bytes(repl))
         result = pgconn.get_result()
         if result is None or result.status != pq.ExecStatus.COPY_BOTH:
-            message = pgconn.get_error_message() or (result.error_message if result else b"")
-            raise self._slot_error(message.decode(errors="replace"))
+            message = _text(result.error_message if result else b"") or _text(
+                pgconn.get_error_message()
+            )
+            raise self._slot_error(message)
         self._pending.clear()
         self._in_transaction = False
         start = self._slot_position(self._sql) if self._sql else None
@@ -173,7 +176,10 @@ class PostgresChangeFeed(ChangeFeed):
         self._close_sql()
 
         decoder = PgOutputDecoder(
-            self.operation, loaders=psycopg_loaders(repl), tables=self.qualified_tables
+            self.operation,
+            loaders=psycopg_loaders(repl),
+            tables=self.qualified_tables,
+            primary_keys=self.primary_keys,
         )
         decode = decoder.decode
         acknowledged = self.acknowledged
@@ -273,7 +279,7 @@ class PostgresChangeFeed(ChangeFeed):
         message = _STANDBY_STATUS.pack(b"r", written, flush, flush, now_us, 0)
         if pgconn.put_copy_data(message) != 1 or pgconn.flush() != 0:
             raise psycopg.OperationalError(
-                pgconn.get_error_message().decode(errors="replace") or "could not send status"
+                _text(pgconn.get_error_message()) or "could not send the standby status"
             )
         self._sent_flush = flush
 
@@ -337,6 +343,7 @@ class PostgresChangeFeed(ChangeFeed):
                 raise ConfigurationError(f"table {table!r} does not exist in database {database!r}")
             qualified.append(f"{row[0]}.{row[1]}")
         self.qualified_tables = qualified
+        self.primary_keys = {table: self._key_columns(conn, table) for table in qualified}
 
     def _ensure_publication(self, conn: psycopg.Connection) -> None:
         publish = ", ".join(self.operation.names)
@@ -452,15 +459,36 @@ class PostgresChangeFeed(ChangeFeed):
     # -- snapshot ------------------------------------------------------------------------------
 
     def _read_snapshot(self, snapshot_name: str) -> Iterator[Change | None]:
-        """Every row of the tables as of the slot's creation, as snapshot inserts."""
-        index = 0
+        """Every row of the tables as of the slot's creation, as snapshot inserts.
+
+        Rows are handed out one behind the read, so the last one is known as the last before
+        it is yielded: once it is acknowledged, the snapshot is recorded as delivered.
+        """
+        previous: Change | None = None
+        for index, (table, row) in enumerate(self._snapshot_rows(snapshot_name), 1):
+            keys = self.primary_keys.get(table, [])
+            change = Change(
+                Operation.INSERT, table, row, None, {column: row[column] for column in keys},
+                make_position(0, index), None, None, True,
+            )
+            if previous is not None:
+                yield previous
+            previous = change
+        self.stats.extra.pop("snapshot", None)
+        if previous is None:
+            self._mark_snapshot(_SNAPSHOT_DONE)
+            return
+        self._snapshot_last = previous.position
+        yield previous
+
+    def _snapshot_rows(self, snapshot_name: str) -> Iterator[tuple[str, dict[str, Any]]]:
         with psycopg.connect(self.dsn, autocommit=True, row_factory=dict_row) as reader:
             reader.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             reader.execute(
                 sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_name))
             )
             for table in self.qualified_tables:
-                schema, name = table.split(".", 1)
+                relation = sql.Identifier(*table.split(".", 1))
                 estimate = reader.execute(
                     "SELECT greatest(reltuples, 0)::bigint AS n FROM pg_class"
                     " WHERE oid = to_regclass(%s)",
@@ -469,24 +497,18 @@ class PostgresChangeFeed(ChangeFeed):
                 total = estimate["n"] if estimate else 0
                 if total == 0:  # never analysed: count, in the same snapshot
                     counted = reader.execute(
-                        sql.SQL("SELECT count(*) AS n FROM {}").format(sql.Identifier(schema, name))
+                        sql.SQL("SELECT count(*) AS n FROM {}").format(relation)
                     ).fetchone()
                     total = counted["n"] if counted else 0
-                keys = self._key_columns(reader, table)
                 log.info("snapshot of %s: reading ~%s rows", table, f"{total:,}")
                 started = last_report = time.monotonic()
                 done = 0
                 with reader.cursor(name="changefeed_snapshot") as cursor:
                     cursor.itersize = self.snapshot_batch
-                    cursor.execute(sql.SQL("SELECT * FROM {}").format(sql.Identifier(schema, name)))
+                    cursor.execute(sql.SQL("SELECT * FROM {}").format(relation))
                     for row in cursor:
-                        index += 1
                         done += 1
-                        yield Change(
-                            Operation.INSERT, table, row, None,
-                            {column: row[column] for column in keys},
-                            make_position(0, index), None, None, True,
-                        )
+                        yield table, row
                         now = time.monotonic()
                         if now - last_report >= 2.0:
                             last_report = now
@@ -496,12 +518,6 @@ class PostgresChangeFeed(ChangeFeed):
                                      done / (now - started))
                 log.info("snapshot of %s: %s rows done", table, f"{done:,}")
             reader.execute("COMMIT")
-        self.stats.extra.pop("snapshot", None)
-        if index:
-            self._snapshot_last = make_position(0, index)
-            self._advance()
-        else:
-            self._mark_snapshot(_SNAPSHOT_DONE)
 
     @staticmethod
     def _key_columns(conn: psycopg.Connection, table: str) -> list[str]:
@@ -511,7 +527,7 @@ class PostgresChangeFeed(ChangeFeed):
             " WHERE i.indrelid = to_regclass(%s) AND i.indisprimary ORDER BY a.attnum",
             [table],
         ).fetchall()
-        return [row["attname"] for row in rows]
+        return [row[0] for row in rows]
 
     def _mark_snapshot(self, state: str) -> None:
         """Record on the publication whether the snapshot was delivered (a crash mid-snapshot
@@ -559,11 +575,11 @@ class PostgresChangeFeed(ChangeFeed):
         return psycopg.OperationalError(message.strip() or "START_REPLICATION failed")
 
     def _stream_ended(self, pgconn: pq.abc.PGconn, nbytes: int) -> Exception:
-        message = pgconn.get_error_message().decode(errors="replace").strip()
+        message = _text(pgconn.get_error_message())
         if nbytes == -1:
             result = pgconn.get_result()
             if result is not None and result.error_message:
-                message = result.error_message.decode(errors="replace").strip()
+                message = _text(result.error_message)
         return psycopg.OperationalError(message or "the server ended the replication stream")
 
     def __repr__(self) -> str:
@@ -585,6 +601,13 @@ def _conninfo(connection: Any) -> str:
     if connection is None:
         return ""  # libpq's defaults: PGHOST, PGDATABASE, ...
     raise ConfigurationError(f"cannot use a {type(connection).__name__} as a PostgreSQL connection")
+
+
+def _text(message: str | bytes | None) -> str:
+    """libpq's messages come as bytes or str depending on the call: one stripped str."""
+    if isinstance(message, bytes):
+        message = message.decode(errors="replace")
+    return (message or "").strip()
 
 
 def _user(dsn: str) -> str:

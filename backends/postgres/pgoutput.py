@@ -139,6 +139,8 @@ class PgOutputDecoder:
     wraps row changes in Begin/Commit. The decoder remembers both. ``operation`` filters the
     changes returned (row changes outside it still count for positions, so positions do not
     depend on the filter); ``tables``, if given, limits changes to those qualified names.
+    ``primary_keys`` maps qualified table names to their key columns: pgoutput flags the
+    replica identity columns, which under REPLICA IDENTITY FULL are all of them.
     """
 
     def __init__(
@@ -147,8 +149,10 @@ class PgOutputDecoder:
         *,
         loaders: LoaderFactory | None = None,
         tables: Sequence[str] | None = None,
+        primary_keys: dict[str, Sequence[str]] | None = None,
     ) -> None:
         self.operation = Operation(operation)
+        self.primary_keys = dict(primary_keys or {})
         self.loaders = loaders or psycopg_loaders()
         self.tables = frozenset(tables) if tables else None
         self.relations: dict[int, Relation] = {}
@@ -212,8 +216,12 @@ class PgOutputDecoder:
             type_oids.append(type_oid)
             if flags & 1:
                 keys.append(index)
+        schema = schema or "public"
+        primary_key = self.primary_keys.get(f"{schema}.{name}")
+        if primary_key and all(column in columns for column in primary_key):
+            keys = [columns.index(column) for column in primary_key]
         self.relations[oid] = Relation(
-            oid, schema or "public", name, replica_identity, tuple(columns), tuple(type_oids),
+            oid, schema, name, replica_identity, tuple(columns), tuple(type_oids),
             tuple(keys), self.loaders(type_oids),
         )
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import psycopg
-from changefeed.backends.postgres.feed import SLOT_PREFIX, _connect_failure, _first_line
 from psycopg import sql
 
+from changefeed.backends.postgres.feed import SLOT_PREFIX, _connect_failure, _first_line
 from changefeed.errors import ConfigurationError, PermanentBackendError
 
 
