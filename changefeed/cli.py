@@ -98,6 +98,8 @@ url_option = click.option(
               help="File keeping the last delivered position (needed to resume MongoDB).")
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="Stop after this many changes.")
+@click.option("--until-idle", type=click.FloatRange(min=0, min_open=True), default=None,
+              metavar="SECONDS", help="Stop once no change arrived for this long.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr, only errors.")
 def run(
     table: str,
@@ -109,9 +111,14 @@ def run(
     slot: str | None,
     checkpoint: str | None,
     limit: int | None,
+    until_idle: float | None,
     quiet: bool,
 ) -> None:
-    """Stream the changes of TABLE to stdout as JSON lines."""
+    """Stream the changes of TABLE to stdout as JSON lines.
+
+    Runs until Ctrl-C or SIGTERM (or --limit / --until-idle); what was written is
+    acknowledged before exit, so the next run continues after it.
+    """
     _setup_logging(quiet)
     options: dict[str, Any] = {}
     if slot:
@@ -121,7 +128,7 @@ def run(
             options["checkpoint"] = FileCheckpoint(checkpoint)
         feed = get_changefeed(url, table, ops, prefeed=prefeed, **options)
         encode = _encoder(fmt, model)
-        stream_to(feed, sys.stdout.buffer, encode, limit=limit, quiet=quiet)
+        stream_to(feed, sys.stdout.buffer, encode, limit=limit, idle=until_idle, quiet=quiet)
 
 
 def _encoder(fmt: str, model: str | None) -> Callable[[Change], bytes]:
@@ -136,6 +143,7 @@ def stream_to(
     encode: Callable[[Change], bytes],
     *,
     limit: int | None = None,
+    idle: float | None = None,
     quiet: bool = False,
 ) -> int:
     """Write ``feed``'s changes to ``out``, acknowledging only what was flushed; returns count."""
@@ -158,7 +166,7 @@ def stream_to(
 
     stop_signals = _stop_on_signals(feed)
     try:
-        for change in feed.changes(stop_after=limit, ticks=True):
+        for change in feed.changes(stop_after=limit, idle_timeout=idle, ticks=True):
             if change is None:
                 flush()
                 progress.maybe_report(written)

@@ -314,6 +314,8 @@ class PostgresChangeFeed(ChangeFeed):
             raise ConfigurationError(f"bad PostgreSQL URL: {_first_line(exc)}") from exc
         except psycopg.OperationalError as exc:
             text = str(exc)
+            if "connection option" in text or "invalid URI" in text:
+                raise ConfigurationError(f"bad PostgreSQL URL: {_first_line(exc)}") from exc
             if "replication role" in text or "permission denied to start WAL sender" in text:
                 raise PermanentBackendError(
                     f"role {_user(self.dsn)!r} lacks the REPLICATION privilege: as a superuser run"
@@ -628,11 +630,10 @@ def _connect_failure(exc: BaseException, dsn: str) -> str:
     except psycopg.ProgrammingError:
         params = {}
     where = f"{params.get('host', 'localhost')}:{params.get('port', 5432)}"
-    text = str(exc).strip()
-    # libpq repeats the failure for every address it tried; the last line says why.
-    reason = text.splitlines()[-1] if text else type(exc).__name__
-    reason = re.sub(r"^connection to server at .*? failed: ", "", reason)
-    return f"cannot connect to PostgreSQL at {where}: {reason}"
+    # libpq says 'connection to server at "h" (addr), port p failed: <reason>' for every
+    # address it tried, each followed by hints; the reason of the last attempt is enough.
+    reasons = re.findall(r"failed: (.+)", str(exc)) or [_first_line(exc)]
+    return f"cannot connect to PostgreSQL at {where}: {reasons[-1].strip()}"
 
 
 # -- registration --------------------------------------------------------------------------------
