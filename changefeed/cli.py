@@ -94,6 +94,8 @@ url_option = click.option(
 @click.option("--model", default=None, help="Model name in deltas (default: the table name).")
 @click.option("--slot", default=None,
               help="PostgreSQL replication slot (default: changefeed_<table>).")
+@click.option("--publication", default=None,
+              help="PostgreSQL publication to use (default: the slot's name; created if missing).")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
               help="File keeping the last delivered position (needed to resume MongoDB).")
 @click.option("--limit", type=click.IntRange(min=1), default=None,
@@ -109,6 +111,7 @@ def run(
     fmt: str,
     model: str | None,
     slot: str | None,
+    publication: str | None,
     checkpoint: str | None,
     limit: int | None,
     until_idle: float | None,
@@ -123,6 +126,8 @@ def run(
     options: dict[str, Any] = {}
     if slot:
         options["slot"] = slot
+    if publication:
+        options["publication"] = publication
     with _expected_errors():
         if checkpoint:
             options["checkpoint"] = FileCheckpoint(checkpoint)

@@ -1,0 +1,148 @@
+"""Throughput of `changefeed run` against pg_recvlogical on the same logical-replication stream.
+
+Workload: 200,000 row changes on a throwaway local cluster (inserts, then updates, then
+deletes, 1,000 rows per transaction). Each consumer reads it from its own pgoutput slot,
+created before the workload, to the same end: pg_recvlogical writes the raw stream to
+/dev/null (no decoding at all, the floor), ``changefeed run`` decodes every change into Python
+values and writes JSON deltas to /dev/null. Both run as child processes, timed from start to
+exit, in alternating order over several rounds; the best round of each is compared.
+
+Then peak RSS of ``changefeed run`` while it streams one 1,000,000-row transaction.
+
+    .venv/bin/python benchmarks/bench_postgres.py [--rounds 3] [--big-rows 1000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+
+from changefeed.embedded import TemporaryPostgres, find_pg_bindir
+
+TABLE = """CREATE TABLE bench (
+    id int PRIMARY KEY, title text NOT NULL, done boolean NOT NULL, priority int,
+    amount numeric(12, 2), created_at timestamptz NOT NULL)"""
+PER_TRANSACTION = 1000
+
+
+def make_workload(conn: psycopg.Connection, changes: int) -> None:
+    """Inserts, then updates of half of them, then deletes of the other half."""
+    rows = changes // 2
+    for start in range(0, rows, PER_TRANSACTION):
+        with conn.transaction():
+            conn.execute(
+                "INSERT INTO bench SELECT g, 'task ' || g, false, g %% 5, g * 1.25, now()"
+                " FROM generate_series(%s::int, %s::int) g",
+                [start + 1, min(start + PER_TRANSACTION, rows)],
+            )
+    for start in range(0, rows // 2, PER_TRANSACTION):
+        with conn.transaction():
+            conn.execute(
+                "UPDATE bench SET done = true, priority = priority + 1"
+                " WHERE id BETWEEN %s AND %s", [start + 1, start + PER_TRANSACTION]
+            )
+    for start in range(rows // 2, rows, PER_TRANSACTION):
+        with conn.transaction():
+            conn.execute(
+                "DELETE FROM bench WHERE id BETWEEN %s AND %s", [start + 1, start + PER_TRANSACTION]
+            )
+
+
+def timed(argv: list[str], stdout: int | None = subprocess.DEVNULL) -> tuple[float, int]:
+    """Run ``argv``; return (seconds, peak RSS in kB) of that child alone."""
+    started = time.perf_counter()
+    process = subprocess.Popen(argv, stdout=stdout, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    elapsed = time.perf_counter() - started
+    stderr = process.stderr.read().decode() if process.stderr else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{argv[0]} failed: {stderr}")
+    return elapsed, usage.ru_maxrss
+
+
+def changefeed_argv(dsn: str, slot: str, publication: str, limit: int) -> list[str]:
+    return [sys.executable, "-m", "changefeed", "run", "bench", "--url", dsn, "--slot", slot,
+            "--publication", publication, "--limit", str(limit), "--quiet"]
+
+
+def recvlogical_argv(dsn: str, slot: str, publication: str, end_lsn: str) -> list[str]:
+    binary = shutil.which("pg_recvlogical") or str(find_pg_bindir() / "pg_recvlogical")
+    return [binary, "-d", dsn, "--slot", slot, "--start", "--no-loop", "-E", end_lsn,
+            "-o", "proto_version=1", "-o", f"publication_names={publication}", "-f", "/dev/null"]
+
+
+def throughput(server: TemporaryPostgres, changes: int, rounds: int) -> None:
+    dsn = server.dsn()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(TABLE)
+        conn.execute("CREATE PUBLICATION bench FOR TABLE bench")
+        slots = []
+        for number in range(rounds):
+            for kind in ("changefeed", "recvlogical"):
+                slot = f"{kind}_{number}"
+                conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", [slot])
+                slots.append(slot)
+        started = time.perf_counter()
+        make_workload(conn, changes)
+        (end_lsn,) = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+        print(f"workload: {changes:,} changes in {time.perf_counter() - started:.1f} s,"
+              f" end LSN {end_lsn}")
+        conn.execute("CHECKPOINT")
+
+    results: dict[str, list[float]] = {"changefeed": [], "recvlogical": []}
+    for number in range(rounds):
+        order = ("recvlogical", "changefeed") if number % 2 == 0 else ("changefeed", "recvlogical")
+        for kind in order:
+            slot = f"{kind}_{number}"
+            if kind == "changefeed":
+                seconds, _ = timed(changefeed_argv(dsn, slot, "bench", changes))
+            else:
+                seconds, _ = timed(recvlogical_argv(dsn, slot, "bench", end_lsn))
+            results[kind].append(seconds)
+            rate = changes / seconds
+            print(f"round {number + 1}: {kind:12} {seconds:6.2f} s  {rate:10,.0f} rows/s")
+    best_cf = min(results["changefeed"])
+    best_pg = min(results["recvlogical"])
+    print(f"\nbest of {rounds}: changefeed {changes / best_cf:,.0f} rows/s,"
+          f" pg_recvlogical {changes / best_pg:,.0f} rows/s")
+    print(f"ratio changefeed / pg_recvlogical: {best_pg / best_cf:.2f}")
+
+
+def memory(server: TemporaryPostgres, rows: int) -> None:
+    dsn = server.dsn()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE big (id int PRIMARY KEY, title text, created_at timestamptz)")
+        conn.execute("CREATE PUBLICATION big FOR TABLE big")
+        conn.execute("SELECT pg_create_logical_replication_slot('big', 'pgoutput')")
+        conn.execute(
+            "INSERT INTO big SELECT g, 'row ' || g, now() FROM generate_series(1, %s) g", [rows]
+        )
+    argv = [sys.executable, "-m", "changefeed", "run", "big", "--url", dsn, "--slot", "big",
+            "--publication", "big", "--limit", str(rows), "--quiet"]
+    seconds, peak_kb = timed(argv)
+    print(f"\none transaction of {rows:,} rows: {seconds:.1f} s"
+          f" ({rows / seconds:,.0f} rows/s), peak RSS {peak_kb / 1024:.0f} MB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--changes", type=int, default=200_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--big-rows", type=int, default=1_000_000)
+    args = parser.parse_args()
+    os.chdir(Path(__file__).resolve().parent.parent)
+    with TemporaryPostgres() as server:
+        throughput(server, args.changes, args.rounds)
+        if args.big_rows:
+            memory(server, args.big_rows)
+
+
+if __name__ == "__main__":
+    main()
