@@ -138,8 +138,16 @@ def run(
 
 def _encoder(fmt: str, model: str | None) -> Callable[[Change], bytes]:
     if fmt == "change":
-        return lambda change: dumps_line(change.to_dict())
-    return lambda change: dumps_line(to_delta(change, model))
+
+        def encode_change(change: Change) -> bytes:
+            return dumps_line(change.to_dict())
+
+        return encode_change
+
+    def encode_delta(change: Change) -> bytes:
+        return dumps_line(to_delta(change, model))
+
+    return encode_delta
 
 
 def stream_to(

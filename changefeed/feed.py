@@ -62,12 +62,20 @@ class FeedStats:
 
     changes: int = 0
     reconnects: int = 0
-    last_position: Position = None
-    last_committed_at: datetime | None = None
+    last: Change | None = None
+    """The last change streamed (prefeed items excluded)."""
     acknowledged: Position = None
     lag_bytes: int | None = None
     """How far the source's log is ahead of what the feed received, where the backend knows."""
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def last_position(self) -> Position:
+        return self.last.position if self.last is not None else None
+
+    @property
+    def last_committed_at(self) -> datetime | None:
+        return self.last.committed_at if self.last is not None else None
 
 
 class ChangeFeed(Node):
@@ -193,37 +201,43 @@ class ChangeFeed(Node):
         self._stopping = False
         deadline = time.monotonic() + timeout if timeout is not None else None
         emitted = 0
-
-        def finished() -> bool:
-            return self._stopping or (stop_after is not None and emitted >= stop_after)
-
+        stats = self.stats
+        monotonic = time.monotonic
         try:
             if not isinstance(self.prefeed, str):
                 for item in self.prefeed:
-                    if finished():
+                    if self._stopping or (stop_after is not None and emitted >= stop_after):
                         return
                     emitted += 1
                     yield item
             failures = 0
-            while not finished():
-                last_seen = time.monotonic()
+            while not self._stopping and (stop_after is None or emitted < stop_after):
+                last_seen = monotonic()
                 stream = self.run_changefeed()
                 try:
+                    # The hot loop: keep it lean, it runs once per change.
                     for change in stream:
-                        now = time.monotonic()
                         if change is not None:
                             failures = 0
                             emitted += 1
-                            last_seen = now
-                            self._count(change)
+                            stats.changes += 1
+                            stats.last = change
                             yield change
-                        elif ticks:
-                            yield None
-                        if finished():
-                            return
-                        if deadline is not None and now >= deadline:
-                            return
-                        if idle_timeout is not None and now - last_seen >= idle_timeout:
+                            if stop_after is not None and emitted >= stop_after:
+                                return
+                            if deadline is not None or idle_timeout is not None:
+                                last_seen = monotonic()
+                                if deadline is not None and last_seen >= deadline:
+                                    return
+                        else:
+                            now = monotonic()
+                            if deadline is not None and now >= deadline:
+                                return
+                            if idle_timeout is not None and now - last_seen >= idle_timeout:
+                                return
+                            if ticks:
+                                yield None
+                        if self._stopping:
                             return
                     return
                 except ChangefeedError as exc:
@@ -239,17 +253,10 @@ class ChangeFeed(Node):
                 finally:
                     stream.close()
                     self.close()
-                if deadline is not None and time.monotonic() >= deadline:
+                if deadline is not None and monotonic() >= deadline:
                     return
         finally:
             self.close()
-
-    def _count(self, change: Change) -> None:
-        stats = self.stats
-        stats.changes += 1
-        stats.last_position = change.position
-        if change.committed_at is not None:
-            stats.last_committed_at = change.committed_at
 
     def _wait_before_retry(
         self, exc: BaseException, failures: int, deadline: float | None

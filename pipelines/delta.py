@@ -25,19 +25,20 @@ from changefeed.change import UNCHANGED, Change, Operation, _without_unchanged
 def to_delta(change: Change, model: str | None = None) -> dict[str, Any]:
     """The Snorky delta of ``change``; ``model`` defaults to the table name without schema."""
     if model is None:
-        model = change.table.rsplit(".", 1)[-1]
+        model = change.table.rpartition(".")[2]
     operation = change.operation
-    if operation == Operation.INSERT:
-        return {"type": "insert", "model": model, "data": _without_unchanged(change.new)}
-    if operation == Operation.DELETE:
-        return {"type": "delete", "model": model, "data": _without_unchanged(change.old)}
-    if operation == Operation.UPDATE:
-        return {
-            "type": "update",
-            "model": model,
-            "newData": _without_unchanged(change.new),
-            "oldData": _without_unchanged(change.old),
-        }
+    new = change.new
+    if new is not None and UNCHANGED in new.values():
+        new = _without_unchanged(new)
+    if operation is Operation.INSERT:
+        return {"type": "insert", "model": model, "data": new}
+    old = change.old
+    if old is not None and UNCHANGED in old.values():
+        old = _without_unchanged(old)
+    if operation is Operation.UPDATE:
+        return {"type": "update", "model": model, "newData": new, "oldData": old}
+    if operation is Operation.DELETE:
+        return {"type": "delete", "model": model, "data": old}
     raise ValueError(f"a change has exactly one operation, not {operation!r}")
 
 

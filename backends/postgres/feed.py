@@ -190,57 +190,53 @@ class PostgresChangeFeed(ChangeFeed):
         last_emitted: str | None = None
         get_copy_data = pgconn.get_copy_data
 
+        # The hot loop: one iteration per message, hundreds of thousands a second.
         while True:
             nbytes, buffer = get_copy_data(1)
-            if nbytes == 0:
-                yield None  # caught up: the consumer may flush and acknowledge now
-                now = time.monotonic()
-                if now - last_status >= self.status_interval or self._flush_due:
-                    self._send_status(pgconn)
-                    last_status = now
-                readable, _, _ = select.select([sock], [], [], 1.0)
-                if not readable:
-                    yield None
-                pgconn.consume_input()
+            if nbytes > 0:
+                if buffer[0] == 119:  # 'w' XLogData: header, then one pgoutput message
+                    event = decode(buffer[25:])
+                    if event is None:
+                        continue
+                    if event.__class__ is Change:
+                        last_emitted = event.position
+                        if skip_until is None or last_emitted > skip_until:
+                            yield event
+                    elif event.__class__ is Begin:
+                        self._in_transaction = True
+                        last_emitted = None
+                    elif event.__class__ is Commit:
+                        self._in_transaction = False
+                        _, wal_end, _ = _XLOGDATA.unpack_from(buffer, 1)
+                        self._received_lsn = event.end_lsn
+                        stats.lag_bytes = max(0, wal_end - event.end_lsn)
+                        self._pending.append((last_emitted, event.end_lsn))
+                        self._advance()
+                    elif event.__class__ is Truncate:
+                        log.warning("TRUNCATE of %s is not emitted as changes",
+                                    ", ".join(event.tables))
+                elif buffer[0] == 107:  # 'k' keepalive
+                    wal_end, _, reply_requested = _KEEPALIVE.unpack_from(buffer, 1)
+                    stats.lag_bytes = max(0, wal_end - self._received_lsn)
+                    if not self._pending and not self._in_transaction:
+                        # Everything received is delivered: let the slot move to the server's end.
+                        self._flush_lsn = max(self._flush_lsn, wal_end)
+                        self._received_lsn = max(self._received_lsn, wal_end)
+                    if reply_requested:
+                        self._send_status(pgconn)
+                        last_status = time.monotonic()
                 continue
             if nbytes < 0:
                 raise self._stream_ended(pgconn, nbytes)
-            kind = buffer[0]
-            if kind == 119:  # 'w' XLogData
-                data_start, wal_end, _ = _XLOGDATA.unpack_from(buffer, 1)
-                self._received_lsn = data_start
-                event = decode(buffer[25:])
-                if event is None:
-                    continue
-                if isinstance(event, Change):
-                    position = event.position
-                    last_emitted = position
-                    if skip_until is not None and position <= skip_until:
-                        continue  # delivered before the reconnect
-                    stats.lag_bytes = wal_end - data_start
-                    yield event
-                elif isinstance(event, Begin):
-                    self._in_transaction = True
-                    last_emitted = None
-                elif isinstance(event, Commit):
-                    self._in_transaction = False
-                    self._pending.append((last_emitted, event.end_lsn))
-                    self._advance()
-                    if self._flush_due and time.monotonic() - last_status >= 1.0:
-                        self._send_status(pgconn)
-                        last_status = time.monotonic()
-                elif isinstance(event, Truncate):
-                    log.warning("TRUNCATE of %s is not emitted as changes", ", ".join(event.tables))
-            elif kind == 107:  # 'k' keepalive
-                wal_end, _, reply_requested = _KEEPALIVE.unpack_from(buffer, 1)
-                stats.lag_bytes = max(0, wal_end - self._received_lsn)
-                if not self._pending and not self._in_transaction:
-                    # Everything received is delivered: let the slot move to the server's end.
-                    self._flush_lsn = max(self._flush_lsn, wal_end)
-                    self._received_lsn = max(self._received_lsn, wal_end)
-                if reply_requested:
-                    self._send_status(pgconn)
-                    last_status = time.monotonic()
+            yield None  # caught up: the consumer may flush and acknowledge now
+            now = time.monotonic()
+            if now - last_status >= self.status_interval or self._flush_due:
+                self._send_status(pgconn)
+                last_status = now
+            readable, _, _ = select.select([sock], [], [], 1.0)
+            if not readable:
+                yield None
+            pgconn.consume_input()
 
     # -- acknowledgement -----------------------------------------------------------------------
 

@@ -105,10 +105,21 @@ class Relation:
     type_oids: tuple[int, ...]
     key_indexes: tuple[int, ...]
     load: Callable[[Sequence[bytes | None]], Sequence[Any]]
+    watched: bool = True
+    qualified_name: str = ""
+    key_names: tuple[str, ...] = ()
 
-    @property
-    def qualified_name(self) -> str:
-        return f"{self.schema}.{self.name}"
+    def __post_init__(self) -> None:
+        self.qualified_name = f"{self.schema}.{self.name}"
+        self.key_names = tuple(self.columns[i] for i in self.key_indexes)
+
+    def key_of(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The key columns of ``row`` (a dict of the same shape as the key)."""
+        names = self.key_names
+        if len(names) == 1:
+            name = names[0]
+            return {name: row[name]}
+        return {name: row[name] for name in names}
 
 
 LoaderFactory = Callable[[Sequence[int]], Callable[[Sequence[bytes | None]], Sequence[Any]]]
@@ -152,14 +163,20 @@ class PgOutputDecoder:
         primary_keys: dict[str, Sequence[str]] | None = None,
     ) -> None:
         self.operation = Operation(operation)
-        self.primary_keys = dict(primary_keys or {})
         self.loaders = loaders or psycopg_loaders()
         self.tables = frozenset(tables) if tables else None
+        self.primary_keys = dict(primary_keys or {})
         self.relations: dict[int, Relation] = {}
         self.type_names: dict[int, str] = {}
         self.transaction: Begin | None = None
+        # Plain booleans and strings: IntFlag arithmetic costs a microsecond a row.
+        self._insert_wanted = bool(self.operation & Operation.INSERT)
+        self._update_wanted = bool(self.operation & Operation.UPDATE)
+        self._delete_wanted = bool(self.operation & Operation.DELETE)
         self._index = 0
-        self._position_lsn = 0
+        self._position_prefix = make_position(0, 0)[:17]
+        self._committed_at: datetime | None = None
+        self._xid: int | None = None
 
     def decode(self, data: bytes | memoryview) -> Change | Begin | Commit | Truncate | None:
         """Decode one message; see the module docstring for what comes back."""
@@ -174,10 +191,12 @@ class PgOutputDecoder:
             return self._delete(data)
         if kind == 66:  # 'B'
             final_lsn, timestamp, xid = _BEGIN.unpack_from(data, 1)
-            self.transaction = Begin(final_lsn, pg_timestamp(timestamp), xid)
+            self.transaction = begin = Begin(final_lsn, pg_timestamp(timestamp), xid)
             self._index = 0
-            self._position_lsn = final_lsn
-            return self.transaction
+            self._position_prefix = make_position(final_lsn, 0)[:17]
+            self._committed_at = begin.committed_at
+            self._xid = xid
+            return begin
         if kind == 67:  # 'C'
             _flags, commit_lsn, end_lsn, timestamp = _COMMIT.unpack_from(data, 1)
             self.transaction = None
@@ -217,54 +236,77 @@ class PgOutputDecoder:
             if flags & 1:
                 keys.append(index)
         schema = schema or "public"
-        primary_key = self.primary_keys.get(f"{schema}.{name}")
+        qualified_name = f"{schema}.{name}"
+        primary_key = self.primary_keys.get(qualified_name)
         if primary_key and all(column in columns for column in primary_key):
             keys = [columns.index(column) for column in primary_key]
         self.relations[oid] = Relation(
             oid, schema, name, replica_identity, tuple(columns), tuple(type_oids),
             tuple(keys), self.loaders(type_oids),
+            watched=self.tables is None or qualified_name in self.tables,
         )
 
     def _insert(self, data: bytes) -> Change | None:
-        relation, position = self._row_change(data)
-        if not (self.operation & Operation.INSERT) or relation is None:
+        index = self._index
+        self._index = index + 1
+        if not self._insert_wanted:
             return None
-        new, _ = self._tuple(relation, data, 6)  # after OID and 'N'
-        return self._change(Operation.INSERT, relation, new, None, position)
+        relation = self.relations.get(_UINT32.unpack_from(data, 1)[0])
+        if relation is None or not relation.watched:
+            return self._unwatched(relation, data)
+        new = self._decode_tuple(relation, data, 6)[0]  # after OID and 'N'
+        return Change(
+            Operation.INSERT, relation.qualified_name, new, None, relation.key_of(new),
+            self._position_prefix + format(index, "08X"), self._committed_at, self._xid,
+        )
 
     def _update(self, data: bytes) -> Change | None:
-        relation, position = self._row_change(data)
-        if not (self.operation & Operation.UPDATE) or relation is None:
+        index = self._index
+        self._index = index + 1
+        if not self._update_wanted:
             return None
+        relation = self.relations.get(_UINT32.unpack_from(data, 1)[0])
+        if relation is None or not relation.watched:
+            return self._unwatched(relation, data)
         offset = 5
         old = None
         marker = data[offset]
         if marker in (75, 79):  # 'K' key only, 'O' whole old row
-            old, offset = self._tuple(relation, data, offset + 1)
+            old, offset, _ = self._decode_tuple(relation, data, offset + 1)
             if marker == 75:
-                old = _only(old, relation)
+                old = relation.key_of(old)
             marker = data[offset]
         if marker != 78:  # 'N'
             raise DecodeError(f"update without new tuple ({chr(marker)!r})")
-        new, _ = self._tuple(relation, data, offset + 1)
-        if old is not None and UNCHANGED in new.values():
+        new, _, unchanged = self._decode_tuple(relation, data, offset + 1)
+        if unchanged and old is not None:
             # Unchanged TOASTed values are absent from the new row; a full old row has them.
-            for column, value in new.items():
-                if value is UNCHANGED and column in old and old[column] is not UNCHANGED:
-                    new[column] = old[column]
-        if old is None:
-            old = _only(new, relation)
-        return self._change(Operation.UPDATE, relation, new, old, position)
+            for column in unchanged:
+                value = old.get(column, UNCHANGED)
+                if value is not UNCHANGED:
+                    new[column] = value
+        key = relation.key_of(new)
+        return Change(
+            Operation.UPDATE, relation.qualified_name, new, key if old is None else old, key,
+            self._position_prefix + format(index, "08X"), self._committed_at, self._xid,
+        )
 
     def _delete(self, data: bytes) -> Change | None:
-        relation, position = self._row_change(data)
-        if not (self.operation & Operation.DELETE) or relation is None:
+        index = self._index
+        self._index = index + 1
+        if not self._delete_wanted:
             return None
-        marker = data[5]
-        old, _ = self._tuple(relation, data, 6)
-        if marker == 75:  # 'K'
-            old = _only(old, relation)
-        return self._change(Operation.DELETE, relation, None, old, position)
+        relation = self.relations.get(_UINT32.unpack_from(data, 1)[0])
+        if relation is None or not relation.watched:
+            return self._unwatched(relation, data)
+        old = self._decode_tuple(relation, data, 6)[0]
+        key = relation.key_of(old)
+        if data[5] == 75:  # 'K': only the key columns carry values
+            old = key
+        return Change(
+            Operation.DELETE, relation.qualified_name, None, old, key,
+            self._position_prefix + format(index, "08X"), self._committed_at, self._xid,
+        )
 
     def _truncate(self, data: bytes) -> Truncate:
         count, options = _TRUNCATE.unpack_from(data, 1)
@@ -277,84 +319,104 @@ class PgOutputDecoder:
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _row_change(self, data: bytes) -> tuple[Relation | None, str]:
-        """The relation of a row change (None if filtered out) and the change's position."""
-        (oid,) = _UINT32.unpack_from(data, 1)
-        index = self._index
-        self._index = index + 1
-        relation = self.relations.get(oid)
+    @staticmethod
+    def _unwatched(relation: Relation | None, data: bytes) -> None:
+        """A row change of a table not watched; an error if its relation was never described."""
         if relation is None:
+            oid = _UINT32.unpack_from(data, 1)[0]
             raise DecodeError(f"row change for relation {oid} before its Relation message")
-        if self.tables is not None and relation.qualified_name not in self.tables:
-            return None, ""
-        return relation, make_position(self._position_lsn, index)
+        return None
 
-    def _change(
-        self,
-        operation: Operation,
-        relation: Relation,
-        new: dict[str, Any] | None,
-        old: dict[str, Any] | None,
-        position: str,
-    ) -> Change:
-        row = new if new is not None else old
-        assert row is not None
-        columns = relation.columns
-        key = {columns[i]: row.get(columns[i]) for i in relation.key_indexes}
-        transaction = self.transaction
-        return Change(
-            operation,
-            relation.qualified_name,
-            new,
-            old,
-            key,
-            position,
-            transaction.committed_at if transaction else None,
-            transaction.xid if transaction else None,
-        )
-
-    def _tuple(self, relation: Relation, data: bytes, offset: int) -> tuple[dict[str, Any], int]:
-        """Decode TupleData at ``offset``: a row dict and the offset after it."""
+    @staticmethod
+    def _decode_tuple(
+        relation: Relation, data: bytes, offset: int
+    ) -> tuple[dict[str, Any], int, list[str] | None]:
+        """TupleData -> (row, offset after it, names of unchanged columns)."""
         (ncolumns,) = _INT16.unpack_from(data, offset)
-        offset += 2
-        raw: list[bytes | None] = []
-        append = raw.append
-        unchanged: list[int] | None = None
-        unpack_int32 = _INT32.unpack_from
-        for index in range(ncolumns):
-            kind = data[offset]
-            if kind == 116:  # 't' text value
-                (length,) = unpack_int32(data, offset + 1)
-                start = offset + 5
-                offset = start + length
-                append(data[start:offset])
-            elif kind == 110:  # 'n' NULL
-                offset += 1
-                append(None)
-            elif kind == 117:  # 'u' unchanged TOASTed value, not sent
-                offset += 1
-                append(None)
-                if unchanged is None:
-                    unchanged = []
-                unchanged.append(index)
-            else:
-                raise DecodeError(f"unknown tuple value kind {chr(kind)!r}")
         columns = relation.columns
         if ncolumns != len(columns):
             raise DecodeError(
                 f"{relation.qualified_name}: tuple has {ncolumns} columns, relation {len(columns)}"
             )
+        raw, offset, unchanged = _tuple_parser(ncolumns)(data, offset + 2)
         row = dict(zip(columns, relation.load(raw), strict=True))
-        if unchanged:
-            for index in unchanged:
-                row[columns[index]] = UNCHANGED
-        return row, offset
+        if unchanged is None:
+            return row, offset, None
+        names = [columns[index] for index in unchanged]
+        for column in names:
+            row[column] = UNCHANGED
+        return row, offset, names
 
 
-def _only(row: dict[str, Any], relation: Relation) -> dict[str, Any]:
-    """The key columns of ``row``."""
-    columns = relation.columns
-    return {columns[i]: row[columns[i]] for i in relation.key_indexes}
+# -- the tuple parser -------------------------------------------------------------------------
+#
+# TupleData is, per column, a kind byte ('t' text, 'n' NULL, 'u' unchanged TOAST) and for 't'
+# an Int32 length and the bytes. Parsing it is the innermost loop of the whole feed, so for each
+# column count we generate the loop unrolled (as namedtuple and dataclasses generate code): no
+# loop counter, no list appends, one struct call per value. `_parse_tuple_loop` is the same
+# logic as a plain loop; the tests check that both agree.
+
+_PARSERS: dict[int, Callable[[bytes, int], tuple[list[bytes | None], int, list[int] | None]]] = {}
+
+_COLUMN_TEMPLATE = """\
+    if data[o] == 116:
+        s = o + 5
+        o = s + unpack_length(data, o + 1)[0]
+        v{i} = data[s:o]
+    elif data[o] == 110:
+        v{i} = None
+        o += 1
+    elif data[o] == 117:
+        v{i} = None
+        o += 1
+        unchanged = (unchanged or []) + [{i}]
+    else:
+        bad_kind(data[o])
+"""
+
+
+def _bad_kind(kind: int) -> None:
+    raise DecodeError(f"unknown tuple value kind {chr(kind)!r}")
+
+
+def _tuple_parser(
+    ncolumns: int,
+) -> Callable[[bytes, int], tuple[list[bytes | None], int, list[int] | None]]:
+    parser = _PARSERS.get(ncolumns)
+    if parser is None:
+        body = "".join(_COLUMN_TEMPLATE.format(i=i) for i in range(ncolumns))
+        values = ", ".join(f"v{i}" for i in range(ncolumns))
+        source = (
+            "def parse(data, o):\n    unchanged = None\n"
+            + body
+            + f"    return [{values}], o, unchanged\n"
+        )
+        namespace = {"unpack_length": _INT32.unpack_from, "bad_kind": _bad_kind}
+        exec(compile(source, f"<pgoutput tuple parser, {ncolumns} columns>", "exec"), namespace)
+        parser = _PARSERS[ncolumns] = namespace["parse"]
+    return parser
+
+
+def _parse_tuple_loop(
+    data: bytes, offset: int, ncolumns: int
+) -> tuple[list[bytes | None], int, list[int] | None]:
+    """The reference version of a generated parser (used by the tests)."""
+    raw: list[bytes | None] = []
+    unchanged: list[int] | None = None
+    for index in range(ncolumns):
+        kind = data[offset]
+        if kind == 116:
+            start = offset + 5
+            offset = start + _INT32.unpack_from(data, offset + 1)[0]
+            raw.append(data[start:offset])
+        elif kind in (110, 117):
+            offset += 1
+            raw.append(None)
+            if kind == 117:
+                unchanged = (unchanged or []) + [index]
+        else:
+            _bad_kind(kind)
+    return raw, offset, unchanged
 
 
 def _string(data: bytes, offset: int) -> tuple[str, int]:

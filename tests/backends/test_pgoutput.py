@@ -149,3 +149,33 @@ def test_lsn_and_position_formats_round_trip():
     assert parse_lsn("16/B374D848") == 0x16B374D848
     assert parse_position(make_position(0x16B374D848, 7)) == (0x16B374D848, 7)
     assert make_position(1, 2) < make_position(1, 10) < make_position(2, 0)
+
+
+def test_generated_tuple_parsers_agree_with_the_plain_loop():
+    import random
+    import struct
+
+    from changefeed.backends.postgres.pgoutput import _parse_tuple_loop, _tuple_parser
+
+    rng = random.Random(5)
+    for _ in range(300):
+        ncolumns = rng.randint(1, 40)
+        parts = []
+        for _ in range(ncolumns):
+            kind = rng.choice("tnu")
+            if kind == "t":
+                value = bytes(rng.randrange(256) for _ in range(rng.randint(0, 20)))
+                parts.append(b"t" + struct.pack("!i", len(value)) + value)
+            else:
+                parts.append(kind.encode())
+        data = b"xx" + b"".join(parts) + b"tail"
+        assert _tuple_parser(ncolumns)(data, 2) == _parse_tuple_loop(data, 2, ncolumns)
+        raw, offset, _ = _parse_tuple_loop(data, 2, ncolumns)
+        assert data[offset:] == b"tail" and len(raw) == ncolumns
+
+
+def test_unknown_tuple_value_kind_is_an_error():
+    from changefeed.backends.postgres.pgoutput import _tuple_parser
+
+    with pytest.raises(DecodeError, match="unknown tuple value kind 'b'"):
+        _tuple_parser(1)(b"b\x00\x00\x00\x01x", 0)
