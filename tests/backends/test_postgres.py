@@ -297,8 +297,8 @@ def test_slot_in_use_is_a_clear_error(pg_dsn, tasks):
 
 
 def test_role_without_replication_privilege_is_a_clear_error(pg_dsn, tasks, pg_server):
-    tasks.execute("CREATE ROLE plain LOGIN")
-    tasks.execute("GRANT SELECT ON tasks TO plain")
-    dsn = pg_dsn.replace("postgres@", "plain@")
+    tasks.execute("CREATE ROLE plain_feed LOGIN")
+    tasks.execute("GRANT SELECT ON tasks TO plain_feed")
+    dsn = pg_dsn.replace("postgres@", "plain_feed@")
     with pytest.raises(PermanentBackendError, match="lacks the REPLICATION privilege"):
         list(make_feed(dsn, slot="changefeed_plain", publication="pub_plain").changes(timeout=5))
