@@ -302,3 +302,34 @@ def test_role_without_replication_privilege_is_a_clear_error(pg_dsn, tasks, pg_s
     dsn = pg_dsn.replace("postgres@", "plain_feed@")
     with pytest.raises(PermanentBackendError, match="lacks the REPLICATION privilege"):
         list(make_feed(dsn, slot="changefeed_plain", publication="pub_plain").changes(timeout=5))
+
+
+def test_a_snapshot_cut_short_is_taken_again(pg_dsn, pg):
+    pg.execute("CREATE TABLE s (id int PRIMARY KEY)")
+    pg.execute("INSERT INTO s SELECT generate_series(1, 50)")
+    feed = make_feed(pg_dsn, "s", prefeed="snapshot", snapshot_batch=10)
+    for change in feed.changes(stop_after=20):
+        feed.ack(change.position)  # 20 of 50 delivered, then the process dies
+    feed.close()
+    pg.execute("INSERT INTO s VALUES (51)")
+    again = make_feed(pg_dsn, "s", prefeed="snapshot")
+    got = drain(again)
+    assert [c.key["id"] for c in got if c.snapshot] == list(range(1, 52))
+    pg.execute("INSERT INTO s VALUES (52)")
+    # Once delivered, the snapshot is not taken again: the stream continues.
+    assert [(c.key["id"], c.snapshot) for c in drain(make_feed(pg_dsn, "s", prefeed="snapshot"))] \
+        == [(52, False)]
+
+
+def test_one_slot_serves_several_tables(pg_dsn, pg):
+    pg.execute("CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY)")
+    pg.execute("CREATE TABLE not_watched (id int PRIMARY KEY)")
+    feed = make_feed(pg_dsn, "a, b")
+    assert feed.slot == "changefeed_a_b"
+    start(feed)
+    with pg.transaction():
+        pg.execute("INSERT INTO a VALUES (1)")
+        pg.execute("INSERT INTO not_watched VALUES (1)")
+        pg.execute("INSERT INTO b VALUES (2)")
+    assert [(c.table, c.key) for c in drain(feed)] == [("public.a", {"id": 1}),
+                                                       ("public.b", {"id": 2})]
