@@ -27,18 +27,18 @@ def to_delta(change: Change, model: str | None = None) -> dict[str, Any]:
     if model is None:
         model = change.table.rpartition(".")[2]
     operation = change.operation
-    new = change.new
-    if new is not None and UNCHANGED in new.values():
-        new = _without_unchanged(new)
     if operation is Operation.INSERT:
-        return {"type": "insert", "model": model, "data": new}
-    old = change.old
-    if old is not None and UNCHANGED in old.values():
-        old = _without_unchanged(old)
+        return {"type": "insert", "model": model, "data": change.new}
     if operation is Operation.UPDATE:
-        return {"type": "update", "model": model, "newData": new, "oldData": old}
+        # Only updates can hold UNCHANGED (a TOASTed value PostgreSQL did not resend).
+        return {
+            "type": "update",
+            "model": model,
+            "newData": _without_unchanged(change.new),
+            "oldData": _without_unchanged(change.old),
+        }
     if operation is Operation.DELETE:
-        return {"type": "delete", "model": model, "data": old}
+        return {"type": "delete", "model": model, "data": change.old}
     raise ValueError(f"a change has exactly one operation, not {operation!r}")
 
 
