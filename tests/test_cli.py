@@ -254,3 +254,25 @@ def test_help_lists_the_commands():
     for command in ("run", "slots", "demo"):
         assert command in result.stdout
     assert Path(sys.executable).exists()
+
+
+def test_progress_reports_rate_and_lag_while_busy(monkeypatch, caplog):
+    import io
+    import logging
+    from datetime import datetime, timedelta, timezone
+
+    from changefeed import cli
+    from changefeed.testing import MemoryFeed, insert
+
+    monkeypatch.setattr(cli, "PROGRESS_SECONDS", 0.0)
+    committed = datetime.now(timezone.utc) - timedelta(seconds=2)
+    feed = MemoryFeed("t", endless=True,
+                      changes=[insert("t", {"id": i}, committed_at=committed) for i in range(3)])
+    out = io.BytesIO()
+    with caplog.at_level(logging.INFO, logger="changefeed"):
+        written = cli.stream_to(feed, out, cli._encoder("delta", "T"), idle=0.5)
+    assert written == 3 and out.getvalue().count(b"\n") == 3
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("changes," in m and "/s, lag 2." in m for m in messages), messages
+    assert messages[-1].startswith("stopped after 3 changes")
+    assert feed.acknowledged == 3
