@@ -51,4 +51,4 @@ __all__ = [
 
 # Importing the backends registers their connection types with get_changefeed; a backend whose
 # driver is not installed is skipped (URLs for it then say which extra to install).
-from changefeed import backends as _backends  # noqa: E402,F401
+import changefeed.backends  # noqa: E402,F401

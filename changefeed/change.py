@@ -34,7 +34,7 @@ class Operation(enum.IntFlag):
 
         Raises `ConfigurationError` naming the valid words on anything else.
         """
-        valid = [op.name.lower() for op in cls]
+        valid = [(op.name or "").lower() for op in cls]
         words = [word.strip().lower() for word in text.split(",") if word.strip()]
         if not words:
             raise ConfigurationError(f"no operation given: use one or more of {', '.join(valid)}")
@@ -53,7 +53,7 @@ class Operation(enum.IntFlag):
     @property
     def names(self) -> list[str]:
         """The lower-case names of the single operations in this flag, e.g. ``['insert']``."""
-        return [op.name.lower() for op in Operation if op in self]
+        return [(op.name or "").lower() for op in Operation if op in self]
 
 
 ALL = Operation.INSERT | Operation.DELETE | Operation.UPDATE

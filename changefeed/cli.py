@@ -40,7 +40,7 @@ class CliError(click.ClickException):
 
     def __init__(self, message: str, exit_code: int = 1) -> None:
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_code = exit_code  # type: ignore[misc]  # click reads it from the instance
 
     def show(self, file: Any = None) -> None:
         click.echo(f"changefeed: error: {self.format_message()}", err=True)
@@ -299,14 +299,17 @@ def slots(url: str, drops: tuple[str, ...], drop_inactive: bool) -> None:
             )
 
 
-def _bytes(value: int | None) -> str:
-    if value is None:
+def _bytes(count: int | None) -> str:
+    if count is None:
         return "-"
-    for unit in ("B", "kB", "MB", "GB"):
-        if value < 1024 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+    if count < 1024:
+        return f"{count} B"
+    value = count / 1024
+    for unit in ("kB", "MB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
         value /= 1024
-    return str(value)
+    return f"{value:.1f} GB"
 
 
 @cli.command()

@@ -186,7 +186,7 @@ class ChangeFeed(Node):
         idle_timeout: float | None = None,
         stop_after: int | None = None,
         ticks: bool = False,
-    ) -> Iterator[Change | None]:
+    ) -> Iterator[Any]:
         """Yield the prefeed, then the stream, reconnecting on transient errors.
 
         Args:
@@ -251,7 +251,9 @@ class ChangeFeed(Node):
                     failures += 1
                     self._wait_before_retry(exc, failures, deadline)
                 finally:
-                    stream.close()
+                    close_stream = getattr(stream, "close", None)
+                    if close_stream is not None:  # a generator: run its clean-up now
+                        close_stream()
                     self.close()
                 if deadline is not None and monotonic() >= deadline:
                     return

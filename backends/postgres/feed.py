@@ -545,7 +545,7 @@ class PostgresChangeFeed(ChangeFeed):
             "SELECT obj_description(oid, 'pg_publication') FROM pg_publication WHERE pubname = %s",
             [self.publication],
         ).fetchone()
-        return bool(row) and row[0] == _SNAPSHOT_PENDING
+        return row is not None and row[0] == _SNAPSHOT_PENDING
 
     # -- errors --------------------------------------------------------------------------------
 
@@ -610,7 +610,7 @@ def _text(message: str | bytes | None) -> str:
 
 def _user(dsn: str) -> str:
     try:
-        return psycopg.conninfo.conninfo_to_dict(dsn).get("user") or "current user"
+        return str(psycopg.conninfo.conninfo_to_dict(dsn).get("user") or "current user")
     except psycopg.ProgrammingError:
         return "current user"
 

@@ -391,7 +391,7 @@ def _tuple_parser(
             + body
             + f"    return [{values}], o, unchanged\n"
         )
-        namespace = {"unpack_length": _INT32.unpack_from, "bad_kind": _bad_kind}
+        namespace: dict[str, Any] = {"unpack_length": _INT32.unpack_from, "bad_kind": _bad_kind}
         exec(compile(source, f"<pgoutput tuple parser, {ncolumns} columns>", "exec"), namespace)
         parser = _PARSERS[ncolumns] = namespace["parse"]
     return parser
