@@ -333,3 +333,34 @@ def test_one_slot_serves_several_tables(pg_dsn, pg):
         pg.execute("INSERT INTO b VALUES (2)")
     assert [(c.table, c.key) for c in drain(feed)] == [("public.a", {"id": 1}),
                                                        ("public.b", {"id": 2})]
+
+
+def test_survives_a_postgresql_restart_without_losing_a_commit(pg_dsn, pg_server):
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE r (id int PRIMARY KEY)")
+    feed = make_feed(pg_dsn, "r")
+    start(feed)
+
+    def write(first, last):
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            for number in range(first, last):
+                conn.execute("INSERT INTO r VALUES (%s)", [number])
+
+    def restart_then_write():
+        pg_server.restart()  # mid-stream: the feed's connection dies with the server
+        write(100, 200)
+
+    write(0, 100)
+    seen = []
+    restarter = threading.Thread(target=restart_then_write)
+    for change in feed.changes(timeout=60):
+        seen.append(change.key["id"])
+        feed.ack(change.position)
+        if len(seen) == 50:
+            restarter.start()
+            time.sleep(0.5)  # the feed is slow: most of the first rows are still unread
+        if set(seen) == set(range(200)):
+            break
+    restarter.join()
+    assert set(seen) == set(range(200))
+    assert feed.stats.reconnects >= 1
