@@ -1,0 +1,137 @@
+"""Sinks: where a pipeline delivers items, and what "delivered" means.
+
+A sink is either
+
+* an object with ``write_batch(batch)``: it receives a `Batch` and returns only once the batch
+  is delivered (written and flushed, answered 2xx, added to the stream); or
+* a plain callable, called once per item (or once per list after a ``batch()`` stage).
+
+Returning normally is the confirmation: only then does the pipeline acknowledge the positions of
+the batch's changes. Raising is a failure (see the pipeline's failure policy). A sink may have a
+``close()`` method, called once in the process that used it, and an ``accepts`` attribute
+(``"changes"`` or ``"deltas"``) when it takes only one kind of item. Sinks open their
+connections and files on first use, so that each process of a multi-process pipeline opens
+its own.
+
+Built-ins: `JsonLinesSink`, `CallbackSink`, `WebhookSink` and `SnorkySink` (in
+``changefeed.pipelines.sinks.http``), and `RedisStreamSink` (in
+``changefeed.pipelines.redis_streams``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import IO, Any, Protocol, runtime_checkable
+
+from changefeed.change import Change, Position
+from changefeed.pipelines.delta import dumps_line
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Items to deliver together, each with the position of the change it came from."""
+
+    items: list[Any]
+    positions: list[Position]
+    """``positions[i]`` is the position of the change ``items[i]`` was made from."""
+
+    @property
+    def first(self) -> Position:
+        return self.positions[0] if self.positions else None
+
+    @property
+    def last(self) -> Position:
+        return self.positions[-1] if self.positions else None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+@runtime_checkable
+class BatchSink(Protocol):
+    """A sink that takes whole batches; see the module docstring for the contract."""
+
+    def write_batch(self, batch: Batch) -> None:
+        """Deliver ``batch``; return only once it is delivered, raise if it cannot be."""
+
+
+def jsonable(item: Any) -> Any:
+    """``item`` ready for JSON: a `Change` as its ``to_dict()``, anything else as it is."""
+    return item.to_dict() if isinstance(item, Change) else item
+
+
+class JsonLinesSink:
+    """One JSON object per line to stdout (``"-"``), a file path, or an open binary file.
+
+    A batch is written in one call and flushed before the batch counts as delivered; with
+    ``fsync=True`` (files only) it is also on disk. Changes are written as ``to_dict()``; put
+    ``to_delta()`` before the sink for Snorky deltas. A path is opened for appending.
+    """
+
+    def __init__(self, target: str | os.PathLike[str] | IO[bytes] = "-", *, fsync: bool = False):
+        self.target = target
+        self.fsync = fsync
+        self._file: IO[bytes] | None = None
+        self._owned = False
+        self.name = f"json_lines({target if isinstance(target, (str, os.PathLike)) else 'file'})"
+
+    def _open(self) -> IO[bytes]:
+        if self._file is None:
+            if self.target == "-":
+                self._file = sys.stdout.buffer
+            elif isinstance(self.target, (str, os.PathLike)):
+                self._file = open(self.target, "ab")  # noqa: SIM115  (closed in close())
+                self._owned = True
+            else:
+                self._file = self.target
+        return self._file
+
+    def write_batch(self, batch: Batch) -> None:
+        file = self._open()
+        file.write(b"".join(dumps_line(jsonable(item)) for item in batch.items))
+        file.flush()
+        if self.fsync and self._owned:
+            os.fsync(file.fileno())
+
+    def close(self) -> None:
+        if self._owned and self._file is not None:
+            self._file.close()
+        self._file = None
+        self._owned = False
+
+
+class CallbackSink:
+    """Deliver by calling ``callback``: once per item, or once per batch with ``batches=True``.
+
+    The callback returning is the confirmation. With ``batches=True`` it receives the `Batch`
+    (items and their positions), so it can, for example, write them in one transaction.
+    """
+
+    def __init__(self, callback: Callable[[Any], Any], *, batches: bool = False) -> None:
+        self.callback = callback
+        self.batches = batches
+        self.name = f"callback({getattr(callback, '__name__', type(callback).__name__)})"
+
+    def write_batch(self, batch: Batch) -> None:
+        if self.batches:
+            self.callback(batch)
+        else:
+            for item in batch.items:
+                self.callback(item)
+
+
+def deliver(sink: Any, items: Sequence[Any], positions: Sequence[Position], lists: bool) -> None:
+    """Hand ``items`` to ``sink`` following the sink contract (``lists``: after ``batch()``)."""
+    if isinstance(sink, BatchSink):
+        sink.write_batch(Batch(list(items), list(positions)))
+    elif lists:
+        sink(list(items))
+    else:
+        for item in items:
+            sink(item)
+
+
+__all__ = ["Batch", "BatchSink", "CallbackSink", "JsonLinesSink", "deliver", "jsonable"]

@@ -1,0 +1,313 @@
+"""Built-in stages: plain callables ``Change -> Change | None | iterable``.
+
+A stage returns one item, None to drop the change, or an iterable (anything iterable but a
+mapping, str or bytes) for one change becoming several items. Stages are pure: they neither
+acknowledge nor deliver, so the same list of stages runs in-process or across processes, and a
+test calls them directly. They are small classes rather than closures so they pickle (needed only
+when processes are spawned rather than forked) and so error messages can name them.
+
+Two entries of a stage list are not stages but instructions to the `Pipeline`:
+
+* `batch(size, seconds)`, last in the list, says how items are grouped for the sink;
+* `own_process(stage)` runs that stage (and the ones after it, up to the next mark) in a
+  process of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from changefeed.change import UNCHANGED, Change, Operation
+from changefeed.errors import ConfigurationError, PipelineError
+from changefeed.pipelines import delta as _delta
+from changefeed.pipelines.filters import Filter, compile_filter, filter_fields
+
+Stage = Callable[[Any], Any]
+
+
+def stage_name(stage: Any) -> str:
+    """How errors name a stage or sink: its ``name``, ``__name__`` or class name."""
+    name = getattr(stage, "name", None) or getattr(stage, "__name__", None)
+    return str(name) if name else type(stage).__name__
+
+
+def apply_stage(stage: Stage, item: Any) -> list[Any]:
+    """Run ``stage`` on ``item`` and return its output as a list (empty when dropped)."""
+    result = stage(item)
+    if result is None:
+        return []
+    if isinstance(result, (Mapping, str, bytes, bytearray, Change)) or not isinstance(
+        result, Iterable
+    ):
+        return [result]
+    return list(result)
+
+
+def run_stages(stages: Sequence[Stage], item: Any) -> list[Any]:
+    """Run ``stages`` one after the other, each on every output of the previous one."""
+    items = [item]
+    for stage in stages:
+        if len(items) == 1:
+            items = apply_stage(stage, items[0])
+        else:
+            items = [out for one in items for out in apply_stage(stage, one)]
+        if not items:
+            break
+    return items
+
+
+class where:  # noqa: N801  (a stage reads as a function in a stage list)
+    """Keep the changes for which ``predicate(change)`` is true; drop the others.
+
+    >>> from changefeed.testing import insert
+    >>> keep_open = where(lambda change: change.row["status"] == "open")
+    >>> keep_open(insert("tasks", {"id": 1, "status": "done"})) is None
+    True
+    """
+
+    __slots__ = ("predicate",)
+
+    def __init__(self, predicate: Callable[[Change], bool]) -> None:
+        self.predicate = predicate
+
+    @property
+    def name(self) -> str:
+        return f"where({stage_name(self.predicate)})"
+
+    def __call__(self, change: Change) -> Change | None:
+        return change if self.predicate(change) else None
+
+
+class project:  # noqa: N801
+    """Keep only ``fields`` of the rows (``new`` and ``old``); list the key if clients need it.
+
+    >>> from changefeed.testing import insert
+    >>> project(["id", "title"])(insert("tasks", {"id": 1, "title": "a", "body": "..."})).new
+    {'id': 1, 'title': 'a'}
+    """
+
+    __slots__ = ("fields",)
+
+    def __init__(self, fields: Iterable[str]) -> None:
+        self.fields = tuple(fields)
+        if not self.fields:
+            raise ConfigurationError("project() needs at least one field")
+
+    @property
+    def name(self) -> str:
+        return f"project({list(self.fields)})"
+
+    def _keep(self, row: dict[str, Any] | None) -> dict[str, Any] | None:
+        if row is None:
+            return None
+        return {field: row[field] for field in self.fields if field in row}
+
+    def __call__(self, change: Change) -> Change:
+        return dataclasses.replace(change, new=self._keep(change.new), old=self._keep(change.old))
+
+
+class to_delta:  # noqa: N801
+    """Turn a change into its Snorky delta (see `changefeed.pipelines.delta`).
+
+    Inserts and deletes carry ``data``, updates ``newData`` and ``oldData``; ``model`` defaults
+    to the table name without its schema.
+
+    >>> from changefeed.testing import update
+    >>> to_delta(model="Task")(update("tasks", {"id": 1, "done": True}, {"id": 1}))
+    {'type': 'update', 'model': 'Task', 'newData': {'id': 1, 'done': True}, 'oldData': {'id': 1}}
+    """
+
+    __slots__ = ("model",)
+
+    def __init__(self, model: str | None = None) -> None:
+        self.model = model
+
+    @property
+    def name(self) -> str:
+        return f"to_delta(model={self.model!r})"
+
+    def __call__(self, change: Change) -> dict[str, Any]:
+        return _delta.to_delta(change, self.model)
+
+
+class route:  # noqa: N801
+    """Send each change through the stages listed for its table; drop other tables.
+
+    ``routes`` maps a table name to a stage or a list of stages. A change's qualified table
+    (``public.tasks``) is looked up first, then its bare name (``tasks``). Changes of tables not
+    listed go through ``default`` when given, else are dropped.
+
+    >>> from changefeed.testing import insert
+    >>> split = route({"tasks": to_delta("Task"),
+    ...                "public.users": [project(["id"]), to_delta("User")]})
+    >>> split(insert("public.users", {"id": 7, "email": "x@example.com"}))
+    [{'type': 'insert', 'model': 'User', 'data': {'id': 7}}]
+    """
+
+    __slots__ = ("routes", "default")
+
+    def __init__(
+        self,
+        routes: Mapping[str, Stage | Sequence[Stage]],
+        default: Stage | Sequence[Stage] | None = None,
+    ) -> None:
+        self.routes = {table: _stage_list(stages, table) for table, stages in routes.items()}
+        self.default = _stage_list(default, "default") if default is not None else None
+
+    @property
+    def name(self) -> str:
+        return f"route({sorted(self.routes)})"
+
+    def __call__(self, change: Change) -> list[Any]:
+        table = change.table
+        stages = self.routes.get(table)
+        if stages is None:
+            stages = self.routes.get(table.rpartition(".")[2], self.default)
+        if stages is None:
+            return []
+        return run_stages(stages, change)
+
+
+def _stage_list(stages: Stage | Sequence[Stage], where: str) -> list[Stage]:
+    listed: list[Stage] = list(stages) if isinstance(stages, (list, tuple)) else [stages]  # type: ignore[list-item]
+    for stage in listed:
+        if isinstance(stage, (BatchPolicy, own_process)) or not callable(stage):
+            raise ConfigurationError(
+                f"route {where!r}: {stage!r} is not a stage (batch() and own_process() apply to"
+                " the whole pipeline)"
+            )
+    return listed
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPolicy:
+    """How items are grouped before the sink; made by `batch`."""
+
+    size: int = 1000
+    seconds: float = 1.0
+    explicit: bool = True
+    """False for the default policy: plain callable sinks then get items one at a time."""
+
+    @property
+    def name(self) -> str:
+        return f"batch({self.size}, {self.seconds})"
+
+
+def batch(size: int = 1000, seconds: float = 1.0) -> BatchPolicy:
+    """Group items for the sink: at most ``size`` items, at most ``seconds`` old.
+
+    Put it last in a stage list. A batch is also delivered as soon as the feed goes quiet, so
+    latency stays low when traffic is light. Sinks with a ``write_batch`` method always receive
+    batches (this sets their size); a plain callable sink receives lists once ``batch`` is given,
+    single items otherwise.
+    """
+    if size < 1:
+        raise ConfigurationError(f"batch size must be at least 1, not {size}")
+    if seconds <= 0:
+        raise ConfigurationError(f"batch seconds must be positive, not {seconds}")
+    return BatchPolicy(size, seconds)
+
+
+class own_process:  # noqa: N801
+    """Mark a stage (or the sink) to run in a process of its own, with the steps after it.
+
+    The steps after a mark run in the same process up to the next mark; steps before the first
+    mark run in the feed's process. Batches, not single changes, cross the process boundary.
+    """
+
+    __slots__ = ("stage",)
+
+    def __init__(self, stage: Any) -> None:
+        if isinstance(stage, (own_process, BatchPolicy)):
+            raise ConfigurationError(f"own_process() takes a stage or a sink, not {stage!r}")
+        self.stage = stage
+
+    def __repr__(self) -> str:
+        return f"own_process({stage_name(self.stage)})"
+
+
+class subscription:  # noqa: N801
+    """What one subscriber with a Snorky filter must see, as changes (follow with `to_delta`).
+
+    Inserts and deletes pass when their row matches. An update becomes
+
+    * an update when the old and the new row match,
+    * an insert of the new row when only the new row matches (the row entered the filter),
+    * a delete of the old row when only the old row matches (it left the filter),
+    * nothing when neither matches.
+
+    This needs the old values of the filtered fields: PostgreSQL sends them only under
+    ``ALTER TABLE ... REPLICA IDENTITY FULL``, MongoDB only with pre-images enabled. An update or
+    delete whose old row holds no more than its key and lacks a filtered field raises
+    `PipelineError` saying so, rather than guessing. A new value `UNCHANGED` (a TOASTed value
+    PostgreSQL did not resend) stands for the old value.
+
+    >>> from changefeed.testing import update
+    >>> blue = subscription(["==", "color", "blue"])
+    >>> blue(update("t", {"id": 1, "color": "blue"}, {"id": 1, "color": "red"})).operation
+    <Operation.INSERT: 1>
+    """
+
+    __slots__ = ("filter", "matches", "fields")
+
+    def __init__(self, filter: Filter) -> None:
+        self.filter = filter
+        self.matches = compile_filter(filter)
+        self.fields = sorted({field.split(".", 1)[0] for field in filter_fields(filter)})
+
+    @property
+    def name(self) -> str:
+        return f"subscription({self.filter!r})"
+
+    def __reduce__(self) -> tuple[type, tuple[Filter]]:
+        return (subscription, (self.filter,))  # the compiled predicate is a closure
+
+    def __call__(self, change: Change) -> Change | None:
+        operation = change.operation
+        if operation is Operation.INSERT:
+            return change if self.matches(change.new or {}) else None
+        old = change.old
+        self._check_old(change)
+        if operation is Operation.DELETE:
+            return change if self.matches(old or {}) else None
+        assert old is not None
+        new = _resolve_unchanged(change.new or {}, old)
+        was, now = self.matches(old), self.matches(new)
+        if was and now:
+            return change
+        if now:
+            return dataclasses.replace(change, operation=Operation.INSERT, new=new, old=None)
+        if was:
+            return dataclasses.replace(change, operation=Operation.DELETE, new=None)
+        return None
+
+    def _check_old(self, change: Change) -> None:
+        old = change.old
+        if old is None:
+            missing = self.fields
+        elif change.key is not None and not set(old) <= set(change.key):
+            return  # a whole old row: a missing field is really absent, as in a document
+        else:
+            missing = [field for field in self.fields if field not in old]
+        if missing:
+            raise PipelineError(
+                f"{(change.operation.name or 'change').lower()} of {change.table} at position"
+                f" {change.position!r} has no old value for {', '.join(missing)}: a filtered"
+                " subscription needs the old row. On PostgreSQL run ALTER TABLE"
+                f" {change.table} REPLICA IDENTITY FULL; on MongoDB enable pre-images"
+                " (changeStreamPreAndPostImages) on the collection"
+            )
+
+
+def _resolve_unchanged(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
+    """``new`` with each `UNCHANGED` column taken from ``old``, or left out if ``old`` lacks it."""
+    if UNCHANGED not in new.values():
+        return new
+    return {
+        column: old[column] if value is UNCHANGED else value
+        for column, value in new.items()
+        if value is not UNCHANGED or column in old
+    }
+

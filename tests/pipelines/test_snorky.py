@@ -1,0 +1,131 @@
+"""The Snorky sink against a real Snorky DataSync server, watched by WebSocket subscribers.
+
+The server is snorky 0.1.0a4 run by ``snorky_server.py`` (which works around its known problems
+on current Python). Skipped when snorky or websockets is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from changefeed import PipelineError
+from changefeed.pipelines import Pipeline, subscription, to_delta
+from changefeed.pipelines.sinks.http import SnorkySink
+from changefeed.testing import MemoryFeed, delete, insert, update
+
+for _module in ("snorky", "websockets"):
+    if importlib.util.find_spec(_module) is None:
+        pytest.skip(f"{_module} is not installed (pip install snorky==0.1.0a4 websockets)",
+                    allow_module_level=True)
+
+from websockets.sync.client import ClientConnection, connect  # noqa: E402
+
+KEY = "swordfish"
+LAUNCHER = Path(__file__).with_name("snorky_server.py")
+
+
+@pytest.fixture(scope="module")
+def snorky() -> Iterator[str]:
+    """The base URL of a running Snorky server."""
+    from servers import free_port, wait_for_port
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(LAUNCHER), str(port), KEY],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_port(port, process, "the Snorky server")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+@contextmanager
+def subscribe(base: str, dealer: str, query) -> Iterator[ClientConnection]:
+    """A WebSocket client that acquired a subscription to ``dealer`` with ``query``."""
+    answer = httpx.post(f"{base}/backend", headers={"X-Backend-Key": KEY}, json={
+        "service": "datasync_backend",
+        "message": {"command": "authorizeSubscription", "callId": 1,
+                    "params": {"items": [{"dealer": dealer, "query": query}]}},
+    }).json()
+    token = answer["message"]["data"]
+    with connect(base.replace("http", "ws") + "/ws") as ws:
+        ws.send(json.dumps({"service": "datasync", "message": {
+            "command": "acquireSubscription", "params": {"token": token}, "callId": 1}}))
+        reply = json.loads(ws.recv(timeout=5))
+        assert reply["message"]["type"] == "response", reply
+        yield ws
+
+
+def received(ws: ClientConnection, count: int) -> list[dict]:
+    deltas = []
+    while len(deltas) < count:
+        frame = json.loads(ws.recv(timeout=5))
+        assert frame["message"]["type"] == "delta", frame
+        deltas.append(frame["message"]["delta"])
+    with pytest.raises(TimeoutError):  # and nothing more
+        ws.recv(timeout=0.3)
+    return deltas
+
+
+CHANGES = [
+    insert("public.tasks", {"id": 1, "color": "blue", "title": "a"}, key={"id": 1}),
+    insert("public.tasks", {"id": 2, "color": "red", "title": "b"}, key={"id": 2}),
+    update("public.tasks", {"id": 2, "color": "blue", "title": "b"},  # enters "blue"
+           {"id": 2, "color": "red", "title": "b"}, key={"id": 2}),
+    update("public.tasks", {"id": 1, "color": "blue", "title": "A"},  # stays blue
+           {"id": 1, "color": "blue", "title": "a"}, key={"id": 1}),
+    update("public.tasks", {"id": 1, "color": "green", "title": "A"},  # leaves "blue"
+           {"id": 1, "color": "blue", "title": "A"}, key={"id": 1}),
+    delete("public.tasks", {"id": 2, "color": "blue", "title": "b"}, key={"id": 2}),
+]
+
+
+def test_snorky_subscribers_receive_the_deltas_the_sink_publishes(snorky):
+    with subscribe(snorky, "AllTasks", None) as everything, \
+            subscribe(snorky, "FilteredTasks", ["==", "color", "blue"]) as blue:
+        feed = MemoryFeed("public.tasks", changes=CHANGES)
+        sink = SnorkySink(f"{snorky}/backend", service="datasync_backend", key=KEY)
+        Pipeline(feed, [to_delta(model="Task")], sink=sink).run()
+        assert feed.checkpoint.positions == {"public.tasks": 6}
+
+        everything_got = received(everything, 6)
+        assert everything_got == [to_delta("Task")(change) for change in CHANGES]
+        assert everything_got[3] == {"type": "update", "model": "Task",
+                                     "newData": {"id": 1, "color": "blue", "title": "A"},
+                                     "oldData": {"id": 1, "color": "blue", "title": "a"}}
+        assert everything_got[5] == {"type": "delete", "model": "Task",
+                                     "data": {"id": 2, "color": "blue", "title": "b"}}
+
+        # Snorky's filter dealer and our subscription stage agree on what "blue" sees.
+        ours = [to_delta("Task")(c) for c in map(subscription(["==", "color", "blue"]), CHANGES)
+                if c is not None]
+        theirs = received(blue, len(ours))
+        assert theirs == ours
+        assert [d["type"] for d in theirs] == ["insert", "insert", "update", "delete", "delete"]
+
+
+def test_snorky_errors_are_pipeline_errors(snorky):
+    feed = MemoryFeed("tasks", changes=[insert("tasks", {"id": 1})])
+    bad_delta = [lambda change: {"type": "upsert", "model": "Task", "data": change.new}]
+    with pytest.raises(PipelineError, match="Snorky refused the deltas: Invalid delta type"):
+        Pipeline(feed, bad_delta, sink=SnorkySink(f"{snorky}/backend", key=KEY)).run()
+    with pytest.raises(PipelineError, match="answered 401"):
+        Pipeline(feed, [to_delta()], sink=SnorkySink(f"{snorky}/backend", key="wrong")).run()
+    assert feed.checkpoint.positions == {}
+
+
+def test_an_unknown_snorky_service_times_out_with_a_hint(snorky):
+    feed = MemoryFeed("tasks", changes=[insert("tasks", {"id": 1})])
+    sink = SnorkySink(f"{snorky}/backend", service="no_such_service", key=KEY, timeout=0.5)
+    with pytest.raises(PipelineError, match="is the service name 'no_such_service' right"):
+        Pipeline(feed, [to_delta()], sink=sink).run()
