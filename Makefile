@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# Snorky (for the Snorky sink's tests) pins tornado 4.5.3: it gets a virtualenv of its own.
+SNORKY_VENV  ?= .venv-snorky
+SNORKY_STAMP := $(SNORKY_VENV)/.installed
 
 .PHONY: demo test test-live lint bench install system-deps clean
 
@@ -27,7 +30,7 @@ lint: install
 bench: install
 	$(BIN)/python benchmarks/bench_postgres.py
 
-install: system-deps $(STAMP)
+install: system-deps $(STAMP) $(SNORKY_STAMP)
 
 # PostgreSQL server programs and Redis come from Debian's packages when they are missing.
 system-deps:
@@ -39,5 +42,11 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
+$(SNORKY_STAMP):
+	$(PYTHON) -m venv $(SNORKY_VENV)
+	$(SNORKY_VENV)/bin/pip install -q --upgrade pip
+	$(SNORKY_VENV)/bin/pip install -q 'snorky==0.1.0a4'
+	touch $(SNORKY_STAMP)
+
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(SNORKY_VENV) *.egg-info .pytest_cache .ruff_cache

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -106,6 +107,19 @@ url_option = click.option(
               help="Stop after this many changes.")
 @click.option("--until-idle", type=click.FloatRange(min=0, min_open=True), default=None,
               metavar="SECONDS", help="Stop once no change arrived for this long.")
+@click.option("--where", "where_expr", default=None, metavar="EXPR",
+              help='Keep changes whose row matches, e.g. \'status == "open" and priority >= 2\'.')
+@click.option("--filter", "filter_json", default=None, metavar="JSON",
+              help="A Snorky filter such as '[\"==\", \"color\", \"blue\"]': updates entering"
+                   " or leaving it become inserts or deletes (needs old values).")
+@click.option("--sink", default="-", show_default=True, metavar="SPEC",
+              help="Where to deliver: -, a file, http(s)://URL, snorky+http://HOST/backend"
+                   "?service=S&key=K, redis://HOST:PORT/0?stream=NAME.")
+@click.option("--dead-letter", default=None, metavar="PATH",
+              help="Write changes that a stage or the sink failed on here and go on"
+                   " (default: stop at the first failure).")
+@click.option("--processes", is_flag=True,
+              help="Run the stages and the sink in processes of their own.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr, only errors.")
 def run(
     table: str,
@@ -119,11 +133,16 @@ def run(
     checkpoint: str | None,
     limit: int | None,
     until_idle: float | None,
+    where_expr: str | None,
+    filter_json: str | None,
+    sink: str,
+    dead_letter: str | None,
+    processes: bool,
     quiet: bool,
 ) -> None:
-    """Stream the changes of TABLE to stdout as JSON lines.
+    """Stream the changes of TABLE as JSON lines to stdout (or to --sink).
 
-    Runs until Ctrl-C or SIGTERM (or --limit / --until-idle); what was written is
+    Runs until Ctrl-C or SIGTERM (or --limit / --until-idle); what was delivered is
     acknowledged before exit, so the next run continues after it.
     """
     _setup_logging(quiet)
@@ -135,9 +154,48 @@ def run(
     with _expected_errors():
         if checkpoint:
             options["checkpoint"] = FileCheckpoint(checkpoint)
-        feed = get_changefeed(url, table, ops, prefeed=prefeed, **options)
-        encode = _encoder(fmt, model)
-        stream_to(feed, sys.stdout.buffer, encode, limit=limit, idle=until_idle, quiet=quiet)
+        feed = get_changefeed(url, table, ops, prefeed=prefeed, **options)  # not connected yet
+        if where_expr or filter_json or sink != "-" or dead_letter or processes:
+            from changefeed.pipelines.cli import build_cli_pipeline
+
+            pipeline = build_cli_pipeline(
+                feed, where=where_expr, filter=filter_json, sink=sink, dead_letter=dead_letter,
+                fmt=fmt, model=model, processes=processes,
+            )
+            run_pipeline(pipeline, limit=limit, idle=until_idle, quiet=quiet)
+        else:  # the fast path: no stages, JSON lines to stdout
+            encode = _encoder(fmt, model)
+            stream_to(feed, sys.stdout.buffer, encode, limit=limit, idle=until_idle, quiet=quiet)
+
+
+def run_pipeline(
+    pipeline: Any, *, limit: int | None = None, idle: float | None = None, quiet: bool = False
+) -> int:
+    """Run a `changefeed.pipelines.Pipeline` with the CLI's signals and progress lines."""
+    feed = pipeline.feed
+    progress = _Progress(feed, quiet)
+    done = threading.Event()
+
+    def report() -> None:
+        while not done.wait(1.0):
+            progress.maybe_report(feed.stats.changes)
+
+    reporter = threading.Thread(target=report, name="changefeed-progress", daemon=True)
+    reporter.start()
+    stop_signals = _stop_on_signals(feed)
+    try:
+        handled = pipeline.run(stop_after=limit, idle_timeout=idle)
+    except ChangefeedError as exc:
+        if isinstance(exc.__cause__, BrokenPipeError):  # the reader of stdout went away
+            _silence_stdout()
+            return pipeline.handled
+        raise
+    finally:
+        stop_signals()
+        done.set()
+        feed.close()
+    progress.report(handled, final=True)
+    return handled
 
 
 def _encoder(fmt: str, model: str | None) -> Callable[[Change], bytes]:

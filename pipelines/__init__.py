@@ -6,7 +6,7 @@ A `Pipeline` reads a feed, runs each change through plain-function stages (`wher
 `to_delta`, `route`, `subscription`, `batch`), hands the results to a sink, and acknowledges a
 change's position only once the sink confirmed it: delivery is at least once, in both the
 in-process mode (the default) and the multi-process mode (`own_process`, ``processes=True``).
-See ``docs/pipelines.md`` for a walk-through.
+The README's "Compose a pipeline in Python" walks through it.
 """
 
 from changefeed.pipelines.filters import compile_filter

@@ -466,8 +466,11 @@ class _WorkerNode(multipipes.Node):
 
     def run_forever(self) -> None:
         # A terminal's Ctrl-C reaches the whole process group; the feed's process decides how
-        # to stop (deliver, acknowledge, then send poison pills), so workers ignore it.
+        # to stop (deliver, acknowledge, then send poison pills), so workers ignore it. SIGTERM
+        # gets its default back: a handler forked from the feed's process would swallow the
+        # terminate() that ends a failed pipeline.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         try:
             super().run_forever()
         finally:
@@ -494,6 +497,7 @@ class _MultiProcessRun:
         self.max_in_flight = 4 * policy.size
         self.sent = 0
         self.confirmed = 0
+        self.last_alive_check = time.monotonic()
 
     def run(self, changes: Iterable[Any]) -> int:
         pipeline = self.pipeline
@@ -517,8 +521,7 @@ class _MultiProcessRun:
             if clean:
                 mp_pipeline.poison_pill()
             else:
-                mp_pipeline.terminate()
-                mp_pipeline.join()
+                self._terminate()
         return pipeline.handled
 
     def _stream(self, changes: Iterable[Any]) -> None:
@@ -577,6 +580,9 @@ class _MultiProcessRun:
                 message = outqueue.get(timeout=0.1) if block else outqueue.get_nowait()
             except queue.Empty:
                 if not block:
+                    # Notice a dead worker within a second, also while the feed is quiet.
+                    if time.monotonic() - self.last_alive_check >= 1.0:
+                        self._check_alive()
                     return
                 self._check_alive()
                 continue
@@ -586,7 +592,21 @@ class _MultiProcessRun:
             self.confirmed += message.count
             self.pipeline._confirm(message)
 
+    def _terminate(self) -> None:
+        """End every worker now (after a failure): SIGTERM, then SIGKILL what lingers."""
+        processes = [process for node in self.nodes for process in node.processes]
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        deadline = time.monotonic() + 5.0
+        for process in processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join()
+
     def _check_alive(self) -> None:
+        self.last_alive_check = time.monotonic()
         for node in self.nodes:
             for process in node.processes:
                 if not process.is_alive():

@@ -1,52 +1,25 @@
 """The Snorky sink against a real Snorky DataSync server, watched by WebSocket subscribers.
 
-The server is snorky 0.1.0a4 run by ``snorky_server.py`` (which works around its known problems
-on current Python). Skipped when snorky or websockets is not installed.
+The server is snorky 0.1.0a4 (in its own virtualenv, ``.venv-snorky``, made by ``make install``:
+it pins tornado 4.5.3) run by ``snorky_server.py``, which works around its known problems on
+current Python. See the ``snorky`` fixture in conftest.py.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import httpx
 import pytest
+from conftest import SNORKY_KEY as KEY
+from websockets.sync.client import ClientConnection, connect
 
 from changefeed import PipelineError
 from changefeed.pipelines import Pipeline, subscription, to_delta
 from changefeed.pipelines.sinks.http import SnorkySink
 from changefeed.testing import MemoryFeed, delete, insert, update
-
-for _module in ("snorky", "websockets"):
-    if importlib.util.find_spec(_module) is None:
-        pytest.skip(f"{_module} is not installed (pip install snorky==0.1.0a4 websockets)",
-                    allow_module_level=True)
-
-from websockets.sync.client import ClientConnection, connect  # noqa: E402
-
-KEY = "swordfish"
-LAUNCHER = Path(__file__).with_name("snorky_server.py")
-
-
-@pytest.fixture(scope="module")
-def snorky() -> Iterator[str]:
-    """The base URL of a running Snorky server."""
-    from servers import free_port, wait_for_port
-
-    port = free_port()
-    process = subprocess.Popen([sys.executable, str(LAUNCHER), str(port), KEY],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_for_port(port, process, "the Snorky server")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 @contextmanager

@@ -6,10 +6,9 @@ import hashlib
 import hmac
 import json
 import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from servers import Receiver
 
 from changefeed import PipelineError, Retry
 from changefeed.pipelines import Pipeline, batch, to_delta
@@ -18,52 +17,6 @@ from changefeed.testing import MemoryFeed, insert
 
 SECRET = "s3cret"
 FAST = Retry(initial=0.01, maximum=0.05, attempts=5)
-
-
-class Receiver(ThreadingHTTPServer):
-    """Records every request; answers ``fail_first`` requests with ``fail_status``."""
-
-    def __init__(self, fail_first: int = 0, fail_status: int = 503, port: int = 0) -> None:
-        super().__init__(("127.0.0.1", port), Handler)
-        self.fail_first = fail_first
-        self.fail_status = fail_status
-        self.requests: list[tuple[dict[str, str], bytes, int]] = []
-        self.lock = threading.Lock()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/hook"
-
-    def accepted(self) -> list[tuple[dict[str, str], bytes]]:
-        return [(headers, body) for headers, body, status in self.requests if status == 200]
-
-
-class Handler(BaseHTTPRequestHandler):
-    server: Receiver
-
-    def do_POST(self) -> None:  # noqa: N802
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        with self.server.lock:
-            failing = len(self.server.requests) < self.server.fail_first
-            status = self.server.fail_status if failing else 200
-            self.server.requests.append(({k.lower(): v for k, v in self.headers.items()}, body,
-                                         status))
-        self.send_response(status)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args) -> None:
-        pass
-
-
-@pytest.fixture
-def receiver(request) -> Iterator[Receiver]:
-    server = Receiver(*getattr(request, "param", ()))
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
 
 
 def feed_of(n: int) -> MemoryFeed:
