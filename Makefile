@@ -18,8 +18,11 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
-# Live suites for MongoDB and RethinkDB against docker compose (see README).
+# Live suites for MongoDB and RethinkDB against docker compose (see README). Set the two URLs
+# yourself to use other servers; otherwise the compose services are started first.
 test-live: install
+	@if [ -z "$$CHANGEFEED_TEST_MONGODB_URL$$CHANGEFEED_TEST_RETHINKDB_URL" ]; then \
+		docker compose up -d --wait mongodb rethinkdb; fi
 	CHANGEFEED_TEST_MONGODB_URL=$${CHANGEFEED_TEST_MONGODB_URL:-mongodb://127.0.0.1:27017/?replicaSet=rs0&directConnection=true} \
 	CHANGEFEED_TEST_RETHINKDB_URL=$${CHANGEFEED_TEST_RETHINKDB_URL:-rethinkdb://127.0.0.1:28015/test} \
 	$(BIN)/python -m pytest -q -m live -rs

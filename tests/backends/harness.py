@@ -1,0 +1,228 @@
+"""One interface over a real database per backend, for the behaviour suite.
+
+A harness owns one fresh table (or collection) with rows ``{key: {"name": str, "n": int}}`` and
+can write to it, make feeds of it, and make the server drop the feed's connection. The
+PostgreSQL harness always runs (the server is started by tests/conftest.py); the MongoDB and
+RethinkDB harnesses need a server named by ``CHANGEFEED_TEST_MONGODB_URL`` /
+``CHANGEFEED_TEST_RETHINKDB_URL`` (``docker compose up -d`` then ``make test-live``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from typing import Any
+from urllib.parse import urlsplit
+
+from changefeed import Change, Retry, get_changefeed
+
+FAST_RETRY = Retry(initial=0.05, maximum=0.5)
+MONGODB_ENV = "CHANGEFEED_TEST_MONGODB_URL"
+RETHINKDB_ENV = "CHANGEFEED_TEST_RETHINKDB_URL"
+
+
+class Harness:
+    """What the behaviour suite needs of a backend."""
+
+    name = "?"
+    key_field = "id"
+    resumes_after_restart = True
+    """False where the database cannot resume a feed (RethinkDB re-syncs instead)."""
+
+    url: str
+    table: str
+
+    def feed(self, operation: int, **options: Any):
+        options.setdefault("retry", FAST_RETRY)
+        return get_changefeed(self.url, self.table, operation, **options)
+
+    def key_of(self, change: Change) -> Any:
+        return change.key[self.key_field]
+
+    def fields(self, row: dict[str, Any] | None) -> dict[str, Any] | None:
+        """A row without its key, to compare rows across backends."""
+        if row is None:
+            return None
+        return {k: v for k, v in row.items() if k != self.key_field}
+
+    # implemented per backend
+    def insert(self, key: int, name: str, n: int) -> None:
+        raise NotImplementedError
+
+    def update(self, key: int, n: int) -> None:
+        raise NotImplementedError
+
+    def delete(self, key: int) -> None:
+        raise NotImplementedError
+
+    def rows(self) -> dict[Any, dict[str, Any]]:
+        raise NotImplementedError
+
+    def drop_feed_connections(self) -> int:
+        """Make the server end the feed's connection (or query); return how many it ended."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class PostgresHarness(Harness):
+    name = "postgresql"
+
+    def __init__(self, dsn: str) -> None:
+        import psycopg
+
+        self.url = dsn
+        self.table = "items"
+        self.slot = f"behaviour_{uuid.uuid4().hex[:8]}"
+        self.conn = psycopg.connect(dsn, autocommit=True)
+        self.conn.execute("CREATE TABLE items (id int PRIMARY KEY, name text, n int)")
+
+    def feed(self, operation: int, **options: Any):
+        options.setdefault("slot", self.slot)  # the same slot for every feed of this table
+        return super().feed(operation, **options)
+
+    def insert(self, key: int, name: str, n: int) -> None:
+        self.conn.execute("INSERT INTO items VALUES (%s, %s, %s)", [key, name, n])
+
+    def update(self, key: int, n: int) -> None:
+        self.conn.execute("UPDATE items SET n = %s WHERE id = %s", [n, key])
+
+    def delete(self, key: int) -> None:
+        self.conn.execute("DELETE FROM items WHERE id = %s", [key])
+
+    def rows(self) -> dict[Any, dict[str, Any]]:
+        return {
+            key: {"name": name, "n": n}
+            for key, name, n in self.conn.execute("SELECT id, name, n FROM items").fetchall()
+        }
+
+    def drop_feed_connections(self) -> int:
+        ended = self.conn.execute(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots"
+            " WHERE database = current_database() AND active"
+        ).fetchall()
+        return len(ended)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class MongoHarness(Harness):
+    name = "mongodb"
+    key_field = "_id"
+
+    def __init__(self, url: str) -> None:
+        import pymongo
+
+        self.url = url
+        self.client: Any = pymongo.MongoClient(url, serverSelectionTimeoutMS=5000)
+        database = urlsplit(url).path.strip("/") or "changefeed_test"
+        self.collection_name = f"items_{uuid.uuid4().hex[:8]}"
+        self.table = f"{database}.{self.collection_name}"
+        self.database = self.client[database]
+        self.database.create_collection(self.collection_name)
+        self.collection = self.database[self.collection_name]
+
+    def insert(self, key: int, name: str, n: int) -> None:
+        self.collection.insert_one({"_id": key, "name": name, "n": n})
+
+    def update(self, key: int, n: int) -> None:
+        self.collection.update_one({"_id": key}, {"$set": {"n": n}})
+
+    def delete(self, key: int) -> None:
+        self.collection.delete_one({"_id": key})
+
+    def rows(self) -> dict[Any, dict[str, Any]]:
+        return {doc.pop("_id"): doc for doc in self.collection.find()}
+
+    def drop_feed_connections(self) -> int:
+        """Kill the change stream's cursor on the server, as a failover or restart would."""
+        admin = self.client.admin
+        namespace = self.table
+        cursors: list[int] = []
+        operations: list[int] = []
+        for op in admin.aggregate([{"$currentOp": {"idleCursors": True, "allUsers": True}}]):
+            if op.get("ns") != namespace:
+                continue
+            if op.get("type") == "idleCursor" and "cursor" in op:
+                cursors.append(op["cursor"]["cursorId"])
+            elif op.get("op") == "getmore" and "opid" in op:
+                operations.append(op["opid"])
+        for opid in operations:
+            admin.command("killOp", op=opid)
+        if cursors:
+            self.database.command("killCursors", self.collection_name, cursors=cursors)
+        return len(cursors) + len(operations)
+
+    def close(self) -> None:
+        self.collection.drop()
+        self.client.close()
+
+
+class RethinkHarness(Harness):
+    name = "rethinkdb"
+    resumes_after_restart = False
+
+    def __init__(self, url: str) -> None:
+        from rethinkdb import RethinkDB
+
+        self.r = r = RethinkDB()
+        parts = urlsplit(url)
+        self.database = parts.path.strip("/") or "test"
+        self.conn = r.connect(host=parts.hostname or "localhost", port=parts.port or 28015)
+        if self.database not in r.db_list().run(self.conn):
+            r.db_create(self.database).run(self.conn)
+        self.table = f"items_{uuid.uuid4().hex[:8]}"
+        r.db(self.database).table_create(self.table).run(self.conn)
+        self.url = url
+        self.items = r.db(self.database).table(self.table)
+
+    def insert(self, key: int, name: str, n: int) -> None:
+        self.items.insert({"id": key, "name": name, "n": n}).run(self.conn)
+
+    def update(self, key: int, n: int) -> None:
+        self.items.get(key).update({"n": n}).run(self.conn)
+
+    def delete(self, key: int) -> None:
+        self.items.get(key).delete().run(self.conn)
+
+    def rows(self) -> dict[Any, dict[str, Any]]:
+        return {doc.pop("id"): doc for doc in self.items.run(self.conn)}
+
+    def drop_feed_connections(self) -> int:
+        """Interrupt the changefeed queries on this table (RethinkDB's jobs table allows it)."""
+        r = self.r
+        jobs = r.db("rethinkdb").table("jobs")
+        ended = 0
+        for job in jobs.filter({"type": "query"}).run(self.conn):
+            query = str(job.get("info", {}).get("query", ""))
+            if "changes" in query and self.table in query:
+                jobs.get(job["id"]).delete().run(self.conn)
+                ended += 1
+        return ended
+
+    def close(self) -> None:
+        self.r.db(self.database).table_drop(self.table).run(self.conn)
+        self.conn.close()
+
+
+def available_backends() -> list[tuple[str, str | None]]:
+    """(backend, reason to skip or None) for the parametrised suite."""
+    return [
+        ("postgresql", None),
+        ("mongodb", None if os.environ.get(MONGODB_ENV) else
+         f"set {MONGODB_ENV} (docker compose up -d mongodb; make test-live) to run it"),
+        ("rethinkdb", None if os.environ.get(RETHINKDB_ENV) else
+         f"set {RETHINKDB_ENV} (docker compose up -d rethinkdb; make test-live) to run it"),
+    ]
+
+
+def wait_until(predicate, seconds: float = 20.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
