@@ -155,6 +155,11 @@ def run(
         if checkpoint:
             options["checkpoint"] = FileCheckpoint(checkpoint)
         feed = get_changefeed(url, table, ops, prefeed=prefeed, **options)  # not connected yet
+        if not checkpoint and feed.resume == "checkpoint":
+            log.warning(
+                "no --checkpoint: this run cannot be resumed after it stops; give --checkpoint"
+                " FILE to continue from the last delivered change next time"
+            )
         if where_expr or filter_json or sink != "-" or dead_letter or processes:
             from changefeed.pipelines.cli import build_cli_pipeline
 

@@ -106,6 +106,11 @@ class ChangeFeed(Node):
     supports_snapshot = False
     """Backends that can take a consistent snapshot set this to True."""
 
+    resume = "checkpoint"
+    """How the backend resumes after a restart: ``"server"`` (the server keeps the acknowledged
+    position, as a PostgreSQL slot does), ``"checkpoint"`` (only from the checkpoint store's
+    position, as MongoDB's resume token), or ``"resync"`` (it cannot resume and re-reads)."""
+
     def __init__(
         self,
         table: str,

@@ -90,6 +90,7 @@ class PostgresChangeFeed(ChangeFeed):
     """
 
     supports_snapshot = True
+    resume = "server"  # the slot keeps the confirmed position
 
     def __init__(
         self,
