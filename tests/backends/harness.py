@@ -10,6 +10,7 @@ RethinkDB harnesses need a server named by ``CHANGEFEED_TEST_MONGODB_URL`` /
 from __future__ import annotations
 
 import os
+import socket
 import time
 import uuid
 from typing import Any
@@ -29,6 +30,8 @@ class Harness:
     key_field = "id"
     resumes_after_restart = True
     """False where the database cannot resume a feed (RethinkDB re-syncs instead)."""
+    exact_update_images = True
+    """False where an update's ``new`` is read later (MongoDB's updateLookup) and may be None."""
 
     url: str
     table: str
@@ -59,8 +62,8 @@ class Harness:
     def rows(self) -> dict[Any, dict[str, Any]]:
         raise NotImplementedError
 
-    def drop_feed_connections(self) -> int:
-        """Make the server end the feed's connection (or query); return how many it ended."""
+    def drop_feed_connections(self, feed: Any) -> int:
+        """Make the server end ``feed``'s connection (or query); return how many it ended."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -98,7 +101,7 @@ class PostgresHarness(Harness):
             for key, name, n in self.conn.execute("SELECT id, name, n FROM items").fetchall()
         }
 
-    def drop_feed_connections(self) -> int:
+    def drop_feed_connections(self, feed: Any) -> int:
         ended = self.conn.execute(
             "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots"
             " WHERE database = current_database() AND active"
@@ -112,6 +115,7 @@ class PostgresHarness(Harness):
 class MongoHarness(Harness):
     name = "mongodb"
     key_field = "_id"
+    exact_update_images = False
 
     def __init__(self, url: str) -> None:
         import pymongo
@@ -137,7 +141,7 @@ class MongoHarness(Harness):
     def rows(self) -> dict[Any, dict[str, Any]]:
         return {doc.pop("_id"): doc for doc in self.collection.find()}
 
-    def drop_feed_connections(self) -> int:
+    def drop_feed_connections(self, feed: Any) -> int:
         """Kill the change stream's cursor on the server, as a failover or restart would."""
         admin = self.client.admin
         namespace = self.table
@@ -191,17 +195,18 @@ class RethinkHarness(Harness):
     def rows(self) -> dict[Any, dict[str, Any]]:
         return {doc.pop("id"): doc for doc in self.items.run(self.conn)}
 
-    def drop_feed_connections(self) -> int:
-        """Interrupt the changefeed queries on this table (RethinkDB's jobs table allows it)."""
-        r = self.r
-        jobs = r.db("rethinkdb").table("jobs")
-        ended = 0
-        for job in jobs.filter({"type": "query"}).run(self.conn):
-            query = str(job.get("info", {}).get("query", ""))
-            if "changes" in query and self.table in query:
-                jobs.get(job["id"]).delete().run(self.conn)
-                ended += 1
-        return ended
+    def drop_feed_connections(self, feed: Any) -> int:
+        """Cut the feed's TCP connection under it, as a server going away would.
+
+        RethinkDB has no command that closes another client's connection (deleting a query
+        from ``rethinkdb.jobs`` interrupts a changefeed only when it next emits), so the
+        socket is shut down from our side.
+        """
+        conn = getattr(feed, "_conn", None)
+        if conn is None:
+            return 0
+        conn._instance._socket._socket.shutdown(socket.SHUT_RDWR)
+        return 1
 
     def close(self) -> None:
         self.r.db(self.database).table_drop(self.table).run(self.conn)

@@ -106,7 +106,10 @@ def test_each_operation_and_every_combined_mask(backend, mask):
         if change.operation is Operation.INSERT and backend.key_of(change) == 1:
             assert backend.fields(change.new) == {"name": "a", "n": 1}
         if change.operation is Operation.UPDATE:
-            assert backend.fields(change.new) == {"name": "a", "n": 2}
+            if backend.exact_update_images:
+                assert backend.fields(change.new) == {"name": "a", "n": 2}
+            else:  # looked up when sent: the row was deleted by then
+                assert change.new is None or backend.fields(change.new) == {"name": "a", "n": 2}
         if change.operation is Operation.DELETE:
             assert change.new is None
 
@@ -142,18 +145,18 @@ def test_snapshot_prefeed_then_the_stream(backend):
 
 def test_reconnects_after_the_server_drops_the_connection(backend):
     dropped = []
+    feed = backend.feed(ALL)
 
     def write() -> None:
         for key in range(1, 6):
             backend.insert(key, f"row {key}", 0)
         backend.delete(2)
         time.sleep(0.3)  # let the feed read some of them
-        dropped.append(backend.drop_feed_connections())
+        dropped.append(backend.drop_feed_connections(feed))
         for key in range(6, 11):
             backend.insert(key, f"row {key}", 0)
         backend.update(1, 1)
 
-    feed = backend.feed(ALL)
     changes = consume(feed, write, expect=12)
 
     assert dropped[0] >= 1, "the server had no feed connection to drop"
@@ -191,16 +194,16 @@ def test_resume_after_a_process_restart(backend, tmp_path):
 def test_resync_after_a_reconnect(backend):
     if backend.resumes_after_restart:
         pytest.skip(f"{backend.name} resumes from its position instead of re-reading the table")
+    feed = backend.feed(ALL)
 
     def write() -> None:
         backend.insert(1, "a", 0)
         backend.insert(2, "b", 0)
         time.sleep(0.3)
-        assert backend.drop_feed_connections() >= 1
+        assert backend.drop_feed_connections(feed) >= 1
         backend.update(1, 7)   # while the feed is away: only the re-read can carry these
         backend.insert(3, "c", 0)
 
-    feed = backend.feed(ALL)
     changes = consume(feed, write, expect=5)
     assert feed.stats.reconnects >= 1
     assert any(c.snapshot for c in changes[2:]), "no re-read after the reconnect"

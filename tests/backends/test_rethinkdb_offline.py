@@ -1,0 +1,718 @@
+"""The RethinkDB backend, offline: no server needed (the live tests are test_rethinkdb_live.py).
+
+The decoder runs on changefeed documents in the shapes of RethinkDB's changes() reference
+(recorded/rethinkdb_events.json), read with the driver's own JSON decoder. The feed loop runs
+against a fake at the driver-cursor boundary only: `RethinkChangeFeed._open_connection`,
+`_primary_key` and `_open_changes` are replaced; everything above them is the real code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+import rethinkdb.net
+from rethinkdb.ast import ReQLDecoder
+from rethinkdb.errors import (
+    ReqlAuthError,
+    ReqlAvailabilityError,
+    ReqlCursorEmpty,
+    ReqlDriverError,
+    ReqlInternalError,
+    ReqlNonExistenceError,
+    ReqlOpFailedError,
+    ReqlOpIndeterminateError,
+    ReqlPermissionError,
+    ReqlQueryLogicError,
+    ReqlResourceLimitError,
+    ReqlRuntimeError,
+    ReqlServerCompileError,
+    ReqlTimeoutError,
+    ReqlUserError,
+)
+
+from changefeed import Change, Operation
+from changefeed.backends.rethinkdb import (
+    ConnectionParams,
+    RethinkChangeFeed,
+    State,
+    decode_change,
+    is_transient_error,
+    make_position,
+)
+from changefeed.checkpoint import MemoryCheckpoint
+from changefeed.errors import (
+    ConfigurationError,
+    PermanentBackendError,
+    TransientBackendError,
+)
+from changefeed.feed import Retry, get_changefeed
+
+RAW = json.loads((Path(__file__).parent / "recorded" / "rethinkdb_events.json").read_text())
+
+
+def driver_json(doc: Any) -> Any:
+    """``doc`` as the driver hands it out: through its JSON decoder (TIME, BINARY converted)."""
+    return ReQLDecoder({}).decode(json.dumps(doc))
+
+
+FEED = [driver_json(doc) for doc in RAW["feed"]]
+TABLE = "app.tasks"
+INSERT, UPDATE, DELETE = Operation.INSERT, Operation.UPDATE, Operation.DELETE
+
+
+def decoded(docs: Iterable[Any] = FEED) -> list[Change | State | None]:
+    return [decode_change(doc, TABLE, "id") for doc in docs]
+
+
+# -- the decoder --------------------------------------------------------------------------------
+
+
+def test_the_initial_read_is_framed_by_states_and_gives_snapshot_inserts():
+    events = decoded()
+    assert events[0] == State("initializing") and events[3] == State("ready")
+    first, second = events[1:3]
+    assert first.operation == INSERT and first.snapshot is True
+    assert first.table == TABLE and first.old is None
+    assert first.key == {"id": "8a4e3d0c-5b1f-4c2e-9d7a-1f2e3d4c5b6a"}
+    assert first.new["owner"] == {"name": "Ada", "team": "core"}
+    assert first.new["tags"] == ["docs", "urgent"]
+    assert second.new["due"] is None and second.snapshot is True
+
+
+def test_add_is_an_insert_with_the_drivers_values():
+    add = decoded()[4]
+    assert add.operation == INSERT and add.snapshot is False and add.old is None
+    assert add.key == {"id": "0f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0"}
+    due = add.new["due"]
+    assert isinstance(due, datetime)
+    assert due == datetime(2024, 2, 29, 12, 34, 56, 789000, tzinfo=timezone.utc)
+    assert due.utcoffset() == timedelta(hours=1)  # the document's own offset is kept
+    assert add.new["attachment"] == b"\x00\xff\x10"
+    assert add.new["points"] == 1.5
+
+
+def test_change_is_an_update_with_the_complete_old_row():
+    change = decoded()[5]
+    assert change.operation == UPDATE
+    assert change.old == FEED[5]["old_val"] and change.new == FEED[5]["new_val"]
+    assert change.old["done"] is False and change.new["done"] is True
+    assert set(change.old) == set(change.new)  # the whole row, not just the key
+    assert change.key == {"id": "8a4e3d0c-5b1f-4c2e-9d7a-1f2e3d4c5b6a"}
+
+
+def test_remove_is_a_delete_with_the_complete_old_row():
+    remove = decoded()[6]
+    assert remove.operation == DELETE and remove.new is None
+    assert remove.old == FEED[6]["old_val"] and remove.old["title"] == "ship it"
+    assert remove.key == {"id": "c9b8a7f6-e5d4-4c3b-8a29-1807f6e5d4c3"}
+
+
+def test_rethinkdb_has_no_commit_timestamps_or_transactions():
+    changes = [e for e in decoded() if isinstance(e, Change)]
+    assert len(changes) == 5
+    assert all(c.committed_at is None and c.transaction is None for c in changes)
+
+
+def test_position_and_snapshot_meta_are_passed_through():
+    initial = decode_change(FEED[1], TABLE, position="p", snapshot_meta={"resync": 2})
+    assert initial.position == "p" and initial.meta == {"resync": 2}
+    add = decode_change(FEED[4], TABLE, position="q", snapshot_meta={"resync": 2})
+    assert add.position == "q" and add.meta is None  # only re-read rows carry it
+
+
+def test_another_primary_key_names_the_key():
+    doc = {"type": "add", "old_val": None, "new_val": {"sku": "A-1", "qty": 2}}
+    assert decode_change(doc, "shop.stock", "sku").key == {"sku": "A-1"}
+
+
+def test_an_error_document_raises_a_transient_error():
+    with pytest.raises(TransientBackendError, match="skipped 12 elements") as info:
+        decode_change(RAW["error"], TABLE)
+    assert TABLE in str(info.value)
+
+
+def test_uninitial_of_a_limit_feed_is_skipped():
+    uninitial, add = decoded(driver_json(doc) for doc in RAW["limit_feed"]["docs"])
+    assert uninitial is None
+    assert add.operation == INSERT
+
+
+def test_documents_without_types_are_understood():
+    ops = [c.operation for c in decoded(RAW["without_types"]["docs"])]
+    assert ops == [INSERT, UPDATE, DELETE]
+    assert decode_change({"state": "ready"}, TABLE) == State("ready")
+
+
+def test_an_unknown_type_is_an_error_not_a_silent_skip():
+    with pytest.raises(PermanentBackendError, match="'merge'"):
+        decode_change({"type": "merge", "new_val": {"id": 1}}, TABLE)
+
+
+def test_positions_sort_as_strings_like_numbers():
+    positions = [make_position(1_700_000_000_000, 9), make_position(1_700_000_000_000, 10),
+                 make_position(1_700_000_000_001, 1)]
+    assert positions == sorted(positions)
+    assert json.loads(json.dumps(positions)) == positions
+
+
+def test_changes_pickle_for_pipelines():
+    change = decoded()[4]
+    assert pickle.loads(pickle.dumps(change)) == change
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ReqlDriverError("Connection is closed."),
+        ReqlDriverError("Could not connect to localhost:28015. Error: [Errno 111] refused"),
+        ReqlTimeoutError("localhost", 28015),
+        ReqlRuntimeError("Connection is closed."),  # the cursor of a closed connection
+        ReqlOpFailedError("Cannot perform read: primary replica for shard [\"\", +inf) not"
+                          " available"),
+        ReqlOpFailedError("Changefeed aborted (table unavailable)."),
+        ReqlOpIndeterminateError("Cannot perform write: the primary replica changed."),
+        ReqlAvailabilityError("Changefeed aborted (unavailable)."),
+        ReqlResourceLimitError("Changefeed queue overflowed."),
+        TransientBackendError("the RethinkDB changefeed of app.tasks ended"),
+        ConnectionResetError(104, "Connection reset by peer"),
+        OSError("network unreachable"),
+    ],
+    ids=repr,
+)
+def test_transient_errors(exc):
+    assert is_transient_error(exc)
+    assert RethinkChangeFeed("app.tasks").is_transient(exc)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ReqlAuthError("Wrong password", "localhost", 28015),
+        ReqlOpFailedError("Table `app.nope` does not exist."),
+        ReqlOpFailedError("Database `nope` does not exist."),
+        ReqlPermissionError("User `bob` does not have the required `read` permissions."),
+        ReqlQueryLogicError("Cannot call `changes` on an eager stream."),
+        ReqlNonExistenceError("No attribute `x` in object."),
+        ReqlServerCompileError("Unrecognized optional argument `foo`."),
+        ReqlResourceLimitError("Array over size limit `100000`."),
+        ReqlUserError("custom"),
+        ReqlInternalError("internal"),
+        ReqlRuntimeError("something else"),
+        ConfigurationError("table 'nope' does not exist"),
+        PermanentBackendError("cannot log in"),
+        ValueError("bug"),
+    ],
+    ids=repr,
+)
+def test_permanent_errors(exc):
+    assert not is_transient_error(exc)
+
+
+# -- connection parameters -----------------------------------------------------------------------
+
+
+def test_url_defaults_and_parts():
+    assert ConnectionParams.from_url("rethinkdb://") == ConnectionParams()
+    params = ConnectionParams.from_url("rethinkdb://bob:s%40cret@db.example:29015/app?timeout=5")
+    assert (params.host, params.port, params.db) == ("db.example", 29015, "app")
+    assert (params.user, params.password, params.timeout) == ("bob", "s@cret", 5.0)
+    assert "s@cret" not in repr(params)
+    assert ConnectionParams.from_url("rethinkdb://h").port == 28015
+    assert ConnectionParams.from_url("rethinkdb://h").db == "test"
+
+
+@pytest.mark.parametrize("url", ["rethinkdb://h:port/app", "rethinkdb://h/a/b",
+                                 "rethinkdb://h/app?timeout=soon", "mongodb://h/app"])
+def test_bad_urls_are_configuration_errors(url):
+    with pytest.raises(ConfigurationError):
+        ConnectionParams.from_url(url)
+
+
+def test_the_table_name_may_carry_the_database():
+    feed = get_changefeed("rethinkdb://h:1/app", "other.tasks", Operation.INSERT)
+    assert isinstance(feed, RethinkChangeFeed)
+    assert (feed.db, feed.table_name, feed.table) == ("other", "tasks", "other.tasks")
+    assert get_changefeed("rethinkdb://h:1/app", "tasks").table == "app.tasks"
+    assert RethinkChangeFeed("tasks").table == "test.tasks"
+    with pytest.raises(ConfigurationError, match="no table"):
+        RethinkChangeFeed("")
+
+
+def test_a_driver_connection_dispatches_and_is_never_closed_by_the_feed():
+    conn = rethinkdb.net.DefaultConnection(
+        "db.example", 28015, "app", None, "admin", None, 20, {}, 10
+    )  # not connected: the constructor does not open a socket
+    feed = get_changefeed(conn, "tasks", Operation.DELETE)
+    assert isinstance(feed, RethinkChangeFeed)
+    assert feed.table == "app.tasks" and feed.params.where == "db.example:28015"
+    closed = []
+    conn.close = lambda noreply_wait=True: closed.append(True)  # type: ignore[method-assign]
+    feed._conn = conn
+    feed.close()
+    assert closed == [] and feed._conn is None
+    with pytest.raises(ConfigurationError, match="cannot use a dict"):
+        RethinkChangeFeed("tasks", connection={"host": "h"})
+
+
+# -- the feed loop, through a fake driver cursor --------------------------------------------------
+
+IDLE = object()
+"""A script item: the cursor's next(wait=...) times out."""
+
+
+class Gap:
+    """A script item: changes made to the table that no open feed sees."""
+
+    def __init__(self, *docs: dict[str, Any]) -> None:
+        self.docs = docs
+
+
+class FakeCursor:
+    """A driver cursor: next(wait=...) returns documents, raises ReqlTimeoutError when idle."""
+
+    def __init__(self, server: FakeServer, items: Iterable[Any]) -> None:
+        self.server = server
+        self.items = deque(items)
+        self.closed = False
+
+    def next(self, wait: float | bool = True) -> Any:
+        assert isinstance(wait, (int, float)) and not isinstance(wait, bool) and wait > 0
+        while self.items:
+            item = self.items.popleft()
+            if isinstance(item, Gap):
+                for doc in item.docs:
+                    self.server.apply(doc)
+                continue
+            if item is IDLE:
+                raise ReqlTimeoutError("localhost", 28015)
+            if isinstance(item, BaseException):
+                raise item
+            self.server.apply(item)
+            return item
+        time.sleep(0.005)
+        raise ReqlTimeoutError("localhost", 28015)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeConnection:
+    def __init__(self) -> None:
+        self.closed = False
+
+    def close(self, noreply_wait: bool = True) -> None:
+        self.closed = True
+
+
+class FakeServer:
+    """One RethinkDB table and the script of each stream opened on it."""
+
+    def __init__(self, rows: Iterable[dict[str, Any]] = (), runs: Iterable[list[Any]] = ()):
+        self.rows = {row["id"]: row for row in rows}
+        self.runs = deque(runs)
+        self.opens: list[bool] = []
+        self.connections: list[FakeConnection] = []
+        self.cursors: list[FakeCursor] = []
+        self.primary_key_error: BaseException | None = None
+        self.connect_errors: dict[int, BaseException] = {}
+        """Connection attempt number (from 1) -> the error it raises."""
+        self.connect_attempts = 0
+
+    def apply(self, doc: dict[str, Any]) -> None:
+        kind = doc.get("type")
+        if kind in ("add", "change"):
+            self.rows[doc["new_val"]["id"]] = doc["new_val"]
+        elif kind == "remove":
+            self.rows.pop(doc["old_val"]["id"], None)
+
+    def open_changes(self, include_initial: bool) -> FakeCursor:
+        self.opens.append(include_initial)
+        items: list[Any] = []
+        if include_initial:
+            items.append({"type": "state", "state": "initializing"})
+            items.extend({"type": "initial", "new_val": row} for row in self.rows.values())
+        items.append({"type": "state", "state": "ready"})
+        items.extend(self.runs.popleft() if self.runs else [])
+        cursor = FakeCursor(self, items)
+        self.cursors.append(cursor)
+        return cursor
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        server = self
+
+        def open_connection(feed: RethinkChangeFeed) -> FakeConnection:
+            server.connect_attempts += 1
+            if server.connect_attempts in server.connect_errors:
+                raise server.connect_errors[server.connect_attempts]
+            conn = FakeConnection()
+            server.connections.append(conn)
+            return conn
+
+        def primary_key(feed: RethinkChangeFeed) -> str:
+            if server.primary_key_error is not None:
+                raise server.primary_key_error
+            return "id"
+
+        def open_changes(feed: RethinkChangeFeed, include_initial: bool) -> FakeCursor:
+            return server.open_changes(include_initial)
+
+        monkeypatch.setattr(RethinkChangeFeed, "_open_connection", open_connection)
+        monkeypatch.setattr(RethinkChangeFeed, "_primary_key", primary_key)
+        monkeypatch.setattr(RethinkChangeFeed, "_open_changes", open_changes)
+
+
+FAST = Retry(initial=0.01, maximum=0.02)
+
+
+def add(id: int, **row: Any) -> dict[str, Any]:
+    return {"type": "add", "old_val": None, "new_val": {"id": id, **row}}
+
+
+def change(old: dict[str, Any], **new: Any) -> dict[str, Any]:
+    return {"type": "change", "old_val": old, "new_val": {**old, **new}}
+
+
+def remove(old: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "remove", "old_val": old, "new_val": None}
+
+
+ROW1 = {"id": 1, "title": "one", "done": False}
+ROW2 = {"id": 2, "title": "two", "done": False}
+WORKLOAD = [add(3, title="three"), change(ROW1, done=True), remove(ROW2)]
+
+
+@pytest.fixture
+def server(monkeypatch: pytest.MonkeyPatch) -> Callable[..., FakeServer]:
+    def make(**options: Any) -> FakeServer:
+        fake = FakeServer(**options)
+        fake.install(monkeypatch)
+        return fake
+
+    return make
+
+
+def feed_of(operation: int = Operation.INSERT | Operation.UPDATE | Operation.DELETE,
+            **options: Any) -> RethinkChangeFeed:
+    options.setdefault("retry", FAST)
+    return RethinkChangeFeed("app.tasks", operation, connection="rethinkdb://h/app", **options)
+
+
+def ops(changes: Iterable[Change]) -> list[tuple[Operation, int, bool]]:
+    return [(c.operation, c.key["id"], c.snapshot) for c in changes]
+
+
+@pytest.mark.parametrize(
+    ("mask", "expected"),
+    [
+        (INSERT, [(INSERT, 3, False)]),
+        (UPDATE, [(UPDATE, 1, False)]),
+        (DELETE, [(DELETE, 2, False)]),
+        (INSERT | DELETE, [(INSERT, 3, False), (DELETE, 2, False)]),
+        (UPDATE | DELETE, [(UPDATE, 1, False), (DELETE, 2, False)]),
+        (INSERT | UPDATE | DELETE, [(INSERT, 3, False), (UPDATE, 1, False), (DELETE, 2, False)]),
+    ],
+    ids=lambda v: getattr(v, "names", None) and "|".join(v.names),
+)
+def test_each_operation_and_masks(server, mask, expected):
+    fake = server(rows=[ROW1, ROW2], runs=[WORKLOAD])
+    feed = feed_of(mask)
+    got = list(feed.changes(idle_timeout=0.1))
+    assert ops(got) == expected
+    assert fake.opens == [False]  # no prefeed: the table is not read
+    assert all(c.table == "app.tasks" and c.committed_at is None for c in got)
+    assert fake.cursors[0].closed and fake.connections[0].closed  # closed after the run
+
+
+def test_positions_increase_and_acknowledging_tells_the_server_nothing(server):
+    server(runs=[WORKLOAD])
+    checkpoint = MemoryCheckpoint()
+    feed = feed_of(checkpoint=checkpoint)
+    got = list(feed.changes(idle_timeout=0.1))
+    positions = [c.position for c in got]
+    assert positions == sorted(positions) and len(set(positions)) == 3
+    feed.ack(positions[-1])
+    assert checkpoint.load(feed.feed_id) == positions[-1]
+
+
+def test_idle_ticks_come_from_cursor_timeouts(server):
+    server(runs=[[IDLE, add(3), IDLE]])
+    feed = feed_of()
+    got = list(feed.changes(ticks=True, stop_after=1))
+    assert got[0] is None and isinstance(got[1], Change)  # the ready state is no change
+
+
+def test_the_wait_given_to_the_cursor_is_the_poll_interval(server, monkeypatch):
+    fake = server(runs=[[add(3)]])
+    waits: list[Any] = []
+    original = FakeCursor.next
+
+    def spy(self: FakeCursor, wait: Any = True) -> Any:
+        waits.append(wait)
+        return original(self, wait)
+
+    monkeypatch.setattr(FakeCursor, "next", spy)
+    list(feed_of(poll_interval=0.25).changes(stop_after=1))
+    assert fake.opens == [False] and set(waits) == {0.25}
+
+
+def test_an_iterable_prefeed_comes_first(server):
+    server(runs=[[add(3)]])
+    feed = feed_of(prefeed=["a", "b"])
+    assert [getattr(c, "key", c) for c in feed.changes(stop_after=3)] == ["a", "b", {"id": 3}]
+
+
+def test_snapshot_prefeed_reads_the_table_then_streams(server, caplog):
+    fake = server(rows=[ROW1, ROW2], runs=[[change(ROW1, done=True)]])
+    feed = feed_of(Operation.UPDATE, prefeed="snapshot")  # snapshot rows ignore the mask
+    with caplog.at_level(logging.INFO, logger="changefeed.rethinkdb"):
+        got = list(feed.changes(idle_timeout=0.1))
+    assert ops(got) == [(INSERT, 1, True), (INSERT, 2, True), (UPDATE, 1, False)]
+    assert got[0].new == ROW1 and got[0].meta is None
+    assert fake.opens == [True]
+    assert feed.stats.extra["resyncs"] == 0
+    assert "snapshot of app.tasks: 2 rows" in caplog.text
+
+
+def consume(feed: RethinkChangeFeed, **options: Any) -> tuple[list[Change], dict[Any, Any]]:
+    """Iterate like a sink that upserts by key: the copy it ends with, and what it saw."""
+    seen: list[Change] = []
+    copy: dict[Any, Any] = {}
+    for c in feed.changes(**options):
+        seen.append(c)
+        if c.operation == DELETE:
+            copy.pop(c.key["id"], None)
+        else:
+            copy[c.key["id"]] = c.new
+    return seen, copy
+
+
+def test_after_a_dropped_connection_the_feed_reconnects_and_re_reads_the_table(server, caplog):
+    fake = server(
+        rows=[ROW1, ROW2],
+        runs=[
+            [add(3, title="three"),
+             Gap(change(ROW1, title="one, edited while away"), add(4, title="four")),
+             ReqlDriverError("Connection is closed.")],
+            [add(5, title="five")],
+        ],
+    )
+    feed = feed_of(prefeed="snapshot")
+    with caplog.at_level(logging.WARNING, logger="changefeed"):
+        seen, copy = consume(feed, idle_timeout=0.2)
+    assert fake.opens == [True, True]  # the second stream re-reads the table
+    assert copy == fake.rows  # the upserting consumer converged to the table's state
+    assert copy[1]["title"] == "one, edited while away" and copy[4] == {"id": 4, "title": "four"}
+    resynced = [c for c in seen if c.meta == {"resync": 1}]
+    assert sorted(c.key["id"] for c in resynced) == [1, 2, 3, 4]
+    assert all(c.snapshot and c.operation == INSERT for c in resynced)
+    assert [c.meta for c in seen if c.snapshot][:2] == [None, None]  # the snapshot prefeed
+    assert feed.stats.reconnects == 1 and feed.stats.extra["resyncs"] == 1
+    positions = [c.position for c in seen]
+    assert positions == sorted(positions) and len(set(positions)) == len(positions)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("re-read 4 rows" in m and "app.tasks" in m for m in warnings)
+    assert len(fake.connections) == 2 and all(c.closed for c in fake.connections)
+
+
+def test_re_sync_rows_are_emitted_whatever_the_mask(server):
+    fake = server(rows=[ROW1], runs=[[ReqlDriverError("Connection is closed.")], [remove(ROW1)]])
+    seen = list(feed_of(Operation.DELETE).changes(idle_timeout=0.2))
+    assert fake.opens == [False, True]
+    assert ops(seen) == [(INSERT, 1, True), (DELETE, 1, False)]
+
+
+def test_deletes_while_disconnected_can_be_pruned_by_the_re_sync_generation(server):
+    """The re-read cannot show a deleted row; the documented recipe still converges."""
+    fake = server(
+        rows=[ROW1, ROW2],
+        runs=[[Gap(remove(ROW2)), ReqlDriverError("Connection is closed.")], [IDLE]],
+    )
+    feed = feed_of(prefeed="snapshot")
+    copy: dict[Any, Any] = {}
+    generation: tuple[int, set[Any]] | None = None
+    for c in feed.changes(ticks=True, idle_timeout=0.2):
+        resync = c.meta.get("resync") if c is not None and c.meta else None
+        if generation is not None and resync != generation[0]:
+            copy = {k: v for k, v in copy.items() if k in generation[1]}  # re-read complete
+            generation = None
+        if c is None:
+            continue
+        if resync is not None:
+            generation = generation or (resync, set())
+            generation[1].add(c.key["id"])
+        copy[c.key["id"]] = c.new
+    assert 2 not in fake.rows and copy == fake.rows
+
+
+def test_resync_off_skips_the_re_read_and_says_changes_were_lost(server, caplog):
+    fake = server(
+        rows=[ROW1],
+        runs=[[Gap(add(4)), ReqlDriverError("Connection is closed.")], [add(5)]],
+    )
+    with caplog.at_level(logging.WARNING, logger="changefeed.rethinkdb"):
+        seen = list(feed_of(resync=False).changes(idle_timeout=0.2))
+    assert fake.opens == [False, False]
+    assert ops(seen) == [(INSERT, 5, False)]
+    assert "made while the feed was disconnected are lost" in caplog.text
+
+
+def test_a_snapshot_interrupted_before_ready_is_read_again_even_without_resync(server):
+    fake = server(rows=[ROW1, ROW2], runs=[[], []])
+    open_changes = fake.open_changes
+
+    def drop_during_the_first_read(include_initial: bool) -> FakeCursor:
+        cursor = open_changes(include_initial)
+        if len(fake.opens) == 1:  # initializing, the first row, then the connection drops
+            cursor.items = deque([*list(cursor.items)[:2], ReqlDriverError("Connection lost")])
+        return cursor
+
+    fake.open_changes = drop_during_the_first_read  # type: ignore[method-assign]
+    seen = list(feed_of(prefeed="snapshot", resync=False).changes(idle_timeout=0.2))
+    assert fake.opens == [True, True]
+    assert ops(seen) == [(INSERT, 1, True), (INSERT, 1, True), (INSERT, 2, True)]
+
+
+def test_a_checkpoint_from_an_earlier_run_means_re_sync_on_start(server):
+    checkpoint = MemoryCheckpoint()
+    checkpoint.save("app.tasks", make_position(1, 1))
+    fake = server(rows=[ROW1], runs=[[]])
+    seen = list(feed_of(checkpoint=checkpoint).changes(idle_timeout=0.1))
+    assert fake.opens == [True]
+    assert ops(seen) == [(INSERT, 1, True)] and seen[0].meta == {"resync": 1}
+    assert seen[0].position > make_position(1, 1)
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        {"error": "Changefeed cache over array size limit, skipped 12 elements."},
+        ReqlResourceLimitError("Changefeed queue overflowed."),
+        ReqlOpFailedError("Changefeed aborted (table unavailable)."),
+        ReqlRuntimeError("Connection is closed."),
+        ReqlCursorEmpty(),
+    ],
+    ids=["error document", "queue overflow", "aborted", "closed cursor", "cursor ended"],
+)
+def test_feed_failures_reconnect_and_re_sync(server, failure):
+    fake = server(rows=[ROW1], runs=[[failure], [add(3)]])
+    seen = list(feed_of().changes(idle_timeout=0.2))
+    assert fake.opens == [False, True]
+    assert ops(seen) == [(INSERT, 1, True), (INSERT, 3, False)]
+
+
+def test_an_unknown_table_is_a_clear_permanent_error(server):
+    fake = server()
+    fake.primary_key_error = ReqlOpFailedError("Table `app.nope` does not exist.")
+    feed = RethinkChangeFeed("app.nope", connection="rethinkdb://h/app", retry=FAST)
+    with pytest.raises(ConfigurationError) as info:
+        list(feed.changes(timeout=2))
+    assert str(info.value) == "table 'nope' does not exist in RethinkDB database 'app'"
+    assert fake.opens == [] and feed.stats.reconnects == 0
+
+
+def test_an_unknown_database_is_a_clear_permanent_error(server):
+    fake = server()
+    fake.primary_key_error = ReqlOpFailedError("Database `nope` does not exist.")
+    message = "database 'nope' does not exist on RethinkDB at h:28015"
+    with pytest.raises(ConfigurationError, match=message):
+        list(RethinkChangeFeed("nope.t", connection="rethinkdb://h", retry=FAST).changes())
+
+
+def test_missing_permissions_are_permanent(server):
+    fake = server()
+    fake.primary_key_error = ReqlPermissionError(
+        "User `bob` does not have the required `read` permissions."
+    )
+    with pytest.raises(PermanentBackendError, match="no permission to read app.tasks"):
+        list(feed_of().changes(timeout=2))
+
+
+def test_a_first_connection_failure_is_permanent_and_names_the_server(server):
+    fake = server()
+    fake.connect_errors[1] = ReqlDriverError(
+        "Could not connect to h:28015. Error: [Errno 111] Connection refused"
+    )
+    with pytest.raises(PermanentBackendError) as info:
+        list(feed_of().changes(timeout=2))
+    expected = "cannot connect to RethinkDB at h:28015: [Errno 111] Connection refused"
+    assert str(info.value) == expected
+
+
+def test_a_login_failure_is_permanent(server):
+    fake = server()
+    fake.connect_errors[1] = ReqlAuthError("Wrong password", "h", 28015)
+    with pytest.raises(PermanentBackendError, match="cannot log in to RethinkDB at h:28015 as"):
+        list(feed_of().changes(timeout=2))
+
+
+def test_later_connection_failures_are_retried(server):
+    fake = server(rows=[ROW1], runs=[[ReqlDriverError("Connection is closed.")], [add(3)]])
+    fake.connect_errors[2] = ReqlTimeoutError("h", 28015)
+    feed = feed_of()
+    seen = list(feed.changes(idle_timeout=0.2))
+    assert fake.connect_attempts == 3 and fake.opens == [False, True]
+    assert ops(seen) == [(INSERT, 1, True), (INSERT, 3, False)]
+    assert feed.stats.reconnects == 2
+
+
+def test_a_lost_connection_given_by_the_caller_is_reopened_not_replaced(monkeypatch):
+    conn = rethinkdb.net.DefaultConnection("h", 28015, "app", None, "admin", None, 20, {}, 10)
+    calls: list[str] = []
+    monkeypatch.setattr(conn, "is_open", lambda: False)
+    monkeypatch.setattr(conn, "reconnect", lambda noreply_wait=True: calls.append("reconnect"))
+    feed = RethinkChangeFeed("tasks", connection=conn)
+    assert feed._open_connection() is conn and calls == ["reconnect"]
+
+
+# -- the queries the feed sends --------------------------------------------------------------------
+
+
+class QueryRecorder:
+    """Stands for a driver connection: ``query.run(conn)`` calls ``conn._start(query)``."""
+
+    def __init__(self, result: Any) -> None:
+        self.result = result
+        self.queries: list[str] = []
+
+    def _start(self, term: Any, **global_optargs: Any) -> Any:
+        self.queries.append(str(term))
+        return self.result
+
+
+def test_the_queries_the_feed_sends():
+    feed = RethinkChangeFeed("shop.stock", connection="rethinkdb://h/app", queue_size=1000)
+    feed._conn = recorder = QueryRecorder({"primary_key": "sku", "name": "stock"})
+    assert feed._primary_key() == "sku"
+    feed._open_changes(True)
+    plain = RethinkChangeFeed("shop.stock", connection="rethinkdb://h/app")
+    plain._conn = recorder
+    plain._open_changes(False)
+    assert recorder.queries == [
+        "r.db('shop').table('stock').info()",
+        "r.db('shop').table('stock').changes(include_types=True, include_states=True,"
+        " include_initial=True, squash=False, changefeed_queue_size=1000)",
+        "r.db('shop').table('stock').changes(include_types=True, include_states=True,"
+        " include_initial=False, squash=False)",
+    ]
+
+
+def test_ticks_continue_while_only_changes_outside_the_mask_stream_in(server, monkeypatch):
+    clock = iter(range(0, 1000))
+    monkeypatch.setattr(time, "monotonic", lambda: float(next(clock)))
+    server(runs=[[add(n) for n in range(3, 8)]])
+    feed = feed_of(Operation.DELETE, poll_interval=0.5)
+    stream = feed.run_changefeed()
+    assert [next(stream) for _ in range(5)] == [None] * 5  # one tick per skipped insert here
+    stream.close()
