@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -13,35 +11,11 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from clitools import assert_one_clear_line, run_cli, start_cli
 
 from changefeed.embedded import TemporaryPostgres, free_port
 
 pytestmark = pytest.mark.postgres
-
-CHANGEFEED = [sys.executable, "-m", "changefeed"]
-
-
-def run_cli(*args: str, timeout: float = 60, env: dict | None = None):
-    return subprocess.run(
-        [*CHANGEFEED, *args], capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
-
-
-def start_cli(*args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [*CHANGEFEED, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-
-
-def assert_one_clear_line(result, *fragments: str) -> None:
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr, result.stderr
-    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], result.stderr
-
 
 @pytest.fixture
 def tasks(pg):

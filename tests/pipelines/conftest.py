@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from servers import Receiver, free_port, wait_for_port
+from servers import SNORKY_KEY, Receiver, free_port, wait_for_port
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +50,6 @@ def receiver(request) -> Iterator[Receiver]:
 
 
 
-SNORKY_KEY = "swordfish"
 SNORKY_PYTHON_ENV = "CHANGEFEED_TEST_SNORKY_PYTHON"
 
 

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,7 +16,8 @@ from pathlib import Path
 import httpx
 import psycopg
 import pytest
-from conftest import SNORKY_KEY
+from clitools import CHANGEFEED, assert_one_clear_line, run_cli
+from servers import SNORKY_KEY
 from websockets.sync.client import connect
 
 from changefeed.pipelines import Pipeline
@@ -25,23 +25,6 @@ from changefeed.pipelines.redis_streams import RedisStreamFeed
 from changefeed.testing import ListSink
 
 pytestmark = pytest.mark.postgres
-
-CHANGEFEED = [sys.executable, "-m", "changefeed"]
-
-
-def run_cli(*args: str, env: dict | None = None, timeout: float = 90):
-    return subprocess.run([*CHANGEFEED, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
-
-
-def assert_one_clear_line(result, *fragments: str) -> None:
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr, result.stderr
-    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], result.stderr
-
 
 @pytest.fixture
 def tasks(pg):

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import httpx
 import pytest
-from conftest import SNORKY_KEY as KEY
+from servers import SNORKY_KEY as KEY
 from websockets.sync.client import ClientConnection, connect
 
 from changefeed import PipelineError
