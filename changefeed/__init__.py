@@ -48,7 +48,3 @@ __all__ = [
     "TransientBackendError",
     "get_changefeed",
 ]
-
-# Importing the backends registers their connection types with get_changefeed; a backend whose
-# driver is not installed is skipped (URLs for it then say which extra to install).
-import changefeed.backends  # noqa: E402,F401

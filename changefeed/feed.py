@@ -318,6 +318,14 @@ _URL_BACKENDS = {
 }
 
 
+_DRIVER_BACKENDS = {
+    "psycopg": "changefeed.backends.postgres",
+    "pymongo": "changefeed.backends.mongodb",
+    "rethinkdb": "changefeed.backends.rethinkdb",
+}
+"""The backend that registers the connection types of each driver package."""
+
+
 @functools.singledispatch
 def get_changefeed(
     connection: Any,
@@ -333,6 +341,12 @@ def get_changefeed(
     ``Database`` / ``Collection``, a rethinkdb connection, or a URL string
     (``postgresql://``, ``mongodb://``, ``rethinkdb://``). ``options`` go to the backend's feed.
     """
+    module_name = _DRIVER_BACKENDS.get(type(connection).__module__.partition(".")[0])
+    if module_name is not None:
+        importlib.import_module(module_name)  # registers the driver's connection types
+        backend = get_changefeed.dispatch(type(connection))
+        if backend is not get_changefeed.registry[object]:
+            return backend(connection, table, operation, prefeed=prefeed, **options)
     raise ConfigurationError(
         f"no changefeed backend for a {type(connection).__module__}.{type(connection).__name__};"
         " pass a psycopg, pymongo or rethinkdb connection, or a URL"
