@@ -108,10 +108,13 @@ class Relation:
     watched: bool = True
     qualified_name: str = ""
     key_names: tuple[str, ...] = ()
+    decode_row: RowDecoder | None = None
+    """TupleData at an offset -> (row dict, offset after it, unchanged column names or None)."""
 
     def __post_init__(self) -> None:
         self.qualified_name = f"{self.schema}.{self.name}"
         self.key_names = tuple(self.columns[i] for i in self.key_indexes)
+        self.decode_row = _row_decoder(self.qualified_name, self.columns, self.load)
 
     def key_of(self, row: dict[str, Any]) -> dict[str, Any]:
         """The key columns of ``row`` (a dict of the same shape as the key)."""
@@ -254,7 +257,7 @@ class PgOutputDecoder:
         relation = self.relations.get(_UINT32.unpack_from(data, 1)[0])
         if relation is None or not relation.watched:
             return self._unwatched(relation, data)
-        new = self._decode_tuple(relation, data, 6)[0]  # after OID and 'N'
+        new = relation.decode_row(data, 6)[0]  # after OID and 'N'
         return Change(
             Operation.INSERT, relation.qualified_name, new, None, relation.key_of(new),
             self._position_prefix + format(index, "08X"), self._committed_at, self._xid,
@@ -272,13 +275,13 @@ class PgOutputDecoder:
         old = None
         marker = data[offset]
         if marker in (75, 79):  # 'K' key only, 'O' whole old row
-            old, offset, _ = self._decode_tuple(relation, data, offset + 1)
+            old, offset, _ = relation.decode_row(data, offset + 1)
             if marker == 75:
                 old = relation.key_of(old)
             marker = data[offset]
         if marker != 78:  # 'N'
             raise DecodeError(f"update without new tuple ({chr(marker)!r})")
-        new, _, unchanged = self._decode_tuple(relation, data, offset + 1)
+        new, _, unchanged = relation.decode_row(data, offset + 1)
         if unchanged and old is not None:
             # Unchanged TOASTed values are absent from the new row; a full old row has them.
             for column in unchanged:
@@ -299,7 +302,7 @@ class PgOutputDecoder:
         relation = self.relations.get(_UINT32.unpack_from(data, 1)[0])
         if relation is None or not relation.watched:
             return self._unwatched(relation, data)
-        old = self._decode_tuple(relation, data, 6)[0]
+        old = relation.decode_row(data, 6)[0]
         key = relation.key_of(old)
         if data[5] == 75:  # 'K': only the key columns carry values
             old = key
@@ -327,36 +330,17 @@ class PgOutputDecoder:
             raise DecodeError(f"row change for relation {oid} before its Relation message")
         return None
 
-    @staticmethod
-    def _decode_tuple(
-        relation: Relation, data: bytes, offset: int
-    ) -> tuple[dict[str, Any], int, list[str] | None]:
-        """TupleData -> (row, offset after it, names of unchanged columns)."""
-        (ncolumns,) = _INT16.unpack_from(data, offset)
-        columns = relation.columns
-        if ncolumns != len(columns):
-            raise DecodeError(
-                f"{relation.qualified_name}: tuple has {ncolumns} columns, relation {len(columns)}"
-            )
-        raw, offset, unchanged = _tuple_parser(ncolumns)(data, offset + 2)
-        row = dict(zip(columns, relation.load(raw), strict=True))
-        if unchanged is None:
-            return row, offset, None
-        names = [columns[index] for index in unchanged]
-        for column in names:
-            row[column] = UNCHANGED
-        return row, offset, names
 
-
-# -- the tuple parser -------------------------------------------------------------------------
+# -- the row decoder ---------------------------------------------------------------------------
 #
-# TupleData is, per column, a kind byte ('t' text, 'n' NULL, 'u' unchanged TOAST) and for 't'
-# an Int32 length and the bytes. Parsing it is the innermost loop of the whole feed, so for each
-# column count we generate the loop unrolled (as namedtuple and dataclasses generate code): no
-# loop counter, no list appends, one struct call per value. `_parse_tuple_loop` is the same
-# logic as a plain loop; the tests check that both agree.
+# TupleData is an Int16 column count, then per column a kind byte ('t' text, 'n' NULL, 'u'
+# unchanged TOAST) and for 't' an Int32 length and the bytes. Decoding it is the innermost loop
+# of the whole feed, so for each relation we generate the code unrolled (as namedtuple and
+# dataclasses generate code): no loop counter, no list appends, one struct call per value, the
+# row built as a dict display. `_parse_tuple_loop` is the parsing as a plain loop; the tests
+# check that both agree.
 
-_PARSERS: dict[int, Callable[[bytes, int], tuple[list[bytes | None], int, list[int] | None]]] = {}
+RowDecoder = Callable[[bytes, int], tuple[dict[str, Any], int, list[str] | None]]
 
 _COLUMN_TEMPLATE = """\
     if data[o] == 116:
@@ -379,22 +363,42 @@ def _bad_kind(kind: int) -> None:
     raise DecodeError(f"unknown tuple value kind {chr(kind)!r}")
 
 
-def _tuple_parser(
-    ncolumns: int,
-) -> Callable[[bytes, int], tuple[list[bytes | None], int, list[int] | None]]:
-    parser = _PARSERS.get(ncolumns)
-    if parser is None:
-        body = "".join(_COLUMN_TEMPLATE.format(i=i) for i in range(ncolumns))
-        values = ", ".join(f"v{i}" for i in range(ncolumns))
-        source = (
-            "def parse(data, o):\n    unchanged = None\n"
-            + body
-            + f"    return [{values}], o, unchanged\n"
-        )
-        namespace: dict[str, Any] = {"unpack_length": _INT32.unpack_from, "bad_kind": _bad_kind}
-        exec(compile(source, f"<pgoutput tuple parser, {ncolumns} columns>", "exec"), namespace)
-        parser = _PARSERS[ncolumns] = namespace["parse"]
-    return parser
+def _row_decoder(
+    table: str, columns: tuple[str, ...], load: Callable[[Sequence[bytes | None]], Sequence[Any]]
+) -> RowDecoder:
+    """The decoder of ``table``'s rows (made once per Relation message): see
+    `Relation.decode_row`. ``load`` turns the list of raw values into Python values."""
+    count = len(columns)
+    values = "".join(f"v{i}, " for i in range(count))
+    row = ", ".join(f"{name!r}: v{i}" for i, name in enumerate(columns))
+    source = (
+        "def decode(data, o):\n"
+        "    if unpack_count(data, o)[0] != count:\n"
+        "        wrong_count(unpack_count(data, o)[0])\n"
+        "    o += 2\n"
+        "    unchanged = None\n"
+        + "".join(_COLUMN_TEMPLATE.format(i=i) for i in range(count))
+        + f"    {values}= load([{values}])\n"
+        + f"    row = {{{row}}}\n"
+        "    if unchanged is None:\n"
+        "        return row, o, None\n"
+        "    names = [columns[i] for i in unchanged]\n"
+        "    for name in names:\n"
+        "        row[name] = UNCHANGED\n"
+        "    return row, o, names\n"
+    )
+
+    def wrong_count(found: int) -> None:
+        raise DecodeError(f"{table}: tuple has {found} columns, relation {count}")
+
+    namespace: dict[str, Any] = {
+        "unpack_length": _INT32.unpack_from, "unpack_count": _INT16.unpack_from,
+        "bad_kind": _bad_kind, "wrong_count": wrong_count, "count": count,
+        "columns": columns, "UNCHANGED": UNCHANGED, "load": load,
+    }
+    exec(compile(source, f"<pgoutput row decoder for {table}>", "exec"), namespace)
+    decoder: RowDecoder = namespace["decode"]
+    return decoder
 
 
 def _parse_tuple_loop(

@@ -151,11 +151,12 @@ def test_lsn_and_position_formats_round_trip():
     assert make_position(1, 2) < make_position(1, 10) < make_position(2, 0)
 
 
-def test_generated_tuple_parsers_agree_with_the_plain_loop():
+def test_generated_row_decoders_agree_with_the_plain_loop():
     import random
     import struct
 
-    from changefeed.backends.postgres.pgoutput import _parse_tuple_loop, _tuple_parser
+    from changefeed import UNCHANGED
+    from changefeed.backends.postgres.pgoutput import _parse_tuple_loop, _row_decoder
 
     rng = random.Random(5)
     for _ in range(300):
@@ -168,14 +169,25 @@ def test_generated_tuple_parsers_agree_with_the_plain_loop():
                 parts.append(b"t" + struct.pack("!i", len(value)) + value)
             else:
                 parts.append(kind.encode())
-        data = b"xx" + b"".join(parts) + b"tail"
-        assert _tuple_parser(ncolumns)(data, 2) == _parse_tuple_loop(data, 2, ncolumns)
-        raw, offset, _ = _parse_tuple_loop(data, 2, ncolumns)
+        data = b"xx" + struct.pack("!h", ncolumns) + b"".join(parts) + b"tail"
+        raw, offset, unchanged = _parse_tuple_loop(data, 4, ncolumns)
         assert data[offset:] == b"tail" and len(raw) == ncolumns
 
+        columns = tuple(f"c{i}" for i in range(ncolumns))
+        row, decoded_offset, names = _row_decoder("t", columns, list)(data, 2)
+        assert decoded_offset == offset
+        assert names == (None if unchanged is None else [columns[i] for i in unchanged])
+        assert row == {
+            column: UNCHANGED if unchanged and i in unchanged else raw[i]
+            for i, column in enumerate(columns)
+        }
 
-def test_unknown_tuple_value_kind_is_an_error():
-    from changefeed.backends.postgres.pgoutput import _tuple_parser
 
+def test_unknown_tuple_value_kind_and_wrong_column_count_are_errors():
+    from changefeed.backends.postgres.pgoutput import _row_decoder
+
+    decode = _row_decoder("public.t", ("a",), list)
     with pytest.raises(DecodeError, match="unknown tuple value kind 'b'"):
-        _tuple_parser(1)(b"b\x00\x00\x00\x01x", 0)
+        decode(b"\x00\x01b\x00\x00\x00\x01x", 0)
+    with pytest.raises(DecodeError, match="public.t: tuple has 2 columns, relation 1"):
+        decode(b"\x00\x02nn", 0)
