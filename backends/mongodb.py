@@ -718,7 +718,7 @@ class MongoChangeFeed(ChangeFeed):
         options.update(self.client_options)
         try:
             return pymongo.MongoClient(self._url, **options)
-        except pymongo.errors.ConfigurationError as exc:
+        except (pymongo.errors.ConfigurationError, ValueError) as exc:  # InvalidURI, bad port
             raise ConfigurationError(f"bad MongoDB URL: {_first_line(exc)}") from exc
 
     def _check_collection(self, collection: Any) -> None:

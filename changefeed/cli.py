@@ -151,6 +151,8 @@ def run(
         options["slot"] = slot
     if publication:
         options["publication"] = publication
+    if options and not url.lower().startswith(("postgresql://", "postgres://")):
+        raise CliError("--slot and --publication apply to PostgreSQL URLs only", 2)
     with _expected_errors():
         if checkpoint:
             options["checkpoint"] = FileCheckpoint(checkpoint)

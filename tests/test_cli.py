@@ -159,6 +159,23 @@ def test_bad_url(url, fragment):
     assert_one_clear_line(run_cli("run", "tasks", "--url", url), fragment)
 
 
+@pytest.mark.parametrize("url", ["mongodb://127.0.0.1:1/app", "rethinkdb://127.0.0.1:1/app"])
+def test_postgresql_options_with_another_backend(url):
+    result = run_cli("run", "tasks", "--url", url, "--slot", "mine")
+    assert_one_clear_line(result, "--slot and --publication apply to PostgreSQL URLs only")
+    assert result.returncode == 2
+
+
+@pytest.mark.parametrize("url, fragment", [
+    ("mongodb://127.0.0.1:notaport/app", "bad MongoDB URL"),
+    ("rethinkdb://127.0.0.1:notaport/app", "bad RethinkDB URL"),
+])
+def test_bad_urls_of_other_backends(url, fragment):
+    result = run_cli("run", "app.tasks", "--url", url)
+    assert_one_clear_line(result, fragment)
+    assert result.returncode == 2
+
+
 def test_missing_url():
     result = run_cli("run", "tasks", env={"CHANGEFEED_URL": ""})
     assert result.returncode == 2 and "Missing option '--url'" in result.stderr
