@@ -355,6 +355,9 @@ def slots(url: str, drops: tuple[str, ...], drop_inactive: bool) -> None:
 
     An abandoned slot makes PostgreSQL keep WAL forever: drop the ones no feed uses.
     """
+    if "://" in url and not url.lower().startswith(("postgresql://", "postgres://")):
+        raise CliError("changefeed slots manages PostgreSQL replication slots: give a"
+                       " postgresql:// URL", 2)
     from changefeed.backends.postgres import slots as pg_slots
 
     with _expected_errors():

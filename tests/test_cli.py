@@ -176,6 +176,11 @@ def test_bad_urls_of_other_backends(url, fragment):
     assert result.returncode == 2
 
 
+def test_slots_needs_a_postgresql_url():
+    result = run_cli("slots", "--url", "mongodb://127.0.0.1:1/app")
+    assert_one_clear_line(result, "manages PostgreSQL replication slots")
+
+
 def test_missing_url():
     result = run_cli("run", "tasks", env={"CHANGEFEED_URL": ""})
     assert result.returncode == 2 and "Missing option '--url'" in result.stderr
