@@ -14,7 +14,7 @@ SNORKY_STAMP := $(SNORKY_VENV)/.installed
 demo: install
 	$(BIN)/changefeed demo
 
-test: install
+test: install $(SNORKY_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
@@ -33,7 +33,7 @@ lint: install
 bench: install
 	$(BIN)/python benchmarks/bench_postgres.py
 
-install: system-deps $(STAMP) $(SNORKY_STAMP)
+install: system-deps $(STAMP)
 
 # PostgreSQL server programs and Redis come from Debian's packages when they are missing.
 system-deps:
