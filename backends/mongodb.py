@@ -90,6 +90,7 @@ from changefeed.errors import (
     PermanentBackendError,
     ResumeError,
     TransientBackendError,
+    first_line,
 )
 from changefeed.feed import ChangeFeed, get_changefeed
 
@@ -373,15 +374,15 @@ def classify_error(exc: BaseException, *, table: str = "the collection",
     if not isinstance(exc, errors.PyMongoError):
         return None
     if isinstance(exc, errors.ConfigurationError):
-        return ConfigurationError(f"bad MongoDB URL or option: {_first_line(exc)}")
+        return ConfigurationError(f"bad MongoDB URL or option: {first_line(exc)}")
     if isinstance(exc, errors.ServerSelectionTimeoutError):
         reason = str(exc).split(", Timeout:")[0].split(" (configured timeouts")[0]
         return TransientBackendError(f"cannot reach MongoDB at {server}: {_one_line(reason)}")
     if isinstance(exc, errors.ConnectionFailure):  # AutoReconnect, NetworkTimeout, NotPrimary
-        return TransientBackendError(f"connection to MongoDB lost: {_first_line(exc)}")
+        return TransientBackendError(f"connection to MongoDB lost: {first_line(exc)}")
     if not isinstance(exc, errors.OperationFailure):
         if exc.has_error_label("ResumableChangeStreamError"):
-            return TransientBackendError(f"MongoDB: {_first_line(exc)}")
+            return TransientBackendError(f"MongoDB: {first_line(exc)}")
         return None
     code = exc.code
     text = _server_message(exc)
@@ -433,10 +434,6 @@ def _server_message(exc: pymongo.errors.OperationFailure) -> str:
 def _code_name(exc: pymongo.errors.OperationFailure) -> str:
     name = (exc.details or {}).get("codeName")
     return f"{exc.code} {name}" if name else str(exc.code)
-
-
-def _first_line(exc: BaseException) -> str:
-    return _one_line(str(exc)) or type(exc).__name__
 
 
 def _one_line(text: str) -> str:
@@ -575,7 +572,7 @@ class MongoChangeFeed(ChangeFeed):
                 # Never reached the server: most likely a wrong URL or a server that is down.
                 # Say so and stop, as the PostgreSQL backend does, instead of retrying forever.
                 error = PermanentBackendError(error.message)
-            raise (error or PermanentBackendError(_first_line(exc))) from exc
+            raise (error or PermanentBackendError(first_line(exc))) from exc
 
     def _start(self) -> tuple[dict[str, Any], bool]:
         """The watch() arguments to start with, and whether to take the snapshot first."""
@@ -719,7 +716,7 @@ class MongoChangeFeed(ChangeFeed):
         try:
             return pymongo.MongoClient(self._url, **options)
         except (pymongo.errors.ConfigurationError, ValueError) as exc:  # InvalidURI, bad port
-            raise ConfigurationError(f"bad MongoDB URL: {_first_line(exc)}") from exc
+            raise ConfigurationError(f"bad MongoDB URL: {first_line(exc)}") from exc
 
     def _check_collection(self, collection: Any) -> None:
         """Warn about a collection that does not exist (watching it is allowed)."""

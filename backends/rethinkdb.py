@@ -81,6 +81,7 @@ from changefeed.errors import (
     ConfigurationError,
     PermanentBackendError,
     TransientBackendError,
+    first_line,
 )
 from changefeed.feed import ChangeFeed, get_changefeed
 
@@ -502,9 +503,7 @@ class RethinkChangeFeed(ChangeFeed):
 
 def _reason(exc: BaseException) -> str:
     """The first line of the driver's message, without its "Could not connect to h:p" prefix."""
-    lines = str(exc).strip().splitlines()
-    text = lines[0] if lines else ""
-    text = re.sub(r"^Could not connect to \S+?[.,] (Error: )?", "", text)
+    text = re.sub(r"^Could not connect to \S+?[.,] (Error: )?", "", first_line(exc))
     return text or type(exc).__name__
 
 

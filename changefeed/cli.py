@@ -27,7 +27,13 @@ import click
 from changefeed.change import Change, Operation
 from changefeed.checkpoint import FileCheckpoint
 from changefeed.errors import ChangefeedError
-from changefeed.feed import ChangeFeed, get_changefeed
+from changefeed.feed import (
+    ChangeFeed,
+    ThrottledAcks,
+    get_changefeed,
+    is_postgresql_url,
+    url_scheme,
+)
 from changefeed.pipelines.delta import dumps_line, to_delta
 
 log = logging.getLogger("changefeed")
@@ -35,9 +41,8 @@ log = logging.getLogger("changefeed")
 FLUSH_BYTES = 256 * 1024
 PROGRESS_SECONDS = 5.0
 ACK_SECONDS = 0.2
-"""Acknowledge (and fsync the checkpoint file) at most this often: under load the stream goes
-quiet hundreds of times a second, and an fsync each time would cap throughput. A crash then
-repeats at most this much of the output, never loses any."""
+"""Acknowledge (and fsync the checkpoint file) at most this often (see `ThrottledAcks`), in
+``changefeed run`` with or without a pipeline."""
 
 
 class CliError(click.ClickException):
@@ -151,7 +156,7 @@ def run(
         options["slot"] = slot
     if publication:
         options["publication"] = publication
-    if options and not url.lower().startswith(("postgresql://", "postgres://")):
+    if options and not is_postgresql_url(url):
         raise CliError("--slot and --publication apply to PostgreSQL URLs only", 2)
     with _expected_errors():
         if checkpoint:
@@ -233,22 +238,18 @@ def stream_to(
     size = 0
     written = 0
     pending_position: Any = None
-    last_ack = 0.0
+    acks = ThrottledAcks(feed, ACK_SECONDS)
     progress = _Progress(feed, quiet)
 
     def flush(final: bool = False) -> None:
-        nonlocal size, pending_position, last_ack
+        nonlocal size, pending_position
         if buffer:
             out.write(b"".join(buffer))
             buffer.clear()
             size = 0
         out.flush()
-        if pending_position is not None:
-            now = time.monotonic()
-            if final or now - last_ack >= ACK_SECONDS:
-                feed.ack(pending_position)
-                pending_position = None
-                last_ack = now
+        acks.delivered(pending_position, final)
+        pending_position = None
 
     stop_signals = _stop_on_signals(feed)
     try:
@@ -355,7 +356,7 @@ def slots(url: str, drops: tuple[str, ...], drop_inactive: bool) -> None:
 
     An abandoned slot makes PostgreSQL keep WAL forever: drop the ones no feed uses.
     """
-    if "://" in url and not url.lower().startswith(("postgresql://", "postgres://")):
+    if url_scheme(url) and not is_postgresql_url(url):  # a conninfo string has no scheme
         raise CliError("changefeed slots manages PostgreSQL replication slots: give a"
                        " postgresql:// URL", 2)
     from changefeed.backends.postgres import slots as pg_slots

@@ -58,3 +58,10 @@ class PipelineError(ChangefeedError):
     """A pipeline stage or sink raised while handling a change."""
 
     exit_code = 5
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (drivers' messages run over several), or the name of
+    its type when it has none: what one-line error messages quote."""
+    lines = str(exc).strip().splitlines()
+    return lines[0].strip() if lines else type(exc).__name__

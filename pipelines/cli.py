@@ -42,15 +42,13 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 from changefeed.change import Change
+from changefeed.cli import ACK_SECONDS
 from changefeed.errors import ConfigurationError
+from changefeed.feed import url_scheme
 from changefeed.pipelines.filters import Filter, compile_filter
 from changefeed.pipelines.pipeline import Pipeline
 from changefeed.pipelines.sinks import JsonLinesSink
 from changefeed.pipelines.stages import subscription, to_delta, where
-
-ACK_INTERVAL = 0.2
-"""Seconds between acknowledgements, as ``changefeed run`` does without a pipeline: a file
-checkpoint fsyncs on each one."""
 
 WEBHOOK_SECRET_ENV = "CHANGEFEED_WEBHOOK_SECRET"
 
@@ -61,7 +59,7 @@ def make_sink(spec: str, *, model: str | None = None, fmt: str = "delta") -> Any
         raise ConfigurationError(f"unknown format {fmt!r}: use delta or change")
     if spec == "-":
         return JsonLinesSink("-")
-    scheme = urlsplit(spec).scheme.lower() if "://" in spec else ""
+    scheme = url_scheme(spec)
     if scheme in ("http", "https"):
         from changefeed.pipelines.sinks.http import WebhookSink
 
@@ -284,7 +282,8 @@ def build_cli_pipeline(
 ) -> Pipeline:
     """The pipeline ``changefeed run`` runs: ``--where``, then ``--filter``, then the format.
 
-    Acknowledges at most every `ACK_INTERVAL` seconds (and always at the end).
+    Acknowledges at most every `changefeed.cli.ACK_SECONDS` (and always at the end), as the
+    command does without a pipeline.
     """
     out = make_sink(sink, model=model, fmt=fmt)
     stages: list[Any] = []
@@ -302,5 +301,5 @@ def build_cli_pipeline(
             " stdout or a webhook"
         )
     return Pipeline(
-        feed, stages, sink=out, dead_letter=letters, processes=processes, ack_interval=ACK_INTERVAL
+        feed, stages, sink=out, dead_letter=letters, processes=processes, ack_interval=ACK_SECONDS
     )

@@ -52,6 +52,7 @@ import multipipes
 
 from changefeed.change import Change, Position
 from changefeed.errors import ChangefeedError, ConfigurationError, PipelineError
+from changefeed.feed import ThrottledAcks
 from changefeed.pipelines.sinks import deliver
 from changefeed.pipelines.stages import (
     BatchPolicy,
@@ -96,7 +97,6 @@ class Pipeline:
             raise ConfigurationError("a pipeline needs a sink")
         self.feed = feed
         self.dead_letter = dead_letter
-        self.ack_interval = ack_interval
         steps = list(stages)
         self.policy = DEFAULT_BATCH
         if steps and isinstance(steps[-1], BatchPolicy):
@@ -126,8 +126,7 @@ class Pipeline:
         self.sink = sink
         self.handled = 0
         """Changes handled (delivered, dropped or dead-lettered) and confirmed so far."""
-        self._pending_ack: Position = None
-        self._last_ack = 0.0
+        self._acks = ThrottledAcks(feed, ack_interval)
 
     @property
     def multiprocess(self) -> bool:
@@ -190,17 +189,11 @@ class Pipeline:
 
     def _confirm(self, confirmed: _Confirmed | None, final: bool = False) -> None:
         """Count a sink confirmation and acknowledge its position (at most every ack_interval)."""
+        position = None
         if confirmed is not None:
             self.handled += confirmed.count
-            if confirmed.position is not None:
-                self._pending_ack = confirmed.position
-        if self._pending_ack is None:
-            return
-        now = time.monotonic()
-        if final or now - self._last_ack >= self.ack_interval:
-            self.feed.ack(self._pending_ack)
-            self._pending_ack = None
-            self._last_ack = now
+            position = confirmed.position
+        self._acks.delivered(position, final)
 
 
 # -- units of work and the steps that handle them ------------------------------------------------

@@ -52,6 +52,7 @@ from changefeed.errors import (
     PermanentBackendError,
     ResumeError,
     TransientBackendError,
+    first_line,
 )
 from changefeed.feed import ChangeFeed, get_changefeed
 
@@ -308,11 +309,11 @@ class PostgresChangeFeed(ChangeFeed):
         try:
             return psycopg.connect(self.dsn, **options)
         except psycopg.ProgrammingError as exc:
-            raise ConfigurationError(f"bad PostgreSQL URL: {_first_line(exc)}") from exc
+            raise ConfigurationError(f"bad PostgreSQL URL: {first_line(exc)}") from exc
         except psycopg.OperationalError as exc:
             text = str(exc)
             if "connection option" in text or "invalid URI" in text:
-                raise ConfigurationError(f"bad PostgreSQL URL: {_first_line(exc)}") from exc
+                raise ConfigurationError(f"bad PostgreSQL URL: {first_line(exc)}") from exc
             if "replication role" in text or "permission denied to start WAL sender" in text:
                 raise PermanentBackendError(
                     f"role {_user(self.dsn)!r} lacks the REPLICATION privilege: as a superuser run"
@@ -392,7 +393,7 @@ class PostgresChangeFeed(ChangeFeed):
                 )
         except psycopg.errors.InsufficientPrivilege as exc:
             raise PermanentBackendError(
-                f"cannot set up publication {self.publication}: {_first_line(exc)}; the tables'"
+                f"cannot set up publication {self.publication}: {first_line(exc)}; the tables'"
                 f" owner can run: CREATE PUBLICATION {self.publication} FOR TABLE"
                 f" {', '.join(self.qualified_tables)} WITH (publish = '{publish}')"
             ) from exc
@@ -445,7 +446,7 @@ class PostgresChangeFeed(ChangeFeed):
             raise TransientBackendError(f"slot {self.slot} was created meanwhile") from exc
         except psycopg.errors.ProgramLimitExceeded as exc:
             raise PermanentBackendError(
-                f"cannot create slot {self.slot}: {_first_line(exc)}"
+                f"cannot create slot {self.slot}: {first_line(exc)}"
                 " (raise max_replication_slots or drop unused slots: changefeed slots)"
             ) from exc
         assert row is not None
@@ -616,11 +617,6 @@ def _user(dsn: str) -> str:
         return "current user"
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
 def _connect_failure(exc: BaseException, dsn: str) -> str:
     try:
         params = psycopg.conninfo.conninfo_to_dict(dsn)
@@ -629,7 +625,7 @@ def _connect_failure(exc: BaseException, dsn: str) -> str:
     where = f"{params.get('host', 'localhost')}:{params.get('port', 5432)}"
     # libpq says 'connection to server at "h" (addr), port p failed: <reason>' for every
     # address it tried, each followed by hints; the reason of the last attempt is enough.
-    reasons = re.findall(r"failed: (.+)", str(exc)) or [_first_line(exc)]
+    reasons = re.findall(r"failed: (.+)", str(exc)) or [first_line(exc)]
     return f"cannot connect to PostgreSQL at {where}: {reasons[-1].strip()}"
 
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from changefeed.backends.postgres.feed import SLOT_PREFIX, _connect_failure, _first_line
-from changefeed.errors import ConfigurationError, PermanentBackendError
+from changefeed.backends.postgres.feed import SLOT_PREFIX, _connect_failure
+from changefeed.errors import ConfigurationError, PermanentBackendError, first_line
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ def _connect(url: str) -> psycopg.Connection:
     try:
         return psycopg.connect(url, autocommit=True, connect_timeout=10)
     except psycopg.ProgrammingError as exc:
-        raise ConfigurationError(f"bad PostgreSQL URL: {_first_line(exc)}") from exc
+        raise ConfigurationError(f"bad PostgreSQL URL: {first_line(exc)}") from exc
     except psycopg.OperationalError as exc:
         raise PermanentBackendError(_connect_failure(exc, url)) from exc
 
