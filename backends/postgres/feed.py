@@ -63,6 +63,10 @@ _KEEPALIVE = struct.Struct("!QqB")
 _STANDBY_STATUS = struct.Struct("!cQQQqB")
 PG_EPOCH_OFFSET_US = 946_684_800_000_000  # 2000-01-01 in Unix microseconds
 
+_UTC = "SET TimeZone TO 'UTC'"
+"""Sessions that read rows use UTC: timestamptz values then become datetimes in UTC whatever the
+server's TimeZone (and psycopg loads them twice as fast as in a named zone)."""
+
 SLOT_PREFIX = "changefeed_"
 _SNAPSHOT_PENDING = "changefeed: snapshot pending"
 _SNAPSHOT_DONE = "changefeed: snapshot done"
@@ -307,7 +311,10 @@ class PostgresChangeFeed(ChangeFeed):
         if replication:
             options["replication"] = "database"
         try:
-            return psycopg.connect(self.dsn, **options)
+            conn = psycopg.connect(self.dsn, **options)
+            if replication:
+                conn.execute(_UTC)
+            return conn
         except psycopg.ProgrammingError as exc:
             raise ConfigurationError(f"bad PostgreSQL URL: {first_line(exc)}") from exc
         except psycopg.OperationalError as exc:
@@ -483,6 +490,7 @@ class PostgresChangeFeed(ChangeFeed):
 
     def _snapshot_rows(self, snapshot_name: str) -> Iterator[tuple[str, dict[str, Any]]]:
         with psycopg.connect(self.dsn, autocommit=True, row_factory=dict_row) as reader:
+            reader.execute(_UTC)
             reader.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             reader.execute(
                 sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_name))

@@ -8,8 +8,9 @@ turns them into values, and the tests feed it bytes recorded from a real server.
 
 Values arrive as text and become Python values through psycopg's own loaders, chosen by type
 OID (`psycopg.adapt.Transformer.load_sequence`, implemented in C by psycopg-binary): numeric ->
-Decimal, json -> dict, arrays -> lists, timestamptz -> datetime, and so on. Types psycopg does
-not know (enums, domains over unknown types) stay text.
+Decimal, json -> dict, arrays -> lists, timestamptz -> datetime (in UTC: the feed's replication
+session sets TimeZone to UTC), and so on. Types psycopg does not know (enums, domains over
+unknown types) stay text.
 
 Positions: several rows share a commit LSN, so a change's position is its transaction's commit
 LSN plus its index among the transaction's row changes, formatted so that string order is

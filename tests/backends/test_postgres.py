@@ -127,6 +127,23 @@ def test_values_become_python_values_and_unchanged_toast_is_a_sentinel(pg_dsn, p
     assert update.new["nothing"] is None  # a real NULL stays None
 
 
+def test_timestamps_come_in_utc_whatever_the_server_time_zone(pg_dsn, pg):
+    # Aware datetimes in UTC, from the snapshot and from the stream alike, so the JSON output
+    # does not depend on how the server (or the database, or the role) sets TimeZone.
+    pg.execute(f"ALTER DATABASE {pg.info.dbname} SET TimeZone = 'America/New_York'")
+    pg.execute("CREATE TABLE ts (id int PRIMARY KEY, at timestamptz)")
+    pg.execute("INSERT INTO ts VALUES (1, '2030-01-02 03:04:05.25+00')")
+    feed = make_feed(pg_dsn, "ts", prefeed="snapshot")
+    (snapshot,) = drain(feed)
+    pg.execute("INSERT INTO ts VALUES (2, '2030-07-01 12:00:00-07')")
+    (streamed,) = drain(feed)
+    assert snapshot.new["at"] == datetime(2030, 1, 2, 3, 4, 5, 250000, tzinfo=timezone.utc)
+    assert streamed.new["at"] == datetime(2030, 7, 1, 19, 0, tzinfo=timezone.utc)
+    assert snapshot.new["at"].tzinfo is timezone.utc
+    assert streamed.new["at"].tzinfo is timezone.utc
+    assert streamed.committed_at.tzinfo is timezone.utc
+
+
 def test_replica_identity_full_gives_the_old_row_and_fills_unchanged_values(pg_dsn, pg):
     pg.execute("CREATE TABLE f (id int PRIMARY KEY, note text, big text)")
     pg.execute("ALTER TABLE f REPLICA IDENTITY FULL")
