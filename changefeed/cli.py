@@ -12,7 +12,6 @@ server). Ctrl-C or SIGTERM stops at the next change, flushes, acknowledges, and 
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import signal
@@ -36,6 +35,7 @@ from changefeed.feed import (
     url_scheme,
 )
 from changefeed.pipelines.delta import dumps_line, to_delta
+from changefeed.pipelines.sinks import buffered_stdout
 
 log = logging.getLogger("changefeed")
 
@@ -178,7 +178,7 @@ def run(
             run_pipeline(pipeline, limit=limit, idle=until_idle, quiet=quiet)
         else:  # the fast path: no stages, JSON lines to stdout
             encode = _encoder(fmt, model)
-            stream_to(feed, _buffered_stdout(), encode, limit=limit, idle=until_idle, quiet=quiet)
+            stream_to(feed, buffered_stdout(), encode, limit=limit, idle=until_idle, quiet=quiet)
 
 
 def run_pipeline(
@@ -278,15 +278,6 @@ def stream_to(
         feed.close()
     progress.report(written, final=True)
     return written
-
-
-def _buffered_stdout() -> BinaryIO:
-    """A buffered binary stdout, also under ``PYTHONUNBUFFERED`` / ``python -u`` (which make
-    ``sys.stdout.buffer`` a raw file: one system call per line)."""
-    stdout = sys.stdout.buffer
-    if isinstance(stdout, io.BufferedIOBase):
-        return stdout
-    return io.BufferedWriter(io.FileIO(sys.stdout.fileno(), "wb", closefd=False))
 
 
 def _silence_stdout() -> None:

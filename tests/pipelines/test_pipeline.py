@@ -258,3 +258,27 @@ def test_sink_process_killed_mid_stream_then_restart_loses_nothing(tmp_path):
     duplicates = {i for i in delivered if delivered.count(i) > 1}
     assert all(i > acknowledged for i in duplicates)  # only unacknowledged ones came twice
     assert checkpoint.load("tasks") == 500
+
+
+def test_stdout_is_buffered_even_when_python_runs_unbuffered(monkeypatch, tmp_path):
+    # PYTHONUNBUFFERED=1 (common in containers) makes sys.stdout.buffer a raw file: writing
+    # through it would cost one system call per change.
+    import io
+    import sys
+
+    from changefeed.pipelines.sinks import Batch, buffered_stdout
+
+    raw = open(tmp_path / "out", "wb", buffering=0)  # noqa: SIM115 - closed below
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, write_through=True))
+    out = buffered_stdout()
+    assert isinstance(out, io.BufferedIOBase)
+    out.write(b'{"type": "insert"}\n')
+    assert (tmp_path / "out").read_bytes() == b""  # held in the buffer ...
+    out.flush()
+    assert (tmp_path / "out").read_bytes() == b'{"type": "insert"}\n'  # ... until flushed
+
+    sink = JsonLinesSink("-")
+    sink.write_batch(Batch([{"id": 1}, {"id": 2}], [1, 2]))  # returns once flushed
+    assert (tmp_path / "out").read_bytes().splitlines()[1:] == [b'{"id":1}', b'{"id":2}']
+    sink.close()
+    raw.close()
