@@ -51,22 +51,30 @@ def _default(value: Any) -> Any:
         return list(value)
     if value is UNCHANGED:
         return None  # only reached inside nested values; rows drop such columns first
-    if isinstance(value, Operation):
-        return value.name.lower() if value.name else int(value)
     if hasattr(value, "isoformat"):  # time, timedelta-free date types orjson does not know
         return value.isoformat()
     # psycopg ranges, ipaddress objects and other values with a faithful text form
     return str(value)
 
 
-_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_SUBCLASS
+_OPTIONS = orjson.OPT_PASSTHROUGH_SUBCLASS
+_LINE = _OPTIONS | orjson.OPT_APPEND_NEWLINE
+# Keys that are not strings (an int key in a stage's output) need OPT_NON_STR_KEYS, which
+# makes every dict a third slower to encode: it is used only for values that need it.
+_NON_STR_KEYS = orjson.OPT_NON_STR_KEYS
 
 
 def dumps(value: Any) -> bytes:
     """``value`` as compact JSON bytes, with changefeed's encoding of database values."""
-    return orjson.dumps(value, default=_default, option=_OPTIONS)
+    try:
+        return orjson.dumps(value, default=_default, option=_OPTIONS)
+    except orjson.JSONEncodeError:
+        return orjson.dumps(value, default=_default, option=_OPTIONS | _NON_STR_KEYS)
 
 
 def dumps_line(value: Any) -> bytes:
     """`dumps` followed by a newline: one JSON line."""
-    return orjson.dumps(value, default=_default, option=_OPTIONS | orjson.OPT_APPEND_NEWLINE)
+    try:
+        return orjson.dumps(value, default=_default, option=_LINE)
+    except orjson.JSONEncodeError:
+        return orjson.dumps(value, default=_default, option=_LINE | _NON_STR_KEYS)

@@ -58,3 +58,20 @@ def test_change_pickles():
 def test_errors_pickle_with_their_message(error):
     copy = pickle.loads(pickle.dumps(error))
     assert type(copy) is type(error) and str(copy) == str(error)
+
+
+def test_a_change_is_immutable_and_copies_with_replace():
+    import dataclasses
+
+    change = Change(Operation.INSERT, "public.t", new={"id": 1}, key={"id": 1}, position="00/1")
+    assert type(change) is Change
+    assert (change.operation, change.table, change.new, change.old, change.key, change.position,
+            change.committed_at, change.transaction, change.snapshot, change.meta) == (
+        Operation.INSERT, "public.t", {"id": 1}, None, {"id": 1}, "00/1", None, None, False, None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        change.table = "public.other"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        del change.new
+    copy = dataclasses.replace(change, snapshot=True)
+    assert type(copy) is Change and copy.snapshot and copy.new == change.new
+    assert copy != change and dataclasses.replace(copy, snapshot=False) == change

@@ -110,12 +110,15 @@ class Relation:
     qualified_name: str = ""
     key_names: tuple[str, ...] = ()
     decode_row: RowDecoder | None = None
-    """TupleData at an offset -> (row dict, offset after it, unchanged column names or None)."""
+    """TupleData at an offset -> (row dict, key dict, offset after it, unchanged column names
+    or None)."""
 
     def __post_init__(self) -> None:
         self.qualified_name = f"{self.schema}.{self.name}"
         self.key_names = tuple(self.columns[i] for i in self.key_indexes)
-        self.decode_row = _row_decoder(self.qualified_name, self.columns, self.load)
+        self.decode_row = _row_decoder(
+            self.qualified_name, self.columns, self.key_names, self.load
+        )
 
     def key_of(self, row: dict[str, Any]) -> dict[str, Any]:
         """The key columns of ``row`` (a dict of the same shape as the key)."""
@@ -258,9 +261,9 @@ class PgOutputDecoder:
         relation = self.relations.get(_UINT32.unpack_from(data, 1)[0])
         if relation is None or not relation.watched:
             return self._unwatched(relation, data)
-        new = relation.decode_row(data, 6)[0]  # after OID and 'N'
+        new, key, _, _ = relation.decode_row(data, 6)  # after OID and 'N'
         return Change(
-            Operation.INSERT, relation.qualified_name, new, None, relation.key_of(new),
+            Operation.INSERT, relation.qualified_name, new, None, key,
             self._position_prefix + format(index, "08X"), self._committed_at, self._xid,
         )
 
@@ -276,20 +279,20 @@ class PgOutputDecoder:
         old = None
         marker = data[offset]
         if marker in (75, 79):  # 'K' key only, 'O' whole old row
-            old, offset, _ = relation.decode_row(data, offset + 1)
+            old, old_key, offset, _ = relation.decode_row(data, offset + 1)
             if marker == 75:
-                old = relation.key_of(old)
+                old = old_key
             marker = data[offset]
         if marker != 78:  # 'N'
             raise DecodeError(f"update without new tuple ({chr(marker)!r})")
-        new, _, unchanged = relation.decode_row(data, offset + 1)
+        new, key, _, unchanged = relation.decode_row(data, offset + 1)
         if unchanged and old is not None:
             # Unchanged TOASTed values are absent from the new row; a full old row has them.
             for column in unchanged:
                 value = old.get(column, UNCHANGED)
                 if value is not UNCHANGED:
                     new[column] = value
-        key = relation.key_of(new)
+            key = relation.key_of(new)
         return Change(
             Operation.UPDATE, relation.qualified_name, new, key if old is None else old, key,
             self._position_prefix + format(index, "08X"), self._committed_at, self._xid,
@@ -303,8 +306,7 @@ class PgOutputDecoder:
         relation = self.relations.get(_UINT32.unpack_from(data, 1)[0])
         if relation is None or not relation.watched:
             return self._unwatched(relation, data)
-        old = relation.decode_row(data, 6)[0]
-        key = relation.key_of(old)
+        old, key, _, _ = relation.decode_row(data, 6)
         if data[5] == 75:  # 'K': only the key columns carry values
             old = key
         return Change(
@@ -341,7 +343,9 @@ class PgOutputDecoder:
 # row built as a dict display. `_parse_tuple_loop` is the parsing as a plain loop; the tests
 # check that both agree.
 
-RowDecoder = Callable[[bytes, int], tuple[dict[str, Any], int, list[str] | None]]
+RowDecoder = Callable[
+    [bytes, int], tuple[dict[str, Any], dict[str, Any], int, list[str] | None]
+]
 
 _COLUMN_TEMPLATE = """\
     if data[o] == 116:
@@ -365,13 +369,18 @@ def _bad_kind(kind: int) -> None:
 
 
 def _row_decoder(
-    table: str, columns: tuple[str, ...], load: Callable[[Sequence[bytes | None]], Sequence[Any]]
+    table: str,
+    columns: tuple[str, ...],
+    key_names: tuple[str, ...],
+    load: Callable[[Sequence[bytes | None]], Sequence[Any]],
 ) -> RowDecoder:
     """The decoder of ``table``'s rows (made once per Relation message): see
-    `Relation.decode_row`. ``load`` turns the list of raw values into Python values."""
+    `Relation.decode_row`. ``load`` turns the list of raw values into Python values;
+    ``key_names`` are the columns of the key dict (their values, as in the row)."""
     count = len(columns)
     values = "".join(f"v{i}, " for i in range(count))
     row = ", ".join(f"{name!r}: v{i}" for i, name in enumerate(columns))
+    key = ", ".join(f"{name!r}: v{columns.index(name)}" for name in key_names)
     source = (
         "def decode(data, o):\n"
         "    if unpack_count(data, o)[0] != count:\n"
@@ -381,12 +390,15 @@ def _row_decoder(
         + "".join(_COLUMN_TEMPLATE.format(i=i) for i in range(count))
         + f"    {values}= load([{values}])\n"
         + f"    row = {{{row}}}\n"
+        + f"    key = {{{key}}}\n"
         "    if unchanged is None:\n"
-        "        return row, o, None\n"
+        "        return row, key, o, None\n"
         "    names = [columns[i] for i in unchanged]\n"
         "    for name in names:\n"
         "        row[name] = UNCHANGED\n"
-        "    return row, o, names\n"
+        "        if name in key:\n"
+        "            key[name] = UNCHANGED\n"
+        "    return row, key, o, names\n"
     )
 
     def wrong_count(found: int) -> None:

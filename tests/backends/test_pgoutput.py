@@ -174,8 +174,10 @@ def test_generated_row_decoders_agree_with_the_plain_loop():
         assert data[offset:] == b"tail" and len(raw) == ncolumns
 
         columns = tuple(f"c{i}" for i in range(ncolumns))
-        row, decoded_offset, names = _row_decoder("t", columns, list)(data, 2)
+        key_names = tuple(rng.sample(columns, rng.randint(0, min(3, ncolumns))))
+        row, key, decoded_offset, names = _row_decoder("t", columns, key_names, list)(data, 2)
         assert decoded_offset == offset
+        assert key == {name: row[name] for name in key_names}
         assert names == (None if unchanged is None else [columns[i] for i in unchanged])
         assert row == {
             column: UNCHANGED if unchanged and i in unchanged else raw[i]
@@ -186,7 +188,7 @@ def test_generated_row_decoders_agree_with_the_plain_loop():
 def test_unknown_tuple_value_kind_and_wrong_column_count_are_errors():
     from changefeed.backends.postgres.pgoutput import _row_decoder
 
-    decode = _row_decoder("public.t", ("a",), list)
+    decode = _row_decoder("public.t", ("a",), ("a",), list)
     with pytest.raises(DecodeError, match="unknown tuple value kind 'b'"):
         decode(b"\x00\x01b\x00\x00\x00\x01x", 0)
     with pytest.raises(DecodeError, match="public.t: tuple has 2 columns, relation 1"):
