@@ -38,6 +38,10 @@ _UINT32 = struct.Struct("!I")
 _BEGIN = struct.Struct("!QqI")
 _COMMIT = struct.Struct("!BQQq")
 _TRUNCATE = struct.Struct("!IB")
+_KIND_AND_LENGTH = struct.Struct("!xi")  # a tuple value's length, after its kind byte
+_unpack_oid = _UINT32.unpack_from
+# Module constants: an enum class attribute costs a lookup through the metaclass per change.
+_INSERT, _UPDATE, _DELETE = Operation.INSERT, Operation.UPDATE, Operation.DELETE
 
 
 def make_position(lsn: int, index: int) -> str:
@@ -258,13 +262,13 @@ class PgOutputDecoder:
         self._index = index + 1
         if not self._insert_wanted:
             return None
-        relation = self.relations.get(_UINT32.unpack_from(data, 1)[0])
+        relation = self.relations.get(_unpack_oid(data, 1)[0])
         if relation is None or not relation.watched:
             return self._unwatched(relation, data)
         new, key, _, _ = relation.decode_row(data, 6)  # after OID and 'N'
         return Change(
-            Operation.INSERT, relation.qualified_name, new, None, key,
-            self._position_prefix + format(index, "08X"), self._committed_at, self._xid,
+            _INSERT, relation.qualified_name, new, None, key,
+            f"{self._position_prefix}{index:08X}", self._committed_at, self._xid,
         )
 
     def _update(self, data: bytes) -> Change | None:
@@ -272,7 +276,7 @@ class PgOutputDecoder:
         self._index = index + 1
         if not self._update_wanted:
             return None
-        relation = self.relations.get(_UINT32.unpack_from(data, 1)[0])
+        relation = self.relations.get(_unpack_oid(data, 1)[0])
         if relation is None or not relation.watched:
             return self._unwatched(relation, data)
         offset = 5
@@ -294,8 +298,8 @@ class PgOutputDecoder:
                     new[column] = value
             key = relation.key_of(new)
         return Change(
-            Operation.UPDATE, relation.qualified_name, new, key if old is None else old, key,
-            self._position_prefix + format(index, "08X"), self._committed_at, self._xid,
+            _UPDATE, relation.qualified_name, new, key if old is None else old, key,
+            f"{self._position_prefix}{index:08X}", self._committed_at, self._xid,
         )
 
     def _delete(self, data: bytes) -> Change | None:
@@ -303,15 +307,15 @@ class PgOutputDecoder:
         self._index = index + 1
         if not self._delete_wanted:
             return None
-        relation = self.relations.get(_UINT32.unpack_from(data, 1)[0])
+        relation = self.relations.get(_unpack_oid(data, 1)[0])
         if relation is None or not relation.watched:
             return self._unwatched(relation, data)
         old, key, _, _ = relation.decode_row(data, 6)
         if data[5] == 75:  # 'K': only the key columns carry values
             old = key
         return Change(
-            Operation.DELETE, relation.qualified_name, None, old, key,
-            self._position_prefix + format(index, "08X"), self._committed_at, self._xid,
+            _DELETE, relation.qualified_name, None, old, key,
+            f"{self._position_prefix}{index:08X}", self._committed_at, self._xid,
         )
 
     def _truncate(self, data: bytes) -> Truncate:
@@ -350,7 +354,7 @@ RowDecoder = Callable[
 _COLUMN_TEMPLATE = """\
     if data[o] == 116:
         s = o + 5
-        o = s + unpack_length(data, o + 1)[0]
+        o = s + unpack_length(data, o)[0]
         v{i} = data[s:o]
     elif data[o] == 110:
         v{i} = None
@@ -383,7 +387,7 @@ def _row_decoder(
     key = ", ".join(f"{name!r}: v{columns.index(name)}" for name in key_names)
     source = (
         "def decode(data, o):\n"
-        "    if unpack_count(data, o)[0] != count:\n"
+        "    if data[o:o + 2] != count_bytes:\n"
         "        wrong_count(unpack_count(data, o)[0])\n"
         "    o += 2\n"
         "    unchanged = None\n"
@@ -405,8 +409,8 @@ def _row_decoder(
         raise DecodeError(f"{table}: tuple has {found} columns, relation {count}")
 
     namespace: dict[str, Any] = {
-        "unpack_length": _INT32.unpack_from, "unpack_count": _INT16.unpack_from,
-        "bad_kind": _bad_kind, "wrong_count": wrong_count, "count": count,
+        "unpack_length": _KIND_AND_LENGTH.unpack_from, "unpack_count": _INT16.unpack_from,
+        "bad_kind": _bad_kind, "wrong_count": wrong_count, "count_bytes": _INT16.pack(count),
         "columns": columns, "UNCHANGED": UNCHANGED, "load": load,
     }
     exec(compile(source, f"<pgoutput row decoder for {table}>", "exec"), namespace)
