@@ -1,0 +1,28 @@
+"""The benchmark script still runs end to end (on a tiny workload; timings are not checked)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.postgres
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_postgres.py"
+
+
+def test_benchmark_runs_both_consumers_to_the_end_and_reports_the_ratio():
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--changes", "2000", "--rounds", "2", "--big-rows", "3000"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "workload: 2,000 changes" in out
+    assert len(re.findall(r"round \d: (changefeed|recvlogical) ", out)) == 4
+    assert re.search(r"ratio changefeed / pg_recvlogical: \d+\.\d\d \(of the medians: \d+\.\d\d\)",
+                     out)
+    assert re.search(r"one transaction of 3,000 rows: .* peak RSS \d+ MB", out)
