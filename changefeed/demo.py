@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import random
-import sys
 import threading
 from collections.abc import Callable
 
@@ -49,6 +48,7 @@ def _writer(dsn: str, stop: threading.Event) -> None:
 def run_demo(seconds: float | None, encode: Callable[[Change], bytes]) -> None:
     """Run the demo for ``seconds`` (None: until Ctrl-C)."""
     from changefeed.cli import stream_to
+    from changefeed.pipelines.sinks import buffered_stdout
 
     log.info("starting a throwaway PostgreSQL cluster (initdb in a temporary directory)")
     with TemporaryPostgres() as server:
@@ -72,7 +72,7 @@ def run_demo(seconds: float | None, encode: Callable[[Change], bytes]) -> None:
         if seconds:
             threading.Timer(seconds, feed.stop).start()
         try:
-            stream_to(feed, sys.stdout.buffer, encode)
+            stream_to(feed, buffered_stdout(), encode)
         finally:
             stop.set()
             writer.join(timeout=5)
