@@ -1,4 +1,4 @@
-"""The benchmark script still runs end to end (on a tiny workload; timings are not checked)."""
+"""The benchmark scripts still run end to end (on tiny workloads; timings are not checked)."""
 
 from __future__ import annotations
 
@@ -26,3 +26,15 @@ def test_benchmark_runs_both_consumers_to_the_end_and_reports_the_ratio():
     assert re.search(r"ratio changefeed / pg_recvlogical: \d+\.\d\d \(of the medians: \d+\.\d\d\)",
                      out)
     assert re.search(r"one transaction of 3,000 rows: .* peak RSS \d+ MB", out)
+
+
+def test_decode_cost_replays_every_recorded_change_through_each_stage():
+    script = SCRIPT.with_name("decode_cost.py")
+    result = subprocess.run(
+        [sys.executable, str(script), "--changes", "2000", "--rounds", "1"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr  # it exits non-zero if a change went missing
+    for stage in ("copy", "decode", "encode"):
+        line = rf"  {stage} +\d+\.\d\d us  \(\d+\.\dx copy\)"
+        assert re.search(line, result.stdout), result.stdout
