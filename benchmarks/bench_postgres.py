@@ -58,8 +58,10 @@ def make_workload(conn: psycopg.Connection, changes: int) -> None:
             )
 
 
-def timed(argv: list[str], stdout: int | None = subprocess.DEVNULL) -> tuple[float, int]:
-    """Run ``argv``; return (seconds, peak RSS in kB) of that child alone."""
+def timed(
+    argv: list[str], stdout: int | None = subprocess.DEVNULL
+) -> tuple[float, float, int]:
+    """Run ``argv``; return (seconds, CPU seconds, peak RSS in kB) of that child alone."""
     started = time.perf_counter()
     process = subprocess.Popen(argv, stdout=stdout, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(process.pid, 0)
@@ -67,7 +69,7 @@ def timed(argv: list[str], stdout: int | None = subprocess.DEVNULL) -> tuple[flo
     stderr = process.stderr.read().decode() if process.stderr else ""
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{argv[0]} failed: {stderr}")
-    return elapsed, usage.ru_maxrss
+    return elapsed, usage.ru_utime + usage.ru_stime, usage.ru_maxrss
 
 
 def changefeed_argv(dsn: str, slot: str, publication: str, limit: int) -> list[str]:
@@ -105,12 +107,13 @@ def throughput(server: TemporaryPostgres, changes: int, rounds: int) -> None:
         for kind in order:
             slot = f"{kind}_{number}"
             if kind == "changefeed":
-                seconds, _ = timed(changefeed_argv(dsn, slot, "bench", changes))
+                seconds, cpu, _ = timed(changefeed_argv(dsn, slot, "bench", changes))
             else:
-                seconds, _ = timed(recvlogical_argv(dsn, slot, "bench", end_lsn))
+                seconds, cpu, _ = timed(recvlogical_argv(dsn, slot, "bench", end_lsn))
             results[kind].append(seconds)
             rate = changes / seconds
-            print(f"round {number + 1}: {kind:12} {seconds:6.2f} s  {rate:10,.0f} rows/s")
+            print(f"round {number + 1}: {kind:12} {seconds:6.2f} s  {rate:10,.0f} rows/s"
+                  f"  (CPU {cpu:.2f} s)")
     best_cf = min(results["changefeed"])
     best_pg = min(results["recvlogical"])
     print(f"\nbest of {rounds}: changefeed {changes / best_cf:,.0f} rows/s,"
@@ -133,7 +136,7 @@ def memory(server: TemporaryPostgres, rows: int) -> None:
         )
     argv = [sys.executable, "-m", "changefeed", "run", "big", "--url", dsn, "--slot", "big",
             "--publication", "big", "--limit", str(rows), "--quiet"]
-    seconds, peak_kb = timed(argv)
+    seconds, _, peak_kb = timed(argv)
     print(f"\none transaction of {rows:,} rows: {seconds:.1f} s"
           f" ({rows / seconds:,.0f} rows/s), peak RSS {peak_kb / 1024:.0f} MB")
 
