@@ -40,7 +40,7 @@ from changefeed.pipelines.sinks import buffered_stdout
 log = logging.getLogger("changefeed")
 
 FLUSH_BYTES = 256 * 1024
-"""While busy, flush stdout (and hand what it holds to `ThrottledAcks`) at least this often."""
+"""While busy, flush stdout (and hand what was written to `ThrottledAcks`) per this many bytes."""
 PROGRESS_SECONDS = 5.0
 ACK_SECONDS = 0.2
 """Acknowledge (and fsync the checkpoint file) at most this often (see `ThrottledAcks`), in
