@@ -34,7 +34,7 @@ from changefeed.feed import (
     is_postgresql_url,
     url_scheme,
 )
-from changefeed.pipelines.delta import dumps_line, to_delta
+from changefeed.pipelines.delta import delta_line_encoder, dumps_line
 from changefeed.pipelines.sinks import buffered_stdout
 
 log = logging.getLogger("changefeed")
@@ -220,10 +220,7 @@ def _encoder(fmt: str, model: str | None) -> Callable[[Change], bytes]:
 
         return encode_change
 
-    def encode_delta(change: Change) -> bytes:
-        return dumps_line(to_delta(change, model))
-
-    return encode_delta
+    return delta_line_encoder(model)
 
 
 def stream_to(

@@ -14,6 +14,7 @@ number would lose digits in most consumers), bytes as base64, sets as lists. Col
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -78,3 +79,41 @@ def dumps_line(value: Any) -> bytes:
         return orjson.dumps(value, default=_default, option=_LINE)
     except orjson.JSONEncodeError:
         return orjson.dumps(value, default=_default, option=_LINE | _NON_STR_KEYS)
+
+
+def delta_line_encoder(model: str | None = None) -> Callable[[Change], bytes]:
+    """A function giving the same bytes as ``dumps_line(to_delta(change, model))``, faster.
+
+    Inserts and deletes, the bulk of most streams, are written as the encoded start of their
+    delta, made once per table, followed by the encoded row: no delta dict per change, and the
+    constant keys encoded once. ``changefeed run`` writes its deltas with this.
+    """
+    starts: dict[str, tuple[bytes, bytes]] = {}
+
+    def encode(change: Change) -> bytes:
+        operation = change.operation
+        if operation is _INSERT:
+            row, which = change.new, 0
+        elif operation is _DELETE:
+            row, which = change.old, 1
+        else:
+            return dumps_line(to_delta(change, model))
+        start = starts.get(change.table)
+        if start is None:
+            start = starts[change.table] = _delta_starts(change.table, model)
+        try:
+            return start[which] + orjson.dumps(row, default=_default, option=_OPTIONS) + b"}\n"
+        except orjson.JSONEncodeError:  # keys that are not strings: the general path
+            return dumps_line(to_delta(change, model))
+
+    return encode
+
+
+def _delta_starts(table: str, model: str | None) -> tuple[bytes, bytes]:
+    """The bytes of ``table``'s insert and delete deltas up to their row, which comes last."""
+    insert = dumps(to_delta(Change(_INSERT, table, new={}), model))
+    delete = dumps(to_delta(Change(_DELETE, table, new=None, old={}), model))
+    return insert[: -len(b"{}}")], delete[: -len(b"{}}")]  # without the empty row and "}"
+
+
+_INSERT, _DELETE = Operation.INSERT, Operation.DELETE

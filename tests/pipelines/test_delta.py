@@ -50,3 +50,32 @@ def test_dumps_line_is_one_line():
     line = dumps_line({"type": "insert", "model": "Task", "data": {"title": "two\nlines"}})
     assert line.endswith(b"\n") and line.count(b"\n") == 1
 
+
+
+def _changes():
+    from changefeed import Change, Operation
+
+    row = {"id": 7, "title": "naïve \"quote\"", "amount": Decimal("1.50"),
+           "at": datetime(2030, 1, 2, 3, 4, 5, tzinfo=timezone.utc), "tags": ["a", None]}
+    return [
+        Change(Operation.INSERT, "public.tasks", new=row, key={"id": 7}),
+        Change(Operation.INSERT, "tasks", new={}),
+        Change(Operation.INSERT, "app.line_items", new={"id": uuid.UUID(int=1)}),
+        Change(Operation.UPDATE, "public.tasks", new={**row, "body": UNCHANGED},
+               old={"id": 7}, key={"id": 7}),
+        Change(Operation.DELETE, "public.tasks", new=None, old={"id": 7}, key={"id": 7}),
+        Change(Operation.DELETE, "public.tasks", new=None, old=None),
+        Change(Operation.INSERT, "public.tasks", new={1: "an int key", "b": b"\x00"}),
+        Change(Operation.DELETE, "public.tasks", new=None, old={2: "an int key"}),
+    ]
+
+
+@pytest.mark.parametrize("model", [None, "Task", 'Odd "model" ✓'])
+def test_the_fast_delta_lines_equal_the_general_encoding(model):
+    from changefeed.pipelines.delta import delta_line_encoder, to_delta
+
+    encode = delta_line_encoder(model)
+    for change in _changes() * 2:  # the second time from the per-table starts made the first
+        line = encode(change)
+        assert line == dumps_line(to_delta(change, model)), change
+        assert json.loads(line) == json.loads(dumps(to_delta(change, model)))
