@@ -12,6 +12,7 @@ server). Ctrl-C or SIGTERM stops at the next change, flushes, acknowledges, and 
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import signal
@@ -35,7 +36,6 @@ from changefeed.feed import (
     url_scheme,
 )
 from changefeed.pipelines.delta import delta_line_encoder, dumps_line
-from changefeed.pipelines.sinks import buffered_stdout
 
 log = logging.getLogger("changefeed")
 
@@ -276,6 +276,15 @@ def stream_to(
         feed.close()
     progress.report(written, final=True)
     return written
+
+
+def buffered_stdout() -> BinaryIO:
+    """Binary stdout with a buffer, also under ``PYTHONUNBUFFERED`` / ``python -u`` (which make
+    ``sys.stdout.buffer`` a raw file: one system call per line)."""
+    stdout = sys.stdout.buffer
+    if isinstance(stdout, io.BufferedIOBase):
+        return stdout
+    return io.BufferedWriter(io.FileIO(sys.stdout.fileno(), "wb", closefd=False))
 
 
 def _silence_stdout() -> None:

@@ -47,8 +47,7 @@ def _writer(dsn: str, stop: threading.Event) -> None:
 
 def run_demo(seconds: float | None, encode: Callable[[Change], bytes]) -> None:
     """Run the demo for ``seconds`` (None: until Ctrl-C)."""
-    from changefeed.cli import stream_to
-    from changefeed.pipelines.sinks import buffered_stdout
+    from changefeed.cli import buffered_stdout, stream_to
 
     log.info("starting a throwaway PostgreSQL cluster (initdb in a temporary directory)")
     with TemporaryPostgres() as server:

@@ -273,3 +273,20 @@ def test_progress_reports_rate_and_lag_while_busy(monkeypatch, caplog):
     assert messages[-1].startswith("stopped after 3 changes")
     assert feed.acknowledged == 3
 
+
+def test_output_is_buffered_even_when_python_runs_unbuffered(monkeypatch, tmp_path):
+    # PYTHONUNBUFFERED=1 (common in containers) makes sys.stdout.buffer a raw file: writing
+    # through it would cost one system call per change.
+    import io
+
+    from changefeed.cli import buffered_stdout
+
+    raw = open(tmp_path / "out", "wb", buffering=0)  # noqa: SIM115 - closed below
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, write_through=True))
+    out = buffered_stdout()
+    assert isinstance(out, io.BufferedIOBase)
+    out.write(b'{"type": "insert"}\n')
+    assert (tmp_path / "out").read_bytes() == b""  # held in the buffer ...
+    out.flush()
+    assert (tmp_path / "out").read_bytes() == b'{"type": "insert"}\n'  # ... until flushed
+    raw.close()

@@ -20,7 +20,6 @@ Built-ins: `JsonLinesSink`, `CallbackSink`, `WebhookSink` and `SnorkySink` (in
 
 from __future__ import annotations
 
-import io
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -59,15 +58,6 @@ class BatchSink(Protocol):
         """Deliver ``batch``; return only once it is delivered, raise if it cannot be."""
 
 
-def buffered_stdout() -> IO[bytes]:
-    """Binary stdout with a buffer, also under ``PYTHONUNBUFFERED`` / ``python -u`` (which make
-    ``sys.stdout.buffer`` a raw file: one system call per write)."""
-    stdout = sys.stdout.buffer
-    if isinstance(stdout, io.BufferedIOBase):
-        return stdout
-    return io.BufferedWriter(io.FileIO(sys.stdout.fileno(), "wb", closefd=False))
-
-
 def jsonable(item: Any) -> Any:
     """``item`` ready for JSON: a `Change` as its ``to_dict()``, anything else as it is."""
     return item.to_dict() if isinstance(item, Change) else item
@@ -91,7 +81,7 @@ class JsonLinesSink:
     def _open(self) -> IO[bytes]:
         if self._file is None:
             if self.target == "-":
-                self._file = buffered_stdout()
+                self._file = sys.stdout.buffer
             elif isinstance(self.target, (str, os.PathLike)):
                 self._file = open(self.target, "ab")  # noqa: SIM115  (closed in close())
                 self._owned = True
@@ -101,11 +91,13 @@ class JsonLinesSink:
 
     def write_batch(self, batch: Batch) -> None:
         file = self._open()
-        # Line by line into the file's buffer, each line freed at once: holding a batch of
-        # encoded lines until one write made encoding several times slower (glibc malloc).
-        write = file.write
+        # One write per batch, so appenders sharing a file never tear each other's lines. The
+        # lines are copied into one buffer as they are made: holding them all until a join
+        # made encoding several times slower (glibc malloc trimming and growing the heap).
+        lines = bytearray()
         for item in batch.items:
-            write(dumps_line(jsonable(item)))
+            lines += dumps_line(jsonable(item))
+        file.write(lines)
         file.flush()
         if self.fsync and self._owned:
             os.fsync(file.fileno())
