@@ -120,6 +120,23 @@ def test_sigkill_mid_stream_loses_nothing_and_repeats_only_unacknowledged(
     assert len(delivered) - len(set(delivered)) <= len(first_run)
 
 
+def test_a_reader_that_goes_away_ends_the_run_quietly_and_loses_nothing(pg_dsn, tasks):
+    # `changefeed run ... | head -n 1`: what the reader never took is not acknowledged.
+    process = start_cli("run", "tasks", "--url", pg_dsn, "-q")
+    time.sleep(1.5)
+    tasks.execute("INSERT INTO tasks (title) VALUES ('read')")
+    assert json.loads(process.stdout.readline())["data"]["title"] == "read"
+    process.stdout.close()  # the reader goes away
+    tasks.execute("INSERT INTO tasks (title) VALUES ('lost?')")
+    tasks.execute("INSERT INTO tasks (title) SELECT 'more ' || g FROM generate_series(1, 3) g")
+    assert process.wait(timeout=20) == 0
+    stderr = process.stderr.read()
+    assert "Traceback" not in stderr and "Broken pipe" not in stderr, stderr
+    result = run_cli("run", "tasks", "--url", pg_dsn, "--until-idle", "2", "-q")
+    titles = [json.loads(line)["data"]["title"] for line in result.stdout.splitlines()]
+    assert titles == ["lost?", "more 1", "more 2", "more 3"]
+
+
 def test_slots_lists_and_drops(pg_dsn, tasks):
     assert run_cli("run", "tasks", "--url", pg_dsn, "--until-idle", "0.3").returncode == 0
     listing = run_cli("slots", "--url", pg_dsn)
