@@ -43,6 +43,7 @@ from changefeed.backends.postgres.pgoutput import (
     Commit,
     PgOutputDecoder,
     Truncate,
+    format_lsn,
     make_position,
     psycopg_loaders,
 )
@@ -249,6 +250,39 @@ class PostgresChangeFeed(ChangeFeed):
     def on_acknowledge(self, position: Any) -> None:
         self._acked_position = position
         self._advance()
+        if self._replication is None and self._flush_lsn > self._sent_flush:
+            self._advance_slot()
+
+    def _advance_slot(self) -> None:
+        """Record on the slot an acknowledgement that came after the stream closed.
+
+        A consumer that stops (``--limit``, a signal, an idle timeout) leaves `changes()`, which
+        closes the stream, before it flushes and acknowledges its last output; without this
+        the next run would repeat those changes. The walsender may still be exiting for a
+        moment, keeping the slot busy: try for a few seconds.
+        """
+        lsn = format_lsn(self._flush_lsn)
+        deadline = time.monotonic() + 5.0
+        while True:
+            try:
+                with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10) as conn:
+                    conn.execute(
+                        "SELECT pg_replication_slot_advance(%s, %s::pg_lsn)", [self.slot, lsn]
+                    )
+                self._sent_flush = self._flush_lsn
+                return
+            except psycopg.errors.ObjectInUse:  # our walsender has not gone yet
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                error: Exception = TimeoutError("the slot stayed in use")
+            except psycopg.Error as exc:
+                error = exc
+            log.warning(
+                "could not record the last acknowledgement (%s) on slot %s: %s; the changes"
+                " after the slot's position will come again", lsn, self.slot, first_line(error),
+            )
+            return
 
     def _advance(self) -> None:
         """Move the flush LSN past every transaction whose emitted changes are all acknowledged."""

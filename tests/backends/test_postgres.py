@@ -240,6 +240,20 @@ def test_unacknowledged_transaction_is_replayed_whole(pg_dsn, tasks):
     assert [c.new["title"] for c in drain(make_feed(pg_dsn))] == ["a", "b"]
 
 
+def test_an_acknowledgement_after_the_stream_closed_still_moves_the_slot(pg_dsn, tasks):
+    # A consumer stopped by a signal or an idle timeout leaves changes() (which closes the
+    # stream) before it flushes and acknowledges its last output: that ack must not be lost.
+    feed = make_feed(pg_dsn)
+    start(feed)
+    tasks.execute("INSERT INTO tasks (title) VALUES ('a'), ('b')")
+    got = list(feed.changes(idle_timeout=1, timeout=20))
+    assert [c.new["title"] for c in got] == ["a", "b"]
+    feed.ack(got[-1].position)  # the stream is closed by now
+    tasks.execute("INSERT INTO tasks (title) VALUES ('c')")
+    again = make_feed(pg_dsn)  # a new process would start like this
+    assert [c.new["title"] for c in drain(again)] == ["c"]
+
+
 def test_resume_after_close_continues_where_acknowledged(pg_dsn, tasks):
     feed = make_feed(pg_dsn)
     start(feed)
