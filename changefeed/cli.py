@@ -251,15 +251,22 @@ def stream_to(
         pending_position = None
 
     stop_signals = _stop_on_signals(feed)
+    # The limit and a stop request are handled here, not by changes(), so that the last
+    # acknowledgement is made while the stream is still open and goes out with its closing.
+    changes = feed.changes(idle_timeout=idle, ticks=True)
     try:
-        for change in feed.changes(stop_after=limit, idle_timeout=idle, ticks=True):
+        for change in changes:
             if change is None:
                 flush()
                 progress.maybe_report(written)
+                if feed._stopping:
+                    break
                 continue
             size += write(encode(change))
             written += 1
             pending_position = change.position
+            if written == limit:
+                break
             if size >= FLUSH_BYTES:
                 flush()
                 progress.maybe_report(written)
@@ -272,6 +279,7 @@ def stream_to(
         flush(final=True)  # the feed failed, the output did not: keep what was delivered
         raise
     finally:
+        changes.close()
         stop_signals()
         feed.close()
     progress.report(written, final=True)
