@@ -7,7 +7,7 @@ CLI's path, each round timed in CPU time:
 
     copy     slice each recorded message as the feed does (the reference: no decoding at all)
     decode   + PgOutputDecoder.decode(): Changes with Python values
-    encode   + to_delta() and dumps_line(): the JSON line ``changefeed run`` writes
+    encode   + delta_line_encoder(): the JSON line ``changefeed run`` writes
 
 and prints microseconds per change and each stage's cost relative to the reference. For exact
 instruction counts (stable however loaded the machine is), run it under valgrind twice and
@@ -33,7 +33,7 @@ from psycopg import pq
 from changefeed.backends.postgres.pgoutput import PgOutputDecoder, psycopg_loaders
 from changefeed.change import Change
 from changefeed.embedded import TemporaryPostgres
-from changefeed.pipelines.delta import dumps_line, to_delta
+from changefeed.pipelines.delta import delta_line_encoder
 
 ROW_CHANGES = frozenset(b"IUD")
 
@@ -100,11 +100,12 @@ def stages(dsn: str) -> dict[str, Callable[[list[bytes]], int]]:
 
     def encode(messages: list[bytes]) -> int:
         decode = decoder()
+        encode_line = delta_line_encoder()  # what `changefeed run` writes its deltas with
         count = 0
         for message in messages:
             change = decode(message[25:])
             if change.__class__ is Change:
-                dumps_line(to_delta(change))
+                encode_line(change)
                 count += 1
         return count
 
