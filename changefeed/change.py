@@ -172,16 +172,6 @@ class _ChangeFields:
     """What a `Change` is while its __init__ fills it in (see there); never seen outside."""
 
     __slots__ = Change.__slots__
-    operation: Operation
-    table: str
-    new: dict[str, Any] | None
-    old: dict[str, Any] | None
-    key: dict[str, Any] | None
-    position: Position
-    committed_at: datetime | None
-    transaction: Any
-    snapshot: bool
-    meta: dict[str, Any] | None
 
 
 _object_setattr = object.__setattr__
