@@ -169,6 +169,15 @@ class ChangeFeed(Node):
     def close(self) -> None:
         """Release the backend's connections. The feed may be iterated again afterwards."""
 
+    def keep_alive(self) -> None:
+        """Keep the source's connection healthy while the consumer is busy elsewhere.
+
+        A consumer that holds on to the stream without asking for changes (a slow or retrying
+        sink) calls this at least every second or so from the thread that iterates the feed.
+        It must return quickly and hand out nothing; a backend whose server expects replies
+        (PostgreSQL's walsender keepalives) answers them here. Default: nothing to do.
+        """
+
     # -- what every feed shares ----------------------------------------------------------------
 
     def ack(self, position: Position) -> None:
