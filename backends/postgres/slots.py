@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from changefeed.backends.postgres.feed import SLOT_PREFIX, _connect_failure
+from changefeed.backends.postgres.feed import _connect_failure
+from changefeed.backends.postgres.names import SLOT_PREFIX
 from changefeed.errors import ConfigurationError, PermanentBackendError, first_line
 
 
