@@ -154,9 +154,9 @@ def run(
     """
     _setup_logging(quiet)
     options: dict[str, Any] = {}
-    if slot:
+    if slot is not None:
         options["slot"] = slot
-    if publication:
+    if publication is not None:
         options["publication"] = publication
     if options and not is_postgresql_url(url):
         raise CliError("--slot and --publication apply to PostgreSQL URLs only", 2)

@@ -117,14 +117,16 @@ def check_replica_identity(
     """
     if not operation & (Operation.UPDATE | Operation.DELETE):
         return
-    rows = conn.execute(
+    oids = [table.oid for table in tables]
+    rows = conn.execute(  # the tables themselves, and every partition of partitioned ones
         "SELECT format('%%I.%%I', n.nspname, c.relname), c.relreplident,"
         " EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),"
         " EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident)"
-        " FROM unnest(%s::oid[]) AS t(oid), pg_partition_tree(t.oid) p"
-        " JOIN pg_class c ON c.oid = p.relid JOIN pg_namespace n ON n.oid = c.relnamespace"
-        " WHERE p.isleaf ORDER BY 1",
-        [[table.oid for table in tables]],
+        " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE c.relkind = 'r' AND (c.oid = ANY(%s) OR c.oid IN (SELECT p.relid"
+        "   FROM unnest(%s::oid[]) AS t(oid), pg_partition_tree(t.oid) p WHERE p.isleaf))"
+        " ORDER BY 1",
+        [oids, oids],
     ).fetchall()
     lacking = [
         name for name, identity, has_key, has_index in rows

@@ -591,7 +591,7 @@ class PostgresChangeFeed(ChangeFeed):
         Refuses, before changing anything, tables whose UPDATE/DELETE would then fail and a
         publication that serves other tables or another slot.
         """
-        tables = list(self._tables.values()) if self._tables else []
+        tables = [t for oid, t in (self._tables or {}).items() if oid not in self._dropped]
         publication = catalog.get_publication(conn, self.publication)
         if publication is not None:
             catalog.check_publication(conn, publication, tables, self.slot)
@@ -715,9 +715,9 @@ class PostgresChangeFeed(ChangeFeed):
                 relation = table.identifier
                 estimate = reader.execute(  # a partitioned table: the sum of its partitions
                     "SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::bigint AS n"
-                    " FROM pg_partition_tree(%s) p JOIN pg_class c ON c.oid = p.relid"
-                    " WHERE p.isleaf",
-                    [table.oid],
+                    " FROM pg_class c WHERE c.relkind = 'r' AND (c.oid = %s"
+                    " OR c.oid IN (SELECT relid FROM pg_partition_tree(%s) WHERE isleaf))",
+                    [table.oid, table.oid],
                 ).fetchone()
                 total = estimate["n"] if estimate else 0
                 if total == 0:  # never analysed: count, in the same snapshot
