@@ -390,3 +390,29 @@ def test_a_slot_dropped_while_the_feed_runs_is_a_resume_error(pg_dsn, pg):
             time.sleep(0.05)
     with pytest.raises(ResumeError, match="was dropped while the feed ran"):
         list(feed.changes(timeout=10))
+
+
+# -- changefeed slots --------------------------------------------------------------------------
+
+
+def test_slots_lists_named_slots_with_the_wal_they_retain_and_warns(pg_dsn, pg):
+    pg.execute("CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY)")
+    start(make_feed(pg_dsn, "a"))
+    start(make_feed(pg_dsn, "b", slot="my_own_slot", publication="my_pub"))
+    pg.execute("SELECT pg_create_logical_replication_slot('not_ours', 'pgoutput')")
+    pg.execute("INSERT INTO b SELECT generate_series(1, 2000)")  # WAL the slots must keep
+    listing = run_cli("slots", "--url", pg_dsn, "--warn-retained", "1kB")
+    assert listing.returncode == 0, listing.stderr
+    lines = {line.split()[0]: line for line in listing.stdout.splitlines()[1:]}
+    assert set(lines) == {"changefeed_a", "my_own_slot"}  # not the slot changefeed did not make
+    assert lines["my_own_slot"].endswith("public.b (named)")
+    assert "kB" in lines["my_own_slot"] or "MB" in lines["my_own_slot"]
+    warned = [line for line in listing.stderr.splitlines() if "keep" in line]
+    assert len(warned) == 2 and all("changefeed slots --drop" in line for line in warned)
+    quiet = run_cli("slots", "--url", pg_dsn, "--warn-retained", "10GB")
+    assert "warning" not in quiet.stderr
+    dropped = run_cli("slots", "--url", pg_dsn, "--drop", "my_own_slot")
+    assert dropped.returncode == 0 and "my_pub" not in publications(pg)
+    assert "my_own_slot" not in slots(pg) and "not_ours" in slots(pg)
+    bad = run_cli("slots", "--url", pg_dsn, "--warn-retained", "lots")
+    assert bad.returncode == 2 and "not a size" in bad.stderr
