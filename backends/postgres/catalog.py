@@ -221,9 +221,11 @@ def describe_oids(conn: psycopg.Connection, oids: Sequence[int]) -> str:
 
 
 def check_publication(
-    conn: psycopg.Connection, publication: Publication, tables: Sequence[Table], slot: str
+    conn: psycopg.Connection, publication: Publication, tables: Sequence[Table], slot: str,
+    operation: Operation,
 ) -> None:
-    """Refuse a publication that serves other tables or another slot than this feed's."""
+    """Refuse a publication that serves other tables, or that another slot's feed uses with
+    other operations."""
     wanted = frozenset(table.oid for table in tables)
     if publication.all_tables:
         raise ConfigurationError(
@@ -237,10 +239,13 @@ def check_publication(
             " another --publication (and --slot)"
         )
     owner = publication.meta.get("slot")
-    if owner is not None and owner != slot:
+    if owner is not None and owner != slot and publication.operation != operation:
+        # Shared by slots, a publication's operations are every sharer's: changing them
+        # would silently change what the other feed receives.
         raise ConfigurationError(
-            f"publication {publication.name} belongs to slot {owner}, not {slot}: choose"
-            " another --publication"
+            f"publication {publication.name} is shared with slot {owner} and publishes"
+            f" {', '.join(publication.operation.names)}, not {', '.join(operation.names)}:"
+            " choose another --publication"
         )
 
 
