@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import psycopg
 import pytest
+from clitools import run_cli, start_cli
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from kafka_worker import FAST_GROUP
@@ -280,3 +282,57 @@ def test_a_killed_worker_s_partitions_go_to_the_other(kafka_bootstrap, tmp_path)
             if process.poll() is None:
                 process.terminate()
                 process.wait(20)
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_sigkill_of_changefeed_run_with_a_kafka_sink_loses_nothing(kafka_bootstrap, pg_dsn, pg):
+    """`changefeed run --sink kafka://` killed with SIGKILL while a writer commits, then
+    restarted: the topic holds every committed change (repeats allowed, losses not)."""
+    pg.execute("CREATE TABLE items (id int PRIMARY KEY, n int)")
+    topic = f"cdc.items_{uuid.uuid4().hex[:8]}"
+    args = ["run", "items", "--url", pg_dsn, "--format", "change", "-q",
+            "--sink", f"kafka://{kafka_bootstrap}?topic={topic}"]
+    assert run_cli(*args, "--until-idle", "0.5").returncode == 0  # creates the slot
+    committed: list[tuple[str, int]] = []
+    done, killed = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            for batch in range(60):
+                if batch == 30:  # half way: go on once the feed was killed (or after 60 s)
+                    killed.wait(60)
+                with conn.transaction():
+                    for row in range(5):
+                        key = batch * 5 + row
+                        conn.execute("INSERT INTO items VALUES (%s, 0)", [key])
+                        conn.execute("UPDATE items SET n = 1 WHERE id = %s", [key])
+                committed.extend([("insert", batch * 5 + r) for r in range(5)]
+                                 + [("update", batch * 5 + r) for r in range(5)])
+        done.set()
+
+    def received(records) -> set[tuple[str, int]]:
+        return {(dict(r.headers())["operation"].decode(), orjson.loads(r.key())["id"])
+                for r in records}
+
+    process = start_cli(*args)
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        # Kill it once some of the stream is in Kafka, while the writer is half way.
+        read_topic(kafka_bootstrap, topic, lambda r: len(r) >= 50)
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+        killed_while_writing = not done.is_set()
+        killed.set()
+        process = start_cli(*args)
+        thread.join(120)
+        assert done.is_set()
+        wanted = set(committed)
+        records = read_topic(kafka_bootstrap, topic, lambda r: received(r) >= wanted, timeout=120)
+        assert received(records) >= wanted, sorted(wanted - received(records))[:10]
+        assert killed_while_writing, "the writer finished before the kill: nothing was tested"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0, stderr
