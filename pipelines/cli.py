@@ -94,8 +94,13 @@ def make_sink(spec: str, *, model: str | None = None, fmt: str = "delta") -> Any
         if maxlen is not None and not maxlen.isdigit():
             raise ConfigurationError(f"maxlen must be a number, not {maxlen!r}")
         return RedisStreamSink(url, stream, maxlen=int(maxlen) if maxlen else None)
-    if scheme == "kafka":
-        from changefeed.pipelines.kafka import sink_from_spec
+    if scheme in ("kafka", "kafkas"):
+        try:
+            from changefeed.pipelines.kafka import sink_from_spec
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"a Kafka sink needs confluent-kafka ({exc}): pip install 'changefeed[kafka]'"
+            ) from exc
 
         return sink_from_spec(spec, fmt=fmt, model=model)
     if scheme:

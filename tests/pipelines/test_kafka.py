@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 import psycopg
 import pytest
-from clitools import run_cli, start_cli
+from clitools import assert_one_clear_line, run_cli, start_cli
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from kafka_worker import FAST_GROUP
@@ -336,3 +336,24 @@ def test_sigkill_of_changefeed_run_with_a_kafka_sink_loses_nothing(kafka_bootstr
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=30)
     assert process.returncode == 0, stderr
+
+
+@pytest.mark.parametrize(("spec", "fragment"), [
+    ("kafka://", "a Kafka sink needs brokers"),
+    ("kafka://127.0.0.1:1?topic={table", "bad topic template"),
+    ("kafka://127.0.0.1:1?topic={tabel}", "bad topic template"),
+    ("kafka://u:hunter2@127.0.0.1:1?topic={nope}", "bad topic template"),
+])
+def test_bad_kafka_sink_specs_are_one_clear_line(spec, fragment):
+    result = run_cli("run", "tasks", "--url", "postgresql://127.0.0.1:1/x", "--sink", spec)
+    assert_one_clear_line(result, fragment)
+    assert "hunter2" not in result.stderr
+    assert result.returncode == 2
+
+
+def test_a_table_name_that_is_no_topic_name_fails_before_anything_is_acknowledged():
+    feed = MemoryFeed("public.bad table", changes=[insert("public.bad table", {"id": 1},
+                                                          key={"id": 1})])
+    with pytest.raises(PipelineError, match="is not a Kafka topic name"):
+        Pipeline(feed, [], sink=KafkaSink("127.0.0.1:1")).run()
+    assert feed.checkpoint.load("public.bad table") is None
