@@ -97,7 +97,7 @@ def _relational(
     lsn, index = _lsn_and_index(change.position)
     info.update({
         "db": database,
-        "sequence": json.dumps([None, str(lsn)]) if lsn is not None else None,
+        "sequence": json.dumps([None, str(lsn)], separators=(",", ":")) if lsn else None,
         "schema": schema or "public",
         "table": table,
         "txId": change.transaction,
