@@ -286,22 +286,35 @@ def test_a_killed_worker_s_partitions_go_to_the_other(kafka_bootstrap, tmp_path)
 
 @pytest.mark.postgres
 @pytest.mark.slow
-def test_sigkill_of_changefeed_run_with_a_kafka_sink_loses_nothing(kafka_bootstrap, pg_dsn, pg):
+def test_sigkill_of_changefeed_run_with_a_kafka_sink_loses_nothing(
+    kafka_bootstrap, pg_dsn, pg, tmp_path
+):
     """`changefeed run --sink kafka://` killed with SIGKILL while a writer commits, then
-    restarted: the topic holds every committed change (repeats allowed, losses not)."""
+    restarted: the topic holds every committed change (repeats allowed, losses not). With
+    ``--checkpoint`` the restarted run skips what was acknowledged, so an acknowledgement made
+    before Kafka confirmed would show as a loss here."""
     pg.execute("CREATE TABLE items (id int PRIMARY KEY, n int)")
     topic = f"cdc.items_{uuid.uuid4().hex[:8]}"
+    checkpoint = tmp_path / "checkpoint.json"
     args = ["run", "items", "--url", pg_dsn, "--format", "change", "-q",
-            "--sink", f"kafka://{kafka_bootstrap}?topic={topic}"]
+            "--checkpoint", str(checkpoint),
+            # A long linger holds records in the producer: only waiting for the broker's
+            # confirmations before acknowledging keeps them from being lost in the kill.
+            "--sink", f"kafka://{kafka_bootstrap}?topic={topic}&linger.ms=2000"]
     assert run_cli(*args, "--until-idle", "0.5").returncode == 0  # creates the slot
     committed: list[tuple[str, int]] = []
     done, killed = threading.Event(), threading.Event()
 
     def writer() -> None:
+        # Writes until the feed was killed (so changes are in flight when it dies), then 20
+        # transactions more for the restarted feed; paced so the topic's reader keeps up.
+        after_kill = 0
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
-            for batch in range(60):
-                if batch == 30:  # half way: go on once the feed was killed (or after 60 s)
-                    killed.wait(60)
+            for batch in range(3000):
+                if killed.wait(0.01):
+                    after_kill += 1
+                    if after_kill > 20:
+                        break
                 with conn.transaction():
                     for row in range(5):
                         key = batch * 5 + row
@@ -319,8 +332,13 @@ def test_sigkill_of_changefeed_run_with_a_kafka_sink_loses_nothing(kafka_bootstr
     thread = threading.Thread(target=writer)
     thread.start()
     try:
-        # Kill it once some of the stream is in Kafka, while the writer is half way.
-        read_topic(kafka_bootstrap, topic, lambda r: len(r) >= 50)
+        # Kill it while the writer is busy, once some of the stream is in Kafka and then one
+        # more acknowledgement was made (the moment an early acknowledgement would be lost).
+        read_topic(kafka_bootstrap, topic, lambda r: len(r) >= 200)
+        acknowledged = checkpoint.read_text()
+        deadline = time.monotonic() + 30
+        while checkpoint.read_text() == acknowledged and time.monotonic() < deadline:
+            time.sleep(0.01)
         process.send_signal(signal.SIGKILL)
         process.wait(10)
         killed_while_writing = not done.is_set()
