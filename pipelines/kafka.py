@@ -252,8 +252,10 @@ class KafkaFeed(ChangeFeed):
         bootstrap: ``host:port[,host:port]``.
         topics: the topics to read (a name or a list).
         group: the consumer group; workers in one group share the partitions.
-        config: more librdkafka consumer settings (e.g. ``session.timeout.ms``: how soon a dead
-            worker's partitions move to the others).
+        config: more librdkafka consumer settings: ``session.timeout.ms`` (how soon a dead
+            worker's partitions move to the others; librdkafka's default is 45 s), and
+            ``max.poll.interval.ms`` (default 300 s), which must exceed the longest time the
+            pipeline may take to deliver one batch, or the worker is dropped from the group.
         poll: seconds a poll waits before the feed reports a quiet moment.
         Other arguments as for `ChangeFeed` (``operation`` filters; other records are
         committed without being emitted).
@@ -310,7 +312,8 @@ class KafkaFeed(ChangeFeed):
         log.info("%s: assigned %s", self.name, _names(partitions))
 
     def _revoked(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Records of these partitions emitted but not acknowledged belong to the next owner now.
+        # Records of these partitions emitted but not acknowledged belong to the next owner now:
+        # their offsets are not committed (those emitted from now on have the new epoch).
         self._epoch += 1
         for tp in partitions:
             self._revoked_at[(tp.topic, tp.partition)] = self._epoch
@@ -367,7 +370,7 @@ class KafkaFeed(ChangeFeed):
         offsets: dict[tuple[str, int], int] = {}
         while self._order:
             emitted, partition, offset, epoch = self._order.popleft()
-            if self._revoked_at.get(partition, -1) < epoch:  # still ours since it was read
+            if self._revoked_at.get(partition, 0) <= epoch:  # not revoked since it was read
                 offsets[partition] = offset + 1
             if emitted == position:
                 break

@@ -200,7 +200,7 @@ def test_a_broker_restart_loses_no_confirmed_record(tmp_path, caplog):
     try:
         table = new_table()
         changes = changes_of(table)
-        sink = KafkaSink(broker.url, timeout=8)
+        sink = KafkaSink(broker.url, timeout=4)
         sink.write_batch(Batch(changes[:2], [1, 2]))
         broker.stop()
         errors: list[BaseException] = []
@@ -222,7 +222,7 @@ def test_a_broker_restart_loses_no_confirmed_record(tmp_path, caplog):
             writer.join(60)
         assert not writer.is_alive()
         if errors:  # not confirmed: the pipeline stops unacknowledged, and a new run resends
-            assert "did not confirm the batch within 8 s" in str(errors[0])
+            assert "did not confirm the batch within 4 s" in str(errors[0])
             assert "\n" not in str(errors[0])
             retry = KafkaSink(broker.url, timeout=30)
             retry.write_batch(Batch(changes[2:], [3, 4, 5]))
@@ -231,6 +231,22 @@ def test_a_broker_restart_loses_no_confirmed_record(tmp_path, caplog):
         assert sorted(json.loads(dict(r.headers())["position"]) for r in records) == [3, 4, 5]
     finally:
         broker.stop()
+
+
+def wait_for_commits(bootstrap: str, group: str, topic: str, ends: dict[int, int]) -> bool:
+    """Whether ``group``'s committed offsets reach ``ends`` (partition: offset) within 30 s."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        deadline = time.monotonic() + 30
+        wanted = [TopicPartition(topic, p) for p in sorted(ends)]
+        while time.monotonic() < deadline:
+            committed = consumer.committed(wanted, timeout=10)
+            if [tp.offset for tp in committed] == [ends[p] for p in sorted(ends)]:
+                return True
+            time.sleep(0.2)
+        return False
+    finally:
+        consumer.close()
 
 
 def _positions(path: Path) -> list[str]:
@@ -275,8 +291,19 @@ def test_a_killed_worker_s_partitions_go_to_the_other(kafka_bootstrap, tmp_path)
                 break
             time.sleep(0.2)
         assert seen >= wanted, sorted(wanted - seen)
-        taken_over = {p.rsplit(":", 2)[1] for p in _positions(outs[1])}
+        taken = _positions(outs[1])
+        taken_over = {p.rsplit(":", 2)[1] for p in taken}
         assert owned_by_a <= taken_over  # b processed records of every partition a had
+        # ... and commits, after the rebalance too, every partition up to what it delivered.
+        produce(81, 101)
+        deadline = time.monotonic() + 60
+        while len(_positions(outs[1])) < len(taken) + 20 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        ends: dict[int, int] = {}
+        for position in _positions(outs[0]) + _positions(outs[1]):
+            partition, offset = map(int, position.rsplit(":", 2)[1:])
+            ends[partition] = max(ends.get(partition, 0), offset + 1)
+        assert wait_for_commits(kafka_bootstrap, group, table, ends), "offsets not committed"
     finally:
         for process in workers:
             if process.poll() is None:
