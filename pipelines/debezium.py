@@ -301,12 +301,18 @@ _OPERATIONS = {"c": Operation.INSERT, "r": Operation.INSERT, "u": Operation.UPDA
 
 
 def database_of(url: str) -> str | None:
-    """The database name of a PostgreSQL URL or conninfo, for ``source.db`` (None if unknown)."""
-    try:
-        from psycopg.conninfo import conninfo_to_dict
+    """The database name of a PostgreSQL URL or conninfo, for ``source.db`` (None otherwise:
+    MongoDB's database comes with each change's table)."""
+    from changefeed.feed import is_postgresql_url
 
+    if not url or ("://" in url and not is_postgresql_url(url)):
+        return None
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
         name = conninfo_to_dict(url).get("dbname")
-    except Exception:  # not a PostgreSQL URL: MongoDB's database comes with each change
+    except psycopg.ProgrammingError:  # not valid: the feed reports that itself
         return None
     return str(name) if name else None
 

@@ -267,3 +267,17 @@ def test_changefeed_run_format_debezium_on_mongodb(mongodb_server, tmp_path):
     assert events[2]["after"] is None
     assert events[0]["source"]["connector"] == "mongodb"
     assert events[0]["source"]["collection"] == collection.name
+
+
+@pytest.mark.parametrize(("url", "database"), [
+    ("postgresql://app@db.internal:5432/shop", "shop"),
+    ("postgres://app@db/shop?sslmode=require", "shop"),
+    ("host=db dbname=shop user=app", "shop"),
+    ("mongodb://127.0.0.1:27017/?replicaSet=rs0", None),
+    ("rethinkdb://127.0.0.1:28015/test", None),
+    ("", None),
+])
+def test_source_db_comes_from_a_postgresql_url_only(url, database):
+    from changefeed.pipelines.debezium import database_of
+
+    assert database_of(url) == database
