@@ -87,8 +87,9 @@ def sink_from_spec(spec: str, *, fmt: str = "change", model: str | None = None) 
     """The `KafkaSink` of ``--sink kafka://HOST:PORT[,HOST:PORT]?topic=TEMPLATE``.
 
     ``kafka://USER:PASSWORD@HOST:PORT`` authenticates with SASL (``mechanism=`` PLAIN by
-    default, or SCRAM-SHA-256/512) over plaintext; ``kafkas://`` uses TLS. Other query
-    parameters are librdkafka settings (``?acks=all&compression.type=zstd``).
+    default, or SCRAM-SHA-256/512) over plaintext; ``kafkas://`` uses TLS. ``timeout=SECONDS``
+    bounds how long a batch may wait for the broker (default 30). Other query parameters are
+    librdkafka settings (``?compression.type=zstd``).
     """
     parts = urlsplit(spec)
     if not parts.hostname:
@@ -97,6 +98,13 @@ def sink_from_spec(spec: str, *, fmt: str = "change", model: str | None = None) 
     params = {name: values[-1] for name, values in parse_qs(parts.query).items()}
     topic = params.pop("topic", "{table}")
     mechanism = params.pop("mechanism", "PLAIN")
+    timeout = params.pop("timeout", "30")
+    try:
+        seconds = float(timeout)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise ConfigurationError(f"timeout must be a number of seconds, not {timeout!r}")
     config: dict[str, Any] = dict(params)
     secure = parts.scheme.lower() == "kafkas"
     if parts.username:
@@ -109,7 +117,8 @@ def sink_from_spec(spec: str, *, fmt: str = "change", model: str | None = None) 
     elif secure:
         config["security.protocol"] = "SSL"
     brokers = parts.netloc.rpartition("@")[2]
-    return KafkaSink(brokers, topic, fmt=fmt, model=model, config=config, label=redact(spec))
+    return KafkaSink(brokers, topic, fmt=fmt, model=model, config=config, timeout=seconds,
+                     label=redact(spec))
 
 
 class KafkaSink:
@@ -164,7 +173,8 @@ class KafkaSink:
                 "retry.backoff.max.ms": 2000,
                 "client.id": f"changefeed-{socket.gethostname()}-{os.getpid()}",
                 "error_cb": self._on_error,
-                "logger": log,
+                # librdkafka's own log repeats every failed connection; error_cb says it once.
+                "log_level": 0,
             }
             settings.update(self.config)
             self._producer = Producer(settings)
@@ -172,7 +182,7 @@ class KafkaSink:
 
     def _on_error(self, error: KafkaError) -> None:
         # Brokers down and similar: librdkafka keeps retrying; the batch's bound decides.
-        log.warning("%s: %s", self.name, error.str())
+        _warn_once(self, error)
 
     def record(self, change: Change, position: Any) -> tuple[str, bytes | None, bytes, list]:
         """The topic, key, value and headers of ``change``'s record."""
@@ -302,13 +312,17 @@ class KafkaFeed(ChangeFeed):
             "group.id": self.group,
             "enable.auto.commit": False,  # offsets are committed once the pipeline delivered
             "auto.offset.reset": "earliest",
-            "logger": log,
+            "error_cb": self._on_error,
+            "log_level": 0,  # errors come through error_cb and poll()
         }
         settings.update(self.config)
         consumer = Consumer(settings)
         consumer.subscribe(self.topics, on_assign=self._assigned, on_revoke=self._revoked,
                            on_lost=self._revoked)
         return consumer
+
+    def _on_error(self, error: KafkaError) -> None:
+        _warn_once(self, error)
 
     def _assigned(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("%s: assigned %s", self.name, _names(partitions))
@@ -334,7 +348,7 @@ class KafkaFeed(ChangeFeed):
             if error is not None:
                 if error.fatal():
                     raise KafkaException(error)
-                log.warning("%s: %s", self.name, error.str())  # librdkafka retries by itself
+                _warn_once(self, error)  # librdkafka retries by itself
                 yield None
                 continue
             partition = (message.topic(), message.partition())
@@ -393,6 +407,14 @@ class KafkaFeed(ChangeFeed):
                 consumer.close()  # leaves the group, so the others take over at once
             except (KafkaException, RuntimeError) as exc:
                 log.warning("%s: closing the consumer: %s", self.name, exc)
+
+
+def _warn_once(owner: Any, error: KafkaError) -> None:
+    """Log ``error`` unless it repeats the one before (librdkafka reports each retry)."""
+    text = error.str()
+    if getattr(owner, "_last_error", None) != text:
+        owner._last_error = text
+        log.warning("%s: %s", owner.name, text)
 
 
 def _names(partitions: list[TopicPartition]) -> str:

@@ -402,3 +402,25 @@ def test_a_table_name_that_is_no_topic_name_fails_before_anything_is_acknowledge
     with pytest.raises(PipelineError, match="is not a Kafka topic name"):
         Pipeline(feed, [], sink=KafkaSink("127.0.0.1:1")).run()
     assert feed.checkpoint.load("public.bad table") is None
+
+
+@pytest.mark.postgres
+def test_changefeed_run_with_the_broker_down_fails_clearly_and_acknowledges_nothing(
+    kafka_bootstrap, pg_dsn, pg
+):
+    from testservers import free_port
+
+    pg.execute("CREATE TABLE items (id int PRIMARY KEY)")
+    assert run_cli("run", "items", "--url", pg_dsn, "--until-idle", "0.5").returncode == 0
+    pg.execute("INSERT INTO items VALUES (1)")
+    topic = f"cdc.items_{uuid.uuid4().hex[:8]}"
+    down = run_cli("run", "items", "--url", pg_dsn, "--format", "change", "--sink",
+                   f"kafka://user:hunter2@127.0.0.1:{free_port()}?topic={topic}&timeout=2")
+    assert_one_clear_line(down, "Kafka did not confirm the batch within 2 s")
+    assert down.returncode == 5 and "hunter2" not in down.stderr
+    # Nothing was acknowledged: with the broker there, the same change arrives.
+    up = run_cli("run", "items", "--url", pg_dsn, "--format", "change", "--limit", "1", "--sink",
+                 f"kafka://{kafka_bootstrap}?topic={topic}")
+    assert up.returncode == 0, up.stderr
+    [record] = read_topic(kafka_bootstrap, topic, lambda r: len(r) >= 1)
+    assert orjson.loads(record.value())["new"] == {"id": 1}
