@@ -1,4 +1,7 @@
-"""Shared fixtures: one real PostgreSQL cluster per test session, a fresh database per test."""
+"""Shared fixtures: one real PostgreSQL cluster per test session, a fresh database per test, and
+one MongoDB-wire server (SecantusDB) and one Kafka broker (Tansu) per session, started from the
+test extra's PyPI packages unless CHANGEFEED_TEST_MONGODB_URL / CHANGEFEED_TEST_KAFKA_BOOTSTRAP
+name real servers (see testservers.py)."""
 
 from __future__ import annotations
 
