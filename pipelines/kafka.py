@@ -366,17 +366,18 @@ class KafkaFeed(ChangeFeed):
         value = message.value()
         if value is None:
             return None  # a tombstone
-        headers = dict(message.headers() or [])
-        fmt = headers.get("format", b"change").decode()
-        data = orjson.loads(value)
-        if fmt == "change":
-            return change_from_dict(data)
-        if fmt == "debezium":
+        where = f"{message.topic()}[{message.partition()}]@{message.offset()}"
+        fmt = (dict(message.headers() or []).get("format") or b"change").decode(errors="replace")
+        if fmt not in ("change", "debezium"):
+            raise PipelineError(f"{where} holds a {fmt!r} record: KafkaFeed reads records"
+                                " written with format change or debezium")
+        try:
+            data = orjson.loads(value)
+            if fmt == "change":
+                return change_from_dict(data)
             return change_from_debezium(data, orjson.loads(message.key() or b"null"))
-        raise PipelineError(
-            f"{message.topic()}[{message.partition()}]@{message.offset()} holds a {fmt!r} record:"
-            " KafkaFeed reads records written with format change or debezium"
-        )
+        except (ValueError, PipelineError) as exc:
+            raise PipelineError(f"{where} is not a {fmt} record: {exc}") from exc
 
     def on_acknowledge(self, position: Any) -> None:
         """Commit, per partition, the offset after the last record acknowledged up to

@@ -424,3 +424,24 @@ def test_changefeed_run_with_the_broker_down_fails_clearly_and_acknowledges_noth
     assert up.returncode == 0, up.stderr
     [record] = read_topic(kafka_bootstrap, topic, lambda r: len(r) >= 1)
     assert orjson.loads(record.value())["new"] == {"id": 1}
+
+
+@pytest.mark.parametrize(("value", "headers", "fragment"), [
+    (b"not json", [("format", b"change")], "is not a change record"),
+    (b'{"op": "x"}', [("format", b"debezium")], "is not a debezium record"),
+    (b'{"type": "insert"}', [("format", b"delta")], "holds a 'delta' record"),
+])
+def test_a_record_the_feed_cannot_read_stops_it_with_one_clear_error(
+    kafka_bootstrap, value, headers, fragment
+):
+    from confluent_kafka import Producer
+
+    topic = new_table()
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    producer.produce(topic, value=value, key=b'{"id":1}', headers=headers)
+    assert producer.flush(30) == 0
+    feed = KafkaFeed(kafka_bootstrap, topic, f"g-{uuid.uuid4().hex[:8]}", config=FAST_GROUP)
+    with pytest.raises(PipelineError, match=f"{topic}\\[.*{fragment}") as failure:
+        Pipeline(feed, [], sink=ListSink()).run(timeout=60)
+    feed.close()
+    assert "\n" not in str(failure.value)
