@@ -101,8 +101,9 @@ url_option = click.option(
               help="Operations to stream: insert, update, delete (comma-separated) or all.")
 @click.option("--prefeed", type=click.Choice(["snapshot"]), default=None,
               help="Start with every existing row (as snapshot inserts), then stream.")
-@click.option("--format", "fmt", type=click.Choice(["delta", "change"]), default="delta",
-              show_default=True, help="Snorky delta, or the full change with its position.")
+@click.option("--format", "fmt", type=click.Choice(["delta", "change", "debezium"]),
+              default="delta", show_default=True,
+              help="Snorky delta, the full change with its position, or Debezium's envelope.")
 @click.option("--model", "models", multiple=True, metavar="[TABLE=]NAME",
               help="Model name in deltas, for all tables or per table (repeatable; default:"
                    " the table name).")
@@ -127,7 +128,8 @@ url_option = click.option(
                    " or leaving it become inserts or deletes (needs old values).")
 @click.option("--sink", default="-", show_default=True, metavar="SPEC",
               help="Where to deliver: -, a file, http(s)://URL, snorky+http://HOST/backend"
-                   "?service=S&key=K, redis://HOST:PORT/0?stream=NAME.")
+                   "?service=S&key=K, redis://HOST:PORT/0?stream=NAME,"
+                   " kafka://HOST:PORT?topic={table}.")
 @click.option("--dead-letter", default=None, metavar="PATH",
               help="Write changes that a stage or the sink failed on here and go on"
                    " (default: stop at the first failure).")
@@ -199,7 +201,7 @@ def run(
             )
             run_pipeline(pipeline, limit=limit, idle=until_idle, quiet=quiet)
         else:  # the fast path: no stages, JSON lines to stdout
-            encode = _encoder(fmt, model)
+            encode = _encoder(fmt, model, url)
             stream_to(feed, buffered_stdout(), encode, limit=limit, idle=until_idle, quiet=quiet)
 
 
@@ -254,7 +256,13 @@ def run_pipeline(
     return handled
 
 
-def _encoder(fmt: str, model: str | dict[str, str] | None) -> Callable[[Change], bytes]:
+def _encoder(
+    fmt: str, model: str | dict[str, str] | None, url: str = ""
+) -> Callable[[Change], bytes]:
+    if fmt == "debezium":
+        from changefeed.pipelines.debezium import Source, database_of, line_encoder
+
+        return line_encoder(Source(database=database_of(url)))
     if fmt == "change":
 
         def encode_change(change: Change) -> bytes:
