@@ -127,6 +127,9 @@ url_option = click.option(
                    " (default: stop at the first failure).")
 @click.option("--processes", is_flag=True,
               help="Run the stages and the sink in processes of their own.")
+@click.option("--messages", multiple=True, metavar="PREFIX",
+              help="Also stream pg_logical_emit_message messages whose prefix starts with"
+                   " PREFIX (repeatable; PostgreSQL 14+).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr, only errors.")
 def run(
     table: str,
@@ -145,6 +148,7 @@ def run(
     sink: str,
     dead_letter: str | None,
     processes: bool,
+    messages: tuple[str, ...],
     quiet: bool,
 ) -> None:
     """Stream the changes of TABLE as JSON lines to stdout (or to --sink).
@@ -160,6 +164,13 @@ def run(
         options["publication"] = publication
     if options and not is_postgresql_url(url):
         raise CliError("--slot and --publication apply to PostgreSQL URLs only", 2)
+    if messages:
+        if not is_postgresql_url(url):
+            raise CliError("--messages applies to PostgreSQL URLs only", 2)
+        if where_expr or filter_json or sink != "-" or dead_letter or processes:
+            raise CliError("--messages writes JSON lines to stdout: it does not combine with"
+                           " --where, --filter, --sink, --dead-letter or --processes yet", 2)
+        options["messages"] = messages
     with _expected_errors():
         if checkpoint:
             options["checkpoint"] = FileCheckpoint(checkpoint)
@@ -179,6 +190,8 @@ def run(
             run_pipeline(pipeline, limit=limit, idle=until_idle, quiet=quiet)
         else:  # the fast path: no stages, JSON lines to stdout
             encode = _encoder(fmt, model)
+            if messages:
+                encode = _with_messages(encode)
             stream_to(feed, buffered_stdout(), encode, limit=limit, idle=until_idle, quiet=quiet)
 
 
@@ -221,6 +234,18 @@ def _encoder(fmt: str, model: str | None) -> Callable[[Change], bytes]:
         return encode_change
 
     return delta_line_encoder(model)
+
+
+def _with_messages(encode: Callable[[Change], bytes]) -> Callable[[Any], bytes]:
+    """``encode`` for changes, and a message's own JSON line (`Message.to_dict`) for messages."""
+    from changefeed.message import Message
+
+    def encode_either(item: Any) -> bytes:
+        if item.__class__ is Message:
+            return dumps_line(item.to_dict())
+        return encode(item)
+
+    return encode_either
 
 
 def stream_to(

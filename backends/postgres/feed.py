@@ -67,6 +67,7 @@ from changefeed.errors import (
     first_line,
 )
 from changefeed.feed import ChangeFeed, get_changefeed
+from changefeed.message import Message
 
 log = logging.getLogger("changefeed.postgres")
 
@@ -105,6 +106,9 @@ class PostgresChangeFeed(ChangeFeed):
         slot: the replication slot name (default ``changefeed_<name or tables>``); the
             publication gets the same name unless ``publication`` is given.
         status_interval: seconds between standby status updates while streaming.
+        messages: prefixes of the ``pg_logical_emit_message`` messages to stream as `Message`
+            objects among the changes (a prefix matches by ``startswith``; "" matches all).
+            Needs PostgreSQL 14 or later.
         Other arguments as for `ChangeFeed`.
     """
 
@@ -121,6 +125,7 @@ class PostgresChangeFeed(ChangeFeed):
         publication: str | None = None,
         status_interval: float = 10.0,
         snapshot_batch: int = 5000,
+        messages: Sequence[str] = (),
         **options: Any,
     ) -> None:
         tables = split_tables(table)
@@ -138,6 +143,9 @@ class PostgresChangeFeed(ChangeFeed):
         self.publication = check_publication_name(publication or self.slot)
         self.status_interval = status_interval
         self.snapshot_batch = snapshot_batch
+        if isinstance(messages, str):
+            messages = [messages]
+        self.messages = tuple(messages)
         self.qualified_tables: list[str] = []
         self.primary_keys: dict[int, list[str]] = {}
         self._tables: dict[int, catalog.Table] | None = None  # by OID, once resolved
@@ -169,6 +177,7 @@ class PostgresChangeFeed(ChangeFeed):
         try:
             conn = self._sql = self._connect(replication=False)
             self._check_server(conn)
+            self._check_messages(conn)
             if first_connection:
                 self._choose_names(conn)
             repl = self._replication = self._connect_replication(conn, first_connection)
@@ -208,8 +217,13 @@ class PostgresChangeFeed(ChangeFeed):
 
     def _stream(self, repl: psycopg.Connection) -> Iterator[Change | None]:
         pgconn = repl.pgconn
+        # Messages are always asked for where the server has them (14+), wanted or not: a
+        # transactional one takes an index among its transaction's changes, so positions stay
+        # the same whichever prefixes a run asks for.
+        messages = ", messages 'true'" if repl.info.server_version >= 140000 else ""
         command = sql.SQL(
-            "START_REPLICATION SLOT {} LOGICAL 0/0 (proto_version '1', publication_names {})"
+            "START_REPLICATION SLOT {} LOGICAL 0/0 (proto_version '1', publication_names {}"
+            + messages + ")"
         ).format(sql.Identifier(self.slot), sql.Literal(self.publication))
         pgconn.send_query(command.as_bytes(repl))
         result = pgconn.get_result()
@@ -235,6 +249,7 @@ class PostgresChangeFeed(ChangeFeed):
             loaders=psycopg_loaders(repl),
             tables=self._stream_names,
             primary_keys=self.primary_keys,
+            messages=self.messages,
         )
         decode = decoder.decode
         acknowledged = self.acknowledged
@@ -274,6 +289,14 @@ class PostgresChangeFeed(ChangeFeed):
                         stats.lag_bytes = max(0, wal_end - event.end_lsn)
                         self._pending.append((last_emitted, event.end_lsn))
                         self._advance()
+                    elif event.__class__ is Message:
+                        if self._in_transaction:
+                            last_emitted = event.position
+                        else:  # no Commit follows: once acknowledged, the slot may pass it
+                            self._received_lsn = max(self._received_lsn, event.lsn)
+                            self._pending.append((event.position, event.lsn))
+                        if skip_until is None or event.position > skip_until:
+                            yield event
                     elif event.__class__ is Truncate:
                         log.warning("TRUNCATE of %s is not emitted as changes",
                                     ", ".join(event.tables))
@@ -618,6 +641,15 @@ class PostgresChangeFeed(ChangeFeed):
             ) from exc
         self._meta = meta
         return publication is None
+
+    def _check_messages(self, conn: psycopg.Connection) -> None:
+        """pgoutput streams logical decoding messages from PostgreSQL 14 on."""
+        version = conn.info.server_version
+        if self.messages and version < 140000:
+            raise ConfigurationError(
+                f"messages need PostgreSQL 14 or later (pgoutput's messages option); this"
+                f" server is {version // 10000}.{version % 10000}"
+            )
 
     def _check_slot(
         self, conn: psycopg.Connection, slot: catalog.Slot | None, first_connection: bool

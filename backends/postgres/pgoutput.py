@@ -1,8 +1,9 @@
 """A pure decoder of PostgreSQL's ``pgoutput`` logical replication messages (protocol 1).
 
 `PgOutputDecoder.decode()` takes the payload of one XLogData message and returns a `Change`
-(insert, update, delete), a `Begin` or `Commit` marking a transaction's bounds, or None for
-messages that carry no change (relation and type descriptions, origins, messages). No I/O
+(insert, update, delete), a `Message` (``pg_logical_emit_message``, when its prefix is wanted),
+a `Begin` or `Commit` marking a transaction's bounds, or None for messages that carry no change
+(relation and type descriptions, origins, messages not wanted). No I/O
 happens here: the stream loop in `changefeed.backends.postgres.feed` reads bytes, this module
 turns them into values, and the tests feed it bytes recorded from a real server.
 
@@ -14,7 +15,10 @@ unknown types) stay text.
 
 Positions: several rows share a commit LSN, so a change's position is its transaction's commit
 LSN plus its index among the transaction's row changes, formatted so that string order is
-position order: ``"0000000001A2B3C8:00000003"``.
+position order: ``"0000000001A2B3C8:00000003"``. A transactional message takes its index in
+the same sequence (wanted or not, so positions do not depend on the prefixes asked for); a
+non-transactional one arrives outside any transaction and gets index 0 at its own LSN, which
+orders it after every transaction committed before it was written and before every later one.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from psycopg import pq
 from psycopg.adapt import Transformer
 
 from changefeed.change import ALL, UNCHANGED, Change, Operation
+from changefeed.message import Message
 
 PG_EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)
 
@@ -38,6 +43,7 @@ _UINT32 = struct.Struct("!I")
 _BEGIN = struct.Struct("!QqI")
 _COMMIT = struct.Struct("!BQQq")
 _TRUNCATE = struct.Struct("!IB")
+_MESSAGE = struct.Struct("!BQ")  # flags, LSN
 _KIND_AND_LENGTH = struct.Struct("!xi")  # a tuple value's length, after its kind byte
 _unpack_oid = _UINT32.unpack_from
 # Module constants: an enum class attribute costs a lookup through the metaclass per change.
@@ -184,12 +190,14 @@ class PgOutputDecoder:
         loaders: LoaderFactory | None = None,
         tables: dict[int, str] | Sequence[str] | None = None,
         primary_keys: dict[Any, Sequence[str]] | None = None,
+        messages: Sequence[str] = (),
     ) -> None:
         self.operation = Operation(operation)
         self.loaders = loaders or psycopg_loaders()
         self.table_names: dict[int, str] | None = dict(tables) if isinstance(tables, dict) else None
         self.tables = frozenset(tables) if tables and self.table_names is None else None
         self.primary_keys = dict(primary_keys or {})
+        self.message_prefixes = tuple(messages)
         self.relations: dict[int, Relation] = {}
         self.type_names: dict[int, str] = {}
         self.transaction: Begin | None = None
@@ -204,7 +212,7 @@ class PgOutputDecoder:
 
     def decode(
         self, data: bytes | memoryview
-    ) -> Change | Begin | Commit | Truncate | Renamed | None:
+    ) -> Change | Message | Begin | Commit | Truncate | Renamed | None:
         """Decode one message; see the module docstring for what comes back."""
         if not isinstance(data, bytes):
             data = bytes(data)
@@ -237,7 +245,9 @@ class PgOutputDecoder:
             return None
         if kind == 84:  # 'T'
             return self._truncate(data)
-        if kind in (79, 77):  # 'O' origin, 'M' logical message: no row change
+        if kind == 77:  # 'M'
+            return self._message(data)
+        if kind == 79:  # 'O' origin: no change
             return None
         raise DecodeError(f"unknown pgoutput message type {chr(kind)!r}")
 
@@ -340,6 +350,24 @@ class PgOutputDecoder:
             _DELETE, relation.qualified_name, None, old, key,
             f"{self._position_prefix}{index:08X}", self._committed_at, self._xid,
         )
+
+    def _message(self, data: bytes) -> Message | None:
+        """A logical decoding message: flags (1: transactional), LSN, prefix, content."""
+        flags, lsn = _MESSAGE.unpack_from(data, 1)
+        prefix, offset = _string(data, 10)
+        transactional = bool(flags & 1)
+        if transactional and self.transaction is not None:
+            index = self._index
+            self._index = index + 1
+            position = f"{self._position_prefix}{index:08X}"
+            committed_at, xid = self._committed_at, self._xid
+        else:
+            position, committed_at, xid = make_position(lsn, 0), None, None
+        if not self.message_prefixes or not prefix.startswith(self.message_prefixes):
+            return None
+        (length,) = _INT32.unpack_from(data, offset)
+        content = data[offset + 4:offset + 4 + length]
+        return Message(prefix, content, position, transactional, committed_at, xid, lsn)
 
     def _truncate(self, data: bytes) -> Truncate:
         count, options = _TRUNCATE.unpack_from(data, 1)
