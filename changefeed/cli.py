@@ -431,6 +431,34 @@ def slots(url: str, drops: tuple[str, ...], drop_inactive: bool, warn_retained: 
                 )
 
 
+@cli.command()
+@url_option
+@click.option("--slot", required=True, metavar="NAME", help="The replication slot to check.")
+@click.option("--timeout", type=click.FloatRange(min=0), default=300.0, show_default=True,
+              metavar="SECONDS", help="Give up after this long.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr, only the result.")
+def drain(url: str, slot: str, timeout: float, quiet: bool) -> None:
+    """Wait until the slot's consumer has delivered everything committed before this call.
+
+    Exits 0 once the slot's confirmed position passes the WAL position read at the start;
+    on timeout exits 1 saying how far behind the slot is. A deploy runs it before a migration
+    that old notifications or old rows could not survive.
+    """
+    if url_scheme(url) and not is_postgresql_url(url):
+        raise CliError("changefeed drain checks PostgreSQL replication slots: give a"
+                       " postgresql:// URL", 2)
+    from changefeed.backends.postgres.drain import describe
+    from changefeed.backends.postgres.drain import drain as drain_slot
+
+    def report(state: Any) -> None:
+        if not quiet:
+            click.echo(f"changefeed: waiting: {describe(state)}", err=True)
+
+    with _expected_errors():
+        state = drain_slot(url, slot, timeout=timeout, report=report)
+    click.echo(describe(state))
+
+
 def _parse_size(text: str) -> int:
     """``512MB``, ``1GB``, ``1048576``: a byte count (usage error on anything else)."""
     units = {"": 1, "B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}
