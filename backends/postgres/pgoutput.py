@@ -23,6 +23,7 @@ orders it after every transaction committed before it was written and before eve
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -132,6 +133,8 @@ class Relation:
     decode_row: RowDecoder | None = None
     """TupleData at an offset -> (row dict, key dict, offset after it, unchanged column names
     or None)."""
+    schema_version: str | None = None
+    """The shape of the table (see `schema_version`), given to each of its changes."""
 
     def __post_init__(self) -> None:
         self.qualified_name = f"{self.schema}.{self.name}"
@@ -164,6 +167,16 @@ def psycopg_loaders(context: Any = None) -> LoaderFactory:
         return transformer.load_sequence
 
     return factory
+
+
+def schema_version(columns: Sequence[str], types: Sequence[bytes]) -> str:
+    """A short stable identifier of a table's shape: its column names, in order, with their
+    type OIDs and modifiers (``types``: the 8 bytes pgoutput sends per column). Any ALTER
+    TABLE that adds, drops, renames or retypes a column changes it; nothing else does."""
+    digest = hashlib.blake2b(digest_size=6)
+    for column, type_bytes in zip(columns, types, strict=True):
+        digest.update(column.encode() + b"\0" + type_bytes)
+    return digest.hexdigest()
 
 
 class DecodeError(ValueError):
@@ -260,12 +273,13 @@ class PgOutputDecoder:
         replica_identity = chr(data[offset])
         (ncolumns,) = _INT16.unpack_from(data, offset + 1)
         offset += 3
-        columns, type_oids, keys = [], [], []
+        columns, type_oids, keys, shape = [], [], [], []
         for index in range(ncolumns):
             flags = data[offset]
             column, offset = _string(data, offset + 1)
             (type_oid,) = _UINT32.unpack_from(data, offset)
-            offset += 8  # type OID and type modifier
+            shape.append(data[offset:offset + 8])  # type OID and type modifier
+            offset += 8
             columns.append(column)
             type_oids.append(type_oid)
             if flags & 1:
@@ -283,6 +297,7 @@ class PgOutputDecoder:
         self.relations[oid] = Relation(
             oid, schema, name, replica_identity, tuple(columns), tuple(type_oids),
             tuple(keys), self.loaders(type_oids), watched=watched,
+            schema_version=schema_version(columns, shape),
         )
         if names is not None and watched and names[oid] != qualified_name:
             renamed = Renamed(oid, names[oid], qualified_name)
@@ -301,7 +316,8 @@ class PgOutputDecoder:
         new, key, _, _ = relation.decode_row(data, 6)  # after OID and 'N'
         return Change(
             _INSERT, relation.qualified_name, new, None, key,
-            f"{self._position_prefix}{index:08X}", self._committed_at, self._xid,
+            f"{self._position_prefix}{index:08X}", self._committed_at, self._xid, False, None,
+            relation.schema_version,
         )
 
     def _update(self, data: bytes) -> Change | None:
@@ -332,7 +348,8 @@ class PgOutputDecoder:
             key = relation.key_of(new)
         return Change(
             _UPDATE, relation.qualified_name, new, key if old is None else old, key,
-            f"{self._position_prefix}{index:08X}", self._committed_at, self._xid,
+            f"{self._position_prefix}{index:08X}", self._committed_at, self._xid, False, None,
+            relation.schema_version,
         )
 
     def _delete(self, data: bytes) -> Change | None:
@@ -348,7 +365,8 @@ class PgOutputDecoder:
             old = key
         return Change(
             _DELETE, relation.qualified_name, None, old, key,
-            f"{self._position_prefix}{index:08X}", self._committed_at, self._xid,
+            f"{self._position_prefix}{index:08X}", self._committed_at, self._xid, False, None,
+            relation.schema_version,
         )
 
     def _message(self, data: bytes) -> Message | None:
