@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import enum
+import re
+import sys
+import types
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -455,3 +459,24 @@ def test_notify_through_a_cursor(pg_dsn, orders):
         conn.commit()
     (note,) = listen(pg_dsn, OrderV3)
     assert note.payload.order_id == 9 and note.db_version == "abc"
+
+
+# -- the README's example --------------------------------------------------------------------
+
+README = Path(__file__).parents[2] / "README.md"
+
+
+@pg_mark
+def test_the_readme_channels_example_runs_as_written(pg_dsn, monkeypatch):
+    text = README.read_text()
+    section = text[text.index("\n## Channels\n"):]
+    example = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+    assert "notify(conn" in example and "receive(OrderCreated)" in example
+    monkeypatch.setenv("DATABASE_URL", pg_dsn)
+    module = types.ModuleType("readme_example")  # dataclasses look their module up
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    namespace = module.__dict__
+    code = compile(example, str(README), "exec", dont_inherit=True)  # as a user's file runs it
+    exec(code, namespace)  # its own asserts check the output
+    assert len(namespace["received"]) == 3
+    namespace["feed"].close()
