@@ -84,14 +84,18 @@ class Channel:
     _upcasters: ClassVar[dict[int, Upcaster]]
 
     def __init_subclass__(
-        cls, *, name: str | None = None, version: int = 1, frozen: bool = False, **kwargs: Any
+        cls, *, name: str | None = None, version: int | None = None, frozen: bool = False,
+        **kwargs: Any,
     ) -> None:
         super().__init_subclass__(**kwargs)
+        # A subclass of a channel is the same channel unless it says otherwise.
         if name is None:
             name = getattr(cls, "channel_name", None)
             if name is None:
                 raise TypeError(f"channel {cls.__name__} needs a name: class"
                                 f" {cls.__name__}(Channel, name=\"...\", version=1)")
+        if version is None:
+            version = getattr(cls, "channel_version", 1)
         if not isinstance(name, str) or not name or any(c.isspace() for c in name):
             raise TypeError(f"channel name {name!r} must be a non-empty string without spaces")
         if not isinstance(version, int) or isinstance(version, bool) or version < 1:
@@ -175,8 +179,10 @@ def notify(connection: Any, event: Channel, *, db_version: DbVersion = None) -> 
     """
     if callable(db_version):
         db_version = db_version(connection)
-    content = encode(event, db_version=db_version)
-    notification_id = msgspec.json.decode(content)["id"]
+    if db_version is not None and not isinstance(db_version, str):
+        raise ChannelError(f"db_version must be a string or None, not {db_version!r}")
+    notification_id = str(uuid.uuid4())
+    content = encode(event, db_version=db_version, id=notification_id)
     _execute(connection, "SELECT pg_logical_emit_message(true, %s, %s::bytea)",
              [type(event).prefix(), content])
     return notification_id

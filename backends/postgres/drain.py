@@ -23,7 +23,13 @@ from dataclasses import dataclass
 import psycopg
 
 from changefeed.backends.postgres.pgoutput import format_lsn, parse_lsn
-from changefeed.errors import ChangefeedError, ConfigurationError, ResumeError
+from changefeed.errors import (
+    ChangefeedError,
+    ConfigurationError,
+    PermanentBackendError,
+    ResumeError,
+    first_line,
+)
 
 
 class DrainTimeout(ChangefeedError):
@@ -80,8 +86,11 @@ def drain(
     """`wait_for_drain` on a connection to ``url`` (connection errors as one clear line)."""
     from changefeed.backends.postgres.slots import _connect
 
-    with _connect(url) as conn:
-        return wait_for_drain(conn, slot, timeout=timeout, report=report)
+    try:
+        with _connect(url) as conn:
+            return wait_for_drain(conn, slot, timeout=timeout, report=report)
+    except psycopg.Error as exc:  # e.g. a standby (no WAL position of its own), a lost server
+        raise PermanentBackendError(f"cannot check slot {slot}: {first_line(exc)}") from exc
 
 
 def wait_for_drain(

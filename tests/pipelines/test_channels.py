@@ -163,6 +163,18 @@ def test_bad_declarations_are_clear_errors(keywords, message):
         type("Bad", (Channel,), {}, **keywords)
 
 
+def test_a_subclass_is_the_same_channel_unless_it_says_otherwise():
+    class Extended(OrderV3):
+        note: str = ""
+
+    class Next(OrderV3, version=4):
+        note: str = ""
+
+    assert (Extended.channel_name, Extended.channel_version) == ("orders.created", 3)
+    assert (Next.channel_name, Next.channel_version) == ("orders.created", 4)
+    assert Next._upcasters == {} and len(OrderV3._upcasters) == 2
+
+
 def test_an_upcaster_outside_the_versions_is_refused():
     with pytest.raises(TypeError, match="between 1 and 2"):
         OrderV3.upcaster(from_version=3)
@@ -434,6 +446,12 @@ def test_db_version_from_alembic_django_or_a_value(pg_dsn, orders):
         "release-7", "ae1027a6acf", "1975ea83b712,ae1027a6acf", "shop.0002_currency",
         "auth.0013_y", None,
     ]
+
+
+@pg_mark
+def test_a_db_version_that_is_not_a_string_is_refused(pg_dsn, orders):
+    with pytest.raises(ChannelError, match="db_version must be a string"):
+        notify(orders, OrderV1(1), db_version=lambda conn: 42)
 
 
 @pg_mark
