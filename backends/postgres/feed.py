@@ -718,11 +718,13 @@ class PostgresChangeFeed(ChangeFeed):
         it is yielded: once it is acknowledged, the snapshot is recorded as delivered.
         """
         previous: Change | None = None
+        self._snapshot_versions: dict[int, str] = {}
         for index, (table, row) in enumerate(self._snapshot_rows(snapshot_name), 1):
             change = Change(
                 Operation.INSERT, table.qualified, row, None,
                 {column: row[column] for column in table.key},
-                make_position(0, index), None, None, True,
+                make_position(0, index), None, None, True, None,
+                self._snapshot_versions.get(table.oid),
             )
             if previous is not None:
                 yield previous
@@ -745,6 +747,7 @@ class PostgresChangeFeed(ChangeFeed):
             )
             for table in list(self._tables.values()) if self._tables else []:
                 relation = table.identifier
+                self._snapshot_versions[table.oid] = catalog.schema_version_of(reader, table.oid)
                 estimate = reader.execute(  # a partitioned table: the sum of its partitions
                     "SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::bigint AS n"
                     " FROM pg_class c WHERE c.relkind = 'r' AND (c.oid = %s"

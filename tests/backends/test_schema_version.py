@@ -121,3 +121,22 @@ def test_the_change_format_shows_the_schema_version(pg_dsn, pg):
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [len(line["schema_version"]) for line in lines] == [12, 12]
     assert lines[0]["schema_version"] != lines[1]["schema_version"]
+
+
+@pg_mark
+def test_snapshot_rows_carry_the_same_version_as_the_stream(pg_dsn, pg):
+    pg.execute("CREATE DOMAIN positive AS int CHECK (VALUE > 0)")
+    pg.execute("CREATE TYPE mood AS ENUM ('sad', 'happy')")
+    pg.execute(
+        "CREATE TABLE wide (id int PRIMARY KEY, v varchar(7), n numeric(9, 3), p positive,"
+        " m mood, a text[], t timestamptz(2), j jsonb, gone int,"
+        " g int GENERATED ALWAYS AS (id * 2) STORED)"
+    )
+    pg.execute("ALTER TABLE wide DROP COLUMN gone")
+    pg.execute("INSERT INTO wide (id, v, n, p, m) VALUES (1, 'a', 1.5, 3, 'sad')")
+    feed = PostgresChangeFeed("wide", connection=pg_dsn, prefeed="snapshot", retry=FAST_RETRY)
+    snapshot = read(feed, idle=0.5)
+    pg.execute("INSERT INTO wide (id, v, n, p, m) VALUES (2, 'b', 2.5, 4, 'happy')")
+    streamed = read(feed)
+    assert [c.snapshot for c in snapshot + streamed] == [True, False]
+    assert snapshot[0].schema_version == streamed[0].schema_version is not None
