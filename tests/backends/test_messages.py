@@ -14,7 +14,7 @@ import struct
 import psycopg
 import pytest
 
-from changefeed import Change, ConfigurationError, Message, Operation
+from changefeed import Change, ConfigurationError, MemoryCheckpoint, Message, Operation
 from changefeed.backends.postgres import PostgresChangeFeed
 from changefeed.backends.postgres.pgoutput import PgOutputDecoder, make_position
 from tests.backends.test_postgres import FAST_RETRY
@@ -237,6 +237,26 @@ def test_unacknowledged_messages_come_again_with_the_same_positions(pg_dsn, task
     feed.close()
     again = read(make_feed(pg_dsn), ack=False)
     assert [(type(i), i.position) for i in again] == [(type(i), i.position) for i in first]
+
+
+@pg_marks
+def test_a_checkpoint_inside_a_transaction_skips_its_messages_and_rows_up_to_it(pg_dsn, tasks):
+    checkpoint = MemoryCheckpoint()
+    feed = make_feed(pg_dsn, checkpoint=checkpoint, name="f")
+    read(feed)
+    with tasks.transaction():
+        tasks.execute("INSERT INTO tasks (title) VALUES ('r1')")
+        emit(tasks, "app", "m1")
+        tasks.execute("INSERT INTO tasks (title) VALUES ('r2')")
+        emit(tasks, "app", "m2")
+    first = read(feed, ack=False)
+    assert summary(first) == [("public.tasks", "r1"), ("app", "m1"), ("public.tasks", "r2"),
+                              ("app", "m2")]
+    feed.ack(first[1].position)  # up to the first message: the slot stays before the transaction
+    feed.close()
+    again = read(make_feed(pg_dsn, checkpoint=checkpoint, name="f"))
+    assert summary(again) == [("public.tasks", "r2"), ("app", "m2")]
+    assert [i.position for i in again] == [i.position for i in first[2:]]
 
 
 @pg_marks
