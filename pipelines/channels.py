@@ -35,7 +35,8 @@ A notification sent under an older version goes through the channel's upcasters 
 the payload dict of version n to that of version n + 1, registered with `Channel.upcaster`).
 An unknown channel, a version newer than the listener's, a missing upcaster or a payload that
 does not match raises `ChannelError`: the pipeline then stops, or with a dead-letter sink puts
-the message there and goes on (``unknown="skip"`` drops unknown channels instead).
+the message there and goes on (``unknown="skip"`` drops unknown channels instead, never
+unknown versions of a known one).
 """
 
 from __future__ import annotations
@@ -250,8 +251,10 @@ class receive:  # noqa: N801  (a stage reads as a function in a stage list)
     Args:
         channels: the channel classes this listener knows. For each name the highest version
             given is the one delivered; older versions of it are upcast.
-        unknown: ``"error"`` (default) raises `ChannelError` for a channel not given (the
-            pipeline's dead letter, or a stop); ``"skip"`` drops it with a warning.
+        unknown: ``"error"`` (default) raises `UnknownChannel` for a channel not given (the
+            pipeline's dead letter, or a stop); ``"skip"`` drops it with a warning. A version
+            the listener cannot read (`UnknownVersion`) and a payload that does not match
+            always raise.
 
     Row changes and messages that are not channel messages pass through unchanged.
     """
@@ -276,16 +279,25 @@ class receive:  # noqa: N801  (a stage reads as a function in a stage list)
         if item.__class__ is not Message or not item.prefix.startswith(CHANNEL_PREFIX):
             return item
         try:
-            return decode(item.content, self.channels, position=item.position)
+            notification = decode(item.content, self.channels, position=item.position)
         except UnknownChannel as exc:
             if self.unknown == "skip":
                 log.warning("skipping a notification at %r: %s", item.position, exc.message)
                 return None
             raise
+        if item.prefix != CHANNEL_PREFIX + notification.channel:
+            raise ChannelError(f"a notification of channel {notification.channel} came under"
+                               f" the prefix {item.prefix!r}")
+        return notification
 
 
 class UnknownChannel(ChannelError):
     """A notification of a channel the listener was not given."""
+
+
+class UnknownVersion(ChannelError):
+    """A notification of a version the listener cannot read: newer than its own, or older
+    without an upcaster from it."""
 
 
 def decode(content: bytes, channels: dict[str, type[Channel]] | Iterable[type[Channel]],
@@ -304,14 +316,14 @@ def decode(content: bytes, channels: dict[str, type[Channel]] | Iterable[type[Ch
                              f" {envelope.version}); this listener knows: {known}")
     payload = envelope.payload
     if envelope.version > cls.channel_version:
-        raise UnknownChannel(
+        raise UnknownVersion(
             f"{envelope.channel} version {envelope.version} is newer than this listener's"
             f" (version {cls.channel_version}): deploy the listener's new version first"
         )
     for version in range(envelope.version, cls.channel_version):
         upcast = cls._upcasters.get(version)
         if upcast is None:
-            raise UnknownChannel(
+            raise UnknownVersion(
                 f"{envelope.channel} version {envelope.version} cannot become version"
                 f" {cls.channel_version}: no upcaster from version {version}"
                 f" (register one with @{cls.__name__}.upcaster(from_version={version}))"

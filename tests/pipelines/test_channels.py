@@ -27,6 +27,7 @@ from changefeed.pipelines.channels import (
     ChannelError,
     Notification,
     UnknownChannel,
+    UnknownVersion,
     alembic,
     decode,
     django,
@@ -242,12 +243,12 @@ def test_the_listener_uses_the_highest_version_it_is_given():
     assert stage.channels["orders.created"] is OrderV3
 
 
-@pytest.mark.parametrize("content, message", [
-    (envelope(channel="orders.cancelled"), "unknown channel 'orders.cancelled'"),
-    (envelope(version=4), "version 4 is newer than this listener's"),
+@pytest.mark.parametrize("content, error, message", [
+    (envelope(channel="orders.cancelled"), UnknownChannel, "unknown channel 'orders.cancelled'"),
+    (envelope(version=4), UnknownVersion, "version 4 is newer than this listener's"),
 ])
-def test_unknown_channels_and_versions(content, message):
-    with pytest.raises(UnknownChannel, match=message):
+def test_unknown_channels_and_versions(content, error, message):
+    with pytest.raises(error, match=message):
         decode(content, [OrderV3, Shipped])
 
 
@@ -259,7 +260,7 @@ def test_a_missing_upcaster_names_the_version():
     def _two_to_three(payload):
         return payload
 
-    with pytest.raises(UnknownChannel, match="no upcaster from version 1"):
+    with pytest.raises(UnknownVersion, match="no upcaster from version 1"):
         decode(envelope(channel="test.gap", payload={"a": 1}), [Gap])
     assert decode(envelope(channel="test.gap", version=2, payload={"a": 1}), [Gap]).payload.a == 1
 
@@ -304,7 +305,8 @@ class ListFeed(ChangeFeed):
 
 
 def channel_message(content: bytes, position: str) -> Message:
-    return Message(CHANNEL_PREFIX + "x", content, position)
+    name = msgspec.json.decode(content)["channel"]
+    return Message(CHANNEL_PREFIX + name, content, position)
 
 
 def test_the_stage_turns_channel_messages_into_notifications_and_passes_the_rest():
@@ -346,13 +348,23 @@ def test_without_a_dead_letter_an_unknown_notification_stops_the_pipeline():
     assert len(sink.items) == 1 and feed.acknowledged == "1"
 
 
-def test_skip_drops_unknown_channels_only():
+@pytest.mark.parametrize("content, error", [
+    (envelope(payload={"order_id": "bad"}), "order_id"),
+    (envelope(version=7), "version 7 is newer"),
+])
+def test_skip_drops_unknown_channels_only(content, error):
     sink = ListSink()
     feed = ListFeed([channel_message(envelope(channel="nobody"), "1"),
-                     channel_message(envelope(payload={"order_id": "bad"}), "2")])
-    with pytest.raises(PipelineError, match="position '2'.*order_id"):
+                     channel_message(content, "2")])
+    with pytest.raises(PipelineError, match=f"position '2'.*{error}"):
         Pipeline(feed, [receive(OrderV3, unknown="skip")], sink=sink).run()
     assert sink.items == [] and feed.acknowledged == "1"
+
+
+def test_a_notification_under_another_channels_prefix_is_refused():
+    message = Message(CHANNEL_PREFIX + "orders.shipped", envelope(), "1")
+    with pytest.raises(ChannelError, match="channel orders.created came under the prefix"):
+        receive(OrderV3, Shipped)(message)
 
 
 # -- against a real server -------------------------------------------------------------------
