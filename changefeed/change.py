@@ -99,7 +99,7 @@ class Change:
     deletes. ``snapshot`` is True for rows read by the snapshot prefeed. ``meta`` holds
     backend-specific facts (e.g. that a MongoDB ``new`` was looked up after the change).
     ``schema_version`` identifies the table's shape (column names and types) when the change
-    was made, where the backend knows it (PostgreSQL's stream): it changes with the shape.
+    was made, where the backend knows it (PostgreSQL): it changes with the shape.
     Copy one with changes through ``dataclasses.replace()``.
     """
 

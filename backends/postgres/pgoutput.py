@@ -16,9 +16,11 @@ unknown types) stay text.
 Positions: several rows share a commit LSN, so a change's position is its transaction's commit
 LSN plus its index among the transaction's row changes, formatted so that string order is
 position order: ``"0000000001A2B3C8:00000003"``. A transactional message takes its index in
-the same sequence (wanted or not, so positions do not depend on the prefixes asked for); a
-non-transactional one arrives outside any transaction and gets index 0 at its own LSN, which
-orders it after every transaction committed before it was written and before every later one.
+the same sequence (wanted or not, so positions do not depend on the prefixes asked for). A
+non-transactional one arrives outside any transaction with the LSN where its WAL record ends,
+which is where the next record starts, perhaps the commit of a transaction whose rows then have
+that LSN in their positions: so it gets index 0 at that LSN minus one (no record starts there),
+which orders it after every transaction committed before it and before every later one.
 """
 
 from __future__ import annotations
@@ -379,8 +381,8 @@ class PgOutputDecoder:
             self._index = index + 1
             position = f"{self._position_prefix}{index:08X}"
             committed_at, xid = self._committed_at, self._xid
-        else:
-            position, committed_at, xid = make_position(lsn, 0), None, None
+        else:  # see the module docstring
+            position, committed_at, xid = make_position(lsn - 1, 0), None, None
         if not self.message_prefixes or not prefix.startswith(self.message_prefixes):
             return None
         (length,) = _INT32.unpack_from(data, offset)

@@ -82,13 +82,21 @@ def test_prefixes_match_by_startswith_and_empty_matches_all():
     assert prefixes([""]) == ["a.b", "ab", "b"]
 
 
+def test_a_non_transactional_message_ending_where_a_commit_starts_comes_before_it():
+    # Its LSN is the end of its WAL record, where the next record (here a commit) starts.
+    stream = [relation(), message("n", b"x", 0x200, transactional=False),
+              begin(0x200), insert(b"2"), commit(0x200)]
+    events = [e for e in decode(stream, messages=["n"]) if isinstance(e, (Change, Message))]
+    assert events[0].position < events[1].position == make_position(0x200, 0)
+
+
 def test_a_non_transactional_message_has_its_own_position_between_transactions():
     stream = [relation(), begin(0x100), insert(b"1"), commit(0x100),
               message("n", b"x", 0x180, transactional=False),
               begin(0x200), insert(b"2"), commit(0x200)]
     events = [e for e in decode(stream, messages=["n"]) if isinstance(e, (Change, Message))]
     positions = [e.position for e in events]
-    assert positions == [make_position(0x100, 0), make_position(0x180, 0),
+    assert positions == [make_position(0x100, 0), make_position(0x17F, 0),
                          make_position(0x200, 0)]
     assert positions == sorted(positions)
     assert events[1].transactional is False and events[1].committed_at is None
@@ -204,6 +212,25 @@ def test_non_transactional_messages_arrive_even_if_their_transaction_rolls_back(
     got = read(feed)
     assert summary(got) == [("app", "at once"), ("public.tasks", "after")]
     assert got[0].transactional is False and got[0].position < got[1].position
+
+
+@pg_marks
+def test_a_non_transactional_message_right_before_a_commit_has_a_position_of_its_own(
+    pg_dsn, tasks
+):
+    # Its WAL record ends where the commit record starts: the transaction's commit LSN.
+    feed = make_feed(pg_dsn)
+    read(feed)
+    for n in range(3):
+        tasks.execute("BEGIN")
+        tasks.execute("INSERT INTO tasks (title) VALUES (%s)", [f"r{n}"])
+        emit(tasks, "app", f"n{n}", transactional=False)
+        tasks.execute("COMMIT")
+    got = read(feed)
+    assert summary(got) == [item for n in range(3)
+                            for item in (("app", f"n{n}"), ("public.tasks", f"r{n}"))]
+    positions = [item.position for item in got]
+    assert positions == sorted(positions) and len(set(positions)) == len(positions)
 
 
 @pg_marks
