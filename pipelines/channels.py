@@ -42,6 +42,7 @@ unknown versions of a known one).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import uuid
 from collections.abc import Callable, Iterable
@@ -178,6 +179,9 @@ def notify(connection: Any, event: Channel, *, db_version: DbVersion = None) -> 
     payload that does not match the channel's types; nothing is sent then, and the caller's
     transaction is left as it was.
     """
+    if inspect.iscoroutinefunction(getattr(connection, "execute", None)):
+        raise ChannelError("notify() needs a synchronous connection or cursor (psycopg's"
+                           " Connection, not AsyncConnection)")
     if callable(db_version):
         db_version = db_version(connection)
     if db_version is not None and not isinstance(db_version, str):

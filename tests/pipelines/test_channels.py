@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import inspect
 import re
 import sys
 import types
@@ -210,6 +211,16 @@ def test_a_value_that_cannot_be_encoded_is_refused():
     event.s = object()  # type: ignore[assignment]
     with pytest.raises(ChannelError, match="cannot encode the payload.*object"):
         encode(event)
+
+
+def test_an_async_connection_is_refused_before_anything_runs():
+    class AsyncLike:  # the shape of psycopg.AsyncConnection: coroutine methods
+        async def execute(self, query, params=None):
+            raise AssertionError("never called")
+
+    with pytest.raises(ChannelError, match="synchronous connection"):
+        notify(AsyncLike(), OrderV1(1), db_version=lambda conn: pytest.fail("not read"))
+    assert inspect.iscoroutinefunction(psycopg.AsyncConnection.execute)
 
 
 def test_only_channel_instances_are_sent():
