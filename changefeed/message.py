@@ -28,7 +28,7 @@ class Message:
 
     ``content`` holds the bytes as sent; `text` and `json` read them. ``committed_at`` and
     ``transaction`` are those of the enclosing transaction, None for a non-transactional message.
-    ``lsn`` is the WAL position PostgreSQL gives the message.
+    ``lsn`` is the WAL position PostgreSQL gives the message: where its record ends.
     """
 
     prefix: str

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import enum
 import inspect
+import json
 import re
+import signal
 import sys
 import types
 import uuid
@@ -37,6 +39,7 @@ from changefeed.pipelines.channels import (
     receive,
 )
 from changefeed.testing import ListSink, insert
+from tests.clitools import run_cli, start_cli
 
 # -- declarations ----------------------------------------------------------------------------
 
@@ -428,6 +431,31 @@ def test_redelivered_notifications_keep_their_ids(pg_dsn, orders):
     assert [n.id for n in first] == [n.id for n in again] == ids
     assert [n.position for n in first] == [n.position for n in again]
     assert [n.payload.order_id for n in again] == [0, 1, 2]
+
+
+@pg_mark
+def test_a_consumer_killed_mid_stream_gets_every_notification_with_the_same_id(pg_dsn, orders):
+    args = ["run", "orders", "--url", pg_dsn, "--messages", CHANNEL_PREFIX, "-q"]
+    run_cli(*args, "--until-idle", "0.5")
+    sent = []
+    for n in range(100):
+        with psycopg.connect(pg_dsn) as conn:
+            conn.execute("INSERT INTO orders VALUES (%s, %s)", [n, n])
+            sent.append(notify(conn, OrderV3(n, "EUR", Decimal(n))))
+    process = start_cli(*args)
+    lines = [json.loads(process.stdout.readline()) for _ in range(5)]
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    lines += [json.loads(line) for line in process.stdout.read().splitlines()]
+    lines += [json.loads(line) for line in run_cli(*args, "--until-idle", "1").stdout.splitlines()]
+    envelopes = {}
+    for line in lines:
+        if line.get("type") == "message":
+            content = line["content"]
+            assert envelopes.setdefault(line["position"], content) == content  # same each time
+    assert sorted(e["id"] for e in envelopes.values()) == sorted(sent)
+    notes = [decode(msgspec.json.encode(e), [OrderV3]) for e in envelopes.values()]
+    assert sorted(n.payload.order_id for n in notes) == list(range(100))
 
 
 @pg_mark
