@@ -40,7 +40,7 @@ from changefeed.change import ALL, UNCHANGED, Change, Operation
 from changefeed.errors import ConfigurationError, PipelineError
 from changefeed.feed import ChangeFeed, Retry
 from changefeed.pipelines.delta import dumps
-from changefeed.pipelines.sinks import Batch
+from changefeed.pipelines.sinks import Batch, SinkInterrupted
 from changefeed.redact import redact
 
 log = logging.getLogger("changefeed.pipelines")
@@ -129,7 +129,7 @@ class RedisStreamSink:
         failures = 0
         while True:
             if self._interrupted.is_set():
-                raise PipelineError(f"{self.name}: stopped before the batch was delivered")
+                raise SinkInterrupted(f"{self.name}: stopped before the batch was delivered")
             try:
                 self._xadd(batch)
                 return
@@ -147,7 +147,7 @@ class RedisStreamSink:
                 delay = self.retry.delay(failures)
                 log.warning("Redis at %s: %s; retrying in %.1f s", self.shown_url, problem, delay)
                 if self._interrupted.wait(delay):
-                    raise PipelineError(
+                    raise SinkInterrupted(
                         f"{self.name}: stopped while retrying; last: {problem}"
                     ) from exc
             except redis.RedisError as exc:  # an answer: sending it again cannot change it

@@ -7,7 +7,10 @@ A sink is either
 * a plain callable, called once per item (or once per list after a ``batch()`` stage).
 
 Returning normally is the confirmation: only then does the pipeline acknowledge the positions of
-the batch's changes. Raising is a failure (see the pipeline's failure policy). A sink may have a
+the batch's changes. Raising is a failure (see the pipeline's failure policy). A sink is called
+from one thread only. It may have an ``interrupt()`` method, which the pipeline calls from
+another thread when it stops: a sink that is retrying then gives up the batch soon by raising
+`SinkInterrupted` (the batch is not confirmed, and comes again on the next run). A sink may have a
 ``close()`` method, called once in the process that used it, and an ``accepts`` attribute
 (``"changes"`` or ``"deltas"``) when it takes only one kind of item. Sinks open their
 connections and files on first use, so that each process of a multi-process pipeline opens
@@ -27,7 +30,12 @@ from dataclasses import dataclass
 from typing import IO, Any, Protocol, runtime_checkable
 
 from changefeed.change import Change, Position
+from changefeed.errors import PipelineError
 from changefeed.pipelines.delta import dumps_line
+
+
+class SinkInterrupted(PipelineError):
+    """A sink gave up a batch because the pipeline is stopping: neither delivered nor failed."""
 
 
 @dataclass(frozen=True)
@@ -140,4 +148,6 @@ def deliver(sink: Any, items: Sequence[Any], positions: Sequence[Position], list
             sink(item)
 
 
-__all__ = ["Batch", "BatchSink", "CallbackSink", "JsonLinesSink", "deliver", "jsonable"]
+__all__ = [
+    "Batch", "BatchSink", "CallbackSink", "JsonLinesSink", "SinkInterrupted", "deliver", "jsonable"
+]

@@ -26,7 +26,7 @@ from changefeed.change import Change
 from changefeed.errors import ConfigurationError, PipelineError
 from changefeed.feed import Retry
 from changefeed.pipelines.delta import dumps, to_delta
-from changefeed.pipelines.sinks import Batch, jsonable
+from changefeed.pipelines.sinks import Batch, SinkInterrupted, jsonable
 from changefeed.redact import redact
 
 log = logging.getLogger("changefeed.pipelines")
@@ -85,7 +85,7 @@ class _HttpSink:
         failures = 0
         while True:
             if self._interrupted.is_set():
-                raise PipelineError(f"{self.shown_url}: stopped before the batch was delivered")
+                raise SinkInterrupted(f"{self.shown_url}: stopped before the batch was delivered")
             try:
                 response = self.client.post(self.url, content=body, headers=dict(headers))
             except httpx.TransportError as exc:
@@ -112,7 +112,7 @@ class _HttpSink:
             delay = self.retry.delay(failures)
             log.warning("%s: %s; retrying in %.1f s", self.shown_url, redact(problem), delay)
             if self._interrupted.wait(delay):  # a stop request ends the wait at once
-                raise PipelineError(
+                raise SinkInterrupted(
                     f"{self.shown_url}: stopped while retrying; last: {redact(problem)}"
                 ) from cause
 
