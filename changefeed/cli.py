@@ -36,6 +36,7 @@ from changefeed.feed import (
     url_scheme,
 )
 from changefeed.pipelines.delta import delta_line_encoder, dumps_line
+from changefeed.preflight import check_writable
 from changefeed.redact import RedactingFormatter, install_excepthook, redact
 
 log = logging.getLogger("changefeed")
@@ -164,6 +165,7 @@ def run(
         raise CliError("--slot and --publication apply to PostgreSQL URLs only", 2)
     with _expected_errors():
         if checkpoint:
+            check_writable(checkpoint, "checkpoint")  # before the first change is delivered
             options["checkpoint"] = FileCheckpoint(checkpoint)
         feed = get_changefeed(url, table, ops, prefeed=prefeed, **options)  # not connected yet
         if not checkpoint and feed.resume == "checkpoint":
