@@ -133,6 +133,12 @@ class PostgresChangeFeed(ChangeFeed):
         self._received_lsn = 0
         self._in_transaction = False
         self._snapshot_last: str | None = None
+        # Messages read by keep_alive() while the consumer was busy: (nbytes, buffer) pairs
+        # that the stream loop takes before reading the socket again.
+        self._backlog: deque[tuple[int, Any]] = deque()
+        self._backlog_bytes = 0  # of XLogData in the backlog: > 0 means undelivered data
+        self._streaming: pq.abc.PGconn | None = None  # set while START_REPLICATION runs
+        self._last_status = 0.0
 
     # -- the stream ----------------------------------------------------------------------------
 
@@ -175,6 +181,9 @@ class PostgresChangeFeed(ChangeFeed):
             raise self._slot_error(message)
         self._pending.clear()
         self._in_transaction = False
+        self._backlog.clear()
+        self._backlog_bytes = 0
+        self._streaming = pgconn
         start = self._slot_position(self._sql) if self._sql else None
         log.info(
             "streaming %s from slot %s at %s (publication %s)",
@@ -193,13 +202,19 @@ class PostgresChangeFeed(ChangeFeed):
         skip_until = acknowledged if isinstance(acknowledged, str) else None
         stats = self.stats
         sock = pgconn.socket
-        last_status = time.monotonic()
+        self._last_status = time.monotonic()
         last_emitted: str | None = None
         get_copy_data = pgconn.get_copy_data
+        backlog = self._backlog
 
         # The hot loop: one iteration per message, hundreds of thousands a second.
         while True:
-            nbytes, buffer = get_copy_data(1)
+            if backlog:  # read by keep_alive() while the consumer was busy: those come first
+                nbytes, buffer = backlog.popleft()
+                if nbytes > 0 and buffer[0] == 119:
+                    self._backlog_bytes -= nbytes
+            else:
+                nbytes, buffer = get_copy_data(1)
             if nbytes > 0:
                 if buffer[0] == 119:  # 'w' XLogData: header, then one pgoutput message
                     event = decode(buffer[25:])
@@ -231,19 +246,84 @@ class PostgresChangeFeed(ChangeFeed):
                         self._received_lsn = max(self._received_lsn, wal_end)
                     if reply_requested:
                         self._send_status(pgconn)
-                        last_status = time.monotonic()
                 continue
             if nbytes < 0:
                 raise self._stream_ended(pgconn, nbytes)
             yield None  # caught up: the consumer may flush and acknowledge now
+            if backlog:
+                continue
             now = time.monotonic()
-            if now - last_status >= self.status_interval or self._flush_due:
+            if now - self._last_status >= self.status_interval or self._flush_due:
                 self._send_status(pgconn)
-                last_status = now
             readable, _, _ = select.select([sock], [], [], 1.0)
             if not readable:
                 yield None
             pgconn.consume_input()
+
+    # -- while the consumer is busy ------------------------------------------------------------
+
+    BACKLOG_LIMIT = 64 * 1024 * 1024
+    """Bytes of stream keep_alive() holds before it lets go of the connection instead."""
+
+    def keep_alive(self) -> None:
+        """Read the stream into a backlog and answer the server while the consumer is busy.
+
+        The walsender ends a connection that stays silent for ``wal_sender_timeout``, and a
+        fast shutdown of the server waits until the client has confirmed everything it was
+        sent. So while the consumer delivers elsewhere (a slow or retrying sink), messages are
+        read into a backlog that the stream loop takes first once it is asked for changes
+        again, and keepalives are answered: the write position is what was received; the
+        flush position is the acknowledged one, or, while something received is not yet
+        delivered, left unset (0), which PostgreSQL ignores for the slot and which lets a
+        shutting-down walsender judge by the write position. The slot keeps its confirmed
+        position, so nothing is lost. A backlog over `BACKLOG_LIMIT` ends the connection
+        instead (the server is free; the feed reconnects from the slot when the consumer is back).
+        """
+        pgconn = self._streaming
+        if pgconn is None or self._replication is None or self._replication.closed:
+            return
+        backlog = self._backlog
+        try:
+            pgconn.consume_input()
+            while self._backlog_bytes <= self.BACKLOG_LIMIT:
+                nbytes, buffer = pgconn.get_copy_data(1)
+                if nbytes == 0:
+                    break
+                backlog.append((nbytes, buffer))
+                if nbytes < 0:  # the stream ended: the loop reports it in its turn
+                    self._streaming = None
+                    return
+                if buffer[0] == 119:  # 'w' XLogData
+                    self._backlog_bytes += nbytes
+                    self._received_lsn = max(self._received_lsn,
+                                             _XLOGDATA.unpack_from(buffer, 1)[0])
+                elif buffer[0] == 107:  # 'k' keepalive: the stream loop sees it again later
+                    wal_end, _, reply_requested = _KEEPALIVE.unpack_from(buffer, 1)
+                    if reply_requested:
+                        self._answer_while_busy(pgconn, wal_end)
+            if self._backlog_bytes > self.BACKLOG_LIMIT:
+                log.warning(
+                    "the sink is behind by more than %s MB of stream: closing the replication"
+                    " connection until it catches up", self.BACKLOG_LIMIT // 2**20,
+                )
+                self._send_status(pgconn)
+                self._streaming = None
+                self._replication.close()
+                return
+            if time.monotonic() - self._last_status >= min(self.status_interval, 5.0):
+                self._send_status(pgconn)
+        except psycopg.Error as exc:  # the stream loop meets the same failure and reconnects
+            log.debug("keep_alive: %s", first_line(exc))
+            self._streaming = None
+
+    def _answer_while_busy(self, pgconn: pq.abc.PGconn, wal_end: int) -> None:
+        undelivered = self._backlog_bytes > 0 or self._in_transaction or bool(self._pending)
+        if undelivered:
+            self._send_status(pgconn, written=max(self._received_lsn, wal_end), flush=0)
+        else:
+            self._flush_lsn = max(self._flush_lsn, wal_end)
+            self._received_lsn = max(self._received_lsn, wal_end)
+            self._send_status(pgconn)
 
     # -- acknowledgement -----------------------------------------------------------------------
 
@@ -308,16 +388,24 @@ class PostgresChangeFeed(ChangeFeed):
 
     _sent_flush = 0
 
-    def _send_status(self, pgconn: pq.abc.PGconn) -> None:
+    def _send_status(
+        self, pgconn: pq.abc.PGconn, *, written: int | None = None, flush: int | None = None
+    ) -> None:
+        """Send a standby status update: received up to ``written``, delivered up to ``flush``
+        (default: the acknowledged position; 0 tells the server nothing about delivery)."""
         now_us = int(time.time() * 1_000_000) - PG_EPOCH_OFFSET_US
-        flush = self._flush_lsn
-        written = max(self._received_lsn, flush)
+        if flush is None:
+            flush = self._flush_lsn
+        if written is None:
+            written = max(self._received_lsn, flush)
         message = _STANDBY_STATUS.pack(b"r", written, flush, flush, now_us, 0)
         if pgconn.put_copy_data(message) != 1 or pgconn.flush() != 0:
             raise psycopg.OperationalError(
                 _text(pgconn.get_error_message()) or "could not send the standby status"
             )
-        self._sent_flush = flush
+        self._last_status = time.monotonic()
+        if flush:
+            self._sent_flush = flush
 
     def close(self) -> None:
         repl = self._replication
@@ -329,6 +417,9 @@ class PostgresChangeFeed(ChangeFeed):
                     pass
             repl.close()
         self._replication = None
+        self._streaming = None
+        self._backlog.clear()
+        self._backlog_bytes = 0
         self._close_sql()
 
     def _close_sql(self) -> None:

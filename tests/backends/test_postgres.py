@@ -395,3 +395,77 @@ def test_survives_a_postgresql_restart_without_losing_a_commit(pg_dsn, pg_server
     restarter.join()
     assert set(seen) == set(range(200))
     assert feed.stats.reconnects >= 1
+
+
+def test_a_busy_consumer_that_keeps_the_feed_alive_does_not_hold_a_server_shutdown(
+    pg_dsn, pg_server
+):
+    # A consumer stuck in a slow sink holds a transaction's changes unacknowledged. While it
+    # calls keep_alive(), the feed answers the walsender, so `pg_ctl -m fast stop` is not kept
+    # waiting for wal_sender_timeout (60 s here); the slot stays where it was acknowledged.
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE busy (id int PRIMARY KEY)")
+    feed = make_feed(pg_dsn, "busy")
+    start(feed)
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        with conn.transaction():
+            conn.execute("INSERT INTO busy SELECT generate_series(1, 30)")
+        conn.execute("INSERT INTO busy VALUES (31)")
+    changes = feed.changes(timeout=60)
+    first = next(changes)  # the consumer got one change, and is now busy delivering it
+    assert first.key == {"id": 1}
+    stopped = threading.Event()
+    took: list[float] = []
+
+    def restart():
+        began = time.monotonic()
+        pg_server.stop("fast")
+        took.append(time.monotonic() - began)
+        stopped.set()
+        pg_server.start()
+
+    restarter = threading.Thread(target=restart)
+    restarter.start()
+    deadline = time.monotonic() + 40
+    while not stopped.is_set() and time.monotonic() < deadline:
+        feed.keep_alive()
+        stopped.wait(0.2)
+    restarter.join()
+    assert took and took[0] < 15, f"the server's shutdown waited {took} s for the feed"
+    # Back from its sink, the consumer goes on: the feed reconnects and nothing is missing.
+    seen = [first.key["id"]]
+    for change in changes:
+        seen.append(change.key["id"])
+        feed.ack(change.position)
+        if set(seen) == set(range(1, 32)):
+            break
+    changes.close()
+    assert set(seen) == set(range(1, 32))
+
+
+def test_keep_alive_answers_the_walsender_so_a_slow_consumer_is_not_cut_off(pg_dsn, pg):
+    # With wal_sender_timeout at 1 s, a consumer busy for several timeouts keeps its stream
+    # (no reconnect) because it calls keep_alive(), and then receives everything in order.
+    pg.execute("CREATE TABLE slow (id int PRIMARY KEY)")
+    pg.execute(f"ALTER ROLE postgres IN DATABASE {pg.info.dbname} SET wal_sender_timeout = '1s'")
+    feed = make_feed(pg_dsn, "slow", status_interval=30)
+    start(feed)
+    pg.execute("INSERT INTO slow SELECT generate_series(1, 5)")
+    changes = feed.changes(timeout=60)
+    got = [next(changes).key["id"]]
+    written = 0
+    busy_until = time.monotonic() + 4  # four timeouts
+    while time.monotonic() < busy_until:
+        written += 1
+        pg.execute("INSERT INTO slow VALUES (%s)", [100 + written])  # more stream meanwhile
+        feed.keep_alive()
+        time.sleep(0.2)
+    expected = [1, 2, 3, 4, 5] + [100 + n for n in range(1, written + 1)]
+    for change in changes:
+        got.append(change.key["id"])
+        feed.ack(change.position)
+        if len(got) == len(expected):
+            break
+    changes.close()
+    assert got == expected
+    assert feed.stats.reconnects == 0
