@@ -8,10 +8,14 @@ us, and the backlog grows while batches stay small. So the sink runs in one thre
 
 * one batch is in the sink at a time, handed over in feed order, so confirmations come back in
   order and acknowledging the last one implies every earlier position;
-* while the sink is busy the feed's thread goes on reading and the next batch grows, up to
-  ``cap`` entries: a slow sink gets bigger batches and keeps up with the backlog;
-* when it must wait (the next batch is full, or the run ends) it waits in short steps, calling
-  ``feed.keep_alive()`` between them and watching for a stop request. Once stopping, it waits
+* while the sink is busy the feed's thread goes on reading what the source has at hand, and
+  the next batch grows, up to ``cap`` entries: a slow sink gets bigger batches and keeps up;
+* when it must wait (it caught up with the source, the next batch is full, or the run ends)
+  it waits in short steps, calling ``feed.keep_alive()`` between them (the backend answers its
+  server and may read ahead into a buffer of its own) and watching for a stop request. Waiting
+  rather than reading on matters to PostgreSQL: a walsender shutting down waits for a client
+  that keeps answering from its stream loop, not for one answering from keep_alive(), which
+  says that what it received is not delivered yet. Once stopping, it waits
   `STOP_GRACE` seconds at most, then interrupts the sinks (a retry loop gives up its batch
   unconfirmed) and leaves the thread behind: what was confirmed is acknowledged, the rest comes
   again on the next run.

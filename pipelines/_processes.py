@@ -165,7 +165,10 @@ class _MultiProcessRun:
                     if chunk:
                         self._send(chunk, flush=True)
                         chunk = []
-                    self._drain()
+                    # Caught up with the source: wait for the workers here, where keep_alive()
+                    # answers the source (a PostgreSQL shutdown waits for a client that keeps
+                    # answering from its stream loop with changes still undelivered).
+                    self._drain(until_all=True)
                     continue
                 if not chunk:
                     started = monotonic()

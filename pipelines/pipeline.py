@@ -171,10 +171,12 @@ class Pipeline:
         try:
             try:
                 for change in changes:
-                    if change is None:  # the feed is quiet: deliver what waits, if the sink can
-                        delivery.poll()
-                        if not delivery.in_flight:
-                            delivery.hand_over(sink_step.take())
+                    if change is None:
+                        # Caught up with the source: deliver what waits. If the sink is still
+                        # busy, wait for it here, where keep_alive() answers the source (and
+                        # reads ahead into the backend's own buffer) meanwhile.
+                        delivery.wait()
+                        delivery.hand_over(sink_step.take())
                         continue
                     entries, failure = segment.process([_Entry(change, keep_change=True)])
                     sink_step.add(entries)
