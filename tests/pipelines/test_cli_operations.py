@@ -4,7 +4,6 @@ server is never held, SIGTERM is quick and keeps what was confirmed, a slow sink
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import psycopg
@@ -101,8 +100,8 @@ def test_a_slow_webhook_keeps_up_with_a_steady_writer(pg_dsn, tasks):
             period = 0.1
             began = time.monotonic()
             while next_id <= total:
-                conn.execute("INSERT INTO tasks SELECT i, 'x' FROM generate_series(%s::int, %s::int) i",
-                             [next_id, next_id + 49])
+                conn.execute("INSERT INTO tasks SELECT i, 'x'"
+                             " FROM generate_series(%s::int, %s::int) i", [next_id, next_id + 49])
                 next_id += 50
                 time.sleep(max(0.0, began + period * (next_id // 50) - time.monotonic()))
         written = time.monotonic()
