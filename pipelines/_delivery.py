@@ -102,6 +102,8 @@ class _Delivery:
 
         Raises the sink's failure, after acknowledging what was confirmed before it.
         """
+        if not timeout and self._results.empty():  # the common case, per change: keep it cheap
+            return
         try:
             result = self._results.get(timeout=timeout) if timeout else self._results.get_nowait()
             while True:
