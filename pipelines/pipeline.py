@@ -134,7 +134,9 @@ class Pipeline:
         return len(self._groups) > 1
 
     def stop(self) -> None:
-        """Ask a running `run()` to finish: it delivers and acknowledges what it has."""
+        """Ask a running `run()` to finish (safe from a signal handler or another thread): it
+        delivers and acknowledges what it has, waiting for a slow or retrying sink a few seconds
+        at most (`STOP_GRACE`); what the sink did not confirm by then comes again next run."""
         self.feed.stop()
 
     def run(
