@@ -10,15 +10,15 @@ us, and the backlog grows while batches stay small. So the sink runs in one thre
   order and acknowledging the last one implies every earlier position;
 * while the sink is busy the feed's thread goes on reading what the source has at hand, and
   the next batch grows, up to ``cap`` entries: a slow sink gets bigger batches and keeps up;
-* when it must wait (it caught up with the source, the next batch is full, or the run ends)
-  it waits in short steps, calling ``feed.keep_alive()`` between them (the backend answers its
-  server and may read ahead into a buffer of its own) and watching for a stop request. Waiting
-  rather than reading on matters to PostgreSQL: a walsender shutting down waits for a client
-  that keeps answering from its stream loop, not for one answering from keep_alive(), which
-  says that what it received is not delivered yet. Once stopping, it waits
-  `STOP_GRACE` seconds at most, then interrupts the sinks (a retry loop gives up its batch
-  unconfirmed) and leaves the thread behind: what was confirmed is acknowledged, the rest comes
-  again on the next run.
+* when it must wait (it caught up with the source while the sink is slow, the next batch is
+  full, or the run ends) it waits in short steps, calling ``feed.keep_alive()`` between them
+  (the backend answers its server and may read ahead into a buffer of its own) and watching
+  for a stop request. Waiting rather than reading on matters to PostgreSQL: a walsender
+  shutting down waits for a client that keeps answering from its stream loop, not for one
+  answering from keep_alive(), which says that what it received is not delivered yet.
+* once stopping, it waits `STOP_GRACE` seconds at most, then interrupts the sinks (a retry
+  loop gives up its batch unconfirmed) and leaves the thread behind: what was confirmed is
+  acknowledged, the rest comes again on the next run.
 
 The sinks are called from the sink thread only, ``close()`` included.
 """
@@ -36,6 +36,9 @@ from changefeed.pipelines._steps import _Confirmed, _Entry, _SinkStep
 
 log = logging.getLogger("changefeed.pipelines")
 
+SLOW_SINK = 1.0
+"""A sink that has held a batch this long is slow: at a quiet moment the feed's thread then waits
+for it (answering the source with keep_alive()) instead of reading on."""
 WAIT_STEP = 0.2
 """Seconds between calls of ``feed.keep_alive()`` while the feed's thread waits on the sink."""
 STOP_GRACE = 3.0
@@ -61,6 +64,7 @@ class _Delivery:
         self.feed = feed
         self.confirm = confirm
         self.in_flight = 0
+        self.handed_at = 0.0
         self.stop_deadline: float | None = None
         self._batches: queue.SimpleQueue[list[_Entry] | None] = queue.SimpleQueue()
         self._results: queue.SimpleQueue[_Confirmed | BaseException | None] = queue.SimpleQueue()
@@ -94,6 +98,8 @@ class _Delivery:
     def hand_over(self, entries: list[_Entry]) -> None:
         """Give ``entries`` to the sink thread (after every batch given before)."""
         if entries:
+            if not self.in_flight:
+                self.handed_at = time.monotonic()
             self.in_flight += 1
             self._batches.put(entries)
 
@@ -112,6 +118,7 @@ class _Delivery:
                     self.confirm(None, final=True)
                     raise result
                 self.confirm(result)
+                self.handed_at = time.monotonic()  # the next batch (if any) starts now
                 result = self._results.get_nowait()
         except queue.Empty:
             pass
@@ -121,6 +128,20 @@ class _Delivery:
         it grow, and wait for the sink only once it holds ``cap`` entries or items."""
         self.poll()
         if self.in_flight and (sink_step.items >= cap or len(sink_step.entries) >= cap):
+            self.wait()
+        if not self.in_flight:
+            self.hand_over(sink_step.take())
+
+    def quiet(self, sink_step: _SinkStep) -> None:
+        """The source has nothing more at hand: hand the waiting batch over if the sink is free.
+
+        If the sink is slow (busy for `SLOW_SINK` seconds), wait for it here, answering the
+        source with keep_alive(); a sink busy for less gets no wait: the feed reads on, and the
+        batch goes at the next quiet moment or once due (this keeps thread hand-overs rare
+        while changes stream fast).
+        """
+        self.poll()
+        if self.in_flight and time.monotonic() - self.handed_at >= SLOW_SINK:
             self.wait()
         if not self.in_flight:
             self.hand_over(sink_step.take())

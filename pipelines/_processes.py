@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import multipipes
 
 from changefeed.errors import ChangefeedError, PipelineError
+from changefeed.pipelines._delivery import SLOW_SINK
 from changefeed.pipelines._steps import _Chunk, _Entry, _Failure, _Segment, _SinkStep
 
 if TYPE_CHECKING:
@@ -125,6 +126,8 @@ class _MultiProcessRun:
         self.sent = 0
         self.confirmed = 0
         self.last_alive_check = time.monotonic()
+        self.last_progress = time.monotonic()
+        """When the workers last confirmed something (or were given work while idle)."""
         self.stop_deadline: float | None = None
         self.abandoned = False
         """Set when a stop gave up waiting for the workers: they are ended, not shut down."""
@@ -165,10 +168,11 @@ class _MultiProcessRun:
                     if chunk:
                         self._send(chunk, flush=True)
                         chunk = []
-                    # Caught up with the source: wait for the workers here, where keep_alive()
-                    # answers the source (a PostgreSQL shutdown waits for a client that keeps
-                    # answering from its stream loop with changes still undelivered).
-                    self._drain(until_all=True)
+                    # Caught up with the source. If the workers are slow, wait for them here,
+                    # where keep_alive() answers the source (a PostgreSQL shutdown waits for a
+                    # client that keeps answering from its stream loop with changes undelivered).
+                    slow = monotonic() - self.last_progress >= SLOW_SINK
+                    self._drain(until_all=slow and self.sent > self.confirmed)
                     continue
                 if not chunk:
                     started = monotonic()
@@ -199,6 +203,8 @@ class _MultiProcessRun:
 
     def _send(self, chunk: list[_Entry], flush: bool) -> None:
         if chunk or flush:
+            if self.sent == self.confirmed:
+                self.last_progress = time.monotonic()
             self.inqueue.put(_Chunk(chunk, flush))
             self.sent += len(chunk)
 
@@ -228,6 +234,7 @@ class _MultiProcessRun:
                 self.pipeline._confirm(None, final=True)
                 raise PipelineError(message.message)
             self.confirmed += message.count
+            self.last_progress = time.monotonic()
             self.pipeline._confirm(message)
 
     def _check_stop(self) -> None:

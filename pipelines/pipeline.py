@@ -173,12 +173,8 @@ class Pipeline:
         try:
             try:
                 for change in changes:
-                    if change is None:
-                        # Caught up with the source: deliver what waits. If the sink is still
-                        # busy, wait for it here, where keep_alive() answers the source (and
-                        # reads ahead into the backend's own buffer) meanwhile.
-                        delivery.wait()
-                        delivery.hand_over(sink_step.take())
+                    if change is None:  # caught up with the source: deliver what waits
+                        delivery.quiet(sink_step)
                         continue
                     entries, failure = segment.process([_Entry(change, keep_change=True)])
                     sink_step.add(entries)
