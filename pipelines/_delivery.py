@@ -20,7 +20,10 @@ us, and the backlog grows while batches stay small. So the sink runs in one thre
   loop gives up its batch unconfirmed) and leaves the thread behind: what was confirmed is
   acknowledged, the rest comes again on the next run.
 
-The sinks are called from the sink thread only, ``close()`` included.
+The sinks are called from the sink thread only, ``close()`` included. A sink that only writes to
+a local file (``local = True``, with the dead-letter sink, if any) is instead called inline, in
+the feed's thread: it never waits long, and two threads both busy with Python code cost about
+a fifth more CPU than one (measured with PostgreSQL and a file sink).
 """
 
 from __future__ import annotations
@@ -66,11 +69,16 @@ class _Delivery:
         self.in_flight = 0
         self.handed_at = 0.0
         self.stop_deadline: float | None = None
+        self.inline = all(
+            getattr(sink, "local", False) for sink in (sink_step.sink, sink_step.dead_letter)
+            if sink is not None
+        )
         self._batches: queue.SimpleQueue[list[_Entry] | None] = queue.SimpleQueue()
         self._results: queue.SimpleQueue[_Confirmed | BaseException | None] = queue.SimpleQueue()
         # A daemon: a sink stuck in a request must not keep the process alive after a stop.
         self._thread = threading.Thread(target=self._run, name="changefeed-sink", daemon=True)
-        self._thread.start()
+        if not self.inline:
+            self._thread.start()
 
     # -- the sink thread -----------------------------------------------------------------------
 
@@ -97,7 +105,14 @@ class _Delivery:
 
     def hand_over(self, entries: list[_Entry]) -> None:
         """Give ``entries`` to the sink thread (after every batch given before)."""
-        if entries:
+        if entries and self.inline:
+            try:
+                result = self.sink_step.deliver(entries)
+            except BaseException:
+                self.confirm(None, final=True)
+                raise
+            self.confirm(result)
+        elif entries:
             if not self.in_flight:
                 self.handed_at = time.monotonic()
             self.in_flight += 1
@@ -172,6 +187,9 @@ class _Delivery:
     def close(self, wait: bool) -> None:
         """End the sink thread: at once (after a failure or a stop), or once it closed the
         sinks (``wait``)."""
+        if self.inline:
+            self.sink_step.close()
+            return
         if not wait:
             self.sink_step.interrupt()  # a retrying sink gives up its batch, unconfirmed
         self._batches.put(None)

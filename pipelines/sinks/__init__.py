@@ -11,8 +11,10 @@ the batch's changes. Raising is a failure (see the pipeline's failure policy). A
 from one thread only. It may have an ``interrupt()`` method, which the pipeline calls from
 another thread when it stops: a sink that is retrying then gives up the batch soon by raising
 `SinkInterrupted` (the batch is not confirmed, and comes again on the next run). A sink may have a
-``close()`` method, called once in the process that used it, and an ``accepts`` attribute
-(``"changes"`` or ``"deltas"``) when it takes only one kind of item. Sinks open their
+``close()`` method, called once in the process that used it, an ``accepts`` attribute
+(``"changes"`` or ``"deltas"``) when it takes only one kind of item, and ``local = True`` when
+it never waits on anything but the local disk (a file): such a sink is called in the feed's own
+thread, which saves the cost of a hand-over between threads. Sinks open their
 connections and files on first use, so that each process of a multi-process pipeline opens
 its own.
 
@@ -24,6 +26,7 @@ Built-ins: `JsonLinesSink`, `CallbackSink`, `WebhookSink` and `SnorkySink` (in
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -85,6 +88,18 @@ class JsonLinesSink:
         self._file: IO[bytes] | None = None
         self._owned = False
         self.name = f"json_lines({target if isinstance(target, (str, os.PathLike)) else 'file'})"
+
+    @property
+    def local(self) -> bool:
+        """Whether the sink writes to a file on a local disk or a device such as /dev/null
+        (not stdout, a pipe or a socket, whose reader may make a write wait)."""
+        if not isinstance(self.target, (str, os.PathLike)) or self.target == "-":
+            return False
+        try:
+            mode = os.stat(self.target).st_mode
+        except OSError:
+            return True  # created on first write: a regular file
+        return not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode))
 
     def _open(self) -> IO[bytes]:
         if self._file is None:

@@ -15,7 +15,7 @@ import redis
 from servers import Receiver, free_port, start_redis, stop_process, wait_for_port, wait_until
 
 from changefeed import PipelineError, Retry
-from changefeed.pipelines import CallbackSink, Pipeline, batch
+from changefeed.pipelines import CallbackSink, JsonLinesSink, Pipeline, batch
 from changefeed.pipelines._delivery import STOP_GRACE
 from changefeed.pipelines.redis_streams import RedisStreamSink
 from changefeed.pipelines.sinks.http import WebhookSink
@@ -205,3 +205,31 @@ def test_a_stop_ends_the_run_while_the_redis_sink_retries():
     wait_until(lambda: feed.keep_alive_calls > 0, what="the feed's thread waiting")
     stop_and_join(pipeline, thread)
     assert feed.checkpoint.load("tasks") is None
+
+
+# -- local sinks are called inline ------------------------------------------------------------
+
+
+def test_a_file_sink_is_called_in_the_feeds_thread_other_sinks_in_the_sink_thread(tmp_path):
+    import os
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    assert JsonLinesSink(tmp_path / "new.jsonl").local and JsonLinesSink(os.devnull).local
+    assert not JsonLinesSink("-").local and not JsonLinesSink(fifo).local
+
+    def sink_threads(change):
+        seen.append(any(t.name == "changefeed-sink" for t in threading.enumerate()))
+        return change
+
+    seen: list[bool] = []
+    out = tmp_path / "out.jsonl"
+    Pipeline(RecordingFeed(2), [sink_threads], sink=JsonLinesSink(out)).run()
+    assert seen == [False, False] and len(out.read_text().splitlines()) == 2
+    seen.clear()
+    Pipeline(RecordingFeed(2), [sink_threads], sink=lambda change: None).run()
+    assert seen == [True, True]
+    seen.clear()  # a dead-letter sink that may wait makes the whole step threaded
+    Pipeline(RecordingFeed(2), [sink_threads], sink=JsonLinesSink(out),
+             dead_letter=lambda record: None).run()
+    assert seen == [True, True]
