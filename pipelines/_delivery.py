@@ -73,6 +73,8 @@ class _Delivery:
             getattr(sink, "local", False) for sink in (sink_step.sink, sink_step.dead_letter)
             if sink is not None
         )
+        self._closing = threading.Lock()
+        self._closed = False
         self._batches: queue.SimpleQueue[list[_Entry] | None] = queue.SimpleQueue()
         self._results: queue.SimpleQueue[_Confirmed | BaseException | None] = queue.SimpleQueue()
         # A daemon: a sink stuck in a request must not keep the process alive after a stop.
@@ -96,10 +98,12 @@ class _Delivery:
                     return  # nothing after a failed batch may be delivered
                 self._results.put(result)
         finally:
-            try:
-                step.close()
-            except Exception:
-                log.exception("closing the sink failed")
+            with self._closing:  # after this, no interrupt() may reach the closed sinks
+                self._closed = True
+                try:
+                    step.close()
+                except Exception:
+                    log.exception("closing the sink failed")
 
     # -- the feed's thread ---------------------------------------------------------------------
 
@@ -191,7 +195,9 @@ class _Delivery:
             self.sink_step.close()
             return
         if not wait:
-            self.sink_step.interrupt()  # a retrying sink gives up its batch, unconfirmed
+            with self._closing:
+                if not self._closed:  # a closed sink must not keep the request for a next run
+                    self.sink_step.interrupt()  # a retrying sink gives up its batch, unconfirmed
         self._batches.put(None)
         if wait:
             self._thread.join(CLOSE_WAIT)

@@ -233,3 +233,16 @@ def test_a_file_sink_is_called_in_the_feeds_thread_other_sinks_in_the_sink_threa
     Pipeline(RecordingFeed(2), [sink_threads], sink=JsonLinesSink(out),
              dead_letter=lambda record: None).run()
     assert seen == [True, True]
+
+
+def test_a_webhook_sink_works_again_in_a_new_run_after_a_failed_one():
+    receiver = Receiver(fail_first=1, fail_status=400).start()
+    try:
+        sink = WebhookSink(receiver.url)
+        with pytest.raises(PipelineError, match="answered 400"):
+            Pipeline(RecordingFeed(1), [], sink=sink).run()
+        feed = RecordingFeed(2)
+        assert Pipeline(feed, [], sink=sink).run() == 2  # not left interrupted
+    finally:
+        receiver.stop()
+    assert len(receiver.accepted()) == 1 and feed.checkpoint.load("tasks") == 2
