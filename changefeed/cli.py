@@ -157,9 +157,9 @@ def run(
     """
     _setup_logging(quiet)
     options: dict[str, Any] = {}
-    if slot:
+    if slot is not None:
         options["slot"] = slot
-    if publication:
+    if publication is not None:
         options["publication"] = publication
     if options and not is_postgresql_url(url):
         raise CliError("--slot and --publication apply to PostgreSQL URLs only", 2)
@@ -369,10 +369,14 @@ class _Progress:
               help="Drop this slot and its publication (repeatable).")
 @click.option("--drop-inactive", is_flag=True,
               help="Drop every inactive changefeed slot and its publication.")
-def slots(url: str, drops: tuple[str, ...], drop_inactive: bool) -> None:
+@click.option("--warn-retained", default="1GB", show_default=True, metavar="SIZE",
+              callback=lambda ctx, param, value: _parse_size(value),
+              help="Warn about slots that make the server keep more WAL than this.")
+def slots(url: str, drops: tuple[str, ...], drop_inactive: bool, warn_retained: int) -> None:
     """List (or drop) the PostgreSQL slots and publications changefeed created.
 
     An abandoned slot makes PostgreSQL keep WAL forever: drop the ones no feed uses.
+    Slots made with --slot are listed too (marked "named").
     """
     if url_scheme(url) and not is_postgresql_url(url):  # a conninfo string has no scheme
         raise CliError("changefeed slots manages PostgreSQL replication slots: give a"
@@ -388,13 +392,36 @@ def slots(url: str, drops: tuple[str, ...], drop_inactive: bool) -> None:
         if not rows:
             click.echo("no changefeed slots", err=True)
             return
-        click.echo(f"{'slot':30} {'active':6} {'confirmed':>14} {'behind':>12} {'wal':9} tables")
+        click.echo(f"{'slot':30} {'active':6} {'confirmed':>14} {'behind':>10} {'retains':>10}"
+                   f" {'wal':9} tables")
         for row in rows:
             click.echo(
                 f"{row.name:30} {'yes' if row.active else 'no':6} {row.confirmed_lsn or '-':>14}"
-                f" {_bytes(row.behind_bytes):>12} {row.wal_status or '-':9}"
-                f" {', '.join(row.tables) or '-'}"
+                f" {_bytes(row.behind_bytes):>10} {_bytes(row.retained_bytes):>10}"
+                f" {row.wal_status or '-':9} {', '.join(row.tables) or '-'}"
+                + (" (named)" if row.named else "")
             )
+        for row in rows:
+            if (row.retained_bytes or 0) > warn_retained:
+                click.echo(
+                    f"changefeed: warning: slot {row.name} makes the server keep"
+                    f" {_bytes(row.retained_bytes)} of WAL; if no feed uses it any more, drop it:"
+                    f" changefeed slots --drop {row.name}", err=True,
+                )
+
+
+def _parse_size(text: str) -> int:
+    """``512MB``, ``1GB``, ``1048576``: a byte count (usage error on anything else)."""
+    units = {"": 1, "B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}
+    number, unit = text.strip().upper().rstrip("B") or "0", ""
+    for suffix in ("K", "M", "G", "T"):
+        if number.endswith(suffix):
+            number, unit = number[:-1], suffix + "B"
+    try:
+        value = float(number.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a size such as 512MB or 1GB") from None
+    return int(value * units[unit])
 
 
 def _bytes(count: int | None) -> str:

@@ -25,6 +25,7 @@ whole old row under ``ALTER TABLE ... REPLICA IDENTITY FULL``.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import select
@@ -38,13 +39,32 @@ import psycopg
 from psycopg import pq, sql
 from psycopg.rows import dict_row
 
+from changefeed.backends.postgres import catalog
+from changefeed.backends.postgres.backfill import (
+    BACKFILL_PREFIX,
+    WATERMARK_PREFIX,
+    Backfiller,
+    TableBackfill,
+    key_types,
+)
+from changefeed.backends.postgres.names import (
+    check_publication_name,
+    check_slot_name,
+    default_slot_name,
+    legacy_slot_name,
+    parse_table_name,
+    split_tables,
+)
 from changefeed.backends.postgres.pgoutput import (
     Begin,
     Commit,
+    LogicalMessage,
     PgOutputDecoder,
+    Renamed,
     Truncate,
     format_lsn,
     make_position,
+    parse_lsn,
     psycopg_loaders,
 )
 from changefeed.change import ALL, Change, Operation
@@ -68,15 +88,17 @@ _UTC = "SET TimeZone TO 'UTC'"
 """Sessions that read rows use UTC: timestamptz values then become datetimes in UTC whatever the
 server's TimeZone (and psycopg loads them twice as fast as in a named zone)."""
 
-SLOT_PREFIX = "changefeed_"
-_SNAPSHOT_PENDING = "changefeed: snapshot pending"
-_SNAPSHOT_DONE = "changefeed: snapshot done"
+_SNAPSHOT_PENDING = "pending"
+_SNAPSHOT_DONE = "done"
+DROP_CHECK_SECONDS = 5.0
+"""While the stream is quiet, check this often that the watched tables still exist."""
+RETAINED_WARNING_BYTES = 1 << 30
+"""`run` warns at start when its slot keeps more WAL than this (see `changefeed slots`)."""
 
 
 def slot_name_for(name: str) -> str:
-    """The default slot (and publication) name of a feed: ``changefeed_`` + a safe form of it."""
-    safe = re.sub(r"[^a-z0-9_]+", "_", name.lower()).strip("_") or "feed"
-    return (SLOT_PREFIX + safe)[:63]
+    """The default slot (and publication) name for a table name or a comma-separated list."""
+    return default_slot_name([parse_table_name(t) for t in split_tables(name)])
 
 
 class PostgresChangeFeed(ChangeFeed):
@@ -110,19 +132,34 @@ class PostgresChangeFeed(ChangeFeed):
         snapshot_batch: int = 5000,
         **options: Any,
     ) -> None:
-        tables = [t.strip() for t in table.split(",")] if isinstance(table, str) else list(table)
-        tables = [t for t in tables if t]
+        tables = split_tables(table)
         if not tables:
             raise ConfigurationError("no table given")
         super().__init__(",".join(tables), operation, connection=connection, **options)
         self.tables = tables
+        self.table_names = [parse_table_name(name) for name in tables]
         self.dsn = _conninfo(connection)
-        self.slot = slot or slot_name_for(options.get("name") or "_".join(tables))
-        self.publication = publication or self.slot
+        self._default_names = slot is None and publication is None
+        if slot is None:
+            name = options.get("name")
+            slot = slot_name_for(name) if name else default_slot_name(self.table_names)
+        self.slot = check_slot_name(slot)
+        self.publication = check_publication_name(publication or self.slot)
         self.status_interval = status_interval
         self.snapshot_batch = snapshot_batch
         self.qualified_tables: list[str] = []
-        self.primary_keys: dict[str, list[str]] = {}
+        self.primary_keys: dict[int, list[str]] = {}
+        self._tables: dict[int, catalog.Table] | None = None  # by OID, once resolved
+        self._stream_names: dict[int, str] = {}  # OID -> name as the stream last gave it
+        self._dropped: dict[int, tuple[str, int]] = {}  # OID -> (name, WAL position seen gone)
+        self._slot_known = False  # the slot existed (or was made) on an earlier connection
+        self._meta: dict[str, Any] = {}
+        self._server_version = 0
+        self._backfiller = Backfiller(
+            self.slot, snapshot_batch, self._plain_connection, _read_chunk,
+            lambda oid: self._tables[oid].identifier if self._tables else sql.Identifier(""),
+            self._save_backfills,
+        )
         self._sql: psycopg.Connection | None = None
         self._replication: psycopg.Connection | None = None
         self._connected_before = False
@@ -147,38 +184,141 @@ class PostgresChangeFeed(ChangeFeed):
         try:
             conn = self._sql = self._connect(replication=False)
             self._check_server(conn)
-            repl = self._replication = self._connect(replication=True)
-            self._ensure_publication(conn)
-            slot_exists = self._check_slot(conn, first_connection)
+            if first_connection:
+                self._choose_names(conn)
+                self._backfiller.slot = self.slot
+            repl = self._replication = self._connect_replication(conn, first_connection)
+            slot = catalog.get_slot(conn, self.slot)
+            self._check_slot(conn, slot, first_connection)
+            created_publication = self._ensure_publication(conn)
         except psycopg.OperationalError as exc:
             if first_connection:
                 raise PermanentBackendError(_connect_failure(exc, self.dsn)) from exc
             raise
         self._connected_before = True
 
-        if slot_exists and self.prefeed == "snapshot" and self._snapshot_pending(conn):
+        if slot is not None and self.prefeed == "snapshot" and (
+            self._meta.get("snapshot") == _SNAPSHOT_PENDING
+        ):
             log.warning("the snapshot of slot %s never completed: taking it again", self.slot)
             conn.execute("SELECT pg_drop_replication_slot(%s)", [self.slot])
-            slot_exists = False
-        if not slot_exists:
-            snapshot = self.prefeed == "snapshot"
-            consistent_point, snapshot_name = self._create_slot(repl, export_snapshot=snapshot)
-            if snapshot:
+            slot = None
+        elif slot is None and self._slot_known:
+            raise ResumeError(
+                f"slot {self.slot} was dropped while the feed ran: the changes after its last"
+                " position are gone; start again (with --prefeed snapshot to re-read the tables)"
+            )
+        if slot is None:
+            exported = self.prefeed == "snapshot" and not self._chunked_snapshots
+            try:
+                snapshot_name = self._create_slot(repl, export_snapshot=exported)
+            except BaseException:
+                if created_publication:  # leave nothing behind of a feed that never started
+                    catalog.drop_publication(conn, self.publication)
+                raise
+            self._slot_known = True
+            if exported:
                 yield from self._read_snapshot(snapshot_name)
+        self._slot_known = True
+        if first_connection and self.prefeed == "snapshot" and self._chunked_snapshots:
+            self._plan_backfills(conn)
         yield from self._stream(repl)
+
+    @property
+    def _chunked_snapshots(self) -> bool:
+        """Snapshots go in key chunks through the stream (see `backfill`) when the server
+        sends logical messages (14+) and every table has a primary key; else the whole
+        snapshot is read in the slot's exported snapshot at creation."""
+        tables = self._tables.values() if self._tables else []
+        return self._server_version >= 140000 and all(table.key for table in tables)
+
+    def _plan_backfills(self, conn: psycopg.Connection) -> None:
+        """Back-fill each table whose snapshot was not delivered on this slot yet, continuing
+        after the last recorded chunk of one cut short."""
+        states = self._meta.get("backfill") or {}
+        legacy_done = self._meta.get("snapshot") == _SNAPSHOT_DONE
+        for oid, table in (self._tables or {}).items():
+            state = states.get(str(oid))
+            if state == "done" or (state is None and legacy_done):
+                continue
+            self._backfiller.states.update(states)
+            self._backfiller.start(self._table_backfill(conn, table, state))
+
+    def _table_backfill(
+        self, conn: psycopg.Connection, table: catalog.Table, state: Any
+    ) -> TableBackfill:
+        state = state if isinstance(state, dict) else {}
+        return TableBackfill(
+            table.oid, self._stream_names.get(table.oid, table.qualified), list(table.key),
+            key_types(conn, table.oid, table.key), after=state.get("after"),
+            done=state.get("done", 0), chunks=state.get("chunks", 0),
+        )
+
+    def _plain_connection(self) -> psycopg.Connection:
+        if self._sql is None or self._sql.closed:
+            self._sql = self._connect(replication=False)
+        return self._sql
+
+    def _save_backfills(self, states: dict[str, Any]) -> None:
+        self._meta["backfill"] = dict(states)
+        try:
+            catalog.write_meta(self._plain_connection(), self.publication, self._meta)
+        except psycopg.Error as exc:
+            log.warning("could not record back-fill progress on %s: %s", self.publication,
+                        first_line(exc))
+
+    def _on_message(
+        self, message: LogicalMessage, decoder: PgOutputDecoder
+    ) -> Iterator[Change]:
+        """Handle changefeed's own messages: watermarks and back-fill requests."""
+        if message.prefix == WATERMARK_PREFIX:
+            window = self._backfiller.watermark(message.content)
+            if window is None:
+                return
+            backfill = window.backfill
+            table = self._stream_names.get(backfill.oid, backfill.table)
+            positions = [decoder.next_position() for _ in window.rows]
+            self._backfiller.handed_out(positions[-1] if positions else None)
+            for row, position in zip(window.rows.values(), positions, strict=True):
+                key = {column: row[column] for column in backfill.key}
+                yield Change(Operation.INSERT, table, row, None, key, position, None, None, True)
+        elif message.prefix == BACKFILL_PREFIX:
+            self._backfill_requested(message.content)
+
+    def _backfill_requested(self, content: bytes) -> None:
+        try:
+            request = json.loads(content)
+        except ValueError:
+            return
+        if not isinstance(request, dict) or request.get("slot") != self.slot:
+            return
+        conn = self._plain_connection()
+        for oid in request.get("tables") or []:
+            table = (self._tables or {}).get(oid)
+            if table is None or oid in self._dropped:
+                continue
+            if not table.key:
+                log.warning("cannot back-fill %s: it has no primary key", table.qualified)
+                continue
+            log.info("back-fill of %s requested: reading it in chunks of %s rows",
+                     table.qualified, f"{self.snapshot_batch:,}")
+            self._backfiller.start(self._table_backfill(conn, table, None))
 
     def _stream(self, repl: psycopg.Connection) -> Iterator[Change | None]:
         pgconn = repl.pgconn
+        # Logical messages (14+) carry the back-fills' watermarks and requests.
+        messages = sql.SQL(", messages 'true'" if self._server_version >= 140000 else "")
         command = sql.SQL(
-            "START_REPLICATION SLOT {} LOGICAL 0/0 (proto_version '1', publication_names {})"
-        ).format(sql.Identifier(self.slot), sql.Literal(self.publication))
+            "START_REPLICATION SLOT {} LOGICAL 0/0 (proto_version '1', publication_names {}{})"
+        ).format(sql.Identifier(self.slot), sql.Literal(self.publication), messages)
         pgconn.send_query(command.as_bytes(repl))
         result = pgconn.get_result()
         if result is None or result.status != pq.ExecStatus.COPY_BOTH:
             message = _text(result.error_message if result else b"") or _text(
                 pgconn.get_error_message()
             )
-            raise self._slot_error(message)
+            sqlstate = result.error_field(pq.DiagnosticField.SQLSTATE) if result else None
+            raise self._slot_error(_text(sqlstate), message)
         self._pending.clear()
         self._in_transaction = False
         self._backlog.clear()
@@ -189,12 +329,11 @@ class PostgresChangeFeed(ChangeFeed):
             "streaming %s from slot %s at %s (publication %s)",
             ", ".join(self.qualified_tables), self.slot, start or "?", self.publication,
         )
-        self._close_sql()
 
         decoder = PgOutputDecoder(
             self.operation,
             loaders=psycopg_loaders(repl),
-            tables=self.qualified_tables,
+            tables=self._stream_names,
             primary_keys=self.primary_keys,
         )
         decode = decoder.decode
@@ -206,6 +345,10 @@ class PostgresChangeFeed(ChangeFeed):
         last_emitted: str | None = None
         get_copy_data = pgconn.get_copy_data
         backlog = self._backlog
+        last_table_check = time.monotonic()
+        backfiller = self._backfiller
+        backfiller.reset()  # a window of the previous connection is lost: its chunk comes again
+        window = None  # the open chunk window, whose keys the stream's changes remove
 
         # The hot loop: one iteration per message, hundreds of thousands a second.
         while True:
@@ -222,6 +365,8 @@ class PostgresChangeFeed(ChangeFeed):
                         continue
                     if event.__class__ is Change:
                         last_emitted = event.position
+                        if window is not None:
+                            window.observe(event)
                         if skip_until is None or last_emitted > skip_until:
                             yield event
                     elif event.__class__ is Begin:
@@ -232,11 +377,25 @@ class PostgresChangeFeed(ChangeFeed):
                         _, wal_end, _ = _XLOGDATA.unpack_from(buffer, 1)
                         self._received_lsn = event.end_lsn
                         stats.lag_bytes = max(0, wal_end - event.end_lsn)
+                        if backfiller.finished:
+                            backfiller.committed(event.end_lsn)
                         self._pending.append((last_emitted, event.end_lsn))
                         self._advance()
+                        if backfiller.due:
+                            backfiller.open_chunk()
+                            window = backfiller.window
                     elif event.__class__ is Truncate:
                         log.warning("TRUNCATE of %s is not emitted as changes",
                                     ", ".join(event.tables))
+                    elif event.__class__ is LogicalMessage:
+                        for change in self._on_message(event, decoder):
+                            last_emitted = change.position
+                            yield change
+                        window = backfiller.window
+                    elif event.__class__ is Renamed:
+                        log.warning("table %s is now %s: its changes go on under the new name",
+                                    event.old_name, event.new_name)
+                        self._stream_names[event.oid] = event.new_name
                 elif buffer[0] == 107:  # 'k' keepalive
                     wal_end, _, reply_requested = _KEEPALIVE.unpack_from(buffer, 1)
                     stats.lag_bytes = max(0, wal_end - self._received_lsn)
@@ -253,6 +412,14 @@ class PostgresChangeFeed(ChangeFeed):
             if backlog:
                 continue
             now = time.monotonic()
+            if now - last_table_check >= DROP_CHECK_SECONDS and self._sql is not None:
+                last_table_check = now
+                self._note_dropped_tables(self._sql)
+            if self._dropped:
+                self._end_if_dropped_tables_delivered(pgconn)
+            if backfiller.due:
+                backfiller.open_chunk()
+                window = backfiller.window
             if now - self._last_status >= self.status_interval or self._flush_due:
                 self._send_status(pgconn)
             readable, _, _ = select.select([sock], [], [], 1.0)
@@ -374,6 +541,9 @@ class PostgresChangeFeed(ChangeFeed):
                 break
             pending.popleft()
             self._flush_lsn = max(self._flush_lsn, end_lsn)
+        if self._backfiller.finished:
+            acked = self._acked_position
+            self._backfiller.confirmed(self._flush_lsn, acked if isinstance(acked, str) else None)
         if (
             self._snapshot_last is not None
             and acked is not None
@@ -389,16 +559,18 @@ class PostgresChangeFeed(ChangeFeed):
     _sent_flush = 0
 
     def _send_status(
-        self, pgconn: pq.abc.PGconn, *, written: int | None = None, flush: int | None = None
+        self, pgconn: pq.abc.PGconn, *, written: int | None = None, flush: int | None = None,
+        reply: bool = False,
     ) -> None:
         """Send a standby status update: received up to ``written``, delivered up to ``flush``
-        (default: the acknowledged position; 0 tells the server nothing about delivery)."""
+        (default: the acknowledged position; 0 tells the server nothing about delivery);
+        ``reply`` asks the server for a keepalive telling how far its WAL goes."""
         now_us = int(time.time() * 1_000_000) - PG_EPOCH_OFFSET_US
         if flush is None:
             flush = self._flush_lsn
         if written is None:
             written = max(self._received_lsn, flush)
-        message = _STANDBY_STATUS.pack(b"r", written, flush, flush, now_us, 0)
+        message = _STANDBY_STATUS.pack(b"r", written, flush, flush, now_us, int(reply))
         if pgconn.put_copy_data(message) != 1 or pgconn.flush() != 0:
             raise psycopg.OperationalError(
                 _text(pgconn.get_error_message()) or "could not send the standby status"
@@ -437,126 +609,164 @@ class PostgresChangeFeed(ChangeFeed):
             options["replication"] = "database"
         try:
             conn = psycopg.connect(self.dsn, **options)
-            if replication:
-                conn.execute(_UTC)
+            conn.execute(_UTC)
             return conn
         except psycopg.ProgrammingError as exc:
             raise ConfigurationError(f"bad PostgreSQL URL: {first_line(exc)}") from exc
         except psycopg.OperationalError as exc:
-            text = str(exc)
-            if "connection option" in text or "invalid URI" in text:
+            # libpq's own complaints about the connection string (no server involved)
+            if "connection option" in str(exc) or "invalid URI" in str(exc):
                 raise ConfigurationError(f"bad PostgreSQL URL: {first_line(exc)}") from exc
-            if "replication role" in text or "permission denied to start WAL sender" in text:
+            raise
+
+    def _connect_replication(
+        self, conn: psycopg.Connection, first_connection: bool
+    ) -> psycopg.Connection:
+        """The replication connection; when the server refuses it, say why from the catalog
+        (libpq gives no SQLSTATE for a refused connection, and its text is localised)."""
+        try:
+            return self._connect(replication=True)
+        except psycopg.OperationalError as exc:
+            may_replicate, user, senders, max_senders = conn.execute(
+                "SELECT r.rolreplication OR r.rolsuper, current_user,"
+                " (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender'),"
+                " current_setting('max_wal_senders')::int"
+                " FROM pg_roles r WHERE r.rolname = current_user"
+            ).fetchone() or (True, "?", 0, 1)
+            if not may_replicate:
                 raise PermanentBackendError(
-                    f"role {_user(self.dsn)!r} lacks the REPLICATION privilege: as a superuser run"
-                    f" ALTER ROLE {_user(self.dsn)} REPLICATION"
+                    f"role {user!r} lacks the REPLICATION privilege: as a superuser run"
+                    f" ALTER ROLE {_identifier(user, conn)} REPLICATION"
                 ) from exc
-            if "does not exist" in text or "authentication failed" in text:
-                raise PermanentBackendError(_connect_failure(exc, self.dsn)) from exc
+            if senders >= max_senders:
+                message = (
+                    f"all {max_senders} WAL senders of the server are in use: raise"
+                    " max_wal_senders (and max_replication_slots) and restart PostgreSQL, or"
+                    " stop feeds that are not needed (changefeed slots)"
+                )
+                if first_connection:
+                    raise PermanentBackendError(message) from exc
+                raise TransientBackendError(message) from exc
             raise
 
     def _check_server(self, conn: psycopg.Connection) -> None:
+        """wal_level, then the tables: by name on the first connection, by OID afterwards."""
+        self._server_version = conn.info.server_version
         (wal_level,) = conn.execute("SHOW wal_level").fetchone() or ("?",)
         if wal_level != "logical":
             raise PermanentBackendError(
                 f"wal_level is {wal_level!r} but logical replication needs 'logical': run"
                 " ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL"
             )
-        qualified = []
-        for table in self.tables:
-            row = conn.execute(
-                "SELECT n.nspname, c.relname, c.relkind FROM pg_class c"
-                " JOIN pg_namespace n ON n.oid = c.relnamespace"
-                " WHERE c.oid = to_regclass(%s)",
-                [table],
-            ).fetchone()
-            if row is None or row[2] not in ("r", "p"):
-                database = conn.info.dbname
-                raise ConfigurationError(f"table {table!r} does not exist in database {database!r}")
-            qualified.append(f"{row[0]}.{row[1]}")
-        self.qualified_tables = qualified
-        self.primary_keys = {table: self._key_columns(conn, table) for table in qualified}
+        if self._tables is None:
+            resolved = catalog.resolve_tables(conn, self.table_names)
+            self._tables = {table.oid: table for table in resolved}
+            self._stream_names = {table.oid: table.qualified for table in resolved}
+        else:
+            self._note_dropped_tables(conn)
+        self.qualified_tables = [table.qualified for table in self._tables.values()]
+        self.primary_keys = {oid: table.key for oid, table in self._tables.items()}
 
-    def _ensure_publication(self, conn: psycopg.Connection) -> None:
-        publish = ", ".join(self.operation.names)
-        ident = sql.Identifier(self.publication)
-        tables = sql.SQL(", ").join(
-            sql.Identifier(*name.split(".", 1)) for name in self.qualified_tables
-        )
-        row = conn.execute(
-            "SELECT pubinsert, pubupdate, pubdelete FROM pg_publication WHERE pubname = %s",
-            [self.publication],
-        ).fetchone()
+    def _note_dropped_tables(self, conn: psycopg.Connection) -> None:
+        """Note watched tables that no longer exist, and the WAL position at which they were
+        seen gone: the feed delivers every change up to there, then ends (see `_stream`)."""
+        assert self._tables is not None
+        found = catalog.tables_by_oid(conn, list(self._tables))
+        gone = [oid for oid in self._tables if oid not in found and oid not in self._dropped]
+        if not gone:
+            return
+        (lsn,) = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone() or ("0/0",)
+        for oid in gone:
+            name = self._stream_names.get(oid) or self._tables[oid].qualified
+            self._dropped[oid] = (name, parse_lsn(lsn))
+            log.warning("table %s was dropped: delivering its changes up to %s, then stopping",
+                        name, lsn)
+
+    def _end_if_dropped_tables_delivered(self, pgconn: pq.abc.PGconn) -> None:
+        """End the feed once everything up to the drop of a watched table is acknowledged."""
+        until = max(lsn for _, lsn in self._dropped.values())
+        if self._received_lsn >= until and not self._pending and not self._in_transaction:
+            self._send_status(pgconn)
+            names = ", ".join(sorted(name for name, _ in self._dropped.values()))
+            raise PermanentBackendError(
+                f"table {names} was dropped: every change before the drop was delivered;"
+                f" drop the feed's slot (changefeed slots --drop {self.slot}) if it is not"
+                " needed any more"
+            )
+        self._send_status(pgconn, reply=True)  # the reply tells how far the server's WAL goes
+
+    def _choose_names(self, conn: psycopg.Connection) -> None:
+        """With default names, continue the slot that already serves these tables (found by
+        OID: a table renamed since keeps its slot; or named by an earlier version)."""
+        tables = list(self._tables.values()) if self._tables else []
+        if not self._default_names or catalog.get_slot(conn, self.slot) is not None:
+            return
+        found = catalog.find_default_slot(conn, tables, [legacy_slot_name(self.tables)])
+        if found is not None and found[0] != self.slot:
+            log.warning("continuing slot %s, which streams %s (under an earlier name)",
+                        found[0], ", ".join(t.qualified for t in tables))
+            self.slot, self.publication = found
+
+    def _ensure_publication(self, conn: psycopg.Connection) -> bool:
+        """Create the publication or bring it to the feed's operations; True if created.
+
+        Refuses, before changing anything, tables whose UPDATE/DELETE would then fail and a
+        publication that serves other tables or another slot.
+        """
+        tables = [t for oid, t in (self._tables or {}).items() if oid not in self._dropped]
+        publication = catalog.get_publication(conn, self.publication)
+        if publication is not None:
+            catalog.check_publication(conn, publication, tables, self.slot, self.operation)
+        catalog.check_slot_owner(conn, self.slot, self.publication, tables)
+        catalog.check_replica_identity(conn, tables, self.operation)
+        meta = dict(publication.meta) if publication is not None else {}
+        if meta.get("slot", self.slot) == self.slot:  # the record is of the slot that made it
+            meta.update(slot=self.slot, default=self._default_names,
+                        tables={str(t.oid): t.qualified for t in tables})
         try:
-            if row is None:
-                conn.execute(
-                    sql.SQL("CREATE PUBLICATION {} FOR TABLE {} WITH (publish = {})").format(
-                        ident, tables, sql.Literal(publish)
-                    )
-                )
+            if publication is None:
+                catalog.create_publication(conn, self.publication, tables, self.operation, meta)
                 log.info("created publication %s for %s (%s)", self.publication,
-                         ", ".join(self.qualified_tables), publish)
-                return
-            published = {
-                f"{schema}.{name}"
-                for schema, name in conn.execute(
-                    "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s",
-                    [self.publication],
-                )
-            }
-            missing = [t for t in self.qualified_tables if t not in published]
-            if missing:
-                conn.execute(
-                    sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
-                        ident,
-                        sql.SQL(", ").join(sql.Identifier(*t.split(".", 1)) for t in missing),
-                    )
-                )
-            has = Operation(0)
-            for flag, on in zip((Operation.INSERT, Operation.UPDATE, Operation.DELETE), row,
-                                strict=True):
-                if on:
-                    has |= flag
-            if has != self.operation:
-                conn.execute(
-                    sql.SQL("ALTER PUBLICATION {} SET (publish = {})").format(
-                        ident, sql.Literal(publish)
-                    )
-                )
+                         ", ".join(self.qualified_tables), ", ".join(self.operation.names))
+            else:
+                catalog.update_publication(conn, publication, self.operation)
+                if meta != publication.meta:
+                    catalog.write_meta(conn, self.publication, meta)
         except psycopg.errors.InsufficientPrivilege as exc:
             raise PermanentBackendError(
                 f"cannot set up publication {self.publication}: {first_line(exc)}; the tables'"
                 f" owner can run: CREATE PUBLICATION {self.publication} FOR TABLE"
-                f" {', '.join(self.qualified_tables)} WITH (publish = '{publish}')"
+                f" {', '.join(self.qualified_tables)} WITH (publish ="
+                f" '{', '.join(self.operation.names)}', publish_via_partition_root = true)"
             ) from exc
+        self._meta = meta
+        return publication is None
 
-    def _check_slot(self, conn: psycopg.Connection, first_connection: bool) -> bool:
-        """Whether the slot exists; raise a clear error if it cannot be used."""
-        row = conn.execute(
-            "SELECT plugin, database, active, active_pid, wal_status"
-            " FROM pg_replication_slots WHERE slot_name = %s",
-            [self.slot],
-        ).fetchone()
-        if row is None:
-            return False
-        plugin, database, active, pid, wal_status = row
-        if plugin != "pgoutput" or database != conn.info.dbname:
+    def _check_slot(
+        self, conn: psycopg.Connection, slot: catalog.Slot | None, first_connection: bool
+    ) -> None:
+        """Raise a clear error if the slot exists but cannot be used."""
+        if slot is None:
+            return
+        if slot.plugin != "pgoutput" or slot.database != conn.info.dbname:
             raise ConfigurationError(
                 f"slot {self.slot} exists but is not a pgoutput slot of database"
                 f" {conn.info.dbname!r}: choose another name with --slot"
             )
-        if wal_status == "lost":
+        if slot.wal_status == "lost":
             raise ResumeError(
                 f"slot {self.slot} was invalidated: PostgreSQL removed WAL it still needed"
                 f" (see max_slot_wal_keep_size); drop it (changefeed slots --drop {self.slot})"
                 " and start again with --prefeed snapshot"
             )
-        if active:
-            message = f"slot {self.slot} is in use by another process (pid {pid})"
+        if slot.active:
+            message = f"slot {self.slot} is in use by another process (pid {slot.active_pid})"
             if first_connection:
                 raise PermanentBackendError(message + ": stop it, or use another --slot")
             raise TransientBackendError(message)  # likely our own previous walsender, ending
-        return True
+        if first_connection and (slot.retained_bytes or 0) > RETAINED_WARNING_BYTES:
+            log.warning("slot %s keeps %s of WAL on the server: this feed is far behind",
+                        self.slot, _size(slot.retained_bytes or 0))
 
     def _slot_position(self, conn: psycopg.Connection | None) -> str | None:
         if conn is None:
@@ -567,7 +777,8 @@ class PostgresChangeFeed(ChangeFeed):
         ).fetchone()
         return row[0] if row else None
 
-    def _create_slot(self, repl: psycopg.Connection, *, export_snapshot: bool) -> tuple[str, str]:
+    def _create_slot(self, repl: psycopg.Connection, *, export_snapshot: bool) -> str:
+        """Create the slot; the name of its exported snapshot ("" without one)."""
         mode = "EXPORT_SNAPSHOT" if export_snapshot else "NOEXPORT_SNAPSHOT"
         command = sql.SQL("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput {}").format(
             sql.Identifier(self.slot), sql.SQL(mode)
@@ -576,17 +787,18 @@ class PostgresChangeFeed(ChangeFeed):
             row = repl.execute(command).fetchone()
         except psycopg.errors.DuplicateObject as exc:
             raise TransientBackendError(f"slot {self.slot} was created meanwhile") from exc
-        except psycopg.errors.ProgramLimitExceeded as exc:
+        except psycopg.errors.ConfigurationLimitExceeded as exc:  # 53400
             raise PermanentBackendError(
-                f"cannot create slot {self.slot}: {first_line(exc)}"
-                " (raise max_replication_slots or drop unused slots: changefeed slots)"
+                f"cannot create slot {self.slot}: {first_line(exc)}: raise"
+                " max_replication_slots (and max_wal_senders) and restart PostgreSQL, or drop"
+                " unused slots (changefeed slots --drop-inactive)"
             ) from exc
         assert row is not None
         _, consistent_point, snapshot_name, _ = row
         log.info("created replication slot %s at %s", self.slot, consistent_point)
         if export_snapshot:
             self._mark_snapshot(_SNAPSHOT_PENDING)
-        return consistent_point, snapshot_name
+        return snapshot_name or ""
 
     # -- snapshot ------------------------------------------------------------------------------
 
@@ -598,9 +810,9 @@ class PostgresChangeFeed(ChangeFeed):
         """
         previous: Change | None = None
         for index, (table, row) in enumerate(self._snapshot_rows(snapshot_name), 1):
-            keys = self.primary_keys.get(table, [])
             change = Change(
-                Operation.INSERT, table, row, None, {column: row[column] for column in keys},
+                Operation.INSERT, table.qualified, row, None,
+                {column: row[column] for column in table.key},
                 make_position(0, index), None, None, True,
             )
             if previous is not None:
@@ -613,19 +825,22 @@ class PostgresChangeFeed(ChangeFeed):
         self._snapshot_last = previous.position
         yield previous
 
-    def _snapshot_rows(self, snapshot_name: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    def _snapshot_rows(
+        self, snapshot_name: str
+    ) -> Iterator[tuple[catalog.Table, dict[str, Any]]]:
         with psycopg.connect(self.dsn, autocommit=True, row_factory=dict_row) as reader:
             reader.execute(_UTC)
             reader.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             reader.execute(
                 sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_name))
             )
-            for table in self.qualified_tables:
-                relation = sql.Identifier(*table.split(".", 1))
-                estimate = reader.execute(
-                    "SELECT greatest(reltuples, 0)::bigint AS n FROM pg_class"
-                    " WHERE oid = to_regclass(%s)",
-                    [table],
+            for table in list(self._tables.values()) if self._tables else []:
+                relation = table.identifier
+                estimate = reader.execute(  # a partitioned table: the sum of its partitions
+                    "SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::bigint AS n"
+                    " FROM pg_class c WHERE c.relkind = 'r' AND (c.oid = %s"
+                    " OR c.oid IN (SELECT relid FROM pg_partition_tree(%s) WHERE isleaf))",
+                    [table.oid, table.oid],
                 ).fetchone()
                 total = estimate["n"] if estimate else 0
                 if total == 0:  # never analysed: count, in the same snapshot
@@ -633,7 +848,7 @@ class PostgresChangeFeed(ChangeFeed):
                         sql.SQL("SELECT count(*) AS n FROM {}").format(relation)
                     ).fetchone()
                     total = counted["n"] if counted else 0
-                log.info("snapshot of %s: reading ~%s rows", table, f"{total:,}")
+                log.info("snapshot of %s: reading ~%s rows", table.qualified, f"{total:,}")
                 started = last_report = time.monotonic()
                 done = 0
                 with reader.cursor(name="changefeed_snapshot") as cursor:
@@ -645,42 +860,23 @@ class PostgresChangeFeed(ChangeFeed):
                         now = time.monotonic()
                         if now - last_report >= 2.0:
                             last_report = now
-                            self.stats.extra["snapshot"] = (table, done, total)
-                            log.info("snapshot of %s: %s / ~%s rows (%.0f rows/s)", table,
+                            self.stats.extra["snapshot"] = (table.qualified, done, total)
+                            log.info("snapshot of %s: %s / ~%s rows (%.0f rows/s)",
+                                     table.qualified,
                                      f"{done:,}", f"{max(total, done):,}",
                                      done / (now - started))
-                log.info("snapshot of %s: %s rows done", table, f"{done:,}")
+                log.info("snapshot of %s: %s rows done", table.qualified, f"{done:,}")
             reader.execute("COMMIT")
-
-    @staticmethod
-    def _key_columns(conn: psycopg.Connection, table: str) -> list[str]:
-        rows = conn.execute(
-            "SELECT a.attname FROM pg_index i JOIN pg_attribute a"
-            " ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)"
-            " WHERE i.indrelid = to_regclass(%s) AND i.indisprimary ORDER BY a.attnum",
-            [table],
-        ).fetchall()
-        return [row[0] for row in rows]
 
     def _mark_snapshot(self, state: str) -> None:
         """Record on the publication whether the snapshot was delivered (a crash mid-snapshot
         must take it again: the slot alone cannot tell)."""
+        self._meta["snapshot"] = state
         try:
             with psycopg.connect(self.dsn, autocommit=True) as conn:
-                conn.execute(
-                    sql.SQL("COMMENT ON PUBLICATION {} IS {}").format(
-                        sql.Identifier(self.publication), sql.Literal(state)
-                    )
-                )
+                catalog.write_meta(conn, self.publication, self._meta)
         except psycopg.Error as exc:
             log.warning("could not record the snapshot state on %s: %s", self.publication, exc)
-
-    def _snapshot_pending(self, conn: psycopg.Connection) -> bool:
-        row = conn.execute(
-            "SELECT obj_description(oid, 'pg_publication') FROM pg_publication WHERE pubname = %s",
-            [self.publication],
-        ).fetchone()
-        return row is not None and row[0] == _SNAPSHOT_PENDING
 
     # -- errors --------------------------------------------------------------------------------
 
@@ -695,17 +891,18 @@ class PostgresChangeFeed(ChangeFeed):
             exc, psycopg.errors.ObjectNotInPrerequisiteState
         )
 
-    def _slot_error(self, message: str) -> Exception:
-        if "is active for PID" in message:
-            return TransientBackendError(f"slot {self.slot}: {message.strip()}")
-        if "can no longer get changes" in message or "invalidated" in message:
+    def _slot_error(self, sqlstate: str, message: str) -> Exception:
+        """The error for a refused START_REPLICATION, by SQLSTATE."""
+        if sqlstate == "55006":  # object_in_use: our previous walsender may still be ending
+            return TransientBackendError(f"slot {self.slot}: {message}")
+        if sqlstate == "55000":  # object_not_in_prerequisite_state: invalidated
             return ResumeError(
-                f"slot {self.slot} was invalidated ({message.strip()}); drop it"
+                f"slot {self.slot} was invalidated ({message}); drop it"
                 f" (changefeed slots --drop {self.slot}) and start again with --prefeed snapshot"
             )
-        if "does not exist" in message:
-            return TransientBackendError(f"slot {self.slot}: {message.strip()}")
-        return psycopg.OperationalError(message.strip() or "START_REPLICATION failed")
+        if sqlstate == "42704":  # undefined_object: the slot (or publication) is gone
+            return TransientBackendError(f"slot {self.slot}: {message}")
+        return psycopg.OperationalError(message or "START_REPLICATION failed")
 
     def _stream_ended(self, pgconn: pq.abc.PGconn, nbytes: int) -> Exception:
         message = _text(pgconn.get_error_message())
@@ -736,18 +933,36 @@ def _conninfo(connection: Any) -> str:
     raise ConfigurationError(f"cannot use a {type(connection).__name__} as a PostgreSQL connection")
 
 
+def _read_chunk(
+    conn: psycopg.Connection, query: sql.Composed, size: int
+) -> Iterator[dict[str, Any]]:
+    """A back-fill chunk's rows as dicts (one short statement, in its own transaction)."""
+    with conn.cursor(row_factory=dict_row) as cursor:
+        yield from cursor.execute(query)
+
+
+def _identifier(name: str, conn: psycopg.Connection) -> str:
+    """``name`` as SQL text, quoted only where PostgreSQL needs it."""
+    if re.fullmatch(r"[a-z_][a-z0-9_$]*", name):
+        return name
+    return sql.Identifier(name).as_string(conn)
+
+
+def _size(count: int) -> str:
+    """A byte count for people: ``1.5 GB``."""
+    value = float(count)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TB"
+
+
 def _text(message: str | bytes | None) -> str:
     """libpq's messages come as bytes or str depending on the call: one stripped str."""
     if isinstance(message, bytes):
         message = message.decode(errors="replace")
     return (message or "").strip()
-
-
-def _user(dsn: str) -> str:
-    try:
-        return str(psycopg.conninfo.conninfo_to_dict(dsn).get("user") or "current user")
-    except psycopg.ProgrammingError:
-        return "current user"
 
 
 def _connect_failure(exc: BaseException, dsn: str) -> str:

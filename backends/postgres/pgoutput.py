@@ -98,6 +98,31 @@ class Truncate:
     restart_identity: bool
 
 
+@dataclass(frozen=True, slots=True)
+class LogicalMessage:
+    """A ``pg_logical_emit_message`` message (sent with the ``messages`` option, PostgreSQL 14+).
+
+    A transactional one comes inside its transaction and has a ``position`` in the sequence of
+    that transaction's changes; a non-transactional one comes alone (``position`` None).
+    """
+
+    transactional: bool
+    lsn: int
+    prefix: str
+    content: bytes
+    position: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Renamed:
+    """A watched table (``oid``) is described under another name than before (a rename, or a
+    move to another schema): its changes carry ``new_name`` from here on."""
+
+    oid: int
+    old_name: str
+    new_name: str
+
+
 @dataclass(slots=True)
 class Relation:
     """A table as pgoutput describes it before the first change of each session."""
@@ -160,9 +185,11 @@ class PgOutputDecoder:
     pgoutput describes each table once (a Relation message) and then refers to it by OID; it
     wraps row changes in Begin/Commit. The decoder remembers both. ``operation`` filters the
     changes returned (row changes outside it still count for positions, so positions do not
-    depend on the filter); ``tables``, if given, limits changes to those qualified names.
-    ``primary_keys`` maps qualified table names to their key columns: pgoutput flags the
-    replica identity columns, which under REPLICA IDENTITY FULL are all of them.
+    depend on the filter). ``tables``, if given, limits changes to those tables: a mapping of
+    relation OIDs to their names as last known (the feed's way: a renamed table keeps its OID,
+    and `decode` then returns a `Renamed`), or qualified names. ``primary_keys`` maps OIDs or
+    qualified names to key columns: pgoutput flags the replica identity columns, which under
+    REPLICA IDENTITY FULL are all of them.
     """
 
     def __init__(
@@ -170,12 +197,13 @@ class PgOutputDecoder:
         operation: int = ALL,
         *,
         loaders: LoaderFactory | None = None,
-        tables: Sequence[str] | None = None,
-        primary_keys: dict[str, Sequence[str]] | None = None,
+        tables: dict[int, str] | Sequence[str] | None = None,
+        primary_keys: dict[Any, Sequence[str]] | None = None,
     ) -> None:
         self.operation = Operation(operation)
         self.loaders = loaders or psycopg_loaders()
-        self.tables = frozenset(tables) if tables else None
+        self.table_names: dict[int, str] | None = dict(tables) if isinstance(tables, dict) else None
+        self.tables = frozenset(tables) if tables and self.table_names is None else None
         self.primary_keys = dict(primary_keys or {})
         self.relations: dict[int, Relation] = {}
         self.type_names: dict[int, str] = {}
@@ -189,7 +217,9 @@ class PgOutputDecoder:
         self._committed_at: datetime | None = None
         self._xid: int | None = None
 
-    def decode(self, data: bytes | memoryview) -> Change | Begin | Commit | Truncate | None:
+    def decode(
+        self, data: bytes | memoryview
+    ) -> Change | Begin | Commit | Truncate | Renamed | LogicalMessage | None:
         """Decode one message; see the module docstring for what comes back."""
         if not isinstance(data, bytes):
             data = bytes(data)
@@ -213,8 +243,7 @@ class PgOutputDecoder:
             self.transaction = None
             return Commit(commit_lsn, end_lsn, pg_timestamp(timestamp))
         if kind == 82:  # 'R'
-            self._relation(data)
-            return None
+            return self._relation(data)
         if kind == 89:  # 'Y'
             (oid,) = _UINT32.unpack_from(data, 1)
             schema, offset = _string(data, 5)
@@ -223,13 +252,15 @@ class PgOutputDecoder:
             return None
         if kind == 84:  # 'T'
             return self._truncate(data)
-        if kind in (79, 77):  # 'O' origin, 'M' logical message: no row change
+        if kind == 77:  # 'M'
+            return self._message(data)
+        if kind == 79:  # 'O' origin: no row change
             return None
         raise DecodeError(f"unknown pgoutput message type {chr(kind)!r}")
 
     # -- messages ------------------------------------------------------------------------------
 
-    def _relation(self, data: bytes) -> None:
+    def _relation(self, data: bytes) -> Renamed | None:
         (oid,) = _UINT32.unpack_from(data, 1)
         schema, offset = _string(data, 5)
         name, offset = _string(data, offset)
@@ -248,14 +279,23 @@ class PgOutputDecoder:
                 keys.append(index)
         schema = schema or "public"
         qualified_name = f"{schema}.{name}"
-        primary_key = self.primary_keys.get(qualified_name)
+        primary_key = self.primary_keys.get(oid) or self.primary_keys.get(qualified_name)
         if primary_key and all(column in columns for column in primary_key):
             keys = [columns.index(column) for column in primary_key]
+        names = self.table_names
+        if names is not None:
+            watched = oid in names
+        else:
+            watched = self.tables is None or qualified_name in self.tables
         self.relations[oid] = Relation(
             oid, schema, name, replica_identity, tuple(columns), tuple(type_oids),
-            tuple(keys), self.loaders(type_oids),
-            watched=self.tables is None or qualified_name in self.tables,
+            tuple(keys), self.loaders(type_oids), watched=watched,
         )
+        if names is not None and watched and names[oid] != qualified_name:
+            renamed = Renamed(oid, names[oid], qualified_name)
+            names[oid] = qualified_name
+            return renamed
+        return None
 
     def _insert(self, data: bytes) -> Change | None:
         index = self._index
@@ -317,6 +357,23 @@ class PgOutputDecoder:
             _DELETE, relation.qualified_name, None, old, key,
             f"{self._position_prefix}{index:08X}", self._committed_at, self._xid,
         )
+
+    def _message(self, data: bytes) -> LogicalMessage:
+        flags = data[1]
+        (lsn,) = struct.unpack_from("!Q", data, 2)
+        prefix, offset = _string(data, 10)
+        (length,) = _INT32.unpack_from(data, offset)
+        content = data[offset + 4 : offset + 4 + length]
+        transactional = bool(flags & 1)
+        return LogicalMessage(
+            transactional, lsn, prefix, content, self.next_position() if transactional else None
+        )
+
+    def next_position(self) -> str:
+        """The position of one more change in the current transaction (after those decoded)."""
+        index = self._index
+        self._index = index + 1
+        return f"{self._position_prefix}{index:08X}"
 
     def _truncate(self, data: bytes) -> Truncate:
         count, options = _TRUNCATE.unpack_from(data, 1)

@@ -10,22 +10,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import psycopg
-from psycopg import sql
 
-from changefeed.backends.postgres.feed import SLOT_PREFIX, _connect_failure
+from changefeed.backends.postgres import catalog
+from changefeed.backends.postgres.feed import _connect_failure
+from changefeed.backends.postgres.names import SLOT_PREFIX
 from changefeed.errors import ConfigurationError, PermanentBackendError, first_line
 
 
 @dataclass(frozen=True)
 class SlotInfo:
-    """One changefeed slot as ``pg_replication_slots`` shows it."""
+    """One changefeed slot as ``pg_replication_slots`` shows it, with its publication."""
 
     name: str
     active: bool
     confirmed_lsn: str | None
     behind_bytes: int | None
+    """WAL written since the last confirmed change (how far the feed is behind)."""
     wal_status: str | None
     tables: tuple[str, ...]
+    retained_bytes: int | None = None
+    """WAL the server keeps for this slot (from ``restart_lsn``): disk it cannot free."""
+    publication: str | None = None
+    named: bool = False
+    """Made with an explicit ``--slot`` name (found through its publication's record)."""
 
 
 def _connect(url: str) -> psycopg.Connection:
@@ -38,19 +45,34 @@ def _connect(url: str) -> psycopg.Connection:
 
 
 def list_slots(url: str) -> list[SlotInfo]:
-    """The changefeed slots of the URL's database, with their lag and published tables."""
+    """Every slot changefeed made in the URL's database (default names and ``--slot`` ones),
+    with its lag, the WAL it retains and its published tables."""
     with _connect(url) as conn:
+        owners = {
+            publication.meta.get("slot"): publication
+            for publication in catalog.changefeed_publications(conn)
+        }
         rows = conn.execute(
             "SELECT s.slot_name, s.active, s.confirmed_flush_lsn::text,"
             " pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint,"
-            " s.wal_status,"
-            " coalesce((SELECT array_agg(t.schemaname || '.' || t.tablename ORDER BY 1)"
-            "           FROM pg_publication_tables t WHERE t.pubname = s.slot_name), '{}')"
+            " s.wal_status, pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint"
             " FROM pg_replication_slots s"
-            " WHERE s.slot_name LIKE %s AND s.database = current_database() ORDER BY 1",
-            [SLOT_PREFIX + "%"],
+            " WHERE s.database = current_database() AND s.plugin = 'pgoutput' ORDER BY 1"
         ).fetchall()
-    return [SlotInfo(r[0], r[1], r[2], r[3], r[4], tuple(r[5])) for r in rows]
+        slots = []
+        for name, active, confirmed, behind, wal_status, retained in rows:
+            owner = owners.get(name)
+            if owner is None and not name.startswith(SLOT_PREFIX):
+                continue  # not one of ours
+            publication = owner.name if owner is not None else name
+            tables = tuple(row[0] for row in conn.execute(
+                "SELECT schemaname || '.' || tablename FROM pg_publication_tables"
+                " WHERE pubname = %s ORDER BY 1", [publication]))
+            slots.append(SlotInfo(
+                name, active, confirmed, behind, wal_status, tables, retained, publication,
+                named=owner is not None and not owner.meta.get("default", True),
+            ))
+    return slots
 
 
 def drop_slots(url: str, names: list[str], *, inactive: bool = False) -> list[str]:
@@ -68,6 +90,6 @@ def drop_slots(url: str, names: list[str], *, inactive: bool = False) -> list[st
             if info.active:
                 raise PermanentBackendError(f"slot {name} is in use: stop its feed first")
             conn.execute("SELECT pg_drop_replication_slot(%s)", [name])
-            conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(name)))
+            catalog.drop_publication(conn, info.publication or name)
             dropped.append(name)
         return dropped

@@ -1,0 +1,348 @@
+"""What a PostgreSQL feed reads and writes in the server's catalog: tables, publication, slot.
+
+Every function takes an open (non-replication, autocommit) connection; none holds state.
+
+Safety rules enforced here, each because breaking it loses changes or breaks the application:
+
+* Tables are identified by OID: names are resolved once, and a renamed table is found again.
+* A publication that publishes updates or deletes makes the application's own UPDATE/DELETE
+  fail on a table without a replica identity, so `check_replica_identity` runs before any
+  publication is created or widened.
+* Partitioned tables are published through their root (``publish_via_partition_root``): changes
+  of every partition, also partitions attached later, arrive under the root's name.
+* A feed refuses a publication that serves another set of tables, or that belongs to another
+  slot: sharing one would let a feed consume and acknowledge changes meant for another.
+
+The publication's comment holds what changefeed knows of it (``changefeed {json}``): the slot it
+serves, its tables (OID and name when recorded), whether its name was a default one, and the
+state of the snapshot prefeed. `changefeed slots` finds every slot changefeed made from it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from changefeed.backends.postgres.names import TableName
+from changefeed.change import Operation
+from changefeed.errors import ConfigurationError
+
+_META_PREFIX = "changefeed "
+_LEGACY_SNAPSHOT = {"changefeed: snapshot pending": "pending", "changefeed: snapshot done": "done"}
+
+
+@dataclass
+class Table:
+    """A watched table as the catalog describes it now."""
+
+    oid: int
+    schema: str
+    name: str
+    kind: str
+    """``r`` (table) or ``p`` (partitioned table)."""
+    key: list[str] = field(default_factory=list)
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+    @property
+    def identifier(self) -> sql.Identifier:
+        return sql.Identifier(self.schema, self.name)
+
+
+_TABLE_COLUMNS = (
+    "SELECT c.oid, n.nspname, c.relname, c.relkind,"
+    " coalesce((SELECT array_agg(a.attname ORDER BY k.ord) FROM pg_index i"
+    "   CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)"
+    "   JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum"
+    "   WHERE i.indrelid = c.oid AND i.indisprimary), '{}')"
+    " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+)
+
+
+def resolve_tables(conn: psycopg.Connection, names: Sequence[TableName]) -> list[Table]:
+    """The tables ``names`` refer to (by the connection's search_path for unqualified ones)."""
+    tables = []
+    for name in names:
+        regclass = sql.Identifier(*name.parts).as_string(conn)
+        row = conn.execute(_TABLE_COLUMNS + " WHERE c.oid = to_regclass(%s)", [regclass]).fetchone()
+        if row is None or row[3] not in ("r", "p"):
+            raise ConfigurationError(_missing_table(conn, name, row))
+        tables.append(Table(row[0], row[1], row[2], row[3], list(row[4])))
+    if len({table.oid for table in tables}) != len(tables):
+        raise ConfigurationError("the same table is listed twice")
+    return tables
+
+
+def tables_by_oid(conn: psycopg.Connection, oids: Sequence[int]) -> dict[int, Table]:
+    """The tables among ``oids`` that still exist, by OID (a missing one was dropped)."""
+    rows = conn.execute(_TABLE_COLUMNS + " WHERE c.oid = ANY(%s)", [list(oids)]).fetchall()
+    return {row[0]: Table(row[0], row[1], row[2], row[3], list(row[4])) for row in rows}
+
+
+def _missing_table(conn: psycopg.Connection, name: TableName, row: Any) -> str:
+    database = conn.info.dbname
+    typed = ".".join(name.parts)
+    if row is not None:
+        return f"{typed!r} is not a table (relkind {row[3]!r}) in database {database!r}"
+    message = f"table {typed!r} does not exist in database {database!r}"
+    if not name.quoted:  # an unquoted name folds to lower case: maybe it exists quoted
+        similar = conn.execute(
+            "SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_class c"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE lower(c.relname) = %s AND c.relkind IN ('r', 'p')"
+            " AND (%s::text IS NULL OR lower(n.nspname) = %s) ORDER BY 1 LIMIT 3",
+            [name.name.lower(), name.schema, name.schema],
+        ).fetchall()
+        if similar:
+            found = ", ".join(row[0] for row in similar)
+            message += f"; did you mean {found}? (quote mixed-case names: '\"Name\"')"
+    return message
+
+
+def check_replica_identity(
+    conn: psycopg.Connection, tables: Sequence[Table], operation: Operation
+) -> None:
+    """Refuse to publish updates/deletes of a table whose UPDATE/DELETE would then fail.
+
+    PostgreSQL rejects UPDATE and DELETE on a published table (or any partition of one) that
+    has no replica identity: no primary key under REPLICA IDENTITY DEFAULT, NOTHING, or an
+    identity index that is gone.
+    """
+    if not operation & (Operation.UPDATE | Operation.DELETE):
+        return
+    oids = [table.oid for table in tables]
+    rows = conn.execute(  # the tables themselves, and every partition of partitioned ones
+        "SELECT format('%%I.%%I', n.nspname, c.relname), c.relreplident,"
+        " EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),"
+        " EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident)"
+        " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE c.relkind = 'r' AND (c.oid = ANY(%s) OR c.oid IN (SELECT p.relid"
+        "   FROM unnest(%s::oid[]) AS t(oid), pg_partition_tree(t.oid) p WHERE p.isleaf))"
+        " ORDER BY 1",
+        [oids, oids],
+    ).fetchall()
+    lacking = [
+        name for name, identity, has_key, has_index in rows
+        if identity == "n" or (identity == "d" and not has_key)
+        or (identity == "i" and not has_index)
+    ]
+    if lacking:
+        more = f" and {len(lacking) - 5} more" if len(lacking) > 5 else ""
+        which = ", ".join(lacking[:5]) + more
+        ops = " and ".join(name for name in Operation(operation & ~Operation.INSERT).names)
+        raise ConfigurationError(
+            f"{which} has no replica identity: publishing its {ops}s would make the"
+            " application's own UPDATE and DELETE on it fail. Add a primary key, or run"
+            f" ALTER TABLE {lacking[0]} REPLICA IDENTITY FULL, or stream inserts only with"
+            " --ops insert"
+        )
+
+
+# -- the publication and its metadata --------------------------------------------------------
+
+
+@dataclass
+class Publication:
+    """A publication as the catalog shows it, with changefeed's metadata (empty if none)."""
+
+    name: str
+    operation: Operation
+    via_root: bool
+    all_tables: bool
+    table_oids: frozenset[int]
+    meta: dict[str, Any]
+
+
+def get_publication(conn: psycopg.Connection, name: str) -> Publication | None:
+    row = conn.execute(
+        "SELECT p.pubinsert, p.pubupdate, p.pubdelete, p.pubviaroot, p.puballtables,"
+        " array(SELECT prrelid::bigint FROM pg_publication_rel r WHERE r.prpubid = p.oid),"
+        " obj_description(p.oid, 'pg_publication')"
+        " FROM pg_publication p WHERE p.pubname = %s",
+        [name],
+    ).fetchone()
+    if row is None:
+        return None
+    operation = Operation(0)
+    for flag, on in zip((Operation.INSERT, Operation.UPDATE, Operation.DELETE), row[:3],
+                        strict=True):
+        if on:
+            operation |= flag
+    return Publication(name, operation, row[3], row[4], frozenset(row[5]), parse_meta(row[6]))
+
+
+def parse_meta(comment: str | None) -> dict[str, Any]:
+    """changefeed's metadata from a publication comment (empty for other comments)."""
+    if not comment:
+        return {}
+    if comment in _LEGACY_SNAPSHOT:
+        return {"snapshot": _LEGACY_SNAPSHOT[comment]}
+    if comment.startswith(_META_PREFIX):
+        try:
+            meta = json.loads(comment[len(_META_PREFIX):])
+        except ValueError:
+            return {}
+        return meta if isinstance(meta, dict) else {}
+    return {}
+
+
+def write_meta(conn: psycopg.Connection, publication: str, meta: dict[str, Any]) -> None:
+    conn.execute(
+        sql.SQL("COMMENT ON PUBLICATION {} IS {}").format(
+            sql.Identifier(publication),
+            sql.Literal(_META_PREFIX + json.dumps(meta, sort_keys=True)),
+        )
+    )
+
+
+def changefeed_publications(conn: psycopg.Connection) -> list[Publication]:
+    """Every publication carrying changefeed metadata."""
+    names = conn.execute(
+        "SELECT pubname FROM pg_publication WHERE obj_description(oid, 'pg_publication')"
+        " LIKE 'changefeed%%' ORDER BY 1"
+    ).fetchall()
+    found = [get_publication(conn, name) for (name,) in names]
+    return [p for p in found if p is not None and p.meta]
+
+
+def describe_oids(conn: psycopg.Connection, oids: Sequence[int]) -> str:
+    rows = conn.execute(
+        "SELECT o::oid::regclass::text FROM unnest(%s::bigint[]) o ORDER BY 1",
+        [list(oids)],
+    ).fetchall()
+    return ", ".join(row[0] for row in rows) or "no table"
+
+
+def check_publication(
+    conn: psycopg.Connection, publication: Publication, tables: Sequence[Table], slot: str,
+    operation: Operation,
+) -> None:
+    """Refuse a publication that serves other tables, or that another slot's feed uses with
+    other operations."""
+    wanted = frozenset(table.oid for table in tables)
+    if publication.all_tables:
+        raise ConfigurationError(
+            f"publication {publication.name} is FOR ALL TABLES, not for"
+            f" {', '.join(t.qualified for t in tables)}: choose another --publication"
+        )
+    if publication.table_oids != wanted:
+        raise ConfigurationError(
+            f"publication {publication.name} serves {describe_oids(conn, publication.table_oids)},"
+            f" not {', '.join(t.qualified for t in tables)}: a feed must not share it; choose"
+            " another --publication (and --slot)"
+        )
+    owner = publication.meta.get("slot")
+    if owner is not None and owner != slot and publication.operation != operation:
+        # Shared by slots, a publication's operations are every sharer's: changing them
+        # would silently change what the other feed receives.
+        raise ConfigurationError(
+            f"publication {publication.name} is shared with slot {owner} and publishes"
+            f" {', '.join(publication.operation.names)}, not {', '.join(operation.names)}:"
+            " choose another --publication"
+        )
+
+
+def check_slot_owner(
+    conn: psycopg.Connection, slot: str, publication: str, tables: Sequence[Table]
+) -> None:
+    """Refuse a slot that changefeed recorded as serving another publication's tables."""
+    wanted = frozenset(table.oid for table in tables)
+    for other in changefeed_publications(conn):
+        if (other.name != publication and other.meta.get("slot") == slot
+                and other.table_oids != wanted):
+            raise ConfigurationError(
+                f"slot {slot} serves publication {other.name}"
+                f" ({describe_oids(conn, other.table_oids)}), not"
+                f" {', '.join(t.qualified for t in tables)}: choose another --slot"
+            )
+
+
+def find_default_slot(
+    conn: psycopg.Connection, tables: Sequence[Table], candidates: Sequence[str]
+) -> tuple[str, str] | None:
+    """An existing default-named (slot, publication) serving exactly ``tables``.
+
+    Found by table OIDs, so a feed restarted under a table's new name continues the slot it
+    had (``candidates`` are legacy default names, adopted when they serve the same tables).
+    """
+    wanted = frozenset(table.oid for table in tables)
+    slots = {row[0] for row in conn.execute(
+        "SELECT slot_name FROM pg_replication_slots WHERE database = current_database()"
+        " AND plugin = 'pgoutput'"
+    )}
+    for publication in changefeed_publications(conn):
+        slot = publication.meta.get("slot")
+        if publication.meta.get("default") and slot in slots and publication.table_oids == wanted:
+            return slot, publication.name
+    for name in candidates:  # made by an earlier version: slot and publication share the name
+        publication = get_publication(conn, name)
+        if name in slots and publication is not None and publication.table_oids == wanted:
+            return name, name
+    return None
+
+
+def create_publication(
+    conn: psycopg.Connection, name: str, tables: Sequence[Table], operation: Operation,
+    meta: dict[str, Any],
+) -> None:
+    conn.execute(
+        sql.SQL(
+            "CREATE PUBLICATION {} FOR TABLE {}"
+            " WITH (publish = {}, publish_via_partition_root = true)"
+        ).format(
+            sql.Identifier(name),
+            sql.SQL(", ").join(table.identifier for table in tables),
+            sql.Literal(", ".join(operation.names)),
+        )
+    )
+    write_meta(conn, name, meta)
+
+
+def update_publication(
+    conn: psycopg.Connection, publication: Publication, operation: Operation
+) -> None:
+    """Publish exactly ``operation``, through partition roots."""
+    ident = sql.Identifier(publication.name)
+    if publication.operation != operation:
+        conn.execute(sql.SQL("ALTER PUBLICATION {} SET (publish = {})").format(
+            ident, sql.Literal(", ".join(operation.names))))
+    if not publication.via_root:
+        conn.execute(sql.SQL(
+            "ALTER PUBLICATION {} SET (publish_via_partition_root = true)").format(ident))
+
+
+def drop_publication(conn: psycopg.Connection, name: str) -> None:
+    conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(name)))
+
+
+# -- slots -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Slot:
+    """A replication slot as ``pg_replication_slots`` shows it."""
+
+    name: str
+    plugin: str | None
+    database: str | None
+    active: bool
+    active_pid: int | None
+    wal_status: str | None
+    retained_bytes: int | None
+
+
+def get_slot(conn: psycopg.Connection, name: str) -> Slot | None:
+    row = conn.execute(
+        "SELECT slot_name, plugin, database, active, active_pid, wal_status,"
+        " pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint"
+        " FROM pg_replication_slots WHERE slot_name = %s",
+        [name],
+    ).fetchone()
+    return Slot(*row) if row else None
