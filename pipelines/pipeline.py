@@ -156,9 +156,12 @@ class Pipeline:
         changes = self.feed.changes(
             timeout=timeout, idle_timeout=idle_timeout, stop_after=stop_after, ticks=True
         )
-        if self.multiprocess:
-            return _MultiProcessRun(self).run(changes)
-        return self._run_in_process(changes)
+        try:
+            if self.multiprocess:
+                return _MultiProcessRun(self).run(changes)
+            return self._run_in_process(changes)
+        finally:
+            changes.close()  # after the last acknowledgement, also when a stop cut the run short
 
     # -- in-process ----------------------------------------------------------------------------
 
