@@ -115,6 +115,14 @@ class RedisStreamSink:
             self._client = redis.Redis.from_url(self.url)
         return self._client
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A sink may cross to a spawned process: its client and event are made anew there.
+        return {**self.__dict__, "_client": None, "_interrupted": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._interrupted = threading.Event()
+
     def interrupt(self) -> None:
         """Give up the batch being delivered and any later one, until `close()` (any thread)."""
         self._interrupted.set()

@@ -69,6 +69,14 @@ class _HttpSink:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.shown_url}>"
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A sink may cross to a spawned process: its client and event are made anew there.
+        return {**self.__dict__, "_client": None, "_interrupted": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._interrupted = threading.Event()
+
     def interrupt(self) -> None:
         """Give up the batch being delivered (no further attempt or wait) and any later one,
         until `close()`. Safe from any thread; the pipeline calls it to stop."""

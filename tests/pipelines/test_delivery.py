@@ -246,3 +246,13 @@ def test_a_webhook_sink_works_again_in_a_new_run_after_a_failed_one():
     finally:
         receiver.stop()
     assert len(receiver.accepted()) == 1 and feed.checkpoint.load("tasks") == 2
+
+
+def test_the_network_sinks_pickle_for_spawned_processes():
+    import pickle
+
+    for sink in (WebhookSink("https://tok@h/x?k=1"), RedisStreamSink("redis://h/0", "s")):
+        sink.interrupt()
+        copy = pickle.loads(pickle.dumps(sink))
+        assert copy.url == sink.url and not copy._interrupted.is_set()
+        assert "tok" not in repr(copy) and "k=1" not in repr(copy)
