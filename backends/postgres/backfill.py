@@ -163,12 +163,13 @@ class Backfiller:
         backfill = self.queue[0]
         conn = self.connection()
         watermark = uuid.uuid4().hex
-        if backfill.estimate == 0 and backfill.after is None:
-            backfill.estimate = _estimate(conn, backfill.oid)
+        identifier = self.identifiers(backfill.oid)
+        if backfill.estimate == 0:
+            backfill.estimate = _estimate(conn, backfill.oid, identifier)
         self._emit(conn, watermark, "low")
         rows: dict[tuple[Any, ...], dict[str, Any]] = {}
         last_key = backfill.after
-        query = backfill.chunk_query(self.identifiers(backfill.oid), self.chunk_size)
+        query = backfill.chunk_query(identifier, self.chunk_size)
         for row in self.read_rows(conn, query, self.chunk_size):
             last_key = row.pop("__changefeed_key")
             rows[tuple(row.get(column) for column in backfill.key)] = row
@@ -179,9 +180,13 @@ class Backfiller:
 
     def _emit(self, conn: psycopg.Connection, watermark: str, mark: str) -> None:
         content = json.dumps({"slot": self.slot, "id": watermark, "mark": mark})
-        conn.execute(
-            "SELECT pg_logical_emit_message(true, %s, %s)", [WATERMARK_PREFIX, content]
-        )
+        # Committed with synchronous_commit on: the walsender then sends it at once, not
+        # when the WAL writer gets to it (up to wal_writer_delay later, for every chunk).
+        with conn.transaction():
+            conn.execute("SET LOCAL synchronous_commit TO on")
+            conn.execute(
+                "SELECT pg_logical_emit_message(true, %s, %s)", [WATERMARK_PREFIX, content]
+            )
 
     def watermark(self, content: bytes) -> ChunkWindow | None:
         """A watermark came through the stream: the window whose rows are due now (at its
@@ -272,14 +277,42 @@ class Backfiller:
                 self.queue.appendleft(backfill)
 
 
-def _estimate(conn: psycopg.Connection, oid: int) -> int:
+def request_backfill(conn: psycopg.Connection, slot: str, tables: list[Any]) -> list[str]:
+    """Ask the feed of ``slot`` to back-fill ``tables`` (resolved `catalog.Table`s): the request
+    goes through the slot, so a running feed starts at once and a stopped one when it next
+    reads. Returns the tables' names."""
+    from changefeed.backends.postgres import catalog
+    from changefeed.errors import ConfigurationError
+
+    if catalog.get_slot(conn, slot) is None:
+        raise ConfigurationError(f"no replication slot named {slot!r} in this database")
+    publications = [p for p in catalog.changefeed_publications(conn) if p.meta.get("slot") == slot]
+    published = frozenset().union(*(p.table_oids for p in publications)) if publications else None
+    for table in tables:
+        if published is not None and table.oid not in published:
+            raise ConfigurationError(f"slot {slot} does not stream {table.qualified}")
+        if not table.key:
+            raise ConfigurationError(
+                f"{table.qualified} has no primary key: it cannot be back-filled in chunks"
+                " (a new feed with --prefeed snapshot reads it in one exported snapshot)"
+            )
+    content = json.dumps({"slot": slot, "tables": [table.oid for table in tables]})
+    conn.execute("SELECT pg_logical_emit_message(true, %s, %s)", [BACKFILL_PREFIX, content])
+    return [table.qualified for table in tables]
+
+
+def _estimate(conn: psycopg.Connection, oid: int, identifier: sql.Identifier) -> int:
+    """Rows in the table (and its partitions) by the statistics; counted when never analysed."""
     row = conn.execute(
-        "SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::bigint FROM pg_class c"
-        " WHERE c.relkind = 'r' AND (c.oid = %s"
+        "SELECT CASE WHEN min(c.reltuples) < 0 THEN NULL ELSE sum(c.reltuples) END::bigint"
+        " FROM pg_class c WHERE c.relkind = 'r' AND (c.oid = %s"
         " OR c.oid IN (SELECT relid FROM pg_partition_tree(%s) WHERE isleaf))",
         [oid, oid],
     ).fetchone()
-    return int(row[0]) if row else 0
+    if row is not None and row[0] is not None:
+        return int(row[0])
+    counted = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(identifier)).fetchone()
+    return int(counted[0]) if counted else 0
 
 
 def key_types(conn: psycopg.Connection, oid: int, key: list[str]) -> list[str]:

@@ -67,7 +67,7 @@ from changefeed.backends.postgres.pgoutput import (
     parse_lsn,
     psycopg_loaders,
 )
-from changefeed.change import ALL, Change, Operation
+from changefeed.change import ALL, Change, Operation, SnapshotState
 from changefeed.errors import (
     ConfigurationError,
     PermanentBackendError,
@@ -105,7 +105,8 @@ class PostgresChangeFeed(ChangeFeed):
     """Changes of one or more PostgreSQL tables, through logical replication (pgoutput).
 
     Args:
-        table: a table name (``tasks``, ``app.tasks``), a comma-separated list, or a list.
+        table: a table name (``tasks``, ``app.tasks``, ``"Mixed Case"``), a pattern
+            (``public.*``, ``app.order_?``), a comma-separated list of them, or a list.
         operation: the operations to emit (`Operation` flags).
         prefeed: an iterable replayed first, or ``"snapshot"``: on the first run (when the slot
             is created) every row of the tables as a snapshot insert, then the stream from the
@@ -114,6 +115,10 @@ class PostgresChangeFeed(ChangeFeed):
         slot: the replication slot name (default ``changefeed_<name or tables>``); the
             publication gets the same name unless ``publication`` is given.
         status_interval: seconds between standby status updates while streaming.
+        snapshot_batch: rows per snapshot chunk (see `changefeed.backends.postgres.backfill`).
+        exclude: tables or patterns to leave out of ``table``'s.
+        snapshot_markers: also yield a `SnapshotState` where each table's snapshot starts and
+            where it is done.
         Other arguments as for `ChangeFeed`.
     """
 
@@ -130,6 +135,8 @@ class PostgresChangeFeed(ChangeFeed):
         publication: str | None = None,
         status_interval: float = 10.0,
         snapshot_batch: int = 5000,
+        exclude: str | Sequence[str] = (),
+        snapshot_markers: bool = False,
         **options: Any,
     ) -> None:
         tables = split_tables(table)
@@ -138,6 +145,8 @@ class PostgresChangeFeed(ChangeFeed):
         super().__init__(",".join(tables), operation, connection=connection, **options)
         self.tables = tables
         self.table_names = [parse_table_name(name) for name in tables]
+        self.exclude = [parse_table_name(name) for name in split_tables(exclude)]
+        self.snapshot_markers = snapshot_markers
         self.dsn = _conninfo(connection)
         self._default_names = slot is None and publication is None
         if slot is None:
@@ -269,7 +278,7 @@ class PostgresChangeFeed(ChangeFeed):
 
     def _on_message(
         self, message: LogicalMessage, decoder: PgOutputDecoder
-    ) -> Iterator[Change]:
+    ) -> Iterator[Change | SnapshotState]:
         """Handle changefeed's own messages: watermarks and back-fill requests."""
         if message.prefix == WATERMARK_PREFIX:
             window = self._backfiller.watermark(message.content)
@@ -277,11 +286,20 @@ class PostgresChangeFeed(ChangeFeed):
                 return
             backfill = window.backfill
             table = self._stream_names.get(backfill.oid, backfill.table)
+            markers = self.snapshot_markers
+            started = markers and not backfill.announced
+            backfill.announced = True
+            if started:
+                yield SnapshotState(table, "started", decoder.next_position())
             positions = [decoder.next_position() for _ in window.rows]
+            if markers and window.complete:
+                positions.append(decoder.next_position())
             self._backfiller.handed_out(positions[-1] if positions else None)
-            for row, position in zip(window.rows.values(), positions, strict=True):
+            for row, position in zip(window.rows.values(), positions, strict=False):
                 key = {column: row[column] for column in backfill.key}
                 yield Change(Operation.INSERT, table, row, None, key, position, None, None, True)
+            if markers and window.complete:
+                yield SnapshotState(table, "done", positions[-1])
         elif message.prefix == BACKFILL_PREFIX:
             self._backfill_requested(message.content)
 
@@ -659,7 +677,7 @@ class PostgresChangeFeed(ChangeFeed):
                 " ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL"
             )
         if self._tables is None:
-            resolved = catalog.resolve_tables(conn, self.table_names)
+            resolved = catalog.resolve_tables(conn, self.table_names, self.exclude)
             self._tables = {table.oid: table for table in resolved}
             self._stream_names = {table.oid: table.qualified for table in resolved}
         else:
@@ -730,6 +748,8 @@ class PostgresChangeFeed(ChangeFeed):
                          ", ".join(self.qualified_tables), ", ".join(self.operation.names))
             else:
                 catalog.update_publication(conn, publication, self.operation)
+                if publication.table_oids != {t.oid for t in tables}:
+                    self._change_tables(conn, publication, tables, meta)
                 if meta != publication.meta:
                     catalog.write_meta(conn, self.publication, meta)
         except psycopg.errors.InsufficientPrivilege as exc:
@@ -741,6 +761,28 @@ class PostgresChangeFeed(ChangeFeed):
             ) from exc
         self._meta = meta
         return publication is None
+
+    def _change_tables(
+        self, conn: psycopg.Connection, publication: catalog.Publication,
+        tables: list[catalog.Table], meta: dict[str, Any],
+    ) -> None:
+        """The slot's own publication gets the feed's new list of tables; with a snapshot
+        prefeed, each added table is back-filled while the others stream on."""
+        added, removed = catalog.set_publication_tables(conn, publication, tables)
+        states = dict(meta.get("backfill") or {})
+        for oid in removed:
+            states.pop(str(oid), None)
+        for table in added:
+            if self.prefeed == "snapshot":
+                states[str(table.oid)] = {"after": None, "done": 0, "chunks": 0}
+        meta["backfill"] = states
+        if added:
+            log.warning("slot %s now also streams %s%s", self.slot,
+                        ", ".join(t.qualified for t in added),
+                        " (back-filled first)" if self.prefeed == "snapshot" else "")
+        if removed:
+            log.warning("slot %s no longer streams %s", self.slot,
+                        catalog.describe_oids(conn, removed))
 
     def _check_slot(
         self, conn: psycopg.Connection, slot: catalog.Slot | None, first_connection: bool
@@ -802,19 +844,28 @@ class PostgresChangeFeed(ChangeFeed):
 
     # -- snapshot ------------------------------------------------------------------------------
 
-    def _read_snapshot(self, snapshot_name: str) -> Iterator[Change | None]:
+    def _read_snapshot(self, snapshot_name: str) -> Iterator[Change | SnapshotState | None]:
         """Every row of the tables as of the slot's creation, as snapshot inserts.
 
         Rows are handed out one behind the read, so the last one is known as the last before
         it is yielded: once it is acknowledged, the snapshot is recorded as delivered.
         """
-        previous: Change | None = None
-        for index, (table, row) in enumerate(self._snapshot_rows(snapshot_name), 1):
-            change = Change(
-                Operation.INSERT, table.qualified, row, None,
-                {column: row[column] for column in table.key},
-                make_position(0, index), None, None, True,
-            )
+        previous: Change | SnapshotState | None = None
+        index = 0
+        for table, row in self._snapshot_rows(snapshot_name):
+            change: Change | SnapshotState
+            if isinstance(row, str):  # "started" / "done"
+                if not self.snapshot_markers:
+                    continue
+                index += 1
+                change = SnapshotState(table.qualified, row, make_position(0, index))
+            else:
+                index += 1
+                change = Change(
+                    Operation.INSERT, table.qualified, row, None,
+                    {column: row[column] for column in table.key},
+                    make_position(0, index), None, None, True,
+                )
             if previous is not None:
                 yield previous
             previous = change
@@ -827,7 +878,9 @@ class PostgresChangeFeed(ChangeFeed):
 
     def _snapshot_rows(
         self, snapshot_name: str
-    ) -> Iterator[tuple[catalog.Table, dict[str, Any]]]:
+    ) -> Iterator[tuple[catalog.Table, dict[str, Any] | str]]:
+        """Each table's rows in the exported snapshot, between ``(table, "started")`` and
+        ``(table, "done")``."""
         with psycopg.connect(self.dsn, autocommit=True, row_factory=dict_row) as reader:
             reader.execute(_UTC)
             reader.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -849,6 +902,7 @@ class PostgresChangeFeed(ChangeFeed):
                     ).fetchone()
                     total = counted["n"] if counted else 0
                 log.info("snapshot of %s: reading ~%s rows", table.qualified, f"{total:,}")
+                yield table, "started"
                 started = last_report = time.monotonic()
                 done = 0
                 with reader.cursor(name="changefeed_snapshot") as cursor:
@@ -866,6 +920,7 @@ class PostgresChangeFeed(ChangeFeed):
                                      f"{done:,}", f"{max(total, done):,}",
                                      done / (now - started))
                 log.info("snapshot of %s: %s rows done", table.qualified, f"{done:,}")
+                yield table, "done"
             reader.execute("COMMIT")
 
     def _mark_snapshot(self, state: str) -> None:
