@@ -20,17 +20,13 @@ from typing import TYPE_CHECKING, Any
 import multipipes
 
 from changefeed.errors import ChangefeedError, PipelineError
-from changefeed.pipelines._delivery import SLOW_SINK
+from changefeed.pipelines._delivery import SLOW_SINK, STOP_GRACE
 from changefeed.pipelines._steps import _Chunk, _Entry, _Failure, _Segment, _SinkStep
 
 if TYPE_CHECKING:
     from changefeed.pipelines.pipeline import Pipeline
 
 log = logging.getLogger("changefeed.pipelines")
-
-STOP_GRACE = 3.0
-"""Once a stop is requested, how long the feed's process still waits for confirmations."""
-
 
 class _Worker:
     """The target of one worker process: a segment of stages, and the sink step if last."""
