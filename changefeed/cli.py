@@ -36,6 +36,8 @@ from changefeed.feed import (
     url_scheme,
 )
 from changefeed.pipelines.delta import delta_line_encoder, dumps_line
+from changefeed.preflight import check_writable
+from changefeed.redact import RedactingFormatter, install_excepthook, redact
 
 log = logging.getLogger("changefeed")
 
@@ -55,7 +57,8 @@ class CliError(click.ClickException):
         self.exit_code = exit_code  # type: ignore[misc]  # click reads it from the instance
 
     def show(self, file: Any = None) -> None:
-        click.echo(f"changefeed: error: {self.format_message()}", err=True)
+        # Messages may quote URLs (a sink's, or a driver's error text): never their secrets.
+        click.echo(f"changefeed: error: {redact(self.format_message())}", err=True)
 
 
 @contextmanager
@@ -75,7 +78,7 @@ def _parse_ops(ctx: click.Context, param: click.Parameter, value: str) -> Operat
 
 def _setup_logging(quiet: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("changefeed: %(message)s"))
+    handler.setFormatter(RedactingFormatter("changefeed: %(message)s"))
     root = logging.getLogger("changefeed")
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING if quiet else logging.INFO)
@@ -196,6 +199,7 @@ def run(
     table = ",".join(tables)
     with _expected_errors():
         if checkpoint:
+            check_writable(checkpoint, "checkpoint")  # before the first change is delivered
             options["checkpoint"] = FileCheckpoint(checkpoint)
         feed = get_changefeed(url, table, ops, prefeed=prefeed, **options)  # not connected yet
         if not checkpoint and feed.resume == "checkpoint":
@@ -576,4 +580,5 @@ def demo(seconds: float, fmt: str) -> None:
 
 def main() -> None:
     """Console entry point."""
+    install_excepthook()
     cli(prog_name="changefeed")

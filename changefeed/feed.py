@@ -22,6 +22,7 @@ import functools
 import importlib
 import logging
 import random
+import re
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -358,14 +359,32 @@ _URL_BACKENDS = {
 }
 
 
+_SCHEME = re.compile(r"\s*([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
 def url_scheme(url: str) -> str:
-    """The scheme of ``url`` in lower case (``postgresql``), or "" for a string without one."""
-    return urlsplit(url).scheme.lower() if "://" in url else ""
+    """The scheme of ``url`` in lower case (``postgresql``), or "" for a string without one.
+
+    Only the scheme is read, so a malformed rest (``postgresql://[bad``) is left for the
+    backend to report."""
+    match = _SCHEME.match(url)
+    return match.group(1).lower() if match else ""
+
+
+def _backend_module(url: str) -> str | None:
+    """The backend module for ``url``; a libpq conninfo string (``host=db dbname=app``) goes to
+    PostgreSQL, as psycopg accepts it."""
+    from changefeed.preflight import looks_like_conninfo
+
+    if looks_like_conninfo(url):
+        return "changefeed.backends.postgres"
+    return _URL_BACKENDS.get(url_scheme(url))
 
 
 def is_postgresql_url(url: str) -> bool:
-    """Whether ``url`` goes to the PostgreSQL backend (``postgresql://``, ``postgres://``)."""
-    return _URL_BACKENDS.get(url_scheme(url)) == "changefeed.backends.postgres"
+    """Whether ``url`` goes to the PostgreSQL backend (``postgresql://``, ``postgres://``, or a
+    ``key=value`` conninfo string)."""
+    return _backend_module(url) == "changefeed.backends.postgres"
 
 
 _DRIVER_BACKENDS = {
@@ -412,17 +431,30 @@ def _get_changefeed_from_url(
     prefeed: Iterable[Any] | str | None = None,
     **options: Any,
 ) -> ChangeFeed:
-    scheme = url_scheme(connection)
-    module_name = _URL_BACKENDS.get(scheme)
+    module_name = _backend_module(connection)
     if module_name is None:
+        scheme = url_scheme(connection)
         known = ", ".join(f"{name}://" for name in _URL_BACKENDS)
         shown = f"{scheme}://" if scheme else "no scheme"
-        raise ConfigurationError(f"unsupported URL ({shown}): use one of {known}")
+        raise ConfigurationError(
+            f"unsupported URL ({shown}): use one of {known} (or a PostgreSQL"
+            " 'host=... dbname=...' string)"
+        )
+    extra = module_name.rsplit(".", 1)[-1]
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        extra = module_name.rsplit(".", 1)[-1]
         raise ConfigurationError(
             f"the {extra} backend needs its driver: pip install 'changefeed[{extra}]' ({exc})"
         ) from exc
+    if module_name == "changefeed.backends.postgres":
+        from changefeed.preflight import check_postgresql_dsn
+
+        check_postgresql_dsn(connection)  # a malformed URL: one line now, not at connect
+    else:
+        try:
+            urlsplit(connection)  # what the other backends parse it with (brackets, ...)
+        except ValueError as exc:
+            backend = {"mongodb": "MongoDB", "rethinkdb": "RethinkDB"}.get(extra, extra)
+            raise ConfigurationError(f"bad {backend} URL: {exc}") from exc
     return module.feed_from_url(connection, table, operation, prefeed=prefeed, **options)

@@ -53,12 +53,20 @@ from changefeed.pipelines.filters import Filter, compile_filter
 from changefeed.pipelines.pipeline import Pipeline
 from changefeed.pipelines.sinks import JsonLinesSink
 from changefeed.pipelines.stages import subscription, to_delta, where
+from changefeed.preflight import check_writable
+from changefeed.redact import redact
 
 WEBHOOK_SECRET_ENV = "CHANGEFEED_WEBHOOK_SECRET"
 
 
-def make_sink(spec: str, *, model: str | None = None, fmt: str = "delta") -> Any:
-    """The sink for a ``--sink`` value (see the module docstring for the forms)."""
+def make_sink(
+    spec: str, *, model: str | None = None, fmt: str = "delta", option: str = "--sink"
+) -> Any:
+    """The sink for a ``--sink`` value (see the module docstring for the forms).
+
+    A file is checked writable now, so a run fails before it reads a change; ``option`` names
+    the option in that message.
+    """
     if fmt not in ("delta", "change", "debezium"):
         raise ConfigurationError(f"unknown format {fmt!r}: use delta, change or debezium")
     if spec == "-":
@@ -105,9 +113,10 @@ def make_sink(spec: str, *, model: str | None = None, fmt: str = "delta") -> Any
         return sink_from_spec(spec, fmt=fmt, model=model)
     if scheme:
         raise ConfigurationError(
-            f"unsupported sink {spec!r}: use -, a file path, http(s)://, snorky+http(s)://,"
-            " redis:// or kafka://"
+            f"unsupported sink {redact(spec)!r}: use -, a file path, http(s)://,"
+            " snorky+http(s)://, redis:// or kafka://"
         )
+    check_writable(spec, f"{option} file")
     return JsonLinesSink(spec)
 
 
@@ -313,7 +322,7 @@ def build_cli_pipeline(
         connection = getattr(feed, "connection", None)
         url = connection if isinstance(connection, str) else ""
         stages.append(DebeziumEncoder(Source(database=database_of(url))))
-    letters = make_sink(dead_letter) if dead_letter else None
+    letters = make_sink(dead_letter, option="--dead-letter") if dead_letter else None
     if letters is not None and getattr(letters, "accepts", "any") != "any":
         raise ConfigurationError(
             f"--dead-letter {dead_letter!r}: dead letters are JSON records; send them to a file,"

@@ -43,6 +43,7 @@ from changefeed.pipelines.debezium import DebeziumEncoder, change_from_debezium
 from changefeed.pipelines.delta import dumps, to_delta
 from changefeed.pipelines.redis_streams import change_from_dict
 from changefeed.pipelines.sinks import Batch
+from changefeed.redact import redact
 
 log = logging.getLogger("changefeed.kafka")
 
@@ -72,15 +73,6 @@ def _check_template(template: str) -> None:
             f"bad topic template {template!r} ({exc}): use text with {{table}}, {{schema}} or"
             " {name}"
         ) from None
-
-
-def redact(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (for names and log lines)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.netloc.rpartition('@')[2]}"
-    return parts._replace(netloc=netloc).geturl()
 
 
 def sink_from_spec(spec: str, *, fmt: str = "change", model: str | None = None) -> KafkaSink:
@@ -422,4 +414,4 @@ def _names(partitions: list[TopicPartition]) -> str:
     return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions) or "nothing"
 
 
-__all__ = ["FORMATS", "KafkaFeed", "KafkaSink", "redact", "sink_from_spec", "topic_for"]
+__all__ = ["FORMATS", "KafkaFeed", "KafkaSink", "sink_from_spec", "topic_for"]

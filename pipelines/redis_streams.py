@@ -23,8 +23,10 @@ settings (``appendonly yes``, ``appendfsync``).
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -36,9 +38,12 @@ import redis
 
 from changefeed.change import ALL, UNCHANGED, Change, Operation
 from changefeed.errors import ConfigurationError, PipelineError
-from changefeed.feed import ChangeFeed
+from changefeed.feed import ChangeFeed, Retry
 from changefeed.pipelines.delta import dumps
-from changefeed.pipelines.sinks import Batch
+from changefeed.pipelines.sinks import Batch, SinkInterrupted
+from changefeed.redact import redact
+
+log = logging.getLogger("changefeed.pipelines")
 
 
 def change_to_fields(change: Change, position: Any) -> dict[str, bytes]:
@@ -78,18 +83,31 @@ class RedisStreamSink:
     Put it where the items are still changes (before ``to_delta()``); workers reading the stream
     with `RedisStreamFeed` apply their own stages. ``maxlen`` caps the stream (approximately)
     so it does not grow forever: set it well above what consumers may lag behind.
+
+    A connection error (refused, reset, timed out) is retried with exponential backoff and
+    jitter (``retry``; default 8 attempts, 0.5 s doubling to 30 s) before the batch fails. A
+    batch cut off mid-way is sent whole again, so its first entries may be in the stream twice
+    (delivery is at least once; entries carry their source position to drop duplicates).
     """
 
     accepts = "changes"
 
-    def __init__(self, url: str, stream: str, *, maxlen: int | None = None) -> None:
+    def __init__(
+        self, url: str, stream: str, *, maxlen: int | None = None, retry: Retry | None = None
+    ) -> None:
         if not stream:
             raise ConfigurationError("RedisStreamSink needs a stream name")
         self.url = url
+        self.shown_url = redact(url)
         self.stream = stream
         self.maxlen = maxlen
+        self.retry = retry if retry is not None else Retry(initial=0.5, maximum=30.0, attempts=8)
         self.name = f"redis_stream({stream})"
         self._client: redis.Redis | None = None
+        self._interrupted = threading.Event()
+
+    def __repr__(self) -> str:
+        return f"<RedisStreamSink {self.shown_url} stream={self.stream}>"
 
     @property
     def client(self) -> redis.Redis:
@@ -97,14 +115,57 @@ class RedisStreamSink:
             self._client = redis.Redis.from_url(self.url)
         return self._client
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A sink may cross to a spawned process: its client and event are made anew there.
+        return {**self.__dict__, "_client": None, "_interrupted": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._interrupted = threading.Event()
+
+    def interrupt(self) -> None:
+        """Give up the batch being delivered and any later one, until `close()` (any thread)."""
+        self._interrupted.set()
+
     def write_batch(self, batch: Batch) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        for item, position in zip(batch.items, batch.positions, strict=True):
+        for item in batch.items:
             if not isinstance(item, Change):
                 raise PipelineError(
                     f"{self.name} stores changes, got a {type(item).__name__}: put stages that"
                     " turn changes into deltas in the pipelines that read the stream"
                 )
+        failures = 0
+        while True:
+            if self._interrupted.is_set():
+                raise SinkInterrupted(f"{self.name}: stopped before the batch was delivered")
+            try:
+                self._xadd(batch)
+                return
+            except redis.AuthenticationError as exc:
+                raise PipelineError(
+                    f"Redis at {self.shown_url} refused the credentials: {redact(str(exc))}"
+                ) from exc
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                problem = redact(f"{type(exc).__name__}: {exc}")
+                failures += 1
+                if self.retry.attempts is not None and failures > self.retry.attempts:
+                    raise PipelineError(
+                        f"Redis at {self.shown_url} failed {failures} times; last: {problem}"
+                    ) from exc
+                delay = self.retry.delay(failures)
+                log.warning("Redis at %s: %s; retrying in %.1f s", self.shown_url, problem, delay)
+                if self._interrupted.wait(delay):
+                    raise SinkInterrupted(
+                        f"{self.name}: stopped while retrying; last: {problem}"
+                    ) from exc
+            except redis.RedisError as exc:  # an answer: sending it again cannot change it
+                raise PipelineError(
+                    f"Redis at {self.shown_url} refused the batch: {redact(str(exc))}"
+                ) from exc
+
+    def _xadd(self, batch: Batch) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for item, position in zip(batch.items, batch.positions, strict=True):
             pipe.xadd(
                 self.stream,
                 change_to_fields(item, position),  # type: ignore[arg-type]
@@ -117,6 +178,7 @@ class RedisStreamSink:
         if self._client is not None:
             self._client.close()
             self._client = None
+        self._interrupted.clear()
 
 
 class RedisStreamFeed(ChangeFeed):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -307,3 +308,84 @@ def test_output_is_buffered_even_when_python_runs_unbuffered(monkeypatch, tmp_pa
     out.flush()
     assert (tmp_path / "out").read_bytes() == b'{"type": "insert"}\n'  # ... until flushed
     raw.close()
+
+
+# -- checks made before streaming -------------------------------------------------------------
+
+
+def _missing_dir(tmp_path: Path) -> str:
+    return str(tmp_path / "missing" / "file.jsonl")
+
+
+def _under_a_file(tmp_path: Path) -> str:
+    (tmp_path / "a-file").write_text("")
+    return str(tmp_path / "a-file" / "file.jsonl")
+
+
+@pytest.mark.parametrize("option, path_of, fragment", [
+    ("--checkpoint", _missing_dir, "cannot write checkpoint"),
+    ("--checkpoint", _under_a_file, "is not a directory"),
+    ("--sink", _missing_dir, "cannot write --sink file"),
+    ("--sink", lambda tmp_path: str(tmp_path), "it is a directory"),
+    ("--sink", _under_a_file, "is not a directory"),
+    ("--dead-letter", _missing_dir, "cannot write --dead-letter file"),
+], ids=["checkpoint-missing-dir", "checkpoint-under-file", "sink-missing-dir", "sink-is-dir",
+        "sink-under-file", "dead-letter-missing-dir"])
+def test_unwritable_files_fail_before_anything_is_streamed(
+    pg_dsn, tasks, tmp_path, option, path_of, fragment
+):
+    tasks.execute("INSERT INTO tasks (title) VALUES ('would be written first')")
+    result = run_cli("run", "tasks", "--url", pg_dsn, "--prefeed", "snapshot",
+                     option, path_of(tmp_path))
+    assert_one_clear_line(result, fragment)
+    assert result.returncode == 2 and result.stdout == ""
+    # Checked before connecting: a server that is not there is never reached.
+    nowhere = f"postgresql://postgres@127.0.0.1:{free_port()}/db"
+    assert_one_clear_line(run_cli("run", "tasks", "--url", nowhere, option, path_of(tmp_path)),
+                          fragment)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write any file")
+def test_a_read_only_checkpoint_fails_before_anything_is_streamed(pg_dsn, tasks, tmp_path):
+    checkpoint = tmp_path / "cp.json"
+    checkpoint.write_text("{}")
+    checkpoint.chmod(0o444)
+    result = run_cli("run", "tasks", "--url", pg_dsn, "--checkpoint", str(checkpoint))
+    assert_one_clear_line(result, "permission denied")
+
+
+def test_a_libpq_conninfo_string_is_accepted(pg_dsn, tasks):
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    conninfo = make_conninfo(**conninfo_to_dict(pg_dsn))  # host=... port=... dbname=...
+    assert "://" not in conninfo
+    tasks.execute("INSERT INTO tasks (title) VALUES ('a'), ('b')")
+    result = run_cli("run", "tasks", "--url", conninfo, "--prefeed", "snapshot", "--limit", "1",
+                     "-q")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["data"]["title"] == "a"
+    # PostgreSQL's own options apply to it, and $CHANGEFEED_URL takes it too.
+    result = run_cli("run", "tasks", "--slot", "from_conninfo", "--prefeed", "snapshot",
+                     "--limit", "2", "-q", env={"CHANGEFEED_URL": conninfo})
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["data"]["title"] for line in result.stdout.splitlines()] == [
+        "a", "b"
+    ]
+
+
+@pytest.mark.parametrize("url, fragment", [
+    ("postgresql://[bad", "bad PostgreSQL URL"),
+    ("postgresql://[::1/db", "bad PostgreSQL URL"),
+    ("postgresql://127.0.0.1:99999/db", "port '99999' is not a number"),
+    ("postgresql://127.0.0.1:-5/db", "port '-5' is not a number"),
+    ("postgres://127.0.0.1/db?nosuch=1", 'invalid URI query parameter: "nosuch"'),
+    ("host=127.0.0.1 nosuch=1", 'invalid connection option "nosuch"'),
+    ("host=127.0.0.1 port=x dbname=db", "port 'x' is not a number"),
+    ("host='127.0.0.1 dbname=db", "bad PostgreSQL URL"),
+    ("mongodb://[bad/app", "bad MongoDB URL"),
+    ("rethinkdb://[bad/app", "bad RethinkDB URL"),
+])
+def test_malformed_urls_are_one_line(url, fragment):
+    result = run_cli("run", "tasks", "--url", url)
+    assert_one_clear_line(result, fragment)
+    assert result.returncode == 2

@@ -7,9 +7,14 @@ A sink is either
 * a plain callable, called once per item (or once per list after a ``batch()`` stage).
 
 Returning normally is the confirmation: only then does the pipeline acknowledge the positions of
-the batch's changes. Raising is a failure (see the pipeline's failure policy). A sink may have a
-``close()`` method, called once in the process that used it, and an ``accepts`` attribute
-(``"changes"`` or ``"deltas"``) when it takes only one kind of item. Sinks open their
+the batch's changes. Raising is a failure (see the pipeline's failure policy). A sink is called
+from one thread only. It may have an ``interrupt()`` method, which the pipeline calls from
+another thread when it stops: a sink that is retrying then gives up the batch soon by raising
+`SinkInterrupted` (the batch is not confirmed, and comes again on the next run). A sink may have a
+``close()`` method, called once in the process that used it, an ``accepts`` attribute
+(``"changes"`` or ``"deltas"``) when it takes only one kind of item, and ``local = True`` when
+it never waits on anything but the local disk (a file): such a sink is called in the feed's own
+thread, which saves the cost of a hand-over between threads. Sinks open their
 connections and files on first use, so that each process of a multi-process pipeline opens
 its own.
 
@@ -21,13 +26,19 @@ Built-ins: `JsonLinesSink`, `CallbackSink`, `WebhookSink` and `SnorkySink` (in
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, Protocol, runtime_checkable
 
 from changefeed.change import Change, Position
+from changefeed.errors import PipelineError
 from changefeed.pipelines.delta import dumps_line
+
+
+class SinkInterrupted(PipelineError):
+    """A sink gave up a batch because the pipeline is stopping: neither delivered nor failed."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,18 @@ class JsonLinesSink:
         self._file: IO[bytes] | None = None
         self._owned = False
         self.name = f"json_lines({target if isinstance(target, (str, os.PathLike)) else 'file'})"
+
+    @property
+    def local(self) -> bool:
+        """Whether the sink writes to a file on a local disk or a device such as /dev/null
+        (not stdout, a pipe or a socket, whose reader may make a write wait)."""
+        if not isinstance(self.target, (str, os.PathLike)) or self.target == "-":
+            return False
+        try:
+            mode = os.stat(self.target).st_mode
+        except OSError:
+            return True  # created on first write: a regular file
+        return not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode))
 
     def _open(self) -> IO[bytes]:
         if self._file is None:
@@ -140,4 +163,6 @@ def deliver(sink: Any, items: Sequence[Any], positions: Sequence[Position], list
             sink(item)
 
 
-__all__ = ["Batch", "BatchSink", "CallbackSink", "JsonLinesSink", "deliver", "jsonable"]
+__all__ = [
+    "Batch", "BatchSink", "CallbackSink", "JsonLinesSink", "SinkInterrupted", "deliver", "jsonable"
+]

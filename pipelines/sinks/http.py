@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import time
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,7 +26,8 @@ from changefeed.change import Change
 from changefeed.errors import ConfigurationError, PipelineError
 from changefeed.feed import Retry
 from changefeed.pipelines.delta import dumps, to_delta
-from changefeed.pipelines.sinks import Batch, jsonable
+from changefeed.pipelines.sinks import Batch, SinkInterrupted, jsonable
+from changefeed.redact import redact
 
 log = logging.getLogger("changefeed.pipelines")
 
@@ -55,12 +56,31 @@ class _HttpSink:
     """Whether a request that got no answer in time is sent again."""
 
     def __init__(self, url: str, timeout: float, retry: Retry | None) -> None:
+        self.shown_url = redact(url)
+        """The URL as messages show it: without credentials or query string."""
         if not url.startswith(("http://", "https://")):
-            raise ConfigurationError(f"not an http(s) URL: {url!r}")
+            raise ConfigurationError(f"not an http(s) URL: {self.shown_url!r}")
         self.url = url
         self.timeout = timeout
         self.retry = retry if retry is not None else Retry(initial=0.5, maximum=30.0, attempts=8)
         self._client: httpx.Client | None = None
+        self._interrupted = threading.Event()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.shown_url}>"
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A sink may cross to a spawned process: its client and event are made anew there.
+        return {**self.__dict__, "_client": None, "_interrupted": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._interrupted = threading.Event()
+
+    def interrupt(self) -> None:
+        """Give up the batch being delivered (no further attempt or wait) and any later one,
+        until `close()`. Safe from any thread; the pipeline calls it to stop."""
+        self._interrupted.set()
 
     @property
     def client(self) -> httpx.Client:
@@ -72,6 +92,8 @@ class _HttpSink:
         """POST ``body`` until a non-retryable answer; raise `PipelineError` if none comes."""
         failures = 0
         while True:
+            if self._interrupted.is_set():
+                raise SinkInterrupted(f"{self.shown_url}: stopped before the batch was delivered")
             try:
                 response = self.client.post(self.url, content=body, headers=dict(headers))
             except httpx.TransportError as exc:
@@ -85,7 +107,7 @@ class _HttpSink:
                     return response
                 if status < 500 and status not in _RETRY_STATUS:
                     raise PipelineError(
-                        f"{self.url} answered {status} {response.reason_phrase}:"
+                        f"{self.shown_url} answered {status} {response.reason_phrase}:"
                         f" {response.text[:200]}"
                     )
                 problem = f"HTTP {status} {response.reason_phrase}"
@@ -93,19 +115,23 @@ class _HttpSink:
             failures += 1
             if self.retry.attempts is not None and failures > self.retry.attempts:
                 raise PipelineError(
-                    f"{self.url} failed {failures} times; last: {problem}"
+                    f"{self.shown_url} failed {failures} times; last: {redact(problem)}"
                 ) from cause
             delay = self.retry.delay(failures)
-            log.warning("%s: %s; retrying in %.1f s", self.url, problem, delay)
-            time.sleep(delay)
+            log.warning("%s: %s; retrying in %.1f s", self.shown_url, redact(problem), delay)
+            if self._interrupted.wait(delay):  # a stop request ends the wait at once
+                raise SinkInterrupted(
+                    f"{self.shown_url}: stopped while retrying; last: {redact(problem)}"
+                ) from cause
 
     def read_timeout(self) -> PipelineError:
-        return PipelineError(f"{self.url} did not answer within {self.timeout} s")
+        return PipelineError(f"{self.shown_url} did not answer within {self.timeout} s")
 
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
             self._client = None
+        self._interrupted.clear()
 
 
 class WebhookSink(_HttpSink):
@@ -138,7 +164,7 @@ class WebhookSink(_HttpSink):
         self.secret = secret
         self.signature_header = signature_header
         self.headers = dict(headers or {})
-        self.name = f"webhook({url})"
+        self.name = f"webhook({self.shown_url})"
 
     def write_batch(self, batch: Batch) -> None:
         body = dumps([jsonable(item) for item in batch.items])
@@ -182,7 +208,7 @@ class SnorkySink(_HttpSink):
         self.service = service
         self.key = key
         self.model = model
-        self.name = f"snorky({url}, service={service})"
+        self.name = f"snorky({self.shown_url}, service={service})"
 
     def _delta(self, item: Any) -> Any:
         return to_delta(item, self.model) if isinstance(item, Change) else item
@@ -209,6 +235,6 @@ class SnorkySink(_HttpSink):
 
     def read_timeout(self) -> PipelineError:
         return PipelineError(
-            f"Snorky at {self.url} did not answer within {self.timeout} s; it never answers a"
+            f"Snorky at {self.shown_url} did not answer within {self.timeout} s; it never answers a"
             f" message for a service it does not know: is the service name {self.service!r} right?"
         )

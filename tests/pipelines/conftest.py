@@ -3,49 +3,38 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from servers import SNORKY_KEY, Receiver, free_port, wait_for_port
+from servers import (
+    SNORKY_KEY,
+    Receiver,
+    free_port,
+    start_redis,
+    stop_process,
+    wait_for_port,
+)
 
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The URL of a throwaway Redis server (Debian's redis-server) for the whole session."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
     port = free_port()
-    directory = tmp_path_factory.mktemp("redis")
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(directory)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    process = start_redis(port, str(tmp_path_factory.mktemp("redis")))
     try:
         wait_for_port(port, process, "redis-server")
         yield f"redis://127.0.0.1:{port}/0"
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 @pytest.fixture
 def receiver(request) -> Iterator[Receiver]:
-    server = Receiver(*getattr(request, "param", ()))
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
+    server = Receiver(*getattr(request, "param", ())).start()
     yield server
-    server.shutdown()
-    server.server_close()
+    server.stop()
 
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
 import threading
@@ -37,19 +38,68 @@ def wait_for_port(port: int, process: subprocess.Popen, what: str, seconds: floa
     pytest.fail(f"{what} did not listen on port {port} within {seconds} s")
 
 
-class Receiver(ThreadingHTTPServer):
-    """Records every request; answers ``fail_first`` requests with ``fail_status``."""
+def start_redis(port: int, directory: str) -> subprocess.Popen:
+    """Start Debian's redis-server on 127.0.0.1:``port`` (not waiting for it); skip if missing."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    return subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(directory)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
 
-    def __init__(self, fail_first: int = 0, fail_status: int = 503, port: int = 0) -> None:
-        super().__init__(("127.0.0.1", port), Handler)
+
+def stop_process(process: subprocess.Popen) -> None:
+    """Terminate ``process``, killing it if it lingers."""
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def wait_until(condition, seconds: float = 30.0, what: str = "the condition") -> None:
+    """Poll ``condition()`` until it is true; fail the test after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen within {seconds} s")
+        time.sleep(0.02)
+
+
+class Receiver(ThreadingHTTPServer):
+    """Records every request; answers ``fail_first`` requests with ``fail_status``, each after
+    ``delay`` seconds (or when `release` is set, which ends every wait)."""
+
+    def __init__(self, fail_first: int = 0, fail_status: int = 503, port: int = 0,
+                 delay: float = 0.0, host: str = "127.0.0.1") -> None:
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        super().__init__((host, port), Handler)
         self.fail_first = fail_first
         self.fail_status = fail_status
+        self.delay = delay
+        self.release = threading.Event()
         self.requests: list[tuple[dict[str, str], bytes, int]] = []
         self.lock = threading.Lock()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/hook"
+        host = self.server_address[0]
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.server_address[1]}/hook"
+
+    def start(self) -> Receiver:
+        """Serve from a daemon thread; returns self."""
+        threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self.release.set()
+        self.shutdown()
+        self.server_close()
 
     def accepted(self) -> list[tuple[dict[str, str], bytes]]:
         return [(headers, body) for headers, body, status in self.requests if status == 200]
@@ -60,6 +110,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802
         body = self.rfile.read(int(self.headers["Content-Length"]))
+        if self.server.delay:
+            self.server.release.wait(self.server.delay)
         with self.server.lock:
             failing = len(self.server.requests) < self.server.fail_first
             status = self.server.fail_status if failing else 200

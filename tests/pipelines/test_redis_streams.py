@@ -126,15 +126,18 @@ def test_a_dead_workers_pending_entries_are_claimed_by_another(redis_url, tmp_pa
     worker.join()
     client = redis.Redis.from_url(redis_url)
     left_by_a = client.xpending_range(stream, "workers", "-", "+", 100, consumername="a")
-    assert len(left_by_a) == 10  # its first batch was acknowledged, its second was not
+    stream_ids = {entry_id.decode(): json.loads(fields[b"change"])["new"]["id"]
+                  for entry_id, fields in client.xrange(stream)}
+    pending = sorted(stream_ids[e["message_id"].decode()] for e in left_by_a)
+    # Its first batch was acknowledged; its second (written, never confirmed) was not, nor what
+    # it read ahead meanwhile: at most one more batch (explicit batch(10) is a hard limit).
+    assert pending in (list(range(11, 21)), list(range(11, 31)))
 
     b = RedisStreamFeed(redis_url, stream, "workers", "b", count=10, claim_idle=0.5)
     Pipeline(b, [batch(10, 60)], sink=JsonLinesSink(out_b)).run(idle_timeout=1.5)
 
-    assert b.claimed == 10
+    assert b.claimed == len(left_by_a)
     claimed_ids = {e["message_id"].decode() for e in left_by_a}
-    stream_ids = {entry_id.decode(): json.loads(fields[b"change"])["new"]["id"]
-                  for entry_id, fields in client.xrange(stream)}
     assert {stream_ids[i] for i in claimed_ids} <= set(ids(out_b))
     assert set(ids(out_a)) | set(ids(out_b)) == set(range(1, 201))  # nothing missing
     assert client.xpending(stream, "workers")["pending"] == 0

@@ -1,0 +1,203 @@
+"""The sink thread of an in-process pipeline: the feed never waits on the sink unanswered.
+
+A sink may take seconds per batch (a slow webhook) or minutes (one that retries). If the feed's
+thread called it directly, nobody would read the source meanwhile: PostgreSQL's walsender gets no
+answer to its keepalives, so a fast shutdown of the server or ``wal_sender_timeout`` waits on
+us, and the backlog grows while batches stay small. So the sink runs in one thread of its own,
+`_Delivery`, and the feed's thread only hands batches over:
+
+* one batch is in the sink at a time, handed over in feed order, so confirmations come back in
+  order and acknowledging the last one implies every earlier position;
+* while the sink is busy the feed's thread goes on reading what the source has at hand, and
+  the next batch grows, up to ``cap`` entries: a slow sink gets bigger batches and keeps up;
+* when it must wait (it caught up with the source while the sink is slow, the next batch is
+  full, or the run ends) it waits in short steps, calling ``feed.keep_alive()`` between them
+  (the backend answers its server and may read ahead into a buffer of its own) and watching
+  for a stop request. Waiting rather than reading on matters to PostgreSQL: a walsender
+  shutting down waits for a client that keeps answering from its stream loop, not for one
+  answering from keep_alive(), which says that what it received is not delivered yet.
+* once stopping, it waits `STOP_GRACE` seconds at most, then interrupts the sinks (a retry
+  loop gives up its batch unconfirmed) and leaves the thread behind: what was confirmed is
+  acknowledged, the rest comes again on the next run.
+
+The sinks are called from the sink thread only, ``close()`` included. A sink that only writes to
+a local file (``local = True``, with the dead-letter sink, if any) is instead called inline, in
+the feed's thread: it never waits long, and two threads both busy with Python code cost about
+a fifth more CPU than one (measured with PostgreSQL and a file sink).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from changefeed.pipelines._steps import _Confirmed, _Entry, _SinkStep
+
+log = logging.getLogger("changefeed.pipelines")
+
+SLOW_SINK = 1.0
+"""A sink that has held a batch this long is slow: at a quiet moment the feed's thread then waits
+for it (answering the source with keep_alive()) instead of reading on."""
+WAIT_STEP = 0.2
+"""Seconds between calls of ``feed.keep_alive()`` while the feed's thread waits on the sink."""
+STOP_GRACE = 3.0
+"""Once a stop is requested, how long the sink still gets to confirm what it was given."""
+CLOSE_WAIT = 10.0
+"""How long the end of a run waits for the sink thread to close its sinks."""
+
+
+class StopTimeout(Exception):
+    """A stop request ended the wait for the sink: what it did not confirm is left behind."""
+
+
+class _Delivery:
+    """Runs ``sink_step.deliver`` in a thread of its own; ``confirm`` gets each result in order.
+
+    Used from the feed's thread only (except `_run`, the sink thread).
+    """
+
+    def __init__(
+        self, sink_step: _SinkStep, feed: Any, confirm: Callable[..., None]
+    ) -> None:
+        self.sink_step = sink_step
+        self.feed = feed
+        self.confirm = confirm
+        self.in_flight = 0
+        self.handed_at = 0.0
+        self.stop_deadline: float | None = None
+        self.inline = all(
+            getattr(sink, "local", False) for sink in (sink_step.sink, sink_step.dead_letter)
+            if sink is not None
+        )
+        self._closing = threading.Lock()
+        self._closed = False
+        self._batches: queue.SimpleQueue[list[_Entry] | None] = queue.SimpleQueue()
+        self._results: queue.SimpleQueue[_Confirmed | BaseException | None] = queue.SimpleQueue()
+        # A daemon: a sink stuck in a request must not keep the process alive after a stop.
+        self._thread = threading.Thread(target=self._run, name="changefeed-sink", daemon=True)
+        if not self.inline:
+            self._thread.start()
+
+    # -- the sink thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        step = self.sink_step
+        try:
+            while True:
+                entries = self._batches.get()
+                if entries is None:
+                    return
+                try:
+                    result = step.deliver(entries)
+                except BaseException as exc:  # raised again in the feed's thread
+                    self._results.put(exc)
+                    return  # nothing after a failed batch may be delivered
+                self._results.put(result)
+        finally:
+            with self._closing:  # after this, no interrupt() may reach the closed sinks
+                self._closed = True
+                try:
+                    step.close()
+                except Exception:
+                    log.exception("closing the sink failed")
+
+    # -- the feed's thread ---------------------------------------------------------------------
+
+    def hand_over(self, entries: list[_Entry]) -> None:
+        """Give ``entries`` to the sink thread (after every batch given before)."""
+        if entries and self.inline:
+            try:
+                result = self.sink_step.deliver(entries)
+            except BaseException:
+                self.confirm(None, final=True)
+                raise
+            self.confirm(result)
+        elif entries:
+            if not self.in_flight:
+                self.handed_at = time.monotonic()
+            self.in_flight += 1
+            self._batches.put(entries)
+
+    def poll(self, timeout: float = 0.0) -> None:
+        """Take the results that arrived (waiting up to ``timeout`` for one) and confirm them.
+
+        Raises the sink's failure, after acknowledging what was confirmed before it.
+        """
+        if not timeout and self._results.empty():  # the common case, per change: keep it cheap
+            return
+        try:
+            result = self._results.get(timeout=timeout) if timeout else self._results.get_nowait()
+            while True:
+                self.in_flight -= 1
+                if isinstance(result, BaseException):
+                    self.confirm(None, final=True)
+                    raise result
+                self.confirm(result)
+                self.handed_at = time.monotonic()  # the next batch (if any) starts now
+                result = self._results.get_nowait()
+        except queue.Empty:
+            pass
+
+    def offer(self, sink_step: _SinkStep, cap: int) -> None:
+        """The waiting batch is due: hand it over if the sink is free; if the sink is busy, let
+        it grow, and wait for the sink only once it holds ``cap`` entries or items."""
+        self.poll()
+        if self.in_flight and (sink_step.items >= cap or len(sink_step.entries) >= cap):
+            self.wait()
+        if not self.in_flight:
+            self.hand_over(sink_step.take())
+
+    def quiet(self, sink_step: _SinkStep) -> None:
+        """The source has nothing more at hand: hand the waiting batch over if the sink is free.
+
+        If the sink is slow (busy for `SLOW_SINK` seconds), wait for it here, answering the
+        source with keep_alive(); a sink busy for less gets no wait: the feed reads on, and the
+        batch goes at the next quiet moment or once due (this keeps thread hand-overs rare
+        while changes stream fast).
+        """
+        self.poll()
+        if self.in_flight and time.monotonic() - self.handed_at >= SLOW_SINK:
+            self.wait()
+        if not self.in_flight:
+            self.hand_over(sink_step.take())
+
+    def finish(self, entries: list[_Entry]) -> None:
+        """Deliver ``entries`` after what is in flight, and wait until all is confirmed."""
+        self.wait()
+        self.hand_over(entries)
+        self.wait()
+
+    def wait(self) -> None:
+        """Wait until the sink confirmed everything handed over, answering the source meanwhile.
+
+        Raises `StopTimeout` when a stop request has waited `STOP_GRACE` seconds.
+        """
+        while self.in_flight:
+            self.poll(WAIT_STEP)
+            if not self.in_flight:
+                return
+            self.feed.keep_alive()
+            if getattr(self.feed, "_stopping", False):
+                now = time.monotonic()
+                if self.stop_deadline is None:
+                    self.stop_deadline = now + STOP_GRACE
+                elif now >= self.stop_deadline:
+                    raise StopTimeout
+
+    def close(self, wait: bool) -> None:
+        """End the sink thread: at once (after a failure or a stop), or once it closed the
+        sinks (``wait``)."""
+        if self.inline:
+            self.sink_step.close()
+            return
+        if not wait:
+            with self._closing:
+                if not self._closed:  # a closed sink must not keep the request for a next run
+                    self.sink_step.interrupt()  # a retrying sink gives up its batch, unconfirmed
+        self._batches.put(None)
+        if wait:
+            self._thread.join(CLOSE_WAIT)

@@ -1,0 +1,275 @@
+"""The multi-process mode of `changefeed.pipelines.Pipeline` (``own_process``, ``processes=True``).
+
+Steps marked to run elsewhere become `multipipes.Node` processes connected by queues; chunks of
+entries cross the boundaries, and the sink's process sends confirmations back on a queue to the
+feed's process, which alone calls ``feed.ack``, in order. While it waits for confirmations the
+feed's process calls ``feed.keep_alive()`` (so the database is answered while a sink is slow) and
+watches for a stop request: once stopping, it waits `STOP_GRACE` seconds at most for what was
+sent, then ends the workers and acknowledges what was confirmed.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import multipipes
+
+from changefeed.errors import ChangefeedError, PipelineError
+from changefeed.pipelines._delivery import SLOW_SINK, STOP_GRACE
+from changefeed.pipelines._steps import _Chunk, _Entry, _Failure, _Segment, _SinkStep
+
+if TYPE_CHECKING:
+    from changefeed.pipelines.pipeline import Pipeline
+
+log = logging.getLogger("changefeed.pipelines")
+
+class _Worker:
+    """The target of one worker process: a segment of stages, and the sink step if last."""
+
+    def __init__(self, segment: _Segment, sink_step: _SinkStep | None) -> None:
+        self.segment = segment
+        self.sink_step = sink_step
+        self.failed = False
+        self.__name__ = "+".join(name for _, name in segment.stages) or (
+            sink_step.name if sink_step else "worker"
+        )
+        if sink_step is not None and segment.stages:
+            self.__name__ += f"+{sink_step.name}"
+
+    def __call__(self, message: Any = None, timeout: bool = False) -> Any:
+        # multipipes puts each item a generator yields on the next queue.
+        return self._handle(message)
+
+    def _handle(self, message: Any) -> Any:
+        if self.failed:
+            return
+        sink_step = self.sink_step
+        try:
+            if message is None:  # no input for a while: deliver a batch that has waited
+                if sink_step is not None and sink_step.due(time.monotonic()):
+                    yield sink_step.flush()
+                return
+            if isinstance(message, _Failure):
+                if sink_step is not None:
+                    confirmed = sink_step.flush()
+                    if confirmed is not None:
+                        yield confirmed
+                self.failed = True
+                yield message
+                return
+            entries, failure = self.segment.process(message.entries)
+            if sink_step is None:
+                yield _Chunk(entries, message.flush)
+            else:
+                sink_step.add(entries)
+                if failure is not None or message.flush or sink_step.due(time.monotonic()):
+                    confirmed = sink_step.flush()
+                    if confirmed is not None:
+                        yield confirmed
+            if failure is not None:
+                log.error("%s", failure.message, exc_info=failure.cause)
+                self.failed = True
+                yield failure
+        except PipelineError as exc:
+            log.error("%s", exc.message, exc_info=exc.__cause__)
+            self.failed = True
+            yield _Failure(exc.message)
+
+    def close(self) -> None:
+        if self.sink_step is not None:
+            self.sink_step.close()
+
+
+class _WorkerNode(multipipes.Node):
+    """A multipipes node that leaves Ctrl-C to the feed's process and closes its sinks."""
+
+    def run_forever(self) -> None:
+        # A terminal's Ctrl-C reaches the whole process group; the feed's process decides how
+        # to stop (deliver, acknowledge, then send poison pills), so workers ignore it. SIGTERM
+        # gets its default back: a handler forked from the feed's process would swallow the
+        # terminate() that ends a failed pipeline.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        try:
+            super().run_forever()
+        finally:
+            self.target.close()
+
+
+class _MultiProcessRun:
+    """The feed's side of a multi-process pipeline: sends chunks, acknowledges confirmations."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        policy = pipeline.policy
+        keep = pipeline.dead_letter is not None
+        dead_letter = pipeline.dead_letter
+        self.segment = _Segment(pipeline._groups[0], keep_change=keep, dead_letter=dead_letter)
+        self.keep_change = keep
+        groups = pipeline._groups[1:]
+        self.workers = []
+        for index, stages in enumerate(groups):
+            last = index == len(groups) - 1
+            sink_step = _SinkStep(pipeline.sink, pipeline.dead_letter, policy) if last else None
+            self.workers.append(_Worker(_Segment(stages, keep, pipeline.dead_letter), sink_step))
+        self.chunk_size = policy.size
+        self.max_in_flight = 4 * policy.size
+        self.sent = 0
+        self.confirmed = 0
+        self.last_alive_check = time.monotonic()
+        self.last_progress = time.monotonic()
+        """When the workers last confirmed something (or were given work while idle)."""
+        self.stop_deadline: float | None = None
+        self.abandoned = False
+        """Set when a stop gave up waiting for the workers: they are ended, not shut down."""
+
+    def run(self, changes: Iterable[Any]) -> int:
+        pipeline = self.pipeline
+        self.inqueue = multipipes.Pipe()
+        self.outqueue = multipipes.Pipe()
+        self.nodes = [
+            _WorkerNode(
+                target=worker,
+                name=worker.__name__,
+                timeout=0.1 if worker.sink_step is not None else None,
+            )
+            for worker in self.workers
+        ]
+        mp_pipeline = multipipes.Pipeline([self.inqueue, *self.nodes, self.outqueue])
+        mp_pipeline.start()  # before the feed connects: the workers share no socket with it
+        clean = False
+        try:
+            self._stream(changes)
+            clean = not self.abandoned
+        finally:
+            if clean:
+                mp_pipeline.poison_pill()
+            else:
+                self._terminate()
+        return pipeline.handled
+
+    def _stream(self, changes: Iterable[Any]) -> None:
+        chunk: list[_Entry] = []
+        started = 0.0
+        seconds = self.pipeline.policy.seconds
+        monotonic = time.monotonic
+        try:
+            for change in changes:
+                if change is None:
+                    if chunk:
+                        self._send(chunk, flush=True)
+                        chunk = []
+                    # Caught up with the source. If the workers are slow, wait for them here,
+                    # where keep_alive() answers the source (a PostgreSQL shutdown waits for a
+                    # client that keeps answering from its stream loop with changes undelivered).
+                    slow = monotonic() - self.last_progress >= SLOW_SINK
+                    self._drain(until_all=slow and self.sent > self.confirmed)
+                    continue
+                if not chunk:
+                    started = monotonic()
+                entries, failure = self.segment.process([_Entry(change, self.keep_change)])
+                chunk.extend(entries)
+                if failure is not None:
+                    self._send(chunk, flush=True)
+                    self.inqueue.put(failure)
+                    log.error("%s", failure.message, exc_info=failure.cause)
+                    self._drain(until_all=True, expect_failure=True)
+                    raise PipelineError(failure.message)  # only reached when a stop gave up
+                if len(chunk) >= self.chunk_size or monotonic() - started >= seconds:
+                    self._send(chunk, flush=False)
+                    chunk = []
+                    # Confirmations only follow sends: polling the queue costs ~6 µs, more
+                    # than decoding a change, so poll per chunk (and on idle ticks).
+                    self._drain()
+        except PipelineError:
+            raise
+        except ChangefeedError:
+            self._send(chunk, flush=True)  # the feed failed, not the output: keep what it gave
+            self._drain(until_all=True)
+            self.pipeline._confirm(None, final=True)
+            raise
+        self._send(chunk, flush=True)
+        self._drain(until_all=True)
+        self.pipeline._confirm(None, final=True)
+
+    def _send(self, chunk: list[_Entry], flush: bool) -> None:
+        if chunk or flush:
+            if self.sent == self.confirmed:
+                self.last_progress = time.monotonic()
+            self.inqueue.put(_Chunk(chunk, flush))
+            self.sent += len(chunk)
+
+    def _drain(self, until_all: bool = False, expect_failure: bool = False) -> None:
+        """Handle the confirmations that arrived; block while too much is in flight, or (with
+        ``until_all``) until everything sent is confirmed."""
+        outqueue = self.outqueue
+        feed = self.pipeline.feed
+        while not self.abandoned:
+            in_flight = self.sent - self.confirmed
+            block = (until_all and (in_flight > 0 or expect_failure)) or (
+                in_flight > self.max_in_flight
+            )
+            try:
+                message = outqueue.get(timeout=0.1) if block else outqueue.get_nowait()
+            except queue.Empty:
+                if not block:
+                    # Notice a dead worker within a second, also while the feed is quiet.
+                    if time.monotonic() - self.last_alive_check >= 1.0:
+                        self._check_alive()
+                    return
+                feed.keep_alive()  # the workers are slow: keep the source's connection healthy
+                self._check_alive()
+                self._check_stop()
+                continue
+            if isinstance(message, _Failure):
+                self.pipeline._confirm(None, final=True)
+                raise PipelineError(message.message)
+            self.confirmed += message.count
+            self.last_progress = time.monotonic()
+            self.pipeline._confirm(message)
+
+    def _check_stop(self) -> None:
+        """Once a stop is requested, wait `STOP_GRACE` seconds at most for confirmations, then
+        acknowledge what was confirmed and give up the rest (it comes again on the next run)."""
+        if not getattr(self.pipeline.feed, "_stopping", False):
+            return
+        now = time.monotonic()
+        if self.stop_deadline is None:
+            self.stop_deadline = now + STOP_GRACE
+        elif now >= self.stop_deadline:
+            self.pipeline._confirm(None, final=True)
+            self.abandoned = True
+            log.warning(
+                "stopping: %s changes were not confirmed by the sink in time; they are not"
+                " acknowledged and come again on the next run", self.sent - self.confirmed,
+            )
+
+    def _terminate(self) -> None:
+        """End every worker now (after a failure): SIGTERM, then SIGKILL what lingers."""
+        processes = [process for node in self.nodes for process in node.processes]
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        deadline = time.monotonic() + 5.0
+        for process in processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+    def _check_alive(self) -> None:
+        self.last_alive_check = time.monotonic()
+        for node in self.nodes:
+            for process in node.processes:
+                if not process.is_alive():
+                    self.pipeline._confirm(None, final=True)
+                    raise PipelineError(
+                        f"the process running {node.name} (pid {process.pid}) died with exit"
+                        f" code {process.exitcode}; {self.sent - self.confirmed} changes were not"
+                        " confirmed and are not acknowledged"
+                    )

@@ -1,0 +1,242 @@
+"""The units of work of a pipeline and the steps that handle them (shared by both modes).
+
+An `_Entry` is one change on its way: its position, the items the stages made of it so far,
+and (with a dead-letter sink) the change itself. A `_Segment` runs consecutive stages on
+entries; a `_SinkStep` groups entries into batches and delivers them, and reports the last
+position of each delivered batch as `_Confirmed`. See `changefeed.pipelines.pipeline`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from changefeed.change import Change, Position
+from changefeed.errors import ChangefeedError, PipelineError
+from changefeed.pipelines.sinks import SinkInterrupted, deliver
+from changefeed.pipelines.stages import BatchPolicy, Stage, apply_stage, stage_name
+
+log = logging.getLogger("changefeed.pipelines")
+
+
+
+class _Entry:
+    """One change on its way: its position, the items made of it so far, dead letters."""
+
+    __slots__ = ("position", "change", "items", "dead")
+
+    def __init__(self, change: Any, keep_change: bool) -> None:
+        self.position: Position = getattr(change, "position", None)
+        self.change = change if keep_change else None
+        self.items: list[Any] = [change]
+        self.dead: list[dict[str, Any]] = []
+
+    def __getstate__(self) -> tuple[Any, ...]:
+        return (self.position, self.change, self.items, self.dead)
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        self.position, self.change, self.items, self.dead = state
+
+    def dead_letter(self, stage: str, exc: BaseException) -> None:
+        change = self.change
+        self.dead.append(
+            {
+                "change": change.to_dict() if isinstance(change, Change) else change,
+                "error": _describe(exc),
+                "stage": stage,
+            }
+        )
+        self.items = []
+
+
+class _Failure:
+    """A stage or sink failed: the message travels to the feed's process, which raises it."""
+
+    def __init__(self, message: str, cause: BaseException | None = None) -> None:
+        self.message = message
+        self.cause = cause
+
+    def __getstate__(self) -> str:  # the cause stays behind: it may not pickle
+        return self.message
+
+    def __setstate__(self, message: str) -> None:
+        self.message, self.cause = message, None
+
+
+class _Chunk:
+    """Entries crossing a process boundary; ``flush`` asks the sink to deliver at once."""
+
+    __slots__ = ("entries", "flush")
+
+    def __init__(self, entries: list[_Entry], flush: bool) -> None:
+        self.entries = entries
+        self.flush = flush
+
+    def __getstate__(self) -> tuple[list[_Entry], bool]:
+        return (self.entries, self.flush)
+
+    def __setstate__(self, state: tuple[list[_Entry], bool]) -> None:
+        self.entries, self.flush = state
+
+
+class _Confirmed:
+    """The sink delivered ``count`` more entries; ``position`` is the last one's (or None)."""
+
+    __slots__ = ("position", "count")
+
+    def __init__(self, position: Position, count: int) -> None:
+        self.position = position
+        self.count = count
+
+    def __getstate__(self) -> tuple[Position, int]:
+        return (self.position, self.count)
+
+    def __setstate__(self, state: tuple[Position, int]) -> None:
+        self.position, self.count = state
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ChangefeedError):
+        return exc.message
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class _Segment:
+    """Consecutive stages run in one process."""
+
+    def __init__(self, stages: Sequence[Stage], keep_change: bool, dead_letter: Any) -> None:
+        self.stages = [(stage, stage_name(stage)) for stage in stages]
+        self.keep_change = keep_change
+        self.dead_letter = dead_letter is not None
+
+    def process(self, entries: list[_Entry]) -> tuple[list[_Entry], _Failure | None]:
+        """Run the stages on each entry; on a failure without dead letters, return the
+        entries before the failed one and the failure."""
+        if not self.stages:
+            return entries, None
+        for index, entry in enumerate(entries):
+            items = entry.items
+            for stage, name in self.stages:
+                if not items:
+                    break
+                try:
+                    if len(items) == 1:
+                        items = apply_stage(stage, items[0])
+                    else:
+                        items = [out for item in items for out in apply_stage(stage, item)]
+                except Exception as exc:
+                    if self.dead_letter:
+                        log.warning("stage %s failed at position %r: %s", name, entry.position, exc)
+                        entry.dead_letter(name, exc)
+                        items = []
+                        break
+                    message = (
+                        f"stage {name} failed on the change at position {entry.position!r}:"
+                        f" {_describe(exc)}"
+                    )
+                    return entries[:index], _Failure(message, exc)
+            entry.items = items
+        return entries, None
+
+
+class _SinkStep:
+    """Groups entries into batches, delivers them, and says which positions are confirmed."""
+
+    def __init__(self, sink: Any, dead_letter: Any, policy: BatchPolicy) -> None:
+        self.sink = sink
+        self.name = stage_name(sink)
+        self.dead_letter = dead_letter
+        self.policy = policy
+        self.entries: list[_Entry] = []
+        self.items = 0
+        self.started = 0.0
+
+    def add(self, entries: list[_Entry]) -> None:
+        if not entries:
+            return
+        if not self.entries:
+            self.started = time.monotonic()
+        self.entries.extend(entries)
+        self.items += sum(len(entry.items) for entry in entries)
+
+    def due(self, now: float) -> bool:
+        """Whether the waiting batch is full or old enough to go."""
+        size = self.policy.size
+        return bool(self.entries) and (
+            self.items >= size
+            or len(self.entries) >= size
+            or now - self.started >= self.policy.seconds
+        )
+
+    def flush(self) -> _Confirmed | None:
+        """Deliver what is waiting (items, then dead letters); None when nothing was waiting."""
+        return self.deliver(self.take())
+
+    def take(self) -> list[_Entry]:
+        """The waiting entries, handed out for delivery; the step starts a new batch."""
+        entries = self.entries
+        self.entries = []
+        self.items = 0
+        return entries
+
+    def deliver(self, entries: list[_Entry]) -> _Confirmed | None:
+        """Deliver ``entries`` (items, then dead letters); None when there were none.
+
+        Raises `PipelineError` when the sink fails without a dead-letter sink, and
+        `SinkInterrupted` (never dead-lettered: the batch is simply not confirmed) when a
+        sink gave up because the pipeline is stopping.
+        """
+        if not entries:
+            return None
+        items: list[Any] = []
+        positions: list[Position] = []
+        for entry in entries:
+            for item in entry.items:
+                items.append(item)
+                positions.append(entry.position)
+        if items:
+            try:
+                deliver(self.sink, items, positions, self.policy.explicit)
+            except SinkInterrupted:
+                raise
+            except Exception as exc:
+                where = (
+                    f"position {positions[0]!r}"
+                    if positions[0] == positions[-1]
+                    else f"positions {positions[0]!r}..{positions[-1]!r}"
+                )
+                message = f"sink {self.name} failed on the batch at {where}: {_describe(exc)}"
+                if self.dead_letter is None:
+                    raise PipelineError(message) from exc
+                log.warning("%s", message)
+                for entry in entries:
+                    if entry.items:
+                        entry.dead_letter(self.name, exc)
+        dead = [(record, entry.position) for entry in entries for record in entry.dead]
+        if dead:
+            try:
+                deliver(self.dead_letter, [r for r, _ in dead], [p for _, p in dead], False)
+            except SinkInterrupted:
+                raise
+            except Exception as exc:
+                raise PipelineError(
+                    f"dead-letter sink {stage_name(self.dead_letter)} failed: {_describe(exc)}"
+                ) from exc
+        last = next((e.position for e in reversed(entries) if e.position is not None), None)
+        return _Confirmed(last, len(entries))
+
+    def interrupt(self) -> None:
+        """Tell the sinks that can give up a batch (``interrupt()``) to do so: we stop."""
+        for sink in (self.sink, self.dead_letter):
+            interrupt = getattr(sink, "interrupt", None)
+            if interrupt is not None:
+                interrupt()
+
+    def close(self) -> None:
+        for sink in (self.sink, self.dead_letter):
+            close = getattr(sink, "close", None)
+            if close is not None:
+                close()
+
