@@ -126,8 +126,11 @@ def main(names: list[str]) -> None:
         patch = COPY / f".mutmut-{name}.patch"
         patch.write_text(patch_for(relative, line_ranges(COPY / relative, functions)))
         # mutmut 2 counts only exit code 1 as a failure: a mutant that breaks the import
-        # (pytest exits 2) would "survive". Any failure becomes 1.
-        runner = f"{PYTHON} -m pytest -x -q -p no:cacheprovider {tests} >/dev/null 2>&1 || exit 1"
+        # (pytest exits 2) would "survive". A script turns any failure into 1 (mutmut runs the
+        # runner without a shell).
+        script = COPY / f".mutmut-{name}.sh"
+        script.write_text(f"{PYTHON} -m pytest -x -q -p no:cacheprovider {tests} || exit 1\n")
+        runner = f"sh {script}"
         print(f"== {name}: {relative} {functions}\n   runner: {runner}", flush=True)
         subprocess.run(
             ["nice", str(MUTMUT), "run", "--paths-to-mutate", relative, "--tests-dir", "tests",

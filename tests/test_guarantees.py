@@ -155,6 +155,33 @@ def test_the_ledger_moves_the_slot_past_each_transaction_fully_acknowledged(pg_d
     assert drain(make_feed(pg_dsn)) == []
 
 
+@pytest.mark.parametrize("acknowledged", [1, 10, 19])
+def test_the_ledger_keeps_a_transaction_read_past_its_commit_until_its_last_change_is_acked(
+    pg_dsn, tasks, tmp_path, acknowledged
+):
+    # The consumer lags: the feed has read the commit of the first transaction (and rows of the
+    # second) while the first transaction's last rows are still unacknowledged. The slot must
+    # stay before that transaction; the checkpoint skips exactly what was acknowledged.
+    checkpoint = tmp_path / "checkpoint.json"
+    open_slot(pg_dsn)
+    insert_transaction(tasks, 0, 20)
+    insert_transaction(tasks, 20, ROWS)
+    read(make_feed(pg_dsn, checkpoint=FileCheckpoint(checkpoint)), 40, ack_until=acknowledged)
+    assert ids(drain(make_feed(pg_dsn, checkpoint=FileCheckpoint(checkpoint)))) == list(
+        range(acknowledged, 20 + ROWS))
+
+
+@pytest.mark.parametrize("acknowledged", [1, 10, 19])
+def test_the_ledger_without_checkpoint_replays_a_transaction_read_past_its_commit(
+    pg_dsn, tasks, acknowledged
+):
+    open_slot(pg_dsn)
+    insert_transaction(tasks, 0, 20)
+    insert_transaction(tasks, 20, ROWS)
+    read(make_feed(pg_dsn), 40, ack_until=acknowledged)
+    assert ids(drain(make_feed(pg_dsn))) == list(range(20 + ROWS))
+
+
 def test_the_ledger_acknowledges_nothing_of_a_transaction_read_but_not_acknowledged(
     pg_dsn, tasks, tmp_path
 ):
