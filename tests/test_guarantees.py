@@ -397,3 +397,19 @@ def test_exit_3_and_exit_4_on_servers_of_their_own():
             assert status == "lost", "the slot was never invalidated"
         result = run_cli("run", "tasks", "--url", server.dsn())
         assert_exit(result, 4, "slot changefeed_tasks was invalidated", "--prefeed snapshot")
+
+
+def test_exit_5_when_a_stage_fails_and_what_failed_is_not_acknowledged(pg_dsn, tasks, tmp_path):
+    # A subscription needs the old row (REPLICA IDENTITY FULL) to judge an update: without it
+    # the stage fails; what came before is delivered and acknowledged, the update is not.
+    args = ["run", "tasks", "--url", pg_dsn, "--filter", '["==", "title", "blue"]',
+            "--until-idle", "2", "--checkpoint", str(tmp_path / "checkpoint.json")]
+    assert run_cli(*args).returncode == 0  # creates the slot
+    tasks.execute("INSERT INTO tasks VALUES (1, 'blue')")
+    tasks.execute("UPDATE tasks SET title = 'red' WHERE id = 1")
+    first, second = run_cli(*args), run_cli(*args)
+    assert_exit(first, 5, "REPLICA IDENTITY FULL")
+    assert json_lines(first.stdout) == [
+        {"type": "insert", "model": "tasks", "data": {"id": 1, "title": "blue"}}]
+    assert_exit(second, 5, "REPLICA IDENTITY FULL")  # the failed update comes again
+    assert json_lines(second.stdout) == []
