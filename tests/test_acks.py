@@ -280,3 +280,34 @@ def test_positions_count_every_row_change_whatever_the_mask(operation):
     assert got == expected
     if operation & Operation.DELETE:
         assert got[(Operation.DELETE, 17)] == "0000000000002000:00000035"  # the 54th change
+
+
+def test_throttled_acks_with_nothing_delivered_acknowledge_nothing():
+    acks, checkpoint = throttled(0.0, just_acked=False)
+    acks.delivered(None)
+    acks.delivered(None, final=True)
+    assert checkpoint.saves == []
+
+
+def test_throttled_acks_acknowledge_once_exactly_the_interval_has_passed(monkeypatch):
+    acks, checkpoint = throttled(0.25, just_acked=False)
+    monkeypatch.setattr(time, "monotonic", lambda: 100.0)
+    acks.last = 99.875  # an eighth of a second ago: too soon
+    acks.delivered("p1")
+    assert checkpoint.saves == []
+    acks.last = 99.75  # exactly the interval ago
+    acks.delivered(None)
+    assert checkpoint.saves == [("t", "p1")] and acks.last == 100.0
+
+
+@pytest.mark.parametrize("mask, names", [
+    (Operation.INSERT, ["insert"]),
+    (Operation.DELETE, ["delete"]),
+    (Operation.UPDATE, ["update"]),
+    (Operation.INSERT | Operation.UPDATE, ["insert", "update"]),
+    (Operation.DELETE | Operation.UPDATE, ["delete", "update"]),
+    (Operation.INSERT | Operation.DELETE | Operation.UPDATE, ["insert", "delete", "update"]),
+    (Operation(0), []),
+])
+def test_operation_names_are_what_a_publication_publishes(mask, names):
+    assert mask.names == names
