@@ -30,9 +30,22 @@ COPY = ROOT / ".tmp" / "mutate"
 PYTHON = ROOT / ".venv" / "bin" / "python"
 MUTMUT = ROOT / ".venv-mutmut" / "bin" / "mutmut"
 
-PG_LEDGER_TESTS = (
-    "tests/test_guarantees.py -k 'ledger or transaction or limit'"
-)
+G = "tests/test_guarantees.py::test_"
+PG_LEDGER_TESTS = " ".join([
+    f"{G}a_restart_from_the_checkpoint_inside_a_transaction_continues_exactly_after_it[17]",
+    f"{G}a_restart_from_the_checkpoint_inside_a_transaction_continues_exactly_after_it[256]",
+    f"{G}a_partly_acknowledged_transaction_comes_again_whole_without_the_checkpoint[17]",
+    f"{G}the_ledger_moves_the_slot_past_each_transaction_fully_acknowledged",
+    f"{G}the_ledger_keeps_a_transaction_read_past_its_commit_until_its_last_change_is_acked[10]",
+    f"{G}the_ledger_without_checkpoint_replays_a_transaction_read_past_its_commit[19]",
+    f"{G}the_ledger_acknowledges_nothing_of_a_transaction_read_but_not_acknowledged",
+    f"{G}the_ledger_with_a_mask_that_drops_the_end_of_a_transaction",
+    "tests/backends/test_postgres.py::test_an_acknowledgement_after_the_stream_closed_still_"
+    "moves_the_slot",
+    "tests/backends/test_postgres.py::test_a_snapshot_cut_short_is_taken_again",
+])
+"""A small subset of the PostgreSQL tests (about half a minute), for the acknowledgement ledger."""
+
 TARGETS: dict[str, tuple[str, list[str], str]] = {
     # name: (file, functions or classes ("Class.method" or "Class"), tests)
     "acks": ("changefeed/feed.py", ["ChangeFeed.ack", "ThrottledAcks", "ChangeFeed.__iter__"],
