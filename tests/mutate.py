@@ -21,6 +21,7 @@ from __future__ import annotations
 import ast
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -151,7 +152,26 @@ def main(names: list[str]) -> None:
              "--simple-output"],
             cwd=COPY, env=env,
         )
-    subprocess.run([str(MUTMUT), "results"], cwd=COPY, env=env)
+    summary(env)
+
+
+def summary(env: dict[str, str]) -> None:
+    """Mutants per file and status, then the diff of every survivor."""
+    with sqlite3.connect(COPY / ".mutmut-cache") as db:
+        counts = db.execute(
+            "SELECT s.filename, m.status, count(*) FROM Mutant m JOIN Line l ON m.line = l.id"
+            " JOIN SourceFile s ON l.sourcefile = s.id GROUP BY 1, 2 ORDER BY 1, 2"
+        ).fetchall()
+        survivors = [row[0] for row in db.execute(
+            "SELECT id FROM Mutant WHERE status = 'bad_survived' ORDER BY id")]
+    print("\n== mutants per file (ok_suspicious: killed, slowly)")
+    for filename, status, count in counts:
+        print(f"   {filename:34} {status:15} {count}")
+    for mutant in survivors:
+        shown = subprocess.run([str(MUTMUT), "show", str(mutant)], cwd=COPY, env=env,
+                               capture_output=True, text=True).stdout
+        print(f"\n-- survivor {mutant}\n" + "\n".join(
+            line for line in shown.splitlines() if line.startswith(("---", "+", "-", "@@"))))
 
 
 if __name__ == "__main__":
