@@ -63,7 +63,7 @@ TARGETS: dict[str, tuple[str, list[str], str]] = {
                   "tests/backends/test_pgoutput.py tests/test_acks.py"),
     "filters": ("pipelines/filters.py", ["get_field", "compile_filter", "_comparison",
                                          "filter_fields"],
-                "tests/pipelines/test_stages.py"),
+                "tests/pipelines/test_stages.py tests/pipelines/test_filters.py"),
     "ledger": ("backends/postgres/feed.py",
                ["PostgresChangeFeed._advance", "PostgresChangeFeed.on_acknowledge",
                 "PostgresChangeFeed._stream:skip"],
