@@ -439,8 +439,7 @@ def test_truncate_is_not_turned_into_deletes(pg_dsn, tasks):
 
 @pytest.mark.xfail(strict=True, reason=(
     "the publication changefeed creates publishes only insert/update/delete (pubtruncate is"
-    " false), so the server never sends the Truncate message and the feed cannot log it; the"
-    " README says TRUNCATE is logged"))
+    " false), so the server never sends the Truncate message and the feed cannot log it"))
 def test_truncate_is_logged(pg_dsn, tasks):
     stderr = truncate_then_insert(pg_dsn, tasks)
     assert "TRUNCATE of public.tasks is not emitted as changes" in stderr
