@@ -40,13 +40,15 @@ class CliProcess:
 
     Both pipes are read together (a child blocked on a full stderr pipe cannot write stdout).
     ``stdout`` may be a file descriptor of the test's own (e.g. a pipe it fills or never reads);
-    then only stderr is read here.
+    then only stderr is read here. A None value in ``env`` removes that variable.
     """
 
     def __init__(self, *args: str, env: dict | None = None, stdout: int | None = None) -> None:
+        environ = {**os.environ, **(env or {})}
         self.process = subprocess.Popen(
             [*CHANGEFEED, *args], stdout=subprocess.PIPE if stdout is None else stdout,
-            stderr=subprocess.PIPE, env={**os.environ, **(env or {})},
+            stderr=subprocess.PIPE,
+            env={name: value for name, value in environ.items() if value is not None},
         )
         self.pid = self.process.pid
         self.stderr = ""

@@ -210,20 +210,24 @@ def test_the_ledger_with_a_mask_that_drops_the_end_of_a_transaction(pg_dsn, task
 # -- changefeed run: acknowledge only what was flushed -----------------------------------------
 
 
-def test_the_cli_acknowledges_only_output_that_was_flushed(pg_dsn, tasks, tmp_path):
+@pytest.mark.parametrize("pipeline", [[], ["--where", "id >= 0"]], ids=["fast", "pipeline"])
+def test_the_cli_acknowledges_only_output_that_was_flushed(pg_dsn, tasks, tmp_path, pipeline):
     """The reader of stdout is stuck: the CLI's flush blocks, so nothing may be acknowledged.
 
     The test holds the pipe's write end too and fills the pipe before the rows are committed,
     so the CLI's lines stay in its own buffer and its flush blocks. It is then killed (as a
-    crash would); a rerun from the checkpoint must still deliver every row.
+    crash would); a rerun from the checkpoint must still deliver every row. Both the fast path
+    and a pipeline (whose stdout sink confirms a batch once it is flushed).
     """
     checkpoint = tmp_path / "checkpoint.json"
     args = ["run", "tasks", "--url", pg_dsn, "--format", "change", "--checkpoint",
-            str(checkpoint)]
+            str(checkpoint), *pipeline]
     assert run_cli(*args, "--until-idle", "0.5").returncode == 0  # creates the slot
     read_end, write_end = os.pipe()
     try:
-        with start_cli(*args, stdout=write_end) as process:
+        # Python buffers stdout unless PYTHONUNBUFFERED is set (then a sink writing to
+        # sys.stdout.buffer writes through and has nothing to flush): test the buffered case.
+        with start_cli(*args, stdout=write_end, env={"PYTHONUNBUFFERED": None}) as process:
             process.wait_streaming()
             # A non-blocking write end of our own (O_NONBLOCK on write_end itself would make
             # the CLI's stdout non-blocking too: they share one open file description).
