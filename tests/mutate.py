@@ -142,9 +142,17 @@ def main(names: list[str]) -> None:
         # mutmut 2 counts only exit code 1 as a failure: a mutant that breaks the import
         # (pytest exits 2) would "survive". A script turns any failure into 1 (mutmut runs the
         # runner without a shell).
+        # A mutant that hangs is interrupted (SIGINT: pytest still stops its PostgreSQL) and
+        # counts as killed. Output goes to /dev/null: mutmut reads the runner's terminal to its
+        # end, which a server started by the tests must not hold open.
         script = COPY / f".mutmut-{name}.sh"
-        script.write_text(f"{PYTHON} -m pytest -x -q -p no:cacheprovider {tests} || exit 1\n")
+        seconds = 300 if name == "ledger" else 30
+        script.write_text(
+            f"timeout -s INT -k 30 {seconds} {PYTHON} -m pytest -x -q -p no:cacheprovider"
+            f" {tests} >/dev/null 2>&1 </dev/null || exit 1\n"
+        )
         runner = f"sh {script}"
+        forget_baseline()  # mutmut would time every target's mutants by the first one's tests
         print(f"== {name}: {relative} {functions}\n   runner: {runner}", flush=True)
         subprocess.run(
             ["nice", str(MUTMUT), "run", "--paths-to-mutate", relative, "--tests-dir", "tests",
@@ -153,6 +161,13 @@ def main(names: list[str]) -> None:
             cwd=COPY, env=env,
         )
     summary(env)
+
+
+def forget_baseline() -> None:
+    cache = COPY / ".mutmut-cache"
+    if cache.exists():
+        with sqlite3.connect(cache) as db:
+            db.execute("DELETE FROM MiscData WHERE key = 'baseline_time_elapsed'")
 
 
 def summary(env: dict[str, str]) -> None:
