@@ -14,6 +14,11 @@ to a small subset. Usage::
 
     .venv-mutmut/bin/python tests/mutate.py [TARGET ...]     # default: every target
     cd .tmp/mutate && ../../.venv-mutmut/bin/mutmut show ID  # a survivor's diff
+
+Known limit: mutmut 2.5.1 once failed to record a mutant of ``_advance`` that hangs (``break``
+made ``continue``: ``ValueError: Attribute Mutant.line is required``) and its worker stopped.
+The mutants left "untested" can be run by hand in ``.tmp/mutate``: ``mutmut apply ID``, then
+``sh .mutmut-ledger.sh`` (exit 1: killed), then copy the original file back.
 """
 
 from __future__ import annotations
