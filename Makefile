@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 SNORKY_VENV  ?= .venv-snorky
 SNORKY_STAMP := $(SNORKY_VENV)/.installed
 
-.PHONY: demo test test-live lint bench install system-deps clean
+.PHONY: demo test test-live lint bench mutate install system-deps clean
 
 demo: install
 	$(BIN)/changefeed demo
@@ -38,6 +38,20 @@ lint: install
 bench: install
 	$(BIN)/python benchmarks/bench_postgres.py
 
+# Mutation testing of the modules behind the delivery guarantees (tests/mutate.py says which
+# functions, with which tests), on a copy of the tree in .tmp/mutate. mutmut 2 gets a
+# virtualenv of its own. About half an hour on two cores; TARGETS=ledger runs one target.
+MUTMUT_VENV  ?= .venv-mutmut
+MUTMUT_STAMP := $(MUTMUT_VENV)/.installed
+
+mutate: install $(MUTMUT_STAMP)
+	$(MUTMUT_VENV)/bin/python tests/mutate.py $(TARGETS)
+
+$(MUTMUT_STAMP):
+	$(PYTHON) -m venv $(MUTMUT_VENV)
+	$(MUTMUT_VENV)/bin/pip install -q 'mutmut==2.5.1' 'whatthepatch>=1.0'
+	touch $(MUTMUT_STAMP)
+
 install: system-deps $(STAMP)
 
 # PostgreSQL server programs and Redis come from Debian's packages when they are missing.
@@ -57,4 +71,4 @@ $(SNORKY_STAMP):
 	touch $(SNORKY_STAMP)
 
 clean:
-	rm -rf $(VENV) $(SNORKY_VENV) *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(SNORKY_VENV) $(MUTMUT_VENV) .tmp/mutate *.egg-info .pytest_cache .ruff_cache

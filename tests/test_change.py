@@ -75,3 +75,21 @@ def test_a_change_is_immutable_and_copies_with_replace():
     copy = dataclasses.replace(change, snapshot=True)
     assert type(copy) is Change and copy.snapshot and copy.new == change.new
     assert copy != change and dataclasses.replace(copy, snapshot=False) == change
+
+
+@pytest.mark.parametrize("text, message", [
+    ("insert,upsert",
+     "unknown operation 'upsert': use one or more of insert, delete, update, or all"),
+    (" , ", "no operation given: use one or more of insert, delete, update"),
+])
+def test_operation_parse_errors_word_for_word(text, message):
+    with pytest.raises(ConfigurationError) as info:
+        Operation.parse(text)
+    assert info.value.message == message
+
+
+def test_operation_parse_all_with_other_words_is_still_all():
+    assert Operation.parse("delete,all") == Operation.parse("all,insert") == (
+        Operation.INSERT | Operation.UPDATE | Operation.DELETE)
+    assert Operation.parse("update,all,delete") == Operation.INSERT | Operation.UPDATE | \
+        Operation.DELETE

@@ -32,3 +32,46 @@ def test_file_checkpoint_in_a_missing_directory_is_a_configuration_error(tmp_pat
     store = FileCheckpoint(tmp_path / "missing" / "cp.json")
     with pytest.raises(ConfigurationError, match="cannot write checkpoint"):
         store.save("a", 1)
+
+
+def test_file_checkpoint_file_is_indented_sorted_json(tmp_path):
+    path = tmp_path / "cp.json"
+    store = FileCheckpoint(path)
+    store.save("tasks", "0000000001000000:00000011")
+    store.save("app.notes", {"_data": "8263"})
+    assert path.read_text() == (
+        '{\n  "app.notes": {\n    "_data": "8263"\n  },\n'
+        '  "tasks": "0000000001000000:00000011"\n}'
+    )
+
+
+def test_file_checkpoint_errors_word_for_word(tmp_path):
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text("[1, 2]")
+    with pytest.raises(ConfigurationError) as info:
+        FileCheckpoint(garbage)
+    assert info.value.message == f"checkpoint {garbage} does not hold a JSON object"
+
+    folder = tmp_path / "folder.json"
+    folder.mkdir()
+    with pytest.raises(ConfigurationError) as info:
+        FileCheckpoint(folder)
+    assert info.value.message == f"cannot read checkpoint {folder}: Is a directory"
+
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(ConfigurationError) as info:
+        FileCheckpoint(broken)
+    assert info.value.message.startswith(f"checkpoint {broken} is not valid JSON: ")
+
+    missing = FileCheckpoint(tmp_path / "missing" / "cp.json")
+    with pytest.raises(ConfigurationError) as info:
+        missing.save("a", 1)
+    assert info.value.message == (
+        f"cannot write checkpoint {tmp_path / 'missing' / 'cp.json'}: No such file or directory")
+
+
+def test_an_empty_checkpoint_file_holds_no_position(tmp_path):
+    path = tmp_path / "cp.json"
+    path.write_text("  \n")
+    assert FileCheckpoint(path).load("tasks") is None

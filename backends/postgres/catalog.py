@@ -192,6 +192,7 @@ class Publication:
 
     name: str
     operation: Operation
+    truncate: bool
     via_root: bool
     all_tables: bool
     table_oids: frozenset[int]
@@ -200,7 +201,8 @@ class Publication:
 
 def get_publication(conn: psycopg.Connection, name: str) -> Publication | None:
     row = conn.execute(
-        "SELECT p.pubinsert, p.pubupdate, p.pubdelete, p.pubviaroot, p.puballtables,"
+        "SELECT p.pubinsert, p.pubupdate, p.pubdelete, p.pubtruncate, p.pubviaroot,"
+        " p.puballtables,"
         " array(SELECT prrelid::bigint FROM pg_publication_rel r WHERE r.prpubid = p.oid),"
         " obj_description(p.oid, 'pg_publication')"
         " FROM pg_publication p WHERE p.pubname = %s",
@@ -213,7 +215,9 @@ def get_publication(conn: psycopg.Connection, name: str) -> Publication | None:
                         strict=True):
         if on:
             operation |= flag
-    return Publication(name, operation, row[3], row[4], frozenset(row[5]), parse_meta(row[6]))
+    return Publication(
+        name, operation, row[3], row[4], row[5], frozenset(row[6]), parse_meta(row[7])
+    )
 
 
 def parse_meta(comment: str | None) -> dict[str, Any]:
@@ -327,6 +331,12 @@ def find_default_slot(
     return None
 
 
+def _publish(operation: Operation) -> str:
+    """The ``publish`` list: the feed's operations, and truncate, which the feed reports (it
+    cannot make the application's TRUNCATE fail, and a silent TRUNCATE would hide a gap)."""
+    return ", ".join([*operation.names, "truncate"])
+
+
 def create_publication(
     conn: psycopg.Connection, name: str, tables: Sequence[Table], operation: Operation,
     meta: dict[str, Any],
@@ -338,7 +348,7 @@ def create_publication(
         ).format(
             sql.Identifier(name),
             sql.SQL(", ").join(table.identifier for table in tables),
-            sql.Literal(", ".join(operation.names)),
+            sql.Literal(_publish(operation)),
         )
     )
     write_meta(conn, name, meta)
@@ -347,11 +357,11 @@ def create_publication(
 def update_publication(
     conn: psycopg.Connection, publication: Publication, operation: Operation
 ) -> None:
-    """Publish exactly ``operation``, through partition roots."""
+    """Publish exactly ``operation`` (and truncate), through partition roots."""
     ident = sql.Identifier(publication.name)
-    if publication.operation != operation:
+    if publication.operation != operation or not publication.truncate:
         conn.execute(sql.SQL("ALTER PUBLICATION {} SET (publish = {})").format(
-            ident, sql.Literal(", ".join(operation.names))))
+            ident, sql.Literal(_publish(operation))))
     if not publication.via_root:
         conn.execute(sql.SQL(
             "ALTER PUBLICATION {} SET (publish_via_partition_root = true)").format(ident))

@@ -68,8 +68,9 @@ def test_rows_of_one_transaction_share_the_commit_lsn_but_not_the_position():
     first, second = changes()[:2]
     begin = decode_all()[0]
     assert isinstance(begin, Begin)
-    assert first.position == make_position(begin.final_lsn, 0)
-    assert second.position == make_position(begin.final_lsn, 1)
+    assert begin.final_lsn == 0x1511D90
+    assert first.position == "0000000001511D90:00000000"  # literal: not make_position's echo
+    assert second.position == "0000000001511D90:00000001"
     assert first.position < second.position
     assert first.transaction == second.transaction == begin.xid
     assert first.committed_at == begin.committed_at
@@ -147,8 +148,9 @@ def test_unknown_message_type_is_an_error():
 def test_lsn_and_position_formats_round_trip():
     assert format_lsn(0x16B374D848) == "16/B374D848"
     assert parse_lsn("16/B374D848") == 0x16B374D848
-    assert parse_position(make_position(0x16B374D848, 7)) == (0x16B374D848, 7)
-    assert make_position(1, 2) < make_position(1, 10) < make_position(2, 0)
+    assert make_position(0x16B374D848, 7) == "00000016B374D848:00000007"
+    assert parse_position("00000016B374D848:00000007") == (0x16B374D848, 7)
+    assert make_position(1, 2) < make_position(1, 10) < make_position(1, 16) < make_position(2, 0)
 
 
 def test_generated_row_decoders_agree_with_the_plain_loop():

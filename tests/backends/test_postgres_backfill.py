@@ -9,42 +9,10 @@ import threading
 import time
 
 import psycopg
-import pytest
 
 from changefeed import Operation
 from tests.backends.test_postgres import drain, make_feed, start
-from tests.backends.test_postgres_schemas import StderrLines
 from tests.clitools import run_cli, start_cli
-
-
-class Cli:
-    """``changefeed ARGS`` in the background, both pipes read as it writes (a pipe nobody
-    reads would stop it), stderr lines waited on with a deadline."""
-
-    def __init__(self, *args: str) -> None:
-        self.process = start_cli(*args)
-        self.stderr = StderrLines(self.process)
-        self.out: list[str] = []
-        self.reader = threading.Thread(
-            target=lambda: self.out.extend(iter(self.process.stdout.readline, "")), daemon=True
-        )
-        self.reader.start()
-
-    def wait_for(self, fragment: str, timeout: float = 60) -> None:
-        self.stderr.wait_for(fragment, timeout)
-
-    def finish(self, sig: int = signal.SIGTERM, timeout: float = 60) -> tuple[str, str]:
-        """Send ``sig``, wait for the end; (stdout, stderr)."""
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        try:
-            self.process.wait(timeout)
-        finally:
-            self.process.kill()
-        self.reader.join(timeout)
-        return "".join(self.out), self.stderr.text(timeout)
-
-pytestmark = pytest.mark.postgres
 
 
 class Consumer:
@@ -196,12 +164,12 @@ def test_a_table_added_to_a_named_feed_is_back_filled_while_the_others_stream(pg
     consumer.apply_lines(first.stdout)
     with Writers(pg_dsn, ["a", "b", "c"]):
         time.sleep(0.5)  # changes to a and b while the feed is away: the slot keeps them
-        again = Cli("run", "a", "b", "c", "--slot", "mine", "--url", pg_dsn,
-                    "--prefeed", "snapshot", "--format", "change", "--chunk-size", "100")
-        try:
-            again.wait_for("snapshot of public.c: done", timeout=60)
-        finally:
-            out, errors = again.finish()
+        with start_cli("run", "a", "b", "c", "--slot", "mine", "--url", pg_dsn,
+                       "--prefeed", "snapshot", "--format", "change", "--chunk-size", "100"
+                       ) as again:
+            again.wait_for_stderr("snapshot of public.c: done", timeout=60)
+            _, out = again.stop()
+        errors = again.stderr
     consumer.apply_lines(out)
     # The writers have stopped: one more run to the end of the stream.
     last = run_cli("run", "a", "b", "c", "--slot", "mine", "--url", pg_dsn,
@@ -222,11 +190,9 @@ def test_kill_9_mid_snapshot_then_changes_then_rerun_leaves_exactly_the_table(pg
     consumer = Consumer()
     argv = ("run", "big", "--url", pg_dsn, "--prefeed", "snapshot", "--format", "change",
             "--chunk-size", "500")
-    process = Cli(*argv)
-    try:
-        process.wait_for("rows, 1 chunks", timeout=60)  # the first chunk is delivered
-    finally:
-        out, _ = process.finish(signal.SIGKILL)
+    with start_cli(*argv) as process:
+        process.wait_for_stderr("rows, 1 chunks", timeout=60)  # the first chunk is delivered
+        _, out = process.stop(signal.SIGKILL)
     delivered = consumer.apply_lines(out)
     assert 0 < delivered < 20_000
     pg.execute("DELETE FROM big WHERE id % 97 = 0")  # in chunks done and chunks to come
@@ -298,15 +264,13 @@ def test_updates_inside_the_chunk_being_read_win_over_the_chunk(pg_dsn, pg):
 def test_changefeed_backfill_asks_a_running_feed_to_read_a_table_again(pg_dsn, pg):
     make_tables(pg, "t", rows=1200)
     start(make_feed(pg_dsn, "t", slot="live"))
-    process = Cli("run", "t", "--slot", "live", "--url", pg_dsn, "--format", "change",
-                  "--chunk-size", "250")
-    try:
-        process.wait_for("streaming", timeout=60)
+    with start_cli("run", "t", "--slot", "live", "--url", pg_dsn, "--format", "change",
+                   "--chunk-size", "250") as process:
+        process.wait_streaming()
         requested = run_cli("backfill", "t", "--slot", "live", "--url", pg_dsn)
         assert requested.returncode == 0, requested.stderr
-        process.wait_for("snapshot of public.t: done, 1,200 rows", timeout=60)
-    finally:
-        out, _ = process.finish()
+        process.wait_for_stderr("snapshot of public.t: done, 1,200 rows", timeout=60)
+        _, out = process.stop()
     items = [json.loads(line) for line in out.splitlines()]
     assert sorted(i["key"]["id"] for i in items if i.get("snapshot")) == list(range(1, 1201))
     unknown = run_cli("backfill", "t", "--slot", "nope", "--url", pg_dsn)

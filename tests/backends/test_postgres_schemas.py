@@ -3,8 +3,6 @@ server limits. Each class of failure with several members, on a real server."""
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
 
 import psycopg
@@ -158,58 +156,15 @@ def test_dropping_the_table_ends_the_feed_after_its_last_change(pg_dsn, pg, drop
 
 def test_dropping_one_of_several_tables_ends_the_cli_with_exit_code_3(pg_dsn, pg):
     pg.execute("CREATE TABLE keep (id int PRIMARY KEY); CREATE TABLE lose (id int PRIMARY KEY)")
-    process = start_cli("run", "keep,lose", "--url", pg_dsn, "--format", "change")
-    stderr = StderrLines(process)
-    try:
-        stderr.wait_for("streaming", timeout=60)
+    with start_cli("run", "keep,lose", "--url", pg_dsn, "--format", "change") as process:
+        process.wait_streaming()
         pg.execute("INSERT INTO lose VALUES (1); INSERT INTO keep VALUES (2)")
         pg.execute("DROP TABLE lose")
-        process.wait(timeout=60)
-        stdout = process.stdout.read()
-    finally:
-        process.kill()
-    errors = stderr.text(timeout=10)
-    assert process.returncode == 3, errors
-    assert "Traceback" not in errors and "table public.lose was dropped" in errors
+        returncode, stdout = process.finish(timeout=60)
+    assert returncode == 3, process.stderr
+    assert "Traceback" not in process.stderr
+    assert "table public.lose was dropped" in process.stderr
     assert [line.count('"insert"') for line in stdout.splitlines()] == [1, 1]
-
-
-class StderrLines:
-    """A process's stderr read in the background, so a test can wait for a line."""
-
-    def __init__(self, process) -> None:
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.seen: list[str] = []
-        self.thread = threading.Thread(target=self._read, args=(process.stderr,), daemon=True)
-        self.thread.start()
-
-    def _read(self, stream) -> None:
-        for line in iter(stream.readline, ""):
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def wait_for(self, fragment: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if line is None:
-                break
-            self.seen.append(line)
-            if fragment in line:
-                return
-        raise AssertionError(f"no {fragment!r} on stderr within {timeout} s: {self.seen}")
-
-    def text(self, timeout: float) -> str:
-        """Everything the process wrote to stderr (it has ended or ends within ``timeout``)."""
-        self.thread.join(timeout)
-        while not self.lines.empty():
-            line = self.lines.get()
-            if line is not None:
-                self.seen.append(line)
-        return "".join(self.seen)
 
 
 # -- names -------------------------------------------------------------------------------------

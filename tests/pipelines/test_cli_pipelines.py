@@ -193,6 +193,7 @@ def test_processes_sink_killed_mid_stream_restart_loses_nothing(pg_dsn, tasks, t
             not out.exists() or len(out.read_text().splitlines()) < 100
         ):
             time.sleep(0.05)
+        assert len(out.read_text().splitlines()) >= 100, "the sink wrote too little in 30 s"
         workers = children(process.pid)
         assert len(workers) == 2  # to_delta, then the sink
         os.kill(workers[-1], signal.SIGKILL)
