@@ -150,10 +150,21 @@ class CliProcess:
         return self.finish(timeout)
 
     def wait_blocked_writing(self, timeout: float = 60) -> None:
-        """Wait until the process sleeps in a write to a full pipe (Linux: its wchan)."""
-        wchan = Path(f"/proc/{self.pid}/wchan")
+        """Wait until one of the process's threads (the sink's, in a pipeline) sleeps in a
+        write to a full pipe (Linux: its wchan)."""
+        tasks = Path(f"/proc/{self.pid}/task")
+
+        def blocked() -> bool:
+            for task in tasks.iterdir():
+                try:
+                    if "pipe_write" in (task / "wchan").read_text():
+                        return True
+                except OSError:  # a thread that ended meanwhile
+                    pass
+            return False
+
         deadline = time.monotonic() + timeout
-        while "pipe_write" not in wchan.read_text():
+        while not blocked():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise self._fail("the process did not block writing to its stdout", timeout)
             self._pump(0.02)

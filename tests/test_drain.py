@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 
 import pytest
 
@@ -103,8 +102,7 @@ def test_drain_returns_once_a_running_consumer_delivered_everything(pg_dsn, task
                          "--timeout", "60")
         assert result.returncode == 0, result.stderr
     finally:
-        consumer.send_signal(signal.SIGTERM)
-        out, _ = consumer.communicate(timeout=30)
+        _, out = consumer.stop(timeout=30)
     # Everything committed before the gate opened was delivered.
     titles = [json.loads(line)["data"]["title"] for line in out.splitlines()]
     assert titles == [f"t{n}" for n in range(500)]

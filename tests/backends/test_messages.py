@@ -372,12 +372,11 @@ def test_a_killed_consumer_gets_every_message_again(pg_dsn, tasks):
     run_cli("run", "tasks", "--url", pg_dsn, "--messages", "app", "--until-idle", "0.5", "-q")
     for n in range(200):
         emit(tasks, "app", json.dumps({"n": n}), transactional=n % 2 == 0)
-    proc = start_cli("run", "tasks", "--url", pg_dsn, "--messages", "app", "-q")
-    seen = [json.loads(proc.stdout.readline()) for _ in range(3)]
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    # What reached the pipe was delivered (and may have been acknowledged): read it all.
-    seen += [json.loads(line) for line in proc.stdout.read().splitlines()]
+    with start_cli("run", "tasks", "--url", pg_dsn, "--messages", "app", "-q") as proc:
+        seen = proc.read_json(3)
+        # What reached the pipe was delivered (and may have been acknowledged): read it all.
+        _, rest = proc.stop(signal.SIGKILL)
+    seen += [json.loads(line) for line in rest.splitlines()]
     result = run_cli("run", "tasks", "--url", pg_dsn, "--messages", "app", "--until-idle",
                      "1", "-q")
     after = [json.loads(line) for line in result.stdout.splitlines()]

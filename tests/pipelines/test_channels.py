@@ -442,11 +442,10 @@ def test_a_consumer_killed_mid_stream_gets_every_notification_with_the_same_id(p
         with psycopg.connect(pg_dsn) as conn:
             conn.execute("INSERT INTO orders VALUES (%s, %s)", [n, n])
             sent.append(notify(conn, OrderV3(n, "EUR", Decimal(n))))
-    process = start_cli(*args)
-    lines = [json.loads(process.stdout.readline()) for _ in range(5)]
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    lines += [json.loads(line) for line in process.stdout.read().splitlines()]
+    with start_cli(*args) as process:
+        lines = process.read_json(5)
+        _, rest = process.stop(signal.SIGKILL)
+    lines += [json.loads(line) for line in rest.splitlines()]
     lines += [json.loads(line) for line in run_cli(*args, "--until-idle", "1").stdout.splitlines()]
     envelopes = {}
     for line in lines:

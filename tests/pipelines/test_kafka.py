@@ -366,8 +366,7 @@ def test_sigkill_of_changefeed_run_with_a_kafka_sink_loses_nothing(
         deadline = time.monotonic() + 30
         while checkpoint.read_text() == acknowledged and time.monotonic() < deadline:
             time.sleep(0.01)
-        process.send_signal(signal.SIGKILL)
-        process.wait(10)
+        process.stop(signal.SIGKILL, timeout=10)
         killed_while_writing = not done.is_set()
         killed.set()
         process = start_cli(*args)
@@ -378,9 +377,8 @@ def test_sigkill_of_changefeed_run_with_a_kafka_sink_loses_nothing(
         assert received(records) >= wanted, sorted(wanted - received(records))[:10]
         assert killed_while_writing, "the writer finished before the kill: nothing was tested"
     finally:
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=30)
-    assert process.returncode == 0, stderr
+        returncode, _ = process.stop(timeout=30)
+    assert returncode == 0, process.stderr
 
 
 @pytest.mark.parametrize(("spec", "fragment"), [
