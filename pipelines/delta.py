@@ -7,8 +7,14 @@ A delta is what a subscriber of a model needs to apply one change::
     {"type": "delete", "model": "Task", "data": {...}}
 
 JSON encoding (orjson): datetimes in ISO 8601, UUIDs as strings, Decimals as strings (a JSON
-number would lose digits in most consumers), bytes as base64, sets as lists. Columns holding
-`UNCHANGED` (an unchanged TOASTed value PostgreSQL did not send) are left out of the row.
+number would lose digits in most consumers), bytes as base64, sets as lists, ranges as
+``{"lower": .., "upper": .., "bounds": "[)"}`` (``{"empty": true}``), inet as PostgreSQL writes
+it; a value whose class has a ``__json__`` method is encoded as what that returns (the
+PostgreSQL value types of `changefeed.backends.postgres.values` use it: exact json numbers,
+NaN/Infinity, intervals, texts Python cannot hold). The README's "Values" section has the table.
+
+Columns holding `UNCHANGED` (an unchanged TOASTed value PostgreSQL did not send) are left out of
+the row, and an update delta names them: ``"unchanged": ["big"]``.
 """
 
 from __future__ import annotations
@@ -16,11 +22,14 @@ from __future__ import annotations
 import base64
 from collections.abc import Callable
 from decimal import Decimal
+from ipaddress import IPv4Interface, IPv6Interface
 from typing import Any
 
 import orjson
+from psycopg.types.multirange import Multirange
+from psycopg.types.range import Range
 
-from changefeed.change import UNCHANGED, Change, Operation, _without_unchanged
+from changefeed.change import UNCHANGED, Change, Operation, _without_unchanged, unchanged_columns
 
 
 def to_delta(change: Change, model: str | None = None) -> dict[str, Any]:
@@ -31,19 +40,31 @@ def to_delta(change: Change, model: str | None = None) -> dict[str, Any]:
     if operation is Operation.INSERT:
         return {"type": "insert", "model": model, "data": change.new}
     if operation is Operation.UPDATE:
-        # Only updates can hold UNCHANGED (a TOASTed value PostgreSQL did not resend).
-        return {
+        # Only updates can hold UNCHANGED (a TOASTed value PostgreSQL did not resend): such
+        # columns are left out of the rows and named, so a client replacing its object with
+        # newData knows to keep (or look up) them.
+        delta = {
             "type": "update",
             "model": model,
             "newData": _without_unchanged(change.new),
             "oldData": _without_unchanged(change.old),
         }
+        unchanged = unchanged_columns(change.new)
+        if unchanged:
+            delta["unchanged"] = unchanged
+        return delta
     if operation is Operation.DELETE:
         return {"type": "delete", "model": model, "data": change.old}
     raise ValueError(f"a change has exactly one operation, not {operation!r}")
 
 
 def _default(value: Any) -> Any:
+    cls = value.__class__
+    if cls is Decimal:  # the common case first
+        return str(value)
+    encode = getattr(cls, "__json__", None)
+    if encode is not None:
+        return encode(value)
     if isinstance(value, Decimal):
         return str(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -52,6 +73,17 @@ def _default(value: Any) -> Any:
         return list(value)
     if value is UNCHANGED:
         return None  # only reached inside nested values; rows drop such columns first
+    if isinstance(value, Range):
+        if value.isempty:
+            return {"empty": True}
+        return {"lower": value.lower, "upper": value.upper, "bounds": value.bounds}
+    if isinstance(value, Multirange):
+        return list(value)
+    if isinstance(value, (IPv4Interface, IPv6Interface)):
+        # As PostgreSQL writes inet: a host address without its full-length prefix.
+        if value.network.prefixlen == value.max_prefixlen:
+            return str(value.ip)
+        return str(value)
     if hasattr(value, "isoformat"):  # time, timedelta-free date types orjson does not know
         return value.isoformat()
     # psycopg ranges, ipaddress objects and other values with a faithful text form

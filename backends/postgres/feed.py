@@ -58,6 +58,7 @@ from changefeed.backends.postgres.pgoutput import (
     parse_lsn,
     psycopg_loaders,
 )
+from changefeed.backends.postgres.values import SESSION_SETTINGS, read_rows
 from changefeed.change import ALL, Change, Operation
 from changefeed.errors import (
     ConfigurationError,
@@ -75,9 +76,10 @@ _KEEPALIVE = struct.Struct("!QqB")
 _STANDBY_STATUS = struct.Struct("!cQQQqB")
 PG_EPOCH_OFFSET_US = 946_684_800_000_000  # 2000-01-01 in Unix microseconds
 
-_UTC = "SET TimeZone TO 'UTC'"
+_UTC = SESSION_SETTINGS
 """Sessions that read rows use UTC: timestamptz values then become datetimes in UTC whatever the
-server's TimeZone (and psycopg loads them twice as fast as in a named zone)."""
+server's TimeZone (and psycopg loads them twice as fast as in a named zone); the other settings
+fix the text of dates, intervals, floats and money (see `values.SESSION_SETTINGS`)."""
 
 _SNAPSHOT_PENDING = "pending"
 _SNAPSHOT_DONE = "done"
@@ -232,7 +234,9 @@ class PostgresChangeFeed(ChangeFeed):
 
         decoder = PgOutputDecoder(
             self.operation,
-            loaders=psycopg_loaders(repl),
+            # User types (domains, enums, composites, ranges) are looked up on a plain
+            # connection, opened only when a Relation names one not seen yet.
+            loaders=psycopg_loaders(repl, catalog=lambda: self._connect(replication=False)),
             tables=self._stream_names,
             primary_keys=self.primary_keys,
         )
@@ -707,6 +711,7 @@ class PostgresChangeFeed(ChangeFeed):
     ) -> Iterator[tuple[catalog.Table, dict[str, Any]]]:
         with psycopg.connect(self.dsn, autocommit=True, row_factory=dict_row) as reader:
             reader.execute(_UTC)
+            loaders = psycopg_loaders(reader, catalog=reader)
             reader.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             reader.execute(
                 sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_name))
@@ -728,20 +733,19 @@ class PostgresChangeFeed(ChangeFeed):
                 log.info("snapshot of %s: reading ~%s rows", table.qualified, f"{total:,}")
                 started = last_report = time.monotonic()
                 done = 0
-                with reader.cursor(name="changefeed_snapshot") as cursor:
-                    cursor.itersize = self.snapshot_batch
-                    cursor.execute(sql.SQL("SELECT * FROM {}").format(relation))
-                    for row in cursor:
-                        done += 1
-                        yield table, row
-                        now = time.monotonic()
-                        if now - last_report >= 2.0:
-                            last_report = now
-                            self.stats.extra["snapshot"] = (table.qualified, done, total)
-                            log.info("snapshot of %s: %s / ~%s rows (%.0f rows/s)",
-                                     table.qualified,
-                                     f"{done:,}", f"{max(total, done):,}",
-                                     done / (now - started))
+                # Loaded by the stream's own loaders: the same values as streamed rows.
+                query = sql.SQL("SELECT * FROM {}").format(relation)
+                for row in read_rows(reader, query, loaders, self.snapshot_batch):
+                    done += 1
+                    yield table, row
+                    now = time.monotonic()
+                    if now - last_report >= 2.0:
+                        last_report = now
+                        self.stats.extra["snapshot"] = (table.qualified, done, total)
+                        log.info("snapshot of %s: %s / ~%s rows (%.0f rows/s)",
+                                 table.qualified,
+                                 f"{done:,}", f"{max(total, done):,}",
+                                 done / (now - started))
                 log.info("snapshot of %s: %s rows done", table.qualified, f"{done:,}")
             reader.execute("COMMIT")
 

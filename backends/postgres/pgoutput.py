@@ -25,9 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from psycopg import pq
-from psycopg.adapt import Transformer
-
+from changefeed.backends.postgres.values import psycopg_loaders
 from changefeed.change import ALL, UNCHANGED, Change, Operation
 
 PG_EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)
@@ -121,6 +119,8 @@ class Relation:
     key_indexes: tuple[int, ...]
     load: Callable[[Sequence[bytes | None]], Sequence[Any]]
     watched: bool = True
+    rescue: Callable[[Sequence[bytes | None]], Sequence[Any]] | None = None
+    """Loads a row ``load`` failed on (a value Python cannot hold); None: the error stands."""
     qualified_name: str = ""
     key_names: tuple[str, ...] = ()
     decode_row: RowDecoder | None = None
@@ -131,7 +131,7 @@ class Relation:
         self.qualified_name = f"{self.schema}.{self.name}"
         self.key_names = tuple(self.columns[i] for i in self.key_indexes)
         self.decode_row = _row_decoder(
-            self.qualified_name, self.columns, self.key_names, self.load
+            self.qualified_name, self.columns, self.key_names, self.load, self.rescue
         )
 
     def key_of(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -144,20 +144,9 @@ class Relation:
 
 
 LoaderFactory = Callable[[Sequence[int]], Callable[[Sequence[bytes | None]], Sequence[Any]]]
-
-
-def psycopg_loaders(context: Any = None) -> LoaderFactory:
-    """A loader factory using psycopg's adapters (those of ``context``, a connection, if given).
-
-    For a list of type OIDs it returns a function loading one row of text values at once.
-    """
-
-    def factory(type_oids: Sequence[int]) -> Callable[[Sequence[bytes | None]], Sequence[Any]]:
-        transformer = Transformer(context)
-        transformer.set_loader_types(list(type_oids), pq.Format.TEXT)
-        return transformer.load_sequence
-
-    return factory
+"""Type OIDs -> a function loading one row of text values at once. A factory may also have a
+``rescue(type_oids)`` method giving the loader of rows the first one failed on (see
+`changefeed.backends.postgres.values`)."""
 
 
 class DecodeError(ValueError):
@@ -273,6 +262,7 @@ class PgOutputDecoder:
         self.relations[oid] = Relation(
             oid, schema, name, replica_identity, tuple(columns), tuple(type_oids),
             tuple(keys), self.loaders(type_oids), watched=watched,
+            rescue=self._rescue(type_oids),
         )
         if names is not None and watched and names[oid] != qualified_name:
             renamed = Renamed(oid, names[oid], qualified_name)
@@ -352,6 +342,12 @@ class PgOutputDecoder:
 
     # -- helpers -------------------------------------------------------------------------------
 
+    def _rescue(
+        self, type_oids: Sequence[int]
+    ) -> Callable[[Sequence[bytes | None]], Sequence[Any]] | None:
+        rescue = getattr(self.loaders, "rescue", None)
+        return rescue(type_oids) if rescue is not None else None
+
     @staticmethod
     def _unwatched(relation: Relation | None, data: bytes) -> None:
         """A row change of a table not watched; an error if its relation was never described."""
@@ -391,6 +387,10 @@ _COLUMN_TEMPLATE = """\
 """
 
 
+def _reraise(raw: Sequence[bytes | None]) -> Sequence[Any]:
+    raise  # noqa: PLE0704 - called while handling the loader's exception: re-raise it
+
+
 def _bad_kind(kind: int) -> None:
     raise DecodeError(f"unknown tuple value kind {chr(kind)!r}")
 
@@ -400,10 +400,12 @@ def _row_decoder(
     columns: tuple[str, ...],
     key_names: tuple[str, ...],
     load: Callable[[Sequence[bytes | None]], Sequence[Any]],
+    rescue: Callable[[Sequence[bytes | None]], Sequence[Any]] | None = None,
 ) -> RowDecoder:
     """The decoder of ``table``'s rows (made once per Relation message): see
-    `Relation.decode_row`. ``load`` turns the list of raw values into Python values;
-    ``key_names`` are the columns of the key dict (their values, as in the row)."""
+    `Relation.decode_row`. ``load`` turns the list of raw values into Python values, and
+    ``rescue`` (if given) those of a row ``load`` raised on; ``key_names`` are the columns of
+    the key dict (their values, as in the row)."""
     count = len(columns)
     values = "".join(f"v{i}, " for i in range(count))
     row = ", ".join(f"{name!r}: v{i}" for i, name in enumerate(columns))
@@ -415,7 +417,12 @@ def _row_decoder(
         "    o += 2\n"
         "    unchanged = None\n"
         + "".join(_COLUMN_TEMPLATE.format(i=i) for i in range(count))
-        + f"    {values}= load([{values}])\n"
+        # A row the C loaders fail on (a value Python cannot hold) is loaded again by
+        # `rescue`, value by value; on the fast path the try costs nothing.
+        + "    try:\n"
+        + f"        {values}= load([{values}])\n"
+        + "    except Exception:\n"
+        + f"        {values}= rescue([{values}])\n"
         + f"    row = {{{row}}}\n"
         + f"    key = {{{key}}}\n"
         "    if unchanged is None:\n"
@@ -435,6 +442,7 @@ def _row_decoder(
         "unpack_length": _KIND_AND_LENGTH.unpack_from, "unpack_count": _INT16.unpack_from,
         "bad_kind": _bad_kind, "wrong_count": wrong_count, "count_bytes": _INT16.pack(count),
         "columns": columns, "UNCHANGED": UNCHANGED, "load": load,
+        "rescue": rescue or _reraise,
     }
     exec(compile(source, f"<pgoutput row decoder for {table}>", "exec"), namespace)
     decoder: RowDecoder = namespace["decode"]
