@@ -145,8 +145,9 @@ class Relation:
 
 LoaderFactory = Callable[[Sequence[int]], Callable[[Sequence[bytes | None]], Sequence[Any]]]
 """Type OIDs -> a function loading one row of text values at once. A factory may also have a
-``rescue(type_oids)`` method giving the loader of rows the first one failed on (see
-`changefeed.backends.postgres.values`)."""
+``rescue(type_oids)`` method giving the loader of rows the first one failed on; that function's
+``guarded`` attribute lists columns whose text, if it ends in a letter, sends the row to it
+directly (see `changefeed.backends.postgres.values`)."""
 
 
 class DecodeError(ValueError):
@@ -374,7 +375,7 @@ _COLUMN_TEMPLATE = """\
     if data[o] == 116:
         s = o + 5
         o = s + unpack_length(data, o)[0]
-        v{i} = data[s:o]
+        v{i} = data[s:o]{guard}
     elif data[o] == 110:
         v{i} = None
         o += 1
@@ -385,6 +386,13 @@ _COLUMN_TEMPLATE = """\
     else:
         bad_kind(data[o])
 """
+
+
+# A guarded column's text ending in a letter (float NaN, Infinity) would load wrongly (as a
+# plain float NaN, which JSON turns into null): the row goes to `rescue`.
+_GUARD = """
+        if data[o - 1] > 57:
+            suspect = True"""
 
 
 def _reraise(raw: Sequence[bytes | None]) -> Sequence[Any]:
@@ -407,6 +415,7 @@ def _row_decoder(
     ``rescue`` (if given) those of a row ``load`` raised on; ``key_names`` are the columns of
     the key dict (their values, as in the row)."""
     count = len(columns)
+    guarded = frozenset(getattr(rescue, "guarded", ()))
     values = "".join(f"v{i}, " for i in range(count))
     row = ", ".join(f"{name!r}: v{i}" for i, name in enumerate(columns))
     key = ", ".join(f"{name!r}: v{columns.index(name)}" for name in key_names)
@@ -416,10 +425,16 @@ def _row_decoder(
         "        wrong_count(unpack_count(data, o)[0])\n"
         "    o += 2\n"
         "    unchanged = None\n"
-        + "".join(_COLUMN_TEMPLATE.format(i=i) for i in range(count))
+        "    suspect = False\n"
+        + "".join(
+            _COLUMN_TEMPLATE.format(i=i, guard=_GUARD if i in guarded else "")
+            for i in range(count)
+        )
         # A row the C loaders fail on (a value Python cannot hold) is loaded again by
         # `rescue`, value by value; on the fast path the try costs nothing.
         + "    try:\n"
+        + "        if suspect:\n"
+        + "            raise LookupError\n"
         + f"        {values}= load([{values}])\n"
         + "    except Exception:\n"
         + f"        {values}= rescue([{values}])\n"

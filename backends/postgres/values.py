@@ -277,6 +277,11 @@ _OWN_LOADERS: dict[int, type[Loader]] = {
     1186: _IntervalLoader, 1266: _TimetzLoader, 790: _MoneyLoader,
 }
 
+# Float columns of a row load fastest with psycopg's C loader, registered under these OIDs
+# (in the range PostgreSQL keeps for development, never assigned to a type); floats inside
+# arrays, composites and ranges use `_FloatLoader`, registered under the real OIDs.
+_C_FLOAT = {700: 9998, 701: 9999}
+
 # Types whose psycopg loaders raise on values PostgreSQL stores: in the tolerant adapters, such
 # a value becomes PostgresText (element by element inside arrays, ranges and composites).
 _FALLIBLE = {1082: "date", 1083: "time", 1114: "timestamp", 1184: "timestamptz", 1266: "timetz"}
@@ -331,6 +336,8 @@ class TypeLoaders:
         for oid, loader in _OWN_LOADERS.items():
             self.fast.register_loader(oid, loader)
             self.tolerant.register_loader(oid, loader)
+        for oid, private in _C_FLOAT.items():
+            self.fast.register_loader(private, _psycopg_loader(oid))
         for oid, name in _FALLIBLE.items():
             self.tolerant.register_loader(oid, _tolerant(self.tolerant.get_loader(oid, TEXT)
                                                          or TextLoader, name))
@@ -341,7 +348,7 @@ class TypeLoaders:
     def __call__(self, type_oids: Sequence[int]) -> RowLoad:
         self.resolve(type_oids)
         transformer = Transformer(self.fast)
-        transformer.set_loader_types(list(type_oids), TEXT)
+        transformer.set_loader_types([_C_FLOAT.get(oid, oid) for oid in type_oids], TEXT)
         return transformer.load_sequence
 
     def rescue(self, type_oids: Sequence[int]) -> RowLoad:
@@ -356,6 +363,9 @@ class TypeLoaders:
             except Exception:
                 return [self._load_one(oid, value) for oid, value in zip(oids, raw, strict=True)]
 
+        # Top-level float columns load with psycopg's C loader, which makes NaN and Infinity
+        # plain floats: the caller sends rows whose float text ends in a letter here instead.
+        load.guarded = tuple(i for i, oid in enumerate(oids) if oid in _C_FLOAT)  # type: ignore
         return load
 
     def _load_one(self, oid: int, raw: bytes | None) -> Any:
@@ -468,7 +478,7 @@ def read_rows(
             sql.Identifier(cursor_name), query))
         fetch = sql.SQL("FETCH FORWARD {} FROM {}").format(
             sql.Literal(batch), sql.Identifier(cursor_name))
-        load = rescue = names = None
+        load = rescue = names = guarded = None
         while True:
             cursor.execute(fetch)
             result = cursor.pgresult
@@ -478,11 +488,14 @@ def read_rows(
                 oids = [result.ftype(i) for i in range(result.nfields)]
                 names = [(result.fname(i) or b"").decode() for i in range(result.nfields)]
                 load, rescue = loaders(oids), loaders.rescue(oids)
+                guarded = rescue.guarded  # type: ignore[attr-defined]
             width = result.nfields
             get = result.get_value
             for index in range(result.ntuples):
                 raw = [get(index, column) for column in range(width)]
                 try:
+                    if any(raw[i] and raw[i][-1] > 57 for i in guarded):  # as the decoder does
+                        raise LookupError
                     values = load(raw)
                 except Exception:
                     values = rescue(raw)
