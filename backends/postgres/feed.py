@@ -39,6 +39,7 @@ from psycopg import pq, sql
 from psycopg.rows import dict_row
 
 from changefeed.backends.postgres import catalog
+from changefeed.backends.postgres.loading import read_rows
 from changefeed.backends.postgres.names import (
     check_publication_name,
     check_slot_name,
@@ -58,7 +59,7 @@ from changefeed.backends.postgres.pgoutput import (
     parse_lsn,
     psycopg_loaders,
 )
-from changefeed.backends.postgres.values import SESSION_SETTINGS, read_rows
+from changefeed.backends.postgres.values import SESSION_SETTINGS
 from changefeed.change import ALL, Change, Operation
 from changefeed.errors import (
     ConfigurationError,

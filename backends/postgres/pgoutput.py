@@ -6,11 +6,12 @@ messages that carry no change (relation and type descriptions, origins, messages
 happens here: the stream loop in `changefeed.backends.postgres.feed` reads bytes, this module
 turns them into values, and the tests feed it bytes recorded from a real server.
 
-Values arrive as text and become Python values through psycopg's own loaders, chosen by type
-OID (`psycopg.adapt.Transformer.load_sequence`, implemented in C by psycopg-binary): numeric ->
-Decimal, json -> dict, arrays -> lists, timestamptz -> datetime (in UTC: the feed's replication
-session sets TimeZone to UTC), and so on. Types psycopg does not know (enums, domains over
-unknown types) stay text.
+Values arrive as text and become Python values through a loader factory chosen by type OID
+(`changefeed.backends.postgres.loading`: psycopg's loaders, `Transformer.load_sequence` in C,
+plus ours for the families where theirs are not exact): numeric -> Decimal, json -> dict,
+arrays -> lists, timestamptz -> datetime (in UTC: the feed's session sets TimeZone to UTC), and
+so on. A value Python cannot hold makes the row go through the factory's ``rescue`` loader,
+which keeps that value as text; the README's "Values" section has the whole table.
 
 Positions: several rows share a commit LSN, so a change's position is its transaction's commit
 LSN plus its index among the transaction's row changes, formatted so that string order is
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from changefeed.backends.postgres.values import psycopg_loaders
+from changefeed.backends.postgres.loading import psycopg_loaders
 from changefeed.change import ALL, UNCHANGED, Change, Operation
 
 PG_EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)

@@ -204,8 +204,9 @@ def _tuple(*values):
 
 
 def test_a_value_python_cannot_hold_keeps_its_text_and_the_rest_of_the_row_its_values():
+    from changefeed.backends.postgres.loading import TypeLoaders
     from changefeed.backends.postgres.pgoutput import _row_decoder
-    from changefeed.backends.postgres.values import Interval, PostgresText, TypeLoaders
+    from changefeed.backends.postgres.values import Interval, PostgresText
 
     oids = [23, 1082, 1083, 1184, 1114, 1266, 3802, 1186, 1182, 25]
     columns = tuple(f"c{i}" for i in range(len(oids)))
@@ -242,8 +243,9 @@ def test_a_value_python_cannot_hold_keeps_its_text_and_the_rest_of_the_row_its_v
 def test_floats_non_finite_are_told_apart_in_every_position(text, special):
     import math
 
+    from changefeed.backends.postgres.loading import TypeLoaders
     from changefeed.backends.postgres.pgoutput import _row_decoder
-    from changefeed.backends.postgres.values import NonFiniteFloat, TypeLoaders
+    from changefeed.backends.postgres.values import NonFiniteFloat
 
     oids = [701, 700, 1022, 25]
     loaders = TypeLoaders()
@@ -276,7 +278,8 @@ def test_without_a_rescue_a_loader_error_stands():
     ("-178000000 years", (-2_136_000_000, 0, 0), "P-178000000Y"),
 ])
 def test_intervals_parse_and_print_as_postgres_does(text, value, iso):
-    from changefeed.backends.postgres.values import Interval, TypeLoaders
+    from changefeed.backends.postgres.loading import TypeLoaders
+    from changefeed.backends.postgres.values import Interval
 
     (loaded,) = TypeLoaders()([1186])([text.encode()])
     assert loaded == Interval(*value) and loaded.isoformat() == iso
