@@ -23,7 +23,7 @@ How it works:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import psycopg
@@ -241,37 +241,49 @@ def psycopg_loaders(context: Any = None, *, catalog: Any = None) -> TypeLoaders:
 
 
 def read_rows(
-    conn: psycopg.Connection[Any], query: Any, loaders: TypeLoaders, batch: int = 1000
-) -> Any:
+    conn: psycopg.Connection[Any], query: sql.Composable, loaders: TypeLoaders, batch: int = 1000
+) -> Iterator[dict[str, Any]]:
     """The rows of ``query`` as dicts, loaded exactly as the stream loads them (same loaders,
-    same rescue), through a server-side cursor fetched ``batch`` rows at a time. ``conn`` must
-    be in a transaction."""
-    cursor_name = "changefeed_rows"
+    same rescue, same float guard), through a server-side cursor fetched ``batch`` rows at a
+    time. ``conn`` must be in a transaction."""
+    name = sql.Identifier("changefeed_rows")
+    fetch = sql.SQL("FETCH FORWARD {} FROM {}").format(sql.Literal(batch), name)
     with conn.cursor() as cursor:
-        cursor.execute(sql.SQL("DECLARE {} NO SCROLL CURSOR FOR {}").format(
-            sql.Identifier(cursor_name), query))
-        fetch = sql.SQL("FETCH FORWARD {} FROM {}").format(
-            sql.Literal(batch), sql.Identifier(cursor_name))
-        load = rescue = names = guarded = None
+        cursor.execute(sql.SQL("DECLARE {} NO SCROLL CURSOR FOR {}").format(name, query))
+        decode: Callable[[list[bytes | None]], dict[str, Any]] | None = None
         while True:
             cursor.execute(fetch)
             result = cursor.pgresult
             if result is None or result.ntuples == 0:
                 break
-            if load is None:
-                oids = [result.ftype(i) for i in range(result.nfields)]
-                names = [(result.fname(i) or b"").decode() for i in range(result.nfields)]
-                load, rescue = loaders(oids), loaders.rescue(oids)
-                guarded = rescue.guarded  # type: ignore[attr-defined]
             width = result.nfields
+            if decode is None:
+                decode = _row_reader(
+                    [(result.fname(i) or b"").decode() for i in range(width)],
+                    [result.ftype(i) for i in range(width)], loaders,
+                )
             get = result.get_value
             for index in range(result.ntuples):
-                raw = [get(index, column) for column in range(width)]
-                try:
-                    if any(raw[i] and raw[i][-1] > 57 for i in guarded):  # as the decoder does
-                        raise LookupError
-                    values = load(raw)
-                except Exception:
-                    values = rescue(raw)
-                yield dict(zip(names, values, strict=True))
-        cursor.execute(sql.SQL("CLOSE {}").format(sql.Identifier(cursor_name)))
+                yield decode([get(index, column) for column in range(width)])
+        cursor.execute(sql.SQL("CLOSE {}").format(name))
+
+
+def _row_reader(
+    names: list[str], oids: list[int], loaders: TypeLoaders
+) -> Callable[[list[bytes | None]], dict[str, Any]]:
+    """Raw values -> the row dict, as `PgOutputDecoder`'s generated row decoder does it."""
+    load, rescue = loaders(oids), loaders.rescue(oids)
+    guarded: tuple[int, ...] = rescue.guarded  # type: ignore[attr-defined]
+
+    def decode(raw: list[bytes | None]) -> dict[str, Any]:
+        values: Sequence[Any]
+        if any((value := raw[i]) and value[-1] > 57 for i in guarded):  # NaN, Infinity
+            values = rescue(raw)
+        else:
+            try:
+                values = load(raw)
+            except Exception:
+                values = rescue(raw)
+        return dict(zip(names, values, strict=True))
+
+    return decode
