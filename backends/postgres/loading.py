@@ -243,29 +243,45 @@ def psycopg_loaders(context: Any = None, *, catalog: Any = None) -> TypeLoaders:
 def read_rows(
     conn: psycopg.Connection[Any], query: sql.Composable, loaders: TypeLoaders, batch: int = 1000
 ) -> Iterator[dict[str, Any]]:
-    """The rows of ``query`` as dicts, loaded exactly as the stream loads them (same loaders,
-    same rescue, same float guard), through a server-side cursor fetched ``batch`` rows at a
-    time. ``conn`` must be in a transaction."""
+    """The rows of ``query`` as dicts, with exactly the values the stream gives them, through a
+    server-side cursor fetched ``batch`` rows at a time. ``conn`` must be in a transaction.
+
+    A batch is loaded at once by psycopg (in C) with the factory's adapters, where floats load
+    through `FloatLoader` (NaN visible); if that raises, its rows go one by one through the
+    decoder's own path (`_row_reader`: fast loader, float guard, rescue)."""
     name = sql.Identifier("changefeed_rows")
     fetch = sql.SQL("FETCH FORWARD {} FROM {}").format(sql.Literal(batch), name)
+    transformer = Transformer(loaders.fast)
     with conn.cursor() as cursor:
         cursor.execute(sql.SQL("DECLARE {} NO SCROLL CURSOR FOR {}").format(name, query))
         decode: Callable[[list[bytes | None]], dict[str, Any]] | None = None
+        make_row: Callable[[Sequence[Any]], dict[str, Any]] = dict
         while True:
             cursor.execute(fetch)
             result = cursor.pgresult
             if result is None or result.ntuples == 0:
                 break
             width = result.nfields
-            if decode is None:
-                decode = _row_reader(
-                    [(result.fname(i) or b"").decode() for i in range(width)],
-                    [result.ftype(i) for i in range(width)], loaders,
-                )
-            get = result.get_value
-            for index in range(result.ntuples):
-                yield decode([get(index, column) for column in range(width)])
+            if decode is None:  # resolves the types, before the transformer picks loaders
+                names = [(result.fname(i) or b"").decode() for i in range(width)]
+                decode = _row_reader(names, [result.ftype(i) for i in range(width)], loaders)
+                make_row = _dict_maker(names)
+            transformer.set_pgresult(result)
+            try:
+                rows = transformer.load_rows(0, result.ntuples, make_row)
+            except Exception:
+                get = result.get_value
+                rows = [decode([get(index, column) for column in range(width)])
+                        for index in range(result.ntuples)]
+            yield from rows
         cursor.execute(sql.SQL("CLOSE {}").format(name))
+
+
+def _dict_maker(names: list[str]) -> Callable[[Sequence[Any]], dict[str, Any]]:
+    def make(values: Sequence[Any]) -> dict[str, Any]:
+        return dict(zip(names, values, strict=True))
+
+    return make
 
 
 def _row_reader(
