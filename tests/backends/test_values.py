@@ -123,6 +123,18 @@ def test_small_integers_oids_and_booleans_in_arrays(pg, pg_dsn):
     ])
 
 
+@pytest.mark.parametrize("type_name,cases", [
+    ("oid", [("4294967295", "4294967295", 4294967295, b"4294967295")]),
+    ("bool", [("true", "t", True, b"true"), ("false", "f", False, b"false")]),
+    ("name", [("'a name'", "a name", "a name", b'"a name"')]),
+    ('"char"', [("'x'", "x", "x", b'"x"')]),
+    ("varchar(10)", [("'short'", "short", "short", b'"short"')]),
+    ("bool[]", [("'{t,NULL,f}'", "{t,NULL,f}", [True, None, False], b"[true,null,false]")]),
+])
+def test_oids_booleans_and_names(pg, pg_dsn, type_name, cases):
+    check_family(pg, pg_dsn, type_name, cases)
+
+
 def test_numeric_exact_and_non_finite(pg, pg_dsn):
     check_family(pg, pg_dsn, "numeric", [
         ("'-1.50'", "-1.50", Decimal("-1.50"), b'"-1.50"'),
