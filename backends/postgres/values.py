@@ -199,6 +199,8 @@ class JsonLoader(Loader):
 
 
 class FloatLoader(Loader):
+    """float4 and float8: `float`, or `NonFiniteFloat` for NaN and ±Infinity."""
+
     def load(self, data: Any) -> float:
         value = float(bytes(data))
         if value - value:  # NaN or infinite: finite values give 0.0
@@ -232,6 +234,8 @@ class IntervalLoader(Loader):
 
 
 class TimetzLoader(Loader):
+    """timetz: psycopg's loader, its value as a `TimeTZ` (which our JSON encoder can write)."""
+
     def __init__(self, oid: int, context: Any = None):
         super().__init__(oid, context)
         base = psycopg.adapters.get_loader(oid, TEXT)

@@ -283,3 +283,15 @@ def test_intervals_parse_and_print_as_postgres_does(text, value, iso):
 
     (loaded,) = TypeLoaders()([1186])([text.encode()])
     assert loaded == Interval(*value) and loaded.isoformat() == iso
+
+
+def test_json_numbers_python_cannot_parse_keep_the_exact_text():
+    from changefeed.backends.postgres.loading import TypeLoaders
+    from changefeed.backends.postgres.values import RawJson
+    from changefeed.pipelines.delta import dumps
+
+    digits = "9" * 5000  # beyond Python's int parsing limit; jsonb accepts it
+    text = '{"n": ' + digits + ',\n "s": "a\\nb"}'
+    (value,) = TypeLoaders()([3802])([text.encode()])
+    assert isinstance(value, RawJson) and value == text and value.type == "jsonb"
+    assert dumps({"j": value}) == b'{"j":{"n": ' + digits.encode() + b',  "s": "a\\nb"}}'
