@@ -7,7 +7,7 @@
     ...     print(change.operation, change.new)
 """
 
-from changefeed.change import ALL, UNCHANGED, Change, Operation, Position
+from changefeed.change import ALL, UNCHANGED, Change, Operation, Position, SnapshotState
 from changefeed.checkpoint import CheckpointStore, FileCheckpoint, MemoryCheckpoint
 from changefeed.errors import (
     BackendError,
@@ -45,6 +45,7 @@ __all__ = [
     "Position",
     "ResumeError",
     "Retry",
+    "SnapshotState",
     "TransientBackendError",
     "get_changefeed",
 ]

@@ -168,6 +168,24 @@ class Change:
         return result
 
 
+@dataclass(frozen=True, slots=True)
+class SnapshotState:
+    """Where a table's snapshot starts or is done, among the changes of a feed asked for them.
+
+    ``state`` is ``"started"`` or ``"done"``; ``position`` orders it with the changes (it is
+    acknowledged like one). `changefeed run --format change` writes it as
+    ``{"type": "snapshot", "table": ..., "state": ..., "position": ...}``.
+    """
+
+    table: str
+    state: str
+    position: Position
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "snapshot", "table": self.table, "state": self.state,
+                "position": self.position}
+
+
 class _ChangeFields:
     """What a `Change` is while its __init__ fills it in (see there); never seen outside."""
 

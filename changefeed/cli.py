@@ -95,7 +95,7 @@ url_option = click.option(
 
 
 @cli.command()
-@click.argument("table")
+@click.argument("tables", nargs=-1, required=True, metavar="TABLE...")
 @url_option
 @click.option("--ops", default="insert,update,delete", show_default=True, callback=_parse_ops,
               help="Operations to stream: insert, update, delete (comma-separated) or all.")
@@ -103,7 +103,13 @@ url_option = click.option(
               help="Start with every existing row (as snapshot inserts), then stream.")
 @click.option("--format", "fmt", type=click.Choice(["delta", "change"]), default="delta",
               show_default=True, help="Snorky delta, or the full change with its position.")
-@click.option("--model", default=None, help="Model name in deltas (default: the table name).")
+@click.option("--model", "models", multiple=True, metavar="[TABLE=]NAME",
+              help="Model name in deltas, for all tables or per table (repeatable; default:"
+                   " the table name).")
+@click.option("--exclude", multiple=True, metavar="TABLE",
+              help="PostgreSQL: leave out this table or pattern (repeatable).")
+@click.option("--chunk-size", type=click.IntRange(min=1), default=None, metavar="ROWS",
+              help="PostgreSQL: rows per snapshot chunk (default 5000).")
 @click.option("--slot", default=None,
               help="PostgreSQL replication slot (default: changefeed_<table>).")
 @click.option("--publication", default=None,
@@ -129,12 +135,14 @@ url_option = click.option(
               help="Run the stages and the sink in processes of their own.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr, only errors.")
 def run(
-    table: str,
+    tables: tuple[str, ...],
     url: str,
     ops: Operation,
     prefeed: str | None,
     fmt: str,
-    model: str | None,
+    models: tuple[str, ...],
+    exclude: tuple[str, ...],
+    chunk_size: int | None,
     slot: str | None,
     publication: str | None,
     checkpoint: str | None,
@@ -147,7 +155,10 @@ def run(
     processes: bool,
     quiet: bool,
 ) -> None:
-    """Stream the changes of TABLE as JSON lines to stdout (or to --sink).
+    """Stream the changes of TABLE... as JSON lines to stdout (or to --sink).
+
+    PostgreSQL streams any number of tables (or patterns such as 'public.*') through one
+    slot; each change names its table.
 
     Runs until Ctrl-C or SIGTERM (or --limit / --until-idle); what was delivered is
     acknowledged before exit, so the next run continues after it.
@@ -158,8 +169,18 @@ def run(
         options["slot"] = slot
     if publication is not None:
         options["publication"] = publication
-    if options and not is_postgresql_url(url):
-        raise CliError("--slot and --publication apply to PostgreSQL URLs only", 2)
+    if exclude:
+        options["exclude"] = list(exclude)
+    if chunk_size is not None:
+        options["snapshot_batch"] = chunk_size
+    if (options or len(tables) > 1) and not is_postgresql_url(url):
+        raise CliError("several tables, --exclude, --slot and --publication apply to PostgreSQL"
+                       " URLs only", 2)
+    model = _parse_models(models)
+    pipeline_wanted = bool(where_expr or filter_json or sink != "-" or dead_letter or processes)
+    if fmt == "change" and not pipeline_wanted and is_postgresql_url(url):
+        options["snapshot_markers"] = True  # {"type": "snapshot", ...} lines
+    table = ",".join(tables)
     with _expected_errors():
         if checkpoint:
             options["checkpoint"] = FileCheckpoint(checkpoint)
@@ -169,7 +190,7 @@ def run(
                 "no --checkpoint: this run cannot be resumed after it stops; give --checkpoint"
                 " FILE to continue from the last delivered change next time"
             )
-        if where_expr or filter_json or sink != "-" or dead_letter or processes:
+        if pipeline_wanted:
             from changefeed.pipelines.cli import build_cli_pipeline
 
             pipeline = build_cli_pipeline(
@@ -180,6 +201,27 @@ def run(
         else:  # the fast path: no stages, JSON lines to stdout
             encode = _encoder(fmt, model)
             stream_to(feed, buffered_stdout(), encode, limit=limit, idle=until_idle, quiet=quiet)
+
+
+def _parse_models(values: tuple[str, ...]) -> str | dict[str, str] | None:
+    """``--model Task`` (every table) or ``--model tasks=Task`` (per table, repeatable)."""
+    if not values:
+        return None
+    per_table = {}
+    default = None
+    for value in values:
+        table, sep, name = value.partition("=")
+        if not sep:
+            default = value
+        elif not table.strip() or not name.strip():
+            raise click.BadParameter(f"{value!r}: use NAME or TABLE=NAME", param_hint="--model")
+        else:
+            per_table[table.strip()] = name.strip()
+    if not per_table:
+        return default
+    if default is not None:
+        per_table["*"] = default
+    return per_table
 
 
 def run_pipeline(
@@ -212,7 +254,7 @@ def run_pipeline(
     return handled
 
 
-def _encoder(fmt: str, model: str | None) -> Callable[[Change], bytes]:
+def _encoder(fmt: str, model: str | dict[str, str] | None) -> Callable[[Change], bytes]:
     if fmt == "change":
 
         def encode_change(change: Change) -> bytes:
@@ -418,6 +460,30 @@ def _parse_size(text: str) -> int:
     except ValueError:
         raise click.BadParameter(f"{text!r} is not a size such as 512MB or 1GB") from None
     return int(value * units[unit])
+
+
+@cli.command()
+@click.argument("tables", nargs=-1, required=True, metavar="TABLE...")
+@url_option
+@click.option("--slot", required=True, help="The slot of the feed that is to back-fill.")
+def backfill(tables: tuple[str, ...], url: str, slot: str) -> None:
+    """Ask the feed of --slot to back-fill TABLE... while it streams.
+
+    The request goes through the slot: a running feed starts reading the tables in
+    primary-key chunks at once, a stopped one when it next runs.
+    """
+    if url_scheme(url) and not is_postgresql_url(url):
+        raise CliError("changefeed backfill works on PostgreSQL slots: give a postgresql:// URL", 2)
+    from changefeed.backends.postgres import backfill as pg_backfill
+    from changefeed.backends.postgres import catalog, names
+    from changefeed.backends.postgres.slots import _connect
+
+    with _expected_errors():
+        parsed = [names.parse_table_name(t) for name in tables for t in names.split_tables(name)]
+        with _connect(url) as conn:
+            resolved = catalog.resolve_tables(conn, parsed)
+            requested = pg_backfill.request_backfill(conn, names.check_slot_name(slot), resolved)
+    click.echo(f"back-fill of {', '.join(requested)} requested on slot {slot}", err=True)
 
 
 def _bytes(count: int | None) -> str:

@@ -76,11 +76,11 @@ class FeedStats:
 
     @property
     def last_position(self) -> Position:
-        return self.last.position if self.last is not None else None
+        return getattr(self.last, "position", None)
 
     @property
     def last_committed_at(self) -> datetime | None:
-        return self.last.committed_at if self.last is not None else None
+        return getattr(self.last, "committed_at", None)
 
 
 class ChangeFeed(Node):

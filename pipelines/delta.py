@@ -20,7 +20,7 @@ the row, and an update delta names them: ``"unchanged": ["big"]``.
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from ipaddress import IPv4Interface, IPv6Interface
 from typing import Any
@@ -32,10 +32,14 @@ from psycopg.types.range import Range
 from changefeed.change import UNCHANGED, Change, Operation, _without_unchanged, unchanged_columns
 
 
-def to_delta(change: Change, model: str | None = None) -> dict[str, Any]:
-    """The Snorky delta of ``change``; ``model`` defaults to the table name without schema."""
-    if model is None:
-        model = change.table.rpartition(".")[2]
+def to_delta(change: Change, model: str | Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The Snorky delta of ``change``; ``model`` defaults to the table name without schema.
+
+    ``model`` may map tables to models: by qualified name (``public.tasks``), then bare name
+    (``tasks``), then ``"*"``; a table it does not name gets its bare name.
+    """
+    if model is None or not isinstance(model, str):
+        model = model_for(change.table, model)
     operation = change.operation
     if operation is Operation.INSERT:
         return {"type": "insert", "model": model, "data": change.new}
@@ -56,6 +60,14 @@ def to_delta(change: Change, model: str | None = None) -> dict[str, Any]:
     if operation is Operation.DELETE:
         return {"type": "delete", "model": model, "data": change.old}
     raise ValueError(f"a change has exactly one operation, not {operation!r}")
+
+
+def model_for(table: str, models: Mapping[str, str] | None) -> str:
+    """The model name of ``table`` in ``models`` (see `to_delta`)."""
+    bare = table.rpartition(".")[2]
+    if not models:
+        return bare
+    return models.get(table) or models.get(bare) or models.get("*") or bare
 
 
 def _default(value: Any) -> Any:
@@ -113,7 +125,9 @@ def dumps_line(value: Any) -> bytes:
         return orjson.dumps(value, default=_default, option=_LINE | _NON_STR_KEYS)
 
 
-def delta_line_encoder(model: str | None = None) -> Callable[[Change], bytes]:
+def delta_line_encoder(
+    model: str | Mapping[str, str] | None = None,
+) -> Callable[[Change], bytes]:
     """A function giving the same bytes as ``dumps_line(to_delta(change, model))``, faster.
 
     Inserts and deletes, the bulk of most streams, are written as the encoded start of their
@@ -141,7 +155,7 @@ def delta_line_encoder(model: str | None = None) -> Callable[[Change], bytes]:
     return encode
 
 
-def _delta_starts(table: str, model: str | None) -> tuple[bytes, bytes]:
+def _delta_starts(table: str, model: str | Mapping[str, str] | None) -> tuple[bytes, bytes]:
     """The bytes of ``table``'s insert and delete deltas up to their row, which comes last."""
     insert = dumps(to_delta(Change(_INSERT, table, new={}), model))
     delete = dumps(to_delta(Change(_DELETE, table, new=None, old={}), model))

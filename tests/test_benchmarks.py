@@ -38,3 +38,16 @@ def test_decode_cost_replays_every_recorded_change_through_each_stage():
     for stage in ("copy", "decode", "encode"):
         line = rf"  {stage} +\d+\.\d\d us  \(\d+\.\dx copy\)"
         assert re.search(line, result.stdout), result.stdout
+
+
+def test_snapshot_benchmark_reads_the_table_both_ways_and_reports_the_ratio():
+    script = SCRIPT.with_name("bench_snapshot.py")
+    result = subprocess.run(
+        [sys.executable, str(script), "--rows", "3000", "--rounds", "2", "--chunk-size", "500"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(re.findall(r"round \d: (changefeed|copy) ", result.stdout)) == 4
+    assert re.search(r"ratio changefeed / COPY: \d+\.\d\d \(of the medians: \d+\.\d\d\)",
+                     result.stdout)
+    assert re.search(r"peak RSS of changefeed: \d+ MB", result.stdout)

@@ -66,10 +66,22 @@ _TABLE_COLUMNS = (
 )
 
 
-def resolve_tables(conn: psycopg.Connection, names: Sequence[TableName]) -> list[Table]:
-    """The tables ``names`` refer to (by the connection's search_path for unqualified ones)."""
+def resolve_tables(
+    conn: psycopg.Connection, names: Sequence[TableName], exclude: Sequence[TableName] = ()
+) -> list[Table]:
+    """The tables ``names`` refer to (by the connection's search_path for unqualified ones);
+    patterns (``public.*``) match tables and partitioned tables, not partitions, and
+    ``exclude`` (names or patterns) takes tables out."""
     tables = []
     for name in names:
+        if name.is_pattern:
+            matched = _matching(conn, name)
+            if not matched:
+                raise ConfigurationError(
+                    f"no table matches {'.'.join(name.parts)!r} in database {conn.info.dbname!r}"
+                )
+            tables.extend(t for t in matched if t.oid not in {seen.oid for seen in tables})
+            continue
         regclass = sql.Identifier(*name.parts).as_string(conn)
         row = conn.execute(_TABLE_COLUMNS + " WHERE c.oid = to_regclass(%s)", [regclass]).fetchone()
         if row is None or row[3] not in ("r", "p"):
@@ -77,7 +89,30 @@ def resolve_tables(conn: psycopg.Connection, names: Sequence[TableName]) -> list
         tables.append(Table(row[0], row[1], row[2], row[3], list(row[4])))
     if len({table.oid for table in tables}) != len(tables):
         raise ConfigurationError("the same table is listed twice")
+    excluded = {t.oid for name in exclude for t in _matching(conn, name)}
+    tables = [table for table in tables if table.oid not in excluded]
+    if not tables:
+        raise ConfigurationError("--exclude leaves no table to stream")
     return tables
+
+
+def _matching(conn: psycopg.Connection, name: TableName) -> list[Table]:
+    """The tables a name or pattern matches (``*`` any text, ``?`` one character)."""
+
+    def like(text: str) -> str:
+        escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        return escaped.replace("*", "%").replace("?", "_")
+
+    schema_clause = (
+        "n.nspname LIKE %s" if name.schema is not None
+        else "n.nspname = ANY(current_schemas(false)) AND %s::text IS NULL"
+    )
+    rows = conn.execute(
+        _TABLE_COLUMNS + " WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition"
+        f" AND {schema_clause} AND c.relname LIKE %s ORDER BY n.nspname, c.relname",
+        [like(name.schema) if name.schema is not None else None, like(name.name)],
+    ).fetchall()
+    return [Table(row[0], row[1], row[2], row[3], list(row[4])) for row in rows]
 
 
 def tables_by_oid(conn: psycopg.Connection, oids: Sequence[int]) -> dict[int, Table]:
@@ -221,26 +256,32 @@ def describe_oids(conn: psycopg.Connection, oids: Sequence[int]) -> str:
 
 
 def check_publication(
-    conn: psycopg.Connection, publication: Publication, tables: Sequence[Table], slot: str
+    conn: psycopg.Connection, publication: Publication, tables: Sequence[Table], slot: str,
+    operation: Operation,
 ) -> None:
-    """Refuse a publication that serves other tables or another slot than this feed's."""
+    """Refuse a publication that serves other tables (unless it is the slot's own: its tables
+    then follow the feed's list), or that another slot's feed uses with other operations."""
     wanted = frozenset(table.oid for table in tables)
     if publication.all_tables:
         raise ConfigurationError(
             f"publication {publication.name} is FOR ALL TABLES, not for"
             f" {', '.join(t.qualified for t in tables)}: choose another --publication"
         )
-    if publication.table_oids != wanted:
+    own = publication.meta.get("slot") == slot
+    if publication.table_oids != wanted and not own:
         raise ConfigurationError(
             f"publication {publication.name} serves {describe_oids(conn, publication.table_oids)},"
             f" not {', '.join(t.qualified for t in tables)}: a feed must not share it; choose"
             " another --publication (and --slot)"
         )
     owner = publication.meta.get("slot")
-    if owner is not None and owner != slot:
+    if owner is not None and owner != slot and publication.operation != operation:
+        # Shared by slots, a publication's operations are every sharer's: changing them
+        # would silently change what the other feed receives.
         raise ConfigurationError(
-            f"publication {publication.name} belongs to slot {owner}, not {slot}: choose"
-            " another --publication"
+            f"publication {publication.name} is shared with slot {owner} and publishes"
+            f" {', '.join(publication.operation.names)}, not {', '.join(operation.names)}:"
+            " choose another --publication"
         )
 
 
@@ -311,6 +352,31 @@ def update_publication(
     if not publication.via_root:
         conn.execute(sql.SQL(
             "ALTER PUBLICATION {} SET (publish_via_partition_root = true)").format(ident))
+
+
+def set_publication_tables(
+    conn: psycopg.Connection, publication: Publication, tables: Sequence[Table]
+) -> tuple[list[Table], list[int]]:
+    """Make ``publication`` publish exactly ``tables``; returns (added tables, removed OIDs)."""
+    ident = sql.Identifier(publication.name)
+    added = [table for table in tables if table.oid not in publication.table_oids]
+    removed = sorted(publication.table_oids - {table.oid for table in tables})
+    if added:
+        conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
+            ident, sql.SQL(", ").join(table.identifier for table in added)))
+    if removed:
+        conn.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(
+            ident, sql.SQL(", ").join(sql.SQL(oid_name) for oid_name in
+                                      _qualified_names(conn, removed))))
+    return added, removed
+
+
+def _qualified_names(conn: psycopg.Connection, oids: Sequence[int]) -> list[str]:
+    rows = conn.execute(
+        "SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_class c"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = ANY(%s)", [list(oids)]
+    ).fetchall()
+    return [row[0] for row in rows]
 
 
 def drop_publication(conn: psycopg.Connection, name: str) -> None:

@@ -25,6 +25,7 @@ whole old row under ``ALTER TABLE ... REPLICA IDENTITY FULL``.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import select
@@ -39,7 +40,14 @@ from psycopg import pq, sql
 from psycopg.rows import dict_row
 
 from changefeed.backends.postgres import catalog
-from changefeed.backends.postgres.loading import read_rows
+from changefeed.backends.postgres.backfill import (
+    BACKFILL_PREFIX,
+    WATERMARK_PREFIX,
+    Backfiller,
+    TableBackfill,
+    key_types,
+)
+from changefeed.backends.postgres.loading import query_rows, read_rows
 from changefeed.backends.postgres.names import (
     check_publication_name,
     check_slot_name,
@@ -51,6 +59,7 @@ from changefeed.backends.postgres.names import (
 from changefeed.backends.postgres.pgoutput import (
     Begin,
     Commit,
+    LogicalMessage,
     PgOutputDecoder,
     Renamed,
     Truncate,
@@ -60,7 +69,7 @@ from changefeed.backends.postgres.pgoutput import (
     psycopg_loaders,
 )
 from changefeed.backends.postgres.values import SESSION_SETTINGS
-from changefeed.change import ALL, Change, Operation
+from changefeed.change import ALL, Change, Operation, SnapshotState
 from changefeed.errors import (
     ConfigurationError,
     PermanentBackendError,
@@ -99,7 +108,8 @@ class PostgresChangeFeed(ChangeFeed):
     """Changes of one or more PostgreSQL tables, through logical replication (pgoutput).
 
     Args:
-        table: a table name (``tasks``, ``app.tasks``), a comma-separated list, or a list.
+        table: a table name (``tasks``, ``app.tasks``, ``"Mixed Case"``), a pattern
+            (``public.*``, ``app.order_?``), a comma-separated list of them, or a list.
         operation: the operations to emit (`Operation` flags).
         prefeed: an iterable replayed first, or ``"snapshot"``: on the first run (when the slot
             is created) every row of the tables as a snapshot insert, then the stream from the
@@ -108,6 +118,10 @@ class PostgresChangeFeed(ChangeFeed):
         slot: the replication slot name (default ``changefeed_<name or tables>``); the
             publication gets the same name unless ``publication`` is given.
         status_interval: seconds between standby status updates while streaming.
+        snapshot_batch: rows per snapshot chunk (see `changefeed.backends.postgres.backfill`).
+        exclude: tables or patterns to leave out of ``table``'s.
+        snapshot_markers: also yield a `SnapshotState` where each table's snapshot starts and
+            where it is done.
         Other arguments as for `ChangeFeed`.
     """
 
@@ -124,6 +138,8 @@ class PostgresChangeFeed(ChangeFeed):
         publication: str | None = None,
         status_interval: float = 10.0,
         snapshot_batch: int = 5000,
+        exclude: str | Sequence[str] = (),
+        snapshot_markers: bool = False,
         **options: Any,
     ) -> None:
         tables = split_tables(table)
@@ -132,6 +148,8 @@ class PostgresChangeFeed(ChangeFeed):
         super().__init__(",".join(tables), operation, connection=connection, **options)
         self.tables = tables
         self.table_names = [parse_table_name(name) for name in tables]
+        self.exclude = [parse_table_name(name) for name in split_tables(exclude)]
+        self.snapshot_markers = snapshot_markers
         self.dsn = _conninfo(connection)
         self._default_names = slot is None and publication is None
         if slot is None:
@@ -148,6 +166,13 @@ class PostgresChangeFeed(ChangeFeed):
         self._dropped: dict[int, tuple[str, int]] = {}  # OID -> (name, WAL position seen gone)
         self._slot_known = False  # the slot existed (or was made) on an earlier connection
         self._meta: dict[str, Any] = {}
+        self._server_version = 0
+        self._chunk_loaders: Any = None  # for back-fill chunks, per plain connection
+        self._backfiller = Backfiller(
+            self.slot, snapshot_batch, self._plain_connection, self._read_chunk,
+            lambda oid: self._tables[oid].identifier if self._tables else sql.Identifier(""),
+            self._save_backfills,
+        )
         self._sql: psycopg.Connection | None = None
         self._replication: psycopg.Connection | None = None
         self._connected_before = False
@@ -174,6 +199,7 @@ class PostgresChangeFeed(ChangeFeed):
             self._check_server(conn)
             if first_connection:
                 self._choose_names(conn)
+                self._backfiller.slot = self.slot
             repl = self._replication = self._connect_replication(conn, first_connection)
             slot = catalog.get_slot(conn, self.slot)
             self._check_slot(conn, slot, first_connection)
@@ -196,24 +222,127 @@ class PostgresChangeFeed(ChangeFeed):
                 " position are gone; start again (with --prefeed snapshot to re-read the tables)"
             )
         if slot is None:
-            snapshot = self.prefeed == "snapshot"
+            exported = self.prefeed == "snapshot" and not self._chunked_snapshots
             try:
-                snapshot_name = self._create_slot(repl, export_snapshot=snapshot)
+                snapshot_name = self._create_slot(repl, export_snapshot=exported)
             except BaseException:
                 if created_publication:  # leave nothing behind of a feed that never started
                     catalog.drop_publication(conn, self.publication)
                 raise
             self._slot_known = True
-            if snapshot:
+            if exported:
                 yield from self._read_snapshot(snapshot_name)
         self._slot_known = True
+        if first_connection and self.prefeed == "snapshot" and self._chunked_snapshots:
+            self._plan_backfills(conn)
         yield from self._stream(repl)
+
+    @property
+    def _chunked_snapshots(self) -> bool:
+        """Snapshots go in key chunks through the stream (see `backfill`) when the server
+        sends logical messages (14+) and every table has a primary key; else the whole
+        snapshot is read in the slot's exported snapshot at creation."""
+        tables = self._tables.values() if self._tables else []
+        return self._server_version >= 140000 and all(table.key for table in tables)
+
+    def _plan_backfills(self, conn: psycopg.Connection) -> None:
+        """Back-fill each table whose snapshot was not delivered on this slot yet, continuing
+        after the last recorded chunk of one cut short."""
+        states = self._meta.get("backfill") or {}
+        legacy_done = self._meta.get("snapshot") == _SNAPSHOT_DONE
+        for oid, table in (self._tables or {}).items():
+            state = states.get(str(oid))
+            if state == "done" or (state is None and legacy_done):
+                continue
+            self._backfiller.states.update(states)
+            self._backfiller.start(self._table_backfill(conn, table, state))
+
+    def _table_backfill(
+        self, conn: psycopg.Connection, table: catalog.Table, state: Any
+    ) -> TableBackfill:
+        state = state if isinstance(state, dict) else {}
+        return TableBackfill(
+            table.oid, self._stream_names.get(table.oid, table.qualified), list(table.key),
+            key_types(conn, table.oid, table.key), after=state.get("after"),
+            done=state.get("done", 0), chunks=state.get("chunks", 0),
+        )
+
+    def _plain_connection(self) -> psycopg.Connection:
+        if self._sql is None or self._sql.closed:
+            self._sql = self._connect(replication=False)
+        return self._sql
+
+    def _read_chunk(
+        self, conn: psycopg.Connection, query: sql.Composed, size: int
+    ) -> list[dict[str, Any]]:
+        """A back-fill chunk's rows as dicts (one short statement, in its own transaction),
+        loaded by the stream's own loaders: the same values as streamed rows."""
+        if self._chunk_loaders is None or self._chunk_loaders.catalog is not conn:
+            conn.execute(_UTC)  # the settings the loaders expect of values' text
+            self._chunk_loaders = psycopg_loaders(conn, catalog=conn)
+        return query_rows(conn, query, self._chunk_loaders)
+
+    def _save_backfills(self, states: dict[str, Any]) -> None:
+        self._meta["backfill"] = dict(states)
+        try:
+            catalog.write_meta(self._plain_connection(), self.publication, self._meta)
+        except psycopg.Error as exc:
+            log.warning("could not record back-fill progress on %s: %s", self.publication,
+                        first_line(exc))
+
+    def _on_message(
+        self, message: LogicalMessage, decoder: PgOutputDecoder
+    ) -> Iterator[Change | SnapshotState]:
+        """Handle changefeed's own messages: watermarks and back-fill requests."""
+        if message.prefix == WATERMARK_PREFIX:
+            window = self._backfiller.watermark(message.content)
+            if window is None:
+                return
+            backfill = window.backfill
+            table = self._stream_names.get(backfill.oid, backfill.table)
+            markers = self.snapshot_markers
+            started = markers and not backfill.announced
+            backfill.announced = True
+            if started:
+                yield SnapshotState(table, "started", decoder.next_position())
+            positions = [decoder.next_position() for _ in window.rows]
+            if markers and window.complete:
+                positions.append(decoder.next_position())
+            self._backfiller.handed_out(positions[-1] if positions else None)
+            for row, position in zip(window.rows.values(), positions, strict=False):
+                key = {column: row[column] for column in backfill.key}
+                yield Change(Operation.INSERT, table, row, None, key, position, None, None, True)
+            if markers and window.complete:
+                yield SnapshotState(table, "done", positions[-1])
+        elif message.prefix == BACKFILL_PREFIX:
+            self._backfill_requested(message.content)
+
+    def _backfill_requested(self, content: bytes) -> None:
+        try:
+            request = json.loads(content)
+        except ValueError:
+            return
+        if not isinstance(request, dict) or request.get("slot") != self.slot:
+            return
+        conn = self._plain_connection()
+        for oid in request.get("tables") or []:
+            table = (self._tables or {}).get(oid)
+            if table is None or oid in self._dropped:
+                continue
+            if not table.key:
+                log.warning("cannot back-fill %s: it has no primary key", table.qualified)
+                continue
+            log.info("back-fill of %s requested: reading it in chunks of %s rows",
+                     table.qualified, f"{self.snapshot_batch:,}")
+            self._backfiller.start(self._table_backfill(conn, table, None))
 
     def _stream(self, repl: psycopg.Connection) -> Iterator[Change | None]:
         pgconn = repl.pgconn
+        # Logical messages (14+) carry the back-fills' watermarks and requests.
+        messages = sql.SQL(", messages 'true'" if self._server_version >= 140000 else "")
         command = sql.SQL(
-            "START_REPLICATION SLOT {} LOGICAL 0/0 (proto_version '1', publication_names {})"
-        ).format(sql.Identifier(self.slot), sql.Literal(self.publication))
+            "START_REPLICATION SLOT {} LOGICAL 0/0 (proto_version '1', publication_names {}{})"
+        ).format(sql.Identifier(self.slot), sql.Literal(self.publication), messages)
         pgconn.send_query(command.as_bytes(repl))
         result = pgconn.get_result()
         if result is None or result.status != pq.ExecStatus.COPY_BOTH:
@@ -251,6 +380,9 @@ class PostgresChangeFeed(ChangeFeed):
         get_copy_data = pgconn.get_copy_data
         backlog = self._backlog
         last_table_check = time.monotonic()
+        backfiller = self._backfiller
+        backfiller.reset()  # a window of the previous connection is lost: its chunk comes again
+        window = None  # the open chunk window, whose keys the stream's changes remove
 
         # The hot loop: one iteration per message, hundreds of thousands a second.
         while True:
@@ -267,6 +399,8 @@ class PostgresChangeFeed(ChangeFeed):
                         continue
                     if event.__class__ is Change:
                         last_emitted = event.position
+                        if window is not None:
+                            window.observe(event)
                         if skip_until is None or last_emitted > skip_until:
                             yield event
                     elif event.__class__ is Begin:
@@ -277,11 +411,21 @@ class PostgresChangeFeed(ChangeFeed):
                         _, wal_end, _ = _XLOGDATA.unpack_from(buffer, 1)
                         self._received_lsn = event.end_lsn
                         stats.lag_bytes = max(0, wal_end - event.end_lsn)
+                        if backfiller.finished:
+                            backfiller.committed(event.end_lsn)
                         self._pending.append((last_emitted, event.end_lsn))
                         self._advance()
+                        if backfiller.due:
+                            backfiller.open_chunk()
+                            window = backfiller.window
                     elif event.__class__ is Truncate:
                         log.warning("TRUNCATE of %s is not emitted as changes",
                                     ", ".join(event.tables))
+                    elif event.__class__ is LogicalMessage:
+                        for change in self._on_message(event, decoder):
+                            last_emitted = change.position
+                            yield change
+                        window = backfiller.window
                     elif event.__class__ is Renamed:
                         log.warning("table %s is now %s: its changes go on under the new name",
                                     event.old_name, event.new_name)
@@ -307,6 +451,9 @@ class PostgresChangeFeed(ChangeFeed):
                 self._note_dropped_tables(self._sql)
             if self._dropped:
                 self._end_if_dropped_tables_delivered(pgconn)
+            if backfiller.due:
+                backfiller.open_chunk()
+                window = backfiller.window
             if now - self._last_status >= self.status_interval or self._flush_due:
                 self._send_status(pgconn)
             readable, _, _ = select.select([sock], [], [], 1.0)
@@ -428,6 +575,9 @@ class PostgresChangeFeed(ChangeFeed):
                 break
             pending.popleft()
             self._flush_lsn = max(self._flush_lsn, end_lsn)
+        if self._backfiller.finished:
+            acked = self._acked_position
+            self._backfiller.confirmed(self._flush_lsn, acked if isinstance(acked, str) else None)
         if (
             self._snapshot_last is not None
             and acked is not None
@@ -535,6 +685,7 @@ class PostgresChangeFeed(ChangeFeed):
 
     def _check_server(self, conn: psycopg.Connection) -> None:
         """wal_level, then the tables: by name on the first connection, by OID afterwards."""
+        self._server_version = conn.info.server_version
         (wal_level,) = conn.execute("SHOW wal_level").fetchone() or ("?",)
         if wal_level != "logical":
             raise PermanentBackendError(
@@ -542,7 +693,7 @@ class PostgresChangeFeed(ChangeFeed):
                 " ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL"
             )
         if self._tables is None:
-            resolved = catalog.resolve_tables(conn, self.table_names)
+            resolved = catalog.resolve_tables(conn, self.table_names, self.exclude)
             self._tables = {table.oid: table for table in resolved}
             self._stream_names = {table.oid: table.qualified for table in resolved}
         else:
@@ -599,12 +750,13 @@ class PostgresChangeFeed(ChangeFeed):
         tables = [t for oid, t in (self._tables or {}).items() if oid not in self._dropped]
         publication = catalog.get_publication(conn, self.publication)
         if publication is not None:
-            catalog.check_publication(conn, publication, tables, self.slot)
+            catalog.check_publication(conn, publication, tables, self.slot, self.operation)
         catalog.check_slot_owner(conn, self.slot, self.publication, tables)
         catalog.check_replica_identity(conn, tables, self.operation)
         meta = dict(publication.meta) if publication is not None else {}
-        meta.update(slot=self.slot, default=self._default_names,
-                    tables={str(t.oid): t.qualified for t in tables})
+        if meta.get("slot", self.slot) == self.slot:  # the record is of the slot that made it
+            meta.update(slot=self.slot, default=self._default_names,
+                        tables={str(t.oid): t.qualified for t in tables})
         try:
             if publication is None:
                 catalog.create_publication(conn, self.publication, tables, self.operation, meta)
@@ -612,6 +764,8 @@ class PostgresChangeFeed(ChangeFeed):
                          ", ".join(self.qualified_tables), ", ".join(self.operation.names))
             else:
                 catalog.update_publication(conn, publication, self.operation)
+                if publication.table_oids != {t.oid for t in tables}:
+                    self._change_tables(conn, publication, tables, meta)
                 if meta != publication.meta:
                     catalog.write_meta(conn, self.publication, meta)
         except psycopg.errors.InsufficientPrivilege as exc:
@@ -623,6 +777,28 @@ class PostgresChangeFeed(ChangeFeed):
             ) from exc
         self._meta = meta
         return publication is None
+
+    def _change_tables(
+        self, conn: psycopg.Connection, publication: catalog.Publication,
+        tables: list[catalog.Table], meta: dict[str, Any],
+    ) -> None:
+        """The slot's own publication gets the feed's new list of tables; with a snapshot
+        prefeed, each added table is back-filled while the others stream on."""
+        added, removed = catalog.set_publication_tables(conn, publication, tables)
+        states = dict(meta.get("backfill") or {})
+        for oid in removed:
+            states.pop(str(oid), None)
+        for table in added:
+            if self.prefeed == "snapshot":
+                states[str(table.oid)] = {"after": None, "done": 0, "chunks": 0}
+        meta["backfill"] = states
+        if added:
+            log.warning("slot %s now also streams %s%s", self.slot,
+                        ", ".join(t.qualified for t in added),
+                        " (back-filled first)" if self.prefeed == "snapshot" else "")
+        if removed:
+            log.warning("slot %s no longer streams %s", self.slot,
+                        catalog.describe_oids(conn, removed))
 
     def _check_slot(
         self, conn: psycopg.Connection, slot: catalog.Slot | None, first_connection: bool
@@ -684,19 +860,28 @@ class PostgresChangeFeed(ChangeFeed):
 
     # -- snapshot ------------------------------------------------------------------------------
 
-    def _read_snapshot(self, snapshot_name: str) -> Iterator[Change | None]:
+    def _read_snapshot(self, snapshot_name: str) -> Iterator[Change | SnapshotState | None]:
         """Every row of the tables as of the slot's creation, as snapshot inserts.
 
         Rows are handed out one behind the read, so the last one is known as the last before
         it is yielded: once it is acknowledged, the snapshot is recorded as delivered.
         """
-        previous: Change | None = None
-        for index, (table, row) in enumerate(self._snapshot_rows(snapshot_name), 1):
-            change = Change(
-                Operation.INSERT, table.qualified, row, None,
-                {column: row[column] for column in table.key},
-                make_position(0, index), None, None, True,
-            )
+        previous: Change | SnapshotState | None = None
+        index = 0
+        for table, row in self._snapshot_rows(snapshot_name):
+            change: Change | SnapshotState
+            if isinstance(row, str):  # "started" / "done"
+                if not self.snapshot_markers:
+                    continue
+                index += 1
+                change = SnapshotState(table.qualified, row, make_position(0, index))
+            else:
+                index += 1
+                change = Change(
+                    Operation.INSERT, table.qualified, row, None,
+                    {column: row[column] for column in table.key},
+                    make_position(0, index), None, None, True,
+                )
             if previous is not None:
                 yield previous
             previous = change
@@ -709,7 +894,9 @@ class PostgresChangeFeed(ChangeFeed):
 
     def _snapshot_rows(
         self, snapshot_name: str
-    ) -> Iterator[tuple[catalog.Table, dict[str, Any]]]:
+    ) -> Iterator[tuple[catalog.Table, dict[str, Any] | str]]:
+        """Each table's rows in the exported snapshot, between ``(table, "started")`` and
+        ``(table, "done")``."""
         with psycopg.connect(self.dsn, autocommit=True, row_factory=dict_row) as reader:
             reader.execute(_UTC)
             loaders = psycopg_loaders(reader, catalog=reader)
@@ -732,6 +919,7 @@ class PostgresChangeFeed(ChangeFeed):
                     ).fetchone()
                     total = counted["n"] if counted else 0
                 log.info("snapshot of %s: reading ~%s rows", table.qualified, f"{total:,}")
+                yield table, "started"
                 started = last_report = time.monotonic()
                 done = 0
                 # Loaded by the stream's own loaders: the same values as streamed rows.
@@ -748,6 +936,7 @@ class PostgresChangeFeed(ChangeFeed):
                                  f"{done:,}", f"{max(total, done):,}",
                                  done / (now - started))
                 log.info("snapshot of %s: %s rows done", table.qualified, f"{done:,}")
+                yield table, "done"
             reader.execute("COMMIT")
 
     def _mark_snapshot(self, state: str) -> None:

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import psycopg
-from psycopg import sql
+from psycopg import pq, sql
 from psycopg.adapt import AdaptersMap, Loader, Transformer
 from psycopg.rows import tuple_row
 from psycopg.types import TypeInfo
@@ -243,38 +243,49 @@ def psycopg_loaders(context: Any = None, *, catalog: Any = None) -> TypeLoaders:
 def read_rows(
     conn: psycopg.Connection[Any], query: sql.Composable, loaders: TypeLoaders, batch: int = 1000
 ) -> Iterator[dict[str, Any]]:
-    """The rows of ``query`` as dicts, with exactly the values the stream gives them, through a
-    server-side cursor fetched ``batch`` rows at a time. ``conn`` must be in a transaction.
-
-    A batch is loaded at once by psycopg (in C) with the factory's adapters, where floats load
-    through `FloatLoader` (NaN visible); if that raises, its rows go one by one through the
-    decoder's own path (`_row_reader`: fast loader, float guard, rescue)."""
+    """The rows of ``query`` as dicts, with exactly the values the stream gives them (see
+    `load_result`), through a server-side cursor fetched ``batch`` rows at a time. ``conn``
+    must be in a transaction."""
     name = sql.Identifier("changefeed_rows")
     fetch = sql.SQL("FETCH FORWARD {} FROM {}").format(sql.Literal(batch), name)
-    transformer = Transformer(loaders.fast)
     with conn.cursor() as cursor:
         cursor.execute(sql.SQL("DECLARE {} NO SCROLL CURSOR FOR {}").format(name, query))
-        decode: Callable[[list[bytes | None]], dict[str, Any]] | None = None
-        make_row: Callable[[Sequence[Any]], dict[str, Any]] = dict
         while True:
             cursor.execute(fetch)
             result = cursor.pgresult
             if result is None or result.ntuples == 0:
                 break
-            width = result.nfields
-            if decode is None:  # resolves the types, before the transformer picks loaders
-                names = [(result.fname(i) or b"").decode() for i in range(width)]
-                decode = _row_reader(names, [result.ftype(i) for i in range(width)], loaders)
-                make_row = _dict_maker(names)
-            transformer.set_pgresult(result)
-            try:
-                rows = transformer.load_rows(0, result.ntuples, make_row)
-            except Exception:
-                get = result.get_value
-                rows = [decode([get(index, column) for column in range(width)])
-                        for index in range(result.ntuples)]
-            yield from rows
+            yield from load_result(result, loaders)
         cursor.execute(sql.SQL("CLOSE {}").format(name))
+
+
+def query_rows(
+    conn: psycopg.Connection[Any], query: sql.Composable, loaders: TypeLoaders
+) -> list[dict[str, Any]]:
+    """The rows of ``query`` (one statement, all rows at once) as `load_result` loads them."""
+    with conn.cursor() as cursor:
+        cursor.execute(query)
+        result = cursor.pgresult
+        return load_result(result, loaders) if result is not None else []
+
+
+def load_result(result: pq.abc.PGresult, loaders: TypeLoaders) -> list[dict[str, Any]]:
+    """A query result's rows as dicts, with exactly the values streamed rows get.
+
+    All rows are loaded at once by psycopg (in C) with the factory's adapters, where floats load
+    through `FloatLoader` (NaN visible); if that raises, the rows go one by one through the
+    decoder's own path (`_row_reader`: fast loader, float guard, rescue)."""
+    width = result.nfields
+    names = [(result.fname(i) or b"").decode() for i in range(width)]
+    decode = _row_reader(names, [result.ftype(i) for i in range(width)], loaders)  # resolves
+    transformer = Transformer(loaders.fast)
+    transformer.set_pgresult(result)
+    try:
+        return transformer.load_rows(0, result.ntuples, _dict_maker(names))
+    except Exception:
+        get = result.get_value
+        return [decode([get(index, column) for column in range(width)])
+                for index in range(result.ntuples)]
 
 
 def _dict_maker(names: list[str]) -> Callable[[Sequence[Any]], dict[str, Any]]:

@@ -23,7 +23,7 @@ from changefeed.errors import ConfigurationError
 SLOT_PREFIX = "changefeed_"
 MAX_NAME = 63  # NAMEDATALEN - 1
 _SLOT_NAME = re.compile(r"[a-z0-9_]{1,63}")
-_UNQUOTED = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
+_UNQUOTED = re.compile(r"[A-Za-z_*?][A-Za-z0-9_$*?]*")
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,11 @@ class TableName:
     @property
     def parts(self) -> tuple[str, ...]:
         return (self.name,) if self.schema is None else (self.schema, self.name)
+
+    @property
+    def is_pattern(self) -> bool:
+        """Whether an unquoted part holds ``*`` or ``?`` (``public.*``, ``app.order_?``)."""
+        return any(char in part for part in self.parts for char in "*?")
 
 
 def parse_table_name(text: str) -> TableName:

@@ -98,6 +98,21 @@ class Truncate:
 
 
 @dataclass(frozen=True, slots=True)
+class LogicalMessage:
+    """A ``pg_logical_emit_message`` message (sent with the ``messages`` option, PostgreSQL 14+).
+
+    A transactional one comes inside its transaction and has a ``position`` in the sequence of
+    that transaction's changes; a non-transactional one comes alone (``position`` None).
+    """
+
+    transactional: bool
+    lsn: int
+    prefix: str
+    content: bytes
+    position: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class Renamed:
     """A watched table (``oid``) is described under another name than before (a rename, or a
     move to another schema): its changes carry ``new_name`` from here on."""
@@ -195,7 +210,7 @@ class PgOutputDecoder:
 
     def decode(
         self, data: bytes | memoryview
-    ) -> Change | Begin | Commit | Truncate | Renamed | None:
+    ) -> Change | Begin | Commit | Truncate | Renamed | LogicalMessage | None:
         """Decode one message; see the module docstring for what comes back."""
         if not isinstance(data, bytes):
             data = bytes(data)
@@ -228,7 +243,9 @@ class PgOutputDecoder:
             return None
         if kind == 84:  # 'T'
             return self._truncate(data)
-        if kind in (79, 77):  # 'O' origin, 'M' logical message: no row change
+        if kind == 77:  # 'M'
+            return self._message(data)
+        if kind == 79:  # 'O' origin: no row change
             return None
         raise DecodeError(f"unknown pgoutput message type {chr(kind)!r}")
 
@@ -332,6 +349,23 @@ class PgOutputDecoder:
             _DELETE, relation.qualified_name, None, old, key,
             f"{self._position_prefix}{index:08X}", self._committed_at, self._xid,
         )
+
+    def _message(self, data: bytes) -> LogicalMessage:
+        flags = data[1]
+        (lsn,) = struct.unpack_from("!Q", data, 2)
+        prefix, offset = _string(data, 10)
+        (length,) = _INT32.unpack_from(data, offset)
+        content = data[offset + 4 : offset + 4 + length]
+        transactional = bool(flags & 1)
+        return LogicalMessage(
+            transactional, lsn, prefix, content, self.next_position() if transactional else None
+        )
+
+    def next_position(self) -> str:
+        """The position of one more change in the current transaction (after those decoded)."""
+        index = self._index
+        self._index = index + 1
+        return f"{self._position_prefix}{index:08X}"
 
     def _truncate(self, data: bytes) -> Truncate:
         count, options = _TRUNCATE.unpack_from(data, 1)

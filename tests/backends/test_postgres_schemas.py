@@ -289,6 +289,14 @@ def test_a_publication_serving_other_tables_is_refused(pg_dsn, pg):
         list(make_feed(pg_dsn, "b", slot="other_slot", publication="shared_pub").changes(timeout=5))
     with pytest.raises(ConfigurationError, match="serves publication shared_pub"):
         list(make_feed(pg_dsn, "b", slot="shared_slot", publication="b_pub").changes(timeout=5))
+    # Another slot may share the publication for the same tables and operations, not change
+    # the operations under the first feed.
+    start(make_feed(pg_dsn, "a", slot="second_slot", publication="shared_pub"))
+    with pytest.raises(ConfigurationError, match="shared with slot shared_slot"):
+        list(make_feed(pg_dsn, "a", slot="third_slot", publication="shared_pub",
+                       operation=Operation.INSERT).changes(timeout=5))
+    assert pg.execute("SELECT pubupdate FROM pg_publication WHERE pubname = 'shared_pub'"
+                      ).fetchone() == (True,)
     pg.execute("CREATE PUBLICATION everything FOR ALL TABLES")
     with pytest.raises(ConfigurationError, match="FOR ALL TABLES"):
         list(make_feed(pg_dsn, "a", slot="s3", publication="everything").changes(timeout=5))

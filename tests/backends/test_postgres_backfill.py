@@ -1,0 +1,324 @@
+"""Many tables through one slot, and snapshots in key chunks that resume (DBLog), on a real
+server: the consumer that applies the output in order ends with exactly the tables' rows."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import psycopg
+import pytest
+
+from changefeed import Operation
+from tests.backends.test_postgres import drain, make_feed, start
+from tests.backends.test_postgres_schemas import StderrLines
+from tests.clitools import run_cli, start_cli
+
+
+class Cli:
+    """``changefeed ARGS`` in the background, both pipes read as it writes (a pipe nobody
+    reads would stop it), stderr lines waited on with a deadline."""
+
+    def __init__(self, *args: str) -> None:
+        self.process = start_cli(*args)
+        self.stderr = StderrLines(self.process)
+        self.out: list[str] = []
+        self.reader = threading.Thread(
+            target=lambda: self.out.extend(iter(self.process.stdout.readline, "")), daemon=True
+        )
+        self.reader.start()
+
+    def wait_for(self, fragment: str, timeout: float = 60) -> None:
+        self.stderr.wait_for(fragment, timeout)
+
+    def finish(self, sig: int = signal.SIGTERM, timeout: float = 60) -> tuple[str, str]:
+        """Send ``sig``, wait for the end; (stdout, stderr)."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            self.process.wait(timeout)
+        finally:
+            self.process.kill()
+        self.reader.join(timeout)
+        return "".join(self.out), self.stderr.text(timeout)
+
+pytestmark = pytest.mark.postgres
+
+
+class Consumer:
+    """Applies `--format change` lines (or changes) in order: inserts and updates as upserts,
+    deletes of unknown keys as no-ops; what a consumer of the feed must do."""
+
+    def __init__(self) -> None:
+        self.tables: dict[str, dict[tuple, dict]] = {}
+        self.markers: list[tuple[str, str]] = []
+
+    def apply(self, item: dict) -> None:
+        if item.get("type") == "snapshot":
+            self.markers.append((item["table"], item["state"]))
+            return
+        rows = self.tables.setdefault(item["table"], {})
+        key = tuple(sorted(item["key"].items()))
+        if item["operation"] == "delete":
+            rows.pop(key, None)
+        else:
+            rows[key] = item["new"]
+
+    def apply_lines(self, text: str) -> int:
+        lines = [line for line in text.splitlines() if line.strip()]
+        for line in lines:
+            self.apply(json.loads(line))
+        return len(lines)
+
+    def apply_change(self, change) -> None:
+        self.apply({"table": change.table, "key": change.key, "new": change.new,
+                    "operation": change.operation.name.lower()})
+
+    def rows(self, table: str) -> dict[int, dict]:
+        return {dict(key)["id"]: row for key, row in self.tables.get(table, {}).items()}
+
+
+def table_rows(pg, table: str) -> dict[int, dict]:
+    with pg.cursor(row_factory=psycopg.rows.dict_row) as cursor:
+        return {row["id"]: row for row in cursor.execute(f"SELECT * FROM {table}")}
+
+
+class Writers:
+    """Threads inserting, updating and deleting rows of tables until stopped."""
+
+    def __init__(self, dsn: str, tables: list[str], start_id: int = 100_000) -> None:
+        self.stop = threading.Event()
+        self.threads = [
+            threading.Thread(target=self._write, args=(dsn, table, start_id + 10_000 * n))
+            for n, table in enumerate(tables)
+        ]
+
+    def _write(self, dsn: str, table: str, next_id: int) -> None:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            step = 0
+            while not self.stop.is_set():
+                conn.execute(f"INSERT INTO {table} (id, v) VALUES (%s, 0)", [next_id + step])
+                conn.execute(f"UPDATE {table} SET v = v + 1 WHERE id = %s", [1 + step * 7 % 500])
+                conn.execute(f"DELETE FROM {table} WHERE id = %s", [2 + step * 13 % 500])
+                step += 1
+                time.sleep(0.002)
+
+    def __enter__(self) -> Writers:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join()
+
+
+def make_tables(pg, *names: str, rows: int = 500) -> None:
+    for name in names:
+        pg.execute(f"CREATE TABLE {name} (id int PRIMARY KEY, v int, note text)")
+        pg.execute(f"INSERT INTO {name} SELECT g, 0, 'x' FROM generate_series(1, {rows}) g")
+
+
+def test_three_tables_stream_through_one_slot_and_one_walsender(pg_dsn, pg):
+    make_tables(pg, "a", "b", "c", rows=0)
+    pg.execute("CREATE TABLE not_watched (id int PRIMARY KEY)")
+    feed = make_feed(pg_dsn, ["a", "b", "c"])
+    changes = feed.changes(timeout=30, ticks=True)
+    assert next(changes) is None  # streaming now
+    try:
+        senders = pg.execute("SELECT count(*) FROM pg_stat_replication").fetchone()[0]
+        assert senders == 1
+        assert pg.execute("SELECT count(*) FROM pg_replication_slots").fetchone()[0] == 1
+        with pg.transaction():
+            for table in ("c", "not_watched", "a", "b"):
+                pg.execute(f"INSERT INTO {table} (id) VALUES (1)")
+        got = []
+        for change in changes:
+            if change is not None:
+                got.append(change.table)
+                feed.ack(change.position)
+            if len(got) == 3:
+                break
+    finally:
+        changes.close()
+    assert got == ["public.c", "public.a", "public.b"]
+
+
+def test_patterns_exclude_and_models_per_table_from_the_cli(pg_dsn, pg):
+    pg.execute("CREATE SCHEMA app")
+    for name in ("app.orders", "app.order_lines", "app.audit", "public.other"):
+        pg.execute(f"CREATE TABLE {name} (id int PRIMARY KEY, v int)")
+    start(make_feed(pg_dsn, "app.*", slot="apps", exclude=["app.audit"]))
+    for name in ("app.orders", "app.order_lines", "app.audit", "public.other"):
+        pg.execute(f"INSERT INTO {name} VALUES (1, 1)")
+    result = run_cli("run", "app.*", "--exclude", "app.audit", "--slot", "apps", "--url", pg_dsn,
+                     "--model", "app.orders=Order", "--model", "Line", "--until-idle", "2")
+    assert result.returncode == 0, result.stderr
+    deltas = [json.loads(line) for line in result.stdout.splitlines()]
+    assert sorted(d["model"] for d in deltas) == ["Line", "Order"]
+    nothing = run_cli("run", "app.nope_*", "--url", pg_dsn, "--until-idle", "1")
+    assert nothing.returncode == 2 and "no table matches 'app.nope_*'" in nothing.stderr
+    several = run_cli("run", "a", "b", "--url", "mongodb://127.0.0.1:1/db")
+    assert several.returncode == 2 and "PostgreSQL URLs only" in several.stderr
+
+
+def test_snapshot_markers_and_progress_in_change_format(pg_dsn, pg):
+    make_tables(pg, "big", rows=3000)
+    make_tables(pg, "empty", rows=0)
+    result = run_cli("run", "big", "empty", "--url", pg_dsn, "--prefeed", "snapshot",
+                     "--format", "change", "--chunk-size", "500", "--until-idle", "3")
+    assert result.returncode == 0, result.stderr
+    items = [json.loads(line) for line in result.stdout.splitlines()]
+    markers = [(i["table"], i["state"]) for i in items if i.get("type") == "snapshot"]
+    assert sorted(markers) == [("public.big", "done"), ("public.big", "started"),
+                               ("public.empty", "done"), ("public.empty", "started")]
+    big = [i for i in items if i.get("table") == "public.big"]
+    assert big[0] == {"type": "snapshot", "table": "public.big", "state": "started",
+                      "position": big[0]["position"]}
+    assert big[-1]["state"] == "done" and len(big) == 3002
+    assert all(i["snapshot"] is True for i in big[1:-1])
+    positions = [i["position"] for i in items]
+    assert positions == sorted(positions)  # acknowledged in order like any change
+    # six full chunks and the empty one that shows the end
+    assert "snapshot of public.big: done, 3,000 rows in 7 chunks" in result.stderr
+    assert "snapshot of public.big: 500 / ~3,000 rows, 1 chunks" in result.stderr
+
+
+def test_a_table_added_to_a_named_feed_is_back_filled_while_the_others_stream(pg_dsn, pg):
+    make_tables(pg, "a", "b", "c")
+    consumer = Consumer()
+    first = run_cli("run", "a", "b", "--slot", "mine", "--url", pg_dsn, "--prefeed", "snapshot",
+                    "--format", "change", "--until-idle", "2")
+    assert first.returncode == 0, first.stderr
+    consumer.apply_lines(first.stdout)
+    with Writers(pg_dsn, ["a", "b", "c"]):
+        time.sleep(0.5)  # changes to a and b while the feed is away: the slot keeps them
+        again = Cli("run", "a", "b", "c", "--slot", "mine", "--url", pg_dsn,
+                    "--prefeed", "snapshot", "--format", "change", "--chunk-size", "100")
+        try:
+            again.wait_for("snapshot of public.c: done", timeout=60)
+        finally:
+            out, errors = again.finish()
+    consumer.apply_lines(out)
+    # The writers have stopped: one more run to the end of the stream.
+    last = run_cli("run", "a", "b", "c", "--slot", "mine", "--url", pg_dsn,
+                   "--prefeed", "snapshot", "--format", "change", "--until-idle", "2")
+    consumer.apply_lines(last.stdout)
+    for table in ("a", "b", "c"):
+        assert consumer.rows(f"public.{table}") == table_rows(pg, table), table
+    assert "slot mine now also streams public.c (back-filled first)" in errors
+    # A table taken off the list leaves the publication.
+    fewer = run_cli("run", "a", "--slot", "mine", "--url", pg_dsn, "--until-idle", "1")
+    assert fewer.returncode == 0 and "no longer streams b, c" in fewer.stderr
+    tables = pg.execute("SELECT tablename FROM pg_publication_tables WHERE pubname = 'mine'")
+    assert [row[0] for row in tables] == ["a"]
+
+
+def test_kill_9_mid_snapshot_then_changes_then_rerun_leaves_exactly_the_table(pg_dsn, pg):
+    make_tables(pg, "big", rows=20_000)
+    consumer = Consumer()
+    argv = ("run", "big", "--url", pg_dsn, "--prefeed", "snapshot", "--format", "change",
+            "--chunk-size", "500")
+    process = Cli(*argv)
+    try:
+        process.wait_for("rows, 1 chunks", timeout=60)  # the first chunk is delivered
+    finally:
+        out, _ = process.finish(signal.SIGKILL)
+    delivered = consumer.apply_lines(out)
+    assert 0 < delivered < 20_000
+    pg.execute("DELETE FROM big WHERE id % 97 = 0")  # in chunks done and chunks to come
+    pg.execute("UPDATE big SET v = 42 WHERE id % 89 = 0")
+    pg.execute("INSERT INTO big SELECT g, 7, 'new' FROM generate_series(30001, 30100) g")
+    rerun = run_cli(*argv, "--until-idle", "3", timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    again = consumer.apply_lines(rerun.stdout)
+    assert consumer.rows("public.big") == table_rows(pg, "big")
+    assert again < 20_000 + 500 * 4, "the snapshot started again from the first row"
+
+
+def test_a_postgresql_restart_mid_snapshot_does_not_start_it_again(pg_dsn, pg_server):
+    with psycopg.connect(pg_dsn, autocommit=True) as pg:
+        make_tables(pg, "big", rows=20_000)
+    feed = make_feed(pg_dsn, "big", prefeed="snapshot", snapshot_batch=500)
+    consumer = Consumer()
+    snapshot_rows = 0
+    restarted = False
+    for change in feed.changes(timeout=120, idle_timeout=3):
+        consumer.apply_change(change)
+        feed.ack(change.position)
+        snapshot_rows += change.snapshot
+        if snapshot_rows == 5_000 and not restarted:
+            pg_server.restart()
+            restarted = True
+    assert restarted and feed.stats.reconnects >= 1
+    with psycopg.connect(pg_dsn, autocommit=True) as pg:
+        assert consumer.rows("public.big") == table_rows(pg, "big")
+    assert snapshot_rows < 20_000 + 500 * 2, "the snapshot started again from the first row"
+
+
+def test_updates_inside_the_chunk_being_read_win_over_the_chunk(pg_dsn, pg):
+    # Every key is updated again and again with a growing version while the snapshot reads
+    # it in small chunks: a consumer never sees a key's version go back.
+    pg.execute("CREATE TABLE hot (id int PRIMARY KEY, version int)")
+    pg.execute("INSERT INTO hot SELECT g, 0 FROM generate_series(1, 2000) g")
+    stop = threading.Event()
+
+    def bump():
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            version = 0
+            while not stop.is_set():
+                version += 1
+                conn.execute("UPDATE hot SET version = %s WHERE id %% 50 = %s",
+                             [version, version % 50])
+
+    feed = make_feed(pg_dsn, "hot", prefeed="snapshot", snapshot_batch=100)
+    thread = threading.Thread(target=bump)
+    thread.start()
+    seen: dict[int, int] = {}
+    went_back = []
+    try:
+        for change in feed.changes(timeout=120, idle_timeout=3):
+            key, version = change.key["id"], change.new["version"]
+            if version < seen.get(key, -1):
+                went_back.append((key, seen[key], version, change.snapshot))
+            seen[key] = version
+            feed.ack(change.position)
+            if len(seen) == 2000 and not stop.is_set():
+                stop.set()
+    finally:
+        stop.set()
+        thread.join()
+    assert went_back == []
+    assert seen == dict(pg.execute("SELECT id, version FROM hot").fetchall())
+
+
+def test_changefeed_backfill_asks_a_running_feed_to_read_a_table_again(pg_dsn, pg):
+    make_tables(pg, "t", rows=1200)
+    start(make_feed(pg_dsn, "t", slot="live"))
+    process = Cli("run", "t", "--slot", "live", "--url", pg_dsn, "--format", "change",
+                  "--chunk-size", "250")
+    try:
+        process.wait_for("streaming", timeout=60)
+        requested = run_cli("backfill", "t", "--slot", "live", "--url", pg_dsn)
+        assert requested.returncode == 0, requested.stderr
+        process.wait_for("snapshot of public.t: done, 1,200 rows", timeout=60)
+    finally:
+        out, _ = process.finish()
+    items = [json.loads(line) for line in out.splitlines()]
+    assert sorted(i["key"]["id"] for i in items if i.get("snapshot")) == list(range(1, 1201))
+    unknown = run_cli("backfill", "t", "--slot", "nope", "--url", pg_dsn)
+    assert unknown.returncode == 2 and "no replication slot named 'nope'" in unknown.stderr
+    pg.execute("CREATE TABLE other (id int PRIMARY KEY)")
+    wrong = run_cli("backfill", "other", "--slot", "live", "--url", pg_dsn)
+    assert wrong.returncode == 2 and "does not stream public.other" in wrong.stderr
+
+
+def test_masked_feed_back_fills_as_inserts(pg_dsn, pg):
+    make_tables(pg, "m", rows=30)
+    feed = make_feed(pg_dsn, "m", operation=Operation.DELETE, prefeed="snapshot")
+    got = drain(feed)
+    # A snapshot row is an insert whatever the mask: it is what the consumer lacks.
+    assert len(got) == 30 and {c.operation for c in got} == {Operation.INSERT}
