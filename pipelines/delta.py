@@ -20,14 +20,13 @@ the row, and an update delta names them: ``"unchanged": ["big"]``.
 from __future__ import annotations
 
 import base64
+import sys
 from collections.abc import Callable, Mapping
 from decimal import Decimal
 from ipaddress import IPv4Interface, IPv6Interface
 from typing import Any
 
 import orjson
-from psycopg.types.multirange import Multirange
-from psycopg.types.range import Range
 
 from changefeed.change import UNCHANGED, Change, Operation, _without_unchanged, unchanged_columns
 
@@ -85,11 +84,15 @@ def _default(value: Any) -> Any:
         return list(value)
     if value is UNCHANGED:
         return None  # only reached inside nested values; rows drop such columns first
-    if isinstance(value, Range):
+    # psycopg's ranges, looked up only where psycopg is loaded: without it there are none, and
+    # importing a driver here would slow every command's start.
+    ranges = sys.modules.get("psycopg.types.range")
+    if ranges is not None and isinstance(value, ranges.Range):
         if value.isempty:
             return {"empty": True}
         return {"lower": value.lower, "upper": value.upper, "bounds": value.bounds}
-    if isinstance(value, Multirange):
+    multiranges = sys.modules.get("psycopg.types.multirange")
+    if multiranges is not None and isinstance(value, multiranges.Multirange):
         return list(value)
     if isinstance(value, (IPv4Interface, IPv6Interface)):
         # As PostgreSQL writes inet: a host address without its full-length prefix.
