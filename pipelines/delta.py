@@ -46,15 +46,16 @@ def to_delta(change: Change, model: str | Mapping[str, str] | None = None) -> di
         # Only updates can hold UNCHANGED (a TOASTed value PostgreSQL did not resend): such
         # columns are left out of the rows and named, so a client replacing its object with
         # newData knows to keep (or look up) them.
+        new = change.new
         delta = {
             "type": "update",
             "model": model,
-            "newData": _without_unchanged(change.new),
+            "newData": new,
             "oldData": _without_unchanged(change.old),
         }
-        unchanged = unchanged_columns(change.new)
-        if unchanged:
-            delta["unchanged"] = unchanged
+        if new is not None and UNCHANGED in new.values():  # rare: checked in C first
+            delta["newData"] = _without_unchanged(new)
+            delta["unchanged"] = unchanged_columns(new)
         return delta
     if operation is Operation.DELETE:
         return {"type": "delete", "model": model, "data": change.old}
