@@ -18,14 +18,19 @@ test: install $(SNORKY_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
-# Live suites for MongoDB and RethinkDB against docker compose (see README). Set the two URLs
-# yourself to use other servers; otherwise the compose services are started first.
+# Live suites for MongoDB, RethinkDB and Kafka against docker compose (see README): the same
+# tests `make test` runs against SecantusDB and Tansu, now against mongod and Apache Kafka. Set
+# the variables yourself to use other servers; the compose services of the others start first.
 test-live: install
-	@if [ -z "$$CHANGEFEED_TEST_MONGODB_URL$$CHANGEFEED_TEST_RETHINKDB_URL" ]; then \
-		docker compose up -d --wait mongodb rethinkdb; fi
+	@services=""; \
+	[ -n "$$CHANGEFEED_TEST_MONGODB_URL" ] || services="$$services mongodb"; \
+	[ -n "$$CHANGEFEED_TEST_RETHINKDB_URL" ] || services="$$services rethinkdb"; \
+	[ -n "$$CHANGEFEED_TEST_KAFKA_BOOTSTRAP" ] || services="$$services kafka"; \
+	if [ -n "$$services" ]; then docker compose up -d --wait $$services; fi
 	CHANGEFEED_TEST_MONGODB_URL=$${CHANGEFEED_TEST_MONGODB_URL:-mongodb://127.0.0.1:27017/?replicaSet=rs0&directConnection=true} \
 	CHANGEFEED_TEST_RETHINKDB_URL=$${CHANGEFEED_TEST_RETHINKDB_URL:-rethinkdb://127.0.0.1:28015/test} \
-	$(BIN)/python -m pytest -q -m live -rs
+	CHANGEFEED_TEST_KAFKA_BOOTSTRAP=$${CHANGEFEED_TEST_KAFKA_BOOTSTRAP:-127.0.0.1:9092} \
+	$(BIN)/python -m pytest -q -m "live or kafka" -rs
 
 lint: install
 	$(BIN)/ruff check .

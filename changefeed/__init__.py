@@ -19,6 +19,7 @@ from changefeed.errors import (
     TransientBackendError,
 )
 from changefeed.feed import ChangeFeed, FeedStats, Retry, get_changefeed
+from changefeed.message import Message
 
 INSERT = Operation.INSERT
 DELETE = Operation.DELETE
@@ -39,6 +40,7 @@ __all__ = [
     "FeedStats",
     "FileCheckpoint",
     "MemoryCheckpoint",
+    "Message",
     "Operation",
     "PermanentBackendError",
     "PipelineError",

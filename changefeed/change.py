@@ -98,6 +98,8 @@ class Change:
     the key columns (PostgreSQL's REPLICA IDENTITY DEFAULT); None for inserts. ``new`` is None for
     deletes. ``snapshot`` is True for rows read by the snapshot prefeed. ``meta`` holds
     backend-specific facts (e.g. that a MongoDB ``new`` was looked up after the change).
+    ``schema_version`` identifies the table's shape (column names and types) when the change
+    was made, where the backend knows it (PostgreSQL): it changes with the shape.
     Copy one with changes through ``dataclasses.replace()``.
     """
 
@@ -111,6 +113,7 @@ class Change:
     transaction: Any = None
     snapshot: bool = False
     meta: dict[str, Any] | None = None
+    schema_version: str | None = None
 
     def __init__(
         self,
@@ -124,6 +127,7 @@ class Change:
         transaction: Any = None,
         snapshot: bool = False,
         meta: dict[str, Any] | None = None,
+        schema_version: str | None = None,
     ) -> None:
         # Feeds build hundreds of thousands of these a second, and a frozen dataclass pays for
         # each field through object.__setattr__. So the new object briefly becomes its mutable
@@ -140,6 +144,7 @@ class Change:
         self.transaction = transaction
         self.snapshot = snapshot
         self.meta = meta
+        self.schema_version = schema_version
         self.__class__ = Change
 
     @property
@@ -165,6 +170,8 @@ class Change:
             result["unchanged"] = unchanged
         if self.meta:
             result["meta"] = self.meta
+        if self.schema_version is not None:
+            result["schema_version"] = self.schema_version
         return result
 
 

@@ -101,8 +101,9 @@ url_option = click.option(
               help="Operations to stream: insert, update, delete (comma-separated) or all.")
 @click.option("--prefeed", type=click.Choice(["snapshot"]), default=None,
               help="Start with every existing row (as snapshot inserts), then stream.")
-@click.option("--format", "fmt", type=click.Choice(["delta", "change"]), default="delta",
-              show_default=True, help="Snorky delta, or the full change with its position.")
+@click.option("--format", "fmt", type=click.Choice(["delta", "change", "debezium"]),
+              default="delta", show_default=True,
+              help="Snorky delta, the full change with its position, or Debezium's envelope.")
 @click.option("--model", "models", multiple=True, metavar="[TABLE=]NAME",
               help="Model name in deltas, for all tables or per table (repeatable; default:"
                    " the table name).")
@@ -127,12 +128,16 @@ url_option = click.option(
                    " or leaving it become inserts or deletes (needs old values).")
 @click.option("--sink", default="-", show_default=True, metavar="SPEC",
               help="Where to deliver: -, a file, http(s)://URL, snorky+http://HOST/backend"
-                   "?service=S&key=K, redis://HOST:PORT/0?stream=NAME.")
+                   "?service=S&key=K, redis://HOST:PORT/0?stream=NAME,"
+                   " kafka://HOST:PORT?topic={table}.")
 @click.option("--dead-letter", default=None, metavar="PATH",
               help="Write changes that a stage or the sink failed on here and go on"
                    " (default: stop at the first failure).")
 @click.option("--processes", is_flag=True,
               help="Run the stages and the sink in processes of their own.")
+@click.option("--messages", multiple=True, metavar="PREFIX",
+              help="Also stream pg_logical_emit_message messages whose prefix starts with"
+                   " PREFIX (repeatable; PostgreSQL 14+).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr, only errors.")
 def run(
     tables: tuple[str, ...],
@@ -153,6 +158,7 @@ def run(
     sink: str,
     dead_letter: str | None,
     processes: bool,
+    messages: tuple[str, ...],
     quiet: bool,
 ) -> None:
     """Stream the changes of TABLE... as JSON lines to stdout (or to --sink).
@@ -178,6 +184,13 @@ def run(
                        " URLs only", 2)
     model = _parse_models(models)
     pipeline_wanted = bool(where_expr or filter_json or sink != "-" or dead_letter or processes)
+    if messages:
+        if not is_postgresql_url(url):
+            raise CliError("--messages applies to PostgreSQL URLs only", 2)
+        if pipeline_wanted:
+            raise CliError("--messages writes JSON lines to stdout: it does not combine with"
+                           " --where, --filter, --sink, --dead-letter or --processes yet", 2)
+        options["messages"] = messages
     if fmt == "change" and not pipeline_wanted and is_postgresql_url(url):
         options["snapshot_markers"] = True  # {"type": "snapshot", ...} lines
     table = ",".join(tables)
@@ -199,7 +212,9 @@ def run(
             )
             run_pipeline(pipeline, limit=limit, idle=until_idle, quiet=quiet)
         else:  # the fast path: no stages, JSON lines to stdout
-            encode = _encoder(fmt, model)
+            encode = _encoder(fmt, model, url)
+            if messages:
+                encode = _with_messages(encode)
             stream_to(feed, buffered_stdout(), encode, limit=limit, idle=until_idle, quiet=quiet)
 
 
@@ -254,7 +269,13 @@ def run_pipeline(
     return handled
 
 
-def _encoder(fmt: str, model: str | dict[str, str] | None) -> Callable[[Change], bytes]:
+def _encoder(
+    fmt: str, model: str | dict[str, str] | None, url: str = ""
+) -> Callable[[Change], bytes]:
+    if fmt == "debezium":
+        from changefeed.pipelines.debezium import Source, database_of, line_encoder
+
+        return line_encoder(Source(database=database_of(url)))
     if fmt == "change":
 
         def encode_change(change: Change) -> bytes:
@@ -263,6 +284,18 @@ def _encoder(fmt: str, model: str | dict[str, str] | None) -> Callable[[Change],
         return encode_change
 
     return delta_line_encoder(model)
+
+
+def _with_messages(encode: Callable[[Change], bytes]) -> Callable[[Any], bytes]:
+    """``encode`` for changes, and a message's own JSON line (`Message.to_dict`) for messages."""
+    from changefeed.message import Message
+
+    def encode_either(item: Any) -> bytes:
+        if item.__class__ is Message:
+            return dumps_line(item.to_dict())
+        return encode(item)
+
+    return encode_either
 
 
 def stream_to(
@@ -446,6 +479,34 @@ def slots(url: str, drops: tuple[str, ...], drop_inactive: bool, warn_retained: 
                     f" {_bytes(row.retained_bytes)} of WAL; if no feed uses it any more, drop it:"
                     f" changefeed slots --drop {row.name}", err=True,
                 )
+
+
+@cli.command()
+@url_option
+@click.option("--slot", required=True, metavar="NAME", help="The replication slot to check.")
+@click.option("--timeout", type=click.FloatRange(min=0), default=300.0, show_default=True,
+              metavar="SECONDS", help="Give up after this long.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr, only the result.")
+def drain(url: str, slot: str, timeout: float, quiet: bool) -> None:
+    """Wait until the slot's consumer has delivered everything committed before this call.
+
+    Exits 0 once the slot's confirmed position passes the WAL position read at the start;
+    on timeout exits 1 saying how far behind the slot is. A deploy runs it before a migration
+    that old notifications or old rows could not survive.
+    """
+    if url_scheme(url) and not is_postgresql_url(url):
+        raise CliError("changefeed drain checks PostgreSQL replication slots: give a"
+                       " postgresql:// URL", 2)
+    from changefeed.backends.postgres.drain import describe
+    from changefeed.backends.postgres.drain import drain as drain_slot
+
+    def report(state: Any) -> None:
+        if not quiet:
+            click.echo(f"changefeed: waiting: {describe(state)}", err=True)
+
+    with _expected_errors():
+        state = drain_slot(url, slot, timeout=timeout, report=report)
+    click.echo(describe(state))
 
 
 def _parse_size(text: str) -> int:

@@ -7,7 +7,12 @@ A `Pipeline` reads a feed, runs each change through plain-function stages (`wher
 change's position only once the sink confirmed it: delivery is at least once, in both the
 in-process mode (the default) and the multi-process mode (`own_process`, ``processes=True``).
 The README's "Compose a pipeline in Python" walks through it.
+
+`KafkaSink` and `KafkaFeed` (``changefeed.pipelines.kafka``) are importable from here too; they
+need the ``kafka`` extra (confluent-kafka), loaded only when first used.
 """
+
+from typing import Any
 
 from changefeed.pipelines.filters import compile_filter
 from changefeed.pipelines.pipeline import Pipeline
@@ -23,12 +28,25 @@ from changefeed.pipelines.stages import (
     where,
 )
 
+_KAFKA = ("KafkaFeed", "KafkaSink")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _KAFKA:  # imported on first use: confluent-kafka is an optional extra
+        from changefeed.pipelines import kafka
+
+        return getattr(kafka, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "Batch",
     "BatchPolicy",
     "BatchSink",
     "CallbackSink",
     "JsonLinesSink",
+    "KafkaFeed",
+    "KafkaSink",
     "Pipeline",
     "batch",
     "compile_filter",

@@ -17,6 +17,9 @@ a file path                                                    JSON lines append
 ``snorky+http://host:port/backend?service=NAME&key=KEY``        Snorky's publishDeltas
                                                                (``snorky+https`` too)
 ``redis://host:port/0?stream=NAME``                            Redis stream (``rediss://`` too)
+``kafka://host:port[,host:port]?topic={table}``                Kafka topic per table (keyed by
+                                                               primary key; see
+                                                               `changefeed.pipelines.kafka`)
 =============================================================  ==================================
 
 ``--where EXPR`` (`parse_where`) keeps changes whose row (the new row; the old one for a
@@ -28,9 +31,10 @@ and parentheses: ``--where 'status == "open" and priority >= 2'``.
 ``--filter JSON`` takes a Snorky filter (``'["==", "color", "blue"]'``) and applies the
 `subscription` stage: updates entering or leaving the filter become inserts or deletes.
 
-``--format delta`` (default) sends Snorky deltas, ``--format change`` the whole change. A Snorky
-sink always receives deltas and a Redis stream always holds whole changes (its readers apply
-their own stages), whatever the format.
+``--format delta`` (default) sends Snorky deltas, ``--format change`` the whole change,
+``--format debezium`` Debezium's envelope (`changefeed.pipelines.debezium`). A Snorky sink always
+receives deltas and a Redis stream always holds whole changes (its readers apply their own
+stages), whatever the format; a Kafka sink writes each record in the format given.
 """
 
 from __future__ import annotations
@@ -55,8 +59,8 @@ WEBHOOK_SECRET_ENV = "CHANGEFEED_WEBHOOK_SECRET"
 
 def make_sink(spec: str, *, model: str | None = None, fmt: str = "delta") -> Any:
     """The sink for a ``--sink`` value (see the module docstring for the forms)."""
-    if fmt not in ("delta", "change"):
-        raise ConfigurationError(f"unknown format {fmt!r}: use delta or change")
+    if fmt not in ("delta", "change", "debezium"):
+        raise ConfigurationError(f"unknown format {fmt!r}: use delta, change or debezium")
     if spec == "-":
         return JsonLinesSink("-")
     scheme = url_scheme(spec)
@@ -67,8 +71,8 @@ def make_sink(spec: str, *, model: str | None = None, fmt: str = "delta") -> Any
     if scheme in ("snorky+http", "snorky+https"):
         from changefeed.pipelines.sinks.http import SnorkySink
 
-        if fmt == "change":
-            raise ConfigurationError("a Snorky sink takes deltas: drop --format change")
+        if fmt != "delta":
+            raise ConfigurationError(f"a Snorky sink takes deltas: drop --format {fmt}")
         url, params = _split_params(spec, scheme.partition("+")[2])
         service, key = params.pop("service", None), params.pop("key", None)
         if not key:
@@ -90,10 +94,19 @@ def make_sink(spec: str, *, model: str | None = None, fmt: str = "delta") -> Any
         if maxlen is not None and not maxlen.isdigit():
             raise ConfigurationError(f"maxlen must be a number, not {maxlen!r}")
         return RedisStreamSink(url, stream, maxlen=int(maxlen) if maxlen else None)
+    if scheme in ("kafka", "kafkas"):
+        try:
+            from changefeed.pipelines.kafka import sink_from_spec
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"a Kafka sink needs confluent-kafka ({exc}): pip install 'changefeed[kafka]'"
+            ) from exc
+
+        return sink_from_spec(spec, fmt=fmt, model=model)
     if scheme:
         raise ConfigurationError(
-            f"unsupported sink {spec!r}: use -, a file path, http(s)://, snorky+http(s)://"
-            " or redis://"
+            f"unsupported sink {spec!r}: use -, a file path, http(s)://, snorky+http(s)://,"
+            " redis:// or kafka://"
         )
     return JsonLinesSink(spec)
 
@@ -294,6 +307,12 @@ def build_cli_pipeline(
     # A sink that needs one kind of item (Snorky: deltas; a Redis stream: changes) says so.
     if fmt == "delta" and getattr(out, "accepts", "any") == "any":
         stages.append(to_delta(model))
+    if fmt == "debezium" and getattr(out, "accepts", "any") == "any":
+        from changefeed.pipelines.debezium import DebeziumEncoder, Source, database_of
+
+        connection = getattr(feed, "connection", None)
+        url = connection if isinstance(connection, str) else ""
+        stages.append(DebeziumEncoder(Source(database=database_of(url))))
     letters = make_sink(dead_letter) if dead_letter else None
     if letters is not None and getattr(letters, "accepts", "any") != "any":
         raise ConfigurationError(

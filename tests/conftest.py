@@ -1,12 +1,17 @@
-"""Shared fixtures: one real PostgreSQL cluster per test session, a fresh database per test."""
+"""Shared fixtures: one real PostgreSQL cluster per test session, a fresh database per test, and
+one MongoDB-wire server (SecantusDB) and one Kafka broker (Tansu) per session, started from the
+test extra's PyPI packages unless CHANGEFEED_TEST_MONGODB_URL / CHANGEFEED_TEST_KAFKA_BOOTSTRAP
+name real servers (see testservers.py)."""
 
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterator
 
 import psycopg
 import pytest
+from testservers import KAFKA_ENV, MONGODB_ENV, Server, start_secantus, start_tansu
 
 from changefeed.embedded import TemporaryPostgres
 
@@ -52,3 +57,34 @@ def pg(pg_dsn: str) -> Iterator[psycopg.Connection]:
     """An autocommit connection to the `pg_dsn` database."""
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         yield conn
+
+
+@pytest.fixture(scope="session")
+def mongodb_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A MongoDB-wire server: ``$CHANGEFEED_TEST_MONGODB_URL``, else SecantusDB started here."""
+    url = os.environ.get(MONGODB_ENV)
+    if url:
+        yield Server(url, "external")
+        return
+    try:
+        server = start_secantus(tmp_path_factory.mktemp("secantus"))
+    except FileNotFoundError as exc:
+        pytest.skip(f"{exc}; or set {MONGODB_ENV} to a MongoDB replica set")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Kafka broker's bootstrap address: ``$CHANGEFEED_TEST_KAFKA_BOOTSTRAP``, else Tansu."""
+    given = os.environ.get(KAFKA_ENV)
+    if given:
+        yield given
+        return
+    server = start_tansu(tmp_path_factory.mktemp("tansu"))
+    try:
+        yield server.url
+    finally:
+        server.stop()

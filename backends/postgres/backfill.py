@@ -1,18 +1,26 @@
 """Back-fills: a table's rows read in primary-key chunks while the stream goes on (DBLog).
 
 The approach of Netflix's DBLog (Andreakis & Papapanagiotou, 2020) and Debezium's incremental
-snapshots. For each chunk, on a plain autocommit connection:
+snapshots. For each chunk, on a plain autocommit connection, between two reads of the stream:
 
-1. a low watermark is written through the slot (``pg_logical_emit_message``, transactional),
-2. the next chunk is selected: ``WHERE key > last key ORDER BY key LIMIT size`` (one short
+1. the next chunk is selected: ``WHERE key > last key ORDER BY key LIMIT size`` (one short
    statement: no long transaction holds back ``xmin``),
-3. a high watermark is written.
+2. a high watermark is written through the slot (``pg_logical_emit_message``, transactional).
 
-The stream brings the watermarks back in commit order. A change of the table between the low
-and the high watermark is newer than, or as new as, what the SELECT saw: it removes its key
-from the chunk. At the high watermark the chunk's remaining rows are handed out as snapshot
-inserts, positioned inside the watermark's transaction, so they are acknowledged like any
-change. Once they are acknowledged, the chunk's last key is recorded on the publication: after
+The chunk's window opens where the stream was read up to when the chunk was selected, and
+closes at the high watermark. A change of the table inside the window may be newer than what
+the SELECT saw: it removes its key from the chunk. At the high watermark the chunk's remaining
+rows are handed out as snapshot inserts, positioned inside the watermark's transaction, so they
+are acknowledged like any change.
+
+Why no low watermark: PostgreSQL writes a transaction's commit record a moment before it makes
+the transaction visible, so a change committed just before a low watermark could be missing from
+a chunk read right after it (and the chunk row would then take that row back to an older value).
+Opening the window at the stream position instead covers every change the stream had not given
+yet, and keys the stream gave in the last `RECENT_SECONDS` before the SELECT are removed from the
+chunk too; removing a key is always safe, since the stream delivers its change.
+
+Once a chunk's rows are acknowledged, its last key is recorded on the publication: after
 a crash, a reconnect or a server restart the back-fill continues after the last finished chunk,
 and the slot, which kept the stream, delivers everything that happened meanwhile.
 
@@ -39,6 +47,7 @@ from psycopg import sql
 log = logging.getLogger("changefeed.postgres")
 
 WATERMARK_PREFIX = "changefeed.watermark"
+RECENT_SECONDS = 1.0
 BACKFILL_PREFIX = "changefeed.backfill"
 """`changefeed backfill` writes this message; the running feed of the named slot starts a
 back-fill of the listed tables when it reads it."""
@@ -92,17 +101,6 @@ class ChunkWindow:
     last_key: list[str] | None
     complete: bool
     """The chunk was shorter than asked: the table is done after it."""
-    open: bool = False
-
-    def observe(self, change: Any) -> None:
-        """A change of the stream inside the window: its key's row in the chunk is stale (and
-        so is the old key's, when an update changed the key)."""
-        if not self.open or change.table != self.backfill.table:
-            return
-        columns = self.backfill.key
-        for row in (change.key, change.old):
-            if row:
-                self.rows.pop(tuple(row.get(column) for column in columns), None)
 
 
 @dataclass
@@ -146,6 +144,8 @@ class Backfiller:
         self.finished: deque[FinishedChunk] = deque()
         self.states: dict[str, Any] = {}
         self.last_report = 0.0
+        self.recent: deque[tuple[float, str, tuple[Any, ...]]] = deque(maxlen=100_000)
+        """(when, table, key) of the stream's changes of tables waiting to be back-filled."""
 
     def start(self, backfill: TableBackfill) -> None:
         """Queue ``backfill`` (replacing one of the same table that has not begun a chunk)."""
@@ -153,30 +153,55 @@ class Backfiller:
         self.queue.append(backfill)
         self.states[str(backfill.oid)] = backfill.state()
 
+    def observe(self, change: Any) -> None:
+        """A change from the stream: inside the open window its key's chunk row is stale (and
+        the old key's, when an update changed the key); keys are kept a moment for the next
+        chunk (see the module docstring)."""
+        table = change.table
+        for backfill in self.queue:
+            if backfill.table == table:
+                break
+        else:
+            return
+        columns = backfill.key
+        keys = [tuple(row.get(c) for c in columns) for row in (change.key, change.old) if row]
+        window = self.window
+        if window is not None and window.backfill is backfill:
+            for key in keys:
+                window.rows.pop(key, None)
+        now = time.monotonic()
+        for key in keys:
+            self.recent.append((now, table, key))
+
     @property
     def due(self) -> bool:
         """Whether a chunk should start now (none open, a table waiting)."""
         return self.window is None and bool(self.queue)
 
     def open_chunk(self) -> None:
-        """Write the low watermark, read the next chunk, write the high watermark."""
+        """Read the next chunk and write its high watermark; the window is open from here."""
         backfill = self.queue[0]
         conn = self.connection()
         watermark = uuid.uuid4().hex
         identifier = self.identifiers(backfill.oid)
         if backfill.estimate == 0:
             backfill.estimate = _estimate(conn, backfill.oid, identifier)
-        self._emit(conn, watermark, "low")
+        opened = time.monotonic()
         rows: dict[tuple[Any, ...], dict[str, Any]] = {}
         last_key = backfill.after
         query = backfill.chunk_query(identifier, self.chunk_size)
         for row in self.read_rows(conn, query, self.chunk_size):
             last_key = row.pop("__changefeed_key")
             rows[tuple(row.get(column) for column in backfill.key)] = row
+        complete = len(rows) < self.chunk_size
+        recent = self.recent
+        while recent and recent[0][0] < opened - RECENT_SECONDS:
+            recent.popleft()
+        for _, table, key in recent:
+            if table == backfill.table:
+                rows.pop(key, None)
         self._emit(conn, watermark, "high")
-        self.window = ChunkWindow(
-            backfill, watermark, rows, last_key, complete=len(rows) < self.chunk_size
-        )
+        self.window = ChunkWindow(backfill, watermark, rows, last_key, complete=complete)
 
     def _emit(self, conn: psycopg.Connection, watermark: str, mark: str) -> None:
         content = json.dumps({"slot": self.slot, "id": watermark, "mark": mark})
@@ -198,9 +223,6 @@ class Backfiller:
         window = self.window
         if (not isinstance(mark, dict) or mark.get("slot") != self.slot or window is None
                 or mark.get("id") != window.watermark):
-            return None
-        if mark.get("mark") == "low":
-            window.open = True
             return None
         self.window = None
         backfill = window.backfill

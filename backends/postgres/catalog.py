@@ -21,14 +21,17 @@ state of the snapshot prefeed. `changefeed slots` finds every slot changefeed ma
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import tuple_row
 
 from changefeed.backends.postgres.names import TableName
+from changefeed.backends.postgres.pgoutput import schema_version
 from changefeed.change import Operation
 from changefeed.errors import ConfigurationError
 
@@ -407,3 +410,23 @@ def get_slot(conn: psycopg.Connection, name: str) -> Slot | None:
         [name],
     ).fetchone()
     return Slot(*row) if row else None
+
+
+# -- schema versions ---------------------------------------------------------------------------
+
+
+def schema_version_of(conn: psycopg.Connection, oid: int) -> str:
+    """The `pgoutput.schema_version` of table ``oid`` as the connection's snapshot sees it:
+    the columns pgoutput describes (not dropped, not generated), with type OIDs and modifiers."""
+    with conn.cursor(row_factory=tuple_row) as cursor:
+        rows = cursor.execute(
+            "SELECT attname, atttypid::oid::bigint, atttypmod FROM pg_attribute"
+            " WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped AND attgenerated = ''"
+            " ORDER BY attnum",
+            [oid],
+        ).fetchall()
+    types = [_TYPE.pack(type_oid, typmod) for _, type_oid, typmod in rows]
+    return schema_version([name for name, _, _ in rows], types)
+
+
+_TYPE = struct.Struct("!Ii")

@@ -59,7 +59,6 @@ from changefeed.backends.postgres.names import (
 from changefeed.backends.postgres.pgoutput import (
     Begin,
     Commit,
-    LogicalMessage,
     PgOutputDecoder,
     Renamed,
     Truncate,
@@ -78,6 +77,7 @@ from changefeed.errors import (
     first_line,
 )
 from changefeed.feed import ChangeFeed, get_changefeed
+from changefeed.message import Message
 
 log = logging.getLogger("changefeed.postgres")
 
@@ -91,6 +91,8 @@ _UTC = SESSION_SETTINGS
 server's TimeZone (and psycopg loads them twice as fast as in a named zone); the other settings
 fix the text of dates, intervals, floats and money (see `values.SESSION_SETTINGS`)."""
 
+_OWN_PREFIXES = (WATERMARK_PREFIX, BACKFILL_PREFIX)
+"""Messages changefeed writes for itself (see `backfill`): handled, never handed out."""
 _SNAPSHOT_PENDING = "pending"
 _SNAPSHOT_DONE = "done"
 DROP_CHECK_SECONDS = 5.0
@@ -122,6 +124,9 @@ class PostgresChangeFeed(ChangeFeed):
         exclude: tables or patterns to leave out of ``table``'s.
         snapshot_markers: also yield a `SnapshotState` where each table's snapshot starts and
             where it is done.
+        messages: prefixes of the ``pg_logical_emit_message`` messages to stream as `Message`
+            objects among the changes (a prefix matches by ``startswith``; "" matches all).
+            Needs PostgreSQL 14 or later.
         Other arguments as for `ChangeFeed`.
     """
 
@@ -140,6 +145,7 @@ class PostgresChangeFeed(ChangeFeed):
         snapshot_batch: int = 5000,
         exclude: str | Sequence[str] = (),
         snapshot_markers: bool = False,
+        messages: Sequence[str] = (),
         **options: Any,
     ) -> None:
         tables = split_tables(table)
@@ -159,6 +165,9 @@ class PostgresChangeFeed(ChangeFeed):
         self.publication = check_publication_name(publication or self.slot)
         self.status_interval = status_interval
         self.snapshot_batch = snapshot_batch
+        if isinstance(messages, str):
+            messages = [messages]
+        self.messages = tuple(messages)
         self.qualified_tables: list[str] = []
         self.primary_keys: dict[int, list[str]] = {}
         self._tables: dict[int, catalog.Table] | None = None  # by OID, once resolved
@@ -197,6 +206,7 @@ class PostgresChangeFeed(ChangeFeed):
         try:
             conn = self._sql = self._connect(replication=False)
             self._check_server(conn)
+            self._check_messages(conn)
             if first_connection:
                 self._choose_names(conn)
                 self._backfiller.slot = self.slot
@@ -291,7 +301,7 @@ class PostgresChangeFeed(ChangeFeed):
                         first_line(exc))
 
     def _on_message(
-        self, message: LogicalMessage, decoder: PgOutputDecoder
+        self, message: Message, decoder: PgOutputDecoder
     ) -> Iterator[Change | SnapshotState]:
         """Handle changefeed's own messages: watermarks and back-fill requests."""
         if message.prefix == WATERMARK_PREFIX:
@@ -309,9 +319,13 @@ class PostgresChangeFeed(ChangeFeed):
             if markers and window.complete:
                 positions.append(decoder.next_position())
             self._backfiller.handed_out(positions[-1] if positions else None)
+            relation = decoder.relations.get(backfill.oid)
+            version = (relation.schema_version if relation is not None
+                       else catalog.schema_version_of(self._plain_connection(), backfill.oid))
             for row, position in zip(window.rows.values(), positions, strict=False):
                 key = {column: row[column] for column in backfill.key}
-                yield Change(Operation.INSERT, table, row, None, key, position, None, None, True)
+                yield Change(Operation.INSERT, table, row, None, key, position, None, None, True,
+                             None, version)
             if markers and window.complete:
                 yield SnapshotState(table, "done", positions[-1])
         elif message.prefix == BACKFILL_PREFIX:
@@ -338,7 +352,10 @@ class PostgresChangeFeed(ChangeFeed):
 
     def _stream(self, repl: psycopg.Connection) -> Iterator[Change | None]:
         pgconn = repl.pgconn
-        # Logical messages (14+) carry the back-fills' watermarks and requests.
+        # Messages are always asked for where the server has them (14+), wanted or not: they
+        # carry the back-fills' watermarks and requests, and a transactional one takes an index
+        # among its transaction's changes, so positions stay the same whichever prefixes a run
+        # asks for.
         messages = sql.SQL(", messages 'true'" if self._server_version >= 140000 else "")
         command = sql.SQL(
             "START_REPLICATION SLOT {} LOGICAL 0/0 (proto_version '1', publication_names {}{})"
@@ -369,6 +386,7 @@ class PostgresChangeFeed(ChangeFeed):
             loaders=psycopg_loaders(repl, catalog=lambda: self._connect(replication=False)),
             tables=self._stream_names,
             primary_keys=self.primary_keys,
+            messages=(*self.messages, *_OWN_PREFIXES) if self._server_version >= 140000 else (),
         )
         decode = decoder.decode
         acknowledged = self.acknowledged
@@ -382,7 +400,8 @@ class PostgresChangeFeed(ChangeFeed):
         last_table_check = time.monotonic()
         backfiller = self._backfiller
         backfiller.reset()  # a window of the previous connection is lost: its chunk comes again
-        window = None  # the open chunk window, whose keys the stream's changes remove
+        # While tables are back-filled, their changes go to the back-filler (see `backfill`).
+        observe = backfiller.observe if backfiller.queue else None
 
         # The hot loop: one iteration per message, hundreds of thousands a second.
         while True:
@@ -399,8 +418,8 @@ class PostgresChangeFeed(ChangeFeed):
                         continue
                     if event.__class__ is Change:
                         last_emitted = event.position
-                        if window is not None:
-                            window.observe(event)
+                        if observe is not None:
+                            observe(event)
                         if skip_until is None or last_emitted > skip_until:
                             yield event
                     elif event.__class__ is Begin:
@@ -417,15 +436,24 @@ class PostgresChangeFeed(ChangeFeed):
                         self._advance()
                         if backfiller.due:
                             backfiller.open_chunk()
-                            window = backfiller.window
+                            observe = backfiller.observe if backfiller.queue else None
+                    elif event.__class__ is Message:
+                        if event.prefix.startswith(_OWN_PREFIXES):  # watermarks, requests
+                            for change in self._on_message(event, decoder):
+                                last_emitted = change.position
+                                yield change
+                            observe = backfiller.observe if backfiller.queue else None
+                            continue
+                        if self._in_transaction:
+                            last_emitted = event.position
+                        else:  # no Commit follows: once acknowledged, the slot may pass it
+                            self._received_lsn = max(self._received_lsn, event.lsn)
+                            self._pending.append((event.position, event.lsn))
+                        if skip_until is None or event.position > skip_until:
+                            yield event
                     elif event.__class__ is Truncate:
                         log.warning("TRUNCATE of %s is not emitted as changes",
                                     ", ".join(event.tables))
-                    elif event.__class__ is LogicalMessage:
-                        for change in self._on_message(event, decoder):
-                            last_emitted = change.position
-                            yield change
-                        window = backfiller.window
                     elif event.__class__ is Renamed:
                         log.warning("table %s is now %s: its changes go on under the new name",
                                     event.old_name, event.new_name)
@@ -453,7 +481,7 @@ class PostgresChangeFeed(ChangeFeed):
                 self._end_if_dropped_tables_delivered(pgconn)
             if backfiller.due:
                 backfiller.open_chunk()
-                window = backfiller.window
+                observe = backfiller.observe if backfiller.queue else None
             if now - self._last_status >= self.status_interval or self._flush_due:
                 self._send_status(pgconn)
             readable, _, _ = select.select([sock], [], [], 1.0)
@@ -799,6 +827,14 @@ class PostgresChangeFeed(ChangeFeed):
         if removed:
             log.warning("slot %s no longer streams %s", self.slot,
                         catalog.describe_oids(conn, removed))
+    def _check_messages(self, conn: psycopg.Connection) -> None:
+        """pgoutput streams logical decoding messages from PostgreSQL 14 on."""
+        version = conn.info.server_version
+        if self.messages and version < 140000:
+            raise ConfigurationError(
+                f"messages need PostgreSQL 14 or later (pgoutput's messages option); this"
+                f" server is {version // 10000}.{version % 10000}"
+            )
 
     def _check_slot(
         self, conn: psycopg.Connection, slot: catalog.Slot | None, first_connection: bool
@@ -867,6 +903,7 @@ class PostgresChangeFeed(ChangeFeed):
         it is yielded: once it is acknowledged, the snapshot is recorded as delivered.
         """
         previous: Change | SnapshotState | None = None
+        self._snapshot_versions: dict[int, str] = {}
         index = 0
         for table, row in self._snapshot_rows(snapshot_name):
             change: Change | SnapshotState
@@ -880,7 +917,8 @@ class PostgresChangeFeed(ChangeFeed):
                 change = Change(
                     Operation.INSERT, table.qualified, row, None,
                     {column: row[column] for column in table.key},
-                    make_position(0, index), None, None, True,
+                    make_position(0, index), None, None, True, None,
+                    self._snapshot_versions.get(table.oid),
                 )
             if previous is not None:
                 yield previous
@@ -906,6 +944,7 @@ class PostgresChangeFeed(ChangeFeed):
             )
             for table in list(self._tables.values()) if self._tables else []:
                 relation = table.identifier
+                self._snapshot_versions[table.oid] = catalog.schema_version_of(reader, table.oid)
                 estimate = reader.execute(  # a partitioned table: the sum of its partitions
                     "SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::bigint AS n"
                     " FROM pg_class c WHERE c.relkind = 'r' AND (c.oid = %s"

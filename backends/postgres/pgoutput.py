@@ -1,8 +1,9 @@
 """A pure decoder of PostgreSQL's ``pgoutput`` logical replication messages (protocol 1).
 
 `PgOutputDecoder.decode()` takes the payload of one XLogData message and returns a `Change`
-(insert, update, delete), a `Begin` or `Commit` marking a transaction's bounds, or None for
-messages that carry no change (relation and type descriptions, origins, messages). No I/O
+(insert, update, delete), a `Message` (``pg_logical_emit_message``, when its prefix is wanted),
+a `Begin` or `Commit` marking a transaction's bounds, or None for messages that carry no change
+(relation and type descriptions, origins, messages not wanted). No I/O
 happens here: the stream loop in `changefeed.backends.postgres.feed` reads bytes, this module
 turns them into values, and the tests feed it bytes recorded from a real server.
 
@@ -15,11 +16,17 @@ which keeps that value as text; the README's "Values" section has the whole tabl
 
 Positions: several rows share a commit LSN, so a change's position is its transaction's commit
 LSN plus its index among the transaction's row changes, formatted so that string order is
-position order: ``"0000000001A2B3C8:00000003"``.
+position order: ``"0000000001A2B3C8:00000003"``. A transactional message takes its index in
+the same sequence (wanted or not, so positions do not depend on the prefixes asked for). A
+non-transactional one arrives outside any transaction with the LSN where its WAL record ends,
+which is where the next record starts, perhaps the commit of a transaction whose rows then have
+that LSN in their positions: so it gets index 0 at that LSN minus one (no record starts there),
+which orders it after every transaction committed before it and before every later one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,6 +35,7 @@ from typing import Any
 
 from changefeed.backends.postgres.loading import psycopg_loaders
 from changefeed.change import ALL, UNCHANGED, Change, Operation
+from changefeed.message import Message
 
 PG_EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)
 
@@ -37,6 +45,7 @@ _UINT32 = struct.Struct("!I")
 _BEGIN = struct.Struct("!QqI")
 _COMMIT = struct.Struct("!BQQq")
 _TRUNCATE = struct.Struct("!IB")
+_MESSAGE = struct.Struct("!BQ")  # flags, LSN
 _KIND_AND_LENGTH = struct.Struct("!xi")  # a tuple value's length, after its kind byte
 _unpack_oid = _UINT32.unpack_from
 # Module constants: an enum class attribute costs a lookup through the metaclass per change.
@@ -98,21 +107,6 @@ class Truncate:
 
 
 @dataclass(frozen=True, slots=True)
-class LogicalMessage:
-    """A ``pg_logical_emit_message`` message (sent with the ``messages`` option, PostgreSQL 14+).
-
-    A transactional one comes inside its transaction and has a ``position`` in the sequence of
-    that transaction's changes; a non-transactional one comes alone (``position`` None).
-    """
-
-    transactional: bool
-    lsn: int
-    prefix: str
-    content: bytes
-    position: str | None
-
-
-@dataclass(frozen=True, slots=True)
 class Renamed:
     """A watched table (``oid``) is described under another name than before (a rename, or a
     move to another schema): its changes carry ``new_name`` from here on."""
@@ -142,6 +136,8 @@ class Relation:
     decode_row: RowDecoder | None = None
     """TupleData at an offset -> (row dict, key dict, offset after it, unchanged column names
     or None)."""
+    schema_version: str | None = None
+    """The shape of the table (see `schema_version`), given to each of its changes."""
 
     def __post_init__(self) -> None:
         self.qualified_name = f"{self.schema}.{self.name}"
@@ -164,6 +160,16 @@ LoaderFactory = Callable[[Sequence[int]], Callable[[Sequence[bytes | None]], Seq
 ``rescue(type_oids)`` method giving the loader of rows the first one failed on; that function's
 ``guarded`` attribute lists columns whose text, if it ends in a letter, sends the row to it
 directly (see `changefeed.backends.postgres.values`)."""
+
+
+def schema_version(columns: Sequence[str], types: Sequence[bytes]) -> str:
+    """A short stable identifier of a table's shape: its column names, in order, with their
+    type OIDs and modifiers (``types``: the 8 bytes pgoutput sends per column). Any ALTER
+    TABLE that adds, drops, renames or retypes a column changes it; nothing else does."""
+    digest = hashlib.blake2b(digest_size=6)
+    for column, type_bytes in zip(columns, types, strict=True):
+        digest.update(column.encode() + b"\0" + type_bytes)
+    return digest.hexdigest()
 
 
 class DecodeError(ValueError):
@@ -190,12 +196,14 @@ class PgOutputDecoder:
         loaders: LoaderFactory | None = None,
         tables: dict[int, str] | Sequence[str] | None = None,
         primary_keys: dict[Any, Sequence[str]] | None = None,
+        messages: Sequence[str] = (),
     ) -> None:
         self.operation = Operation(operation)
         self.loaders = loaders or psycopg_loaders()
         self.table_names: dict[int, str] | None = dict(tables) if isinstance(tables, dict) else None
         self.tables = frozenset(tables) if tables and self.table_names is None else None
         self.primary_keys = dict(primary_keys or {})
+        self.message_prefixes = tuple(messages)
         self.relations: dict[int, Relation] = {}
         self.type_names: dict[int, str] = {}
         self.transaction: Begin | None = None
@@ -210,7 +218,7 @@ class PgOutputDecoder:
 
     def decode(
         self, data: bytes | memoryview
-    ) -> Change | Begin | Commit | Truncate | Renamed | LogicalMessage | None:
+    ) -> Change | Message | Begin | Commit | Truncate | Renamed | None:
         """Decode one message; see the module docstring for what comes back."""
         if not isinstance(data, bytes):
             data = bytes(data)
@@ -245,7 +253,7 @@ class PgOutputDecoder:
             return self._truncate(data)
         if kind == 77:  # 'M'
             return self._message(data)
-        if kind == 79:  # 'O' origin: no row change
+        if kind == 79:  # 'O' origin: no change
             return None
         raise DecodeError(f"unknown pgoutput message type {chr(kind)!r}")
 
@@ -258,12 +266,13 @@ class PgOutputDecoder:
         replica_identity = chr(data[offset])
         (ncolumns,) = _INT16.unpack_from(data, offset + 1)
         offset += 3
-        columns, type_oids, keys = [], [], []
+        columns, type_oids, keys, shape = [], [], [], []
         for index in range(ncolumns):
             flags = data[offset]
             column, offset = _string(data, offset + 1)
             (type_oid,) = _UINT32.unpack_from(data, offset)
-            offset += 8  # type OID and type modifier
+            shape.append(data[offset:offset + 8])  # type OID and type modifier
+            offset += 8
             columns.append(column)
             type_oids.append(type_oid)
             if flags & 1:
@@ -282,6 +291,7 @@ class PgOutputDecoder:
             oid, schema, name, replica_identity, tuple(columns), tuple(type_oids),
             tuple(keys), self.loaders(type_oids), watched=watched,
             rescue=self._rescue(type_oids),
+            schema_version=schema_version(columns, shape),
         )
         if names is not None and watched and names[oid] != qualified_name:
             renamed = Renamed(oid, names[oid], qualified_name)
@@ -300,7 +310,8 @@ class PgOutputDecoder:
         new, key, _, _ = relation.decode_row(data, 6)  # after OID and 'N'
         return Change(
             _INSERT, relation.qualified_name, new, None, key,
-            f"{self._position_prefix}{index:08X}", self._committed_at, self._xid,
+            f"{self._position_prefix}{index:08X}", self._committed_at, self._xid, False, None,
+            relation.schema_version,
         )
 
     def _update(self, data: bytes) -> Change | None:
@@ -331,7 +342,8 @@ class PgOutputDecoder:
             key = relation.key_of(new)
         return Change(
             _UPDATE, relation.qualified_name, new, key if old is None else old, key,
-            f"{self._position_prefix}{index:08X}", self._committed_at, self._xid,
+            f"{self._position_prefix}{index:08X}", self._committed_at, self._xid, False, None,
+            relation.schema_version,
         )
 
     def _delete(self, data: bytes) -> Change | None:
@@ -347,19 +359,27 @@ class PgOutputDecoder:
             old = key
         return Change(
             _DELETE, relation.qualified_name, None, old, key,
-            f"{self._position_prefix}{index:08X}", self._committed_at, self._xid,
+            f"{self._position_prefix}{index:08X}", self._committed_at, self._xid, False, None,
+            relation.schema_version,
         )
 
-    def _message(self, data: bytes) -> LogicalMessage:
-        flags = data[1]
-        (lsn,) = struct.unpack_from("!Q", data, 2)
+    def _message(self, data: bytes) -> Message | None:
+        """A logical decoding message: flags (1: transactional), LSN, prefix, content."""
+        flags, lsn = _MESSAGE.unpack_from(data, 1)
         prefix, offset = _string(data, 10)
-        (length,) = _INT32.unpack_from(data, offset)
-        content = data[offset + 4 : offset + 4 + length]
         transactional = bool(flags & 1)
-        return LogicalMessage(
-            transactional, lsn, prefix, content, self.next_position() if transactional else None
-        )
+        if transactional and self.transaction is not None:
+            index = self._index
+            self._index = index + 1
+            position = f"{self._position_prefix}{index:08X}"
+            committed_at, xid = self._committed_at, self._xid
+        else:  # see the module docstring
+            position, committed_at, xid = make_position(lsn - 1, 0), None, None
+        if not self.message_prefixes or not prefix.startswith(self.message_prefixes):
+            return None
+        (length,) = _INT32.unpack_from(data, offset)
+        content = data[offset + 4:offset + 4 + length]
+        return Message(prefix, content, position, transactional, committed_at, xid, lsn)
 
     def next_position(self) -> str:
         """The position of one more change in the current transaction (after those decoded)."""

@@ -1,0 +1,21 @@
+"""A KafkaFeed worker as its own process, for the consumer-group test: BOOTSTRAP TOPIC GROUP OUT.
+
+It appends each change it delivers as a JSON line to OUT (flushed per batch, before the offsets
+are committed) and runs until killed.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from changefeed.pipelines import JsonLinesSink, Pipeline
+from changefeed.pipelines.kafka import KafkaFeed
+
+FAST_GROUP = {"session.timeout.ms": 6000, "max.poll.interval.ms": 6000,
+              "heartbeat.interval.ms": 500}
+"""Consumer-group settings that make joins and takeovers take seconds instead of ~25 s."""
+
+if __name__ == "__main__":
+    bootstrap, topic, group, out = sys.argv[1:5]
+    feed = KafkaFeed(bootstrap, topic, group, config=FAST_GROUP)
+    Pipeline(feed, [], sink=JsonLinesSink(out)).run()
