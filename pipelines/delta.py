@@ -7,20 +7,28 @@ A delta is what a subscriber of a model needs to apply one change::
     {"type": "delete", "model": "Task", "data": {...}}
 
 JSON encoding (orjson): datetimes in ISO 8601, UUIDs as strings, Decimals as strings (a JSON
-number would lose digits in most consumers), bytes as base64, sets as lists. Columns holding
-`UNCHANGED` (an unchanged TOASTed value PostgreSQL did not send) are left out of the row.
+number would lose digits in most consumers), bytes as base64, sets as lists, ranges as
+``{"lower": .., "upper": .., "bounds": "[)"}`` (``{"empty": true}``), inet as PostgreSQL writes
+it; a value whose class has a ``__json__`` method is encoded as what that returns (the
+PostgreSQL value types of `changefeed.backends.postgres.values` use it: exact json numbers,
+NaN/Infinity, intervals, texts Python cannot hold). The README's "Values" section has the table.
+
+Columns holding `UNCHANGED` (an unchanged TOASTed value PostgreSQL did not send) are left out of
+the row, and an update delta names them: ``"unchanged": ["big"]``.
 """
 
 from __future__ import annotations
 
 import base64
+import sys
 from collections.abc import Callable, Mapping
 from decimal import Decimal
+from ipaddress import IPv4Interface, IPv6Interface
 from typing import Any
 
 import orjson
 
-from changefeed.change import UNCHANGED, Change, Operation, _without_unchanged
+from changefeed.change import UNCHANGED, Change, Operation, _without_unchanged, unchanged_columns
 
 
 def to_delta(change: Change, model: str | Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -35,13 +43,20 @@ def to_delta(change: Change, model: str | Mapping[str, str] | None = None) -> di
     if operation is Operation.INSERT:
         return {"type": "insert", "model": model, "data": change.new}
     if operation is Operation.UPDATE:
-        # Only updates can hold UNCHANGED (a TOASTed value PostgreSQL did not resend).
-        return {
+        # Only updates can hold UNCHANGED (a TOASTed value PostgreSQL did not resend): such
+        # columns are left out of the rows and named, so a client replacing its object with
+        # newData knows to keep (or look up) them.
+        new = change.new
+        delta = {
             "type": "update",
             "model": model,
-            "newData": _without_unchanged(change.new),
+            "newData": new,
             "oldData": _without_unchanged(change.old),
         }
+        if new is not None and UNCHANGED in new.values():  # rare: checked in C first
+            delta["newData"] = _without_unchanged(new)
+            delta["unchanged"] = unchanged_columns(new)
+        return delta
     if operation is Operation.DELETE:
         return {"type": "delete", "model": model, "data": change.old}
     raise ValueError(f"a change has exactly one operation, not {operation!r}")
@@ -56,6 +71,12 @@ def model_for(table: str, models: Mapping[str, str] | None) -> str:
 
 
 def _default(value: Any) -> Any:
+    cls = value.__class__
+    if cls is Decimal:  # the common case first
+        return str(value)
+    encode = getattr(cls, "__json__", None)
+    if encode is not None:
+        return encode(value)
     if isinstance(value, Decimal):
         return str(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -64,6 +85,21 @@ def _default(value: Any) -> Any:
         return list(value)
     if value is UNCHANGED:
         return None  # only reached inside nested values; rows drop such columns first
+    # psycopg's ranges, looked up only where psycopg is loaded: without it there are none, and
+    # importing a driver here would slow every command's start.
+    ranges = sys.modules.get("psycopg.types.range")
+    if ranges is not None and isinstance(value, ranges.Range):
+        if value.isempty:
+            return {"empty": True}
+        return {"lower": value.lower, "upper": value.upper, "bounds": value.bounds}
+    multiranges = sys.modules.get("psycopg.types.multirange")
+    if multiranges is not None and isinstance(value, multiranges.Multirange):
+        return list(value)
+    if isinstance(value, (IPv4Interface, IPv6Interface)):
+        # As PostgreSQL writes inet: a host address without its full-length prefix.
+        if value.network.prefixlen == value.max_prefixlen:
+            return str(value.ip)
+        return str(value)
     if hasattr(value, "isoformat"):  # time, timedelta-free date types orjson does not know
         return value.isoformat()
     # psycopg ranges, ipaddress objects and other values with a faithful text form

@@ -47,6 +47,7 @@ from changefeed.backends.postgres.backfill import (
     TableBackfill,
     key_types,
 )
+from changefeed.backends.postgres.loading import query_rows, read_rows
 from changefeed.backends.postgres.names import (
     check_publication_name,
     check_slot_name,
@@ -66,6 +67,7 @@ from changefeed.backends.postgres.pgoutput import (
     parse_lsn,
     psycopg_loaders,
 )
+from changefeed.backends.postgres.values import SESSION_SETTINGS
 from changefeed.change import ALL, Change, Operation, SnapshotState
 from changefeed.errors import (
     ConfigurationError,
@@ -84,9 +86,10 @@ _KEEPALIVE = struct.Struct("!QqB")
 _STANDBY_STATUS = struct.Struct("!cQQQqB")
 PG_EPOCH_OFFSET_US = 946_684_800_000_000  # 2000-01-01 in Unix microseconds
 
-_UTC = "SET TimeZone TO 'UTC'"
+_UTC = SESSION_SETTINGS
 """Sessions that read rows use UTC: timestamptz values then become datetimes in UTC whatever the
-server's TimeZone (and psycopg loads them twice as fast as in a named zone)."""
+server's TimeZone (and psycopg loads them twice as fast as in a named zone); the other settings
+fix the text of dates, intervals, floats and money (see `values.SESSION_SETTINGS`)."""
 
 _OWN_PREFIXES = (WATERMARK_PREFIX, BACKFILL_PREFIX)
 """Messages changefeed writes for itself (see `backfill`): handled, never handed out."""
@@ -173,8 +176,9 @@ class PostgresChangeFeed(ChangeFeed):
         self._slot_known = False  # the slot existed (or was made) on an earlier connection
         self._meta: dict[str, Any] = {}
         self._server_version = 0
+        self._chunk_loaders: Any = None  # for back-fill chunks, per plain connection
         self._backfiller = Backfiller(
-            self.slot, snapshot_batch, self._plain_connection, _read_chunk,
+            self.slot, snapshot_batch, self._plain_connection, self._read_chunk,
             lambda oid: self._tables[oid].identifier if self._tables else sql.Identifier(""),
             self._save_backfills,
         )
@@ -278,6 +282,16 @@ class PostgresChangeFeed(ChangeFeed):
             self._sql = self._connect(replication=False)
         return self._sql
 
+    def _read_chunk(
+        self, conn: psycopg.Connection, query: sql.Composed, size: int
+    ) -> list[dict[str, Any]]:
+        """A back-fill chunk's rows as dicts (one short statement, in its own transaction),
+        loaded by the stream's own loaders: the same values as streamed rows."""
+        if self._chunk_loaders is None or self._chunk_loaders.catalog is not conn:
+            conn.execute(_UTC)  # the settings the loaders expect of values' text
+            self._chunk_loaders = psycopg_loaders(conn, catalog=conn)
+        return query_rows(conn, query, self._chunk_loaders)
+
     def _save_backfills(self, states: dict[str, Any]) -> None:
         self._meta["backfill"] = dict(states)
         try:
@@ -367,7 +381,9 @@ class PostgresChangeFeed(ChangeFeed):
 
         decoder = PgOutputDecoder(
             self.operation,
-            loaders=psycopg_loaders(repl),
+            # User types (domains, enums, composites, ranges) are looked up on a plain
+            # connection, opened only when a Relation names one not seen yet.
+            loaders=psycopg_loaders(repl, catalog=lambda: self._connect(replication=False)),
             tables=self._stream_names,
             primary_keys=self.primary_keys,
             messages=(*self.messages, *_OWN_PREFIXES) if self._server_version >= 140000 else (),
@@ -921,6 +937,7 @@ class PostgresChangeFeed(ChangeFeed):
         ``(table, "done")``."""
         with psycopg.connect(self.dsn, autocommit=True, row_factory=dict_row) as reader:
             reader.execute(_UTC)
+            loaders = psycopg_loaders(reader, catalog=reader)
             reader.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             reader.execute(
                 sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_name))
@@ -944,20 +961,19 @@ class PostgresChangeFeed(ChangeFeed):
                 yield table, "started"
                 started = last_report = time.monotonic()
                 done = 0
-                with reader.cursor(name="changefeed_snapshot") as cursor:
-                    cursor.itersize = self.snapshot_batch
-                    cursor.execute(sql.SQL("SELECT * FROM {}").format(relation))
-                    for row in cursor:
-                        done += 1
-                        yield table, row
-                        now = time.monotonic()
-                        if now - last_report >= 2.0:
-                            last_report = now
-                            self.stats.extra["snapshot"] = (table.qualified, done, total)
-                            log.info("snapshot of %s: %s / ~%s rows (%.0f rows/s)",
-                                     table.qualified,
-                                     f"{done:,}", f"{max(total, done):,}",
-                                     done / (now - started))
+                # Loaded by the stream's own loaders: the same values as streamed rows.
+                query = sql.SQL("SELECT * FROM {}").format(relation)
+                for row in read_rows(reader, query, loaders, self.snapshot_batch):
+                    done += 1
+                    yield table, row
+                    now = time.monotonic()
+                    if now - last_report >= 2.0:
+                        last_report = now
+                        self.stats.extra["snapshot"] = (table.qualified, done, total)
+                        log.info("snapshot of %s: %s / ~%s rows (%.0f rows/s)",
+                                 table.qualified,
+                                 f"{done:,}", f"{max(total, done):,}",
+                                 done / (now - started))
                 log.info("snapshot of %s: %s rows done", table.qualified, f"{done:,}")
                 yield table, "done"
             reader.execute("COMMIT")
@@ -1025,14 +1041,6 @@ def _conninfo(connection: Any) -> str:
     if connection is None:
         return ""  # libpq's defaults: PGHOST, PGDATABASE, ...
     raise ConfigurationError(f"cannot use a {type(connection).__name__} as a PostgreSQL connection")
-
-
-def _read_chunk(
-    conn: psycopg.Connection, query: sql.Composed, size: int
-) -> Iterator[dict[str, Any]]:
-    """A back-fill chunk's rows as dicts (one short statement, in its own transaction)."""
-    with conn.cursor(row_factory=dict_row) as cursor:
-        yield from cursor.execute(query)
 
 
 def _identifier(name: str, conn: psycopg.Connection) -> str:

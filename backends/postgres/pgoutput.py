@@ -7,11 +7,12 @@ a `Begin` or `Commit` marking a transaction's bounds, or None for messages that 
 happens here: the stream loop in `changefeed.backends.postgres.feed` reads bytes, this module
 turns them into values, and the tests feed it bytes recorded from a real server.
 
-Values arrive as text and become Python values through psycopg's own loaders, chosen by type
-OID (`psycopg.adapt.Transformer.load_sequence`, implemented in C by psycopg-binary): numeric ->
-Decimal, json -> dict, arrays -> lists, timestamptz -> datetime (in UTC: the feed's replication
-session sets TimeZone to UTC), and so on. Types psycopg does not know (enums, domains over
-unknown types) stay text.
+Values arrive as text and become Python values through a loader factory chosen by type OID
+(`changefeed.backends.postgres.loading`: psycopg's loaders, `Transformer.load_sequence` in C,
+plus ours for the families where theirs are not exact): numeric -> Decimal, json -> dict,
+arrays -> lists, timestamptz -> datetime (in UTC: the feed's session sets TimeZone to UTC), and
+so on. A value Python cannot hold makes the row go through the factory's ``rescue`` loader,
+which keeps that value as text; the README's "Values" section has the whole table.
 
 Positions: several rows share a commit LSN, so a change's position is its transaction's commit
 LSN plus its index among the transaction's row changes, formatted so that string order is
@@ -32,9 +33,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from psycopg import pq
-from psycopg.adapt import Transformer
-
+from changefeed.backends.postgres.loading import psycopg_loaders
 from changefeed.change import ALL, UNCHANGED, Change, Operation
 from changefeed.message import Message
 
@@ -130,6 +129,8 @@ class Relation:
     key_indexes: tuple[int, ...]
     load: Callable[[Sequence[bytes | None]], Sequence[Any]]
     watched: bool = True
+    rescue: Callable[[Sequence[bytes | None]], Sequence[Any]] | None = None
+    """Loads a row ``load`` failed on (a value Python cannot hold); None: the error stands."""
     qualified_name: str = ""
     key_names: tuple[str, ...] = ()
     decode_row: RowDecoder | None = None
@@ -142,7 +143,7 @@ class Relation:
         self.qualified_name = f"{self.schema}.{self.name}"
         self.key_names = tuple(self.columns[i] for i in self.key_indexes)
         self.decode_row = _row_decoder(
-            self.qualified_name, self.columns, self.key_names, self.load
+            self.qualified_name, self.columns, self.key_names, self.load, self.rescue
         )
 
     def key_of(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -155,20 +156,10 @@ class Relation:
 
 
 LoaderFactory = Callable[[Sequence[int]], Callable[[Sequence[bytes | None]], Sequence[Any]]]
-
-
-def psycopg_loaders(context: Any = None) -> LoaderFactory:
-    """A loader factory using psycopg's adapters (those of ``context``, a connection, if given).
-
-    For a list of type OIDs it returns a function loading one row of text values at once.
-    """
-
-    def factory(type_oids: Sequence[int]) -> Callable[[Sequence[bytes | None]], Sequence[Any]]:
-        transformer = Transformer(context)
-        transformer.set_loader_types(list(type_oids), pq.Format.TEXT)
-        return transformer.load_sequence
-
-    return factory
+"""Type OIDs -> a function loading one row of text values at once. A factory may also have a
+``rescue(type_oids)`` method giving the loader of rows the first one failed on; that function's
+``guarded`` attribute lists columns whose text, if it ends in a letter, sends the row to it
+directly (see `changefeed.backends.postgres.values`)."""
 
 
 def schema_version(columns: Sequence[str], types: Sequence[bytes]) -> str:
@@ -299,6 +290,7 @@ class PgOutputDecoder:
         self.relations[oid] = Relation(
             oid, schema, name, replica_identity, tuple(columns), tuple(type_oids),
             tuple(keys), self.loaders(type_oids), watched=watched,
+            rescue=self._rescue(type_oids),
             schema_version=schema_version(columns, shape),
         )
         if names is not None and watched and names[oid] != qualified_name:
@@ -406,6 +398,12 @@ class PgOutputDecoder:
 
     # -- helpers -------------------------------------------------------------------------------
 
+    def _rescue(
+        self, type_oids: Sequence[int]
+    ) -> Callable[[Sequence[bytes | None]], Sequence[Any]] | None:
+        rescue = getattr(self.loaders, "rescue", None)
+        return rescue(type_oids) if rescue is not None else None
+
     @staticmethod
     def _unwatched(relation: Relation | None, data: bytes) -> None:
         """A row change of a table not watched; an error if its relation was never described."""
@@ -432,7 +430,7 @@ _COLUMN_TEMPLATE = """\
     if data[o] == 116:
         s = o + 5
         o = s + unpack_length(data, o)[0]
-        v{i} = data[s:o]
+        v{i} = data[s:o]{guard}
     elif data[o] == 110:
         v{i} = None
         o += 1
@@ -445,6 +443,17 @@ _COLUMN_TEMPLATE = """\
 """
 
 
+# A guarded column's text ending in a letter (float NaN, Infinity) would load wrongly (as a
+# plain float NaN, which JSON turns into null): the row goes to `rescue`.
+_GUARD = """
+        if data[o - 1] > 57:
+            suspect = True"""
+
+
+def _reraise(raw: Sequence[bytes | None]) -> Sequence[Any]:
+    raise  # noqa: PLE0704 - called while handling the loader's exception: re-raise it
+
+
 def _bad_kind(kind: int) -> None:
     raise DecodeError(f"unknown tuple value kind {chr(kind)!r}")
 
@@ -454,11 +463,14 @@ def _row_decoder(
     columns: tuple[str, ...],
     key_names: tuple[str, ...],
     load: Callable[[Sequence[bytes | None]], Sequence[Any]],
+    rescue: Callable[[Sequence[bytes | None]], Sequence[Any]] | None = None,
 ) -> RowDecoder:
     """The decoder of ``table``'s rows (made once per Relation message): see
-    `Relation.decode_row`. ``load`` turns the list of raw values into Python values;
-    ``key_names`` are the columns of the key dict (their values, as in the row)."""
+    `Relation.decode_row`. ``load`` turns the list of raw values into Python values, and
+    ``rescue`` (if given) those of a row ``load`` raised on; ``key_names`` are the columns of
+    the key dict (their values, as in the row)."""
     count = len(columns)
+    guarded = frozenset(getattr(rescue, "guarded", ()))
     values = "".join(f"v{i}, " for i in range(count))
     row = ", ".join(f"{name!r}: v{i}" for i, name in enumerate(columns))
     key = ", ".join(f"{name!r}: v{columns.index(name)}" for name in key_names)
@@ -468,8 +480,19 @@ def _row_decoder(
         "        wrong_count(unpack_count(data, o)[0])\n"
         "    o += 2\n"
         "    unchanged = None\n"
-        + "".join(_COLUMN_TEMPLATE.format(i=i) for i in range(count))
-        + f"    {values}= load([{values}])\n"
+        "    suspect = False\n"
+        + "".join(
+            _COLUMN_TEMPLATE.format(i=i, guard=_GUARD if i in guarded else "")
+            for i in range(count)
+        )
+        # A row the C loaders fail on (a value Python cannot hold) is loaded again by
+        # `rescue`, value by value; on the fast path the try costs nothing.
+        + "    try:\n"
+        + "        if suspect:\n"
+        + "            raise LookupError\n"
+        + f"        {values}= load([{values}])\n"
+        + "    except Exception:\n"
+        + f"        {values}= rescue([{values}])\n"
         + f"    row = {{{row}}}\n"
         + f"    key = {{{key}}}\n"
         "    if unchanged is None:\n"
@@ -489,6 +512,7 @@ def _row_decoder(
         "unpack_length": _KIND_AND_LENGTH.unpack_from, "unpack_count": _INT16.unpack_from,
         "bad_kind": _bad_kind, "wrong_count": wrong_count, "count_bytes": _INT16.pack(count),
         "columns": columns, "UNCHANGED": UNCHANGED, "load": load,
+        "rescue": rescue or _reraise,
     }
     exec(compile(source, f"<pgoutput row decoder for {table}>", "exec"), namespace)
     decoder: RowDecoder = namespace["decode"]

@@ -195,3 +195,105 @@ def test_unknown_tuple_value_kind_and_wrong_column_count_are_errors():
         decode(b"\x00\x01b\x00\x00\x00\x01x", 0)
     with pytest.raises(DecodeError, match="public.t: tuple has 2 columns, relation 1"):
         decode(b"\x00\x02nn", 0)
+
+
+def _tuple(*values):
+    import struct
+
+    return struct.pack("!h", len(values)) + b"".join(
+        b"n" if v is None else b"t" + struct.pack("!i", len(v)) + v for v in values
+    )
+
+
+def test_a_value_python_cannot_hold_keeps_its_text_and_the_rest_of_the_row_its_values():
+    from changefeed.backends.postgres.loading import TypeLoaders
+    from changefeed.backends.postgres.pgoutput import _row_decoder
+    from changefeed.backends.postgres.values import Interval, PostgresText
+
+    oids = [23, 1082, 1083, 1184, 1114, 1266, 3802, 1186, 1182, 25]
+    columns = tuple(f"c{i}" for i in range(len(oids)))
+    loaders = TypeLoaders()
+    decode = _row_decoder("t", columns, ("c0",), loaders(oids), loaders.rescue(oids))
+    ordinary = [b"1", b"2024-02-29", b"12:00:00", b"2024-01-01 00:00:00+00",
+                b"2024-01-01 00:00:00", b"12:00:00+02", b"{}", b"1 day", b"{2020-01-01}", b"x"]
+    row, key, _, _ = decode(_tuple(*ordinary), 0)
+    assert row["c1"] == date(2024, 2, 29) and row["c7"] == Interval(0, 1, 0)
+    assert key == {"c0": 1}
+    for column, text in [(1, b"infinity"), (1, b"-infinity"), (1, b"4713-01-01 BC"),
+                         (1, b"10000-01-01"), (2, b"24:00:00"), (3, b"infinity"),
+                         (3, b"0001-01-01 00:00:00+00 BC"), (4, b"294276-12-31 23:59:59"),
+                         (5, b"24:00:00+00")]:
+        values = list(ordinary)
+        values[column] = text
+        row, _, _, _ = decode(_tuple(*values), 0)
+        assert isinstance(row[f"c{column}"], PostgresText) and row[f"c{column}"] == text.decode()
+        # the value only, not the row: every other column is loaded as usual
+        assert row["c1" if column != 1 else "c3"] in (date(2024, 2, 29), datetime(
+            2024, 1, 1, tzinfo=timezone.utc))
+        assert row["c0"] == 1 and row["c7"] == Interval(0, 1, 0) and row["c9"] == "x"
+    values = list(ordinary)
+    values[8] = b"{2020-01-01,infinity,NULL}"
+    row, _, _, _ = decode(_tuple(*values), 0)
+    assert row["c8"] == [date(2020, 1, 1), "infinity", None]
+    assert row["c8"][1].type == "date"
+
+
+@pytest.mark.parametrize("text,special", [
+    (b"NaN", True), (b"Infinity", True), (b"-Infinity", True),
+    (b"1.5", False), (b"-0", False), (b"1e+308", False), (b"-1.7976931348623157e+308", False),
+])
+def test_floats_non_finite_are_told_apart_in_every_position(text, special):
+    import math
+
+    from changefeed.backends.postgres.loading import TypeLoaders
+    from changefeed.backends.postgres.pgoutput import _row_decoder
+    from changefeed.backends.postgres.values import NonFiniteFloat
+
+    oids = [701, 700, 1022, 25]
+    loaders = TypeLoaders()
+    decode = _row_decoder("t", ("a", "b", "c", "d"), (), loaders(oids), loaders.rescue(oids))
+    row, _, _, _ = decode(_tuple(text, b"2", b"{" + text + b",NULL}", b"NaN"), 0)
+    expected = float(text)
+    for value in (row["a"], row["c"][0]):
+        assert isinstance(value, NonFiniteFloat) is special
+        assert value == expected or (math.isnan(value) and math.isnan(expected))
+    assert type(row["b"]) is float and row["d"] == "NaN"  # a text "NaN" is just text
+
+
+def test_without_a_rescue_a_loader_error_stands():
+    from changefeed.backends.postgres.pgoutput import _row_decoder
+
+    def failing(raw):
+        raise ValueError("cannot load")
+
+    with pytest.raises(ValueError, match="cannot load"):
+        _row_decoder("t", ("a",), (), failing)(_tuple(b"x"), 0)
+
+
+@pytest.mark.parametrize("text,value,iso", [
+    ("00:00:00", (0, 0, 0), "PT0S"),
+    ("1 mon", (1, 0, 0), "P1M"),
+    ("1 year 2 mons 3 days 04:05:06.789", (14, 3, 14_706_789_000), "P1Y2M3DT4H5M6.789S"),
+    ("-1 years -2 mons +3 days -04:05:06", (-14, 3, -14_706_000_000), "P-1Y-2M3DT-4H-5M-6S"),
+    ("-00:00:00.5", (0, 0, -500_000), "PT-0.5S"),
+    ("2562047788:00:54.775807", (0, 0, 2**63 - 1), "PT2562047788H54.775807S"),
+    ("-178000000 years", (-2_136_000_000, 0, 0), "P-178000000Y"),
+])
+def test_intervals_parse_and_print_as_postgres_does(text, value, iso):
+    from changefeed.backends.postgres.loading import TypeLoaders
+    from changefeed.backends.postgres.values import Interval
+
+    (loaded,) = TypeLoaders()([1186])([text.encode()])
+    assert loaded == Interval(*value) and loaded.isoformat() == iso
+
+
+def test_json_numbers_python_cannot_parse_keep_the_exact_text():
+    from changefeed.backends.postgres.loading import TypeLoaders
+    from changefeed.backends.postgres.values import RawJson
+    from changefeed.pipelines.delta import dumps
+
+    digits = "9" * 5000  # beyond Python's int parsing limit; jsonb accepts it
+    text = '{"n": ' + digits + ',\n "s": "a\\nb"}'
+    (value,) = TypeLoaders()([3802])([text.encode()])
+    assert isinstance(value, RawJson) and value == text and value.type == "jsonb"
+    assert dumps({"j": value}) == b'{"j":{"n": ' + digits.encode() + b',  "s": "a\\nb"}}'

@@ -67,7 +67,75 @@ def _changes():
         Change(Operation.DELETE, "public.tasks", new=None, old=None),
         Change(Operation.INSERT, "public.tasks", new={1: "an int key", "b": b"\x00"}),
         Change(Operation.DELETE, "public.tasks", new=None, old={2: "an int key"}),
+        Change(Operation.INSERT, "public.values", new=_postgres_values()),
+        Change(Operation.DELETE, "public.values", new=None, old=_postgres_values()),
+        Change(Operation.UPDATE, "public.values", new={**_postgres_values(), "big": UNCHANGED},
+               old={"id": 1}),
     ]
+
+
+def _postgres_values():
+    from ipaddress import IPv4Interface, IPv6Address
+
+    from psycopg.types.multirange import Multirange
+    from psycopg.types.range import Range
+
+    from changefeed.backends.postgres.values import (
+        Interval,
+        JsonDecimal,
+        JsonInt,
+        NonFiniteFloat,
+        PostgresText,
+        RawJson,
+        TimeTZ,
+    )
+
+    return {
+        "id": 1, "nan": NonFiniteFloat("nan"), "inf": [NonFiniteFloat("inf"), 1.5],
+        "ninf": NonFiniteFloat("-inf"), "date": PostgresText("infinity", "date"),
+        "interval": Interval(14, -3, -500_000),
+        "json": {"n": JsonDecimal("1.0000000000000000001"), "i": JsonInt(2**70), "s": "x"},
+        "top": JsonInt(-(2**70)), "raw": RawJson('{"a":\n 1}', "json"),
+        "timetz": TimeTZ(12, 30, tzinfo=timezone(timedelta(hours=-5, minutes=-30))),
+        "range": Range(1, 5, "[)"), "empty": Range(empty=True), "half": Range(None, 5, "()"),
+        "multi": Multirange([Range(Decimal("1.5"), None, "[)")]),
+        "inet": IPv4Interface("10.1.2.3/32"), "net": IPv4Interface("10.1.2.3/8"),
+        "v6": IPv6Address("::1"), "composite": {"at": PostgresText("24:00:00", "time")},
+    }
+
+
+def test_postgres_values_have_an_exact_unambiguous_json_form():
+    line = dumps(_postgres_values())
+    assert line == (
+        b'{"id":1,"nan":"NaN","inf":["Infinity",1.5],"ninf":"-Infinity","date":"infinity",'
+        b'"interval":"P1Y2M-3DT-0.5S",'
+        b'"json":{"n":1.0000000000000000001,"i":1180591620717411303424,"s":"x"},'
+        b'"top":-1180591620717411303424,"raw":{"a":  1},"timetz":"12:30:00-05:30",'
+        b'"range":{"lower":1,"upper":5,"bounds":"[)"},"empty":{"empty":true},'
+        b'"half":{"lower":null,"upper":5,"bounds":"()"},'
+        b'"multi":[{"lower":"1.5","upper":null,"bounds":"[)"}],'
+        b'"inet":"10.1.2.3","net":"10.1.2.3/8","v6":"::1","composite":{"at":"24:00:00"}}'
+    )
+
+
+def test_update_deltas_name_the_columns_not_sent():
+    from changefeed import Change, Operation
+    from changefeed.pipelines.delta import to_delta
+
+    change = Change(Operation.UPDATE, "public.t", new={"id": 1, "a": UNCHANGED, "b": UNCHANGED},
+                    old={"id": 1}, key={"id": 1})
+    assert to_delta(change) == {"type": "update", "model": "t", "newData": {"id": 1},
+                                "oldData": {"id": 1}, "unchanged": ["a", "b"]}
+    assert "unchanged" not in to_delta(Change(Operation.UPDATE, "public.t", new={"id": 1}))
+
+
+def test_postgres_value_types_survive_pickling():
+    import pickle
+
+    values = _postgres_values()
+    again = pickle.loads(pickle.dumps(values))
+    assert dumps(again) == dumps(values)
+    assert again["date"].type == "date" and type(again["interval"]) is type(values["interval"])
 
 
 @pytest.mark.parametrize("model", [None, "Task", 'Odd "model" ✓'])
