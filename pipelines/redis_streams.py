@@ -40,7 +40,7 @@ from changefeed.change import ALL, UNCHANGED, Change, Operation
 from changefeed.errors import ConfigurationError, PipelineError
 from changefeed.feed import ChangeFeed, Retry
 from changefeed.pipelines.delta import dumps
-from changefeed.pipelines.sinks import Batch, SinkInterrupted
+from changefeed.pipelines.sinks import Batch, RemoteSink, SinkInterrupted
 from changefeed.redact import redact
 
 log = logging.getLogger("changefeed.pipelines")
@@ -77,7 +77,7 @@ def change_from_dict(data: dict[str, Any]) -> Change:
         raise PipelineError(f"not a change: {str(data)[:200]} ({exc})") from exc
 
 
-class RedisStreamSink:
+class RedisStreamSink(RemoteSink):
     """XADD each change of a batch to ``stream``, in one round trip per batch.
 
     Put it where the items are still changes (before ``to_delta()``); workers reading the stream
@@ -114,18 +114,6 @@ class RedisStreamSink:
         if self._client is None:  # opened on first use, in the process that delivers
             self._client = redis.Redis.from_url(self.url)
         return self._client
-
-    def __getstate__(self) -> dict[str, Any]:
-        # A sink may cross to a spawned process: its client and event are made anew there.
-        return {**self.__dict__, "_client": None, "_interrupted": None}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._interrupted = threading.Event()
-
-    def interrupt(self) -> None:
-        """Give up the batch being delivered and any later one, until `close()` (any thread)."""
-        self._interrupted.set()
 
     def write_batch(self, batch: Batch) -> None:
         for item in batch.items:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import psycopg
 
+from changefeed.backends.postgres.feed import format_size
 from changefeed.backends.postgres.pgoutput import format_lsn, parse_lsn
 from changefeed.errors import (
     ChangefeedError,
@@ -66,7 +67,7 @@ def describe(state: DrainState) -> str:
         return (f"slot {state.slot} is drained: confirmed {confirmed} has passed"
                 f" {format_lsn(state.target)}")
     running = "its consumer is running" if state.active else "no consumer is running"
-    return (f"slot {state.slot} is {_size(state.behind)} behind {format_lsn(state.target)}"
+    return (f"slot {state.slot} is {format_size(state.behind)} behind {format_lsn(state.target)}"
             f" (confirmed {confirmed}; {running})")
 
 
@@ -145,10 +146,3 @@ def _state(conn: psycopg.Connection, slot: str, target: int, elapsed: float) -> 
     return DrainState(slot, target, confirmed_lsn, bool(active), elapsed)
 
 
-def _size(count: int) -> str:
-    value = float(count)
-    for unit in ("bytes", "kB", "MB", "GB"):
-        if value < 1024 or unit == "GB":
-            return f"{count} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GB"

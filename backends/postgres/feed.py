@@ -860,7 +860,7 @@ class PostgresChangeFeed(ChangeFeed):
             raise TransientBackendError(message)  # likely our own previous walsender, ending
         if first_connection and (slot.retained_bytes or 0) > RETAINED_WARNING_BYTES:
             log.warning("slot %s keeps %s of WAL on the server: this feed is far behind",
-                        self.slot, _size(slot.retained_bytes or 0))
+                        self.slot, format_size(slot.retained_bytes or 0))
 
     def _slot_position(self, conn: psycopg.Connection | None) -> str | None:
         if conn is None:
@@ -1050,14 +1050,14 @@ def _identifier(name: str, conn: psycopg.Connection) -> str:
     return sql.Identifier(name).as_string(conn)
 
 
-def _size(count: int) -> str:
-    """A byte count for people: ``1.5 GB``."""
+def format_size(count: int) -> str:
+    """A byte count for people: ``100 bytes``, ``1.5 GB``."""
     value = float(count)
-    for unit in ("B", "kB", "MB", "GB"):
-        if value < 1024 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+    for unit in ("bytes", "kB", "MB"):
+        if value < 1024:
+            return f"{count} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
         value /= 1024
-    return f"{value:.1f} TB"
+    return f"{value:.1f} GB"
 
 
 def _text(message: str | bytes | None) -> str:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import stat
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, Protocol, runtime_checkable
@@ -130,6 +131,26 @@ class JsonLinesSink:
             self._file.close()
         self._file = None
         self._owned = False
+
+
+class RemoteSink:
+    """What the sinks that talk to a server share: a client made on first use, in the process
+    that delivers (a sink may cross to a spawned process without it), and `interrupt`."""
+
+    _client: Any = None
+    _interrupted: threading.Event
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_client": None, "_interrupted": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._interrupted = threading.Event()
+
+    def interrupt(self) -> None:
+        """Give up the batch being delivered (no further attempt or wait) and any later one,
+        until `close()`. Safe from any thread; the pipeline calls it to stop."""
+        self._interrupted.set()
 
 
 class CallbackSink:

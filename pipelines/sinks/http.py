@@ -26,7 +26,7 @@ from changefeed.change import Change
 from changefeed.errors import ConfigurationError, PipelineError
 from changefeed.feed import Retry
 from changefeed.pipelines.delta import dumps, to_delta
-from changefeed.pipelines.sinks import Batch, SinkInterrupted, jsonable
+from changefeed.pipelines.sinks import Batch, RemoteSink, SinkInterrupted, jsonable
 from changefeed.redact import redact
 
 log = logging.getLogger("changefeed.pipelines")
@@ -49,7 +49,7 @@ def sign(secret: str | bytes, body: bytes) -> str:
     return "sha256=" + hmac.new(key, body, hashlib.sha256).hexdigest()
 
 
-class _HttpSink:
+class _HttpSink(RemoteSink):
     """Shared by the HTTP sinks: a lazily opened client and the retry loop."""
 
     retry_read_timeout = True
@@ -68,19 +68,6 @@ class _HttpSink:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.shown_url}>"
-
-    def __getstate__(self) -> dict[str, Any]:
-        # A sink may cross to a spawned process: its client and event are made anew there.
-        return {**self.__dict__, "_client": None, "_interrupted": None}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._interrupted = threading.Event()
-
-    def interrupt(self) -> None:
-        """Give up the batch being delivered (no further attempt or wait) and any later one,
-        until `close()`. Safe from any thread; the pipeline calls it to stop."""
-        self._interrupted.set()
 
     @property
     def client(self) -> httpx.Client:
