@@ -134,18 +134,9 @@ class RedisStreamSink(RemoteSink):
                     f"Redis at {self.shown_url} refused the credentials: {redact(str(exc))}"
                 ) from exc
             except (redis.ConnectionError, redis.TimeoutError) as exc:
-                problem = redact(f"{type(exc).__name__}: {exc}")
                 failures += 1
-                if self.retry.attempts is not None and failures > self.retry.attempts:
-                    raise PipelineError(
-                        f"Redis at {self.shown_url} failed {failures} times; last: {problem}"
-                    ) from exc
-                delay = self.retry.delay(failures)
-                log.warning("Redis at %s: %s; retrying in %.1f s", self.shown_url, problem, delay)
-                if self._interrupted.wait(delay):
-                    raise SinkInterrupted(
-                        f"{self.name}: stopped while retrying; last: {problem}"
-                    ) from exc
+                self._retry_or_give_up(failures, redact(f"{type(exc).__name__}: {exc}"), exc,
+                                       f"Redis at {self.shown_url}", self.name)
             except redis.RedisError as exc:  # an answer: sending it again cannot change it
                 raise PipelineError(
                     f"Redis at {self.shown_url} refused the batch: {redact(str(exc))}"

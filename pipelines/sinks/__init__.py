@@ -25,6 +25,7 @@ Built-ins: `JsonLinesSink`, `CallbackSink`, `WebhookSink` and `SnorkySink` (in
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import sys
@@ -36,6 +37,8 @@ from typing import IO, Any, Protocol, runtime_checkable
 from changefeed.change import Change, Position
 from changefeed.errors import PipelineError
 from changefeed.pipelines.delta import dumps_line
+
+log = logging.getLogger("changefeed.pipelines")
 
 
 class SinkInterrupted(PipelineError):
@@ -151,6 +154,20 @@ class RemoteSink:
         """Give up the batch being delivered (no further attempt or wait) and any later one,
         until `close()`. Safe from any thread; the pipeline calls it to stop."""
         self._interrupted.set()
+
+    def _retry_or_give_up(
+        self, failures: int, problem: str, cause: BaseException | None, where: str, name: str
+    ) -> None:
+        """After the ``failures``-th failed attempt (``problem``, already redacted): past
+        ``self.retry``'s bound a `PipelineError`, else a warning and the backoff, which a stop
+        request ends at once with `SinkInterrupted`."""
+        retry = self.retry  # type: ignore[attr-defined]
+        if retry.attempts is not None and failures > retry.attempts:
+            raise PipelineError(f"{where} failed {failures} times; last: {problem}") from cause
+        delay = retry.delay(failures)
+        log.warning("%s: %s; retrying in %.1f s", where, problem, delay)
+        if self._interrupted.wait(delay):
+            raise SinkInterrupted(f"{name}: stopped while retrying; last: {problem}") from cause
 
 
 class CallbackSink:

@@ -100,16 +100,8 @@ class _HttpSink(RemoteSink):
                 problem = f"HTTP {status} {response.reason_phrase}"
                 cause = None
             failures += 1
-            if self.retry.attempts is not None and failures > self.retry.attempts:
-                raise PipelineError(
-                    f"{self.shown_url} failed {failures} times; last: {redact(problem)}"
-                ) from cause
-            delay = self.retry.delay(failures)
-            log.warning("%s: %s; retrying in %.1f s", self.shown_url, redact(problem), delay)
-            if self._interrupted.wait(delay):  # a stop request ends the wait at once
-                raise SinkInterrupted(
-                    f"{self.shown_url}: stopped while retrying; last: {redact(problem)}"
-                ) from cause
+            self._retry_or_give_up(failures, redact(problem), cause, self.shown_url,
+                                   self.shown_url)
 
     def read_timeout(self) -> PipelineError:
         return PipelineError(f"{self.shown_url} did not answer within {self.timeout} s")
