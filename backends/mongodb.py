@@ -92,7 +92,8 @@ from changefeed.errors import (
     TransientBackendError,
     first_line,
 )
-from changefeed.feed import ChangeFeed, get_changefeed
+from changefeed.feed import ChangeFeed
+from changefeed.registry import register_backend
 
 log = logging.getLogger("changefeed.mongodb")
 
@@ -552,6 +553,7 @@ class MongoChangeFeed(ChangeFeed):
             if not self._checked:
                 self._check_collection(collection)
                 self._checked = True
+                self.mark_connected()
             start, snapshot = self._start()
             while True:
                 try:
@@ -794,25 +796,9 @@ def _resolve(table: str, connection: Any, database: str | None) -> tuple[str, st
 # -- registration --------------------------------------------------------------------------------
 
 
-def feed_from_url(
-    url: str, table: str, operation: int = ALL, *, prefeed: Any = None, **options: Any
-) -> MongoChangeFeed:
-    """The feed for a ``mongodb://`` or ``mongodb+srv://`` URL (used by `get_changefeed`)."""
-    return MongoChangeFeed(table, operation, prefeed=prefeed, connection=url, **options)
-
-
-@get_changefeed.register(pymongo.MongoClient)
-@get_changefeed.register(Database)
-@get_changefeed.register(Collection)
-def _get_changefeed_for_pymongo(
-    connection: Any,
-    table: str,
-    operation: int = ALL,
-    *,
-    prefeed: Any = None,
-    **options: Any,
-) -> MongoChangeFeed:
-    return MongoChangeFeed(table, operation, prefeed=prefeed, connection=connection, **options)
+register_backend(
+    "mongodb", MongoChangeFeed, connection_types=[pymongo.MongoClient, Database, Collection]
+)
 
 
 __all__ = [
@@ -822,7 +808,6 @@ __all__ = [
     "apply_update",
     "classify_error",
     "decode_event",
-    "feed_from_url",
     "is_transient_error",
     "operation_types",
     "position_token",

@@ -83,7 +83,8 @@ from changefeed.errors import (
     TransientBackendError,
     first_line,
 )
-from changefeed.feed import ChangeFeed, get_changefeed
+from changefeed.feed import ChangeFeed
+from changefeed.registry import register_backend
 
 log = logging.getLogger("changefeed.rethinkdb")
 
@@ -452,6 +453,7 @@ class RethinkChangeFeed(ChangeFeed):
                 ) from exc
             raise
         self._connected_before = True
+        self.mark_connected()
 
     def _lookup_primary_key(self) -> str:
         try:
@@ -510,20 +512,6 @@ def _reason(exc: BaseException) -> str:
 # -- registration --------------------------------------------------------------------------------
 
 
-def feed_from_url(
-    url: str, table: str, operation: int = ALL, *, prefeed: Any = None, **options: Any
-) -> RethinkChangeFeed:
-    """The feed for a ``rethinkdb://`` URL (used by `get_changefeed` and the CLI)."""
-    return RethinkChangeFeed(table, operation, prefeed=prefeed, connection=url, **options)
-
-
-@get_changefeed.register(rethinkdb.net.DefaultConnection)
-def _get_changefeed_for_rethinkdb(
-    connection: rethinkdb.net.DefaultConnection,
-    table: str,
-    operation: int = ALL,
-    *,
-    prefeed: Any = None,
-    **options: Any,
-) -> RethinkChangeFeed:
-    return RethinkChangeFeed(table, operation, prefeed=prefeed, connection=connection, **options)
+register_backend(
+    "rethinkdb", RethinkChangeFeed, connection_types=[rethinkdb.net.DefaultConnection]
+)

@@ -18,8 +18,9 @@ from changefeed.errors import (
     ResumeError,
     TransientBackendError,
 )
-from changefeed.feed import ChangeFeed, FeedStats, Retry, get_changefeed
+from changefeed.feed import ChangeFeed, FeedStats, Retry
 from changefeed.message import Message
+from changefeed.registry import get_changefeed
 
 INSERT = Operation.INSERT
 DELETE = Operation.DELETE

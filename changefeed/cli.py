@@ -27,17 +27,13 @@ import click
 
 from changefeed.change import Change, Operation
 from changefeed.checkpoint import FileCheckpoint
+from changefeed.delivery import ThrottledAcks
 from changefeed.errors import ChangefeedError
-from changefeed.feed import (
-    ChangeFeed,
-    ThrottledAcks,
-    get_changefeed,
-    is_postgresql_url,
-    url_scheme,
-)
+from changefeed.feed import ChangeFeed
 from changefeed.pipelines.delta import delta_line_encoder, dumps_line
 from changefeed.preflight import check_writable
 from changefeed.redact import RedactingFormatter, install_excepthook, redact
+from changefeed.registry import get_changefeed, is_postgresql_url, url_scheme
 
 log = logging.getLogger("changefeed")
 

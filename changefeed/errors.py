@@ -7,6 +7,7 @@ One small tree, so callers can catch at the depth they care about::
      ├── BackendError               the database or its driver failed
      │    ├── TransientBackendError   worth retrying: connection dropped, server restarting
      │    └── PermanentBackendError   retrying cannot help: no privilege, wal_level, slot in use
+     │         └── DecodeError          the source sent what changefeed cannot read
      ├── ResumeError                the saved position cannot be resumed (history lost)
      └── PipelineError              a stage or sink failed while handling a change
 
@@ -46,6 +47,11 @@ class TransientBackendError(BackendError):
 
 class PermanentBackendError(BackendError):
     """A failure that reconnecting cannot cure (missing privilege, wrong server setting)."""
+
+
+class DecodeError(PermanentBackendError):
+    """The source sent something changefeed cannot decode (an unknown message type, a row
+    that does not match its table's description): reconnecting would read it again."""
 
 
 class ResumeError(ChangefeedError):

@@ -10,7 +10,9 @@ logic exists once:
 * an exception the backend's `is_transient()` accepts is followed by a reconnect after an
   exponential backoff with jitter, resuming from the last acknowledged position;
 * any other exception ends the feed: changefeed's own errors as they are, a driver's error
-  wrapped in `PermanentBackendError`.
+  wrapped in `PermanentBackendError`;
+* so does any failure before the backend first reached its server (`mark_connected()`): that
+  is most likely a wrong URL or a server that is down, better said at once than retried forever.
 
 Delivery is at least once. A consumer acknowledges with `ChangeFeed.ack()` once a change is
 safely delivered; iterating a feed acknowledges a change when the next one is asked for.
@@ -18,17 +20,13 @@ safely delivered; iterating a feed acknowledges a change when the next one is as
 
 from __future__ import annotations
 
-import functools
-import importlib
 import logging
 import random
-import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 from multipipes import Node
 
@@ -38,6 +36,7 @@ from changefeed.errors import (
     ChangefeedError,
     ConfigurationError,
     PermanentBackendError,
+    TransientBackendError,
     first_line,
 )
 
@@ -90,7 +89,9 @@ class ChangeFeed(Node):
     It is a `multipipes.Node`: put it in a ``Pipeline`` and its changes go to ``outqueue``. It is
     also an iterable: ``for change in feed`` runs the same code in the calling process.
 
-    Backends subclass it and implement `run_changefeed()` and `is_transient()`.
+    Backends subclass it, implement `run_changefeed()` and `is_transient()`, call
+    `mark_connected()` once they reached their server, and register with
+    `changefeed.registry.register_backend`.
 
     Args:
         table: the table or collection to watch (backends accept qualified names).
@@ -145,7 +146,21 @@ class ChangeFeed(Node):
         self.stats = FeedStats()
         self.acknowledged: Position = self.checkpoint.load(self.feed_id)
         self.stats.acknowledged = self.acknowledged
+        self.connected_once = False
+        """Whether the backend ever reached its server (see `mark_connected`)."""
         self._stopping = False
+
+    @property
+    def position(self) -> Position:
+        """The resume state: the last acknowledged position (loaded from the checkpoint store
+        at start). A feed resumes after it; None means from the start (or the server's slot)."""
+        return self.acknowledged
+
+    @property
+    def stopping(self) -> bool:
+        """Whether `stop()` was called since the current `changes()` began: a consumer waiting
+        on its sink reads this to give up waiting."""
+        return self._stopping
 
     # -- what a backend implements -------------------------------------------------------------
 
@@ -165,7 +180,11 @@ class ChangeFeed(Node):
         return isinstance(exc, TransientBackendError)
 
     def on_acknowledge(self, position: Position) -> None:
-        """Called after ``position`` was acknowledged; backends tell their server here."""
+        """Called after ``position`` was acknowledged; backends note it for their server here.
+
+        It must not block or connect: the backend tells its server from its stream loop,
+        `keep_alive()` or `close()`.
+        """
 
     def close(self) -> None:
         """Release the backend's connections. The feed may be iterated again afterwards."""
@@ -180,6 +199,31 @@ class ChangeFeed(Node):
         """
 
     # -- what every feed shares ----------------------------------------------------------------
+
+    def mark_connected(self) -> None:
+        """Backends call this once they reached their server (connected, checked the table);
+        handing out a change or a tick counts as well.
+
+        Until then every failure ends the feed instead of being retried: a wrong URL or a
+        server that is down is said at once."""
+        self.connected_once = True
+
+    def snapshot_changes(
+        self, rows: Iterable[Any], make: Callable[[Any, int, bool], Change], noun: str = "rows"
+    ) -> Iterator[Change]:
+        """Snapshot changes made by ``make(row, number, last)`` from ``rows``, read one row
+        ahead so the last change can say the snapshot is done; logs its start and size."""
+        log.info("snapshot of %s: reading", self.table)
+        count = 0
+        previous: Any = None
+        for row in rows:
+            if count:
+                yield make(previous, count, False)
+            count += 1
+            previous = row
+        if count:
+            yield make(previous, count, True)
+        log.info("snapshot of %s: %s %s", self.table, f"{count:,}", noun)
 
     def ack(self, position: Position) -> None:
         """Acknowledge that every change up to ``position`` was delivered.
@@ -233,6 +277,7 @@ class ChangeFeed(Node):
             failures = 0
             while not self._stopping and (stop_after is None or emitted < stop_after):
                 last_seen = monotonic()
+                emitted_before = emitted
                 stream = self.run_changefeed()
                 try:
                     # The hot loop: keep it lean, it runs once per change.
@@ -250,6 +295,7 @@ class ChangeFeed(Node):
                                 if deadline is not None and last_seen >= deadline:
                                     return
                         else:
+                            self.connected_once = True  # a tick: the backend is streaming
                             now = monotonic()
                             if deadline is not None and now >= deadline:
                                 return
@@ -260,14 +306,14 @@ class ChangeFeed(Node):
                         if self._stopping:
                             return
                     return
-                except ChangefeedError as exc:
-                    if not self.is_transient(exc):
-                        raise
-                    failures += 1
-                    self._wait_before_retry(exc, failures, deadline)
                 except Exception as exc:
-                    if not self.is_transient(exc):
-                        raise PermanentBackendError(f"{type(exc).__name__}: {exc}") from exc
+                    if emitted > emitted_before:  # the backend streamed: it was connected
+                        self.connected_once = True
+                    if not (self.connected_once and self.is_transient(exc)):
+                        error = _permanent(exc)
+                        if error is exc:
+                            raise
+                        raise error from exc
                     failures += 1
                     self._wait_before_retry(exc, failures, deadline)
                 finally:
@@ -317,144 +363,11 @@ class ChangeFeed(Node):
                 self.ack(change.position)
 
 
-class ThrottledAcks:
-    """Acknowledges the latest delivered position of a feed, at most every ``interval`` seconds.
-
-    A file checkpoint fsyncs on each acknowledgement, and under load output is confirmed
-    hundreds of times a second; acknowledging less often caps that cost, and a crash then
-    repeats at most ``interval`` seconds of output, never loses any.
-    """
-
-    __slots__ = ("feed", "interval", "pending", "last")
-
-    def __init__(self, feed: ChangeFeed, interval: float) -> None:
-        self.feed = feed
-        self.interval = interval
-        self.pending: Position = None
-        self.last = 0.0
-
-    def delivered(self, position: Position, final: bool = False) -> None:
-        """Note ``position`` as delivered (None: nothing new), then acknowledge the latest
-        delivered position if ``interval`` has passed since the last acknowledgement or
-        ``final`` is set."""
-        if position is not None:
-            self.pending = position
-        if self.pending is None:
-            return
-        now = time.monotonic()
-        if final or now - self.last >= self.interval:
-            self.feed.ack(self.pending)
-            self.pending = None
-            self.last = now
-
-
-# -- get_changefeed ----------------------------------------------------------------------------
-
-_URL_BACKENDS = {
-    "postgresql": "changefeed.backends.postgres",
-    "postgres": "changefeed.backends.postgres",
-    "mongodb": "changefeed.backends.mongodb",
-    "mongodb+srv": "changefeed.backends.mongodb",
-    "rethinkdb": "changefeed.backends.rethinkdb",
-}
-
-
-_SCHEME = re.compile(r"\s*([A-Za-z][A-Za-z0-9+.-]*)://")
-
-
-def url_scheme(url: str) -> str:
-    """The scheme of ``url`` in lower case (``postgresql``), or "" for a string without one.
-
-    Only the scheme is read, so a malformed rest (``postgresql://[bad``) is left for the
-    backend to report."""
-    match = _SCHEME.match(url)
-    return match.group(1).lower() if match else ""
-
-
-def _backend_module(url: str) -> str | None:
-    """The backend module for ``url``; a libpq conninfo string (``host=db dbname=app``) goes to
-    PostgreSQL, as psycopg accepts it."""
-    from changefeed.preflight import looks_like_conninfo
-
-    if looks_like_conninfo(url):
-        return "changefeed.backends.postgres"
-    return _URL_BACKENDS.get(url_scheme(url))
-
-
-def is_postgresql_url(url: str) -> bool:
-    """Whether ``url`` goes to the PostgreSQL backend (``postgresql://``, ``postgres://``, or a
-    ``key=value`` conninfo string)."""
-    return _backend_module(url) == "changefeed.backends.postgres"
-
-
-_DRIVER_BACKENDS = {
-    "psycopg": "changefeed.backends.postgres",
-    "pymongo": "changefeed.backends.mongodb",
-    "rethinkdb": "changefeed.backends.rethinkdb",
-}
-"""The backend that registers the connection types of each driver package."""
-
-
-@functools.singledispatch
-def get_changefeed(
-    connection: Any,
-    table: str,
-    operation: int = ALL,
-    *,
-    prefeed: Iterable[Any] | str | None = None,
-    **options: Any,
-) -> ChangeFeed:
-    """Return the feed of ``table`` for ``connection``'s backend.
-
-    Dispatches on the connection's type: a psycopg ``Connection``, a pymongo ``MongoClient`` /
-    ``Database`` / ``Collection``, a rethinkdb connection, or a URL string
-    (``postgresql://``, ``mongodb://``, ``rethinkdb://``). ``options`` go to the backend's feed.
-    """
-    module_name = _DRIVER_BACKENDS.get(type(connection).__module__.partition(".")[0])
-    if module_name is not None:
-        importlib.import_module(module_name)  # registers the driver's connection types
-        backend = get_changefeed.dispatch(type(connection))
-        if backend is not get_changefeed.registry[object]:
-            return backend(connection, table, operation, prefeed=prefeed, **options)
-    raise ConfigurationError(
-        f"no changefeed backend for a {type(connection).__module__}.{type(connection).__name__};"
-        " pass a psycopg, pymongo or rethinkdb connection, or a URL"
-    )
-
-
-@get_changefeed.register(str)
-def _get_changefeed_from_url(
-    connection: str,
-    table: str,
-    operation: int = ALL,
-    *,
-    prefeed: Iterable[Any] | str | None = None,
-    **options: Any,
-) -> ChangeFeed:
-    module_name = _backend_module(connection)
-    if module_name is None:
-        scheme = url_scheme(connection)
-        known = ", ".join(f"{name}://" for name in _URL_BACKENDS)
-        shown = f"{scheme}://" if scheme else "no scheme"
-        raise ConfigurationError(
-            f"unsupported URL ({shown}): use one of {known} (or a PostgreSQL"
-            " 'host=... dbname=...' string)"
-        )
-    extra = module_name.rsplit(".", 1)[-1]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigurationError(
-            f"the {extra} backend needs its driver: pip install 'changefeed[{extra}]' ({exc})"
-        ) from exc
-    if module_name == "changefeed.backends.postgres":
-        from changefeed.preflight import check_postgresql_dsn
-
-        check_postgresql_dsn(connection)  # a malformed URL: one line now, not at connect
-    else:
-        try:
-            urlsplit(connection)  # what the other backends parse it with (brackets, ...)
-        except ValueError as exc:
-            backend = {"mongodb": "MongoDB", "rethinkdb": "RethinkDB"}.get(extra, extra)
-            raise ConfigurationError(f"bad {backend} URL: {exc}") from exc
-    return module.feed_from_url(connection, table, operation, prefeed=prefeed, **options)
+def _permanent(exc: Exception) -> ChangefeedError:
+    """``exc`` as the error that ends a feed: changefeed's own as it is (a transient one, seen
+    before the server was ever reached, made permanent), a driver's wrapped."""
+    if isinstance(exc, TransientBackendError):
+        return PermanentBackendError(exc.message)
+    if isinstance(exc, ChangefeedError):
+        return exc
+    return PermanentBackendError(f"{type(exc).__name__}: {exc}")

@@ -75,6 +75,7 @@ class MemoryFeed(ChangeFeed):
             pass
 
     def run_changefeed(self) -> Iterator[Change | None]:
+        self.mark_connected()  # nothing to reach: the log is in memory
         self._drain(0)
         index = self._start_index()
         while True:

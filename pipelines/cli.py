@@ -48,13 +48,13 @@ from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 from changefeed.change import Change
 from changefeed.cli import ACK_SECONDS
 from changefeed.errors import ConfigurationError
-from changefeed.feed import url_scheme
 from changefeed.pipelines.filters import Filter, compile_filter
 from changefeed.pipelines.pipeline import Pipeline
 from changefeed.pipelines.sinks import JsonLinesSink
 from changefeed.pipelines.stages import subscription, to_delta, where
 from changefeed.preflight import check_writable
 from changefeed.redact import redact
+from changefeed.registry import url_scheme
 
 WEBHOOK_SECRET_ENV = "CHANGEFEED_WEBHOOK_SECRET"
 

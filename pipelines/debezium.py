@@ -303,7 +303,7 @@ _OPERATIONS = {"c": Operation.INSERT, "r": Operation.INSERT, "u": Operation.UPDA
 def database_of(url: str) -> str | None:
     """The database name of a PostgreSQL URL or conninfo, for ``source.db`` (None otherwise:
     MongoDB's database comes with each change's table)."""
-    from changefeed.feed import is_postgresql_url
+    from changefeed.registry import is_postgresql_url
 
     if not url or ("://" in url and not is_postgresql_url(url)):
         return None

@@ -53,8 +53,8 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from changefeed.delivery import ThrottledAcks
 from changefeed.errors import ChangefeedError, ConfigurationError, PipelineError
-from changefeed.feed import ThrottledAcks
 from changefeed.pipelines._delivery import StopTimeout, _Delivery
 from changefeed.pipelines._processes import _MultiProcessRun
 from changefeed.pipelines._steps import _Confirmed, _Entry, _Segment, _SinkStep

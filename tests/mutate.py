@@ -54,8 +54,9 @@ PG_LEDGER_TESTS = " ".join([
 
 TARGETS: dict[str, tuple[str, list[str], str]] = {
     # name: (file, functions or classes ("Class.method" or "Class"), tests)
-    "acks": ("changefeed/feed.py", ["ChangeFeed.ack", "ThrottledAcks", "ChangeFeed.__iter__"],
+    "acks": ("changefeed/feed.py", ["ChangeFeed.ack", "ChangeFeed.__iter__"],
              "tests/test_feed.py tests/test_acks.py"),
+    "throttle": ("changefeed/delivery.py", ["ThrottledAcks"], "tests/test_acks.py"),
     "operations": ("changefeed/change.py", ["Operation"],
                    "tests/test_change.py tests/test_feed.py tests/test_acks.py"),
     "checkpoint": ("changefeed/checkpoint.py", ["MemoryCheckpoint", "FileCheckpoint"],

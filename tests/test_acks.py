@@ -22,7 +22,7 @@ from changefeed.backends.postgres.pgoutput import (
     parse_lsn,
     parse_position,
 )
-from changefeed.feed import ThrottledAcks
+from changefeed.delivery import ThrottledAcks
 from changefeed.testing import MemoryFeed, insert
 
 

@@ -92,6 +92,67 @@ def test_unacknowledged_changes_are_delivered_again_after_a_reconnect():
     assert [c.position for c in feed.changes()] == [1, 1, 2, 3]
 
 
+class UnreachableFeed(MemoryFeed):
+    """Fails before it ever reached its server, then (if asked again) would stream."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.connects = 0
+
+    def run_changefeed(self):
+        self.connects += 1
+        if self.connects == 1:
+            raise TransientBackendError("connection refused")
+        yield from super().run_changefeed()
+
+
+def test_a_transient_failure_before_the_server_was_ever_reached_ends_the_feed():
+    feed = UnreachableFeed("t", changes=CHANGES, retry=Retry(initial=0.01))
+    with pytest.raises(PermanentBackendError, match="^connection refused$"):
+        list(feed.changes())
+    assert feed.connects == 1
+    assert not feed.connected_once
+
+
+class TickThenFailFeed(MemoryFeed):
+    """Streams (a tick), then loses its connection once: a reconnect must follow."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.connects = 0
+
+    def run_changefeed(self):
+        self.connects += 1
+        if self.connects == 1:
+            yield None  # streaming, without calling mark_connected() itself
+            raise TransientBackendError("server closed the connection")
+        yield from super().run_changefeed()
+
+
+def test_a_feed_that_streamed_is_connected_and_reconnects_after_a_transient_failure():
+    feed = TickThenFailFeed("t", changes=CHANGES, retry=Retry(initial=0.01))
+    assert [c.position for c in feed.changes()] == [1, 2, 3]
+    assert feed.connects == 2
+    assert feed.stats.reconnects == 1
+
+
+def test_stopping_and_position_are_public():
+    feed = MemoryFeed("t", changes=CHANGES)
+    assert not feed.stopping and feed.position is None
+    for change in feed.changes():
+        feed.ack(change.position)
+        feed.stop()
+        assert feed.stopping
+    assert feed.position == 1
+
+
+def test_snapshot_changes_read_one_row_ahead_and_mark_the_last():
+    feed = MemoryFeed("t")
+    made = list(feed.snapshot_changes(iter("abc"), lambda row, number, last: (row, number, last)))
+    assert made == [("a", 1, False), ("b", 2, False), ("c", 3, True)]
+    assert list(feed.snapshot_changes([], lambda *args: args)) == []
+
+
 def test_permanent_errors_end_the_feed():
     feed = FlakyFeed("t", changes=CHANGES, fail_times=1, error=ValueError)
     with pytest.raises(PermanentBackendError, match="ValueError"):

@@ -76,8 +76,10 @@ from changefeed.errors import (
     TransientBackendError,
     first_line,
 )
-from changefeed.feed import ChangeFeed, get_changefeed
+from changefeed.feed import ChangeFeed
 from changefeed.message import Message
+from changefeed.preflight import check_postgresql_dsn
+from changefeed.registry import register_backend
 
 log = logging.getLogger("changefeed.postgres")
 
@@ -219,6 +221,7 @@ class PostgresChangeFeed(ChangeFeed):
                 raise PermanentBackendError(_connect_failure(exc, self.dsn)) from exc
             raise
         self._connected_before = True
+        self.mark_connected()
 
         if slot is not None and self.prefeed == "snapshot" and (
             self._meta.get("snapshot") == _SNAPSHOT_PENDING
@@ -1082,20 +1085,7 @@ def _connect_failure(exc: BaseException, dsn: str) -> str:
 # -- registration --------------------------------------------------------------------------------
 
 
-def feed_from_url(
-    url: str, table: str, operation: int = ALL, *, prefeed: Any = None, **options: Any
-) -> PostgresChangeFeed:
-    """The feed for a ``postgresql://`` URL (used by `get_changefeed` and the CLI)."""
-    return PostgresChangeFeed(table, operation, prefeed=prefeed, connection=url, **options)
-
-
-@get_changefeed.register(psycopg.Connection)
-def _get_changefeed_for_psycopg(
-    connection: psycopg.Connection,
-    table: str,
-    operation: int = ALL,
-    *,
-    prefeed: Any = None,
-    **options: Any,
-) -> PostgresChangeFeed:
-    return PostgresChangeFeed(table, operation, prefeed=prefeed, connection=connection, **options)
+register_backend(
+    "postgres", PostgresChangeFeed, connection_types=[psycopg.Connection],
+    check_url=check_postgresql_dsn,
+)

@@ -38,6 +38,7 @@ from changefeed import (
     Operation,
     PermanentBackendError,
     ResumeError,
+    Retry,
     TransientBackendError,
     get_changefeed,
 )
@@ -47,13 +48,11 @@ from changefeed.backends.mongodb import (
     apply_update,
     classify_error,
     decode_event,
-    feed_from_url,
     is_transient_error,
     operation_types,
     position_token,
     token_position,
 )
-from changefeed.feed import Retry
 
 RECORDED = json_util.loads(
     (Path(__file__).parent / "recorded" / "mongodb_events.json").read_text()
@@ -644,13 +643,13 @@ def test_a_transient_error_after_the_snapshot_does_not_read_it_again():
 
 
 def test_collection_names_come_from_the_table_the_url_or_the_database_argument():
-    assert feed_from_url("mongodb://localhost/app", "tasks").table == "app.tasks"
-    assert feed_from_url("mongodb://localhost/", "app.tasks").table == "app.tasks"
-    assert feed_from_url("mongodb://h1,h2/app?replicaSet=rs0", "app.tasks").table == "app.tasks"
-    feed = feed_from_url("mongodb://localhost", "events.2024", database="app")
+    assert get_changefeed("mongodb://localhost/app", "tasks").table == "app.tasks"
+    assert get_changefeed("mongodb://localhost/", "app.tasks").table == "app.tasks"
+    assert get_changefeed("mongodb://h1,h2/app?replicaSet=rs0", "app.tasks").table == "app.tasks"
+    feed = get_changefeed("mongodb://localhost", "events.2024", database="app")
     assert (feed.database_name, feed.collection_name) == ("app", "events.2024")
     with pytest.raises(ConfigurationError, match="no database for collection 'tasks'"):
-        feed_from_url("mongodb://localhost", "tasks")
+        get_changefeed("mongodb://localhost", "tasks")
 
 
 def test_get_changefeed_dispatches_on_urls_and_pymongo_objects():
@@ -685,7 +684,7 @@ def test_bad_options_are_configuration_errors():
 
 def test_a_server_unreachable_at_start_is_a_permanent_error_naming_it():
     # Retrying forever would hide a wrong URL; once connected, losing it is transient.
-    feed = feed_from_url(
+    feed = get_changefeed(
         "mongodb://127.0.0.1:1/app", "tasks", client_options={"serverSelectionTimeoutMS": 100},
     )
     with pytest.raises(PermanentBackendError, match="cannot reach MongoDB at 127.0.0.1:1"):

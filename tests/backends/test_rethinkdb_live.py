@@ -19,10 +19,9 @@ from typing import Any
 import pytest
 from rethinkdb import r
 
-from changefeed import Change, Operation
+from changefeed import Change, Operation, Retry, get_changefeed
 from changefeed.backends.rethinkdb import ConnectionParams, RethinkChangeFeed
 from changefeed.errors import ConfigurationError
-from changefeed.feed import Retry, get_changefeed
 
 URL = os.environ.get("CHANGEFEED_TEST_RETHINKDB_URL", "")
 

@@ -39,7 +39,7 @@ from rethinkdb.errors import (
     ReqlUserError,
 )
 
-from changefeed import Change, Operation
+from changefeed import Change, Operation, Retry, get_changefeed
 from changefeed.backends.rethinkdb import (
     ConnectionParams,
     RethinkChangeFeed,
@@ -54,7 +54,6 @@ from changefeed.errors import (
     PermanentBackendError,
     TransientBackendError,
 )
-from changefeed.feed import Retry, get_changefeed
 
 RAW = json.loads((Path(__file__).parent / "recorded" / "rethinkdb_events.json").read_text())
 
