@@ -14,17 +14,15 @@ import logging
 import queue
 import signal
 import time
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import multipipes
 
-from changefeed.errors import ChangefeedError, PipelineError
-from changefeed.pipelines._delivery import SLOW_SINK, STOP_GRACE
+from changefeed.delivery import Output
+from changefeed.errors import PipelineError
+from changefeed.pipelines._sink_thread import SLOW_SINK, STOP_GRACE
 from changefeed.pipelines._steps import _Chunk, _Entry, _Failure, _Segment, _SinkStep
-
-if TYPE_CHECKING:
-    from changefeed.pipelines.pipeline import Pipeline
+from changefeed.pipelines.stages import BatchPolicy, Stage
 
 log = logging.getLogger("changefeed.pipelines")
 
@@ -101,15 +99,25 @@ class _WorkerNode(multipipes.Node):
             self.target.close()
 
 
-class _MultiProcessRun:
-    """The feed's side of a multi-process pipeline: sends chunks, acknowledges confirmations."""
+class PipelineParts(Protocol):
+    """What a multi-process output needs of its pipeline (`Pipeline` has it)."""
 
-    def __init__(self, pipeline: Pipeline) -> None:
-        self.pipeline = pipeline
+    feed: Any
+    sink: Any
+    dead_letter: Any
+    policy: BatchPolicy
+    _groups: list[list[Stage]]
+
+
+class MultiProcessOutput(Output):
+    """The feed's side of a multi-process pipeline: sends chunks, confirms what comes back."""
+
+    def __init__(self, pipeline: PipelineParts) -> None:
         policy = pipeline.policy
         keep = pipeline.dead_letter is not None
-        dead_letter = pipeline.dead_letter
-        self.segment = _Segment(pipeline._groups[0], keep_change=keep, dead_letter=dead_letter)
+        self.feed = pipeline.feed
+        self.segment = _Segment(pipeline._groups[0], keep_change=keep,
+                                dead_letter=pipeline.dead_letter)
         self.keep_change = keep
         groups = pipeline._groups[1:]
         self.workers = []
@@ -118,7 +126,10 @@ class _MultiProcessRun:
             sink_step = _SinkStep(pipeline.sink, pipeline.dead_letter, policy) if last else None
             self.workers.append(_Worker(_Segment(stages, keep, pipeline.dead_letter), sink_step))
         self.chunk_size = policy.size
+        self.seconds = policy.seconds
         self.max_in_flight = 4 * policy.size
+        self.chunk: list[_Entry] = []
+        self.chunk_started = 0.0
         self.sent = 0
         self.confirmed = 0
         self.last_alive_check = time.monotonic()
@@ -128,8 +139,7 @@ class _MultiProcessRun:
         self.abandoned = False
         """Set when a stop gave up waiting for the workers: they are ended, not shut down."""
 
-    def run(self, changes: Iterable[Any]) -> int:
-        pipeline = self.pipeline
+    def open(self) -> None:
         self.inqueue = multipipes.Pipe()
         self.outqueue = multipipes.Pipe()
         self.nodes = [
@@ -140,64 +150,48 @@ class _MultiProcessRun:
             )
             for worker in self.workers
         ]
-        mp_pipeline = multipipes.Pipeline([self.inqueue, *self.nodes, self.outqueue])
-        mp_pipeline.start()  # before the feed connects: the workers share no socket with it
-        clean = False
-        try:
-            self._stream(changes)
-            clean = not self.abandoned
-        finally:
-            if clean:
-                mp_pipeline.poison_pill()
-            else:
-                self._terminate()
-        return pipeline.handled
+        self.mp_pipeline = multipipes.Pipeline([self.inqueue, *self.nodes, self.outqueue])
+        self.mp_pipeline.start()  # before the feed connects: the workers share no socket with it
 
-    def _stream(self, changes: Iterable[Any]) -> None:
-        chunk: list[_Entry] = []
-        started = 0.0
-        seconds = self.pipeline.policy.seconds
-        monotonic = time.monotonic
-        try:
-            for change in changes:
-                if change is None:
-                    if chunk:
-                        self._send(chunk, flush=True)
-                        chunk = []
-                    # Caught up with the source. If the workers are slow, wait for them here,
-                    # where keep_alive() answers the source (a PostgreSQL shutdown waits for a
-                    # client that keeps answering from its stream loop with changes undelivered).
-                    slow = monotonic() - self.last_progress >= SLOW_SINK
-                    self._drain(until_all=slow and self.sent > self.confirmed)
-                    continue
-                if not chunk:
-                    started = monotonic()
-                entries, failure = self.segment.process([_Entry(change, self.keep_change)])
-                chunk.extend(entries)
-                if failure is not None:
-                    self._send(chunk, flush=True)
-                    self.inqueue.put(failure)
-                    log.error("%s", failure.message, exc_info=failure.cause)
-                    self._drain(until_all=True, expect_failure=True)
-                    raise PipelineError(failure.message)  # only reached when a stop gave up
-                if len(chunk) >= self.chunk_size or monotonic() - started >= seconds:
-                    self._send(chunk, flush=False)
-                    chunk = []
-                    # Confirmations only follow sends: polling the queue costs ~6 µs, more
-                    # than decoding a change, so poll per chunk (and on idle ticks).
-                    self._drain()
-        except PipelineError:
-            raise
-        except ChangefeedError:
-            self._send(chunk, flush=True)  # the feed failed, not the output: keep what it gave
-            self._drain(until_all=True)
-            self.pipeline._confirm(None, final=True)
-            raise
-        self._send(chunk, flush=True)
+    def put(self, change: Any) -> None:
+        chunk = self.chunk
+        if not chunk:
+            self.chunk_started = time.monotonic()
+        entries, failure = self.segment.process([_Entry(change, self.keep_change)])
+        chunk.extend(entries)
+        if failure is not None:
+            self._send(flush=True)
+            self.inqueue.put(failure)
+            log.error("%s", failure.message, exc_info=failure.cause)
+            self._drain(until_all=True, expect_failure=True)
+            raise PipelineError(failure.message)  # only reached when a stop gave up
+        if len(chunk) >= self.chunk_size or time.monotonic() - self.chunk_started >= self.seconds:
+            self._send(flush=False)
+            # Confirmations only follow sends: polling the queue costs ~6 µs, more than
+            # decoding a change, so poll per chunk (and on idle ticks).
+            self._drain()
+
+    def quiet(self) -> None:
+        if self.chunk:
+            self._send(flush=True)
+        # Caught up with the source. If the workers are slow, wait for them here, where
+        # keep_alive() answers the source (a PostgreSQL shutdown waits for a client that keeps
+        # answering from its stream loop with changes undelivered).
+        slow = time.monotonic() - self.last_progress >= SLOW_SINK
+        self._drain(until_all=slow and self.sent > self.confirmed)
+
+    def finish(self) -> None:
+        self._send(flush=True)
         self._drain(until_all=True)
-        self.pipeline._confirm(None, final=True)
 
-    def _send(self, chunk: list[_Entry], flush: bool) -> None:
+    def close(self, clean: bool) -> None:
+        if clean and not self.abandoned:
+            self.mp_pipeline.poison_pill()
+        else:
+            self._terminate()
+
+    def _send(self, flush: bool) -> None:
+        chunk, self.chunk = self.chunk, []
         if chunk or flush:
             if self.sent == self.confirmed:
                 self.last_progress = time.monotonic()
@@ -208,7 +202,6 @@ class _MultiProcessRun:
         """Handle the confirmations that arrived; block while too much is in flight, or (with
         ``until_all``) until everything sent is confirmed."""
         outqueue = self.outqueue
-        feed = self.pipeline.feed
         while not self.abandoned:
             in_flight = self.sent - self.confirmed
             block = (until_all and (in_flight > 0 or expect_failure)) or (
@@ -222,27 +215,25 @@ class _MultiProcessRun:
                     if time.monotonic() - self.last_alive_check >= 1.0:
                         self._check_alive()
                     return
-                feed.keep_alive()  # the workers are slow: keep the source's connection healthy
+                self.feed.keep_alive()  # the workers are slow: keep the source's connection up
                 self._check_alive()
                 self._check_stop()
                 continue
             if isinstance(message, _Failure):
-                self.pipeline._confirm(None, final=True)
                 raise PipelineError(message.message)
             self.confirmed += message.count
             self.last_progress = time.monotonic()
-            self.pipeline._confirm(message)
+            self.confirm(message.position, message.count)
 
     def _check_stop(self) -> None:
         """Once a stop is requested, wait `STOP_GRACE` seconds at most for confirmations, then
-        acknowledge what was confirmed and give up the rest (it comes again on the next run)."""
-        if not getattr(self.pipeline.feed, "_stopping", False):
+        give up the rest (it comes again on the next run)."""
+        if not self.feed.stopping:
             return
         now = time.monotonic()
         if self.stop_deadline is None:
             self.stop_deadline = now + STOP_GRACE
         elif now >= self.stop_deadline:
-            self.pipeline._confirm(None, final=True)
             self.abandoned = True
             log.warning(
                 "stopping: %s changes were not confirmed by the sink in time; they are not"
@@ -267,7 +258,6 @@ class _MultiProcessRun:
         for node in self.nodes:
             for process in node.processes:
                 if not process.is_alive():
-                    self.pipeline._confirm(None, final=True)
                     raise PipelineError(
                         f"the process running {node.name} (pid {process.pid}) died with exit"
                         f" code {process.exitcode}; {self.sent - self.confirmed} changes were not"

@@ -25,7 +25,11 @@ reports the last position of that batch as confirmed. Entries reach the sink in 
 sink thread or process, FIFO queues), so a confirmed position implies every earlier one:
 `feed.ack` is never called for a position while an earlier one is unconfirmed.
 
-*A slow sink.* In-process, the sink runs in a thread of its own (`_delivery`): while it works the
+*One loop.* `run()` is `changefeed.delivery.deliver` with an output of this module (or of
+`_processes`): the loop that acknowledges in order, stops, and keeps what was delivered when
+the feed fails is the same one ``changefeed run`` uses to write JSON lines.
+
+*A slow sink.* In-process, the sink runs in a thread of its own (`_sink_thread`): while it works the
 feed's thread keeps reading, so the next batch grows toward the backlog (the default batch up
 to `GROWTH` times its size; an explicit `batch(size)` stays a hard limit), and while it must
 wait it calls ``feed.keep_alive()`` so the database is answered. A stop request (Ctrl-C,
@@ -50,13 +54,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from changefeed.delivery import ThrottledAcks
-from changefeed.errors import ChangefeedError, ConfigurationError, PipelineError
-from changefeed.pipelines._delivery import StopTimeout, _Delivery
-from changefeed.pipelines._processes import _MultiProcessRun
+from changefeed.delivery import Output, deliver
+from changefeed.errors import ConfigurationError, PipelineError
+from changefeed.pipelines._processes import MultiProcessOutput
+from changefeed.pipelines._sink_thread import _SinkThread
 from changefeed.pipelines._steps import _Confirmed, _Entry, _Segment, _SinkStep
 from changefeed.pipelines.stages import BatchPolicy, Stage, own_process
 
@@ -124,9 +128,13 @@ class Pipeline:
             self._groups.append([])
             sink = sink.stage
         self.sink = sink
-        self.handled = 0
-        """Changes handled (delivered, dropped or dead-lettered) and confirmed so far."""
-        self._acks = ThrottledAcks(feed, ack_interval)
+        self.ack_interval = ack_interval
+        self._output: Output | None = None
+
+    @property
+    def handled(self) -> int:
+        """Changes handled (delivered, dropped or dead-lettered) and confirmed in the last run."""
+        return self._output.handled if self._output is not None else 0
 
     @property
     def multiprocess(self) -> bool:
@@ -152,64 +160,51 @@ class Pipeline:
         Raises `PipelineError` when a stage or sink fails (without a dead-letter sink) or a worker
         process dies; the feed's own errors after delivering and acknowledging what came before.
         """
-        self.handled = 0
-        changes = self.feed.changes(
-            timeout=timeout, idle_timeout=idle_timeout, stop_after=stop_after, ticks=True
-        )
-        try:
-            if self.multiprocess:
-                return _MultiProcessRun(self).run(changes)
-            return self._run_in_process(changes)
-        finally:
-            changes.close()  # after the last acknowledgement, also when a stop cut the run short
+        return deliver(
+            self.feed, self.output(), limit=stop_after, idle_timeout=idle_timeout,
+            timeout=timeout, ack_interval=self.ack_interval,
+        ).count
 
-    # -- in-process ----------------------------------------------------------------------------
+    def output(self) -> Output:
+        """The pipeline as an output of `changefeed.delivery.deliver` (which `run()` calls):
+        for a caller that wants the delivery loop's other options (progress, the result)."""
+        self._output = MultiProcessOutput(self) if self.multiprocess else _InProcessOutput(self)
+        return self._output
 
-    def _run_in_process(self, changes: Iterable[Any]) -> int:
-        segment = _Segment(self._groups[0], keep_change=True, dead_letter=self.dead_letter)
-        sink_step = _SinkStep(self.sink, self.dead_letter, self.policy)
-        policy = self.policy
-        cap = policy.size if policy.explicit else policy.size * GROWTH
-        delivery = _Delivery(sink_step, self.feed, self._confirm)
-        monotonic = time.monotonic
-        clean = False
-        try:
-            try:
-                for change in changes:
-                    if change is None:  # caught up with the source: deliver what waits
-                        delivery.quiet(sink_step)
-                        continue
-                    entries, failure = segment.process([_Entry(change, keep_change=True)])
-                    sink_step.add(entries)
-                    if failure is not None:
-                        delivery.finish(sink_step.take())
-                        self._confirm(None, final=True)
-                        raise PipelineError(failure.message) from failure.cause
-                    if sink_step.due(monotonic()):
-                        delivery.offer(sink_step, cap)
-            except PipelineError:
-                raise
-            except ChangefeedError:
-                delivery.finish(sink_step.take())  # the feed failed, not the output
-                self._confirm(None, final=True)
-                raise
-            delivery.finish(sink_step.take())
-            clean = True
-        except StopTimeout:
-            log.warning(
-                "stopping: the sink did not confirm its last batches in time; they are not"
-                " acknowledged and come again on the next run"
-            )
-        finally:
-            delivery.close(wait=clean)
-        self._confirm(None, final=True)
-        return self.handled
 
-    def _confirm(self, confirmed: _Confirmed | None, final: bool = False) -> None:
-        """Count a sink confirmation and acknowledge its position (at most every ack_interval)."""
-        position = None
+class _InProcessOutput(Output):
+    """Stages in the feed's thread, the sink in a thread of its own (`_SinkThread`)."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.segment = _Segment(pipeline._groups[0], keep_change=True,
+                                dead_letter=pipeline.dead_letter)
+        self.sink_step = _SinkStep(pipeline.sink, pipeline.dead_letter, pipeline.policy)
+        policy = pipeline.policy
+        self.cap = policy.size if policy.explicit else policy.size * GROWTH
+        self.feed = pipeline.feed
+
+    def open(self) -> None:
+        self.sink_thread = _SinkThread(self.sink_step, self.feed, self._confirmed)
+
+    def put(self, change: Any) -> None:
+        sink_step = self.sink_step
+        entries, failure = self.segment.process([_Entry(change, keep_change=True)])
+        sink_step.add(entries)
+        if failure is not None:
+            self.sink_thread.finish(sink_step.take())  # what came before the failure
+            raise PipelineError(failure.message) from failure.cause
+        if sink_step.due(time.monotonic()):
+            self.sink_thread.offer(sink_step, self.cap)
+
+    def quiet(self) -> None:
+        self.sink_thread.quiet(self.sink_step)
+
+    def finish(self) -> None:
+        self.sink_thread.finish(self.sink_step.take())
+
+    def close(self, clean: bool) -> None:
+        self.sink_thread.close(wait=clean)
+
+    def _confirmed(self, confirmed: _Confirmed | None) -> None:
         if confirmed is not None:
-            self.handled += confirmed.count
-            position = confirmed.position
-        self._acks.delivered(position, final)
-
+            self.confirm(confirmed.position, confirmed.count)

@@ -271,16 +271,20 @@ def test_progress_reports_rate_and_lag_while_busy(monkeypatch, caplog):
     import logging
     from datetime import datetime, timedelta, timezone
 
-    from changefeed import cli
+    from changefeed import delivery
+    from changefeed.cli.run import encoder
     from changefeed.testing import MemoryFeed, insert
 
-    monkeypatch.setattr(cli, "PROGRESS_SECONDS", 0.0)
+    monkeypatch.setattr(delivery, "PROGRESS_SECONDS", 0.0)
     committed = datetime.now(timezone.utc) - timedelta(seconds=2)
     feed = MemoryFeed("t", endless=True,
                       changes=[insert("t", {"id": i}, committed_at=committed) for i in range(3)])
     out = io.BytesIO()
     with caplog.at_level(logging.INFO, logger="changefeed"):
-        written = cli.stream_to(feed, out, cli._encoder("delta", "T"), idle=0.5)
+        written = delivery.deliver(
+            feed, delivery.LineOutput(out, encoder("delta", "T")), idle_timeout=0.5,
+            progress=delivery.Progress(feed),
+        ).count
     assert written == 3 and out.getvalue().count(b"\n") == 3
     messages = [r.getMessage() for r in caplog.records]
     assert any("changes," in m and "/s, lag 2." in m for m in messages), messages
@@ -293,7 +297,7 @@ def test_output_is_buffered_even_when_python_runs_unbuffered(monkeypatch, tmp_pa
     # through it would cost one system call per change.
     import io
 
-    from changefeed.cli import buffered_stdout
+    from changefeed.delivery import buffered_stdout
 
     raw = open(tmp_path / "out", "wb", buffering=0)  # noqa: SIM115 - closed below
     monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, write_through=True))

@@ -9,7 +9,7 @@ from liverun import LiveRun
 from servers import Receiver, free_port
 
 from changefeed.embedded import free_port as pg_free_port
-from changefeed.pipelines._delivery import STOP_GRACE
+from changefeed.pipelines._sink_thread import STOP_GRACE
 
 pytestmark = pytest.mark.postgres
 

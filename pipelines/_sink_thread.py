@@ -4,7 +4,7 @@ A sink may take seconds per batch (a slow webhook) or minutes (one that retries)
 thread called it directly, nobody would read the source meanwhile: PostgreSQL's walsender gets no
 answer to its keepalives, so a fast shutdown of the server or ``wal_sender_timeout`` waits on
 us, and the backlog grows while batches stay small. So the sink runs in one thread of its own,
-`_Delivery`, and the feed's thread only hands batches over:
+`_SinkThread`, and the feed's thread only hands batches over:
 
 * one batch is in the sink at a time, handed over in feed order, so confirmations come back in
   order and acknowledging the last one implies every earlier position;
@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from changefeed.delivery import StopTimeout
 from changefeed.pipelines._steps import _Confirmed, _Entry, _SinkStep
 
 log = logging.getLogger("changefeed.pipelines")
@@ -50,18 +51,14 @@ CLOSE_WAIT = 10.0
 """How long the end of a run waits for the sink thread to close its sinks."""
 
 
-class StopTimeout(Exception):
-    """A stop request ended the wait for the sink: what it did not confirm is left behind."""
-
-
-class _Delivery:
+class _SinkThread:
     """Runs ``sink_step.deliver`` in a thread of its own; ``confirm`` gets each result in order.
 
     Used from the feed's thread only (except `_run`, the sink thread).
     """
 
     def __init__(
-        self, sink_step: _SinkStep, feed: Any, confirm: Callable[..., None]
+        self, sink_step: _SinkStep, feed: Any, confirm: Callable[[_Confirmed | None], None]
     ) -> None:
         self.sink_step = sink_step
         self.feed = feed
@@ -110,12 +107,7 @@ class _Delivery:
     def hand_over(self, entries: list[_Entry]) -> None:
         """Give ``entries`` to the sink thread (after every batch given before)."""
         if entries and self.inline:
-            try:
-                result = self.sink_step.deliver(entries)
-            except BaseException:
-                self.confirm(None, final=True)
-                raise
-            self.confirm(result)
+            self.confirm(self.sink_step.deliver(entries))
         elif entries:
             if not self.in_flight:
                 self.handed_at = time.monotonic()
@@ -125,7 +117,8 @@ class _Delivery:
     def poll(self, timeout: float = 0.0) -> None:
         """Take the results that arrived (waiting up to ``timeout`` for one) and confirm them.
 
-        Raises the sink's failure, after acknowledging what was confirmed before it.
+        Raises the sink's failure (what was confirmed before it is acknowledged by the
+        delivery loop).
         """
         if not timeout and self._results.empty():  # the common case, per change: keep it cheap
             return
@@ -134,7 +127,6 @@ class _Delivery:
             while True:
                 self.in_flight -= 1
                 if isinstance(result, BaseException):
-                    self.confirm(None, final=True)
                     raise result
                 self.confirm(result)
                 self.handed_at = time.monotonic()  # the next batch (if any) starts now
@@ -181,7 +173,7 @@ class _Delivery:
             if not self.in_flight:
                 return
             self.feed.keep_alive()
-            if getattr(self.feed, "_stopping", False):
+            if self.feed.stopping:
                 now = time.monotonic()
                 if self.stop_deadline is None:
                     self.stop_deadline = now + STOP_GRACE

@@ -16,6 +16,8 @@ import psycopg
 
 from changefeed.backends.postgres import PostgresChangeFeed
 from changefeed.change import ALL, Change
+from changefeed.cli.run import deliver_with_signals
+from changefeed.delivery import LineOutput, buffered_stdout
 from changefeed.embedded import TemporaryPostgres
 
 log = logging.getLogger("changefeed")
@@ -47,8 +49,6 @@ def _writer(dsn: str, stop: threading.Event) -> None:
 
 def run_demo(seconds: float | None, encode: Callable[[Change], bytes]) -> None:
     """Run the demo for ``seconds`` (None: until Ctrl-C)."""
-    from changefeed.cli import buffered_stdout, stream_to
-
     log.info("starting a throwaway PostgreSQL cluster (initdb in a temporary directory)")
     with TemporaryPostgres() as server:
         dsn = server.dsn()
@@ -71,7 +71,7 @@ def run_demo(seconds: float | None, encode: Callable[[Change], bytes]) -> None:
         if seconds:
             threading.Timer(seconds, feed.stop).start()
         try:
-            stream_to(feed, buffered_stdout(), encode)
+            deliver_with_signals(feed, LineOutput(buffered_stdout(), encode))
         finally:
             stop.set()
             writer.join(timeout=5)
