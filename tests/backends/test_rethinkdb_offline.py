@@ -2,8 +2,10 @@
 
 The decoder runs on changefeed documents in the shapes of RethinkDB's changes() reference
 (recorded/rethinkdb_events.json), read with the driver's own JSON decoder. The feed loop runs
-against a fake at the driver-cursor boundary only: `RethinkChangeFeed._open_connection`,
-`_primary_key` and `_open_changes` are replaced; everything above them is the real code.
+against a fake at the driver's boundary only: ``r.connect`` returns a fake connection that
+answers the queries the driver hands it (``query.run(conn)`` calls ``conn._start(query)``);
+everything above it, the driver's query building included, is the real code. The pure re-read
+bookkeeping has its own tests in test_rethinkdb_events.py.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from typing import Any
 
 import pytest
 import rethinkdb.net
-from rethinkdb.ast import ReQLDecoder
+from rethinkdb import r
+from rethinkdb.ast import Changes, Info, ReQLDecoder, ReQLEncoder
 from rethinkdb.errors import (
     ReqlAuthError,
     ReqlAvailabilityError,
@@ -47,6 +50,11 @@ from changefeed.backends.rethinkdb import (
     decode_change,
     is_transient_error,
     make_position,
+)
+from changefeed.backends.rethinkdb.connection import (
+    open_changes,
+    open_connection,
+    read_primary_key,
 )
 from changefeed.checkpoint import MemoryCheckpoint
 from changefeed.errors import (
@@ -308,8 +316,21 @@ class FakeCursor:
 
 
 class FakeConnection:
-    def __init__(self) -> None:
+    """A driver connection to the fake server: ``query.run(conn)`` calls ``_start(query)``."""
+
+    def __init__(self, server: FakeServer) -> None:
+        self.server = server
         self.closed = False
+
+    def _start(self, term: Any, **global_optargs: Any) -> Any:
+        self.server.queries.append(str(term))
+        if isinstance(term, Info):
+            if self.server.primary_key_error is not None:
+                raise self.server.primary_key_error
+            return {"primary_key": "id", "name": "tasks"}
+        assert isinstance(term, Changes), f"unexpected query {term}"
+        _, _, optargs = json.loads(ReQLEncoder().encode(term))  # what goes on the wire
+        return self.server.open_changes(optargs["include_initial"])
 
     def close(self, noreply_wait: bool = True) -> None:
         self.closed = True
@@ -328,6 +349,7 @@ class FakeServer:
         self.connect_errors: dict[int, BaseException] = {}
         """Connection attempt number (from 1) -> the error it raises."""
         self.connect_attempts = 0
+        self.queries: list[str] = []
 
     def apply(self, doc: dict[str, Any]) -> None:
         kind = doc.get("type")
@@ -351,25 +373,15 @@ class FakeServer:
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         server = self
 
-        def open_connection(feed: RethinkChangeFeed) -> FakeConnection:
+        def connect(**params: Any) -> FakeConnection:
             server.connect_attempts += 1
             if server.connect_attempts in server.connect_errors:
                 raise server.connect_errors[server.connect_attempts]
-            conn = FakeConnection()
+            conn = FakeConnection(server)
             server.connections.append(conn)
             return conn
 
-        def primary_key(feed: RethinkChangeFeed) -> str:
-            if server.primary_key_error is not None:
-                raise server.primary_key_error
-            return "id"
-
-        def open_changes(feed: RethinkChangeFeed, include_initial: bool) -> FakeCursor:
-            return server.open_changes(include_initial)
-
-        monkeypatch.setattr(RethinkChangeFeed, "_open_connection", open_connection)
-        monkeypatch.setattr(RethinkChangeFeed, "_primary_key", primary_key)
-        monkeypatch.setattr(RethinkChangeFeed, "_open_changes", open_changes)
+        monkeypatch.setattr(r, "connect", connect)
 
 
 FAST = Retry(initial=0.01, maximum=0.02)
@@ -569,10 +581,10 @@ def test_resync_off_skips_the_re_read_and_says_changes_were_lost(server, caplog)
 
 def test_a_snapshot_interrupted_before_ready_is_read_again_even_without_resync(server):
     fake = server(rows=[ROW1, ROW2], runs=[[], []])
-    open_changes = fake.open_changes
+    open_stream = fake.open_changes
 
     def drop_during_the_first_read(include_initial: bool) -> FakeCursor:
-        cursor = open_changes(include_initial)
+        cursor = open_stream(include_initial)
         if len(fake.opens) == 1:  # initializing, the first row, then the connection drops
             cursor.items = deque([*list(cursor.items)[:2], ReqlDriverError("Connection lost")])
         return cursor
@@ -672,7 +684,7 @@ def test_a_lost_connection_given_by_the_caller_is_reopened_not_replaced(monkeypa
     monkeypatch.setattr(conn, "is_open", lambda: False)
     monkeypatch.setattr(conn, "reconnect", lambda noreply_wait=True: calls.append("reconnect"))
     feed = RethinkChangeFeed("tasks", connection=conn)
-    assert feed._open_connection() is conn and calls == ["reconnect"]
+    assert open_connection(feed.params, conn) is conn and calls == ["reconnect"]
 
 
 # -- the queries the feed sends --------------------------------------------------------------------
@@ -691,19 +703,27 @@ class QueryRecorder:
 
 
 def test_the_queries_the_feed_sends():
-    feed = RethinkChangeFeed("shop.stock", connection="rethinkdb://h/app", queue_size=1000)
-    feed._conn = recorder = QueryRecorder({"primary_key": "sku", "name": "stock"})
-    assert feed._primary_key() == "sku"
-    feed._open_changes(True)
-    plain = RethinkChangeFeed("shop.stock", connection="rethinkdb://h/app")
-    plain._conn = recorder
-    plain._open_changes(False)
+    recorder = QueryRecorder({"primary_key": "sku", "name": "stock"})
+    assert read_primary_key(recorder, "shop", "stock", "h:28015") == "sku"
+    open_changes(recorder, "shop", "stock", include_initial=True, queue_size=1000)
+    open_changes(recorder, "shop", "stock", include_initial=False)
     assert recorder.queries == [
         "r.db('shop').table('stock').info()",
         "r.db('shop').table('stock').changes(include_types=True, include_states=True,"
         " include_initial=True, squash=False, changefeed_queue_size=1000)",
         "r.db('shop').table('stock').changes(include_types=True, include_states=True,"
         " include_initial=False, squash=False)",
+    ]
+
+
+def test_a_feed_sends_its_table_and_queue_size(server):
+    fake = server(runs=[[add(3)]])
+    feed = RethinkChangeFeed("shop.stock", connection="rethinkdb://h/app", queue_size=1000)
+    assert [c.key for c in feed.changes(stop_after=1)] == [{"id": 3}]
+    assert fake.queries == [
+        "r.db('shop').table('stock').info()",
+        "r.db('shop').table('stock').changes(include_types=True, include_states=True,"
+        " include_initial=False, squash=False, changefeed_queue_size=1000)",
     ]
 
 
