@@ -1,230 +1,47 @@
-"""The RethinkDB backend, offline: no server needed (the live tests are test_rethinkdb_live.py).
+"""The RethinkDB feed, offline: no server needed (the live tests are test_rethinkdb_live.py).
 
-The decoder runs on changefeed documents in the shapes of RethinkDB's changes() reference
-(recorded/rethinkdb_events.json), read with the driver's own JSON decoder. The feed loop runs
-against a fake at the driver's boundary only: ``r.connect`` returns a fake connection that
-answers the queries the driver hands it (``query.run(conn)`` calls ``conn._start(query)``);
-everything above it, the driver's query building included, is the real code. The pure re-read
-bookkeeping has its own tests in test_rethinkdb_events.py.
+The feed loop runs against a fake at the driver's boundary only: ``r.connect`` returns a fake
+connection that answers the queries the driver hands it (``query.run(conn)`` calls
+``conn._start(query)``); everything above it, the driver's query building included, is the
+real code. The pure parts have their own tests: decoding and the re-read bookkeeping in
+test_rethinkdb_events.py, error classification in test_rethinkdb_errors.py.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import pickle
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import pytest
 import rethinkdb.net
 from rethinkdb import r
-from rethinkdb.ast import Changes, Info, ReQLDecoder, ReQLEncoder
+from rethinkdb.ast import Changes, Info, ReQLEncoder
 from rethinkdb.errors import (
     ReqlAuthError,
-    ReqlAvailabilityError,
     ReqlCursorEmpty,
     ReqlDriverError,
-    ReqlInternalError,
-    ReqlNonExistenceError,
     ReqlOpFailedError,
-    ReqlOpIndeterminateError,
     ReqlPermissionError,
-    ReqlQueryLogicError,
     ReqlResourceLimitError,
     ReqlRuntimeError,
-    ReqlServerCompileError,
     ReqlTimeoutError,
-    ReqlUserError,
 )
 
 from changefeed import Change, Operation, Retry, get_changefeed
-from changefeed.backends.rethinkdb import (
-    ConnectionParams,
-    RethinkChangeFeed,
-    State,
-    decode_change,
-    is_transient_error,
-    make_position,
-)
+from changefeed.backends.rethinkdb import ConnectionParams, RethinkChangeFeed, make_position
 from changefeed.backends.rethinkdb.connection import (
     open_changes,
     open_connection,
     read_primary_key,
 )
 from changefeed.checkpoint import MemoryCheckpoint
-from changefeed.errors import (
-    ConfigurationError,
-    PermanentBackendError,
-    TransientBackendError,
-)
+from changefeed.errors import ConfigurationError, PermanentBackendError
 
-RAW = json.loads((Path(__file__).parent / "recorded" / "rethinkdb_events.json").read_text())
-
-
-def driver_json(doc: Any) -> Any:
-    """``doc`` as the driver hands it out: through its JSON decoder (TIME, BINARY converted)."""
-    return ReQLDecoder({}).decode(json.dumps(doc))
-
-
-FEED = [driver_json(doc) for doc in RAW["feed"]]
-TABLE = "app.tasks"
 INSERT, UPDATE, DELETE = Operation.INSERT, Operation.UPDATE, Operation.DELETE
-
-
-def decoded(docs: Iterable[Any] = FEED) -> list[Change | State | None]:
-    return [decode_change(doc, TABLE, "id") for doc in docs]
-
-
-# -- the decoder --------------------------------------------------------------------------------
-
-
-def test_the_initial_read_is_framed_by_states_and_gives_snapshot_inserts():
-    events = decoded()
-    assert events[0] == State("initializing") and events[3] == State("ready")
-    first, second = events[1:3]
-    assert first.operation == INSERT and first.snapshot is True
-    assert first.table == TABLE and first.old is None
-    assert first.key == {"id": "8a4e3d0c-5b1f-4c2e-9d7a-1f2e3d4c5b6a"}
-    assert first.new["owner"] == {"name": "Ada", "team": "core"}
-    assert first.new["tags"] == ["docs", "urgent"]
-    assert second.new["due"] is None and second.snapshot is True
-
-
-def test_add_is_an_insert_with_the_drivers_values():
-    add = decoded()[4]
-    assert add.operation == INSERT and add.snapshot is False and add.old is None
-    assert add.key == {"id": "0f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0"}
-    due = add.new["due"]
-    assert isinstance(due, datetime)
-    assert due == datetime(2024, 2, 29, 12, 34, 56, 789000, tzinfo=timezone.utc)
-    assert due.utcoffset() == timedelta(hours=1)  # the document's own offset is kept
-    assert add.new["attachment"] == b"\x00\xff\x10"
-    assert add.new["points"] == 1.5
-
-
-def test_change_is_an_update_with_the_complete_old_row():
-    change = decoded()[5]
-    assert change.operation == UPDATE
-    assert change.old == FEED[5]["old_val"] and change.new == FEED[5]["new_val"]
-    assert change.old["done"] is False and change.new["done"] is True
-    assert set(change.old) == set(change.new)  # the whole row, not just the key
-    assert change.key == {"id": "8a4e3d0c-5b1f-4c2e-9d7a-1f2e3d4c5b6a"}
-
-
-def test_remove_is_a_delete_with_the_complete_old_row():
-    remove = decoded()[6]
-    assert remove.operation == DELETE and remove.new is None
-    assert remove.old == FEED[6]["old_val"] and remove.old["title"] == "ship it"
-    assert remove.key == {"id": "c9b8a7f6-e5d4-4c3b-8a29-1807f6e5d4c3"}
-
-
-def test_rethinkdb_has_no_commit_timestamps_or_transactions():
-    changes = [e for e in decoded() if isinstance(e, Change)]
-    assert len(changes) == 5
-    assert all(c.committed_at is None and c.transaction is None for c in changes)
-
-
-def test_position_and_snapshot_meta_are_passed_through():
-    initial = decode_change(FEED[1], TABLE, position="p", snapshot_meta={"resync": 2})
-    assert initial.position == "p" and initial.meta == {"resync": 2}
-    add = decode_change(FEED[4], TABLE, position="q", snapshot_meta={"resync": 2})
-    assert add.position == "q" and add.meta is None  # only re-read rows carry it
-
-
-def test_another_primary_key_names_the_key():
-    doc = {"type": "add", "old_val": None, "new_val": {"sku": "A-1", "qty": 2}}
-    assert decode_change(doc, "shop.stock", "sku").key == {"sku": "A-1"}
-
-
-def test_an_error_document_raises_a_transient_error():
-    with pytest.raises(TransientBackendError, match="skipped 12 elements") as info:
-        decode_change(RAW["error"], TABLE)
-    assert TABLE in str(info.value)
-
-
-def test_uninitial_of_a_limit_feed_is_skipped():
-    uninitial, add = decoded(driver_json(doc) for doc in RAW["limit_feed"]["docs"])
-    assert uninitial is None
-    assert add.operation == INSERT
-
-
-def test_documents_without_types_are_understood():
-    ops = [c.operation for c in decoded(RAW["without_types"]["docs"])]
-    assert ops == [INSERT, UPDATE, DELETE]
-    assert decode_change({"state": "ready"}, TABLE) == State("ready")
-
-
-def test_an_unknown_type_is_an_error_not_a_silent_skip():
-    with pytest.raises(PermanentBackendError, match="'merge'"):
-        decode_change({"type": "merge", "new_val": {"id": 1}}, TABLE)
-
-
-def test_positions_sort_as_strings_like_numbers():
-    positions = [make_position(1_700_000_000_000, 9), make_position(1_700_000_000_000, 10),
-                 make_position(1_700_000_000_001, 1)]
-    assert positions == sorted(positions)
-    assert json.loads(json.dumps(positions)) == positions
-
-
-def test_changes_pickle_for_pipelines():
-    change = decoded()[4]
-    assert pickle.loads(pickle.dumps(change)) == change
-
-
-# -- errors ---------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "exc",
-    [
-        ReqlDriverError("Connection is closed."),
-        ReqlDriverError("Could not connect to localhost:28015. Error: [Errno 111] refused"),
-        ReqlTimeoutError("localhost", 28015),
-        ReqlRuntimeError("Connection is closed."),  # the cursor of a closed connection
-        ReqlOpFailedError("Cannot perform read: primary replica for shard [\"\", +inf) not"
-                          " available"),
-        ReqlOpFailedError("Changefeed aborted (table unavailable)."),
-        ReqlOpIndeterminateError("Cannot perform write: the primary replica changed."),
-        ReqlAvailabilityError("Changefeed aborted (unavailable)."),
-        ReqlResourceLimitError("Changefeed queue overflowed."),
-        TransientBackendError("the RethinkDB changefeed of app.tasks ended"),
-        ConnectionResetError(104, "Connection reset by peer"),
-        OSError("network unreachable"),
-    ],
-    ids=repr,
-)
-def test_transient_errors(exc):
-    assert is_transient_error(exc)
-    assert RethinkChangeFeed("app.tasks").is_transient(exc)
-
-
-@pytest.mark.parametrize(
-    "exc",
-    [
-        ReqlAuthError("Wrong password", "localhost", 28015),
-        ReqlOpFailedError("Table `app.nope` does not exist."),
-        ReqlOpFailedError("Database `nope` does not exist."),
-        ReqlPermissionError("User `bob` does not have the required `read` permissions."),
-        ReqlQueryLogicError("Cannot call `changes` on an eager stream."),
-        ReqlNonExistenceError("No attribute `x` in object."),
-        ReqlServerCompileError("Unrecognized optional argument `foo`."),
-        ReqlResourceLimitError("Array over size limit `100000`."),
-        ReqlUserError("custom"),
-        ReqlInternalError("internal"),
-        ReqlRuntimeError("something else"),
-        ConfigurationError("table 'nope' does not exist"),
-        PermanentBackendError("cannot log in"),
-        ValueError("bug"),
-    ],
-    ids=repr,
-)
-def test_permanent_errors(exc):
-    assert not is_transient_error(exc)
 
 
 # -- connection parameters -----------------------------------------------------------------------
