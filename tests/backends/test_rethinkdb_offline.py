@@ -1,222 +1,47 @@
-"""The RethinkDB backend, offline: no server needed (the live tests are test_rethinkdb_live.py).
+"""The RethinkDB feed, offline: no server needed (the live tests are test_rethinkdb_live.py).
 
-The decoder runs on changefeed documents in the shapes of RethinkDB's changes() reference
-(recorded/rethinkdb_events.json), read with the driver's own JSON decoder. The feed loop runs
-against a fake at the driver-cursor boundary only: `RethinkChangeFeed._open_connection`,
-`_primary_key` and `_open_changes` are replaced; everything above them is the real code.
+The feed loop runs against a fake at the driver's boundary only: ``r.connect`` returns a fake
+connection that answers the queries the driver hands it (``query.run(conn)`` calls
+``conn._start(query)``); everything above it, the driver's query building included, is the
+real code. The pure parts have their own tests: decoding and the re-read bookkeeping in
+test_rethinkdb_events.py, error classification in test_rethinkdb_errors.py.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import pickle
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import pytest
 import rethinkdb.net
-from rethinkdb.ast import ReQLDecoder
+from rethinkdb import r
+from rethinkdb.ast import Changes, Info, ReQLEncoder
 from rethinkdb.errors import (
     ReqlAuthError,
-    ReqlAvailabilityError,
     ReqlCursorEmpty,
     ReqlDriverError,
-    ReqlInternalError,
-    ReqlNonExistenceError,
     ReqlOpFailedError,
-    ReqlOpIndeterminateError,
     ReqlPermissionError,
-    ReqlQueryLogicError,
     ReqlResourceLimitError,
     ReqlRuntimeError,
-    ReqlServerCompileError,
     ReqlTimeoutError,
-    ReqlUserError,
 )
 
 from changefeed import Change, Operation, Retry, get_changefeed
-from changefeed.backends.rethinkdb import (
-    ConnectionParams,
-    RethinkChangeFeed,
-    State,
-    decode_change,
-    is_transient_error,
-    make_position,
+from changefeed.backends.rethinkdb import ConnectionParams, RethinkChangeFeed, make_position
+from changefeed.backends.rethinkdb.connection import (
+    open_changes,
+    open_connection,
+    read_primary_key,
 )
 from changefeed.checkpoint import MemoryCheckpoint
-from changefeed.errors import (
-    ConfigurationError,
-    PermanentBackendError,
-    TransientBackendError,
-)
+from changefeed.errors import ConfigurationError, PermanentBackendError
 
-RAW = json.loads((Path(__file__).parent / "recorded" / "rethinkdb_events.json").read_text())
-
-
-def driver_json(doc: Any) -> Any:
-    """``doc`` as the driver hands it out: through its JSON decoder (TIME, BINARY converted)."""
-    return ReQLDecoder({}).decode(json.dumps(doc))
-
-
-FEED = [driver_json(doc) for doc in RAW["feed"]]
-TABLE = "app.tasks"
 INSERT, UPDATE, DELETE = Operation.INSERT, Operation.UPDATE, Operation.DELETE
-
-
-def decoded(docs: Iterable[Any] = FEED) -> list[Change | State | None]:
-    return [decode_change(doc, TABLE, "id") for doc in docs]
-
-
-# -- the decoder --------------------------------------------------------------------------------
-
-
-def test_the_initial_read_is_framed_by_states_and_gives_snapshot_inserts():
-    events = decoded()
-    assert events[0] == State("initializing") and events[3] == State("ready")
-    first, second = events[1:3]
-    assert first.operation == INSERT and first.snapshot is True
-    assert first.table == TABLE and first.old is None
-    assert first.key == {"id": "8a4e3d0c-5b1f-4c2e-9d7a-1f2e3d4c5b6a"}
-    assert first.new["owner"] == {"name": "Ada", "team": "core"}
-    assert first.new["tags"] == ["docs", "urgent"]
-    assert second.new["due"] is None and second.snapshot is True
-
-
-def test_add_is_an_insert_with_the_drivers_values():
-    add = decoded()[4]
-    assert add.operation == INSERT and add.snapshot is False and add.old is None
-    assert add.key == {"id": "0f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0"}
-    due = add.new["due"]
-    assert isinstance(due, datetime)
-    assert due == datetime(2024, 2, 29, 12, 34, 56, 789000, tzinfo=timezone.utc)
-    assert due.utcoffset() == timedelta(hours=1)  # the document's own offset is kept
-    assert add.new["attachment"] == b"\x00\xff\x10"
-    assert add.new["points"] == 1.5
-
-
-def test_change_is_an_update_with_the_complete_old_row():
-    change = decoded()[5]
-    assert change.operation == UPDATE
-    assert change.old == FEED[5]["old_val"] and change.new == FEED[5]["new_val"]
-    assert change.old["done"] is False and change.new["done"] is True
-    assert set(change.old) == set(change.new)  # the whole row, not just the key
-    assert change.key == {"id": "8a4e3d0c-5b1f-4c2e-9d7a-1f2e3d4c5b6a"}
-
-
-def test_remove_is_a_delete_with_the_complete_old_row():
-    remove = decoded()[6]
-    assert remove.operation == DELETE and remove.new is None
-    assert remove.old == FEED[6]["old_val"] and remove.old["title"] == "ship it"
-    assert remove.key == {"id": "c9b8a7f6-e5d4-4c3b-8a29-1807f6e5d4c3"}
-
-
-def test_rethinkdb_has_no_commit_timestamps_or_transactions():
-    changes = [e for e in decoded() if isinstance(e, Change)]
-    assert len(changes) == 5
-    assert all(c.committed_at is None and c.transaction is None for c in changes)
-
-
-def test_position_and_snapshot_meta_are_passed_through():
-    initial = decode_change(FEED[1], TABLE, position="p", snapshot_meta={"resync": 2})
-    assert initial.position == "p" and initial.meta == {"resync": 2}
-    add = decode_change(FEED[4], TABLE, position="q", snapshot_meta={"resync": 2})
-    assert add.position == "q" and add.meta is None  # only re-read rows carry it
-
-
-def test_another_primary_key_names_the_key():
-    doc = {"type": "add", "old_val": None, "new_val": {"sku": "A-1", "qty": 2}}
-    assert decode_change(doc, "shop.stock", "sku").key == {"sku": "A-1"}
-
-
-def test_an_error_document_raises_a_transient_error():
-    with pytest.raises(TransientBackendError, match="skipped 12 elements") as info:
-        decode_change(RAW["error"], TABLE)
-    assert TABLE in str(info.value)
-
-
-def test_uninitial_of_a_limit_feed_is_skipped():
-    uninitial, add = decoded(driver_json(doc) for doc in RAW["limit_feed"]["docs"])
-    assert uninitial is None
-    assert add.operation == INSERT
-
-
-def test_documents_without_types_are_understood():
-    ops = [c.operation for c in decoded(RAW["without_types"]["docs"])]
-    assert ops == [INSERT, UPDATE, DELETE]
-    assert decode_change({"state": "ready"}, TABLE) == State("ready")
-
-
-def test_an_unknown_type_is_an_error_not_a_silent_skip():
-    with pytest.raises(PermanentBackendError, match="'merge'"):
-        decode_change({"type": "merge", "new_val": {"id": 1}}, TABLE)
-
-
-def test_positions_sort_as_strings_like_numbers():
-    positions = [make_position(1_700_000_000_000, 9), make_position(1_700_000_000_000, 10),
-                 make_position(1_700_000_000_001, 1)]
-    assert positions == sorted(positions)
-    assert json.loads(json.dumps(positions)) == positions
-
-
-def test_changes_pickle_for_pipelines():
-    change = decoded()[4]
-    assert pickle.loads(pickle.dumps(change)) == change
-
-
-# -- errors ---------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "exc",
-    [
-        ReqlDriverError("Connection is closed."),
-        ReqlDriverError("Could not connect to localhost:28015. Error: [Errno 111] refused"),
-        ReqlTimeoutError("localhost", 28015),
-        ReqlRuntimeError("Connection is closed."),  # the cursor of a closed connection
-        ReqlOpFailedError("Cannot perform read: primary replica for shard [\"\", +inf) not"
-                          " available"),
-        ReqlOpFailedError("Changefeed aborted (table unavailable)."),
-        ReqlOpIndeterminateError("Cannot perform write: the primary replica changed."),
-        ReqlAvailabilityError("Changefeed aborted (unavailable)."),
-        ReqlResourceLimitError("Changefeed queue overflowed."),
-        TransientBackendError("the RethinkDB changefeed of app.tasks ended"),
-        ConnectionResetError(104, "Connection reset by peer"),
-        OSError("network unreachable"),
-    ],
-    ids=repr,
-)
-def test_transient_errors(exc):
-    assert is_transient_error(exc)
-    assert RethinkChangeFeed("app.tasks").is_transient(exc)
-
-
-@pytest.mark.parametrize(
-    "exc",
-    [
-        ReqlAuthError("Wrong password", "localhost", 28015),
-        ReqlOpFailedError("Table `app.nope` does not exist."),
-        ReqlOpFailedError("Database `nope` does not exist."),
-        ReqlPermissionError("User `bob` does not have the required `read` permissions."),
-        ReqlQueryLogicError("Cannot call `changes` on an eager stream."),
-        ReqlNonExistenceError("No attribute `x` in object."),
-        ReqlServerCompileError("Unrecognized optional argument `foo`."),
-        ReqlResourceLimitError("Array over size limit `100000`."),
-        ReqlUserError("custom"),
-        ReqlInternalError("internal"),
-        ReqlRuntimeError("something else"),
-        ConfigurationError("table 'nope' does not exist"),
-        PermanentBackendError("cannot log in"),
-        ValueError("bug"),
-    ],
-    ids=repr,
-)
-def test_permanent_errors(exc):
-    assert not is_transient_error(exc)
 
 
 # -- connection parameters -----------------------------------------------------------------------
@@ -308,8 +133,21 @@ class FakeCursor:
 
 
 class FakeConnection:
-    def __init__(self) -> None:
+    """A driver connection to the fake server: ``query.run(conn)`` calls ``_start(query)``."""
+
+    def __init__(self, server: FakeServer) -> None:
+        self.server = server
         self.closed = False
+
+    def _start(self, term: Any, **global_optargs: Any) -> Any:
+        self.server.queries.append(str(term))
+        if isinstance(term, Info):
+            if self.server.primary_key_error is not None:
+                raise self.server.primary_key_error
+            return {"primary_key": "id", "name": "tasks"}
+        assert isinstance(term, Changes), f"unexpected query {term}"
+        _, _, optargs = json.loads(ReQLEncoder().encode(term))  # what goes on the wire
+        return self.server.open_changes(optargs["include_initial"])
 
     def close(self, noreply_wait: bool = True) -> None:
         self.closed = True
@@ -328,6 +166,7 @@ class FakeServer:
         self.connect_errors: dict[int, BaseException] = {}
         """Connection attempt number (from 1) -> the error it raises."""
         self.connect_attempts = 0
+        self.queries: list[str] = []
 
     def apply(self, doc: dict[str, Any]) -> None:
         kind = doc.get("type")
@@ -351,25 +190,15 @@ class FakeServer:
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         server = self
 
-        def open_connection(feed: RethinkChangeFeed) -> FakeConnection:
+        def connect(**params: Any) -> FakeConnection:
             server.connect_attempts += 1
             if server.connect_attempts in server.connect_errors:
                 raise server.connect_errors[server.connect_attempts]
-            conn = FakeConnection()
+            conn = FakeConnection(server)
             server.connections.append(conn)
             return conn
 
-        def primary_key(feed: RethinkChangeFeed) -> str:
-            if server.primary_key_error is not None:
-                raise server.primary_key_error
-            return "id"
-
-        def open_changes(feed: RethinkChangeFeed, include_initial: bool) -> FakeCursor:
-            return server.open_changes(include_initial)
-
-        monkeypatch.setattr(RethinkChangeFeed, "_open_connection", open_connection)
-        monkeypatch.setattr(RethinkChangeFeed, "_primary_key", primary_key)
-        monkeypatch.setattr(RethinkChangeFeed, "_open_changes", open_changes)
+        monkeypatch.setattr(r, "connect", connect)
 
 
 FAST = Retry(initial=0.01, maximum=0.02)
@@ -569,10 +398,10 @@ def test_resync_off_skips_the_re_read_and_says_changes_were_lost(server, caplog)
 
 def test_a_snapshot_interrupted_before_ready_is_read_again_even_without_resync(server):
     fake = server(rows=[ROW1, ROW2], runs=[[], []])
-    open_changes = fake.open_changes
+    open_stream = fake.open_changes
 
     def drop_during_the_first_read(include_initial: bool) -> FakeCursor:
-        cursor = open_changes(include_initial)
+        cursor = open_stream(include_initial)
         if len(fake.opens) == 1:  # initializing, the first row, then the connection drops
             cursor.items = deque([*list(cursor.items)[:2], ReqlDriverError("Connection lost")])
         return cursor
@@ -672,7 +501,7 @@ def test_a_lost_connection_given_by_the_caller_is_reopened_not_replaced(monkeypa
     monkeypatch.setattr(conn, "is_open", lambda: False)
     monkeypatch.setattr(conn, "reconnect", lambda noreply_wait=True: calls.append("reconnect"))
     feed = RethinkChangeFeed("tasks", connection=conn)
-    assert feed._open_connection() is conn and calls == ["reconnect"]
+    assert open_connection(feed.params, conn) is conn and calls == ["reconnect"]
 
 
 # -- the queries the feed sends --------------------------------------------------------------------
@@ -691,19 +520,27 @@ class QueryRecorder:
 
 
 def test_the_queries_the_feed_sends():
-    feed = RethinkChangeFeed("shop.stock", connection="rethinkdb://h/app", queue_size=1000)
-    feed._conn = recorder = QueryRecorder({"primary_key": "sku", "name": "stock"})
-    assert feed._primary_key() == "sku"
-    feed._open_changes(True)
-    plain = RethinkChangeFeed("shop.stock", connection="rethinkdb://h/app")
-    plain._conn = recorder
-    plain._open_changes(False)
+    recorder = QueryRecorder({"primary_key": "sku", "name": "stock"})
+    assert read_primary_key(recorder, "shop", "stock", "h:28015") == "sku"
+    open_changes(recorder, "shop", "stock", include_initial=True, queue_size=1000)
+    open_changes(recorder, "shop", "stock", include_initial=False)
     assert recorder.queries == [
         "r.db('shop').table('stock').info()",
         "r.db('shop').table('stock').changes(include_types=True, include_states=True,"
         " include_initial=True, squash=False, changefeed_queue_size=1000)",
         "r.db('shop').table('stock').changes(include_types=True, include_states=True,"
         " include_initial=False, squash=False)",
+    ]
+
+
+def test_a_feed_sends_its_table_and_queue_size(server):
+    fake = server(runs=[[add(3)]])
+    feed = RethinkChangeFeed("shop.stock", connection="rethinkdb://h/app", queue_size=1000)
+    assert [c.key for c in feed.changes(stop_after=1)] == [{"id": 3}]
+    assert fake.queries == [
+        "r.db('shop').table('stock').info()",
+        "r.db('shop').table('stock').changes(include_types=True, include_states=True,"
+        " include_initial=False, squash=False, changefeed_queue_size=1000)",
     ]
 
 
