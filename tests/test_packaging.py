@@ -1,0 +1,27 @@
+"""The package list in setup.cfg covers every package folder, so a regular (non-editable)
+install holds all of changefeed: an editable install would hide a forgotten one."""
+
+from __future__ import annotations
+
+import configparser
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_package_folder_is_listed_in_setup_cfg():
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    listed = set(config["options"]["packages"].split())
+    mapping = dict(
+        line.split("=", 1) for line in config["options"]["package_dir"].strip().splitlines()
+    )
+    mapping = {name.strip(): folder.strip() for name, folder in mapping.items()}
+    found = set()
+    for package, folder in mapping.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            relative = init.parent.relative_to(ROOT / folder)
+            parts = [part for part in relative.parts if part != "."]
+            found.add(".".join([package, *parts]))
+    assert found, "no package folder found"
+    assert found == listed
