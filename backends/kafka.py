@@ -69,6 +69,9 @@ class KafkaFeed(ChangeFeed):
         self._order: deque[tuple[str, tuple[str, int], int, int]] = deque()
         self._epoch = 0
         self._revoked_at: dict[tuple[str, int], int] = {}
+        # Offsets acknowledged but not committed yet: acknowledging only notes them, and the
+        # stream loop, keep_alive(), a rebalance and close() commit them.
+        self._acknowledged: dict[tuple[str, int], int] = {}
 
     def is_transient(self, exc: BaseException) -> bool:
         if isinstance(exc, KafkaException):
@@ -98,8 +101,10 @@ class KafkaFeed(ChangeFeed):
         log.info("%s: assigned %s", self.name, _names(partitions))
 
     def _revoked(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Records of these partitions emitted but not acknowledged belong to the next owner now:
-        # their offsets are not committed (those emitted from now on have the new epoch).
+        # What was acknowledged is committed while the partitions are still ours. Records
+        # emitted but not acknowledged belong to the next owner now: their offsets are not
+        # committed (those emitted from now on have the new epoch).
+        self._commit()
         self._epoch += 1
         for tp in partitions:
             self._revoked_at[(tp.topic, tp.partition)] = self._epoch
@@ -110,6 +115,7 @@ class KafkaFeed(ChangeFeed):
         self._order.clear()
         self._consumer = consumer = self._open()
         while True:
+            self._commit()
             message = consumer.poll(self.poll)
             if message is None:
                 yield None
@@ -134,19 +140,25 @@ class KafkaFeed(ChangeFeed):
         return change_of_record(message.value(), message.key(), message.headers(), where)
 
     def on_acknowledge(self, position: Any) -> None:
-        """Commit, per partition, the offset after the last record acknowledged up to
-        ``position``."""
+        """Note, per partition, the offset after the last record acknowledged up to
+        ``position`` (committed from the stream loop, `keep_alive`, a rebalance or `close`)."""
         if not any(entry[0] == position for entry in self._order):
-            return  # already committed, or from before a reconnect
-        offsets: dict[tuple[str, int], int] = {}
+            return  # already noted, or from before a reconnect
         while self._order:
             emitted, partition, offset, epoch = self._order.popleft()
             if self._revoked_at.get(partition, 0) <= epoch:  # not revoked since it was read
-                offsets[partition] = offset + 1
+                self._acknowledged[partition] = offset + 1
             if emitted == position:
                 break
-        if not offsets or self._consumer is None:
+
+    def keep_alive(self) -> None:
+        self._commit()
+
+    def _commit(self) -> None:
+        """Commit the acknowledged offsets on the open consumer (none: nothing to commit to)."""
+        if not self._acknowledged or self._consumer is None:
             return
+        offsets, self._acknowledged = self._acknowledged, {}
         try:
             self._consumer.commit(
                 offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
@@ -157,6 +169,7 @@ class KafkaFeed(ChangeFeed):
 
     def close(self) -> None:
         if self._consumer is not None:
+            self._commit()
             consumer, self._consumer = self._consumer, None
             try:
                 consumer.close()  # leaves the group, so the others take over at once

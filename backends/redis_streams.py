@@ -17,6 +17,7 @@ position (what this feed acknowledges) and the source position in ``meta["source
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -29,6 +30,8 @@ import redis
 from changefeed.change import ALL, Change
 from changefeed.feed import ChangeFeed
 from changefeed.pipelines.records import change_of_entry, read_back
+
+log = logging.getLogger("changefeed.pipelines")
 
 
 class RedisStreamFeed(ChangeFeed):
@@ -78,6 +81,10 @@ class RedisStreamFeed(ChangeFeed):
         self._client: redis.Redis | None = None
         self._unacked: deque[str] = deque()
         self._unacked_set: set[str] = set()
+        # Entries delivered (or skipped) but not XACKed yet: acknowledging only notes them, and
+        # the stream loop, keep_alive() and close() tell Redis.
+        self._delivered: deque[str] = deque()
+        self._streaming = False
         self.claimed = 0
         """How many entries this feed claimed from other consumers."""
 
@@ -100,11 +107,14 @@ class RedisStreamFeed(ChangeFeed):
             if "BUSYGROUP" not in str(exc):
                 raise
         self.mark_connected()
+        self._streaming = True
         self._unacked.clear()
         self._unacked_set.clear()
+        self._xack_delivered()  # before reading our pending entries: those are not sent again
         # First what this consumer read before (a crash, a restart) and never acknowledged.
         cursor = "0"
         while True:
+            self._xack_delivered()
             answer: Any = client.xreadgroup(
                 self.group, self.consumer, {self.stream: cursor}, self.count
             )
@@ -120,6 +130,7 @@ class RedisStreamFeed(ChangeFeed):
             if time.monotonic() - last_claim >= min(self.claim_idle, 5.0):
                 last_claim = time.monotonic()
                 yield from self._claim()
+            self._xack_delivered()
             answer = client.xreadgroup(
                 self.group, self.consumer, {self.stream: ">"}, self.count, block=block_ms
             )
@@ -151,28 +162,58 @@ class RedisStreamFeed(ChangeFeed):
         change = change_of_entry(fields)
         if change is None or not change.operation & self.operation:
             # Trimmed or deleted meanwhile, or an operation this feed does not want.
-            self.client.xack(self.stream, self.group, position)
+            self._delivered.append(position)
             return
         self._unacked.append(position)
         self._unacked_set.add(position)
         yield read_back(change, position)
 
     def on_acknowledge(self, position: Any) -> None:
-        """XACK every entry emitted up to and including ``position``."""
-        done: list[str] = []
+        """Note every entry emitted up to and including ``position`` as delivered: the stream
+        loop, `keep_alive` or `close` XACK it. Once the feed is closed (a pipeline acknowledges
+        its last batches after the feed ended) nothing else will: then XACK at once."""
         if position in self._unacked_set:
             while self._unacked:
                 entry_id = self._unacked.popleft()
                 self._unacked_set.discard(entry_id)
-                done.append(entry_id)
+                self._delivered.append(entry_id)
                 if entry_id == position:
                     break
         else:
-            done.append(position)
-        self.client.xack(self.stream, self.group, *done)
+            self._delivered.append(position)
+        if not self._streaming:
+            self._xack_delivered(self.client)
+
+    def keep_alive(self) -> None:
+        """XACK what was delivered, if the connection is up (a failure is left to the stream
+        loop, which reconnects)."""
+        try:
+            self._xack_delivered()
+        except redis.RedisError as exc:
+            log.debug("%s: XACK from keep_alive failed: %s", self.name, exc)
+
+    def _xack_delivered(self, client: redis.Redis | None = None) -> None:
+        """XACK the delivered entries on ``client``, by default the open connection (none:
+        they wait for the next)."""
+        if client is None:
+            client = self._client
+        if client is None or not self._delivered:
+            return
+        entry_ids = [self._delivered.popleft() for _ in range(len(self._delivered))]
+        try:
+            client.xack(self.stream, self.group, *entry_ids)
+        except redis.RedisError:
+            self._delivered.extendleft(reversed(entry_ids))  # XACKed once a connection works
+            raise
 
     def close(self) -> None:
+        self._streaming = False
         if self._client is not None:
+            try:
+                self._xack_delivered()
+            except redis.RedisError as exc:  # kept: XACKed first when the feed runs again
+                log.warning("%s: could not acknowledge %d entries: %s", self.name,
+                            len(self._delivered), exc)
             self._client.close()
             self._client = None
 
