@@ -14,7 +14,8 @@ or of the bytes read, tested without a server.
 * A Kafka record goes to its table's topic (`topic_for`). Its key is the JSON of the row's key
   columns (Debezium's key for that format), so every change of a row goes to one partition; its
   value is the change in one of `FORMATS`; its headers say ``operation``, ``table``,
-  ``position`` (JSON) and ``format``, so a reader knows how to decode the value.
+  ``position`` (JSON), ``format`` (so a reader knows how to decode the value) and, for a
+  change that has one, ``schema_version``.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def change_from_dict(data: dict[str, Any]) -> Change:
             transaction=data.get("transaction"),
             snapshot=bool(data.get("snapshot", False)),
             meta=data.get("meta"),
+            schema_version=data.get("schema_version"),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise PipelineError(f"not a change: {str(data)[:200]} ({exc})") from exc
@@ -75,6 +77,7 @@ def read_back(change: Change, position: Any) -> Change:
         position=position, committed_at=change.committed_at, transaction=change.transaction,
         snapshot=change.snapshot,
         meta={**(change.meta or {}), "source_position": change.position},
+        schema_version=change.schema_version,
     )
 
 
@@ -169,9 +172,8 @@ class RecordEncoder:
             ("position", dumps(position)),
             ("format", self.fmt.encode()),
         ]
-        version = (change.meta or {}).get("schema_version")
-        if version is not None:
-            headers.append(("schema_version", str(version).encode()))
+        if change.schema_version is not None:
+            headers.append(("schema_version", change.schema_version.encode()))
         record = Record(topic, key, value, headers)
         if self._debezium is not None and change.key is not None and change.new is None:
             return [record, record._replace(value=None)]

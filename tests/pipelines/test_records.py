@@ -22,7 +22,8 @@ from changefeed.testing import delete, insert, update
 COMMITTED = dt.datetime(2024, 5, 1, 12, 0, tzinfo=dt.timezone.utc)
 UPDATE = update("public.tasks", {"id": 1, "body": UNCHANGED, "done": True},
                 {"id": 1, "body": "long", "done": False}, key={"id": 1},
-                position="0/16B3748:00000001", committed_at=COMMITTED, transaction=42)
+                position="0/16B3748:00000001", committed_at=COMMITTED, transaction=42,
+                schema_version="a1b2c3d4e5f6")
 
 
 def as_read(fields: dict[str, bytes]) -> dict[bytes, bytes]:
@@ -38,8 +39,8 @@ def test_a_stream_entry_gives_back_the_change():
     assert (change.operation, change.table, change.new, change.old, change.key) == (
         Operation.UPDATE, "public.tasks", {"id": 1, "body": UNCHANGED, "done": True},
         {"id": 1, "body": "long", "done": False}, {"id": 1})
-    assert (change.position, change.committed_at, change.transaction) == (
-        "0/16B3748:00000001", COMMITTED, 42)
+    assert (change.position, change.committed_at, change.transaction, change.schema_version) == (
+        "0/16B3748:00000001", COMMITTED, 42, "a1b2c3d4e5f6")
 
 
 def test_a_trimmed_entry_holds_no_change():
@@ -51,6 +52,7 @@ def test_a_change_read_back_is_at_the_log_position_and_remembers_its_source_posi
     assert change.position == "1714564800000-0"
     assert change.meta == {"source_position": "0/16B3748:00000001"}
     assert (change.new, change.old, change.committed_at) == (UPDATE.new, UPDATE.old, COMMITTED)
+    assert change.schema_version == "a1b2c3d4e5f6"
 
 
 @pytest.mark.parametrize("template, table, topic", [
@@ -82,7 +84,8 @@ def test_a_change_record_is_keyed_by_the_row_key_and_reads_back():
     [record] = RecordEncoder("cdc.{name}").records(UPDATE, 7)
     assert (record.topic, orjson.loads(record.key)) == ("cdc.tasks", {"id": 1})
     assert dict(record.headers) == {"operation": b"update", "table": b"public.tasks",
-                                    "position": b"7", "format": b"change"}
+                                    "position": b"7", "format": b"change",
+                                    "schema_version": b"a1b2c3d4e5f6"}
     change = change_of_record(record.value, record.key, record.headers, "t[0]@0")
     assert change is not None and (change.new, change.old, change.position) == (
         UPDATE.new, UPDATE.old, UPDATE.position)
