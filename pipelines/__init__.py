@@ -8,15 +8,18 @@ change's position only once the sink confirmed it: delivery is at least once, in
 in-process mode (the default) and the multi-process mode (`own_process`, ``processes=True``).
 The README's "Compose a pipeline in Python" walks through it.
 
-`KafkaSink` and `KafkaFeed` (``changefeed.pipelines.kafka``) are importable from here too; they
-need the ``kafka`` extra (confluent-kafka), loaded only when first used.
+Every sink is importable from here. Those that need an optional driver (`WebhookSink` and
+`SnorkySink`: ``http``; `RedisStreamSink`: ``redis``; `KafkaSink`: ``kafka``) are loaded only
+when first used. The feeds that read a Redis stream or Kafka topics back are sources, in
+``changefeed.backends.redis_streams`` and ``changefeed.backends.kafka``.
 """
 
+import importlib
 from typing import Any
 
 from changefeed.pipelines.filters import compile_filter
 from changefeed.pipelines.pipeline import Pipeline
-from changefeed.pipelines.sinks import Batch, BatchSink, CallbackSink, JsonLinesSink
+from changefeed.pipelines.sinks import Batch, BatchSink, CallbackSink, JsonLinesSink, Sink
 from changefeed.pipelines.stages import (
     BatchPolicy,
     batch,
@@ -28,14 +31,18 @@ from changefeed.pipelines.stages import (
     where,
 )
 
-_KAFKA = ("KafkaFeed", "KafkaSink")
+_OPTIONAL_SINKS = {
+    "KafkaSink": "changefeed.pipelines.sinks.kafka",
+    "RedisStreamSink": "changefeed.pipelines.sinks.redis",
+    "SnorkySink": "changefeed.pipelines.sinks.http",
+    "WebhookSink": "changefeed.pipelines.sinks.http",
+}
 
 
 def __getattr__(name: str) -> Any:
-    if name in _KAFKA:  # imported on first use: confluent-kafka is an optional extra
-        from changefeed.pipelines import kafka
-
-        return getattr(kafka, name)
+    module = _OPTIONAL_SINKS.get(name)
+    if module is not None:  # imported on first use: its driver is an optional extra
+        return getattr(importlib.import_module(module), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -45,9 +52,12 @@ __all__ = [
     "BatchSink",
     "CallbackSink",
     "JsonLinesSink",
-    "KafkaFeed",
     "KafkaSink",
     "Pipeline",
+    "RedisStreamSink",
+    "Sink",
+    "SnorkySink",
+    "WebhookSink",
     "batch",
     "compile_filter",
     "own_process",

@@ -58,13 +58,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_port(port: int, process: subprocess.Popen, what: str, log: Path,
+def wait_for_port(port: int, process: subprocess.Popen, what: str, log: Path | None = None,
                   seconds: float = 30.0) -> None:
-    """Wait until ``port`` accepts connections; raise if ``process`` exits or time runs out."""
+    """Wait until ``port`` on 127.0.0.1 accepts connections; raise `RuntimeError` if ``process``
+    exits first (with its output: from ``log``, else from its stdout pipe) or time runs out
+    (killing it)."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with {process.returncode}: {log.read_text()}")
+            if log is not None:
+                output = log.read_text()
+            else:
+                output = process.stdout.read() if process.stdout else ""
+            raise RuntimeError(f"{what} exited with {process.returncode}: {output}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
             return

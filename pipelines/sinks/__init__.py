@@ -2,25 +2,21 @@
 
 A sink is either
 
-* an object with ``write_batch(batch)``: it receives a `Batch` and returns only once the batch
-  is delivered (written and flushed, answered 2xx, added to the stream); or
+* a `Sink`: ``write_batch(batch)`` receives a `Batch` and returns only once the batch is
+  delivered (written and flushed, answered 2xx, added to the stream, confirmed by Kafka); or
 * a plain callable, called once per item (or once per list after a ``batch()`` stage).
 
 Returning normally is the confirmation: only then does the pipeline acknowledge the positions of
 the batch's changes. Raising is a failure (see the pipeline's failure policy). A sink is called
-from one thread only. It may have an ``interrupt()`` method, which the pipeline calls from
-another thread when it stops: a sink that is retrying then gives up the batch soon by raising
-`SinkInterrupted` (the batch is not confirmed, and comes again on the next run). A sink may have a
-``close()`` method, called once in the process that used it, an ``accepts`` attribute
-(``"changes"`` or ``"deltas"``) when it takes only one kind of item, and ``local = True`` when
-it never waits on anything but the local disk (a file): such a sink is called in the feed's own
-thread, which saves the cost of a hand-over between threads. Sinks open their
-connections and files on first use, so that each process of a multi-process pipeline opens
-its own.
+from one thread only, except `Sink.interrupt`. `Sink` declares the rest of the contract (what a
+sink accepts, whether it is local, interrupt, close) with defaults, and every built-in sink is
+one. Sinks open their connections and files on first use, so that each process of a
+multi-process pipeline opens its own.
 
-Built-ins: `JsonLinesSink`, `CallbackSink`, `WebhookSink` and `SnorkySink` (in
-``changefeed.pipelines.sinks.http``), and `RedisStreamSink` (in
-``changefeed.pipelines.redis_streams``).
+Built-ins: `JsonLinesSink`, `CallbackSink`, `WebhookSink` and `SnorkySink`
+(``changefeed.pipelines.sinks.http``), `RedisStreamSink` (``changefeed.pipelines.sinks.redis``)
+and `KafkaSink` (``changefeed.pipelines.sinks.kafka``). ``changefeed.pipelines.sinks.spec``
+makes one from a ``--sink`` value (`sink_from_spec`).
 """
 
 from __future__ import annotations
@@ -32,7 +28,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import IO, Any, Protocol, runtime_checkable
+from typing import IO, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 from changefeed.change import Change, Position
 from changefeed.errors import PipelineError
@@ -67,10 +63,47 @@ class Batch:
 
 @runtime_checkable
 class BatchSink(Protocol):
-    """A sink that takes whole batches; see the module docstring for the contract."""
+    """Any object with ``write_batch`` is given whole batches (a `Sink` is one; see there for
+    the contract)."""
 
     def write_batch(self, batch: Batch) -> None:
         """Deliver ``batch``; return only once it is delivered, raise if it cannot be."""
+
+
+Accepts = Literal["any", "changes", "deltas"]
+
+
+class Sink:
+    """The sink contract, with the defaults of a sink that needs none of its options.
+
+    Subclasses implement `write_batch` and override what differs from the defaults.
+    """
+
+    name: str
+    """How logs and errors name the sink (without secrets); set by each sink."""
+
+    accepts: ClassVar[Accepts] = "any"
+    """The items it takes: ``"changes"`` (it formats them itself, as a Redis stream or a Kafka
+    topic does), ``"deltas"`` (Snorky), or ``"any"`` JSON-able item, so that the CLI's
+    ``--format`` adds the stage that makes them."""
+
+    @property
+    def local(self) -> bool:
+        """Whether it never waits on anything but the local disk (a file). Such a sink is called
+        in the feed's own thread, which saves the cost of a hand-over between threads."""
+        return False
+
+    def write_batch(self, batch: Batch) -> None:
+        """Deliver ``batch``; return only once it is delivered, raise if it cannot be."""
+        raise NotImplementedError
+
+    def interrupt(self) -> None:
+        """Give up the batch being delivered soon, by raising `SinkInterrupted` (the batch is
+        not confirmed, and comes again on the next run). The pipeline calls it from another
+        thread when it stops; a sink that never waits long has nothing to do."""
+
+    def close(self) -> None:
+        """Release connections and files; called once, in the process that used the sink."""
 
 
 def jsonable(item: Any) -> Any:
@@ -78,7 +111,7 @@ def jsonable(item: Any) -> Any:
     return item.to_dict() if isinstance(item, Change) else item
 
 
-class JsonLinesSink:
+class JsonLinesSink(Sink):
     """One JSON object per line to stdout (``"-"``), a file path, or an open binary file.
 
     A batch is written in one call and flushed before the batch counts as delivered; with
@@ -95,8 +128,8 @@ class JsonLinesSink:
 
     @property
     def local(self) -> bool:
-        """Whether the sink writes to a file on a local disk or a device such as /dev/null
-        (not stdout, a pipe or a socket, whose reader may make a write wait)."""
+        """Whether it writes to a file on a local disk or a device such as /dev/null (not
+        stdout, a pipe or a socket, whose reader may make a write wait)."""
         if not isinstance(self.target, (str, os.PathLike)) or self.target == "-":
             return False
         try:
@@ -136,7 +169,7 @@ class JsonLinesSink:
         self._owned = False
 
 
-class RemoteSink:
+class RemoteSink(Sink):
     """What the sinks that talk to a server share: a client made on first use, in the process
     that delivers (a sink may cross to a spawned process without it), and `interrupt`."""
 
@@ -170,7 +203,7 @@ class RemoteSink:
             raise SinkInterrupted(f"{name}: stopped while retrying; last: {problem}") from cause
 
 
-class CallbackSink:
+class CallbackSink(Sink):
     """Deliver by calling ``callback``: once per item, or once per batch with ``batches=True``.
 
     The callback returning is the confirmation. With ``batches=True`` it receives the `Batch`
@@ -202,5 +235,6 @@ def deliver(sink: Any, items: Sequence[Any], positions: Sequence[Position], list
 
 
 __all__ = [
-    "Batch", "BatchSink", "CallbackSink", "JsonLinesSink", "SinkInterrupted", "deliver", "jsonable"
+    "Accepts", "Batch", "BatchSink", "CallbackSink", "JsonLinesSink", "RemoteSink", "Sink",
+    "SinkInterrupted", "deliver", "jsonable",
 ]

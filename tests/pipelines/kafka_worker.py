@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import sys
 
+from changefeed.backends.kafka import KafkaFeed
 from changefeed.pipelines import JsonLinesSink, Pipeline
-from changefeed.pipelines.kafka import KafkaFeed
 
 FAST_GROUP = {"session.timeout.ms": 6000, "max.poll.interval.ms": 6000,
               "heartbeat.interval.ms": 500}

@@ -1,4 +1,7 @@
-"""Helpers for tests that run a real server in a subprocess or a thread."""
+"""Helpers for tests that run a real server in a subprocess or a thread.
+
+`free_port` and `wait_for_port` come from ``tests/testservers.py``, shared by every suite.
+"""
 
 from __future__ import annotations
 
@@ -10,32 +13,13 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from testservers import free_port, wait_for_port
+
+__all__ = ["SNORKY_KEY", "Handler", "Receiver", "free_port", "start_redis", "stop_process",
+           "wait_for_port", "wait_until"]
 
 SNORKY_KEY = "swordfish"
 """The backend key the test Snorky server expects in ``X-Backend-Key``."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_port(port: int, process: subprocess.Popen, what: str, seconds: float = 10.0) -> None:
-    """Wait until something accepts connections on ``port``; fail if ``process`` exits first."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            output = process.stdout.read() if process.stdout else ""
-            pytest.fail(f"{what} exited with {process.returncode}: {output}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    process.kill()
-    pytest.fail(f"{what} did not listen on port {port} within {seconds} s")
 
 
 def start_redis(port: int, directory: str) -> subprocess.Popen:

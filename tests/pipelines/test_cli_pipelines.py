@@ -20,8 +20,8 @@ from clitools import CHANGEFEED, assert_one_clear_line, run_cli
 from servers import SNORKY_KEY
 from websockets.sync.client import connect
 
+from changefeed.backends.redis_streams import RedisStreamFeed
 from changefeed.pipelines import Pipeline
-from changefeed.pipelines.redis_streams import RedisStreamFeed
 from changefeed.testing import ListSink
 
 pytestmark = pytest.mark.postgres

@@ -17,8 +17,8 @@ from servers import Receiver, free_port, start_redis, stop_process, wait_for_por
 from changefeed import PipelineError, Retry
 from changefeed.pipelines import CallbackSink, JsonLinesSink, Pipeline, batch
 from changefeed.pipelines._sink_thread import STOP_GRACE
-from changefeed.pipelines.redis_streams import RedisStreamSink
 from changefeed.pipelines.sinks.http import WebhookSink
+from changefeed.pipelines.sinks.redis import RedisStreamSink
 from changefeed.testing import MemoryFeed, insert
 
 STOP_BOUND = STOP_GRACE + 10.0

@@ -28,9 +28,11 @@ from kafka_worker import FAST_GROUP
 from testservers import KAFKA_ENV, start_tansu
 
 from changefeed import Operation
+from changefeed.backends.kafka import KafkaFeed
 from changefeed.errors import PipelineError
 from changefeed.pipelines import Batch, Pipeline
-from changefeed.pipelines.kafka import KafkaFeed, KafkaSink, sink_from_spec
+from changefeed.pipelines.sinks.kafka import KafkaSink
+from changefeed.pipelines.sinks.spec import sink_from_spec
 from changefeed.testing import ListSink, MemoryFeed, delete, insert, update
 
 pytestmark = pytest.mark.kafka

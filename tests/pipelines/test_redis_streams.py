@@ -14,12 +14,10 @@ import pytest
 import redis
 
 from changefeed import UNCHANGED, Operation
+from changefeed.backends.redis_streams import RedisStreamFeed
 from changefeed.pipelines import JsonLinesSink, Pipeline, batch, to_delta
-from changefeed.pipelines.redis_streams import (
-    RedisStreamFeed,
-    RedisStreamSink,
-    change_from_dict,
-)
+from changefeed.pipelines.records import change_from_dict
+from changefeed.pipelines.sinks.redis import RedisStreamSink
 from changefeed.testing import ListSink, MemoryFeed, insert, update
 
 pytestmark = pytest.mark.redis

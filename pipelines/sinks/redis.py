@@ -1,0 +1,111 @@
+"""The Redis Streams sink: changes appended to a stream that workers on many machines share.
+
+    database feed --Pipeline--> RedisStreamSink --XADD--> stream
+    stream --XREADGROUP--> RedisStreamFeed (worker 1) --Pipeline--> stages -> sink
+                       \\--> RedisStreamFeed (worker 2) --Pipeline--> stages -> sink
+
+The producer's pipeline acknowledges a database position once its change is in the stream
+(XADD answered), so the stream holds every change at least once. The workers read it with
+`changefeed.backends.redis_streams.RedisStreamFeed`; the entry's fields are in
+`changefeed.pipelines.records`. How durable the stream is depends on Redis's persistence
+settings (``appendonly yes``, ``appendfsync``).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import redis
+
+from changefeed.change import Change
+from changefeed.errors import ConfigurationError, PipelineError
+from changefeed.feed import Retry
+from changefeed.pipelines.records import stream_entry
+from changefeed.pipelines.sinks import Batch, RemoteSink, SinkInterrupted
+from changefeed.redact import redact
+
+
+class RedisStreamSink(RemoteSink):
+    """XADD each change of a batch to ``stream``, in one round trip per batch.
+
+    Put it where the items are still changes (before ``to_delta()``); workers reading the stream
+    with `RedisStreamFeed` apply their own stages. ``maxlen`` caps the stream (approximately)
+    so it does not grow forever: set it well above what consumers may lag behind.
+
+    A connection error (refused, reset, timed out) is retried with exponential backoff and
+    jitter (``retry``; default 8 attempts, 0.5 s doubling to 30 s) before the batch fails. A
+    batch cut off mid-way is sent whole again, so its first entries may be in the stream twice
+    (delivery is at least once; entries carry their source position to drop duplicates).
+    """
+
+    accepts = "changes"
+
+    def __init__(
+        self, url: str, stream: str, *, maxlen: int | None = None, retry: Retry | None = None
+    ) -> None:
+        if not stream:
+            raise ConfigurationError("RedisStreamSink needs a stream name")
+        self.url = url
+        self.shown_url = redact(url)
+        self.stream = stream
+        self.maxlen = maxlen
+        self.retry = retry if retry is not None else Retry(initial=0.5, maximum=30.0, attempts=8)
+        self.name = f"redis_stream({stream})"
+        self._client: redis.Redis | None = None
+        self._interrupted = threading.Event()
+
+    def __repr__(self) -> str:
+        return f"<RedisStreamSink {self.shown_url} stream={self.stream}>"
+
+    @property
+    def client(self) -> redis.Redis:
+        if self._client is None:  # opened on first use, in the process that delivers
+            self._client = redis.Redis.from_url(self.url)
+        return self._client
+
+    def write_batch(self, batch: Batch) -> None:
+        for item in batch.items:
+            if not isinstance(item, Change):
+                raise PipelineError(
+                    f"{self.name} stores changes, got a {type(item).__name__}: put stages that"
+                    " turn changes into deltas in the pipelines that read the stream"
+                )
+        failures = 0
+        while True:
+            if self._interrupted.is_set():
+                raise SinkInterrupted(f"{self.name}: stopped before the batch was delivered")
+            try:
+                self._xadd(batch)
+                return
+            except redis.AuthenticationError as exc:
+                raise PipelineError(
+                    f"Redis at {self.shown_url} refused the credentials: {redact(str(exc))}"
+                ) from exc
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                failures += 1
+                self._retry_or_give_up(failures, redact(f"{type(exc).__name__}: {exc}"), exc,
+                                       f"Redis at {self.shown_url}", self.name)
+            except redis.RedisError as exc:  # an answer: sending it again cannot change it
+                raise PipelineError(
+                    f"Redis at {self.shown_url} refused the batch: {redact(str(exc))}"
+                ) from exc
+
+    def _xadd(self, batch: Batch) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for item, position in zip(batch.items, batch.positions, strict=True):
+            pipe.xadd(
+                self.stream,
+                stream_entry(item, position),  # type: ignore[arg-type]
+                maxlen=self.maxlen,
+                approximate=True,
+            )
+        pipe.execute()
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        self._interrupted.clear()
+
+
+__all__ = ["RedisStreamSink"]

@@ -1,0 +1,195 @@
+"""`sink_from_spec`: a sink from one string, as `changefeed.get_changefeed` makes a feed from a URL.
+
+The CLI's ``--sink SPEC`` and ``--dead-letter SPEC`` take these forms:
+
+=============================================================  ==================================
+``-``                                                          JSON lines on stdout (default)
+a file path                                                    JSON lines appended to the file
+``http://...``, ``https://...``                                webhook: JSON array per batch;
+                                                               ``$CHANGEFEED_WEBHOOK_SECRET``
+                                                               signs it (HMAC-SHA256)
+``snorky+http://host:port/backend?service=NAME&key=KEY``        Snorky's publishDeltas
+                                                               (``snorky+https`` too)
+``redis://host:port/0?stream=NAME[&maxlen=N]``                 Redis stream (``rediss://`` too)
+``kafka://[USER:PASSWORD@]host:port[,host:port]?topic={table}``  Kafka topic per table (keyed by
+                                                               primary key; ``kafkas://`` for
+                                                               TLS)
+=============================================================  ==================================
+
+Every URL form is one `SinkKind` in `SINK_KINDS`: its schemes, the package and pip extra it
+needs (imported only when such a sink is asked for), and the function that reads the URL.
+Query parameters a sink consumes are taken out of the URL it is given; the others stay.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+
+from changefeed.errors import ConfigurationError
+from changefeed.pipelines.sinks import JsonLinesSink, Sink
+from changefeed.preflight import check_writable
+from changefeed.redact import redact
+from changefeed.registry import url_scheme
+
+WEBHOOK_SECRET_ENV = "CHANGEFEED_WEBHOOK_SECRET"
+FORMATS = ("delta", "change", "debezium")
+"""The CLI's ``--format`` values."""
+
+
+@dataclass(frozen=True)
+class SinkOptions:
+    """What the CLI's other options tell a sink made from a spec."""
+
+    fmt: str = "delta"
+    """``--format``: the sinks that format their items themselves (Kafka) need it."""
+    model: str | None = None
+    """``--model``: the model name of deltas."""
+
+
+@dataclass(frozen=True)
+class SinkKind:
+    """A kind of sink a URL names: ``make(url, scheme, options)`` builds it."""
+
+    title: str
+    """Its name in messages (``Kafka``)."""
+    schemes: tuple[str, ...]
+    """URL schemes, lower case; the first ones are shown in messages."""
+    shown: str
+    """How messages list it (``http(s)://``)."""
+    package: str
+    """The package it needs, imported before ``make`` to say which extra installs it."""
+    extra: str
+    """The pip extra that installs ``package`` (``changefeed[kafka]``)."""
+    make: Callable[[str, str, SinkOptions], Sink]
+
+
+def sink_from_spec(
+    spec: str, *, model: str | None = None, fmt: str = "delta", option: str = "--sink"
+) -> Sink:
+    """The sink a ``--sink`` value names (see the module docstring for the forms).
+
+    A file is checked writable now, so a run fails before it reads a change; ``option`` names
+    the option in that message. Raises `ConfigurationError` for a spec it cannot serve.
+    """
+    if fmt not in FORMATS:
+        raise ConfigurationError(f"unknown format {fmt!r}: use delta, change or debezium")
+    if spec == "-":
+        return JsonLinesSink("-")
+    scheme = url_scheme(spec)
+    if not scheme:
+        check_writable(spec, f"{option} file")
+        return JsonLinesSink(spec)
+    kind = next((kind for kind in SINK_KINDS if scheme in kind.schemes), None)
+    if kind is None:
+        forms = ["-", "a file path", *(kind.shown for kind in SINK_KINDS)]
+        raise ConfigurationError(
+            f"unsupported sink {redact(spec)!r}: use {', '.join(forms[:-1])} or {forms[-1]}"
+        )
+    try:
+        importlib.import_module(kind.package)
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"a {kind.title} sink needs {kind.package.replace('_', '-')} ({exc}): pip install"
+            f" 'changefeed[{kind.extra}]'"
+        ) from exc
+    return kind.make(spec, scheme, SinkOptions(fmt=fmt, model=model))
+
+
+def _split_params(spec: str, scheme: str, consumed: frozenset[str]) -> tuple[str, dict[str, str]]:
+    """``spec`` with ``scheme`` and without the query parameters in ``consumed``, and those
+    parameters (the last value of each)."""
+    parts = urlsplit(spec)
+    params = {name: values[-1] for name, values in parse_qs(parts.query).items()}
+    kept = {name: value for name, value in params.items() if name not in consumed}
+    url = urlunsplit((scheme, parts.netloc, parts.path, urlencode(kept), parts.fragment))
+    return url, {name: value for name, value in params.items() if name in consumed}
+
+
+def _webhook(spec: str, scheme: str, options: SinkOptions) -> Sink:
+    from changefeed.pipelines.sinks.http import WebhookSink
+
+    return WebhookSink(spec, secret=os.environ.get(WEBHOOK_SECRET_ENV) or None)
+
+
+def _snorky(spec: str, scheme: str, options: SinkOptions) -> Sink:
+    from changefeed.pipelines.sinks.http import SnorkySink
+
+    if options.fmt != "delta":
+        raise ConfigurationError(f"a Snorky sink takes deltas: drop --format {options.fmt}")
+    url, params = _split_params(spec, scheme.partition("+")[2], frozenset({"service", "key"}))
+    if not params.get("key"):
+        raise ConfigurationError(
+            "a Snorky sink needs its backend key: snorky+http://host:port/backend"
+            "?service=NAME&key=KEY"
+        )
+    return SnorkySink(url, service=params.get("service") or "datasync_backend",
+                      key=params["key"], model=options.model)
+
+
+def _redis(spec: str, scheme: str, options: SinkOptions) -> Sink:
+    from changefeed.pipelines.sinks.redis import RedisStreamSink
+
+    url, params = _split_params(spec, scheme, frozenset({"stream", "maxlen"}))
+    stream = params.get("stream")
+    if not stream:
+        raise ConfigurationError("a Redis sink needs a stream name: redis://host:port/0?stream=NAME")
+    maxlen = params.get("maxlen")
+    if maxlen is not None and not maxlen.isdigit():
+        raise ConfigurationError(f"maxlen must be a number, not {maxlen!r}")
+    return RedisStreamSink(url, stream, maxlen=int(maxlen) if maxlen else None)
+
+
+def _kafka(spec: str, scheme: str, options: SinkOptions) -> Sink:
+    """``kafka://USER:PASSWORD@HOST:PORT`` authenticates with SASL (``mechanism=`` PLAIN by
+    default, or SCRAM-SHA-256/512) over plaintext; ``kafkas://`` uses TLS. ``topic=`` is the
+    topic template (default ``{table}``), ``timeout=SECONDS`` bounds how long a batch may wait
+    for the broker (default 30). Other query parameters are librdkafka settings
+    (``?compression.type=zstd``)."""
+    from changefeed.pipelines.sinks.kafka import KafkaSink
+
+    parts = urlsplit(spec)
+    if not parts.hostname:
+        raise ConfigurationError(f"a Kafka sink needs brokers: kafka://HOST:PORT?topic=NAME, not"
+                                 f" {redact(spec)!r}")
+    params = {name: values[-1] for name, values in parse_qs(parts.query).items()}
+    topic = params.pop("topic", "{table}")
+    mechanism = params.pop("mechanism", "PLAIN")
+    timeout = params.pop("timeout", "30")
+    try:
+        seconds = float(timeout)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise ConfigurationError(f"timeout must be a number of seconds, not {timeout!r}")
+    config: dict[str, Any] = dict(params)
+    secure = scheme == "kafkas"
+    if parts.username:
+        config.update({
+            "security.protocol": "SASL_SSL" if secure else "SASL_PLAINTEXT",
+            "sasl.mechanism": mechanism,
+            "sasl.username": parts.username,
+            "sasl.password": parts.password or "",
+        })
+    elif secure:
+        config["security.protocol"] = "SSL"
+    brokers = parts.netloc.rpartition("@")[2]
+    return KafkaSink(brokers, topic, fmt=options.fmt, model=options.model, config=config,
+                     timeout=seconds, label=redact(spec))
+
+
+SINK_KINDS = (
+    SinkKind("webhook", ("http", "https"), "http(s)://", "httpx", "http", _webhook),
+    SinkKind("Snorky", ("snorky+http", "snorky+https"), "snorky+http(s)://", "httpx", "http",
+             _snorky),
+    SinkKind("Redis", ("redis", "rediss"), "redis://", "redis", "redis", _redis),
+    SinkKind("Kafka", ("kafka", "kafkas"), "kafka://", "confluent_kafka", "kafka", _kafka),
+)
+"""Every kind of sink a URL can name, in the order messages list them."""
+
+__all__ = ["FORMATS", "SINK_KINDS", "SinkKind", "SinkOptions", "WEBHOOK_SECRET_ENV",
+           "sink_from_spec"]
