@@ -67,7 +67,7 @@ class _SinkThread:
         self.handed_at = 0.0
         self.stop_deadline: float | None = None
         self.inline = all(
-            getattr(sink, "local", False) for sink in (sink_step.sink, sink_step.dead_letter)
+            sink.local for sink in (sink_step.sink, sink_step.dead_letter)
             if sink is not None
         )
         self._closing = threading.Lock()

@@ -15,7 +15,7 @@ from typing import Any
 
 from changefeed.change import Change, Position
 from changefeed.errors import ChangefeedError, PipelineError
-from changefeed.pipelines.sinks import SinkInterrupted, deliver
+from changefeed.pipelines.sinks import Batch, SinkInterrupted, as_sink
 from changefeed.pipelines.stages import BatchPolicy, Stage, apply_stage, stage_name
 
 log = logging.getLogger("changefeed.pipelines")
@@ -145,9 +145,10 @@ class _SinkStep:
     """Groups entries into batches, delivers them, and says which positions are confirmed."""
 
     def __init__(self, sink: Any, dead_letter: Any, policy: BatchPolicy) -> None:
-        self.sink = sink
         self.name = stage_name(sink)
-        self.dead_letter = dead_letter
+        self.sink = as_sink(sink, lists=policy.explicit)
+        self.dead_letter = as_sink(dead_letter) if dead_letter is not None else None
+        self.dead_letter_name = stage_name(dead_letter) if dead_letter is not None else ""
         self.policy = policy
         self.entries: list[_Entry] = []
         self.items = 0
@@ -198,7 +199,7 @@ class _SinkStep:
                 positions.append(entry.position)
         if items:
             try:
-                deliver(self.sink, items, positions, self.policy.explicit)
+                self.sink.write_batch(Batch(items, positions))
             except SinkInterrupted:
                 raise
             except Exception as exc:
@@ -217,12 +218,13 @@ class _SinkStep:
         dead = [(record, entry.position) for entry in entries for record in entry.dead]
         if dead:
             try:
-                deliver(self.dead_letter, [r for r, _ in dead], [p for _, p in dead], False)
+                assert self.dead_letter is not None  # entries are dead-lettered only with one
+                self.dead_letter.write_batch(Batch([r for r, _ in dead], [p for _, p in dead]))
             except SinkInterrupted:
                 raise
             except Exception as exc:
                 raise PipelineError(
-                    f"dead-letter sink {stage_name(self.dead_letter)} failed: {_describe(exc)}"
+                    f"dead-letter sink {self.dead_letter_name} failed: {_describe(exc)}"
                 ) from exc
         last = next((e.position for e in reversed(entries) if e.position is not None), None)
         return _Confirmed(last, len(entries))
@@ -230,13 +232,11 @@ class _SinkStep:
     def interrupt(self) -> None:
         """Tell the sinks that can give up a batch (``interrupt()``) to do so: we stop."""
         for sink in (self.sink, self.dead_letter):
-            interrupt = getattr(sink, "interrupt", None)
-            if interrupt is not None:
-                interrupt()
+            if sink is not None:
+                sink.interrupt()
 
     def close(self) -> None:
         for sink in (self.sink, self.dead_letter):
-            close = getattr(sink, "close", None)
-            if close is not None:
-                close()
+            if sink is not None:
+                sink.close()
 

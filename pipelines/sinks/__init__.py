@@ -223,18 +223,55 @@ class CallbackSink(Sink):
                 self.callback(item)
 
 
-def deliver(sink: Any, items: Sequence[Any], positions: Sequence[Position], lists: bool) -> None:
-    """Hand ``items`` to ``sink`` following the sink contract (``lists``: after ``batch()``)."""
-    if isinstance(sink, BatchSink):
-        sink.write_batch(Batch(list(items), list(positions)))
-    elif lists:
-        sink(list(items))
-    else:
-        for item in items:
-            sink(item)
+class _ForeignSink(Sink):
+    """A sink that is not a `Sink`: an object with ``write_batch`` (and perhaps ``close``,
+    ``interrupt``, ``local``), or a plain callable taking each item, or each batch's list of
+    items after an explicit ``batch()``."""
+
+    def __init__(self, target: Any, lists: bool) -> None:
+        self.target = target
+        self.name = getattr(target, "name", None) or getattr(
+            target, "__name__", type(target).__name__
+        )
+        self.batches = isinstance(target, BatchSink)
+        self.lists = lists
+        self.is_local = bool(getattr(target, "local", False))
+
+    @property
+    def local(self) -> bool:
+        return self.is_local
+
+    def write_batch(self, batch: Batch) -> None:
+        if self.batches:
+            self.target.write_batch(batch)
+        elif self.lists:
+            self.target(list(batch.items))
+        else:
+            for item in batch.items:
+                self.target(item)
+
+    def interrupt(self) -> None:
+        interrupt = getattr(self.target, "interrupt", None)
+        if interrupt is not None:
+            interrupt()
+
+    def close(self) -> None:
+        close = getattr(self.target, "close", None)
+        if close is not None:
+            close()
+
+
+def as_sink(target: Any, lists: bool = False) -> Sink:
+    """``target`` as a `Sink`: itself if it is one, else wrapped (see `_ForeignSink`);
+    ``lists``: a plain callable gets each batch's items as one list (after ``batch()``)."""
+    if isinstance(target, Sink):
+        return target
+    if not (isinstance(target, BatchSink) or callable(target)):
+        raise TypeError(f"{target!r} is not a sink: give a Sink, or a callable")
+    return _ForeignSink(target, lists)
 
 
 __all__ = [
     "Accepts", "Batch", "BatchSink", "CallbackSink", "JsonLinesSink", "RemoteSink", "Sink",
-    "SinkInterrupted", "deliver", "jsonable",
+    "SinkInterrupted", "as_sink", "jsonable",
 ]
