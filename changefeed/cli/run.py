@@ -155,7 +155,7 @@ def run(
             )
         output: Output
         if pipeline_wanted:
-            from changefeed.pipelines.cli import build_cli_pipeline
+            from changefeed.cli.pipeline_options import build_cli_pipeline
 
             output = build_cli_pipeline(
                 feed, where=where_expr, filter=filter_json, sink=sink, dead_letter=dead_letter,

@@ -26,7 +26,7 @@ import os
 import stat
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any, ClassVar, Literal, Protocol, runtime_checkable
 

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from changefeed import ConfigurationError
+from changefeed.cli.pipeline_options import build_cli_pipeline
 from changefeed.pipelines import JsonLinesSink
-from changefeed.pipelines.cli import build_cli_pipeline
 from changefeed.testing import MemoryFeed, insert, update
 
 

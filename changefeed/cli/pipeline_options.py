@@ -1,10 +1,9 @@
-"""What the ``changefeed run`` command needs to build a pipeline from its options.
-
-The CLI calls one function::
+"""``changefeed run``'s pipeline options: the pipeline its ``--where``, ``--filter``, ``--sink``,
+``--dead-letter``, ``--format`` and ``--processes`` make::
 
     pipeline = build_cli_pipeline(feed, where=..., filter=..., sink=..., dead_letter=...,
                                   fmt="delta", model=None)
-    pipeline.run(stop_after=limit, idle_timeout=until_idle)
+    deliver(feed, pipeline.output(), ...)      # as `changefeed.cli.run` does
 
 ``--sink SPEC`` and ``--dead-letter SPEC`` name a sink (`sink_from_spec`, whose module lists
 the forms). ``--where EXPR`` and ``--filter JSON`` filter rows
@@ -20,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from changefeed.cli import ACK_SECONDS
+from changefeed.cli.common import ACK_SECONDS
 from changefeed.errors import ConfigurationError
 from changefeed.pipelines.pipeline import Pipeline
 from changefeed.pipelines.sinks.spec import sink_from_spec
