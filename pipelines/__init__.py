@@ -20,6 +20,7 @@ from typing import Any
 from changefeed.pipelines.filters import compile_filter
 from changefeed.pipelines.pipeline import Pipeline
 from changefeed.pipelines.sinks import Batch, BatchSink, CallbackSink, JsonLinesSink, Sink
+from changefeed.pipelines.sinks.spec import sink_from_spec
 from changefeed.pipelines.stages import (
     BatchPolicy,
     batch,
@@ -63,6 +64,7 @@ __all__ = [
     "own_process",
     "project",
     "route",
+    "sink_from_spec",
     "subscription",
     "to_delta",
     "where",
