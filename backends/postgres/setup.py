@@ -20,7 +20,8 @@ from psycopg import sql
 
 from changefeed.backends.postgres import catalog, slots
 from changefeed.backends.postgres.errors import connection_error, replication_refused
-from changefeed.backends.postgres.protocol import parse_lsn
+from changefeed.backends.postgres.names import TableName
+from changefeed.backends.postgres.protocol import format_lsn, parse_lsn
 from changefeed.backends.postgres.values import SESSION_SETTINGS
 from changefeed.change import Operation
 from changefeed.errors import (
@@ -215,3 +216,59 @@ def _identifier(name: str, conn: psycopg.Connection) -> str:
     if re.fullmatch(r"[a-z_][a-z0-9_$]*", name):
         return name
     return sql.Identifier(name).as_string(conn)
+
+
+class WatchedTables:
+    """The feed's tables by OID: resolved once by name, then followed by OID (a rename keeps
+    the table; the stream tells its new name), and noted when dropped."""
+
+    def __init__(self) -> None:
+        self.by_oid: dict[int, catalog.Table] = {}
+        self.stream_names: dict[int, str] = {}
+        """OID -> the name the stream last gave the table (what its changes carry)."""
+        self.dropped: dict[int, tuple[str, int]] = {}
+        """OID -> (name, the WAL position at which the table was seen gone)."""
+
+    def check(
+        self, conn: psycopg.Connection, names: Sequence[TableName],
+        exclude: Sequence[TableName],
+    ) -> None:
+        """Resolve ``names`` on the first call; afterwards note the tables dropped since."""
+        if self.by_oid:
+            self.note_dropped(conn)
+            return
+        resolved = catalog.resolve_tables(conn, names, exclude)
+        self.by_oid = {table.oid: table for table in resolved}
+        self.stream_names = {table.oid: table.qualified for table in resolved}
+
+    def note_dropped(self, conn: psycopg.Connection) -> None:
+        """Note tables that no longer exist, and the WAL position at which they were seen
+        gone: the feed delivers every change up to there, then ends."""
+        watched = [oid for oid in self.by_oid if oid not in self.dropped]
+        gone, lsn = dropped_tables(conn, watched)
+        for oid in gone:
+            name = self.name_of(oid)
+            self.dropped[oid] = (name, lsn)
+            log.warning("table %s was dropped: delivering its changes up to %s, then stopping",
+                        name, format_lsn(lsn))
+
+    @property
+    def dropped_until(self) -> int:
+        """The WAL position up to which the dropped tables' changes are delivered."""
+        return max(lsn for _, lsn in self.dropped.values())
+
+    def dropped_error(self, slot: str) -> PermanentBackendError:
+        """The end of a feed whose dropped tables' changes were all delivered."""
+        names = ", ".join(sorted(name for name, _ in self.dropped.values()))
+        return PermanentBackendError(
+            f"table {names} was dropped: every change before the drop was delivered;"
+            f" drop the feed's slot (changefeed slots --drop {slot}) if it is not"
+            " needed any more"
+        )
+
+    def name_of(self, oid: int) -> str:
+        return self.stream_names.get(oid) or self.by_oid[oid].qualified
+
+    def live(self) -> list[catalog.Table]:
+        """The tables not dropped."""
+        return [table for oid, table in self.by_oid.items() if oid not in self.dropped]

@@ -82,6 +82,25 @@ def check_slot(conn: psycopg.Connection, slot: Slot | None, *, first_connection:
                     slot.name, format_size(slot.retained_bytes or 0))
 
 
+def slot_to_continue(
+    conn: psycopg.Connection, name: str, slot: Slot | None, *, snapshot_pending: bool,
+    known: bool,
+) -> Slot | None:
+    """``slot`` if the feed streams on from it; None if it is to be created: missing, or
+    made with a snapshot prefeed that never completed (dropped here, to take it again).
+    A slot that existed before (``known``) and is gone lost the changes since: ResumeError."""
+    if slot is not None and snapshot_pending:
+        log.warning("the snapshot of slot %s never completed: taking it again", name)
+        conn.execute("SELECT pg_drop_replication_slot(%s)", [name])
+        return None
+    if slot is None and known:
+        raise ResumeError(
+            f"slot {name} was dropped while the feed ran: the changes after its last"
+            " position are gone; start again (with --prefeed snapshot to re-read the tables)"
+        )
+    return slot
+
+
 def create_slot(repl: psycopg.Connection, name: str, *, export_snapshot: bool) -> str:
     """Create the pgoutput slot ``name`` on a replication connection; returns the name of its
     exported snapshot ("" without one)."""

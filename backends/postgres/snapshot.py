@@ -29,17 +29,26 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 
 from changefeed.backends.postgres import catalog
-from changefeed.backends.postgres.backfill import ChunkWindow, TableBackfill, key_types
+from changefeed.backends.postgres.backfill import (
+    BACKFILL_PREFIX,
+    Backfiller,
+    ChunkWindow,
+    TableBackfill,
+    key_types,
+)
+from changefeed.backends.postgres.ledger import AckLedger
 from changefeed.backends.postgres.loading import (
     TypeLoaders,
     psycopg_loaders,
     query_rows,
     read_rows,
 )
-from changefeed.backends.postgres.pgoutput import make_position, schema_version
+from changefeed.backends.postgres.pgoutput import PgOutputDecoder, make_position, schema_version
+from changefeed.backends.postgres.setup import MESSAGES_VERSION, WatchedTables
 from changefeed.backends.postgres.values import SESSION_SETTINGS
 from changefeed.change import Change, Operation, SnapshotState
 from changefeed.errors import BackendError, first_line
+from changefeed.message import Message
 
 log = logging.getLogger("changefeed.postgres")
 
@@ -118,6 +127,20 @@ def exported_change(item: SnapshotItem, index: int) -> Change | SnapshotState:
                   True, None, version)
 
 
+class ExportedChanges:
+    """Makes the changes of `exported_rows` items for `ChangeFeed.snapshot_changes`, and
+    notes the last one in the ledger: once it is acknowledged, the snapshot is delivered."""
+
+    def __init__(self, ledger: AckLedger) -> None:
+        self.ledger = ledger
+
+    def __call__(self, item: SnapshotItem, number: int, last: bool) -> Change | SnapshotState:
+        change = exported_change(item, number)
+        if last:
+            self.ledger.snapshot_last = change.position
+        return change
+
+
 def mark(dsn: str, publication: str, meta: dict[str, Any], state: str) -> None:
     """Record ``state`` of the snapshot in the publication's record ``meta`` (a crash
     mid-snapshot must take it again); a failure is only a warning."""
@@ -144,6 +167,13 @@ def schema_version_of(conn: psycopg.Connection, oid: int) -> str:
 
 
 # -- back-fills --------------------------------------------------------------------------------
+
+
+def in_chunks(server_version: int, tables: Iterable[catalog.Table]) -> bool:
+    """Whether snapshots go in key chunks through the stream (see `backfill`): when the server
+    sends logical messages (14+) and every table has a primary key; else the whole snapshot
+    is read in the slot's exported snapshot at creation."""
+    return server_version >= MESSAGES_VERSION and all(table.key for table in tables)
 
 
 def backfill_states(
@@ -235,3 +265,69 @@ def save_backfills(
     except (psycopg.Error, BackendError) as exc:
         log.warning("could not record back-fill progress on %s: %s", publication,
                     first_line(exc))
+
+
+class ChunkedSnapshots:
+    """A feed's back-fills beside the stream (see `backfill`): which tables to back-fill, the
+    requests that come through the slot, and each chunk's rows at its high watermark.
+
+    ``backfiller`` does the chunk I/O on the plain connection ``connection`` gives, and records
+    progress with ``save``; ``tables`` are the feed's."""
+
+    def __init__(
+        self, slot: str, tables: WatchedTables, connection: Callable[[], psycopg.Connection],
+        *, markers: bool, batch: int, save: Callable[[dict[str, Any]], None],
+    ) -> None:
+        self.backfiller = Backfiller(
+            slot, batch, connection, ChunkReader(),
+            lambda oid: tables.by_oid[oid].identifier, save,
+        )
+        self.tables = tables
+        self.connection = connection
+        self.markers = markers
+        self.batch = batch
+
+    def plan(self, conn: psycopg.Connection, meta: dict[str, Any]) -> None:
+        """Back-fill each table whose snapshot was not delivered on this slot yet, continuing
+        after the last recorded chunk of one cut short."""
+        planned = list(backfill_states(meta, self.tables.by_oid.values()))
+        if planned:
+            self.backfiller.states.update(meta.get("backfill") or {})
+        for table, state in planned:
+            name = self.tables.stream_names.get(table.oid, table.qualified)
+            self.backfiller.start(table_backfill(conn, table, name, state))
+
+    def on_message(
+        self, message: Message, decoder: PgOutputDecoder
+    ) -> list[Change | SnapshotState]:
+        """Handle one of changefeed's own messages: a watermark closing a chunk (its rows come
+        out, positioned in the watermark's transaction), or a back-fill request."""
+        if message.prefix == BACKFILL_PREFIX:
+            self._requested(message.content)
+            return []
+        window = self.backfiller.watermark(message.content)
+        if window is None:
+            return []
+        oid = window.backfill.oid
+        relation = decoder.relations.get(oid)
+        version = (relation.schema_version if relation is not None
+                   else schema_version_of(self.connection(), oid))
+        changes, last = window_changes(
+            window, self.tables.stream_names.get(oid, window.backfill.table), version,
+            decoder.next_position, markers=self.markers,
+        )
+        self.backfiller.handed_out(last)
+        return changes
+
+    def _requested(self, content: bytes) -> None:
+        for oid in requested_tables(content, self.backfiller.slot):
+            table = self.tables.by_oid.get(oid)
+            if table is None or oid in self.tables.dropped:
+                continue
+            if not table.key:
+                log.warning("cannot back-fill %s: it has no primary key", table.qualified)
+                continue
+            log.info("back-fill of %s requested: reading it in chunks of %s rows",
+                     table.qualified, f"{self.batch:,}")
+            name = self.tables.stream_names.get(oid, table.qualified)
+            self.backfiller.start(table_backfill(self.connection(), table, name))
