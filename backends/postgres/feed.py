@@ -206,6 +206,7 @@ class PostgresChangeFeed(ChangeFeed):
     def _read_snapshot(self, snapshot_name: str) -> Iterator[Change | SnapshotState]:
         """Every row of the tables as of the slot's creation, as snapshot inserts; once the
         last is acknowledged, the snapshot is recorded as delivered (see `_settle`)."""
+        self._ledger.snapshot_last = None  # of a snapshot taken before and cut short
         with psycopg.connect(self.dsn, autocommit=True) as reader:
             tables = list(self._tables.by_oid.values())
             rows = snapshot.exported_rows(reader, snapshot_name, tables, self.snapshot_batch,
