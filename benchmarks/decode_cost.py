@@ -30,7 +30,8 @@ import psycopg
 from bench_postgres import TABLE, make_workload
 from psycopg import pq
 
-from changefeed.backends.postgres.pgoutput import PgOutputDecoder, psycopg_loaders
+from changefeed.backends.postgres.loading import psycopg_loaders
+from changefeed.backends.postgres.pgoutput import PgOutputDecoder
 from changefeed.change import Change
 from changefeed.embedded import TemporaryPostgres
 from changefeed.pipelines.delta import delta_line_encoder

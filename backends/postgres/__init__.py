@@ -1,4 +1,15 @@
-"""PostgreSQL logical replication (psycopg 3, pgoutput). See `feed` for the design notes."""
+"""PostgreSQL logical replication (psycopg 3, pgoutput).
+
+Where each job lives:
+
+* `feed`: `PostgresChangeFeed`, the I/O loop (importing it registers the backend);
+* `setup`, `slots`, `catalog`, `names`: what is checked and prepared on the server;
+* `snapshot`, `backfill`: the snapshot prefeed, exported or in chunks beside the stream;
+* `protocol`, `pgoutput`, `tuples`, `loading`, `values`: bytes to changes, pure;
+* `ledger`: which WAL position the slot may confirm, pure;
+* `errors`: what a failure means (retry or stop, and the message), pure;
+* `drain`: the deploy gate (``changefeed drain``).
+"""
 
 from changefeed.backends.postgres.feed import PostgresChangeFeed, slot_name_for
 from changefeed.backends.postgres.pgoutput import PgOutputDecoder

@@ -303,10 +303,10 @@ def request_backfill(conn: psycopg.Connection, slot: str, tables: list[Any]) -> 
     """Ask the feed of ``slot`` to back-fill ``tables`` (resolved `catalog.Table`s): the request
     goes through the slot, so a running feed starts at once and a stopped one when it next
     reads. Returns the tables' names."""
-    from changefeed.backends.postgres import catalog
+    from changefeed.backends.postgres import catalog, slots
     from changefeed.errors import ConfigurationError
 
-    if catalog.get_slot(conn, slot) is None:
+    if slots.get_slot(conn, slot) is None:
         raise ConfigurationError(f"no replication slot named {slot!r} in this database")
     publications = [p for p in catalog.changefeed_publications(conn) if p.meta.get("slot") == slot]
     published = frozenset().union(*(p.table_oids for p in publications)) if publications else None

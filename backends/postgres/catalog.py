@@ -1,4 +1,4 @@
-"""What a PostgreSQL feed reads and writes in the server's catalog: tables, publication, slot.
+"""What a PostgreSQL feed reads and writes in the server's catalog: tables and publications.
 
 Every function takes an open (non-replication, autocommit) connection; none holds state.
 
@@ -16,22 +16,20 @@ Safety rules enforced here, each because breaking it loses changes or breaks the
 The publication's comment holds what changefeed knows of it (``changefeed {json}``): the slot it
 serves, its tables (OID and name when recorded), whether its name was a default one, and the
 state of the snapshot prefeed. `changefeed slots` finds every slot changefeed made from it.
+Replication slots themselves are `changefeed.backends.postgres.slots`'s.
 """
 
 from __future__ import annotations
 
 import json
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.rows import tuple_row
 
 from changefeed.backends.postgres.names import TableName
-from changefeed.backends.postgres.pgoutput import schema_version
 from changefeed.change import Operation
 from changefeed.errors import ConfigurationError
 
@@ -394,49 +392,3 @@ def _qualified_names(conn: psycopg.Connection, oids: Sequence[int]) -> list[str]
 
 def drop_publication(conn: psycopg.Connection, name: str) -> None:
     conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(name)))
-
-
-# -- slots -------------------------------------------------------------------------------------
-
-
-@dataclass
-class Slot:
-    """A replication slot as ``pg_replication_slots`` shows it."""
-
-    name: str
-    plugin: str | None
-    database: str | None
-    active: bool
-    active_pid: int | None
-    wal_status: str | None
-    retained_bytes: int | None
-
-
-def get_slot(conn: psycopg.Connection, name: str) -> Slot | None:
-    row = conn.execute(
-        "SELECT slot_name, plugin, database, active, active_pid, wal_status,"
-        " pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint"
-        " FROM pg_replication_slots WHERE slot_name = %s",
-        [name],
-    ).fetchone()
-    return Slot(*row) if row else None
-
-
-# -- schema versions ---------------------------------------------------------------------------
-
-
-def schema_version_of(conn: psycopg.Connection, oid: int) -> str:
-    """The `pgoutput.schema_version` of table ``oid`` as the connection's snapshot sees it:
-    the columns pgoutput describes (not dropped, not generated), with type OIDs and modifiers."""
-    with conn.cursor(row_factory=tuple_row) as cursor:
-        rows = cursor.execute(
-            "SELECT attname, atttypid::oid::bigint, atttypmod FROM pg_attribute"
-            " WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped AND attgenerated = ''"
-            " ORDER BY attnum",
-            [oid],
-        ).fetchall()
-    types = [_TYPE.pack(type_oid, typmod) for _, type_oid, typmod in rows]
-    return schema_version([name for name, _, _ in rows], types)
-
-
-_TYPE = struct.Struct("!Ii")

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import psycopg
 
-from changefeed.backends.postgres.feed import format_size
-from changefeed.backends.postgres.pgoutput import format_lsn, parse_lsn
+from changefeed.backends.postgres.protocol import format_lsn, parse_lsn
+from changefeed.backends.postgres.slots import _connect, format_size
 from changefeed.errors import (
     ChangefeedError,
     ConfigurationError,
@@ -85,8 +85,6 @@ def drain(
     report: Callable[[DrainState], None] | None = None,
 ) -> DrainState:
     """`wait_for_drain` on a connection to ``url`` (connection errors as one clear line)."""
-    from changefeed.backends.postgres.slots import _connect
-
     try:
         with _connect(url) as conn:
             return wait_for_drain(conn, slot, timeout=timeout, report=report)

@@ -30,14 +30,22 @@ import hashlib
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from typing import Any
 
 from changefeed.backends.postgres.loading import psycopg_loaders
+from changefeed.backends.postgres.protocol import format_lsn, parse_lsn, pg_timestamp
+from changefeed.backends.postgres.tuples import RowDecoder, RowLoad, row_decoder
 from changefeed.change import ALL, UNCHANGED, Change, Operation
+from changefeed.errors import DecodeError
 from changefeed.message import Message
 
-PG_EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)
+__all__ = [
+    "Begin", "Commit", "LoaderFactory", "PgOutputDecoder", "Relation", "Renamed", "Truncate",
+    "make_position", "parse_position", "schema_version",
+    # LSNs are the protocol's (`protocol`); kept importable here for older callers.
+    "format_lsn", "parse_lsn",
+]
 
 _INT16 = struct.Struct("!h")
 _INT32 = struct.Struct("!i")
@@ -46,7 +54,6 @@ _BEGIN = struct.Struct("!QqI")
 _COMMIT = struct.Struct("!BQQq")
 _TRUNCATE = struct.Struct("!IB")
 _MESSAGE = struct.Struct("!BQ")  # flags, LSN
-_KIND_AND_LENGTH = struct.Struct("!xi")  # a tuple value's length, after its kind byte
 _unpack_oid = _UINT32.unpack_from
 # Module constants: an enum class attribute costs a lookup through the metaclass per change.
 _INSERT, _UPDATE, _DELETE = Operation.INSERT, Operation.UPDATE, Operation.DELETE
@@ -61,22 +68,6 @@ def parse_position(position: str) -> tuple[int, int]:
     """The (commit LSN, index) of a position made by `make_position`."""
     lsn, _, index = position.partition(":")
     return int(lsn, 16), int(index or "0", 16)
-
-
-def format_lsn(lsn: int) -> str:
-    """An LSN as PostgreSQL writes it: ``16/B374D848``."""
-    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
-
-
-def parse_lsn(text: str) -> int:
-    """An LSN from PostgreSQL's ``16/B374D848`` form."""
-    high, _, low = text.partition("/")
-    return (int(high, 16) << 32) | int(low, 16)
-
-
-def pg_timestamp(microseconds: int) -> datetime:
-    """A PostgreSQL protocol timestamp (microseconds since 2000-01-01 UTC) as a datetime."""
-    return PG_EPOCH + timedelta(microseconds=microseconds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,9 +118,9 @@ class Relation:
     columns: tuple[str, ...]
     type_oids: tuple[int, ...]
     key_indexes: tuple[int, ...]
-    load: Callable[[Sequence[bytes | None]], Sequence[Any]]
+    load: RowLoad
     watched: bool = True
-    rescue: Callable[[Sequence[bytes | None]], Sequence[Any]] | None = None
+    rescue: RowLoad | None = None
     """Loads a row ``load`` failed on (a value Python cannot hold); None: the error stands."""
     qualified_name: str = ""
     key_names: tuple[str, ...] = ()
@@ -142,7 +133,7 @@ class Relation:
     def __post_init__(self) -> None:
         self.qualified_name = f"{self.schema}.{self.name}"
         self.key_names = tuple(self.columns[i] for i in self.key_indexes)
-        self.decode_row = _row_decoder(
+        self.decode_row = row_decoder(
             self.qualified_name, self.columns, self.key_names, self.load, self.rescue
         )
 
@@ -155,7 +146,7 @@ class Relation:
         return {name: row[name] for name in names}
 
 
-LoaderFactory = Callable[[Sequence[int]], Callable[[Sequence[bytes | None]], Sequence[Any]]]
+LoaderFactory = Callable[[Sequence[int]], RowLoad]
 """Type OIDs -> a function loading one row of text values at once. A factory may also have a
 ``rescue(type_oids)`` method giving the loader of rows the first one failed on; that function's
 ``guarded`` attribute lists columns whose text, if it ends in a letter, sends the row to it
@@ -170,10 +161,6 @@ def schema_version(columns: Sequence[str], types: Sequence[bytes]) -> str:
     for column, type_bytes in zip(columns, types, strict=True):
         digest.update(column.encode() + b"\0" + type_bytes)
     return digest.hexdigest()
-
-
-class DecodeError(ValueError):
-    """The bytes are not a pgoutput message this decoder understands."""
 
 
 class PgOutputDecoder:
@@ -205,12 +192,11 @@ class PgOutputDecoder:
         self.primary_keys = dict(primary_keys or {})
         self.message_prefixes = tuple(messages)
         self.relations: dict[int, Relation] = {}
-        self.type_names: dict[int, str] = {}
-        self.transaction: Begin | None = None
         # Plain booleans and strings: IntFlag arithmetic costs a microsecond a row.
         self._insert_wanted = bool(self.operation & Operation.INSERT)
         self._update_wanted = bool(self.operation & Operation.UPDATE)
         self._delete_wanted = bool(self.operation & Operation.DELETE)
+        self._in_transaction = False
         self._index = 0
         self._position_prefix = make_position(0, 0)[:17]
         self._committed_at: datetime | None = None
@@ -231,7 +217,8 @@ class PgOutputDecoder:
             return self._delete(data)
         if kind == 66:  # 'B'
             final_lsn, timestamp, xid = _BEGIN.unpack_from(data, 1)
-            self.transaction = begin = Begin(final_lsn, pg_timestamp(timestamp), xid)
+            begin = Begin(final_lsn, pg_timestamp(timestamp), xid)
+            self._in_transaction = True
             self._index = 0
             self._position_prefix = make_position(final_lsn, 0)[:17]
             self._committed_at = begin.committed_at
@@ -239,15 +226,11 @@ class PgOutputDecoder:
             return begin
         if kind == 67:  # 'C'
             _flags, commit_lsn, end_lsn, timestamp = _COMMIT.unpack_from(data, 1)
-            self.transaction = None
+            self._in_transaction = False
             return Commit(commit_lsn, end_lsn, pg_timestamp(timestamp))
         if kind == 82:  # 'R'
             return self._relation(data)
-        if kind == 89:  # 'Y'
-            (oid,) = _UINT32.unpack_from(data, 1)
-            schema, offset = _string(data, 5)
-            name, _ = _string(data, offset)
-            self.type_names[oid] = f"{schema}.{name}"
+        if kind == 89:  # 'Y' type: the loaders look types up by OID themselves
             return None
         if kind == 84:  # 'T'
             return self._truncate(data)
@@ -368,7 +351,7 @@ class PgOutputDecoder:
         flags, lsn = _MESSAGE.unpack_from(data, 1)
         prefix, offset = _string(data, 10)
         transactional = bool(flags & 1)
-        if transactional and self.transaction is not None:
+        if transactional and self._in_transaction:
             index = self._index
             self._index = index + 1
             position = f"{self._position_prefix}{index:08X}"
@@ -398,9 +381,7 @@ class PgOutputDecoder:
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _rescue(
-        self, type_oids: Sequence[int]
-    ) -> Callable[[Sequence[bytes | None]], Sequence[Any]] | None:
+    def _rescue(self, type_oids: Sequence[int]) -> RowLoad | None:
         rescue = getattr(self.loaders, "rescue", None)
         return rescue(type_oids) if rescue is not None else None
 
@@ -411,134 +392,6 @@ class PgOutputDecoder:
             oid = _UINT32.unpack_from(data, 1)[0]
             raise DecodeError(f"row change for relation {oid} before its Relation message")
         return None
-
-
-# -- the row decoder ---------------------------------------------------------------------------
-#
-# TupleData is an Int16 column count, then per column a kind byte ('t' text, 'n' NULL, 'u'
-# unchanged TOAST) and for 't' an Int32 length and the bytes. Decoding it is the innermost loop
-# of the whole feed, so for each relation we generate the code unrolled (as namedtuple and
-# dataclasses generate code): no loop counter, no list appends, one struct call per value, the
-# row built as a dict display. `_parse_tuple_loop` is the parsing as a plain loop; the tests
-# check that both agree.
-
-RowDecoder = Callable[
-    [bytes, int], tuple[dict[str, Any], dict[str, Any], int, list[str] | None]
-]
-
-_COLUMN_TEMPLATE = """\
-    if data[o] == 116:
-        s = o + 5
-        o = s + unpack_length(data, o)[0]
-        v{i} = data[s:o]{guard}
-    elif data[o] == 110:
-        v{i} = None
-        o += 1
-    elif data[o] == 117:
-        v{i} = None
-        o += 1
-        unchanged = (unchanged or []) + [{i}]
-    else:
-        bad_kind(data[o])
-"""
-
-
-# A guarded column's text ending in a letter (float NaN, Infinity) would load wrongly (as a
-# plain float NaN, which JSON turns into null): the row goes to `rescue`.
-_GUARD = """
-        if data[o - 1] > 57:
-            suspect = True"""
-
-
-def _reraise(raw: Sequence[bytes | None]) -> Sequence[Any]:
-    raise  # noqa: PLE0704 - called while handling the loader's exception: re-raise it
-
-
-def _bad_kind(kind: int) -> None:
-    raise DecodeError(f"unknown tuple value kind {chr(kind)!r}")
-
-
-def _row_decoder(
-    table: str,
-    columns: tuple[str, ...],
-    key_names: tuple[str, ...],
-    load: Callable[[Sequence[bytes | None]], Sequence[Any]],
-    rescue: Callable[[Sequence[bytes | None]], Sequence[Any]] | None = None,
-) -> RowDecoder:
-    """The decoder of ``table``'s rows (made once per Relation message): see
-    `Relation.decode_row`. ``load`` turns the list of raw values into Python values, and
-    ``rescue`` (if given) those of a row ``load`` raised on; ``key_names`` are the columns of
-    the key dict (their values, as in the row)."""
-    count = len(columns)
-    guarded = frozenset(getattr(rescue, "guarded", ()))
-    values = "".join(f"v{i}, " for i in range(count))
-    row = ", ".join(f"{name!r}: v{i}" for i, name in enumerate(columns))
-    key = ", ".join(f"{name!r}: v{columns.index(name)}" for name in key_names)
-    source = (
-        "def decode(data, o):\n"
-        "    if data[o:o + 2] != count_bytes:\n"
-        "        wrong_count(unpack_count(data, o)[0])\n"
-        "    o += 2\n"
-        "    unchanged = None\n"
-        "    suspect = False\n"
-        + "".join(
-            _COLUMN_TEMPLATE.format(i=i, guard=_GUARD if i in guarded else "")
-            for i in range(count)
-        )
-        # A row the C loaders fail on (a value Python cannot hold) is loaded again by
-        # `rescue`, value by value; on the fast path the try costs nothing.
-        + "    try:\n"
-        + "        if suspect:\n"
-        + "            raise LookupError\n"
-        + f"        {values}= load([{values}])\n"
-        + "    except Exception:\n"
-        + f"        {values}= rescue([{values}])\n"
-        + f"    row = {{{row}}}\n"
-        + f"    key = {{{key}}}\n"
-        "    if unchanged is None:\n"
-        "        return row, key, o, None\n"
-        "    names = [columns[i] for i in unchanged]\n"
-        "    for name in names:\n"
-        "        row[name] = UNCHANGED\n"
-        "        if name in key:\n"
-        "            key[name] = UNCHANGED\n"
-        "    return row, key, o, names\n"
-    )
-
-    def wrong_count(found: int) -> None:
-        raise DecodeError(f"{table}: tuple has {found} columns, relation {count}")
-
-    namespace: dict[str, Any] = {
-        "unpack_length": _KIND_AND_LENGTH.unpack_from, "unpack_count": _INT16.unpack_from,
-        "bad_kind": _bad_kind, "wrong_count": wrong_count, "count_bytes": _INT16.pack(count),
-        "columns": columns, "UNCHANGED": UNCHANGED, "load": load,
-        "rescue": rescue or _reraise,
-    }
-    exec(compile(source, f"<pgoutput row decoder for {table}>", "exec"), namespace)
-    decoder: RowDecoder = namespace["decode"]
-    return decoder
-
-
-def _parse_tuple_loop(
-    data: bytes, offset: int, ncolumns: int
-) -> tuple[list[bytes | None], int, list[int] | None]:
-    """The reference version of a generated parser (used by the tests)."""
-    raw: list[bytes | None] = []
-    unchanged: list[int] | None = None
-    for index in range(ncolumns):
-        kind = data[offset]
-        if kind == 116:
-            start = offset + 5
-            offset = start + _INT32.unpack_from(data, offset + 1)[0]
-            raw.append(data[start:offset])
-        elif kind in (110, 117):
-            offset += 1
-            raw.append(None)
-            if kind == 117:
-                unchanged = (unchanged or []) + [index]
-        else:
-            _bad_kind(kind)
-    return raw, offset, unchanged
 
 
 def _string(data: bytes, offset: int) -> tuple[str, int]:

@@ -1,20 +1,170 @@
-"""Housekeeping for the slots and publications changefeed creates (``changefeed slots``).
+"""Replication slots: the feed's checks and creation, and ``changefeed slots`` housekeeping.
 
 A logical replication slot keeps every WAL segment its consumer has not confirmed. A feed that
 is gone for good leaves a slot that fills the server's disk, so these are listed with how far
 behind they are, and dropped together with their publication.
+
+Every function takes an open connection or a URL; none holds state.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 import psycopg
+from psycopg import sql
 
 from changefeed.backends.postgres import catalog
-from changefeed.backends.postgres.feed import _connect_failure
+from changefeed.backends.postgres.errors import (
+    connect_failure,
+    slot_creation_error,
+    slot_in_use,
+)
 from changefeed.backends.postgres.names import SLOT_PREFIX
-from changefeed.errors import ConfigurationError, PermanentBackendError, first_line
+from changefeed.errors import (
+    ConfigurationError,
+    PermanentBackendError,
+    ResumeError,
+    first_line,
+)
+
+log = logging.getLogger("changefeed.postgres")
+
+RETAINED_WARNING_BYTES = 1 << 30
+"""A feed warns at start when its slot keeps more WAL than this (see `changefeed slots`)."""
+
+
+@dataclass
+class Slot:
+    """A replication slot as ``pg_replication_slots`` shows it."""
+
+    name: str
+    plugin: str | None
+    database: str | None
+    active: bool
+    active_pid: int | None
+    wal_status: str | None
+    retained_bytes: int | None
+
+
+def get_slot(conn: psycopg.Connection, name: str) -> Slot | None:
+    row = conn.execute(
+        "SELECT slot_name, plugin, database, active, active_pid, wal_status,"
+        " pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint"
+        " FROM pg_replication_slots WHERE slot_name = %s",
+        [name],
+    ).fetchone()
+    return Slot(*row) if row else None
+
+
+def check_slot(conn: psycopg.Connection, slot: Slot | None, *, first_connection: bool) -> None:
+    """Raise a clear error if the slot exists but cannot be used; on the feed's first
+    connection, warn when it keeps much WAL."""
+    if slot is None:
+        return
+    if slot.plugin != "pgoutput" or slot.database != conn.info.dbname:
+        raise ConfigurationError(
+            f"slot {slot.name} exists but is not a pgoutput slot of database"
+            f" {conn.info.dbname!r}: choose another name with --slot"
+        )
+    if slot.wal_status == "lost":
+        raise ResumeError(
+            f"slot {slot.name} was invalidated: PostgreSQL removed WAL it still needed"
+            f" (see max_slot_wal_keep_size); drop it (changefeed slots --drop {slot.name})"
+            " and start again with --prefeed snapshot"
+        )
+    if slot.active:
+        raise slot_in_use(slot.name, slot.active_pid, first_connection=first_connection)
+    if first_connection and (slot.retained_bytes or 0) > RETAINED_WARNING_BYTES:
+        log.warning("slot %s keeps %s of WAL on the server: this feed is far behind",
+                    slot.name, format_size(slot.retained_bytes or 0))
+
+
+def slot_to_continue(
+    conn: psycopg.Connection, name: str, slot: Slot | None, *, snapshot_pending: bool,
+    known: bool,
+) -> Slot | None:
+    """``slot`` if the feed streams on from it; None if it is to be created: missing, or
+    made with a snapshot prefeed that never completed (dropped here, to take it again).
+    A slot that existed before (``known``) and is gone lost the changes since: ResumeError."""
+    if slot is not None and snapshot_pending:
+        log.warning("the snapshot of slot %s never completed: taking it again", name)
+        conn.execute("SELECT pg_drop_replication_slot(%s)", [name])
+        return None
+    if slot is None and known:
+        raise ResumeError(
+            f"slot {name} was dropped while the feed ran: the changes after its last"
+            " position are gone; start again (with --prefeed snapshot to re-read the tables)"
+        )
+    return slot
+
+
+def create_slot(repl: psycopg.Connection, name: str, *, export_snapshot: bool) -> str:
+    """Create the pgoutput slot ``name`` on a replication connection; returns the name of its
+    exported snapshot ("" without one)."""
+    mode = "EXPORT_SNAPSHOT" if export_snapshot else "NOEXPORT_SNAPSHOT"
+    command = sql.SQL("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput {}").format(
+        sql.Identifier(name), sql.SQL(mode)
+    )
+    try:
+        row = repl.execute(command).fetchone()
+    except psycopg.Error as exc:
+        error = slot_creation_error(name, exc)
+        if error is exc:
+            raise
+        raise error from exc
+    assert row is not None
+    _, consistent_point, snapshot_name, _ = row
+    log.info("created replication slot %s at %s", name, consistent_point)
+    return snapshot_name or ""
+
+
+def confirmed_position(conn: psycopg.Connection, name: str) -> str | None:
+    """The slot's confirmed position as text (``0/16B3748``), where a stream starts."""
+    row = conn.execute(
+        "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+        [name],
+    ).fetchone()
+    return row[0] if row else None
+
+
+def advance_slot(dsn: str, name: str, lsn: str, *, wait: float = 5.0) -> None:
+    """Confirm ``lsn`` on the slot without streaming (``pg_replication_slot_advance``): an
+    acknowledgement that came after the stream closed. The feed's walsender may still be
+    exiting for a moment, keeping the slot busy: try for ``wait`` seconds, then warn."""
+    deadline = time.monotonic() + wait
+    error: Exception
+    try:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+            while True:
+                try:
+                    conn.execute(
+                        "SELECT pg_replication_slot_advance(%s, %s::pg_lsn)", [name, lsn]
+                    )
+                    return
+                except psycopg.errors.ObjectInUse:  # our walsender has not gone yet
+                    if time.monotonic() >= deadline:
+                        error = TimeoutError("the slot stayed in use")
+                        break
+                    time.sleep(0.05)
+    except psycopg.Error as exc:
+        error = exc
+    log.warning(
+        "could not record the last acknowledgement (%s) on slot %s: %s; the changes"
+        " after the slot's position will come again", lsn, name, first_line(error),
+    )
+
+
+def format_size(count: int) -> str:
+    """A byte count for people: ``100 bytes``, ``1.5 GB``."""
+    value = float(count)
+    for unit in ("bytes", "kB", "MB"):
+        if value < 1024:
+            return f"{count} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GB"
 
 
 @dataclass(frozen=True)
@@ -36,12 +186,13 @@ class SlotInfo:
 
 
 def _connect(url: str) -> psycopg.Connection:
+    """A plain connection for the housekeeping commands; failures as one clear line."""
     try:
         return psycopg.connect(url, autocommit=True, connect_timeout=10)
     except psycopg.ProgrammingError as exc:
         raise ConfigurationError(f"bad PostgreSQL URL: {first_line(exc)}") from exc
     except psycopg.OperationalError as exc:
-        raise PermanentBackendError(_connect_failure(exc, url)) from exc
+        raise PermanentBackendError(connect_failure(exc, url)) from exc
 
 
 def list_slots(url: str) -> list[SlotInfo]:

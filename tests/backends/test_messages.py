@@ -17,6 +17,7 @@ import pytest
 from changefeed import Change, ConfigurationError, MemoryCheckpoint, Message, Operation
 from changefeed.backends.postgres import PostgresChangeFeed
 from changefeed.backends.postgres.pgoutput import PgOutputDecoder, make_position
+from changefeed.backends.postgres.setup import check_messages
 from tests.backends.test_postgres import FAST_RETRY
 from tests.clitools import assert_one_clear_line, run_cli, start_cli
 
@@ -320,8 +321,8 @@ def test_messages_need_postgresql_14(pg_dsn, tasks):
         fake_info = type("Info", (), {"server_version": 130011})()
         fake = type("Conn", (), {"info": fake_info})()
         with pytest.raises(ConfigurationError, match="PostgreSQL 14 or later.*13.11"):
-            feed._check_messages(fake)
-        feed._check_messages(conn)  # the real server is 15: accepted
+            check_messages(fake, feed.messages)
+        check_messages(conn, feed.messages)  # the real server is 15: accepted
     finally:
         conn.close()
 

@@ -15,14 +15,14 @@ from changefeed import UNCHANGED, Change, Operation
 from changefeed.backends.postgres.pgoutput import (
     Begin,
     Commit,
-    DecodeError,
     PgOutputDecoder,
     Truncate,
-    format_lsn,
     make_position,
-    parse_lsn,
     parse_position,
 )
+from changefeed.backends.postgres.protocol import format_lsn, parse_lsn
+from changefeed.backends.postgres.tuples import row_decoder
+from changefeed.errors import DecodeError
 
 RECORDED = json.loads((Path(__file__).parent / "recorded" / "pgoutput.json").read_text())
 MESSAGES = [bytes.fromhex(m) for m in RECORDED["messages"]]
@@ -153,12 +153,32 @@ def test_lsn_and_position_formats_round_trip():
     assert make_position(1, 2) < make_position(1, 10) < make_position(1, 16) < make_position(2, 0)
 
 
+def parse_tuple_loop(data, offset, ncolumns):
+    """TupleData parsed by a plain loop: the reference the generated decoders must agree with."""
+    import struct
+
+    raw, unchanged = [], None
+    for index in range(ncolumns):
+        kind = data[offset]
+        if kind == 116:  # 't'
+            start = offset + 5
+            offset = start + struct.unpack_from("!i", data, offset + 1)[0]
+            raw.append(data[start:offset])
+        elif kind in (110, 117):  # 'n', 'u'
+            offset += 1
+            raw.append(None)
+            if kind == 117:
+                unchanged = (unchanged or []) + [index]
+        else:
+            raise DecodeError(f"unknown tuple value kind {chr(kind)!r}")
+    return raw, offset, unchanged
+
+
 def test_generated_row_decoders_agree_with_the_plain_loop():
     import random
     import struct
 
     from changefeed import UNCHANGED
-    from changefeed.backends.postgres.pgoutput import _parse_tuple_loop, _row_decoder
 
     rng = random.Random(5)
     for _ in range(300):
@@ -172,12 +192,12 @@ def test_generated_row_decoders_agree_with_the_plain_loop():
             else:
                 parts.append(kind.encode())
         data = b"xx" + struct.pack("!h", ncolumns) + b"".join(parts) + b"tail"
-        raw, offset, unchanged = _parse_tuple_loop(data, 4, ncolumns)
+        raw, offset, unchanged = parse_tuple_loop(data, 4, ncolumns)
         assert data[offset:] == b"tail" and len(raw) == ncolumns
 
         columns = tuple(f"c{i}" for i in range(ncolumns))
         key_names = tuple(rng.sample(columns, rng.randint(0, min(3, ncolumns))))
-        row, key, decoded_offset, names = _row_decoder("t", columns, key_names, list)(data, 2)
+        row, key, decoded_offset, names = row_decoder("t", columns, key_names, list)(data, 2)
         assert decoded_offset == offset
         assert key == {name: row[name] for name in key_names}
         assert names == (None if unchanged is None else [columns[i] for i in unchanged])
@@ -188,9 +208,8 @@ def test_generated_row_decoders_agree_with_the_plain_loop():
 
 
 def test_unknown_tuple_value_kind_and_wrong_column_count_are_errors():
-    from changefeed.backends.postgres.pgoutput import _row_decoder
 
-    decode = _row_decoder("public.t", ("a",), ("a",), list)
+    decode = row_decoder("public.t", ("a",), ("a",), list)
     with pytest.raises(DecodeError, match="unknown tuple value kind 'b'"):
         decode(b"\x00\x01b\x00\x00\x00\x01x", 0)
     with pytest.raises(DecodeError, match="public.t: tuple has 2 columns, relation 1"):
@@ -207,13 +226,12 @@ def _tuple(*values):
 
 def test_a_value_python_cannot_hold_keeps_its_text_and_the_rest_of_the_row_its_values():
     from changefeed.backends.postgres.loading import TypeLoaders
-    from changefeed.backends.postgres.pgoutput import _row_decoder
     from changefeed.backends.postgres.values import Interval, PostgresText
 
     oids = [23, 1082, 1083, 1184, 1114, 1266, 3802, 1186, 1182, 25]
     columns = tuple(f"c{i}" for i in range(len(oids)))
     loaders = TypeLoaders()
-    decode = _row_decoder("t", columns, ("c0",), loaders(oids), loaders.rescue(oids))
+    decode = row_decoder("t", columns, ("c0",), loaders(oids), loaders.rescue(oids))
     ordinary = [b"1", b"2024-02-29", b"12:00:00", b"2024-01-01 00:00:00+00",
                 b"2024-01-01 00:00:00", b"12:00:00+02", b"{}", b"1 day", b"{2020-01-01}", b"x"]
     row, key, _, _ = decode(_tuple(*ordinary), 0)
@@ -246,12 +264,11 @@ def test_floats_non_finite_are_told_apart_in_every_position(text, special):
     import math
 
     from changefeed.backends.postgres.loading import TypeLoaders
-    from changefeed.backends.postgres.pgoutput import _row_decoder
     from changefeed.backends.postgres.values import NonFiniteFloat
 
     oids = [701, 700, 1022, 25]
     loaders = TypeLoaders()
-    decode = _row_decoder("t", ("a", "b", "c", "d"), (), loaders(oids), loaders.rescue(oids))
+    decode = row_decoder("t", ("a", "b", "c", "d"), (), loaders(oids), loaders.rescue(oids))
     row, _, _, _ = decode(_tuple(text, b"2", b"{" + text + b",NULL}", b"NaN"), 0)
     expected = float(text)
     for value in (row["a"], row["c"][0]):
@@ -261,13 +278,12 @@ def test_floats_non_finite_are_told_apart_in_every_position(text, special):
 
 
 def test_without_a_rescue_a_loader_error_stands():
-    from changefeed.backends.postgres.pgoutput import _row_decoder
 
     def failing(raw):
         raise ValueError("cannot load")
 
     with pytest.raises(ValueError, match="cannot load"):
-        _row_decoder("t", ("a",), (), failing)(_tuple(b"x"), 0)
+        row_decoder("t", ("a",), (), failing)(_tuple(b"x"), 0)
 
 
 @pytest.mark.parametrize("text,value,iso", [

@@ -285,6 +285,7 @@ def test_an_acknowledgement_after_the_stream_closed_still_moves_the_slot(pg_dsn,
     got = list(feed.changes(idle_timeout=1, timeout=20))
     assert [c.new["title"] for c in got] == ["a", "b"]
     feed.ack(got[-1].position)  # the stream is closed by now
+    feed.close()  # as every consumer does after its last ack: close() records it on the slot
     tasks.execute("INSERT INTO tasks (title) VALUES ('c')")
     again = make_feed(pg_dsn)  # a new process would start like this
     assert [c.new["title"] for c in drain(again)] == ["c"]
