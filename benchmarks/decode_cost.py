@@ -8,6 +8,8 @@ CLI's path, each round timed in CPU time:
     copy     slice each recorded message as the feed does (the reference: no decoding at all)
     decode   + PgOutputDecoder.decode(): Changes with Python values
     encode   + delta_line_encoder(): the JSON line ``changefeed run`` writes
+    deliver  the same, through ``changefeed run``'s loop: `ChangeFeed.changes()` and
+             `changefeed.delivery.deliver` with a `LineOutput` writing to /dev/null
 
 and prints microseconds per change and each stage's cost relative to the reference. For exact
 instruction counts (stable however loaded the machine is), run it under valgrind twice and
@@ -22,6 +24,7 @@ subtract:
 from __future__ import annotations
 
 import argparse
+import os
 import select
 import time
 from collections.abc import Callable
@@ -33,7 +36,9 @@ from psycopg import pq
 from changefeed.backends.postgres.loading import psycopg_loaders
 from changefeed.backends.postgres.pgoutput import PgOutputDecoder
 from changefeed.change import Change
+from changefeed.delivery import LineOutput, deliver
 from changefeed.embedded import TemporaryPostgres
+from changefeed.feed import ChangeFeed
 from changefeed.pipelines.delta import delta_line_encoder
 
 ROW_CHANGES = frozenset(b"IUD")
@@ -110,14 +115,29 @@ def stages(dsn: str) -> dict[str, Callable[[list[bytes]], int]]:
                 count += 1
         return count
 
-    return {"copy": copy, "decode": decode, "encode": encode}
+    def delivered(messages: list[bytes]) -> int:
+        decode = decoder()
+
+        class Replay(ChangeFeed):
+            def run_changefeed(self):  # type: ignore[no-untyped-def]
+                for message in messages:
+                    change = decode(message[25:])
+                    if change.__class__ is Change:
+                        yield change
+
+        feed = Replay("bench")
+        with open(os.devnull, "wb") as out:
+            output = LineOutput(out, delta_line_encoder())
+            return deliver(feed, output, ack_interval=0.2).count
+
+    return {"copy": copy, "decode": decode, "encode": encode, "deliver": delivered}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--changes", type=int, default=200_000)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--only", choices=["copy", "decode", "encode"], default=None,
+    parser.add_argument("--only", choices=["copy", "decode", "encode", "deliver"], default=None,
                         help="run one stage (for instruction counts under valgrind)")
     args = parser.parse_args()
     with TemporaryPostgres() as server:

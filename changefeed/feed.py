@@ -209,10 +209,10 @@ class ChangeFeed(Node):
         self.connected_once = True
 
     def snapshot_changes(
-        self, rows: Iterable[Any], make: Callable[[Any, int, bool], Change], noun: str = "rows"
-    ) -> Iterator[Change]:
-        """Snapshot changes made by ``make(row, number, last)`` from ``rows``, read one row
-        ahead so the last change can say the snapshot is done; logs its start and size."""
+        self, rows: Iterable[Any], make: Callable[[Any, int, bool], Any], noun: str = "rows"
+    ) -> Iterator[Any]:
+        """Snapshot changes (or markers) made by ``make(row, number, last)`` from ``rows``, read
+        one row ahead so the last can say the snapshot is done; logs its start and size."""
         log.info("snapshot of %s: reading", self.table)
         count = 0
         previous: Any = None

@@ -62,18 +62,18 @@ TARGETS: dict[str, tuple[str, list[str], str]] = {
     "checkpoint": ("changefeed/checkpoint.py", ["MemoryCheckpoint", "FileCheckpoint"],
                    "tests/test_checkpoint.py"),
     "positions": ("backends/postgres/pgoutput.py",
-                  ["make_position", "parse_position", "format_lsn", "parse_lsn",
+                  ["make_position", "parse_position",
                    "PgOutputDecoder.decode:_position_prefix", "PgOutputDecoder.decode:_index",
                    "PgOutputDecoder._insert:index", "PgOutputDecoder._update:index",
                    "PgOutputDecoder._delete:index"],
                   "tests/backends/test_pgoutput.py tests/test_acks.py"),
+    "lsns": ("backends/postgres/protocol.py", ["format_lsn", "parse_lsn"],
+             "tests/backends/test_postgres_protocol.py tests/test_acks.py"),
     "filters": ("pipelines/filters.py", ["get_field", "compile_filter", "_comparison",
                                          "filter_fields"],
                 "tests/pipelines/test_stages.py tests/pipelines/test_filters.py"),
-    "ledger": ("backends/postgres/feed.py",
-               ["PostgresChangeFeed._advance", "PostgresChangeFeed.on_acknowledge",
-                "PostgresChangeFeed._stream:skip"],
-               PG_LEDGER_TESTS),
+    "ledger": ("backends/postgres/ledger.py", ["AckLedger.advance", "AckLedger.acknowledge"],
+               "tests/backends/test_postgres_protocol.py " + PG_LEDGER_TESTS),
 }
 
 

@@ -17,11 +17,10 @@ from changefeed.backends.postgres.pgoutput import (
     Begin,
     Commit,
     PgOutputDecoder,
-    format_lsn,
     make_position,
-    parse_lsn,
     parse_position,
 )
+from changefeed.backends.postgres.protocol import format_lsn, parse_lsn
 from changefeed.delivery import ThrottledAcks
 from changefeed.testing import MemoryFeed, insert
 

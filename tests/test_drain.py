@@ -7,7 +7,7 @@ import json
 import pytest
 
 from changefeed.backends.postgres.drain import DrainState, describe, timeout_message
-from changefeed.backends.postgres.pgoutput import parse_lsn
+from changefeed.backends.postgres.protocol import parse_lsn
 from tests.clitools import assert_one_clear_line, run_cli, start_cli
 
 # -- pure ------------------------------------------------------------------------------------

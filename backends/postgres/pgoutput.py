@@ -34,7 +34,7 @@ from datetime import datetime
 from typing import Any
 
 from changefeed.backends.postgres.loading import psycopg_loaders
-from changefeed.backends.postgres.protocol import format_lsn, parse_lsn, pg_timestamp
+from changefeed.backends.postgres.protocol import pg_timestamp
 from changefeed.backends.postgres.tuples import RowDecoder, RowLoad, row_decoder
 from changefeed.change import ALL, UNCHANGED, Change, Operation
 from changefeed.errors import DecodeError
@@ -43,8 +43,6 @@ from changefeed.message import Message
 __all__ = [
     "Begin", "Commit", "LoaderFactory", "PgOutputDecoder", "Relation", "Renamed", "Truncate",
     "make_position", "parse_position", "schema_version",
-    # LSNs are the protocol's (`protocol`); kept importable here for older callers.
-    "format_lsn", "parse_lsn",
 ]
 
 _INT16 = struct.Struct("!h")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import psycopg
@@ -244,3 +245,14 @@ def drop_slots(url: str, names: list[str], *, inactive: bool = False) -> list[st
             catalog.drop_publication(conn, info.publication or name)
             dropped.append(name)
         return dropped
+
+
+def request_backfills(url: str, slot: str, tables: Sequence[str]) -> list[str]:
+    """Ask the feed of ``slot`` to back-fill ``tables`` (names or patterns, as on the command
+    line); returns the tables' names (see `backfill.request_backfill`)."""
+    from changefeed.backends.postgres import backfill, catalog, names
+
+    parsed = [names.parse_table_name(t) for name in tables for t in names.split_tables(name)]
+    with _connect(url) as conn:
+        resolved = catalog.resolve_tables(conn, parsed)
+        return backfill.request_backfill(conn, names.check_slot_name(slot), resolved)

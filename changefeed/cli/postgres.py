@@ -108,15 +108,10 @@ def backfill(tables: tuple[str, ...], url: str, slot: str) -> None:
     """
     require_postgresql(url, "changefeed backfill works on PostgreSQL slots: give a"
                             " postgresql:// URL")
-    from changefeed.backends.postgres import backfill as pg_backfill
-    from changefeed.backends.postgres import catalog, names
-    from changefeed.backends.postgres.slots import _connect
+    from changefeed.backends.postgres.slots import request_backfills
 
     with expected_errors():
-        parsed = [names.parse_table_name(t) for name in tables for t in names.split_tables(name)]
-        with _connect(url) as conn:
-            resolved = catalog.resolve_tables(conn, parsed)
-            requested = pg_backfill.request_backfill(conn, names.check_slot_name(slot), resolved)
+        requested = request_backfills(url, slot, tables)
     click.echo(f"back-fill of {', '.join(requested)} requested on slot {slot}", err=True)
 
 
