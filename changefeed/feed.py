@@ -1,4 +1,4 @@
-"""The `ChangeFeed` node and `get_changefeed`, the one entry point to every backend.
+"""The `ChangeFeed` node: prefeed, then stream, with the retry and resume policy of all backends.
 
 A feed first replays its prefeed, then streams the backend's changes forever. Everything that
 reads a feed goes through `ChangeFeed.changes()`: iterating in-process (``for change in feed``),
@@ -54,6 +54,10 @@ class Retry:
     initial: float = 0.5
     maximum: float = 30.0
     attempts: int | None = None
+
+    def exhausted(self, failures: int) -> bool:
+        """Whether ``failures`` consecutive failures are past the bound: give up, do not wait."""
+        return self.attempts is not None and failures > self.attempts
 
     def delay(self, failures: int) -> float:
         """Seconds to wait after ``failures`` consecutive failures (1 for the first)."""
@@ -329,7 +333,7 @@ class ChangeFeed(Node):
     def _wait_before_retry(
         self, exc: BaseException, failures: int, deadline: float | None
     ) -> None:
-        if self.retry.attempts is not None and failures > self.retry.attempts:
+        if self.retry.exhausted(failures):
             raise PermanentBackendError(
                 f"gave up after {failures - 1} reconnect attempts; last error: {exc}"
             ) from exc

@@ -195,7 +195,7 @@ class RemoteSink(Sink):
         ``self.retry``'s bound a `PipelineError`, else a warning and the backoff, which a stop
         request ends at once with `SinkInterrupted`."""
         retry = self.retry  # type: ignore[attr-defined]
-        if retry.attempts is not None and failures > retry.attempts:
+        if retry.exhausted(failures):
             raise PipelineError(f"{where} failed {failures} times; last: {problem}") from cause
         delay = retry.delay(failures)
         log.warning("%s: %s; retrying in %.1f s", where, problem, delay)
