@@ -266,27 +266,34 @@ class LineOutput(Output):
         self.out = out
         self.encode = encode
         self.flush_bytes = flush_bytes
-        self._write = out.write
-        self.size = 0
-        self.written = 0
-        self.position: Position = None
 
-    def put(self, change: Any) -> None:
-        self.size += self._write(self.encode(change))
-        self.written += 1
-        self.position = change.position
-        if self.size >= self.flush_bytes:
-            self.flush()
+    def open(self) -> None:
+        # `put` runs once per change: as a closure over locals it costs a third of what a
+        # method reading the same state from ``self`` costs (measured with decode_cost.py).
+        out, write, encode, flush_bytes = self.out, self.out.write, self.encode, self.flush_bytes
+        confirm = self.confirm
+        size = written = 0
+        last: Any = None
 
-    def flush(self) -> None:
-        """Flush the file, then confirm what was written before."""
-        self.out.flush()
-        self.size = 0
-        if self.written:
-            written, self.written = self.written, 0
-            self.confirm(self.position, written)
+        def put(change: Any) -> None:
+            nonlocal size, written, last
+            size += write(encode(change))
+            written += 1
+            last = change
+            if size >= flush_bytes:
+                flush()
 
-    quiet = finish = flush
+        def flush() -> None:
+            """Flush the file, then confirm what was written before."""
+            nonlocal size, written
+            out.flush()
+            size = 0
+            if written:
+                count, written = written, 0
+                confirm(last.position, count)
+
+        self.put = put  # type: ignore[method-assign]
+        self.quiet = self.finish = flush  # type: ignore[method-assign]
 
     def close(self, clean: bool) -> None:
         """The file stays open: it belongs to the caller."""

@@ -152,19 +152,15 @@ class ChangeFeed(Node):
         self.stats.acknowledged = self.acknowledged
         self.connected_once = False
         """Whether the backend ever reached its server (see `mark_connected`)."""
-        self._stopping = False
+        self.stopping = False
+        """Whether `stop()` was called since the current `changes()` began (read it, do not set
+        it): a consumer waiting on its sink reads this to give up waiting."""
 
     @property
     def position(self) -> Position:
         """The resume state: the last acknowledged position (loaded from the checkpoint store
         at start). A feed resumes after it; None means from the start (or the server's slot)."""
         return self.acknowledged
-
-    @property
-    def stopping(self) -> bool:
-        """Whether `stop()` was called since the current `changes()` began: a consumer waiting
-        on its sink reads this to give up waiting."""
-        return self._stopping
 
     # -- what a backend implements -------------------------------------------------------------
 
@@ -245,7 +241,7 @@ class ChangeFeed(Node):
 
     def stop(self) -> None:
         """Ask a running `changes()` loop to end at its next tick (safe from a signal handler)."""
-        self._stopping = True
+        self.stopping = True
 
     def changes(
         self,
@@ -266,7 +262,7 @@ class ChangeFeed(Node):
 
         Nothing is acknowledged here: call `ack()` once a change is delivered.
         """
-        self._stopping = False
+        self.stopping = False
         deadline = time.monotonic() + timeout if timeout is not None else None
         emitted = 0
         stats = self.stats
@@ -274,12 +270,12 @@ class ChangeFeed(Node):
         try:
             if not isinstance(self.prefeed, str):
                 for item in self.prefeed:
-                    if self._stopping or (stop_after is not None and emitted >= stop_after):
+                    if self.stopping or (stop_after is not None and emitted >= stop_after):
                         return
                     emitted += 1
                     yield item
             failures = 0
-            while not self._stopping and (stop_after is None or emitted < stop_after):
+            while not self.stopping and (stop_after is None or emitted < stop_after):
                 last_seen = monotonic()
                 emitted_before = emitted
                 stream = self.run_changefeed()
@@ -307,7 +303,7 @@ class ChangeFeed(Node):
                                 return
                             if ticks:
                                 yield None
-                        if self._stopping:
+                        if self.stopping:
                             return
                     return
                 except Exception as exc:
@@ -343,7 +339,7 @@ class ChangeFeed(Node):
         log.warning("connection lost (%s); reconnecting in %.1f s", first_line(exc), delay)
         self.stats.reconnects += 1
         end = time.monotonic() + delay
-        while not self._stopping and time.monotonic() < end:
+        while not self.stopping and time.monotonic() < end:
             time.sleep(min(0.1, max(0.0, end - time.monotonic())))
 
     def __iter__(self) -> Iterator[Change]:
