@@ -8,6 +8,9 @@ STAMP  := $(VENV)/.installed
 # Snorky (for the Snorky sink's tests) pins tornado 4.5.3: it gets a virtualenv of its own.
 SNORKY_VENV  ?= .venv-snorky
 SNORKY_STAMP := $(SNORKY_VENV)/.installed
+# Test files run in parallel (pytest-xdist): most tests wait on servers, so three workers keep
+# two cores busy. Each worker starts servers of its own; TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 3
 
 .PHONY: demo test test-live lint bench mutate install system-deps clean
 
@@ -16,7 +19,7 @@ demo: install
 
 test: install $(SNORKY_STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Live suites for MongoDB, RethinkDB and Kafka against docker compose (see README): the same
 # tests `make test` runs against SecantusDB and Tansu, now against mongod and Apache Kafka. Set
