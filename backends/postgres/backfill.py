@@ -37,7 +37,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -344,3 +344,14 @@ def key_types(conn: psycopg.Connection, oid: int, key: list[str]) -> list[str]:
         " WHERE attrelid = %s AND attname = ANY(%s)", [oid, key],
     ).fetchall())
     return [rows[column] for column in key]
+
+
+def request_backfills(url: str, slot: str, tables: Sequence[str]) -> list[str]:
+    """`request_backfill` for ``changefeed backfill``: a URL, and table names or patterns as
+    given on the command line; returns the tables' names."""
+    from changefeed.backends.postgres import catalog, names, slots
+
+    parsed = [names.parse_table_name(t) for name in tables for t in names.split_tables(name)]
+    with slots.connect(url) as conn:
+        resolved = catalog.resolve_tables(conn, parsed)
+        return request_backfill(conn, names.check_slot_name(slot), resolved)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import psycopg
 
 from changefeed.backends.postgres.protocol import format_lsn, parse_lsn
-from changefeed.backends.postgres.slots import _connect, format_size
+from changefeed.backends.postgres.slots import connect, format_size
 from changefeed.errors import (
     ChangefeedError,
     ConfigurationError,
@@ -86,7 +86,7 @@ def drain(
 ) -> DrainState:
     """`wait_for_drain` on a connection to ``url`` (connection errors as one clear line)."""
     try:
-        with _connect(url) as conn:
+        with connect(url) as conn:
             return wait_for_drain(conn, slot, timeout=timeout, report=report)
     except psycopg.Error as exc:  # e.g. a standby (no WAL position of its own), a lost server
         raise PermanentBackendError(f"cannot check slot {slot}: {first_line(exc)}") from exc

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import psycopg
@@ -186,7 +185,7 @@ class SlotInfo:
     """Made with an explicit ``--slot`` name (found through its publication's record)."""
 
 
-def _connect(url: str) -> psycopg.Connection:
+def connect(url: str) -> psycopg.Connection:
     """A plain connection for the housekeeping commands; failures as one clear line."""
     try:
         return psycopg.connect(url, autocommit=True, connect_timeout=10)
@@ -199,7 +198,7 @@ def _connect(url: str) -> psycopg.Connection:
 def list_slots(url: str) -> list[SlotInfo]:
     """Every slot changefeed made in the URL's database (default names and ``--slot`` ones),
     with its lag, the WAL it retains and its published tables."""
-    with _connect(url) as conn:
+    with connect(url) as conn:
         owners = {
             publication.meta.get("slot"): publication
             for publication in catalog.changefeed_publications(conn)
@@ -229,7 +228,7 @@ def list_slots(url: str) -> list[SlotInfo]:
 
 def drop_slots(url: str, names: list[str], *, inactive: bool = False) -> list[str]:
     """Drop the named slots (and ``inactive`` ones) with their publications; returns names."""
-    with _connect(url) as conn:
+    with connect(url) as conn:
         existing = {info.name: info for info in list_slots(url)}
         targets = list(names)
         if inactive:
@@ -245,14 +244,3 @@ def drop_slots(url: str, names: list[str], *, inactive: bool = False) -> list[st
             catalog.drop_publication(conn, info.publication or name)
             dropped.append(name)
         return dropped
-
-
-def request_backfills(url: str, slot: str, tables: Sequence[str]) -> list[str]:
-    """Ask the feed of ``slot`` to back-fill ``tables`` (names or patterns, as on the command
-    line); returns the tables' names (see `backfill.request_backfill`)."""
-    from changefeed.backends.postgres import backfill, catalog, names
-
-    parsed = [names.parse_table_name(t) for name in tables for t in names.split_tables(name)]
-    with _connect(url) as conn:
-        resolved = catalog.resolve_tables(conn, parsed)
-        return backfill.request_backfill(conn, names.check_slot_name(slot), resolved)
