@@ -183,6 +183,23 @@ class RemoteSink(Sink):
         self.__dict__.update(state)
         self._interrupted = threading.Event()
 
+    @property
+    def client(self) -> Any:
+        """The server's client, opened on first use, in the process that delivers."""
+        if self._client is None:
+            self._client = self._open_client()
+        return self._client
+
+    def _open_client(self) -> Any:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Close the client (a later batch opens a new one) and forget an interrupt."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        self._interrupted.clear()
+
     def interrupt(self) -> None:
         """Give up the batch being delivered (no further attempt or wait) and any later one,
         until `close()`. Safe from any thread; the pipeline calls it to stop."""

@@ -69,11 +69,8 @@ class _HttpSink(RemoteSink):
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.shown_url}>"
 
-    @property
-    def client(self) -> httpx.Client:
-        if self._client is None:  # opened on first use, in the process that delivers
-            self._client = httpx.Client(timeout=self.timeout)
-        return self._client
+    def _open_client(self) -> httpx.Client:
+        return httpx.Client(timeout=self.timeout)
 
     def post(self, body: bytes, headers: Mapping[str, str]) -> httpx.Response:
         """POST ``body`` until a non-retryable answer; raise `PipelineError` if none comes."""
@@ -106,11 +103,6 @@ class _HttpSink(RemoteSink):
     def read_timeout(self) -> PipelineError:
         return PipelineError(f"{self.shown_url} did not answer within {self.timeout} s")
 
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-        self._interrupted.clear()
 
 
 class WebhookSink(_HttpSink):

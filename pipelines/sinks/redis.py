@@ -57,11 +57,8 @@ class RedisStreamSink(RemoteSink):
     def __repr__(self) -> str:
         return f"<RedisStreamSink {self.shown_url} stream={self.stream}>"
 
-    @property
-    def client(self) -> redis.Redis:
-        if self._client is None:  # opened on first use, in the process that delivers
-            self._client = redis.Redis.from_url(self.url)
-        return self._client
+    def _open_client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url)
 
     def write_batch(self, batch: Batch) -> None:
         for item in batch.items:
@@ -101,11 +98,6 @@ class RedisStreamSink(RemoteSink):
             )
         pipe.execute()
 
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-        self._interrupted.clear()
 
 
 __all__ = ["RedisStreamSink"]
