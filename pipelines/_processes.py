@@ -74,9 +74,11 @@ class _Worker:
                 self.failed = True
                 yield failure
         except PipelineError as exc:
-            log.error("%s", exc.message, exc_info=exc.__cause__)
+            failure = _Failure(exc.message, exc.__cause__)
+            if not failure.reader_gone:  # a reader that went away is no error to report
+                log.error("%s", exc.message, exc_info=exc.__cause__)
             self.failed = True
-            yield _Failure(exc.message)
+            yield failure
 
     def close(self) -> None:
         if self.sink_step is not None:
@@ -220,7 +222,7 @@ class MultiProcessOutput(Output):
                 self._check_stop()
                 continue
             if isinstance(message, _Failure):
-                raise PipelineError(message.message)
+                raise message.error()
             self.confirmed += message.count
             self.last_progress = time.monotonic()
             self.confirm(message.position, message.count)

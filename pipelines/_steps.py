@@ -58,11 +58,23 @@ class _Failure:
         self.message = message
         self.cause = cause
 
-    def __getstate__(self) -> str:  # the cause stays behind: it may not pickle
-        return self.message
+    @property
+    def reader_gone(self) -> bool:
+        """The sink wrote to a pipe whose reader went away (``changefeed run ... | head``)."""
+        return isinstance(self.cause, BrokenPipeError)
 
-    def __setstate__(self, message: str) -> None:
-        self.message, self.cause = message, None
+    def error(self) -> PipelineError:
+        """The error the feed's process raises (a reader gone keeps its BrokenPipeError)."""
+        error = PipelineError(self.message)
+        error.__cause__ = self.cause
+        return error
+
+    def __getstate__(self) -> tuple[str, bool]:  # the cause stays behind: it may not pickle
+        return self.message, self.reader_gone
+
+    def __setstate__(self, state: tuple[str, bool]) -> None:
+        self.message = state[0]
+        self.cause = BrokenPipeError() if state[1] else None
 
 
 class _Chunk:

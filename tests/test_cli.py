@@ -122,9 +122,14 @@ def test_sigkill_mid_stream_loses_nothing_and_repeats_only_unacknowledged(
     assert positions == sorted(positions) and len(set(positions)) == len(positions)
 
 
-def test_a_reader_that_goes_away_ends_the_run_quietly_and_loses_nothing(pg_dsn, tasks):
-    # `changefeed run ... | head -n 1`: what the reader never took is not acknowledged.
-    with start_cli("run", "tasks", "--url", pg_dsn) as process:
+@pytest.mark.parametrize(
+    "options", [[], ["--where", "id > 0"], ["--where", "id > 0", "--processes"]],
+    ids=["lines", "pipeline", "processes"],
+)
+def test_a_reader_that_goes_away_ends_the_run_quietly_and_loses_nothing(pg_dsn, tasks, options):
+    # `changefeed run ... | head -n 1`: what the reader never took is not acknowledged, with
+    # the zero-stage output as with a pipeline's.
+    with start_cli("run", "tasks", "--url", pg_dsn, *options) as process:
         process.wait_streaming()
         tasks.execute("INSERT INTO tasks (title) VALUES ('read')")
         assert process.read_json(1)[0]["data"]["title"] == "read"
