@@ -279,11 +279,17 @@ def test_limit_inside_a_transaction_without_checkpoint_leaves_it_to_come_again(p
     assert json_lines(run_cli(*args, "--until-idle", "1").stdout) == []
 
 
+@pytest.mark.parametrize(
+    "output", [[], ["--where", "id >= 0"], ["--where", "id >= 0", "--processes"]],
+    ids=["lines", "pipeline", "processes"],
+)
 def test_limit_inside_a_transaction_with_checkpoint_continues_after_what_was_written(
-    pg_dsn, tasks, tmp_path
+    pg_dsn, tasks, tmp_path, output
 ):
+    # The same delivery loop ends every kind of output at --limit: exactly what was written is
+    # acknowledged, whatever the output.
     args = ["run", "tasks", "--url", pg_dsn, "--format", "change", "-q",
-            "--checkpoint", str(tmp_path / "checkpoint.json")]
+            "--checkpoint", str(tmp_path / "checkpoint.json"), *output]
     assert run_cli(*args, "--until-idle", "0.5").returncode == 0
     insert_transaction(tasks, 0, 30)
     insert_transaction(tasks, 30, 10)
