@@ -48,7 +48,9 @@ PG_LEDGER_TESTS = " ".join([
     f"{G}the_ledger_with_a_mask_that_drops_the_end_of_a_transaction",
     "tests/backends/test_postgres.py::test_an_acknowledgement_after_the_stream_closed_still_"
     "moves_the_slot",
-    "tests/backends/test_postgres.py::test_a_snapshot_cut_short_is_taken_again",
+    "tests/backends/test_postgres.py::test_a_snapshot_cut_short_continues_after_its_last_"
+    "delivered_chunk",
+    "tests/backends/test_postgres.py::test_an_exported_snapshot_cut_short_is_taken_again",
 ])
 """A small subset of the PostgreSQL tests (about half a minute), for the acknowledgement ledger."""
 
