@@ -47,3 +47,70 @@ def test_starting_the_cli_imports_no_driver():
                             timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+BACKEND_MODULE = '''
+from changefeed.registry import register_backend
+from changefeed.testing import MemoryFeed
+
+
+class Connection:
+    """The driver's connection type."""
+
+
+class LogFeed(MemoryFeed):
+    def __init__(self, table, operation=7, *, prefeed=None, connection=None, **options):
+        super().__init__(table, operation, prefeed=prefeed, connection=connection, **options)
+
+
+def check(url):
+    from changefeed import ConfigurationError
+    if "bad" in url:
+        raise ConfigurationError("bad LogDB URL")
+
+
+register_backend("logdb", LogFeed, connection_types=[Connection], check_url=check)
+'''
+
+
+def test_a_declared_backend_is_imported_on_first_use_and_serves_its_urls_and_connections(
+    tmp_path, monkeypatch
+):
+    from changefeed import ConfigurationError, get_changefeed, registry
+    from changefeed.backends import Backend
+
+    (tmp_path / "logdb_backend.py").write_text(BACKEND_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_REGISTERED", dict(registry._REGISTERED))
+    monkeypatch.setitem(registry._DECLARED, "logdb", Backend(
+        "logdb", "LogDB", "logdb_backend", schemes=("logdb",), drivers=("logdb_backend",)))
+    assert "logdb_backend" not in sys.modules  # declared, not imported
+    assert registry.backend_for_url("LOGDB://host/x").title == "LogDB"
+
+    feed = get_changefeed("logdb://host/x", "events", prefeed=[1])
+    assert type(feed).__name__ == "LogFeed" and feed.connection == "logdb://host/x"
+    assert "logdb_backend" in sys.modules
+    connection = sys.modules["logdb_backend"].Connection()
+    assert get_changefeed(connection, "events").connection is connection
+    with pytest.raises(ConfigurationError, match="bad LogDB URL"):
+        get_changefeed("logdb://bad/x", "events")
+    del sys.modules["logdb_backend"]
+
+
+def test_a_declared_backend_without_its_driver_says_which_extra_to_install(monkeypatch):
+    from changefeed import ConfigurationError, get_changefeed, registry
+    from changefeed.backends import Backend
+
+    monkeypatch.setitem(registry._DECLARED, "nosuchdb", Backend(
+        "nosuchdb", "NoSuchDB", "changefeed_nosuchdb_backend", schemes=("nosuchdb",)))
+    with pytest.raises(ConfigurationError, match=r"pip install 'changefeed\[nosuchdb\]'"):
+        get_changefeed("nosuchdb://host/x", "events")
+
+
+def test_the_registry_examples():
+    import doctest
+
+    from changefeed import registry
+
+    result = doctest.testmod(registry)
+    assert result.attempted > 0 and result.failed == 0
