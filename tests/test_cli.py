@@ -190,16 +190,6 @@ def test_postgresql_options_with_another_backend(url):
     assert result.returncode == 2
 
 
-@pytest.mark.parametrize("url, fragment", [
-    ("mongodb://127.0.0.1:notaport/app", "bad MongoDB URL"),
-    ("rethinkdb://127.0.0.1:notaport/app", "bad RethinkDB URL"),
-])
-def test_bad_urls_of_other_backends(url, fragment):
-    result = run_cli("run", "app.tasks", "--url", url)
-    assert_one_clear_line(result, fragment)
-    assert result.returncode == 2
-
-
 def test_slots_needs_a_postgresql_url():
     result = run_cli("slots", "--url", "mongodb://127.0.0.1:1/app")
     assert_one_clear_line(result, "manages PostgreSQL replication slots")
@@ -389,6 +379,8 @@ def test_a_libpq_conninfo_string_is_accepted(pg_dsn, tasks):
     ("host='127.0.0.1 dbname=db", "bad PostgreSQL URL"),
     ("mongodb://[bad/app", "bad MongoDB URL"),
     ("rethinkdb://[bad/app", "bad RethinkDB URL"),
+    ("mongodb://127.0.0.1:notaport/app", "bad MongoDB URL"),
+    ("rethinkdb://127.0.0.1:notaport/app", "bad RethinkDB URL"),
 ])
 def test_malformed_urls_are_one_line(url, fragment):
     result = run_cli("run", "tasks", "--url", url)
