@@ -244,9 +244,7 @@ def deliver(
         output.close(clean)
         feed.close()  # an acknowledgement made after the stream ended reaches the server here
         result.count = output.handled
-    if result.reader_gone:
-        return result
-    if progress is not None:
+    if progress is not None and not result.reader_gone:
         progress.report(result.count, final=True)
     return result
 

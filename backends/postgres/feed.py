@@ -368,9 +368,10 @@ class PostgresChangeFeed(ChangeFeed):
         """Tell the server what was delivered, and release the connections.
 
         An acknowledgement that came after the stream closed is recorded on the slot directly:
-        a consumer that stops (``--limit``, a signal, an idle timeout) leaves `changes()`,
-        which closes the stream, before it flushes and acknowledges its last output, then
-        closes the feed; without this the next run would repeat those changes.
+        a consumer may acknowledge after `changes()` ended by itself (an idle timeout, a stop
+        seen inside it, the feed's own end) and then close the feed; without this the next run
+        would repeat those changes. (`changefeed.delivery.deliver` acknowledges before it
+        closes the stream whenever it ends the loop itself.)
         """
         self._settle()
         ledger = self._ledger
