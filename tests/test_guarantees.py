@@ -3,7 +3,8 @@
 * nothing committed is lost: the CLI acknowledges only what it flushed; the slot moves past a
   transaction only once all of it is acknowledged; a restart from a checkpoint skips exactly
   what was acknowledged, inside transactions of hundreds of rows; ``--limit`` stopping inside
-  a transaction leaves the rest of it to come again;
+  a transaction leaves the rest of it to come again; a run that ends right after a
+  transaction's last change (``--limit``, a stop request) leaves the slot past it, and free;
 * positions are exact: commit LSN and index, ordered as strings past index 15 and 255;
 * the publication follows ``--ops`` on a reused slot, widened and narrowed;
 * errors that retrying cannot fix end the run with one line and their exit code.
@@ -299,6 +300,71 @@ def test_limit_inside_a_transaction_with_checkpoint_continues_after_what_was_wri
     assert [r.returncode for r in runs] == [0, 0, 0, 0], [r.stderr for r in runs]
     assert [ids(json_lines(r.stdout)) for r in runs] == [
         list(range(17)), list(range(17, 34)), list(range(34, 40)), []]
+
+
+# -- a run that ends right after a transaction's last change ----------------------------------
+
+
+def slot_state(conn) -> tuple[bool, int]:
+    """(active, confirmed flush LSN) of the tasks feed's slot, as PostgreSQL has them now."""
+    return conn.execute(
+        "SELECT active, (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots"
+        " WHERE slot_name = 'changefeed_tasks'"
+    ).fetchone()
+
+
+def commit_lsn(change) -> int:
+    return int(change.position.split(":")[0], 16)
+
+
+@pytest.mark.parametrize(
+    "output", [[], ["--where", "id >= 0"], ["--where", "id >= 0", "--processes"]],
+    ids=["lines", "pipeline", "processes"],
+)
+def test_limit_at_the_end_of_a_transaction_without_checkpoint_moves_the_slot_past_it(
+    pg_dsn, tasks, output
+):
+    # --limit ends the run as the transaction's last change is handed out, before the feed read
+    # its Commit: the slot alone must still pass that transaction, or every run repeats it.
+    args = ["run", "tasks", "--url", pg_dsn, "--format", "change", "-q", *output]
+    assert run_cli(*args, "--until-idle", "0.5").returncode == 0
+    for key in range(3):
+        tasks.execute("INSERT INTO tasks VALUES (%s, 'one')", [key])
+    insert_transaction(tasks, 3, 5)
+    with tasks.transaction():  # a message no run asks for, between the last row and the Commit
+        tasks.execute("INSERT INTO tasks VALUES (8, 'then a message')")
+        tasks.execute("SELECT pg_logical_emit_message(true, 'elsewhere', 'x')")
+    runs = [run_cli(*args, "--limit", limit) for limit in ("1", "1", "1", "5", "1")]
+    runs.append(run_cli(*args, "--until-idle", "1"))
+    assert [r.returncode for r in runs] == [0] * 6, [r.stderr for r in runs]
+    assert [ids(json_lines(r.stdout)) for r in runs] == [[0], [1], [2], [3, 4, 5, 6, 7], [8], []]
+
+
+def test_when_close_returns_the_slot_has_the_last_acknowledgement_and_is_free(pg_dsn, tasks):
+    # The feed ends the stream with the protocol's CopyDone and waits for the server's answer:
+    # a status sent just before the connection closes could otherwise be lost with it, and a
+    # run started at once could find the slot still in use.
+    open_slot(pg_dsn)
+    feed = make_feed(pg_dsn)
+    for key in range(10):
+        tasks.execute("INSERT INTO tasks VALUES (%s, 'x')", [key])
+        (change,) = read(feed, 1)  # acknowledged, then the feed closed
+        active, confirmed = slot_state(tasks)
+        assert not active and confirmed > commit_lsn(change), key
+    assert drain(make_feed(pg_dsn)) == []
+
+
+def test_a_stop_request_right_after_a_change_leaves_nothing_to_repeat(pg_dsn, tasks):
+    open_slot(pg_dsn)
+    for key in range(5):
+        feed = make_feed(pg_dsn)
+        tasks.execute("INSERT INTO tasks VALUES (%s, 'x')", [key])
+        for change in feed.changes(timeout=30):
+            feed.ack(change.position)
+            feed.stop()  # as a signal handler does; the loop ends at once
+        feed.close()
+        assert ids([change]) == [key]
+    assert drain(make_feed(pg_dsn)) == []
 
 
 # -- the publication follows --ops on a reused slot --------------------------------------------

@@ -53,7 +53,7 @@ from changefeed.backends.postgres.protocol import (
 )
 from changefeed.backends.postgres.stream import ReplicationStream
 from changefeed.change import ALL, Change, SnapshotState
-from changefeed.errors import ConfigurationError
+from changefeed.errors import ConfigurationError, first_line
 from changefeed.feed import ChangeFeed
 from changefeed.message import Message
 from changefeed.preflight import check_postgresql_dsn
@@ -65,6 +65,8 @@ _OWN_PREFIXES = (WATERMARK_PREFIX, BACKFILL_PREFIX)
 """Messages changefeed writes for itself (see `backfill`): handled, never handed out."""
 DROP_CHECK_SECONDS = 5.0
 """While the stream is quiet, check this often that the watched tables still exist."""
+COMMIT_WAIT_SECONDS = 2.0
+"""How long a stopping feed waits for the Commit behind the last change it handed out."""
 
 
 def slot_name_for(name: str) -> str:
@@ -265,84 +267,113 @@ class PostgresChangeFeed(ChangeFeed):
         observe = backfiller.observe if backfiller.queue else None
 
         # The hot loop: one iteration per message, hundreds of thousands a second.
-        while True:
-            if backlog:  # read by keep_alive() while the consumer was busy: those come first
-                nbytes, buffer = backlog.popleft()
-                if nbytes > 0 and buffer[0] == XLOGDATA:
-                    stream.backlog_bytes -= nbytes
-            else:
-                nbytes, buffer = get_copy_data(1)
-            if nbytes > 0:
-                if buffer[0] == XLOGDATA:
-                    event = decode(buffer[XLOGDATA_HEADER_SIZE:])
-                    if event is None:
-                        continue
-                    if event.__class__ is Change:
-                        last_emitted = event.position
-                        if observe is not None:
-                            observe(event)
-                        if skip_until is None or last_emitted > skip_until:
-                            yield event
-                    elif event.__class__ is Begin:
-                        ledger.begin()
-                        last_emitted = None
-                    elif event.__class__ is Commit:
-                        ledger.commit(last_emitted, event.end_lsn)
-                        stats.lag_bytes = max(0, xlogdata_header(buffer)[1] - event.end_lsn)
-                        if backfiller.finished:
-                            backfiller.committed(event.end_lsn)
-                        self._settle()
-                        if backfiller.due:
-                            backfiller.open_chunk()
-                            observe = backfiller.observe if backfiller.queue else None
-                    elif event.__class__ is Message:
-                        if event.prefix.startswith(_OWN_PREFIXES):  # watermarks, requests
-                            for change in self._backfills.on_message(event, decoder):
-                                last_emitted = change.position
-                                yield change
-                            observe = backfiller.observe if backfiller.queue else None
+        try:
+            while True:
+                if backlog:  # read by keep_alive() while the consumer was busy: those come first
+                    nbytes, buffer = backlog.popleft()
+                    if nbytes > 0 and buffer[0] == XLOGDATA:
+                        stream.backlog_bytes -= nbytes
+                else:
+                    nbytes, buffer = get_copy_data(1)
+                if nbytes > 0:
+                    if buffer[0] == XLOGDATA:
+                        event = decode(buffer[XLOGDATA_HEADER_SIZE:])
+                        if event is None:
                             continue
-                        if ledger.in_transaction:
+                        if event.__class__ is Change:
                             last_emitted = event.position
-                        else:
-                            ledger.standalone_message(event.position, event.lsn)
-                        if skip_until is None or event.position > skip_until:
-                            yield event
-                    elif event.__class__ is Truncate:
-                        log.warning("TRUNCATE of %s is not emitted as changes",
-                                    ", ".join(event.tables))
-                    elif event.__class__ is Renamed:
-                        log.warning("table %s is now %s: its changes go on under the new name",
-                                    event.old_name, event.new_name)
-                        self._tables.stream_names[event.oid] = event.new_name
-                elif buffer[0] == KEEPALIVE:
-                    wal_end, _, reply_requested = keepalive(buffer)
-                    stats.lag_bytes = max(0, wal_end - ledger.received_lsn)
-                    ledger.keepalive(wal_end)
-                    if reply_requested:
-                        stream.send_status()
-                continue
-            if nbytes < 0:
-                raise stream.ended(nbytes)
-            yield None  # caught up: the consumer may flush and acknowledge now
-            if backlog:
-                continue
-            self._settle()
-            now = time.monotonic()
-            if now - last_table_check >= DROP_CHECK_SECONDS and self._sql is not None:
-                last_table_check = now
-                self._tables.note_dropped(self._sql)
-            if self._tables.dropped:
-                self._end_if_dropped_tables_delivered(stream)
-            if backfiller.due:
-                backfiller.open_chunk()
-                observe = backfiller.observe if backfiller.queue else None
-            if stream.status_due(now):
-                stream.send_status()
-            readable, _, _ = select.select([sock], [], [], 1.0)
-            if not readable:
-                yield None
-            pgconn.consume_input()
+                            if observe is not None:
+                                observe(event)
+                            if skip_until is None or last_emitted > skip_until:
+                                yield event
+                        elif event.__class__ is Begin:
+                            ledger.begin()
+                            last_emitted = None
+                        elif event.__class__ is Commit:
+                            ledger.commit(last_emitted, event.end_lsn)
+                            stats.lag_bytes = max(0, xlogdata_header(buffer)[1] - event.end_lsn)
+                            if backfiller.finished:
+                                backfiller.committed(event.end_lsn)
+                            self._settle()
+                            if backfiller.due:
+                                backfiller.open_chunk()
+                                observe = backfiller.observe if backfiller.queue else None
+                        elif event.__class__ is Message:
+                            if event.prefix.startswith(_OWN_PREFIXES):  # watermarks, requests
+                                for change in self._backfills.on_message(event, decoder):
+                                    last_emitted = change.position
+                                    yield change
+                                observe = backfiller.observe if backfiller.queue else None
+                                continue
+                            if ledger.in_transaction:
+                                last_emitted = event.position
+                            else:
+                                ledger.standalone_message(event.position, event.lsn)
+                            if skip_until is None or event.position > skip_until:
+                                yield event
+                        elif event.__class__ is Truncate:
+                            log.warning("TRUNCATE of %s is not emitted as changes",
+                                        ", ".join(event.tables))
+                        elif event.__class__ is Renamed:
+                            log.warning("table %s is now %s: its changes go on under the new name",
+                                        event.old_name, event.new_name)
+                            self._tables.stream_names[event.oid] = event.new_name
+                    elif buffer[0] == KEEPALIVE:
+                        wal_end, _, reply_requested = keepalive(buffer)
+                        stats.lag_bytes = max(0, wal_end - ledger.received_lsn)
+                        ledger.keepalive(wal_end)
+                        if reply_requested:
+                            stream.send_status()
+                    continue
+                if nbytes < 0:
+                    raise stream.ended(nbytes)
+                yield None  # caught up: the consumer may flush and acknowledge now
+                if backlog:
+                    continue
+                self._settle()
+                now = time.monotonic()
+                if now - last_table_check >= DROP_CHECK_SECONDS and self._sql is not None:
+                    last_table_check = now
+                    self._tables.note_dropped(self._sql)
+                if self._tables.dropped:
+                    self._end_if_dropped_tables_delivered(stream)
+                if backfiller.due:
+                    backfiller.open_chunk()
+                    observe = backfiller.observe if backfiller.queue else None
+                if stream.status_due(now):
+                    stream.send_status()
+                readable, _, _ = select.select([sock], [], [], 1.0)
+                if not readable:
+                    yield None
+                pgconn.consume_input()
+        except GeneratorExit:
+            # The consumer stopped (a limit, a deadline, a stop request) right after a
+            # change: if it was its transaction's last, the Commit just behind it lets the
+            # slot pass that transaction, or the next run would start with it again.
+            if ledger.in_transaction and last_emitted is not None:
+                self._read_to_commit(stream, decode, last_emitted)
+            raise
+
+    def _read_to_commit(self, stream: ReplicationStream, decode: Any, last: str) -> None:
+        """Read on to the Commit of the open transaction, whose changes were handed out up to
+        ``last``, and record it in the ledger; give up at a change not handed out (then the
+        transaction was not wholly delivered) or after `COMMIT_WAIT_SECONDS`."""
+        deadline = time.monotonic() + COMMIT_WAIT_SECONDS
+        try:
+            while True:
+                nbytes, buffer = stream.read(deadline)
+                if nbytes <= 0:
+                    return
+                if buffer[0] != XLOGDATA:
+                    continue
+                event = decode(buffer[XLOGDATA_HEADER_SIZE:])
+                if event.__class__ is Commit:
+                    self._ledger.commit(last, event.end_lsn)
+                    return
+                if event.__class__ is Change or event.__class__ is Message:
+                    return
+        except psycopg.Error as exc:
+            log.debug("reading on to the commit: %s", first_line(exc))
 
     def _end_if_dropped_tables_delivered(self, stream: ReplicationStream) -> None:
         """End the feed once everything up to the drop of a watched table is acknowledged."""

@@ -13,6 +13,7 @@ this is the rest of the conversation with the walsender, whose rules are easy to
 from __future__ import annotations
 
 import logging
+import select
 import time
 from collections import deque
 from typing import Any
@@ -44,6 +45,8 @@ class ReplicationStream:
 
     BACKLOG_LIMIT = 64 * 1024 * 1024
     """Bytes of stream `read_ahead` holds before it lets go of the connection instead."""
+    FINISH_SECONDS = 5.0
+    """How long `finish` waits for the server to confirm the end of the stream."""
 
     def __init__(
         self, repl: psycopg.Connection, ledger: AckLedger, status_interval: float
@@ -107,13 +110,58 @@ class ReplicationStream:
         return now - self.last_status >= self.status_interval or self.ledger.flush_due
 
     def finish(self) -> None:
-        """Tell the server what was delivered before going away (if it still listens)."""
+        """End the stream as the protocol asks: the last standby status, then CopyDone, then
+        wait (at most `FINISH_SECONDS`) for the server's CopyDone and the command's end.
+
+        The server answers CopyDone only after it has read the status before it, and ends the
+        command only after it released the slot. So when this returns, the slot has taken the
+        flush position and is free for the next run. Otherwise a status written just before
+        the connection closes may be lost with it (the walsender may fail writing to the
+        closed socket before it reads what is left there), and a run started right after this
+        one may find the slot still in use."""
         if self.repl.closed or self.pgconn.transaction_status != pq.TransactionStatus.ACTIVE:
             return
+        pgconn = self.pgconn
         try:
             self.send_status()
-        except psycopg.Error:
-            pass
+            if pgconn.put_copy_end() != 1 or pgconn.flush() != 0:
+                return
+            deadline = time.monotonic() + self.FINISH_SECONDS
+            while True:  # what the server still sends before its CopyDone is not wanted now
+                nbytes, _ = self.read(deadline)
+                if nbytes < 0:
+                    break
+                if nbytes == 0:
+                    log.debug("the server did not confirm the end of the stream in time")
+                    return
+            while pgconn.is_busy():  # the command's result: the walsender let go of the slot
+                if not self._wait_readable(deadline):
+                    return
+                pgconn.consume_input()
+            while pgconn.get_result() is not None:
+                pass
+        except psycopg.Error as exc:
+            log.debug("finish: %s", first_line(exc))
+        finally:
+            self.usable = False
+
+    def _wait_readable(self, deadline: float) -> bool:
+        remaining = deadline - time.monotonic()
+        return remaining > 0 and bool(select.select([self.pgconn.socket], [], [], remaining)[0])
+
+    def read(self, deadline: float) -> tuple[int, Any]:
+        """The next message as ``get_copy_data`` gives it (the backlog first), waiting until
+        ``deadline`` (monotonic) at most: ``(0, None)`` when none came in time."""
+        if self.backlog:
+            return self.backlog.popleft()
+        pgconn = self.pgconn
+        while True:
+            nbytes, buffer = pgconn.get_copy_data(1)
+            if nbytes != 0:
+                return nbytes, buffer
+            if not self._wait_readable(deadline):
+                return 0, None
+            pgconn.consume_input()
 
     def ended(self, nbytes: int) -> Exception:
         """The error for the end of the stream (``get_copy_data`` returned ``nbytes`` < 0)."""
