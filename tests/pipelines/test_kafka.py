@@ -159,6 +159,22 @@ def test_a_worker_commits_only_what_its_sink_delivered(kafka_bootstrap, fmt):
     assert last.old == ({"id": 1} if fmt == "change" else None)
 
 
+def test_runs_that_stop_after_a_few_records_go_on_where_the_last_one_stopped(kafka_bootstrap):
+    table = new_table()
+    create_topic(kafka_bootstrap, table, 1)  # one partition: one order to check
+    written = [insert(table, {"id": key}, key={"id": key}) for key in range(1, 11)]
+    Pipeline(MemoryFeed(table, changes=written), [], sink=KafkaSink(kafka_bootstrap)).run()
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    runs = []
+    for stop_after in (3, 3, 1, 3):  # (joining the group takes seconds: no idle timeout)
+        feed = KafkaFeed(kafka_bootstrap, table, group, config=FAST_GROUP)
+        sink = ListSink()
+        Pipeline(feed, [], sink=sink).run(stop_after=stop_after, timeout=60)
+        feed.close()
+        runs.append([change.key["id"] for change in sink.items])
+    assert runs == [[1, 2, 3], [4, 5, 6], [7], [8, 9, 10]]
+
+
 def test_a_worker_filters_by_operation(kafka_bootstrap):
     table = new_table()
     Pipeline(MemoryFeed(table, changes=changes_of(table)), [],

@@ -139,3 +139,18 @@ def test_a_dead_workers_pending_entries_are_claimed_by_another(redis_url, tmp_pa
     assert {stream_ids[i] for i in claimed_ids} <= set(ids(out_b))
     assert set(ids(out_a)) | set(ids(out_b)) == set(range(1, 201))  # nothing missing
     assert client.xpending(stream, "workers")["pending"] == 0
+
+
+def test_runs_that_stop_after_a_few_changes_go_on_where_the_last_one_stopped(redis_url):
+    # Each run reads ahead of what it delivers: what it delivered is XACKed as it ends, what it
+    # only read stays pending for the consumer and comes first in the next run.
+    stream = f"s-{uuid.uuid4().hex}"
+    produce(redis_url, stream, 10)
+    runs = []
+    for stop_after in (3, 3, 1, None):
+        feed = RedisStreamFeed(redis_url, stream, "g", "c1")
+        sink = ListSink()
+        Pipeline(feed, [], sink=sink).run(stop_after=stop_after, idle_timeout=1, timeout=30)
+        runs.append([change.key["id"] for change in sink.items])
+    assert runs == [[1, 2, 3], [4, 5, 6], [7], [8, 9, 10]]
+    assert redis.Redis.from_url(redis_url).xpending(stream, "g")["pending"] == 0
