@@ -3,6 +3,7 @@
 Where each job lives:
 
 * `feed`: `PostgresChangeFeed`, the I/O loop (importing it registers the backend);
+* `stream`: the rest of the walsender conversation (status updates, read-ahead, the end);
 * `setup`, `slots`, `catalog`, `names`: what is checked and prepared on the server;
 * `snapshot`, `backfill`: the snapshot prefeed, exported or in chunks beside the stream;
 * `protocol`, `pgoutput`, `tuples`, `loading`, `values`: bytes to changes, pure;
@@ -11,7 +12,8 @@ Where each job lives:
 * `drain`: the deploy gate (``changefeed drain``).
 """
 
-from changefeed.backends.postgres.feed import PostgresChangeFeed, slot_name_for
+from changefeed.backends.postgres.feed import PostgresChangeFeed
+from changefeed.backends.postgres.names import slot_name_for
 from changefeed.backends.postgres.pgoutput import PgOutputDecoder
 
 __all__ = ["PgOutputDecoder", "PostgresChangeFeed", "slot_name_for"]

@@ -40,6 +40,7 @@ from changefeed.backends.postgres.names import (
     default_slot_name,
     legacy_slot_name,
     parse_table_name,
+    slot_name_for,
     split_tables,
 )
 from changefeed.backends.postgres.pgoutput import Begin, Commit, PgOutputDecoder, Renamed, Truncate
@@ -53,7 +54,7 @@ from changefeed.backends.postgres.protocol import (
 )
 from changefeed.backends.postgres.stream import ReplicationStream
 from changefeed.change import ALL, Change, SnapshotState
-from changefeed.errors import ConfigurationError, first_line
+from changefeed.errors import ConfigurationError
 from changefeed.feed import ChangeFeed
 from changefeed.message import Message
 from changefeed.preflight import check_postgresql_dsn
@@ -65,13 +66,6 @@ _OWN_PREFIXES = (WATERMARK_PREFIX, BACKFILL_PREFIX)
 """Messages changefeed writes for itself (see `backfill`): handled, never handed out."""
 DROP_CHECK_SECONDS = 5.0
 """While the stream is quiet, check this often that the watched tables still exist."""
-COMMIT_WAIT_SECONDS = 2.0
-"""How long a stopping feed waits for the Commit behind the last change it handed out."""
-
-
-def slot_name_for(name: str) -> str:
-    """The default slot (and publication) name for a table name or a comma-separated list."""
-    return default_slot_name([parse_table_name(t) for t in split_tables(name)])
 
 
 class PostgresChangeFeed(ChangeFeed):
@@ -346,34 +340,10 @@ class PostgresChangeFeed(ChangeFeed):
                 if not readable:
                     yield None
                 pgconn.consume_input()
-        except GeneratorExit:
-            # The consumer stopped (a limit, a deadline, a stop request) right after a
-            # change: if it was its transaction's last, the Commit just behind it lets the
-            # slot pass that transaction, or the next run would start with it again.
+        except GeneratorExit:  # the consumer stopped, maybe right after a transaction's last change
             if ledger.in_transaction and last_emitted is not None:
-                self._read_to_commit(stream, decode, last_emitted)
+                stream.read_to_commit(decode, last_emitted)
             raise
-
-    def _read_to_commit(self, stream: ReplicationStream, decode: Any, last: str) -> None:
-        """Read on to the Commit of the open transaction, whose changes were handed out up to
-        ``last``, and record it in the ledger; give up at a change not handed out (then the
-        transaction was not wholly delivered) or after `COMMIT_WAIT_SECONDS`."""
-        deadline = time.monotonic() + COMMIT_WAIT_SECONDS
-        try:
-            while True:
-                nbytes, buffer = stream.read(deadline)
-                if nbytes <= 0:
-                    return
-                if buffer[0] != XLOGDATA:
-                    continue
-                event = decode(buffer[XLOGDATA_HEADER_SIZE:])
-                if event.__class__ is Commit:
-                    self._ledger.commit(last, event.end_lsn)
-                    return
-                if event.__class__ is Change or event.__class__ is Message:
-                    return
-        except psycopg.Error as exc:
-            log.debug("reading on to the commit: %s", first_line(exc))
 
     def _end_if_dropped_tables_delivered(self, stream: ReplicationStream) -> None:
         """End the feed once everything up to the drop of a watched table is acknowledged."""

@@ -148,3 +148,8 @@ def check_publication_name(name: str) -> str:
     if not name or len(name.encode()) > MAX_NAME or "\0" in name:
         raise ConfigurationError(f"invalid publication name {name!r}: use 1 to 63 bytes")
     return name
+
+
+def slot_name_for(name: str) -> str:
+    """The default slot (and publication) name for a table name or a comma-separated list."""
+    return default_slot_name([parse_table_name(t) for t in split_tables(name)])

@@ -1,13 +1,15 @@
 """The replication connection while it streams: START_REPLICATION, standby status updates, and
 the read-ahead that keeps the walsender answered while the consumer is busy elsewhere.
 
-The feed's stream loop (`feed.PostgresChangeFeed._stream`) reads and decodes the messages;
+The feed's stream loop (`feed.PostgresChangeFeed._stream_changes`) reads and decodes the messages;
 this is the rest of the conversation with the walsender, whose rules are easy to get wrong:
 
 * the flush position sent is only ever what the `ledger` says was delivered;
 * the walsender ends a connection that stays silent for ``wal_sender_timeout``, and a fast
   shutdown of the server waits until the client has confirmed everything it was sent, so a
-  busy consumer's feed must still read and answer (`read_ahead`).
+  busy consumer's feed must still read and answer (`read_ahead`);
+* a consumer may stop between a transaction's last change and its Commit (`read_to_commit`),
+  and the last status must reach the server before the connection goes (`finish`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import select
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -23,14 +26,18 @@ from psycopg import pq, sql
 
 from changefeed.backends.postgres.errors import start_replication_error, stream_ended, text
 from changefeed.backends.postgres.ledger import AckLedger
+from changefeed.backends.postgres.pgoutput import Commit
 from changefeed.backends.postgres.protocol import (
     KEEPALIVE,
     XLOGDATA,
+    XLOGDATA_HEADER_SIZE,
     keepalive,
     standby_status,
     xlogdata_header,
 )
+from changefeed.change import Change
 from changefeed.errors import first_line
+from changefeed.message import Message
 
 log = logging.getLogger("changefeed.postgres")
 
@@ -47,6 +54,8 @@ class ReplicationStream:
     """Bytes of stream `read_ahead` holds before it lets go of the connection instead."""
     FINISH_SECONDS = 5.0
     """How long `finish` waits for the server to confirm the end of the stream."""
+    COMMIT_WAIT_SECONDS = 2.0
+    """How long `read_to_commit` waits for the Commit behind the last change handed out."""
 
     def __init__(
         self, repl: psycopg.Connection, ledger: AckLedger, status_interval: float
@@ -162,6 +171,31 @@ class ReplicationStream:
             if not self._wait_readable(deadline):
                 return 0, None
             pgconn.consume_input()
+
+    def read_to_commit(self, decode: Callable[[Any], Any], last: str) -> None:
+        """Read on to the Commit of the open transaction, whose changes were handed out up to
+        ``last``, and record it in the ledger; give up at a change not handed out (then the
+        transaction was not wholly delivered) or after `COMMIT_WAIT_SECONDS`.
+
+        For a consumer that stops right after a transaction's last change (a limit, a
+        deadline, a stop request): the ledger can only let the slot pass that transaction once
+        it knows where it ends, or the next run would start with it again."""
+        deadline = time.monotonic() + self.COMMIT_WAIT_SECONDS
+        try:
+            while True:
+                nbytes, buffer = self.read(deadline)
+                if nbytes <= 0:
+                    return
+                if buffer[0] != XLOGDATA:
+                    continue
+                event = decode(buffer[XLOGDATA_HEADER_SIZE:])
+                if event.__class__ is Commit:
+                    self.ledger.commit(last, event.end_lsn)
+                    return
+                if event.__class__ is Change or event.__class__ is Message:
+                    return
+        except psycopg.Error as exc:
+            log.debug("reading on to the commit: %s", first_line(exc))
 
     def ended(self, nbytes: int) -> Exception:
         """The error for the end of the stream (``get_copy_data`` returned ``nbytes`` < 0)."""
