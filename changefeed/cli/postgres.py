@@ -116,13 +116,6 @@ def backfill(tables: tuple[str, ...], url: str, slot: str) -> None:
 
 
 def _bytes(count: int | None) -> str:
-    if count is None:
-        return "-"
-    if count < 1024:
-        return f"{count} B"
-    value = count / 1024
-    for unit in ("kB", "MB"):
-        if value < 1024:
-            return f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GB"
+    from changefeed.backends.postgres.slots import format_size
+
+    return "-" if count is None else format_size(count)
