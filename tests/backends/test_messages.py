@@ -356,6 +356,23 @@ def test_cli_streams_messages_as_json_lines_among_deltas(pg_dsn, tasks):
 
 
 @pg_marks
+def test_runs_that_end_at_a_transactions_last_message_do_not_repeat_it(pg_dsn, tasks):
+    # --limit ends the run as the message is handed out, before its Commit was read.
+    args = ["run", "tasks", "--url", pg_dsn, "--messages", "app.", "--format", "change", "-q"]
+    run_cli(*args, "--until-idle", "0.5")
+    for number in range(2):
+        with tasks.transaction():
+            tasks.execute("INSERT INTO tasks (title) VALUES ('x')")
+            emit(tasks, "app.step", str(number))
+    runs = [run_cli(*args, "--limit", "2") for _ in range(2)]
+    runs.append(run_cli(*args, "--until-idle", "1"))
+    assert [r.returncode for r in runs] == [0, 0, 0], [r.stderr for r in runs]
+    got = [[line.get("type", line.get("operation")) + ":" + str(line.get("content", ""))
+            for line in map(json.loads, r.stdout.splitlines())] for r in runs]
+    assert got == [["insert:", "message:0"], ["insert:", "message:1"], []]
+
+
+@pg_marks
 def test_cli_refuses_messages_with_pipeline_options(pg_dsn, tasks):
     result = run_cli("run", "tasks", "--url", pg_dsn, "--messages", "app", "--where",
                      "id == 1")
