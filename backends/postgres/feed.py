@@ -342,7 +342,9 @@ class PostgresChangeFeed(ChangeFeed):
                 pgconn.consume_input()
         except GeneratorExit:  # the consumer stopped, maybe right after a transaction's last change
             if ledger.in_transaction and last_emitted is not None:
-                stream.read_to_commit(decode, last_emitted)
+                end_lsn = stream.read_to_commit(decode, last_emitted)
+                if end_lsn is not None and backfiller.finished:
+                    backfiller.committed(end_lsn)
             raise
 
     def _end_if_dropped_tables_delivered(self, stream: ReplicationStream) -> None:

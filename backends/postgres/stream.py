@@ -172,10 +172,11 @@ class ReplicationStream:
                 return 0, None
             pgconn.consume_input()
 
-    def read_to_commit(self, decode: Callable[[Any], Any], last: str) -> None:
+    def read_to_commit(self, decode: Callable[[Any], Any], last: str) -> int | None:
         """Read on to the Commit of the open transaction, whose changes were handed out up to
-        ``last``, and record it in the ledger; give up at a change not handed out (then the
-        transaction was not wholly delivered) or after `COMMIT_WAIT_SECONDS`.
+        ``last``, record it in the ledger and return where the transaction ends; give up
+        (None) at a change not handed out (then the transaction was not wholly delivered) or
+        after `COMMIT_WAIT_SECONDS`.
 
         For a consumer that stops right after a transaction's last change (a limit, a
         deadline, a stop request): the ledger can only let the slot pass that transaction once
@@ -185,17 +186,18 @@ class ReplicationStream:
             while True:
                 nbytes, buffer = self.read(deadline)
                 if nbytes <= 0:
-                    return
+                    return None
                 if buffer[0] != XLOGDATA:
                     continue
                 event = decode(buffer[XLOGDATA_HEADER_SIZE:])
                 if event.__class__ is Commit:
                     self.ledger.commit(last, event.end_lsn)
-                    return
+                    return event.end_lsn
                 if event.__class__ is Change or event.__class__ is Message:
-                    return
+                    return None
         except psycopg.Error as exc:
             log.debug("reading on to the commit: %s", first_line(exc))
+            return None
 
     def ended(self, nbytes: int) -> Exception:
         """The error for the end of the stream (``get_copy_data`` returned ``nbytes`` < 0)."""

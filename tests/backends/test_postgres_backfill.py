@@ -9,6 +9,7 @@ import threading
 import time
 
 import psycopg
+import pytest
 
 from changefeed import Operation
 from tests.backends.test_postgres import drain, make_feed, start
@@ -286,3 +287,21 @@ def test_masked_feed_back_fills_as_inserts(pg_dsn, pg):
     got = drain(feed)
     # A snapshot row is an insert whatever the mask: it is what the consumer lacks.
     assert len(got) == 30 and {c.operation for c in got} == {Operation.INSERT}
+
+
+@pytest.mark.parametrize("chunk", [4, 5])
+def test_runs_that_end_at_a_chunks_last_row_go_on_with_the_next_chunk(pg_dsn, pg, chunk):
+    # A chunk's rows are handed out inside its watermark's transaction: a run whose --limit
+    # ends at a chunk's last row ends before that Commit was read, and must still pass it.
+    make_tables(pg, "t", rows=10)
+    args = ["run", "t", "--url", pg_dsn, "--prefeed", "snapshot", "--chunk-size", str(chunk),
+            "--format", "change", "-q"]
+    # (--limit counts the snapshot's "started" marker too, which a resumed snapshot says again)
+    runs = [run_cli(*args, "--limit", str(chunk + 1)) for _ in range(2)]
+    runs += [run_cli(*args, "--until-idle", "2"), run_cli(*args, "--until-idle", "1")]
+    assert [r.returncode for r in runs] == [0] * 4, [r.stderr for r in runs]
+    got = [[line["key"]["id"] if "key" in line else line["state"]
+            for line in map(json.loads, r.stdout.splitlines())] for r in runs]
+    rows = list(range(1, 11))
+    assert got == [["started", *rows[:chunk]], ["started", *rows[chunk:2 * chunk]],
+                   ["started", *rows[2 * chunk:], "done"], []]
