@@ -198,6 +198,8 @@ def table_backfill(
     return TableBackfill(
         table.oid, name, list(table.key), key_types(conn, table.oid, table.key),
         after=state.get("after"), done=state.get("done", 0), chunks=state.get("chunks", 0),
+        # A recorded chunk was acknowledged, and the "started" marker before its rows with it.
+        announced=state.get("chunks", 0) > 0,
     )
 
 
