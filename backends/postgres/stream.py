@@ -161,8 +161,11 @@ class ReplicationStream:
     def read(self, deadline: float) -> tuple[int, Any]:
         """The next message as ``get_copy_data`` gives it (the backlog first), waiting until
         ``deadline`` (monotonic) at most: ``(0, None)`` when none came in time."""
-        if self.backlog:
-            return self.backlog.popleft()
+        if self.backlog:  # as the feed's stream loop takes it (see `backlog`)
+            nbytes, buffer = self.backlog.popleft()
+            if nbytes > 0 and buffer[0] == XLOGDATA:
+                self.backlog_bytes -= nbytes
+            return nbytes, buffer
         pgconn = self.pgconn
         while True:
             nbytes, buffer = pgconn.get_copy_data(1)
