@@ -1,0 +1,15 @@
+"""``changefeed serve``: one long-running process with one HTTP server.
+
+The server hosts services. A service is a set of routes plus background work that starts and
+stops with the server (`Service`): the pipelines of a config file for operators
+(`changefeed.serve.pipelines`), and the shape API and sync protocol for app clients
+(`changefeed.serve.sync`). The app (`app.make_app`) adds, over all of them, ``/healthz``
+(alive), ``/readyz`` (every service ready) and ``/metrics`` (Prometheus);
+`server.run_server` runs it until SIGTERM or SIGINT and passes SIGHUP on as a reload.
+
+Everything here needs the ``serve`` extra (``pip install 'changefeed[serve]'``).
+"""
+
+from changefeed.serve.service import Health, ServeContext, Service
+
+__all__ = ["Health", "ServeContext", "Service"]
