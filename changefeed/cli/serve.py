@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import click
 
-from changefeed.cli.common import CliError, expected_errors, setup_logging
+from changefeed.cli.common import CliError, expected_errors, log_format_option, setup_logging
 
 
 @click.command()
@@ -30,6 +30,7 @@ from changefeed.cli.common import CliError, expected_errors, setup_logging
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
               help="Port to listen on (0: any free port).")
 @click.option("--quiet", "-q", is_flag=True, help="stderr shows only warnings and errors.")
+@log_format_option
 def serve(
     tables: tuple[str, ...],
     config_path: str | None,
@@ -39,13 +40,14 @@ def serve(
     host: str,
     port: int,
     quiet: bool,
+    log_format: str,
 ) -> None:
     """Run pipelines from --config FILE and/or serve TABLE... to app clients, over HTTP.
 
     SIGTERM or Ctrl-C stops cleanly (what was delivered is acknowledged); SIGHUP reloads
     the config file.
     """
-    setup_logging(quiet)
+    setup_logging(quiet, log_format)
     try:
         from changefeed.serve.server import run_server
     except ImportError as exc:
@@ -56,7 +58,8 @@ def serve(
         if config_path is not None:
             from changefeed.serve.pipelines import PipelinesService
 
-            services.append(PipelinesService.from_file(config_path))
+            services.append(PipelinesService.from_file(config_path, log_format=log_format,
+                                                       quiet=quiet))
         if tables:
             from changefeed.serve.sync import SyncService
 

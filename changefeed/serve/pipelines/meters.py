@@ -1,0 +1,349 @@
+"""What a served pipeline measures, by wrapping the parts ``changefeed run`` builds (no hooks in
+the core): the sink, the pipeline's output, and the retry policies.
+
+* `Labeled` / `labeling`: the format stage (or none) wrapped so that each item carries the
+  table, operation and snapshot flag of the change it was made from, to the sink;
+* `MeasuredSink`: unwraps those items for the real sink and counts what it confirmed (by table
+  and operation), their size as JSON lines, how long each batch took, dead letters; it runs
+  where the sink runs (the sink thread, or the sink's own process with ``processes = true``) and
+  keeps its counts in a `SinkMeter`, which crosses a process boundary through a pipe;
+* `MeasuredOutput`: around the pipeline's output in the feed's thread, the changes read and the
+  commit time of the oldest one not yet delivered (the lag in seconds);
+* `CountingRetry`: a `Retry` that notes each wait (retries, and since when one is retrying).
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from changefeed.change import Change, Operation
+from changefeed.delivery import Output
+from changefeed.feed import Retry
+from changefeed.pipelines.delta import dumps_line
+from changefeed.pipelines.sinks import Batch, Sink, jsonable
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+"""Upper bounds (seconds) of the sink latency histogram; +Inf is implied."""
+_OPERATIONS = {op: (op.name or "").lower() for op in Operation}
+SNAPSHOT_RECENT = 2.0
+"""A pipeline that put a snapshot row within this many seconds is snapshotting."""
+
+
+class Labeled:
+    """An item on its way to a `MeasuredSink`, with the labels of the change it came from."""
+
+    __slots__ = ("item", "table", "operation", "snapshot")
+
+    def __init__(self, item: Any, table: str, operation: str, snapshot: bool) -> None:
+        self.item = item
+        self.table = table
+        self.operation = operation
+        self.snapshot = snapshot
+
+    def __getstate__(self) -> tuple[Any, str, str, bool]:
+        return (self.item, self.table, self.operation, self.snapshot)
+
+    def __setstate__(self, state: tuple[Any, str, str, bool]) -> None:
+        self.item, self.table, self.operation, self.snapshot = state
+
+
+class labeling:  # noqa: N801  (a stage reads as a function in a stage list)
+    """The last stage of a served pipeline: ``encode`` (the format stage, or None) applied to a
+    change, its result `Labeled` with the change's table and operation. Items that are not
+    changes (a Python stage may make any) pass unformatted, with empty labels.
+
+    It fails exactly where ``encode`` fails, under ``encode``'s name, so a served pipeline
+    dead-letters and reports as ``changefeed run`` does."""
+
+    __slots__ = ("encode", "name")
+
+    def __init__(self, encode: Callable[[Any], Any] | None) -> None:
+        from changefeed.pipelines.stages import stage_name
+
+        self.encode = encode
+        self.name = stage_name(encode) if encode is not None else "labeling"
+
+    def __call__(self, item: Any) -> Labeled:
+        made = self.encode(item) if self.encode is not None else item
+        if item.__class__ is Change:
+            return Labeled(made, item.table, _OPERATIONS[item.operation], item.snapshot)
+        return Labeled(made, "", "", False)
+
+
+class SinkMeter:
+    """The counts of a `MeasuredSink` (cumulative), read by the pipeline process's reporter.
+
+    In the process that made it, `snapshot` reads the counts under a lock. In a process of its
+    own (``processes = true`` forks the sink's), it writes a snapshot as one JSON line to
+    ``pipe_fd`` every `interval` seconds while it changes and when the sink closes; the
+    reporter reads them with `take_remote`.
+    """
+
+    interval = 0.5
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.delivered: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.snapshot_rows: collections.Counter[str] = collections.Counter()
+        self.items = 0
+        self.bytes = 0
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.latency_sum = 0.0
+        self.retries = 0
+        self.retrying_since: float | None = None
+        """Wall time of the first retry of the batch in hand; None once a batch went out."""
+        self.dead_letters = 0
+        self.last_snapshot_at = 0.0
+        self.home = os.getpid()
+        self.read_fd, self.pipe_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        self._flusher: threading.Thread | None = None
+        self._dirty = threading.Event()
+        self._remote: dict[str, Any] | None = None
+        self._buffer = b""
+
+    # -- in the sink's process -----------------------------------------------------------------
+
+    def delivered_batch(self, labels: list[Labeled], seconds: float, size: int) -> None:
+        with self.lock:
+            delivered, snapshot_rows = self.delivered, self.snapshot_rows
+            for item in labels:
+                delivered[(item.table, item.operation)] += 1
+                if item.snapshot:
+                    snapshot_rows[item.table] += 1
+            if any(item.snapshot for item in labels):
+                self.last_snapshot_at = time.time()
+            self.items += len(labels)
+            self.bytes += size
+            self.retrying_since = None
+            self._observe(seconds)
+        self._changed()
+
+    def failed_batch(self, seconds: float) -> None:
+        with self.lock:
+            self._observe(seconds)
+        self._changed()
+
+    def retried(self) -> None:
+        with self.lock:
+            self.retries += 1
+            if self.retrying_since is None:
+                self.retrying_since = time.time()
+        self._changed()
+
+    def dead_lettered(self, count: int) -> None:
+        with self.lock:
+            self.dead_letters += count
+        self._changed()
+
+    def _observe(self, seconds: float) -> None:
+        self.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.latency_sum += seconds
+
+    def _changed(self) -> None:
+        if os.getpid() == self.home:
+            return
+        self._dirty.set()
+        if self._flusher is None:  # the first update in a forked sink process
+            self._flusher = threading.Thread(target=self._flush_loop, daemon=True,
+                                             name="changefeed-sink-meter")
+            self._flusher.start()
+
+    def _flush_loop(self) -> None:
+        while True:
+            self._dirty.wait()
+            self._dirty.clear()
+            self.send()
+            time.sleep(self.interval)
+
+    def send(self) -> None:
+        """Write the counts to the pipe (from a sink process; at most 64 kB are written at once,
+        and one process writes, so the line arrives whole)."""
+        line = json.dumps(self.snapshot()).encode() + b"\n"
+        try:
+            os.write(self.pipe_fd, line)
+        except OSError:
+            pass  # the pipeline's process is gone: nobody reads the counts any more
+
+    def close(self) -> None:
+        """In a sink process: send the final counts."""
+        if os.getpid() != self.home:
+            self.send()
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "delivered": [[table, op, count] for (table, op), count in self.delivered.items()],
+                "snapshot_rows": [[table, count] for table, count in self.snapshot_rows.items()],
+                "items": self.items,
+                "bytes": self.bytes,
+                "buckets": list(self.buckets),
+                "latency_sum": self.latency_sum,
+                "retries": self.retries,
+                "retrying_since": self.retrying_since,
+                "dead_letters": self.dead_letters,
+                "last_snapshot_at": self.last_snapshot_at,
+            }
+
+    # -- in the pipeline's process ---------------------------------------------------------------
+
+    def current(self) -> dict[str, Any]:
+        """The latest counts: this process's own, or the last a sink process sent."""
+        self.take_remote()
+        if self._remote is not None:
+            return self._remote
+        return self.snapshot()
+
+    def take_remote(self) -> None:
+        while True:
+            try:
+                data = os.read(self.read_fd, 1 << 16)
+            except BlockingIOError:
+                return
+            except OSError:
+                return
+            if not data:
+                return
+            self._buffer += data
+            *lines, self._buffer = self._buffer.split(b"\n")
+            for line in reversed(lines):
+                try:
+                    self._remote = json.loads(line)
+                    break
+                except ValueError:  # a line cut short by a sink process that was killed
+                    continue
+
+
+class MeasuredSink(Sink):
+    """The sink of a served pipeline: gives ``inner`` the items without their labels and counts
+    what it confirmed in ``meter``. As a dead-letter sink (``dead_letters=True``) it counts the
+    records it wrote."""
+
+    def __init__(self, inner: Sink, meter: SinkMeter, dead_letters: bool = False) -> None:
+        self.inner = inner
+        self.meter = meter
+        self.dead_letters = dead_letters
+        self.name = inner.name
+        self.accepts = inner.accepts  # type: ignore[misc]
+        retry = getattr(inner, "retry", None)
+        if isinstance(retry, Retry) and not dead_letters:
+            inner.retry = CountingRetry.around(retry, meter.retried)  # type: ignore[attr-defined]
+
+    @property
+    def local(self) -> bool:
+        return self.inner.local
+
+    def write_batch(self, batch: Batch) -> None:
+        if self.dead_letters:
+            self.inner.write_batch(batch)
+            self.meter.dead_lettered(len(batch))
+            return
+        labels: list[Labeled] = batch.items
+        items = [labeled.item for labeled in labels]
+        started = time.monotonic()
+        try:
+            self.inner.write_batch(Batch(items, batch.positions))
+        except BaseException:
+            self.meter.failed_batch(time.monotonic() - started)
+            raise
+        seconds = time.monotonic() - started
+        size = sum(len(dumps_line(jsonable(item))) for item in items)
+        self.meter.delivered_batch(labels, seconds, size)
+
+    def interrupt(self) -> None:
+        self.inner.interrupt()
+
+    def close(self) -> None:
+        try:
+            self.inner.close()
+        finally:
+            self.meter.close()
+
+
+@dataclass(frozen=True)
+class CountingRetry(Retry):
+    """A `Retry` that calls ``on_wait`` whenever a wait is asked of it (one retry)."""
+
+    on_wait: Callable[[], None] = lambda: None
+
+    @classmethod
+    def around(cls, retry: Retry, on_wait: Callable[[], None]) -> CountingRetry:
+        return cls(retry.initial, retry.maximum, retry.attempts, on_wait)
+
+    def delay(self, failures: int) -> float:
+        self.on_wait()
+        return super().delay(failures)
+
+
+class MeasuredOutput(Output):
+    """The pipeline's output, measured where the feed runs: changes read, the lag, activity.
+
+    ``pending`` holds, per change put and not yet confirmed, its commit time (or when it was
+    read, for items without one); confirmations come in feed order, so its first entry is the
+    oldest change not delivered yet.
+    """
+
+    def __init__(self, inner: Output, on_open: Callable[[], None] = lambda: None) -> None:
+        self.inner = inner
+        self.on_open = on_open
+        self.pending: collections.deque[float] = collections.deque()
+        self.read = 0
+        self.last_activity = 0.0
+        """Monotonic time of the last change or quiet tick: the source is answering."""
+        self.last_snapshot_put = 0.0
+
+    def open(self) -> None:
+        inner = self.inner
+        inner.confirm = self._confirm
+        inner.open()
+        inner_put, pending = inner.put, self.pending
+        append, now = pending.append, time.time
+        monotonic = time.monotonic
+
+        def put(change: Any) -> None:
+            committed = getattr(change, "committed_at", None)
+            append(committed.timestamp() if committed is not None else now())
+            if getattr(change, "snapshot", False):
+                self.last_snapshot_put = monotonic()
+            self.read += 1
+            inner_put(change)
+
+        self.put = put  # type: ignore[method-assign]
+        self.last_activity = monotonic()
+        self.on_open()  # after the pipeline forked its workers: threads may start now
+
+    def _confirm(self, position: Any, count: int) -> None:
+        popleft = self.pending.popleft
+        for _ in range(min(count, len(self.pending))):
+            popleft()
+        self.confirm(position, count)
+
+    def quiet(self) -> None:
+        self.last_activity = time.monotonic()
+        self.inner.quiet()
+
+    def finish(self) -> None:
+        self.inner.finish()
+
+    def close(self, clean: bool) -> None:
+        self.inner.close(clean)
+
+    def lag_seconds(self) -> float:
+        """Seconds since the commit of the oldest change not delivered yet (0: none waits)."""
+        try:
+            oldest = self.pending[0]
+        except IndexError:
+            return 0.0
+        return max(0.0, time.time() - oldest)
+
+
+__all__ = ["LATENCY_BUCKETS", "CountingRetry", "Labeled", "MeasuredOutput", "MeasuredSink",
+           "SinkMeter", "labeling"]
