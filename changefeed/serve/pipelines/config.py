@@ -74,6 +74,14 @@ def _strings(value: Any) -> str | None:
     return None
 
 
+def _one_of(*choices: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        return None if value in choices else f"unknown value {json.dumps(value)}: use " + (
+            " or ".join(", ".join(choices).rsplit(", ", 1)))
+
+    return check
+
+
 def _model(value: Any) -> str | None:
     if isinstance(value, dict) and not all(isinstance(v, str) for v in value.values()):
         return "must map table names to model names (strings)"
@@ -90,8 +98,8 @@ PIPELINE_KEYS: dict[str, Key] = {key.name: key for key in (
     Key("group", _STRING, "a string"),
     Key("consumer", _STRING, "a string"),
     Key("ops", _STRINGS, "a string or an array of strings", _strings),
-    Key("prefeed", _STRING, "a string"),
-    Key("format", _STRING, "a string"),
+    Key("prefeed", _STRING, "a string", _one_of("snapshot")),
+    Key("format", _STRING, "a string", _one_of("delta", "change", "debezium")),
     Key("model", (str, dict), "a string or a table of strings", _model),
     Key("exclude", _STRINGS, "a string or an array of strings", _strings),
     Key("chunk_size", (int,), "an integer", _positive),
@@ -299,6 +307,9 @@ def _pipelines(data: dict[str, Any], environ: dict[str, str]) -> dict[str, Pipel
                        ("pipelines",))
     if not tables:
         raise _Located("no [pipelines.NAME] table: nothing to run", ("pipelines",))
+    default_secrets: dict[str, list[str]] = {key: [] for key in defaults}
+    defaults = {key: substitute(value, ("defaults", key), environ, default_secrets[key])
+                for key, value in defaults.items()}
     _check_keys(defaults, ("defaults",))
     specs: dict[str, PipelineSpec] = {}
     normalized: dict[str, str] = {}
@@ -314,15 +325,19 @@ def _pipelines(data: dict[str, Any], environ: dict[str, str]) -> dict[str, Pipel
             raise _Located(f"duplicate name: {same!r} is the same name for slots and metrics"
                            " (case and '-'/'_' do not count)", where)
         normalized[_normalized(name)] = name
-        _check_keys(table, where)
-        merged = {key: ((*where, key), value) for key, value in table.items()}
-        for key, value in defaults.items():
-            merged.setdefault(key, (("defaults", key), value))
         secrets: list[str] = []
-        values = {key: substitute(value, origin, environ, secrets)
-                  for key, (origin, value) in merged.items()}
-        origins = {key: origin for key, (origin, _) in merged.items()}
-        specs[name] = _spec(name, values, origins, where, secrets)
+        table = substitute(table, where, environ, secrets)
+        _check_keys(table, where)
+        values = {**defaults, **table}
+        origins = {key: (*where, key) if key in table else ("defaults", key) for key in values}
+        secrets += [secret for key, found in default_secrets.items() if key not in table
+                    for secret in found]
+        try:
+            specs[name] = _spec(name, values, origins, where, secrets)
+        except _Located as exc:
+            if exc.path and exc.path[0] == "defaults":  # say which pipeline it broke
+                raise _Located(f"pipeline {name}: {exc.message}", exc.path) from None
+            raise
     _check_shared(specs)
     return specs
 

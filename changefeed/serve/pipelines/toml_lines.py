@@ -37,6 +37,8 @@ class _Scanner:
         self.text = text
         self.pos = 0
         self.lines: dict[Path, int] = {}
+        self.seen: list[tuple[Path, int]] = []
+        """Every key set, in order, repeated ones too (for `keys_on_line`)."""
         self.array_tables: dict[Path, int] = {}
 
     @property
@@ -50,6 +52,7 @@ class _Scanner:
         for size in range(1, len(path)):  # parents a dotted key or header creates
             self.lines.setdefault(path[:size], line)
         self.lines.setdefault(path, line)
+        self.seen.append((path, line))
 
     def skip_blank(self, newlines: bool = False) -> None:
         """Skip spaces and tabs (and newlines and comments with ``newlines``)."""
@@ -217,19 +220,25 @@ def _escaped(text: str, index: int) -> bool:
     return count % 2 == 1
 
 
+def _scan(text: str) -> _Scanner:
+    scanner = _Scanner(text)
+    try:
+        scanner.document()
+    except _Stop:
+        pass
+    return scanner
+
+
 def key_lines(text: str) -> dict[Path, int]:
     """The line where each key path (and array item) of the TOML ``text`` is set (first line 1);
     for text TOML rejects, what comes before the problem."""
-    scanner = _Scanner(text)
-    try:
-        return scanner.document()
-    except _Stop:
-        return scanner.lines
+    return _scan(text).lines
 
 
 def keys_on_line(text: str, line: int) -> list[Path]:
-    """The key paths set on ``line`` (for an error that names only a line), longest first."""
-    found = [path for path, where in key_lines(text).items() if where == line]
+    """The key paths set on ``line`` (a key set twice too), longest first: for an error that
+    names only a line."""
+    found = {path for path, where in _scan(text).seen if where == line}
     return sorted(found, key=len, reverse=True)
 
 
