@@ -28,7 +28,7 @@ from changefeed.change import Change, Operation
 from changefeed.delivery import Output
 from changefeed.feed import Retry
 from changefeed.pipelines.delta import dumps_line
-from changefeed.pipelines.sinks import Batch, Sink, jsonable
+from changefeed.pipelines.sinks import Batch, Sink, as_sink, jsonable
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 """Upper bounds (seconds) of the sink latency histogram; +Inf is implied."""
@@ -227,8 +227,8 @@ class MeasuredSink(Sink):
     what it confirmed in ``meter``. As a dead-letter sink (``dead_letters=True``) it counts the
     records it wrote."""
 
-    def __init__(self, inner: Sink, meter: SinkMeter, dead_letters: bool = False) -> None:
-        self.inner = inner
+    def __init__(self, inner: Any, meter: SinkMeter, dead_letters: bool = False) -> None:
+        self.inner = inner = as_sink(inner)
         self.meter = meter
         self.dead_letters = dead_letters
         self.name = inner.name
