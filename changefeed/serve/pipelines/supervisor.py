@@ -4,9 +4,9 @@ A `Supervisor` starts its pipeline's process (`worker`), reads its reports, and 
 process ends decides: stopped or finished (done), failed for good (``failed``: a missing table,
 a stage that raises), or failed in a way a restart may cure (``retrying``: the process is
 started again after a backoff that doubles per failure in a row, from ``restart_delay`` up to
-``restart_max_delay``, and starts over once a run reached its source). A process that dies
-without a word (SIGKILL, out of memory, a crash in a driver) counts as curable. Nothing a
-supervisor does touches another pipeline: each has its own process, pipe and thread.
+``restart_max_delay``, and starts over after a run that lasted `STABLE_SECONDS`). A process
+that dies without a word (SIGKILL, out of memory, a crash in a driver) counts as curable.
+Nothing a supervisor does touches another pipeline: each has its own process, pipe and thread.
 
 Stopping sends SIGTERM: the pipeline delivers what it holds, acknowledges, and exits; after
 ``stop_timeout`` seconds its process group is killed (what it had not acknowledged comes again
@@ -40,8 +40,9 @@ STATES = ("starting", "snapshotting", "streaming", "retrying", "stopping", "stop
 """What a pipeline can be doing (``changefeed_pipeline_state`` and the health details)."""
 READY_STATES = frozenset({"snapshotting", "streaming", "finished", "disabled"})
 """States in which a pipeline does what it is meant to: ``/readyz`` needs one of them."""
-STREAMED_LONG_ENOUGH = 30.0
-"""A run that streamed this long resets the backoff, even if it never reported streaming."""
+STABLE_SECONDS = 60.0
+"""A run that lasted this long before it failed starts the backoff over (a pipeline that fails
+soon after each start backs off to ``restart_max_delay``, streaming or not)."""
 
 
 @dataclass
@@ -172,7 +173,7 @@ class Supervisor:
         supervision = self.spec.supervision
         try:
             while not self.stopping.is_set():
-                outcome, streamed = self._run_once()
+                outcome, stable = self._run_once()
                 kind = outcome.get("outcome")
                 error = outcome.get("error")
                 with self.lock:
@@ -189,7 +190,7 @@ class Supervisor:
                         log.error("failed: %s", error, extra={
                             "pipeline": self.name, "fields": {"state": "failed"}})
                         return
-                    failures = 1 if streamed else failures + 1
+                    failures = 1 if stable else failures + 1
                     ceiling = min(supervision.restart_max_delay,
                                   supervision.restart_delay * 2 ** (failures - 1))
                     delay = random.uniform(ceiling / 2, ceiling)
@@ -212,7 +213,8 @@ class Supervisor:
             raise
 
     def _run_once(self) -> tuple[dict[str, Any], bool]:
-        """Run the pipeline's process to its end: how it ended, and whether it streamed."""
+        """Run the pipeline's process to its end: how it ended, and whether it lasted
+        `STABLE_SECONDS`."""
         read_fd, write_fd = os.pipe()
         request = json.dumps({"spec": self.spec.to_json(), "log_format": self.log_format,
                               "quiet": self.quiet}).encode()
@@ -244,7 +246,6 @@ class Supervisor:
         except OSError:
             pass  # it died at once: its exit code says so
         ended: dict[str, Any] | None = None
-        streamed = False
         buffer = b""
         kill_at: float | None = None
         try:
@@ -263,8 +264,6 @@ class Supervisor:
                         if message.get("t") == "ended":
                             ended = message
                         elif message.get("t") == "stats":
-                            streamed = streamed or message.get("state") in (
-                                "streaming", "snapshotting")
                             self._took(message)
                 elif process.poll() is not None:
                     break  # exited; a process it forked may still hold the pipe
@@ -278,7 +277,7 @@ class Supervisor:
         finally:
             os.close(read_fd)
         code = process.wait()
-        streamed = streamed or time.monotonic() - started >= STREAMED_LONG_ENOUGH
+        stable = time.monotonic() - started >= STABLE_SECONDS
         with self.lock:
             if self.stats is not None:
                 self.totals.add(self.stats)
@@ -289,7 +288,7 @@ class Supervisor:
             ended = {"outcome": "stopped" if self.stopping.is_set() and code in (
                 0, -signal.SIGTERM) else "failed", "transient": True,
                 "error": f"the pipeline's process ended without a word ({how})"}
-        return ended, streamed
+        return ended, stable
 
     def _took(self, stats: dict[str, Any]) -> None:
         with self.lock:
