@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import collections
 import json
+import operator
 import os
 import threading
 import time
@@ -24,12 +25,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from changefeed.change import Change, Operation
 from changefeed.delivery import Output
 from changefeed.feed import Retry
-from changefeed.pipelines.delta import dumps_line
-from changefeed.pipelines.sinks import Batch, Sink, as_sink, jsonable
+from changefeed.pipelines.delta import dumps, dumps_line
+from changefeed.pipelines.sinks import Batch, JsonLinesSink, Sink, as_sink, jsonable
 
+_Fragment = getattr(orjson, "Fragment", None)
+"""Already encoded JSON that orjson writes as it is (None in an orjson without it)."""
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 """Upper bounds (seconds) of the sink latency histogram; +Inf is implied."""
 _OPERATIONS = {op: (op.name or "").lower() for op in Operation}
@@ -38,44 +43,57 @@ SNAPSHOT_RECENT = 2.0
 
 
 class Labeled:
-    """An item on its way to a `MeasuredSink`, with the labels of the change it came from."""
+    """An item on its way to a `MeasuredSink`, with the labels of the change it came from:
+    ``key`` is ``(table, operation, snapshot)``, one shared tuple per combination."""
 
-    __slots__ = ("item", "table", "operation", "snapshot")
+    __slots__ = ("item", "key")
 
-    def __init__(self, item: Any, table: str, operation: str, snapshot: bool) -> None:
+    def __init__(self, item: Any, key: tuple[str, str, bool]) -> None:
         self.item = item
-        self.table = table
-        self.operation = operation
-        self.snapshot = snapshot
+        self.key = key
 
-    def __getstate__(self) -> tuple[Any, str, str, bool]:
-        return (self.item, self.table, self.operation, self.snapshot)
+    def __getstate__(self) -> tuple[Any, tuple[str, str, bool]]:
+        return (self.item, self.key)
 
-    def __setstate__(self, state: tuple[Any, str, str, bool]) -> None:
-        self.item, self.table, self.operation, self.snapshot = state
+    def __setstate__(self, state: tuple[Any, tuple[str, str, bool]]) -> None:
+        self.item, self.key = state
+
+
+_NO_LABELS = ("", "", False)
+_key_of = operator.attrgetter("key")
 
 
 class labeling:  # noqa: N801  (a stage reads as a function in a stage list)
-    """The last stage of a served pipeline: ``encode`` (the format stage, or None) applied to a
-    change, its result `Labeled` with the change's table and operation. Items that are not
-    changes (a Python stage may make any) pass unformatted, with empty labels.
+    """The last stage of a served pipeline: ``encode`` (the format stage, or None) applied to an
+    item, its result `Labeled` with the table and operation of the change it was (items that
+    are not changes, which a Python stage may make, get empty labels).
 
     It fails exactly where ``encode`` fails, under ``encode``'s name, so a served pipeline
     dead-letters and reports as ``changefeed run`` does."""
 
-    __slots__ = ("encode", "name")
+    __slots__ = ("encode", "name", "keys")
 
     def __init__(self, encode: Callable[[Any], Any] | None) -> None:
         from changefeed.pipelines.stages import stage_name
 
         self.encode = encode
         self.name = stage_name(encode) if encode is not None else "labeling"
+        self.keys: dict[str, list[tuple[str, str, bool] | None]] = {}
+        """Per table, the label keys by ``2 * operation + snapshot``: made once, then looked up
+        without hashing an enum or making a tuple (this runs once per change)."""
 
     def __call__(self, item: Any) -> Labeled:
         made = self.encode(item) if self.encode is not None else item
-        if item.__class__ is Change:
-            return Labeled(made, item.table, _OPERATIONS[item.operation], item.snapshot)
-        return Labeled(made, "", "", False)
+        if item.__class__ is not Change:
+            return Labeled(made, _NO_LABELS)
+        keys = self.keys.get(item.table)
+        if keys is None:
+            keys = self.keys[item.table] = [None] * (2 * max(Operation).value + 2)
+        index = 2 * item.operation._value_ + item.snapshot
+        key = keys[index]
+        if key is None:
+            key = keys[index] = (item.table, _OPERATIONS[item.operation], item.snapshot)
+        return Labeled(made, key)
 
 
 class SinkMeter:
@@ -113,13 +131,14 @@ class SinkMeter:
     # -- in the sink's process -----------------------------------------------------------------
 
     def delivered_batch(self, labels: list[Labeled], seconds: float, size: int) -> None:
-        counted = collections.Counter([(item.table, item.operation) for item in labels])
-        snapshot = [item.table for item in labels if item.snapshot]
+        counted = collections.Counter(map(_key_of, labels))
         with self.lock:
-            self.delivered.update(counted)
-            if snapshot:
-                self.snapshot_rows.update(snapshot)
-                self.last_snapshot_at = time.time()
+            delivered, snapshot_rows = self.delivered, self.snapshot_rows
+            for (table, operation, snapshot), count in counted.items():
+                delivered[(table, operation)] += count
+                if snapshot:
+                    snapshot_rows[table] += count
+                    self.last_snapshot_at = time.time()
             self.items += len(labels)
             self.bytes += size
             self.retrying_since = None
@@ -224,7 +243,12 @@ class SinkMeter:
 class MeasuredSink(Sink):
     """The sink of a served pipeline: gives ``inner`` the items without their labels and counts
     what it confirmed in ``meter``. As a dead-letter sink (``dead_letters=True``) it counts the
-    records it wrote."""
+    records it wrote.
+
+    The size of what was delivered is the items' JSON lines. A file sink is given each item
+    already encoded (an ``orjson.Fragment``, which it writes as it is), so the line is made
+    once; other sinks encode in their own way, and the size is measured on a line made for it.
+    """
 
     def __init__(self, inner: Any, meter: SinkMeter, dead_letters: bool = False) -> None:
         self.inner = inner = as_sink(inner)
@@ -235,6 +259,7 @@ class MeasuredSink(Sink):
         retry = getattr(inner, "retry", None)
         if isinstance(retry, Retry) and not dead_letters:
             inner.retry = CountingRetry.around(retry, meter.retried)  # type: ignore[attr-defined]
+        self.encoded = _Fragment is not None and type(inner) is JsonLinesSink
 
     @property
     def local(self) -> bool:
@@ -246,7 +271,13 @@ class MeasuredSink(Sink):
             self.meter.dead_lettered(len(batch))
             return
         labels: list[Labeled] = batch.items
-        items = [labeled.item for labeled in labels]
+        if self.encoded:  # each line made once, here: the file sink writes it as it is
+            encoded = [dumps(labeled.item.to_dict() if labeled.item.__class__ is Change
+                             else labeled.item) for labeled in labels]
+            size = sum(map(len, encoded)) + len(encoded)  # and a newline each
+            items: list[Any] = [_Fragment(one) for one in encoded]
+        else:
+            items = [labeled.item for labeled in labels]
         started = time.monotonic()
         try:
             self.inner.write_batch(Batch(items, batch.positions))
@@ -254,7 +285,8 @@ class MeasuredSink(Sink):
             self.meter.failed_batch(time.monotonic() - started)
             raise
         seconds = time.monotonic() - started
-        size = sum(len(dumps_line(jsonable(item))) for item in items)
+        if not self.encoded:
+            size = sum(len(dumps_line(jsonable(item))) for item in items)
         self.meter.delivered_batch(labels, seconds, size)
 
     def interrupt(self) -> None:
