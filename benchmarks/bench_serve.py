@@ -1,8 +1,8 @@
 """``changefeed serve``: each pipeline in a process of its own, or in a thread of the server?
 
 Workload: ``--changes`` row changes (as in bench_postgres.py) read by ``--pipelines`` pipelines at
-once, each from its own slot created before the workload, each writing JSON deltas to
-/dev/null through the served pipeline's meters, until it has read every change. The same
+once, each from its own slot (a copy of one made before the workload), each writing JSON deltas
+to /dev/null through the served pipeline's meters, until it has read every change. The same
 worker code (`changefeed.serve.pipelines.worker.PipelineRun`) runs either
 
 * **process**: one ``python -m changefeed.serve.pipelines.worker`` process per pipeline, as the
@@ -46,6 +46,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_postgres import TABLE, make_workload  # noqa: E402
 
 from changefeed.embedded import TemporaryPostgres  # noqa: E402
+
+
+def fresh_slots(dsn: str, count: int) -> list[str]:
+    """``count`` copies of the slot made before the workload: each reads it all."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        names = [f"copy_{time.monotonic_ns()}_{number}" for number in range(count)]
+        for name in names:
+            conn.execute("SELECT pg_copy_logical_replication_slot('template', %s)", [name])
+    return names
+
+
+def drop_slots(dsn: str, names: list[str]) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for name in names:
+            conn.execute("SELECT pg_drop_replication_slot(%s)", [name])
 
 
 def spec(name: str, dsn: str, slot: str, limit: int) -> dict[str, Any]:
@@ -198,12 +213,7 @@ def main() -> None:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(TABLE)
             conn.execute("CREATE PUBLICATION bench FOR TABLE bench")
-            slots = [f"{mode}_{r}_{p}" for r in range(args.rounds) for mode in modes
-                     for p in range(args.pipelines)]
-            slots += [f"meters_{r}" for r in range(args.rounds)]
-            slots += [f"plain_{r}" for r in range(args.rounds)]
-            for slot in slots:
-                conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", [slot])
+            conn.execute("SELECT pg_create_logical_replication_slot('template', 'pgoutput')")
             make_workload(conn, args.changes)
             conn.execute("CHECKPOINT")
         print(f"workload: {args.changes:,} changes, read by {args.pipelines} pipelines at once")
@@ -211,10 +221,11 @@ def main() -> None:
         for number in range(args.rounds):
             order = modes if number % 2 == 0 else tuple(reversed(modes))
             for mode in order:
-                specs = [spec(f"p{p}", dsn, f"{mode}_{number}_{p}", args.changes)
-                         for p in range(args.pipelines)]
+                slots = fresh_slots(dsn, args.pipelines)
+                specs = [spec(f"p{p}", dsn, slot, args.changes) for p, slot in enumerate(slots)]
                 run = in_processes if mode == "process" else in_threads
                 result = run(specs)
+                drop_slots(dsn, slots)
                 results[mode].append(result)
                 total = args.changes * args.pipelines
                 print(f"round {number + 1}: {mode:8} {result['wall']:6.2f} s"
@@ -233,9 +244,11 @@ def main() -> None:
         print(f"ratio of wall times thread / process: {ratio:.2f}")
 
         metered, plain = [], []
-        for number in range(args.rounds):
-            metered.append(in_processes([spec("m", dsn, f"meters_{number}", args.changes)])["cpu"])
-            plain.append(unmetered(dsn, f"plain_{number}", args.changes))
+        for _ in range(args.rounds):
+            slots = fresh_slots(dsn, 2)
+            metered.append(in_processes([spec("m", dsn, slots[0], args.changes)])["cpu"])
+            plain.append(unmetered(dsn, slots[1], args.changes))
+            drop_slots(dsn, slots)
         per_change = 1e6 / args.changes
         print(f"\none pipeline, CPU per change: served (meters) "
               f"{statistics.median(metered) * per_change:.1f} us, changefeed run "
