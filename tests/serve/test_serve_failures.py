@@ -85,6 +85,20 @@ sink = "{tmp_path}/buggy.jsonl"
         assert serve.metric("changefeed_changes_delivered_total", pipeline="to-webhook") == 13
         assert serve.pipelines()["buggy"]["restarts"] == 0  # failed for good: not restarted
         assert [r["data"]["id"] for r in jsonl(tmp_path / "buggy.jsonl")] == list(range(1, 13))
+
+        # SIGHUP starts a failed pipeline again (its cause may have been fixed elsewhere); this
+        # stage still raises on row 13, so it fails again, having repeated only the rows of
+        # that transaction before 13 (without a checkpoint a transaction comes again whole).
+        failed_pid, file_pid = buggy.get("pid"), serve.pipelines()["to-file"]["pid"]
+        serve.send(signal.SIGHUP)
+        serve.wait_until(lambda: "restarting buggy" in serve.log, "the reload")
+        serve.wait_until(lambda: serve.state("buggy") == "failed"
+                         and serve.pipelines()["buggy"].get("since") != buggy["since"],
+                         "the restarted pipeline to fail again")
+        assert serve.log.count("stage explode_on_13 failed") >= 2
+        assert serve.pipelines()["to-file"]["pid"] == file_pid and failed_pid is None
+        assert [r["data"]["id"] for r in jsonl(tmp_path / "buggy.jsonl")] == [*range(1, 13),
+                                                                             11, 12]
         assert serve.stop() == 0
 
 

@@ -3,9 +3,9 @@
 `PipelinesService` is the `changefeed.serve.Service` that runs them: each pipeline in a process
 of its own under a `supervisor.Supervisor` (restarts with backoff, a permanent failure marks
 only that pipeline ``failed``); SIGHUP re-reads the file (`reload`): pipelines added start,
-removed ones stop cleanly, changed ones restart, the others keep streaming; SIGTERM stops them
-all cleanly. ``/metrics`` shows `metrics.METRICS` per pipeline, ``/healthz`` and ``/readyz``
-each pipeline's state (`metrics.details`).
+removed ones stop cleanly, changed (and failed) ones restart, the others keep streaming;
+SIGTERM stops them all cleanly. ``/metrics`` shows `metrics.METRICS` per pipeline, ``/healthz``
+and ``/readyz`` each pipeline's state (`metrics.details`).
 
 The parts: `service` (the `PipelinesService`), `config` (the file, checked before anything
 connects), `worker` (a pipeline's process), `meters` (what it measures), `supervisor`,

@@ -61,8 +61,10 @@ class PipelinesService(Service):
         old = self.config.pipelines
         added = [name for name in new.pipelines if name not in old]
         removed = [name for name in old if name not in new.pipelines]
-        changed = [name for name in new.pipelines if name in old
-                   and new.pipelines[name].fingerprint != old[name].fingerprint]
+        # A failed pipeline starts again too: its cause may have been fixed outside the file.
+        changed = [name for name in new.pipelines if name in old and (
+            new.pipelines[name].fingerprint != old[name].fingerprint
+            or self._failed(name))]
         await asyncio.to_thread(check_tables, new, added + changed)
         if not (added or removed or changed):
             log.info("reloaded %s: nothing changed", path)
@@ -83,6 +85,10 @@ class PipelinesService(Service):
                 supervisor.start()
             ordered[name] = supervisor
         self.supervisors = ordered
+
+    def _failed(self, name: str) -> bool:
+        supervisor = self.supervisors.get(name)
+        return supervisor is not None and supervisor.snapshot().state == "failed"
 
     def _snapshots(self) -> list[Any]:
         return [supervisor.snapshot() for supervisor in list(self.supervisors.values())]
