@@ -16,6 +16,7 @@ scrape would wait), p50 and p99. Then the meters' own cost: one pipeline through
 against ``changefeed run`` with the same sink and no meters (CPU per change).
 
     .venv/bin/python benchmarks/bench_serve.py [--changes 100000] [--pipelines 3] [--rounds 3]
+        [--format delta|change|debezium]
 
 CPU time on a shared machine varies by more than the meters cost, so ``--meter-cost plain`` and
 ``--meter-cost metered`` run N in-memory changes through the same pipeline without and with the
@@ -63,11 +64,11 @@ def drop_slots(dsn: str, names: list[str]) -> None:
             conn.execute("SELECT pg_drop_replication_slot(%s)", [name])
 
 
-def spec(name: str, dsn: str, slot: str, limit: int) -> dict[str, Any]:
+def spec(name: str, dsn: str, slot: str, limit: int, fmt: str = "delta") -> dict[str, Any]:
     """A served pipeline's spec (as `PipelineSpec.to_json` writes it)."""
     return {"name": name, "source": {"kind": "database"}, "secrets": [], "options": {
         "tables": ["bench"], "url": dsn, "ops": ["insert", "delete", "update"], "prefeed": None,
-        "fmt": "delta", "model": None, "exclude": [], "chunk_size": None, "slot": slot,
+        "fmt": fmt, "model": None, "exclude": [], "chunk_size": None, "slot": slot,
         "publication": "bench", "checkpoint": None, "limit": limit, "until_idle": None,
         "where": None, "filter": None, "stages": [], "sink": "/dev/null", "dead_letter": None,
         "processes": False, "messages": [], "quiet": True}}
@@ -197,6 +198,8 @@ def main() -> None:
     parser.add_argument("--changes", type=int, default=100_000)
     parser.add_argument("--pipelines", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--format", default="delta", choices=["delta", "change", "debezium"],
+                        help="what the pipelines write (debezium costs the client most)")
     parser.add_argument("--threads-child", help=argparse.SUPPRESS)
     parser.add_argument("--meter-cost", choices=["plain", "metered"])
     args = parser.parse_args()
@@ -216,13 +219,15 @@ def main() -> None:
             conn.execute("SELECT pg_create_logical_replication_slot('template', 'pgoutput')")
             make_workload(conn, args.changes)
             conn.execute("CHECKPOINT")
-        print(f"workload: {args.changes:,} changes, read by {args.pipelines} pipelines at once")
+        print(f"workload: {args.changes:,} changes, read by {args.pipelines} pipelines at once"
+              f" ({args.format})")
         results: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
         for number in range(args.rounds):
             order = modes if number % 2 == 0 else tuple(reversed(modes))
             for mode in order:
                 slots = fresh_slots(dsn, args.pipelines)
-                specs = [spec(f"p{p}", dsn, slot, args.changes) for p, slot in enumerate(slots)]
+                specs = [spec(f"p{p}", dsn, slot, args.changes, args.format)
+                         for p, slot in enumerate(slots)]
                 run = in_processes if mode == "process" else in_threads
                 result = run(specs)
                 drop_slots(dsn, slots)

@@ -349,3 +349,23 @@ def test_a_missing_file_is_one_line(tmp_path):
     result = run_cli("serve", "--config", str(tmp_path / "nope.toml"), timeout=60)
     assert_exit(result, 2, f"cannot read config file {tmp_path / 'nope.toml'}")
 
+
+
+def test_the_readmes_example_config_loads(tmp_path, monkeypatch):
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    operate = readme[readme.index("## Operate"):]
+    example = operate[operate.index("```toml\n") + 8:]
+    example = example[:example.index("```")].replace("/var/lib/changefeed", str(tmp_path))
+    stages = tmp_path / "myapp"
+    stages.mkdir()
+    (stages / "__init__.py").write_text("")
+    (stages / "changefeed.py").write_text("def enrich(change):\n    return change\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = load_config(write(tmp_path, example), {
+        "DATABASE_URL": PG, "HOOK_TOKEN": "t0ken-for-hooks", "MONGODB_URL": "mongodb://h/app",
+        "SNORKY_KEY": "sn0rky-key"})
+    assert list(config.pipelines) == ["orders", "big-orders-hook", "lines-to-kafka",
+                                      "lines-mirror", "tasks"]
+    assert config.pipelines["lines-mirror"].source["kind"] == "kafka"
+    assert not config.pipelines["tasks"].enabled
+    assert config.pipelines["orders"].supervision.restart_max_delay == 120
