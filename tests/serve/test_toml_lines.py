@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import tomllib
 
-from changefeed.serve.pipelines.toml_lines import key_lines, keys_on_line
+from changefeed.serve.pipelines.toml_lines import key_lines, keys_on_line, tomllib
 
 DOCUMENTS = {
     "the issue's example": '''
