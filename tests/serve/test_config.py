@@ -135,6 +135,28 @@ sink = "{tmp_path}/r.jsonl"
     assert kafka.options["slot"] is None
 
 
+def test_defaults_that_do_not_fit_a_pipelines_source_are_left_out(tmp_path):
+    config = load_config(write(tmp_path, f'''
+[defaults]
+url = "{PG}"
+tables = "orders"
+chunk_size = 10
+group = "shared"
+
+[pipelines.db]
+sink = "{tmp_path}/db.jsonl"
+
+[pipelines.topic]
+url = "kafka://127.0.0.1:9092"
+topics = "public.orders"
+sink = "{tmp_path}/topic.jsonl"
+'''), ENV)
+    db, topic = config.pipelines.values()
+    assert db.options["tables"] == ["orders"] and db.options["chunk_size"] == 10
+    assert topic.options["tables"] == [] and topic.options["chunk_size"] is None
+    assert topic.source["group"] == "shared"
+
+
 def test_variables_with_defaults_and_a_literal_dollar(tmp_path):
     config = load_config(write(tmp_path, f'''
 [pipelines.a]

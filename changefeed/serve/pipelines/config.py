@@ -396,13 +396,21 @@ def _spec(name: str, values: dict[str, Any], origins: dict[str, Path], where: Pa
                               " kafka://...; see changefeed run --help)")
     scheme = url.partition("://")[0].lower() if "://" in url else ""
     kind = READ_BACK_SCHEMES.get(scheme, "database")
-    for key in values:
-        if kind == "database" and any(key in keys for keys in READ_BACK_ONLY.values()):
-            raise _Located(f"applies to kafka:// and redis:// sources only, not to {scheme or 'a'}"
-                           " database URL; name tables instead", origins[key])
-        if kind != "database" and (key in DATABASE_ONLY or (
-                key in sum(READ_BACK_ONLY.values(), ()) and key not in READ_BACK_ONLY[kind])):
-            raise _Located(f"does not apply to a {scheme}:// source", origins[key])
+    for key in list(values):
+        if kind == "database":
+            fits = not any(key in keys for keys in READ_BACK_ONLY.values())
+            problem = ("applies to kafka:// and redis:// sources only, not to a database URL;"
+                       " a database source names tables")
+        else:
+            fits = key not in DATABASE_ONLY and (
+                key not in sum(READ_BACK_ONLY.values(), ()) or key in READ_BACK_ONLY[kind])
+            problem = f"does not apply to a {scheme}:// source"
+        if fits:
+            continue
+        if origins[key][0] == "defaults":  # meant for the pipelines of other sources
+            del values[key]
+            continue
+        raise _Located(problem, origins[key])
     source: dict[str, Any] = {"kind": kind}
     if kind == "database":
         tables = _as_list(values.get("tables"))
