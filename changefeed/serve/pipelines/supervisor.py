@@ -124,6 +124,7 @@ class Supervisor:
         self.process: subprocess.Popen[bytes] | None = None
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
+        self.crashed = False
 
     # -- control (from the server's event loop) --------------------------------------------------
 
@@ -148,9 +149,8 @@ class Supervisor:
 
     @property
     def alive(self) -> bool:
-        """False only if the supervising thread died unexpectedly (a bug)."""
-        return self.thread is None or self.thread.is_alive() or self.state in (
-            "stopped", "finished", "failed", "disabled")
+        """False only if the supervising thread died of an unexpected error (a bug)."""
+        return not self.crashed
 
     def snapshot(self) -> Snapshot:
         with self.lock:
@@ -206,11 +206,11 @@ class Supervisor:
                     self.retry_at = None
             with self.lock:
                 self._set_state("stopped")
-        except Exception:  # a bug: say so; health shows the pipeline as not alive
+        except Exception:  # a bug: say so; health shows the service as not alive
             log.exception("the supervisor failed", extra={"pipeline": self.name})
             with self.lock:
+                self.crashed = True
                 self._set_state("failed", "the supervisor failed (see the log)")
-            raise
 
     def _run_once(self) -> tuple[dict[str, Any], bool]:
         """Run the pipeline's process to its end: how it ended, and whether it lasted
