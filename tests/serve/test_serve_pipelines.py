@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 from clitools import run_cli
+from confluent_kafka.admin import AdminClient, NewTopic
 from prometheus_client.parser import text_string_to_metric_families
 from serving import Serve, jsonl
 
@@ -22,7 +23,8 @@ from changefeed.serve.pipelines.metrics import METRICS
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.redis]
 
-FAST_GROUP = "session.timeout.ms=6000&heartbeat.interval.ms=500&max.poll.interval.ms=6000"
+FAST_GROUP = ("session.timeout.ms=6000&heartbeat.interval.ms=500&max.poll.interval.ms=6000"
+              "&topic.metadata.refresh.interval.ms=1000")
 
 
 @pytest.fixture
@@ -68,6 +70,8 @@ def check_conventions(text: str) -> None:
 def test_three_kinds_of_pipeline_deliver_everything_and_metrics_equal_the_sinks(
         tmp_path: Path, pg_dsn, shop, receiver, kafka_bootstrap, redis_url):
     topic, stream = f"lines_{uuid.uuid4().hex[:8]}", f"lines_{uuid.uuid4().hex[:8]}"
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})  # as an operator would
+    admin.create_topics([NewTopic(topic, num_partitions=2, replication_factor=1)])[topic].result(30)
     config = tmp_path / "changefeed.toml"
     config.write_text(f'''
 [defaults]
