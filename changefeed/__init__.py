@@ -18,9 +18,10 @@ from changefeed.errors import (
     ResumeError,
     TransientBackendError,
 )
-from changefeed.feed import ChangeFeed, FeedStats, Retry
+from changefeed.feed import ChangeFeed, FeedStats
 from changefeed.message import Message
 from changefeed.registry import get_changefeed
+from changefeed.retry import Retry
 
 INSERT = Operation.INSERT
 DELETE = Operation.DELETE

@@ -21,7 +21,6 @@ safely delivered; iterating a feed acknowledges a change when the next one is as
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -39,30 +38,9 @@ from changefeed.errors import (
     TransientBackendError,
     first_line,
 )
+from changefeed.retry import Retry
 
 log = logging.getLogger("changefeed")
-
-
-@dataclass(frozen=True)
-class Retry:
-    """How a feed reconnects after a transient error: exponential backoff with full jitter.
-
-    The n-th consecutive failure waits a random time up to ``min(maximum, initial * 2**n)``.
-    ``attempts`` bounds consecutive failures (None: retry forever).
-    """
-
-    initial: float = 0.5
-    maximum: float = 30.0
-    attempts: int | None = None
-
-    def exhausted(self, failures: int) -> bool:
-        """Whether ``failures`` consecutive failures are past the bound: give up, do not wait."""
-        return self.attempts is not None and failures > self.attempts
-
-    def delay(self, failures: int) -> float:
-        """Seconds to wait after ``failures`` consecutive failures (1 for the first)."""
-        ceiling = min(self.maximum, self.initial * 2 ** (failures - 1))
-        return random.uniform(ceiling / 2, ceiling)
 
 
 @dataclass
