@@ -29,19 +29,56 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, BinaryIO
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, BinaryIO, Protocol
 
-from changefeed.change import Position
+from changefeed.change import Change, Position
 from changefeed.errors import ChangefeedError, PipelineError
-from changefeed.feed import ChangeFeed
 
 log = logging.getLogger("changefeed")
 
 FLUSH_BYTES = 256 * 1024
 """While busy, `LineOutput` flushes (and confirms what it wrote) per this many bytes."""
 PROGRESS_SECONDS = 5.0
+
+
+@dataclass
+class FeedStats:
+    """Counters a feed keeps while it runs, for progress and lag reports."""
+
+    changes: int = 0
+    reconnects: int = 0
+    last: Change | None = None
+    """The last change streamed (prefeed items excluded)."""
+    acknowledged: Position = None
+    lag_bytes: int | None = None
+    """How far the source's log is ahead of what the feed received, where the backend knows."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def last_position(self) -> Position:
+        return getattr(self.last, "position", None)
+
+    @property
+    def last_committed_at(self) -> datetime | None:
+        return getattr(self.last, "committed_at", None)
+
+
+class Feed(Protocol):
+    """What delivery reads and acknowledges: `changefeed.feed.ChangeFeed` is one."""
+
+    stopping: bool
+    stats: FeedStats
+
+    def read(self) -> Generator[Any, None, None]: ...
+
+    def ack(self, position: Position) -> None: ...
+
+    def keep_alive(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class StopTimeout(Exception):
@@ -100,7 +137,7 @@ class ThrottledAcks:
 
     __slots__ = ("feed", "interval", "pending", "last")
 
-    def __init__(self, feed: ChangeFeed, interval: float) -> None:
+    def __init__(self, feed: Feed, interval: float) -> None:
         self.feed = feed
         self.interval = interval
         self.pending: Position = None
@@ -125,7 +162,7 @@ class Progress:
     """Every `PROGRESS_SECONDS` while busy: changes so far, rate, and lag behind the source;
     and a last line with the total. Logged at INFO on the ``changefeed`` logger."""
 
-    def __init__(self, feed: ChangeFeed, quiet: bool = False) -> None:
+    def __init__(self, feed: Feed, quiet: bool = False) -> None:
         self.feed = feed
         self.quiet = quiet
         self.started = self.last = time.monotonic()
@@ -158,8 +195,56 @@ class Progress:
         self.last, self.last_count = now, count
 
 
+def bounded(
+    feed: Feed,
+    stream: Generator[Any, None, None],
+    *,
+    limit: int | None = None,
+    timeout: float | None = None,
+    idle_timeout: float | None = None,
+    ticks: bool = False,
+    close: bool = False,
+) -> Generator[Any, None, None]:
+    """The items of ``stream`` (``feed.read()``) until ``limit`` of them were read, ``timeout``
+    seconds passed, no change came for ``idle_timeout`` seconds, or ``feed.stop()`` was called.
+
+    This is where the ends of every read of a feed are enforced, each time after an item was
+    handled and before the next is read. ``ticks`` also yields the stream's None ticks.
+    ``close`` closes the stream at the end; `deliver` closes it itself, after acknowledging.
+    """
+    monotonic = time.monotonic
+    deadline = monotonic() + timeout if timeout is not None else None
+    read = read_at_last_tick = 0
+    idle_since = monotonic()
+    try:
+        if limit is not None and limit <= 0:
+            return
+        # The hot loop: one iteration per change.
+        for item in stream:
+            if item is not None:
+                yield item
+                read += 1
+                if read == limit or feed.stopping:
+                    return
+                if deadline is not None and monotonic() >= deadline:
+                    return
+                continue
+            if ticks:
+                yield None
+            now = monotonic()
+            if read != read_at_last_tick:
+                read_at_last_tick, idle_since = read, now
+            if feed.stopping or (deadline is not None and now >= deadline) or (
+                idle_timeout is not None and now - idle_since >= idle_timeout
+            ):
+                return
+    finally:
+        if close:
+            stream.close()
+
+
 def deliver(
-    feed: ChangeFeed,
+    feed: Feed,
     output: Output,
     *,
     limit: int | None = None,
@@ -170,7 +255,8 @@ def deliver(
 ) -> Delivered:
     """Take ``feed``'s changes to ``output`` until ``limit`` changes were read, no change came
     for ``idle_timeout`` seconds, ``timeout`` seconds passed, the feed ended or `stop()` was
-    called; acknowledge what ``output`` confirmed. See the module's notes for the guarantees.
+    called (see `bounded`); acknowledge what ``output`` confirmed. See the module's notes for
+    the guarantees.
 
     Raises what the feed or the output raised, after acknowledging what was confirmed.
     """
@@ -187,38 +273,23 @@ def deliver(
     output.confirm = confirm
     output.handled = 0
     output.open()
-    monotonic = time.monotonic
-    deadline = monotonic() + timeout if timeout is not None else None
     put = output.put
-    read = 0
-    quiet_since = monotonic()
-    read_at_last_tick = 0
     clean = False
-    changes = feed.changes(ticks=True)
+    stream = feed.read()
+    items = bounded(feed, stream, limit=limit, timeout=timeout, idle_timeout=idle_timeout,
+                    ticks=True)
     try:
         try:
             try:
                 # The hot loop: one iteration per change.
-                for change in changes:
-                    if change is not None:
-                        put(change)
-                        read += 1
-                        if read == limit or feed.stopping:
-                            break
-                        if deadline is not None and monotonic() >= deadline:
-                            break
+                for item in items:
+                    if item is not None:
+                        put(item)
                         continue
                     output.quiet()
                     delivered(None)  # an acknowledgement held back by the interval goes now
-                    now = monotonic()
-                    if read != read_at_last_tick:
-                        read_at_last_tick, quiet_since = read, now
                     if progress is not None:
                         progress.maybe_report(output.handled)
-                    if feed.stopping or (deadline is not None and now >= deadline) or (
-                        idle_timeout is not None and now - quiet_since >= idle_timeout
-                    ):
-                        break
             except PipelineError:
                 raise
             except ChangefeedError:
@@ -240,7 +311,8 @@ def deliver(
     finally:
         if not result.reader_gone:
             acks.delivered(None, final=True)  # before the stream closes: with its last status
-        changes.close()
+        items.close()
+        stream.close()
         output.close(clean)
         feed.close()  # an acknowledgement made after the stream ended reaches the server here
         result.count = output.handled
@@ -316,11 +388,14 @@ def silence_stdout() -> None:
 __all__ = [
     "FLUSH_BYTES",
     "Delivered",
+    "Feed",
+    "FeedStats",
     "LineOutput",
     "Output",
     "Progress",
     "StopTimeout",
     "ThrottledAcks",
+    "bounded",
     "buffered_stdout",
     "deliver",
     "silence_stdout",

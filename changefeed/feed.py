@@ -1,9 +1,9 @@
 """The `ChangeFeed` node: prefeed, then stream, with the retry and resume policy of all backends.
 
-A feed first replays its prefeed, then streams the backend's changes forever. Everything that
-reads a feed goes through `ChangeFeed.changes()`: iterating in-process (``for change in feed``),
-the CLI, and `run_forever()` when the feed runs as a multipipes process. So the retry and resume
-logic exists once:
+A feed first replays its prefeed, then streams the backend's changes forever. Every reader of a
+feed (``for change in feed``, `changes()`, `run_forever()`, the CLI, a pipeline) reads
+`ChangeFeed.read()` through `changefeed.delivery`, which enforces the ends of a run. So the
+retry and resume logic exists once:
 
 * the backend's `run_changefeed()` yields changes after the last acknowledged position (and None
   as an idle tick at least once a second, so timeouts and stop requests are noticed);
@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
-from datetime import datetime
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any
 
 from multipipes import Node
 
 from changefeed.change import ALL, Change, Operation, Position
 from changefeed.checkpoint import CheckpointStore, MemoryCheckpoint
+from changefeed.delivery import FeedStats, bounded
 from changefeed.errors import (
     ChangefeedError,
     ConfigurationError,
@@ -42,27 +41,8 @@ from changefeed.retry import Retry
 
 log = logging.getLogger("changefeed")
 
-
-@dataclass
-class FeedStats:
-    """Counters a feed keeps while it runs, for progress and lag reports."""
-
-    changes: int = 0
-    reconnects: int = 0
-    last: Change | None = None
-    """The last change streamed (prefeed items excluded)."""
-    acknowledged: Position = None
-    lag_bytes: int | None = None
-    """How far the source's log is ahead of what the feed received, where the backend knows."""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def last_position(self) -> Position:
-        return getattr(self.last, "position", None)
-
-    @property
-    def last_committed_at(self) -> datetime | None:
-        return getattr(self.last, "committed_at", None)
+RECONNECT_TICK = 0.1
+"""While it waits to reconnect, a feed ticks this often (its reader may end the wait)."""
 
 
 class ChangeFeed(Node):
@@ -218,8 +198,71 @@ class ChangeFeed(Node):
         self.on_acknowledge(position)
 
     def stop(self) -> None:
-        """Ask a running `changes()` loop to end at its next tick (safe from a signal handler)."""
+        """Ask a running read of the feed (`changes()`, `deliver()`) to end after the change at
+        hand, or at the next tick (safe from a signal handler)."""
         self.stopping = True
+
+    def read(self) -> Generator[Any, None, None]:
+        """Yield the prefeed, then the stream's changes, and None as a tick whenever nothing
+        more is at hand (the stream is idle, or the feed waits to reconnect); reconnect on
+        transient errors.
+
+        It ends only when the stream does: limits, deadlines, idle timeouts and stop requests
+        are its reader's to enforce, and every reader goes through
+        `changefeed.delivery.bounded`, which does (`changes()`, `deliver()`). Nothing is
+        acknowledged here.
+        """
+        self.stopping = False
+        stats = self.stats
+        try:
+            if not isinstance(self.prefeed, str):
+                yield from self.prefeed
+            failures = 0
+            while True:
+                streamed = stats.changes
+                stream = self.run_changefeed()
+                try:
+                    # The hot loop: keep it lean, it runs once per change.
+                    for change in stream:
+                        if change is not None:
+                            stats.changes += 1
+                            stats.last = change
+                            yield change
+                        else:
+                            self.connected_once = True  # a tick: the backend is streaming
+                            yield None
+                    return
+                except Exception as exc:
+                    if stats.changes > streamed:  # it streamed: it was connected, and this
+                        self.connected_once = True  # failure is the first of a new series
+                        failures = 0
+                    if not (self.connected_once and self.is_transient(exc)):
+                        error = _permanent(exc)
+                        if error is exc:
+                            raise
+                        raise error from exc
+                    failures += 1
+                    delay = self._reconnect_delay(exc, failures)
+                finally:
+                    close_stream = getattr(stream, "close", None)
+                    if close_stream is not None:  # a generator: run its clean-up now
+                        close_stream()
+                    self.close()
+                yield from _ticking_sleep(delay)
+        finally:
+            self.close()
+
+    def _reconnect_delay(self, exc: BaseException, failures: int) -> float:
+        """Seconds to wait before reconnecting after ``exc``, the ``failures``-th failure in a
+        row; past the retry's bound the error that ends the feed."""
+        if self.retry.exhausted(failures):
+            raise PermanentBackendError(
+                f"gave up after {failures - 1} reconnect attempts; last error: {exc}"
+            ) from exc
+        delay = self.retry.delay(failures)
+        log.warning("connection lost (%s); reconnecting in %.1f s", first_line(exc), delay)
+        self.stats.reconnects += 1
+        return delay
 
     def changes(
         self,
@@ -228,8 +271,9 @@ class ChangeFeed(Node):
         idle_timeout: float | None = None,
         stop_after: int | None = None,
         ticks: bool = False,
-    ) -> Iterator[Any]:
-        """Yield the prefeed, then the stream, reconnecting on transient errors.
+    ) -> Generator[Any, None, None]:
+        """Yield the prefeed, then the stream, reconnecting on transient errors, until a bound
+        (all optional: by default forever) or a `stop()`; see `changefeed.delivery.bounded`.
 
         Args:
             timeout: stop after this many seconds in all.
@@ -240,94 +284,14 @@ class ChangeFeed(Node):
 
         Nothing is acknowledged here: call `ack()` once a change is delivered.
         """
-        self.stopping = False
-        deadline = time.monotonic() + timeout if timeout is not None else None
-        emitted = 0
-        stats = self.stats
-        monotonic = time.monotonic
-        try:
-            if not isinstance(self.prefeed, str):
-                for item in self.prefeed:
-                    if self.stopping or (stop_after is not None and emitted >= stop_after):
-                        return
-                    emitted += 1
-                    yield item
-            failures = 0
-            while not self.stopping and (stop_after is None or emitted < stop_after):
-                last_seen = monotonic()
-                emitted_before = emitted
-                stream = self.run_changefeed()
-                try:
-                    # The hot loop: keep it lean, it runs once per change.
-                    for change in stream:
-                        if change is not None:
-                            failures = 0
-                            emitted += 1
-                            stats.changes += 1
-                            stats.last = change
-                            yield change
-                            if stop_after is not None and emitted >= stop_after:
-                                return
-                            if deadline is not None or idle_timeout is not None:
-                                last_seen = monotonic()
-                                if deadline is not None and last_seen >= deadline:
-                                    return
-                        else:
-                            self.connected_once = True  # a tick: the backend is streaming
-                            now = monotonic()
-                            if deadline is not None and now >= deadline:
-                                return
-                            if idle_timeout is not None and now - last_seen >= idle_timeout:
-                                return
-                            if ticks:
-                                yield None
-                        if self.stopping:
-                            return
-                    return
-                except Exception as exc:
-                    if emitted > emitted_before:  # the backend streamed: it was connected
-                        self.connected_once = True
-                    if not (self.connected_once and self.is_transient(exc)):
-                        error = _permanent(exc)
-                        if error is exc:
-                            raise
-                        raise error from exc
-                    failures += 1
-                    self._wait_before_retry(exc, failures, deadline)
-                finally:
-                    close_stream = getattr(stream, "close", None)
-                    if close_stream is not None:  # a generator: run its clean-up now
-                        close_stream()
-                    self.close()
-                if deadline is not None and monotonic() >= deadline:
-                    return
-        finally:
-            self.close()
-
-    def _wait_before_retry(
-        self, exc: BaseException, failures: int, deadline: float | None
-    ) -> None:
-        if self.retry.exhausted(failures):
-            raise PermanentBackendError(
-                f"gave up after {failures - 1} reconnect attempts; last error: {exc}"
-            ) from exc
-        delay = self.retry.delay(failures)
-        if deadline is not None:
-            delay = max(0.0, min(delay, deadline - time.monotonic()))
-        log.warning("connection lost (%s); reconnecting in %.1f s", first_line(exc), delay)
-        self.stats.reconnects += 1
-        end = time.monotonic() + delay
-        while not self.stopping and time.monotonic() < end:
-            time.sleep(min(0.1, max(0.0, end - time.monotonic())))
+        return bounded(self, self.read(), limit=stop_after, timeout=timeout,
+                       idle_timeout=idle_timeout, ticks=ticks, close=True)
 
     def __iter__(self) -> Iterator[Change]:
         """Iterate forever, acknowledging each change when the next one is asked for."""
-        previous: Change | None = None
         for change in self.changes():
-            if previous is not None:
-                self.ack(previous.position)
-            previous = change
             yield change
+            self.ack(getattr(change, "position", None))  # the consumer is done with it
 
     def run_forever(self) -> None:
         """The multipipes entry point: put every change on ``outqueue``.
@@ -339,6 +303,15 @@ class ChangeFeed(Node):
             self.outqueue.put(change)
             if isinstance(change, Change):
                 self.ack(change.position)
+
+
+def _ticking_sleep(seconds: float) -> Iterator[None]:
+    """Sleep ``seconds``, yielding None every `RECONNECT_TICK` seconds and at the end, so that
+    the reader can end the wait (a deadline, a stop request)."""
+    end = time.monotonic() + seconds
+    while (remaining := end - time.monotonic()) > 0:
+        time.sleep(min(RECONNECT_TICK, remaining))
+        yield None
 
 
 def _permanent(exc: Exception) -> ChangefeedError:

@@ -1,5 +1,8 @@
 """The core loop: prefeed, operation mask, acknowledgement, reconnect with backoff, resume."""
 
+import threading
+import time
+
 import pytest
 from multipipes import Node, Pipeline
 
@@ -12,6 +15,7 @@ from changefeed import (
     Retry,
     TransientBackendError,
     get_changefeed,
+    pipelines,
 )
 from changefeed.testing import ListSink, MemoryFeed, delete, insert, update
 
@@ -90,6 +94,30 @@ def test_transient_errors_reconnect_and_resume_from_the_acknowledged_position():
 def test_unacknowledged_changes_are_delivered_again_after_a_reconnect():
     feed = FlakyFeed("t", changes=CHANGES, fail_times=1, retry=Retry(initial=0.01))
     assert [c.position for c in feed.changes()] == [1, 1, 2, 3]
+
+
+def read_through_changes(feed, **bounds):
+    return list(feed.changes(**bounds))
+
+
+def read_through_a_pipeline(feed, **bounds):
+    sink = ListSink()
+    pipelines.Pipeline(feed, [], sink=sink).run(**bounds)
+    return sink.items
+
+
+@pytest.mark.parametrize("read", [read_through_changes, read_through_a_pipeline])
+@pytest.mark.parametrize("end", ["timeout", "stop"])
+def test_a_deadline_or_a_stop_ends_the_wait_to_reconnect(read, end):
+    feed = FlakyFeed("t", changes=CHANGES, fail_times=1, fail_at=0,
+                     retry=Retry(initial=60, maximum=60))
+    bounds = {"timeout": 0.5} if end == "timeout" else {}
+    if end == "stop":
+        threading.Timer(0.5, feed.stop).start()
+    started = time.monotonic()
+    assert read(feed, **bounds) == []  # it failed before the first change and waits a minute
+    assert time.monotonic() - started < 10
+    assert feed.stats.reconnects == 1 and feed.connects == 1
 
 
 class FirstConnectionFails(MemoryFeed):
