@@ -42,6 +42,10 @@ log = logging.getLogger("changefeed")
 FLUSH_BYTES = 256 * 1024
 """While busy, `LineOutput` flushes (and confirms what it wrote) per this many bytes."""
 PROGRESS_SECONDS = 5.0
+WAIT_STEP = 0.2
+"""Seconds between calls of ``feed.keep_alive()`` while an output waits for its sink."""
+STOP_GRACE = 3.0
+"""Once a stop is requested, how long a sink still gets to confirm what it was given."""
 
 
 @dataclass
@@ -321,6 +325,33 @@ def deliver(
     return result
 
 
+class SinkWait:
+    """How an output waits for a sink that works elsewhere (a thread, processes): without
+    leaving the source unanswered, and a few seconds at most once a stop is requested.
+
+    Between steps of `WAIT_STEP` seconds it calls ``feed.keep_alive()`` (PostgreSQL's walsender
+    expects answers); once ``feed.stopping``, it gives the sink `STOP_GRACE` seconds, counted
+    from the first wait after the request, then gives up with `StopTimeout`.
+    """
+
+    def __init__(self, feed: Feed) -> None:
+        self.feed = feed
+        self.stop_deadline: float | None = None
+
+    def until(self, done: Callable[[float], bool]) -> None:
+        """Return once ``done(seconds)``, which may block that long for news from the sink,
+        says the wait is over; raise `StopTimeout` once a stop request has waited long enough
+        (what the sink did not confirm is not acknowledged, and comes again on the next run)."""
+        while not done(WAIT_STEP):
+            self.feed.keep_alive()
+            if self.feed.stopping:
+                now = time.monotonic()
+                if self.stop_deadline is None:
+                    self.stop_deadline = now + STOP_GRACE
+                elif now >= self.stop_deadline:
+                    raise StopTimeout
+
+
 class LineOutput(Output):
     """Encoded lines into a binary file (stdout): the zero-stage fast path of ``changefeed run``.
 
@@ -393,6 +424,8 @@ __all__ = [
     "LineOutput",
     "Output",
     "Progress",
+    "STOP_GRACE",
+    "SinkWait",
     "StopTimeout",
     "ThrottledAcks",
     "bounded",

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from changefeed.delivery import StopTimeout
+from changefeed.delivery import SinkWait
 from changefeed.pipelines._steps import _Confirmed, _Entry, _SinkStep
 
 log = logging.getLogger("changefeed.pipelines")
@@ -43,10 +43,6 @@ log = logging.getLogger("changefeed.pipelines")
 SLOW_SINK = 1.0
 """A sink that has held a batch this long is slow: at a quiet moment the feed's thread then waits
 for it (answering the source with keep_alive()) instead of reading on."""
-WAIT_STEP = 0.2
-"""Seconds between calls of ``feed.keep_alive()`` while the feed's thread waits on the sink."""
-STOP_GRACE = 3.0
-"""Once a stop is requested, how long the sink still gets to confirm what it was given."""
 CLOSE_WAIT = 10.0
 """How long the end of a run waits for the sink thread to close its sinks."""
 
@@ -61,11 +57,10 @@ class _SinkThread:
         self, sink_step: _SinkStep, feed: Any, confirm: Callable[[_Confirmed | None], None]
     ) -> None:
         self.sink_step = sink_step
-        self.feed = feed
         self.confirm = confirm
         self.in_flight = 0
         self.handed_at = 0.0
-        self.stop_deadline: float | None = None
+        self.waiting = SinkWait(feed)
         self.inline = all(
             sink.local for sink in (sink_step.sink, sink_step.dead_letter)
             if sink is not None
@@ -164,21 +159,15 @@ class _SinkThread:
         self.wait()
 
     def wait(self) -> None:
-        """Wait until the sink confirmed everything handed over, answering the source meanwhile.
+        """Wait until the sink confirmed everything handed over, answering the source meanwhile
+        (`SinkWait`: raises `StopTimeout` once a stop request has waited long enough)."""
 
-        Raises `StopTimeout` when a stop request has waited `STOP_GRACE` seconds.
-        """
-        while self.in_flight:
-            self.poll(WAIT_STEP)
-            if not self.in_flight:
-                return
-            self.feed.keep_alive()
-            if self.feed.stopping:
-                now = time.monotonic()
-                if self.stop_deadline is None:
-                    self.stop_deadline = now + STOP_GRACE
-                elif now >= self.stop_deadline:
-                    raise StopTimeout
+        def confirmed(seconds: float) -> bool:
+            if self.in_flight:
+                self.poll(seconds)
+            return not self.in_flight
+
+        self.waiting.until(confirmed)
 
     def close(self, wait: bool) -> None:
         """End the sink thread: at once (after a failure or a stop), or once it closed the
