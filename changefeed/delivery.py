@@ -24,6 +24,7 @@ their own. The loop owns what they all promise:
 
 from __future__ import annotations
 
+import collections
 import io
 import logging
 import os
@@ -400,6 +401,49 @@ class LineOutput(Output):
         """The file stays open: it belongs to the caller."""
 
 
+class QueueOutput(Output):
+    """Changes onto a multiprocessing queue (a multipipes node's ``outqueue``), each confirmed
+    once the consumer has taken it off the queue.
+
+    ``queue.qsize()`` says how many of the changes put are still waiting, so every change
+    before those was taken. On macOS, where a multiprocessing queue cannot tell its size
+    (``NotImplementedError``), a change counts as delivered once it is on the queue.
+    """
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+        self.waiting: collections.deque[Position] = collections.deque()
+        """The positions of the changes on the queue, oldest first, not yet known taken."""
+
+    def put(self, change: Any) -> None:
+        self.queue.put(change)
+        self.waiting.append(getattr(change, "position", None))
+        self._confirm_taken()
+
+    def quiet(self) -> None:
+        self._confirm_taken()
+
+    def finish(self) -> None:
+        """Confirm what was taken; what waits on the queue is not acknowledged (it comes
+        again on the next run)."""
+        self._confirm_taken()
+
+    def _confirm_taken(self) -> None:
+        try:
+            on_queue = self.queue.qsize()
+        except NotImplementedError:  # macOS
+            on_queue = 0
+        taken = len(self.waiting) - on_queue
+        if taken <= 0:
+            return
+        last: Position = None
+        for _ in range(taken):
+            position = self.waiting.popleft()
+            if position is not None:
+                last = position
+        self.confirm(last, taken)
+
+
 def buffered_stdout() -> BinaryIO:
     """Binary stdout with a buffer, also under ``PYTHONUNBUFFERED`` / ``python -u`` (which make
     ``sys.stdout.buffer`` a raw file: one system call per line)."""
@@ -424,6 +468,7 @@ __all__ = [
     "LineOutput",
     "Output",
     "Progress",
+    "QueueOutput",
     "STOP_GRACE",
     "SinkWait",
     "StopTimeout",

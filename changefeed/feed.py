@@ -29,7 +29,7 @@ from multipipes import Node
 
 from changefeed.change import ALL, Change, Operation, Position
 from changefeed.checkpoint import CheckpointStore, MemoryCheckpoint
-from changefeed.delivery import FeedStats, bounded
+from changefeed.delivery import FeedStats, QueueOutput, bounded, deliver
 from changefeed.errors import (
     ChangefeedError,
     ConfigurationError,
@@ -294,15 +294,13 @@ class ChangeFeed(Node):
             self.ack(getattr(change, "position", None))  # the consumer is done with it
 
     def run_forever(self) -> None:
-        """The multipipes entry point: put every change on ``outqueue``.
+        """The multipipes entry point: put every change on ``outqueue``, and acknowledge each
+        once the next node has taken it off the queue (`changefeed.delivery.QueueOutput`).
 
-        A change counts as delivered once it is on the queue; pipelines that need
-        acknowledgement after the sink use `changefeed.pipelines` instead.
+        That node may still lose a change it took (it dies while handling it); pipelines that
+        need acknowledgement after the sink use `changefeed.pipelines` instead.
         """
-        for change in self.changes():
-            self.outqueue.put(change)
-            if isinstance(change, Change):
-                self.ack(change.position)
+        deliver(self, QueueOutput(self.outqueue))
 
 
 def _ticking_sleep(seconds: float) -> Iterator[None]:

@@ -4,11 +4,12 @@ import threading
 import time
 
 import pytest
-from multipipes import Node, Pipeline
+from multipipes import Node, Pipe, Pipeline
 
 from changefeed import (
     ChangeFeed,
     ConfigurationError,
+    FileCheckpoint,
     MemoryCheckpoint,
     Operation,
     PermanentBackendError,
@@ -218,6 +219,53 @@ def test_bigchaindb_style_pipeline_runs_the_feed_in_its_own_process():
     finally:
         pipeline.terminate()
     assert got == ["INSERT", "UPDATE"]
+
+
+def test_run_forever_acknowledges_nothing_the_next_node_did_not_take():
+    queue = Pipe()
+    feed = MemoryFeed("t", changes=CHANGES)
+    feed.outqueue = queue
+    feed.run_forever()  # in this process: the feed ends, nobody has taken anything
+    assert feed.checkpoint.load("t") is None
+    assert [queue.get(timeout=5).position for _ in CHANGES] == [1, 2, 3]
+
+
+def checkpoint_reaches(path, position) -> bool:
+    """Whether the feed's process saved ``position`` within ten seconds."""
+    deadline = time.monotonic() + 10
+    while FileCheckpoint(path).load("t") != position:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_run_forever_acknowledges_what_the_next_node_took_off_the_queue(tmp_path):
+    import multiprocessing as mp
+
+    path = tmp_path / "checkpoint.json"
+    feed = MemoryFeed("t", changes=[insert("t", {"id": n}) for n in range(1, 6)], endless=True,
+                      checkpoint=FileCheckpoint(path))
+    taken, gate = mp.Queue(), mp.Event()
+
+    def hold(change):
+        taken.put(change.position)
+        if change.position == 2:
+            gate.wait(30)  # the node holds the second change; 3..5 wait on the queue
+
+    pipeline = Pipeline([Node(hold)])
+    pipeline.setup(indata=feed)
+    pipeline.start()  # the feed and the node in processes of their own
+    try:
+        assert [taken.get(timeout=10) for _ in range(2)] == [1, 2]
+        assert checkpoint_reaches(path, 2)
+        time.sleep(1.0)  # the feed ticks five times meanwhile: 3..5 stay unacknowledged
+        assert FileCheckpoint(path).load("t") == 2
+        gate.set()
+        assert [taken.get(timeout=10) for _ in range(3)] == [3, 4, 5]
+        assert checkpoint_reaches(path, 5)
+    finally:
+        pipeline.terminate()
 
 
 @pytest.mark.parametrize(
