@@ -57,7 +57,6 @@ class FeedStats:
     reconnects: int = 0
     last: Change | None = None
     """The last change streamed (prefeed items excluded)."""
-    acknowledged: Position = None
     lag_bytes: int | None = None
     """How far the source's log is ahead of what the feed received, where the backend knows."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -109,7 +108,7 @@ class Output:
         """Take the next change (or prefeed item, message, snapshot marker)."""
         raise NotImplementedError
 
-    def quiet(self) -> None:
+    def idle(self) -> None:
         """The source has nothing more at hand right now: deliver what waits, if sensible."""
 
     def finish(self) -> None:
@@ -291,7 +290,7 @@ def deliver(
                     if item is not None:
                         put(item)
                         continue
-                    output.quiet()
+                    output.idle()
                     delivered(None)  # an acknowledgement held back by the interval goes now
                     if progress is not None:
                         progress.maybe_report(output.handled)
@@ -359,7 +358,7 @@ class LineOutput(Output):
     Each line goes straight into the file's own buffer and is freed at once (keeping a few
     thousand encoded lines alive until a flush made every encoding four times slower: glibc
     returning freed memory to the system and asking for it again). The buffer is flushed when
-    the source goes quiet and per `FLUSH_BYTES`; a flush confirms the lines written before it.
+    the source goes idle and per `FLUSH_BYTES`; a flush confirms the lines written before it.
     """
 
     def __init__(
@@ -395,7 +394,7 @@ class LineOutput(Output):
                 confirm(last.position, count)
 
         self.put = put  # type: ignore[method-assign]
-        self.quiet = self.finish = flush  # type: ignore[method-assign]
+        self.idle = self.finish = flush  # type: ignore[method-assign]
 
     def close(self, clean: bool) -> None:
         """The file stays open: it belongs to the caller."""
@@ -420,7 +419,7 @@ class QueueOutput(Output):
         self.waiting.append(getattr(change, "position", None))
         self._confirm_taken()
 
-    def quiet(self) -> None:
+    def idle(self) -> None:
         self._confirm_taken()
 
     def finish(self) -> None:

@@ -106,8 +106,7 @@ class ChangeFeed(Node):
         self.retry = retry if retry is not None else Retry()
         self.feed_id = name or table
         self.stats = FeedStats()
-        self.acknowledged: Position = self.checkpoint.load(self.feed_id)
-        self.stats.acknowledged = self.acknowledged
+        self._acknowledged_position: Position = self.checkpoint.load(self.feed_id)
         self.connected_once = False
         """Whether the backend ever reached its server (see `mark_connected`)."""
         self.stopping = False
@@ -115,10 +114,11 @@ class ChangeFeed(Node):
         it): a consumer waiting on its sink reads this to give up waiting."""
 
     @property
-    def position(self) -> Position:
-        """The resume state: the last acknowledged position (loaded from the checkpoint store
-        at start). A feed resumes after it; None means from the start (or the server's slot)."""
-        return self.acknowledged
+    def acknowledged(self) -> Position:
+        """The last acknowledged position: loaded from the checkpoint store at start, moved by
+        `ack()` alone. A feed resumes after it; None means from the start (or the server's
+        slot)."""
+        return self._acknowledged_position
 
     # -- what a backend implements -------------------------------------------------------------
 
@@ -192,8 +192,7 @@ class ChangeFeed(Node):
         """
         if position is None:
             return
-        self.acknowledged = position
-        self.stats.acknowledged = position
+        self._acknowledged_position = position
         self.checkpoint.save(self.feed_id, position)
         self.on_acknowledge(position)
 
@@ -269,7 +268,7 @@ class ChangeFeed(Node):
         *,
         timeout: float | None = None,
         idle_timeout: float | None = None,
-        stop_after: int | None = None,
+        limit: int | None = None,
         ticks: bool = False,
     ) -> Generator[Any, None, None]:
         """Yield the prefeed, then the stream, reconnecting on transient errors, until a bound
@@ -278,13 +277,13 @@ class ChangeFeed(Node):
         Args:
             timeout: stop after this many seconds in all.
             idle_timeout: stop once no change arrived for this many seconds.
-            stop_after: stop after this many changes (prefeed included).
+            limit: stop after this many changes (prefeed included).
             ticks: also yield None whenever the backend has nothing more at hand right now,
-                so a consumer can flush buffered output exactly when the stream goes quiet.
+                so a consumer can flush buffered output exactly when the stream goes idle.
 
         Nothing is acknowledged here: call `ack()` once a change is delivered.
         """
-        return bounded(self, self.read(), limit=stop_after, timeout=timeout,
+        return bounded(self, self.read(), limit=limit, timeout=timeout,
                        idle_timeout=idle_timeout, ticks=ticks, close=True)
 
     def __iter__(self) -> Iterator[Change]:

@@ -173,7 +173,7 @@ class MultiProcessOutput(Output):
             # decoding a change, so poll per chunk (and on idle ticks).
             self._drain()
 
-    def quiet(self) -> None:
+    def idle(self) -> None:
         if self.chunk:
             self._send(flush=True)
         # Caught up with the source. If the workers are slow, wait for them here, where
@@ -213,7 +213,7 @@ class MultiProcessOutput(Output):
 
         self._receive(0.0)
         if settled():
-            # Notice a dead worker within a second, also while the feed is quiet.
+            # Notice a dead worker within a second, also while the feed is idle.
             if time.monotonic() - self.last_alive_check >= 1.0:
                 self._check_alive()
             return

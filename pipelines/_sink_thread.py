@@ -41,7 +41,7 @@ from changefeed.pipelines._steps import _Confirmed, _Entry, _SinkStep
 log = logging.getLogger("changefeed.pipelines")
 
 SLOW_SINK = 1.0
-"""A sink that has held a batch this long is slow: at a quiet moment the feed's thread then waits
+"""A sink that has held a batch this long is slow: at an idle moment the feed's thread then waits
 for it (answering the source with keep_alive()) instead of reading on."""
 CLOSE_WAIT = 10.0
 """How long the end of a run waits for the sink thread to close its sinks."""
@@ -138,12 +138,12 @@ class _SinkThread:
         if not self.in_flight:
             self.hand_over(sink_step.take())
 
-    def quiet(self, sink_step: _SinkStep) -> None:
+    def idle(self, sink_step: _SinkStep) -> None:
         """The source has nothing more at hand: hand the waiting batch over if the sink is free.
 
         If the sink is slow (busy for `SLOW_SINK` seconds), wait for it here, answering the
         source with keep_alive(); a sink busy for less gets no wait: the feed reads on, and the
-        batch goes at the next quiet moment or once due (this keeps thread hand-overs rare
+        batch goes at the next idle moment or once due (this keeps thread hand-overs rare
         while changes stream fast).
         """
         self.poll()

@@ -20,7 +20,7 @@ entry empty; the entry still travels to the sink step, which is what makes a dro
 count as handled, in order, without any bookkeeping on the side.
 
 *Acknowledgement.* The sink step groups entries into batches (`batch()`; by default up to 1000
-items, at most 1 second old, and whenever the feed goes quiet), delivers a batch, and only then
+items, at most 1 second old, and whenever the feed goes idle), delivers a batch, and only then
 reports the last position of that batch as confirmed. Entries reach the sink in feed order (one
 sink thread or process, FIFO queues), so a confirmed position implies every earlier one:
 `feed.ack` is never called for a position while an earlier one is unconfirmed.
@@ -151,17 +151,17 @@ class Pipeline:
         self,
         timeout: float | None = None,
         idle_timeout: float | None = None,
-        stop_after: int | None = None,
+        limit: int | None = None,
     ) -> int:
         """Run until the feed ends, ``timeout`` seconds pass, no change arrives for
-        ``idle_timeout`` seconds, or ``stop_after`` changes were read; return how many changes
+        ``idle_timeout`` seconds, or ``limit`` changes were read; return how many changes
         were handled (delivered, dropped or dead-lettered) and acknowledged.
 
         Raises `PipelineError` when a stage or sink fails (without a dead-letter sink) or a worker
         process dies; the feed's own errors after delivering and acknowledging what came before.
         """
         return deliver(
-            self.feed, self.output(), limit=stop_after, idle_timeout=idle_timeout,
+            self.feed, self.output(), limit=limit, idle_timeout=idle_timeout,
             timeout=timeout, ack_interval=self.ack_interval,
         ).count
 
@@ -196,8 +196,8 @@ class _InProcessOutput(Output):
         if sink_step.due(time.monotonic()):
             self.sink_thread.offer(sink_step, self.cap)
 
-    def quiet(self) -> None:
-        self.sink_thread.quiet(self.sink_step)
+    def idle(self) -> None:
+        self.sink_thread.idle(self.sink_step)
 
     def finish(self) -> None:
         self.sink_thread.finish(self.sink_step.take())

@@ -45,9 +45,9 @@ def test_prefeed_is_replayed_before_the_stream():
     assert list(feed.changes())[:2] == ["a", "b"]
 
 
-def test_stop_after_and_timeout_end_an_endless_feed():
+def test_a_limit_and_a_timeout_end_an_endless_feed():
     feed = MemoryFeed("t", changes=CHANGES, endless=True)
-    assert len(list(feed.changes(stop_after=2))) == 2
+    assert len(list(feed.changes(limit=2))) == 2
     assert list(MemoryFeed("t", endless=True).changes(timeout=0.3)) == []
 
 
@@ -155,14 +155,22 @@ def test_a_feed_that_streamed_is_connected_and_reconnects_after_a_transient_fail
     assert feed.stats.reconnects == 1
 
 
-def test_stopping_and_position_are_public():
+def test_stopping_and_the_acknowledged_position_are_public():
     feed = MemoryFeed("t", changes=CHANGES)
-    assert not feed.stopping and feed.position is None
+    assert not feed.stopping and feed.acknowledged is None
     for change in feed.changes():
         feed.ack(change.position)
         feed.stop()
         assert feed.stopping
-    assert feed.position == 1
+    assert feed.acknowledged == 1
+
+
+def test_the_acknowledged_position_moves_only_through_ack():
+    feed = MemoryFeed("t", changes=CHANGES)
+    with pytest.raises(AttributeError):
+        feed.acknowledged = 3
+    feed.ack(2)
+    assert feed.acknowledged == 2 == feed.checkpoint.load("t")
 
 
 def test_snapshot_changes_read_one_row_ahead_and_mark_the_last():
