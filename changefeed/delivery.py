@@ -1,30 +1,16 @@
-"""Delivery: the one loop that takes a feed's changes to an output and acknowledges them.
+"""Delivery: the loop every reader of a feed goes through.
 
-Every consumer in changefeed is `deliver()` with a different `Output`: ``changefeed run``
-without stages writes JSON lines (`LineOutput`, the zero-stage fast path), and a
-`changefeed.pipelines.Pipeline` runs its stages and sink in this process or in processes of
-their own. The loop owns what they all promise:
-
-* **Acknowledge only what was delivered, in order.** An output confirms a position once
-  everything up to it is safely out (flushed, or confirmed by the sink); the loop acknowledges
-  confirmed positions at most every ``ack_interval`` seconds (`ThrottledAcks`: a file
-  checkpoint fsyncs per acknowledgement), and always the last one at the end.
-* **The last acknowledgement goes out with the stream still open.** The loop itself ends at
-  ``limit``, an idle timeout, a deadline or a stop request (`ChangeFeed.stop`, e.g. from a
-  signal handler), delivers what the output holds, acknowledges, and only then closes the
-  stream, so the backend tells its server with its closing status.
-* **A failing feed loses nothing delivered**: the output delivers what the feed gave before the
-  error, that is acknowledged, then the error propagates. An output's own failure
-  (`PipelineError`) propagates after acknowledging what was confirmed before it.
-* **A reader that went away** (EPIPE on stdout, ``changefeed run | head``) ends the run without
-  acknowledging what it did not confirm: the next run delivers it again.
-* **Progress**: with a `Progress`, a line every few seconds (changes, rate, lag) and one at the
-  end.
+`bounded()` ends a run (limit, deadline, idle timeout, stop request): `ChangeFeed.changes()`
+reads through it, and so does `deliver()`, which takes the changes to an `Output`
+(``changefeed run``'s `LineOutput`, a pipeline, `ChangeFeed.run_forever`'s queue) and
+acknowledges what the output confirmed: in order, throttled by ``ack_interval``, the last of it
+before the stream closes (the backend tells its server with its closing status). A failing feed
+loses nothing delivered; a reader gone away (EPIPE) ends the run with what it did not take
+unacknowledged. This module knows a feed only as the `Feed` protocol: it sits below the feed.
 """
 
 from __future__ import annotations
 
-import collections
 import io
 import logging
 import os
@@ -257,13 +243,9 @@ def deliver(
     ack_interval: float = 0.0,
     progress: Progress | None = None,
 ) -> Delivered:
-    """Take ``feed``'s changes to ``output`` until ``limit`` changes were read, no change came
-    for ``idle_timeout`` seconds, ``timeout`` seconds passed, the feed ended or `stop()` was
-    called (see `bounded`); acknowledge what ``output`` confirmed. See the module's notes for
-    the guarantees.
-
-    Raises what the feed or the output raised, after acknowledging what was confirmed.
-    """
+    """Take ``feed``'s changes to ``output`` until the feed ends or `bounded` ends the run;
+    acknowledge what ``output`` confirmed. Raises what the feed or the output raised, after
+    acknowledging what was confirmed."""
     result = Delivered()
     acks = ThrottledAcks(feed, ack_interval)
     delivered = acks.delivered
@@ -326,13 +308,9 @@ def deliver(
 
 
 class SinkWait:
-    """How an output waits for a sink that works elsewhere (a thread, processes): without
-    leaving the source unanswered, and a few seconds at most once a stop is requested.
-
-    Between steps of `WAIT_STEP` seconds it calls ``feed.keep_alive()`` (PostgreSQL's walsender
-    expects answers); once ``feed.stopping``, it gives the sink `STOP_GRACE` seconds, counted
-    from the first wait after the request, then gives up with `StopTimeout`.
-    """
+    """How an output waits for a sink that works elsewhere (a thread, processes): calling
+    ``feed.keep_alive()`` every `WAIT_STEP` seconds (PostgreSQL's walsender expects answers),
+    and once ``feed.stopping`` for `STOP_GRACE` seconds more at most (`StopTimeout`)."""
 
     def __init__(self, feed: Feed) -> None:
         self.feed = feed
@@ -400,49 +378,6 @@ class LineOutput(Output):
         """The file stays open: it belongs to the caller."""
 
 
-class QueueOutput(Output):
-    """Changes onto a multiprocessing queue (a multipipes node's ``outqueue``), each confirmed
-    once the consumer has taken it off the queue.
-
-    ``queue.qsize()`` says how many of the changes put are still waiting, so every change
-    before those was taken. On macOS, where a multiprocessing queue cannot tell its size
-    (``NotImplementedError``), a change counts as delivered once it is on the queue.
-    """
-
-    def __init__(self, queue: Any) -> None:
-        self.queue = queue
-        self.waiting: collections.deque[Position] = collections.deque()
-        """The positions of the changes on the queue, oldest first, not yet known taken."""
-
-    def put(self, change: Any) -> None:
-        self.queue.put(change)
-        self.waiting.append(getattr(change, "position", None))
-        self._confirm_taken()
-
-    def idle(self) -> None:
-        self._confirm_taken()
-
-    def finish(self) -> None:
-        """Confirm what was taken; what waits on the queue is not acknowledged (it comes
-        again on the next run)."""
-        self._confirm_taken()
-
-    def _confirm_taken(self) -> None:
-        try:
-            on_queue = self.queue.qsize()
-        except NotImplementedError:  # macOS
-            on_queue = 0
-        taken = len(self.waiting) - on_queue
-        if taken <= 0:
-            return
-        last: Position = None
-        for _ in range(taken):
-            position = self.waiting.popleft()
-            if position is not None:
-                last = position
-        self.confirm(last, taken)
-
-
 def buffered_stdout() -> BinaryIO:
     """Binary stdout with a buffer, also under ``PYTHONUNBUFFERED`` / ``python -u`` (which make
     ``sys.stdout.buffer`` a raw file: one system call per line)."""
@@ -467,7 +402,6 @@ __all__ = [
     "LineOutput",
     "Output",
     "Progress",
-    "QueueOutput",
     "STOP_GRACE",
     "SinkWait",
     "StopTimeout",

@@ -1,25 +1,19 @@
-"""The `ChangeFeed` node: prefeed, then stream, with the retry and resume policy of all backends.
+"""The `ChangeFeed` node: prefeed, then stream, with the reconnect and resume policy of all
+backends.
 
-A feed first replays its prefeed, then streams the backend's changes forever. Every reader of a
-feed (``for change in feed``, `changes()`, `run_forever()`, the CLI, a pipeline) reads
-`ChangeFeed.read()` through `changefeed.delivery`, which enforces the ends of a run. So the
-retry and resume logic exists once:
-
-* the backend's `run_changefeed()` yields changes after the last acknowledged position (and None
-  as an idle tick at least once a second, so timeouts and stop requests are noticed);
-* an exception the backend's `is_transient()` accepts is followed by a reconnect after an
-  exponential backoff with jitter, resuming from the last acknowledged position;
-* any other exception ends the feed: changefeed's own errors as they are, a driver's error
-  wrapped in `PermanentBackendError`;
-* so does any failure before the backend first reached its server (`mark_connected()`): that
-  is most likely a wrong URL or a server that is down, better said at once than retried forever.
-
-Delivery is at least once. A consumer acknowledges with `ChangeFeed.ack()` once a change is
-safely delivered; iterating a feed acknowledges a change when the next one is asked for.
+`ChangeFeed.read()` replays the prefeed, then streams the backend's `run_changefeed()` (changes
+after the acknowledged position, and None ticks when idle). A failure the backend's
+`is_transient()` accepts is followed by a reconnect after a backoff with jitter (`Retry`);
+any other, and any failure before the backend first reached its server (`mark_connected()`: a
+wrong URL is said at once, not retried forever), ends the feed, a driver's error wrapped in
+`PermanentBackendError`. Every reader (``for change in feed``, `changes()`, `run_forever()`,
+the CLI, a pipeline) reads through `changefeed.delivery`, which enforces the ends of a run.
+Delivery is at least once: a consumer acknowledges with `ack()` what it delivered.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
@@ -29,7 +23,7 @@ from multipipes import Node
 
 from changefeed.change import ALL, Change, Operation, Position
 from changefeed.checkpoint import CheckpointStore, MemoryCheckpoint
-from changefeed.delivery import FeedStats, QueueOutput, bounded, deliver
+from changefeed.delivery import FeedStats, Output, bounded, deliver
 from changefeed.errors import (
     ChangefeedError,
     ConfigurationError,
@@ -110,8 +104,8 @@ class ChangeFeed(Node):
         self.connected_once = False
         """Whether the backend ever reached its server (see `mark_connected`)."""
         self.stopping = False
-        """Whether `stop()` was called since the current `changes()` began (read it, do not set
-        it): a consumer waiting on its sink reads this to give up waiting."""
+        """Whether `stop()` was called since the current `read()` began (read it, do not set
+        it): the delivery loop ends the run on it, and an output waiting on its sink gives up."""
 
     @property
     def acknowledged(self) -> Position:
@@ -294,12 +288,55 @@ class ChangeFeed(Node):
 
     def run_forever(self) -> None:
         """The multipipes entry point: put every change on ``outqueue``, and acknowledge each
-        once the next node has taken it off the queue (`changefeed.delivery.QueueOutput`).
+        once the next node has taken it off the queue (`QueueOutput`).
 
         That node may still lose a change it took (it dies while handling it); pipelines that
         need acknowledgement after the sink use `changefeed.pipelines` instead.
         """
         deliver(self, QueueOutput(self.outqueue))
+
+
+class QueueOutput(Output):
+    """Changes onto a multiprocessing queue (a multipipes node's ``outqueue``), each confirmed
+    once the consumer has taken it off the queue.
+
+    ``queue.qsize()`` says how many of the changes put are still waiting, so every change
+    before those was taken. On macOS, where a multiprocessing queue cannot tell its size
+    (``NotImplementedError``), a change counts as delivered once it is on the queue.
+    """
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+        self.waiting: collections.deque[Position] = collections.deque()
+        """The positions of the changes on the queue, oldest first, not yet known taken."""
+
+    def put(self, change: Any) -> None:
+        self.queue.put(change)
+        self.waiting.append(getattr(change, "position", None))
+        self._confirm_taken()
+
+    def idle(self) -> None:
+        self._confirm_taken()
+
+    def finish(self) -> None:
+        """Confirm what was taken; what waits on the queue is not acknowledged (it comes
+        again on the next run)."""
+        self._confirm_taken()
+
+    def _confirm_taken(self) -> None:
+        try:
+            on_queue = self.queue.qsize()
+        except NotImplementedError:  # macOS
+            on_queue = 0
+        taken = len(self.waiting) - on_queue
+        if taken <= 0:
+            return
+        last: Position = None
+        for _ in range(taken):
+            position = self.waiting.popleft()
+            if position is not None:
+                last = position
+        self.confirm(last, taken)
 
 
 def _ticking_sleep(seconds: float) -> Iterator[None]:

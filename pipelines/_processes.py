@@ -1,11 +1,9 @@
 """The multi-process mode of `changefeed.pipelines.Pipeline` (``own_process``, ``processes=True``).
 
 Steps marked to run elsewhere become `multipipes.Node` processes connected by queues; chunks of
-entries cross the boundaries, and the sink's process sends confirmations back on a queue to the
-feed's process, which alone calls ``feed.ack``, in order. While it waits for confirmations the
-feed's process calls ``feed.keep_alive()`` (so the database is answered while a sink is slow) and
-watches for a stop request: once stopping, it waits `STOP_GRACE` seconds at most for what was
-sent, then ends the workers and acknowledges what was confirmed.
+entries cross the boundaries, and the sink's process sends confirmations back to the feed's
+process, which alone acknowledges, in order, and waits for them through
+`changefeed.delivery.SinkWait` (the source answered, a stop a few seconds at most).
 """
 
 from __future__ import annotations

@@ -1,29 +1,11 @@
-"""The sink thread of an in-process pipeline: the feed never waits on the sink unanswered.
+"""The sink thread of an in-process pipeline: the feed's thread hands batches over and reads on.
 
-A sink may take seconds per batch (a slow webhook) or minutes (one that retries). If the feed's
-thread called it directly, nobody would read the source meanwhile: PostgreSQL's walsender gets no
-answer to its keepalives, so a fast shutdown of the server or ``wal_sender_timeout`` waits on
-us, and the backlog grows while batches stay small. So the sink runs in one thread of its own,
-`_SinkThread`, and the feed's thread only hands batches over:
-
-* one batch is in the sink at a time, handed over in feed order, so confirmations come back in
-  order and acknowledging the last one implies every earlier position;
-* while the sink is busy the feed's thread goes on reading what the source has at hand, and
-  the next batch grows, up to ``cap`` entries: a slow sink gets bigger batches and keeps up;
-* when it must wait (it caught up with the source while the sink is slow, the next batch is
-  full, or the run ends) it waits in short steps, calling ``feed.keep_alive()`` between them
-  (the backend answers its server and may read ahead into a buffer of its own) and watching
-  for a stop request. Waiting rather than reading on matters to PostgreSQL: a walsender
-  shutting down waits for a client that keeps answering from its stream loop, not for one
-  answering from keep_alive(), which says that what it received is not delivered yet.
-* once stopping, it waits `STOP_GRACE` seconds at most, then interrupts the sinks (a retry
-  loop gives up its batch unconfirmed) and leaves the thread behind: what was confirmed is
-  acknowledged, the rest comes again on the next run.
-
-The sinks are called from the sink thread only, ``close()`` included. A sink that only writes to
-a local file (``local = True``, with the dead-letter sink, if any) is instead called inline, in
-the feed's thread: it never waits long, and two threads both busy with Python code cost about
-a fifth more CPU than one (measured with PostgreSQL and a file sink).
+A slow or retrying sink called from the feed's thread would leave the source unanswered
+(PostgreSQL's walsender, its shutdown, ``wal_sender_timeout``), and the backlog would grow while
+batches stay small. So one thread runs the sink, one batch at a time in feed order (the
+confirmations come back in order); while it works the next batch grows, and the feed's thread
+waits only through `changefeed.delivery.SinkWait`. A sink that only writes a local file runs
+inline instead: a hand-over between threads costs more than it saves there.
 """
 
 from __future__ import annotations
@@ -50,7 +32,9 @@ CLOSE_WAIT = 10.0
 class _SinkThread:
     """Runs ``sink_step.deliver`` in a thread of its own; ``confirm`` gets each result in order.
 
-    Used from the feed's thread only (except `_run`, the sink thread).
+    Used from the feed's thread only (except `_run`, the sink thread); the sinks are called
+    from the sink thread only, ``close()`` included, unless they all write local files
+    (``inline``).
     """
 
     def __init__(
