@@ -130,7 +130,7 @@ def make_feed(dsn, messages=("app",), table="tasks", **options):
 
 def read(feed, *, count=None, idle=1.5, timeout=20.0, ack=True):
     got = []
-    for item in feed.changes(idle_timeout=idle, timeout=timeout, stop_after=count):
+    for item in feed.changes(idle_timeout=idle, timeout=timeout, limit=count):
         got.append(item)
         if ack:
             feed.ack(item.position)

@@ -166,10 +166,10 @@ def test_runs_that_stop_after_a_few_records_go_on_where_the_last_one_stopped(kaf
     Pipeline(MemoryFeed(table, changes=written), [], sink=KafkaSink(kafka_bootstrap)).run()
     group = f"g-{uuid.uuid4().hex[:8]}"
     runs = []
-    for stop_after in (3, 3, 1, 3):  # (joining the group takes seconds: no idle timeout)
+    for limit in (3, 3, 1, 3):  # (joining the group takes seconds: no idle timeout)
         feed = KafkaFeed(kafka_bootstrap, table, group, config=FAST_GROUP)
         sink = ListSink()
-        Pipeline(feed, [], sink=sink).run(stop_after=stop_after, timeout=60)
+        Pipeline(feed, [], sink=sink).run(limit=limit, timeout=60)
         feed.close()
         runs.append([change.key["id"] for change in sink.items])
     assert runs == [[1, 2, 3], [4, 5, 6], [7], [8, 9, 10]]
@@ -182,7 +182,7 @@ def test_a_worker_filters_by_operation(kafka_bootstrap):
     feed = KafkaFeed(kafka_bootstrap, table, f"g-{uuid.uuid4().hex[:8]}",
                      Operation.DELETE | Operation.INSERT, config=FAST_GROUP)
     out = ListSink()
-    Pipeline(feed, [], sink=out).run(stop_after=3, timeout=60)
+    Pipeline(feed, [], sink=out).run(limit=3, timeout=60)
     feed.close()
     # Keys 1 and 2 may sit in different partitions: order holds per key, not across them.
     assert sorted((c.operation, c.key["id"]) for c in out.items) == [

@@ -81,8 +81,8 @@ def test_two_workers_share_one_stream(redis_url):
     got_a, got_b = ListSink(), ListSink()
     # Interleave the two readers: each takes what the other has not.
     for _ in range(5):
-        Pipeline(a, [], sink=got_a).run(stop_after=10)
-        Pipeline(b, [], sink=got_b).run(stop_after=10)
+        Pipeline(a, [], sink=got_a).run(limit=10)
+        Pipeline(b, [], sink=got_b).run(limit=10)
     ids_a = {c.new["id"] for c in got_a}
     ids_b = {c.new["id"] for c in got_b}
     assert len(ids_a) == len(ids_b) == 50 and not ids_a & ids_b
@@ -147,10 +147,10 @@ def test_runs_that_stop_after_a_few_changes_go_on_where_the_last_one_stopped(red
     stream = f"s-{uuid.uuid4().hex}"
     produce(redis_url, stream, 10)
     runs = []
-    for stop_after in (3, 3, 1, None):
+    for limit in (3, 3, 1, None):
         feed = RedisStreamFeed(redis_url, stream, "g", "c1")
         sink = ListSink()
-        Pipeline(feed, [], sink=sink).run(stop_after=stop_after, idle_timeout=1, timeout=30)
+        Pipeline(feed, [], sink=sink).run(limit=limit, idle_timeout=1, timeout=30)
         runs.append([change.key["id"] for change in sink.items])
     assert runs == [[1, 2, 3], [4, 5, 6], [7], [8, 9, 10]]
     assert redis.Redis.from_url(redis_url).xpending(stream, "g")["pending"] == 0
