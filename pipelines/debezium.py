@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from changefeed.change import UNCHANGED, Change, Operation
-from changefeed.pipelines.delta import dumps, dumps_line
+from changefeed.formats.codec import dumps, dumps_line
 
 UNAVAILABLE = "__debezium_unavailable_value"
 """Debezium's placeholder for an unchanged TOASTed column it was not sent (our `UNCHANGED`)."""

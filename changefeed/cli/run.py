@@ -36,7 +36,8 @@ from changefeed.delivery import (
     silence_stdout,
 )
 from changefeed.feed import ChangeFeed
-from changefeed.pipelines.delta import delta_line_encoder, dumps_line
+from changefeed.formats.codec import dumps_line
+from changefeed.pipelines.delta import delta_line_encoder
 from changefeed.preflight import check_writable
 from changefeed.registry import get_changefeed, is_postgresql_url
 

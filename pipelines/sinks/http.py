@@ -25,7 +25,8 @@ import httpx
 from changefeed.change import Change
 from changefeed.errors import ConfigurationError, PipelineError
 from changefeed.feed import Retry
-from changefeed.pipelines.delta import dumps, to_delta
+from changefeed.formats.codec import dumps
+from changefeed.pipelines.delta import to_delta
 from changefeed.pipelines.sinks import Batch, RemoteSink, SinkInterrupted, jsonable
 from changefeed.redact import redact
 

@@ -19,6 +19,7 @@ from clitools import run_cli
 
 from changefeed import UNCHANGED, Operation
 from changefeed.change import Change
+from changefeed.formats.codec import dumps
 from changefeed.pipelines.debezium import (
     UNAVAILABLE,
     DebeziumEncoder,
@@ -27,7 +28,6 @@ from changefeed.pipelines.debezium import (
     envelope,
     key,
 )
-from changefeed.pipelines.delta import dumps
 
 COMMITTED = datetime(2019, 5, 28, 8, 58, 24, 863000, tzinfo=timezone.utc)
 ROW = {"id": 1, "first_name": "Anne", "last_name": "Kretchmar", "email": "annek@noanswer.org"}

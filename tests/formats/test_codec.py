@@ -10,7 +10,7 @@ from decimal import Decimal
 import pytest
 
 from changefeed import UNCHANGED
-from changefeed.pipelines.delta import dumps, dumps_line
+from changefeed.formats.codec import dumps, dumps_line
 
 
 def test_database_values_have_a_faithful_json_form():

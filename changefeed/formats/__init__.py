@@ -1,0 +1,6 @@
+"""Formats: how changes are written, and read back, by everything that moves them.
+
+Below both the sources and the sinks, so that what one side writes the other reads with the
+same code: `codec` is the JSON encoding of database values that every line, record and request
+uses.
+"""
