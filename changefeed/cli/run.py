@@ -37,7 +37,7 @@ from changefeed.delivery import (
 )
 from changefeed.feed import ChangeFeed
 from changefeed.formats.codec import dumps_line
-from changefeed.pipelines.delta import delta_line_encoder
+from changefeed.formats.delta import delta_line_encoder
 from changefeed.preflight import check_writable
 from changefeed.registry import get_changefeed, is_postgresql_url
 

@@ -2,5 +2,5 @@
 
 Below both the sources and the sinks, so that what one side writes the other reads with the
 same code: `codec` is the JSON encoding of database values that every line, record and request
-uses.
+uses; `delta` makes Snorky deltas (and ``changefeed run``'s fast delta lines).
 """

@@ -26,7 +26,7 @@ from changefeed.change import Change
 from changefeed.errors import ConfigurationError, PipelineError
 from changefeed.feed import Retry
 from changefeed.formats.codec import dumps
-from changefeed.pipelines.delta import to_delta
+from changefeed.formats.delta import to_delta
 from changefeed.pipelines.sinks import Batch, RemoteSink, SinkInterrupted, jsonable
 from changefeed.redact import redact
 

@@ -32,7 +32,7 @@ from changefeed.backends.postgres.values import (
     TimeTZ,
 )
 from changefeed.formats.codec import dumps, dumps_line
-from changefeed.pipelines.delta import delta_line_encoder, to_delta
+from changefeed.formats.delta import delta_line_encoder, to_delta
 
 pytestmark = pytest.mark.postgres
 

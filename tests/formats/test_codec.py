@@ -1,4 +1,4 @@
-"""JSON encoding of database values, shared by the CLI and every sink."""
+"""JSON encoding of database values (`changefeed.formats.codec`), shared by the CLI and sinks."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
 
 import pytest
+from database_values import postgres_values as _postgres_values
 
 from changefeed import UNCHANGED
 from changefeed.formats.codec import dumps, dumps_line
@@ -51,59 +52,6 @@ def test_dumps_line_is_one_line():
     assert line.endswith(b"\n") and line.count(b"\n") == 1
 
 
-
-def _changes():
-    from changefeed import Change, Operation
-
-    row = {"id": 7, "title": "naïve \"quote\"", "amount": Decimal("1.50"),
-           "at": datetime(2030, 1, 2, 3, 4, 5, tzinfo=timezone.utc), "tags": ["a", None]}
-    return [
-        Change(Operation.INSERT, "public.tasks", new=row, key={"id": 7}),
-        Change(Operation.INSERT, "tasks", new={}),
-        Change(Operation.INSERT, "app.line_items", new={"id": uuid.UUID(int=1)}),
-        Change(Operation.UPDATE, "public.tasks", new={**row, "body": UNCHANGED},
-               old={"id": 7}, key={"id": 7}),
-        Change(Operation.DELETE, "public.tasks", new=None, old={"id": 7}, key={"id": 7}),
-        Change(Operation.DELETE, "public.tasks", new=None, old=None),
-        Change(Operation.INSERT, "public.tasks", new={1: "an int key", "b": b"\x00"}),
-        Change(Operation.DELETE, "public.tasks", new=None, old={2: "an int key"}),
-        Change(Operation.INSERT, "public.values", new=_postgres_values()),
-        Change(Operation.DELETE, "public.values", new=None, old=_postgres_values()),
-        Change(Operation.UPDATE, "public.values", new={**_postgres_values(), "big": UNCHANGED},
-               old={"id": 1}),
-    ]
-
-
-def _postgres_values():
-    from ipaddress import IPv4Interface, IPv6Address
-
-    from psycopg.types.multirange import Multirange
-    from psycopg.types.range import Range
-
-    from changefeed.backends.postgres.values import (
-        Interval,
-        JsonDecimal,
-        JsonInt,
-        NonFiniteFloat,
-        PostgresText,
-        RawJson,
-        TimeTZ,
-    )
-
-    return {
-        "id": 1, "nan": NonFiniteFloat("nan"), "inf": [NonFiniteFloat("inf"), 1.5],
-        "ninf": NonFiniteFloat("-inf"), "date": PostgresText("infinity", "date"),
-        "interval": Interval(14, -3, -500_000),
-        "json": {"n": JsonDecimal("1.0000000000000000001"), "i": JsonInt(2**70), "s": "x"},
-        "top": JsonInt(-(2**70)), "raw": RawJson('{"a":\n 1}', "json"),
-        "timetz": TimeTZ(12, 30, tzinfo=timezone(timedelta(hours=-5, minutes=-30))),
-        "range": Range(1, 5, "[)"), "empty": Range(empty=True), "half": Range(None, 5, "()"),
-        "multi": Multirange([Range(Decimal("1.5"), None, "[)")]),
-        "inet": IPv4Interface("10.1.2.3/32"), "net": IPv4Interface("10.1.2.3/8"),
-        "v6": IPv6Address("::1"), "composite": {"at": PostgresText("24:00:00", "time")},
-    }
-
-
 def test_postgres_values_have_an_exact_unambiguous_json_form():
     line = dumps(_postgres_values())
     assert line == (
@@ -118,17 +66,6 @@ def test_postgres_values_have_an_exact_unambiguous_json_form():
     )
 
 
-def test_update_deltas_name_the_columns_not_sent():
-    from changefeed import Change, Operation
-    from changefeed.pipelines.delta import to_delta
-
-    change = Change(Operation.UPDATE, "public.t", new={"id": 1, "a": UNCHANGED, "b": UNCHANGED},
-                    old={"id": 1}, key={"id": 1})
-    assert to_delta(change) == {"type": "update", "model": "t", "newData": {"id": 1},
-                                "oldData": {"id": 1}, "unchanged": ["a", "b"]}
-    assert "unchanged" not in to_delta(Change(Operation.UPDATE, "public.t", new={"id": 1}))
-
-
 def test_postgres_value_types_survive_pickling():
     import pickle
 
@@ -136,14 +73,3 @@ def test_postgres_value_types_survive_pickling():
     again = pickle.loads(pickle.dumps(values))
     assert dumps(again) == dumps(values)
     assert again["date"].type == "date" and type(again["interval"]) is type(values["interval"])
-
-
-@pytest.mark.parametrize("model", [None, "Task", 'Odd "model" ✓'])
-def test_the_fast_delta_lines_equal_the_general_encoding(model):
-    from changefeed.pipelines.delta import delta_line_encoder, to_delta
-
-    encode = delta_line_encoder(model)
-    for change in _changes() * 2:  # the second time from the per-table starts made the first
-        line = encode(change)
-        assert line == dumps_line(to_delta(change, model)), change
-        assert json.loads(line) == json.loads(dumps(to_delta(change, model)))
