@@ -30,8 +30,8 @@ import orjson
 from changefeed.change import UNCHANGED, Change, Operation
 from changefeed.errors import ConfigurationError, PipelineError
 from changefeed.formats.codec import dumps
+from changefeed.formats.debezium import DebeziumEncoder, change_from_debezium
 from changefeed.formats.delta import to_delta
-from changefeed.pipelines.debezium import DebeziumEncoder, change_from_debezium
 
 FORMATS = ("change", "delta", "debezium")
 """What a Kafka record's value may hold: ``Change.to_dict()``, a Snorky delta, a Debezium

@@ -10,7 +10,7 @@ the forms). ``--where EXPR`` and ``--filter JSON`` filter rows
 (`changefeed.pipelines.where_expressions`).
 
 ``--format delta`` (default) sends Snorky deltas, ``--format change`` the whole change,
-``--format debezium`` Debezium's envelope (`changefeed.pipelines.debezium`). A Snorky sink always
+``--format debezium`` Debezium's envelope (`changefeed.formats.debezium`). A Snorky sink always
 receives deltas and a Redis stream always holds whole changes (its readers apply their own
 stages), whatever the format; a Kafka sink writes each record in the format given.
 """
@@ -53,7 +53,7 @@ def build_cli_pipeline(
     if fmt == "delta" and out.accepts == "any":
         stages.append(to_delta(model))
     if fmt == "debezium" and out.accepts == "any":
-        from changefeed.pipelines.debezium import DebeziumEncoder, Source, database_of
+        from changefeed.formats.debezium import DebeziumEncoder, Source, database_of
 
         connection = getattr(feed, "connection", None)
         url = connection if isinstance(connection, str) else ""

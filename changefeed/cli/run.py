@@ -218,7 +218,7 @@ def encoder(
     fmt: str, model: str | dict[str, str] | None, url: str = ""
 ) -> Callable[[Change], bytes]:
     if fmt == "debezium":
-        from changefeed.pipelines.debezium import Source, database_of, line_encoder
+        from changefeed.formats.debezium import Source, database_of, line_encoder
 
         return line_encoder(Source(database=database_of(url)))
     if fmt == "change":

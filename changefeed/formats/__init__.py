@@ -2,5 +2,6 @@
 
 Below both the sources and the sinks, so that what one side writes the other reads with the
 same code: `codec` is the JSON encoding of database values that every line, record and request
-uses; `delta` makes Snorky deltas (and ``changefeed run``'s fast delta lines).
+uses; `delta` makes Snorky deltas (and ``changefeed run``'s fast delta lines); `debezium`
+makes Debezium's event envelopes and reads them back.
 """

@@ -20,7 +20,7 @@ from clitools import run_cli
 from changefeed import UNCHANGED, Operation
 from changefeed.change import Change
 from changefeed.formats.codec import dumps
-from changefeed.pipelines.debezium import (
+from changefeed.formats.debezium import (
     UNAVAILABLE,
     DebeziumEncoder,
     Source,
@@ -278,6 +278,6 @@ def test_changefeed_run_format_debezium_on_mongodb(mongodb_server, tmp_path):
     ("", None),
 ])
 def test_source_db_comes_from_a_postgresql_url_only(url, database):
-    from changefeed.pipelines.debezium import database_of
+    from changefeed.formats.debezium import database_of
 
     assert database_of(url) == database
