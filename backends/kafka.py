@@ -4,7 +4,7 @@
                            \\--> KafkaFeed (worker 2) --Pipeline--> stages -> sink
 
 `KafkaFeed` reads the topics a `changefeed.pipelines.sinks.kafka.KafkaSink` wrote (records in
-the ``change`` or ``debezium`` format; see `changefeed.pipelines.records`) through a consumer
+the ``change`` or ``debezium`` format; see `changefeed.formats.records`) through a consumer
 group, so workers on any machine share the partitions. It commits a partition's offset only once
 its own pipeline acknowledged the records before it; on a rebalance, records not yet
 acknowledged go to the partition's next owner (at least once: they may have been delivered just
@@ -22,7 +22,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from changefeed.change import ALL, Change
 from changefeed.feed import ChangeFeed
-from changefeed.pipelines.records import change_of_record, read_back, warn_once
+from changefeed.formats.records import change_of_record, read_back, warn_once
 
 log = logging.getLogger("changefeed.kafka")
 

@@ -11,7 +11,7 @@ have been idle for ``claim_idle`` seconds, so a dead worker's share is not lost.
 at least once: a claimed entry may have been delivered by the dead worker just before it died.
 
 The producer side is `changefeed.pipelines.sinks.redis.RedisStreamSink`; how an entry holds a
-change is in `changefeed.pipelines.records`. A change read back has the stream entry id as its
+change is in `changefeed.formats.records`. A change read back has the stream entry id as its
 position (what this feed acknowledges) and the source position in ``meta["source_position"]``.
 """
 
@@ -29,7 +29,7 @@ import redis
 
 from changefeed.change import ALL, Change
 from changefeed.feed import ChangeFeed
-from changefeed.pipelines.records import change_of_entry, read_back
+from changefeed.formats.records import change_of_entry, read_back
 
 log = logging.getLogger("changefeed.pipelines")
 

@@ -16,7 +16,6 @@ import redis
 from changefeed import UNCHANGED, Operation
 from changefeed.backends.redis_streams import RedisStreamFeed
 from changefeed.pipelines import JsonLinesSink, Pipeline, batch, to_delta
-from changefeed.pipelines.records import change_from_dict
 from changefeed.pipelines.sinks.redis import RedisStreamSink
 from changefeed.testing import ListSink, MemoryFeed, insert, update
 
@@ -56,13 +55,6 @@ def test_a_change_survives_the_round_trip_through_a_stream(redis_url):
     )
     assert change.meta == {"source_position": 1}
     assert redis.Redis.from_url(redis_url).xpending(stream, "g")["pending"] == 0  # XACKed
-
-
-def test_change_from_dict_rejects_what_is_not_a_change():
-    from changefeed import PipelineError
-
-    with pytest.raises(PipelineError, match="not a change"):
-        change_from_dict({"type": "insert", "model": "T", "data": {}})
 
 
 def test_the_stream_sink_refuses_deltas(redis_url):

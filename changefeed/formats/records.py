@@ -6,9 +6,7 @@ run in different processes, often on different machines and versions: what one w
 must read, so both take the encoding from here. Everything here is a pure function of a `Change`
 or of the bytes read, tested without a server.
 
-* The JSON form of a change is ``Change.to_dict()``; `change_from_dict` reverses it. JSON turns
-  Decimals, datetimes inside rows, UUIDs and bytes into strings; ``committed_at`` and `UNCHANGED`
-  columns are restored.
+* The JSON form of a change is ``Change.to_dict()``; `changefeed.formats.change_dict` reverses it.
 * A Redis stream entry holds that JSON in the field ``change`` and the source position (JSON) in
   ``position``.
 * A Kafka record goes to its table's topic (`topic_for`). Its key is the JSON of the row's key
@@ -22,13 +20,13 @@ from __future__ import annotations
 
 import logging
 import re
-from datetime import datetime
 from typing import Any, NamedTuple
 
 import orjson
 
-from changefeed.change import UNCHANGED, Change, Operation
+from changefeed.change import Change
 from changefeed.errors import ConfigurationError, PipelineError
+from changefeed.formats.change_dict import change_from_dict
 from changefeed.formats.codec import dumps
 from changefeed.formats.debezium import DebeziumEncoder, change_from_debezium
 from changefeed.formats.delta import to_delta
@@ -38,36 +36,6 @@ FORMATS = ("change", "delta", "debezium")
 envelope."""
 READABLE_FORMATS = ("change", "debezium")
 """The formats a change can be rebuilt from (a delta lacks the key, position and old row)."""
-
-
-def change_from_dict(data: dict[str, Any]) -> Change:
-    """Rebuild a `Change` from its ``to_dict()`` form (after a JSON round trip).
-
-    Raises `PipelineError` for anything else (a delta, say).
-    """
-    try:
-        operation = Operation[str(data["operation"]).upper()]
-        new = data.get("new")
-        if new is not None and data.get("unchanged"):
-            new = {**new, **dict.fromkeys(data["unchanged"], UNCHANGED)}
-        committed_at = data.get("committed_at")
-        if isinstance(committed_at, str):
-            committed_at = datetime.fromisoformat(committed_at)
-        return Change(
-            operation,
-            data["table"],
-            new=new,
-            old=data.get("old"),
-            key=data.get("key"),
-            position=data.get("position"),
-            committed_at=committed_at,
-            transaction=data.get("transaction"),
-            snapshot=bool(data.get("snapshot", False)),
-            meta=data.get("meta"),
-            schema_version=data.get("schema_version"),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise PipelineError(f"not a change: {str(data)[:200]} ({exc})") from exc
 
 
 def read_back(change: Change, position: Any) -> Change:
@@ -214,7 +182,7 @@ def warn_once(owner: Any, error: Any, log: logging.Logger) -> None:
 
 
 __all__ = [
-    "FORMATS", "READABLE_FORMATS", "Record", "RecordEncoder", "change_from_dict",
-    "change_of_entry", "change_of_record", "check_topic_template", "read_back", "stream_entry",
-    "topic_for", "warn_once",
+    "FORMATS", "READABLE_FORMATS", "Record", "RecordEncoder", "change_of_entry",
+    "change_of_record", "check_topic_template", "read_back", "stream_entry", "topic_for",
+    "warn_once",
 ]

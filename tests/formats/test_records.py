@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from changefeed import UNCHANGED, ConfigurationError, Operation, PipelineError
-from changefeed.pipelines.records import (
+from changefeed.formats.records import (
     RecordEncoder,
     change_of_entry,
     change_of_record,
