@@ -16,6 +16,7 @@ from typing import Any
 
 from changefeed.change import UNCHANGED, Change, Operation
 from changefeed.errors import PipelineError
+from changefeed.formats.codec import dumps_line
 
 
 def change_from_dict(data: dict[str, Any]) -> Change:
@@ -48,4 +49,10 @@ def change_from_dict(data: dict[str, Any]) -> Change:
         raise PipelineError(f"not a change: {str(data)[:200]} ({exc})") from exc
 
 
-__all__ = ["change_from_dict"]
+def change_line(item: Any) -> bytes:
+    """The JSON line of a change's dict, or of another item a feed yields (a `SnapshotState`):
+    what ``changefeed run --format change`` writes."""
+    return dumps_line(item.to_dict())
+
+
+__all__ = ["change_from_dict", "change_line"]

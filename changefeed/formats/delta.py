@@ -50,6 +50,23 @@ def to_delta(change: Change, model: str | Mapping[str, str] | None = None) -> di
     raise ValueError(f"a change has exactly one operation, not {operation!r}")
 
 
+class DeltaEncoder:
+    """`to_delta` with one ``model``: a picklable callable, named in errors and dead letters as
+    the `to_delta` stage of a pipeline is."""
+
+    __slots__ = ("model",)
+
+    def __init__(self, model: str | Mapping[str, str] | None = None) -> None:
+        self.model = model
+
+    @property
+    def name(self) -> str:
+        return f"to_delta(model={self.model!r})"
+
+    def __call__(self, change: Change) -> dict[str, Any]:
+        return to_delta(change, self.model)
+
+
 def model_for(table: str, models: Mapping[str, str] | None) -> str:
     """The model name of ``table`` in ``models`` (see `to_delta`)."""
     bare = table.rpartition(".")[2]
@@ -97,3 +114,5 @@ def _delta_starts(table: str, model: str | Mapping[str, str] | None) -> tuple[by
 
 
 _INSERT, _DELETE = Operation.INSERT, Operation.DELETE
+
+__all__ = ["DeltaEncoder", "delta_line_encoder", "model_for", "to_delta"]
