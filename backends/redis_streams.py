@@ -159,7 +159,7 @@ class RedisStreamFeed(ChangeFeed):
 
     def _emit(self, entry_id: bytes | str, fields: dict[bytes, bytes] | None) -> Iterator[Change]:
         position = _text(entry_id)
-        change = change_of_entry(fields)
+        change = change_of_entry(fields, f"{self.stream} entry {position}")
         if change is None or not change.operation & self.operation:
             # Trimmed or deleted meanwhile, or an operation this feed does not want.
             self._delivered.append(position)

@@ -15,14 +15,14 @@ from datetime import datetime
 from typing import Any
 
 from changefeed.change import UNCHANGED, Change, Operation
-from changefeed.errors import PipelineError
+from changefeed.errors import DecodeError
 from changefeed.formats.codec import dumps_line
 
 
 def change_from_dict(data: dict[str, Any]) -> Change:
     """Rebuild a `Change` from its ``to_dict()`` form (after a JSON round trip).
 
-    Raises `PipelineError` for anything else (a delta, say).
+    Raises `DecodeError` for anything else (a delta, say).
     """
     try:
         operation = Operation[str(data["operation"]).upper()]
@@ -45,8 +45,8 @@ def change_from_dict(data: dict[str, Any]) -> Change:
             meta=data.get("meta"),
             schema_version=data.get("schema_version"),
         )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise PipelineError(f"not a change: {str(data)[:200]} ({exc})") from exc
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise DecodeError(f"not a change: {str(data)[:200]} ({exc})") from exc
 
 
 def change_line(item: Any) -> bytes:

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from changefeed.change import Change
-from changefeed.errors import ConfigurationError, PipelineError
+from changefeed.errors import ConfigurationError, DecodeError, PipelineError
 from changefeed.formats.change_dict import change_from_dict
 from changefeed.formats.codec import dumps
 from changefeed.formats.registry import FORMATS, FormatOptions, format_named
@@ -51,12 +51,21 @@ def stream_entry(change: Change, position: Any) -> dict[str, bytes]:
     return {"change": dumps(change.to_dict()), "position": dumps(position)}
 
 
-def change_of_entry(fields: dict[bytes, bytes] | None) -> Change | None:
+def change_of_entry(
+    fields: dict[bytes, bytes] | None, where: str = "a stream entry"
+) -> Change | None:
     """The change a stream entry holds; None for an entry trimmed or deleted meanwhile (Redis
-    then gives no fields)."""
+    then gives no fields).
+
+    ``where`` names the entry in errors (``stream entry id``). Raises `DecodeError` for a
+    ``change`` field that does not hold a change.
+    """
     if not fields or b"change" not in fields:
         return None
-    return change_from_dict(orjson.loads(fields[b"change"]))
+    try:
+        return change_from_dict(orjson.loads(fields[b"change"]))
+    except (ValueError, DecodeError) as exc:
+        raise DecodeError(f"{where} is not a change record: {exc}") from exc
 
 
 # -- Kafka records -----------------------------------------------------------------------------
@@ -141,7 +150,7 @@ def change_of_record(
 ) -> Change | None:
     """The change a Kafka record holds; None for a tombstone.
 
-    ``where`` names the record in errors (``topic[partition]@offset``). Raises `PipelineError`
+    ``where`` names the record in errors (``topic[partition]@offset``). Raises `DecodeError`
     for a value that is not in a readable format or not what its ``format`` header says.
     """
     if value is None:
@@ -150,12 +159,12 @@ def change_of_record(
     read = next((known.read for known in FORMATS if known.name == name), None)
     if read is None:
         readable = " or ".join(known.name for known in FORMATS if known.readable)
-        raise PipelineError(f"{where} holds a {name!r} record: KafkaFeed reads records"
+        raise DecodeError(f"{where} holds a {name!r} record: KafkaFeed reads records"
                             f" written with format {readable}")
     try:
         return read(orjson.loads(value), key)
-    except (ValueError, PipelineError) as exc:
-        raise PipelineError(f"{where} is not a {name} record: {exc}") from exc
+    except (ValueError, DecodeError) as exc:
+        raise DecodeError(f"{where} is not a {name} record: {exc}") from exc
 
 
 def warn_once(owner: Any, error: Any, log: logging.Logger) -> None:

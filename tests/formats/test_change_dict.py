@@ -8,7 +8,7 @@ from changefeed.formats.change_dict import change_from_dict
 
 
 def test_change_from_dict_rejects_what_is_not_a_change():
-    from changefeed import PipelineError
+    from changefeed.errors import DecodeError
 
-    with pytest.raises(PipelineError, match="not a change"):
+    with pytest.raises(DecodeError, match="not a change"):
         change_from_dict({"type": "insert", "model": "T", "data": {}})
