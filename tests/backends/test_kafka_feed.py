@@ -181,3 +181,35 @@ def test_a_record_the_feed_cannot_read_stops_it_with_one_clear_error(
         Pipeline(feed, [], sink=ListSink()).run(timeout=60)
     feed.close()
     assert "\n" not in str(failure.value)
+
+
+@pytest.mark.parametrize("fmt", ["change", "debezium"])
+def test_the_records_before_one_the_feed_cannot_read_are_delivered_and_committed(
+    kafka_bootstrap, fmt
+):
+    """A malformed record is the source's failure (`DecodeError`, exit 3), not the sink's: the
+    output delivers what came before it, that is committed, and the next run stops at the same
+    record again, neither repeating the ones before nor skipping it."""
+    from confluent_kafka import Producer
+
+    table = new_table()
+    create_topic(kafka_bootstrap, table, 1)  # one partition: one order
+    good = [insert(table, {"id": i}, key={"id": i}, position=i) for i in (1, 2, 3)]
+    Pipeline(MemoryFeed(table, changes=good), [], sink=KafkaSink(kafka_bootstrap, fmt=fmt)).run()
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    producer.produce(table, value=b'{"cut short', key=b'{"id":4}', headers=[("format", fmt)])
+    assert producer.flush(30) == 0
+    after = [insert(table, {"id": 5}, key={"id": 5}, position=5)]
+    Pipeline(MemoryFeed(table, changes=after), [], sink=KafkaSink(kafka_bootstrap, fmt=fmt)).run()
+    group = f"g-{uuid.uuid4().hex[:8]}"
+
+    runs = []
+    for _ in range(2):
+        feed, sink = KafkaFeed(kafka_bootstrap, table, group, config=FAST_GROUP), ListSink()
+        with pytest.raises(DecodeError, match=f"{table}\\[0\\]@3 is not a {fmt} record") as e:
+            Pipeline(feed, [], sink=sink).run(timeout=60)
+        feed.close()
+        assert e.value.exit_code == 3 and "\n" not in str(e.value)
+        runs.append([change.key["id"] for change in sink.items])
+    assert runs == [[1, 2, 3], []]
+    assert wait_for_commits(kafka_bootstrap, group, table, {0: 3}), "offsets not committed"
