@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 from changefeed.change import UNCHANGED, Change, Operation
 from changefeed.errors import DecodeError
-from changefeed.formats.codec import dumps, dumps_line
+from changefeed.formats.codec import dumps_line
 
 UNAVAILABLE = "__debezium_unavailable_value"
 """Debezium's placeholder for an unchanged TOASTed column it was not sent (our `UNCHANGED`)."""
@@ -241,16 +240,6 @@ class DebeziumEncoder:
         """The envelope as one JSON line."""
         return dumps_line(self(change))
 
-    def key_bytes(self, change: Change) -> bytes | None:
-        """The record key as JSON bytes (None for a change without a key)."""
-        value = key(change, self.source)
-        return None if value is None else dumps(value)
-
-
-def line_encoder(source: Source = Source()) -> Callable[[Change], bytes]:
-    """A function giving the Debezium JSON line of each change (``--format debezium``)."""
-    return DebeziumEncoder(source).line
-
 
 def change_from_debezium(event: dict[str, Any], key: Any = None) -> Change:
     """A `Change` from a Debezium envelope (ours or Debezium's own) and its record key.
@@ -335,5 +324,4 @@ __all__ = [
     "envelope",
     "extended_json",
     "key",
-    "line_encoder",
 ]
