@@ -3,8 +3,9 @@
 The sinks that write a log (`changefeed.pipelines.sinks.redis`, `changefeed.pipelines.sinks.kafka`)
 and the feeds that read it back (`changefeed.backends.redis_streams`, `changefeed.backends.kafka`)
 run in different processes, often on different machines and versions: what one writes the other
-must read, so both take the encoding from here. Everything here is a pure function of a `Change`
-or of the bytes read, tested without a server.
+must read, so both take the encoding from here. Everything here but `warn_once` (the one log
+line both Kafka ends share) is a pure function of a `Change` or of the bytes read, tested without
+a server.
 
 * The JSON form of a change is ``Change.to_dict()``; `changefeed.formats.change_dict` reverses it.
 * A Redis stream entry holds that JSON in the field ``change`` and the source position (JSON) in

@@ -45,6 +45,7 @@ class Format:
     """One output format: everything a writer or a reader of it needs."""
 
     name: str
+    """What ``--format``, ``fmt=`` and a Kafka record's ``format`` header call it."""
     summary: str
     """What it holds, for ``--format``'s help."""
     items: Callable[[FormatOptions], Callable[[Change], Any]]
@@ -71,6 +72,7 @@ class Format:
 
     @property
     def readable(self) -> bool:
+        """Whether a change can be read back from it."""
         return self.read is not None
 
     def stage(self, options: FormatOptions) -> Callable[[Change], Any] | None:
