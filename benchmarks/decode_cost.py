@@ -39,7 +39,7 @@ from changefeed.change import Change
 from changefeed.delivery import LineOutput, deliver
 from changefeed.embedded import TemporaryPostgres
 from changefeed.feed import ChangeFeed
-from changefeed.pipelines.delta import delta_line_encoder
+from changefeed.formats.delta import delta_line_encoder
 
 ROW_CHANGES = frozenset(b"IUD")
 

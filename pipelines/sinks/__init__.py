@@ -32,7 +32,7 @@ from typing import IO, Any, ClassVar, Literal, Protocol, TypeVar, runtime_checka
 
 from changefeed.change import Change, Position
 from changefeed.errors import PipelineError
-from changefeed.pipelines.delta import dumps_line
+from changefeed.formats.codec import dumps_line
 from changefeed.retry import Retry
 
 log = logging.getLogger("changefeed.pipelines")

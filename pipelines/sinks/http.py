@@ -23,7 +23,8 @@ import httpx
 
 from changefeed.change import Change
 from changefeed.errors import ConfigurationError, PipelineError
-from changefeed.pipelines.delta import dumps, to_delta
+from changefeed.formats.codec import dumps
+from changefeed.formats.delta import to_delta
 from changefeed.pipelines.sinks import Batch, RemoteSink, Retryable, jsonable
 from changefeed.redact import redact
 from changefeed.retry import Retry

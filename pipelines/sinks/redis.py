@@ -7,7 +7,7 @@
 The producer's pipeline acknowledges a database position once its change is in the stream
 (XADD answered), so the stream holds every change at least once. The workers read it with
 `changefeed.backends.redis_streams.RedisStreamFeed`; the entry's fields are in
-`changefeed.pipelines.records`. How durable the stream is depends on Redis's persistence
+`changefeed.formats.records`. How durable the stream is depends on Redis's persistence
 settings (``appendonly yes``, ``appendfsync``).
 """
 
@@ -19,7 +19,7 @@ import redis
 
 from changefeed.change import Change
 from changefeed.errors import ConfigurationError, PipelineError
-from changefeed.pipelines.records import stream_entry
+from changefeed.formats.records import stream_entry
 from changefeed.pipelines.sinks import Batch, RemoteSink, Retryable
 from changefeed.redact import redact
 from changefeed.retry import Retry

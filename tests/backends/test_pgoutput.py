@@ -306,7 +306,7 @@ def test_intervals_parse_and_print_as_postgres_does(text, value, iso):
 def test_json_numbers_python_cannot_parse_keep_the_exact_text():
     from changefeed.backends.postgres.loading import TypeLoaders
     from changefeed.backends.postgres.values import RawJson
-    from changefeed.pipelines.delta import dumps
+    from changefeed.formats.codec import dumps
 
     digits = "9" * 5000  # beyond Python's int parsing limit; jsonb accepts it
     text = '{"n": ' + digits + ',\n "s": "a\\nb"}'

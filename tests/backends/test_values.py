@@ -31,7 +31,8 @@ from changefeed.backends.postgres.values import (
     PostgresText,
     TimeTZ,
 )
-from changefeed.pipelines.delta import delta_line_encoder, dumps, dumps_line, to_delta
+from changefeed.formats.codec import dumps, dumps_line
+from changefeed.formats.delta import delta_line_encoder, to_delta
 
 pytestmark = pytest.mark.postgres
 
