@@ -43,7 +43,8 @@ from changefeed.backends.postgres.loading import (
     query_rows,
     read_rows,
 )
-from changefeed.backends.postgres.pgoutput import PgOutputDecoder, make_position, schema_version
+from changefeed.backends.postgres.pgoutput import PgOutputDecoder, schema_version
+from changefeed.backends.postgres.position import PgPosition
 from changefeed.backends.postgres.setup import MESSAGES_VERSION, WatchedTables
 from changefeed.backends.postgres.values import SESSION_SETTINGS
 from changefeed.change import Change, Operation, SnapshotState
@@ -119,7 +120,7 @@ def exported_change(item: SnapshotItem, index: int) -> Change | SnapshotState:
     """The snapshot change of an `exported_rows` item, the ``index``-th of the snapshot: it
     sorts before any streamed change (commit LSN 0)."""
     table, version, row = item
-    position = make_position(0, index)
+    position = PgPosition(0, index)
     if isinstance(row, str):
         return SnapshotState(table.qualified, row, position)
     key = {column: row[column] for column in table.key}
