@@ -44,6 +44,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from changefeed.backends.postgres.ledger import AckLedger
+from changefeed.backends.postgres.position import PgPosition
+
 log = logging.getLogger("changefeed.postgres")
 
 WATERMARK_PREFIX = "changefeed.watermark"
@@ -112,7 +115,7 @@ class FinishedChunk:
     count: int
     complete: bool
     end_lsn: int = 0
-    last_position: str | None = None
+    last_position: PgPosition | None = None
     """The position of the chunk's last row handed out (None: no row)."""
 
 
@@ -241,20 +244,20 @@ class Backfiller:
             if chunk.end_lsn == 0:
                 chunk.end_lsn = end_lsn
 
-    def handed_out(self, last_position: str | None) -> None:
+    def handed_out(self, last_position: PgPosition | None) -> None:
         """The rows of the chunk finished last were handed out, up to ``last_position``."""
         self.finished[-1].last_position = last_position
 
-    def confirmed(self, flush_lsn: int, acknowledged: str | None) -> None:
+    def confirmed(self, ledger: AckLedger) -> None:
         """Record the chunks whose rows are all acknowledged (a chunk without rows: once the
-        slot is confirmed past its watermark's transaction)."""
+        slot may confirm its watermark's transaction)."""
         changed = False
         while self.finished:
             chunk = self.finished[0]
             if chunk.last_position is not None:
-                if acknowledged is None or acknowledged < chunk.last_position:
+                if not ledger.delivered(chunk.last_position):
                     break
-            elif not 0 < chunk.end_lsn <= flush_lsn:
+            elif not 0 < chunk.end_lsn <= ledger.flush_lsn:
                 break
             self.finished.popleft()
             backfill = chunk.backfill

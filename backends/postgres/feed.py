@@ -44,6 +44,7 @@ from changefeed.backends.postgres.names import (
     split_tables,
 )
 from changefeed.backends.postgres.pgoutput import Begin, Commit, PgOutputDecoder, Renamed, Truncate
+from changefeed.backends.postgres.position import PgPosition
 from changefeed.backends.postgres.protocol import (
     KEEPALIVE,
     XLOGDATA,
@@ -113,6 +114,7 @@ class PostgresChangeFeed(ChangeFeed):
         tables = split_tables(table)
         if not tables:
             raise ConfigurationError("no table given")
+        self._ledger = AckLedger()  # before the base class loads the checkpoint into it
         super().__init__(",".join(tables), operation, connection=connection, **options)
         self.tables = tables
         self.table_names = [parse_table_name(name) for name in tables]
@@ -141,8 +143,6 @@ class PostgresChangeFeed(ChangeFeed):
         self._sql: psycopg.Connection | None = None
         self._replication: psycopg.Connection | None = None
         self._stream: ReplicationStream | None = None  # while START_REPLICATION runs
-        self._ledger = AckLedger(self.acknowledged)
-        self._flush_at_stream_close = 0
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -216,7 +216,7 @@ class PostgresChangeFeed(ChangeFeed):
         (I/O, so never from `on_acknowledge`)."""
         ledger = self._ledger
         if self._backfiller.finished:
-            self._backfiller.confirmed(ledger.flush_lsn, ledger.replay_after)
+            self._backfiller.confirmed(ledger)
         if ledger.snapshot_delivered():
             snapshot.mark(self.dsn, self.publication, self._meta, snapshot.DONE)
 
@@ -251,7 +251,7 @@ class PostgresChangeFeed(ChangeFeed):
         stats = self.stats
         pgconn = repl.pgconn
         sock = pgconn.socket
-        last_emitted: str | None = None
+        last_emitted: PgPosition | None = None
         get_copy_data = pgconn.get_copy_data
         backlog = stream.backlog
         last_table_check = time.monotonic()
@@ -362,10 +362,21 @@ class PostgresChangeFeed(ChangeFeed):
         if self._stream is not None:
             self._stream.read_ahead()
 
-    def on_acknowledge(self, position: Any) -> None:
-        """Note ``position`` in the ledger; the stream loop, keep_alive() or close() tell the
-        server."""
+    @property
+    def acknowledged(self) -> PgPosition | None:
+        """The last position acknowledged (loaded from the checkpoint at start), as the ledger
+        keeps it: the one record of it (see `AckLedger`)."""
+        return self._ledger.acknowledged
+
+    @acknowledged.setter
+    def acknowledged(self, position: Any) -> None:
         self._ledger.acknowledge(position)
+
+    def on_acknowledge(self, position: Any) -> None:
+        """Note ``position`` in the ledger (once: `acknowledged` did, when set); the stream
+        loop, keep_alive() or close() tell the server."""
+        if position is not self._ledger.acknowledged:
+            self._ledger.acknowledge(position)
 
     def close(self) -> None:
         """Tell the server what was delivered, and release the connections.
@@ -383,8 +394,8 @@ class PostgresChangeFeed(ChangeFeed):
             if self._stream is not None:
                 self._stream.finish()
             repl.close()
-            self._flush_at_stream_close = ledger.flush_lsn
-        elif ledger.flush_lsn > max(self._flush_at_stream_close, ledger.reported_lsn):
+            ledger.stream_closed()
+        elif ledger.acknowledged_after_close:
             slots.advance_slot(self.dsn, self.slot, format_lsn(ledger.flush_lsn))
             ledger.reported(ledger.flush_lsn)  # tried: the warning said what comes again
         self._replication = None
