@@ -3,10 +3,12 @@
 Where each job lives:
 
 * `feed`: `PostgresChangeFeed`, the I/O loop (importing it registers the backend);
-* `stream`: the rest of the walsender conversation (status updates, read-ahead, the end);
+* `stream`: every read of the replication socket, and the rest of the walsender conversation
+  (status updates, keepalives, read-ahead, the end);
 * `setup`, `slots`, `catalog`, `names`: what is checked and prepared on the server;
 * `snapshot`, `backfill`: the snapshot prefeed, exported or in chunks beside the stream;
 * `protocol`, `pgoutput`, `tuples`, `loading`, `values`: bytes to changes, pure;
+* `position`: `PgPosition`, where a change sits in the stream, pure;
 * `ledger`: which WAL position the slot may confirm, pure;
 * `errors`: what a failure means (retry or stop, and the message), pure;
 * `drain`: the deploy gate (``changefeed drain``).

@@ -5,9 +5,9 @@ created on first run and reused after. The publication lists the watched tables 
 only the selected operations, so the server does not even send the rest.
 
 This module is the I/O: `PostgresChangeFeed.run_changefeed()` prepares the server (`setup`,
-`slots`), takes the snapshot prefeed (`snapshot`, `backfill`), then reads the stream, whose
-framing `protocol` and payload `pgoutput` decode, and tells the server what the `ledger` says
-was delivered. Failures are classified in `errors`.
+`slots`), takes the snapshot prefeed (`snapshot`, `backfill`), then decodes (`pgoutput`) and
+dispatches the frames the `stream` reads, which tells the server what the `ledger` says was
+delivered. Failures are classified in `errors`.
 
 Acknowledgement: the slot's confirmed position only moves to the end of a transaction once every
 change of that transaction has been acknowledged, so a crash replays a partly delivered
@@ -22,7 +22,6 @@ whole old row under ``ALTER TABLE ... REPLICA IDENTITY FULL``.
 from __future__ import annotations
 
 import logging
-import select
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -45,14 +44,7 @@ from changefeed.backends.postgres.names import (
 )
 from changefeed.backends.postgres.pgoutput import Begin, Commit, PgOutputDecoder, Renamed, Truncate
 from changefeed.backends.postgres.position import PgPosition
-from changefeed.backends.postgres.protocol import (
-    KEEPALIVE,
-    XLOGDATA,
-    XLOGDATA_HEADER_SIZE,
-    format_lsn,
-    keepalive,
-    xlogdata_header,
-)
+from changefeed.backends.postgres.protocol import format_lsn
 from changefeed.backends.postgres.stream import ReplicationStream
 from changefeed.change import ALL, Change, SnapshotState
 from changefeed.errors import ConfigurationError
@@ -231,7 +223,7 @@ class PostgresChangeFeed(ChangeFeed):
         ledger = self._ledger
         stream = self._stream = ReplicationStream.start(
             repl, self.slot, self.publication, messages=with_messages, ledger=ledger,
-            status_interval=self.status_interval,
+            status_interval=self.status_interval, stats=self.stats,
         )
         start = slots.confirmed_position(self._sql, self.slot) if self._sql else None
         log.info("streaming %s from slot %s at %s (publication %s)",
@@ -248,81 +240,60 @@ class PostgresChangeFeed(ChangeFeed):
         )
         decode = decoder.decode
         skip_until = ledger.replay_after
-        stats = self.stats
-        pgconn = repl.pgconn
-        sock = pgconn.socket
         last_emitted: PgPosition | None = None
-        get_copy_data = pgconn.get_copy_data
-        backlog = stream.backlog
         last_table_check = time.monotonic()
         backfiller = self._backfiller
         backfiller.reset()  # a window of the previous connection is lost: its chunk comes again
         # While tables are back-filled, their changes go to the back-filler (see `backfill`).
         observe = backfiller.observe if backfiller.queue else None
 
-        # The hot loop: one iteration per message, hundreds of thousands a second.
+        # The hot loop: one iteration per pgoutput message, hundreds of thousands a second.
         try:
-            while True:
-                if backlog:  # read by keep_alive() while the consumer was busy: those come first
-                    nbytes, buffer = backlog.popleft()
-                    if nbytes > 0 and buffer[0] == XLOGDATA:
-                        stream.backlog_bytes -= nbytes
-                else:
-                    nbytes, buffer = get_copy_data(1)
-                if nbytes > 0:
-                    if buffer[0] == XLOGDATA:
-                        event = decode(buffer[XLOGDATA_HEADER_SIZE:])
-                        if event is None:
+            for payload in stream.frames:
+                if payload is not None:
+                    event = decode(payload)
+                    if event is None:
+                        continue
+                    if event.__class__ is Change:
+                        last_emitted = event.position
+                        if observe is not None:
+                            observe(event)
+                        if skip_until is None or last_emitted > skip_until:
+                            yield event
+                    elif event.__class__ is Begin:
+                        ledger.begin()
+                        last_emitted = None
+                    elif event.__class__ is Commit:
+                        stream.committed(last_emitted, event.end_lsn)
+                        if backfiller.finished:
+                            backfiller.committed(event.end_lsn)
+                        self._settle()
+                        if backfiller.due:
+                            backfiller.open_chunk()
+                            observe = backfiller.observe if backfiller.queue else None
+                    elif event.__class__ is Message:
+                        if event.prefix.startswith(_OWN_PREFIXES):  # watermarks, requests
+                            for change in self._backfills.on_message(event, decoder):
+                                last_emitted = change.position
+                                yield change
+                            observe = backfiller.observe if backfiller.queue else None
                             continue
-                        if event.__class__ is Change:
+                        if ledger.in_transaction:
                             last_emitted = event.position
-                            if observe is not None:
-                                observe(event)
-                            if skip_until is None or last_emitted > skip_until:
-                                yield event
-                        elif event.__class__ is Begin:
-                            ledger.begin()
-                            last_emitted = None
-                        elif event.__class__ is Commit:
-                            ledger.commit(last_emitted, event.end_lsn)
-                            stats.lag_bytes = max(0, xlogdata_header(buffer)[1] - event.end_lsn)
-                            if backfiller.finished:
-                                backfiller.committed(event.end_lsn)
-                            self._settle()
-                            if backfiller.due:
-                                backfiller.open_chunk()
-                                observe = backfiller.observe if backfiller.queue else None
-                        elif event.__class__ is Message:
-                            if event.prefix.startswith(_OWN_PREFIXES):  # watermarks, requests
-                                for change in self._backfills.on_message(event, decoder):
-                                    last_emitted = change.position
-                                    yield change
-                                observe = backfiller.observe if backfiller.queue else None
-                                continue
-                            if ledger.in_transaction:
-                                last_emitted = event.position
-                            else:
-                                ledger.standalone_message(event.position, event.lsn)
-                            if skip_until is None or event.position > skip_until:
-                                yield event
-                        elif event.__class__ is Truncate:
-                            log.warning("TRUNCATE of %s is not emitted as changes",
-                                        ", ".join(event.tables))
-                        elif event.__class__ is Renamed:
-                            log.warning("table %s is now %s: its changes go on under the new name",
-                                        event.old_name, event.new_name)
-                            self._tables.stream_names[event.oid] = event.new_name
-                    elif buffer[0] == KEEPALIVE:
-                        wal_end, _, reply_requested = keepalive(buffer)
-                        stats.lag_bytes = max(0, wal_end - ledger.received_lsn)
-                        ledger.keepalive(wal_end)
-                        if reply_requested:
-                            stream.send_status()
+                        else:
+                            ledger.standalone_message(event.position, event.lsn)
+                        if skip_until is None or event.position > skip_until:
+                            yield event
+                    elif event.__class__ is Truncate:
+                        log.warning("TRUNCATE of %s is not emitted as changes",
+                                    ", ".join(event.tables))
+                    elif event.__class__ is Renamed:
+                        log.warning("table %s is now %s: its changes go on under the new name",
+                                    event.old_name, event.new_name)
+                        self._tables.stream_names[event.oid] = event.new_name
                     continue
-                if nbytes < 0:
-                    raise stream.ended(nbytes)
                 yield None  # caught up: the consumer may flush and acknowledge now
-                if backlog:
+                if not stream.caught_up:  # the consumer's keep_alive() read on meanwhile
                     continue
                 self._settle()
                 now = time.monotonic()
@@ -336,10 +307,9 @@ class PostgresChangeFeed(ChangeFeed):
                     observe = backfiller.observe if backfiller.queue else None
                 if stream.status_due(now):
                     stream.send_status()
-                readable, _, _ = select.select([sock], [], [], 1.0)
-                if not readable:
+                if not stream.wait(1.0):
                     yield None
-                pgconn.consume_input()
+            raise stream.ended()
         except GeneratorExit:  # the consumer stopped, maybe right after a transaction's last change
             if ledger.in_transaction and last_emitted is not None:
                 end_lsn = stream.read_to_commit(decode, last_emitted)

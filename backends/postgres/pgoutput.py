@@ -4,8 +4,8 @@
 (insert, update, delete), a `Message` (``pg_logical_emit_message``, when its prefix is wanted),
 a `Begin` or `Commit` marking a transaction's bounds, or None for messages that carry no change
 (relation and type descriptions, origins, messages not wanted). No I/O
-happens here: the stream loop in `changefeed.backends.postgres.feed` reads bytes, this module
-turns them into values, and the tests feed it bytes recorded from a real server.
+happens here: `changefeed.backends.postgres.stream` reads the bytes, this module turns them into
+values, and the tests feed it bytes recorded from a real server.
 
 Values arrive as text and become Python values through a loader factory chosen by type OID
 (`changefeed.backends.postgres.loading`: psycopg's loaders, `Transformer.load_sequence` in C,
