@@ -5,7 +5,9 @@ Where each job lives:
 * `feed`: `PostgresChangeFeed`, the I/O loop (importing it registers the backend);
 * `stream`: every read of the replication socket, and the rest of the walsender conversation
   (status updates, keepalives, read-ahead, the end);
-* `setup`, `slots`, `catalog`, `names`: what is checked and prepared on the server;
+* `connection`: connecting, and the server's checks;
+* `tables`, `publication`, `slots`, `catalog`, `names`: what is resolved and prepared on the
+  server (the watched tables, the publication, the slot, their catalog records, their names);
 * `snapshot`, `backfill`: the snapshot prefeed, exported or in chunks beside the stream;
 * `protocol`, `pgoutput`, `tuples`, `loading`, `values`: bytes to changes, pure;
 * `position`: `PgPosition`, where a change sits in the stream, pure;

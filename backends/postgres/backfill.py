@@ -303,7 +303,7 @@ class Backfiller:
 
 
 def request_backfill(conn: psycopg.Connection, slot: str, tables: list[Any]) -> list[str]:
-    """Ask the feed of ``slot`` to back-fill ``tables`` (resolved `catalog.Table`s): the request
+    """Ask the feed of ``slot`` to back-fill ``tables`` (resolved `tables.Table`s): the request
     goes through the slot, so a running feed starts at once and a stopped one when it next
     reads. Returns the tables' names."""
     from changefeed.backends.postgres import catalog, slots
@@ -352,9 +352,10 @@ def key_types(conn: psycopg.Connection, oid: int, key: list[str]) -> list[str]:
 def request_backfills(url: str, slot: str, tables: Sequence[str]) -> list[str]:
     """`request_backfill` for ``changefeed backfill``: a URL, and table names or patterns as
     given on the command line; returns the tables' names."""
-    from changefeed.backends.postgres import catalog, names, slots
+    from changefeed.backends.postgres import names, slots
+    from changefeed.backends.postgres import tables as tables_module
 
     parsed = [names.parse_table_name(t) for name in tables for t in names.split_tables(name)]
     with slots.connect(url) as conn:
-        resolved = catalog.resolve_tables(conn, parsed)
+        resolved = tables_module.resolve_tables(conn, parsed)
         return request_backfill(conn, names.check_slot_name(slot), resolved)

@@ -4,10 +4,10 @@ One feed = one replication slot + one publication, both named ``changefeed_<name
 created on first run and reused after. The publication lists the watched tables and publishes
 only the selected operations, so the server does not even send the rest.
 
-This module is the I/O: `PostgresChangeFeed.run_changefeed()` prepares the server (`setup`,
-`slots`), takes the snapshot prefeed (`snapshot`, `backfill`), then decodes (`pgoutput`) and
-dispatches the frames the `stream` reads, which tells the server what the `ledger` says was
-delivered. Failures are classified in `errors`.
+This module is the I/O: `PostgresChangeFeed.run_changefeed()` prepares the server
+(`connection`, `tables`, `slots`, `publication`), takes the snapshot prefeed (`snapshot`,
+`backfill`), then decodes (`pgoutput`) and dispatches the frames the `stream` reads, which
+tells the server what the `ledger` says was delivered. Failures are classified in `errors`.
 
 Acknowledgement: the slot's confirmed position only moves to the end of a transaction once every
 change of that transaction has been acknowledged, so a crash replays a partly delivered
@@ -28,8 +28,16 @@ from typing import Any
 
 import psycopg
 
-from changefeed.backends.postgres import catalog, setup, slots, snapshot
+from changefeed.backends.postgres import catalog, slots, snapshot
 from changefeed.backends.postgres.backfill import BACKFILL_PREFIX, WATERMARK_PREFIX
+from changefeed.backends.postgres.connection import (
+    MESSAGES_VERSION,
+    check_messages,
+    check_server,
+    connect,
+    connect_replication,
+    conninfo,
+)
 from changefeed.backends.postgres.errors import is_transient
 from changefeed.backends.postgres.ledger import AckLedger
 from changefeed.backends.postgres.loading import psycopg_loaders
@@ -45,7 +53,9 @@ from changefeed.backends.postgres.names import (
 from changefeed.backends.postgres.pgoutput import Begin, Commit, PgOutputDecoder, Renamed, Truncate
 from changefeed.backends.postgres.position import PgPosition
 from changefeed.backends.postgres.protocol import format_lsn
+from changefeed.backends.postgres.publication import choose_names, ensure_publication
 from changefeed.backends.postgres.stream import ReplicationStream
+from changefeed.backends.postgres.tables import WatchedTables
 from changefeed.change import ALL, Change, SnapshotState
 from changefeed.errors import ConfigurationError
 from changefeed.feed import ChangeFeed
@@ -112,7 +122,7 @@ class PostgresChangeFeed(ChangeFeed):
         self.table_names = [parse_table_name(name) for name in tables]
         self.exclude = [parse_table_name(name) for name in split_tables(exclude)]
         self.snapshot_markers = snapshot_markers
-        self.dsn = setup.conninfo(connection)
+        self.dsn = conninfo(connection)
         self._default_names = slot is None and publication is None
         if slot is None:
             name = options.get("name")
@@ -122,7 +132,7 @@ class PostgresChangeFeed(ChangeFeed):
         self.status_interval = status_interval
         self.snapshot_batch = snapshot_batch
         self.messages = tuple([messages] if isinstance(messages, str) else messages)
-        self._tables = setup.WatchedTables()
+        self._tables = WatchedTables()
         self._slot_known = False  # the slot existed (or was made) on an earlier connection
         self._meta: dict[str, Any] = {}  # the publication's record (see `catalog`)
         self._server_version = 0
@@ -139,23 +149,26 @@ class PostgresChangeFeed(ChangeFeed):
     # -- setup ---------------------------------------------------------------------------------
 
     def run_changefeed(self) -> Iterator[Change | None]:
+        # The order matters, so that a mistake ends with one clear line before anything is
+        # changed: connect, the server, the tables, the names, the replication connection,
+        # the slot's state, and last the publication, the only step that writes.
         first_connection = not self.connected_once
-        conn = self._sql = setup.connect(self.dsn)
+        conn = self._sql = connect(self.dsn)
         self._settle()  # acknowledgements that came after the last stream closed
-        self._server_version = setup.check_server(conn)
+        self._server_version = check_server(conn)
         self._tables.check(conn, self.table_names, self.exclude)
-        setup.check_messages(conn, self.messages)
+        check_messages(conn, self.messages)
         if first_connection:
             if self._default_names:
-                names = setup.choose_names(conn, self.slot, list(self._tables.by_oid.values()),
-                                           legacy_slot_name(self.tables))
+                names = choose_names(conn, self.slot, list(self._tables.by_oid.values()),
+                                     legacy_slot_name(self.tables))
                 if names is not None:
                     self.slot, self.publication = names
             self._backfiller.slot = self.slot
-        repl = self._replication = setup.connect_replication(self.dsn, conn)
+        repl = self._replication = connect_replication(self.dsn, conn)
         slot = slots.get_slot(conn, self.slot)
         slots.check_slot(conn, slot, first_connection=first_connection)
-        publication = setup.ensure_publication(
+        publication = ensure_publication(
             conn, self.publication, self._tables.live(), slot=self.slot,
             operation=self.operation, default_names=self._default_names,
             backfill_added=self.prefeed == "snapshot",
@@ -186,7 +199,7 @@ class PostgresChangeFeed(ChangeFeed):
 
     def _plain_connection(self) -> psycopg.Connection:
         if self._sql is None or self._sql.closed:
-            self._sql = setup.connect(self.dsn)
+            self._sql = connect(self.dsn)
         return self._sql
 
     # -- snapshots -----------------------------------------------------------------------------
@@ -219,7 +232,7 @@ class PostgresChangeFeed(ChangeFeed):
         # carry the back-fills' watermarks and requests, and a transactional one takes an index
         # among its transaction's changes, so positions stay the same whichever prefixes a run
         # asks for.
-        with_messages = self._server_version >= setup.MESSAGES_VERSION
+        with_messages = self._server_version >= MESSAGES_VERSION
         ledger = self._ledger
         stream = self._stream = ReplicationStream.start(
             repl, self.slot, self.publication, messages=with_messages, ledger=ledger,
@@ -233,7 +246,7 @@ class PostgresChangeFeed(ChangeFeed):
             self.operation,
             # User types (domains, enums, composites, ranges) are looked up on a plain
             # connection, opened only when a Relation names one not seen yet.
-            loaders=psycopg_loaders(repl, catalog=lambda: setup.connect(self.dsn)),
+            loaders=psycopg_loaders(repl, catalog=lambda: connect(self.dsn)),
             tables=self._tables.stream_names,
             primary_keys={oid: table.key for oid, table in self._tables.by_oid.items()},
             messages=(*self.messages, *_OWN_PREFIXES) if with_messages else (),

@@ -36,6 +36,7 @@ from changefeed.backends.postgres.backfill import (
     TableBackfill,
     key_types,
 )
+from changefeed.backends.postgres.connection import MESSAGES_VERSION
 from changefeed.backends.postgres.ledger import AckLedger
 from changefeed.backends.postgres.loading import (
     TypeLoaders,
@@ -45,7 +46,7 @@ from changefeed.backends.postgres.loading import (
 )
 from changefeed.backends.postgres.pgoutput import PgOutputDecoder, schema_version
 from changefeed.backends.postgres.position import PgPosition
-from changefeed.backends.postgres.setup import MESSAGES_VERSION, WatchedTables
+from changefeed.backends.postgres.tables import Table, WatchedTables
 from changefeed.backends.postgres.values import SESSION_SETTINGS
 from changefeed.change import Change, Operation, SnapshotState
 from changefeed.errors import BackendError, first_line
@@ -59,12 +60,12 @@ DONE = "done"
 
 _TYPE = struct.Struct("!Ii")
 
-SnapshotItem = tuple[catalog.Table, str | None, dict[str, Any] | str]
+SnapshotItem = tuple[Table, str | None, dict[str, Any] | str]
 """(table, its schema version, a row or "started" / "done")."""
 
 
 def exported_rows(
-    reader: psycopg.Connection, snapshot_name: str, tables: Iterable[catalog.Table],
+    reader: psycopg.Connection, snapshot_name: str, tables: Iterable[Table],
     batch: int, *, markers: bool = False,
 ) -> Iterator[SnapshotItem]:
     """Each table's rows in the exported snapshot ``snapshot_name``, loaded by the stream's own
@@ -98,7 +99,7 @@ def exported_rows(
     reader.execute("COMMIT")
 
 
-def _estimate(reader: psycopg.Connection, table: catalog.Table) -> int:
+def _estimate(reader: psycopg.Connection, table: Table) -> int:
     """Rows in the table (a partitioned one: the sum of its partitions) by the statistics;
     counted in the same snapshot when never analysed."""
     with reader.cursor(row_factory=tuple_row) as cursor:
@@ -170,7 +171,7 @@ def schema_version_of(conn: psycopg.Connection, oid: int) -> str:
 # -- back-fills --------------------------------------------------------------------------------
 
 
-def in_chunks(server_version: int, tables: Iterable[catalog.Table]) -> bool:
+def in_chunks(server_version: int, tables: Iterable[Table]) -> bool:
     """Whether snapshots go in key chunks through the stream (see `backfill`): when the server
     sends logical messages (14+) and every table has a primary key; else the whole snapshot
     is read in the slot's exported snapshot at creation."""
@@ -178,8 +179,8 @@ def in_chunks(server_version: int, tables: Iterable[catalog.Table]) -> bool:
 
 
 def backfill_states(
-    meta: dict[str, Any], tables: Iterable[catalog.Table]
-) -> Iterator[tuple[catalog.Table, Any]]:
+    meta: dict[str, Any], tables: Iterable[Table]
+) -> Iterator[tuple[Table, Any]]:
     """The tables whose snapshot was not delivered on this slot yet, with the recorded state
     of a back-fill cut short (None: from the start)."""
     states = meta.get("backfill") or {}
@@ -192,7 +193,7 @@ def backfill_states(
 
 
 def table_backfill(
-    conn: psycopg.Connection, table: catalog.Table, name: str, state: Any = None
+    conn: psycopg.Connection, table: Table, name: str, state: Any = None
 ) -> TableBackfill:
     """The back-fill of ``table`` (streamed as ``name``), continuing after a recorded state."""
     state = state if isinstance(state, dict) else {}
