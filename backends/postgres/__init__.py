@@ -8,7 +8,8 @@ Where each job lives:
 * `connection`: connecting, and the server's checks;
 * `tables`, `publication`, `slots`, `catalog`, `names`: what is resolved and prepared on the
   server (the watched tables, the publication, the slot, their catalog records, their names);
-* `snapshot`, `backfill`: the snapshot prefeed, exported or in chunks beside the stream;
+* `snapshot`: the exported snapshot, read when the slot is created;
+* `backfill` (I/O) and `chunks` (pure): the snapshot in key chunks beside the stream;
 * `protocol`, `pgoutput`, `tuples`, `loading`, `values`: bytes to changes, pure;
 * `position`: `PgPosition`, where a change sits in the stream, pure;
 * `ledger`: which WAL position the slot may confirm, pure;

@@ -29,7 +29,8 @@ from typing import Any
 import psycopg
 
 from changefeed.backends.postgres import catalog, slots, snapshot
-from changefeed.backends.postgres.backfill import BACKFILL_PREFIX, WATERMARK_PREFIX
+from changefeed.backends.postgres.backfill import Backfills, in_chunks, save_progress
+from changefeed.backends.postgres.chunks import BACKFILL_PREFIX, WATERMARK_PREFIX
 from changefeed.backends.postgres.connection import (
     MESSAGES_VERSION,
     check_messages,
@@ -66,7 +67,7 @@ from changefeed.registry import register_backend
 log = logging.getLogger("changefeed.postgres")
 
 _OWN_PREFIXES = (WATERMARK_PREFIX, BACKFILL_PREFIX)
-"""Messages changefeed writes for itself (see `backfill`): handled, never handed out."""
+"""Messages changefeed writes for itself (see `chunks`): handled, never handed out."""
 DROP_CHECK_SECONDS = 5.0
 """While the stream is quiet, check this often that the watched tables still exist."""
 
@@ -136,12 +137,11 @@ class PostgresChangeFeed(ChangeFeed):
         self._slot_known = False  # the slot existed (or was made) on an earlier connection
         self._meta: dict[str, Any] = {}  # the publication's record (see `catalog`)
         self._server_version = 0
-        self._backfills = snapshot.ChunkedSnapshots(
-            self.slot, self._tables, self._plain_connection, markers=snapshot_markers,
-            batch=snapshot_batch, save=lambda states: snapshot.save_backfills(
+        self._backfills = Backfills(
+            self.slot, self._tables, self._plain_connection, chunk_size=snapshot_batch,
+            markers=snapshot_markers, save=lambda states: save_progress(
                 self._plain_connection, self.publication, self._meta, states),
         )
-        self._backfiller = self._backfills.backfiller
         self._sql: psycopg.Connection | None = None
         self._replication: psycopg.Connection | None = None
         self._stream: ReplicationStream | None = None  # while START_REPLICATION runs
@@ -164,7 +164,7 @@ class PostgresChangeFeed(ChangeFeed):
                                      legacy_slot_name(self.tables))
                 if names is not None:
                     self.slot, self.publication = names
-            self._backfiller.slot = self.slot
+            self._backfills.slot = self.slot
         repl = self._replication = connect_replication(self.dsn, conn)
         slot = slots.get_slot(conn, self.slot)
         slots.check_slot(conn, slot, first_connection=first_connection)
@@ -179,7 +179,7 @@ class PostgresChangeFeed(ChangeFeed):
         pending = self.prefeed == "snapshot" and self._meta.get("snapshot") == snapshot.PENDING
         slot = slots.slot_to_continue(conn, self.slot, slot, snapshot_pending=pending,
                                       known=self._slot_known)
-        chunked = snapshot.in_chunks(self._server_version, self._tables.by_oid.values())
+        chunked = in_chunks(self._server_version, self._tables.by_oid.values())
         if slot is None:
             exported = self.prefeed == "snapshot" and not chunked
             try:
@@ -220,8 +220,8 @@ class PostgresChangeFeed(ChangeFeed):
         """Record what acknowledgements completed: back-fill chunks, the exported snapshot
         (I/O, so never from `on_acknowledge`)."""
         ledger = self._ledger
-        if self._backfiller.finished:
-            self._backfiller.confirmed(ledger)
+        if self._backfills.finished:
+            self._backfills.confirmed(ledger)
         if ledger.snapshot_delivered():
             snapshot.mark(self.dsn, self.publication, self._meta, snapshot.DONE)
 
@@ -255,10 +255,10 @@ class PostgresChangeFeed(ChangeFeed):
         skip_until = ledger.replay_after
         last_emitted: PgPosition | None = None
         last_table_check = time.monotonic()
-        backfiller = self._backfiller
-        backfiller.reset()  # a window of the previous connection is lost: its chunk comes again
-        # While tables are back-filled, their changes go to the back-filler (see `backfill`).
-        observe = backfiller.observe if backfiller.queue else None
+        backfills = self._backfills
+        backfills.reset()  # a window of the previous connection is lost: its chunk comes again
+        # While tables are back-filled, their changes go to the back-fills too (see `backfill`).
+        observe = backfills.observer
 
         # The hot loop: one iteration per pgoutput message, hundreds of thousands a second.
         try:
@@ -278,18 +278,18 @@ class PostgresChangeFeed(ChangeFeed):
                         last_emitted = None
                     elif event.__class__ is Commit:
                         stream.committed(last_emitted, event.end_lsn)
-                        if backfiller.finished:
-                            backfiller.committed(event.end_lsn)
+                        if backfills.finished:
+                            backfills.committed(event.end_lsn)
                         self._settle()
-                        if backfiller.due:
-                            backfiller.open_chunk()
-                            observe = backfiller.observe if backfiller.queue else None
+                        if backfills.due:
+                            backfills.open_chunk()
+                            observe = backfills.observer
                     elif event.__class__ is Message:
                         if event.prefix.startswith(_OWN_PREFIXES):  # watermarks, requests
-                            for change in self._backfills.on_message(event, decoder):
+                            for change in backfills.on_message(event, decoder):
                                 last_emitted = change.position
                                 yield change
-                            observe = backfiller.observe if backfiller.queue else None
+                            observe = backfills.observer
                             continue
                         if ledger.in_transaction:
                             last_emitted = event.position
@@ -315,9 +315,9 @@ class PostgresChangeFeed(ChangeFeed):
                     self._tables.note_dropped(self._sql)
                 if self._tables.dropped:
                     self._end_if_dropped_tables_delivered(stream)
-                if backfiller.due:
-                    backfiller.open_chunk()
-                    observe = backfiller.observe if backfiller.queue else None
+                if backfills.due:
+                    backfills.open_chunk()
+                    observe = backfills.observer
                 if stream.status_due(now):
                     stream.send_status()
                 if not stream.wait(1.0):
@@ -326,8 +326,8 @@ class PostgresChangeFeed(ChangeFeed):
         except GeneratorExit:  # the consumer stopped, maybe right after a transaction's last change
             if ledger.in_transaction and last_emitted is not None:
                 end_lsn = stream.read_to_commit(decode, last_emitted)
-                if end_lsn is not None and backfiller.finished:
-                    backfiller.committed(end_lsn)
+                if end_lsn is not None and backfills.finished:
+                    backfills.committed(end_lsn)
             raise
 
     def _end_if_dropped_tables_delivered(self, stream: ReplicationStream) -> None:
