@@ -86,7 +86,8 @@ class PostgresChangeFeed(ChangeFeed):
         slot: the replication slot name (default ``changefeed_<name or tables>``); the
             publication gets the same name unless ``publication`` is given.
         status_interval: seconds between standby status updates while streaming.
-        snapshot_batch: rows per snapshot chunk (see `changefeed.backends.postgres.backfill`).
+        chunk_size: rows per snapshot chunk (see `changefeed.backends.postgres.chunks`); an
+            exported snapshot fetches this many at a time (``--chunk-size``).
         exclude: tables or patterns to leave out of ``table``'s.
         snapshot_markers: also yield a `SnapshotState` where each table's snapshot starts and
             where it is done.
@@ -108,7 +109,7 @@ class PostgresChangeFeed(ChangeFeed):
         slot: str | None = None,
         publication: str | None = None,
         status_interval: float = 10.0,
-        snapshot_batch: int = 5000,
+        chunk_size: int = 5000,
         exclude: str | Sequence[str] = (),
         snapshot_markers: bool = False,
         messages: Sequence[str] = (),
@@ -131,14 +132,14 @@ class PostgresChangeFeed(ChangeFeed):
         self.slot = check_slot_name(slot)
         self.publication = check_publication_name(publication or self.slot)
         self.status_interval = status_interval
-        self.snapshot_batch = snapshot_batch
+        self.chunk_size = chunk_size
         self.messages = tuple([messages] if isinstance(messages, str) else messages)
         self._tables = WatchedTables()
         self._slot_known = False  # the slot existed (or was made) on an earlier connection
         self._meta: dict[str, Any] = {}  # the publication's record (see `catalog`)
         self._server_version = 0
         self._backfills = Backfills(
-            self.slot, self._tables, self._plain_connection, chunk_size=snapshot_batch,
+            self.slot, self._tables, self._plain_connection, chunk_size=chunk_size,
             markers=snapshot_markers, save=lambda states: save_progress(
                 self._plain_connection, self.publication, self._meta, states),
         )
@@ -210,7 +211,7 @@ class PostgresChangeFeed(ChangeFeed):
         self._ledger.snapshot_last = None  # of a snapshot taken before and cut short
         with psycopg.connect(self.dsn, autocommit=True) as reader:
             tables = list(self._tables.by_oid.values())
-            rows = snapshot.exported_rows(reader, snapshot_name, tables, self.snapshot_batch,
+            rows = snapshot.exported_rows(reader, snapshot_name, tables, self.chunk_size,
                                           markers=self.snapshot_markers)
             yield from self.snapshot_changes(rows, snapshot.ExportedChanges(self._ledger))
         if self._ledger.snapshot_last is None:  # nothing to deliver: done already
