@@ -184,7 +184,7 @@ class PgOutputDecoder:
         self._update_wanted = bool(self.operation & Operation.UPDATE)
         self._delete_wanted = bool(self.operation & Operation.DELETE)
         self._in_transaction = False
-        self._positions = TransactionPositions(0)
+        self._positions = TransactionPositions()
         self._committed_at: datetime | None = None
         self._xid: int | None = None
 
@@ -205,7 +205,7 @@ class PgOutputDecoder:
             final_lsn, timestamp, xid = _BEGIN.unpack_from(data, 1)
             begin = Begin(final_lsn, pg_timestamp(timestamp), xid)
             self._in_transaction = True
-            self._positions = TransactionPositions(final_lsn)
+            self._positions.begin(final_lsn)
             self._committed_at = begin.committed_at
             self._xid = xid
             return begin

@@ -79,20 +79,26 @@ def _restore(text: str) -> PgPosition:
     return _str_new(PgPosition, text)
 
 
-_CACHED_INDEXES = 4096
-_INDEX_TEXTS = tuple(f"{index:08X}" for index in range(_CACHED_INDEXES))
-"""The index part of the first changes of a transaction, formatted once: formatting an int is
-most of what making a position costs, and most transactions are shorter than this."""
+_DIGITS = "0123456789ABCDEF"
+_HEX3 = tuple(a + b + c for a in _DIGITS for b in _DIGITS for c in _DIGITS)
+"""``"000"`` to ``"FFF"``: index texts are put together from these, as formatting an int costs
+most of what making a position does."""
 
 
 class TransactionPositions:
-    """The positions of one transaction's changes (committed at ``lsn``), in order: the one
-    place the stream's positions are made, a change at a time."""
+    """The positions of one transaction's changes, in order (`begin` starts the next
+    transaction's): the one place the stream's positions are made, a change at a time."""
 
-    __slots__ = ("_prefix", "count")
+    __slots__ = ("_prefix", "_below_4096", "_below_2_24", "count")
 
-    def __init__(self, lsn: int) -> None:
-        self._prefix = f"{lsn:016X}:"
+    def __init__(self, lsn: int = 0) -> None:
+        self.begin(lsn)
+
+    def begin(self, lsn: int) -> None:
+        """A transaction committed at ``lsn`` starts: its changes count from 0."""
+        prefix = self._prefix = f"{lsn:016X}:"
+        self._below_4096 = prefix + "00000"  # then 3 hex digits
+        self._below_2_24 = prefix + "00"  # then 3 + 3
         self.count = 0
         """How many positions the transaction gave (or skipped) so far."""
 
@@ -100,8 +106,13 @@ class TransactionPositions:
         """The next change's position."""
         index = self.count
         self.count = index + 1
-        text = _INDEX_TEXTS[index] if index < _CACHED_INDEXES else f"{index:08X}"
-        return _str_new(PgPosition, self._prefix + text)
+        if index < 0x1000:
+            text = self._below_4096 + _HEX3[index]
+        elif index < 0x1000000:
+            text = self._below_2_24 + _HEX3[index >> 12] + _HEX3[index & 0xFFF]
+        else:
+            text = f"{self._prefix}{index:08X}"
+        return _str_new(PgPosition, text)
 
 
 def make_position(lsn: int, index: int) -> PgPosition:

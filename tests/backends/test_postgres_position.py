@@ -60,16 +60,23 @@ def test_of_keeps_a_position_and_reads_text():
 
 
 @pytest.mark.parametrize("lsn", [0, 0x16B3748, 2**64 - 1])
-def test_a_transaction_s_positions_in_order_past_the_formatted_ones(lsn):
-    positions = TransactionPositions(lsn)
+def test_a_transaction_s_positions_in_order_whatever_their_index(lsn):
+    positions = TransactionPositions()
+    positions.begin(lsn)
     taken = [positions.take() for _ in range(4100)]
     positions.count += 3  # changes not handed out still take their index
     taken.append(positions.take())
     indexes = [*range(4100), 4103]
+    for start in (0x10000, 0xABCDEF, 0xFFFFFE, 0xFFFFFFFE):  # made in other ways
+        positions.count = start
+        taken += [positions.take(), positions.take()]
+        indexes += [start, start + 1]
     assert taken == [PgPosition(lsn, index) for index in indexes]
     assert all(type(position) is PgPosition for position in taken)
     assert [(p.lsn, p.index) for p in taken[4094:4098]] == [(lsn, i) for i in range(4094, 4098)]
     assert sorted(taken) == taken
+    positions.begin(lsn + 1 if lsn < 2**64 - 1 else 0)
+    assert positions.take().index == 0
 
 
 def test_positions_order_as_numbers_where_text_of_other_widths_would_not():
