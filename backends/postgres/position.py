@@ -80,7 +80,8 @@ def _restore(text: str) -> PgPosition:
 
 
 _DIGITS = "0123456789ABCDEF"
-_HEX3 = tuple(a + b + c for a in _DIGITS for b in _DIGITS for c in _DIGITS)
+_HEX2 = [high + low for high in _DIGITS for low in _DIGITS]
+_HEX3 = tuple([digit + pair for digit in _DIGITS for pair in _HEX2])
 """``"000"`` to ``"FFF"``: index texts are put together from these, as formatting an int costs
 most of what making a position does."""
 
