@@ -17,9 +17,8 @@ from changefeed.backends.postgres.pgoutput import (
     Begin,
     Commit,
     PgOutputDecoder,
-    make_position,
-    parse_position,
 )
+from changefeed.backends.postgres.position import make_position, parse_position
 from changefeed.backends.postgres.protocol import format_lsn, parse_lsn
 from changefeed.delivery import ThrottledAcks
 from changefeed.testing import MemoryFeed, insert

@@ -128,7 +128,7 @@ def run(
     if exclude:
         options["exclude"] = list(exclude)
     if chunk_size is not None:
-        options["snapshot_batch"] = chunk_size
+        options["chunk_size"] = chunk_size
     if (options or len(tables) > 1) and not is_postgresql_url(url):
         raise CliError("several tables, --exclude, --slot and --publication apply to PostgreSQL"
                        " URLs only", 2)

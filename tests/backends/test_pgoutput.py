@@ -17,9 +17,8 @@ from changefeed.backends.postgres.pgoutput import (
     Commit,
     PgOutputDecoder,
     Truncate,
-    make_position,
-    parse_position,
 )
+from changefeed.backends.postgres.position import make_position, parse_position
 from changefeed.backends.postgres.protocol import format_lsn, parse_lsn
 from changefeed.backends.postgres.tuples import row_decoder
 from changefeed.errors import DecodeError
