@@ -16,6 +16,7 @@ from changefeed.cli.postgres import backfill, drain, slots
 from changefeed.cli.run import encoder, run
 from changefeed.cli.serve import serve
 from changefeed.cli.status import status
+from changefeed.formats.registry import FORMAT_NAMES
 from changefeed.redact import install_excepthook
 
 
@@ -28,7 +29,7 @@ def cli() -> None:
 @click.command()
 @click.option("--seconds", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="How long to run (0: until Ctrl-C).")
-@click.option("--format", "fmt", type=click.Choice(["delta", "change"]), default="delta",
+@click.option("--format", "fmt", type=click.Choice(FORMAT_NAMES), default="delta",
               show_default=True)
 def demo(seconds: float, fmt: str) -> None:
     """Stream live deltas from a throwaway local PostgreSQL with a demo writer."""

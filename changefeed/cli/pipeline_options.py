@@ -10,8 +10,8 @@ sink. ``--sink SPEC`` and ``--dead-letter SPEC`` name a sink (`sink_from_spec`, 
 lists the forms). ``--where EXPR`` and ``--filter JSON`` filter rows
 (`changefeed.pipelines.where_expressions`); ``--stage MODULE:NAME`` adds a Python callable.
 
-``--format delta`` (default) sends Snorky deltas, ``--format change`` the whole change,
-``--format debezium`` Debezium's envelope (`changefeed.pipelines.debezium`). A Snorky sink always
+``--format`` names one of the formats of `changefeed.formats.registry`: ``delta`` (default) sends
+Snorky deltas, ``change`` the whole change, ``debezium`` Debezium's envelope. A Snorky sink always
 receives deltas and a Redis stream always holds whole changes (its readers apply their own
 stages), whatever the format; a Kafka sink writes each record in the format given.
 """
@@ -26,10 +26,11 @@ from typing import Any
 
 from changefeed.cli.common import ACK_SECONDS
 from changefeed.errors import ConfigurationError
+from changefeed.formats.registry import FormatOptions, format_named
 from changefeed.pipelines.pipeline import Pipeline
 from changefeed.pipelines.sinks import Sink
 from changefeed.pipelines.sinks.spec import sink_from_spec
-from changefeed.pipelines.stages import Stage, subscription, to_delta
+from changefeed.pipelines.stages import Stage, subscription
 from changefeed.pipelines.where_expressions import parse_filter, parse_where, row_filter
 
 _FLAGS = {"tables": "TABLE...", "fmt": "--format", "stages": "--stage"}
@@ -118,14 +119,11 @@ def pipeline_parts(
         steps.extend(load_stage(spec) for spec in stages)
     # A sink that takes one kind of item says so (Snorky: deltas; Redis and Kafka: changes).
     encode: Stage | None = None
-    if fmt == "delta" and out.accepts == "any":
-        encode = to_delta(model)
-    if fmt == "debezium" and out.accepts == "any":
-        from changefeed.pipelines.debezium import DebeziumEncoder, Source, database_of
-
+    if out.accepts == "any":
         connection = getattr(feed, "connection", None)
         url = connection if isinstance(connection, str) else ""
-        encode = DebeziumEncoder(Source(database=database_of(url)))
+        with blame("fmt"):
+            encode = format_named(fmt).stage(FormatOptions(model=model, url=url))
     with blame("dead_letter"):
         letters = (sink_from_spec(dead_letter, option=flag("dead_letter")) if dead_letter
                    else None)

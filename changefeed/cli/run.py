@@ -38,7 +38,8 @@ from changefeed.delivery import (
     silence_stdout,
 )
 from changefeed.feed import ChangeFeed
-from changefeed.pipelines.delta import delta_line_encoder, dumps_line
+from changefeed.formats.codec import dumps_line
+from changefeed.formats.registry import FORMAT_NAMES, FORMATS, FormatOptions, format_named
 from changefeed.preflight import check_writable
 from changefeed.registry import get_changefeed, is_postgresql_url
 
@@ -98,7 +99,7 @@ def check_options(
     if options.exclude:
         feed_options["exclude"] = list(options.exclude)
     if options.chunk_size is not None:
-        feed_options["snapshot_batch"] = options.chunk_size
+        feed_options["chunk_size"] = options.chunk_size
     postgresql = is_postgresql_url(url)
     if (feed_options or len(options.tables) > 1) and not postgresql:
         blamed = "tables" if len(options.tables) > 1 else next(
@@ -117,7 +118,8 @@ def check_options(
                 f"{flag('messages')} writes JSON lines to stdout: it does not combine with a"
                 f" pipeline ({others}) yet", "messages")
         feed_options["messages"] = options.messages
-    if options.fmt == "change" and not (pipeline or options.pipeline_wanted) and postgresql:
+    if (format_named(options.fmt).snapshot_markers and not (pipeline or options.pipeline_wanted)
+            and postgresql):
         feed_options["snapshot_markers"] = True  # {"type": "snapshot", ...} lines
     return feed_options
 
@@ -157,9 +159,9 @@ def make_output(feed: ChangeFeed, options: RunOptions) -> Output:
               help="Operations to stream: insert, update, delete (comma-separated) or all.")
 @click.option("--prefeed", type=click.Choice(["snapshot"]), default=None,
               help="Start with every existing row (as snapshot inserts), then stream.")
-@click.option("--format", "fmt", type=click.Choice(["delta", "change", "debezium"]),
-              default="delta", show_default=True,
-              help="Snorky delta, the full change with its position, or Debezium's envelope.")
+@click.option("--format", "fmt", type=click.Choice(FORMAT_NAMES), default="delta",
+              show_default=True,
+              help="; ".join(f"{known.name}: {known.summary}" for known in FORMATS) + ".")
 @click.option("--model", "models", multiple=True, metavar="[TABLE=]NAME",
               help="Model name in deltas, for all tables or per table (repeatable; default:"
                    " the table name).")
@@ -297,18 +299,8 @@ def _parse_models(values: tuple[str, ...]) -> str | dict[str, str] | None:
 def encoder(
     fmt: str, model: str | dict[str, str] | None, url: str = ""
 ) -> Callable[[Change], bytes]:
-    if fmt == "debezium":
-        from changefeed.pipelines.debezium import Source, database_of, line_encoder
-
-        return line_encoder(Source(database=database_of(url)))
-    if fmt == "change":
-
-        def encode_change(change: Change) -> bytes:
-            return dumps_line(change.to_dict())
-
-        return encode_change
-
-    return delta_line_encoder(model)
+    """The JSON-line encoder of format ``fmt`` (`changefeed.formats.registry`)."""
+    return format_named(fmt).lines(FormatOptions(model=model, url=url))
 
 
 def _with_messages(encode: Callable[[Change], bytes]) -> Callable[[Any], bytes]:

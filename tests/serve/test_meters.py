@@ -20,11 +20,11 @@ from changefeed.errors import (
     ResumeError,
     TransientBackendError,
 )
-from changefeed.feed import Retry
+from changefeed.formats.codec import dumps_line
 from changefeed.pipelines import JsonLinesSink, Pipeline, to_delta
-from changefeed.pipelines.delta import dumps_line
 from changefeed.pipelines.sinks.http import WebhookSink
 from changefeed.pipelines.stages import where
+from changefeed.retry import Retry
 from changefeed.serve.pipelines.meters import (
     LATENCY_BUCKETS,
     CountingRetry,

@@ -18,7 +18,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from prometheus_client.parser import text_string_to_metric_families
 from serving import Serve, jsonl
 
-from changefeed.pipelines.records import change_of_entry
+from changefeed.formats.records import change_of_entry
 from changefeed.serve.pipelines.metrics import METRICS
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.redis]

@@ -29,9 +29,9 @@ import orjson
 
 from changefeed.change import Change, Operation
 from changefeed.delivery import Output
-from changefeed.feed import Retry
-from changefeed.pipelines.delta import dumps, dumps_line
+from changefeed.formats.codec import dumps, dumps_line
 from changefeed.pipelines.sinks import Batch, JsonLinesSink, Sink, as_sink, jsonable
+from changefeed.retry import Retry
 
 _Fragment = getattr(orjson, "Fragment", None)
 """Already encoded JSON that orjson writes as it is (None in an orjson without it)."""
@@ -328,7 +328,7 @@ class MeasuredOutput(Output):
         self.on_open = on_open
         self.pending: collections.deque[Any] = collections.deque()
         self.last_activity = 0.0
-        """Monotonic time of the last quiet tick: the source is answering."""
+        """Monotonic time of the last idle tick: the source is answering."""
         self.last_snapshot_put = 0.0
 
     @property
@@ -359,9 +359,9 @@ class MeasuredOutput(Output):
             popleft()
         self.confirm(position, count)
 
-    def quiet(self) -> None:
+    def idle(self) -> None:
         self.last_activity = time.monotonic()
-        self.inner.quiet()
+        self.inner.idle()
 
     def finish(self) -> None:
         self.inner.finish()
