@@ -641,7 +641,7 @@ def check_tables(config: ServeConfig, names: list[str] | None = None,
 def _resolve_tables(spec: PipelineSpec, timeout: float) -> None:
     import psycopg
 
-    from changefeed.backends.postgres import catalog
+    from changefeed.backends.postgres import tables
     from changefeed.backends.postgres.names import parse_table_name, split_tables
     from changefeed.errors import TransientBackendError
 
@@ -653,7 +653,7 @@ def _resolve_tables(spec: PipelineSpec, timeout: float) -> None:
     with conn:
         names = [parse_table_name(table) for table in split_tables(options["tables"])]
         exclude = [parse_table_name(table) for table in split_tables(options["exclude"])]
-        catalog.resolve_tables(conn, names, exclude)
+        tables.resolve_tables(conn, names, exclude)
 
 
 __all__ = ["Built", "PIPELINE_KEYS", "PipelineSpec", "ServeConfig", "Supervision", "build",
