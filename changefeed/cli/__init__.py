@@ -1,9 +1,10 @@
 """The ``changefeed`` command line: stream a table's changes as JSON lines.
 
-Commands: ``run`` (`changefeed.cli.run`), the PostgreSQL maintenance commands ``slots``,
-``drain`` and ``backfill`` (`changefeed.cli.postgres`), and ``demo``. Expected failures (bad
-input, unreachable server, missing privilege) print one line and exit with the error's exit
-code (`changefeed.errors`); a traceback means a bug.
+Commands: ``run`` (`changefeed.cli.run`), ``serve`` (`changefeed.cli.serve`) and ``status``
+(`changefeed.cli.status`), the PostgreSQL maintenance commands ``slots``, ``drain`` and
+``backfill`` (`changefeed.cli.postgres`), and ``demo``. Expected failures (bad input,
+unreachable server, missing privilege) print one line and exit with the error's exit code
+(`changefeed.errors`); a traceback means a bug.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import click
 from changefeed.cli.common import ACK_SECONDS, expected_errors, setup_logging
 from changefeed.cli.postgres import backfill, drain, slots
 from changefeed.cli.run import encoder, run
+from changefeed.cli.serve import serve
+from changefeed.cli.status import status
 from changefeed.formats.registry import FORMAT_NAMES
 from changefeed.redact import install_excepthook
 
@@ -37,7 +40,7 @@ def demo(seconds: float, fmt: str) -> None:
         run_demo(seconds=seconds or None, encode=encoder(fmt, None))
 
 
-for command in (run, slots, drain, backfill, demo):
+for command in (run, serve, status, slots, drain, backfill, demo):
     cli.add_command(command)
 
 

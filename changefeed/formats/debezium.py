@@ -20,6 +20,7 @@ that cannot match Debezium's and why.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -206,6 +207,7 @@ def _ms(moment: datetime | None) -> int | None:
     return None if moment is None else int(moment.timestamp() * 1000)
 
 
+@functools.cache  # reading the package's metadata takes milliseconds: once per process
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
