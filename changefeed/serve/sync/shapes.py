@@ -36,7 +36,7 @@ from typing import Any
 import sqlglot
 from sqlglot import exp
 
-from changefeed.serve.sync.values import Column, TableInfo, parse_literal, to_python
+from changefeed.serve.sync.values import TableInfo, parse_literal, to_python
 
 Row = Mapping[str, Any]
 Getter = Callable[[Row], Any]
@@ -136,7 +136,15 @@ class _Compiler:
         handler = getattr(self, f"_{type(node).__name__.lower()}", None)
         if handler is None:
             raise ShapeError(f"where: {_describe(node)} is not supported")
-        return handler(node)
+        compiled = handler(node)
+        if node.args.get("negate") and not isinstance(node, exp.Is):  # NOT LIKE, NOT BETWEEN
+            inner = compiled.get
+
+            def negate(row: Row) -> bool | None:
+                value = inner(row)
+                return None if value is None else not value
+            return _Expr(negate, "bool")
+        return compiled
 
     # literals and parameters
     def _column(self, node: exp.Column) -> _Expr:
@@ -677,32 +685,28 @@ def _split_identifiers(text: str) -> list[str]:
     return parts
 
 
+_IDENTIFIER = re.compile(r'"((?:[^"]|"")+)"|([A-Za-z_][A-Za-z0-9_$]*)')
+
+
 def parse_table(text: str) -> tuple[str, str]:
     """Electric's ``table`` parameter as (schema, name): ``issues`` is ``public.issues``,
     ``foo.issues`` and quoted names (``"Foo"."Bar"``) as PostgreSQL reads them."""
     if not text or not text.strip():
         raise ShapeError("table is required")
-    try:
-        table = exp.to_table(text.strip(), dialect="postgres")
-    except (sqlglot.errors.ParseError, ValueError):
-        raise ShapeError(f"table: cannot read {text!r} as a table name") from None
-    if table is None or not isinstance(table, exp.Table) or table.args.get("catalog"):
-        raise ShapeError(f"table: cannot read {text!r} as a table name")
-
-    def name_of(identifier: Any) -> str:
-        if identifier is None:
-            return ""
-        return identifier.this if identifier.quoted else identifier.this.lower()
-    name = name_of(table.this)
-    schema = name_of(table.args.get("db")) or "public"
-    if not name or not isinstance(table.this, exp.Identifier):
-        raise ShapeError(f"table: cannot read {text!r} as a table name")
-    return schema, name
-
-
-def owner_value(column: Column, owner: Any) -> Any:
-    """The owner id as the owner column's Python value (for comparisons and SQL)."""
-    return to_python(column.kind, owner, column.dims)
+    parts, position, source = [], 0, text.strip()
+    while True:
+        match = _IDENTIFIER.match(source, position)
+        if match is None:
+            raise ShapeError(f"table: cannot read {text!r} as a table name")
+        quoted, plain = match.groups()
+        parts.append(quoted.replace('""', '"') if quoted is not None else plain.lower())
+        position = match.end()
+        if position == len(source):
+            break
+        if source[position] != "." or len(parts) == 2:
+            raise ShapeError(f"table: cannot read {text!r} as a table name")
+        position += 1
+    return (parts[0], parts[1]) if len(parts) == 2 else ("public", parts[0])
 
 
 __all__ = ["Shape", "ShapeError", "View", "compile_where", "parse_columns", "parse_table"]
