@@ -157,6 +157,7 @@ class ShapeApi:
         self.core = core
         self._messages: OrderedDict[str, Messages] = OrderedDict()
         self._memo: OrderedDict[tuple, tuple[list[bytes], int]] = OrderedDict()
+        self._frames_memo: OrderedDict[tuple, bytes] = OrderedDict()
         self._snapshots: dict[str, tuple[float, asyncio.Future[tuple[int, list[bytes]]]]] = {}
 
     def routes(self) -> list[Route]:
@@ -292,6 +293,24 @@ class ShapeApi:
             self._memo.popitem(last=False)
         return result
 
+    async def _frames(self, shape: Shape, offset: int) -> tuple[bytes, int]:
+        """The SSE frames of `_collect`'s messages, an ``up-to-date`` after them; made once
+        for all the streams of one shape at one offset."""
+        messages, reached = await self._collect(shape, offset)
+        if not messages:
+            return b"", reached
+        key = ("sse", shape.digest, offset, reached)
+        frames = self._frames_memo.get(key)
+        if frames is None:
+            control = orjson.dumps({"headers": {
+                "control": "up-to-date", "global_last_seen_lsn": str(reached)}})
+            frames = b"".join(b"data: " + m + b"\n\n" for m in messages) + (
+                b"data: " + control + b"\n\n")
+            self._frames_memo[key] = frames
+            if len(self._frames_memo) > 1024:
+                self._frames_memo.popitem(last=False)
+        return frames, reached
+
     async def _catch_up(self, shape: Shape, offset: int) -> tuple[list[bytes], int, bool]:
         messages, end = await self._collect(shape, offset)
         return messages, end, end >= self.core.reader.head
@@ -399,12 +418,9 @@ class ShapeApi:
             keepalive = core.settings.keepalive_seconds
             last_sent = loop.time()
             while not core.stopping:
-                messages, reached = await self._collect(shape, position)
-                if messages:
-                    control = orjson.dumps({"headers": {
-                        "control": "up-to-date", "global_last_seen_lsn": str(reached)}})
-                    yield b"".join(b"data: " + m + b"\n\n" for m in messages) + (
-                        b"data: " + control + b"\n\n")
+                frames, reached = await self._frames(shape, position)
+                if frames:
+                    yield frames
                     last_sent = loop.time()
                 position = reached
                 now = loop.time()

@@ -50,13 +50,15 @@ from psycopg import sql
 from changefeed import Change, ChangefeedError, ConfigurationError, SnapshotState, get_changefeed
 from changefeed.change import UNCHANGED, Operation
 from changefeed.errors import first_line
-from changefeed.pipelines import Batch, Pipeline, Sink
+from changefeed.pipelines import Batch, Pipeline, Sink, batch
 from changefeed.pipelines.delta import dumps
 from changefeed.serve.sync.values import COLUMNS_SQL, KEY_SQL, TableInfo, table_from_rows
 
 log = logging.getLogger("changefeed.serve.sync")
 
 DEFAULT_SCHEMA = "changefeed_sync"
+BATCH_SECONDS = 0.01
+"""The longest a change waits for others to be logged in one transaction with it."""
 
 
 def jsonify(value: Any) -> Any:
@@ -441,7 +443,8 @@ class Feeder(threading.Thread):
                               slot=name, publication=name, snapshot_markers=True,
                               status_interval=1.0)
         self.sink = LogSink(self.url, self.schema, self.tables)
-        pipeline = Pipeline(feed, [], sink=self.sink)
+        # Batches close after at most BATCH_SECONDS: a change waits no longer to be logged.
+        pipeline = Pipeline(feed, [batch(1000, BATCH_SECONDS)], sink=self.sink)
         self._pipeline = pipeline
         outcome: list[BaseException] = []
 
