@@ -170,20 +170,17 @@ def shape_url(server: Server, **params: Any) -> str:
     return f"{server.base}/v1/shape?{urllib.parse.urlencode(params)}"
 
 
-class ShapeClient:
-    """``@electric-sql/client`` in Node syncing one shape (``js/shape_client.mjs``)."""
+class _Node:
+    """One Node process running ``js/shape_client.mjs`` for one or more shapes."""
 
-    def __init__(self, server: Server, table: str, **options: Any) -> None:
+    def __init__(self, shapes: list[dict[str, Any]]) -> None:
         node_modules()
-        self.options = {"url": f"{server.base}/v1/shape", "table": table, **options}
-        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.history: list[dict[str, Any]] = []
+        self.queues: list[queue.Queue[dict[str, Any]]] = [queue.Queue() for _ in shapes]
+        self.histories: list[list[dict[str, Any]]] = [[] for _ in shapes]
         self.process = subprocess.Popen(
-            ["node", str(JS / "shape_client.mjs"), json.dumps(self.options)],
+            ["node", str(JS / "shape_client.mjs"), json.dumps(shapes)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=JS)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self.last: dict[str, Any] | None = None
+        threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
         assert self.process.stdout is not None
@@ -192,8 +189,34 @@ class ShapeClient:
                 event = json.loads(line)
             except ValueError:
                 continue
-            self.history.append(event)
-            self.events.put(event)
+            index = event.get("shape", 0)
+            self.histories[index].append(event)
+            self.queues[index].put(event)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+class ShapeClient:
+    """``@electric-sql/client`` in Node syncing one shape (``js/shape_client.mjs``); several
+    may share one Node process (`shape_clients`)."""
+
+    def __init__(self, server: Server | None, table: str, *, node: _Node | None = None,
+                 index: int = 0, **options: Any) -> None:
+        if node is None:
+            assert server is not None
+            node = _Node([{"url": f"{server.base}/v1/shape", "table": table, **options}])
+        self.node = node
+        self.index = index
+        self.events = node.queues[index]
+        self.history = node.histories[index]
+        self.last: dict[str, Any] | None = None
 
     def wait(self, condition: Callable[[dict[str, Any]], bool], what: str,
              timeout: float = 30) -> dict[str, Any]:
@@ -248,19 +271,21 @@ class ShapeClient:
         return sum(event["event"] == "must-refetch" for event in self.history)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        self.node.stop()
 
     def __enter__(self) -> ShapeClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def shape_clients(server: Server, table: str, shapes: Sequence[dict[str, Any]]
+                  ) -> list[ShapeClient]:
+    """One client per shape options, all in one Node process (stop any of them to stop all)."""
+    node = _Node([{"url": f"{server.base}/v1/shape", "table": table, **shape}
+                  for shape in shapes])
+    return [ShapeClient(None, table, node=node, index=i) for i in range(len(shapes))]
 
 
 _NUMBER_TYPES = {"int2", "int4", "oid", "float4", "float8"}

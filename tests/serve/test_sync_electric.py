@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from synctools import Server, ShapeClient, electric_rows, get, shape_url
+from synctools import Server, ShapeClient, electric_rows, get, shape_clients, shape_url
 
 pytestmark = pytest.mark.postgres
 
@@ -72,8 +72,8 @@ def test_clients_follow_rows_entering_and_leaving_their_where(
 ) -> None:
     make_items(pg)
     with Server(pg_dsn, ["items"]).start() as server:
-        clients = [ShapeClient(server, "items", where=where, sse=sse) for where in WHERES]
-        clients.append(ShapeClient(server, "items", sse=sse))  # the whole table
+        clients = shape_clients(server, "items", [{"where": where, "sse": sse}
+                                                  for where in [*WHERES, None]])
         try:
             for client, where in zip(clients, [*WHERES, None], strict=True):
                 event = client.wait_rows(lambda w=where: electric_rows(pg, "items", w))
@@ -84,8 +84,7 @@ def test_clients_follow_rows_entering_and_leaving_their_where(
                 assert event["shapeRows"] == event["rows"]
                 assert client.refetches() == 0 and not client.errors()
         finally:
-            for client in clients:
-                client.stop()
+            clients[0].stop()
 
 
 def test_where_on_every_type_matches_postgresql(pg_dsn: str, pg: psycopg.Connection) -> None:
@@ -108,7 +107,7 @@ def test_where_on_every_type_matches_postgresql(pg_dsn: str, pg: psycopg.Connect
         "coalesce(n, 0) * 2 > 25",
     ]
     with Server(pg_dsn, ["typed"]).start() as server:
-        clients = [ShapeClient(server, "typed", where=where) for where in wheres]
+        clients = shape_clients(server, "typed", [{"where": where} for where in wheres])
         try:
             for client, where in zip(clients, wheres, strict=True):
                 expected = electric_rows(pg, "typed", where)
@@ -119,16 +118,17 @@ def test_where_on_every_type_matches_postgresql(pg_dsn: str, pg: psycopg.Connect
             for client, where in zip(clients, wheres, strict=True):
                 client.wait_rows(lambda w=where: electric_rows(pg, "typed", w))
         finally:
-            for client in clients:
-                client.stop()
+            clients[0].stop()
 
 
 def test_a_columns_shape_gets_only_its_columns(pg_dsn: str, pg: psycopg.Connection) -> None:
     make_items(pg, 8)
     with Server(pg_dsn, ["items"]).start() as server:
         columns = ["id", "title", "price"]
-        with ShapeClient(server, "items", columns=columns, where="priority > 1") as client, \
-                ShapeClient(server, "items", columns=["id", "done"], replica="full") as full:
+        client, full = shape_clients(server, "items", [
+            {"columns": columns, "where": "priority > 1"},
+            {"columns": ["id", "done"], "replica": "full"}])
+        with client:
             first = client.wait_rows(lambda: electric_rows(pg, "items", "priority > 1", columns))
             full.wait_rows(lambda: electric_rows(pg, "items", None, ["id", "done"]))
             pg.execute("UPDATE items SET big = big + 1")  # no column of the first shape
@@ -186,8 +186,8 @@ def test_sigkill_of_the_server_mid_stream_loses_nothing(
                 time.sleep(0.01)
 
     try:
-        with ShapeClient(server, "items", where=where) as client, \
-                ShapeClient(server, "items", sse=True) as sse:
+        client, sse = shape_clients(server, "items", [{"where": where}, {"sse": True}])
+        with client:
             client.wait_rows(lambda: electric_rows(pg, "items", where))
             thread = threading.Thread(target=writer)
             thread.start()
@@ -249,14 +249,14 @@ def test_offsets_older_than_the_log_window_are_served_or_refetched_once(
     """Past the log window a client gets each changed key as it is now (deletes included);
     past the tombstone window it must refetch, once."""
     make_items(pg, 12)
-    settings = {"log_window": 1.0, "tombstone_window": 6.0, "compact_interval": 0.5}
+    settings = {"log_window": 0.5, "tombstone_window": 4.0, "compact_interval": 0.3}
     server = Server(pg_dsn, ["items"], settings=settings, log=tmp_path / "serve.log").start()
     where = "priority >= 1"
     try:
         with ShapeClient(server, "items", where=where) as client:
             saved = client.wait_rows(lambda: electric_rows(pg, "items", where))
         shuffle_items(pg)
-        time.sleep(3.0)  # the log window passes, and compaction with it
+        time.sleep(1.5)  # the log window passes, and compaction with it
         _, _, state = get(server.base + "/healthz")
         assert state["services"]["sync"]["ready"]
         count = pg.execute("SELECT count(*) FROM changefeed_sync.log").fetchone()[0]
@@ -265,7 +265,7 @@ def test_offsets_older_than_the_log_window_are_served_or_refetched_once(
                          offset=saved["offset"], rows=saved["rows"]) as client:
             client.wait_rows(lambda: electric_rows(pg, "items", where))
             assert client.refetches() == 0
-        time.sleep(7.0)  # now the tombstones are gone too
+        time.sleep(4.5)  # now the tombstones are gone too
         with ShapeClient(server, "items", where=where, handle=saved["handle"],
                          offset=saved["offset"], rows=saved["rows"]) as client:
             client.wait_rows(lambda: electric_rows(pg, "items", where))

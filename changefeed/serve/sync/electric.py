@@ -160,6 +160,7 @@ class ShapeApi:
         self._frames_memo: OrderedDict[tuple, bytes] = OrderedDict()
         self._snapshots: dict[str, tuple[float, asyncio.Future[tuple[int, list[bytes]]]]] = {}
 
+
     def routes(self) -> list[Route]:
         return [Route("/v1/shape", self.endpoint, methods=["GET", "OPTIONS"])]
 
@@ -332,15 +333,11 @@ class ShapeApi:
         now = time.monotonic()
         cached = self._snapshots.get(shape.digest)
         if cached is None or now - cached[0] > self.core.settings.snapshot_reuse_seconds or (
-                cached[1].done() and cached[1].exception() is not None):
-            future: asyncio.Future[tuple[int, list[bytes]]] = (
-                asyncio.get_running_loop().create_future())
+                cached[1].done() and not cached[1].cancelled()
+                and cached[1].exception() is not None):
+            # A task of its own: a client that goes away does not cancel the others' read.
+            future = asyncio.ensure_future(self._read_snapshot(shape))
             self._snapshots[shape.digest] = (now, future)
-            try:
-                future.set_result(await self._read_snapshot(shape))
-            except Exception as exc:
-                future.set_exception(exc)
-                raise
             for digest, (at, _) in list(self._snapshots.items()):
                 if now - at > 60:
                     del self._snapshots[digest]

@@ -47,7 +47,14 @@ import orjson
 import psycopg
 from psycopg import sql
 
-from changefeed import Change, ChangefeedError, ConfigurationError, SnapshotState, get_changefeed
+from changefeed import (
+    Change,
+    ChangefeedError,
+    ConfigurationError,
+    Message,
+    SnapshotState,
+    get_changefeed,
+)
 from changefeed.change import UNCHANGED, Operation
 from changefeed.errors import first_line
 from changefeed.pipelines import Batch, Pipeline, Sink, batch
@@ -98,6 +105,13 @@ def schema_ddl(schema: str) -> list[sql.Composable]:
                 " applied_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (owner, id))"
                 ).format(s),
     ]
+
+
+def fence_prefix(schema: str) -> str:
+    """The prefix of the logical messages that mark a transaction as wholly logged: a Mobync
+    request writes one last in its transaction; the sink logs it as an entry of op ``f``
+    (no table) after every change before it, so a reader that has it has them all."""
+    return f"changefeed_sync.fence:{schema}"
 
 
 def lock_key(schema: str) -> str:
@@ -210,8 +224,8 @@ class LogSink(Sink):
                          if position is None or pos is None or str(pos) > position]
                 if not fresh:
                     return
-                changes = [item for item, _ in fresh if isinstance(item, Change)]
-                known = self._known_rows(conn, changes)
+                changes = [item for item, _ in fresh if isinstance(item, (Change, Message))]
+                known = self._known_rows(conn, [c for c in changes if isinstance(c, Change)])
                 entries, rows, head = self._entries(changes, known, head)
                 if entries:
                     with conn.cursor().copy(sql.SQL(
@@ -272,7 +286,7 @@ class LogSink(Sink):
             return jsonify({column: change.old[column] for column in columns})
         return None
 
-    def _entries(self, changes: list[Change], known: dict[tuple, Any],
+    def _entries(self, changes: list[Change | Message], known: dict[tuple, Any],
                  head: int) -> tuple[list[_Pending], list[tuple], int]:
         entries: list[_Pending] = []
         rows: dict[tuple[str, str], tuple] = {}
@@ -287,6 +301,11 @@ class LogSink(Sink):
             rows[(tbl, ktext)] = (tbl, key, head, new)
 
         for change in changes:
+            if isinstance(change, Message):  # a fence: the transaction is wholly logged
+                head += 1
+                entries.append(_Pending(head, "", {}, "f", None, None, change.transaction,
+                                        change.committed_at))
+                continue
             tbl = change.table
             if change.key is None:
                 continue
@@ -441,7 +460,7 @@ class Feeder(threading.Thread):
         name = slot_name(self.schema)
         feed = get_changefeed(self.url, [t.qualified for t in self.tables], prefeed="snapshot",
                               slot=name, publication=name, snapshot_markers=True,
-                              status_interval=1.0)
+                              status_interval=1.0, messages=[fence_prefix(self.schema)])
         self.sink = LogSink(self.url, self.schema, self.tables)
         # Batches close after at most BATCH_SECONDS: a change waits no longer to be logged.
         pipeline = Pipeline(feed, [batch(1000, BATCH_SECONDS)], sink=self.sink)
@@ -479,5 +498,6 @@ class Feeder(threading.Thread):
             raise ChangefeedError("the shape log's feed ended")
 
 
-__all__ = ["DEFAULT_SCHEMA", "Feeder", "LogSink", "compact", "jsonify", "key_text",
+__all__ = ["DEFAULT_SCHEMA", "Feeder", "LogSink", "compact", "fence_prefix", "jsonify",
+           "key_text",
            "prepare_schema", "resolve_tables", "slot_name"]

@@ -20,7 +20,8 @@ part of its WHERE), and no update may change the owner column: no device reads, 
 deletes or gives away another owner's row.
 
 The logical clock is the shape log's offset: after committing, the answer waits until the log
-holds this request's own writes (their transaction id), at most `Settings.sync_wait_seconds`.
+holds all of this request's own writes (a logical message written last in its transaction
+marks the end: `changefeed.serve.sync.log.fence_prefix`), at most `Settings.sync_wait_seconds`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from starlette.routing import Route
 from changefeed.errors import first_line
 from changefeed.serve.sync.application import Forbidden, Unauthorized
 from changefeed.serve.sync.core import NotServed, SyncCore
+from changefeed.serve.sync.log import fence_prefix
 from changefeed.serve.sync.shapes import Shape, ShapeError, View
 from changefeed.serve.sync.tail import Entry
 from changefeed.serve.sync.values import TableInfo, to_pg_text, to_python
@@ -193,8 +195,11 @@ class SyncApi:
                         continue
                     applied.append(diff["id"])
                     wrote = wrote or changed
-                if wrote:
-                    cursor = await conn.execute("SELECT pg_current_xact_id()::text")
+                if wrote:  # the fence comes after every change: see log.fence_prefix
+                    cursor = await conn.execute(
+                        "SELECT pg_current_xact_id()::text,"
+                        " pg_logical_emit_message(true, %s, pg_current_xact_id()::text)",
+                        [fence_prefix(self.core.reader.schema)])
                     row = await cursor.fetchone()
                     assert row is not None
                     xid = int(row[0]) & 0xFFFFFFFF

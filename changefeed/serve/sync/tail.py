@@ -185,13 +185,14 @@ class LogReader:
                 return
 
     def _add(self, entry: Entry) -> None:
-        self._seqs.setdefault(entry.table, []).append(entry.seq)
-        self._entries.setdefault(entry.table, []).append(entry)
-        self._count += 1
-        if entry.xid is not None:
+        if entry.op == "f":  # a fence: every change of its transaction is in memory now
             self.xids[entry.xid] = entry.seq
             if len(self.xids) > 100_000:
                 self.xids.popitem(last=False)
+            return
+        self._seqs.setdefault(entry.table, []).append(entry.seq)
+        self._entries.setdefault(entry.table, []).append(entry)
+        self._count += 1
 
     def _trim(self) -> None:
         if self._count <= self.memory_entries:
@@ -240,7 +241,8 @@ class LogReader:
         return True
 
     async def wait_for_xid(self, xid: int, timeout: float) -> bool:
-        """Wait until a change of transaction ``xid`` is in memory; False if not in time."""
+        """Wait until every change of transaction ``xid`` is in memory (its fence is: see
+        `changefeed.serve.sync.log.fence_prefix`); False if not in time."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while xid not in self.xids:
