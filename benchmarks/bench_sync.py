@@ -199,6 +199,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--mode", choices=["sse", "long-poll"], default="sse")
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     try:
@@ -243,8 +244,12 @@ def main() -> None:
           f" {result['expected']:,} expected")
     print(f"fan-out latency ms: p50 {result['p50']:.1f}  p90 {result['p90']:.1f}"
           f"  p99 {result['p99']:.1f}  max {result['max']:.1f}  mean {result['mean']:.1f}")
-    print(f"server CPU {result['server_cpu']:.2f} s/s, RSS {idle_rss:.0f} MB idle,"
-          f" {result['rss_peak']:.0f} MB peak; clients CPU {result['clients_cpu']:.2f} s/s")
+    per_delivery = result["server_cpu"] * result["seconds"] / max(1, result["deliveries"])
+    print(f"server CPU {result['server_cpu']:.2f} s/s ({per_delivery * 1e6:.1f} us per delivery),"
+          f" RSS {idle_rss:.0f} MB idle, {result['rss_peak']:.0f} MB peak;"
+          f" clients CPU {result['clients_cpu']:.2f} s/s")
+    print(f"machine load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
+          " (other work on the machine delays every process of this benchmark)")
 
 
 if __name__ == "__main__":
