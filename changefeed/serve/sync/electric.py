@@ -228,8 +228,13 @@ class ShapeApi:
             return self._response(messages, end, True, headers, cache="live",
                                   start=offset)
         messages, end, complete = await self._catch_up(shape, offset)
-        return self._response(messages, end, complete, headers, schema=shape, cache="catch-up",
-                              start=offset)
+        response = self._response(messages, end, complete, headers, schema=shape,
+                                  cache="catch-up", start=offset)
+        if request.headers.get("if-none-match") == response.headers["etag"]:
+            return Response(status_code=304, headers={
+                name: value for name, value in response.headers.items()
+                if name not in ("content-length", "content-type")})
+        return response
 
     async def _loaded(self, table: str) -> bool:
         reader = self.core.reader
