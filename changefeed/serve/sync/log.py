@@ -6,8 +6,9 @@ Schema (``changefeed_sync`` by default; the server creates and manages it)::
                        offset given), position (the feed position of the last change logged),
                        log_horizon, tombstone_horizon (see compaction)
     tables             name, loaded (its snapshot is complete in rows)
-    log                seq (the offset), tbl, key, op ('i' 'u' 'd'), new and old (whole rows,
-                       changefeed's JSON), xid, committed_at, logged_at
+    log                seq (the offset), tbl, key, op ('i' 'u' 'd'; 'f' for a fence, see
+                       `fence_prefix`), new and old (whole rows, changefeed's JSON), xid,
+                       committed_at, logged_at
     rows               tbl, key, seq (of its last change), row (NULL: deleted, a tombstone),
                        changed_at: the compacted log, one entry per key
     diffs              owner, id: the Mobync diffs applied (a retried request skips them)
