@@ -49,17 +49,18 @@ import psycopg
 from psycopg import sql
 
 from changefeed import (
+    UNCHANGED,
     Change,
     ChangefeedError,
     ConfigurationError,
     Message,
+    Operation,
     SnapshotState,
     get_changefeed,
 )
-from changefeed.change import UNCHANGED, Operation
 from changefeed.errors import first_line
 from changefeed.pipelines import Batch, Pipeline, Sink, batch
-from changefeed.pipelines.delta import dumps
+from changefeed.pipelines.delta import dumps  # changefeed's JSON encoding (one import to move)
 from changefeed.serve.sync.values import COLUMNS_SQL, KEY_SQL, TableInfo, table_from_rows
 
 log = logging.getLogger("changefeed.serve.sync")
