@@ -8,8 +8,8 @@ CLI's path, each round timed in CPU time:
     copy     slice each recorded message as the feed does (the reference: no decoding at all)
     decode   + PgOutputDecoder.decode(): Changes with Python values
     encode   + delta_line_encoder(): the JSON line ``changefeed run`` writes
-    deliver  the same, through ``changefeed run``'s loop: `ChangeFeed.changes()` and
-             `changefeed.delivery.deliver` with a `LineOutput` writing to /dev/null
+    deliver  the same, through ``changefeed run``'s loop: `ChangeFeed.read()`,
+             `changefeed.delivery.bounded` and `deliver` with a `LineOutput` to /dev/null
 
 and prints microseconds per change and each stage's cost relative to the reference. For exact
 instruction counts (stable however loaded the machine is), run it under valgrind twice and
@@ -39,7 +39,7 @@ from changefeed.change import Change
 from changefeed.delivery import LineOutput, deliver
 from changefeed.embedded import TemporaryPostgres
 from changefeed.feed import ChangeFeed
-from changefeed.pipelines.delta import delta_line_encoder
+from changefeed.formats.delta import delta_line_encoder
 
 ROW_CHANGES = frozenset(b"IUD")
 

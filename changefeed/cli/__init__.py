@@ -15,6 +15,7 @@ from changefeed.cli.common import ACK_SECONDS, expected_errors, setup_logging
 from changefeed.cli.postgres import backfill, drain, slots
 from changefeed.cli.run import encoder, run
 from changefeed.cli.serve import serve
+from changefeed.formats.registry import FORMAT_NAMES
 from changefeed.redact import install_excepthook
 
 
@@ -27,7 +28,7 @@ def cli() -> None:
 @click.command()
 @click.option("--seconds", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="How long to run (0: until Ctrl-C).")
-@click.option("--format", "fmt", type=click.Choice(["delta", "change"]), default="delta",
+@click.option("--format", "fmt", type=click.Choice(FORMAT_NAMES), default="delta",
               show_default=True)
 @click.option("--web", is_flag=True,
               help="Serve a page showing the table syncing live in a browser (needs the serve"

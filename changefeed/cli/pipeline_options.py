@@ -9,8 +9,8 @@
 the forms). ``--where EXPR`` and ``--filter JSON`` filter rows
 (`changefeed.pipelines.where_expressions`).
 
-``--format delta`` (default) sends Snorky deltas, ``--format change`` the whole change,
-``--format debezium`` Debezium's envelope (`changefeed.pipelines.debezium`). A Snorky sink always
+``--format`` names one of the formats of `changefeed.formats.registry`: ``delta`` (default) sends
+Snorky deltas, ``change`` the whole change, ``debezium`` Debezium's envelope. A Snorky sink always
 receives deltas and a Redis stream always holds whole changes (its readers apply their own
 stages), whatever the format; a Kafka sink writes each record in the format given.
 """
@@ -21,9 +21,10 @@ from typing import Any
 
 from changefeed.cli.common import ACK_SECONDS
 from changefeed.errors import ConfigurationError
+from changefeed.formats.registry import FormatOptions, format_named
 from changefeed.pipelines.pipeline import Pipeline
 from changefeed.pipelines.sinks.spec import sink_from_spec
-from changefeed.pipelines.stages import subscription, to_delta
+from changefeed.pipelines.stages import subscription
 from changefeed.pipelines.where_expressions import parse_filter, parse_where, row_filter
 
 
@@ -50,14 +51,12 @@ def build_cli_pipeline(
     if filter:
         stages.append(subscription(parse_filter(filter)))
     # A sink that takes one kind of item says so (Snorky: deltas; Redis and Kafka: changes).
-    if fmt == "delta" and out.accepts == "any":
-        stages.append(to_delta(model))
-    if fmt == "debezium" and out.accepts == "any":
-        from changefeed.pipelines.debezium import DebeziumEncoder, Source, database_of
-
+    if out.accepts == "any":
         connection = getattr(feed, "connection", None)
         url = connection if isinstance(connection, str) else ""
-        stages.append(DebeziumEncoder(Source(database=database_of(url))))
+        stage = format_named(fmt).stage(FormatOptions(model=model, url=url))
+        if stage is not None:
+            stages.append(stage)
     letters = sink_from_spec(dead_letter, option="--dead-letter") if dead_letter else None
     if letters is not None and letters.accepts != "any":
         raise ConfigurationError(

@@ -36,7 +36,8 @@ from changefeed.delivery import (
     silence_stdout,
 )
 from changefeed.feed import ChangeFeed
-from changefeed.pipelines.delta import delta_line_encoder, dumps_line
+from changefeed.formats.codec import dumps_line
+from changefeed.formats.registry import FORMAT_NAMES, FORMATS, FormatOptions, format_named
 from changefeed.preflight import check_writable
 from changefeed.registry import get_changefeed, is_postgresql_url
 
@@ -50,9 +51,9 @@ log = logging.getLogger("changefeed")
               help="Operations to stream: insert, update, delete (comma-separated) or all.")
 @click.option("--prefeed", type=click.Choice(["snapshot"]), default=None,
               help="Start with every existing row (as snapshot inserts), then stream.")
-@click.option("--format", "fmt", type=click.Choice(["delta", "change", "debezium"]),
-              default="delta", show_default=True,
-              help="Snorky delta, the full change with its position, or Debezium's envelope.")
+@click.option("--format", "fmt", type=click.Choice(FORMAT_NAMES), default="delta",
+              show_default=True,
+              help="; ".join(f"{known.name}: {known.summary}" for known in FORMATS) + ".")
 @click.option("--model", "models", multiple=True, metavar="[TABLE=]NAME",
               help="Model name in deltas, for all tables or per table (repeatable; default:"
                    " the table name).")
@@ -127,7 +128,7 @@ def run(
     if exclude:
         options["exclude"] = list(exclude)
     if chunk_size is not None:
-        options["snapshot_batch"] = chunk_size
+        options["chunk_size"] = chunk_size
     if (options or len(tables) > 1) and not is_postgresql_url(url):
         raise CliError("several tables, --exclude, --slot and --publication apply to PostgreSQL"
                        " URLs only", 2)
@@ -140,7 +141,7 @@ def run(
             raise CliError("--messages writes JSON lines to stdout: it does not combine with"
                            " --where, --filter, --sink, --dead-letter or --processes yet", 2)
         options["messages"] = messages
-    if fmt == "change" and not pipeline_wanted and is_postgresql_url(url):
+    if format_named(fmt).snapshot_markers and not pipeline_wanted and is_postgresql_url(url):
         options["snapshot_markers"] = True  # {"type": "snapshot", ...} lines
     table = ",".join(tables)
     with expected_errors():
@@ -216,18 +217,8 @@ def _parse_models(values: tuple[str, ...]) -> str | dict[str, str] | None:
 def encoder(
     fmt: str, model: str | dict[str, str] | None, url: str = ""
 ) -> Callable[[Change], bytes]:
-    if fmt == "debezium":
-        from changefeed.pipelines.debezium import Source, database_of, line_encoder
-
-        return line_encoder(Source(database=database_of(url)))
-    if fmt == "change":
-
-        def encode_change(change: Change) -> bytes:
-            return dumps_line(change.to_dict())
-
-        return encode_change
-
-    return delta_line_encoder(model)
+    """The JSON-line encoder of format ``fmt`` (`changefeed.formats.registry`)."""
+    return format_named(fmt).lines(FormatOptions(model=model, url=url))
 
 
 def _with_messages(encode: Callable[[Change], bytes]) -> Callable[[Any], bytes]:

@@ -60,7 +60,7 @@ from changefeed import (
 )
 from changefeed.errors import first_line
 from changefeed.pipelines import Batch, Pipeline, Sink, batch
-from changefeed.pipelines.delta import dumps  # changefeed's JSON encoding (one import to move)
+from changefeed.formats.codec import dumps  # changefeed's JSON encoding
 from changefeed.serve.sync.values import COLUMNS_SQL, KEY_SQL, TableInfo, table_from_rows
 
 log = logging.getLogger("changefeed.serve.sync")
