@@ -59,8 +59,8 @@ from changefeed import (
     get_changefeed,
 )
 from changefeed.errors import first_line
-from changefeed.pipelines import Batch, Pipeline, Sink, batch
 from changefeed.formats.codec import dumps  # changefeed's JSON encoding
+from changefeed.pipelines import Batch, Pipeline, Sink, batch
 from changefeed.serve.sync.values import COLUMNS_SQL, KEY_SQL, TableInfo, table_from_rows
 
 log = logging.getLogger("changefeed.serve.sync")
