@@ -31,11 +31,29 @@ def cli() -> None:
               help="How long to run (0: until Ctrl-C).")
 @click.option("--format", "fmt", type=click.Choice(FORMAT_NAMES), default="delta",
               show_default=True)
-def demo(seconds: float, fmt: str) -> None:
-    """Stream live deltas from a throwaway local PostgreSQL with a demo writer."""
+@click.option("--web", is_flag=True,
+              help="Serve a page showing the table syncing live in a browser (needs the serve"
+                   " extra); runs until Ctrl-C unless --seconds is given.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="With --web: address.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+              help="With --web: port (0: any free port).")
+@click.option("--writer-seconds", type=click.FloatRange(min=0), default=2.0, show_default=True,
+              help="With --web: how often the demo's writer changes a task (0: no writer).")
+def demo(seconds: float, fmt: str, web: bool, host: str, port: int,
+         writer_seconds: float) -> None:
+    """Stream live deltas from a throwaway local PostgreSQL with a demo writer; --web shows
+    the table syncing live in a browser page instead."""
+    setup_logging(False)
+    if web:
+        from changefeed.cli.demo import run_web_demo
+
+        explicit = click.get_current_context().get_parameter_source("seconds")
+        with expected_errors():
+            run_web_demo(host, port, seconds if explicit == click.core.ParameterSource.COMMANDLINE
+                         and seconds else None, writer_seconds)
+        return
     from changefeed.cli.demo import run_demo  # imports the PostgreSQL driver: only here
 
-    setup_logging(False)
     with expected_errors():
         run_demo(seconds=seconds or None, encode=encoder(fmt, None))
 
