@@ -165,7 +165,7 @@ def meter_cost(kind: str, changes: int) -> None:
 
     from changefeed.delivery import deliver
     from changefeed.pipelines import JsonLinesSink, Pipeline, to_delta
-    from changefeed.serve.pipelines.meters import MeasuredOutput, MeasuredSink, SinkMeter, labeling
+    from changefeed.serve.pipelines.meters import Labeling, MeasuredOutput, MeasuredSink, SinkMeter
     from changefeed.testing import MemoryFeed, insert
 
     now = datetime.now(timezone.utc)
@@ -177,7 +177,7 @@ def meter_cost(kind: str, changes: int) -> None:
     if kind == "plain":
         output = Pipeline(feed, [to_delta()], sink=sink).output()
     else:
-        output = MeasuredOutput(Pipeline(feed, [labeling(to_delta())],
+        output = MeasuredOutput(Pipeline(feed, [Labeling(to_delta())],
                                          sink=MeasuredSink(sink, SinkMeter())).output())
     assert deliver(feed, output).count == changes
 

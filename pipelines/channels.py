@@ -249,19 +249,8 @@ def _quoted(table: str) -> str:
 # -- receiving -------------------------------------------------------------------------------
 
 
-class receive:  # noqa: N801  (a stage reads as a function in a stage list)
-    """A pipeline stage turning channel messages into `Notification` objects.
-
-    Args:
-        channels: the channel classes this listener knows. For each name the highest version
-            given is the one delivered; older versions of it are upcast.
-        unknown: ``"error"`` (default) raises `UnknownChannel` for a channel not given (the
-            pipeline's dead letter, or a stop); ``"skip"`` drops it with a warning. A version
-            the listener cannot read (`UnknownVersion`) and a payload that does not match
-            always raise.
-
-    Row changes and messages that are not channel messages pass through unchanged.
-    """
+class Receive:
+    """The stage `receive` makes: channel messages as `Notification` objects."""
 
     def __init__(self, *channels: type[Channel], unknown: str = "error") -> None:
         if unknown not in ("error", "skip"):
@@ -293,6 +282,22 @@ class receive:  # noqa: N801  (a stage reads as a function in a stage list)
             raise ChannelError(f"a notification of channel {notification.channel} came under"
                                f" the prefix {item.prefix!r}")
         return notification
+
+
+def receive(*channels: type[Channel], unknown: str = "error") -> Receive:
+    """A pipeline stage turning channel messages into `Notification` objects.
+
+    Args:
+        channels: the channel classes this listener knows. For each name the highest version
+            given is the one delivered; older versions of it are upcast.
+        unknown: ``"error"`` (default) raises `UnknownChannel` for a channel not given (the
+            pipeline's dead letter, or a stop); ``"skip"`` drops it with a warning. A version
+            the listener cannot read (`UnknownVersion`) and a payload that does not match
+            always raise.
+
+    Row changes and messages that are not channel messages pass through unchanged.
+    """
+    return Receive(*channels, unknown=unknown)
 
 
 class UnknownChannel(ChannelError):

@@ -37,10 +37,10 @@ from changefeed.serve.pipelines.config import PipelineSpec, Supervision, build
 from changefeed.serve.pipelines.meters import (
     SNAPSHOT_RECENT,
     CountingRetry,
+    Labeling,
     MeasuredOutput,
     MeasuredSink,
     SinkMeter,
-    labeling,
 )
 
 log = logging.getLogger("changefeed.serve")
@@ -201,7 +201,7 @@ class PipelineRun:
                    if parts.dead_letter is not None else None)
         from changefeed.pipelines.pipeline import Pipeline
 
-        pipeline = Pipeline(feed, [*parts.stages, labeling(parts.encode)], sink=sink,
+        pipeline = Pipeline(feed, [*parts.stages, Labeling(parts.encode)], sink=sink,
                             dead_letter=letters, processes=options.processes,
                             ack_interval=ACK_SECONDS)
         output = self.output = MeasuredOutput(pipeline.output(), on_open=self._start_reporter)
