@@ -45,6 +45,7 @@ if TYPE_CHECKING:  # what _LAZY loads on first use, spelled out for type checker
     from changefeed.backends.postgres import PostgresChangeFeed
     from changefeed.backends.redis_streams import RedisStreamFeed
     from changefeed.backends.rethinkdb import RethinkChangeFeed
+    from changefeed.formats.delta import ToDelta
     from changefeed.pipelines.channels import (
         CHANNEL_PREFIX,
         Channel,
@@ -77,7 +78,6 @@ if TYPE_CHECKING:  # what _LAZY loads on first use, spelled out for type checker
         Route,
         Stage,
         Subscription,
-        ToDelta,
         Where,
         own_process,
         project,
@@ -102,10 +102,11 @@ _LAZY: dict[str, str] = {
     # pipelines
     "Pipeline": "changefeed.pipelines.pipeline",
     **dict.fromkeys(
-        ["Stage", "Where", "where", "Project", "project", "ToDelta", "to_delta", "Route",
-         "route", "Subscription", "subscription", "OwnProcess", "own_process"],
+        ["Stage", "Where", "where", "Project", "project", "to_delta", "Route", "route",
+         "Subscription", "subscription", "OwnProcess", "own_process"],
         "changefeed.pipelines.stages",
     ),
+    "ToDelta": "changefeed.formats.delta",
     # sinks (the HTTP, Redis and Kafka ones import their drivers)
     **dict.fromkeys(
         ["Sink", "BatchSink", "Batch", "SinkInterrupted", "JsonLinesSink", "CallbackSink"],

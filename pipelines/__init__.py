@@ -19,6 +19,7 @@ when first used. The feeds that read a Redis stream or Kafka topics back are sou
 import importlib
 from typing import Any
 
+from changefeed.formats.delta import ToDelta
 from changefeed.pipelines.filters import compile_filter
 from changefeed.pipelines.pipeline import Pipeline
 from changefeed.pipelines.sinks import Batch, BatchSink, CallbackSink, JsonLinesSink, Sink
@@ -30,7 +31,6 @@ from changefeed.pipelines.stages import (
     Route,
     Stage,
     Subscription,
-    ToDelta,
     Where,
     batch,
     own_process,

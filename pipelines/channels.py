@@ -48,7 +48,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import msgspec
 
@@ -252,7 +252,9 @@ def _quoted(table: str) -> str:
 class Receive:
     """The stage `receive` makes: channel messages as `Notification` objects."""
 
-    def __init__(self, *channels: type[Channel], unknown: str = "error") -> None:
+    def __init__(
+        self, *channels: type[Channel], unknown: Literal["error", "skip"] = "error"
+    ) -> None:
         if unknown not in ("error", "skip"):
             raise ValueError(f"unknown= must be 'error' or 'skip', not {unknown!r}")
         self.unknown = unknown
@@ -284,7 +286,7 @@ class Receive:
         return notification
 
 
-def receive(*channels: type[Channel], unknown: str = "error") -> Receive:
+def receive(*channels: type[Channel], unknown: Literal["error", "skip"] = "error") -> Receive:
     """A pipeline stage turning channel messages into `Notification` objects.
 
     Args:

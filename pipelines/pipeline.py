@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from changefeed.delivery import Feed, Output, deliver
 from changefeed.errors import ConfigurationError, PipelineError
@@ -113,7 +113,7 @@ class Pipeline:
         self._groups: list[list[Stage]] = [[]]
         for step in steps:
             if isinstance(step, OwnProcess):
-                self._groups.append([step.stage])
+                self._groups.append([cast(Stage, step.stage)])  # a stage: checked callable
             else:
                 self._groups[-1].append(step)
         if isinstance(sink, OwnProcess):

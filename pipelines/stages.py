@@ -25,6 +25,7 @@ from changefeed.change import UNCHANGED, Change, Operation
 from changefeed.errors import ConfigurationError, PipelineError
 from changefeed.formats.delta import ToDelta
 from changefeed.pipelines.filters import Filter, compile_filter, filter_fields
+from changefeed.pipelines.sinks import BatchSink, Sink
 
 
 class Stage(Protocol):
@@ -237,7 +238,7 @@ class OwnProcess:
 
     __slots__ = ("stage",)
 
-    def __init__(self, stage: Any) -> None:
+    def __init__(self, stage: Stage | Sink | BatchSink) -> None:
         if isinstance(stage, (OwnProcess, BatchPolicy)):
             raise ConfigurationError(f"own_process() takes a stage or a sink, not {stage!r}")
         self.stage = stage
@@ -246,7 +247,7 @@ class OwnProcess:
         return f"own_process({stage_name(self.stage)})"
 
 
-def own_process(stage: Any) -> OwnProcess:
+def own_process(stage: Stage | Sink | BatchSink) -> OwnProcess:
     """Mark a stage (or the sink) to run in a process of its own, with the steps after it.
 
     The steps after a mark run in the same process up to the next mark; steps before the first

@@ -35,7 +35,7 @@ def delta_of(change: Change, model: str | Mapping[str, str] | None = None) -> di
         # columns are left out of the rows and named, so a client replacing its object with
         # newData knows to keep (or look up) them.
         new = change.new
-        delta = {
+        delta: dict[str, Any] = {
             "type": "update",
             "model": model,
             "newData": new,

@@ -164,7 +164,7 @@ class SnorkySink(_HttpSink):
         *,
         service: str = "datasync_backend",
         key: str,
-        model: str | None = None,
+        model: str | Mapping[str, str] | None = None,
         timeout: float = 5.0,
         retry: Retry | None = None,
     ) -> None:
