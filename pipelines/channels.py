@@ -44,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import sys
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -51,6 +52,11 @@ from datetime import datetime, timezone
 from typing import Any, ClassVar, Literal, TypeVar
 
 import msgspec
+
+if sys.version_info >= (3, 11):
+    from typing import dataclass_transform
+else:
+    from typing_extensions import dataclass_transform
 
 from changefeed.change import Position
 from changefeed.errors import ChangefeedError
@@ -71,6 +77,7 @@ class ChannelError(ChangefeedError):
     exit_code = 5
 
 
+@dataclass_transform()  # type checkers see each channel as the dataclass it becomes
 class Channel:
     """Base class of channels: subclass it with ``name=`` and ``version=`` class keywords.
 

@@ -1,10 +1,11 @@
 """`Pipeline`: feed -> stages -> sink, with acknowledgement only after the sink confirms.
 
-    >>> from changefeed.testing import MemoryFeed, ListSink, insert
-    >>> from changefeed import Pipeline, where, to_delta
-    >>> feed = MemoryFeed("tasks", changes=[insert("tasks", {"id": 1, "done": False}),
-    ...                                     insert("tasks", {"id": 2, "done": True})])
-    >>> sink = ListSink()
+    >>> from changefeed import Pipeline, testing, to_delta, where
+    >>> feed = testing.MemoryFeed("tasks", changes=[
+    ...     testing.insert("tasks", {"id": 1, "done": False}),
+    ...     testing.insert("tasks", {"id": 2, "done": True}),
+    ... ])
+    >>> sink = testing.ListSink()
     >>> Pipeline(feed, [where(lambda c: not c.new["done"]), to_delta("Task")], sink=sink).run()
     2
     >>> sink.items

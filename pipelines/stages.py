@@ -86,9 +86,9 @@ class Where:
 def where(predicate: Callable[[Change], bool]) -> Where:
     """Keep the changes for which ``predicate(change)`` is true; drop the others.
 
-    >>> from changefeed.testing import insert
+    >>> from changefeed import testing, where
     >>> keep_open = where(lambda change: change.row["status"] == "open")
-    >>> keep_open(insert("tasks", {"id": 1, "status": "done"})) is None
+    >>> keep_open(testing.insert("tasks", {"id": 1, "status": "done"})) is None
     True
     """
     return Where(predicate)
@@ -120,8 +120,8 @@ class Project:
 def project(fields: Iterable[str]) -> Project:
     """Keep only ``fields`` of the rows (``new`` and ``old``); list the key if clients need it.
 
-    >>> from changefeed.testing import insert
-    >>> project(["id", "title"])(insert("tasks", {"id": 1, "title": "a", "body": "..."})).new
+    >>> from changefeed import project, testing
+    >>> project(["id", "title"])(testing.insert("tasks", {"id": 1, "title": "a", "b": "c"})).new
     {'id': 1, 'title': 'a'}
     """
     return Project(fields)
@@ -134,8 +134,8 @@ def to_delta(model: str | Mapping[str, str] | None = None) -> ToDelta:
     to the table name without its schema; a mapping gives each table its model (by qualified
     name, then bare name, then ``"*"``).
 
-    >>> from changefeed.testing import update
-    >>> to_delta(model="Task")(update("tasks", {"id": 1, "done": True}, {"id": 1}))
+    >>> from changefeed import testing, to_delta
+    >>> to_delta(model="Task")(testing.update("tasks", {"id": 1, "done": True}, {"id": 1}))
     {'type': 'update', 'model': 'Task', 'newData': {'id': 1, 'done': True}, 'oldData': {'id': 1}}
     """
     return ToDelta(model)
@@ -178,10 +178,10 @@ def route(
     (``public.tasks``) is looked up first, then its bare name (``tasks``). Changes of tables not
     listed go through ``default`` when given, else are dropped.
 
-    >>> from changefeed.testing import insert
+    >>> from changefeed import project, route, testing, to_delta
     >>> split = route({"tasks": to_delta("Task"),
     ...                "public.users": [project(["id"]), to_delta("User")]})
-    >>> split(insert("public.users", {"id": 7, "email": "x@example.com"}))
+    >>> split(testing.insert("public.users", {"id": 7, "email": "x@example.com"}))
     [{'type': 'insert', 'model': 'User', 'data': {'id': 7}}]
     """
     return Route(routes, default)
@@ -327,9 +327,9 @@ def subscription(filter: Filter) -> Subscription:
     `PipelineError` saying so, rather than guessing. A new value `UNCHANGED` (a TOASTed value
     PostgreSQL did not resend) stands for the old value.
 
-    >>> from changefeed.testing import update
+    >>> from changefeed import subscription, testing
     >>> blue = subscription(["==", "color", "blue"])
-    >>> blue(update("t", {"id": 1, "color": "blue"}, {"id": 1, "color": "red"})).operation
+    >>> blue(testing.update("t", {"id": 1, "color": "blue"}, {"id": 1, "color": "red"})).operation
     <Operation.INSERT: 1>
     """
     return Subscription(filter)
