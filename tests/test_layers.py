@@ -31,14 +31,15 @@ def imported(folder: str, skip: tuple[str, ...] = ()) -> dict[str, set[str]]:
 
 
 @pytest.mark.parametrize(("folder", "skip", "above"), [
-    # The core and its formats: below everything else (the command line and the service sit on
-    # top of all, and the surface, __init__.py, hands on names from every layer but those).
+    # The core and its formats: below everything else. The two applications sit on top of all:
+    # the command line and `changefeed serve` (which builds its pipelines as `run` does); the
+    # surface, __init__.py, hands on names from every layer but those.
     ("changefeed", ("cli", "serve", "__main__.py", "__init__.py"),
      ("changefeed.backends", "changefeed.pipelines", "changefeed.cli")),
-    # The sources read the core and the formats, never the pipelines or the command line.
-    ("backends", (), ("changefeed.pipelines", "changefeed.cli")),
-    # The pipelines read the core and the formats, not the command line.
-    ("pipelines", (), ("changefeed.cli",)),
+    # The sources read the core and the formats, never the pipelines or the applications.
+    ("backends", (), ("changefeed.pipelines", "changefeed.cli", "changefeed.serve")),
+    # The pipelines read the core and the formats, not the applications.
+    ("pipelines", (), ("changefeed.cli", "changefeed.serve")),
 ])
 def test_no_arrow_points_up(folder, skip, above):
     wrong = {
@@ -48,11 +49,11 @@ def test_no_arrow_points_up(folder, skip, above):
     assert {file: names for file, names in wrong.items() if names} == {}
 
 
-
-def test_the_surface_sits_above_all_but_the_command_line():
+def test_the_surface_sits_above_all_but_the_applications():
     names = imported("changefeed")["changefeed/__init__.py"]
     assert {"changefeed.pipelines.pipeline", "changefeed.backends.postgres"} <= names
-    assert sorted(name for name in names if name.startswith("changefeed.cli")) == []
+    assert sorted(name for name in names
+                  if name.startswith(("changefeed.cli", "changefeed.serve"))) == []
 
 
 @pytest.mark.parametrize(("folder", "skip"), [
@@ -60,7 +61,7 @@ def test_the_surface_sits_above_all_but_the_command_line():
     ("backends", ()),
     ("pipelines", ()),
 ])
-def test_only_the_outer_layers_import_the_surface(folder, skip):
+def test_only_the_applications_import_the_surface(folder, skip):
     """The core, the sources and the pipelines import the modules they need, never the
     ``changefeed`` package's names: that would be an arrow from below to the surface above."""
     wrong = {file for file, names in imported(folder, skip).items() if "changefeed" in names}
