@@ -69,7 +69,7 @@ def spec(name: str, dsn: str, slot: str, limit: int, fmt: str = "delta") -> dict
     return {"name": name, "source": {"kind": "database"}, "secrets": [], "options": {
         "tables": ["bench"], "url": dsn, "ops": ["insert", "delete", "update"], "prefeed": None,
         "fmt": fmt, "model": None, "exclude": [], "chunk_size": None, "slot": slot,
-        "publication": "bench", "checkpoint": None, "limit": limit, "until_idle": None,
+        "publication": "bench", "checkpoint": None, "limit": limit, "idle_timeout": None,
         "where": None, "filter": None, "stages": [], "sink": "/dev/null", "dead_letter": None,
         "processes": False, "messages": [], "quiet": True}}
 
