@@ -24,7 +24,7 @@ import httpx
 from changefeed.change import Change
 from changefeed.errors import ConfigurationError, PipelineError
 from changefeed.formats.codec import dumps
-from changefeed.formats.delta import to_delta
+from changefeed.formats.delta import delta_of
 from changefeed.pipelines.sinks import Batch, RemoteSink, Retryable, jsonable
 from changefeed.redact import redact
 from changefeed.retry import Retry
@@ -164,7 +164,7 @@ class SnorkySink(_HttpSink):
         *,
         service: str = "datasync_backend",
         key: str,
-        model: str | None = None,
+        model: str | Mapping[str, str] | None = None,
         timeout: float = 5.0,
         retry: Retry | None = None,
     ) -> None:
@@ -175,7 +175,7 @@ class SnorkySink(_HttpSink):
         self.name = f"snorky({self.shown_url}, service={service})"
 
     def _delta(self, item: Any) -> Any:
-        return to_delta(item, self.model) if isinstance(item, Change) else item
+        return delta_of(item, self.model) if isinstance(item, Change) else item
 
     def write_batch(self, batch: Batch) -> None:
         message = {
