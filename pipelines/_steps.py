@@ -15,7 +15,7 @@ from typing import Any
 
 from changefeed.change import Change, Position
 from changefeed.errors import ChangefeedError, PipelineError
-from changefeed.pipelines.sinks import Batch, SinkInterrupted, as_sink
+from changefeed.pipelines.sinks import Batch, SinkInterrupted, SinkUnavailable, as_sink
 from changefeed.pipelines.stages import BatchPolicy, Stage, apply_stage, stage_name
 
 log = logging.getLogger("changefeed.pipelines")
@@ -221,7 +221,7 @@ class _SinkStep:
                     else f"positions {positions[0]!r}..{positions[-1]!r}"
                 )
                 message = f"sink {self.name} failed on the batch at {where}: {_describe(exc)}"
-                if self.dead_letter is None:
+                if self.dead_letter is None or isinstance(exc, SinkUnavailable):
                     raise PipelineError(message) from exc
                 log.warning("%s", message)
                 for entry in entries:

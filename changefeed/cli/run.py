@@ -10,7 +10,9 @@ delivers, acknowledges, and exits 0.
 
 from __future__ import annotations
 
+import errno
 import logging
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +23,7 @@ from changefeed.change import ALL, Change, Operation
 from changefeed.checkpoint import FileCheckpoint
 from changefeed.cli.common import (
     ACK_SECONDS,
+    CliError,
     expected_errors,
     log_format_option,
     parse_ops,
@@ -40,6 +43,7 @@ from changefeed.delivery import (
 from changefeed.feed import ChangeFeed
 from changefeed.formats.codec import dumps_line
 from changefeed.formats.registry import FORMAT_NAMES, FORMATS, FormatOptions, format_named
+from changefeed.linefiles import cut_partial_line, describe_os_error
 from changefeed.preflight import check_writable
 from changefeed.registry import get_changefeed, is_postgresql_url
 
@@ -149,7 +153,25 @@ def make_output(feed: ChangeFeed, options: RunOptions) -> Output:
     encode = encoder(options.fmt, options.model, options.url)
     if options.messages:
         encode = _with_messages(encode)
-    return LineOutput(buffered_stdout(), encode)
+    out = buffered_stdout()
+    _cut_partial_stdout_line()
+    return LineOutput(out, encode)
+
+
+def _cut_partial_stdout_line() -> None:
+    """Stdout appending to a file that a killed run left with a partial last line: cut it
+    (`changefeed.linefiles`), so that the first line of this run is not glued onto it."""
+    try:
+        cut_partial_line(sys.stdout.fileno(), "stdout")
+    except (AttributeError, OSError, ValueError):  # no descriptor, or nothing to repair
+        pass
+
+
+_WRITE_FAILURES = frozenset(
+    getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EFBIG", "EIO", "EROFS", "ENXIO",
+                                      "EBADF", "EPERM", "EACCES", "EINVAL")
+    if hasattr(errno, name))
+"""What a failed write to stdout raises (a full disk, a quota, a file-size limit, ...)."""
 
 
 @click.command()
@@ -268,6 +290,15 @@ def deliver_with_signals(
             feed, output, limit=limit, idle_timeout=idle_timeout, ack_interval=ACK_SECONDS,
             progress=Progress(feed, quiet),
         )
+    except OSError as exc:
+        if not (isinstance(output, LineOutput) and exc.errno in _WRITE_FAILURES):
+            raise
+        # Stdout could not take a line: what was flushed before is acknowledged, a line
+        # written in part is cut off, and the rest (in stdout's buffer) goes nowhere.
+        _cut_partial_stdout_line()
+        silence_stdout()
+        raise CliError(f"cannot write to stdout: {describe_os_error(exc)}; what was not written"
+                       " is not acknowledged and comes again on the next run", 5) from None
     finally:
         restore_signals()
     if result.reader_gone:
