@@ -96,10 +96,18 @@ def check_options(
     ``pipeline`` says the caller always runs a pipeline (``changefeed serve``)."""
     url = options.url
     feed_options: dict[str, Any] = {}
+    if options.slot is not None or options.publication is not None or options.messages:
+        from changefeed.backends.postgres.names import (
+            check_message_prefix,
+            check_publication_name,
+            check_slot_name,
+        )
     if options.slot is not None:
-        feed_options["slot"] = options.slot
+        with blame("slot"):
+            feed_options["slot"] = check_slot_name(options.slot)
     if options.publication is not None:
-        feed_options["publication"] = options.publication
+        with blame("publication"):
+            feed_options["publication"] = check_publication_name(options.publication)
     if options.exclude:
         feed_options["exclude"] = list(options.exclude)
     if options.chunk_size is not None:
@@ -121,7 +129,8 @@ def check_options(
             raise OptionError(
                 f"{flag('messages')} writes JSON lines to stdout: it does not combine with a"
                 f" pipeline ({others}) yet", "messages")
-        feed_options["messages"] = options.messages
+        with blame("messages"):
+            feed_options["messages"] = tuple(check_message_prefix(p) for p in options.messages)
     if (format_named(options.fmt).snapshot_markers and not (pipeline or options.pipeline_wanted)
             and postgresql):
         feed_options["snapshot_markers"] = True  # {"type": "snapshot", ...} lines
