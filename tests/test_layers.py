@@ -30,13 +30,14 @@ def imported(folder: str, skip: tuple[str, ...] = ()) -> dict[str, set[str]]:
 
 
 @pytest.mark.parametrize(("folder", "skip", "above"), [
-    # The core and its formats: below everything else (the command line sits on top of all).
-    ("changefeed", ("cli", "__main__.py"),
+    # The core and its formats: below everything else. The two applications sit on top of all:
+    # the command line and `changefeed serve` (which builds its pipelines as `run` does).
+    ("changefeed", ("cli", "serve", "__main__.py"),
      ("changefeed.backends", "changefeed.pipelines", "changefeed.cli")),
-    # The sources read the core and the formats, never the pipelines or the command line.
-    ("backends", (), ("changefeed.pipelines", "changefeed.cli")),
-    # The pipelines read the core and the formats, not the command line.
-    ("pipelines", (), ("changefeed.cli",)),
+    # The sources read the core and the formats, never the pipelines or the applications.
+    ("backends", (), ("changefeed.pipelines", "changefeed.cli", "changefeed.serve")),
+    # The pipelines read the core and the formats, not the applications.
+    ("pipelines", (), ("changefeed.cli", "changefeed.serve")),
 ])
 def test_no_arrow_points_up(folder, skip, above):
     wrong = {
