@@ -24,6 +24,8 @@ from changefeed.checkpoint import FileCheckpoint
 from changefeed.cli.common import (
     ACK_SECONDS,
     CliError,
+    Count,
+    Seconds,
     expected_errors,
     log_format_option,
     parse_ops,
@@ -198,7 +200,7 @@ _WRITE_FAILURES = frozenset(
                    " the table name).")
 @click.option("--exclude", multiple=True, metavar="TABLE",
               help="PostgreSQL: leave out this table or pattern (repeatable).")
-@click.option("--chunk-size", type=click.IntRange(min=1), default=None, metavar="ROWS",
+@click.option("--chunk-size", type=Count(), default=None, metavar="ROWS",
               help="PostgreSQL: rows per snapshot chunk (default 5000).")
 @click.option("--slot", default=None,
               help="PostgreSQL replication slot (default: changefeed_<table>).")
@@ -206,9 +208,9 @@ _WRITE_FAILURES = frozenset(
               help="PostgreSQL publication to use (default: the slot's name; created if missing).")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
               help="File keeping the last delivered position (needed to resume MongoDB).")
-@click.option("--limit", type=click.IntRange(min=1), default=None,
+@click.option("--limit", type=Count(), default=None,
               help="Stop after this many changes.")
-@click.option("--until-idle", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--until-idle", type=Seconds(min=0, min_open=True), default=None,
               metavar="SECONDS", help="Stop once no change arrived for this long.")
 @click.option("--where", "where_expr", default=None, metavar="EXPR",
               help='Keep changes whose row matches, e.g. \'status == "open" and priority >= 2\'.')

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
+from changefeed.bounds import parse_count, parse_seconds
 from changefeed.errors import ConfigurationError
 from changefeed.formats.registry import format_named
 from changefeed.pipelines.sinks import JsonLinesSink, Sink
@@ -138,9 +139,8 @@ def _redis(spec: str, scheme: str, options: SinkOptions) -> Sink:
     if not stream:
         raise ConfigurationError("a Redis sink needs a stream name: redis://host:port/0?stream=NAME")
     maxlen = params.get("maxlen")
-    if maxlen is not None and not maxlen.isdigit():
-        raise ConfigurationError(f"maxlen must be a number, not {maxlen!r}")
-    return RedisStreamSink(url, stream, maxlen=int(maxlen) if maxlen else None)
+    return RedisStreamSink(url, stream,
+                           maxlen=parse_count(maxlen, "maxlen") if maxlen is not None else None)
 
 
 def _kafka(spec: str, scheme: str, options: SinkOptions) -> Sink:
@@ -158,13 +158,7 @@ def _kafka(spec: str, scheme: str, options: SinkOptions) -> Sink:
     params = {name: values[-1] for name, values in parse_qs(parts.query).items()}
     topic = params.pop("topic", "{table}")
     mechanism = params.pop("mechanism", "PLAIN")
-    timeout = params.pop("timeout", "30")
-    try:
-        seconds = float(timeout)
-    except ValueError:
-        seconds = 0.0
-    if not seconds > 0:
-        raise ConfigurationError(f"timeout must be a number of seconds, not {timeout!r}")
+    seconds = parse_seconds(params.pop("timeout", "30"), "timeout")
     config: dict[str, Any] = dict(params)
     secure = scheme == "kafkas"
     if parts.username:
