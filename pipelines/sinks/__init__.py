@@ -219,9 +219,28 @@ class JsonLinesSink(Sink):
         self._owned = False
 
 
+class ItemsRejected(PipelineError):
+    """A sink delivered a batch except some items, which it will never take however often they
+    are sent (a webhook answering 413 to a single change): ``rejected`` holds their indexes in
+    the batch. The pipeline sends their changes to the dead letters (then the batch counts as
+    delivered), or fails without a dead-letter sink."""
+
+    def __init__(self, message: str, rejected: list[int]) -> None:
+        super().__init__(message)
+        self.rejected = rejected
+
+    def __reduce__(self) -> Any:
+        return type(self), (self.message, self.rejected)
+
+
 class Retryable(Exception):
     """Raised by an attempt given to `RemoteSink.retrying` that trying again may cure (a lost
-    connection, an HTTP 503); its message says what happened, without secrets."""
+    connection, an HTTP 503); its message says what happened, without secrets. ``after``: the
+    seconds the server asked to wait (``Retry-After``), waited at least."""
+
+    def __init__(self, message: str, after: float = 0.0) -> None:
+        super().__init__(message)
+        self.after = after
 
 
 class RemoteSink(Sink):
@@ -283,7 +302,7 @@ class RemoteSink(Sink):
                     raise PipelineError(
                         f"{where} failed {failures} times; last: {problem}"
                     ) from cause
-                delay = self.retry.delay(failures)
+                delay = max(self.retry.delay(failures), exc.after)
                 log.warning("%s: %s; retrying in %.1f s", where, problem, delay)
                 if self._interrupted.wait(delay):
                     raise SinkInterrupted(
@@ -360,6 +379,6 @@ def as_sink(target: Any, lists: bool = False) -> Sink:
 
 
 __all__ = [
-    "Accepts", "Batch", "BatchSink", "CallbackSink", "JsonLinesSink", "RemoteSink", "Retryable",
-    "Sink", "SinkInterrupted", "SinkUnavailable", "as_sink", "jsonable",
+    "Accepts", "Batch", "BatchSink", "CallbackSink", "ItemsRejected", "JsonLinesSink", "RemoteSink",
+    "Retryable", "Sink", "SinkInterrupted", "SinkUnavailable", "as_sink", "jsonable",
 ]
