@@ -116,6 +116,7 @@ sink = "{tmp_path}/stuck.jsonl"
                                                  "enabled = false").replace(
         "[pipelines.stuck]", "[pipelines.stuck]\nenabled = false"))
     with Serve(config, env=env) as serve:
+        serve.wait_ready()
         for name in ("plain", "workers"):
             serve.wait_until(lambda name=name: {row["data"]["id"] for row in jsonl(
                 tmp_path / f"{name}.jsonl")} == set(range(1, 101)), f"every row of {name}")
