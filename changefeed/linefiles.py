@@ -123,24 +123,24 @@ def cut_partial_line(fd: int, name: str) -> int:
     return cut
 
 
-def append_whole(fd: int, data: bytes | bytearray | memoryview, *, fsync: bool = False) -> None:
+def append_whole(fd: int, data: bytes | bytearray, *, fsync: bool = False,
+                 regular: bool | None = None) -> None:
     """Write all of ``data`` to ``fd``; on a regular file, in full or not at all.
 
     On a regular file the write happens under an exclusive ``flock`` and, if any part of it
     fails (or ``fsync`` does), the file is cut back to its size before the write and the
     `OSError` is raised. Pipes and terminals are written in full or raise (``BrokenPipeError``
-    when the reader went away)."""
-    view = memoryview(data)
-    if not is_regular_file(fd):
-        while view:
-            view = view[os.write(fd, view):]
+    when the reader went away). ``regular``: whether ``fd`` is a regular file, if known."""
+    if regular is None:
+        regular = is_regular_file(fd)
+    if not regular:
+        _write_all(fd, data)
         return
     with _locked(fd):
         size = os.fstat(fd).st_size
         start = size if _appending(fd) else os.lseek(fd, 0, os.SEEK_CUR)
         try:
-            while view:
-                view = view[os.write(fd, view):]
+            _write_all(fd, data)
             if fsync:
                 os.fsync(fd)
         except OSError:
@@ -151,6 +151,14 @@ def append_whole(fd: int, data: bytes | bytearray | memoryview, *, fsync: bool =
                 except OSError:  # the next open cuts the partial line instead
                     pass
             raise
+
+
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    written = os.write(fd, data)
+    if written < len(data):  # a short write (a pipe, a signal, a disk filling up): go on
+        view = memoryview(data)[written:]
+        while view:
+            view = view[os.write(fd, view):]
 
 
 __all__ = ["append_whole", "cut_partial_line", "describe_os_error", "is_regular_file"]

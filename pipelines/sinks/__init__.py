@@ -33,7 +33,12 @@ from typing import IO, Any, ClassVar, Literal, Protocol, TypeVar, runtime_checka
 from changefeed.change import Change, Position
 from changefeed.errors import PipelineError
 from changefeed.formats.codec import dumps_line
-from changefeed.linefiles import append_whole, cut_partial_line, describe_os_error
+from changefeed.linefiles import (
+    append_whole,
+    cut_partial_line,
+    describe_os_error,
+    is_regular_file,
+)
 from changefeed.retry import Retry
 
 log = logging.getLogger("changefeed.pipelines")
@@ -138,6 +143,7 @@ class JsonLinesSink(Sink):
         self.fsync = fsync
         self._file: IO[bytes] | None = None
         self._fd: int | None = None
+        self._regular = False
         self._owned = False
         self.shown = (os.fspath(target) if isinstance(target, (str, os.PathLike)) else "file")
         self.name = f"json_lines({self.shown})"
@@ -180,6 +186,7 @@ class JsonLinesSink(Sink):
         else:
             self._file = self.target
             return
+        self._regular = is_regular_file(self._fd)
         try:
             cut_partial_line(self._fd, where)
         except OSError as exc:
@@ -201,7 +208,8 @@ class JsonLinesSink(Sink):
             file.flush()
             return
         try:
-            append_whole(self._fd, lines, fsync=self.fsync and self._owned)
+            append_whole(self._fd, lines, fsync=self.fsync and self._owned,
+                         regular=self._regular)
         except BrokenPipeError:  # the reader of stdout went away: not a failure to report
             raise
         except OSError as exc:
