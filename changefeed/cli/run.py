@@ -72,7 +72,7 @@ class RunOptions:
     publication: str | None = None
     checkpoint: str | None = None
     limit: int | None = None
-    until_idle: float | None = None
+    idle_timeout: float | None = None
     where: str | None = None
     filter: str | None = None
     stages: tuple[str, ...] = ()
@@ -210,8 +210,10 @@ _WRITE_FAILURES = frozenset(
               help="File keeping the last delivered position (needed to resume MongoDB).")
 @click.option("--limit", type=Count(), default=None,
               help="Stop after this many changes.")
-@click.option("--until-idle", type=Seconds(min=0, min_open=True), default=None,
+@click.option("--idle-timeout", type=Seconds(min=0, min_open=True), default=None,
               metavar="SECONDS", help="Stop once no change arrived for this long.")
+@click.option("--until-idle", type=Seconds(min=0, min_open=True), default=None,
+              hidden=True)  # the old name of --idle-timeout, still accepted
 @click.option("--where", "where_expr", default=None, metavar="EXPR",
               help='Keep changes whose row matches, e.g. \'status == "open" and priority >= 2\'.')
 @click.option("--filter", "filter_json", default=None, metavar="JSON",
@@ -247,6 +249,7 @@ def run(
     publication: str | None,
     checkpoint: str | None,
     limit: int | None,
+    idle_timeout: float | None,
     until_idle: float | None,
     where_expr: str | None,
     filter_json: str | None,
@@ -263,14 +266,18 @@ def run(
     PostgreSQL streams any number of tables (or patterns such as 'public.*') through one
     slot; each change names its table.
 
-    Runs until Ctrl-C or SIGTERM (or --limit / --until-idle); what was delivered is
+    Runs until Ctrl-C or SIGTERM (or --limit / --idle-timeout); what was delivered is
     acknowledged before exit, so the next run continues after it.
     """
     setup_logging(quiet, log_format)
+    if until_idle is not None:
+        if idle_timeout is not None:
+            raise click.UsageError("--until-idle is the old name of --idle-timeout: give one")
+        idle_timeout = until_idle
     options = RunOptions(
         tables=tables, url=url, ops=ops, prefeed=prefeed, fmt=fmt, model=_parse_models(models),
         exclude=exclude, chunk_size=chunk_size, slot=slot, publication=publication,
-        checkpoint=checkpoint, limit=limit, until_idle=until_idle, where=where_expr,
+        checkpoint=checkpoint, limit=limit, idle_timeout=idle_timeout, where=where_expr,
         filter=filter_json, stages=stages, sink=sink, dead_letter=dead_letter,
         processes=processes, messages=messages, quiet=quiet,
     )
@@ -282,7 +289,7 @@ def run(
                 " FILE to continue from the last delivered change next time"
             )
         output = make_output(feed, options)
-        deliver_with_signals(feed, output, limit=limit, idle_timeout=until_idle, quiet=quiet)
+        deliver_with_signals(feed, output, limit=limit, idle_timeout=idle_timeout, quiet=quiet)
 
 
 def deliver_with_signals(

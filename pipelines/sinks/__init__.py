@@ -345,9 +345,9 @@ class _ForeignSink(Sink):
 
     def __init__(self, target: Any, lists: bool) -> None:
         self.target = target
-        self.name = getattr(target, "name", None) or getattr(
+        self.name = str(getattr(target, "name", None) or getattr(
             target, "__name__", type(target).__name__
-        )
+        ))
         self.batches = isinstance(target, BatchSink)
         self.lists = lists
         self.is_local = bool(getattr(target, "local", False))

@@ -43,7 +43,7 @@ from changefeed.bounds import seconds_problem
 from changefeed.change import Change
 from changefeed.errors import ConfigurationError, PipelineError
 from changefeed.formats.codec import dumps
-from changefeed.formats.delta import to_delta
+from changefeed.formats.delta import delta_of
 from changefeed.pipelines.sinks import (
     Batch,
     ItemsRejected,
@@ -311,7 +311,7 @@ class SnorkySink(_HttpSink):
         *,
         service: str = "datasync_backend",
         key: str,
-        model: str | None = None,
+        model: str | Mapping[str, str] | None = None,
         timeout: float = 5.0,
         connect_timeout: float | None = None,
         read_timeout: float | None = None,
@@ -325,7 +325,7 @@ class SnorkySink(_HttpSink):
         self.name = f"snorky({self.shown_url}, service={service})"
 
     def _delta(self, item: Any) -> Any:
-        return to_delta(item, self.model) if isinstance(item, Change) else item
+        return delta_of(item, self.model) if isinstance(item, Change) else item
 
     def write_batch(self, batch: Batch) -> None:
         message = {

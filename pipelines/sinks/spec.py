@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
@@ -51,7 +51,7 @@ class SinkOptions:
     fmt: str = "delta"
     """``--format`` (`changefeed.formats.registry`): the sinks that format their items themselves
     (Kafka) need it."""
-    model: str | None = None
+    model: str | Mapping[str, str] | None = None
     """``--model``: the model name of deltas."""
 
 
@@ -73,7 +73,8 @@ class SinkKind:
 
 
 def sink_from_spec(
-    spec: str, *, model: str | None = None, fmt: str = "delta", option: str = "--sink"
+    spec: str, *, model: str | Mapping[str, str] | None = None, fmt: str = "delta",
+    option: str = "--sink",
 ) -> Sink:
     """The sink a ``--sink`` value names (see the module docstring for the forms).
 

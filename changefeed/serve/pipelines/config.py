@@ -112,6 +112,7 @@ PIPELINE_KEYS: dict[str, Key] = {key.name: key for key in (
     Key("publication", _STRING, "a string"),
     Key("checkpoint", _STRING, "a string"),
     Key("limit", (int,), "an integer", _count),
+    Key("idle_timeout", _NUMBER, "a number of seconds", _seconds),
     Key("until_idle", _NUMBER, "a number of seconds", _seconds),
     Key("where", _STRING, "a string"),
     Key("filter", (str, list), "a string or an array"),
@@ -127,6 +128,8 @@ PIPELINE_KEYS: dict[str, Key] = {key.name: key for key in (
     Key("stop_timeout", _NUMBER, "a number of seconds", _seconds),
 )}
 """Every key of a pipeline (and of ``[defaults]``)."""
+OLD_NAMES = {"until_idle": "idle_timeout"}
+"""Keys still accepted under the name they had, and the key each is now."""
 TOP_KEYS = ("pipelines", "defaults")
 DATABASE_ONLY = ("tables", "prefeed", "exclude", "chunk_size", "slot", "publication",
                  "checkpoint", "messages")
@@ -374,6 +377,8 @@ def _pipelines(data: dict[str, Any], environ: dict[str, str]) -> dict[str, Pipel
     defaults = {key: substitute(value, ("defaults", key), environ, default_secrets[key])
                 for key, value in defaults.items()}
     _check_keys(defaults, ("defaults",))
+    defaults, default_origins = _new_names(defaults, ("defaults",))
+    default_secrets = {OLD_NAMES.get(key, key): found for key, found in default_secrets.items()}
     specs: dict[str, PipelineSpec] = {}
     normalized: dict[str, str] = {}
     for name, table in tables.items():
@@ -391,8 +396,10 @@ def _pipelines(data: dict[str, Any], environ: dict[str, str]) -> dict[str, Pipel
         secrets: list[str] = []
         table = substitute(table, where, environ, secrets)
         _check_keys(table, where)
+        table, table_origins = _new_names(table, where)
         values = {**defaults, **table}
-        origins = {key: (*where, key) if key in table else ("defaults", key) for key in values}
+        origins = {key: table_origins[key] if key in table else default_origins[key]
+                   for key in values}
         secrets += [secret for key, found in default_secrets.items() if key not in table
                     for secret in found]
         try:
@@ -419,12 +426,26 @@ def _check_keys(table: dict[str, Any], where: Path) -> None:
     for key, value in table.items():
         spec = PIPELINE_KEYS.get(key)
         if spec is None:
-            raise _Located(_unknown(key, list(PIPELINE_KEYS), "key"), (*where, key))
+            known = [name for name in PIPELINE_KEYS if name not in OLD_NAMES]
+            raise _Located(_unknown(key, known, "key"), (*where, key))
         if isinstance(value, bool) and bool not in spec.kinds or not isinstance(value, spec.kinds):
             raise _Located(f"expected {spec.shown}, not {_describe(value)}", (*where, key))
         problem = spec.check(value) if spec.check is not None else None
         if problem is not None:
             raise _Located(problem, (*where, key))
+
+
+def _new_names(table: dict[str, Any], where: Path) -> tuple[dict[str, Any], dict[str, Path]]:
+    """``table`` with its keys under their current names (`OLD_NAMES`), and where each key was
+    written (for messages, which name the key as the file does)."""
+    origins: dict[str, Path] = {key: (*where, key) for key in table}
+    for old, new in OLD_NAMES.items():
+        if old in table:
+            if new in table:
+                raise _Located(f"{old} is the old name of {new}: give one", (*where, old))
+            table = {new if key == old else key: value for key, value in table.items()}
+            origins[new] = origins.pop(old)
+    return table, origins
 
 
 def _describe(value: Any) -> str:
@@ -508,7 +529,7 @@ def _spec(name: str, values: dict[str, Any], origins: dict[str, Path], where: Pa
         "publication": values.get("publication"),
         "checkpoint": values.get("checkpoint"),
         "limit": values.get("limit"),
-        "until_idle": values.get("until_idle"),
+        "idle_timeout": values.get("idle_timeout"),
         "where": values.get("where"),
         "filter": json.dumps(filter_value) if isinstance(filter_value, list) else filter_value,
         "stages": _as_list(values.get("stages")),

@@ -4,7 +4,7 @@ The server writes the request (the pipeline's spec, the log format) as one JSON 
 stdin and keeps stdin open; the process builds the run exactly as ``changefeed run`` does
 (`config.build`), with the meters of `meters` around it, and runs
 `changefeed.delivery.deliver` until SIGTERM (deliver what it holds, acknowledge, exit 0), its
-``limit`` or ``until_idle``, or a failure. Logs go to stderr (the server's), labelled with the
+``limit`` or ``idle_timeout``, or a failure. Logs go to stderr (the server's), labelled with the
 pipeline. Every `REPORT_SECONDS` it writes its state and counts as one JSON line to FD; its last
 line says how it ended (`ended`): ``finished``, ``stopped``, or ``failed`` with whether a
 restart may cure it (`is_transient`).
@@ -41,10 +41,10 @@ from changefeed.serve.pipelines.config import PipelineSpec, Supervision, build
 from changefeed.serve.pipelines.meters import (
     SNAPSHOT_RECENT,
     CountingRetry,
+    Labeling,
     MeasuredOutput,
     MeasuredSink,
     SinkMeter,
-    labeling,
 )
 
 log = logging.getLogger("changefeed.serve")
@@ -204,7 +204,7 @@ class PipelineRun:
                    if parts.dead_letter is not None else None)
         from changefeed.pipelines.pipeline import Pipeline
 
-        pipeline = Pipeline(feed, [*parts.stages, labeling(parts.encode)], sink=sink,
+        pipeline = Pipeline(feed, [*parts.stages, Labeling(parts.encode)], sink=sink,
                             dead_letter=letters, processes=options.processes,
                             ack_interval=ACK_SECONDS)
         output = self.output = MeasuredOutput(pipeline.output(), on_open=self._start_reporter)
@@ -215,7 +215,7 @@ class PipelineRun:
         try:
             if self.stop_requested:
                 feed.stop()
-            result = deliver(feed, output, limit=options.limit, idle_timeout=options.until_idle,
+            result = deliver(feed, output, limit=options.limit, idle_timeout=options.idle_timeout,
                              ack_interval=ACK_SECONDS, progress=Progress(feed, self.quiet))
             if result.reader_gone:
                 outcome = {"outcome": "failed", "transient": True,
