@@ -38,7 +38,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from changefeed.serve.sync.application import Forbidden, Unauthorized
-from changefeed.serve.sync.core import NotServed, SyncCore
+from changefeed.serve.sync.core import NotServed, SyncCore, preflight
 from changefeed.serve.sync.shapes import Shape, ShapeError, View, parse_columns
 from changefeed.serve.sync.tail import Entry, tables_loaded
 from changefeed.serve.sync.values import to_pg_text
@@ -168,11 +168,7 @@ class ShapeApi:
 
     async def endpoint(self, request: Request) -> Response:
         if request.method == "OPTIONS":
-            return Response(status_code=204, headers={
-                "access-control-allow-origin": "*",
-                "access-control-allow-methods": "GET, OPTIONS",
-                "access-control-allow-headers": "authorization, content-type",
-                "access-control-max-age": "86400"})
+            return preflight("GET, OPTIONS", "authorization, content-type")
         core = self.core
         try:
             owner = await core.app.owner(_bearer(request))

@@ -39,7 +39,7 @@ from starlette.routing import Route
 
 from changefeed.errors import first_line
 from changefeed.serve.sync.application import Forbidden, Unauthorized
-from changefeed.serve.sync.core import NotServed, SyncCore
+from changefeed.serve.sync.core import NotServed, SyncCore, preflight
 from changefeed.serve.sync.log import fence_prefix
 from changefeed.serve.sync.shapes import Shape, ShapeError, View
 from changefeed.serve.sync.tail import Entry
@@ -131,11 +131,7 @@ class SyncApi:
 
     async def endpoint(self, request: Request) -> Response:
         if request.method == "OPTIONS":
-            return Response(status_code=204, headers={
-                "access-control-allow-origin": "*",
-                "access-control-allow-methods": "POST, OPTIONS",
-                "access-control-allow-headers": "content-type",
-                "access-control-max-age": "86400"})
+            return preflight("POST, OPTIONS", "content-type")
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > MAX_BODY:
             return _failure(413, f"the body is larger than {MAX_BODY // (1024 * 1024)} MB")
