@@ -37,14 +37,8 @@ class Server:
     port: int = 0
 
     def stop(self) -> None:
-        if self.process is None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        if self.process is not None:
+            stop_process(self.process)
 
     def restart(self) -> None:
         """Stop the server (closing every client's connection) and start it again in place."""

@@ -10,57 +10,18 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import threading
 
 import psycopg
 import pytest
 from clitools import run_cli, start_cli
 from proctools import descendants, ended, wait_ended
 from servers import wait_until
+from stuck import STUCK_STAGE, Silent
 
 pytestmark = pytest.mark.postgres
 
 BOUND = 10.0
 """Seconds within which every worker must end after the feed's process was killed."""
-
-STUCK_STAGE = '''
-import os
-import time
-
-def stuck(change):
-    """A stage that takes far longer than any test: stands for a long computation."""
-    open(os.environ["STUCK_MARK"], "w").close()
-    time.sleep(600)
-    return change
-'''
-
-
-class Silent:
-    """An HTTP endpoint that takes requests and never answers (a hung receiver)."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/hook"
-        self.requested = threading.Event()
-        self.held: list[socket.socket] = []
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.held.append(conn)
-            if conn.recv(1 << 16):
-                self.requested.set()
-
-    def close(self) -> None:
-        self.sock.close()
-        for conn in self.held:
-            conn.close()
-
 
 @pytest.fixture
 def tasks(pg):

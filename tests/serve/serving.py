@@ -143,3 +143,13 @@ class Serve:
 
 def jsonl(path: Path) -> list[Any]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def orders_config(folder: Path, pipelines: str, **defaults: object) -> Path:
+    """``folder/changefeed.toml``: the ``orders`` table of ``$DATABASE_URL`` by default (with
+    ``defaults``, numbers as they are), then the ``pipelines`` given as TOML."""
+    lines = ['url = "${DATABASE_URL}"', 'tables = "orders"',
+             *(f"{key} = {value}" for key, value in defaults.items())]
+    config = folder / "changefeed.toml"
+    config.write_text("\n[defaults]\n" + "\n".join(lines) + "\n" + pipelines)
+    return config

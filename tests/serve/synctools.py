@@ -21,6 +21,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from testservers import stop_process
 
 HERE = Path(__file__).parent
 JS = HERE / "js"
@@ -195,12 +196,7 @@ class _Node:
 
     def stop(self) -> None:
         if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            stop_process(self.process)
 
 
 class ShapeClient:
