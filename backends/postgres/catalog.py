@@ -1,23 +1,9 @@
 """What a PostgreSQL feed reads and writes of publications in the server's catalog.
 
-Every function takes an open (non-replication, autocommit) connection; none holds state. The
-tables themselves are resolved in `changefeed.backends.postgres.tables`.
-
-Safety rules enforced here, each because breaking it loses changes or breaks the application:
-
-* A publication that publishes updates or deletes makes the application's own UPDATE/DELETE
-  fail on a table without a replica identity, so `check_replica_identity` runs before any
-  publication is created or widened.
-* Partitioned tables are published through their root (``publish_via_partition_root``): changes
-  of every partition, also partitions attached later, arrive under the root's name.
-* A feed refuses a publication that serves another set of tables, or that belongs to another
-  slot: sharing one would let a feed consume and acknowledge changes meant for another.
-
-The publication's comment holds what changefeed knows of it (``changefeed {json}``): the slot it
-serves, its tables (OID and name when recorded), whether its name was a default one, and the
-state of the snapshot prefeed. `changefeed slots` finds every slot changefeed made from it.
-Replication slots themselves are `changefeed.backends.postgres.slots`'s.
-"""
+Functions of an open (non-replication, autocommit) connection, without state. They enforce the
+rules whose breach loses changes or breaks the application (replica identity first,
+partitions through their root, no shared publication) and keep the publication's comment
+(``changefeed {json}``): ARCHITECTURE.md, "Publications"."""
 
 from __future__ import annotations
 
