@@ -13,11 +13,11 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from waiting import wait_until
 
 MONGODB_ENV = "CHANGEFEED_TEST_MONGODB_URL"
 KAFKA_ENV = "CHANGEFEED_TEST_KAFKA_BOOTSTRAP"
@@ -60,22 +60,28 @@ def wait_for_port(port: int, process: subprocess.Popen, what: str, log: Path | N
     """Wait until ``port`` on 127.0.0.1 accepts connections; raise `RuntimeError` if ``process``
     exits first (with its output: from ``log``, else from its stdout pipe) or time runs out
     (killing it)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            if log is not None:
-                output = log.read_text()
-            else:
-                output = process.stdout.read() if process.stdout else ""
-            raise RuntimeError(f"{what} exited with {process.returncode}: {output}")
+    def listening() -> bool:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
+            return True
         except OSError:
-            time.sleep(0.05)
-    process.kill()
-    process.wait()
-    raise RuntimeError(f"{what} did not listen on port {port} within {seconds} s")
+            return False
+
+    def output() -> str:
+        if process.poll() is None:  # still running: its pipe would not end
+            return ""
+        if log is not None:
+            return log.read_text()
+        return process.stdout.read() if process.stdout else ""
+
+    try:
+        wait_until(listening, f"{what} to listen on port {port}", seconds,
+                   ended=lambda: process.poll() is not None, said=output)
+    except AssertionError as exc:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        raise RuntimeError(f"{exc} (exit code {process.returncode})") from None
 
 
 def _start(command: list[str], port: int, what: str, log: Path) -> subprocess.Popen:

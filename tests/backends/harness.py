@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 import uuid
 from typing import Any
 from urllib.parse import urlsplit
@@ -241,12 +240,3 @@ def available_backends() -> list[tuple[str, str | None]]:
         ("rethinkdb", None if os.environ.get(RETHINKDB_ENV) else
          f"set {RETHINKDB_ENV} (docker compose up -d rethinkdb; make test-live) to run it"),
     ]
-
-
-def wait_until(predicate, seconds: float = 20.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False

@@ -8,26 +8,15 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import pytest
 from testservers import free_port, start_redis, stop_process, wait_for_port
 
 __all__ = ["SNORKY_KEY", "Handler", "Receiver", "free_port", "start_redis", "stop_process",
-           "wait_for_port", "wait_until"]
+           "wait_for_port"]
 
 SNORKY_KEY = "swordfish"
 """The backend key the test Snorky server expects in ``X-Backend-Key``."""
-
-
-def wait_until(condition, seconds: float = 30.0, what: str = "the condition") -> None:
-    """Poll ``condition()`` until it is true; fail the test after ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} did not happen within {seconds} s")
-        time.sleep(0.02)
 
 
 class Receiver(ThreadingHTTPServer):

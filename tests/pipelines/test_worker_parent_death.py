@@ -15,8 +15,8 @@ import psycopg
 import pytest
 from clitools import run_cli, start_cli
 from proctools import descendants, ended, wait_ended
-from servers import wait_until
 from stuck import STUCK_STAGE, Silent
+from waiting import wait_until
 
 pytestmark = pytest.mark.postgres
 
@@ -58,8 +58,8 @@ def test_file_sink_workers_die_with_the_feed_and_the_next_run_loses_nothing(
     with start_cli(*args) as run:
         run.wait_streaming()
         insert(pg_dsn, range(1, 201))
-        wait_until(lambda: out.exists() and out.read_text().count("\n") >= 200, 60,
-                   "the rows in the sink file")
+        wait_until(lambda: out.exists() and out.read_text().count("\n") >= 200,
+                   "the rows in the sink file", 60)
         insert(pg_dsn, range(201, 401))  # some of these are in flight when it dies
         kill_and_wait(run, 3)  # --where, the format, the sink
     result = run_cli(*args, "--until-idle", "1.5")
@@ -76,7 +76,7 @@ def test_a_worker_stuck_in_a_webhook_request_dies_with_the_feed(pg_dsn, tasks):
                        "--sink", endpoint.url) as run:
             run.wait_streaming()
             insert(pg_dsn, range(1, 4))
-            wait_until(endpoint.requested.is_set, 60, "the webhook request")
+            wait_until(endpoint.requested.is_set, "the webhook request", 60)
             kill_and_wait(run, 2)
     finally:
         endpoint.close()
@@ -92,6 +92,6 @@ def test_a_worker_stuck_in_a_stage_dies_with_the_feed(pg_dsn, tasks, tmp_path):
                    "stuck_stage:stuck", "--sink", str(out), env=env) as run:
         run.wait_streaming()
         insert(pg_dsn, range(1, 4))
-        wait_until(mark.exists, 60, "the stage to be stuck")
+        wait_until(mark.exists, "the stage to be stuck", 60)
         kill_and_wait(run, 3)
     assert not out.exists() or out.read_text() == ""

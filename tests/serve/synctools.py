@@ -22,6 +22,7 @@ from typing import Any
 import psycopg
 import pytest
 from testservers import stop_process
+from waiting import wait_until
 
 HERE = Path(__file__).parent
 JS = HERE / "js"
@@ -92,18 +93,17 @@ class Server:
         return self
 
     def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise AssertionError(f"serve exited {self.process.returncode}: {self.errors()}")
+        process = self.process
+        assert process is not None
+
+        def ready() -> bool:
             try:
-                if get(self.base + "/readyz", timeout=2)[0] == 200:
-                    return
+                return get(self.base + "/readyz", timeout=2)[0] == 200
             except OSError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"serve not ready in {timeout} s: {self.errors()}")
+                return False
+
+        wait_until(ready, "serve to be ready", timeout, ended=lambda: process.poll() is not None,
+                   said=self.errors, step=0.1)
 
     def errors(self) -> str:
         if self.log is not None and self.log.exists():

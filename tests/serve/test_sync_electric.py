@@ -11,6 +11,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from synctools import Server, ShapeClient, electric_rows, get, shape_clients, shape_url
+from waiting import wait_until
 
 pytestmark = pytest.mark.postgres
 
@@ -245,10 +246,8 @@ def test_must_refetch_only_when_the_log_is_gone_and_never_twice(
 
 def wait_for_count(pg: psycopg.Connection, query: str, what: str, timeout: float = 30) -> None:
     """Wait until compaction has removed every row ``query`` counts."""
-    deadline = time.monotonic() + timeout
-    while (count := pg.execute(query).fetchone()[0]) != 0:
-        assert time.monotonic() < deadline, f"compaction left {count} of {what}"
-        time.sleep(0.1)
+    wait_until(lambda: pg.execute(query).fetchone()[0] == 0, f"compaction to remove the {what}",
+               timeout, step=0.1)
 
 
 def test_offsets_older_than_the_log_window_are_served_or_refetched_once(
