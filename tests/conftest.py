@@ -15,6 +15,7 @@ from testservers import (
     KAFKA_ENV,
     MONGODB_ENV,
     Server,
+    drop_slot,
     free_port,
     start_redis,
     start_secantus,
@@ -51,14 +52,7 @@ def pg_dsn(pg_server: TemporaryPostgres) -> Iterator[str]:
             "SELECT slot_name FROM pg_replication_slots WHERE database = %s", [name]
         ).fetchall()
         for (slot,) in slots:
-            for _ in range(50):
-                try:
-                    conn.execute("SELECT pg_drop_replication_slot(%s)", [slot])
-                    break
-                except psycopg.errors.ObjectInUse:
-                    import time
-
-                    time.sleep(0.1)
+            drop_slot(conn, slot, timeout=5)
         conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
 
 

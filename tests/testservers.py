@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
 import pytest
 from waiting import wait_until
 
@@ -101,6 +102,19 @@ def start_redis(port: int, directory: str) -> subprocess.Popen:
          "--appendonly", "no", "--dir", str(directory)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
+
+
+def drop_slot(conn: psycopg.Connection, slot: str, timeout: float = 10) -> None:
+    """Drop the replication slot ``slot``, once the walsender of a feed that just stopped (it
+    takes a moment to end) has let go of it."""
+    def dropped() -> bool:
+        try:
+            conn.execute("SELECT pg_drop_replication_slot(%s)", [slot])
+            return True
+        except psycopg.errors.ObjectInUse:
+            return False
+
+    wait_until(dropped, f"the slot {slot} to be free", timeout)
 
 
 def stop_process(process: subprocess.Popen) -> None:

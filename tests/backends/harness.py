@@ -16,9 +16,10 @@ import uuid
 from typing import Any
 from urllib.parse import urlsplit
 
-from changefeed import Change, Retry, get_changefeed
+from feeds import FAST_RETRY
 
-FAST_RETRY = Retry(initial=0.05, maximum=0.5)
+from changefeed import Change, get_changefeed
+
 RETHINKDB_ENV = "CHANGEFEED_TEST_RETHINKDB_URL"
 
 

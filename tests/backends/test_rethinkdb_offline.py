@@ -125,7 +125,7 @@ class FakeCursor:
                 raise item
             self.server.apply(item)
             return item
-        time.sleep(0.005)
+        time.sleep(0.005)  # a read that waits and times out
         raise ReqlTimeoutError("localhost", 28015)
 
     def close(self) -> None:

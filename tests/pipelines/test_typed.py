@@ -8,6 +8,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from feeds import FAST_RETRY
 from waiting import wait_until
 
 from changefeed import UNCHANGED, Message, Operation, PipelineError
@@ -15,7 +16,6 @@ from changefeed.backends.postgres import PostgresChangeFeed
 from changefeed.pipelines import Pipeline
 from changefeed.pipelines.typed import TypedChange, TypedRowError, typed
 from changefeed.testing import ListSink, delete, insert, update
-from tests.backends.test_postgres import FAST_RETRY
 
 
 @dataclass

@@ -152,7 +152,7 @@ def test_lag_is_the_age_of_the_oldest_change_not_delivered_and_zero_when_none_wa
     runner.start()
     wait_until(lambda: output.read >= 3, "the three changes read", 10)
     first = output.lag_seconds()
-    time.sleep(0.3)
+    time.sleep(0.3)  # time passes while the sink holds the batch
     assert 20 <= first < output.lag_seconds() < 40  # rises while the sink holds the batch
     release.set()
     wait_until(lambda: not output.lag_seconds(), "the lag to fall to 0", 10)

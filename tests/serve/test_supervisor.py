@@ -52,7 +52,7 @@ def test_a_configuration_that_broke_since_it_was_checked_fails_for_good(tmp_path
         wait_until(lambda: supervisor.snapshot().state == "failed", "the failure")
         snap = supervisor.snapshot()
         assert "directory" in snap.error and str(gone) in snap.error
-        time.sleep(0.5)
+        time.sleep(0.5)  # time passes: a failed pipeline must not restart
         assert supervisor.snapshot().restarts == 0
     finally:
         supervisor.stop()

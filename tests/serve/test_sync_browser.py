@@ -142,7 +142,7 @@ def test_the_demo_page_syncs_live_queues_offline_edits_and_catches_up(
             conn.execute("UPDATE tasks SET title = 'changed while offline' WHERE title ="
                          " 'written by the test'")
             conn.execute("DELETE FROM tasks WHERE title = 'try changefeed'")
-            time.sleep(1.0)
+            time.sleep(1.0)  # time for a write that must not happen
             assert "edited offline" not in titles(conn)  # nothing left the browser
             # Back online: the queue is sent, and the page catches up with the database.
             browser("offline", value=False)

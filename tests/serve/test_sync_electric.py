@@ -184,7 +184,7 @@ def test_sigkill_of_the_server_mid_stream_loses_nothing(
                              [n, n % 4])
                 conn.execute("UPDATE items SET priority = (priority + 1) %% 4 WHERE id = %s",
                              [n % 20 + 1])
-                time.sleep(0.01)
+                time.sleep(0.01)  # the writer's pace
 
     try:
         client, sse = shape_clients(server, "items", [{"where": where}, {"sse": True}])
@@ -197,7 +197,7 @@ def test_sigkill_of_the_server_mid_stream_loses_nothing(
                 server.kill()
                 time.sleep(1.0)  # writes go on while the server is down
                 server.start()
-                time.sleep(1.0)
+                time.sleep(1.0)  # and while it starts again
             finally:
                 stop.set()
                 thread.join()
