@@ -79,7 +79,7 @@ def test_a_clean_exit_stops_the_guard_too():
     from changefeed.embedded import TemporaryPostgres
 
     with TemporaryPostgres() as server:
-        guard = server._guard
+        guard = server._guard  # private: the guard process has no public handle, on purpose
         assert guard is not None and guard.poll() is None
         directory = server.directory
     assert guard.returncode == 0 and not directory.exists()  # it ended on its stdin's EOF

@@ -83,7 +83,7 @@ def test_a_driver_connection_dispatches_and_is_never_closed_by_the_feed():
     assert feed.table == "app.tasks" and feed.params.where == "db.example:28015"
     closed = []
     conn.close = lambda noreply_wait=True: closed.append(True)  # type: ignore[method-assign]
-    feed._conn = conn
+    feed._conn = conn  # private: as if connected, without a server
     feed.close()
     assert closed == [] and feed._conn is None
     with pytest.raises(ConfigurationError, match="cannot use a dict"):

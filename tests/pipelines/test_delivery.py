@@ -12,7 +12,7 @@ import time
 
 import pytest
 import redis
-from servers import Receiver, free_port, start_redis, stop_process, wait_for_port
+from testservers import Receiver, free_port, start_redis, stop_process, wait_for_port
 from waiting import wait_until
 
 from changefeed import PipelineError, Retry
@@ -284,5 +284,6 @@ def test_the_network_sinks_pickle_for_spawned_processes():
     for sink in (WebhookSink("https://tok@h/x?k=1"), RedisStreamSink("redis://h/0", "s")):
         sink.interrupt()
         copy = pickle.loads(pickle.dumps(sink))
+        # private: an interrupt is a process-local event and must not travel with the copy
         assert copy.url == sink.url and not copy._interrupted.is_set()
         assert "tok" not in repr(copy) and "k=1" not in repr(copy)

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import httpx
 import pytest
-from servers import SNORKY_KEY as KEY
+from testservers import SNORKY_KEY as KEY
 from websockets.sync.client import ClientConnection, connect
 
 from changefeed import PipelineError

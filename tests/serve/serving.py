@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
-from servers import free_port
+from testservers import free_port
 from waiting import wait_until
 
 HERE = Path(__file__).parent

@@ -10,7 +10,7 @@ import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from servers import Receiver
+from testservers import Receiver
 from waiting import wait_until
 
 from changefeed.delivery import deliver

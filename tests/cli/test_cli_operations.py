@@ -9,7 +9,7 @@ import time
 import psycopg
 import pytest
 from clitools import CliProcess, run_cli, start_cli
-from servers import Receiver
+from testservers import Receiver
 
 from changefeed.delivery import STOP_GRACE
 

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from clitools import assert_one_clear_line, run_cli, start_cli
 from proctools import children
-from servers import SNORKY_KEY
+from testservers import SNORKY_KEY
 from websockets.sync.client import connect
 
 from changefeed.backends.redis_streams import RedisStreamFeed

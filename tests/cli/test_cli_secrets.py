@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 from clitools import assert_one_clear_line, run_cli, start_cli
-from servers import Receiver, free_port
+from testservers import Receiver, free_port
 
 from changefeed.delivery import STOP_GRACE
 from changefeed.embedded import free_port as pg_free_port
