@@ -17,8 +17,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from test_snorky import subscribe
-from testservers import SNORKY_KEY
+from testservers import SNORKY_KEY, subscribe
 
 from changefeed import get_changefeed
 

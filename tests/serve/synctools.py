@@ -335,3 +335,21 @@ def _parse(typname: str, text: str | None) -> Any:
     if typname in ("json", "jsonb") or typname.startswith("_"):
         return json.loads(text)
     return text
+
+
+ITEMS = """
+CREATE TABLE items (
+    id int PRIMARY KEY, title text, done boolean NOT NULL DEFAULT false, priority int,
+    price numeric(10, 2), due timestamptz, tags text[], meta jsonb, big bigint
+)"""
+
+
+def make_items(pg: psycopg.Connection, count: int = 20) -> None:
+    """The ``items`` table of the sync tests, with ``count`` rows of every column type."""
+    pg.execute(ITEMS)
+    pg.execute(
+        "INSERT INTO items SELECT g, CASE WHEN g %% 3 = 0 THEN 'apple ' || g ELSE 'item ' || g"
+        " END, g %% 2 = 0, g %% 5, g * 1.25, CASE WHEN g %% 4 = 0 THEN NULL ELSE"
+        " timestamptz '2024-05-01 10:00:00+00' + g * interval '5 days' END,"
+        " ARRAY['t' || g, 'x y'], CASE WHEN g %% 6 = 0 THEN jsonb_build_object('g', g) END,"
+        " g * 3 FROM generate_series(1, %s) g", [count])

@@ -10,16 +10,10 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from synctools import Server, ShapeClient, electric_rows, get, shape_clients, shape_url
+from synctools import Server, ShapeClient, electric_rows, get, make_items, shape_clients, shape_url
 from waiting import wait_until
 
 pytestmark = pytest.mark.postgres
-
-ITEMS = """
-CREATE TABLE items (
-    id int PRIMARY KEY, title text, done boolean NOT NULL DEFAULT false, priority int,
-    price numeric(10, 2), due timestamptz, tags text[], meta jsonb, big bigint
-)"""
 
 WHERES = [
     "priority >= 3",
@@ -31,16 +25,6 @@ WHERES = [
     "big BETWEEN 5 AND 50 AND priority <> 4",
     "due::date = '2024-07-01' OR price IS NULL",
 ]
-
-
-def make_items(pg: psycopg.Connection, count: int = 20) -> None:
-    pg.execute(ITEMS)
-    pg.execute(
-        "INSERT INTO items SELECT g, CASE WHEN g %% 3 = 0 THEN 'apple ' || g ELSE 'item ' || g"
-        " END, g %% 2 = 0, g %% 5, g * 1.25, CASE WHEN g %% 4 = 0 THEN NULL ELSE"
-        " timestamptz '2024-05-01 10:00:00+00' + g * interval '5 days' END,"
-        " ARRAY['t' || g, 'x y'], CASE WHEN g %% 6 = 0 THEN jsonb_build_object('g', g) END,"
-        " g * 3 FROM generate_series(1, %s) g", [count])
 
 
 def shuffle_items(pg: psycopg.Connection) -> None:

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from synctools import Server, ShapeClient, electric_rows, get, shape_url
-from test_sync_electric import make_items
+from synctools import Server, ShapeClient, electric_rows, get, make_items, shape_url
 from waiting import wait_until
 
 pytestmark = pytest.mark.postgres
