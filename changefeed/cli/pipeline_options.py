@@ -24,9 +24,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypedDict
 
-if TYPE_CHECKING:
-    from typing_extensions import Unpack
-
 from changefeed.cli.common import ACK_SECONDS
 from changefeed.errors import ConfigurationError
 from changefeed.formats.registry import FormatOptions, format_named
@@ -35,6 +32,9 @@ from changefeed.pipelines.sinks import Sink
 from changefeed.pipelines.sinks.spec import sink_from_spec
 from changefeed.pipelines.stages import Stage, subscription
 from changefeed.pipelines.where_expressions import parse_filter, parse_where, row_filter
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 _FLAGS = {"tables": "TABLE...", "fmt": "--format", "stages": "--stage"}
 
