@@ -21,7 +21,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from testservers import stop_process
+from testservers import free_port, stop_process
 from waiting import wait_until
 
 HERE = Path(__file__).parent
@@ -41,14 +41,6 @@ def node_modules() -> Path:
                        env={**os.environ, "PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD": "1"},
                        capture_output=True)
     return modules
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Server:

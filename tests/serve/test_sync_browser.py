@@ -15,7 +15,8 @@ from typing import Any
 
 import psycopg
 import pytest
-from synctools import CHANGEFEED, JS, free_port, get, node_modules
+from synctools import CHANGEFEED, JS, get, node_modules
+from testservers import free_port
 from waiting import wait_until
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
