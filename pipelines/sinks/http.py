@@ -35,7 +35,7 @@ import ssl
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -96,7 +96,10 @@ def retry_after(value: str | None, now: float | None = None) -> float:
     return min(max(seconds, 0.0), RETRY_AFTER_MAX)
 
 
-def _cause(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+_Cause = TypeVar("_Cause", bound=BaseException)
+
+
+def _cause(exc: BaseException, kind: type[_Cause]) -> _Cause | None:
     """The first exception of type ``kind`` in ``exc``'s chain of causes and contexts."""
     seen: set[int] = set()
     current: BaseException | None = exc
@@ -108,12 +111,11 @@ def _cause(exc: BaseException, kind: type[BaseException]) -> BaseException | Non
     return None
 
 
-def _timeout(name: str, value: float | None) -> float | None:
+def _check_timeout(name: str, value: float | None) -> None:
     if value is not None:
         problem = seconds_problem(value)
         if problem is not None:
             raise ConfigurationError(f"{name} {problem}, not {value!r}")
-    return value
 
 
 class _HttpSink(RemoteSink):
@@ -137,9 +139,12 @@ class _HttpSink(RemoteSink):
         if not parsed.host:
             raise ConfigurationError(f"bad URL {self.shown_url!r}: no host")
         self.url = url
-        self.timeout = _timeout("timeout", timeout)
-        self.connect_timeout = _timeout("connect_timeout", connect_timeout)
-        self.read_timeout = _timeout("read_timeout", read_timeout)
+        _check_timeout("timeout", timeout)
+        _check_timeout("connect_timeout", connect_timeout)
+        _check_timeout("read_timeout", read_timeout)
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
         self.retry = retry if retry is not None else self.default_retry
         self._client: httpx.Client | None = None
         self._interrupted = threading.Event()
