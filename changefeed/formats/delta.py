@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from changefeed.change import UNCHANGED, Change, Operation, _without_unchanged, unchanged_columns
-from changefeed.formats.codec import ORJSON_OPTIONS, dumps, dumps_line, json_default
+from changefeed.formats.codec import ORJSON_OPTIONS, dumps, dumps_default, dumps_line
 
 
 def to_delta(change: Change, model: str | Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -98,9 +98,9 @@ def delta_line_encoder(
         if start is None:
             start = starts[change.table] = _delta_starts(change.table, model)
         try:
-            return (start[which] + orjson.dumps(row, default=json_default, option=ORJSON_OPTIONS)
+            return (start[which] + orjson.dumps(row, default=dumps_default, option=ORJSON_OPTIONS)
                     + b"}\n")
-        except orjson.JSONEncodeError:  # keys that are not strings: the general path
+        except orjson.JSONEncodeError:  # keys that are not strings, ...: the general path
             return dumps_line(to_delta(change, model))
 
     return encode

@@ -302,13 +302,24 @@ def test_intervals_parse_and_print_as_postgres_does(text, value, iso):
     assert loaded == Interval(*value) and loaded.isoformat() == iso
 
 
-def test_json_numbers_python_cannot_parse_keep_the_exact_text():
+def test_json_numbers_python_cannot_parse_as_int_keep_their_digits():
     from changefeed.backends.postgres.loading import TypeLoaders
-    from changefeed.backends.postgres.values import RawJson
+    from changefeed.backends.postgres.values import JsonDecimal
     from changefeed.formats.codec import dumps
 
     digits = "9" * 5000  # beyond Python's int parsing limit; jsonb accepts it
     text = '{"n": ' + digits + ',\n "s": "a\\nb"}'
     (value,) = TypeLoaders()([3802])([text.encode()])
-    assert isinstance(value, RawJson) and value == text and value.type == "jsonb"
-    assert dumps({"j": value}) == b'{"j":{"n": ' + digits.encode() + b',  "s": "a\\nb"}}'
+    assert value == {"n": JsonDecimal(digits), "s": "a\nb"}
+    assert dumps({"j": value}) == b'{"j":{"n":' + digits.encode() + b',"s":"a\\nb"}}'
+
+
+def test_json_too_deep_for_python_keeps_the_exact_text_on_one_line():
+    from changefeed.backends.postgres.loading import TypeLoaders
+    from changefeed.backends.postgres.values import RawJson
+    from changefeed.formats.codec import dumps
+
+    text = "[" * 300 + '{"s": "a\\nb",\n "n": 1.10}' + "]" * 300
+    (value,) = TypeLoaders()([114])([text.encode()])
+    assert isinstance(value, RawJson) and value == text and value.type == "json"
+    assert dumps({"j": value}) == ('{"j":' + text.replace("\n", " ") + "}").encode()
