@@ -225,3 +225,28 @@ def test_long_raw_texts_deep_in_lists_are_written_exactly():
                 value, text = [value, 1], f"[{text},1]"
             assert dumps(value) == text.encode()
             assert dumps_line({"j": value}) == b'{"j":' + text.encode() + b"}\n"
+
+
+# -- message content -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("content", "line"), [
+    (b'{"a": 1.00000000000000000001, "b": 12345678901234567890123}',
+     b'{"a":1.00000000000000000001,"b":12345678901234567890123}'),
+    (b"[-0, -0.0, 1e-7, 0.1]", b"[-0,-0.0,1E-7,0.1]"),
+    (nested(300).encode(), nested(300).encode()),
+    (nested(5000, '{"x": 1.10}', "{").encode(), nested(5000, '{"x": 1.10}', "{").encode()),
+    (b'"\\ud800"', b'"\\ud800"'),
+    (nested(300, "").encode()[:-1], b'"' + nested(300, "").encode()[:-1] + b'"'),  # text
+    (b"NaN", b'"NaN"'),  # text: not JSON
+])
+def test_message_content_keeps_its_digits_and_depth(content, line):
+    from changefeed.message import Message
+
+    message = Message("p", content, "0000000000000001:00000000")
+    assert dumps(message.to_dict()["content"]) == line
+    if line.startswith(b'"') and not content.startswith(b'"'):
+        with pytest.raises(ValueError):
+            message.json()
+    else:
+        assert dumps(message.json()) == line
