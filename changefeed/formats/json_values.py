@@ -308,6 +308,8 @@ def loads_document(data: bytes) -> Any:
 
 def _load_parts(data: bytes, decoder: json.JSONDecoder) -> Any:
     """``data`` parsed with ``decoder``, its raw parts (`_raw_parts`) as `RawJson`."""
+    if not deeper_than(data) and not lone_surrogate(data):
+        return decoder.decode(data.decode())  # the common case, and its error messages
     parts = _raw_parts(data, MAX_DEPTH)
     if not parts:
         return decoder.decode(data.decode())

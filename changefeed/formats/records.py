@@ -8,6 +8,9 @@ line both Kafka ends share) is a pure function of a `Change` or of the bytes rea
 a server.
 
 * The JSON form of a change is ``Change.to_dict()``; `changefeed.formats.change_dict` reverses it.
+  A reader reads the JSON exactly (`changefeed.formats.json_values.loads_document`): numbers
+  keep their digits, and what is nested too deep for Python stays its exact text, so no value
+  a sink wrote can stop or change a feed reading it back.
 * A Redis stream entry holds that JSON in the field ``change`` and the source position (JSON) in
   ``position``.
 * A Kafka record goes to its table's topic (`topic_for`). Its key is the JSON of the row's key
@@ -23,12 +26,11 @@ import logging
 import re
 from typing import Any, NamedTuple
 
-import orjson
-
 from changefeed.change import Change
 from changefeed.errors import ConfigurationError, DecodeError, PipelineError
 from changefeed.formats.change_dict import change_from_dict
 from changefeed.formats.codec import dumps
+from changefeed.formats.json_values import loads_document
 from changefeed.formats.registry import FORMATS, FormatOptions, format_named
 
 
@@ -64,7 +66,7 @@ def change_of_entry(
     if not fields or b"change" not in fields:
         return None
     try:
-        return change_from_dict(orjson.loads(fields[b"change"]))
+        return change_from_dict(loads_document(fields[b"change"]))
     except (ValueError, DecodeError) as exc:
         raise DecodeError(f"{where} is not a change record: {exc}") from exc
 
@@ -163,7 +165,7 @@ def change_of_record(
         raise DecodeError(f"{where} holds a {name!r} record: KafkaFeed reads records"
                             f" written with format {readable}")
     try:
-        return read(orjson.loads(value), key)
+        return read(loads_document(value), key)
     except (ValueError, DecodeError) as exc:
         raise DecodeError(f"{where} is not a {name} record: {exc}") from exc
 

@@ -17,13 +17,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from changefeed.change import Change
 from changefeed.errors import ConfigurationError
 from changefeed.formats import debezium
 from changefeed.formats.change_dict import change_from_dict, change_line
 from changefeed.formats.delta import DeltaEncoder, delta_line_encoder
+from changefeed.formats.json_values import loads_document
 
 
 @dataclass(frozen=True)
@@ -86,7 +85,7 @@ def _debezium_encoder(options: FormatOptions) -> debezium.DebeziumEncoder:
 
 
 def _read_debezium(value: Any, key: bytes | None) -> Change:
-    return debezium.change_from_debezium(value, orjson.loads(key or b"null"))
+    return debezium.change_from_debezium(value, loads_document(key or b"null"))
 
 
 FORMATS = (
