@@ -119,10 +119,11 @@ def json_int(text: str) -> int | Decimal:
 
 
 def _float_or_decimal(text: str) -> float | Decimal:
-    """A float when orjson writes it back as ``text`` (so reading it as one loses nothing),
-    else `JsonDecimal`: for records read back, where float columns must stay floats."""
+    """A float when its shortest text has the same digits as ``text`` (so reading it as one
+    loses nothing), else `JsonDecimal`: for records read back, where float columns must stay
+    floats."""
     value = float(text)
-    if orjson.dumps(value) == text.encode():
+    if repr(value) == text or orjson.dumps(value) == text.encode():
         return value
     return JsonDecimal(text)
 
