@@ -7,7 +7,15 @@
     ...     print(change.operation, change.new)
 """
 
-from changefeed.change import ALL, UNCHANGED, Change, Operation, Position, SnapshotState
+from changefeed.change import (
+    ALL,
+    UNCHANGED,
+    Change,
+    Operation,
+    Position,
+    SnapshotState,
+    Truncate,
+)
 from changefeed.checkpoint import CheckpointStore, FileCheckpoint, MemoryCheckpoint
 from changefeed.delivery import FeedStats
 from changefeed.errors import (
@@ -27,11 +35,13 @@ from changefeed.retry import Retry
 INSERT = Operation.INSERT
 DELETE = Operation.DELETE
 UPDATE = Operation.UPDATE
+TRUNCATE = Operation.TRUNCATE
 
 __all__ = [
     "ALL",
     "DELETE",
     "INSERT",
+    "TRUNCATE",
     "UNCHANGED",
     "UPDATE",
     "BackendError",
@@ -52,5 +62,6 @@ __all__ = [
     "Retry",
     "SnapshotState",
     "TransientBackendError",
+    "Truncate",
     "get_changefeed",
 ]
