@@ -1,5 +1,10 @@
 """Built-in stages: plain callables ``Change -> Change | None | iterable``.
 
+A `Truncate` (a table emptied) goes through the stages too: those that look at rows (`where`,
+`project`, `subscription`) pass it on unchanged (every row of the table is gone, whatever a
+filter says of rows), `route` sends it through its table's stages, `to_delta` makes a truncate
+delta.
+
 A stage returns one item, None to drop the change, or an iterable (anything iterable but a
 mapping, str or bytes) for one change becoming several items. Stages are pure: they neither
 acknowledge nor deliver, so the same list of stages runs in-process or across processes, and a
@@ -19,7 +24,7 @@ import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from changefeed.change import UNCHANGED, Change, Operation
+from changefeed.change import UNCHANGED, Change, Operation, Truncate
 from changefeed.errors import ConfigurationError, PipelineError
 from changefeed.formats.delta import to_delta as _to_delta
 from changefeed.pipelines.filters import Filter, compile_filter, filter_fields
@@ -77,6 +82,8 @@ class where:  # noqa: N801  (a stage reads as a function in a stage list)
         return f"where({stage_name(self.predicate)})"
 
     def __call__(self, change: Change) -> Change | None:
+        if change.__class__ is Truncate:
+            return change  # a filter on rows keeps a table's truncate
         return change if self.predicate(change) else None
 
 
@@ -105,6 +112,8 @@ class project:  # noqa: N801
         return {field: row[field] for field in self.fields if field in row}
 
     def __call__(self, change: Change) -> Change:
+        if change.__class__ is Truncate:
+            return change
         return dataclasses.replace(change, new=self._keep(change.new), old=self._keep(change.old))
 
 
@@ -268,6 +277,8 @@ class subscription:  # noqa: N801
         operation = change.operation
         if operation is Operation.INSERT:
             return change if self.matches(change.new or {}) else None
+        if operation is Operation.TRUNCATE:
+            return change  # every row left the subscription
         old = change.old
         self._check_old(change)
         if operation is Operation.DELETE:

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import threading
 from collections.abc import Mapping
 from typing import Any
 
 import httpx
 
-from changefeed.change import Change
+from changefeed.change import Change, Truncate
 from changefeed.errors import ConfigurationError, PipelineError
 from changefeed.formats.codec import dumps
 from changefeed.formats.delta import to_delta
@@ -29,6 +30,7 @@ from changefeed.pipelines.sinks import Batch, RemoteSink, Retryable, jsonable
 from changefeed.redact import redact
 from changefeed.retry import Retry
 
+log = logging.getLogger("changefeed.pipelines")
 _RETRY_STATUS = frozenset({408, 429})
 
 
@@ -153,6 +155,10 @@ class SnorkySink(_HttpSink):
     answered, so a read timeout says to check the name.
 
     Items may be deltas (dicts from ``to_delta()``) or changes, turned into deltas with ``model``.
+
+    Snorky has no delta for a truncate (its backend refuses unknown types, failing the whole
+    batch): a `Truncate` (or a truncate delta) is left out with a warning naming the table, and
+    counts as delivered. Snorky's subscribers keep that table's rows: re-subscribe them.
     """
 
     accepts = "deltas"
@@ -175,15 +181,24 @@ class SnorkySink(_HttpSink):
         self.name = f"snorky({self.shown_url}, service={service})"
 
     def _delta(self, item: Any) -> Any:
-        return to_delta(item, self.model) if isinstance(item, Change) else item
+        return to_delta(item, self.model) if isinstance(item, (Change, Truncate)) else item
 
     def write_batch(self, batch: Batch) -> None:
+        deltas = []
+        for item, position in zip(batch.items, batch.positions, strict=True):
+            delta = self._delta(item)
+            if isinstance(delta, dict) and delta.get("type") == "truncate":
+                log.warning(
+                    "%s: TRUNCATE of %s at position %r is not sent: Snorky has no delta for it,"
+                    " so its subscribers keep the rows of model %s", self.name,
+                    getattr(item, "table", delta.get("model")), position, delta.get("model"))
+                continue
+            deltas.append(delta)
+        if not deltas:
+            return
         message = {
             "service": self.service,
-            "message": {
-                "command": "publishDeltas",
-                "params": {"deltas": [self._delta(item) for item in batch.items]},
-            },
+            "message": {"command": "publishDeltas", "params": {"deltas": deltas}},
         }
         headers = {"Content-Type": "application/json", "X-Backend-Key": self.key}
         response = self.post(dumps(message), headers)
