@@ -228,6 +228,11 @@ class Truncate:
         """`Operation.TRUNCATE`: what an operation mask filters it by."""
         return Operation.TRUNCATE
 
+    @property
+    def snapshot(self) -> bool:
+        """False: a truncate is never part of a snapshot (as on a `Change` streamed)."""
+        return False
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON form, shaped like `Change.to_dict` (``operation``, ``table``,
         ``position``, ``committed_at``, ``transaction``) with the statement's options;

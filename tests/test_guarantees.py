@@ -18,6 +18,8 @@ import fcntl
 import os
 import re
 import signal
+import threading
+import time
 
 import psycopg
 import pytest
@@ -658,3 +660,82 @@ def test_truncate_through_a_pipeline_with_where_filter_and_a_file_sink(pg_dsn, t
     got = [(line["operation"], (line.get("new") or {}).get("id")) for line in
            json_lines(sink.read_text())]
     assert got == [("insert", 1), ("truncate", None), ("insert", 3)]
+
+
+def apply_in_order(rows: dict, item) -> None:
+    """What a consumer keeping a copy of a table does with each item."""
+    if item.operation is Operation.TRUNCATE:
+        rows.clear()
+    elif item.operation is Operation.DELETE:
+        rows.pop(item.key["id"], None)
+    else:
+        rows[item.key["id"]] = item.new
+
+
+def test_truncates_while_a_chunked_snapshot_is_read_leave_the_consumer_equal_to_the_table(
+    pg_dsn, tasks
+):
+    tasks.execute("INSERT INTO tasks SELECT g, 'old' FROM generate_series(1, 6000) g")
+    stop = threading.Event()
+
+    def truncate_and_refill():
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            round_ = 0
+            while not stop.is_set():
+                round_ += 1
+                first = 10_000 * round_
+                with conn.transaction():
+                    conn.execute("TRUNCATE tasks")
+                    conn.execute("INSERT INTO tasks SELECT g, 'new'"
+                                 " FROM generate_series(%s::int, %s::int) g", [first, first + 300])
+                time.sleep(0.03)
+
+    feed = make_feed(pg_dsn, prefeed="snapshot", chunk_size=100)
+    writer = threading.Thread(target=truncate_and_refill)
+    rows: dict = {}
+    truncates = 0
+    try:
+        for item in feed.changes(timeout=120, idle_timeout=3):
+            if item.snapshot and writer.ident is None:
+                writer.start()  # once the snapshot is under way
+            truncates += item.operation is Operation.TRUNCATE
+            if truncates >= 20:
+                stop.set()
+            apply_in_order(rows, item)
+            feed.ack(item.position)
+    finally:
+        stop.set()
+        if writer.ident is not None:
+            writer.join()
+    assert truncates >= 20
+    assert rows == {row[0]: {"id": row[0], "title": row[1]}
+                    for row in tasks.execute("SELECT id, title FROM tasks")}
+
+
+def test_a_truncate_between_a_chunks_read_and_its_watermark_empties_the_chunk(
+    pg_dsn, tasks, monkeypatch
+):
+    # The chunk's rows are read, then the table is truncated and refilled, then the chunk's
+    # high watermark is written: the chunk's rows are older than the truncate before them.
+    from changefeed.backends.postgres.backfill import Backfills
+
+    tasks.execute("INSERT INTO tasks SELECT g, 'old' FROM generate_series(1, 1000) g")
+    emit = Backfills._emit
+    chunks = []
+
+    def truncate_then_emit(self, conn, watermark, mark):
+        chunks.append(watermark)
+        if len(chunks) == 3:
+            with psycopg.connect(pg_dsn, autocommit=True) as other, other.transaction():
+                other.execute("TRUNCATE tasks")
+                other.execute("INSERT INTO tasks VALUES (5000, 'new')")
+        emit(self, conn, watermark, mark)
+
+    monkeypatch.setattr(Backfills, "_emit", truncate_then_emit)
+    feed = make_feed(pg_dsn, prefeed="snapshot", chunk_size=100)
+    rows: dict = {}
+    for item in feed.changes(timeout=120, idle_timeout=3):
+        apply_in_order(rows, item)
+        feed.ack(item.position)
+    assert len(chunks) >= 3
+    assert rows == {5000: {"id": 5000, "title": "new"}}
