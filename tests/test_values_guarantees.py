@@ -359,3 +359,23 @@ def test_nothing_a_value_holds_stops_a_feed_after_it(pg, pg_dsn, server_max):
         rows = [_row(fmt, line) for line in lines[:len(values)]]
         assert [as_text(row["t"]) for row in rows] == [canonical(v) for v in values], fmt
         assert as_text(_row(fmt, lines[-1])) == '{"id":100,"t":1}', fmt
+
+
+def test_messages_under_changefeeds_own_prefixes_cannot_stop_a_feed(pg, pg_dsn):
+    # Any role may write a message with the prefixes the feed reads itself (watermarks,
+    # back-fill requests): deep or odd content is ignored, the rows after it arrive.
+    pg.execute("CREATE TABLE docs (id int PRIMARY KEY)")
+    feed = PostgresChangeFeed("docs", connection=pg_dsn, retry=FAST)
+    assert list(feed.changes(timeout=0.5)) == []
+    deep = "[" * 20_000 + "]" * 20_000
+    for prefix, content in [
+        ("changefeed.watermark", deep),
+        ("changefeed.backfill", deep),
+        ("changefeed.backfill", json.dumps({"slot": feed.slot, "tables": [[1], "x", {}, None]})),
+        ("changefeed.watermark", json.dumps({"slot": feed.slot, "id": [[]], "mark": "high"})),
+    ]:
+        pg.execute("SELECT pg_logical_emit_message(true, %s, %s)", [prefix, content])
+    pg.execute("INSERT INTO docs VALUES (1)")
+    got = [change.new for change in feed.changes(limit=1, timeout=30)]
+    feed.close()
+    assert got == [{"id": 1}]

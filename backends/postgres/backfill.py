@@ -39,6 +39,7 @@ from changefeed.backends.postgres.tables import Table, WatchedTables, resolve_ta
 from changefeed.backends.postgres.values import SESSION_SETTINGS
 from changefeed.change import Change, SnapshotState, Truncate
 from changefeed.errors import BackendError, ConfigurationError, first_line
+from changefeed.formats.json_values import loads_value
 from changefeed.message import Message
 
 log = logging.getLogger("changefeed.postgres")
@@ -212,7 +213,7 @@ class Backfills:
         """A watermark came through the stream: the window whose rows are due now (at its
         high watermark), else None. Watermarks of other feeds or of lost windows are ignored."""
         try:
-            mark = json.loads(content)
+            mark = loads_value(content)  # any message may carry the prefix: never recurse
         except ValueError:
             return None
         window = self.window
