@@ -72,8 +72,8 @@ def envelope(
     ``data_collection_order``: the change's rank among its transaction's changes of the same
     table, counted by the caller (`DebeziumEncoder` does); default: its rank in the transaction.
     """
-    if change.__class__ is Truncate:
-        return _truncate_envelope(change, source, now_ms, data_collection_order)  # type: ignore[arg-type]
+    if isinstance(change, Truncate):
+        return _truncate_envelope(change, source, now_ms, data_collection_order)
     connector = source.connector or connector_of(change)
     op = "r" if change.snapshot else _OPS[change.operation]
     committed_ms = _ms(change.committed_at)
@@ -193,7 +193,7 @@ def _mongodb(change: Change, info: dict[str, Any]) -> dict[str, Any]:
 def key(change: Change | Truncate, source: Source = Source()) -> dict[str, Any] | None:
     """The Debezium record key: the key columns; MongoDB: ``{"id": <_id as Extended JSON>}``;
     none for a truncate."""
-    if change.__class__ is Truncate or change.key is None:  # type: ignore[union-attr]
+    if isinstance(change, Truncate) or change.key is None:
         return None
     if (source.connector or connector_of(change)) == "mongodb":
         return {"id": extended_json(change.key.get("_id"))}

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from changefeed.change import Change, Truncate
@@ -43,9 +44,9 @@ from changefeed.formats.registry import FORMATS, FormatOptions, format_named
 def read_back(change: Change | Truncate, position: Any) -> Change | Truncate:
     """``change`` as a feed reading a log emits it: at the log's ``position``, with the
     position it had at its source in ``meta["source_position"]``."""
-    if change.__class__ is Truncate:
+    if isinstance(change, Truncate):
         return dataclasses.replace(
-            change, position=position,  # type: ignore[arg-type]
+            change, position=position,
             meta={**(change.meta or {}), "source_position": change.position},
         )
     return Change(
@@ -131,7 +132,10 @@ class RecordEncoder:
     progress, so one encoder serves one sequence of changes.
     """
 
-    def __init__(self, topic: str = "{table}", fmt: str = "change", model: str | None = None):
+    def __init__(
+        self, topic: str = "{table}", fmt: str = "change",
+        model: str | Mapping[str, str] | None = None,
+    ) -> None:
         self.format = format_named(fmt)
         check_topic_template(topic)
         self.topic = topic
@@ -147,12 +151,12 @@ class RecordEncoder:
         topic = self._topics.get(change.table)
         if topic is None:
             topic = self._topics[change.table] = topic_for(self.topic, change.table)
-        if change.__class__ is Truncate:
+        if isinstance(change, Truncate):
             headers = [("operation", b"truncate"), ("table", change.table.encode()),
                        ("position", dumps(position)), ("format", self.fmt.encode())]
             return [Record(topic, None, dumps(self._item(change)), headers,
                            every_partition=True)]
-        key = self.format.key(change)  # type: ignore[arg-type]
+        key = self.format.key(change)
         headers = [
             ("operation", (change.operation.name or "").lower().encode()),
             ("table", change.table.encode()),

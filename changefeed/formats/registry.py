@@ -18,11 +18,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from changefeed.change import Change
+from changefeed.change import Change, Truncate
 from changefeed.errors import ConfigurationError
 from changefeed.formats import debezium
 from changefeed.formats.change_dict import change_from_dict, change_line
-from changefeed.formats.delta import DeltaEncoder, delta_line_encoder
+from changefeed.formats.delta import ToDelta, delta_line_encoder
 from changefeed.formats.json_values import loads_document
 
 
@@ -31,7 +31,7 @@ class FormatOptions:
     """What the caller tells every format (each takes what it needs)."""
 
     model: str | Mapping[str, str] | None = None
-    """The model name of deltas: one for every table, or per table (see `to_delta`)."""
+    """The model name of deltas: one for every table, or per table (see `delta_of`)."""
     url: str = ""
     """The source's URL: Debezium's ``source.db`` is its database name."""
 
@@ -48,16 +48,16 @@ class Format:
     """What ``--format``, ``fmt=`` and a Kafka record's ``format`` header call it."""
     summary: str
     """What it holds, for ``--format``'s help."""
-    items: Callable[[FormatOptions], Callable[[Change], Any]]
-    """Makes the function giving each change of one sequence as a JSON-able item: a Kafka
-    record's value, what a sink takes. One per sequence: Debezium's counts a transaction's
-    changes."""
+    items: Callable[[FormatOptions], Callable[[Change | Truncate], Any]]
+    """Makes the function giving each change (or `Truncate`) of one sequence as a JSON-able
+    item: a Kafka record's value, what a sink takes. One per sequence: Debezium's counts a
+    transaction's changes."""
     lines: Callable[[FormatOptions], Callable[[Any], bytes]]
     """Makes the encoder of ``changefeed run``'s JSON lines: the bytes of ``dumps_line(item)``,
     as fast as they can be made."""
     key: Callable[[Change], Any] = _row_key
     """A Kafka record's key (JSON-able, None for none): the row's key columns by default."""
-    read: Callable[[Any, bytes | None], Change] | None = None
+    read: Callable[[Any, bytes | None], Change | Truncate] | None = None
     """The change a record holds, from its value (decoded JSON) and its key (bytes); None for
     a format a change cannot be rebuilt from."""
     tombstones: bool = False
@@ -85,7 +85,7 @@ def _debezium_encoder(options: FormatOptions) -> debezium.DebeziumEncoder:
     return debezium.DebeziumEncoder(debezium.Source(database=debezium.database_of(options.url)))
 
 
-def _read_debezium(value: Any, key: bytes | None) -> Change:
+def _read_debezium(value: Any, key: bytes | None) -> Change | Truncate:
     return debezium.change_from_debezium(value, loads_document(key or b"null"))
 
 
@@ -103,7 +103,7 @@ FORMATS = (
     ),
     Format(
         "delta", "a Snorky delta",
-        items=lambda options: DeltaEncoder(options.model),
+        items=lambda options: ToDelta(options.model),
         lines=lambda options: delta_line_encoder(options.model),
     ),
     Format(

@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
@@ -56,7 +57,7 @@ class KafkaSink(Sink):
         topic: str = "{table}",
         *,
         fmt: str = "change",
-        model: str | None = None,
+        model: str | Mapping[str, str] | None = None,
         config: dict[str, Any] | None = None,
         timeout: float = 30.0,
         label: str | None = None,
@@ -145,8 +146,10 @@ class KafkaSink(Sink):
         extra = {} if partition is None else {"partition": partition}
         while True:
             try:
-                self.producer.produce(record.topic, value=record.value, key=record.key,
-                                      headers=record.headers, on_delivery=report, **extra)
+                self.producer.produce(  # (str, bytes) headers: the stub's list is invariant
+                    record.topic, value=record.value, key=record.key,
+                    headers=record.headers, on_delivery=report, **extra,  # type: ignore[arg-type]
+                )
                 return
             except BufferError:  # the local queue is full: let deliveries drain it
                 if time.monotonic() > deadline:
