@@ -17,6 +17,7 @@ import ipaddress
 import json
 import random
 import re
+import time
 import uuid
 from decimal import Decimal
 
@@ -379,3 +380,37 @@ def test_messages_under_changefeeds_own_prefixes_cannot_stop_a_feed(pg, pg_dsn):
     got = [change.new for change in feed.changes(limit=1, timeout=30)]
     feed.close()
     assert got == [{"id": 1}]
+
+
+def test_deep_and_exact_json_through_the_sync_shape_api(pg, pg_dsn, server_max):
+    # `changefeed serve TABLE` keeps rows in its shape log (jsonb) and serves PostgreSQL's text
+    # of each value: a deep value stopped it (orjson's depth limits, exit 5), and json numbers
+    # lost digits on their way through the log.
+    from tests.serve.synctools import Server, get, shape_url
+
+    pg.execute("CREATE TABLE docs (id int PRIMARY KEY, j jsonb, t json)")
+    # (A json value escaping a lone surrogate cannot go into the log: jsonb refuses it.)
+    values = {1: nested(1, "object"), 2: nested(255, "array"), 3: nested(1025, "object"),
+              4: nested(server_max["array"] - 200, "array")}
+    for row, value in values.items():
+        pg.execute("INSERT INTO docs VALUES (%s, %s::jsonb, %s::json)", [row, value, value])
+    # (The log is jsonb: a json column comes out in jsonb's normal form, keys sorted.)
+    expected = {row: (canonical(j), canonical(t)) for row, j, t in
+                pg.execute("SELECT id, j::text, t::jsonb::text FROM docs")}
+    with Server(pg_dsn, ["docs"]).start() as server:
+        streamed = {6: nested(3000, "array").replace(EXACT, "-7.000000000000000000001")}
+        for row, value in streamed.items():  # after the snapshot: through the stream
+            pg.execute("INSERT INTO docs VALUES (%s, %s::jsonb, %s::json)", [row, value, value])
+        expected.update({row: (canonical(j), canonical(t)) for row, j, t in
+                         pg.execute("SELECT id, j::text, t::jsonb::text FROM docs WHERE id = 6")})
+        deadline = time.monotonic() + 60
+        while True:
+            status, _, body = get(shape_url(server, table="docs", offset="-1"))
+            assert status == 200, body
+            got = {int(m["value"]["id"]): (canonical(m["value"]["j"]), canonical(m["value"]["t"]))
+                   for m in body if "value" in m}
+            if len(got) == len(expected) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert got == expected, server.errors()[-2000:]
+        assert "error" not in server.errors()

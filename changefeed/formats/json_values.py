@@ -307,6 +307,13 @@ def loads_document(data: bytes) -> Any:
     return _load_parts(bytes(data), _RECORD_DECODER)
 
 
+def loads_text(data: bytes) -> Any:
+    """A JSON text another program wrote (PostgreSQL's jsonb output, say), read as
+    `loads_document` reads one: digits kept, deep parts as `RawJson`; without its orjson
+    attempt, which cannot succeed on text with spaces. Raises ValueError when it is not JSON."""
+    return _load_parts(bytes(data), _RECORD_DECODER)
+
+
 def _load_parts(data: bytes, decoder: json.JSONDecoder) -> Any:
     """``data`` parsed with ``decoder``, its raw parts (`_raw_parts`) as `RawJson`."""
     if not deeper_than(data) and not lone_surrogate(data):
@@ -342,5 +349,5 @@ def _substitute(value: Any, texts: dict[str, RawJson]) -> Any:
 
 __all__ = [
     "MAX_DEPTH", "JsonDecimal", "JsonInt", "RawJson", "deeper_than", "json_int",
-    "loads_document", "loads_value", "lone_surrogate",
+    "loads_document", "loads_text", "loads_value", "lone_surrogate",
 ]

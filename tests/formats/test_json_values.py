@@ -20,6 +20,7 @@ from changefeed.formats.json_values import (
     RawJson,
     deeper_than,
     loads_document,
+    loads_text,
     loads_value,
     lone_surrogate,
 )
@@ -188,6 +189,25 @@ def test_a_document_with_lone_surrogates_keeps_those_strings_and_objects_as_text
     assert got["new"]["s"] == RawJson('"\\ud800"') and got["new"]["ok"] == "\U0001f600"
     assert got["new"]["k"] == RawJson('{"\\udc00":[1,2]}')
     assert dumps(got) == data.replace(b"\\ud83d\\ude00", "\U0001f600".encode())
+
+
+@pytest.mark.parametrize("depth", [1, 199, 255, 1025, 20000])
+def test_postgresqls_jsonb_text_reads_exactly_at_any_depth(depth):
+    # jsonb's text has spaces after ':' and ',': no orjson shortcut, the same values.
+    data = ('{"n": 1.00000000000000000001, "b": 12345678901234567890123, "f": 0.25, "j": '
+            + nested(depth, "[1.5, -0]") + "}").encode()
+    got = loads_text(data)
+    assert type(got["n"]) is JsonDecimal and type(got["b"]) is JsonInt
+    assert type(got["f"]) is float
+    assert dumps(got).replace(b" ", b"") == data.replace(b" ", b"")  # parts as text keep theirs
+    inner = got["j"]
+    for _ in range(min(depth, MAX_DEPTH - 1)):
+        if isinstance(inner, RawJson):
+            break
+        inner = inner[0]
+    assert isinstance(inner, RawJson) == (depth + 2 > MAX_DEPTH)
+    with pytest.raises(ValueError):
+        loads_text(data[:-1])
 
 
 @pytest.mark.parametrize("data", [b"", b"{", b'{"a":1}}', nested(400)[:-1].encode(), b"NaN",

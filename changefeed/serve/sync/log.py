@@ -62,7 +62,8 @@ from changefeed import (
     get_changefeed,
 )
 from changefeed.errors import first_line
-from changefeed.formats.codec import dumps  # changefeed's JSON encoding
+from changefeed.formats.codec import dumps, dumps_default  # changefeed's JSON encoding
+from changefeed.formats.json_values import loads_document
 from changefeed.serve.sync.values import COLUMNS_SQL, KEY_SQL, TableInfo, table_from_rows
 
 log = logging.getLogger("changefeed.serve.sync")
@@ -73,13 +74,15 @@ BATCH_SECONDS = 0.01
 
 
 def jsonify(value: Any) -> Any:
-    """``value`` (Python values from a feed) as changefeed JSON: what the log keeps."""
-    return orjson.loads(dumps(value))
+    """``value`` (Python values from a feed) as changefeed JSON: what the log keeps. Read back
+    exactly (`loads_document`): json numbers keep their digits, values nested too deep for
+    Python stay their JSON text (`RawJson`), so no value can stop the log."""
+    return loads_document(dumps(value))
 
 
 def key_text(key: Any) -> str:
     """A key (JSON) in one canonical text, to find it in dicts."""
-    return orjson.dumps(key, option=orjson.OPT_SORT_KEYS).decode()
+    return orjson.dumps(key, default=dumps_default, option=orjson.OPT_SORT_KEYS).decode()
 
 
 def schema_ddl(schema: str) -> list[sql.Composable]:
@@ -358,7 +361,7 @@ def _fill_unchanged(new: dict[str, Any], previous: dict[str, Any] | None) -> dic
 
 
 def _text(value: Any) -> str | None:
-    return None if value is None else orjson.dumps(value).decode()
+    return None if value is None else dumps(value).decode()
 
 
 def compact(conn: psycopg.Connection, schema: str, log_window: float,
