@@ -122,3 +122,40 @@ def test_snorky_gets_the_rest_and_the_truncate_is_said_on_stderr(snorky, caplog)
         got = received(everything, 8)
     assert [d["data"]["id"] for d in got] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert "TRUNCATE of public.tasks at position 7 is not sent: Snorky has no delta" in caplog.text
+
+
+@pytest.mark.postgres
+def test_the_sync_shape_log_turns_a_truncate_into_deletes_clients_follow(pg, pg_dsn):
+    # `changefeed serve TABLE`: an Electric client (the real one, in Node) ends equal to the
+    # table after TRUNCATEs, alone and beside inserts in one transaction, with and without a
+    # where; before, a truncate never reached the shape log and clients kept every row.
+    from tests.serve.synctools import Server, electric_rows, shape_clients
+
+    pg.execute("CREATE TABLE items (id int PRIMARY KEY, v text)")
+    pg.execute("INSERT INTO items SELECT g, CASE WHEN g % 2 = 0 THEN 'a' ELSE 'b' END"
+               " FROM generate_series(1, 30) g")
+    wheres = [None, "v = 'a'"]
+    with Server(pg_dsn, ["items"]).start() as server:
+        clients = shape_clients(server, "items", [{"where": w} for w in wheres])
+        try:
+            def all_follow() -> None:
+                for client, where in zip(clients, wheres, strict=True):
+                    event = client.wait_rows(lambda w=where: electric_rows(pg, "items", w))
+                    assert event["shapeRows"] == event["rows"]
+                    assert client.refetches() == 0 and not client.errors()
+
+            all_follow()
+            with pg.transaction():  # rows logged before and in the same transaction go
+                pg.execute("INSERT INTO items VALUES (31, 'a'), (32, 'b')")
+                pg.execute("UPDATE items SET v = 'a' WHERE id = 1")
+                pg.execute("TRUNCATE items")
+                pg.execute("INSERT INTO items VALUES (2, 'a'), (40, 'b')")
+            all_follow()
+            assert len(electric_rows(pg, "items")) == 2
+            pg.execute("TRUNCATE items")  # alone
+            all_follow()
+            pg.execute("INSERT INTO items VALUES (50, 'a')")
+            all_follow()
+            assert len(electric_rows(pg, "items")) == 1
+        finally:
+            clients[0].stop()

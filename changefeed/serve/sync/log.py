@@ -59,6 +59,7 @@ from changefeed import (
     Pipeline,
     Sink,
     SnapshotState,
+    Truncate,
     get_changefeed,
 )
 from changefeed.errors import first_line
@@ -231,9 +232,12 @@ class LogSink(Sink):
                          if position is None or pos is None or str(pos) > position]
                 if not fresh:
                     return
-                changes = [item for item, _ in fresh if isinstance(item, (Change, Message))]
+                changes = [item for item, _ in fresh
+                           if isinstance(item, (Change, Message, Truncate))]
                 known = self._known_rows(conn, [c for c in changes if isinstance(c, Change)])
-                entries, rows, head = self._entries(changes, known, head)
+                emptied = self._table_rows(conn, {c.table for c in changes
+                                                  if isinstance(c, Truncate)})
+                entries, rows, head = self._entries(changes, known, head, emptied)
                 if entries:
                     with conn.cursor().copy(sql.SQL(
                             "COPY {}.log (seq, tbl, key, op, new, old, xid, committed_at)"
@@ -278,6 +282,16 @@ class LogSink(Sink):
             [[t for t, _ in wanted], [_text(k) for k in wanted.values()]])
         return {(tbl, key_text(key)): row for tbl, key, row in cursor}
 
+    def _table_rows(self, conn: psycopg.Connection,
+                    tables: set[str]) -> dict[tuple[str, str], tuple[Any, Any]]:
+        """Every row logged (not a tombstone) of ``tables``: (table, key text) -> (key, row)."""
+        if not tables:
+            return {}
+        cursor = conn.execute(
+            sql.SQL("SELECT tbl, key, row FROM {}.rows WHERE tbl = ANY(%s) AND row IS NOT NULL")
+            .format(sql.Identifier(self.schema)), [sorted(tables)])
+        return {(tbl, key_text(key)): (key, row) for tbl, key, row in cursor}
+
     def _keys_of(self, change: Change) -> list[Any]:
         keys = []
         if change.key is not None:
@@ -293,12 +307,19 @@ class LogSink(Sink):
             return jsonify({column: change.old[column] for column in columns})
         return None
 
-    def _entries(self, changes: list[Change | Message], known: dict[tuple, Any],
-                 head: int) -> tuple[list[_Pending], list[tuple], int]:
+    def _entries(self, changes: Sequence[Change | Message | Truncate], known: dict[tuple, Any],
+                 head: int, emptied: dict[tuple[str, str], tuple[Any, Any]] | None = None,
+                 ) -> tuple[list[_Pending], list[tuple], int]:
+        """The log entries of ``changes`` and the rows they leave. A `Truncate` is a delete of
+        every row of its table: those logged before (``emptied``, from `_table_rows`) and
+        those of this batch."""
         entries: list[_Pending] = []
         rows: dict[tuple[str, str], tuple] = {}
+        keys = dict(emptied or {})  # (table, key text) -> (key, row) of the truncated tables
+        truncates = any(isinstance(change, Truncate) for change in changes)
 
-        def emit(tbl: str, key: Any, op: str, new: Any, old: Any, change: Change) -> None:
+        def emit(tbl: str, key: Any, op: str, new: Any, old: Any,
+                 change: Change | Truncate) -> None:
             nonlocal head
             head += 1
             entries.append(_Pending(head, tbl, key, op, new, old, change.transaction,
@@ -306,6 +327,8 @@ class LogSink(Sink):
             ktext = key_text(key)
             known[(tbl, ktext)] = new
             rows[(tbl, ktext)] = (tbl, key, head, new)
+            if truncates:
+                keys[(tbl, ktext)] = (key, new)
 
         for change in changes:
             if isinstance(change, Message):  # a fence: the transaction is wholly logged
@@ -314,6 +337,12 @@ class LogSink(Sink):
                                         change.committed_at))
                 continue
             tbl = change.table
+            if isinstance(change, Truncate):
+                for (table, ktext), (key, row) in list(keys.items()):
+                    current = known.get((table, ktext), row)
+                    if table == tbl and current is not None:
+                        emit(tbl, key, "d", None, current, change)
+                continue
             if change.key is None:
                 continue
             key = jsonify(change.key)
