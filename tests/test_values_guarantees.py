@@ -398,18 +398,22 @@ def test_deep_and_exact_json_through_the_sync_shape_api(pg, pg_dsn, server_max):
     expected = {row: (canonical(j), canonical(t)) for row, j, t in
                 pg.execute("SELECT id, j::text, t::jsonb::text FROM docs")}
     with Server(pg_dsn, ["docs"]).start() as server:
-        streamed = {6: nested(3000, "array").replace(EXACT, "-7.000000000000000000001")}
-        for row, value in streamed.items():  # after the snapshot: through the stream
-            pg.execute("INSERT INTO docs VALUES (%s, %s::jsonb, %s::json)", [row, value, value])
-        expected.update({row: (canonical(j), canonical(t)) for row, j, t in
-                         pg.execute("SELECT id, j::text, t::jsonb::text FROM docs WHERE id = 6")})
+        value = nested(3000, "array").replace(EXACT, "-7.000000000000000000001")
+        # After the snapshot, through the stream: an insert, updates of deep rows (their old
+        # rows come from the log), a delete.
+        pg.execute("INSERT INTO docs VALUES (6, %s::jsonb, %s::json)", [value, value])
+        pg.execute("UPDATE docs SET j = %s::jsonb WHERE id IN (3, 4)", [value])
+        pg.execute("UPDATE docs SET t = '[2.50]' WHERE id = 4")
+        pg.execute("DELETE FROM docs WHERE id = 2")
+        expected = {row: (canonical(j), canonical(t)) for row, j, t in
+                    pg.execute("SELECT id, j::text, t::jsonb::text FROM docs")}
         deadline = time.monotonic() + 60
         while True:
             status, _, body = get(shape_url(server, table="docs", offset="-1"))
             assert status == 200, body
             got = {int(m["value"]["id"]): (canonical(m["value"]["j"]), canonical(m["value"]["t"]))
                    for m in body if "value" in m}
-            if len(got) == len(expected) or time.monotonic() > deadline:
+            if got == expected or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
         assert got == expected, server.errors()[-2000:]

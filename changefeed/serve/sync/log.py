@@ -47,6 +47,7 @@ from typing import Any
 import orjson
 import psycopg
 from psycopg import sql
+from psycopg.types.json import set_json_loads
 
 from changefeed import (
     UNCHANGED,
@@ -64,7 +65,7 @@ from changefeed import (
 )
 from changefeed.errors import first_line
 from changefeed.formats.codec import dumps, dumps_default  # changefeed's JSON encoding
-from changefeed.formats.json_values import loads_document
+from changefeed.formats.json_values import loads_document, loads_text
 from changefeed.serve.sync.values import COLUMNS_SQL, KEY_SQL, TableInfo, table_from_rows
 
 log = logging.getLogger("changefeed.serve.sync")
@@ -217,6 +218,7 @@ class LogSink(Sink):
     def connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
             self._conn = psycopg.connect(self.url, autocommit=False)
+            set_json_loads(loads_text, self._conn)  # the old rows it reads: any depth, exact
         return self._conn
 
     def write_batch(self, batch: Batch) -> None:
