@@ -65,7 +65,7 @@ from changefeed import (
 )
 from changefeed.errors import first_line
 from changefeed.formats.codec import dumps, dumps_default  # changefeed's JSON encoding
-from changefeed.formats.json_values import loads_document, loads_text
+from changefeed.formats.json_values import RawJson, loads_document, loads_text, lone_surrogate
 from changefeed.serve.sync.values import COLUMNS_SQL, KEY_SQL, TableInfo, table_from_rows
 
 log = logging.getLogger("changefeed.serve.sync")
@@ -218,7 +218,7 @@ class LogSink(Sink):
     def connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
             self._conn = psycopg.connect(self.url, autocommit=False)
-            set_json_loads(loads_text, self._conn)  # the old rows it reads: any depth, exact
+            set_json_loads(load_log_json, self._conn)  # old rows: any depth, exact
         return self._conn
 
     def write_batch(self, batch: Batch) -> None:
@@ -391,8 +391,31 @@ def _fill_unchanged(new: dict[str, Any], previous: dict[str, Any] | None) -> dic
             for column, value in new.items()}
 
 
+RAW_TEXT = "changefeed.json_text"
+"""The key of ``{RAW_TEXT: text}``, how the log holds a column value jsonb cannot: a json value
+escaping a lone surrogate (``"\\ud800"``); `load_log_json` gives back its text (`RawJson`)."""
+
+
 def _text(value: Any) -> str | None:
-    return None if value is None else dumps(value).decode()
+    if value is None:
+        return None
+    text = dumps(value)
+    if isinstance(value, dict) and lone_surrogate(text):  # rare: checked on bytes first
+        text = dumps({column: {RAW_TEXT: dumps(item).decode()}
+                      if lone_surrogate(dumps(item)) else item
+                      for column, item in value.items()})
+    return text.decode()
+
+
+def load_log_json(data: bytes) -> Any:
+    """A jsonb value of the log (a row, a key), read exactly at any depth (`loads_text`), the
+    column values `_text` had to mark as their text again (`RawJson`)."""
+    value = loads_text(data)
+    if isinstance(value, dict) and RAW_TEXT.encode() in data:
+        for column, item in value.items():
+            if isinstance(item, dict) and len(item) == 1 and isinstance(item.get(RAW_TEXT), str):
+                value[column] = RawJson(item[RAW_TEXT])
+    return value
 
 
 def compact(conn: psycopg.Connection, schema: str, log_window: float,
