@@ -646,7 +646,9 @@ def test_truncate_left_out_by_ops_is_said_on_stderr_and_positions_do_not_move(pg
     assert "not emitted" not in everything.stderr
 
 
-def test_truncate_through_a_pipeline_with_where_filter_and_a_file_sink(pg_dsn, tasks, tmp_path):
+@pytest.mark.parametrize("processes", [[], ["--processes"]], ids=["in-process", "processes"])
+def test_truncate_through_a_pipeline_with_where_filter_and_a_file_sink(pg_dsn, tasks, tmp_path,
+                                                                        processes):
     tasks.execute("ALTER TABLE tasks REPLICA IDENTITY FULL")
     open_slot(pg_dsn)
     tasks.execute("INSERT INTO tasks VALUES (1, 'a'), (2, 'b')")
@@ -655,7 +657,7 @@ def test_truncate_through_a_pipeline_with_where_filter_and_a_file_sink(pg_dsn, t
     sink = tmp_path / "out.jsonl"
     result = run_cli("run", "tasks", "--url", pg_dsn, "--where", 'title == "a"', "--filter",
                      '["==", "title", "a"]', "--format", "change", "--sink", str(sink),
-                     "--until-idle", "2")
+                     "--until-idle", "2", *processes)
     assert result.returncode == 0, result.stderr
     got = [(line["operation"], (line.get("new") or {}).get("id")) for line in
            json_lines(sink.read_text())]
