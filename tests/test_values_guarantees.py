@@ -24,6 +24,7 @@ from decimal import Decimal
 import psycopg
 import pytest
 from clitools import json_lines, run_cli
+from psycopg import sql
 
 from changefeed import Retry
 from changefeed.backends.postgres import PostgresChangeFeed
@@ -422,3 +423,19 @@ def test_deep_and_exact_json_through_the_sync_shape_api(pg, pg_dsn, server_max):
             time.sleep(0.2)
         assert got == expected, server.errors()[-2000:]
         assert "error" not in server.errors()
+
+
+def test_a_deep_publication_comment_cannot_stop_a_feed(pg, pg_dsn):
+    # The feed keeps its state in its publication's comment, which the publication's owner may
+    # set to anything: a deep one is not the feed's, and is not read (json.loads recursed).
+    pg.execute("CREATE TABLE docs (id int PRIMARY KEY)")
+    assert run_cli("run", "docs", "--url", pg_dsn, "--until-idle", "0.5").returncode == 0
+    (publication,) = pg.execute("SELECT pubname FROM pg_publication").fetchone()
+    for comment in ("changefeed " + "[" * 50_000 + "]" * 50_000, "changefeed " + "{" * 3000):
+        pg.execute(sql.SQL("COMMENT ON PUBLICATION {} IS {}").format(
+            sql.Identifier(publication), sql.Literal(comment)))
+        pg.execute("INSERT INTO docs SELECT coalesce(max(id), 0) + 1 FROM docs")
+        result = run_cli("run", "docs", "--url", pg_dsn, "--format", "change",
+                         "--until-idle", "1")
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert len(json_lines(result.stdout)) == 1
