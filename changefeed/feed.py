@@ -67,6 +67,7 @@ class ChangeFeed(Node):
     INSERT = Operation.INSERT
     DELETE = Operation.DELETE
     UPDATE = Operation.UPDATE
+    TRUNCATE = Operation.TRUNCATE
     ALL = ALL
 
     supports_snapshot = False

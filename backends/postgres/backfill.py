@@ -37,8 +37,9 @@ from changefeed.backends.postgres.pgoutput import PgOutputDecoder
 from changefeed.backends.postgres.snapshot import DONE, schema_version_of
 from changefeed.backends.postgres.tables import Table, WatchedTables, resolve_tables
 from changefeed.backends.postgres.values import SESSION_SETTINGS
-from changefeed.change import Change, SnapshotState
+from changefeed.change import Change, SnapshotState, Truncate
 from changefeed.errors import BackendError, ConfigurationError, first_line
+from changefeed.formats.json_values import loads_value
 from changefeed.message import Message
 
 log = logging.getLogger("changefeed.postgres")
@@ -75,8 +76,9 @@ class Backfills:
         """Chunks handed out whose rows are not all acknowledged yet."""
         self.states: dict[str, Any] = {}
         self.last_report = 0.0
-        self.recent: deque[tuple[float, str, tuple[Any, ...]]] = deque(maxlen=100_000)
-        """(when, table, key) of the stream's changes of tables waiting to be back-filled."""
+        self.recent: deque[tuple[float, str, tuple[Any, ...] | None]] = deque(maxlen=100_000)
+        """(when, table, key) of the stream's changes of tables waiting to be back-filled
+        (key None: a truncate)."""
 
     # -- which tables --------------------------------------------------------------------------
 
@@ -117,15 +119,20 @@ class Backfills:
         None when none is."""
         return self.observe if self.queue else None
 
-    def observe(self, change: Change) -> None:
+    def observe(self, change: Change | Truncate) -> None:
         """A change from the stream: inside the open window its key's chunk row is stale (and
         the old key's, when an update changed the key); keys are kept a moment for the next
-        chunk (see `chunks`)."""
+        chunk (see `chunks`). A truncate makes every row of the chunk stale."""
         table = change.table
         for backfill in self.queue:
             if backfill.table == table:
                 break
         else:
+            return
+        if change.__class__ is Truncate:
+            if self.window is not None and self.window.backfill is backfill:
+                self.window.rows.clear()
+            self.recent.append((time.monotonic(), table, None))  # None: every key
             return
         columns = backfill.key
         keys = [tuple(row.get(c) for c in columns) for row in (change.key, change.old) if row]
@@ -163,7 +170,10 @@ class Backfills:
             recent.popleft()
         for _, table, key in recent:
             if table == backfill.table:
-                rows.pop(key, None)
+                if key is None:  # a truncate
+                    rows.clear()
+                else:
+                    rows.pop(key, None)
         self._emit(conn, watermark, "high")
         self.window = ChunkWindow(backfill, watermark, rows, last_key, complete=complete)
 
@@ -203,7 +213,7 @@ class Backfills:
         """A watermark came through the stream: the window whose rows are due now (at its
         high watermark), else None. Watermarks of other feeds or of lost windows are ignored."""
         try:
-            mark = json.loads(content)
+            mark = loads_value(content)  # any message may carry the prefix: never recurse
         except ValueError:
             return None
         window = self.window

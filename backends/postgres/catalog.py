@@ -32,6 +32,7 @@ from psycopg import sql
 from changefeed.backends.postgres.tables import Table
 from changefeed.change import Operation
 from changefeed.errors import ConfigurationError
+from changefeed.formats.json_values import MAX_DEPTH, deeper_than
 
 _META_PREFIX = "changefeed "
 _LEGACY_SNAPSHOT = {"changefeed: snapshot pending": "pending", "changefeed: snapshot done": "done"}
@@ -120,8 +121,13 @@ def parse_meta(comment: str | None) -> dict[str, Any]:
     if comment in _LEGACY_SNAPSHOT:
         return {"snapshot": _LEGACY_SNAPSHOT[comment]}
     if comment.startswith(_META_PREFIX):
+        text = comment[len(_META_PREFIX):]
+        # Ours nests a few levels around values of at most MAX_DEPTH; deeper is not ours (the
+        # publication's owner may comment anything) and json.loads would recurse on it.
+        if deeper_than(text.encode(), 2 * MAX_DEPTH):
+            return {}
         try:
-            meta = json.loads(comment[len(_META_PREFIX):])
+            meta = json.loads(text)
         except ValueError:
             return {}
         return meta if isinstance(meta, dict) else {}

@@ -33,7 +33,6 @@ of a closed window); `changefeed.backends.postgres.backfill` does the side-conne
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from psycopg import sql
 
 from changefeed.backends.postgres.position import PgPosition
 from changefeed.change import Change, Operation, SnapshotState
+from changefeed.formats.json_values import loads_value
 
 WATERMARK_PREFIX = "changefeed.watermark"
 """The prefix of the high watermarks the feed writes through its slot."""
@@ -120,12 +120,13 @@ def requested_tables(content: bytes, slot: str) -> list[int]:
     """The table OIDs a `BACKFILL_PREFIX` message asks ``slot``'s feed to back-fill
     (none when it is for another slot or not readable)."""
     try:
-        request = json.loads(content)
+        request = loads_value(content)  # any message may carry the prefix: never recurse
     except ValueError:
         return []
     if not isinstance(request, dict) or request.get("slot") != slot:
         return []
-    return list(request.get("tables") or [])
+    tables = request.get("tables")
+    return [oid for oid in tables if type(oid) is int] if isinstance(tables, list) else []
 
 
 def window_changes(

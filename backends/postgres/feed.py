@@ -51,13 +51,19 @@ from changefeed.backends.postgres.names import (
     slot_name_for,
     split_tables,
 )
-from changefeed.backends.postgres.pgoutput import Begin, Commit, PgOutputDecoder, Renamed, Truncate
+from changefeed.backends.postgres.pgoutput import (
+    Begin,
+    Commit,
+    PgOutputDecoder,
+    Renamed,
+    Truncated,
+)
 from changefeed.backends.postgres.position import PgPosition
 from changefeed.backends.postgres.protocol import format_lsn
 from changefeed.backends.postgres.publication import choose_names, ensure_publication
 from changefeed.backends.postgres.stream import ReplicationStream
 from changefeed.backends.postgres.tables import WatchedTables
-from changefeed.change import ALL, Change, SnapshotState
+from changefeed.change import ALL, ROW_OPERATIONS, Change, Operation, SnapshotState
 from changefeed.errors import ConfigurationError
 from changefeed.feed import ChangeFeed
 from changefeed.message import Message
@@ -172,7 +178,7 @@ class PostgresChangeFeed(ChangeFeed):
         slots.check_slot(conn, slot, first_connection=first_connection)
         publication = ensure_publication(
             conn, self.publication, self._tables.live(), slot=self.slot,
-            operation=self.operation, default_names=self._default_names,
+            operation=self.operation & ROW_OPERATIONS, default_names=self._default_names,
             backfill_added=self.prefeed == "snapshot",
         )
         self._meta = publication.meta
@@ -299,9 +305,17 @@ class PostgresChangeFeed(ChangeFeed):
                             ledger.standalone_message(event.position, event.lsn)
                         if skip_until is None or event.position > skip_until:
                             yield event
-                    elif event.__class__ is Truncate:
-                        log.warning("TRUNCATE of %s is not emitted as changes",
-                                    ", ".join(event.tables))
+                    elif event.__class__ is Truncated:
+                        if not event.items and not self.operation & Operation.TRUNCATE:
+                            log.warning("TRUNCATE of %s is not emitted (the operations asked for"
+                                        " leave truncate out): consumers keep the rows",
+                                        ", ".join(event.tables))
+                        for item in event.items:
+                            last_emitted = item.position
+                            if observe is not None:
+                                observe(item)
+                            if skip_until is None or last_emitted > skip_until:
+                                yield item
                     elif event.__class__ is Renamed:
                         log.warning("table %s is now %s: its changes go on under the new name",
                                     event.old_name, event.new_name)

@@ -31,7 +31,7 @@ from psycopg import pq, sql
 from changefeed.backends.postgres.errors import start_replication_error, stream_ended, text
 from changefeed.backends.postgres.ledger import AckLedger
 from changefeed.backends.postgres.names import publication_names_literal
-from changefeed.backends.postgres.pgoutput import Commit
+from changefeed.backends.postgres.pgoutput import Commit, Truncated
 from changefeed.backends.postgres.position import PgPosition
 from changefeed.backends.postgres.protocol import (
     KEEPALIVE,
@@ -199,7 +199,8 @@ class ReplicationStream:
                 if event.__class__ is Commit:
                     self.committed(last, event.end_lsn)
                     return event.end_lsn
-                if event.__class__ is Change or event.__class__ is Message:
+                if event.__class__ is Change or event.__class__ is Message or (
+                        event.__class__ is Truncated and event.items):
                     return None
         except psycopg.Error as exc:
             log.debug("reading on to the commit: %s", first_line(exc))

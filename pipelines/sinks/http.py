@@ -30,6 +30,7 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import hmac
+import logging
 import socket
 import ssl
 import threading
@@ -40,7 +41,7 @@ from typing import Any, TypeVar
 import httpx
 
 from changefeed.bounds import seconds_problem
-from changefeed.change import Change
+from changefeed.change import Change, Truncate
 from changefeed.errors import ConfigurationError, PipelineError
 from changefeed.formats.codec import dumps
 from changefeed.formats.delta import delta_of
@@ -55,6 +56,7 @@ from changefeed.pipelines.sinks import (
 from changefeed.redact import redact
 from changefeed.retry import Retry
 
+log = logging.getLogger("changefeed.pipelines")
 RETRY_STATUS = frozenset({408, 409, 425, 429})
 """4xx answers that may change on a later attempt (timeout, conflict, too early, too many)."""
 ENDPOINT_STATUS = frozenset({401, 403, 404, 405, 407, 410, 426})
@@ -304,6 +306,11 @@ class SnorkySink(_HttpSink):
     answered, so a read timeout says to check the name.
 
     Items may be deltas (dicts from ``to_delta()``) or changes, turned into deltas with ``model``.
+
+    Snorky has no delta for a truncate (its backend refuses unknown types, failing the whole
+    batch): a `Truncate` (or a truncate delta) is left out with a warning naming the table, and
+    counts as delivered. Snorky's subscribers keep that table's rows: re-subscribe them.
+
     ``timeout``, ``connect_timeout`` and ``read_timeout`` as for `WebhookSink`.
     """
 
@@ -330,15 +337,24 @@ class SnorkySink(_HttpSink):
         self.name = f"snorky({self.shown_url}, service={service})"
 
     def _delta(self, item: Any) -> Any:
-        return delta_of(item, self.model) if isinstance(item, Change) else item
+        return delta_of(item, self.model) if isinstance(item, (Change, Truncate)) else item
 
     def write_batch(self, batch: Batch) -> None:
+        deltas = []
+        for item, position in zip(batch.items, batch.positions, strict=True):
+            delta = self._delta(item)
+            if isinstance(delta, dict) and delta.get("type") == "truncate":
+                log.warning(
+                    "%s: TRUNCATE of %s at position %r is not sent: Snorky has no delta for it,"
+                    " so its subscribers keep the rows of model %s", self.name,
+                    getattr(item, "table", delta.get("model")), position, delta.get("model"))
+                continue
+            deltas.append(delta)
+        if not deltas:
+            return
         message = {
             "service": self.service,
-            "message": {
-                "command": "publishDeltas",
-                "params": {"deltas": [self._delta(item) for item in batch.items]},
-            },
+            "message": {"command": "publishDeltas", "params": {"deltas": deltas}},
         }
         headers = {"Content-Type": "application/json", "X-Backend-Key": self.key}
         response = self.post(dumps(message), headers)

@@ -72,6 +72,10 @@ def test_a_window_left_with_no_row_gives_no_change_and_no_position():
     (b'{"slot": "s"}', []),
     (b'[10]', []),
     (b"not json", []),
+    (b'{"slot": "s", "tables": [10, [11], "12", 1.5, true, null, 99999999999999999999999]}', [10]),
+    (b'{"slot": "s", "tables": {"10": 1}}', []),
+    (b'{"slot": "s", "tables": ' + b"[" * 5000 + b"]" * 5000 + b"}", []),
+    (b"[" * 50_000 + b"]" * 50_000, []),
 ])
 def test_a_backfill_request_names_its_slot(content, expected):
     assert requested_tables(content, "s") == expected
