@@ -210,7 +210,7 @@ class PostgresChangeFeed(ChangeFeed):
         """Every row of the tables as of the slot's creation, as snapshot inserts; once the
         last is acknowledged, the snapshot is recorded as delivered (see `_settle`)."""
         self._ledger.snapshot_last = None  # of a snapshot taken before and cut short
-        with psycopg.connect(self.dsn, autocommit=True) as reader:
+        with connect(self.dsn) as reader:
             tables = list(self._tables.by_oid.values())
             rows = snapshot.exported_rows(reader, snapshot_name, tables, self.chunk_size,
                                           markers=self.snapshot_markers)

@@ -17,6 +17,7 @@ import psycopg
 from psycopg import sql
 
 from changefeed.backends.postgres import catalog
+from changefeed.backends.postgres.connection import session_options
 from changefeed.backends.postgres.errors import (
     connect_failure,
     slot_creation_error,
@@ -137,7 +138,8 @@ def advance_slot(dsn: str, name: str, lsn: str, *, wait: float = 5.0) -> None:
     deadline = time.monotonic() + wait
     error: Exception
     try:
-        with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=10,
+                             options=session_options(dsn)) as conn:
             while True:
                 try:
                     conn.execute(
@@ -188,7 +190,8 @@ class SlotInfo:
 def connect(url: str) -> psycopg.Connection:
     """A plain connection for the housekeeping commands; failures as one clear line."""
     try:
-        return psycopg.connect(url, autocommit=True, connect_timeout=10)
+        return psycopg.connect(url, autocommit=True, connect_timeout=10,
+                               options=session_options(url))
     except psycopg.ProgrammingError as exc:
         raise ConfigurationError(f"bad PostgreSQL URL: {first_line(exc)}") from exc
     except psycopg.OperationalError as exc:

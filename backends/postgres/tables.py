@@ -24,7 +24,13 @@ log = logging.getLogger("changefeed.postgres")
 
 @dataclass
 class Table:
-    """A watched table as the catalog describes it now."""
+    """A watched table as the catalog describes it now.
+
+    ``key`` is what identifies a row in every change of the table, snapshot and stream alike
+    (`key_columns`): the columns of the replica identity index under ``REPLICA IDENTITY USING
+    INDEX`` (the only ones PostgreSQL sends for a delete then), else the primary key; empty
+    when there is neither, and then the key is the whole row.
+    """
 
     oid: int
     schema: str
@@ -32,6 +38,14 @@ class Table:
     kind: str
     """``r`` (table) or ``p`` (partitioned table)."""
     key: list[str] = field(default_factory=list)
+    identity: str = "d"
+    """``relreplident``: ``d`` default (the primary key), ``f`` full, ``i`` an index, ``n``
+    nothing."""
+
+    @property
+    def whole_row(self) -> bool:
+        """Whether the key is the whole row (no primary key, no identity index)."""
+        return not self.key
 
     @property
     def qualified(self) -> str:
@@ -44,12 +58,21 @@ class Table:
 
 _TABLE_COLUMNS = (
     "SELECT c.oid, n.nspname, c.relname, c.relkind,"
+    # The key (see `Table`): the identity index under REPLICA IDENTITY USING INDEX, else
+    # the primary key.
     " coalesce((SELECT array_agg(a.attname ORDER BY k.ord) FROM pg_index i"
     "   CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)"
     "   JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum"
-    "   WHERE i.indrelid = c.oid AND i.indisprimary), '{}')"
+    "   WHERE i.indexrelid = (SELECT x.indexrelid FROM pg_index x WHERE x.indrelid = c.oid"
+    "     AND (x.indisprimary OR (c.relreplident = 'i' AND x.indisreplident))"
+    "     ORDER BY c.relreplident = 'i' AND x.indisreplident DESC LIMIT 1)), '{}'),"
+    " c.relreplident"
     " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
 )
+
+
+def _table(row: Sequence[Any]) -> Table:
+    return Table(row[0], row[1], row[2], row[3], list(row[4]), row[5])
 
 
 def resolve_tables(
@@ -72,7 +95,7 @@ def resolve_tables(
         row = conn.execute(_TABLE_COLUMNS + " WHERE c.oid = to_regclass(%s)", [regclass]).fetchone()
         if row is None or row[3] not in ("r", "p"):
             raise ConfigurationError(_missing_table(conn, name, row))
-        tables.append(Table(row[0], row[1], row[2], row[3], list(row[4])))
+        tables.append(_table(row))
     if len({table.oid for table in tables}) != len(tables):
         raise ConfigurationError("the same table is listed twice")
     excluded = {t.oid for name in exclude for t in _matching(conn, name)}
@@ -98,13 +121,23 @@ def _matching(conn: psycopg.Connection, name: TableName) -> list[Table]:
         f" AND {schema_clause} AND c.relname LIKE %s ORDER BY n.nspname, c.relname",
         [like(name.schema) if name.schema is not None else None, like(name.name)],
     ).fetchall()
-    return [Table(row[0], row[1], row[2], row[3], list(row[4])) for row in rows]
+    return [_table(row) for row in rows]
 
 
 def tables_by_oid(conn: psycopg.Connection, oids: Sequence[int]) -> dict[int, Table]:
     """The tables among ``oids`` that still exist, by OID (a missing one was dropped)."""
     rows = conn.execute(_TABLE_COLUMNS + " WHERE c.oid = ANY(%s)", [list(oids)]).fetchall()
-    return {row[0]: Table(row[0], row[1], row[2], row[3], list(row[4])) for row in rows}
+    return {row[0]: _table(row) for row in rows}
+
+
+def stream_columns(conn: psycopg.Connection, oid: int) -> list[str]:
+    """The columns pgoutput sends of table ``oid`` (not dropped, not generated), in order: what
+    a snapshot row holds, so that it has the stream's shape."""
+    rows = conn.execute(
+        "SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0"
+        " AND NOT attisdropped AND attgenerated = '' ORDER BY attnum", [oid],
+    ).fetchall()
+    return [row[0] for row in rows]
 
 
 def _missing_table(conn: psycopg.Connection, name: TableName, row: Any) -> str:

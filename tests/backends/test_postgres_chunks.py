@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+from decimal import Decimal
 from types import SimpleNamespace
 
 import pytest
@@ -17,7 +18,10 @@ from changefeed.backends.postgres.chunks import (
     BACKFILL_PREFIX,
     WATERMARK_PREFIX,
     ChunkWindow,
+    Leaf,
     TableBackfill,
+    key_token,
+    next_ctid_chunk,
     requested_tables,
     window_changes,
 )
@@ -41,13 +45,13 @@ def window(rows: dict, *, complete: bool, of: TableBackfill | None = None, mark:
 def test_a_closed_window_s_rows_come_out_positioned_in_the_watermark_s_transaction(
     markers, complete
 ):
-    rows = {(1,): {"id": 1, "v": "a"}, (2,): {"id": 2, "v": "b"}}
+    rows = {(1,): [{"id": 1, "v": "a"}], (2,): [{"id": 2, "v": "b"}]}
     positions = TransactionPositions(0x500)
     positions.count = 3  # the watermark's transaction had three changes before it
     closed = window(rows, complete=complete)
     out, last = window_changes(closed, "app.t", "v1", positions.take, markers=markers)
     changes = [item for item in out if isinstance(item, Change)]
-    assert [c.new for c in changes] == list(rows.values())
+    assert [c.new for c in changes] == [group[0] for group in rows.values()]
     assert all(c.snapshot and c.operation == Operation.INSERT and c.schema_version == "v1"
                and c.table == "app.t" for c in changes)
     assert [c.key for c in changes] == [{"id": 1}, {"id": 2}]
@@ -79,22 +83,79 @@ def test_a_backfill_request_names_its_slot(content, expected):
 
 def test_which_tables_still_need_their_snapshot():
     tables = [Table(oid, "public", f"t{oid}", "r", ["id"]) for oid in (1, 2, 3)]
-    meta = {"backfill": {"1": "done", "2": {"after": ["5"], "done": 5, "chunks": 1}}}
-    assert [(t.oid, state) for t, state in backfill_states(meta, tables)] == [
-        (2, {"after": ["5"], "done": 5, "chunks": 1}), (3, None)]
+    partition = {"after": None, "done": 0, "chunks": 0, "root": 1}
+    meta = {"backfill": {"1": "done", "2": {"after": ["5"], "done": 5, "chunks": 1},
+                         "7": partition, "8": {"after": None, "root": 99}}}
+    assert [(t.oid, source, state) for t, source, state in backfill_states(meta, tables)] == [
+        (2, 2, {"after": ["5"], "done": 5, "chunks": 1}), (3, 3, None), (1, 7, partition)]
     legacy = {"snapshot": "done", "backfill": {"3": {"after": None, "done": 0, "chunks": 0}}}
-    assert [t.oid for t, _ in backfill_states(legacy, tables)] == [3]
+    assert [t.oid for t, _, _ in backfill_states(legacy, tables)] == [3]
 
 
 def test_a_chunk_query_continues_after_the_last_key_done():
     table = backfill(key=("a", "b"))
-    assert table.chunk_query(Table(10, "public", "t", "r").identifier, 100).as_string(
-        None
-    ) == ('SELECT ARRAY["a"::text, "b"::text]::text[] AS __changefeed_key, t.*'
-          ' FROM "public"."t" t ORDER BY "a", "b" LIMIT 100')
+    identifier = Table(10, "public", "t", "r").identifier
+    assert table.chunk_query(identifier, ["a", "b", "v"], 100).as_string(None) == (
+        'SELECT ARRAY["a"::text, "b"::text]::text[] AS __changefeed_key, t."a", t."b", t."v"'
+        ' FROM "public"."t" t ORDER BY "a", "b" LIMIT 100')
     table.after = ["3", "x"]
     assert ' WHERE ("a", "b") > (\'3\'::integer, \'x\'::integer) ORDER BY' in (
-        table.chunk_query(Table(10, "public", "t", "r").identifier, 100).as_string(None))
+        table.chunk_query(identifier, ["a"], 100).as_string(None))
+
+
+def test_a_ctid_chunk_query_reads_one_leaf_between_two_ctids():
+    table = backfill(key=())
+    assert table.ctid_query(Table(10, "public", "t", "r").identifier, ["v", "w"], "(3,7)", 9,
+                            50).as_string(None) == (
+        'SELECT t.ctid::text AS __changefeed_key, t."v", t."w" FROM ONLY "public"."t" t'
+        " WHERE t.ctid > '(3,7)'::tid AND t.ctid < '(9,0)'::tid ORDER BY t.ctid LIMIT 50")
+
+
+def leaf(oid: int, pages: int, storage: int = 1) -> Leaf:
+    return Leaf(oid, Table(oid, "public", f"p{oid}", "r").identifier, storage, pages)
+
+
+def test_a_table_without_key_is_read_leaf_after_leaf_by_pages():
+    table = backfill(key=())
+    leaves = [leaf(5, 3), leaf(7, 0), leaf(9, 2)]
+    chunk = next_ctid_chunk(table, leaves, 2)
+    assert (chunk.leaf.oid, chunk.after, chunk.upper, chunk.last) == (5, "(0,0)", 2, False)
+    table.after = ["5", "(1,4)"]  # stopped inside the range (a full chunk)
+    chunk = next_ctid_chunk(table, leaves, 2)
+    assert (chunk.leaf.oid, chunk.after, chunk.upper) == (5, "(1,4)", 3)
+    table.after = ["5", "(3,0)"]  # the leaf is read: the empty one is passed too
+    chunk = next_ctid_chunk(table, leaves, 2)
+    assert (chunk.leaf.oid, chunk.after, chunk.upper, chunk.last) == (9, "(0,0)", 2, True)
+    table.after = ["9", "(2,0)"]
+    assert next_ctid_chunk(table, leaves, 2) is None
+    table.after = ["6", "(1,1)"]  # leaf 6 was detached meanwhile: on with the next ones
+    assert next_ctid_chunk(table, leaves, 2).leaf.oid == 9
+
+
+def test_a_leaf_rewritten_meanwhile_is_read_again_from_its_first_page():
+    table = backfill(key=())
+    table.after, table.storage = ["5", "(40,2)"], 1
+    chunk = next_ctid_chunk(table, [leaf(5, 100, storage=2)], 10)
+    assert (chunk.after, chunk.upper, table.storage) == ("(0,0)", 10, 2)
+
+
+@pytest.mark.parametrize("a, b", [
+    ((1, "x"), (1, "x")),
+    ((float("nan"),), (float("nan"),)),
+    ((Decimal("NaN"),), (Decimal("NaN"),)),
+    (([1, [2]], {"a": [1]}), ([1, [2]], {"a": [1]})),
+    ((b"\x00" * 10,), (b"\x00" * 10,)),
+])
+def test_key_tokens_are_equal_exactly_when_the_values_are(a, b):
+    assert key_token(a) == key_token(b) and hash(key_token(a)) == hash(key_token(b))
+
+
+@pytest.mark.parametrize("a, b", [
+    ((1,), (2,)), ((1.0,), (2.0,)), (([1],), ([2],)), (({"a": 1},), ({"a": 2},)),
+    ((None,), (0,)), ((-1,), (-2,)),
+])
+def test_key_tokens_of_different_values_differ(a, b):
+    assert key_token(a) != key_token(b)
 
 
 def watched(*oids: int) -> WatchedTables:
@@ -130,7 +191,7 @@ def test_backfills_from_watermark_to_the_recorded_chunk():
     table = backfill(table="public.t10")
     backfills.start(table)
     assert backfills.due and backfills.observer == backfills.observe
-    backfills.window = window({(1,): {"id": 1}, (2,): {"id": 2}}, complete=False, of=table)
+    backfills.window = window({(1,): [{"id": 1}], (2,): [{"id": 2}]}, complete=False, of=table)
     assert not backfills.due
     backfills.observe(Change(Operation.UPDATE, "public.t10", {"id": 2}, {"id": 2}, {"id": 2}))
     assert backfills.on_message(watermark("other"), decoder()) == []  # a lost window's
@@ -169,7 +230,7 @@ def test_a_reconnect_loses_the_open_window_and_unrecorded_chunks():
     backfills = backfills_of(watched(10))
     table = backfill(table="public.t10")
     backfills.start(table)
-    backfills.window = window({(1,): {"id": 1}}, complete=True, of=table)
+    backfills.window = window({(1,): [{"id": 1}]}, complete=True, of=table)
     backfills.on_message(watermark("w1"), decoder())
     assert not backfills.queue
     backfills.reset()
@@ -177,10 +238,12 @@ def test_a_reconnect_loses_the_open_window_and_unrecorded_chunks():
     assert backfills.window is None and not backfills.finished
 
 
-def test_a_request_for_a_table_without_a_key_is_refused_with_a_warning(caplog):
+def test_a_request_for_a_table_without_a_key_reads_it_by_ctid(caplog):
     tables = watched(10)
     tables.by_oid[10].key = []
     backfills = backfills_of(tables)
+    backfills.connection = lambda: SimpleNamespace(execute=lambda *a: SimpleNamespace(
+        fetchall=lambda: []))  # key_types of no key column
     request = Message(BACKFILL_PREFIX, b'{"slot": "s", "tables": [10, 99]}', None)
     assert backfills.on_message(request, decoder()) == []
-    assert not backfills.queue and "no primary key" in caplog.text
+    assert [b.by_ctid for b in backfills.queue] == [True]
