@@ -67,9 +67,9 @@ def check_replica_identity(
     if lacking:
         more = f" and {len(lacking) - 5} more" if len(lacking) > 5 else ""
         which = ", ".join(lacking[:5]) + more
-        ops = " and ".join(name for name in Operation(operation & ~Operation.INSERT).names)
+        ops = " and ".join(f"{name}s" for name in Operation(operation & ~Operation.INSERT).names)
         raise ConfigurationError(
-            f"{which} has no replica identity: publishing its {ops}s would make the"
+            f"{which} has no replica identity: publishing its {ops} would make the"
             " application's own UPDATE and DELETE on it fail. Add a primary key, or run"
             f" ALTER TABLE {lacking[0]} REPLICA IDENTITY FULL, or stream inserts only with"
             " --ops insert"

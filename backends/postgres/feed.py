@@ -147,6 +147,7 @@ class PostgresChangeFeed(ChangeFeed):
         self._sql: psycopg.Connection | None = None
         self._replication: psycopg.Connection | None = None
         self._stream: ReplicationStream | None = None  # while START_REPLICATION runs
+        self._idle = IdleCheck()
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -322,6 +323,7 @@ class PostgresChangeFeed(ChangeFeed):
                     observe = backfills.observer
                 if stream.status_due(now):
                     stream.send_status()
+                self._idle.quiet(stream, self._sql, self.stats.changes, now)
                 if not stream.wait(1.0):
                     yield None
             raise stream.ended()
@@ -338,6 +340,15 @@ class PostgresChangeFeed(ChangeFeed):
             stream.send_status()
             raise self._tables.dropped_error(self.slot)
         stream.send_status(reply=True)  # the reply tells how far the server's WAL goes
+
+    def source_caught_up(self) -> bool:
+        """Whether the stream has read the server's WAL as far as it went when the feed went
+        quiet, with nothing undelivered, no back-fill under way: idle means caught up, not a
+        slot far behind or a large transaction still being decoded."""
+        stream = self._stream
+        return (stream is not None and stream.caught_up and not self._ledger.in_transaction
+                and not self._backfills.busy
+                and self._idle.reached(stream, self.stats.changes))
 
     # -- what the consumer drives --------------------------------------------------------------
 
@@ -391,6 +402,40 @@ class PostgresChangeFeed(ChangeFeed):
 
     def __repr__(self) -> str:
         return f"PostgresChangeFeed({self.table!r}, {self.operation!r}, slot={self.slot!r})"
+
+
+class IdleCheck:
+    """Whether a quiet stream is caught up with the server: the server's WAL position is noted
+    when the stream goes quiet (again at most every `SAMPLE_SECONDS` while changes come), and
+    the walsender asked how far it has read; caught up once its keepalive passes that
+    position with no change handed out since."""
+
+    SAMPLE_SECONDS = 0.2
+    ASK_SECONDS = 1.0
+
+    def __init__(self) -> None:
+        self.target: int | None = None
+        self.changes = -1  # the feed's change count when the target was noted
+        self.sampled = self.asked = 0.0
+
+    def quiet(self, stream: ReplicationStream, conn: psycopg.Connection | None, changes: int,
+              now: float) -> None:
+        """The stream has nothing at hand: note the server's WAL position if changes came
+        since, or ask the walsender again how far it has read."""
+        if conn is None or conn.closed:
+            return
+        if changes != self.changes and now - self.sampled >= self.SAMPLE_SECONDS:
+            self.target = slots.server_wal_position(conn)
+            self.changes, self.sampled = changes, now
+            self.asked = 0.0
+        if (self.target is not None and stream.wal_end < self.target
+                and now - self.asked >= self.ASK_SECONDS):
+            stream.send_status(reply=True)  # its keepalive says how far it has read
+            self.asked = now
+
+    def reached(self, stream: ReplicationStream, changes: int) -> bool:
+        return self.target is not None and changes == self.changes and (
+            stream.wal_end >= self.target)
 
 
 register_backend(

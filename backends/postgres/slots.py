@@ -131,6 +131,20 @@ def confirmed_position(conn: psycopg.Connection, name: str) -> str | None:
     return row[0] if row else None
 
 
+def server_wal_position(conn: psycopg.Connection) -> int:
+    """How far the server has written WAL (inserted, which a commit waits for; flushed a
+    moment later under ``synchronous_commit = off``; replayed, on a standby): a walsender that
+    reads up to there has everything committed until now. Right after a page header (where an
+    insert position can point, no record can end) it is that page's start."""
+    row = conn.execute(
+        "SELECT CASE WHEN p % b <= 40 THEN p - p % b ELSE p END FROM (SELECT"
+        " (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
+        "  ELSE pg_current_wal_insert_lsn() END - '0/0')::bigint AS p,"
+        " current_setting('wal_block_size')::bigint AS b) AS wal"
+    ).fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
 def advance_slot(dsn: str, name: str, lsn: str, *, wait: float = 5.0) -> None:
     """Confirm ``lsn`` on the slot without streaming (``pg_replication_slot_advance``): an
     acknowledgement that came after the stream closed. The feed's walsender may still be
