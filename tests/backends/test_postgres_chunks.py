@@ -247,3 +247,25 @@ def test_a_request_for_a_table_without_a_key_reads_it_by_ctid(caplog):
     request = Message(BACKFILL_PREFIX, b'{"slot": "s", "tables": [10, 99]}', None)
     assert backfills.on_message(request, decoder()) == []
     assert [b.by_ctid for b in backfills.queue] == [True]
+
+
+def test_a_chunk_acknowledged_after_the_next_was_handed_out_records_its_own_last_key():
+    saved = []
+    backfills = backfills_of(watched(10), lambda states: saved.append(copy.deepcopy(states)))
+    table = backfill(table="public.t10")
+    backfills.start(table)
+    firsts = []
+    for mark, last in (("w1", ["2"]), ("w2", ["4"])):  # two chunks handed out, none acked
+        backfills.window = ChunkWindow(table, mark, {(1,): [{"id": 1}]}, last, complete=False)
+        out = backfills.on_message(watermark(mark), decoder())
+        backfills.committed(0x508)
+        firsts.append(out[-1].position)
+    assert table.after == ["4"]
+    ledger = AckLedger()
+    backfills.confirmed(ledger)
+    assert saved == []  # nothing acknowledged: nothing recorded
+    ledger.acknowledge(firsts[0])  # the first chunk, late
+    backfills.confirmed(ledger)
+    assert saved == [{"10": {"after": ["2"], "done": 1, "chunks": 1}}]
+    backfills.reset()  # a crash now: the second chunk is read again
+    assert table.after == ["2"] and list(backfills.queue) == [table]
