@@ -255,10 +255,10 @@ def test_a_chunk_acknowledged_after_the_next_was_handed_out_records_its_own_last
     table = backfill(table="public.t10")
     backfills.start(table)
     firsts = []
-    for mark, last in (("w1", ["2"]), ("w2", ["4"])):  # two chunks handed out, none acked
+    for mark, last, lsn in (("w1", ["2"], 0x500), ("w2", ["4"], 0x600)):  # none acked
         backfills.window = ChunkWindow(table, mark, {(1,): [{"id": 1}]}, last, complete=False)
-        out = backfills.on_message(watermark(mark), decoder())
-        backfills.committed(0x508)
+        out = backfills.on_message(watermark(mark), decoder(lsn))
+        backfills.committed(lsn + 8)
         firsts.append(out[-1].position)
     assert table.after == ["4"]
     ledger = AckLedger()
