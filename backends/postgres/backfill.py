@@ -99,10 +99,16 @@ class Backfills:
 
     # -- which tables --------------------------------------------------------------------------
 
-    def plan(self, conn: psycopg.Connection, meta: dict[str, Any]) -> None:
+    def plan(
+        self, conn: psycopg.Connection, meta: dict[str, Any], *, pending_only: bool = False
+    ) -> None:
         """Back-fill each table whose snapshot was not delivered on this slot yet, continuing
-        after the last recorded chunk of one cut short (and partitions attached with rows)."""
-        planned = list(backfill_states(meta, self.tables.by_oid.values()))
+        after the last recorded chunk of one cut short (and partitions attached with rows);
+        ``pending_only``: only the back-fills recorded as begun (a feed without a snapshot
+        prefeed: tables that appeared, partitions attached, back-fills requested)."""
+        planned = [(table, source, state) for table, source, state
+                   in backfill_states(meta, self.tables.by_oid.values())
+                   if not pending_only or isinstance(state, dict)]
         if planned:
             self.states.update(meta.get("backfill") or {})
         for table, source, state in planned:
@@ -128,6 +134,13 @@ class Backfills:
             log.info("%s: reading it in chunks of %s rows", why, f"{self.chunk_size:,}")
         self.start(backfill)
         self.save(self.states)
+
+    def renamed(self, oid: int, name: str) -> None:
+        """Table ``oid``'s changes carry ``name`` from now on: so do its back-fills'."""
+        for backfill in self.queue:
+            if backfill.oid == oid:
+                backfill.table = name
+        self._names = {queued.table: queued for queued in self.queue}
 
     def _requested(self, content: bytes) -> None:
         for oid in requested_tables(content, self.slot):

@@ -18,7 +18,7 @@ import psycopg
 from changefeed.backends.postgres import catalog, slots
 from changefeed.backends.postgres.tables import Table
 from changefeed.change import Operation
-from changefeed.errors import PermanentBackendError, first_line
+from changefeed.errors import ConfigurationError, PermanentBackendError, first_line
 
 log = logging.getLogger("changefeed.postgres")
 
@@ -65,7 +65,18 @@ def ensure_publication(
     if publication is not None:
         catalog.check_publication(conn, publication, tables, slot, operation)
     catalog.check_slot_owner(conn, slot, name, tables)
-    catalog.check_replica_identity(conn, tables, operation)
+    try:
+        catalog.check_replica_identity(conn, tables, operation)
+        catalog.check_partition_identity(conn, tables, operation)
+    except ConfigurationError as exc:
+        if publication is None or not publication.table_oids & {t.oid for t in tables}:
+            raise
+        # The publication a feed made earlier publishes them already: the application's
+        # statements fail now, whether this feed runs or not.
+        raise ConfigurationError(
+            f"{exc.message}. Publication {name} already publishes it, so they fail now: fix"
+            f" that, or drop the feed with changefeed slots --drop {slot}"
+        ) from exc
     meta = dict(publication.meta) if publication is not None else {}
     if meta.get("slot", slot) == slot:  # the record is of the slot that made it
         meta.update(slot=slot, default=default_names,
@@ -90,6 +101,38 @@ def ensure_publication(
     return PublicationSetup(meta, publication is None)
 
 
+def add_tables(
+    conn: psycopg.Connection, name: str, tables: Sequence[Table], meta: dict[str, Any],
+    operation: Operation,
+) -> tuple[list[Table], dict[str, str]]:
+    """Add ``tables`` (that appeared while the feed ran: a pattern matches them now) to the
+    feed's publication ``name``, each recorded in ``meta`` as to be back-filled: its rows
+    committed before it was added never went through the slot. Returns the tables added and,
+    for the others, why not (their UPDATE/DELETE would fail, or no privilege)."""
+    added: list[Table] = []
+    refused: dict[str, str] = {}
+    for table in tables:
+        try:
+            catalog.check_replica_identity(conn, [table], operation)
+            catalog.check_partition_identity(conn, [table], operation)
+        except ConfigurationError as exc:
+            refused[table.qualified] = exc.message
+            continue
+        added.append(table)
+    if not added:
+        return added, refused
+    try:
+        catalog.add_publication_tables(conn, name, added)
+    except psycopg.Error as exc:
+        return [], {table.qualified: first_line(exc) for table in added}
+    meta.setdefault("tables", {}).update({str(t.oid): t.qualified for t in added})
+    states = meta.setdefault("backfill", {})
+    for table in added:
+        states[str(table.oid)] = {"after": None, "done": 0, "chunks": 0}
+    catalog.write_meta(conn, name, meta)
+    return added, refused
+
+
 def _change_tables(
     conn: psycopg.Connection, publication: catalog.Publication,
     tables: Sequence[Table], meta: dict[str, Any], slot: str, backfill_added: bool,
@@ -99,13 +142,18 @@ def _change_tables(
     for oid in removed:
         states.pop(str(oid), None)
     for table in added:
-        if backfill_added:
+        if backfill_added or table.from_pattern:
             states[str(table.oid)] = {"after": None, "done": 0, "chunks": 0}
     meta["backfill"] = states
-    if added:
-        log.warning("slot %s now also streams %s%s", slot,
-                    ", ".join(t.qualified for t in added),
-                    " (back-filled first)" if backfill_added else "")
+    filled = [t.qualified for t in added if backfill_added or t.from_pattern]
+    unfilled = [t.qualified for t in added if not (backfill_added or t.from_pattern)]
+    if filled:
+        # Matched by a pattern, a table is new to the feed: its rows are new changes.
+        log.warning("slot %s now also streams %s (back-filled first)", slot, ", ".join(filled))
+    if unfilled:
+        log.warning("slot %s now also streams %s; its rows from before are not delivered"
+                    " (--prefeed snapshot, or changefeed backfill, reads them)", slot,
+                    ", ".join(unfilled))
     if removed:
         log.warning("slot %s no longer streams %s", slot, catalog.describe_oids(conn, removed))
 

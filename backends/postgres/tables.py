@@ -41,6 +41,8 @@ class Table:
     identity: str = "d"
     """``relreplident``: ``d`` default (the primary key), ``f`` full, ``i`` an index, ``n``
     nothing."""
+    from_pattern: bool = False
+    """Matched by a pattern (``app.*``), not named."""
 
     @property
     def whole_row(self) -> bool:
@@ -121,7 +123,40 @@ def _matching(conn: psycopg.Connection, name: TableName) -> list[Table]:
         f" AND {schema_clause} AND c.relname LIKE %s ORDER BY n.nspname, c.relname",
         [like(name.schema) if name.schema is not None else None, like(name.name)],
     ).fetchall()
-    return [_table(row) for row in rows]
+    tables = [_table(row) for row in rows]
+    for table in tables:
+        table.from_pattern = True
+    return tables
+
+
+def matching_tables(
+    conn: psycopg.Connection, names: Sequence[TableName], exclude: Sequence[TableName] = ()
+) -> list[Table]:
+    """The tables the patterns among ``names`` match now, less ``exclude``'s (no error when
+    none does)."""
+    excluded = {t.oid for name in exclude for t in _matching(conn, name)}
+    found: dict[int, Table] = {}
+    for name in names:
+        if name.is_pattern:
+            for table in _matching(conn, name):
+                if table.oid not in excluded:
+                    found.setdefault(table.oid, table)
+    return list(found.values())
+
+
+def partition_trees(conn: psycopg.Connection, oids: Sequence[int]) -> dict[int, dict[int, int]]:
+    """For each partitioned table among ``oids``: its partitions at every level, each with
+    its parent (relation OID -> parent OID)."""
+    rows = conn.execute(
+        "SELECT t.oid::bigint, p.relid::oid::bigint, p.parentrelid::oid::bigint"
+        " FROM unnest(%s::oid[]) AS t(oid) JOIN pg_class c ON c.oid = t.oid AND c.relkind = 'p'"
+        " CROSS JOIN LATERAL pg_partition_tree(t.oid) p WHERE p.level > 0",
+        [list(oids)],
+    ).fetchall()
+    trees: dict[int, dict[int, int]] = {}
+    for root, relid, parent in rows:
+        trees.setdefault(root, {})[relid] = parent
+    return trees
 
 
 def tables_by_oid(conn: psycopg.Connection, oids: Sequence[int]) -> dict[int, Table]:
@@ -221,6 +256,11 @@ class WatchedTables:
 
     def name_of(self, oid: int) -> str:
         return self.stream_names.get(oid) or self.by_oid[oid].qualified
+
+    def add(self, table: Table) -> None:
+        """Watch ``table`` too (it appeared while the feed ran)."""
+        self.by_oid[table.oid] = table
+        self.stream_names[table.oid] = table.qualified
 
     def live(self) -> list[Table]:
         """The tables not dropped."""
