@@ -24,7 +24,7 @@ import psycopg
 import pytest
 from clitools import run_cli, start_cli
 
-from changefeed import ALL, Change, Operation, Retry
+from changefeed import ALL, Change, ConfigurationError, Operation, Retry
 from changefeed.backends.postgres import PostgresChangeFeed
 from changefeed.backends.postgres import feed as feed_module
 from changefeed.formats import debezium
@@ -111,7 +111,7 @@ IDENTITIES = {
         " CREATE TABLE t_1 PARTITION OF t FOR VALUES FROM (0) TO (100);"
         " CREATE TABLE t_2 PARTITION OF t FOR VALUES FROM (100) TO (100000);"
         " ALTER TABLE t REPLICA IDENTITY FULL; ALTER TABLE t_1 REPLICA IDENTITY FULL;"
-        " ALTER TABLE t_2 REPLICA IDENTITY FULL", None, ALL),
+        " ALTER TABLE t_2 REPLICA IDENTITY FULL; GUARD", None, ALL),
     "no identity (inserts only)": (
         "CREATE TABLE t (id int, u int NOT NULL, v text)", None, Operation.INSERT),
     "REPLICA IDENTITY NOTHING (inserts only)": (
@@ -130,6 +130,7 @@ def test_every_kind_of_identity_gives_the_same_key_in_snapshot_and_stream(
     pg_dsn, pg, monkeypatch, identity, snapshot
 ):
     setup, expected, operations = IDENTITIES[identity]
+    setup = setup.replace("GUARD", identity_guard_sql())  # (see the partitioned tests below)
     if snapshot == "exported":
         monkeypatch.setattr(feed_module, "in_chunks", lambda version, tables: False)
     pg.execute(setup)
@@ -396,3 +397,307 @@ def test_a_snapshot_of_large_rows_keeps_memory_flat(pg_dsn, pg, how):
     assert count == 40 and size > 40 * 5 << 20  # each line holds its row's 5 MB
     print(f"peak RSS ({how}): {peak_kb / 1024:.0f} MB for 40 rows of 5 MB")
     assert peak_kb < 250 * 1024
+
+
+# -- structure changes the application makes ---------------------------------------------------
+
+
+class Reader:
+    """A feed read in this process in steps, every change applied to a consumer and
+    acknowledged, with the structure checks made often (instead of every 5 s)."""
+
+    def __init__(self, feed: PostgresChangeFeed, consumer: KeyedConsumer) -> None:
+        self.feed = feed
+        self.consumer = consumer
+        self.changes = feed.changes(timeout=300, ticks=True)
+        self.got: list[Change] = []
+
+    def until(self, done, timeout: float = 60) -> None:
+        """Read until ``done(self)`` holds at a moment the stream is quiet."""
+        deadline = time.monotonic() + timeout
+        for change in self.changes:
+            if change is not None:
+                self.got.append(change)
+                self.consumer.apply(change)
+                self.feed.ack(change.position)
+            elif done(self):
+                return
+            assert time.monotonic() < deadline, f"not done within {timeout} s"
+
+    def idle(self, seconds: float = 1.5) -> None:
+        """Read until the feed is caught up and nothing came for ``seconds``."""
+        state = {"count": -1, "since": 0.0}
+
+        def quiet(reader: Reader) -> bool:
+            now = time.monotonic()
+            if len(reader.got) != state["count"] or not reader.feed.caught_up:
+                state["count"], state["since"] = len(reader.got), now
+            return now - state["since"] >= seconds
+
+        self.until(quiet)
+
+    def close(self) -> None:
+        self.changes.close()
+        self.feed.close()
+
+
+@pytest.fixture
+def often(monkeypatch):
+    """The feed compares the catalog with what it knows every 0.2 s instead of 5 s."""
+    monkeypatch.setattr(feed_module, "CHECK_SECONDS", 0.2)
+
+
+class TableConsumer:
+    """A `KeyedConsumer` per table name."""
+
+    def __init__(self) -> None:
+        self.tables: dict[str, KeyedConsumer] = {}
+
+    def apply(self, change: Change) -> None:
+        self.tables.setdefault(change.table, KeyedConsumer(strict=False)).apply(change)
+
+    def table(self, name: str) -> list[tuple]:
+        consumer = self.tables.get(name)
+        return consumer.table() if consumer is not None else []
+
+
+def readme_section(title: str) -> str:
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    return text.split(f"### {title}", 1)[1].split("\n#", 1)[0]
+
+
+def identity_guard_sql() -> str:
+    """The event trigger exactly as the README gives it."""
+    section = readme_section("Partitioned tables without a primary key")
+    return section.split("```sql\n", 1)[1].split("```", 1)[0]
+
+
+PARTITIONED_FULL = (
+    "CREATE TABLE r (id int NOT NULL, v text) PARTITION BY RANGE (id);"
+    " CREATE TABLE r_1 PARTITION OF r FOR VALUES FROM (0) TO (100);"
+    " ALTER TABLE r REPLICA IDENTITY FULL; ALTER TABLE r_1 REPLICA IDENTITY FULL"
+)
+
+
+@pytest.mark.parametrize("ops", [ALL, Operation.UPDATE, Operation.DELETE])
+def test_a_partitioned_table_without_key_is_refused_unless_new_partitions_get_an_identity(
+    pg_dsn, pg, ops
+):
+    pg.execute(PARTITIONED_FULL)
+    with pytest.raises(ConfigurationError, match="partitioned without a primary key.*event"
+                                                 " trigger changefeed_replica_identity"):
+        list(make_feed(pg_dsn, "r", ops).changes(timeout=10))
+    assert pg.execute("SELECT count(*) FROM pg_publication").fetchone()[0] == 0
+    assert pg.execute("SELECT count(*) FROM pg_replication_slots").fetchone()[0] == 0
+    result = run_cli("run", "r", "--url", pg_dsn, "--ops", ",".join(ops.names), timeout=30)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    # Inserts only are fine: nothing the application does can fail then.
+    feed = make_feed(pg_dsn, "r", Operation.INSERT)
+    assert drain(feed) == []
+    pg.execute("CREATE TABLE r_2 PARTITION OF r FOR VALUES FROM (100) TO (200)")
+    pg.execute("INSERT INTO r VALUES (150, 'x')")
+    pg.execute("UPDATE r SET v = 'y' WHERE id = 150")  # r_2 has no identity: fine, inserts only
+    later = drain(make_feed(pg_dsn, "r", Operation.INSERT))
+    assert [c.new for c in later if not c.snapshot] == [{"id": 150, "v": "x"}]
+    assert [c.new for c in later if c.snapshot] == [{"id": 150, "v": "y"}]  # r_2, read once
+
+
+@pytest.mark.parametrize("how", ["created", "attached with rows", "created in a sub-partition"])
+def test_with_the_readme_s_event_trigger_new_partitions_keep_the_application_working(
+    pg_dsn, pg, often, how
+):
+    pg.execute(PARTITIONED_FULL)
+    pg.execute(identity_guard_sql())
+    pg.execute("INSERT INTO r SELECT g, 'first' FROM generate_series(0, 99) g")
+    consumer = KeyedConsumer(strict=False)
+    reader = Reader(make_feed(pg_dsn, "r", prefeed="snapshot", chunk_size=30), consumer)
+    try:
+        reader.idle()
+        if how == "created":
+            pg.execute("CREATE TABLE r_2 PARTITION OF r FOR VALUES FROM (100) TO (200)")
+        elif how == "attached with rows":
+            pg.execute("CREATE TABLE r_2 (id int NOT NULL, v text)")
+            pg.execute("INSERT INTO r_2 SELECT g, 'before' FROM generate_series(100, 149) g")
+            pg.execute("ALTER TABLE r ATTACH PARTITION r_2 FOR VALUES FROM (100) TO (200)")
+        else:
+            pg.execute("CREATE TABLE r_2 PARTITION OF r FOR VALUES FROM (100) TO (200)"
+                       " PARTITION BY RANGE (id)")
+            pg.execute("CREATE TABLE r_2a PARTITION OF r_2 FOR VALUES FROM (100) TO (200)")
+        # The application's own statements on the new partition work.
+        pg.execute("INSERT INTO r SELECT g, 'new' FROM generate_series(150, 159) g")
+        pg.execute("UPDATE r SET v = 'updated' WHERE id IN (5, 120, 155)")
+        pg.execute("DELETE FROM r WHERE id IN (6, 130, 156)")
+        reader.idle()
+    finally:
+        reader.close()
+    assert consumer.table() == table_rows(pg, "r")
+
+
+def test_a_partition_without_identity_while_the_feed_runs_is_said_and_refused_on_restart(
+    pg_dsn, pg, often, caplog
+):
+    pg.execute(PARTITIONED_FULL)
+    pg.execute(identity_guard_sql())
+    reader = Reader(make_feed(pg_dsn, "r"), KeyedConsumer(strict=False))
+    try:
+        reader.idle()
+        pg.execute("DROP EVENT TRIGGER changefeed_replica_identity")  # the guard is gone
+        pg.execute("CREATE TABLE r_2 PARTITION OF r FOR VALUES FROM (100) TO (200)")
+        reader.until(lambda r: "public.r_2 has no replica identity" in caplog.text)
+    finally:
+        reader.close()
+    assert "ALTER TABLE public.r_2 REPLICA IDENTITY FULL" in caplog.text
+    result = run_cli("run", "r", "--url", pg_dsn, timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert "already publishes it, so they fail now" in result.stderr
+    assert "changefeed slots --drop changefeed_r" in result.stderr
+
+
+@pytest.mark.parametrize("order", [
+    "attach while running", "attach while stopped", "detach, change, attach again"])
+def test_partitions_attached_with_rows_are_back_filled(pg_dsn, pg, often, caplog, order):
+    pg.execute("CREATE TABLE p (id int, v text, PRIMARY KEY (id)) PARTITION BY RANGE (id)")
+    pg.execute("CREATE TABLE p_1 PARTITION OF p FOR VALUES FROM (0) TO (1000)")
+    pg.execute("CREATE TABLE p_2 PARTITION OF p FOR VALUES FROM (1000) TO (2000)")
+    pg.execute("INSERT INTO p SELECT g, 'first' FROM generate_series(0, 1999, 7) g")
+    pg.execute("CREATE TABLE p_3 (LIKE p INCLUDING ALL)")
+    pg.execute("INSERT INTO p_3 SELECT g, 'before' FROM generate_series(2000, 2999, 3) g")
+    consumer = KeyedConsumer(strict=False)
+
+    def run(steps):
+        reader = Reader(make_feed(pg_dsn, "p", prefeed="snapshot", chunk_size=50), consumer)
+        try:
+            reader.idle()
+            for step in steps:
+                step()
+                reader.idle()
+        finally:
+            reader.close()
+
+    attach = ("ALTER TABLE p ATTACH PARTITION p_3 FOR VALUES FROM (2000) TO (3000)",)
+    if order == "attach while running":
+        run([lambda: pg.execute(attach[0])])
+    elif order == "attach while stopped":
+        run([])
+        pg.execute(attach[0])
+        pg.execute("UPDATE p SET v = 'after' WHERE id % 5 = 0")
+        run([])
+    else:
+        left = []
+
+        def detach():
+            pg.execute("ALTER TABLE p DETACH PARTITION p_2")
+            left.extend(table_rows(pg, "p_2 WHERE id % 3 = 0"))  # as the consumer has them
+            pg.execute("UPDATE p_2 SET v = 'changed while detached' WHERE id % 2 = 0")
+            pg.execute("DELETE FROM p_2 WHERE id % 3 = 0")
+
+        run([detach, lambda: pg.execute(
+            "ALTER TABLE p ATTACH PARTITION p_2 FOR VALUES FROM (1000) TO (2000)")])
+        assert "public.p no longer holds p_2 (detached or dropped)" in caplog.text
+        # Rows changed while detached are read again; those deleted meanwhile left with the
+        # partition, as said: no delete reaches the consumer for them.
+        assert consumer.table() == sorted(table_rows(pg, "p") + left)
+        return
+    assert consumer.table() == table_rows(pg, "p")
+
+
+def test_an_update_moving_rows_between_partitions_is_said_with_ops_update(pg_dsn, pg):
+    pg.execute("CREATE TABLE p (id int PRIMARY KEY) PARTITION BY RANGE (id)")
+    pg.execute("CREATE TABLE p_1 PARTITION OF p FOR VALUES FROM (0) TO (10)")
+    result = run_cli("run", "p", "--url", pg_dsn, "--ops", "update", "--until-idle", "0.5")
+    assert result.returncode == 0, result.stderr
+    assert ("an UPDATE that moves a row of public.p to another partition is a delete and an"
+            " insert there, which --ops update does not deliver") in result.stderr
+    for ops in ("insert,update,delete", "insert"):
+        quiet = run_cli("run", "p", "--url", pg_dsn, "--ops", ops, "--until-idle", "0.5")
+        assert "moves a row" not in quiet.stderr
+
+
+@pytest.mark.parametrize("when", ["while running", "while stopped"])
+def test_a_table_created_under_a_pattern_is_streamed_and_back_filled(
+    pg_dsn, pg, often, when
+):
+    pg.execute("CREATE SCHEMA app")
+    pg.execute("CREATE TABLE app.a (id int PRIMARY KEY, v text)")
+    pg.execute("INSERT INTO app.a SELECT g, 'a' FROM generate_series(1, 50) g")
+    consumer = TableConsumer()
+
+    def run(steps=()):
+        # No --prefeed snapshot: a table that appears later is new, its rows are changes.
+        reader = Reader(make_feed(pg_dsn, "app.*", slot="apps"), consumer)
+        try:
+            reader.idle()
+            for step in steps:
+                step()
+                reader.idle()
+        finally:
+            reader.close()
+
+    def create():
+        pg.execute("CREATE TABLE app.b (id int PRIMARY KEY, v text)")
+        pg.execute("INSERT INTO app.b SELECT g, 'b' FROM generate_series(1, 120) g")
+        pg.execute("CREATE TABLE app.c (id int, v text)")  # no identity: refused, said
+        pg.execute("INSERT INTO app.a VALUES (51, 'a')")
+
+    run()
+    if when == "while running":
+        run([create, lambda: pg.execute("UPDATE app.b SET v = 'changed' WHERE id < 10")])
+    else:
+        create()
+        run()
+        pg.execute("UPDATE app.b SET v = 'changed' WHERE id < 10")
+        run()
+    assert consumer.table("app.b") == table_rows(pg, "app.b")
+    assert len(consumer.table("app.a")) == 1  # (no snapshot of app.a: only the new row)
+
+
+@pytest.mark.parametrize("prefeed", [None, "snapshot"])
+def test_a_schema_renamed_is_said_and_its_tables_changes_take_the_new_name(
+    pg_dsn, pg, often, caplog, prefeed
+):
+    pg.execute("CREATE SCHEMA s1")
+    pg.execute("CREATE TABLE s1.t (id int PRIMARY KEY, v text)")
+    pg.execute("INSERT INTO s1.t SELECT g, 'x' FROM generate_series(1, 40) g")
+    consumer = TableConsumer()
+    reader = Reader(make_feed(pg_dsn, "s1.t", prefeed=prefeed, chunk_size=15), consumer)
+    try:
+        reader.idle()
+        pg.execute("ALTER SCHEMA s1 RENAME TO s2")
+        reader.until(lambda r: "table s1.t is now s2.t" in caplog.text)
+        pg.execute("INSERT INTO s2.t VALUES (41, 'after')")
+        pg.execute("UPDATE s2.t SET v = 'after' WHERE id = 1")
+        reader.idle()
+    finally:
+        reader.close()
+    after = [c for c in reader.got if c.new and c.new.get("v") == "after"]
+    assert {c.table for c in after} == {"s2.t"}
+    assert "the stream does not say when a schema is renamed" in caplog.text
+    if prefeed == "snapshot":  # read again under its new name: the consumer has it whole
+        assert consumer.table("s2.t") == table_rows(pg, "s2.t")
+
+
+def test_tables_swapped_by_renames_stream_under_their_new_names(pg_dsn, pg, often, caplog):
+    pg.execute("CREATE SCHEMA app")
+    for name, rows in (("a", 30), ("c", 20)):
+        pg.execute(f"CREATE TABLE app.{name} (id int PRIMARY KEY, origin text)")
+        pg.execute(f"INSERT INTO app.{name} SELECT g, '{name}' FROM generate_series(1, {rows}) g")
+    consumer = TableConsumer()
+    reader = Reader(make_feed(pg_dsn, "app.*", prefeed="snapshot", chunk_size=7), consumer)
+    try:
+        reader.idle()
+        with pg.transaction():  # the swap: a -> b, c -> a
+            pg.execute("ALTER TABLE app.a RENAME TO b")
+            pg.execute("ALTER TABLE app.c RENAME TO a")
+        pg.execute("UPDATE app.a SET origin = origin || ' now a'")
+        pg.execute("UPDATE app.b SET origin = origin || ' now b'")
+        reader.idle()
+    finally:
+        reader.close()
+    assert consumer.table("app.b") == table_rows(pg, "app.b")
+    # Under app.a the consumer holds the rows of the table now called so, and, with keys
+    # the old app.a had that the new one lacks, rows of the old: that was said.
+    assert set(table_rows(pg, "app.a")) <= set(consumer.table("app.a"))
+    assert "table app.a is now app.b" in caplog.text
+    assert "a consumer holding rows under app.a must drop them" in caplog.text

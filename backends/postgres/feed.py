@@ -54,7 +54,12 @@ from changefeed.backends.postgres.names import (
 from changefeed.backends.postgres.pgoutput import Begin, Commit, PgOutputDecoder, Renamed, Truncate
 from changefeed.backends.postgres.position import PgPosition
 from changefeed.backends.postgres.protocol import format_lsn
-from changefeed.backends.postgres.publication import add_tables, choose_names, ensure_publication
+from changefeed.backends.postgres.publication import (
+    add_tables,
+    choose_names,
+    ensure_publication,
+    refusal,
+)
 from changefeed.backends.postgres.stream import ReplicationStream
 from changefeed.backends.postgres.structure import CHECK_SECONDS, Structure
 from changefeed.backends.postgres.tables import Table, WatchedTables, tables_by_oid
@@ -164,6 +169,8 @@ class PostgresChangeFeed(ChangeFeed):
         self._settle()  # acknowledgements that came after the last stream closed
         self._server_version = check_server(conn)
         self._tables.check(conn, self.table_names, self.exclude)
+        if first_connection:
+            self._leave_out_refused(conn)
         check_messages(conn, self.messages)
         if first_connection:
             if self._default_names:
@@ -203,6 +210,22 @@ class PostgresChangeFeed(ChangeFeed):
         if first_connection:
             self._start_structure(conn, chunked)
         yield from self._stream_changes(repl)
+
+    def _leave_out_refused(self, conn: psycopg.Connection) -> None:
+        """Tables a pattern matched that could not be published (their UPDATE/DELETE would
+        fail) are left out, said once, rather than refusing the feed (a named one is
+        refused: `ensure_publication`)."""
+        for table in [t for t in self._tables.by_oid.values() if t.from_pattern]:
+            why = refusal(conn, table, self.operation)
+            if why is not None:
+                del self._tables.by_oid[table.oid]
+                self._tables.stream_names.pop(table.oid, None)
+                self._structure.say_once(("refused", table.qualified), "%s matches %s but is"
+                                         " not streamed: %s", table.qualified,
+                                         ", ".join(self.tables), why)
+        if not self._tables.by_oid:
+            raise ConfigurationError(
+                f"no table of {', '.join(self.tables)} can be streamed (see above)")
 
     def _start_structure(self, conn: psycopg.Connection, chunked: bool) -> None:
         """At the feed's start: the back-fills to go on with or begin (a snapshot, tables a

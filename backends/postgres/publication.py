@@ -66,10 +66,10 @@ def ensure_publication(
         catalog.check_publication(conn, publication, tables, slot, operation)
     catalog.check_slot_owner(conn, slot, name, tables)
     try:
-        catalog.check_replica_identity(conn, tables, operation)
-        catalog.check_partition_identity(conn, tables, operation)
+        check_identity(conn, tables, operation)
     except ConfigurationError as exc:
-        if publication is None or not publication.table_oids & {t.oid for t in tables}:
+        published = [t for t in tables if publication and t.oid in publication.table_oids]
+        if not any(refusal(conn, table, operation) for table in published):
             raise
         # The publication a feed made earlier publishes them already: the application's
         # statements fail now, whether this feed runs or not.
@@ -101,6 +101,24 @@ def ensure_publication(
     return PublicationSetup(meta, publication is None)
 
 
+def check_identity(
+    conn: psycopg.Connection, tables: Sequence[Table], operation: Operation
+) -> None:
+    """Refuse tables whose UPDATE/DELETE would fail (or could, for partitions to come) once
+    a publication of ``operation`` publishes them (see `catalog`)."""
+    catalog.check_replica_identity(conn, tables, operation)
+    catalog.check_partition_identity(conn, tables, operation)
+
+
+def refusal(conn: psycopg.Connection, table: Table, operation: Operation) -> str | None:
+    """Why `check_identity` refuses ``table``, or None."""
+    try:
+        check_identity(conn, [table], operation)
+    except ConfigurationError as exc:
+        return exc.message
+    return None
+
+
 def add_tables(
     conn: psycopg.Connection, name: str, tables: Sequence[Table], meta: dict[str, Any],
     operation: Operation,
@@ -112,13 +130,11 @@ def add_tables(
     added: list[Table] = []
     refused: dict[str, str] = {}
     for table in tables:
-        try:
-            catalog.check_replica_identity(conn, [table], operation)
-            catalog.check_partition_identity(conn, [table], operation)
-        except ConfigurationError as exc:
-            refused[table.qualified] = exc.message
-            continue
-        added.append(table)
+        why = refusal(conn, table, operation)
+        if why is not None:
+            refused[table.qualified] = why
+        else:
+            added.append(table)
     if not added:
         return added, refused
     try:
