@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from decimal import Decimal
 from types import SimpleNamespace
 
 import pytest
 
-from changefeed.backends.postgres.backfill import Backfills, backfill_states
+from changefeed.backends.postgres.backfill import Backfills, _adapt_pages, backfill_states
 from changefeed.backends.postgres.chunks import (
     BACKFILL_PREFIX,
     WATERMARK_PREFIX,
@@ -22,11 +23,14 @@ from changefeed.backends.postgres.chunks import (
     TableBackfill,
     key_token,
     next_ctid_chunk,
+    pages_for,
+    parse_tid,
     requested_tables,
     window_changes,
 )
 from changefeed.backends.postgres.ledger import AckLedger
 from changefeed.backends.postgres.position import TransactionPositions
+from changefeed.backends.postgres.snapshot import row_bytes
 from changefeed.backends.postgres.tables import Table, WatchedTables
 from changefeed.change import Change, Operation, SnapshotState
 from changefeed.message import Message
@@ -269,3 +273,118 @@ def test_a_chunk_acknowledged_after_the_next_was_handed_out_records_its_own_last
     assert saved == [{"10": {"after": ["2"], "done": 1, "chunks": 1}}]
     backfills.reset()  # a crash now: the second chunk is read again
     assert table.after == ["2"] and list(backfills.queue) == [table]
+
+
+def test_a_back_fill_s_recorded_state_says_where_it_stands():
+    table = backfill(key=())
+    assert table.by_ctid and table.source == 10
+    assert table.state() == {"after": None, "done": 0, "chunks": 0}
+    table.after, table.storage, table.done, table.chunks = ["10", "(3,0)"], 77, 5, 1
+    assert table.state() == {"after": ["10", "(3,0)"], "done": 5, "chunks": 1, "storage": 77}
+    partition = TableBackfill(10, "public.t", ["id"], ["integer"], source=12)
+    assert partition.state() == {"after": None, "done": 0, "chunks": 0, "root": 10}
+    assert not partition.by_ctid
+
+
+def test_the_key_of_a_row_is_its_key_columns_or_the_whole_row():
+    row = {"id": 1, "v": [1, 2], "w": None}
+    assert backfill(key=("id",)).key_of(row) == {"id": 1}
+    assert backfill(key=("v", "id")).key_of(row) == {"v": [1, 2], "id": 1}
+    assert backfill(key=()).key_of(row) == row and backfill(key=()).key_of(row) is not row
+    assert backfill(key=("id",)).token(row) == key_token((1,))
+    assert backfill(key=()).token(row) == key_token((1, [1, 2], None))
+    assert backfill(key=()).token(row) != backfill(key=()).token({**row, "w": 0})
+
+
+@pytest.mark.parametrize("text, tid", [("(0,0)", (0, 0)), ("(12,7)", (12, 7)),
+                                       ("(4294967295,65535)", (4294967295, 65535))])
+def test_tids_are_read_back(text, tid):
+    assert parse_tid(text) == tid
+
+
+@pytest.mark.parametrize("text", ["", "(1)", "1,2", "(a,1)", "(1,2) "])
+def test_anything_else_is_no_tid(text):
+    with pytest.raises(ValueError):
+        parse_tid(text)
+
+
+@pytest.mark.parametrize("rows_per_page, chunk, pages", [
+    (0, 100, 1), (-1, 100, 1), (50.0, 100, 2), (50.0, 101, 3), (200.0, 100, 1),
+    (0.001, 10_000, 1 << 20),
+])
+def test_pages_for_a_chunk(rows_per_page, chunk, pages):
+    assert pages_for(rows_per_page, chunk) == pages
+
+
+@pytest.mark.parametrize("pages, found, whole, expected", [
+    (4, 100, False, 4),    # a full chunk inside the range: the same range size
+    (4, 0, True, 32),      # nothing in 4 pages: 8 times more
+    (1 << 20, 0, True, 1 << 20),  # at most a million pages
+    (4, 10, True, 32),     # 2.5 rows a page, 100 wanted: 40 pages, at most 8 times more
+    (4, 50, True, 8),      # 12.5 rows a page: 8 pages
+    (4, 99, True, 5),
+])
+def test_pages_adapt_to_the_rows_found(pages, found, whole, expected):
+    assert _adapt_pages(pages, found, 100, whole) == expected
+
+
+def test_row_bytes_counts_text_and_bytes_and_guesses_the_rest():
+    rows = [{"a": "xyz", "b": b"\x00" * 10, "n": 5, "j": {"k": 1}, "z": None},
+            {"a": None, "b": b"", "n": None, "j": {"k": 2}, "z": None}]
+    size = row_bytes(rows)
+    assert size == 3 + 10 + 16 * 2 + 2 * sys.getsizeof({"k": 1}) + 16 * 2
+    assert row_bytes([]) == 0
+    assert row_bytes([{"a": "x" * 1000}]) > row_bytes([{"a": "x"}]) + 900
+    assert row_bytes([{"a": None}, {"a": "late text"}]) == 9  # typed by its first value
+
+
+def test_a_change_of_a_table_being_back_filled_takes_its_key_out_of_the_window():
+    backfills = backfills_of(watched(10, 11))
+    table = backfill(table="public.t10")
+    backfills.start(table)
+    backfills.window = window({(1,): [{"id": 1}], (2,): [{"id": 2}], (3,): [{"id": 3}],
+                               (4,): [{"id": 4}]}, complete=False, of=table)
+    backfills.observe(Change(Operation.UPDATE, "public.t10", {"id": 2}, {"id": 2}, {"id": 2}))
+    # A key changed: the old key's row is stale too.
+    backfills.observe(Change(Operation.UPDATE, "public.t10", {"id": 9}, {"id": 3}, {"id": 9}))
+    backfills.observe(Change(Operation.DELETE, "public.t10", None, {"id": 4}, {"id": 4}))
+    backfills.observe(Change(Operation.INSERT, "public.t11", {"id": 1}, None, {"id": 1}))
+    assert list(backfills.window.rows) == [(1,)]
+    assert [(table, key) for _, table, key in backfills.recent] == [
+        ("public.t10", key) for key in ((2,), (2,), (9,), (3,), (4,), (4,))]
+
+
+def test_a_renamed_table_s_back_fill_goes_on_under_its_new_name():
+    backfills = backfills_of(watched(10))
+    table = backfill(table="public.t10")
+    backfills.start(table)
+    backfills.renamed(10, "app.t10")
+    assert table.table == "app.t10" and backfills.observer is not None
+    backfills.window = window({(1,): [{"id": 1}]}, complete=False, of=table)
+    backfills.observe(Change(Operation.DELETE, "app.t10", None, {"id": 1}, {"id": 1}))
+    assert backfills.window.rows == {}
+
+
+def test_starting_a_back_fill_again_replaces_the_one_queued():
+    backfills = backfills_of(watched(10, 11))
+    first, other, again = backfill(10), backfill(11, "public.t11"), backfill(10)
+    for each in (first, other, again):
+        backfills.start(each)
+    assert list(backfills.queue) == [other, again]
+    assert backfills.states == {"10": again.state(), "11": other.state()}
+
+
+def test_a_partition_s_back_fill_is_forgotten_once_done():
+    saved = []
+    backfills = backfills_of(watched(10), lambda states: saved.append(copy.deepcopy(states)))
+    partition = TableBackfill(10, "public.t10", ["id"], ["integer"], source=12, markers=False)
+    backfills.start(partition)
+    assert backfills.states == {"12": {"after": None, "done": 0, "chunks": 0, "root": 10}}
+    backfills.window = ChunkWindow(partition, "w1", {(1,): [{"id": 1}]}, ["1"], complete=True)
+    out = backfills.on_message(watermark("w1"), decoder())
+    assert [type(item).__name__ for item in out] == ["Change"]  # no markers for a partition
+    backfills.committed(0x508)
+    ledger = AckLedger()
+    ledger.acknowledge(out[-1].position)
+    backfills.confirmed(ledger)
+    assert saved == [{}] and not backfills.busy
