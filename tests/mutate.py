@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shlex
 import shutil
 import sqlite3
 import subprocess
@@ -63,7 +64,7 @@ PURE_MESSAGE_TESTS = " ".join([
 """The message tests that need no server (the positions of messages)."""
 
 L = "tests/test_lagging_acks.py::test_"
-PG_BACKFILL_TESTS = " ".join([
+PG_BACKFILL_TESTS = " ".join(map(shlex.quote, [
     f"{L}a_chunk_acknowledged_late_records_its_own_last_key_not_the_next_chunks",
     f"{L}snapshot_chunks_acknowledged_late_resume_after_the_last_acknowledged_chunk[10-15-25-"
     "primary key]",
@@ -71,9 +72,10 @@ PG_BACKFILL_TESTS = " ".join([
     "no key]",
     "tests/backends/test_postgres.py::test_a_snapshot_of_a_table_without_key_cut_short_"
     "continues_after_its_last_chunk",
-])
-"""A few back-fill tests on a real server (half a minute): acknowledgements that lag."""
-PG_SNAPSHOT_TESTS = " ".join([
+]))
+"""A few back-fill tests on a real server (half a minute): acknowledgements that lag. Quoted:
+the runner is a shell script, and test ids hold spaces."""
+PG_SNAPSHOT_TESTS = " ".join(map(shlex.quote, [
     "tests/backends/test_postgres.py::test_an_exported_snapshot_cut_short_is_taken_again",
     "tests/backends/test_postgres.py::test_a_snapshot_of_a_table_without_key_cut_short_"
     "continues_after_its_last_chunk",
@@ -81,7 +83,7 @@ PG_SNAPSHOT_TESTS = " ".join([
     "snapshot_and_stream[identity index-exported]",
     "tests/test_guarantees_tables.py::test_every_kind_of_identity_gives_the_same_key_in_"
     "snapshot_and_stream[FULL without key-chunked]",
-])
+]))
 """The snapshot readers on a real server: exported and chunked, keys of every kind."""
 
 TARGETS: dict[str, tuple[str, list[str], str]] = {
