@@ -16,6 +16,7 @@ from uuid import UUID
 
 import pytest
 
+from changefeed.backends.postgres import backfill as backfill_module
 from changefeed.backends.postgres.backfill import Backfills, _adapt_pages, backfill_states
 from changefeed.backends.postgres.chunks import (
     BACKFILL_PREFIX,
@@ -408,3 +409,40 @@ def test_a_partition_s_back_fill_is_forgotten_once_done():
     ledger.acknowledge(out[-1].position)
     backfills.confirmed(ledger)
     assert saved == [{}] and not backfills.busy
+
+
+def test_keys_the_stream_gave_are_kept_a_second_for_the_next_chunk_then_forgotten(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(backfill_module, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    backfills = backfills_of(watched(10))
+    backfills.start(backfill(table="public.t10"))
+
+    def change_at(moment: float, key: int) -> None:
+        now[0] = moment
+        backfills.observe(Change(Operation.INSERT, "public.t10", {"id": key}, None, {"id": key}))
+
+    def kept() -> list[tuple]:
+        return [key for _, _, key in backfills.recent]
+
+    change_at(100.0, 1)
+    change_at(100.5, 2)
+    change_at(101.2, 3)
+    assert kept() == [(2,), (3,)]  # key 1 is older than a second
+    change_at(105.0, 4)
+    assert kept() == [(4,)]
+    change_at(105.9, 5)
+    assert kept() == [(4,), (5,)]
+
+
+def test_a_table_whose_last_chunk_is_out_is_no_longer_watched_and_the_others_are():
+    backfills = backfills_of(watched(10, 11))
+    first, second = backfill(10, "public.t10"), backfill(11, "public.t11")
+    backfills.start(first)
+    backfills.start(second)
+    backfills.window = ChunkWindow(first, "w1", {(1,): [{"id": 1}]}, ["1"], complete=True)
+    out = backfills.on_message(watermark("w1"), decoder())
+    assert [(c.table, c.new, c.schema_version) for c in out] == [("public.t10", {"id": 1}, "v1")]
+    backfills.observe(Change(Operation.INSERT, "public.t10", {"id": 7}, None, {"id": 7}))
+    backfills.observe(Change(Operation.INSERT, "public.t11", {"id": 8}, None, {"id": 8}))
+    assert [(table, key) for _, table, key in backfills.recent] == [("public.t11", (8,))]
+    assert list(backfills.queue) == [second]
