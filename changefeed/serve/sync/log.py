@@ -167,8 +167,14 @@ def prepare_schema(conn: psycopg.Connection, schema: str, tables: Iterable[Table
         row = conn.execute(sql.SQL("SELECT epoch FROM {}.state").format(s)).fetchone()
         if row is None:
             epoch = f"{int(time.time())}{secrets.randbelow(1000):03d}"
-            conn.execute(sql.SQL("INSERT INTO {}.state (id, epoch) VALUES (1, %s)").format(s),
-                         [epoch])
+            # Offsets start at the creation time in microseconds, above every offset an earlier
+            # log of this name gave out (it would have needed more than a change per
+            # microsecond): a device's clock from a dropped log is then below the horizons
+            # and is told to sync again from 0, never served from the wrong log.
+            base = time.time_ns() // 1000
+            conn.execute(sql.SQL("INSERT INTO {}.state (id, epoch, head, log_horizon,"
+                                 " tombstone_horizon) VALUES (1, %s, %s, %s, %s)").format(s),
+                         [epoch, base, base, base])
             name = slot_name(schema)
             conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
                          " WHERE slot_name = %s AND NOT active", [name])
