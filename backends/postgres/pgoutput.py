@@ -163,7 +163,7 @@ class PgOutputDecoder:
     relation OIDs to their names as last known (the feed's way: a renamed table keeps its OID,
     and `decode` then returns a `Renamed`), or qualified names. ``primary_keys`` maps OIDs or
     qualified names to key columns: pgoutput flags the replica identity columns, which under
-    REPLICA IDENTITY FULL are all of them.
+    REPLICA IDENTITY FULL are all of them; a table with neither has the whole row as key.
     """
 
     def __init__(
@@ -254,6 +254,8 @@ class PgOutputDecoder:
         primary_key = self.primary_keys.get(oid) or self.primary_keys.get(qualified_name)
         if primary_key and all(column in columns for column in primary_key):
             keys = [columns.index(column) for column in primary_key]
+        elif not keys:  # no key and no replica identity (inserts only): the whole row is it
+            keys = list(range(len(columns)))
         names = self.table_names
         if names is not None:
             watched = oid in names

@@ -84,6 +84,9 @@ class ReplicationStream:
         self.frames: Iterator[Any] = self._frames()
         """The pgoutput payloads of the XLogData messages, in stream order; None whenever
         nothing more is at hand (`wait`, then iterate on); it ends with the stream (`ended`)."""
+        self.wal_end = 0
+        """How far the walsender has read (decoded) the server's WAL, as its last keepalive
+        said: it passes the server's WAL position once everything before was sent."""
         self._xlogdata: Any = None  # the last XLogData message handed out
         self._end = 0  # get_copy_data's result at the end of the stream
         self._closing = False  # CopyDone sent: nothing is answered any more
@@ -242,6 +245,8 @@ class ReplicationStream:
         if self._closing:
             return
         wal_end, _, reply_requested = keepalive(buffer)
+        if wal_end > self.wal_end:
+            self.wal_end = wal_end
         ledger = self.ledger
         if busy:
             if not reply_requested:

@@ -214,7 +214,11 @@ def _row(row: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _only_key(change: Change) -> bool:
-    return change.key is not None and change.old is not None and set(change.old) <= set(change.key)
+    """Whether ``old`` is the key alone (REPLICA IDENTITY DEFAULT): key columns, fewer than the
+    new row has (a table without key has the whole row as key, and its old row is whole)."""
+    old, key = change.old, change.key
+    return (key is not None and old is not None and set(old) <= set(key)
+            and len(old) < len(change.new or ()))
 
 
 def _lsn_and_index(position: Any) -> tuple[int | None, int]:
