@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from changefeed.change import ALL, UNCHANGED, Change, Operation, Position, SnapshotState
+from changefeed.change import ALL, UNCHANGED, Change, Operation, Position, SnapshotState, Truncate
 from changefeed.checkpoint import CheckpointStore, FileCheckpoint, MemoryCheckpoint
 from changefeed.delivery import FeedStats
 from changefeed.errors import (
@@ -89,6 +89,7 @@ if TYPE_CHECKING:  # what _LAZY loads on first use, spelled out for type checker
 INSERT = Operation.INSERT
 DELETE = Operation.DELETE
 UPDATE = Operation.UPDATE
+TRUNCATE = Operation.TRUNCATE
 
 _LAZY: dict[str, str] = {
     # feeds: each imports its driver
@@ -146,6 +147,7 @@ __all__ = [
     "CHANNEL_PREFIX",
     "DELETE",
     "INSERT",
+    "TRUNCATE",
     "UNCHANGED",
     "UPDATE",
     "BackendError",
@@ -192,6 +194,7 @@ __all__ = [
     "Subscription",
     "ToDelta",
     "TransientBackendError",
+    "Truncate",
     "Typed",
     "TypedChange",
     "TypedRowError",

@@ -253,3 +253,15 @@ def subscribe(base: str, dealer: str, query) -> Iterator[ClientConnection]:
         reply = json.loads(ws.recv(timeout=5))
         assert reply["message"]["type"] == "response", reply
         yield ws
+
+
+def received(ws: ClientConnection, count: int) -> list[dict]:
+    """The next ``count`` deltas a `subscribe` client receives, and then nothing more."""
+    deltas = []
+    while len(deltas) < count:
+        frame = json.loads(ws.recv(timeout=5))
+        assert frame["message"]["type"] == "delta", frame
+        deltas.append(frame["message"]["delta"])
+    with pytest.raises(TimeoutError):  # and nothing more
+        ws.recv(timeout=0.3)
+    return deltas

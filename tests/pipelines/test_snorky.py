@@ -7,29 +7,14 @@ current Python. See the ``snorky`` fixture in conftest.py.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from testservers import SNORKY_KEY as KEY
-from testservers import subscribe
-from websockets.sync.client import ClientConnection
+from testservers import received, subscribe
 
 from changefeed import PipelineError
 from changefeed.pipelines import Pipeline, subscription, to_delta
 from changefeed.pipelines.sinks.http import SnorkySink
 from changefeed.testing import MemoryFeed, delete, insert, update
-
-
-def received(ws: ClientConnection, count: int) -> list[dict]:
-    deltas = []
-    while len(deltas) < count:
-        frame = json.loads(ws.recv(timeout=5))
-        assert frame["message"]["type"] == "delta", frame
-        deltas.append(frame["message"]["delta"])
-    with pytest.raises(TimeoutError):  # and nothing more
-        ws.recv(timeout=0.3)
-    return deltas
-
 
 CHANGES = [
     insert("public.tasks", {"id": 1, "color": "blue", "title": "a"}, key={"id": 1}),
