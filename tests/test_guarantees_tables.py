@@ -321,7 +321,7 @@ def test_a_feed_that_keeps_losing_its_server_is_not_idle(pg_dsn, pg):
                     " WHERE datname = current_database() AND pid <> pg_backend_pid()"
                     " AND pid <> %s", [ours],
                 ).fetchall())
-                time.sleep(0.005)
+                time.sleep(0.005)  # the killer's pace
 
     thread = threading.Thread(target=end_connections)
     with start_cli("run", "c", "--url", pg_dsn, "--prefeed", "snapshot", "--format",
