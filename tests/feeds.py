@@ -24,13 +24,15 @@ def start(feed: PostgresChangeFeed) -> None:
     assert list(feed.changes(timeout=0.2)) == []
 
 
-def drain(feed: Any, *, idle: float = 1.0, timeout: float = 20.0, ack: bool = True
-          ) -> list[Change]:
+def drain(feed: Any, *, idle: float = 1.0, timeout: float = 20.0, ack: bool = True,
+          close: bool = False) -> list[Change]:
     """Every change until the feed is idle for ``idle`` seconds, each acknowledged unless not
-    ``ack``."""
+    ``ack``; the feed closed after if ``close``."""
     got = []
     for change in feed.changes(idle_timeout=idle, timeout=timeout):
         got.append(change)
         if ack:
             feed.ack(change.position)
+    if close:
+        feed.close()
     return got

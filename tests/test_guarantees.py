@@ -21,6 +21,7 @@ import signal
 import threading
 import time
 
+import feeds
 import psycopg
 import pytest
 from clitools import assert_exit, json_lines, run_cli, start_cli
@@ -66,12 +67,7 @@ def read(feed, count, *, ack_until=None, timeout=60):
 
 def drain(feed, *, idle=1.5, timeout=60):
     """Everything ``feed`` has now (until ``idle`` seconds without a change), acknowledged."""
-    got = []
-    for change in feed.changes(idle_timeout=idle, timeout=timeout):
-        got.append(change)
-        feed.ack(change.position)
-    feed.close()
-    return got
+    return feeds.drain(feed, idle=idle, timeout=timeout, close=True)
 
 
 def insert_transaction(conn, first, count, prefix="row"):

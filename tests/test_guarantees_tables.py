@@ -19,6 +19,7 @@ import threading
 import time
 from typing import Any
 
+import feeds
 import orjson
 import psycopg
 import pytest
@@ -40,12 +41,8 @@ def make_feed(dsn, table, operation=ALL, **options) -> PostgresChangeFeed:
 
 
 def drain(feed, *, idle=1.5, timeout=60):
-    got = []
-    for change in feed.changes(idle_timeout=idle, timeout=timeout):
-        got.append(change)
-        feed.ack(change.position)
-    feed.close()
-    return got
+    """Everything ``feed`` has now (until ``idle`` seconds without a change), acknowledged."""
+    return feeds.drain(feed, idle=idle, timeout=timeout, close=True)
 
 
 def frozen(row: dict[str, Any]) -> tuple:
@@ -447,6 +444,19 @@ class Reader:
         self.changes.close()
         self.feed.close()
 
+    @classmethod
+    def run(cls, feed: PostgresChangeFeed, consumer: Any, steps: Any = ()) -> None:
+        """One run of ``feed``: caught up, then each step (some DDL or writes) and caught up
+        again after it; closed at the end."""
+        reader = cls(feed, consumer)
+        try:
+            reader.idle()
+            for step in steps:
+                step()
+                reader.idle()
+        finally:
+            reader.close()
+
 
 @pytest.fixture
 def often(monkeypatch):
@@ -574,14 +584,7 @@ def test_partitions_attached_with_rows_are_back_filled(pg_dsn, pg, often, caplog
     consumer = KeyedConsumer(strict=False)
 
     def run(steps):
-        reader = Reader(make_feed(pg_dsn, "p", prefeed="snapshot", chunk_size=50), consumer)
-        try:
-            reader.idle()
-            for step in steps:
-                step()
-                reader.idle()
-        finally:
-            reader.close()
+        Reader.run(make_feed(pg_dsn, "p", prefeed="snapshot", chunk_size=50), consumer, steps)
 
     attach = ("ALTER TABLE p ATTACH PARTITION p_3 FOR VALUES FROM (2000) TO (3000)",)
     if order == "attach while running":
@@ -633,14 +636,7 @@ def test_a_table_created_under_a_pattern_is_streamed_and_back_filled(
 
     def run(steps=()):
         # No --prefeed snapshot: a table that appears later is new, its rows are changes.
-        reader = Reader(make_feed(pg_dsn, "app.*", slot="apps"), consumer)
-        try:
-            reader.idle()
-            for step in steps:
-                step()
-                reader.idle()
-        finally:
-            reader.close()
+        Reader.run(make_feed(pg_dsn, "app.*", slot="apps"), consumer, steps)
 
     def create():
         pg.execute("CREATE TABLE app.b (id int PRIMARY KEY, v text)")
