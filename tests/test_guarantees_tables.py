@@ -223,13 +223,7 @@ def test_a_snapshot_of_a_table_without_key_killed_mid_way_never_starts_again(pg_
         pg.execute(f"UPDATE k SET v = v + 1 WHERE id % {89 + attempt} = 0")
     rest = run_cli(*args, "--until-idle", "3", timeout=180)
     assert rest.returncode == 0, rest.stderr
-    for line in rest.stdout.splitlines():
-        item = json.loads(line)
-        if item.get("type") == "snapshot":
-            markers.append(item["state"])
-        else:
-            consumer.apply(Change(Operation[item["operation"].upper()], item["table"],
-                                  item.get("new"), item.get("old"), item["key"]))
+    markers += apply_lines(consumer, rest.stdout)
     assert consumer.table() == table_rows(pg, "k")
     assert "taking it again" not in rest.stderr
     assert markers == ["started", "done"]  # said once: the snapshot never started again
