@@ -61,7 +61,9 @@ install: system-deps $(STAMP)
 system-deps:
 	@bash .ci/system-deps.sh
 
-$(STAMP): setup.cfg pyproject.toml
+# The install builds the compiled hot path (changefeed/_speedups) with Cython and the C compiler
+# system-deps provides; it is rebuilt when its sources change.
+$(STAMP): setup.cfg pyproject.toml $(wildcard changefeed/_speedups/*.pyx changefeed/_speedups/*.pxi)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
@@ -74,4 +76,5 @@ $(SNORKY_STAMP):
 	touch $(SNORKY_STAMP)
 
 clean:
-	rm -rf $(VENV) $(SNORKY_VENV) $(MUTMUT_VENV) .tmp/mutate *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(SNORKY_VENV) $(MUTMUT_VENV) .tmp/mutate *.egg-info .pytest_cache .ruff_cache \
+		build changefeed/_speedups/*.c changefeed/_speedups/*.so

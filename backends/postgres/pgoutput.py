@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from changefeed import _speedups
 from changefeed.backends.postgres.loading import psycopg_loaders
 from changefeed.backends.postgres.protocol import pg_timestamp
 from changefeed.backends.postgres.tuples import RowDecoder, RowLoad, row_decoder
@@ -395,3 +396,7 @@ class PgOutputDecoder:
 def _string(data: bytes, offset: int) -> tuple[str, int]:
     end = data.index(0, offset)
     return data[offset:end].decode(), end + 1
+
+
+# The compiled kernel's decode where it is built (the class above stays the reference).
+PgOutputDecoder = _speedups.decoder_class(PgOutputDecoder)  # type: ignore[misc]

@@ -1,0 +1,186 @@
+# The pgoutput messages: `Decoder.decode` is `PgOutputDecoder.decode`, compiled. The Python
+# decoder it belongs to keeps the relations (Relation messages go to it), the options and the
+# truncates; this keeps the transaction's state and decodes the row changes and messages.
+
+@cython.final
+cdef class Decoder:
+    """The compiled `decode` and `next_position` of one `PgOutputDecoder` (``python``)."""
+
+    cdef object python, loaders
+    cdef dict relations, plans
+    cdef bint insert_wanted, update_wanted, delete_wanted, in_transaction
+    cdef uint64_t final_lsn, index
+    cdef object committed_at, xid
+    cdef tuple message_prefixes
+
+    @staticmethod
+    def for_decoder(decoder):
+        """The kernel of ``decoder``, or None where its options need the Python code (a loader
+        factory other than `TypeLoaders`, whose loaders the kernel knows)."""
+        bind_python()
+        if type(decoder.loaders) is not TypeLoaders:
+            return None
+        return Decoder(decoder)
+
+    def __cinit__(self, python):
+        bind_python()
+        self.python = python
+        self.loaders = python.loaders
+        self.relations = python.relations
+        self.plans = {}
+        self.insert_wanted = python._insert_wanted
+        self.update_wanted = python._update_wanted
+        self.delete_wanted = python._delete_wanted
+        self.message_prefixes = tuple(python.message_prefixes)
+        self.in_transaction = False
+        self.final_lsn = 0
+        self.index = 0
+        self.committed_at = None
+        self.xid = None
+
+    def decode(self, data):
+        """Decode one pgoutput message, as `PgOutputDecoder.decode` does."""
+        if type(data) is not bytes:
+            data = bytes(data)
+        cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
+        if size < 1:
+            raise DecodeError("empty pgoutput message")
+        cdef unsigned char kind = p[0]
+        if kind == b"I":
+            return self.insert(p, size)
+        if kind == b"U":
+            return self.update(p, size)
+        if kind == b"D":
+            return self.delete(p, size)
+        if kind == b"B":
+            check_size(size, 21, kind)
+            self.final_lsn = read_u64(p + 1)
+            self.committed_at = pg_timestamp(<int64_t>read_u64(p + 9))
+            self.xid = read_u32(p + 17)
+            self.in_transaction = True
+            self.index = 0
+            return Begin(self.final_lsn, self.committed_at, self.xid)
+        if kind == b"C":
+            check_size(size, 26, kind)
+            self.in_transaction = False
+            return Commit(read_u64(p + 2), read_u64(p + 10),
+                          pg_timestamp(<int64_t>read_u64(p + 18)))
+        if kind == b"R":
+            check_size(size, 5, kind)
+            self.plans.pop(read_u32(p + 1), None)
+            return self.python._relation(data)
+        if kind == b"Y" or kind == b"O":  # types, origins: no change
+            return None
+        if kind == b"T":
+            return self.python._truncate(data)
+        if kind == b"M":
+            return self.message(data, p, size)
+        raise DecodeError(f"unknown pgoutput message type {chr(kind)!r}")
+
+    def next_position(self):
+        """The position of one more change in the current transaction (after those decoded)."""
+        self.index += 1
+        return make_position(self.final_lsn, self.index - 1)
+
+    cdef RelationPlan plan(self, const unsigned char* p, Py_ssize_t size):
+        """The plan of the relation whose OID follows the message type; None if that table is
+        not watched. Raises `DecodeError` for a relation never described."""
+        check_size(size, 6, p[0])
+        oid = read_u32(p + 1)
+        found = PyDict_GetItem(self.plans, oid)
+        if found is not NULL:
+            plan = <RelationPlan>found
+        else:
+            relation = self.relations.get(oid)
+            if relation is None:
+                raise DecodeError(f"row change for relation {oid} before its Relation message")
+            plan = RelationPlan(relation, self.loaders)
+            self.plans[oid] = plan
+        return plan if plan.watched else None
+
+    cdef object insert(self, const unsigned char* p, Py_ssize_t size):
+        cdef uint64_t index = self.index
+        self.index = index + 1
+        if not self.insert_wanted:
+            return None
+        cdef RelationPlan plan = self.plan(p, size)
+        if plan is None:
+            return None
+        plan.decode_row(p, size, 6)  # after the OID and 'N'
+        return new_change(INSERT, plan.table, plan.row, None, plan.key,
+                          make_position(self.final_lsn, index), self.committed_at, self.xid,
+                          plan.schema_version)
+
+    cdef object update(self, const unsigned char* p, Py_ssize_t size):
+        cdef uint64_t index = self.index
+        self.index = index + 1
+        if not self.update_wanted:
+            return None
+        cdef RelationPlan plan = self.plan(p, size)
+        if plan is None:
+            return None
+        cdef Py_ssize_t offset = 5
+        cdef unsigned char marker = p[offset]
+        old = None
+        if marker == b"K" or marker == b"O":  # the old key, or the whole old row
+            offset = plan.decode_row(p, size, offset + 1)
+            old = plan.key if marker == b"K" else plan.row
+            if offset >= size:
+                raise DecodeError("update without new tuple")
+            marker = p[offset]
+        if marker != b"N":
+            raise DecodeError(f"update without new tuple ({chr(marker)!r})")
+        plan.decode_row(p, size, offset + 1)
+        new, key = plan.row, plan.key
+        if plan.unchanged is not None and old is not None:
+            # Unchanged TOASTed values are absent from the new row; a full old row has them.
+            for column in plan.unchanged:
+                value = old.get(column, UNCHANGED)
+                if value is not UNCHANGED:
+                    new[column] = value
+            key = {name: new[name] for name in plan.relation.key_names}
+        return new_change(UPDATE, plan.table, new, key if old is None else old, key,
+                          make_position(self.final_lsn, index), self.committed_at, self.xid,
+                          plan.schema_version)
+
+    cdef object delete(self, const unsigned char* p, Py_ssize_t size):
+        cdef uint64_t index = self.index
+        self.index = index + 1
+        if not self.delete_wanted:
+            return None
+        cdef RelationPlan plan = self.plan(p, size)
+        if plan is None:
+            return None
+        plan.decode_row(p, size, 6)
+        old = plan.key if p[5] == b"K" else plan.row  # 'K': only the key columns have values
+        return new_change(DELETE, plan.table, None, old, plan.key,
+                          make_position(self.final_lsn, index), self.committed_at, self.xid,
+                          plan.schema_version)
+
+    cdef object message(self, bytes data, const unsigned char* p, Py_ssize_t size):
+        """A logical decoding message: flags (1: transactional), LSN, prefix, content."""
+        check_size(size, 11, p[0])
+        cdef bint transactional = p[1] & 1
+        cdef uint64_t lsn = read_u64(p + 2)
+        cdef Py_ssize_t end = data.find(b"\0", 10)
+        if end < 0 or end + 5 > size:
+            raise DecodeError("message cut short")
+        prefix = data[10:end].decode()
+        if transactional and self.in_transaction:
+            position = make_position(self.final_lsn, self.index)
+            self.index += 1
+            committed_at, xid = self.committed_at, self.xid
+        else:  # see `pgoutput`'s docstring
+            position, committed_at, xid = python_make_position(int(lsn) - 1, 0), None, None
+        if not self.message_prefixes or not prefix.startswith(self.message_prefixes):
+            return None
+        length = <int32_t>read_u32(p + end + 1)
+        content = data[end + 5:end + 5 + length]
+        return Message(prefix, content, position, transactional, committed_at, xid, lsn)
+
+
+cdef inline int check_size(Py_ssize_t size, Py_ssize_t needed, unsigned char kind) except -1:
+    if size < needed:
+        raise DecodeError(f"pgoutput message {chr(kind)!r} cut short ({size} bytes)")
+    return 0
