@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from changefeed import _speedups
 from changefeed.change import UNCHANGED, Change, Operation
 from changefeed.pipelines.delta import dumps, dumps_line
 
@@ -329,3 +330,7 @@ __all__ = [
     "key",
     "line_encoder",
 ]
+
+
+# The compiled encoder where it is built (the function above stays the reference).
+line_encoder = _speedups.encoder_factory(line_encoder, "DebeziumEncoder")

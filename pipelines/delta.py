@@ -28,6 +28,7 @@ from typing import Any
 
 import orjson
 
+from changefeed import _speedups
 from changefeed.change import UNCHANGED, Change, Operation, _without_unchanged, unchanged_columns
 
 
@@ -167,3 +168,7 @@ def _delta_starts(table: str, model: str | Mapping[str, str] | None) -> tuple[by
 
 
 _INSERT, _DELETE = Operation.INSERT, Operation.DELETE
+
+
+# The compiled encoder where it is built (the function above stays the reference).
+delta_line_encoder = _speedups.encoder_factory(delta_line_encoder, "DeltaEncoder")

@@ -14,6 +14,7 @@ which runs.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -68,3 +69,36 @@ def decoder_class(python_class: type) -> type:
     PgOutputDecoder.python_class = python_class  # type: ignore[attr-defined]
     PgOutputDecoder.__module__ = python_class.__module__
     return PgOutputDecoder
+
+
+def encoder_factory(python_factory: Callable[..., Any], compiled_name: str) -> Callable[..., Any]:
+    """``python_factory`` (a function making a line encoder, such as `delta_line_encoder`), or
+    one making the compiled encoder ``compiled_name`` (same arguments, same bytes) where the
+    extension is built. The pure factory stays reachable as ``python_factory``."""
+    if kernels is None and _problem is None:
+        return python_factory
+    compiled = getattr(kernels, compiled_name, None)
+
+    def factory(*args: Any, **kwargs: Any) -> Any:
+        check()
+        return (compiled or python_factory)(*args, **kwargs)
+
+    factory.__doc__ = python_factory.__doc__
+    factory.__name__ = python_factory.__name__
+    factory.__module__ = python_factory.__module__
+    factory.python_factory = python_factory  # type: ignore[attr-defined]
+    return factory
+
+
+def change_line_encoder() -> Callable[[Any], bytes]:
+    """``dumps_line(change.to_dict())`` as a function (``changefeed run --format change``),
+    compiled where the extension is built."""
+    check()
+    if kernels is not None:
+        return kernels.ChangeEncoder()  # type: ignore[no-any-return]
+    from changefeed.pipelines.delta import dumps_line
+
+    def encode_change(change: Any) -> bytes:
+        return dumps_line(change.to_dict())
+
+    return encode_change

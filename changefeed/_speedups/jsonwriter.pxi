@@ -1,0 +1,325 @@
+# JSON written as `changefeed.pipelines.delta.dumps` writes it (orjson, with changefeed's
+# `default` for database values), into one growing buffer: the common types (str, int, bool,
+# None, dict, list, datetime in UTC, date, time, UUID, Decimal, bytes) here, byte for byte as
+# orjson writes them; any other value (floats, subclasses, the PostgreSQL value types, ranges)
+# by orjson itself, so it cannot differ.
+
+cdef extern from "Python.h":
+    const char* PyUnicode_AsUTF8AndSize(object text, Py_ssize_t* size) except NULL
+    long long PyLong_AsLongLongAndOverflow(object value, int* overflow) except? -1
+    void* PyMem_Realloc(void* p, size_t n)
+    void PyMem_Free(void* p)
+    int PyDateTime_GET_YEAR(object o)
+    int PyDateTime_GET_MONTH(object o)
+    int PyDateTime_GET_DAY(object o)
+    int PyDateTime_DATE_GET_HOUR(object o)
+    int PyDateTime_DATE_GET_MINUTE(object o)
+    int PyDateTime_DATE_GET_SECOND(object o)
+    int PyDateTime_DATE_GET_MICROSECOND(object o)
+    int PyDateTime_TIME_GET_HOUR(object o)
+    int PyDateTime_TIME_GET_MINUTE(object o)
+    int PyDateTime_TIME_GET_SECOND(object o)
+    int PyDateTime_TIME_GET_MICROSECOND(object o)
+
+cdef object orjson_dumps, orjson_error, json_default, JSON_OPTIONS, JSON_NON_STR_KEYS
+cdef object datetime_type, date_type, time_type
+cdef const char* BASE64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+cdef const char* LOWER_HEX = b"0123456789abcdef"
+
+
+cdef int bind_json() except -1:
+    global orjson_dumps, orjson_error, json_default, JSON_OPTIONS, JSON_NON_STR_KEYS
+    global datetime_type, date_type, time_type
+    if orjson_dumps is not None:
+        return 0
+    import datetime
+
+    import orjson
+
+    from changefeed.pipelines import delta
+
+    orjson_error = orjson.JSONEncodeError
+    json_default = delta._default
+    JSON_OPTIONS = delta._OPTIONS
+    JSON_NON_STR_KEYS = delta._NON_STR_KEYS
+    datetime_type, date_type, time_type = datetime.datetime, datetime.date, datetime.time
+    orjson_dumps = orjson.dumps
+    return 0
+
+
+cdef object python_dumps(object value):
+    """`delta.dumps`: orjson with changefeed's default, keys other than strings allowed."""
+    try:
+        return orjson_dumps(value, default=json_default, option=JSON_OPTIONS)
+    except orjson_error:
+        return orjson_dumps(value, default=json_default, option=JSON_OPTIONS | JSON_NON_STR_KEYS)
+
+
+@cython.final
+cdef class JsonWriter:
+    """A growing buffer of JSON text."""
+
+    cdef char* data
+    cdef Py_ssize_t length, capacity
+
+    def __cinit__(self):
+        bind_json()
+        self.capacity = 1024
+        self.length = 0
+        self.data = <char*>PyMem_Realloc(NULL, self.capacity)
+        if self.data is NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        PyMem_Free(self.data)
+
+    cdef inline int reserve(self, Py_ssize_t more) except -1:
+        cdef Py_ssize_t wanted = self.length + more
+        if wanted <= self.capacity:
+            return 0
+        cdef Py_ssize_t capacity = self.capacity
+        while capacity < wanted:
+            capacity *= 2
+        cdef char* data = <char*>PyMem_Realloc(self.data, capacity)
+        if data is NULL:
+            raise MemoryError()
+        self.data, self.capacity = data, capacity
+        return 0
+
+    cdef inline int raw(self, const char* text, Py_ssize_t size) except -1:
+        self.reserve(size)
+        memcpy(self.data + self.length, text, size)
+        self.length += size
+        return 0
+
+    cdef inline int bytes_(self, bytes text) except -1:
+        return self.raw(PyBytes_AS_STRING(text), PyBytes_GET_SIZE(text))
+
+    cdef inline int char_(self, char c) except -1:
+        self.reserve(1)
+        self.data[self.length] = c
+        self.length += 1
+        return 0
+
+    cdef object take(self):
+        """The text written so far, as bytes; the buffer starts again empty."""
+        result = PyBytes_FromStringAndSize(self.data, self.length)
+        self.length = 0
+        return result
+
+    cdef int utf8_string(self, const unsigned char* text, Py_ssize_t size) except -1:
+        """A JSON string of UTF-8 ``text``, escaped as orjson escapes: quote, backslash and
+        control characters only."""
+        cdef Py_ssize_t i, run = 0
+        cdef unsigned char c
+        self.reserve(size + 2)
+        self.data[self.length] = b'"'
+        self.length += 1
+        for i in range(size):
+            c = text[i]
+            if c >= 0x20 and c != b'"' and c != b"\\":
+                continue
+            self.raw(<const char*>text + run, i - run)
+            run = i + 1
+            if c == b'"':
+                self.raw(b'\\"', 2)
+            elif c == b"\\":
+                self.raw(b"\\\\", 2)
+            elif c == b"\n":
+                self.raw(b"\\n", 2)
+            elif c == b"\t":
+                self.raw(b"\\t", 2)
+            elif c == b"\r":
+                self.raw(b"\\r", 2)
+            elif c == 0x08:
+                self.raw(b"\\b", 2)
+            elif c == 0x0C:
+                self.raw(b"\\f", 2)
+            else:
+                self.raw(b"\\u00", 4)
+                self.char_(LOWER_HEX[c >> 4])
+                self.char_(LOWER_HEX[c & 15])
+        self.raw(<const char*>text + run, size - run)
+        self.char_(b'"')
+        return 0
+
+    cdef int string(self, object text) except -1:
+        """A str (exactly) as a JSON string; one orjson refuses (lone surrogates) goes to it."""
+        cdef Py_ssize_t size
+        cdef const char* utf8
+        try:
+            utf8 = PyUnicode_AsUTF8AndSize(text, &size)
+        except UnicodeEncodeError:
+            return self.bytes_(python_dumps(text))
+        return self.utf8_string(<const unsigned char*>utf8, size)
+
+    cdef int integer(self, object number) except -1:
+        cdef int overflow = 0
+        cdef long long value = PyLong_AsLongLongAndOverflow(number, &overflow)
+        cdef char text[24]
+        cdef int i = 23, negative = value < 0
+        cdef unsigned long long rest
+        if overflow:
+            return self.bytes_(python_dumps(number))
+        rest = <unsigned long long>(-value) if negative else <unsigned long long>value
+        while True:
+            text[i] = <char>(48 + rest % 10)
+            rest //= 10
+            i -= 1
+            if rest == 0:
+                break
+        if negative:
+            text[i] = b"-"
+            i -= 1
+        return self.raw(text + i + 1, 23 - i)
+
+    cdef int digits(self, int value, int count) except -1:
+        cdef int i
+        self.reserve(count)
+        for i in range(count - 1, -1, -1):
+            self.data[self.length + i] = <char>(48 + value % 10)
+            value //= 10
+        self.length += count
+        return 0
+
+    cdef int clock(self, int hour, int minute, int second, int microsecond) except -1:
+        self.digits(hour, 2)
+        self.char_(b":")
+        self.digits(minute, 2)
+        self.char_(b":")
+        self.digits(second, 2)
+        if microsecond:
+            self.char_(b".")
+            self.digits(microsecond, 6)
+        return 0
+
+    cdef int calendar(self, object day) except -1:
+        self.digits(PyDateTime_GET_YEAR(day), 4)
+        self.char_(b"-")
+        self.digits(PyDateTime_GET_MONTH(day), 2)
+        self.char_(b"-")
+        self.digits(PyDateTime_GET_DAY(day), 2)
+        return 0
+
+    cdef int base64(self, bytes data) except -1:
+        cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(data), i = 0
+        cdef uint32_t triple
+        self.reserve(4 * (size // 3 + 1) + 2)
+        self.data[self.length] = b'"'
+        self.length += 1
+        while i + 2 < size:
+            triple = (<uint32_t>p[i] << 16) | (<uint32_t>p[i + 1] << 8) | p[i + 2]
+            self.data[self.length] = BASE64[(triple >> 18) & 63]
+            self.data[self.length + 1] = BASE64[(triple >> 12) & 63]
+            self.data[self.length + 2] = BASE64[(triple >> 6) & 63]
+            self.data[self.length + 3] = BASE64[triple & 63]
+            self.length += 4
+            i += 3
+        if i < size:
+            triple = <uint32_t>p[i] << 16
+            if i + 1 < size:
+                triple |= <uint32_t>p[i + 1] << 8
+            self.data[self.length] = BASE64[(triple >> 18) & 63]
+            self.data[self.length + 1] = BASE64[(triple >> 12) & 63]
+            self.data[self.length + 2] = BASE64[(triple >> 6) & 63] if i + 1 < size else b"="
+            self.data[self.length + 3] = b"="
+            self.length += 4
+        self.data[self.length] = b'"'
+        self.length += 1
+        return 0
+
+    cdef int uuid_(self, object value) except -1:
+        cdef char text[38]
+        cdef int i, position = 36
+        number = value.int
+        cdef uint64_t low = <uint64_t>(number & 0xFFFFFFFFFFFFFFFF)
+        cdef uint64_t high = <uint64_t>(number >> 64)
+        text[0] = b'"'
+        text[37] = b'"'
+        for i in range(32):  # from the last hex digit backwards, dashes at 8, 13, 18, 23
+            if position == 24 or position == 19 or position == 14 or position == 9:
+                text[position] = b"-"
+                position -= 1
+            if i < 16:
+                text[position] = LOWER_HEX[low & 15]
+                low >>= 4
+            else:
+                text[position] = LOWER_HEX[high & 15]
+                high >>= 4
+            position -= 1
+        return self.raw(text, 38)
+
+    cdef int row(self, dict row, bint skip_unchanged) except -1:
+        """A dict of column values; ``skip_unchanged``: leave out columns holding UNCHANGED."""
+        cdef bint first = True
+        for name in row:
+            if type(name) is not str:
+                return self.bytes_(python_dumps(_without(row) if skip_unchanged else row))
+        self.char_(b"{")
+        for name, value in row.items():
+            if skip_unchanged and value is UNCHANGED:
+                continue
+            if not first:
+                self.char_(b",")
+            first = False
+            self.string(name)
+            self.char_(b":")
+            self.value(value)
+        self.char_(b"}")
+        return 0
+
+    cdef int value(self, object value) except -1:
+        """Any value, as ``dumps(value)`` writes it."""
+        cls = type(value)
+        if cls is str:
+            return self.string(value)
+        if cls is int:
+            return self.integer(value)
+        if value is None:
+            return self.raw(b"null", 4)
+        if value is True:
+            return self.raw(b"true", 4)
+        if value is False:
+            return self.raw(b"false", 5)
+        if cls is dict:
+            return self.row(value, False)
+        if cls is Decimal:
+            return self.string(value.__str__())
+        if cls is datetime_type:
+            tz = value.tzinfo
+            if tz is not None and tz is not UTC:
+                return self.bytes_(python_dumps(value))
+            self.char_(b'"')
+            self.calendar(value)
+            self.char_(b"T")
+            self.clock(PyDateTime_DATE_GET_HOUR(value), PyDateTime_DATE_GET_MINUTE(value),
+                       PyDateTime_DATE_GET_SECOND(value), PyDateTime_DATE_GET_MICROSECOND(value))
+            if tz is not None:
+                self.raw(b"+00:00", 6)
+            return self.char_(b'"')
+        if cls is list or cls is tuple:
+            self.char_(b"[")
+            for i, item in enumerate(value):
+                if i:
+                    self.char_(b",")
+                self.value(item)
+            return self.char_(b"]")
+        if cls is date_type:
+            self.char_(b'"')
+            self.calendar(value)
+            return self.char_(b'"')
+        if cls is UUID:
+            return self.uuid_(value)
+        if cls is time_type and value.tzinfo is None:
+            self.char_(b'"')
+            self.clock(PyDateTime_TIME_GET_HOUR(value), PyDateTime_TIME_GET_MINUTE(value),
+                       PyDateTime_TIME_GET_SECOND(value), PyDateTime_TIME_GET_MICROSECOND(value))
+            return self.char_(b'"')
+        if cls is bytes:
+            return self.base64(value)
+        return self.bytes_(python_dumps(value))
+
+
+cdef dict _without(dict row):
+    return {name: value for name, value in row.items() if value is not UNCHANGED}
