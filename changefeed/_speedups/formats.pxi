@@ -70,6 +70,7 @@ cdef class DeltaEncoder:
         found = PyDict_GetItem(self.starts, table)
         start = <tuple>found if found is not NULL else self.start(table)
         out = self.out
+        out.length = 0  # what a failed call left
         if operation is INSERT or operation is DELETE:
             row = change.new if operation is INSERT else change.old
             if type(row) is not dict:
@@ -112,6 +113,7 @@ cdef class ChangeEncoder:
                 or not (old is None or type(old) is dict):
             return delta_module.dumps_line(change.to_dict())
         out = self.out
+        out.length = 0  # what a failed call left
         out.bytes_(<bytes>found)
         out.value(change.table)
         out.raw(b',"key":', 7)
@@ -203,6 +205,7 @@ cdef class DebeziumEncoder:
         if change.operation is UPDATE and before is not None and debezium_module._only_key(change):
             before = None
         out = self.out
+        out.length = 0  # what a failed call left
         out.raw(b'{"before":', 10)
         self.debezium_row(before)
         out.raw(b',"after":', 9)
