@@ -22,14 +22,15 @@ from cpython.ref cimport Py_INCREF
 from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
 from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memcpy
+from libc.string cimport memcmp, memcpy
 
 import_datetime()
 
 include "binary.pxi"
 include "python_side.pxi"
 include "values.pxi"
-include "rows.pxi"
-include "decoder.pxi"
 include "jsonwriter.pxi"
+include "direct.pxi"
+include "rows.pxi"
 include "formats.pxi"
+include "decoder.pxi"

@@ -2,6 +2,27 @@
 # decoder it belongs to keeps the relations (Relation messages go to it), the options and the
 # truncates; this keeps the transaction's state and decodes the row changes and messages.
 
+cdef enum:
+    LINES_NONE = 0
+    LINES_DELTA = 1
+    LINES_CHANGE = 2
+
+
+@cython.final
+cdef class Encoded:
+    """A row change as the direct path gives it: its position (the `Change`'s) and its output
+    line (what the format's encoder writes for that `Change`)."""
+
+    cdef readonly object position, line
+
+    def __cinit__(self, position, line):
+        self.position = position
+        self.line = line
+
+    def __repr__(self):
+        return f"Encoded({self.position!r}, {self.line!r})"
+
+
 @cython.final
 cdef class Decoder:
     """The compiled `decode` and `next_position` of one `PgOutputDecoder` (``python``)."""
@@ -12,6 +33,11 @@ cdef class Decoder:
     cdef uint64_t final_lsn, index
     cdef object committed_at, xid
     cdef tuple message_prefixes
+    # The direct path (`encode`): which lines, and the encoders of the changes it leaves to them
+    cdef int line_format
+    cdef DeltaEncoder delta_encoder
+    cdef ChangeEncoder change_encoder
+    cdef JsonWriter out, old_row
 
     @staticmethod
     def for_decoder(decoder):
@@ -37,6 +63,126 @@ cdef class Decoder:
         self.index = 0
         self.committed_at = None
         self.xid = None
+        self.line_format = LINES_NONE
+
+    def set_line_format(self, fmt, model=None):
+        """Make `encode` write the lines of ``fmt``: ``"delta"`` (with ``model`` as for
+        `delta_line_encoder`) or ``"change"``."""
+        bind_formats()
+        if fmt == "delta":
+            self.line_format = LINES_DELTA
+            self.delta_encoder = DeltaEncoder(model)
+        elif fmt == "change":
+            self.line_format = LINES_CHANGE
+            self.change_encoder = ChangeEncoder()
+        else:
+            raise ValueError(f"no direct path for {fmt!r} lines: use delta or change")
+        self.out = JsonWriter()
+        self.old_row = JsonWriter()
+
+    def encode(self, data):
+        """As `decode`, but a row change comes as an `Encoded`: its position and its output
+        line (`set_line_format`), written from the message's bytes without making a `Change`
+        (those with unchanged TOASTed values go through one)."""
+        if self.line_format == LINES_NONE:
+            raise ValueError("set_line_format() first")
+        if type(data) is not bytes:
+            data = bytes(data)
+        cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
+        if size < 1 or not (p[0] == b"I" or p[0] == b"U" or p[0] == b"D"):
+            return self.decode(data)
+        cdef uint64_t index = self.index
+        if not (self.insert_wanted if p[0] == b"I" else (
+                self.update_wanted if p[0] == b"U" else self.delete_wanted)):
+            self.index = index + 1
+            return None
+        cdef RelationPlan plan = self.plan(p, size)
+        if plan is None:
+            self.index = index + 1
+            return None
+        line = self.write_line(plan, p, size)
+        if line is not None:
+            self.index = index + 1
+            return Encoded(make_position(self.final_lsn, index), line)
+        # Unchanged TOASTed values: through a Change, which knows what to do with them.
+        change = self.insert(p, size) if p[0] == b"I" else (
+            self.update(p, size) if p[0] == b"U" else self.delete(p, size))
+        if self.line_format == LINES_DELTA:
+            return Encoded(change.position, self.delta_encoder(change))
+        return Encoded(change.position, self.change_encoder(change))
+
+    cdef object write_line(self, RelationPlan plan, const unsigned char* p, Py_ssize_t size):
+        """The line of the row change at ``p``, or None if it holds unchanged values."""
+        cdef unsigned char kind = p[0], marker = p[5]
+        cdef Py_ssize_t offset = 5
+        cdef bint has_old = False, old_is_key = False
+        cdef JsonWriter out = self.out, old_row = self.old_row
+        out.length = old_row.length = 0
+        if kind == b"U":
+            if marker == b"K" or marker == b"O":  # the old key, or the whole old row
+                offset = plan.parse_tuple(p, size, offset + 1)
+                if plan.any_unchanged:
+                    return None
+                has_old, old_is_key = True, marker == b"K"
+                plan.write_row(old_row, p, old_is_key)
+                if offset >= size:
+                    raise DecodeError("update without new tuple")
+                marker = p[offset]
+            if marker != b"N":
+                raise DecodeError(f"update without new tuple ({chr(marker)!r})")
+        plan.parse_tuple(p, size, offset + 1)
+        if plan.any_unchanged:
+            return None
+        if kind == b"D":
+            old_is_key = marker == b"K"
+        if self.line_format == LINES_DELTA:
+            found = PyDict_GetItem(self.delta_encoder.starts, plan.table)
+            start = <tuple>found if found is not NULL else self.delta_encoder.start(plan.table)
+            if kind == b"U":
+                out.bytes_(<bytes>start[2])
+                plan.write_row(out, p, False)
+                out.raw(b',"oldData":', 11)
+                if has_old:
+                    out.raw(old_row.data, old_row.length)
+                else:
+                    plan.write_row(out, p, True)
+            else:
+                out.bytes_(<bytes>(start[0] if kind == b"I" else start[1]))
+                plan.write_row(out, p, kind == b"D" and old_is_key)
+            out.raw(b"}\n", 2)
+            return out.take()
+        out.bytes_(<bytes>PyDict_GetItem(
+            OPERATION_NAMES, INSERT if kind == b"I" else (UPDATE if kind == b"U" else DELETE)))
+        out.value(plan.table)
+        out.raw(b',"key":', 7)
+        plan.write_row(out, p, True)
+        out.raw(b',"new":', 7)
+        if kind == b"D":
+            out.raw(b"null", 4)
+        else:
+            plan.write_row(out, p, False)
+        out.raw(b',"old":', 7)
+        if kind == b"I":
+            out.raw(b"null", 4)
+        elif kind == b"D":
+            plan.write_row(out, p, old_is_key)
+        elif has_old:
+            out.raw(old_row.data, old_row.length)
+        else:
+            plan.write_row(out, p, True)
+        out.raw(b',"position":', 12)
+        out.value(make_position(self.final_lsn, self.index))  # not counted yet: this change's
+        out.raw(b',"committed_at":', 16)
+        out.value(self.committed_at)
+        out.raw(b',"transaction":', 15)
+        out.value(self.xid)
+        out.raw(b',"snapshot":false', 17)
+        if plan.schema_version is not None:
+            out.raw(b',"schema_version":', 18)
+            out.value(plan.schema_version)
+        out.raw(b"}\n", 2)
+        return out.take()
 
     def decode(self, data):
         """Decode one pgoutput message, as `PgOutputDecoder.decode` does."""

@@ -17,7 +17,9 @@ cdef class RelationPlan:
     cdef Py_ssize_t* starts  # per column, for the row being decoded: offset, or NULL/UNCHANGED
     cdef Py_ssize_t* lengths
     cdef list python_loaders  # per column: (fast load, tolerant load), made when first needed
-    # The results of `decode_row`:
+    cdef list name_prefixes  # per column: its name in JSON and a colon
+    # The results of `parse_tuple` and `decode_row`:
+    cdef bint any_unchanged
     cdef dict row, key
     cdef list unchanged
 
@@ -52,14 +54,14 @@ cdef class RelationPlan:
         free(self.lengths)
         free(self.key_indexes)
 
-    cdef Py_ssize_t decode_row(self, const unsigned char* data, Py_ssize_t size,
-                               Py_ssize_t offset) except -1:
-        """Decode the TupleData at ``offset`` into ``row``, ``key`` and ``unchanged`` (the
-        names of unchanged TOASTed columns, or None); returns the offset after it."""
+    cdef Py_ssize_t parse_tuple(self, const unsigned char* data, Py_ssize_t size,
+                                Py_ssize_t offset) except -1:
+        """Find the values of the TupleData at ``offset`` (``starts``, ``lengths``, and
+        ``any_unchanged``); returns the offset after it."""
         cdef Py_ssize_t i, start, length, count = self.count
         cdef int16_t found
         cdef unsigned char kind
-        cdef bint any_unchanged = False
+        self.any_unchanged = False
         if offset + 2 > size:
             raise DecodeError(f"{self.table}: tuple cut short")
         found = <int16_t>read_u16(data + offset)
@@ -85,11 +87,18 @@ cdef class RelationPlan:
                 offset += 1
             elif kind == b"u":
                 self.starts[i] = -2
-                any_unchanged = True
+                self.any_unchanged = True
                 offset += 1
             else:
                 raise DecodeError(f"unknown tuple value kind {chr(kind)!r}")
+        return offset
 
+    cdef Py_ssize_t decode_row(self, const unsigned char* data, Py_ssize_t size,
+                               Py_ssize_t offset) except -1:
+        """Decode the TupleData at ``offset`` into ``row``, ``key`` and ``unchanged`` (the
+        names of unchanged TOASTed columns, or None); returns the offset after it."""
+        cdef Py_ssize_t i, start, count = self.count
+        offset = self.parse_tuple(data, size, offset)
         row = {}
         columns = self.columns
         for i in range(count):
@@ -112,9 +121,41 @@ cdef class RelationPlan:
         self.row = row
         self.key = key
         self.unchanged = None
-        if any_unchanged:
+        if self.any_unchanged:
             self.unchanged = [columns[i] for i in range(count) if self.starts[i] == -2]
         return offset
+
+    # -- writing JSON straight from the text (the direct path, see `Decoder.encode`) ----------
+
+    cdef int write_row(self, JsonWriter out, const unsigned char* data, bint key_only) except -1:
+        """The row (or its key columns) of the tuple last parsed, as `JsonWriter.row` writes
+        the dict `decode_row` would make. No UNCHANGED values (the caller checks)."""
+        cdef Py_ssize_t j, i, n = self.key_count if key_only else self.count
+        if self.name_prefixes is None:
+            self.name_prefixes = [python_dumps(name) + b":" for name in self.columns]
+        out.char_(b"{")
+        for j in range(n):
+            i = self.key_indexes[j] if key_only else j
+            if j:
+                out.char_(b",")
+            out.bytes_(<bytes>self.name_prefixes[i])
+            self.write_value(out, i, data)
+        return out.char_(b"}")
+
+    cdef int write_value(self, JsonWriter out, Py_ssize_t i, const unsigned char* data) except -1:
+        cdef Py_ssize_t start = self.starts[i]
+        if start < 0:
+            return out.raw(b"null", 4)
+        cdef const char* text = <const char*>data + start
+        cdef Py_ssize_t n = self.lengths[i]
+        if write_text_value(out, self.kinds[i], text, n) == 0:
+            return 0
+        value = DECLINE
+        if self.kinds[i] != KIND_PYTHON:
+            value = load_value(self.kinds[i], text, n)
+        if value is DECLINE:
+            value = self.python_value(i, text, n)
+        return out.value(value)
 
     cdef object python_value(self, Py_ssize_t i, const char* text, Py_ssize_t length):
         """The value as the Python decoder loads it: psycopg's loader (ours for some types);

@@ -367,6 +367,33 @@ def test_both_paths_decode_the_same_events(stream, configuration, monkeypatch):
         assert want == have
 
 
+@pytest.mark.parametrize("configuration", CONFIGURATIONS)
+@pytest.mark.parametrize("fmt,model", [("delta", None), ("delta", MODELS), ("change", None)])
+def test_the_direct_path_writes_the_lines_of_the_changes(stream, configuration, fmt, model):
+    """`Decoder.encode`: pgoutput bytes to output lines without `Change` objects, the same
+    lines (and positions) as decoding and then encoding gives."""
+    dsn, messages = stream
+    python, compiled = decoders(dsn, **CONFIGURATIONS[configuration])
+    compiled.kernel.set_line_format(fmt, model)
+    if fmt == "delta":
+        encode = delta_line_encoder.python_factory(model)
+    else:
+        def encode(change: Change) -> bytes:
+            return dumps_line(change.to_dict())
+
+    encoded = 0
+    for payload in messages:
+        want = python.decode(payload)
+        have = compiled.kernel.encode(memoryview(payload))
+        if want.__class__ is Change:
+            assert type(have).__name__ == "Encoded"
+            assert (have.position, have.line) == (want.position, encode(want))
+            encoded += 1
+        else:
+            assert same(want, have)
+    assert encoded >= 10
+
+
 def test_the_workload_covers_what_it_claims(stream):
     """The recording holds what the comparison above relies on (so a change of the workload
     or of the server cannot make it compare less)."""
