@@ -15,10 +15,6 @@ cdef class Encoded:
 
     cdef readonly object position, line
 
-    def __cinit__(self, position, line):
-        self.position = position
-        self.line = line
-
     def __repr__(self):
         return f"Encoded({self.position!r}, {self.line!r})"
 
@@ -29,6 +25,8 @@ cdef class Decoder:
 
     cdef object python, loaders
     cdef dict relations, plans
+    cdef uint32_t last_oid  # the relation of the last row change, and its plan
+    cdef RelationPlan last_plan
     cdef bint insert_wanted, update_wanted, delete_wanted, in_transaction
     cdef uint64_t final_lsn, index
     cdef object committed_at, xid
@@ -69,6 +67,8 @@ cdef class Decoder:
         """Make `encode` write the lines of ``fmt``: ``"delta"`` (with ``model`` as for
         `delta_line_encoder`) or ``"change"``."""
         bind_formats()
+        for plan in self.plans.values():  # lines of another model
+            (<RelationPlan>plan).delta_start = None
         if fmt == "delta":
             self.line_format = LINES_DELTA
             self.delta_encoder = DeltaEncoder(model)
@@ -102,15 +102,21 @@ cdef class Decoder:
             self.index = index + 1
             return None
         line = self.write_line(plan, p, size)
+        cdef Encoded encoded
         if line is not None:
             self.index = index + 1
-            return Encoded(make_position(self.final_lsn, index), line)
+            encoded = Encoded.__new__(Encoded)
+            encoded.position = make_position(self.final_lsn, index)
+            encoded.line = line
+            return encoded
         # Unchanged TOASTed values: through a Change, which knows what to do with them.
         change = self.insert(p, size) if p[0] == b"I" else (
             self.update(p, size) if p[0] == b"U" else self.delete(p, size))
-        if self.line_format == LINES_DELTA:
-            return Encoded(change.position, self.delta_encoder(change))
-        return Encoded(change.position, self.change_encoder(change))
+        encoded = Encoded.__new__(Encoded)
+        encoded.position = change.position
+        encoded.line = (self.delta_encoder(change) if self.line_format == LINES_DELTA
+                        else self.change_encoder(change))
+        return encoded
 
     cdef object write_line(self, RelationPlan plan, const unsigned char* p, Py_ssize_t size):
         """The line of the row change at ``p``, or None if it holds unchanged values."""
@@ -137,8 +143,9 @@ cdef class Decoder:
         if kind == b"D":
             old_is_key = marker == b"K"
         if self.line_format == LINES_DELTA:
-            found = PyDict_GetItem(self.delta_encoder.starts, plan.table)
-            start = <tuple>found if found is not NULL else self.delta_encoder.start(plan.table)
+            if plan.delta_start is None:
+                plan.delta_start = self.delta_encoder.start(plan.table)
+            start = plan.delta_start
             if kind == b"U":
                 out.bytes_(<bytes>start[2])
                 plan.write_row(out, p, False)
@@ -215,6 +222,7 @@ cdef class Decoder:
         if kind == b"R":
             check_size(size, 5, kind)
             self.plans.pop(read_u32(p + 1), None)
+            self.last_oid = 0  # no relation has OID 0
             return self.python._relation(data)
         if kind == b"Y" or kind == b"O":  # types, origins: no change
             return None
@@ -233,7 +241,9 @@ cdef class Decoder:
         """The plan of the relation whose OID follows the message type; None if that table is
         not watched. Raises `DecodeError` for a relation never described."""
         check_size(size, 6, p[0])
-        oid = read_u32(p + 1)
+        cdef uint32_t oid = read_u32(p + 1)
+        if oid == self.last_oid:
+            return self.last_plan if self.last_plan.watched else None
         found = PyDict_GetItem(self.plans, oid)
         if found is not NULL:
             plan = <RelationPlan>found
@@ -243,6 +253,7 @@ cdef class Decoder:
                 raise DecodeError(f"row change for relation {oid} before its Relation message")
             plan = RelationPlan(relation, self.loaders)
             self.plans[oid] = plan
+        self.last_oid, self.last_plan = oid, plan
         return plan if plan.watched else None
 
     cdef object insert(self, const unsigned char* p, Py_ssize_t size):

@@ -18,6 +18,7 @@ cdef class RelationPlan:
     cdef Py_ssize_t* lengths
     cdef list python_loaders  # per column: (fast load, tolerant load), made when first needed
     cdef list name_prefixes  # per column: its name in JSON and a colon
+    cdef tuple delta_start  # the table's delta lines up to their row (`DeltaEncoder.start`)
     # The results of `parse_tuple` and `decode_row`:
     cdef bint any_unchanged
     cdef dict row, key
