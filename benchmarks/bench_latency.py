@@ -1,0 +1,116 @@
+"""Latency of `changefeed run`: from a transaction's commit to its line on stdout.
+
+pgbench makes single-row commits at a fixed rate (``-R``) on a throwaway local cluster while
+``changefeed run --format change`` streams them; a thread reads its stdout and, for each line,
+subtracts the change's ``committed_at`` (PostgreSQL's commit timestamp, same machine, same
+clock) from the time the line was read. Prints p50, p99 and the maximum, per implementation
+(``CHANGEFEED_IMPL``: the pure-Python path and the compiled one, in alternating rounds). On a
+shared 2-core machine the server, pgbench and the feed compete for the cores, so numbers are
+indicative; compare rounds of one run.
+
+    .venv/bin/python benchmarks/bench_latency.py [--rate 10000] [--seconds 10] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import orjson
+import psycopg
+
+from changefeed.embedded import TemporaryPostgres, find_pg_bindir
+
+TABLE = "CREATE TABLE latency (id bigserial PRIMARY KEY, note text NOT NULL)"
+
+
+def read_latencies(stream: object, out: list[float], expected: int) -> None:
+    """Latency in milliseconds of each change line read from ``stream``, until ``expected``."""
+    for line in stream:  # type: ignore[attr-defined]
+        now = time.time()
+        change = orjson.loads(line)
+        if change.get("operation") != "insert":
+            continue
+        committed = datetime.fromisoformat(change["committed_at"]).timestamp()
+        out.append((now - committed) * 1000)
+        if len(out) >= expected:
+            return
+
+
+def one_round(dsn: str, implementation: str, rate: int, seconds: int, number: int) -> list[float]:
+    slot = f"latency_{implementation}_{number}"
+    argv = [sys.executable, "-m", "changefeed", "run", "latency", "--url", dsn, "--slot", slot,
+            "--format", "change", "--quiet"]
+    env = {**os.environ, "CHANGEFEED_IMPL": implementation}
+    feed = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+    latencies: list[float] = []
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:  # wait until the feed streams
+            deadline = time.monotonic() + 30
+            while not conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s"
+                                   " AND active", [slot]).fetchone():
+                if time.monotonic() > deadline:
+                    raise SystemExit("changefeed run did not start streaming")
+                time.sleep(0.1)
+        expected = rate * seconds
+        reader = threading.Thread(target=read_latencies, args=(feed.stdout, latencies, expected),
+                                  daemon=True)
+        reader.start()
+        pgbench = shutil.which("pgbench") or str(find_pg_bindir() / "pgbench")
+        with tempfile.NamedTemporaryFile("w", suffix=".sql") as script:
+            script.write("INSERT INTO latency (note) VALUES ('x');\n")
+            script.flush()
+            subprocess.run([pgbench, "-n", "-f", script.name, "-R", str(rate), "-T",
+                            str(seconds), "-c", "2", "-j", "1", dsn],
+                           check=True, capture_output=True)
+        reader.join(timeout=30)
+    finally:
+        feed.terminate()
+        feed.wait(timeout=30)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("SELECT pg_drop_replication_slot(%s)", [slot])
+            conn.execute("DROP PUBLICATION IF EXISTS " + slot)
+    return latencies
+
+
+def report(name: str, latencies: list[float], seconds: int) -> None:
+    if not latencies:
+        print(f"{name:8} no changes read")
+        return
+    ordered = sorted(latencies)
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    print(f"{name:8} {len(ordered):7,} changes ({len(ordered) / seconds:,.0f}/s):"
+          f" p50 {statistics.median(ordered):6.2f} ms  p99 {p99:7.2f} ms"
+          f"  max {ordered[-1]:7.2f} ms", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=int, default=10_000, help="commits per second")
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    os.chdir(Path(__file__).resolve().parent.parent)
+    with TemporaryPostgres() as server:
+        dsn = server.dsn()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(TABLE)
+        print(f"single-row commits at {args.rate:,}/s for {args.seconds} s, commit -> stdout:")
+        for number in range(args.rounds):
+            order = ("python", "c") if number % 2 == 0 else ("c", "python")
+            for implementation in order:
+                latencies = one_round(dsn, implementation, args.rate, args.seconds, number)
+                report(f"{implementation}", latencies, args.seconds)
+
+
+if __name__ == "__main__":
+    main()

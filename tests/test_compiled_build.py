@@ -1,0 +1,82 @@
+"""The compiled hot path is optional: the package builds without a C compiler, and runs its
+pure-Python code when the extension is missing or ``CHANGEFEED_IMPL=python`` asks for it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+WHICH = """
+import changefeed._speedups as speedups
+from changefeed.backends.postgres.pgoutput import PgOutputDecoder
+from changefeed.pipelines.delta import delta_line_encoder
+from changefeed.pipelines.debezium import line_encoder
+decoder = PgOutputDecoder()
+print(speedups.implementation, hasattr(decoder, "kernel"), type(delta_line_encoder()).__name__,
+      type(line_encoder()).__name__, type(speedups.change_line_encoder()).__name__)
+"""
+
+
+def python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **env}, cwd=ROOT, timeout=120)
+
+
+def test_the_compiled_path_runs_where_it_is_built():
+    result = python(WHICH, CHANGEFEED_IMPL="")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["c", "True", "DeltaEncoder", "DebeziumEncoder",
+                                     "ChangeEncoder"]
+
+
+def test_changefeed_impl_python_forces_the_pure_python_path():
+    result = python(WHICH, CHANGEFEED_IMPL="python")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["python", "False", "function", "method", "function"]
+
+
+def test_a_missing_extension_falls_back_to_pure_python():
+    hidden = "import sys; sys.modules['changefeed._speedups._kernels'] = None\n"
+    result = python(hidden + WHICH, CHANGEFEED_IMPL="")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["python", "False", "function", "method", "function"]
+
+
+def test_asking_for_a_path_that_cannot_be_had_is_one_clear_error():
+    hidden = "import sys; sys.modules['changefeed._speedups._kernels'] = None\n"
+    result = python(hidden + WHICH, CHANGEFEED_IMPL="c")
+    assert "ConfigurationError: CHANGEFEED_IMPL=c, but the compiled extension is not built" \
+        in result.stderr
+    result = python(WHICH, CHANGEFEED_IMPL="fast")
+    assert "ConfigurationError: CHANGEFEED_IMPL='fast': use python, c, or leave it unset" \
+        in result.stderr
+    cli = subprocess.run(
+        [sys.executable, "-m", "changefeed", "run", "t", "--url", "postgresql://127.0.0.1:1/x"],
+        capture_output=True, text=True, env={**os.environ, "CHANGEFEED_IMPL": "fast"},
+        timeout=120,
+    )
+    assert cli.returncode != 0
+    assert "Traceback" not in cli.stderr
+    assert "CHANGEFEED_IMPL='fast'" in cli.stderr
+
+
+@pytest.mark.slow
+def test_the_package_builds_without_a_c_compiler(tmp_path):
+    """``CC=false``: the extension's build fails, the wheel is made without it."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "CC": "false", "PIP_NO_INPUT": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (wheel,) = tmp_path.glob("changefeed-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "changefeed/_speedups/__init__.py" in names
+    assert not [name for name in names if name.endswith((".so", ".pyd"))], names
