@@ -69,9 +69,14 @@ def one_round(dsn: str, implementation: str, rate: int, seconds: int, number: in
         with tempfile.NamedTemporaryFile("w", suffix=".sql") as script:
             script.write("INSERT INTO latency (note) VALUES ('x');\n")
             script.flush()
+            # Commits flush the WAL (the throwaway cluster runs with synchronous_commit off,
+            # which leaves a commit to the WAL writer, up to 200 ms later, for the walsender).
             subprocess.run([pgbench, "-n", "-f", script.name, "-R", str(rate), "-T",
                             str(seconds), "-c", "2", "-j", "1", dsn],
-                           check=True, capture_output=True)
+                           check=True, capture_output=True,
+                           env={**os.environ, "PGOPTIONS": "-c synchronous_commit=on"})
+        time.sleep(1.0)  # the last lines come; then the feed stops and its stdout ends
+        feed.terminate()
         reader.join(timeout=30)
     finally:
         feed.terminate()
