@@ -8,6 +8,7 @@ surrogates), in every format: the bytes must be the same, or both must fail alik
 
 from __future__ import annotations
 
+import json
 import random
 import time
 import uuid
@@ -115,3 +116,58 @@ def test_selection_gives_the_compiled_encoders():
     assert type(delta_line_encoder()) is _speedups.kernels.DeltaEncoder
     assert type(debezium.line_encoder()) is _speedups.kernels.DebeziumEncoder
     assert type(_speedups.change_line_encoder()) is _speedups.kernels.ChangeEncoder
+
+
+def random_json(rng: random.Random, depth: int = 0) -> str:
+    """A JSON text as PostgreSQL may hold it: any spacing, escapes, exact numbers, repeated
+    keys."""
+    space = rng.choice(["", " ", "\n", "\t ", "\r\n"])
+    kind = rng.randrange(9 if depth < 4 else 6)
+    if kind == 0:
+        return rng.choice(["true", "false", "null"])
+    if kind == 1:
+        return str(rng.choice([0, -1, 7, 2**63, 2**64, -(2**63) - 1, 10**17, 10**19]))
+    if kind == 2:
+        return rng.choice(["1.0", "-0.5", "1e5", "2E-3", "1.0000000000000000001", "-0.0", "1e400"])
+    if kind in (3, 4, 5):
+        text = "".join(rng.choice('ab"\\/\n\té€😀\u2028\x7f') for _ in range(rng.randint(0, 6)))
+        encoded = json.dumps(text, ensure_ascii=rng.random() < 0.5)
+        return encoded.replace("\\u00e9", rng.choice(["\\u00e9", "\\u00E9", "é"]))
+    if kind in (6, 7):
+        items = [random_json(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+        return "[" + space + ("," + space).join(items) + space + "]"
+    keys = [rng.choice(["a", "b", "é", "k\\n"]) for _ in range(rng.randint(0, 4))]
+    pairs = [f'"{key}"{space}:{space}{random_json(rng, depth + 1)}' for key in keys]
+    return "{" + space + ("," + space).join(pairs) + space + "}"
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_kernel_parses_json_as_json_loader_does(seed):
+    from changefeed.backends.postgres.values import JsonLoader
+
+    rng = random.Random(seed)
+    loader = JsonLoader(3802)
+    parsed = 0
+    texts = [random_json(rng) for _ in range(2000)] + [
+        '"\\ud83d\\ude00"', '"\\udc00"', "[NaN]", "01", "[1,]", '{"a":1}x', "\ufeff[]",
+        "[" * 300 + "]" * 300, '"\x01"', "",
+    ]
+    for text in texts:
+        data = text.encode("utf-8", "surrogatepass")
+        got = _speedups.kernels.parse_json(data)
+        if got is not None:
+            parsed += 1
+            assert same(got[0], loader.load(data)), text
+    assert parsed > 1000
+
+
+def same(a: Any, b: Any) -> bool:
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(map(same, a, b))
+    if isinstance(a, Decimal):
+        return str(a) == str(b)
+    return bool(a == b)

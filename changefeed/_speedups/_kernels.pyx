@@ -29,6 +29,7 @@ import_datetime()
 include "binary.pxi"
 include "python_side.pxi"
 include "values.pxi"
+include "json_values.pxi"
 include "jsonwriter.pxi"
 include "direct.pxi"
 include "rows.pxi"

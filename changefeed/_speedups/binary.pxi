@@ -32,13 +32,20 @@ cdef inline Py_ssize_t write_hex(char* out, uint64_t value, int width) noexcept 
     return digits
 
 
+cdef uint64_t position_lsn = 0  # the LSN whose text `position_text` starts with
+cdef char position_text[40]
+cdef Py_ssize_t position_prefix = 0
+
+
 cdef object make_position(uint64_t lsn, uint64_t index):
     """The position of the ``index``-th change of the transaction committed at ``lsn``, as
     `pgoutput.make_position` makes it: ``"0000000001A2B3C8:00000003"``. The one place that
     makes positions here, so that another position type changes one function."""
-    cdef char text[40]
-    cdef Py_ssize_t length = write_hex(text, lsn, 16)
-    text[length] = b":"
-    length += 1
-    length += write_hex(text + length, index, 8)
-    return PyUnicode_DecodeASCII(text, length, NULL)
+    global position_lsn, position_prefix
+    if lsn != position_lsn or position_prefix == 0:  # a transaction's changes share the LSN
+        position_prefix = write_hex(position_text, lsn, 16)
+        position_text[position_prefix] = b":"
+        position_prefix += 1
+        position_lsn = lsn
+    cdef Py_ssize_t length = position_prefix + write_hex(position_text + position_prefix, index, 8)
+    return PyUnicode_DecodeASCII(position_text, length, NULL)

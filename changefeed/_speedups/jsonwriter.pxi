@@ -6,6 +6,9 @@
 
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object text, Py_ssize_t* size) except NULL
+    bint PyUnicode_IS_ASCII(object text)
+    void* PyUnicode_DATA(object text)
+    Py_ssize_t PyUnicode_GET_LENGTH(object text)
     long long PyLong_AsLongLongAndOverflow(object value, int* overflow) except? -1
     void* PyMem_Realloc(void* p, size_t n)
     void PyMem_Free(void* p)
@@ -61,9 +64,14 @@ cdef class JsonWriter:
 
     cdef char* data
     cdef Py_ssize_t length, capacity
+    # The keys of the last dict written and their JSON (with the colon): rows of one table
+    # share their key objects, so a key is found by identity, without encoding it again.
+    cdef list last_keys, last_prefixes
 
     def __cinit__(self):
         bind_json()
+        self.last_keys = []
+        self.last_prefixes = []
         self.capacity = 1024
         self.length = 0
         self.data = <char*>PyMem_Realloc(NULL, self.capacity)
@@ -147,6 +155,9 @@ cdef class JsonWriter:
         """A str (exactly) as a JSON string; one orjson refuses (lone surrogates) goes to it."""
         cdef Py_ssize_t size
         cdef const char* utf8
+        if PyUnicode_IS_ASCII(text):
+            return self.utf8_string(<const unsigned char*>PyUnicode_DATA(text),
+                                    PyUnicode_GET_LENGTH(text))
         try:
             utf8 = PyUnicode_AsUTF8AndSize(text, &size)
         except UnicodeEncodeError:
@@ -256,17 +267,35 @@ cdef class JsonWriter:
         for name in row:
             if type(name) is not str:
                 return self.bytes_(python_dumps(_without(row) if skip_unchanged else row))
+        cdef Py_ssize_t j = 0
         self.char_(b"{")
         for name, value in row.items():
             if skip_unchanged and value is UNCHANGED:
+                j += 1
                 continue
             if not first:
                 self.char_(b",")
             first = False
-            self.string(name)
-            self.char_(b":")
+            # (a nested dict written meanwhile may have shortened the lists)
+            if j < len(self.last_keys) and self.last_keys[j] is name:
+                self.bytes_(<bytes>self.last_prefixes[j])
+            else:
+                self.key_prefix(name, j)
             self.value(value)
+            j += 1
         self.char_(b"}")
+        return 0
+
+    cdef int key_prefix(self, str name, Py_ssize_t j) except -1:
+        """Write the key ``name`` and its colon, and remember them as the ``j``-th key."""
+        cdef Py_ssize_t start = self.length
+        self.string(name)
+        self.char_(b":")
+        prefix = PyBytes_FromStringAndSize(self.data + start, self.length - start)
+        del self.last_keys[j:]
+        del self.last_prefixes[j:]
+        self.last_keys.append(name)
+        self.last_prefixes.append(prefix)
         return 0
 
     cdef int value(self, object value) except -1:

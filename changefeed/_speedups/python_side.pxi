@@ -67,6 +67,9 @@ cdef int bind_python() except -1:
     PostgresText = values.PostgresText
     NonFiniteFloat = values.NonFiniteFloat
     Decimal = decimal.Decimal
+    global JsonDecimal, json_parser
+    JsonDecimal = values.JsonDecimal
+    json_parser = JsonParser()
     UUID = uuid.UUID
     SAFE_UUID_UNKNOWN = uuid.SafeUUID.unknown
     UTC = datetime.timezone.utc

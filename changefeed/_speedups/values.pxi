@@ -25,12 +25,14 @@ cdef enum Kind:
     KIND_TIMESTAMPTZ
     KIND_UUID
     KIND_BYTEA
+    KIND_JSON
 
 KIND_OF_OID = {
     16: KIND_BOOL, 17: KIND_BYTEA, 18: KIND_TEXT, 19: KIND_TEXT, 20: KIND_INT, 21: KIND_INT,
     23: KIND_INT, 25: KIND_TEXT, 26: KIND_INT, 700: KIND_FLOAT, 701: KIND_FLOAT,
     1042: KIND_TEXT, 1043: KIND_TEXT, 1082: KIND_DATE, 1083: KIND_TIME, 1114: KIND_TIMESTAMP,
-    1184: KIND_TIMESTAMPTZ, 1700: KIND_NUMERIC, 2950: KIND_UUID,
+    1184: KIND_TIMESTAMPTZ, 1700: KIND_NUMERIC, 2950: KIND_UUID, 114: KIND_JSON,
+    3802: KIND_JSON,
 }
 
 
@@ -41,6 +43,8 @@ cdef int kind_of(object loaders, uint32_t oid) except -1:
     if kind is None:
         return KIND_PYTHON
     fast = loaders.fast.get_loader(C_FLOAT.get(oid, oid), TEXT_FORMAT)
+    if kind == KIND_JSON:  # ours, not psycopg's
+        return kind if fast is own_loaders[oid] else KIND_PYTHON
     if fast is not psycopg_default_loaders.get_loader(oid, TEXT_FORMAT):
         return KIND_PYTHON
     if kind == KIND_FLOAT and loaders.tolerant.get_loader(oid, TEXT_FORMAT) is not own_loaders[oid]:
@@ -262,4 +266,6 @@ cdef object load_value(int kind, const char* p, Py_ssize_t n):
         return load_time(p, n)
     if kind == KIND_BYTEA:
         return load_bytea(p, n)
+    if kind == KIND_JSON:
+        return json_parser.parse(p, n)
     return DECLINE

@@ -421,3 +421,22 @@ def test_the_workload_covers_what_it_claims(stream):
     assert len({change.schema_version for change in changes if "altered" in change.table
                 or "renamed" in change.table}) == 4
     assert len(changes) > 300
+
+
+def test_the_kernel_parses_json_itself(stream, monkeypatch):
+    """The comparisons above would pass if the kernel handed every json value to our
+    `JsonLoader`; with that broken, the kernel's own parser still gives plain values."""
+    from changefeed.backends.postgres import values
+
+    dsn, messages = stream
+    _, compiled = decoders(dsn)
+
+    def broken(self, data):
+        raise AssertionError("the Python loader was called")
+
+    monkeypatch.setattr(values.JsonLoader, "load", broken)
+    rows = [event.new for event in map(compiled.decode, messages)
+            if event.__class__ is Change and event.table == "public.scalars" and event.new]
+    assert [row for row in rows if row["jb"] == {"x": 1}], "no jsonb {'x': 1} parsed"
+    assert [row for row in rows if type(row["jb"]) is list and row["jb"]
+            and type(row["jb"][0]).__name__ == "JsonDecimal"], "no jsonb number parsed"
