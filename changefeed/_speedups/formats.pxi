@@ -65,20 +65,20 @@ cdef class DeltaEncoder:
     def __call__(self, change):
         if type(change) is not Change:
             return delta_module.dumps_line(delta_module.to_delta(change, self.model))
-        operation = (<object>change).operation
-        table = (<object>change).table
+        operation = change_field(change, 0)
+        table = change_field(change, 1)
         found = PyDict_GetItem(self.starts, table)
         start = <tuple>found if found is not NULL else self.start(table)
         out = self.out
         out.length = 0  # what a failed call left
         if operation is INSERT or operation is DELETE:
-            row = change.new if operation is INSERT else change.old
+            row = change_field(change, 2) if operation is INSERT else change_field(change, 3)
             if type(row) is not dict:
                 return delta_module.dumps_line(delta_module.to_delta(change, self.model))
             out.bytes_(start[0] if operation is INSERT else start[1])
             out.row(row, False)
         elif operation is UPDATE:
-            new, old = change.new, change.old
+            new, old = change_field(change, 2), change_field(change, 3)
             if (new is not None and type(new) is not dict) or (old is not None
                                                                 and type(old) is not dict):
                 return delta_module.dumps_line(delta_module.to_delta(change, self.model))

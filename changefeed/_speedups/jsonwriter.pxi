@@ -264,12 +264,12 @@ cdef class JsonWriter:
     cdef int row(self, dict row, bint skip_unchanged) except -1:
         """A dict of column values; ``skip_unchanged``: leave out columns holding UNCHANGED."""
         cdef bint first = True
-        for name in row:
-            if type(name) is not str:
-                return self.bytes_(python_dumps(_without(row) if skip_unchanged else row))
-        cdef Py_ssize_t j = 0
+        cdef Py_ssize_t j = 0, start = self.length
         self.char_(b"{")
         for name, value in row.items():
+            if type(name) is not str:  # orjson's way with such keys, for the whole dict
+                self.length = start
+                return self.bytes_(python_dumps(_without(row) if skip_unchanged else row))
             if skip_unchanged and value is UNCHANGED:
                 j += 1
                 continue

@@ -117,6 +117,13 @@ cdef inline void set_slot(object obj, Py_ssize_t offset, object value) noexcept:
     (<PyObject**>((<char*><PyObject*>obj) + offset))[0] = <PyObject*>value
 
 
+cdef inline object change_field(object change, int field):
+    """Field number ``field`` (in CHANGE_FIELDS' order) of a `Change` (exactly that class)."""
+    if not change_slots_known:
+        return getattr(change, CHANGE_FIELDS[field])
+    return <object>(<PyObject**>((<char*><PyObject*>change) + change_offsets[field]))[0]
+
+
 cdef object new_change(object operation, object table, object new, object old, object key,
                        object position, object committed_at, object transaction,
                        object schema_version):
