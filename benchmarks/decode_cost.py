@@ -12,6 +12,8 @@ CLI's path, each round timed in CPU time:
              `changefeed.delivery.deliver` with a `LineOutput` writing to /dev/null
     direct   (compiled path only) pgoutput bytes straight to the delta line, no `Change`
              (`changefeed._speedups` ``Decoder.encode``)
+    direct-deliver  (compiled path only) the same through ``changefeed run``'s loop, as the
+             feed would run it once it yields these lines (not wired in yet)
 
 ``--shape narrow`` replays a table of an int key and a short text instead of the benchmark's
 six columns. ``CHANGEFEED_IMPL=python`` measures the pure-Python path (`instructions.py` runs
@@ -34,6 +36,7 @@ import os
 import select
 import time
 from collections.abc import Callable
+from operator import attrgetter
 
 import psycopg
 from bench_postgres import TABLE, make_workload
@@ -169,10 +172,28 @@ def stages(dsn: str) -> dict[str, Callable[[list[bytes]], int]]:
                 count += 1
         return count
 
+    def direct_delivered(messages: list[bytes]) -> int:
+        kernel = make_decoder().kernel  # type: ignore[attr-defined]
+        kernel.set_line_format("delta")
+        encode = kernel.encode
+
+        class Replay(ChangeFeed):
+            def run_changefeed(self):  # type: ignore[no-untyped-def]
+                for message in messages:
+                    event = encode(message[25:])
+                    if event.__class__ is Encoded:
+                        yield event
+
+        feed = Replay("bench")
+        with open(os.devnull, "wb") as out:
+            output = LineOutput(out, attrgetter("line"))
+            return deliver(feed, output, ack_interval=0.2).count
+
     runs = {"copy": copy, "decode": decode, "encode": encode, "deliver": delivered}
     if _speedups.kernels is not None:
         Encoded = _speedups.kernels.Encoded
         runs["direct"] = direct
+        runs["direct-deliver"] = direct_delivered
     return runs
 
 
@@ -180,7 +201,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--changes", type=int, default=200_000)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--only", choices=["copy", "decode", "encode", "deliver", "direct"],
+    parser.add_argument("--only", choices=["copy", "decode", "encode", "deliver", "direct",
+                                           "direct-deliver"],
                         default=None, help="run one stage (for instruction counts under valgrind)")
     parser.add_argument("--shape", choices=["bench", "narrow"], default="bench",
                         help="the benchmark's six columns, or an int key and a short text")

@@ -1,12 +1,12 @@
 """Instructions per change, pure Python against the compiled path, counted with valgrind.
 
 Runs `decode_cost.py` under callgrind for each stage (copy, decode, encode, deliver, and the
-compiled path's direct), each implementation (``CHANGEFEED_IMPL=python`` and the compiled one)
-and row shape, twice: with ``--changes`` and with a tenth of them, so that the difference,
-divided by the difference in changes, is the cost per change without start-up. That still holds
-what recording the stream from the server costs per change (in Python): the copy stage, which
-only slices the recorded messages, shows that floor. Counts are exact and do not depend on the
-machine's load, unlike timings.
+compiled path's direct and direct-deliver), each implementation (``CHANGEFEED_IMPL=python``
+and the compiled one) and row shape, twice: with ``--changes`` and with a tenth of them, so
+that the difference, divided by the difference in changes, is the cost per change without
+start-up. That still holds what recording the stream from the server costs per change (in
+Python): the copy stage, which only slices the recorded messages, shows that floor. Counts are
+exact and do not depend on the machine's load, unlike timings.
 
     .venv/bin/python benchmarks/instructions.py [--changes 20000] [--shapes bench,narrow]
 """
@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-STAGES = ("copy", "decode", "encode", "deliver", "direct")
+STAGES = ("copy", "decode", "encode", "deliver", "direct", "direct-deliver")
 
 
 def instructions(stage: str, shape: str, changes: int, implementation: str) -> int:
@@ -57,8 +57,8 @@ def main() -> None:
     for shape in args.shapes.split(","):
         reference = None
         for stage in args.stages.split(","):
-            python = None if stage == "direct" else per_change(stage, shape, args.changes,
-                                                                "python")
+            python = None if stage.startswith("direct") else per_change(
+                stage, shape, args.changes, "python")
             compiled = python if stage == "copy" else per_change(stage, shape, args.changes, "c")
             if stage == "deliver":
                 reference = python
@@ -66,7 +66,7 @@ def main() -> None:
             ratio = f"{base / compiled:6.1f}x" if base else ""
             shown = f"{python:10,.0f}" if python is not None else f"{'':>10}"
             print(f"{shape:8} {stage:8} {shown} {compiled:10,.0f} {ratio}", flush=True)
-    print("(direct: its ratio is against the pure-Python deliver, the whole loop it replaces)")
+    print("(direct, direct-deliver: ratios against the pure-Python deliver, the whole loop)")
 
 
 if __name__ == "__main__":

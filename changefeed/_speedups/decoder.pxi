@@ -10,10 +10,10 @@ cdef enum:
 
 @cython.final
 cdef class Encoded:
-    """A row change as the direct path gives it: its position (the `Change`'s) and its output
-    line (what the format's encoder writes for that `Change`)."""
+    """A row change as the direct path gives it: its position and commit time (the `Change`'s)
+    and its output line (what the format's encoder writes for that `Change`)."""
 
-    cdef readonly object position, line
+    cdef readonly object position, line, committed_at
 
     def __repr__(self):
         return f"Encoded({self.position!r}, {self.line!r})"
@@ -108,12 +108,14 @@ cdef class Decoder:
             encoded = Encoded.__new__(Encoded)
             encoded.position = make_position(self.final_lsn, index)
             encoded.line = line
+            encoded.committed_at = self.committed_at
             return encoded
         # Unchanged TOASTed values: through a Change, which knows what to do with them.
         change = self.insert(p, size) if p[0] == b"I" else (
             self.update(p, size) if p[0] == b"U" else self.delete(p, size))
         encoded = Encoded.__new__(Encoded)
         encoded.position = change.position
+        encoded.committed_at = change.committed_at
         encoded.line = (self.delta_encoder(change) if self.line_format == LINES_DELTA
                         else self.change_encoder(change))
         return encoded
