@@ -80,3 +80,22 @@ def test_the_package_builds_without_a_c_compiler(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "changefeed/_speedups/__init__.py" in names
     assert not [name for name in names if name.endswith((".so", ".pyd"))], names
+
+
+def test_the_compiled_encoders_do_not_import_psycopg():
+    """A command writing lines from another source does not pay for importing a driver."""
+    code = (
+        "import sys\n"
+        "from changefeed.change import Change, Operation\n"
+        "from changefeed.pipelines.delta import delta_line_encoder\n"
+        "from changefeed.pipelines.debezium import line_encoder\n"
+        "change = Change(Operation.INSERT, 'db.items', {'_id': 1}, key={'_id': 1})\n"
+        "encode = delta_line_encoder()\n"
+        "print(encode(change).decode().strip(), type(encode).__name__)\n"
+        "line_encoder()(change)\n"
+        "print('psycopg' in sys.modules)\n"
+    )
+    result = python(code, CHANGEFEED_IMPL="")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ['{"type":"insert","model":"items","data":{"_id":1}}',
+                                     "DeltaEncoder", "False"]

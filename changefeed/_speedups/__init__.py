@@ -2,9 +2,10 @@
 
 `_kernels` (built from ``_kernels.pyx`` when the package is installed on a machine with a C
 compiler) decodes pgoutput and writes the JSON lines of the built-in formats with exactly the
-results of the pure-Python code, which stays the reference: `tests/backends/
-test_compiled_equivalence.py` replays recorded streams through both and compares every value
-and every output byte. Where the extension is missing, everything runs in pure Python.
+results of the pure-Python code, which stays the reference: the equivalence tests
+(``tests/backends/test_compiled_equivalence.py``) replay recorded streams through both and
+compare every value and every output byte. Without the extension, everything runs in pure
+Python.
 
 ``CHANGEFEED_IMPL=python`` forces the pure-Python path (for debugging, as psycopg's
 ``PSYCOPG_IMPL``); ``CHANGEFEED_IMPL=c`` insists on the compiled one. `implementation` says

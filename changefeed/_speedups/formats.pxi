@@ -11,7 +11,7 @@ cdef int bind_formats() except -1:
     global delta_module, debezium_module, time_module
     if delta_module is not None:
         return 0
-    bind_python()
+    bind_core()
     bind_json()
     import time
 

@@ -35,6 +35,7 @@ cdef int bind_json() except -1:
     global datetime_type, date_type, time_type
     if orjson_dumps is not None:
         return 0
+    bind_core()
     import datetime
 
     import orjson

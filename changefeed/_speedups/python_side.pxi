@@ -1,6 +1,6 @@
-# The Python objects the kernels build and call, bound on first use (`bind_python`): importing
-# them when this module loads would import psycopg into every command that only asks which
-# implementation runs.
+# The Python objects the kernels build and call, bound on first use (`bind_core` for the
+# encoders, `bind_python` for the decoder): importing them when this module loads would import
+# psycopg into every command that only asks which implementation runs.
 
 cdef extern from "Python.h":
     ctypedef struct PyMemberDef:
@@ -29,61 +29,32 @@ cdef enum:
     T_OBJECT_EX = 16  # PyMemberDef.type of a slot holding an object
 
 
-cdef int bind_python() except -1:
-    global bound, Change, Message, Begin, Commit, DecodeError, UNCHANGED, INSERT, UPDATE, DELETE
-    global pg_timestamp, python_make_position, PostgresText, NonFiniteFloat, Decimal, UUID
-    global SAFE_UUID_UNKNOWN, UTC, TypeLoaders, Transformer, TEXT_FORMAT, C_FLOAT
-    global psycopg_default_loaders, own_loaders, change_slots_known
-    if bound:
+cdef bint core_bound = False
+
+
+cdef int bind_core() except -1:
+    """What the encoders need too: the core's types, without psycopg."""
+    global core_bound, Change, UNCHANGED, INSERT, UPDATE, DELETE, Decimal, UUID
+    global SAFE_UUID_UNKNOWN, UTC, change_slots_known, uuid_int_offset, uuid_safe_offset
+    if core_bound:
         return 0
     import dataclasses
     import datetime
     import decimal
-    import types
     import uuid
 
-    import psycopg
-    from psycopg import postgres
-    from psycopg.adapt import AdaptersMap
-    from psycopg.adapt import Transformer as transformer_class
-    from psycopg.pq import Format
-
     from changefeed import change as change_module
-    from changefeed.backends.postgres import loading, pgoutput, protocol, values
-    from changefeed.errors import DecodeError as decode_error
-    from changefeed.message import Message as message_class
 
     Change = change_module.Change
     UNCHANGED = change_module.UNCHANGED
     INSERT = change_module.Operation.INSERT
     UPDATE = change_module.Operation.UPDATE
     DELETE = change_module.Operation.DELETE
-    Message = message_class
-    Begin = pgoutput.Begin
-    Commit = pgoutput.Commit
-    DecodeError = decode_error
-    pg_timestamp = protocol.pg_timestamp
-    python_make_position = pgoutput.make_position
-    PostgresText = values.PostgresText
-    NonFiniteFloat = values.NonFiniteFloat
     Decimal = decimal.Decimal
-    global JsonDecimal, json_parser
-    JsonDecimal = values.JsonDecimal
-    json_parser = JsonParser()
     UUID = uuid.UUID
     SAFE_UUID_UNKNOWN = uuid.SafeUUID.unknown
     UTC = datetime.timezone.utc
-    TypeLoaders = loading.TypeLoaders
-    Transformer = transformer_class
-    TEXT_FORMAT = Format.TEXT
-    C_FLOAT = loading._C_FLOAT
-    own_loaders = loading._OWN_LOADERS
-    # psycopg's loaders as registered by psycopg itself: a kernel loader stands in for one of
-    # them only where the decoder's adapters still use it (a connection may register others).
-    psycopg_default_loaders = AdaptersMap(types=postgres.types)
-    postgres.register_default_adapters(psycopg_default_loaders)
 
-    global uuid_int_offset, uuid_safe_offset
     uuid_int_offset = slot_offset(UUID, "int")
     uuid_safe_offset = slot_offset(UUID, "is_safe")
     if uuid_int_offset < 0 or uuid_safe_offset < 0:
@@ -95,6 +66,46 @@ cdef int bind_python() except -1:
         change_offsets[i] = slot_offset(Change, name) if change_slots_known else -1
         if change_offsets[i] < 0:
             change_slots_known = False
+    core_bound = True
+    return 0
+
+
+cdef int bind_python() except -1:
+    """What the decoder needs: the core's types, psycopg's and the PostgreSQL backend's."""
+    global bound, Message, Begin, Commit, DecodeError, pg_timestamp, python_make_position
+    global PostgresText, NonFiniteFloat, TypeLoaders, Transformer, TEXT_FORMAT, C_FLOAT
+    global psycopg_default_loaders, own_loaders, JsonDecimal, json_parser
+    if bound:
+        return 0
+    bind_core()
+    from psycopg import postgres
+    from psycopg.adapt import AdaptersMap
+    from psycopg.adapt import Transformer as transformer_class
+    from psycopg.pq import Format
+
+    from changefeed.backends.postgres import loading, pgoutput, protocol, values
+    from changefeed.errors import DecodeError as decode_error
+    from changefeed.message import Message as message_class
+
+    Message = message_class
+    Begin = pgoutput.Begin
+    Commit = pgoutput.Commit
+    DecodeError = decode_error
+    pg_timestamp = protocol.pg_timestamp
+    python_make_position = pgoutput.make_position
+    PostgresText = values.PostgresText
+    NonFiniteFloat = values.NonFiniteFloat
+    JsonDecimal = values.JsonDecimal
+    json_parser = JsonParser()
+    TypeLoaders = loading.TypeLoaders
+    Transformer = transformer_class
+    TEXT_FORMAT = Format.TEXT
+    C_FLOAT = loading._C_FLOAT
+    own_loaders = loading._OWN_LOADERS
+    # psycopg's loaders as registered by psycopg itself: a kernel loader stands in for one of
+    # them only where the decoder's adapters still use it (a connection may register others).
+    psycopg_default_loaders = AdaptersMap(types=postgres.types)
+    postgres.register_default_adapters(psycopg_default_loaders)
     bound = True
     return 0
 
