@@ -11,13 +11,17 @@ SNORKY_STAMP := $(SNORKY_VENV)/.installed
 # Test files run in parallel (pytest-xdist): most tests wait on servers, so three workers keep
 # two cores busy. Each worker starts servers of its own; TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 3
+# The sync tests' real clients (tests/serve/js): @electric-sql/client in Node and playwright-core
+# driving Debian's chromium, installed from the lock file when it changed (never a browser build).
+JS_TESTS := tests/serve/js
+JS_STAMP := $(JS_TESTS)/node_modules/.installed
 
 .PHONY: demo test test-live lint bench mutate install system-deps clean
 
 demo: install
 	$(BIN)/changefeed demo
 
-test: install $(SNORKY_STAMP)
+test: install $(SNORKY_STAMP) $(JS_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
@@ -69,6 +73,10 @@ $(STAMP): setup.cfg pyproject.toml $(wildcard changefeed/_speedups/*.pyx changef
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
+$(JS_STAMP): $(JS_TESTS)/package.json $(JS_TESTS)/package-lock.json
+	cd $(JS_TESTS) && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --silent
+	touch $(JS_STAMP)
+
 $(SNORKY_STAMP):
 	$(PYTHON) -m venv $(SNORKY_VENV)
 	$(SNORKY_VENV)/bin/pip install -q --upgrade pip
@@ -76,5 +84,5 @@ $(SNORKY_STAMP):
 	touch $(SNORKY_STAMP)
 
 clean:
-	rm -rf $(VENV) $(SNORKY_VENV) $(MUTMUT_VENV) .tmp/mutate *.egg-info .pytest_cache .ruff_cache \
-		build changefeed/_speedups/*.c changefeed/_speedups/*.so
+	rm -rf $(VENV) $(SNORKY_VENV) $(MUTMUT_VENV) $(JS_TESTS)/node_modules .tmp/mutate *.egg-info \
+		.pytest_cache .ruff_cache build changefeed/_speedups/*.c changefeed/_speedups/*.so

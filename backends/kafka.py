@@ -4,7 +4,7 @@
                            \\--> KafkaFeed (worker 2) --Pipeline--> stages -> sink
 
 `KafkaFeed` reads the topics a `changefeed.pipelines.sinks.kafka.KafkaSink` wrote (records in
-the ``change`` or ``debezium`` format; see `changefeed.pipelines.records`) through a consumer
+the ``change`` or ``debezium`` format; see `changefeed.formats.records`) through a consumer
 group, so workers on any machine share the partitions. It commits a partition's offset only once
 its own pipeline acknowledged the records before it; on a rebalance, records not yet
 acknowledged go to the partition's next owner (at least once: they may have been delivered just
@@ -22,7 +22,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from changefeed.change import ALL, Change
 from changefeed.feed import ChangeFeed
-from changefeed.pipelines.records import change_of_record, read_back, warn_once
+from changefeed.formats.records import change_of_record, read_back, warn_once
 
 log = logging.getLogger("changefeed.kafka")
 
@@ -79,7 +79,7 @@ class KafkaFeed(ChangeFeed):
             return isinstance(error, KafkaError) and not error.fatal()
         return super().is_transient(exc)
 
-    def _open(self) -> Consumer:
+    def _consumer_of_group(self) -> Consumer:
         settings: dict[str, Any] = {
             "bootstrap.servers": self.bootstrap,
             "group.id": self.group,
@@ -89,7 +89,10 @@ class KafkaFeed(ChangeFeed):
             "log_level": 0,  # errors come through error_cb and poll()
         }
         settings.update(self.config)
-        consumer = Consumer(settings)
+        return Consumer(settings)
+
+    def _open(self) -> Consumer:
+        consumer = self._consumer_of_group()
         consumer.subscribe(self.topics, on_assign=self._assigned, on_revoke=self._revoked,
                            on_lost=self._revoked)
         return consumer
@@ -103,12 +106,15 @@ class KafkaFeed(ChangeFeed):
     def _revoked(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # What was acknowledged is committed while the partitions are still ours. Records
         # emitted but not acknowledged belong to the next owner now: their offsets are not
-        # committed (those emitted from now on have the new epoch).
+        # committed (those emitted from now on have the new epoch). Our own leaving (close)
+        # is not such a move: what the pipeline acknowledges after it is still ours to commit.
+        log.info("%s: revoked %s", self.name, _names(partitions))
+        if self._consumer is None:
+            return
         self._commit()
         self._epoch += 1
         for tp in partitions:
             self._revoked_at[(tp.topic, tp.partition)] = self._epoch
-        log.info("%s: revoked %s", self.name, _names(partitions))
 
     def run_changefeed(self) -> Iterator[Change | None]:
         self.close()
@@ -141,7 +147,9 @@ class KafkaFeed(ChangeFeed):
 
     def on_acknowledge(self, position: Any) -> None:
         """Note, per partition, the offset after the last record acknowledged up to
-        ``position`` (committed from the stream loop, `keep_alive`, a rebalance or `close`)."""
+        ``position`` (committed from the stream loop, `keep_alive`, a rebalance or `close`).
+        Once the feed is closed (a pipeline delivers what the feed gave before it failed)
+        nothing else will: then commit at once."""
         if not any(entry[0] == position for entry in self._order):
             return  # already noted, or from before a reconnect
         while self._order:
@@ -150,22 +158,36 @@ class KafkaFeed(ChangeFeed):
                 self._acknowledged[partition] = offset + 1
             if emitted == position:
                 break
+        if self._consumer is None and self._acknowledged:
+            self._commit_after_close()
 
     def keep_alive(self) -> None:
         self._commit()
 
-    def _commit(self) -> None:
-        """Commit the acknowledged offsets on the open consumer (none: nothing to commit to)."""
-        if not self._acknowledged or self._consumer is None:
+    def _commit(self, consumer: Consumer | None = None) -> None:
+        """Commit the acknowledged offsets on ``consumer``, by default the open one (none:
+        nothing to commit to)."""
+        consumer = consumer or self._consumer
+        if not self._acknowledged or consumer is None:
             return
         offsets, self._acknowledged = self._acknowledged, {}
         try:
-            self._consumer.commit(
+            consumer.commit(
                 offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
                 asynchronous=False,
             )
         except KafkaException as exc:  # e.g. a rebalance meanwhile: the records come again
             log.warning("%s: could not commit offsets: %s", self.name, exc)
+
+    def _commit_after_close(self) -> None:
+        """Commit the acknowledged offsets through a consumer of the group that does not join
+        it. Kafka takes such a commit only while no worker is in the group; otherwise the
+        records come again (at least once), from whichever worker owns them now."""
+        consumer = self._consumer_of_group()
+        try:
+            self._commit(consumer)
+        finally:
+            consumer.close()
 
     def close(self) -> None:
         if self._consumer is not None:

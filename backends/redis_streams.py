@@ -11,7 +11,7 @@ have been idle for ``claim_idle`` seconds, so a dead worker's share is not lost.
 at least once: a claimed entry may have been delivered by the dead worker just before it died.
 
 The producer side is `changefeed.pipelines.sinks.redis.RedisStreamSink`; how an entry holds a
-change is in `changefeed.pipelines.records`. A change read back has the stream entry id as its
+change is in `changefeed.formats.records`. A change read back has the stream entry id as its
 position (what this feed acknowledges) and the source position in ``meta["source_position"]``.
 """
 
@@ -29,7 +29,7 @@ import redis
 
 from changefeed.change import ALL, Change
 from changefeed.feed import ChangeFeed
-from changefeed.pipelines.records import change_of_entry, read_back
+from changefeed.formats.records import change_of_entry, read_back
 
 log = logging.getLogger("changefeed.pipelines")
 
@@ -159,7 +159,7 @@ class RedisStreamFeed(ChangeFeed):
 
     def _emit(self, entry_id: bytes | str, fields: dict[bytes, bytes] | None) -> Iterator[Change]:
         position = _text(entry_id)
-        change = change_of_entry(fields)
+        change = change_of_entry(fields, f"{self.stream} entry {position}")
         if change is None or not change.operation & self.operation:
             # Trimmed or deleted meanwhile, or an operation this feed does not want.
             self._delivered.append(position)

@@ -8,8 +8,8 @@ CLI's path, each round timed in CPU time:
     copy     slice each recorded message as the feed does (the reference: no decoding at all)
     decode   + PgOutputDecoder.decode(): Changes with Python values
     encode   + delta_line_encoder(): the JSON line ``changefeed run`` writes
-    deliver  the same, through ``changefeed run``'s loop: `ChangeFeed.changes()` and
-             `changefeed.delivery.deliver` with a `LineOutput` writing to /dev/null
+    deliver  the same, through ``changefeed run``'s loop: `ChangeFeed.read()`,
+             `changefeed.delivery.bounded` and `deliver` with a `LineOutput` to /dev/null
     direct   (compiled path only) pgoutput bytes straight to the delta line, no `Change`
              (`changefeed._speedups` ``Decoder.encode``)
     direct-deliver  (compiled path only) the same through ``changefeed run``'s loop, as the
@@ -49,7 +49,7 @@ from changefeed.change import Change
 from changefeed.delivery import LineOutput, deliver
 from changefeed.embedded import TemporaryPostgres
 from changefeed.feed import ChangeFeed
-from changefeed.pipelines.delta import delta_line_encoder
+from changefeed.formats.delta import delta_line_encoder
 
 ROW_CHANGES = frozenset(b"IUD")
 NARROW_TABLE = "CREATE TABLE bench (id int PRIMARY KEY, title text NOT NULL)"

@@ -9,6 +9,7 @@
 
 from changefeed.change import ALL, UNCHANGED, Change, Operation, Position, SnapshotState
 from changefeed.checkpoint import CheckpointStore, FileCheckpoint, MemoryCheckpoint
+from changefeed.delivery import FeedStats
 from changefeed.errors import (
     BackendError,
     ChangefeedError,
@@ -18,9 +19,10 @@ from changefeed.errors import (
     ResumeError,
     TransientBackendError,
 )
-from changefeed.feed import ChangeFeed, FeedStats, Retry
+from changefeed.feed import ChangeFeed
 from changefeed.message import Message
 from changefeed.registry import get_changefeed
+from changefeed.retry import Retry
 
 INSERT = Operation.INSERT
 DELETE = Operation.DELETE

@@ -153,7 +153,9 @@ class Change:
         return self.new if self.new is not None else self.old
 
     def to_dict(self) -> dict[str, Any]:
-        """A plain dict for JSON output; `UNCHANGED` columns are listed, not given values."""
+        """A plain dict for JSON output; `UNCHANGED` columns are listed, not given values.
+
+        The ``change`` format; `changefeed.formats.change_dict` reads it back."""
         result: dict[str, Any] = {
             "operation": self.operation.name.lower() if self.operation.name else None,
             "table": self.table,

@@ -1,25 +1,12 @@
-"""Delivery: the one loop that takes a feed's changes to an output and acknowledges them.
+"""Delivery: the loop every reader of a feed goes through.
 
-Every consumer in changefeed is `deliver()` with a different `Output`: ``changefeed run``
-without stages writes JSON lines (`LineOutput`, the zero-stage fast path), and a
-`changefeed.pipelines.Pipeline` runs its stages and sink in this process or in processes of
-their own. The loop owns what they all promise:
-
-* **Acknowledge only what was delivered, in order.** An output confirms a position once
-  everything up to it is safely out (flushed, or confirmed by the sink); the loop acknowledges
-  confirmed positions at most every ``ack_interval`` seconds (`ThrottledAcks`: a file
-  checkpoint fsyncs per acknowledgement), and always the last one at the end.
-* **The last acknowledgement goes out with the stream still open.** The loop itself ends at
-  ``limit``, an idle timeout, a deadline or a stop request (`ChangeFeed.stop`, e.g. from a
-  signal handler), delivers what the output holds, acknowledges, and only then closes the
-  stream, so the backend tells its server with its closing status.
-* **A failing feed loses nothing delivered**: the output delivers what the feed gave before the
-  error, that is acknowledged, then the error propagates. An output's own failure
-  (`PipelineError`) propagates after acknowledging what was confirmed before it.
-* **A reader that went away** (EPIPE on stdout, ``changefeed run | head``) ends the run without
-  acknowledging what it did not confirm: the next run delivers it again.
-* **Progress**: with a `Progress`, a line every few seconds (changes, rate, lag) and one at the
-  end.
+`bounded()` ends a run (limit, deadline, idle timeout, stop request): `ChangeFeed.changes()`
+reads through it, and so does `deliver()`, which takes the changes to an `Output`
+(``changefeed run``'s `LineOutput`, a pipeline, `ChangeFeed.run_forever`'s queue) and
+acknowledges what the output confirmed: in order, throttled by ``ack_interval``, the last of it
+before the stream closes (the backend tells its server with its closing status). A failing feed
+loses nothing delivered; a reader gone away (EPIPE) ends the run with what it did not take
+unacknowledged. This module knows a feed only as the `Feed` protocol: it sits below the feed.
 """
 
 from __future__ import annotations
@@ -29,19 +16,59 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, BinaryIO
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, BinaryIO, Protocol
 
-from changefeed.change import Position
+from changefeed.change import Change, Position
 from changefeed.errors import ChangefeedError, PipelineError
-from changefeed.feed import ChangeFeed
 
 log = logging.getLogger("changefeed")
 
 FLUSH_BYTES = 256 * 1024
 """While busy, `LineOutput` flushes (and confirms what it wrote) per this many bytes."""
 PROGRESS_SECONDS = 5.0
+WAIT_STEP = 0.2
+"""Seconds between calls of ``feed.keep_alive()`` while an output waits for its sink."""
+STOP_GRACE = 3.0
+"""Once a stop is requested, how long a sink still gets to confirm what it was given."""
+
+
+@dataclass
+class FeedStats:
+    """Counters a feed keeps while it runs, for progress and lag reports."""
+
+    changes: int = 0
+    reconnects: int = 0
+    last: Change | None = None
+    """The last change streamed (prefeed items excluded)."""
+    lag_bytes: int | None = None
+    """How far the source's log is ahead of what the feed received, where the backend knows."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def last_position(self) -> Position:
+        return getattr(self.last, "position", None)
+
+    @property
+    def last_committed_at(self) -> datetime | None:
+        return getattr(self.last, "committed_at", None)
+
+
+class Feed(Protocol):
+    """What delivery reads and acknowledges: `changefeed.feed.ChangeFeed` is one."""
+
+    stopping: bool
+    stats: FeedStats
+
+    def read(self) -> Generator[Any, None, None]: ...
+
+    def ack(self, position: Position) -> None: ...
+
+    def keep_alive(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class StopTimeout(Exception):
@@ -67,7 +94,7 @@ class Output:
         """Take the next change (or prefeed item, message, snapshot marker)."""
         raise NotImplementedError
 
-    def quiet(self) -> None:
+    def idle(self) -> None:
         """The source has nothing more at hand right now: deliver what waits, if sensible."""
 
     def finish(self) -> None:
@@ -100,7 +127,7 @@ class ThrottledAcks:
 
     __slots__ = ("feed", "interval", "pending", "last")
 
-    def __init__(self, feed: ChangeFeed, interval: float) -> None:
+    def __init__(self, feed: Feed, interval: float) -> None:
         self.feed = feed
         self.interval = interval
         self.pending: Position = None
@@ -125,7 +152,7 @@ class Progress:
     """Every `PROGRESS_SECONDS` while busy: changes so far, rate, and lag behind the source;
     and a last line with the total. Logged at INFO on the ``changefeed`` logger."""
 
-    def __init__(self, feed: ChangeFeed, quiet: bool = False) -> None:
+    def __init__(self, feed: Feed, quiet: bool = False) -> None:
         self.feed = feed
         self.quiet = quiet
         self.started = self.last = time.monotonic()
@@ -158,8 +185,56 @@ class Progress:
         self.last, self.last_count = now, count
 
 
+def bounded(
+    feed: Feed,
+    stream: Generator[Any, None, None],
+    *,
+    limit: int | None = None,
+    timeout: float | None = None,
+    idle_timeout: float | None = None,
+    ticks: bool = False,
+    close: bool = False,
+) -> Generator[Any, None, None]:
+    """The items of ``stream`` (``feed.read()``) until ``limit`` of them were read, ``timeout``
+    seconds passed, no change came for ``idle_timeout`` seconds, or ``feed.stop()`` was called.
+
+    This is where the ends of every read of a feed are enforced, each time after an item was
+    handled and before the next is read. ``ticks`` also yields the stream's None ticks.
+    ``close`` closes the stream at the end; `deliver` closes it itself, after acknowledging.
+    """
+    monotonic = time.monotonic
+    deadline = monotonic() + timeout if timeout is not None else None
+    read = read_at_last_tick = 0
+    idle_since = monotonic()
+    try:
+        if limit is not None and limit <= 0:
+            return
+        # The hot loop: one iteration per change.
+        for item in stream:
+            if item is not None:
+                yield item
+                read += 1
+                if read == limit or feed.stopping:
+                    return
+                if deadline is not None and monotonic() >= deadline:
+                    return
+                continue
+            if ticks:
+                yield None
+            now = monotonic()
+            if read != read_at_last_tick:
+                read_at_last_tick, idle_since = read, now
+            if feed.stopping or (deadline is not None and now >= deadline) or (
+                idle_timeout is not None and now - idle_since >= idle_timeout
+            ):
+                return
+    finally:
+        if close:
+            stream.close()
+
+
 def deliver(
-    feed: ChangeFeed,
+    feed: Feed,
     output: Output,
     *,
     limit: int | None = None,
@@ -168,12 +243,9 @@ def deliver(
     ack_interval: float = 0.0,
     progress: Progress | None = None,
 ) -> Delivered:
-    """Take ``feed``'s changes to ``output`` until ``limit`` changes were read, no change came
-    for ``idle_timeout`` seconds, ``timeout`` seconds passed, the feed ended or `stop()` was
-    called; acknowledge what ``output`` confirmed. See the module's notes for the guarantees.
-
-    Raises what the feed or the output raised, after acknowledging what was confirmed.
-    """
+    """Take ``feed``'s changes to ``output`` until the feed ends or `bounded` ends the run;
+    acknowledge what ``output`` confirmed. Raises what the feed or the output raised, after
+    acknowledging what was confirmed."""
     result = Delivered()
     acks = ThrottledAcks(feed, ack_interval)
     delivered = acks.delivered
@@ -187,38 +259,23 @@ def deliver(
     output.confirm = confirm
     output.handled = 0
     output.open()
-    monotonic = time.monotonic
-    deadline = monotonic() + timeout if timeout is not None else None
     put = output.put
-    read = 0
-    quiet_since = monotonic()
-    read_at_last_tick = 0
     clean = False
-    changes = feed.changes(ticks=True)
+    stream = feed.read()
+    items = bounded(feed, stream, limit=limit, timeout=timeout, idle_timeout=idle_timeout,
+                    ticks=True)
     try:
         try:
             try:
                 # The hot loop: one iteration per change.
-                for change in changes:
-                    if change is not None:
-                        put(change)
-                        read += 1
-                        if read == limit or feed.stopping:
-                            break
-                        if deadline is not None and monotonic() >= deadline:
-                            break
+                for item in items:
+                    if item is not None:
+                        put(item)
                         continue
-                    output.quiet()
+                    output.idle()
                     delivered(None)  # an acknowledgement held back by the interval goes now
-                    now = monotonic()
-                    if read != read_at_last_tick:
-                        read_at_last_tick, quiet_since = read, now
                     if progress is not None:
                         progress.maybe_report(output.handled)
-                    if feed.stopping or (deadline is not None and now >= deadline) or (
-                        idle_timeout is not None and now - quiet_since >= idle_timeout
-                    ):
-                        break
             except PipelineError:
                 raise
             except ChangefeedError:
@@ -240,7 +297,8 @@ def deliver(
     finally:
         if not result.reader_gone:
             acks.delivered(None, final=True)  # before the stream closes: with its last status
-        changes.close()
+        items.close()
+        stream.close()
         output.close(clean)
         feed.close()  # an acknowledgement made after the stream ended reaches the server here
         result.count = output.handled
@@ -249,13 +307,36 @@ def deliver(
     return result
 
 
+class SinkWait:
+    """How an output waits for a sink that works elsewhere (a thread, processes): calling
+    ``feed.keep_alive()`` every `WAIT_STEP` seconds (PostgreSQL's walsender expects answers),
+    and once ``feed.stopping`` for `STOP_GRACE` seconds more at most (`StopTimeout`)."""
+
+    def __init__(self, feed: Feed) -> None:
+        self.feed = feed
+        self.stop_deadline: float | None = None
+
+    def until(self, done: Callable[[float], bool]) -> None:
+        """Return once ``done(seconds)``, which may block that long for news from the sink,
+        says the wait is over; raise `StopTimeout` once a stop request has waited long enough
+        (what the sink did not confirm is not acknowledged, and comes again on the next run)."""
+        while not done(WAIT_STEP):
+            self.feed.keep_alive()
+            if self.feed.stopping:
+                now = time.monotonic()
+                if self.stop_deadline is None:
+                    self.stop_deadline = now + STOP_GRACE
+                elif now >= self.stop_deadline:
+                    raise StopTimeout
+
+
 class LineOutput(Output):
     """Encoded lines into a binary file (stdout): the zero-stage fast path of ``changefeed run``.
 
     Each line goes straight into the file's own buffer and is freed at once (keeping a few
     thousand encoded lines alive until a flush made every encoding four times slower: glibc
     returning freed memory to the system and asking for it again). The buffer is flushed when
-    the source goes quiet and per `FLUSH_BYTES`; a flush confirms the lines written before it.
+    the source goes idle and per `FLUSH_BYTES`; a flush confirms the lines written before it.
     """
 
     def __init__(
@@ -291,7 +372,7 @@ class LineOutput(Output):
                 confirm(last.position, count)
 
         self.put = put  # type: ignore[method-assign]
-        self.quiet = self.finish = flush  # type: ignore[method-assign]
+        self.idle = self.finish = flush  # type: ignore[method-assign]
 
     def close(self, clean: bool) -> None:
         """The file stays open: it belongs to the caller."""
@@ -316,11 +397,16 @@ def silence_stdout() -> None:
 __all__ = [
     "FLUSH_BYTES",
     "Delivered",
+    "Feed",
+    "FeedStats",
     "LineOutput",
     "Output",
     "Progress",
+    "STOP_GRACE",
+    "SinkWait",
     "StopTimeout",
     "ThrottledAcks",
+    "bounded",
     "buffered_stdout",
     "deliver",
     "silence_stdout",

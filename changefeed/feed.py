@@ -1,37 +1,29 @@
-"""The `ChangeFeed` node: prefeed, then stream, with the retry and resume policy of all backends.
+"""The `ChangeFeed` node: prefeed, then stream, with the reconnect and resume policy of all
+backends.
 
-A feed first replays its prefeed, then streams the backend's changes forever. Everything that
-reads a feed goes through `ChangeFeed.changes()`: iterating in-process (``for change in feed``),
-the CLI, and `run_forever()` when the feed runs as a multipipes process. So the retry and resume
-logic exists once:
-
-* the backend's `run_changefeed()` yields changes after the last acknowledged position (and None
-  as an idle tick at least once a second, so timeouts and stop requests are noticed);
-* an exception the backend's `is_transient()` accepts is followed by a reconnect after an
-  exponential backoff with jitter, resuming from the last acknowledged position;
-* any other exception ends the feed: changefeed's own errors as they are, a driver's error
-  wrapped in `PermanentBackendError`;
-* so does any failure before the backend first reached its server (`mark_connected()`): that
-  is most likely a wrong URL or a server that is down, better said at once than retried forever.
-
-Delivery is at least once. A consumer acknowledges with `ChangeFeed.ack()` once a change is
-safely delivered; iterating a feed acknowledges a change when the next one is asked for.
+`ChangeFeed.read()` replays the prefeed, then streams the backend's `run_changefeed()` (changes
+after the acknowledged position, and None ticks when idle). A failure the backend's
+`is_transient()` accepts is followed by a reconnect after a backoff with jitter (`Retry`);
+any other, and any failure before the backend first reached its server (`mark_connected()`: a
+wrong URL is said at once, not retried forever), ends the feed, a driver's error wrapped in
+`PermanentBackendError`. Every reader (``for change in feed``, `changes()`, `run_forever()`,
+the CLI, a pipeline) reads through `changefeed.delivery`, which enforces the ends of a run.
+Delivery is at least once: a consumer acknowledges with `ack()` what it delivered.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
-import random
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
-from datetime import datetime
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any
 
 from multipipes import Node
 
 from changefeed.change import ALL, Change, Operation, Position
 from changefeed.checkpoint import CheckpointStore, MemoryCheckpoint
+from changefeed.delivery import FeedStats, Output, bounded, deliver
 from changefeed.errors import (
     ChangefeedError,
     ConfigurationError,
@@ -39,52 +31,12 @@ from changefeed.errors import (
     TransientBackendError,
     first_line,
 )
+from changefeed.retry import Retry
 
 log = logging.getLogger("changefeed")
 
-
-@dataclass(frozen=True)
-class Retry:
-    """How a feed reconnects after a transient error: exponential backoff with full jitter.
-
-    The n-th consecutive failure waits a random time up to ``min(maximum, initial * 2**n)``.
-    ``attempts`` bounds consecutive failures (None: retry forever).
-    """
-
-    initial: float = 0.5
-    maximum: float = 30.0
-    attempts: int | None = None
-
-    def exhausted(self, failures: int) -> bool:
-        """Whether ``failures`` consecutive failures are past the bound: give up, do not wait."""
-        return self.attempts is not None and failures > self.attempts
-
-    def delay(self, failures: int) -> float:
-        """Seconds to wait after ``failures`` consecutive failures (1 for the first)."""
-        ceiling = min(self.maximum, self.initial * 2 ** (failures - 1))
-        return random.uniform(ceiling / 2, ceiling)
-
-
-@dataclass
-class FeedStats:
-    """Counters a feed keeps while it runs, for progress and lag reports."""
-
-    changes: int = 0
-    reconnects: int = 0
-    last: Change | None = None
-    """The last change streamed (prefeed items excluded)."""
-    acknowledged: Position = None
-    lag_bytes: int | None = None
-    """How far the source's log is ahead of what the feed received, where the backend knows."""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def last_position(self) -> Position:
-        return getattr(self.last, "position", None)
-
-    @property
-    def last_committed_at(self) -> datetime | None:
-        return getattr(self.last, "committed_at", None)
+RECONNECT_TICK = 0.1
+"""While it waits to reconnect, a feed ticks this often (its reader may end the wait)."""
 
 
 class ChangeFeed(Node):
@@ -148,19 +100,19 @@ class ChangeFeed(Node):
         self.retry = retry if retry is not None else Retry()
         self.feed_id = name or table
         self.stats = FeedStats()
-        self.acknowledged: Position = self.checkpoint.load(self.feed_id)
-        self.stats.acknowledged = self.acknowledged
+        self._acknowledged_position: Position = self.checkpoint.load(self.feed_id)
         self.connected_once = False
         """Whether the backend ever reached its server (see `mark_connected`)."""
         self.stopping = False
-        """Whether `stop()` was called since the current `changes()` began (read it, do not set
-        it): a consumer waiting on its sink reads this to give up waiting."""
+        """Whether `stop()` was called since the current `read()` began (read it, do not set
+        it): the delivery loop ends the run on it, and an output waiting on its sink gives up."""
 
     @property
-    def position(self) -> Position:
-        """The resume state: the last acknowledged position (loaded from the checkpoint store
-        at start). A feed resumes after it; None means from the start (or the server's slot)."""
-        return self.acknowledged
+    def acknowledged(self) -> Position:
+        """The last acknowledged position: loaded from the checkpoint store at start, moved by
+        `ack()` alone. A feed resumes after it; None means from the start (or the server's
+        slot)."""
+        return self._acknowledged_position
 
     # -- what a backend implements -------------------------------------------------------------
 
@@ -234,133 +186,166 @@ class ChangeFeed(Node):
         """
         if position is None:
             return
-        self.acknowledged = position
-        self.stats.acknowledged = position
+        self._acknowledged_position = position
         self.checkpoint.save(self.feed_id, position)
         self.on_acknowledge(position)
 
     def stop(self) -> None:
-        """Ask a running `changes()` loop to end at its next tick (safe from a signal handler)."""
+        """Ask a running read of the feed (`changes()`, `deliver()`) to end after the change at
+        hand, or at the next tick (safe from a signal handler)."""
         self.stopping = True
 
-    def changes(
-        self,
-        *,
-        timeout: float | None = None,
-        idle_timeout: float | None = None,
-        stop_after: int | None = None,
-        ticks: bool = False,
-    ) -> Iterator[Any]:
-        """Yield the prefeed, then the stream, reconnecting on transient errors.
+    def read(self) -> Generator[Any, None, None]:
+        """Yield the prefeed, then the stream's changes, and None as a tick whenever nothing
+        more is at hand (the stream is idle, or the feed waits to reconnect); reconnect on
+        transient errors.
 
-        Args:
-            timeout: stop after this many seconds in all.
-            idle_timeout: stop once no change arrived for this many seconds.
-            stop_after: stop after this many changes (prefeed included).
-            ticks: also yield None whenever the backend has nothing more at hand right now,
-                so a consumer can flush buffered output exactly when the stream goes quiet.
-
-        Nothing is acknowledged here: call `ack()` once a change is delivered.
+        It ends only when the stream does: limits, deadlines, idle timeouts and stop requests
+        are its reader's to enforce, and every reader goes through
+        `changefeed.delivery.bounded`, which does (`changes()`, `deliver()`). Nothing is
+        acknowledged here.
         """
         self.stopping = False
-        deadline = time.monotonic() + timeout if timeout is not None else None
-        emitted = 0
         stats = self.stats
-        monotonic = time.monotonic
         try:
             if not isinstance(self.prefeed, str):
-                for item in self.prefeed:
-                    if self.stopping or (stop_after is not None and emitted >= stop_after):
-                        return
-                    emitted += 1
-                    yield item
+                yield from self.prefeed
             failures = 0
-            while not self.stopping and (stop_after is None or emitted < stop_after):
-                last_seen = monotonic()
-                emitted_before = emitted
+            while True:
+                streamed = stats.changes
                 stream = self.run_changefeed()
                 try:
                     # The hot loop: keep it lean, it runs once per change.
                     for change in stream:
                         if change is not None:
-                            failures = 0
-                            emitted += 1
                             stats.changes += 1
                             stats.last = change
                             yield change
-                            if stop_after is not None and emitted >= stop_after:
-                                return
-                            if deadline is not None or idle_timeout is not None:
-                                last_seen = monotonic()
-                                if deadline is not None and last_seen >= deadline:
-                                    return
                         else:
                             self.connected_once = True  # a tick: the backend is streaming
-                            now = monotonic()
-                            if deadline is not None and now >= deadline:
-                                return
-                            if idle_timeout is not None and now - last_seen >= idle_timeout:
-                                return
-                            if ticks:
-                                yield None
-                        if self.stopping:
-                            return
+                            yield None
                     return
                 except Exception as exc:
-                    if emitted > emitted_before:  # the backend streamed: it was connected
-                        self.connected_once = True
+                    if stats.changes > streamed:  # it streamed: it was connected, and this
+                        self.connected_once = True  # failure is the first of a new series
+                        failures = 0
                     if not (self.connected_once and self.is_transient(exc)):
                         error = _permanent(exc)
                         if error is exc:
                             raise
                         raise error from exc
                     failures += 1
-                    self._wait_before_retry(exc, failures, deadline)
+                    delay = self._reconnect_delay(exc, failures)
                 finally:
                     close_stream = getattr(stream, "close", None)
                     if close_stream is not None:  # a generator: run its clean-up now
                         close_stream()
                     self.close()
-                if deadline is not None and monotonic() >= deadline:
-                    return
+                yield from _ticking_sleep(delay)
         finally:
             self.close()
 
-    def _wait_before_retry(
-        self, exc: BaseException, failures: int, deadline: float | None
-    ) -> None:
+    def _reconnect_delay(self, exc: BaseException, failures: int) -> float:
+        """Seconds to wait before reconnecting after ``exc``, the ``failures``-th failure in a
+        row; past the retry's bound the error that ends the feed."""
         if self.retry.exhausted(failures):
             raise PermanentBackendError(
                 f"gave up after {failures - 1} reconnect attempts; last error: {exc}"
             ) from exc
         delay = self.retry.delay(failures)
-        if deadline is not None:
-            delay = max(0.0, min(delay, deadline - time.monotonic()))
         log.warning("connection lost (%s); reconnecting in %.1f s", first_line(exc), delay)
         self.stats.reconnects += 1
-        end = time.monotonic() + delay
-        while not self.stopping and time.monotonic() < end:
-            time.sleep(min(0.1, max(0.0, end - time.monotonic())))
+        return delay
+
+    def changes(
+        self,
+        *,
+        timeout: float | None = None,
+        idle_timeout: float | None = None,
+        limit: int | None = None,
+        ticks: bool = False,
+    ) -> Generator[Any, None, None]:
+        """Yield the prefeed, then the stream, reconnecting on transient errors, until a bound
+        (all optional: by default forever) or a `stop()`; see `changefeed.delivery.bounded`.
+
+        Args:
+            timeout: stop after this many seconds in all.
+            idle_timeout: stop once no change arrived for this many seconds.
+            limit: stop after this many changes (prefeed included).
+            ticks: also yield None whenever the backend has nothing more at hand right now,
+                so a consumer can flush buffered output exactly when the stream goes idle.
+
+        Nothing is acknowledged here: call `ack()` once a change is delivered.
+        """
+        return bounded(self, self.read(), limit=limit, timeout=timeout,
+                       idle_timeout=idle_timeout, ticks=ticks, close=True)
 
     def __iter__(self) -> Iterator[Change]:
         """Iterate forever, acknowledging each change when the next one is asked for."""
-        previous: Change | None = None
         for change in self.changes():
-            if previous is not None:
-                self.ack(previous.position)
-            previous = change
             yield change
+            self.ack(getattr(change, "position", None))  # the consumer is done with it
 
     def run_forever(self) -> None:
-        """The multipipes entry point: put every change on ``outqueue``.
+        """The multipipes entry point: put every change on ``outqueue``, and acknowledge each
+        once the next node has taken it off the queue (`QueueOutput`).
 
-        A change counts as delivered once it is on the queue; pipelines that need
-        acknowledgement after the sink use `changefeed.pipelines` instead.
+        That node may still lose a change it took (it dies while handling it); pipelines that
+        need acknowledgement after the sink use `changefeed.pipelines` instead.
         """
-        for change in self.changes():
-            self.outqueue.put(change)
-            if isinstance(change, Change):
-                self.ack(change.position)
+        deliver(self, QueueOutput(self.outqueue))
+
+
+class QueueOutput(Output):
+    """Changes onto a multiprocessing queue (a multipipes node's ``outqueue``), each confirmed
+    once the consumer has taken it off the queue.
+
+    ``queue.qsize()`` says how many of the changes put are still waiting, so every change
+    before those was taken. On macOS, where a multiprocessing queue cannot tell its size
+    (``NotImplementedError``), a change counts as delivered once it is on the queue.
+    """
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+        self.waiting: collections.deque[Position] = collections.deque()
+        """The positions of the changes on the queue, oldest first, not yet known taken."""
+
+    def put(self, change: Any) -> None:
+        self.queue.put(change)
+        self.waiting.append(getattr(change, "position", None))
+        self._confirm_taken()
+
+    def idle(self) -> None:
+        self._confirm_taken()
+
+    def finish(self) -> None:
+        """Confirm what was taken; what waits on the queue is not acknowledged (it comes
+        again on the next run)."""
+        self._confirm_taken()
+
+    def _confirm_taken(self) -> None:
+        try:
+            on_queue = self.queue.qsize()
+        except NotImplementedError:  # macOS
+            on_queue = 0
+        taken = len(self.waiting) - on_queue
+        if taken <= 0:
+            return
+        last: Position = None
+        for _ in range(taken):
+            position = self.waiting.popleft()
+            if position is not None:
+                last = position
+        self.confirm(last, taken)
+
+
+def _ticking_sleep(seconds: float) -> Iterator[None]:
+    """Sleep ``seconds``, yielding None every `RECONNECT_TICK` seconds and at the end, so that
+    the reader can end the wait (a deadline, a stop request)."""
+    end = time.monotonic() + seconds
+    while (remaining := end - time.monotonic()) > 0:
+        time.sleep(min(RECONNECT_TICK, remaining))
+        yield None
 
 
 def _permanent(exc: Exception) -> ChangefeedError:

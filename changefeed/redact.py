@@ -12,7 +12,9 @@ are secret, the whole userinfo, query and fragment are replaced::
 
 It works on any text, so error messages of libraries (httpx, redis) that quote the URL are
 covered too: the CLI applies it to every log record, to its one-line errors and to
-tracebacks (`RedactingFormatter`, `install_excepthook`).
+tracebacks (`RedactingFormatter`, `install_excepthook`). Secrets no rule can recognise (a token
+``changefeed serve`` took from the environment for its config) are masked wherever they appear
+once given to `register_secret`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ _URL = re.compile(
 _CONNINFO_PASSWORD = re.compile(r"\b(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 
 MASK = "***"
+_SECRETS: list[str] = []
+"""Exact strings to mask, longest first (see `register_secret`)."""
 
 
 def _redact_url(match: re.Match[str]) -> str:
@@ -52,7 +56,21 @@ def redact(text: str) -> str:
         text = _URL.sub(_redact_url, text)
     if "password" in text.lower():
         text = _CONNINFO_PASSWORD.sub(r"\1" + MASK, text)
+    for secret in _SECRETS:
+        if secret in text:
+            text = text.replace(secret, MASK)
     return text
+
+
+def register_secret(value: str) -> None:
+    """Make `redact` mask ``value`` wherever it appears from now on, in this process.
+
+    For secrets that the URL rules cannot tell apart from other text, such as a token taken
+    from the environment; values shorter than 4 characters are ignored (masking them would
+    hide ordinary words and numbers while protecting nothing)."""
+    if len(value) >= 4 and value not in _SECRETS:
+        _SECRETS.append(value)
+        _SECRETS.sort(key=len, reverse=True)
 
 
 class RedactingFormatter(logging.Formatter):
@@ -73,4 +91,4 @@ def install_excepthook() -> None:
     sys.excepthook = hook
 
 
-__all__ = ["MASK", "RedactingFormatter", "install_excepthook", "redact"]
+__all__ = ["MASK", "RedactingFormatter", "install_excepthook", "redact", "register_secret"]

@@ -1,8 +1,8 @@
 """Which backend serves a connection: `get_changefeed`, `register_backend`, `backend_for_url`.
 
-A backend is known before it is imported: `declare_backend` names its module, the URL schemes
-it serves and the driver packages whose connection objects it takes (`changefeed.backends`
-lists the built-in ones). Nothing imports a backend's driver until a feed asks for
+A backend is known before it is imported: a `Backend` record names its module, the URL schemes
+it serves and the driver packages whose connection objects it takes (`BUILTIN_BACKENDS` below;
+`declare_backend` adds others). Nothing imports a backend's driver until a feed asks for
 it; importing the backend's module then calls `register_backend`, which tells
 `get_changefeed` how to make its feeds from a URL and from the driver's connection objects.
 
@@ -18,13 +18,44 @@ import functools
 import importlib
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from changefeed.backends import BUILTIN_BACKENDS, Backend
 from changefeed.change import ALL
 from changefeed.errors import ConfigurationError
 from changefeed.feed import ChangeFeed
+from changefeed.preflight import looks_like_conninfo
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What is known of a backend before its module (and driver) is imported."""
+
+    name: str
+    """Short name, also the pip extra that installs its driver (``changefeed[mongodb]``)."""
+    title: str
+    """The database's name in messages (``MongoDB``)."""
+    module: str
+    """The module whose import registers it."""
+    schemes: tuple[str, ...] = ()
+    """URL schemes it serves, lower case (``postgresql``)."""
+    drivers: tuple[str, ...] = ()
+    """Top-level packages of the connection objects it takes (``pymongo``)."""
+    accepts: Callable[[str], bool] | None = None
+    """Recognises connection strings without a scheme (libpq's ``host=db dbname=app``)."""
+
+
+BUILTIN_BACKENDS = (
+    Backend("postgres", "PostgreSQL", "changefeed.backends.postgres",
+            schemes=("postgresql", "postgres"), drivers=("psycopg",),
+            accepts=looks_like_conninfo),
+    Backend("mongodb", "MongoDB", "changefeed.backends.mongodb",
+            schemes=("mongodb", "mongodb+srv"), drivers=("pymongo",)),
+    Backend("rethinkdb", "RethinkDB", "changefeed.backends.rethinkdb",
+            schemes=("rethinkdb",), drivers=("rethinkdb",)),
+)
+"""The backends that come with changefeed, each in ``changefeed.backends``."""
 
 _DECLARED: dict[str, Backend] = {backend.name: backend for backend in BUILTIN_BACKENDS}
 _REGISTERED: dict[str, tuple[type[ChangeFeed], Callable[[str], None] | None]] = {}
@@ -165,6 +196,7 @@ def _get_changefeed_from_url(
 
 
 __all__ = [
+    "BUILTIN_BACKENDS",
     "Backend",
     "backend_for_url",
     "declare_backend",

@@ -1,11 +1,9 @@
 """The multi-process mode of `changefeed.pipelines.Pipeline` (``own_process``, ``processes=True``).
 
 Steps marked to run elsewhere become `multipipes.Node` processes connected by queues; chunks of
-entries cross the boundaries, and the sink's process sends confirmations back on a queue to the
-feed's process, which alone calls ``feed.ack``, in order. While it waits for confirmations the
-feed's process calls ``feed.keep_alive()`` (so the database is answered while a sink is slow) and
-watches for a stop request: once stopping, it waits `STOP_GRACE` seconds at most for what was
-sent, then ends the workers and acknowledges what was confirmed.
+entries cross the boundaries, and the sink's process sends confirmations back to the feed's
+process, which alone acknowledges, in order, and waits for them through
+`changefeed.delivery.SinkWait` (the source answered, a stop a few seconds at most).
 """
 
 from __future__ import annotations
@@ -18,9 +16,9 @@ from typing import Any, Protocol
 
 import multipipes
 
-from changefeed.delivery import Output
+from changefeed.delivery import Output, SinkWait, StopTimeout
 from changefeed.errors import PipelineError
-from changefeed.pipelines._sink_thread import SLOW_SINK, STOP_GRACE
+from changefeed.pipelines._sink_thread import SLOW_SINK
 from changefeed.pipelines._steps import _Chunk, _Entry, _Failure, _Segment, _SinkStep
 from changefeed.pipelines.stages import BatchPolicy, Stage
 
@@ -137,9 +135,7 @@ class MultiProcessOutput(Output):
         self.last_alive_check = time.monotonic()
         self.last_progress = time.monotonic()
         """When the workers last confirmed something (or were given work while idle)."""
-        self.stop_deadline: float | None = None
-        self.abandoned = False
-        """Set when a stop gave up waiting for the workers: they are ended, not shut down."""
+        self.waiting = SinkWait(self.feed)
 
     def open(self) -> None:
         self.inqueue = multipipes.Pipe()
@@ -165,15 +161,17 @@ class MultiProcessOutput(Output):
             self._send(flush=True)
             self.inqueue.put(failure)
             log.error("%s", failure.message, exc_info=failure.cause)
-            self._drain(until_all=True, expect_failure=True)
-            raise PipelineError(failure.message)  # only reached when a stop gave up
+            try:
+                self._drain(until_all=True, expect_failure=True)  # raises the failure
+            except StopTimeout:  # a stop gave up waiting for it
+                raise PipelineError(failure.message) from None
         if len(chunk) >= self.chunk_size or time.monotonic() - self.chunk_started >= self.seconds:
             self._send(flush=False)
             # Confirmations only follow sends: polling the queue costs ~6 µs, more than
             # decoding a change, so poll per chunk (and on idle ticks).
             self._drain()
 
-    def quiet(self) -> None:
+    def idle(self) -> None:
         if self.chunk:
             self._send(flush=True)
         # Caught up with the source. If the workers are slow, wait for them here, where
@@ -187,7 +185,7 @@ class MultiProcessOutput(Output):
         self._drain(until_all=True)
 
     def close(self, clean: bool) -> None:
-        if clean and not self.abandoned:
+        if clean:
             self.mp_pipeline.poison_pill()
         else:
             self._terminate()
@@ -201,46 +199,47 @@ class MultiProcessOutput(Output):
             self.sent += len(chunk)
 
     def _drain(self, until_all: bool = False, expect_failure: bool = False) -> None:
-        """Handle the confirmations that arrived; block while too much is in flight, or (with
-        ``until_all``) until everything sent is confirmed."""
-        outqueue = self.outqueue
-        while not self.abandoned:
-            in_flight = self.sent - self.confirmed
-            block = (until_all and (in_flight > 0 or expect_failure)) or (
-                in_flight > self.max_in_flight
-            )
-            try:
-                message = outqueue.get(timeout=0.1) if block else outqueue.get_nowait()
-            except queue.Empty:
-                if not block:
-                    # Notice a dead worker within a second, also while the feed is quiet.
-                    if time.monotonic() - self.last_alive_check >= 1.0:
-                        self._check_alive()
-                    return
-                self.feed.keep_alive()  # the workers are slow: keep the source's connection up
-                self._check_alive()
-                self._check_stop()
-                continue
-            if isinstance(message, _Failure):
-                raise message.error()
-            self.confirmed += message.count
-            self.last_progress = time.monotonic()
-            self.confirm(message.position, message.count)
+        """Handle the confirmations that arrived; wait while too much is in flight, or (with
+        ``until_all``) until everything sent is confirmed (`SinkWait`: the source is answered
+        meanwhile, and a stop waits a few seconds at most)."""
 
-    def _check_stop(self) -> None:
-        """Once a stop is requested, wait `STOP_GRACE` seconds at most for confirmations, then
-        give up the rest (it comes again on the next run)."""
-        if not self.feed.stopping:
-            return
-        now = time.monotonic()
-        if self.stop_deadline is None:
-            self.stop_deadline = now + STOP_GRACE
-        elif now >= self.stop_deadline:
-            self.abandoned = True
-            log.warning(
-                "stopping: %s changes were not confirmed by the sink in time; they are not"
-                " acknowledged and come again on the next run", self.sent - self.confirmed,
+        def settled() -> bool:
+            in_flight = self.sent - self.confirmed
+            return not (until_all and (in_flight > 0 or expect_failure)) and (
+                in_flight <= self.max_in_flight
             )
+
+        self._receive(0.0)
+        if settled():
+            # Notice a dead worker within a second, also while the feed is idle.
+            if time.monotonic() - self.last_alive_check >= 1.0:
+                self._check_alive()
+            return
+
+        def done(seconds: float) -> bool:
+            self._receive(seconds)
+            if settled():
+                return True
+            self._check_alive()
+            return False
+
+        self.waiting.until(done)
+
+    def _receive(self, timeout: float) -> None:
+        """Confirm what the workers sent back, waiting up to ``timeout`` seconds for the first;
+        raise a worker's failure."""
+        outqueue = self.outqueue
+        try:
+            message = outqueue.get(timeout=timeout) if timeout else outqueue.get_nowait()
+            while True:
+                if isinstance(message, _Failure):
+                    raise message.error()
+                self.confirmed += message.count
+                self.last_progress = time.monotonic()
+                self.confirm(message.position, message.count)
+                message = outqueue.get_nowait()
+        except queue.Empty:
+            pass
 
     def _terminate(self) -> None:
         """End every worker now (after a failure): SIGTERM, then SIGKILL what lingers."""

@@ -1,29 +1,11 @@
-"""The sink thread of an in-process pipeline: the feed never waits on the sink unanswered.
+"""The sink thread of an in-process pipeline: the feed's thread hands batches over and reads on.
 
-A sink may take seconds per batch (a slow webhook) or minutes (one that retries). If the feed's
-thread called it directly, nobody would read the source meanwhile: PostgreSQL's walsender gets no
-answer to its keepalives, so a fast shutdown of the server or ``wal_sender_timeout`` waits on
-us, and the backlog grows while batches stay small. So the sink runs in one thread of its own,
-`_SinkThread`, and the feed's thread only hands batches over:
-
-* one batch is in the sink at a time, handed over in feed order, so confirmations come back in
-  order and acknowledging the last one implies every earlier position;
-* while the sink is busy the feed's thread goes on reading what the source has at hand, and
-  the next batch grows, up to ``cap`` entries: a slow sink gets bigger batches and keeps up;
-* when it must wait (it caught up with the source while the sink is slow, the next batch is
-  full, or the run ends) it waits in short steps, calling ``feed.keep_alive()`` between them
-  (the backend answers its server and may read ahead into a buffer of its own) and watching
-  for a stop request. Waiting rather than reading on matters to PostgreSQL: a walsender
-  shutting down waits for a client that keeps answering from its stream loop, not for one
-  answering from keep_alive(), which says that what it received is not delivered yet.
-* once stopping, it waits `STOP_GRACE` seconds at most, then interrupts the sinks (a retry
-  loop gives up its batch unconfirmed) and leaves the thread behind: what was confirmed is
-  acknowledged, the rest comes again on the next run.
-
-The sinks are called from the sink thread only, ``close()`` included. A sink that only writes to
-a local file (``local = True``, with the dead-letter sink, if any) is instead called inline, in
-the feed's thread: it never waits long, and two threads both busy with Python code cost about
-a fifth more CPU than one (measured with PostgreSQL and a file sink).
+A slow or retrying sink called from the feed's thread would leave the source unanswered
+(PostgreSQL's walsender, its shutdown, ``wal_sender_timeout``), and the backlog would grow while
+batches stay small. So one thread runs the sink, one batch at a time in feed order (the
+confirmations come back in order); while it works the next batch grows, and the feed's thread
+waits only through `changefeed.delivery.SinkWait`. A sink that only writes a local file runs
+inline instead: a hand-over between threads costs more than it saves there.
 """
 
 from __future__ import annotations
@@ -35,18 +17,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from changefeed.delivery import StopTimeout
+from changefeed.delivery import SinkWait
 from changefeed.pipelines._steps import _Confirmed, _Entry, _SinkStep
 
 log = logging.getLogger("changefeed.pipelines")
 
 SLOW_SINK = 1.0
-"""A sink that has held a batch this long is slow: at a quiet moment the feed's thread then waits
+"""A sink that has held a batch this long is slow: at an idle moment the feed's thread then waits
 for it (answering the source with keep_alive()) instead of reading on."""
-WAIT_STEP = 0.2
-"""Seconds between calls of ``feed.keep_alive()`` while the feed's thread waits on the sink."""
-STOP_GRACE = 3.0
-"""Once a stop is requested, how long the sink still gets to confirm what it was given."""
 CLOSE_WAIT = 10.0
 """How long the end of a run waits for the sink thread to close its sinks."""
 
@@ -54,18 +32,19 @@ CLOSE_WAIT = 10.0
 class _SinkThread:
     """Runs ``sink_step.deliver`` in a thread of its own; ``confirm`` gets each result in order.
 
-    Used from the feed's thread only (except `_run`, the sink thread).
+    Used from the feed's thread only (except `_run`, the sink thread); the sinks are called
+    from the sink thread only, ``close()`` included, unless they all write local files
+    (``inline``).
     """
 
     def __init__(
         self, sink_step: _SinkStep, feed: Any, confirm: Callable[[_Confirmed | None], None]
     ) -> None:
         self.sink_step = sink_step
-        self.feed = feed
         self.confirm = confirm
         self.in_flight = 0
         self.handed_at = 0.0
-        self.stop_deadline: float | None = None
+        self.waiting = SinkWait(feed)
         self.inline = all(
             sink.local for sink in (sink_step.sink, sink_step.dead_letter)
             if sink is not None
@@ -143,12 +122,12 @@ class _SinkThread:
         if not self.in_flight:
             self.hand_over(sink_step.take())
 
-    def quiet(self, sink_step: _SinkStep) -> None:
+    def idle(self, sink_step: _SinkStep) -> None:
         """The source has nothing more at hand: hand the waiting batch over if the sink is free.
 
         If the sink is slow (busy for `SLOW_SINK` seconds), wait for it here, answering the
         source with keep_alive(); a sink busy for less gets no wait: the feed reads on, and the
-        batch goes at the next quiet moment or once due (this keeps thread hand-overs rare
+        batch goes at the next idle moment or once due (this keeps thread hand-overs rare
         while changes stream fast).
         """
         self.poll()
@@ -164,21 +143,15 @@ class _SinkThread:
         self.wait()
 
     def wait(self) -> None:
-        """Wait until the sink confirmed everything handed over, answering the source meanwhile.
+        """Wait until the sink confirmed everything handed over, answering the source meanwhile
+        (`SinkWait`: raises `StopTimeout` once a stop request has waited long enough)."""
 
-        Raises `StopTimeout` when a stop request has waited `STOP_GRACE` seconds.
-        """
-        while self.in_flight:
-            self.poll(WAIT_STEP)
-            if not self.in_flight:
-                return
-            self.feed.keep_alive()
-            if self.feed.stopping:
-                now = time.monotonic()
-                if self.stop_deadline is None:
-                    self.stop_deadline = now + STOP_GRACE
-                elif now >= self.stop_deadline:
-                    raise StopTimeout
+        def confirmed(seconds: float) -> bool:
+            if self.in_flight:
+                self.poll(seconds)
+            return not self.in_flight
+
+        self.waiting.until(confirmed)
 
     def close(self, wait: bool) -> None:
         """End the sink thread: at once (after a failure or a stop), or once it closed the

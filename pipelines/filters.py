@@ -25,6 +25,11 @@ from changefeed.errors import ConfigurationError
 Filter = list[Any]
 Predicate = Callable[[Mapping[str, Any]], bool]
 
+MAX_DEPTH = 100
+"""How deeply filters may nest (``and``/``or``/``not`` inside one another). Far beyond any
+real filter, and far below Python's recursion limit: input from a command line, a URL or a
+config file must never be able to exhaust the stack."""
+
 _COMPARISONS: dict[str, Callable[[Any, Any], bool]] = {
     "==": operator.eq,
     "<": operator.lt,
@@ -47,11 +52,14 @@ def get_field(row: Mapping[str, Any], name: str) -> Any:
     return value
 
 
-def compile_filter(filter: Filter) -> Predicate:
+def compile_filter(filter: Filter, _depth: int = 1) -> Predicate:
     """Check ``filter`` and return a predicate telling whether a row matches it.
 
-    Raises `ConfigurationError` naming the faulty part on an unknown operator or a wrong shape.
+    Raises `ConfigurationError` naming the faulty part on an unknown operator, a wrong shape,
+    or nesting deeper than `MAX_DEPTH`.
     """
+    if _depth > MAX_DEPTH:
+        raise ConfigurationError(f"a filter may nest at most {MAX_DEPTH} levels deep")
     if not isinstance(filter, (list, tuple)) or not filter:
         raise ConfigurationError(
             f"a filter is a non-empty list such as ['==', 'color', 'blue'], not {filter!r}"
@@ -66,13 +74,13 @@ def compile_filter(filter: Filter) -> Predicate:
     if op in ("and", "or"):
         if not args:
             raise ConfigurationError(f"{op!r} needs at least one filter: got {filter!r}")
-        parts = tuple(compile_filter(arg) for arg in args)
+        parts = tuple(compile_filter(arg, _depth + 1) for arg in args)
         combine = all if op == "and" else any
         return lambda row: combine(part(row) for part in parts)
     if op == "not":
         if len(args) != 1:
             raise ConfigurationError(f"'not' takes exactly one filter: got {filter!r}")
-        inner = compile_filter(args[0])
+        inner = compile_filter(args[0], _depth + 1)
         return lambda row: not inner(row)
     valid = ", ".join([*_COMPARISONS, "and", "or", "not"])
     raise ConfigurationError(f"unknown filter operator {op!r}: use one of {valid}")

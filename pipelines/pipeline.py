@@ -12,42 +12,11 @@
     >>> feed.checkpoint.load("tasks")     # both changes handled: one delivered, one dropped
     2
 
-Design notes
-------------
-*Units of work.* Each change becomes an entry: its position, the items the stages made of it so
-far, and (when a dead-letter sink is set) the change itself. A stage returning None leaves the
-entry empty; the entry still travels to the sink step, which is what makes a dropped change
-count as handled, in order, without any bookkeeping on the side.
-
-*Acknowledgement.* The sink step groups entries into batches (`batch()`; by default up to 1000
-items, at most 1 second old, and whenever the feed goes quiet), delivers a batch, and only then
-reports the last position of that batch as confirmed. Entries reach the sink in feed order (one
-sink thread or process, FIFO queues), so a confirmed position implies every earlier one:
-`feed.ack` is never called for a position while an earlier one is unconfirmed.
-
-*One loop.* `run()` is `changefeed.delivery.deliver` with an output of this module (or of
-`_processes`): the loop that acknowledges in order, stops, and keeps what was delivered when
-the feed fails is the same one ``changefeed run`` uses to write JSON lines.
-
-*A slow sink.* In-process, the sink runs in a thread of its own (`_sink_thread`): while it works the
-feed's thread keeps reading, so the next batch grows toward the backlog (the default batch up
-to `GROWTH` times its size; an explicit `batch(size)` stays a hard limit), and while it must
-wait it calls ``feed.keep_alive()`` so the database is answered. A stop request (Ctrl-C,
-SIGTERM, `stop()`) ends a run within a few seconds even if the sink hangs or retries: what was
-confirmed is acknowledged, the rest comes again on the next run.
-
-*Processes.* By default everything runs in the calling process: no pickling, lowest latency.
-`own_process(step)` (or ``processes=True``, which marks every stage and the sink) runs steps as
-`multipipes.Node` processes connected by queues; chunks of entries cross the boundaries, and the
-sink's process sends confirmations back on a queue to the feed's process, which alone calls
-`feed.ack`. Worker processes are forked when the pipeline starts, before the feed connects, so
-they share no connection with it (stages must be picklable only where processes are spawned).
-
-*Failures.* A stage or sink that raises stops the pipeline with a `PipelineError` naming it and
-the position; what came before the failure is delivered and acknowledged, nothing after it.
-With ``dead_letter=sink`` the failed change goes there as ``{"change": ..., "error": ...,
-"stage": ...}`` instead and counts as handled. A worker process that dies (SIGKILL, OOM) stops
-the pipeline too; what it had not confirmed is not acknowledged and comes again on restart.
+Each change becomes an entry (`_steps`) that reaches the sink step even when a stage dropped
+it, so a dropped change counts as handled, in order; the sink step confirms the last position
+of each batch it delivered. `run()` is `changefeed.delivery.deliver` with an output of this
+module (stages here, the sink in `_sink_thread`) or of `_processes`. The README's "Compose a
+pipeline" says what a user sees: batching, a slow sink, processes, failures, dead letters.
 """
 
 from __future__ import annotations
@@ -75,7 +44,7 @@ class Pipeline:
     """Feed -> stages -> sink, acknowledging each position once the sink has its change.
 
     Args:
-        feed: a `ChangeFeed` (or anything with ``changes()`` and ``ack()``); it stays in the
+        feed: a `ChangeFeed` (or anything `changefeed.delivery.Feed` describes); it stays in the
             calling process, which alone acknowledges.
         stages: stages in order (see `changefeed.pipelines.stages`); a `batch()` may come last;
             `own_process(stage)` marks where a new process starts.
@@ -144,24 +113,25 @@ class Pipeline:
     def stop(self) -> None:
         """Ask a running `run()` to finish (safe from a signal handler or another thread): it
         delivers and acknowledges what it has, waiting for a slow or retrying sink a few seconds
-        at most (`STOP_GRACE`); what the sink did not confirm by then comes again next run."""
+        at most (`changefeed.delivery.STOP_GRACE`); what the sink did not confirm by then comes
+        again on the next run."""
         self.feed.stop()
 
     def run(
         self,
         timeout: float | None = None,
         idle_timeout: float | None = None,
-        stop_after: int | None = None,
+        limit: int | None = None,
     ) -> int:
         """Run until the feed ends, ``timeout`` seconds pass, no change arrives for
-        ``idle_timeout`` seconds, or ``stop_after`` changes were read; return how many changes
+        ``idle_timeout`` seconds, or ``limit`` changes were read; return how many changes
         were handled (delivered, dropped or dead-lettered) and acknowledged.
 
         Raises `PipelineError` when a stage or sink fails (without a dead-letter sink) or a worker
         process dies; the feed's own errors after delivering and acknowledging what came before.
         """
         return deliver(
-            self.feed, self.output(), limit=stop_after, idle_timeout=idle_timeout,
+            self.feed, self.output(), limit=limit, idle_timeout=idle_timeout,
             timeout=timeout, ack_interval=self.ack_interval,
         ).count
 
@@ -196,8 +166,8 @@ class _InProcessOutput(Output):
         if sink_step.due(time.monotonic()):
             self.sink_thread.offer(sink_step, self.cap)
 
-    def quiet(self) -> None:
-        self.sink_thread.quiet(self.sink_step)
+    def idle(self) -> None:
+        self.sink_thread.idle(self.sink_step)
 
     def finish(self) -> None:
         self.sink_thread.finish(self.sink_step.take())

@@ -21,7 +21,7 @@ from typing import Any
 
 from changefeed.change import UNCHANGED, Change, Operation
 from changefeed.errors import ConfigurationError, PipelineError
-from changefeed.pipelines import delta as _delta
+from changefeed.formats.delta import to_delta as _to_delta
 from changefeed.pipelines.filters import Filter, compile_filter, filter_fields
 
 Stage = Callable[[Any], Any]
@@ -109,7 +109,7 @@ class project:  # noqa: N801
 
 
 class to_delta:  # noqa: N801
-    """Turn a change into its Snorky delta (see `changefeed.pipelines.delta`).
+    """Turn a change into its Snorky delta (see `changefeed.formats.delta`).
 
     Inserts and deletes carry ``data``, updates ``newData`` and ``oldData``; ``model`` defaults
     to the table name without its schema.
@@ -129,7 +129,7 @@ class to_delta:  # noqa: N801
         return f"to_delta(model={self.model!r})"
 
     def __call__(self, change: Change) -> dict[str, Any]:
-        return _delta.to_delta(change, self.model)
+        return _to_delta(change, self.model)
 
 
 class route:  # noqa: N801

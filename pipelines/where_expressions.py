@@ -24,7 +24,7 @@ from typing import Any
 
 from changefeed.change import Change
 from changefeed.errors import ConfigurationError
-from changefeed.pipelines.filters import Filter, compile_filter
+from changefeed.pipelines.filters import MAX_DEPTH, Filter, compile_filter
 from changefeed.pipelines.stages import where
 
 _TOKEN = re.compile(
@@ -102,6 +102,7 @@ class _WhereParser:
         self.text = text
         self.tokens = tokens
         self.index = 0
+        self.depth = 0  # parentheses and 'not's open: bounded, so no input exhausts the stack
 
     def _peek(self) -> tuple[str, Any, int] | None:
         return self.tokens[self.index] if self.index < len(self.tokens) else None
@@ -117,6 +118,14 @@ class _WhereParser:
         token = self._peek()
         return _where_error(self.text, token[2] if token else len(self.text), problem)
 
+    def _deeper(self, parse: Any) -> Filter:
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise self._fail(f"nested more than {MAX_DEPTH} levels deep (parentheses and 'not')")
+        result = parse()
+        self.depth -= 1
+        return result
+
     def expression(self) -> Filter:
         parts = [self.conjunction()]
         while self._take("word", "or"):
@@ -131,9 +140,9 @@ class _WhereParser:
 
     def term(self) -> Filter:
         if self._take("word", "not"):
-            return ["not", self.term()]
+            return ["not", self._deeper(self.term)]
         if self._take("paren", "("):
-            inner = self.expression()
+            inner = self._deeper(self.expression)
             if not self._take("paren", ")"):
                 raise self._fail("expected ')'")
             return inner
@@ -179,6 +188,11 @@ def parse_filter(text: str) -> Filter:
         raise ConfigurationError(
             f"--filter is not JSON ({exc.msg}): write it like '[\"==\", \"color\", \"blue\"]'"
         ) from exc
+    except RecursionError:  # the decoder stops itself cleanly at its depth limit
+        raise ConfigurationError(
+            f"--filter nests deeper than JSON can be read here (a filter may nest at most"
+            f" {MAX_DEPTH} levels)"
+        ) from None
     compile_filter(filter)
     return filter
 

@@ -1,7 +1,7 @@
 """Shared fixtures: one real PostgreSQL cluster per test session, a fresh database per test, and
 one MongoDB-wire server (SecantusDB) and one Kafka broker (Tansu) per session, started from the
 test extra's PyPI packages unless CHANGEFEED_TEST_MONGODB_URL / CHANGEFEED_TEST_KAFKA_BOOTSTRAP
-name real servers (see testservers.py)."""
+name real servers (see testservers.py), and one Redis server per session."""
 
 from __future__ import annotations
 
@@ -11,7 +11,17 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from testservers import KAFKA_ENV, MONGODB_ENV, Server, start_secantus, start_tansu
+from testservers import (
+    KAFKA_ENV,
+    MONGODB_ENV,
+    Server,
+    free_port,
+    start_redis,
+    start_secantus,
+    start_tansu,
+    stop_process,
+    wait_for_port,
+)
 
 from changefeed.embedded import TemporaryPostgres
 
@@ -88,3 +98,15 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The URL of a throwaway Redis server (Debian's redis-server) for the whole session."""
+    port = free_port()
+    process = start_redis(port, str(tmp_path_factory.mktemp("redis")))
+    try:
+        wait_for_port(port, process, "redis-server")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        stop_process(process)

@@ -53,6 +53,13 @@ PG_LEDGER_TESTS = " ".join([
     "tests/backends/test_postgres.py::test_an_exported_snapshot_cut_short_is_taken_again",
 ])
 """A small subset of the PostgreSQL tests (about half a minute), for the acknowledgement ledger."""
+M = "tests/backends/test_messages.py::test_"
+PURE_MESSAGE_TESTS = " ".join([
+    f"{M}a_transactional_message_takes_its_place_among_the_rows",
+    f"{M}a_non_transactional_message_ending_where_a_commit_starts_comes_before_it",
+    f"{M}a_non_transactional_message_has_its_own_position_between_transactions",
+])
+"""The message tests that need no server (the positions of messages)."""
 
 TARGETS: dict[str, tuple[str, list[str], str]] = {
     # name: (file, functions or classes ("Class.method" or "Class"), tests)
@@ -63,12 +70,18 @@ TARGETS: dict[str, tuple[str, list[str], str]] = {
                    "tests/test_change.py tests/test_feed.py tests/test_acks.py"),
     "checkpoint": ("changefeed/checkpoint.py", ["MemoryCheckpoint", "FileCheckpoint"],
                    "tests/test_checkpoint.py"),
-    "positions": ("backends/postgres/pgoutput.py",
-                  ["make_position", "parse_position",
-                   "PgOutputDecoder.decode:_position_prefix", "PgOutputDecoder.decode:_index",
-                   "PgOutputDecoder._insert:index", "PgOutputDecoder._update:index",
-                   "PgOutputDecoder._delete:index"],
-                  "tests/backends/test_pgoutput.py tests/test_acks.py"),
+    "positions": ("backends/postgres/position.py",
+                  ["PgPosition", "TransactionPositions", "make_position", "parse_position"],
+                  "tests/backends/test_postgres_position.py tests/backends/test_pgoutput.py"
+                  " tests/test_acks.py"),
+    "decoder-positions": ("backends/postgres/pgoutput.py",
+                          ["PgOutputDecoder.decode:_positions",
+                           "PgOutputDecoder._insert:positions",
+                           "PgOutputDecoder._update:positions",
+                           "PgOutputDecoder._delete:positions",
+                           "PgOutputDecoder._message:position"],
+                          "tests/backends/test_pgoutput.py tests/test_acks.py "
+                          + PURE_MESSAGE_TESTS),
     "lsns": ("backends/postgres/protocol.py", ["format_lsn", "parse_lsn"],
              "tests/backends/test_postgres_protocol.py tests/test_acks.py"),
     "filters": ("pipelines/filters.py", ["get_field", "compile_filter", "_comparison",

@@ -51,3 +51,20 @@ def test_snapshot_benchmark_reads_the_table_both_ways_and_reports_the_ratio():
     assert re.search(r"ratio changefeed / COPY: \d+\.\d\d \(of the medians: \d+\.\d\d\)",
                      result.stdout)
     assert re.search(r"peak RSS of changefeed: \d+ MB", result.stdout)
+
+
+def test_serve_benchmark_runs_pipelines_in_processes_and_in_threads_and_the_meters():
+    script = SCRIPT.with_name("bench_serve.py")
+    result = subprocess.run(
+        [sys.executable, str(script), "--changes", "2000", "--rounds", "2", "--pipelines", "2"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert len(re.findall(r"round \d: (process|thread) .* changes/s .* probe late p50", out)) == 4
+    assert re.search(r"ratio of wall times thread / process: \d+\.\d\d", out)
+    assert re.search(r"served \(meters\) \d+\.\d us, changefeed run \d+\.\d us; ratio", out)
+    for kind in ("plain", "metered"):  # what valgrind counts
+        run = subprocess.run([sys.executable, str(script), "--meter-cost", kind, "--changes",
+                              "500"], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr

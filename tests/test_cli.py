@@ -258,7 +258,7 @@ def test_help_lists_the_commands():
     assert result.returncode == 0
     commands = [line.split()[0] for line in result.stdout.split("Commands:")[1].splitlines()
                 if line.strip()]
-    assert commands == ["backfill", "demo", "drain", "run", "slots"]
+    assert commands == ["backfill", "demo", "drain", "run", "serve", "slots", "status"]
 
 
 def test_progress_reports_rate_and_lag_while_busy(monkeypatch, caplog):

@@ -17,11 +17,11 @@ ROOT = Path(__file__).resolve().parent.parent
 WHICH = """
 import changefeed._speedups as speedups
 from changefeed.backends.postgres.pgoutput import PgOutputDecoder
-from changefeed.pipelines.delta import delta_line_encoder
-from changefeed.pipelines.debezium import line_encoder
+from changefeed.formats.registry import FormatOptions, format_named
 decoder = PgOutputDecoder()
-print(speedups.implementation, hasattr(decoder, "kernel"), type(delta_line_encoder()).__name__,
-      type(line_encoder()).__name__, type(speedups.change_line_encoder()).__name__)
+print(speedups.implementation, hasattr(decoder, "kernel"),
+      *[type(format_named(name).lines(FormatOptions())).__name__
+        for name in ("delta", "debezium", "change")])
 """
 
 
@@ -101,8 +101,8 @@ def test_the_compiled_encoders_do_not_import_psycopg():
     code = (
         "import sys\n"
         "from changefeed.change import Change, Operation\n"
-        "from changefeed.pipelines.delta import delta_line_encoder\n"
-        "from changefeed.pipelines.debezium import line_encoder\n"
+        "from changefeed.formats.delta import delta_line_encoder\n"
+        "from changefeed.formats.debezium import line_encoder\n"
         "change = Change(Operation.INSERT, 'db.items', {'_id': 1}, key={'_id': 1})\n"
         "encode = delta_line_encoder()\n"
         "print(encode(change).decode().strip(), type(encode).__name__)\n"

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from changefeed import _speedups
+from changefeed.backends.postgres.position import PgPosition
 from changefeed.backends.postgres.values import (
     Interval,
     JsonDecimal,
@@ -28,8 +29,11 @@ from changefeed.backends.postgres.values import (
     TimeTZ,
 )
 from changefeed.change import UNCHANGED, Change, Operation
-from changefeed.pipelines import debezium
-from changefeed.pipelines.delta import delta_line_encoder, dumps_line
+from changefeed.formats import debezium
+from changefeed.formats.change_dict import change_line_encoder
+from changefeed.formats.codec import dumps_line
+from changefeed.formats.delta import delta_line_encoder
+from changefeed.formats.registry import FormatOptions, format_named
 
 if _speedups.kernels is None:
     pytest.skip("the compiled extension is not built", allow_module_level=True)
@@ -80,7 +84,8 @@ def random_change(rng: random.Random) -> Change:
     return Change(
         operation, rng.choice(["public.t", "app.Table \"x\"", "bare"]), row(), row(),
         rng.choice([None, {"id": rng.randint(0, 9)}, {"id": UNCHANGED}]),
-        rng.choice([f"{lsn:016X}:{rng.randint(0, 9):08X}", None, {"resume": "x"}, "opaque"]),
+        rng.choice([f"{lsn:016X}:{rng.randint(0, 9):08X}", PgPosition(lsn, rng.randint(0, 9)),
+                    None, {"resume": "x"}, "opaque"]),
         rng.choice([None, datetime(2024, 1, 2, 3, 4, 5, 6, tzinfo=timezone.utc)]),
         rng.choice([None, rng.randint(1, 2**32), "session:7"]), rng.random() < 0.2,
         rng.choice([None, {}, {"source_position": "p"}]), rng.choice([None, "abc123"]),
@@ -113,9 +118,13 @@ def test_compiled_encoders_write_the_same_bytes(seed, monkeypatch):
 
 
 def test_selection_gives_the_compiled_encoders():
-    assert type(delta_line_encoder()) is _speedups.kernels.DeltaEncoder
-    assert type(debezium.line_encoder()) is _speedups.kernels.DebeziumEncoder
-    assert type(_speedups.change_line_encoder()) is _speedups.kernels.ChangeEncoder
+    kernels = _speedups.kernels
+    assert type(delta_line_encoder()) is kernels.DeltaEncoder
+    assert type(debezium.line_encoder()) is kernels.DebeziumEncoder
+    assert type(change_line_encoder()) is kernels.ChangeEncoder
+    for name, compiled in [("delta", kernels.DeltaEncoder), ("change", kernels.ChangeEncoder),
+                           ("debezium", kernels.DebeziumEncoder)]:  # what changefeed run takes
+        assert type(format_named(name).lines(FormatOptions(url="dbname=x"))) is compiled
 
 
 def random_json(rng: random.Random, depth: int = 0) -> str:

@@ -11,7 +11,8 @@ SERVICES = COMPOSE["services"]
 
 
 def test_every_backend_redis_and_kafka_have_a_service():
-    assert set(SERVICES) == {"postgres", "mongodb", "rethinkdb", "redis", "kafka"}
+    # and changefeed itself (tests/serve/test_image.py checks that one)
+    assert set(SERVICES) == {"postgres", "mongodb", "rethinkdb", "redis", "kafka", "changefeed"}
 
 
 def test_ports_are_published_on_localhost_only():

@@ -77,7 +77,7 @@ def test_a_declared_backend_is_imported_on_first_use_and_serves_its_urls_and_con
     tmp_path, monkeypatch
 ):
     from changefeed import ConfigurationError, get_changefeed, registry
-    from changefeed.backends import Backend
+    from changefeed.registry import Backend
 
     (tmp_path / "logdb_backend.py").write_text(BACKEND_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -99,7 +99,7 @@ def test_a_declared_backend_is_imported_on_first_use_and_serves_its_urls_and_con
 
 def test_a_declared_backend_without_its_driver_says_which_extra_to_install(monkeypatch):
     from changefeed import ConfigurationError, get_changefeed, registry
-    from changefeed.backends import Backend
+    from changefeed.registry import Backend
 
     monkeypatch.setitem(registry._DECLARED, "nosuchdb", Backend(
         "nosuchdb", "NoSuchDB", "changefeed_nosuchdb_backend", schemes=("nosuchdb",)))

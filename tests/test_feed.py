@@ -1,17 +1,22 @@
 """The core loop: prefeed, operation mask, acknowledgement, reconnect with backoff, resume."""
 
+import threading
+import time
+
 import pytest
-from multipipes import Node, Pipeline
+from multipipes import Node, Pipe, Pipeline
 
 from changefeed import (
     ChangeFeed,
     ConfigurationError,
+    FileCheckpoint,
     MemoryCheckpoint,
     Operation,
     PermanentBackendError,
     Retry,
     TransientBackendError,
     get_changefeed,
+    pipelines,
 )
 from changefeed.testing import ListSink, MemoryFeed, delete, insert, update
 
@@ -40,9 +45,9 @@ def test_prefeed_is_replayed_before_the_stream():
     assert list(feed.changes())[:2] == ["a", "b"]
 
 
-def test_stop_after_and_timeout_end_an_endless_feed():
+def test_a_limit_and_a_timeout_end_an_endless_feed():
     feed = MemoryFeed("t", changes=CHANGES, endless=True)
-    assert len(list(feed.changes(stop_after=2))) == 2
+    assert len(list(feed.changes(limit=2))) == 2
     assert list(MemoryFeed("t", endless=True).changes(timeout=0.3)) == []
 
 
@@ -92,6 +97,30 @@ def test_unacknowledged_changes_are_delivered_again_after_a_reconnect():
     assert [c.position for c in feed.changes()] == [1, 1, 2, 3]
 
 
+def read_through_changes(feed, **bounds):
+    return list(feed.changes(**bounds))
+
+
+def read_through_a_pipeline(feed, **bounds):
+    sink = ListSink()
+    pipelines.Pipeline(feed, [], sink=sink).run(**bounds)
+    return sink.items
+
+
+@pytest.mark.parametrize("read", [read_through_changes, read_through_a_pipeline])
+@pytest.mark.parametrize("end", ["timeout", "stop"])
+def test_a_deadline_or_a_stop_ends_the_wait_to_reconnect(read, end):
+    feed = FlakyFeed("t", changes=CHANGES, fail_times=1, fail_at=0,
+                     retry=Retry(initial=60, maximum=60))
+    bounds = {"timeout": 0.5} if end == "timeout" else {}
+    if end == "stop":
+        threading.Timer(0.5, feed.stop).start()
+    started = time.monotonic()
+    assert read(feed, **bounds) == []  # it failed before the first change and waits a minute
+    assert time.monotonic() - started < 10
+    assert feed.stats.reconnects == 1 and feed.connects == 1
+
+
 class FirstConnectionFails(MemoryFeed):
     """Its first connection fails (after a tick with ``tick_first``: it was streaming, though it
     never called mark_connected() itself); the next ones stream."""
@@ -126,14 +155,22 @@ def test_a_feed_that_streamed_is_connected_and_reconnects_after_a_transient_fail
     assert feed.stats.reconnects == 1
 
 
-def test_stopping_and_position_are_public():
+def test_stopping_and_the_acknowledged_position_are_public():
     feed = MemoryFeed("t", changes=CHANGES)
-    assert not feed.stopping and feed.position is None
+    assert not feed.stopping and feed.acknowledged is None
     for change in feed.changes():
         feed.ack(change.position)
         feed.stop()
         assert feed.stopping
-    assert feed.position == 1
+    assert feed.acknowledged == 1
+
+
+def test_the_acknowledged_position_moves_only_through_ack():
+    feed = MemoryFeed("t", changes=CHANGES)
+    with pytest.raises(AttributeError):
+        feed.acknowledged = 3
+    feed.ack(2)
+    assert feed.acknowledged == 2 == feed.checkpoint.load("t")
 
 
 def test_snapshot_changes_read_one_row_ahead_and_mark_the_last():
@@ -190,6 +227,53 @@ def test_bigchaindb_style_pipeline_runs_the_feed_in_its_own_process():
     finally:
         pipeline.terminate()
     assert got == ["INSERT", "UPDATE"]
+
+
+def test_run_forever_acknowledges_nothing_the_next_node_did_not_take():
+    queue = Pipe()
+    feed = MemoryFeed("t", changes=CHANGES)
+    feed.outqueue = queue
+    feed.run_forever()  # in this process: the feed ends, nobody has taken anything
+    assert feed.checkpoint.load("t") is None
+    assert [queue.get(timeout=5).position for _ in CHANGES] == [1, 2, 3]
+
+
+def checkpoint_reaches(path, position) -> bool:
+    """Whether the feed's process saved ``position`` within ten seconds."""
+    deadline = time.monotonic() + 10
+    while FileCheckpoint(path).load("t") != position:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_run_forever_acknowledges_what_the_next_node_took_off_the_queue(tmp_path):
+    import multiprocessing as mp
+
+    path = tmp_path / "checkpoint.json"
+    feed = MemoryFeed("t", changes=[insert("t", {"id": n}) for n in range(1, 6)], endless=True,
+                      checkpoint=FileCheckpoint(path))
+    taken, gate = mp.Queue(), mp.Event()
+
+    def hold(change):
+        taken.put(change.position)
+        if change.position == 2:
+            gate.wait(30)  # the node holds the second change; 3..5 wait on the queue
+
+    pipeline = Pipeline([Node(hold)])
+    pipeline.setup(indata=feed)
+    pipeline.start()  # the feed and the node in processes of their own
+    try:
+        assert [taken.get(timeout=10) for _ in range(2)] == [1, 2]
+        assert checkpoint_reaches(path, 2)
+        time.sleep(1.0)  # the feed ticks five times meanwhile: 3..5 stay unacknowledged
+        assert FileCheckpoint(path).load("t") == 2
+        gate.set()
+        assert [taken.get(timeout=10) for _ in range(3)] == [3, 4, 5]
+        assert checkpoint_reaches(path, 5)
+    finally:
+        pipeline.terminate()
 
 
 @pytest.mark.parametrize(

@@ -52,7 +52,7 @@ def read(feed, count, *, ack_until=None, timeout=60):
     """Take ``count`` changes from ``feed``, acknowledging the first ``ack_until`` (default all);
     the stream is closed afterwards, as by a process that stops or crashes."""
     got = []
-    for change in feed.changes(stop_after=count, timeout=timeout):
+    for change in feed.changes(limit=count, timeout=timeout):
         got.append(change)
         if ack_until is None or len(got) <= ack_until:
             feed.ack(change.position)

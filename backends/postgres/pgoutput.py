@@ -4,8 +4,8 @@
 (insert, update, delete), a `Message` (``pg_logical_emit_message``, when its prefix is wanted),
 a `Begin` or `Commit` marking a transaction's bounds, or None for messages that carry no change
 (relation and type descriptions, origins, messages not wanted). No I/O
-happens here: the stream loop in `changefeed.backends.postgres.feed` reads bytes, this module
-turns them into values, and the tests feed it bytes recorded from a real server.
+happens here: `changefeed.backends.postgres.stream` reads the bytes, this module turns them into
+values, and the tests feed it bytes recorded from a real server.
 
 Values arrive as text and become Python values through a loader factory chosen by type OID
 (`changefeed.backends.postgres.loading`: psycopg's loaders, `Transformer.load_sequence` in C,
@@ -14,9 +14,8 @@ arrays -> lists, timestamptz -> datetime (in UTC: the feed's session sets TimeZo
 so on. A value Python cannot hold makes the row go through the factory's ``rescue`` loader,
 which keeps that value as text; the README's "Values" section has the whole table.
 
-Positions: several rows share a commit LSN, so a change's position is its transaction's commit
-LSN plus its index among the transaction's row changes, formatted so that string order is
-position order: ``"0000000001A2B3C8:00000003"``. A transactional message takes its index in
+Positions (`changefeed.backends.postgres.position`): a change's transaction's commit LSN plus
+its index among the transaction's row changes. A transactional message takes its index in
 the same sequence (wanted or not, so positions do not depend on the prefixes asked for). A
 non-transactional one arrives outside any transaction with the LSN where its WAL record ends,
 which is where the next record starts, perhaps the commit of a transaction whose rows then have
@@ -35,6 +34,7 @@ from typing import Any
 
 from changefeed import _speedups
 from changefeed.backends.postgres.loading import psycopg_loaders
+from changefeed.backends.postgres.position import PgPosition, TransactionPositions
 from changefeed.backends.postgres.protocol import pg_timestamp
 from changefeed.backends.postgres.tuples import RowDecoder, RowLoad, row_decoder
 from changefeed.change import ALL, UNCHANGED, Change, Operation
@@ -43,7 +43,7 @@ from changefeed.message import Message
 
 __all__ = [
     "Begin", "Commit", "LoaderFactory", "PgOutputDecoder", "Relation", "Renamed", "Truncate",
-    "make_position", "parse_position", "schema_version",
+    "schema_version",
 ]
 
 _INT16 = struct.Struct("!h")
@@ -56,17 +56,6 @@ _MESSAGE = struct.Struct("!BQ")  # flags, LSN
 _unpack_oid = _UINT32.unpack_from
 # Module constants: an enum class attribute costs a lookup through the metaclass per change.
 _INSERT, _UPDATE, _DELETE = Operation.INSERT, Operation.UPDATE, Operation.DELETE
-
-
-def make_position(lsn: int, index: int) -> str:
-    """The position of the ``index``-th row change of the transaction committed at ``lsn``."""
-    return f"{lsn:016X}:{index:08X}"
-
-
-def parse_position(position: str) -> tuple[int, int]:
-    """The (commit LSN, index) of a position made by `make_position`."""
-    lsn, _, index = position.partition(":")
-    return int(lsn, 16), int(index or "0", 16)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,8 +185,7 @@ class PgOutputDecoder:
         self._update_wanted = bool(self.operation & Operation.UPDATE)
         self._delete_wanted = bool(self.operation & Operation.DELETE)
         self._in_transaction = False
-        self._index = 0
-        self._position_prefix = make_position(0, 0)[:17]
+        self._positions = TransactionPositions()
         self._committed_at: datetime | None = None
         self._xid: int | None = None
 
@@ -218,8 +206,7 @@ class PgOutputDecoder:
             final_lsn, timestamp, xid = _BEGIN.unpack_from(data, 1)
             begin = Begin(final_lsn, pg_timestamp(timestamp), xid)
             self._in_transaction = True
-            self._index = 0
-            self._position_prefix = make_position(final_lsn, 0)[:17]
+            self._positions.begin(final_lsn)
             self._committed_at = begin.committed_at
             self._xid = xid
             return begin
@@ -282,27 +269,29 @@ class PgOutputDecoder:
         return None
 
     def _insert(self, data: bytes) -> Change | None:
-        index = self._index
-        self._index = index + 1
+        positions = self._positions
         if not self._insert_wanted:
+            positions.count += 1  # positions count every row change, wanted or not
             return None
         relation = self.relations.get(_unpack_oid(data, 1)[0])
         if relation is None or not relation.watched:
+            positions.count += 1
             return self._unwatched(relation, data)
         new, key, _, _ = relation.decode_row(data, 6)  # after OID and 'N'
         return Change(
             _INSERT, relation.qualified_name, new, None, key,
-            f"{self._position_prefix}{index:08X}", self._committed_at, self._xid, False, None,
+            positions.take(), self._committed_at, self._xid, False, None,
             relation.schema_version,
         )
 
     def _update(self, data: bytes) -> Change | None:
-        index = self._index
-        self._index = index + 1
+        positions = self._positions
         if not self._update_wanted:
+            positions.count += 1  # positions count every row change, wanted or not
             return None
         relation = self.relations.get(_unpack_oid(data, 1)[0])
         if relation is None or not relation.watched:
+            positions.count += 1
             return self._unwatched(relation, data)
         offset = 5
         old = None
@@ -324,24 +313,25 @@ class PgOutputDecoder:
             key = relation.key_of(new)
         return Change(
             _UPDATE, relation.qualified_name, new, key if old is None else old, key,
-            f"{self._position_prefix}{index:08X}", self._committed_at, self._xid, False, None,
+            positions.take(), self._committed_at, self._xid, False, None,
             relation.schema_version,
         )
 
     def _delete(self, data: bytes) -> Change | None:
-        index = self._index
-        self._index = index + 1
+        positions = self._positions
         if not self._delete_wanted:
+            positions.count += 1  # positions count every row change, wanted or not
             return None
         relation = self.relations.get(_unpack_oid(data, 1)[0])
         if relation is None or not relation.watched:
+            positions.count += 1
             return self._unwatched(relation, data)
         old, key, _, _ = relation.decode_row(data, 6)
         if data[5] == 75:  # 'K': only the key columns carry values
             old = key
         return Change(
             _DELETE, relation.qualified_name, None, old, key,
-            f"{self._position_prefix}{index:08X}", self._committed_at, self._xid, False, None,
+            positions.take(), self._committed_at, self._xid, False, None,
             relation.schema_version,
         )
 
@@ -351,23 +341,19 @@ class PgOutputDecoder:
         prefix, offset = _string(data, 10)
         transactional = bool(flags & 1)
         if transactional and self._in_transaction:
-            index = self._index
-            self._index = index + 1
-            position = f"{self._position_prefix}{index:08X}"
+            position = self._positions.take()
             committed_at, xid = self._committed_at, self._xid
         else:  # see the module docstring
-            position, committed_at, xid = make_position(lsn - 1, 0), None, None
+            position, committed_at, xid = PgPosition(lsn - 1, 0), None, None
         if not self.message_prefixes or not prefix.startswith(self.message_prefixes):
             return None
         (length,) = _INT32.unpack_from(data, offset)
         content = data[offset + 4:offset + 4 + length]
         return Message(prefix, content, position, transactional, committed_at, xid, lsn)
 
-    def next_position(self) -> str:
+    def next_position(self) -> PgPosition:
         """The position of one more change in the current transaction (after those decoded)."""
-        index = self._index
-        self._index = index + 1
-        return f"{self._position_prefix}{index:08X}"
+        return self._positions.take()
 
     def _truncate(self, data: bytes) -> Truncate:
         count, options = _TRUNCATE.unpack_from(data, 1)

@@ -1,27 +1,19 @@
-"""Snapshot prefeeds: the tables' rows handed over to the stream with no gap and no duplicate.
+"""The exported snapshot: the tables' rows as of the slot's creation, in one transaction.
 
-Two ways, chosen by the feed (`PostgresChangeFeed`):
-
-* **Exported snapshot** (any server version, tables without a primary key): the slot is
-  created with ``EXPORT_SNAPSHOT`` and the tables are read in that snapshot
-  (`exported_rows`), in one long transaction; the stream then continues exactly where the
-  read ended.
-* **Back-fill in chunks** (PostgreSQL 14+, every table with a primary key): the rows are read
-  in key chunks between watermarks written through the slot, while the stream goes on (see
-  `backfill`). `backfill_states` says which tables still need one, and `window_changes` turns a
-  chunk whose high watermark arrived into snapshot changes positioned in the stream.
-
-Either way the publication's record (see `catalog`) says whether the snapshot was delivered,
-so a feed cut short takes it again: the slot alone cannot tell.
+When a feed's snapshot cannot go in chunks beside the stream (`backfill.in_chunks`: servers
+before PostgreSQL 14, tables without a primary key), the slot is created with
+``EXPORT_SNAPSHOT`` and the tables are read in that snapshot (`exported_rows`); the stream then
+continues exactly where the read ended, with no gap and no duplicate. The publication's record
+(see `catalog`) says whether the snapshot was delivered (`mark`), so a feed cut short takes it
+again: the slot alone cannot tell.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import struct
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import psycopg
@@ -29,26 +21,13 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 
 from changefeed.backends.postgres import catalog
-from changefeed.backends.postgres.backfill import (
-    BACKFILL_PREFIX,
-    Backfiller,
-    ChunkWindow,
-    TableBackfill,
-    key_types,
-)
 from changefeed.backends.postgres.ledger import AckLedger
-from changefeed.backends.postgres.loading import (
-    TypeLoaders,
-    psycopg_loaders,
-    query_rows,
-    read_rows,
-)
-from changefeed.backends.postgres.pgoutput import PgOutputDecoder, make_position, schema_version
-from changefeed.backends.postgres.setup import MESSAGES_VERSION, WatchedTables
+from changefeed.backends.postgres.loading import psycopg_loaders, read_rows
+from changefeed.backends.postgres.pgoutput import schema_version
+from changefeed.backends.postgres.position import PgPosition
+from changefeed.backends.postgres.tables import Table
 from changefeed.backends.postgres.values import SESSION_SETTINGS
 from changefeed.change import Change, Operation, SnapshotState
-from changefeed.errors import BackendError, first_line
-from changefeed.message import Message
 
 log = logging.getLogger("changefeed.postgres")
 
@@ -58,12 +37,12 @@ DONE = "done"
 
 _TYPE = struct.Struct("!Ii")
 
-SnapshotItem = tuple[catalog.Table, str | None, dict[str, Any] | str]
+SnapshotItem = tuple[Table, str | None, dict[str, Any] | str]
 """(table, its schema version, a row or "started" / "done")."""
 
 
 def exported_rows(
-    reader: psycopg.Connection, snapshot_name: str, tables: Iterable[catalog.Table],
+    reader: psycopg.Connection, snapshot_name: str, tables: Iterable[Table],
     batch: int, *, markers: bool = False,
 ) -> Iterator[SnapshotItem]:
     """Each table's rows in the exported snapshot ``snapshot_name``, loaded by the stream's own
@@ -97,7 +76,7 @@ def exported_rows(
     reader.execute("COMMIT")
 
 
-def _estimate(reader: psycopg.Connection, table: catalog.Table) -> int:
+def _estimate(reader: psycopg.Connection, table: Table) -> int:
     """Rows in the table (a partitioned one: the sum of its partitions) by the statistics;
     counted in the same snapshot when never analysed."""
     with reader.cursor(row_factory=tuple_row) as cursor:
@@ -119,7 +98,7 @@ def exported_change(item: SnapshotItem, index: int) -> Change | SnapshotState:
     """The snapshot change of an `exported_rows` item, the ``index``-th of the snapshot: it
     sorts before any streamed change (commit LSN 0)."""
     table, version, row = item
-    position = make_position(0, index)
+    position = PgPosition(0, index)
     if isinstance(row, str):
         return SnapshotState(table.qualified, row, position)
     key = {column: row[column] for column in table.key}
@@ -169,167 +148,3 @@ def schema_version_of(conn: psycopg.Connection, oid: int) -> str:
 # -- back-fills --------------------------------------------------------------------------------
 
 
-def in_chunks(server_version: int, tables: Iterable[catalog.Table]) -> bool:
-    """Whether snapshots go in key chunks through the stream (see `backfill`): when the server
-    sends logical messages (14+) and every table has a primary key; else the whole snapshot
-    is read in the slot's exported snapshot at creation."""
-    return server_version >= MESSAGES_VERSION and all(table.key for table in tables)
-
-
-def backfill_states(
-    meta: dict[str, Any], tables: Iterable[catalog.Table]
-) -> Iterator[tuple[catalog.Table, Any]]:
-    """The tables whose snapshot was not delivered on this slot yet, with the recorded state
-    of a back-fill cut short (None: from the start)."""
-    states = meta.get("backfill") or {}
-    legacy_done = meta.get("snapshot") == DONE  # recorded by versions without back-fills
-    for table in tables:
-        state = states.get(str(table.oid))
-        if state == DONE or (state is None and legacy_done):
-            continue
-        yield table, state
-
-
-def table_backfill(
-    conn: psycopg.Connection, table: catalog.Table, name: str, state: Any = None
-) -> TableBackfill:
-    """The back-fill of ``table`` (streamed as ``name``), continuing after a recorded state."""
-    state = state if isinstance(state, dict) else {}
-    return TableBackfill(
-        table.oid, name, list(table.key), key_types(conn, table.oid, table.key),
-        after=state.get("after"), done=state.get("done", 0), chunks=state.get("chunks", 0),
-        # A recorded chunk was acknowledged, and the "started" marker before its rows with it.
-        announced=state.get("chunks", 0) > 0,
-    )
-
-
-def requested_tables(content: bytes, slot: str) -> list[int]:
-    """The table OIDs a `backfill.BACKFILL_PREFIX` message asks ``slot``'s feed to back-fill
-    (none when it is for another slot or not readable)."""
-    try:
-        request = json.loads(content)
-    except ValueError:
-        return []
-    if not isinstance(request, dict) or request.get("slot") != slot:
-        return []
-    return list(request.get("tables") or [])
-
-
-def window_changes(
-    window: ChunkWindow, table: str, version: str | None, next_position: Callable[[], str],
-    *, markers: bool,
-) -> tuple[list[Change | SnapshotState], str | None]:
-    """A chunk whose high watermark arrived, as snapshot changes of ``table`` positioned in the
-    watermark's transaction (``next_position``), with the table's start and end markers where
-    they fall; and the position of the chunk's last row (None: it had none)."""
-    backfill = window.backfill
-    out: list[Change | SnapshotState] = []
-    if markers and not backfill.announced:
-        out.append(SnapshotState(table, "started", next_position()))
-    backfill.announced = True
-    positions = [next_position() for _ in window.rows]
-    if markers and window.complete:
-        positions.append(next_position())
-    for row, position in zip(window.rows.values(), positions, strict=False):
-        key = {column: row[column] for column in backfill.key}
-        out.append(Change(Operation.INSERT, table, row, None, key, position, None, None, True,
-                          None, version))
-    if markers and window.complete:
-        out.append(SnapshotState(table, "done", positions[-1]))
-    return out, positions[-1] if positions else None
-
-
-class ChunkReader:
-    """Reads a back-fill chunk's rows as dicts (one short statement, in its own transaction),
-    loaded by the stream's own loaders: the same values as streamed rows."""
-
-    def __init__(self) -> None:
-        self._loaders: TypeLoaders | None = None
-
-    def __call__(
-        self, conn: psycopg.Connection, query: sql.Composed, size: int
-    ) -> list[dict[str, Any]]:
-        if self._loaders is None or self._loaders.catalog is not conn:
-            conn.execute(SESSION_SETTINGS)  # the settings the loaders expect of values' text
-            self._loaders = psycopg_loaders(conn, catalog=conn)
-        return query_rows(conn, query, self._loaders)
-
-
-def save_backfills(
-    conn: Callable[[], psycopg.Connection], publication: str, meta: dict[str, Any],
-    states: dict[str, Any],
-) -> None:
-    """Record back-fill progress in the publication's record (a failure is only a warning:
-    the back-fill then continues from an earlier chunk after a restart)."""
-    meta["backfill"] = dict(states)
-    try:
-        catalog.write_meta(conn(), publication, meta)
-    except (psycopg.Error, BackendError) as exc:
-        log.warning("could not record back-fill progress on %s: %s", publication,
-                    first_line(exc))
-
-
-class ChunkedSnapshots:
-    """A feed's back-fills beside the stream (see `backfill`): which tables to back-fill, the
-    requests that come through the slot, and each chunk's rows at its high watermark.
-
-    ``backfiller`` does the chunk I/O on the plain connection ``connection`` gives, and records
-    progress with ``save``; ``tables`` are the feed's."""
-
-    def __init__(
-        self, slot: str, tables: WatchedTables, connection: Callable[[], psycopg.Connection],
-        *, markers: bool, batch: int, save: Callable[[dict[str, Any]], None],
-    ) -> None:
-        self.backfiller = Backfiller(
-            slot, batch, connection, ChunkReader(),
-            lambda oid: tables.by_oid[oid].identifier, save,
-        )
-        self.tables = tables
-        self.connection = connection
-        self.markers = markers
-        self.batch = batch
-
-    def plan(self, conn: psycopg.Connection, meta: dict[str, Any]) -> None:
-        """Back-fill each table whose snapshot was not delivered on this slot yet, continuing
-        after the last recorded chunk of one cut short."""
-        planned = list(backfill_states(meta, self.tables.by_oid.values()))
-        if planned:
-            self.backfiller.states.update(meta.get("backfill") or {})
-        for table, state in planned:
-            name = self.tables.stream_names.get(table.oid, table.qualified)
-            self.backfiller.start(table_backfill(conn, table, name, state))
-
-    def on_message(
-        self, message: Message, decoder: PgOutputDecoder
-    ) -> list[Change | SnapshotState]:
-        """Handle one of changefeed's own messages: a watermark closing a chunk (its rows come
-        out, positioned in the watermark's transaction), or a back-fill request."""
-        if message.prefix == BACKFILL_PREFIX:
-            self._requested(message.content)
-            return []
-        window = self.backfiller.watermark(message.content)
-        if window is None:
-            return []
-        oid = window.backfill.oid
-        relation = decoder.relations.get(oid)
-        version = (relation.schema_version if relation is not None
-                   else schema_version_of(self.connection(), oid))
-        changes, last = window_changes(
-            window, self.tables.stream_names.get(oid, window.backfill.table), version,
-            decoder.next_position, markers=self.markers,
-        )
-        self.backfiller.handed_out(last)
-        return changes
-
-    def _requested(self, content: bytes) -> None:
-        for oid in requested_tables(content, self.backfiller.slot):
-            table = self.tables.by_oid.get(oid)
-            if table is None or oid in self.tables.dropped:
-                continue
-            if not table.key:
-                log.warning("cannot back-fill %s: it has no primary key", table.qualified)
-                continue
-            log.info("back-fill of %s requested: reading it in chunks of %s rows",
-                     table.qualified, f"{self.batch:,}")
-            name = self.tables.stream_names.get(oid, table.qualified)
-            self.backfiller.start(table_backfill(self.connection(), table, name))

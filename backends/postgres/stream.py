@@ -1,8 +1,12 @@
-"""The replication connection while it streams: START_REPLICATION, standby status updates, and
-the read-ahead that keeps the walsender answered while the consumer is busy elsewhere.
+"""The replication connection while it streams: every read of its socket, standby status
+updates, and the read-ahead that keeps the walsender answered while the consumer is busy.
 
-The feed's stream loop (`feed.PostgresChangeFeed._stream_changes`) reads and decodes the messages;
-this is the rest of the conversation with the walsender, whose rules are easy to get wrong:
+The stream hands out frames (`ReplicationStream.frames`): the pgoutput payloads of XLogData
+messages in stream order, None when nothing more is at hand (then `wait`), and the end of the
+stream; it answers keepalives itself. It never waits while handing out frames, and waits only
+in `wait` (psycopg's split of protocol and waiting). The feed's stream loop
+(`feed.PostgresChangeFeed._stream_changes`) decodes and dispatches what it is given. The rules
+of the conversation with the walsender, easy to get wrong, live here:
 
 * the flush position sent is only ever what the `ledger` says was delivered;
 * the walsender ends a connection that stays silent for ``wal_sender_timeout``, and a fast
@@ -18,7 +22,7 @@ import logging
 import select
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -27,6 +31,7 @@ from psycopg import pq, sql
 from changefeed.backends.postgres.errors import start_replication_error, stream_ended, text
 from changefeed.backends.postgres.ledger import AckLedger
 from changefeed.backends.postgres.pgoutput import Commit
+from changefeed.backends.postgres.position import PgPosition
 from changefeed.backends.postgres.protocol import (
     KEEPALIVE,
     XLOGDATA,
@@ -41,13 +46,16 @@ from changefeed.message import Message
 
 log = logging.getLogger("changefeed.postgres")
 
+ENDED: Any = object()
+"""What `ReplicationStream` reads return once the stream ended."""
+
 
 class ReplicationStream:
     """One START_REPLICATION on a replication connection (see `start`).
 
     ``backlog`` holds messages `read_ahead` read while the consumer was busy, as
-    ``(nbytes, buffer)`` pairs from ``get_copy_data``: the stream loop takes them before
-    reading the socket again, and subtracts their XLogData from ``backlog_bytes``.
+    ``(nbytes, buffer)`` pairs from ``get_copy_data``: `frames` takes them before reading the
+    socket again, and subtracts their XLogData from ``backlog_bytes``.
     """
 
     BACKLOG_LIMIT = 64 * 1024 * 1024
@@ -58,22 +66,31 @@ class ReplicationStream:
     """How long `read_to_commit` waits for the Commit behind the last change handed out."""
 
     def __init__(
-        self, repl: psycopg.Connection, ledger: AckLedger, status_interval: float
+        self, repl: psycopg.Connection, ledger: AckLedger, status_interval: float,
+        stats: Any = None,
     ) -> None:
         self.repl = repl
         self.pgconn = repl.pgconn
         self.ledger = ledger
+        self.stats = stats
+        """Where the lag behind the server's WAL is noted (``lag_bytes``), if given."""
         self.status_interval = status_interval
         self.backlog: deque[tuple[int, Any]] = deque()
         self.backlog_bytes = 0
         self.usable = True
         """False once `read_ahead` met the stream's end or an error: the loop meets it too."""
         self.last_status = time.monotonic()
+        self.frames: Iterator[Any] = self._frames()
+        """The pgoutput payloads of the XLogData messages, in stream order; None whenever
+        nothing more is at hand (`wait`, then iterate on); it ends with the stream (`ended`)."""
+        self._xlogdata: Any = None  # the last XLogData message handed out
+        self._end = 0  # get_copy_data's result at the end of the stream
+        self._closing = False  # CopyDone sent: nothing is answered any more
 
     @classmethod
     def start(
         cls, repl: psycopg.Connection, slot: str, publication: str, *, messages: bool,
-        ledger: AckLedger, status_interval: float,
+        ledger: AckLedger, status_interval: float, stats: Any = None,
     ) -> ReplicationStream:
         """Start streaming ``slot`` from its confirmed position. ``messages``: also ask for
         logical decoding messages (PostgreSQL 14+)."""
@@ -91,7 +108,101 @@ class ReplicationStream:
             code = result.error_field(pq.DiagnosticField.SQLSTATE) if result else None
             raise start_replication_error(slot, text(code), message)
         ledger.restart()
-        return cls(repl, ledger, status_interval)
+        return cls(repl, ledger, status_interval, stats)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def _frames(self) -> Iterator[Any]:
+        # One iteration per message, hundreds of thousands a second: locals, no waiting.
+        backlog = self.backlog
+        get_copy_data = self.pgconn.get_copy_data
+        while True:
+            if backlog:  # read ahead while the consumer was busy: those come first
+                nbytes, buffer = backlog.popleft()
+                if nbytes > 0 and buffer[0] == XLOGDATA:
+                    self.backlog_bytes -= nbytes
+            else:
+                nbytes, buffer = get_copy_data(1)
+            if nbytes > 0:
+                if buffer[0] == XLOGDATA:
+                    self._xlogdata = buffer
+                    yield buffer[XLOGDATA_HEADER_SIZE:]
+                elif buffer[0] == KEEPALIVE:
+                    self._keepalive(buffer, busy=False)
+            elif nbytes == 0:
+                yield None
+            else:
+                self._end = nbytes
+                return
+
+    def wait(self, timeout: float) -> bool:
+        """Wait at most ``timeout`` seconds for the server to send more; False if it did not.
+        (Frames `read_ahead` kept come first and need no waiting: see `caught_up`.)"""
+        if not select.select([self.pgconn.socket], [], [], timeout)[0]:
+            return False
+        self.pgconn.consume_input()
+        return True
+
+    @property
+    def caught_up(self) -> bool:
+        """Nothing read ahead waits to be handed out."""
+        return not self.backlog
+
+    def _next(self, deadline: float) -> Any:
+        """The next frame, waiting until ``deadline`` (monotonic) at most: None when none came
+        in time, `ENDED` when the stream ended."""
+        for payload in self.frames:
+            if payload is not None:
+                return payload
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self.wait(remaining):
+                return None
+        return ENDED
+
+    def ended(self) -> Exception:
+        """The error for the end of the stream (`frames` ended)."""
+        message = text(self.pgconn.get_error_message())
+        if self._end == -1:
+            result = self.pgconn.get_result()
+            if result is not None and result.error_message:
+                message = text(result.error_message)
+        return stream_ended(message)
+
+    def committed(self, last_handed_out: PgPosition | None, end_lsn: int) -> None:
+        """The transaction whose last change handed out was ``last_handed_out`` ended at
+        ``end_lsn`` (its Commit was the last frame): tell the ledger, note the lag."""
+        self.ledger.commit(last_handed_out, end_lsn)
+        if self.stats is not None and self._xlogdata is not None:
+            self.stats.lag_bytes = max(0, xlogdata_header(self._xlogdata)[1] - end_lsn)
+
+    def read_to_commit(
+        self, decode: Callable[[Any], Any], last: PgPosition
+    ) -> int | None:
+        """Read on to the Commit of the open transaction, whose changes were handed out up to
+        ``last``, record it in the ledger and return where the transaction ends; give up
+        (None) at a change not handed out (then the transaction was not wholly delivered) or
+        after `COMMIT_WAIT_SECONDS`.
+
+        For a consumer that stops right after a transaction's last change (a limit, a
+        deadline, a stop request): the ledger can only let the slot pass that transaction once
+        it knows where it ends, or the next run would start with it again."""
+        deadline = time.monotonic() + self.COMMIT_WAIT_SECONDS
+        try:
+            while True:
+                payload = self._next(deadline)
+                if payload is None or payload is ENDED:
+                    return None
+                event = decode(payload)
+                if event.__class__ is Commit:
+                    self.committed(last, event.end_lsn)
+                    return event.end_lsn
+                if event.__class__ is Change or event.__class__ is Message:
+                    return None
+        except psycopg.Error as exc:
+            log.debug("reading on to the commit: %s", first_line(exc))
+            return None
+
+    # -- answering -----------------------------------------------------------------------------
 
     def send_status(
         self, *, written: int | None = None, flush: int | None = None, reply: bool = False
@@ -118,108 +229,34 @@ class ReplicationStream:
         the flush position."""
         return now - self.last_status >= self.status_interval or self.ledger.flush_due
 
-    def finish(self) -> None:
-        """End the stream as the protocol asks: the last standby status, then CopyDone, then
-        wait (at most `FINISH_SECONDS`) for the server's CopyDone and the command's end.
-
-        The server answers CopyDone only after it has read the status before it, and ends the
-        command only after it released the slot. So when this returns, the slot has taken the
-        flush position and is free for the next run. Otherwise a status written just before
-        the connection closes may be lost with it (the walsender may fail writing to the
-        closed socket before it reads what is left there), and a run started right after this
-        one may find the slot still in use."""
-        if self.repl.closed or self.pgconn.transaction_status != pq.TransactionStatus.ACTIVE:
+    def _keepalive(self, buffer: Any, *, busy: bool) -> None:
+        """A primary keepalive: the server's WAL reaches its end. In stream order (not
+        ``busy``) an idle slot may move there. Read ahead (``busy``), XLogData before it may
+        wait in the backlog: while anything received is undelivered, the answer leaves the
+        flush position unset (0), which PostgreSQL ignores for the slot and which lets a
+        shutting-down walsender judge by the write position; the slot keeps its place."""
+        if self._closing:
             return
-        pgconn = self.pgconn
-        try:
-            self.send_status()
-            if pgconn.put_copy_end() != 1 or pgconn.flush() != 0:
+        wal_end, _, reply_requested = keepalive(buffer)
+        ledger = self.ledger
+        if busy:
+            if not reply_requested:
                 return
-            deadline = time.monotonic() + self.FINISH_SECONDS
-            while True:  # what the server still sends before its CopyDone is not wanted now
-                nbytes, _ = self.read(deadline)
-                if nbytes < 0:
-                    break
-                if nbytes == 0:
-                    log.debug("the server did not confirm the end of the stream in time")
-                    return
-            while pgconn.is_busy():  # the command's result: the walsender let go of the slot
-                if not self._wait_readable(deadline):
-                    return
-                pgconn.consume_input()
-            while pgconn.get_result() is not None:
-                pass
-        except psycopg.Error as exc:
-            log.debug("finish: %s", first_line(exc))
-        finally:
-            self.usable = False
-
-    def _wait_readable(self, deadline: float) -> bool:
-        remaining = deadline - time.monotonic()
-        return remaining > 0 and bool(select.select([self.pgconn.socket], [], [], remaining)[0])
-
-    def read(self, deadline: float) -> tuple[int, Any]:
-        """The next message as ``get_copy_data`` gives it (the backlog first), waiting until
-        ``deadline`` (monotonic) at most: ``(0, None)`` when none came in time."""
-        if self.backlog:  # as the feed's stream loop takes it (see `backlog`)
-            nbytes, buffer = self.backlog.popleft()
-            if nbytes > 0 and buffer[0] == XLOGDATA:
-                self.backlog_bytes -= nbytes
-            return nbytes, buffer
-        pgconn = self.pgconn
-        while True:
-            nbytes, buffer = pgconn.get_copy_data(1)
-            if nbytes != 0:
-                return nbytes, buffer
-            if not self._wait_readable(deadline):
-                return 0, None
-            pgconn.consume_input()
-
-    def read_to_commit(self, decode: Callable[[Any], Any], last: str) -> int | None:
-        """Read on to the Commit of the open transaction, whose changes were handed out up to
-        ``last``, record it in the ledger and return where the transaction ends; give up
-        (None) at a change not handed out (then the transaction was not wholly delivered) or
-        after `COMMIT_WAIT_SECONDS`.
-
-        For a consumer that stops right after a transaction's last change (a limit, a
-        deadline, a stop request): the ledger can only let the slot pass that transaction once
-        it knows where it ends, or the next run would start with it again."""
-        deadline = time.monotonic() + self.COMMIT_WAIT_SECONDS
-        try:
-            while True:
-                nbytes, buffer = self.read(deadline)
-                if nbytes <= 0:
-                    return None
-                if buffer[0] != XLOGDATA:
-                    continue
-                event = decode(buffer[XLOGDATA_HEADER_SIZE:])
-                if event.__class__ is Commit:
-                    self.ledger.commit(last, event.end_lsn)
-                    return event.end_lsn
-                if event.__class__ is Change or event.__class__ is Message:
-                    return None
-        except psycopg.Error as exc:
-            log.debug("reading on to the commit: %s", first_line(exc))
-            return None
-
-    def ended(self, nbytes: int) -> Exception:
-        """The error for the end of the stream (``get_copy_data`` returned ``nbytes`` < 0)."""
-        message = text(self.pgconn.get_error_message())
-        if nbytes == -1:
-            result = self.pgconn.get_result()
-            if result is not None and result.error_message:
-                message = text(result.error_message)
-        return stream_ended(message)
+            if ledger.undelivered(backlog=self.backlog_bytes > 0):
+                self.send_status(written=max(ledger.received_lsn, wal_end), flush=0)
+                return
+        elif self.stats is not None:
+            self.stats.lag_bytes = max(0, wal_end - ledger.received_lsn)
+        ledger.keepalive(wal_end)
+        if reply_requested:
+            self.send_status()
 
     def read_ahead(self) -> None:
-        """Read what the server sent into the backlog and answer its keepalives.
+        """Read what the server sent into the backlog and answer its keepalives (see
+        `_keepalive`); `frames` hands the backlog out first.
 
-        The write position answered is what was received; the flush position the acknowledged
-        one, or, while something received is not yet delivered, left unset (0), which
-        PostgreSQL ignores for the slot and which lets a shutting-down walsender judge by the
-        write position. The slot keeps its confirmed position, so nothing is lost. A backlog
-        over `BACKLOG_LIMIT` closes the connection instead (the server is free; the feed
-        reconnects from the slot when the consumer is back).
+        A backlog over `BACKLOG_LIMIT` closes the connection instead (the server is free; the
+        feed reconnects from the slot when the consumer is back).
         """
         if not self.usable or self.repl.closed:
             return
@@ -238,10 +275,8 @@ class ReplicationStream:
                 if buffer[0] == XLOGDATA:
                     self.backlog_bytes += nbytes
                     self.ledger.received(xlogdata_header(buffer)[0])
-                elif buffer[0] == KEEPALIVE:  # the stream loop sees it again later
-                    wal_end, _, reply_requested = keepalive(buffer)
-                    if reply_requested:
-                        self._answer_while_busy(wal_end)
+                elif buffer[0] == KEEPALIVE:  # `frames` sees it again in its turn
+                    self._keepalive(buffer, busy=True)
             if self.backlog_bytes > self.BACKLOG_LIMIT:
                 log.warning(
                     "the sink is behind by more than %s MB of stream: closing the replication"
@@ -257,10 +292,42 @@ class ReplicationStream:
             log.debug("keep_alive: %s", first_line(exc))
             self.usable = False
 
-    def _answer_while_busy(self, wal_end: int) -> None:
-        ledger = self.ledger
-        if ledger.undelivered(backlog=self.backlog_bytes > 0):
-            self.send_status(written=max(ledger.received_lsn, wal_end), flush=0)
-        else:
-            ledger.keepalive(wal_end)
+    # -- the end -------------------------------------------------------------------------------
+
+    def finish(self) -> None:
+        """End the stream as the protocol asks: the last standby status, then CopyDone, then
+        wait (at most `FINISH_SECONDS`) for the server's CopyDone and the command's end.
+
+        The server answers CopyDone only after it has read the status before it, and ends the
+        command only after it released the slot. So when this returns, the slot has taken the
+        flush position and is free for the next run. Otherwise a status written just before
+        the connection closes may be lost with it (the walsender may fail writing to the
+        closed socket before it reads what is left there), and a run started right after this
+        one may find the slot still in use."""
+        if self.repl.closed or self.pgconn.transaction_status != pq.TransactionStatus.ACTIVE:
+            return
+        pgconn = self.pgconn
+        try:
             self.send_status()
+            if pgconn.put_copy_end() != 1 or pgconn.flush() != 0:
+                return
+            self._closing = True
+            deadline = time.monotonic() + self.FINISH_SECONDS
+            while True:  # what the server still sends before its CopyDone is not wanted now
+                payload = self._next(deadline)
+                if payload is ENDED:
+                    break
+                if payload is None:
+                    log.debug("the server did not confirm the end of the stream in time")
+                    return
+            while pgconn.is_busy():  # the command's result: the walsender let go of the slot
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not select.select([pgconn.socket], [], [], remaining)[0]:
+                    return
+                pgconn.consume_input()
+            while pgconn.get_result() is not None:
+                pass
+        except psycopg.Error as exc:
+            log.debug("finish: %s", first_line(exc))
+        finally:
+            self.usable = False

@@ -7,7 +7,7 @@ psycopg loaders (by type OID) for the families where psycopg's own are not exact
 encodable: json/jsonb with exact numbers, float with visible NaN/Infinity, interval with months
 and days kept apart, timetz, money. `changefeed.backends.postgres.loading` puts them to work.
 
-The value types have a ``__json__`` method: the JSON encoder of `changefeed.pipelines.delta`
+The value types have a ``__json__`` method: the JSON encoder of `changefeed.formats.codec`
 encodes them as what it returns (a plain value or an ``orjson.Fragment``), so sinks need no
 knowledge of PostgreSQL.
 """

@@ -99,7 +99,7 @@ class RethinkChangeFeed(ChangeFeed):
         self._history = StreamHistory(
             snapshot=self.prefeed == "snapshot",
             resync=resync,
-            restarted=self.position is not None,  # an earlier run delivered changes
+            restarted=self.acknowledged is not None,  # an earlier run delivered changes
         )
         self._conn: Any = None
         self._cursor: Any = None

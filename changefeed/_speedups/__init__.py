@@ -90,16 +90,3 @@ def encoder_factory(python_factory: Callable[..., Any], compiled_name: str) -> C
     factory.python_factory = python_factory  # type: ignore[attr-defined]
     return factory
 
-
-def change_line_encoder() -> Callable[[Any], bytes]:
-    """``dumps_line(change.to_dict())`` as a function (``changefeed run --format change``),
-    compiled where the extension is built."""
-    check()
-    if kernels is not None:
-        return kernels.ChangeEncoder()  # type: ignore[no-any-return]
-    from changefeed.pipelines.delta import dumps_line
-
-    def encode_change(change: Any) -> bytes:
-        return dumps_line(change.to_dict())
-
-    return encode_change

@@ -39,8 +39,8 @@ cdef Py_ssize_t position_prefix = 0
 
 cdef object make_position(uint64_t lsn, uint64_t index):
     """The position of the ``index``-th change of the transaction committed at ``lsn``, as
-    `pgoutput.make_position` makes it: ``"0000000001A2B3C8:00000003"``. The one place that
-    makes positions here, so that another position type changes one function."""
+    `TransactionPositions.take` makes it: a `PgPosition` holding
+    ``"0000000001A2B3C8:00000003"``. The one place that makes positions here."""
     global position_lsn, position_prefix
     if lsn != position_lsn or position_prefix == 0:  # a transaction's changes share the LSN
         position_prefix = write_hex(position_text, lsn, 16)
@@ -48,4 +48,4 @@ cdef object make_position(uint64_t lsn, uint64_t index):
         position_prefix += 1
         position_lsn = lsn
     cdef Py_ssize_t length = position_prefix + write_hex(position_text + position_prefix, index, 8)
-    return PyUnicode_DecodeASCII(position_text, length, NULL)
+    return str_new(PgPosition, PyUnicode_DecodeASCII(position_text, length, NULL))

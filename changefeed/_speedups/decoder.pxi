@@ -331,7 +331,7 @@ cdef class Decoder:
             self.index += 1
             committed_at, xid = self.committed_at, self.xid
         else:  # see `pgoutput`'s docstring
-            position, committed_at, xid = python_make_position(int(lsn) - 1, 0), None, None
+            position, committed_at, xid = PgPosition(int(lsn) - 1, 0), None, None
         if not self.message_prefixes or not prefix.startswith(self.message_prefixes):
             return None
         length = <int32_t>read_u32(p + end + 1)

@@ -1,23 +1,24 @@
 # The JSON lines of the built-in formats, written straight from a `Change`: what
-# `delta_line_encoder`, ``dumps_line(change.to_dict())`` and `DebeziumEncoder.line` give, without
+# `delta_line_encoder`, `change_line` and `DebeziumEncoder.line` give, without
 # building their dicts. The constant parts are made once (per table) by the Python code itself;
 # whatever is unusual (another operation, a MongoDB change) goes to that code.
 
-cdef object delta_module, debezium_module, time_module
+cdef object delta_module, debezium_module, time_module, codec_dumps, codec_dumps_line
 cdef object OPERATION_NAMES = {}
 
 
 cdef int bind_formats() except -1:
-    global delta_module, debezium_module, time_module
+    global delta_module, debezium_module, time_module, codec_dumps, codec_dumps_line
     if delta_module is not None:
         return 0
     bind_core()
     bind_json()
     import time
 
-    from changefeed.pipelines import debezium, delta
+    from changefeed.formats import codec, debezium, delta
 
     delta_module, debezium_module, time_module = delta, debezium, time
+    codec_dumps, codec_dumps_line = codec.dumps, codec.dumps_line
     OPERATION_NAMES.update({INSERT: b'{"operation":"insert","table":',
                             UPDATE: b'{"operation":"update","table":',
                             DELETE: b'{"operation":"delete","table":'})
@@ -58,13 +59,14 @@ cdef class DeltaEncoder:
         model = self.model
         if model is None or not isinstance(model, str):
             model = delta_module.model_for(table, model)
-        update = delta_module.dumps({"type": "update", "model": model})[:-1] + b',"newData":'
+        update = <bytes>codec_dumps({"type": "update", "model": model})
+        update = update[:len(update) - 1] + b',"newData":'
         start = self.starts[table] = (insert, delete, update)
         return start
 
     def __call__(self, change):
         if type(change) is not Change:
-            return delta_module.dumps_line(delta_module.to_delta(change, self.model))
+            return codec_dumps_line(delta_module.to_delta(change, self.model))
         operation = change_field(change, 0)
         table = change_field(change, 1)
         found = PyDict_GetItem(self.starts, table)
@@ -74,14 +76,14 @@ cdef class DeltaEncoder:
         if operation is INSERT or operation is DELETE:
             row = change_field(change, 2) if operation is INSERT else change_field(change, 3)
             if type(row) is not dict:
-                return delta_module.dumps_line(delta_module.to_delta(change, self.model))
+                return codec_dumps_line(delta_module.to_delta(change, self.model))
             out.bytes_(start[0] if operation is INSERT else start[1])
             out.row(row, False)
         elif operation is UPDATE:
             new, old = change_field(change, 2), change_field(change, 3)
             if (new is not None and type(new) is not dict) or (old is not None
                                                                 and type(old) is not dict):
-                return delta_module.dumps_line(delta_module.to_delta(change, self.model))
+                return codec_dumps_line(delta_module.to_delta(change, self.model))
             out.bytes_(start[2])
             out.value(new) if not has_unchanged(new) else out.row(new, True)
             out.raw(b',"oldData":', 11)
@@ -90,7 +92,7 @@ cdef class DeltaEncoder:
                 out.raw(b',"unchanged":', 13)
                 out.value(unchanged_names(new))
         else:
-            return delta_module.dumps_line(delta_module.to_delta(change, self.model))
+            return codec_dumps_line(delta_module.to_delta(change, self.model))
         out.raw(b"}\n", 2)
         return out.take()
 
@@ -111,7 +113,7 @@ cdef class ChangeEncoder:
         new, old = change.new, change.old
         if found is NULL or not (new is None or type(new) is dict) \
                 or not (old is None or type(old) is dict):
-            return delta_module.dumps_line(change.to_dict())
+            return codec_dumps_line(change.to_dict())
         out = self.out
         out.length = 0  # what a failed call left
         out.bytes_(<bytes>found)
@@ -149,7 +151,7 @@ cdef class DebeziumEncoder:
     """`DebeziumEncoder(source).line`: Debezium's envelope as one JSON line, counting
     ``transaction.data_collection_order`` per table as that class does."""
 
-    cdef object source, python, transaction
+    cdef object source, transaction
     cdef dict per_table, tables
     cdef bytes version_and_connector, name_and_ts, database
     cdef object last_committed_at, last_committed_ms
@@ -158,11 +160,10 @@ cdef class DebeziumEncoder:
     def __cinit__(self, source=None):
         bind_formats()
         self.source = source if source is not None else debezium_module.Source()
-        self.python = debezium_module.DebeziumEncoder(self.source)
         self.transaction = None
         self.per_table = {}
         self.tables = {}
-        dumps = delta_module.dumps
+        dumps = codec_dumps
         self.version_and_connector = (
             b',"source":{"version":' + dumps(debezium_module._version())
             + b',"connector":"postgresql","name":' + dumps(self.source.name) + b',"ts_ms":'
@@ -184,7 +185,7 @@ cdef class DebeziumEncoder:
                 or change.operation is DELETE) or not (
                 change.new is None or type(change.new) is dict) or not (
                 change.old is None or type(change.old) is dict):
-            return delta_module.dumps_line(debezium_module.envelope(
+            return codec_dumps_line(debezium_module.envelope(
                 change, self.source, data_collection_order=order))
         return self.relational(change, order)
 
@@ -193,8 +194,8 @@ cdef class DebeziumEncoder:
         if table_parts is NULL:
             schema, _, name = change.table.rpartition(".")
             parts = self.tables[change.table] = (
-                b',"schema":' + delta_module.dumps(schema or "public") + b',"table":'
-                + delta_module.dumps(name) + b',"txId":')
+                b',"schema":' + codec_dumps(schema or "public") + b',"table":'
+                + codec_dumps(name) + b',"txId":')
             table_parts = <PyObject*>parts
         lsn, index = debezium_module._lsn_and_index(change.position)
         committed_at = change.committed_at
@@ -244,7 +245,3 @@ cdef class DebeziumEncoder:
             return self.out.value(row)
         return self.out.value({name: debezium_module.UNAVAILABLE if value is UNCHANGED
                                else value for name, value in row.items()})
-
-    def key_bytes(self, change):
-        """The record key as JSON bytes (None for a change without a key)."""
-        return self.python.key_bytes(change)

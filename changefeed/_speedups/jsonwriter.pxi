@@ -1,4 +1,4 @@
-# JSON written as `changefeed.pipelines.delta.dumps` writes it (orjson, with changefeed's
+# JSON written as `changefeed.formats.codec.dumps` writes it (orjson, with changefeed's
 # `default` for database values), into one growing buffer: the common types (str, int, bool,
 # None, dict, list, datetime in UTC, date, time, UUID, Decimal, bytes) here, byte for byte as
 # orjson writes them; any other value (floats, subclasses, the PostgreSQL value types, ranges)
@@ -40,19 +40,19 @@ cdef int bind_json() except -1:
 
     import orjson
 
-    from changefeed.pipelines import delta
+    from changefeed.formats import codec
 
     orjson_error = orjson.JSONEncodeError
-    json_default = delta._default
-    JSON_OPTIONS = delta._OPTIONS
-    JSON_NON_STR_KEYS = delta._NON_STR_KEYS
+    json_default = codec.json_default
+    JSON_OPTIONS = codec.ORJSON_OPTIONS
+    JSON_NON_STR_KEYS = codec._NON_STR_KEYS
     datetime_type, date_type, time_type = datetime.datetime, datetime.date, datetime.time
     orjson_dumps = orjson.dumps
     return 0
 
 
 cdef object python_dumps(object value):
-    """`delta.dumps`: orjson with changefeed's default, keys other than strings allowed."""
+    """`codec.dumps`: orjson with changefeed's default, keys other than strings allowed."""
     try:
         return orjson_dumps(value, default=json_default, option=JSON_OPTIONS)
     except orjson_error:
@@ -348,6 +348,9 @@ cdef class JsonWriter:
             return self.char_(b'"')
         if cls is bytes:
             return self.base64(value)
+        if cls is PgPosition or (PgPosition is None and isinstance(value, str)
+                                 and bind_position() and cls is PgPosition):
+            return self.string(value)  # its text, as `json_default` gives it
         return self.bytes_(python_dumps(value))
 
 

@@ -14,7 +14,22 @@ cdef extern from "Python.h":
 
 cdef bint bound = False
 cdef object Change, Message, Begin, Commit, DecodeError, UNCHANGED, INSERT, UPDATE, DELETE
-cdef object pg_timestamp, python_make_position, PostgresText, NonFiniteFloat
+cdef object pg_timestamp, PostgresText, NonFiniteFloat
+cdef object PgPosition = None  # bound by `bind_core` where the PostgreSQL backend is installed
+
+cdef extern from *:
+    """
+    /* str.__new__(cls, text) for a subclass of str: what `TransactionPositions.take` does. */
+    static PyObject* changefeed_str_subtype(PyObject* cls, PyObject* text) {
+        PyObject* args = PyTuple_Pack(1, text);
+        PyObject* result;
+        if (args == NULL) return NULL;
+        result = PyUnicode_Type.tp_new((PyTypeObject*)cls, args, NULL);
+        Py_DECREF(args);
+        return result;
+    }
+    """
+    object str_new "changefeed_str_subtype"(object cls, object text)
 cdef object Decimal, UUID, SAFE_UUID_UNKNOWN, UTC, TypeLoaders, Transformer, TEXT_FORMAT
 cdef object C_FLOAT, psycopg_default_loaders, own_loaders
 cdef object DECLINE = object()  # a loader's "not mine: ask the Python loaders"
@@ -70,11 +85,24 @@ cdef int bind_core() except -1:
     return 0
 
 
+cdef bint bind_position() except -1:
+    """Bind `PgPosition` if its module is loaded (a position unpickled in a worker process);
+    True if bound. Without it nothing holds one."""
+    global PgPosition
+    if PgPosition is None:
+        import sys
+
+        module = sys.modules.get("changefeed.backends.postgres.position")
+        if module is not None:
+            PgPosition = module.PgPosition
+    return PgPosition is not None
+
+
 cdef int bind_python() except -1:
     """What the decoder needs: the core's types, psycopg's and the PostgreSQL backend's."""
-    global bound, Message, Begin, Commit, DecodeError, pg_timestamp, python_make_position
+    global bound, Message, Begin, Commit, DecodeError, pg_timestamp
     global PostgresText, NonFiniteFloat, TypeLoaders, Transformer, TEXT_FORMAT, C_FLOAT
-    global psycopg_default_loaders, own_loaders, JsonDecimal, json_parser
+    global psycopg_default_loaders, own_loaders, JsonDecimal, json_parser, PgPosition
     if bound:
         return 0
     bind_core()
@@ -84,15 +112,16 @@ cdef int bind_python() except -1:
     from psycopg.pq import Format
 
     from changefeed.backends.postgres import loading, pgoutput, protocol, values
+    from changefeed.backends.postgres.position import PgPosition as position_class
     from changefeed.errors import DecodeError as decode_error
     from changefeed.message import Message as message_class
 
     Message = message_class
+    PgPosition = position_class
     Begin = pgoutput.Begin
     Commit = pgoutput.Commit
     DecodeError = decode_error
     pg_timestamp = protocol.pg_timestamp
-    python_make_position = pgoutput.make_position
     PostgresText = values.PostgresText
     NonFiniteFloat = values.NonFiniteFloat
     JsonDecimal = values.JsonDecimal

@@ -1,9 +1,10 @@
 """The ``changefeed`` command line: stream a table's changes as JSON lines.
 
-Commands: ``run`` (`changefeed.cli.run`), the PostgreSQL maintenance commands ``slots``,
-``drain`` and ``backfill`` (`changefeed.cli.postgres`), and ``demo``. Expected failures (bad
-input, unreachable server, missing privilege) print one line and exit with the error's exit
-code (`changefeed.errors`); a traceback means a bug.
+Commands: ``run`` (`changefeed.cli.run`), ``serve`` (`changefeed.cli.serve`) and ``status``
+(`changefeed.cli.status`), the PostgreSQL maintenance commands ``slots``, ``drain`` and
+``backfill`` (`changefeed.cli.postgres`), and ``demo``. Expected failures (bad input,
+unreachable server, missing privilege) print one line and exit with the error's exit code
+(`changefeed.errors`); a traceback means a bug.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import click
 from changefeed.cli.common import ACK_SECONDS, expected_errors, setup_logging
 from changefeed.cli.postgres import backfill, drain, slots
 from changefeed.cli.run import encoder, run
+from changefeed.cli.serve import serve
+from changefeed.cli.status import status
+from changefeed.formats.registry import FORMAT_NAMES
 from changefeed.redact import install_excepthook
 
 
@@ -25,18 +29,36 @@ def cli() -> None:
 @click.command()
 @click.option("--seconds", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="How long to run (0: until Ctrl-C).")
-@click.option("--format", "fmt", type=click.Choice(["delta", "change"]), default="delta",
+@click.option("--format", "fmt", type=click.Choice(FORMAT_NAMES), default="delta",
               show_default=True)
-def demo(seconds: float, fmt: str) -> None:
-    """Stream live deltas from a throwaway local PostgreSQL with a demo writer."""
+@click.option("--web", is_flag=True,
+              help="Serve a page showing the table syncing live in a browser (needs the serve"
+                   " extra); runs until Ctrl-C unless --seconds is given.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="With --web: address.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+              help="With --web: port (0: any free port).")
+@click.option("--writer-seconds", type=click.FloatRange(min=0), default=2.0, show_default=True,
+              help="With --web: how often the demo's writer changes a task (0: no writer).")
+def demo(seconds: float, fmt: str, web: bool, host: str, port: int,
+         writer_seconds: float) -> None:
+    """Stream live deltas from a throwaway local PostgreSQL with a demo writer; --web shows
+    the table syncing live in a browser page instead."""
+    setup_logging(False)
+    if web:
+        from changefeed.cli.demo import run_web_demo
+
+        explicit = click.get_current_context().get_parameter_source("seconds")
+        with expected_errors():
+            run_web_demo(host, port, seconds if explicit == click.core.ParameterSource.COMMANDLINE
+                         and seconds else None, writer_seconds)
+        return
     from changefeed.cli.demo import run_demo  # imports the PostgreSQL driver: only here
 
-    setup_logging(False)
     with expected_errors():
         run_demo(seconds=seconds or None, encode=encoder(fmt, None))
 
 
-for command in (run, slots, drain, backfill, demo):
+for command in (run, serve, status, slots, drain, backfill, demo):
     cli.add_command(command)
 
 

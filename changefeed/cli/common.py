@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from typing import Any
 
 import click
@@ -33,6 +35,9 @@ class CliError(click.ClickException):
 
     def show(self, file: Any = None) -> None:
         # Messages may quote URLs (a sink's, or a driver's error text): never their secrets.
+        if _json_logs:  # a log collector reads stderr: the last line is JSON too
+            log.error("%s", self.format_message(), extra={"fields": {"exit_code": self.exit_code}})
+            return
         click.echo(f"changefeed: error: {redact(self.format_message())}", err=True)
 
 
@@ -53,14 +58,91 @@ def parse_ops(ctx: click.Context, param: click.Parameter, value: str) -> Operati
         raise click.BadParameter(exc.message) from exc
 
 
-def setup_logging(quiet: bool) -> None:
-    """Messages for people go to stderr, prefixed and with URL secrets redacted."""
+LOG_FORMATS = ("text", "json")
+"""``--log-format`` values: ``text`` for people, ``json`` for log collectors."""
+
+
+class TextLogFormatter(RedactingFormatter):
+    """``changefeed: message``, or ``changefeed: [pipeline] message`` for a pipeline's records."""
+
+    def __init__(self) -> None:
+        super().__init__("changefeed: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802  (logging's name)
+        pipeline = getattr(record, "pipeline", None)
+        text = super().formatMessage(record)
+        return text.replace("changefeed: ", f"changefeed: [{pipeline}] ", 1) if pipeline else text
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: ``time`` (UTC, ISO 8601), ``level``, ``pipeline`` (null outside
+    one), ``event`` (the message the text format shows) and ``fields`` (the logger, what the
+    record carries in ``extra={"fields": {...}}``, and an exception's traceback as ``error``).
+    Every string in it is redacted."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, Any] = {"logger": record.name, **(getattr(record, "fields", None) or {})}
+        if record.exc_info:
+            fields["error"] = self.formatException(record.exc_info)
+        line = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc)
+            .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "pipeline": getattr(record, "pipeline", None),
+            "event": record.getMessage(),
+            "fields": fields,
+        }
+        return json.dumps(_redacted(line), ensure_ascii=False, default=str)
+
+
+def _redacted(value: Any) -> Any:
+    """``value`` with `redact` applied to every string in it (before JSON escapes them)."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {key: _redacted(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_redacted(item) for item in value]
+    return value if value is None or isinstance(value, (bool, int, float)) else redact(str(value))
+
+
+class _PipelineLabel(logging.Filter):
+    """Labels every record that has no pipeline yet with this process's pipeline."""
+
+    def __init__(self, pipeline: str) -> None:
+        super().__init__()
+        self.pipeline = pipeline
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "pipeline", None) is None:
+            record.pipeline = self.pipeline
+        return True
+
+
+def setup_logging(quiet: bool, log_format: str = "text", pipeline: str | None = None) -> None:
+    """Messages go to stderr with secrets redacted: prefixed lines for people (``text``), or one
+    JSON object per line (``json``, see `JsonLogFormatter`). ``pipeline`` labels every record
+    (a pipeline's own process under ``changefeed serve``)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(RedactingFormatter("changefeed: %(message)s"))
+    handler.setFormatter(JsonLogFormatter() if log_format == "json" else TextLogFormatter())
+    if pipeline is not None:
+        handler.addFilter(_PipelineLabel(pipeline))
     root = logging.getLogger("changefeed")
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING if quiet else logging.INFO)
     root.propagate = False
+    global _json_logs
+    _json_logs = log_format == "json"
+
+
+_json_logs = False
+"""Whether `setup_logging` chose JSON lines (`CliError` then shows itself as one)."""
+
+log_format_option = click.option(
+    "--log-format", type=click.Choice(LOG_FORMATS), default="text", envvar="CHANGEFEED_LOG_FORMAT",
+    help="stderr as lines for people, or one JSON object per line (default:"
+         " $CHANGEFEED_LOG_FORMAT, else text).",
+)
 
 
 def require_postgresql(url: str, message: str) -> None:

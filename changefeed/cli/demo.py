@@ -75,3 +75,66 @@ def run_demo(seconds: float | None, encode: Callable[[Change], bytes]) -> None:
         finally:
             stop.set()
             writer.join(timeout=5)
+
+
+WEB_TABLE = (
+    "CREATE TABLE tasks (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), title text NOT NULL,"
+    " done boolean NOT NULL DEFAULT false, priority int,"
+    " updated_at timestamptz NOT NULL DEFAULT now())"
+)
+
+
+def _web_writer(dsn: str, stop: threading.Event, seconds: float = 2.0) -> None:
+    """The other user of the web demo: adds, edits and deletes a task every few seconds."""
+    rng = random.Random(11)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while not stop.wait(seconds):
+            ids = [row[0] for row in conn.execute("SELECT id FROM tasks ORDER BY id")]
+            action = rng.random()
+            if action < 0.4 or len(ids) < 4:
+                conn.execute("INSERT INTO tasks (title, priority) VALUES (%s, %s)",
+                             [rng.choice(TITLES), rng.randint(1, 5)])
+            elif action < 0.85 or len(ids) < 8:
+                conn.execute("UPDATE tasks SET priority = %s, updated_at = now() WHERE id = %s",
+                             [rng.randint(1, 5), rng.choice(ids)])
+            else:
+                conn.execute("DELETE FROM tasks WHERE id = %s", [rng.choice(ids)])
+
+
+def run_web_demo(host: str, port: int, seconds: float | None, writer_seconds: float = 2.0) -> None:
+    """``changefeed demo --web``: the throwaway PostgreSQL, a ``tasks`` table with a writer,
+    and ``changefeed serve`` for it with a page (``/demo``) showing the table syncing live,
+    edited offline and catching up. Runs until Ctrl-C or SIGTERM (or ``seconds``)."""
+    import os
+    import signal
+
+    from changefeed.serve.server import run_server
+    from changefeed.serve.sync import SyncService
+    from changefeed.serve.sync.demo_page import DemoPage
+
+    log.info("starting a throwaway PostgreSQL cluster (initdb in a temporary directory)")
+    with TemporaryPostgres() as server:
+        dsn = server.dsn()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(WEB_TABLE)
+            conn.execute("INSERT INTO tasks (title, priority) VALUES ('try changefeed', 1),"
+                         " ('edit me offline', 2), ('tick me', 3)")
+        log.info("database: psql -h 127.0.0.1 -p %s -U postgres postgres (table tasks)",
+                 server.port)
+        log.info("open http://%s:%s/demo in a browser", host if ":" not in host else f"[{host}]",
+                 port or "PORT")
+        stop = threading.Event()
+        writer = threading.Thread(target=_web_writer, args=(dsn, stop, writer_seconds),
+                                  daemon=True)
+        if writer_seconds:
+            writer.start()
+        if seconds:
+            timer = threading.Timer(seconds, os.kill, [os.getpid(), signal.SIGTERM])
+            timer.daemon = True
+            timer.start()
+        try:
+            run_server([SyncService(dsn, ["tasks"]), DemoPage()], host=host, port=port)
+        finally:
+            stop.set()
+            if writer.is_alive():
+                writer.join(timeout=5)

@@ -1,30 +1,138 @@
-"""``changefeed run``'s pipeline options: the pipeline its ``--where``, ``--filter``, ``--sink``,
-``--dead-letter``, ``--format`` and ``--processes`` make::
+"""``changefeed run``'s pipeline options: the pipeline its ``--where``, ``--filter``, ``--stage``,
+``--sink``, ``--dead-letter``, ``--format`` and ``--processes`` make::
 
     pipeline = build_cli_pipeline(feed, where=..., filter=..., sink=..., dead_letter=...,
                                   fmt="delta", model=None)
     deliver(feed, pipeline.output(), ...)      # as `changefeed.cli.run` does
 
-``--sink SPEC`` and ``--dead-letter SPEC`` name a sink (`sink_from_spec`, whose module lists
-the forms). ``--where EXPR`` and ``--filter JSON`` filter rows
-(`changefeed.pipelines.where_expressions`).
+``changefeed serve`` builds the same parts (`pipeline_parts`) and puts its meters around the
+sink. ``--sink SPEC`` and ``--dead-letter SPEC`` name a sink (`sink_from_spec`, whose module
+lists the forms). ``--where EXPR`` and ``--filter JSON`` filter rows
+(`changefeed.pipelines.where_expressions`); ``--stage MODULE:NAME`` adds a Python callable.
 
-``--format delta`` (default) sends Snorky deltas, ``--format change`` the whole change,
-``--format debezium`` Debezium's envelope (`changefeed.pipelines.debezium`). A Snorky sink always
+``--format`` names one of the formats of `changefeed.formats.registry`: ``delta`` (default) sends
+Snorky deltas, ``change`` the whole change, ``debezium`` Debezium's envelope. A Snorky sink always
 receives deltas and a Redis stream always holds whole changes (its readers apply their own
 stages), whatever the format; a Kafka sink writes each record in the format given.
 """
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from changefeed.cli.common import ACK_SECONDS
 from changefeed.errors import ConfigurationError
+from changefeed.formats.registry import FormatOptions, format_named
 from changefeed.pipelines.pipeline import Pipeline
+from changefeed.pipelines.sinks import Sink
 from changefeed.pipelines.sinks.spec import sink_from_spec
-from changefeed.pipelines.stages import subscription, to_delta
+from changefeed.pipelines.stages import Stage, subscription
 from changefeed.pipelines.where_expressions import parse_filter, parse_where, row_filter
+
+_FLAGS = {"tables": "TABLE...", "fmt": "--format", "stages": "--stage"}
+
+
+def cli_flag(option: str) -> str:
+    """How ``changefeed run`` names a `changefeed.cli.run.RunOptions` field: ``--dead-letter``."""
+    return _FLAGS.get(option) or "--" + option.replace("_", "-")
+
+
+class OptionError(ConfigurationError):
+    """A bad option: ``option`` names the `changefeed.cli.run.RunOptions` field to blame, so that
+    ``changefeed serve`` can point at the config key (it is lost when the error is pickled)."""
+
+    def __init__(self, message: str, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option
+
+
+@contextmanager
+def blame(option: str) -> Iterator[None]:
+    """Turn a `ConfigurationError` raised inside into an `OptionError` naming ``option``."""
+    try:
+        yield
+    except OptionError:
+        raise
+    except ConfigurationError as exc:
+        raise OptionError(exc.message, option) from exc
+
+
+def load_stage(spec: str) -> Stage:
+    """The callable ``MODULE:NAME`` names (``NAME`` may be dotted), imported now: a stage."""
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ConfigurationError(f"stage {spec!r}: use MODULE:NAME, e.g. myapp.stages:enrich")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(f"stage {spec!r}: cannot import {module_name}: {exc}") from exc
+    for part in attribute.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise ConfigurationError(f"stage {spec!r}: {module_name} has no {attribute}") from None
+    if not callable(target):
+        raise ConfigurationError(f"stage {spec!r} is not callable")
+    return target
+
+
+@dataclass
+class PipelineParts:
+    """What the pipeline options make: the stages in order, the stage that puts changes in the
+    chosen format (None when the sink takes changes as they are), the sink, the dead letters."""
+
+    stages: list[Any]
+    encode: Stage | None
+    sink: Sink
+    dead_letter: Sink | None
+
+
+def pipeline_parts(
+    feed: Any,
+    *,
+    where: str | None = None,
+    filter: str | None = None,
+    stages: Sequence[str] = (),
+    sink: str = "-",
+    dead_letter: str | None = None,
+    fmt: str = "delta",
+    model: str | dict[str, str] | None = None,
+    flag: Callable[[str], str] = cli_flag,
+) -> PipelineParts:
+    """``--where``, then ``--filter``, then each ``--stage``; the format; the sinks. Raises
+    `OptionError` naming the option (``where``, ``filter``, ``stages``, ``sink``...);
+    ``flag`` says how messages name an option."""
+    with blame("sink"):
+        out = sink_from_spec(sink, model=model, fmt=fmt, option=flag("sink"))  # type: ignore[arg-type]
+    steps: list[Any] = []
+    if where:
+        with blame("where"):
+            steps.append(row_filter(parse_where(where)))
+    if filter:
+        with blame("filter"):
+            steps.append(subscription(parse_filter(filter)))
+    with blame("stages"):
+        steps.extend(load_stage(spec) for spec in stages)
+    # A sink that takes one kind of item says so (Snorky: deltas; Redis and Kafka: changes).
+    encode: Stage | None = None
+    if out.accepts == "any":
+        connection = getattr(feed, "connection", None)
+        url = connection if isinstance(connection, str) else ""
+        with blame("fmt"):
+            encode = format_named(fmt).stage(FormatOptions(model=model, url=url))
+    with blame("dead_letter"):
+        letters = (sink_from_spec(dead_letter, option=flag("dead_letter")) if dead_letter
+                   else None)
+        if letters is not None and letters.accepts != "any":
+            raise ConfigurationError(
+                f"{flag('dead_letter')} {dead_letter!r}: dead letters are JSON records; send them"
+                " to a file, stdout or a webhook"
+            )
+    return PipelineParts(steps, encode, out, letters)
 
 
 def build_cli_pipeline(
@@ -32,38 +140,20 @@ def build_cli_pipeline(
     *,
     where: str | None = None,
     filter: str | None = None,
+    stages: Sequence[str] = (),
     sink: str = "-",
     dead_letter: str | None = None,
     fmt: str = "delta",
-    model: str | None = None,
+    model: str | dict[str, str] | None = None,
     processes: bool = False,
 ) -> Pipeline:
-    """The pipeline ``changefeed run`` runs: ``--where``, then ``--filter``, then the format.
+    """The pipeline ``changefeed run`` runs: ``--where``, ``--filter``, ``--stage``, the format.
 
     Acknowledges at most every `changefeed.cli.ACK_SECONDS` (and always at the end), as the
     command does without a pipeline.
     """
-    out = sink_from_spec(sink, model=model, fmt=fmt)
-    stages: list[Any] = []
-    if where:
-        stages.append(row_filter(parse_where(where)))
-    if filter:
-        stages.append(subscription(parse_filter(filter)))
-    # A sink that takes one kind of item says so (Snorky: deltas; Redis and Kafka: changes).
-    if fmt == "delta" and out.accepts == "any":
-        stages.append(to_delta(model))
-    if fmt == "debezium" and out.accepts == "any":
-        from changefeed.pipelines.debezium import DebeziumEncoder, Source, database_of
-
-        connection = getattr(feed, "connection", None)
-        url = connection if isinstance(connection, str) else ""
-        stages.append(DebeziumEncoder(Source(database=database_of(url))))
-    letters = sink_from_spec(dead_letter, option="--dead-letter") if dead_letter else None
-    if letters is not None and letters.accepts != "any":
-        raise ConfigurationError(
-            f"--dead-letter {dead_letter!r}: dead letters are JSON records; send them to a file,"
-            " stdout or a webhook"
-        )
-    return Pipeline(
-        feed, stages, sink=out, dead_letter=letters, processes=processes, ack_interval=ACK_SECONDS
-    )
+    parts = pipeline_parts(feed, where=where, filter=filter, stages=stages, sink=sink,
+                           dead_letter=dead_letter, fmt=fmt, model=model)
+    steps = [*parts.stages, *([parts.encode] if parts.encode is not None else [])]
+    return Pipeline(feed, steps, sink=parts.sink, dead_letter=parts.dead_letter,
+                    processes=processes, ack_interval=ACK_SECONDS)

@@ -12,21 +12,23 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import click
 
-from changefeed.change import Change, Operation
+from changefeed.change import ALL, Change, Operation
 from changefeed.checkpoint import FileCheckpoint
 from changefeed.cli.common import (
     ACK_SECONDS,
-    CliError,
     expected_errors,
+    log_format_option,
     parse_ops,
     setup_logging,
     stop_on_signals,
     url_option,
 )
+from changefeed.cli.pipeline_options import OptionError, blame, build_cli_pipeline, cli_flag
 from changefeed.delivery import (
     LineOutput,
     Output,
@@ -36,11 +38,118 @@ from changefeed.delivery import (
     silence_stdout,
 )
 from changefeed.feed import ChangeFeed
-from changefeed.pipelines.delta import delta_line_encoder, dumps_line
+from changefeed.formats.codec import dumps_line
+from changefeed.formats.registry import FORMAT_NAMES, FORMATS, FormatOptions, format_named
 from changefeed.preflight import check_writable
 from changefeed.registry import get_changefeed, is_postgresql_url
 
 log = logging.getLogger("changefeed")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Everything ``changefeed run`` takes, one field per option (``tables`` is TABLE...).
+
+    ``changefeed serve`` reads each pipeline of its config file into one of these, so both
+    commands check and build a run the same way (`check_options`, `make_feed`, `make_output`).
+    """
+
+    tables: tuple[str, ...]
+    url: str
+    ops: Operation = ALL
+    prefeed: str | None = None
+    fmt: str = "delta"
+    model: str | dict[str, str] | None = None
+    exclude: tuple[str, ...] = ()
+    chunk_size: int | None = None
+    slot: str | None = None
+    publication: str | None = None
+    checkpoint: str | None = None
+    limit: int | None = None
+    until_idle: float | None = None
+    where: str | None = None
+    filter: str | None = None
+    stages: tuple[str, ...] = ()
+    sink: str = "-"
+    dead_letter: str | None = None
+    processes: bool = False
+    messages: tuple[str, ...] = ()
+    quiet: bool = False
+
+    @property
+    def pipeline_wanted(self) -> bool:
+        """Whether a pipeline runs (else the fast path: JSON lines to stdout)."""
+        return bool(self.where or self.filter or self.stages or self.sink != "-"
+                    or self.dead_letter or self.processes)
+
+
+def check_options(
+    options: RunOptions, flag: Callable[[str], str] = cli_flag, pipeline: bool = False
+) -> dict[str, Any]:
+    """Check the combination of ``options`` without I/O; return the feed's backend options.
+
+    Raises `OptionError` naming the field to blame (``flag`` says how messages name it);
+    ``pipeline`` says the caller always runs a pipeline (``changefeed serve``)."""
+    url = options.url
+    feed_options: dict[str, Any] = {}
+    if options.slot is not None:
+        feed_options["slot"] = options.slot
+    if options.publication is not None:
+        feed_options["publication"] = options.publication
+    if options.exclude:
+        feed_options["exclude"] = list(options.exclude)
+    if options.chunk_size is not None:
+        feed_options["chunk_size"] = options.chunk_size
+    postgresql = is_postgresql_url(url)
+    if (feed_options or len(options.tables) > 1) and not postgresql:
+        blamed = "tables" if len(options.tables) > 1 else next(
+            name for name in ("exclude", "chunk_size", "slot", "publication")
+            if getattr(options, name) not in (None, ()))
+        raise OptionError(
+            f"several tables, {flag('exclude')}, {flag('chunk_size')}, {flag('slot')} and"
+            f" {flag('publication')} apply to PostgreSQL URLs only", blamed)
+    if options.messages:
+        if not postgresql:
+            raise OptionError(f"{flag('messages')} applies to PostgreSQL URLs only", "messages")
+        if pipeline or options.pipeline_wanted:
+            others = ", ".join(flag(name) for name in (
+                "where", "filter", "stages", "sink", "dead_letter", "processes"))
+            raise OptionError(
+                f"{flag('messages')} writes JSON lines to stdout: it does not combine with a"
+                f" pipeline ({others}) yet", "messages")
+        feed_options["messages"] = options.messages
+    if (format_named(options.fmt).snapshot_markers and not (pipeline or options.pipeline_wanted)
+            and postgresql):
+        feed_options["snapshot_markers"] = True  # {"type": "snapshot", ...} lines
+    return feed_options
+
+
+def make_feed(options: RunOptions, feed_options: dict[str, Any]) -> ChangeFeed:
+    """The feed ``options`` ask for, not connected yet; a checkpoint file is checked writable
+    before the first change is delivered. ``feed_options``: from `check_options`, and more
+    (``name``)."""
+    feed_options = dict(feed_options)
+    if options.checkpoint:
+        with blame("checkpoint"):
+            check_writable(options.checkpoint, "checkpoint")
+        feed_options["checkpoint"] = FileCheckpoint(options.checkpoint)
+    with blame("url"):
+        return get_changefeed(options.url, ",".join(options.tables), options.ops,
+                              prefeed=options.prefeed, **feed_options)
+
+
+def make_output(feed: ChangeFeed, options: RunOptions) -> Output:
+    """Where ``changefeed run`` delivers: the pipeline of its options, or JSON lines to stdout."""
+    if options.pipeline_wanted:
+        return build_cli_pipeline(
+            feed, where=options.where, filter=options.filter, stages=options.stages,
+            sink=options.sink, dead_letter=options.dead_letter, fmt=options.fmt,
+            model=options.model, processes=options.processes,
+        ).output()
+    encode = encoder(options.fmt, options.model, options.url)
+    if options.messages:
+        encode = _with_messages(encode)
+    return LineOutput(buffered_stdout(), encode)
 
 
 @click.command()
@@ -50,9 +159,9 @@ log = logging.getLogger("changefeed")
               help="Operations to stream: insert, update, delete (comma-separated) or all.")
 @click.option("--prefeed", type=click.Choice(["snapshot"]), default=None,
               help="Start with every existing row (as snapshot inserts), then stream.")
-@click.option("--format", "fmt", type=click.Choice(["delta", "change", "debezium"]),
-              default="delta", show_default=True,
-              help="Snorky delta, the full change with its position, or Debezium's envelope.")
+@click.option("--format", "fmt", type=click.Choice(FORMAT_NAMES), default="delta",
+              show_default=True,
+              help="; ".join(f"{known.name}: {known.summary}" for known in FORMATS) + ".")
 @click.option("--model", "models", multiple=True, metavar="[TABLE=]NAME",
               help="Model name in deltas, for all tables or per table (repeatable; default:"
                    " the table name).")
@@ -75,6 +184,9 @@ log = logging.getLogger("changefeed")
 @click.option("--filter", "filter_json", default=None, metavar="JSON",
               help="A Snorky filter such as '[\"==\", \"color\", \"blue\"]': updates entering"
                    " or leaving it become inserts or deletes (needs old values).")
+@click.option("--stage", "stages", multiple=True, metavar="MODULE:NAME",
+              help="A Python callable taking each change (repeatable; after --where and"
+                   " --filter): returns it, another item, None to drop it, or several.")
 @click.option("--sink", default="-", show_default=True, metavar="SPEC",
               help="Where to deliver: -, a file, http(s)://URL, snorky+http://HOST/backend"
                    "?service=S&key=K, redis://HOST:PORT/0?stream=NAME,"
@@ -88,6 +200,7 @@ log = logging.getLogger("changefeed")
               help="Also stream pg_logical_emit_message messages whose prefix starts with"
                    " PREFIX (repeatable; PostgreSQL 14+).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr, only errors.")
+@log_format_option
 def run(
     tables: tuple[str, ...],
     url: str,
@@ -104,11 +217,13 @@ def run(
     until_idle: float | None,
     where_expr: str | None,
     filter_json: str | None,
+    stages: tuple[str, ...],
     sink: str,
     dead_letter: str | None,
     processes: bool,
     messages: tuple[str, ...],
     quiet: bool,
+    log_format: str,
 ) -> None:
     """Stream the changes of TABLE... as JSON lines to stdout (or to --sink).
 
@@ -118,54 +233,22 @@ def run(
     Runs until Ctrl-C or SIGTERM (or --limit / --until-idle); what was delivered is
     acknowledged before exit, so the next run continues after it.
     """
-    setup_logging(quiet)
-    options: dict[str, Any] = {}
-    if slot is not None:
-        options["slot"] = slot
-    if publication is not None:
-        options["publication"] = publication
-    if exclude:
-        options["exclude"] = list(exclude)
-    if chunk_size is not None:
-        options["snapshot_batch"] = chunk_size
-    if (options or len(tables) > 1) and not is_postgresql_url(url):
-        raise CliError("several tables, --exclude, --slot and --publication apply to PostgreSQL"
-                       " URLs only", 2)
-    model = _parse_models(models)
-    pipeline_wanted = bool(where_expr or filter_json or sink != "-" or dead_letter or processes)
-    if messages:
-        if not is_postgresql_url(url):
-            raise CliError("--messages applies to PostgreSQL URLs only", 2)
-        if pipeline_wanted:
-            raise CliError("--messages writes JSON lines to stdout: it does not combine with"
-                           " --where, --filter, --sink, --dead-letter or --processes yet", 2)
-        options["messages"] = messages
-    if fmt == "change" and not pipeline_wanted and is_postgresql_url(url):
-        options["snapshot_markers"] = True  # {"type": "snapshot", ...} lines
-    table = ",".join(tables)
+    setup_logging(quiet, log_format)
+    options = RunOptions(
+        tables=tables, url=url, ops=ops, prefeed=prefeed, fmt=fmt, model=_parse_models(models),
+        exclude=exclude, chunk_size=chunk_size, slot=slot, publication=publication,
+        checkpoint=checkpoint, limit=limit, until_idle=until_idle, where=where_expr,
+        filter=filter_json, stages=stages, sink=sink, dead_letter=dead_letter,
+        processes=processes, messages=messages, quiet=quiet,
+    )
     with expected_errors():
-        if checkpoint:
-            check_writable(checkpoint, "checkpoint")  # before the first change is delivered
-            options["checkpoint"] = FileCheckpoint(checkpoint)
-        feed = get_changefeed(url, table, ops, prefeed=prefeed, **options)  # not connected yet
-        if not checkpoint and feed.resume == "checkpoint":
+        feed = make_feed(options, check_options(options))  # not connected yet
+        if not options.checkpoint and feed.resume == "checkpoint":
             log.warning(
                 "no --checkpoint: this run cannot be resumed after it stops; give --checkpoint"
                 " FILE to continue from the last delivered change next time"
             )
-        output: Output
-        if pipeline_wanted:
-            from changefeed.cli.pipeline_options import build_cli_pipeline
-
-            output = build_cli_pipeline(
-                feed, where=where_expr, filter=filter_json, sink=sink, dead_letter=dead_letter,
-                fmt=fmt, model=model, processes=processes,
-            ).output()
-        else:  # the fast path: no stages, JSON lines to stdout
-            encode = encoder(fmt, model, url)
-            if messages:
-                encode = _with_messages(encode)
-            output = LineOutput(buffered_stdout(), encode)
+        output = make_output(feed, options)
         deliver_with_signals(feed, output, limit=limit, idle_timeout=until_idle, quiet=quiet)
 
 
@@ -216,18 +299,8 @@ def _parse_models(values: tuple[str, ...]) -> str | dict[str, str] | None:
 def encoder(
     fmt: str, model: str | dict[str, str] | None, url: str = ""
 ) -> Callable[[Change], bytes]:
-    if fmt == "debezium":
-        from changefeed.pipelines.debezium import Source, database_of, line_encoder
-
-        return line_encoder(Source(database=database_of(url)))
-    if fmt == "change":
-
-        def encode_change(change: Change) -> bytes:
-            return dumps_line(change.to_dict())
-
-        return encode_change
-
-    return delta_line_encoder(model)
+    """The JSON-line encoder of format ``fmt`` (`changefeed.formats.registry`)."""
+    return format_named(fmt).lines(FormatOptions(model=model, url=url))
 
 
 def _with_messages(encode: Callable[[Change], bytes]) -> Callable[[Any], bytes]:

@@ -28,13 +28,15 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any, ClassVar, Literal, Protocol, runtime_checkable
+from typing import IO, Any, ClassVar, Literal, Protocol, TypeVar, runtime_checkable
 
 from changefeed.change import Change, Position
 from changefeed.errors import PipelineError
-from changefeed.pipelines.delta import dumps_line
+from changefeed.formats.codec import dumps_line
+from changefeed.retry import Retry
 
 log = logging.getLogger("changefeed.pipelines")
+T = TypeVar("T")
 
 
 class SinkInterrupted(PipelineError):
@@ -169,10 +171,18 @@ class JsonLinesSink(Sink):
         self._owned = False
 
 
+class Retryable(Exception):
+    """Raised by an attempt given to `RemoteSink.retrying` that trying again may cure (a lost
+    connection, an HTTP 503); its message says what happened, without secrets."""
+
+
 class RemoteSink(Sink):
     """What the sinks that talk to a server share: a client made on first use, in the process
-    that delivers (a sink may cross to a spawned process without it), and `interrupt`."""
+    that delivers (a sink may cross to a spawned process without it), `interrupt`, and the
+    retry loop (`retrying`)."""
 
+    default_retry = Retry(initial=0.5, maximum=30.0, attempts=8)
+    retry: Retry
     _client: Any = None
     _interrupted: threading.Event
 
@@ -205,19 +215,32 @@ class RemoteSink(Sink):
         until `close()`. Safe from any thread; the pipeline calls it to stop."""
         self._interrupted.set()
 
-    def _retry_or_give_up(
-        self, failures: int, problem: str, cause: BaseException | None, where: str, name: str
-    ) -> None:
-        """After the ``failures``-th failed attempt (``problem``, already redacted): past
-        ``self.retry``'s bound a `PipelineError`, else a warning and the backoff, which a stop
-        request ends at once with `SinkInterrupted`."""
-        retry = self.retry  # type: ignore[attr-defined]
-        if retry.exhausted(failures):
-            raise PipelineError(f"{where} failed {failures} times; last: {problem}") from cause
-        delay = retry.delay(failures)
-        log.warning("%s: %s; retrying in %.1f s", where, problem, delay)
-        if self._interrupted.wait(delay):
-            raise SinkInterrupted(f"{name}: stopped while retrying; last: {problem}") from cause
+    def retrying(self, attempt: Callable[[], T], where: str) -> T:
+        """What ``attempt()`` returns, calling it again after each `Retryable` failure once
+        ``self.retry``'s backoff has passed.
+
+        Raises `PipelineError` (naming ``where``) past the retry's bound, and `SinkInterrupted`
+        as soon as `interrupt()` is called (the batch is then neither delivered nor failed).
+        """
+        failures = 0
+        while True:
+            if self._interrupted.is_set():
+                raise SinkInterrupted(f"{self.name}: stopped before the batch was delivered")
+            try:
+                return attempt()
+            except Retryable as exc:
+                failures += 1
+                problem, cause = str(exc), exc.__cause__
+                if self.retry.exhausted(failures):
+                    raise PipelineError(
+                        f"{where} failed {failures} times; last: {problem}"
+                    ) from cause
+                delay = self.retry.delay(failures)
+                log.warning("%s: %s; retrying in %.1f s", where, problem, delay)
+                if self._interrupted.wait(delay):
+                    raise SinkInterrupted(
+                        f"{self.name}: stopped while retrying; last: {problem}"
+                    ) from cause
 
 
 class CallbackSink(Sink):
@@ -289,6 +312,6 @@ def as_sink(target: Any, lists: bool = False) -> Sink:
 
 
 __all__ = [
-    "Accepts", "Batch", "BatchSink", "CallbackSink", "JsonLinesSink", "RemoteSink", "Sink",
-    "SinkInterrupted", "as_sink", "jsonable",
+    "Accepts", "Batch", "BatchSink", "CallbackSink", "JsonLinesSink", "RemoteSink", "Retryable",
+    "Sink", "SinkInterrupted", "as_sink", "jsonable",
 ]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import logging
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -24,12 +23,11 @@ import httpx
 
 from changefeed.change import Change
 from changefeed.errors import ConfigurationError, PipelineError
-from changefeed.feed import Retry
-from changefeed.pipelines.delta import dumps, to_delta
-from changefeed.pipelines.sinks import Batch, RemoteSink, SinkInterrupted, jsonable
+from changefeed.formats.codec import dumps
+from changefeed.formats.delta import to_delta
+from changefeed.pipelines.sinks import Batch, RemoteSink, Retryable, jsonable
 from changefeed.redact import redact
-
-log = logging.getLogger("changefeed.pipelines")
+from changefeed.retry import Retry
 
 _RETRY_STATUS = frozenset({408, 429})
 
@@ -50,7 +48,7 @@ def sign(secret: str | bytes, body: bytes) -> str:
 
 
 class _HttpSink(RemoteSink):
-    """Shared by the HTTP sinks: a lazily opened client and the retry loop."""
+    """Shared by the HTTP sinks: a lazily opened client, one POST retried as a whole."""
 
     retry_read_timeout = True
     """Whether a request that got no answer in time is sent again."""
@@ -62,7 +60,7 @@ class _HttpSink(RemoteSink):
             raise ConfigurationError(f"not an http(s) URL: {self.shown_url!r}")
         self.url = url
         self.timeout = timeout
-        self.retry = retry if retry is not None else Retry(initial=0.5, maximum=30.0, attempts=8)
+        self.retry = retry if retry is not None else self.default_retry
         self._client: httpx.Client | None = None
         self._interrupted = threading.Event()
 
@@ -74,31 +72,26 @@ class _HttpSink(RemoteSink):
 
     def post(self, body: bytes, headers: Mapping[str, str]) -> httpx.Response:
         """POST ``body`` until a non-retryable answer; raise `PipelineError` if none comes."""
-        failures = 0
-        while True:
-            if self._interrupted.is_set():
-                raise SinkInterrupted(f"{self.shown_url}: stopped before the batch was delivered")
-            try:
-                response = self.client.post(self.url, content=body, headers=dict(headers))
-            except httpx.TransportError as exc:
-                if isinstance(exc, httpx.ReadTimeout) and not self.retry_read_timeout:
-                    raise self.read_timeout() from exc
-                problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-                cause: Exception | None = exc
-            else:
-                status = response.status_code
-                if status < 300:
-                    return response
-                if status < 500 and status not in _RETRY_STATUS:
-                    raise PipelineError(
-                        f"{self.shown_url} answered {status} {response.reason_phrase}:"
-                        f" {response.text[:200]}"
-                    )
-                problem = f"HTTP {status} {response.reason_phrase}"
-                cause = None
-            failures += 1
-            self._retry_or_give_up(failures, redact(problem), cause, self.shown_url,
-                                   self.shown_url)
+        return self.retrying(lambda: self._post_once(body, dict(headers)), self.shown_url)
+
+    def _post_once(self, body: bytes, headers: dict[str, str]) -> httpx.Response:
+        """One attempt: the 2xx answer, or `Retryable` (5xx, 408, 429, a transport error)."""
+        try:
+            response = self.client.post(self.url, content=body, headers=headers)
+        except httpx.TransportError as exc:
+            if isinstance(exc, httpx.ReadTimeout) and not self.retry_read_timeout:
+                raise self.read_timeout() from exc
+            problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            raise Retryable(redact(problem)) from exc
+        status = response.status_code
+        if status < 300:
+            return response
+        if status < 500 and status not in _RETRY_STATUS:
+            raise PipelineError(
+                f"{self.shown_url} answered {status} {response.reason_phrase}:"
+                f" {response.text[:200]}"
+            )
+        raise Retryable(redact(f"HTTP {status} {response.reason_phrase}"))
 
     def read_timeout(self) -> PipelineError:
         return PipelineError(f"{self.shown_url} did not answer within {self.timeout} s")

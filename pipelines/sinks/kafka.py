@@ -2,7 +2,7 @@
 
     database feed --Pipeline--> KafkaSink --produce--> topic per table (key = primary key)
 
-Each change is one record (see `changefeed.pipelines.records` for topic, key, value and
+Each change is one record (see `changefeed.formats.records` for topic, key, value and
 headers): every change of a row goes to the same partition, in commit order. The producer is
 idempotent (``enable.idempotence``: no duplicates or reordering from its own retries). A batch
 counts as delivered only once the broker confirmed every record of it (delivery reports), so the
@@ -25,7 +25,7 @@ from confluent_kafka import KafkaError, Producer
 
 from changefeed.change import Change
 from changefeed.errors import PipelineError
-from changefeed.pipelines.records import Record, RecordEncoder, warn_once
+from changefeed.formats.records import Record, RecordEncoder, warn_once
 from changefeed.pipelines.sinks import Batch, Sink
 
 log = logging.getLogger("changefeed.kafka")

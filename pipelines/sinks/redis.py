@@ -7,7 +7,7 @@
 The producer's pipeline acknowledges a database position once its change is in the stream
 (XADD answered), so the stream holds every change at least once. The workers read it with
 `changefeed.backends.redis_streams.RedisStreamFeed`; the entry's fields are in
-`changefeed.pipelines.records`. How durable the stream is depends on Redis's persistence
+`changefeed.formats.records`. How durable the stream is depends on Redis's persistence
 settings (``appendonly yes``, ``appendfsync``).
 """
 
@@ -19,10 +19,10 @@ import redis
 
 from changefeed.change import Change
 from changefeed.errors import ConfigurationError, PipelineError
-from changefeed.feed import Retry
-from changefeed.pipelines.records import stream_entry
-from changefeed.pipelines.sinks import Batch, RemoteSink, SinkInterrupted
+from changefeed.formats.records import stream_entry
+from changefeed.pipelines.sinks import Batch, RemoteSink, Retryable
 from changefeed.redact import redact
+from changefeed.retry import Retry
 
 
 class RedisStreamSink(RemoteSink):
@@ -49,7 +49,7 @@ class RedisStreamSink(RemoteSink):
         self.shown_url = redact(url)
         self.stream = stream
         self.maxlen = maxlen
-        self.retry = retry if retry is not None else Retry(initial=0.5, maximum=30.0, attempts=8)
+        self.retry = retry if retry is not None else self.default_retry
         self.name = f"redis_stream({stream})"
         self._client: redis.Redis | None = None
         self._interrupted = threading.Event()
@@ -67,27 +67,10 @@ class RedisStreamSink(RemoteSink):
                     f"{self.name} stores changes, got a {type(item).__name__}: put stages that"
                     " turn changes into deltas in the pipelines that read the stream"
                 )
-        failures = 0
-        while True:
-            if self._interrupted.is_set():
-                raise SinkInterrupted(f"{self.name}: stopped before the batch was delivered")
-            try:
-                self._xadd(batch)
-                return
-            except redis.AuthenticationError as exc:
-                raise PipelineError(
-                    f"Redis at {self.shown_url} refused the credentials: {redact(str(exc))}"
-                ) from exc
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                failures += 1
-                self._retry_or_give_up(failures, redact(f"{type(exc).__name__}: {exc}"), exc,
-                                       f"Redis at {self.shown_url}", self.name)
-            except redis.RedisError as exc:  # an answer: sending it again cannot change it
-                raise PipelineError(
-                    f"Redis at {self.shown_url} refused the batch: {redact(str(exc))}"
-                ) from exc
+        self.retrying(lambda: self._xadd(batch), f"Redis at {self.shown_url}")
 
     def _xadd(self, batch: Batch) -> None:
+        """One attempt: the whole batch in one round trip; `Retryable` if the connection failed."""
         pipe = self.client.pipeline(transaction=False)
         for item, position in zip(batch.items, batch.positions, strict=True):
             pipe.xadd(
@@ -96,8 +79,18 @@ class RedisStreamSink(RemoteSink):
                 maxlen=self.maxlen,
                 approximate=True,
             )
-        pipe.execute()
-
+        try:
+            pipe.execute()
+        except redis.AuthenticationError as exc:
+            raise PipelineError(
+                f"Redis at {self.shown_url} refused the credentials: {redact(str(exc))}"
+            ) from exc
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise Retryable(redact(f"{type(exc).__name__}: {exc}")) from exc
+        except redis.RedisError as exc:  # an answer: sending it again cannot change it
+            raise PipelineError(
+                f"Redis at {self.shown_url} refused the batch: {redact(str(exc))}"
+            ) from exc
 
 
 __all__ = ["RedisStreamSink"]

@@ -31,14 +31,13 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 from changefeed.errors import ConfigurationError
+from changefeed.formats.registry import format_named
 from changefeed.pipelines.sinks import JsonLinesSink, Sink
 from changefeed.preflight import check_writable
 from changefeed.redact import redact
 from changefeed.registry import url_scheme
 
 WEBHOOK_SECRET_ENV = "CHANGEFEED_WEBHOOK_SECRET"
-FORMATS = ("delta", "change", "debezium")
-"""The CLI's ``--format`` values."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,8 @@ class SinkOptions:
     """What the CLI's other options tell a sink made from a spec."""
 
     fmt: str = "delta"
-    """``--format``: the sinks that format their items themselves (Kafka) need it."""
+    """``--format`` (`changefeed.formats.registry`): the sinks that format their items themselves
+    (Kafka) need it."""
     model: str | None = None
     """``--model``: the model name of deltas."""
 
@@ -76,8 +76,7 @@ def sink_from_spec(
     A file is checked writable now, so a run fails before it reads a change; ``option`` names
     the option in that message. Raises `ConfigurationError` for a spec it cannot serve.
     """
-    if fmt not in FORMATS:
-        raise ConfigurationError(f"unknown format {fmt!r}: use delta, change or debezium")
+    format_named(fmt)  # an unknown one is refused before any sink is made
     if spec == "-":
         return JsonLinesSink("-")
     scheme = url_scheme(spec)
@@ -191,5 +190,5 @@ SINK_KINDS = (
 )
 """Every kind of sink a URL can name, in the order messages list them."""
 
-__all__ = ["FORMATS", "SINK_KINDS", "SinkKind", "SinkOptions", "WEBHOOK_SECRET_ENV",
+__all__ = ["SINK_KINDS", "SinkKind", "SinkOptions", "WEBHOOK_SECRET_ENV",
            "sink_from_spec"]

@@ -30,14 +30,15 @@ from psycopg.types.multirange import Multirange
 from psycopg.types.range import Range
 
 from changefeed import _speedups
-from changefeed.backends.postgres import setup
+from changefeed.backends.postgres import connection
 from changefeed.backends.postgres.loading import psycopg_loaders
 from changefeed.backends.postgres.pgoutput import PgOutputDecoder
 from changefeed.backends.postgres.values import PostgresText
 from changefeed.change import ALL, Change, Operation
+from changefeed.formats import debezium
+from changefeed.formats.codec import dumps_line
+from changefeed.formats.delta import delta_line_encoder
 from changefeed.message import Message
-from changefeed.pipelines import debezium
-from changefeed.pipelines.delta import delta_line_encoder, dumps_line
 
 pytestmark = pytest.mark.postgres
 
@@ -213,7 +214,7 @@ def record(dsn: str) -> list[bytes]:
     """The XLogData payloads of the workload, as the feed's replication session gets them."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(SCHEMA)
-        repl = setup.connect(dsn, replication=True)
+        repl = connection.connect(dsn, replication=True)
         repl.execute("CREATE_REPLICATION_SLOT equivalence LOGICAL pgoutput NOEXPORT_SNAPSHOT")
         for statement in FIXED:
             conn.execute(statement)
@@ -292,8 +293,8 @@ def decoders(dsn: str, **options: Any) -> tuple[Any, Any]:
     """The pure-Python decoder and the compiled one, with the same options and loaders of
     their own (as the feed makes them: user types looked up on a plain connection)."""
     def make(cls: type) -> Any:
-        context = setup.connect(dsn)
-        loaders = psycopg_loaders(context, catalog=lambda: setup.connect(dsn))
+        context = connection.connect(dsn)
+        loaders = psycopg_loaders(context, catalog=lambda: connection.connect(dsn))
         return cls(loaders=loaders, **options)
 
     python, compiled = make(PgOutputDecoder.python_class), make(PgOutputDecoder)

@@ -16,8 +16,9 @@ import pytest
 
 from changefeed import Change, ConfigurationError, MemoryCheckpoint, Message, Operation
 from changefeed.backends.postgres import PostgresChangeFeed
-from changefeed.backends.postgres.pgoutput import PgOutputDecoder, make_position
-from changefeed.backends.postgres.setup import check_messages
+from changefeed.backends.postgres.connection import check_messages
+from changefeed.backends.postgres.pgoutput import PgOutputDecoder
+from changefeed.backends.postgres.position import make_position
 from tests.backends.test_postgres import FAST_RETRY
 from tests.clitools import assert_one_clear_line, run_cli, start_cli
 
@@ -130,7 +131,7 @@ def make_feed(dsn, messages=("app",), table="tasks", **options):
 
 def read(feed, *, count=None, idle=1.5, timeout=20.0, ack=True):
     got = []
-    for item in feed.changes(idle_timeout=idle, timeout=timeout, stop_after=count):
+    for item in feed.changes(idle_timeout=idle, timeout=timeout, limit=count):
         got.append(item)
         if ack:
             feed.ack(item.position)

@@ -48,7 +48,7 @@ def resume_options(watch: dict) -> dict:
 def test_the_stream_is_watched_with_the_selected_types_lookup_and_pre_images():
     collection = FakeCollection([event(1)])
     feed = make_feed(collection, Operation.INSERT | Operation.DELETE)
-    [change] = list(feed.changes(stop_after=1, timeout=5))
+    [change] = list(feed.changes(limit=1, timeout=5))
     assert change.operation is Operation.INSERT and change.position == token(1)
     [watch] = collection.watches
     assert watch["pipeline"] == [
@@ -63,8 +63,8 @@ def test_the_stream_is_watched_with_the_selected_types_lookup_and_pre_images():
 
 def test_pre_images_can_be_required_or_turned_off():
     collection = FakeCollection([event(1)], [event(1)])
-    list(make_feed(collection, pre_images="required").changes(stop_after=1, timeout=5))
-    list(make_feed(collection, pre_images=False, full_document=None).changes(stop_after=1,
+    list(make_feed(collection, pre_images="required").changes(limit=1, timeout=5))
+    list(make_feed(collection, pre_images=False, full_document=None).changes(limit=1,
                                                                              timeout=5))
     assert collection.watches[0]["full_document_before_change"] == "required"
     assert "full_document_before_change" not in collection.watches[1]
@@ -75,7 +75,7 @@ def test_servers_without_pre_images_are_watched_without_them():
     too_old = failure(40415, "BSON field '$changeStream.fullDocumentBeforeChange' is an unknown"
                              " field.")
     collection = FakeCollection(too_old, [event(1)])
-    [change] = list(make_feed(collection).changes(stop_after=1, timeout=5))
+    [change] = list(make_feed(collection).changes(limit=1, timeout=5))
     assert change.position == token(1)
     assert "full_document_before_change" in collection.watches[0]
     assert "full_document_before_change" not in collection.watches[1]
@@ -85,7 +85,7 @@ def test_operations_outside_the_mask_are_skipped_and_idle_ticks_are_yielded():
     collection = FakeCollection([event(1, "insert"), None, event(2, "update"), None,
                                  event(3, "delete"), event(4, "createIndexes")])
     feed = make_feed(collection, Operation.DELETE)
-    seen = list(feed.changes(ticks=True, timeout=5, stop_after=1))
+    seen = list(feed.changes(ticks=True, timeout=5, limit=1))
     assert seen[:2] == [None, None]
     assert [c.operation for c in seen if c is not None] == [Operation.DELETE]
     assert seen[-1].position == token(3)
@@ -94,7 +94,7 @@ def test_operations_outside_the_mask_are_skipped_and_idle_ticks_are_yielded():
 def test_a_missing_collection_is_watched_with_a_warning(caplog):
     collection = FakeCollection([event(1)], exists=False)
     with caplog.at_level("WARNING", logger="changefeed.mongodb"):
-        assert len(list(make_feed(collection).changes(stop_after=1, timeout=5))) == 1
+        assert len(list(make_feed(collection).changes(limit=1, timeout=5))) == 1
     assert "collection app.tasks does not exist (yet); watching it anyway" in caplog.text
 
 
@@ -134,11 +134,11 @@ def test_a_new_feed_resumes_after_the_checkpoint(tmp_path):
     checkpoint = FileCheckpoint(tmp_path / "checkpoint.json")
     collection = FakeCollection([event(1), event(2)])
     feed = make_feed(collection, checkpoint=checkpoint)
-    for change in feed.changes(stop_after=2, timeout=5):
+    for change in feed.changes(limit=2, timeout=5):
         feed.ack(change.position)
     restarted = make_feed(FakeCollection([event(3)]), checkpoint=FileCheckpoint(checkpoint.path))
     assert restarted.acknowledged == token(2)
-    list(restarted.changes(stop_after=1, timeout=5))
+    list(restarted.changes(limit=1, timeout=5))
     assert resume_options(restarted.connection.watches[0]) == {"resume_after": token(2)}
 
 
@@ -164,7 +164,7 @@ def test_an_invalidate_ends_the_feed_with_the_reason_and_it_can_start_after_it(c
     assert feed.ended.message in caplog.text
     feed.ack(changes[0].position)
     # The same feed iterated again (e.g. once the collection exists again) starts after it.
-    assert [c.position for c in feed.changes(stop_after=1, timeout=5)] == [token(5)]
+    assert [c.position for c in feed.changes(limit=1, timeout=5)] == [token(5)]
     assert resume_options(collection.watches[1]) == {"start_after": token(4)}
     assert resume_options(collection.watches[2]) == {"start_after": token(4)}  # no progress
 
@@ -188,7 +188,7 @@ def test_history_lost_with_resync_reads_the_collection_again():
         opened_at=token(8),
     )
     feed = make_feed(collection, checkpoint=checkpoint, resync=True)
-    changes = list(feed.changes(stop_after=3, timeout=5))
+    changes = list(feed.changes(limit=3, timeout=5))
     assert resume_options(collection.watches[0]) == {"resume_after": token(1)}
     assert resume_options(collection.watches[1]) == {}
     assert len(collection.finds) == 1
@@ -201,7 +201,7 @@ def test_snapshot_prefeed_reads_the_collection_then_streams_from_where_it_opened
     collection = FakeCollection([event(11, "update", key=2)], documents=documents,
                                 opened_at=token(10))
     feed = make_feed(collection, prefeed="snapshot")
-    changes = list(feed.changes(stop_after=4, timeout=5))
+    changes = list(feed.changes(limit=4, timeout=5))
     snapshot, streamed = changes[:3], changes[3]
     assert all(c.snapshot and c.operation is Operation.INSERT for c in snapshot)
     assert [c.new for c in snapshot] == documents
@@ -221,7 +221,7 @@ def test_a_finished_snapshot_is_not_taken_again_after_a_restart():
     checkpoint.save("app.tasks", {"_data": token(10)["_data"], "snapshot": 3, "done": True})
     collection = FakeCollection([event(11)], documents=[{"_id": 1}])
     feed = make_feed(collection, prefeed="snapshot", checkpoint=checkpoint)
-    [change] = list(feed.changes(stop_after=1, timeout=5))
+    [change] = list(feed.changes(limit=1, timeout=5))
     assert not change.snapshot and collection.finds == []
     assert resume_options(collection.watches[0]) == {"resume_after": token(10)}
 
@@ -231,7 +231,7 @@ def test_an_unfinished_snapshot_is_taken_again_after_a_restart():
     checkpoint.save("app.tasks", {"_data": token(10)["_data"], "snapshot": 1})
     collection = FakeCollection([], documents=[{"_id": 1}, {"_id": 2}], opened_at=token(20))
     feed = make_feed(collection, prefeed="snapshot", checkpoint=checkpoint)
-    changes = list(feed.changes(stop_after=2, timeout=5))
+    changes = list(feed.changes(limit=2, timeout=5))
     assert [c.snapshot for c in changes] == [True, True] and len(collection.finds) == 1
     assert resume_options(collection.watches[0]) == {}
 

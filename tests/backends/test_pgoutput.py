@@ -17,9 +17,8 @@ from changefeed.backends.postgres.pgoutput import (
     Commit,
     PgOutputDecoder,
     Truncate,
-    make_position,
-    parse_position,
 )
+from changefeed.backends.postgres.position import make_position, parse_position
 from changefeed.backends.postgres.protocol import format_lsn, parse_lsn
 from changefeed.backends.postgres.tuples import row_decoder
 from changefeed.errors import DecodeError
@@ -306,7 +305,7 @@ def test_intervals_parse_and_print_as_postgres_does(text, value, iso):
 def test_json_numbers_python_cannot_parse_keep_the_exact_text():
     from changefeed.backends.postgres.loading import TypeLoaders
     from changefeed.backends.postgres.values import RawJson
-    from changefeed.pipelines.delta import dumps
+    from changefeed.formats.codec import dumps
 
     digits = "9" * 5000  # beyond Python's int parsing limit; jsonb accepts it
     text = '{"n": ' + digits + ',\n "s": "a\\nb"}'

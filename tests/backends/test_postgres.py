@@ -86,7 +86,7 @@ def test_prefeed_iterable_comes_first(pg_dsn, tasks):
     feed = make_feed(pg_dsn, prefeed=["first", "second"])
     start(make_feed(pg_dsn))
     tasks.execute("INSERT INTO tasks (title) VALUES ('x')")
-    got = list(feed.changes(stop_after=3, timeout=10))
+    got = list(feed.changes(limit=3, timeout=10))
     assert got[:2] == ["first", "second"] and got[2].new["title"] == "x"
 
 
@@ -227,7 +227,7 @@ def snapshot_while_writing(pg_dsn, pg, feed, *, strict: bool) -> tuple[dict, dic
 def test_chunked_snapshot_while_a_writer_runs_leaves_the_consumer_with_the_table(pg_dsn, pg):
     pg.execute("CREATE TABLE s (id int PRIMARY KEY, v int)")
     pg.execute("INSERT INTO s SELECT g, 0 FROM generate_series(1, 20000) g")
-    feed = make_feed(pg_dsn, "s", prefeed="snapshot", snapshot_batch=1000)
+    feed = make_feed(pg_dsn, "s", prefeed="snapshot", chunk_size=1000)
     state, final, snapshot_rows = snapshot_while_writing(pg_dsn, pg, feed, strict=False)
     assert snapshot_rows >= 15000
     assert state == final
@@ -239,7 +239,7 @@ def test_exported_snapshot_of_a_table_without_key_has_no_gap_and_no_duplicate(pg
     pg.execute("CREATE TABLE s (id int NOT NULL, v int)")
     pg.execute("ALTER TABLE s REPLICA IDENTITY FULL")
     pg.execute("INSERT INTO s SELECT g, 0 FROM generate_series(1, 20000) g")
-    feed = make_feed(pg_dsn, "s", prefeed="snapshot", snapshot_batch=1000)
+    feed = make_feed(pg_dsn, "s", prefeed="snapshot", chunk_size=1000)
     state, final, snapshot_rows = snapshot_while_writing(pg_dsn, pg, feed, strict=True)
     assert snapshot_rows >= 20000  # the rows at the slot's creation, the writer's among them
     assert state == final
@@ -252,7 +252,7 @@ def test_several_rows_in_one_transaction_and_acknowledging_part_of_it(pg_dsn, ta
     with tasks.transaction():
         for title in ("one", "two", "three"):
             tasks.execute("INSERT INTO tasks (title) VALUES (%s)", [title])
-    changes = list(feed.changes(stop_after=3, timeout=10))
+    changes = list(feed.changes(limit=3, timeout=10))
     assert len({c.position for c in changes}) == 3
     assert len({c.position.split(":")[0] for c in changes}) == 1  # one commit LSN
     feed.ack(changes[0].position)  # only the first row is delivered, then we crash
@@ -271,7 +271,7 @@ def test_unacknowledged_transaction_is_replayed_whole(pg_dsn, tasks):
     start(feed)
     with tasks.transaction():
         tasks.execute("INSERT INTO tasks (title) VALUES ('a'), ('b')")
-    assert len(list(feed.changes(stop_after=2, timeout=10))) == 2
+    assert len(list(feed.changes(limit=2, timeout=10))) == 2
     feed.close()  # nothing acknowledged
     assert [c.new["title"] for c in drain(make_feed(pg_dsn))] == ["a", "b"]
 
@@ -375,13 +375,13 @@ def test_role_without_replication_privilege_is_a_clear_error(pg_dsn, tasks, pg_s
 def test_a_snapshot_cut_short_continues_after_its_last_delivered_chunk(pg_dsn, pg):
     pg.execute("CREATE TABLE s (id int PRIMARY KEY)")
     pg.execute("INSERT INTO s SELECT generate_series(1, 50)")
-    feed = make_feed(pg_dsn, "s", prefeed="snapshot", snapshot_batch=10)
-    for change in feed.changes(stop_after=20):
+    feed = make_feed(pg_dsn, "s", prefeed="snapshot", chunk_size=10)
+    for change in feed.changes(limit=20):
         feed.ack(change.position)  # 20 of 50 delivered (two chunks), then the process dies
     feed.close()
     pg.execute("DELETE FROM s WHERE id IN (5, 25)")  # one row delivered, one not yet
     pg.execute("INSERT INTO s VALUES (51)")
-    again = make_feed(pg_dsn, "s", prefeed="snapshot", snapshot_batch=10)
+    again = make_feed(pg_dsn, "s", prefeed="snapshot", chunk_size=10)
     got = drain(again)
     # The stream brings what happened meanwhile; the snapshot goes on from row 21.
     assert [(c.operation, c.key["id"]) for c in got if not c.snapshot] == [
@@ -399,9 +399,9 @@ def test_a_snapshot_cut_short_continues_after_its_last_delivered_chunk(pg_dsn, p
 def test_an_exported_snapshot_cut_short_is_taken_again(pg_dsn, pg):
     pg.execute("CREATE TABLE s (id int NOT NULL)")  # no key: the exported-snapshot path
     pg.execute("INSERT INTO s SELECT generate_series(1, 50)")
-    feed = make_feed(pg_dsn, "s", prefeed="snapshot", snapshot_batch=10,
+    feed = make_feed(pg_dsn, "s", prefeed="snapshot", chunk_size=10,
                      operation=Operation.INSERT)
-    for change in feed.changes(stop_after=20):
+    for change in feed.changes(limit=20):
         feed.ack(change.position)
     feed.close()
     pg.execute("INSERT INTO s VALUES (51)")

@@ -209,7 +209,7 @@ def test_kill_9_mid_snapshot_then_changes_then_rerun_leaves_exactly_the_table(pg
 def test_a_postgresql_restart_mid_snapshot_does_not_start_it_again(pg_dsn, pg_server):
     with psycopg.connect(pg_dsn, autocommit=True) as pg:
         make_tables(pg, "big", rows=20_000)
-    feed = make_feed(pg_dsn, "big", prefeed="snapshot", snapshot_batch=500)
+    feed = make_feed(pg_dsn, "big", prefeed="snapshot", chunk_size=500)
     consumer = Consumer()
     snapshot_rows = 0
     restarted = False
@@ -241,7 +241,7 @@ def test_updates_inside_the_chunk_being_read_win_over_the_chunk(pg_dsn, pg):
                 conn.execute("UPDATE hot SET version = %s WHERE id %% 50 = %s",
                              [version, version % 50])
 
-    feed = make_feed(pg_dsn, "hot", prefeed="snapshot", snapshot_batch=100)
+    feed = make_feed(pg_dsn, "hot", prefeed="snapshot", chunk_size=100)
     thread = threading.Thread(target=bump)
     thread.start()
     seen: dict[int, int] = {}

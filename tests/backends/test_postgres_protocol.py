@@ -10,8 +10,10 @@ import psycopg
 import pytest
 from psycopg import errors as sqlstate
 
-from changefeed.backends.postgres import errors, protocol
+from changefeed import MemoryCheckpoint
+from changefeed.backends.postgres import PostgresChangeFeed, errors, protocol
 from changefeed.backends.postgres.ledger import AckLedger
+from changefeed.backends.postgres.position import PgPosition
 from changefeed.errors import (
     ConfigurationError,
     PermanentBackendError,
@@ -140,6 +142,52 @@ def test_the_dropped_tables_rule_and_the_snapshot_done_rule():
     assert not ledger.snapshot_delivered()
     ledger.acknowledge("0000000000000000:00000003")
     assert ledger.snapshot_delivered() and not ledger.snapshot_delivered()  # said once
+
+
+@pytest.mark.parametrize("checkpoint", ["a0:1", "00000000000000A0:00000001"])
+def test_the_ledger_reads_a_checkpoint_s_text_back_as_a_position(checkpoint):
+    ledger = AckLedger(checkpoint)
+    assert type(ledger.acknowledged) is PgPosition
+    assert ledger.acknowledged == "00000000000000A0:00000001" == ledger.replay_after
+    assert ledger.delivered(PgPosition(0xA0, 1)) and ledger.delivered(PgPosition(0x9F, 9))
+    assert not ledger.delivered(PgPosition(0xA0, 2)) and not ledger.delivered(None)
+
+
+@pytest.mark.parametrize("foreign", ["first", 7, {"not": "ours"}, None])
+def test_an_acknowledgement_of_no_stream_position_changes_nothing(foreign):
+    ledger = AckLedger()
+    ledger.commit(PgPosition(0xA0, 0), 0xA8)
+    ledger.acknowledge(foreign)  # a caller's prefeed item
+    assert ledger.acknowledged is None and ledger.flush_lsn == 0
+    ledger.acknowledge(PgPosition(0xA0, 0))
+    ledger.acknowledge(foreign)
+    assert ledger.acknowledged == PgPosition(0xA0, 0) and ledger.flush_lsn == 0xA8
+
+
+def test_only_an_acknowledgement_after_the_stream_closed_needs_telling_the_slot():
+    ledger = AckLedger()
+    ledger.commit(PgPosition(0xA0, 0), 0xA8)
+    ledger.commit(PgPosition(0xC0, 0), 0xC8)
+    ledger.acknowledge(PgPosition(0xA0, 0))
+    ledger.stream_closed()  # its last status said 0xA8, or could not
+    assert not ledger.acknowledged_after_close
+    ledger.acknowledge(PgPosition(0xC0, 0))  # after the close
+    assert ledger.acknowledged_after_close
+    ledger.reported(0xC8)
+    assert not ledger.acknowledged_after_close
+
+
+def test_the_feed_s_acknowledged_position_is_the_ledger_s():
+    checkpoint = MemoryCheckpoint()
+    checkpoint.save("tasks", "a0:1")  # as a hand-edited checkpoint may hold it
+    feed = PostgresChangeFeed("tasks", connection="postgresql://nowhere/db", checkpoint=checkpoint)
+    assert feed.acknowledged == "00000000000000A0:00000001"
+    assert type(feed.acknowledged) is PgPosition  # read back as the stream's type
+    feed.ack("00000000000000b0:0")
+    assert feed.acknowledged == PgPosition(0xB0, 0) and type(feed.acknowledged) is PgPosition
+    assert checkpoint.load("tasks") == "00000000000000b0:0"  # saved as acknowledged
+    feed.ack("first")  # a caller's prefeed item: saved, but no stream position
+    assert feed.acknowledged == PgPosition(0xB0, 0)
 
 
 # -- errors ------------------------------------------------------------------------------------

@@ -277,7 +277,7 @@ def test_positions_increase_and_acknowledging_tells_the_server_nothing(server):
 def test_idle_ticks_come_from_cursor_timeouts(server):
     server(runs=[[IDLE, add(3), IDLE]])
     feed = feed_of()
-    got = list(feed.changes(ticks=True, stop_after=1))
+    got = list(feed.changes(ticks=True, limit=1))
     assert got[0] is None and isinstance(got[1], Change)  # the ready state is no change
 
 
@@ -291,14 +291,14 @@ def test_the_wait_given_to_the_cursor_is_the_poll_interval(server, monkeypatch):
         return original(self, wait)
 
     monkeypatch.setattr(FakeCursor, "next", spy)
-    list(feed_of(poll_interval=0.25).changes(stop_after=1))
+    list(feed_of(poll_interval=0.25).changes(limit=1))
     assert fake.opens == [False] and set(waits) == {0.25}
 
 
 def test_an_iterable_prefeed_comes_first(server):
     server(runs=[[add(3)]])
     feed = feed_of(prefeed=["a", "b"])
-    assert [getattr(c, "key", c) for c in feed.changes(stop_after=3)] == ["a", "b", {"id": 3}]
+    assert [getattr(c, "key", c) for c in feed.changes(limit=3)] == ["a", "b", {"id": 3}]
 
 
 def test_snapshot_prefeed_reads_the_table_then_streams(server, caplog):
@@ -536,7 +536,7 @@ def test_the_queries_the_feed_sends():
 def test_a_feed_sends_its_table_and_queue_size(server):
     fake = server(runs=[[add(3)]])
     feed = RethinkChangeFeed("shop.stock", connection="rethinkdb://h/app", queue_size=1000)
-    assert [c.key for c in feed.changes(stop_after=1)] == [{"id": 3}]
+    assert [c.key for c in feed.changes(limit=1)] == [{"id": 3}]
     assert fake.queries == [
         "r.db('shop').table('stock').info()",
         "r.db('shop').table('stock').changes(include_types=True, include_states=True,"

@@ -31,7 +31,8 @@ from changefeed.backends.postgres.values import (
     PostgresText,
     TimeTZ,
 )
-from changefeed.pipelines.delta import delta_line_encoder, dumps, dumps_line, to_delta
+from changefeed.formats.codec import dumps, dumps_line
+from changefeed.formats.delta import delta_line_encoder, to_delta
 
 pytestmark = pytest.mark.postgres
 
@@ -91,7 +92,7 @@ def check_family(pg, pg_dsn, column_type: str, cases, setup: tuple[str, ...] = (
 
 def take(feed, n: int) -> list:
     got = []
-    for change in feed.changes(stop_after=n, timeout=60):
+    for change in feed.changes(limit=n, timeout=60):
         got.append(change)
         feed.ack(change.position)
     assert len(got) == n
@@ -538,7 +539,7 @@ def test_a_table_without_a_key_is_snapshotted_with_the_same_values(pg, pg_dsn):
     feed = make_feed(pg_dsn, "nk", Operation.INSERT, prefeed="snapshot")
 
     def two():
-        got = list(feed.changes(stop_after=2, timeout=60))
+        got = list(feed.changes(limit=2, timeout=60))
         for change in got:
             feed.ack(change.position)
         return sorted(got, key=lambda c: c.new["d"] == "infinity", reverse=True)

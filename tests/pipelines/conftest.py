@@ -1,4 +1,4 @@
-"""Fixtures of the pipeline tests: real Redis, HTTP and Snorky servers."""
+"""Fixtures of the pipeline tests: real HTTP and Snorky servers (Redis: tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -8,26 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from servers import (
-    SNORKY_KEY,
-    Receiver,
-    free_port,
-    start_redis,
-    stop_process,
-    wait_for_port,
-)
-
-
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The URL of a throwaway Redis server (Debian's redis-server) for the whole session."""
-    port = free_port()
-    process = start_redis(port, str(tmp_path_factory.mktemp("redis")))
-    try:
-        wait_for_port(port, process, "redis-server")
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        stop_process(process)
+from servers import SNORKY_KEY, Receiver, free_port, wait_for_port
 
 
 @pytest.fixture

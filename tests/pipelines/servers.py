@@ -1,47 +1,24 @@
 """Helpers for tests that run a real server in a subprocess or a thread.
 
-`free_port` and `wait_for_port` come from ``tests/testservers.py``, shared by every suite.
+`free_port`, `wait_for_port`, `start_redis` and `stop_process` come from
+``tests/testservers.py``, shared by every suite.
 """
 
 from __future__ import annotations
 
-import shutil
 import socket
-import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from testservers import free_port, wait_for_port
+from testservers import free_port, start_redis, stop_process, wait_for_port
 
 __all__ = ["SNORKY_KEY", "Handler", "Receiver", "free_port", "start_redis", "stop_process",
            "wait_for_port", "wait_until"]
 
 SNORKY_KEY = "swordfish"
 """The backend key the test Snorky server expects in ``X-Backend-Key``."""
-
-
-def start_redis(port: int, directory: str) -> subprocess.Popen:
-    """Start Debian's redis-server on 127.0.0.1:``port`` (not waiting for it); skip if missing."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    return subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(directory)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-
-
-def stop_process(process: subprocess.Popen) -> None:
-    """Terminate ``process``, killing it if it lingers."""
-    process.terminate()
-    try:
-        process.wait(10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 def wait_until(condition, seconds: float = 30.0, what: str = "the condition") -> None:

@@ -12,7 +12,7 @@ from clitools import run_cli
 from liverun import LiveRun
 from servers import Receiver
 
-from changefeed.pipelines._sink_thread import STOP_GRACE
+from changefeed.delivery import STOP_GRACE
 
 pytestmark = pytest.mark.postgres
 

@@ -218,6 +218,10 @@ def test_processes_sink_killed_mid_stream_restart_loses_nothing(pg_dsn, tasks, t
     (["--filter", '["~", "a", 1]'], "unknown filter operator"),
     (["--sink", "ftp://x"], "unsupported sink"),
     (["--sink", "redis://127.0.0.1:1/0"], "needs a stream name"),
+    (["--where", "(" * 5000 + "a == 1" + ")" * 5000], "nested more than 100 levels"),
+    (["--where", "not " * 5000 + "a == 1"], "nested more than 100 levels"),
+    (["--filter", '["not", ' * 5000 + '["==", "a", 1]' + "]" * 5000], "100 levels"),
+    (["--filter", '["or", ' * 150 + '["==", "a", 1]' + "]" * 150], "at most 100 levels"),
 ])
 def test_bad_pipeline_options_fail_before_connecting(args, fragment):
     # The URL points nowhere: the options must be refused before any connection is tried.

@@ -8,8 +8,8 @@ from clitools import assert_one_clear_line, run_cli
 from liverun import LiveRun
 from servers import Receiver, free_port
 
+from changefeed.delivery import STOP_GRACE
 from changefeed.embedded import free_port as pg_free_port
-from changefeed.pipelines._sink_thread import STOP_GRACE
 
 pytestmark = pytest.mark.postgres
 

@@ -15,8 +15,8 @@ import redis
 from servers import Receiver, free_port, start_redis, stop_process, wait_for_port, wait_until
 
 from changefeed import PipelineError, Retry
+from changefeed.delivery import STOP_GRACE
 from changefeed.pipelines import CallbackSink, JsonLinesSink, Pipeline, batch
-from changefeed.pipelines._sink_thread import STOP_GRACE
 from changefeed.pipelines.sinks.http import WebhookSink
 from changefeed.pipelines.sinks.redis import RedisStreamSink
 from changefeed.testing import MemoryFeed, insert
@@ -159,6 +159,31 @@ def test_processes_a_stop_ends_the_run_while_the_webhook_retries():
     finally:
         receiver.stop()
     assert feed.checkpoint.load("tasks") is None
+
+
+@pytest.mark.parametrize("processes", [False, True], ids=["sink thread", "sink process"])
+@pytest.mark.parametrize("answers_in_the_grace", [True, False], ids=["answers", "hangs"])
+def test_a_stop_gives_the_sink_the_same_grace_in_a_thread_and_in_a_process(
+    processes, answers_in_the_grace
+):
+    receiver = Receiver(delay=3600).start()  # answers once released
+    try:
+        feed = RecordingFeed(endless=True)
+        for i in range(1, 4):
+            feed.push(insert("tasks", {"id": i}))
+        sink = WebhookSink(receiver.url, timeout=600)
+        pipeline = Pipeline(feed, [], sink=sink, processes=processes)
+        thread, _ = run_in_thread(pipeline)
+        wait_until(lambda: feed.keep_alive_calls > 0, what="the feed's side waiting on the sink")
+        if answers_in_the_grace:
+            threading.Timer(1.0, receiver.release.set).start()  # after the stop, in the grace
+        seconds = stop_and_join(pipeline, thread)
+    finally:
+        receiver.stop()
+    if answers_in_the_grace:
+        assert feed.checkpoint.load("tasks") == 3 and seconds < STOP_GRACE
+    else:
+        assert feed.checkpoint.load("tasks") is None and seconds >= STOP_GRACE
 
 
 # -- Redis sink: connection errors are retried -----------------------------------------------

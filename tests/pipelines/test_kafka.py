@@ -1,7 +1,7 @@
-"""Kafka against a real broker: Tansu started by the test setup, or CHANGEFEED_TEST_KAFKA_BOOTSTRAP.
-
-sink -> topic (keys, headers, formats, delivery confirmed), topic -> consumer-group workers,
-a broker down and restarted, and `changefeed run --sink kafka://` killed with SIGKILL.
+"""`KafkaSink` against a real broker (Tansu started by the test setup, or
+CHANGEFEED_TEST_KAFKA_BOOTSTRAP): sink -> topic (keys, headers, formats, delivery confirmed), a
+broker down and restarted, and `changefeed run --sink kafka://` killed with SIGKILL. What a
+worker reads back is tests/backends/test_kafka_feed.py's.
 """
 
 from __future__ import annotations
@@ -10,75 +10,24 @@ import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
-from pathlib import Path
-from typing import Any
 
 import orjson
 import psycopg
 import pytest
 from clitools import assert_one_clear_line, run_cli, start_cli
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
-from kafka_worker import FAST_GROUP
+from kafkatools import changes_of, new_table, read_topic
 from testservers import KAFKA_ENV, start_tansu
 
-from changefeed import Operation
-from changefeed.backends.kafka import KafkaFeed
 from changefeed.errors import PipelineError
 from changefeed.pipelines import Batch, Pipeline
 from changefeed.pipelines.sinks.kafka import KafkaSink
 from changefeed.pipelines.sinks.spec import sink_from_spec
-from changefeed.testing import ListSink, MemoryFeed, delete, insert, update
+from changefeed.testing import MemoryFeed, insert
 
 pytestmark = pytest.mark.kafka
-
-
-def new_table() -> str:
-    return f"public.t_{uuid.uuid4().hex[:10]}"
-
-
-def create_topic(bootstrap: str, topic: str, partitions: int) -> None:
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])[
-        topic
-    ].result(30)
-
-
-def read_topic(bootstrap: str, topic: str, until, timeout: float = 60) -> list[Any]:
-    """Every record of ``topic`` from the start (no group: partitions assigned directly), read
-    until ``until(records)`` holds or ``timeout`` passes."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "reader",
-                         "enable.auto.commit": False})
-    try:
-        deadline = time.monotonic() + timeout
-        partitions: list[int] = []
-        while not partitions and time.monotonic() < deadline:
-            metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
-            partitions = list(metadata.partitions) if metadata and not metadata.error else []
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-        records: list[Any] = []
-        while not until(records) and time.monotonic() < deadline:
-            message = consumer.poll(0.5)
-            if message is not None and message.error() is None:
-                records.append(message)
-        return records
-    finally:
-        consumer.close()
-
-
-def changes_of(table: str) -> list:
-    return [
-        insert(table, {"id": 1, "title": "one"}, key={"id": 1}, position=1),
-        insert(table, {"id": 2, "title": "two"}, key={"id": 2}, position=2),
-        update(table, {"id": 1, "title": "uno"}, {"id": 1}, key={"id": 1}, position=3),
-        delete(table, {"id": 2}, key={"id": 2}, position=4),
-        update(table, {"id": 1, "title": "eins"}, {"id": 1}, key={"id": 1}, position=5),
-    ]
 
 
 @pytest.mark.parametrize("fmt", ["change", "delta", "debezium"])
@@ -114,79 +63,6 @@ def test_records_are_keyed_by_primary_key_in_commit_order_with_headers(kafka_boo
         assert values[2]["after"] == {"id": 1, "title": "eins"}
         twos = by_key[b'{"id":2}']
         assert orjson.loads(twos[1].value())["op"] == "d" and twos[2].value() is None
-
-
-@pytest.mark.parametrize("fmt", ["change", "debezium"])
-def test_a_worker_commits_only_what_its_sink_delivered(kafka_bootstrap, fmt):
-    table = new_table()
-    written = changes_of(table)
-    Pipeline(MemoryFeed(table, changes=written), [], sink=KafkaSink(kafka_bootstrap, fmt=fmt)).run()
-    group = f"g-{uuid.uuid4().hex[:8]}"
-    delivered: list = []
-
-    def fail_on_the_fourth(change) -> None:
-        if len(delivered) == 3:
-            raise RuntimeError("the worker's sink is down")
-        delivered.append(change)
-
-    first = KafkaFeed(kafka_bootstrap, table, group, config=FAST_GROUP)
-    with pytest.raises(PipelineError, match="sink is down"):
-        Pipeline(first, [], sink=fail_on_the_fourth).run(timeout=60)
-    first.close()
-
-    def identity(change) -> tuple:
-        position = change.meta["source_position"] if change.meta else change.position
-        return change.operation, change.key["id"], position if fmt == "change" else None
-
-    wanted = {identity(w) for w in written}
-    second = KafkaFeed(kafka_bootstrap, table, group, config=FAST_GROUP)
-    rest = ListSink()
-
-    def collect(change) -> None:
-        rest(change)
-        if {identity(c) for c in delivered + rest.items} >= wanted:
-            second.stop()
-
-    Pipeline(second, [], sink=collect).run(timeout=60)
-    second.close()
-    # The fourth change reached no sink: it comes again; nothing is lost, repeats are allowed.
-    seen = delivered + rest.items
-    assert {identity(c) for c in seen} >= wanted
-    assert rest.items and all(c.position.startswith(f"{table}:") for c in rest.items)
-    last = [c for c in seen if c.key == {"id": 1}][-1]
-    assert last.new == {"id": 1, "title": "eins"}
-    # Debezium has no "before" for an update under REPLICA IDENTITY DEFAULT (only the key).
-    assert last.old == ({"id": 1} if fmt == "change" else None)
-
-
-def test_runs_that_stop_after_a_few_records_go_on_where_the_last_one_stopped(kafka_bootstrap):
-    table = new_table()
-    create_topic(kafka_bootstrap, table, 1)  # one partition: one order to check
-    written = [insert(table, {"id": key}, key={"id": key}) for key in range(1, 11)]
-    Pipeline(MemoryFeed(table, changes=written), [], sink=KafkaSink(kafka_bootstrap)).run()
-    group = f"g-{uuid.uuid4().hex[:8]}"
-    runs = []
-    for stop_after in (3, 3, 1, 3):  # (joining the group takes seconds: no idle timeout)
-        feed = KafkaFeed(kafka_bootstrap, table, group, config=FAST_GROUP)
-        sink = ListSink()
-        Pipeline(feed, [], sink=sink).run(stop_after=stop_after, timeout=60)
-        feed.close()
-        runs.append([change.key["id"] for change in sink.items])
-    assert runs == [[1, 2, 3], [4, 5, 6], [7], [8, 9, 10]]
-
-
-def test_a_worker_filters_by_operation(kafka_bootstrap):
-    table = new_table()
-    Pipeline(MemoryFeed(table, changes=changes_of(table)), [],
-             sink=KafkaSink(kafka_bootstrap)).run()
-    feed = KafkaFeed(kafka_bootstrap, table, f"g-{uuid.uuid4().hex[:8]}",
-                     Operation.DELETE | Operation.INSERT, config=FAST_GROUP)
-    out = ListSink()
-    Pipeline(feed, [], sink=out).run(stop_after=3, timeout=60)
-    feed.close()
-    # Keys 1 and 2 may sit in different partitions: order holds per key, not across them.
-    assert sorted((c.operation, c.key["id"]) for c in out.items) == [
-        (Operation.INSERT, 1), (Operation.INSERT, 2), (Operation.DELETE, 2)]
 
 
 def test_an_unreachable_broker_fails_the_batch_with_one_clear_error(tmp_path):
@@ -249,84 +125,6 @@ def test_a_broker_restart_loses_no_confirmed_record(tmp_path, caplog):
         assert sorted(json.loads(dict(r.headers())["position"]) for r in records) == [3, 4, 5]
     finally:
         broker.stop()
-
-
-def wait_for_commits(bootstrap: str, group: str, topic: str, ends: dict[int, int]) -> bool:
-    """Whether ``group``'s committed offsets reach ``ends`` (partition: offset) within 30 s."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
-    try:
-        deadline = time.monotonic() + 30
-        wanted = [TopicPartition(topic, p) for p in sorted(ends)]
-        while time.monotonic() < deadline:
-            committed = consumer.committed(wanted, timeout=10)
-            if [tp.offset for tp in committed] == [ends[p] for p in sorted(ends)]:
-                return True
-            time.sleep(0.2)
-        return False
-    finally:
-        consumer.close()
-
-
-def _positions(path: Path) -> list[str]:
-    if not path.exists():
-        return []
-    return [json.loads(line)["position"] for line in path.read_text().splitlines() if line]
-
-
-def test_a_killed_worker_s_partitions_go_to_the_other(kafka_bootstrap, tmp_path):
-    table = new_table()
-    create_topic(kafka_bootstrap, table, 4)
-    group = f"g-{uuid.uuid4().hex[:8]}"
-
-    def produce(start: int, stop: int) -> None:
-        changes = [insert(table, {"id": i}, key={"id": i}, position=i) for i in range(start, stop)]
-        Pipeline(MemoryFeed(table, changes=changes), [], sink=KafkaSink(kafka_bootstrap)).run()
-
-    outs = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
-    worker = str(Path(__file__).with_name("kafka_worker.py"))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    workers = [subprocess.Popen([sys.executable, worker, kafka_bootstrap, table, group, str(out)],
-                                stderr=subprocess.DEVNULL, env=env) for out in outs]
-    try:
-        produce(1, 41)
-        deadline = time.monotonic() + 60  # until both share the work and all 40 are in
-        while time.monotonic() < deadline and not (
-            all(_positions(out) for out in outs)
-            and len({p for out in outs for p in _positions(out)}) >= 40
-        ):
-            time.sleep(0.1)
-        owned_by_a = {p.rsplit(":", 2)[1] for p in _positions(outs[0])}
-        assert owned_by_a and _positions(outs[1]), "the two workers did not share the topic"
-        workers[0].send_signal(signal.SIGKILL)
-        workers[0].wait(10)
-        produce(41, 81)
-        wanted = set(range(1, 81))
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            seen = {json.loads(line)["key"]["id"] for out in outs if out.exists()
-                    for line in out.read_text().splitlines() if line}
-            if seen >= wanted:
-                break
-            time.sleep(0.2)
-        assert seen >= wanted, sorted(wanted - seen)
-        taken = _positions(outs[1])
-        taken_over = {p.rsplit(":", 2)[1] for p in taken}
-        assert owned_by_a <= taken_over  # b processed records of every partition a had
-        # ... and commits, after the rebalance too, every partition up to what it delivered.
-        produce(81, 101)
-        deadline = time.monotonic() + 60
-        while len(_positions(outs[1])) < len(taken) + 20 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        ends: dict[int, int] = {}
-        for position in _positions(outs[0]) + _positions(outs[1]):
-            partition, offset = map(int, position.rsplit(":", 2)[1:])
-            ends[partition] = max(ends.get(partition, 0), offset + 1)
-        assert wait_for_commits(kafka_bootstrap, group, table, ends), "offsets not committed"
-    finally:
-        for process in workers:
-            if process.poll() is None:
-                process.terminate()
-                process.wait(20)
 
 
 @pytest.mark.postgres
@@ -440,24 +238,3 @@ def test_changefeed_run_with_the_broker_down_fails_clearly_and_acknowledges_noth
     assert up.returncode == 0, up.stderr
     [record] = read_topic(kafka_bootstrap, topic, lambda r: len(r) >= 1)
     assert orjson.loads(record.value())["new"] == {"id": 1}
-
-
-@pytest.mark.parametrize(("value", "headers", "fragment"), [
-    (b"not json", [("format", b"change")], "is not a change record"),
-    (b'{"op": "x"}', [("format", b"debezium")], "is not a debezium record"),
-    (b'{"type": "insert"}', [("format", b"delta")], "holds a 'delta' record"),
-])
-def test_a_record_the_feed_cannot_read_stops_it_with_one_clear_error(
-    kafka_bootstrap, value, headers, fragment
-):
-    from confluent_kafka import Producer
-
-    topic = new_table()
-    producer = Producer({"bootstrap.servers": kafka_bootstrap})
-    producer.produce(topic, value=value, key=b'{"id":1}', headers=headers)
-    assert producer.flush(30) == 0
-    feed = KafkaFeed(kafka_bootstrap, topic, f"g-{uuid.uuid4().hex[:8]}", config=FAST_GROUP)
-    with pytest.raises(PipelineError, match=f"{topic}\\[.*{fragment}") as failure:
-        Pipeline(feed, [], sink=ListSink()).run(timeout=60)
-    feed.close()
-    assert "\n" not in str(failure.value)

@@ -146,7 +146,7 @@ def test_dead_letters_take_the_changes_of_a_failed_sink_batch():
 def test_restart_resumes_after_the_checkpoint():
     checkpoint = MemoryCheckpoint()
     first, second = ListSink(), ListSink()
-    Pipeline(tasks(5, checkpoint=checkpoint), [], sink=first).run(stop_after=3)
+    Pipeline(tasks(5, checkpoint=checkpoint), [], sink=first).run(limit=3)
     Pipeline(tasks(5, checkpoint=checkpoint), [], sink=second).run()
     assert [c.new["id"] for c in first] == [1, 2, 3]
     assert [c.new["id"] for c in second] == [4, 5]

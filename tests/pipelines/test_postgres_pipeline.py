@@ -81,7 +81,7 @@ def test_multi_process_pipeline_resumes_from_the_slot_without_losing_rows(pg_dsn
     for i in range(1, 201):
         tasks.execute("INSERT INTO tasks VALUES (%s, 'blue', 'x')", [i])
     Pipeline(feed_of(pg_dsn, slot), stages, sink=JsonLinesSink(out), processes=True).run(
-        stop_after=120, timeout=20
+        limit=120, timeout=20
     )
     # A new feed (as after a crash: nothing in memory) resumes from the slot's confirmed position.
     Pipeline(feed_of(pg_dsn, slot), stages, sink=JsonLinesSink(out), processes=True).run(

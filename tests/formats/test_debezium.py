@@ -19,7 +19,8 @@ from clitools import run_cli
 
 from changefeed import UNCHANGED, Operation
 from changefeed.change import Change
-from changefeed.pipelines.debezium import (
+from changefeed.formats.codec import dumps
+from changefeed.formats.debezium import (
     UNAVAILABLE,
     DebeziumEncoder,
     Source,
@@ -27,7 +28,6 @@ from changefeed.pipelines.debezium import (
     envelope,
     key,
 )
-from changefeed.pipelines.delta import dumps
 
 COMMITTED = datetime(2019, 5, 28, 8, 58, 24, 863000, tzinfo=timezone.utc)
 ROW = {"id": 1, "first_name": "Anne", "last_name": "Kretchmar", "email": "annek@noanswer.org"}
@@ -278,6 +278,6 @@ def test_changefeed_run_format_debezium_on_mongodb(mongodb_server, tmp_path):
     ("", None),
 ])
 def test_source_db_comes_from_a_postgresql_url_only(url, database):
-    from changefeed.pipelines.debezium import database_of
+    from changefeed.formats.debezium import database_of
 
     assert database_of(url) == database

@@ -20,6 +20,7 @@ that cannot match Debezium's and why.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -29,7 +30,8 @@ from typing import Any
 
 from changefeed import _speedups
 from changefeed.change import UNCHANGED, Change, Operation
-from changefeed.pipelines.delta import dumps, dumps_line
+from changefeed.errors import DecodeError
+from changefeed.formats.codec import dumps_line
 
 UNAVAILABLE = "__debezium_unavailable_value"
 """Debezium's placeholder for an unchanged TOASTed column it was not sent (our `UNCHANGED`)."""
@@ -207,6 +209,7 @@ def _ms(moment: datetime | None) -> int | None:
     return None if moment is None else int(moment.timestamp() * 1000)
 
 
+@functools.cache  # reading the package's metadata takes milliseconds: once per process
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -241,14 +244,10 @@ class DebeziumEncoder:
         """The envelope as one JSON line."""
         return dumps_line(self(change))
 
-    def key_bytes(self, change: Change) -> bytes | None:
-        """The record key as JSON bytes (None for a change without a key)."""
-        value = key(change, self.source)
-        return None if value is None else dumps(value)
-
 
 def line_encoder(source: Source = Source()) -> Callable[[Change], bytes]:
-    """A function giving the Debezium JSON line of each change (``--format debezium``)."""
+    """A function giving the Debezium JSON line of each change: `DebeziumEncoder.line`, or
+    the compiled encoder of the same bytes where it is built."""
     return DebeziumEncoder(source).line
 
 
@@ -257,22 +256,19 @@ def change_from_debezium(event: dict[str, Any], key: Any = None) -> Change:
 
     The values are what the JSON holds (Decimals and times as strings); ``position`` is
     rebuilt for PostgreSQL from ``source.lsn`` and ``transaction.total_order`` (None otherwise),
-    and the placeholder of an unavailable column becomes `UNCHANGED`.
+    and the placeholder of an unavailable column becomes `UNCHANGED`. Raises `DecodeError` for
+    what is not a Debezium event.
     """
-    from changefeed.errors import PipelineError
-
     try:
         operation = _OPERATIONS[event["op"]]
         source = event.get("source") or {}
         before, after = event.get("before"), event.get("after")
         if source.get("connector") == "mongodb":
-            from bson import json_util
-
             table = f"{source.get('db')}.{source.get('collection')}"
-            before = json_util.loads(before) if isinstance(before, str) else before
-            after = json_util.loads(after) if isinstance(after, str) else after
+            before = _from_extended_json(before) if isinstance(before, str) else before
+            after = _from_extended_json(after) if isinstance(after, str) else after
             if isinstance(key, dict) and isinstance(key.get("id"), str):
-                key = {"_id": json_util.loads(key["id"])}
+                key = {"_id": _from_extended_json(key["id"])}
         else:
             table = f"{source.get('schema') or 'public'}.{source.get('table')}"
         position = None
@@ -287,8 +283,18 @@ def change_from_debezium(event: dict[str, Any], key: Any = None) -> Change:
             committed_at=committed, transaction=source.get("txId") or source.get("lsid"),
             snapshot=event["op"] == "r",
         )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise PipelineError(f"not a Debezium event: {str(event)[:200]} ({exc})") from exc
+    except (ArithmeticError, AttributeError, KeyError, OSError, TypeError, ValueError) as exc:
+        raise DecodeError(f"not a Debezium event: {str(event)[:200]} ({exc})") from exc
+
+
+def _from_extended_json(text: str) -> Any:
+    """MongoDB Extended JSON as Python values; a `ValueError` for what bson cannot read."""
+    from bson import errors, json_util
+
+    try:
+        return json_util.loads(text)
+    except errors.BSONError as exc:  # an ObjectId of the wrong length, ...
+        raise ValueError(str(exc)) from exc
 
 
 def _restore(row: Any) -> dict[str, Any] | None:

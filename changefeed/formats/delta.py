@@ -1,17 +1,8 @@
-"""Snorky-shaped deltas and the JSON encoding every sink shares.
-
-A delta is what a subscriber of a model needs to apply one change::
+"""Snorky-shaped deltas: what a subscriber of a model needs to apply one change::
 
     {"type": "insert", "model": "Task", "data": {...}}
     {"type": "update", "model": "Task", "newData": {...}, "oldData": {...}}
     {"type": "delete", "model": "Task", "data": {...}}
-
-JSON encoding (orjson): datetimes in ISO 8601, UUIDs as strings, Decimals as strings (a JSON
-number would lose digits in most consumers), bytes as base64, sets as lists, ranges as
-``{"lower": .., "upper": .., "bounds": "[)"}`` (``{"empty": true}``), inet as PostgreSQL writes
-it; a value whose class has a ``__json__`` method is encoded as what that returns (the
-PostgreSQL value types of `changefeed.backends.postgres.values` use it: exact json numbers,
-NaN/Infinity, intervals, texts Python cannot hold). The README's "Values" section has the table.
 
 Columns holding `UNCHANGED` (an unchanged TOASTed value PostgreSQL did not send) are left out of
 the row, and an update delta names them: ``"unchanged": ["big"]``.
@@ -19,17 +10,14 @@ the row, and an update delta names them: ``"unchanged": ["big"]``.
 
 from __future__ import annotations
 
-import base64
-import sys
 from collections.abc import Callable, Mapping
-from decimal import Decimal
-from ipaddress import IPv4Interface, IPv6Interface
 from typing import Any
 
 import orjson
 
 from changefeed import _speedups
 from changefeed.change import UNCHANGED, Change, Operation, _without_unchanged, unchanged_columns
+from changefeed.formats.codec import ORJSON_OPTIONS, dumps, dumps_line, json_default
 
 
 def to_delta(change: Change, model: str | Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -63,71 +51,29 @@ def to_delta(change: Change, model: str | Mapping[str, str] | None = None) -> di
     raise ValueError(f"a change has exactly one operation, not {operation!r}")
 
 
+class DeltaEncoder:
+    """`to_delta` with one ``model``: a picklable callable, named in errors and dead letters as
+    the `to_delta` stage of a pipeline is."""
+
+    __slots__ = ("model",)
+
+    def __init__(self, model: str | Mapping[str, str] | None = None) -> None:
+        self.model = model
+
+    @property
+    def name(self) -> str:
+        return f"to_delta(model={self.model!r})"
+
+    def __call__(self, change: Change) -> dict[str, Any]:
+        return to_delta(change, self.model)
+
+
 def model_for(table: str, models: Mapping[str, str] | None) -> str:
     """The model name of ``table`` in ``models`` (see `to_delta`)."""
     bare = table.rpartition(".")[2]
     if not models:
         return bare
     return models.get(table) or models.get(bare) or models.get("*") or bare
-
-
-def _default(value: Any) -> Any:
-    cls = value.__class__
-    if cls is Decimal:  # the common case first
-        return str(value)
-    encode = getattr(cls, "__json__", None)
-    if encode is not None:
-        return encode(value)
-    if isinstance(value, Decimal):
-        return str(value)
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return base64.b64encode(bytes(value)).decode("ascii")
-    if isinstance(value, (set, frozenset, tuple)):
-        return list(value)
-    if value is UNCHANGED:
-        return None  # only reached inside nested values; rows drop such columns first
-    # psycopg's ranges, looked up only where psycopg is loaded: without it there are none, and
-    # importing a driver here would slow every command's start.
-    ranges = sys.modules.get("psycopg.types.range")
-    if ranges is not None and isinstance(value, ranges.Range):
-        if value.isempty:
-            return {"empty": True}
-        return {"lower": value.lower, "upper": value.upper, "bounds": value.bounds}
-    multiranges = sys.modules.get("psycopg.types.multirange")
-    if multiranges is not None and isinstance(value, multiranges.Multirange):
-        return list(value)
-    if isinstance(value, (IPv4Interface, IPv6Interface)):
-        # As PostgreSQL writes inet: a host address without its full-length prefix.
-        if value.network.prefixlen == value.max_prefixlen:
-            return str(value.ip)
-        return str(value)
-    if hasattr(value, "isoformat"):  # time, timedelta-free date types orjson does not know
-        return value.isoformat()
-    # psycopg ranges, ipaddress objects and other values with a faithful text form
-    return str(value)
-
-
-_OPTIONS = orjson.OPT_PASSTHROUGH_SUBCLASS
-_LINE = _OPTIONS | orjson.OPT_APPEND_NEWLINE
-# Keys that are not strings (an int key in a stage's output) need OPT_NON_STR_KEYS, which
-# makes every dict a third slower to encode: it is used only for values that need it.
-_NON_STR_KEYS = orjson.OPT_NON_STR_KEYS
-
-
-def dumps(value: Any) -> bytes:
-    """``value`` as compact JSON bytes, with changefeed's encoding of database values."""
-    try:
-        return orjson.dumps(value, default=_default, option=_OPTIONS)
-    except orjson.JSONEncodeError:
-        return orjson.dumps(value, default=_default, option=_OPTIONS | _NON_STR_KEYS)
-
-
-def dumps_line(value: Any) -> bytes:
-    """`dumps` followed by a newline: one JSON line."""
-    try:
-        return orjson.dumps(value, default=_default, option=_LINE)
-    except orjson.JSONEncodeError:
-        return orjson.dumps(value, default=_default, option=_LINE | _NON_STR_KEYS)
 
 
 def delta_line_encoder(
@@ -153,7 +99,8 @@ def delta_line_encoder(
         if start is None:
             start = starts[change.table] = _delta_starts(change.table, model)
         try:
-            return start[which] + orjson.dumps(row, default=_default, option=_OPTIONS) + b"}\n"
+            return (start[which] + orjson.dumps(row, default=json_default, option=ORJSON_OPTIONS)
+                    + b"}\n")
         except orjson.JSONEncodeError:  # keys that are not strings: the general path
             return dumps_line(to_delta(change, model))
 
@@ -169,6 +116,7 @@ def _delta_starts(table: str, model: str | Mapping[str, str] | None) -> tuple[by
 
 _INSERT, _DELETE = Operation.INSERT, Operation.DELETE
 
+__all__ = ["DeltaEncoder", "delta_line_encoder", "model_for", "to_delta"]
 
 # The compiled encoder where it is built (the function above stays the reference).
 delta_line_encoder = _speedups.encoder_factory(delta_line_encoder, "DeltaEncoder")

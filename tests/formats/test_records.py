@@ -9,7 +9,8 @@ import orjson
 import pytest
 
 from changefeed import UNCHANGED, ConfigurationError, Operation, PipelineError
-from changefeed.pipelines.records import (
+from changefeed.errors import DecodeError
+from changefeed.formats.records import (
     RecordEncoder,
     change_of_entry,
     change_of_record,
@@ -45,6 +46,20 @@ def test_a_stream_entry_gives_back_the_change():
 
 def test_a_trimmed_entry_holds_no_change():
     assert change_of_entry(None) is None and change_of_entry({}) is None
+
+
+@pytest.mark.parametrize("value, problem", [
+    (b"not json", "line 1 column 1"),
+    (b'{"operation": "insert", ', "line 1 column"),  # cut short
+    (b'{"type": "insert", "model": "T", "data": {}}', "not a change"),  # a delta
+    (b'{"operation": "upsert", "table": "t"}', "not a change"),
+    (b'{"operation": "insert"}', "not a change"),  # no table
+    (b"[1, 2]", "not a change"),
+])
+def test_an_entry_that_holds_no_change_is_a_decode_error_naming_it(value, problem):
+    with pytest.raises(DecodeError, match=f"s entry 1-0 is not a change record: .*{problem}") as e:
+        change_of_entry({b"change": value, b"position": b"1"}, "s entry 1-0")
+    assert "\n" not in str(e.value) and e.value.exit_code == 3
 
 
 def test_a_change_read_back_is_at_the_log_position_and_remembers_its_source_position():
@@ -95,7 +110,7 @@ def test_a_delta_record_cannot_be_read_back():
     [record] = RecordEncoder(fmt="delta", model="Task").records(insert("t", {"id": 1}), 1)
     assert orjson.loads(record.value) == {"type": "insert", "model": "Task", "data": {"id": 1}}
     assert record.key is None  # the change has no key
-    with pytest.raises(PipelineError, match="t\\[0\\]@5 holds a 'delta' record"):
+    with pytest.raises(DecodeError, match="t\\[0\\]@5 holds a 'delta' record"):
         change_of_record(record.value, record.key, record.headers, "t[0]@5")
 
 
@@ -123,5 +138,25 @@ def test_a_record_without_a_format_header_is_a_change():
     (b'{"op": "x"}', b"debezium", "t is not a debezium record"),
 ])
 def test_a_record_that_is_not_what_it_says_is_a_clear_error(value, fmt, problem):
-    with pytest.raises(PipelineError, match=problem):
+    with pytest.raises(DecodeError, match=problem):
         change_of_record(value, b'{"id": 1}', [("format", fmt)], "t")
+
+
+@pytest.mark.parametrize("value, key, headers, problem", [
+    (b'{"op": "c", "source": {"table": "t"}, "after": {"id": 1}}', b"{not a key",
+     [("format", b"debezium")], "t is not a debezium record"),
+    (b'{"op": "c", "source": "nowhere"}', None, [("format", b"debezium")],
+     "t is not a debezium record: not a Debezium event"),
+    (b'{"op": "c", "source": {"table": "t", "ts_ms": 1e300}}', None, [("format", b"debezium")],
+     "t is not a debezium record: not a Debezium event"),
+    (b'{"op": "c", "source": {"connector": "mongodb"},'
+     b' "after": "{\\"_id\\": {\\"$oid\\": \\"zz\\"}}"}',  # no ObjectId
+     None, [("format", b"debezium")], "t is not a debezium record: .* not a valid ObjectId"),
+    (b"{}", None, [("format", b"avro")], "t holds a 'avro' record: .* change or debezium"),
+    (b"{}", None, [("format", b"\xff")], "t holds a '\ufffd' record"),
+    (b"[]", None, [], "t is not a change record: not a change"),
+])
+def test_every_undecodable_record_is_a_decode_error_of_one_line(value, key, headers, problem):
+    with pytest.raises(DecodeError, match=problem) as failure:
+        change_of_record(value, key, headers, "t")
+    assert "\n" not in str(failure.value) and failure.value.exit_code == 3

@@ -3,70 +3,33 @@
 The sinks that write a log (`changefeed.pipelines.sinks.redis`, `changefeed.pipelines.sinks.kafka`)
 and the feeds that read it back (`changefeed.backends.redis_streams`, `changefeed.backends.kafka`)
 run in different processes, often on different machines and versions: what one writes the other
-must read, so both take the encoding from here. Everything here is a pure function of a `Change`
-or of the bytes read, tested without a server.
+must read, so both take the encoding from here. Everything here but `warn_once` (the one log
+line both Kafka ends share) is a pure function of a `Change` or of the bytes read, tested without
+a server.
 
-* The JSON form of a change is ``Change.to_dict()``; `change_from_dict` reverses it. JSON turns
-  Decimals, datetimes inside rows, UUIDs and bytes into strings; ``committed_at`` and `UNCHANGED`
-  columns are restored.
+* The JSON form of a change is ``Change.to_dict()``; `changefeed.formats.change_dict` reverses it.
 * A Redis stream entry holds that JSON in the field ``change`` and the source position (JSON) in
   ``position``.
 * A Kafka record goes to its table's topic (`topic_for`). Its key is the JSON of the row's key
   columns (Debezium's key for that format), so every change of a row goes to one partition; its
-  value is the change in one of `FORMATS`; its headers say ``operation``, ``table``,
-  ``position`` (JSON), ``format`` (so a reader knows how to decode the value) and, for a
-  change that has one, ``schema_version``.
+  value is the change in one of the formats (`changefeed.formats.registry`); its headers say
+  ``operation``, ``table``, ``position`` (JSON), ``format`` (so a reader knows how to decode the
+  value) and, for a change that has one, ``schema_version``.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from datetime import datetime
 from typing import Any, NamedTuple
 
 import orjson
 
-from changefeed.change import UNCHANGED, Change, Operation
-from changefeed.errors import ConfigurationError, PipelineError
-from changefeed.pipelines.debezium import DebeziumEncoder, change_from_debezium
-from changefeed.pipelines.delta import dumps, to_delta
-
-FORMATS = ("change", "delta", "debezium")
-"""What a Kafka record's value may hold: ``Change.to_dict()``, a Snorky delta, a Debezium
-envelope."""
-READABLE_FORMATS = ("change", "debezium")
-"""The formats a change can be rebuilt from (a delta lacks the key, position and old row)."""
-
-
-def change_from_dict(data: dict[str, Any]) -> Change:
-    """Rebuild a `Change` from its ``to_dict()`` form (after a JSON round trip).
-
-    Raises `PipelineError` for anything else (a delta, say).
-    """
-    try:
-        operation = Operation[str(data["operation"]).upper()]
-        new = data.get("new")
-        if new is not None and data.get("unchanged"):
-            new = {**new, **dict.fromkeys(data["unchanged"], UNCHANGED)}
-        committed_at = data.get("committed_at")
-        if isinstance(committed_at, str):
-            committed_at = datetime.fromisoformat(committed_at)
-        return Change(
-            operation,
-            data["table"],
-            new=new,
-            old=data.get("old"),
-            key=data.get("key"),
-            position=data.get("position"),
-            committed_at=committed_at,
-            transaction=data.get("transaction"),
-            snapshot=bool(data.get("snapshot", False)),
-            meta=data.get("meta"),
-            schema_version=data.get("schema_version"),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise PipelineError(f"not a change: {str(data)[:200]} ({exc})") from exc
+from changefeed.change import Change
+from changefeed.errors import ConfigurationError, DecodeError, PipelineError
+from changefeed.formats.change_dict import change_from_dict
+from changefeed.formats.codec import dumps
+from changefeed.formats.registry import FORMATS, FormatOptions, format_named
 
 
 def read_back(change: Change, position: Any) -> Change:
@@ -89,12 +52,21 @@ def stream_entry(change: Change, position: Any) -> dict[str, bytes]:
     return {"change": dumps(change.to_dict()), "position": dumps(position)}
 
 
-def change_of_entry(fields: dict[bytes, bytes] | None) -> Change | None:
+def change_of_entry(
+    fields: dict[bytes, bytes] | None, where: str = "a stream entry"
+) -> Change | None:
     """The change a stream entry holds; None for an entry trimmed or deleted meanwhile (Redis
-    then gives no fields)."""
+    then gives no fields).
+
+    ``where`` names the entry in errors (``stream entry id``). Raises `DecodeError` for a
+    ``change`` field that does not hold a change.
+    """
     if not fields or b"change" not in fields:
         return None
-    return change_from_dict(orjson.loads(fields[b"change"]))
+    try:
+        return change_from_dict(orjson.loads(fields[b"change"]))
+    except (ValueError, DecodeError) as exc:
+        raise DecodeError(f"{where} is not a change record: {exc}") from exc
 
 
 # -- Kafka records -----------------------------------------------------------------------------
@@ -137,35 +109,28 @@ class Record(NamedTuple):
 
 
 class RecordEncoder:
-    """Makes the Kafka records of changes, one after another, in one of `FORMATS`.
+    """Makes the Kafka records of changes, one after another, in one of the `FORMATS`.
 
     It remembers each table's topic, and (``debezium``) the counters of the transaction in
     progress, so one encoder serves one sequence of changes.
     """
 
     def __init__(self, topic: str = "{table}", fmt: str = "change", model: str | None = None):
-        if fmt not in FORMATS:
-            raise ConfigurationError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+        self.format = format_named(fmt)
         check_topic_template(topic)
         self.topic = topic
         self.fmt = fmt
         self.model = model
-        self._debezium = DebeziumEncoder() if fmt == "debezium" else None
+        self._item = self.format.items(FormatOptions(model=model))
         self._topics: dict[str, str] = {}
 
     def records(self, change: Change, position: Any) -> list[Record]:
-        """The records of ``change``: one, and for a delete in the Debezium format a tombstone
-        after it (as Debezium writes, so that log compaction can drop the key)."""
+        """The records of ``change``: one, and for a delete in a format with tombstones
+        (Debezium's) a tombstone after it, so that log compaction can drop the key."""
         topic = self._topics.get(change.table)
         if topic is None:
             topic = self._topics[change.table] = topic_for(self.topic, change.table)
-        if self._debezium is not None:
-            key = self._debezium.key_bytes(change)
-            value = dumps(self._debezium(change))
-        else:
-            key = dumps(change.key) if change.key is not None else None
-            item = change.to_dict() if self.fmt == "change" else to_delta(change, self.model)
-            value = dumps(item)
+        key = self.format.key(change)
         headers = [
             ("operation", (change.operation.name or "").lower().encode()),
             ("table", change.table.encode()),
@@ -174,8 +139,9 @@ class RecordEncoder:
         ]
         if change.schema_version is not None:
             headers.append(("schema_version", change.schema_version.encode()))
-        record = Record(topic, key, value, headers)
-        if self._debezium is not None and change.key is not None and change.new is None:
+        record = Record(topic, None if key is None else dumps(key), dumps(self._item(change)),
+                        headers)
+        if self.format.tombstones and change.key is not None and change.new is None:
             return [record, record._replace(value=None)]
         return [record]
 
@@ -185,22 +151,21 @@ def change_of_record(
 ) -> Change | None:
     """The change a Kafka record holds; None for a tombstone.
 
-    ``where`` names the record in errors (``topic[partition]@offset``). Raises `PipelineError`
+    ``where`` names the record in errors (``topic[partition]@offset``). Raises `DecodeError`
     for a value that is not in a readable format or not what its ``format`` header says.
     """
     if value is None:
         return None
-    fmt = (dict(headers or []).get("format") or b"change").decode(errors="replace")
-    if fmt not in READABLE_FORMATS:
-        raise PipelineError(f"{where} holds a {fmt!r} record: KafkaFeed reads records"
-                            " written with format change or debezium")
+    name = (dict(headers or []).get("format") or b"change").decode(errors="replace")
+    read = next((known.read for known in FORMATS if known.name == name), None)
+    if read is None:
+        readable = " or ".join(known.name for known in FORMATS if known.readable)
+        raise DecodeError(f"{where} holds a {name!r} record: KafkaFeed reads records"
+                            f" written with format {readable}")
     try:
-        data = orjson.loads(value)
-        if fmt == "change":
-            return change_from_dict(data)
-        return change_from_debezium(data, orjson.loads(key or b"null"))
-    except (ValueError, PipelineError) as exc:
-        raise PipelineError(f"{where} is not a {fmt} record: {exc}") from exc
+        return read(orjson.loads(value), key)
+    except (ValueError, DecodeError) as exc:
+        raise DecodeError(f"{where} is not a {name} record: {exc}") from exc
 
 
 def warn_once(owner: Any, error: Any, log: logging.Logger) -> None:
@@ -213,7 +178,7 @@ def warn_once(owner: Any, error: Any, log: logging.Logger) -> None:
 
 
 __all__ = [
-    "FORMATS", "READABLE_FORMATS", "Record", "RecordEncoder", "change_from_dict",
-    "change_of_entry", "change_of_record", "check_topic_template", "read_back", "stream_entry",
-    "topic_for", "warn_once",
+    "Record", "RecordEncoder", "change_of_entry",
+    "change_of_record", "check_topic_template", "read_back", "stream_entry", "topic_for",
+    "warn_once",
 ]

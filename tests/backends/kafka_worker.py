@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import sys
 
+from kafkatools import FAST_GROUP
+
 from changefeed.backends.kafka import KafkaFeed
 from changefeed.pipelines import JsonLinesSink, Pipeline
-
-FAST_GROUP = {"session.timeout.ms": 6000, "max.poll.interval.ms": 6000,
-              "heartbeat.interval.ms": 500}
-"""Consumer-group settings that make joins and takeovers take seconds instead of ~25 s."""
 
 if __name__ == "__main__":
     bootstrap, topic, group, out = sys.argv[1:5]

@@ -1,0 +1,111 @@
+"""The feed's publication: its name, and bringing it to the feed's tables and operations.
+
+`choose_names` continues the slot and publication that already serve the tables (a feed with
+default names restarted after a rename); `ensure_publication` is the only step of a feed's
+start that writes to the server, and runs last, so that a mistake ends with one clear line
+before anything is changed (see `feed.PostgresChangeFeed.run_changefeed`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from changefeed.backends.postgres import catalog, slots
+from changefeed.backends.postgres.tables import Table
+from changefeed.change import Operation
+from changefeed.errors import PermanentBackendError, first_line
+
+log = logging.getLogger("changefeed.postgres")
+
+
+def choose_names(
+    conn: psycopg.Connection, slot: str, tables: Sequence[Table], legacy_name: str
+) -> tuple[str, str] | None:
+    """For a feed with default names whose ``slot`` does not exist: the (slot, publication)
+    with default names that already serves ``tables``, found by OID (a table renamed since
+    keeps its slot), or the slot an earlier version named ``legacy_name``; else None."""
+    if slots.get_slot(conn, slot) is not None:
+        return None
+    found = catalog.find_default_slot(conn, tables, [legacy_name])
+    if found is None or found[0] == slot:
+        return None
+    log.warning("continuing slot %s, which streams %s (under an earlier name)",
+                found[0], ", ".join(t.qualified for t in tables))
+    return found
+
+
+@dataclass
+class PublicationSetup:
+    """What `ensure_publication` did."""
+
+    meta: dict[str, Any]
+    """changefeed's record on the publication (see `catalog`), as written."""
+    created: bool
+    """The publication was created now (drop it if the feed never starts)."""
+
+
+def ensure_publication(
+    conn: psycopg.Connection, name: str, tables: Sequence[Table], *, slot: str,
+    operation: Operation, default_names: bool, backfill_added: bool,
+) -> PublicationSetup:
+    """Create the publication or bring it to the feed's tables and operations.
+
+    Refuses, before changing anything, tables whose UPDATE/DELETE would then fail and a
+    publication that serves other tables or another slot. The slot's own publication follows
+    the feed's list of tables; with ``backfill_added``, each added table is recorded as to be
+    back-filled while the others stream on.
+    """
+    qualified = ", ".join(t.qualified for t in tables)
+    publication = catalog.get_publication(conn, name)
+    if publication is not None:
+        catalog.check_publication(conn, publication, tables, slot, operation)
+    catalog.check_slot_owner(conn, slot, name, tables)
+    catalog.check_replica_identity(conn, tables, operation)
+    meta = dict(publication.meta) if publication is not None else {}
+    if meta.get("slot", slot) == slot:  # the record is of the slot that made it
+        meta.update(slot=slot, default=default_names,
+                    tables={str(t.oid): t.qualified for t in tables})
+    try:
+        if publication is None:
+            catalog.create_publication(conn, name, tables, operation, meta)
+            log.info("created publication %s for %s (%s)", name, qualified,
+                     ", ".join(operation.names))
+        else:
+            catalog.update_publication(conn, publication, operation)
+            if publication.table_oids != {t.oid for t in tables}:
+                _change_tables(conn, publication, tables, meta, slot, backfill_added)
+            if meta != publication.meta:
+                catalog.write_meta(conn, name, meta)
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise PermanentBackendError(
+            f"cannot set up publication {name}: {first_line(exc)}; the tables' owner can run:"
+            f" CREATE PUBLICATION {name} FOR TABLE {qualified} WITH (publish ="
+            f" '{', '.join(operation.names)}', publish_via_partition_root = true)"
+        ) from exc
+    return PublicationSetup(meta, publication is None)
+
+
+def _change_tables(
+    conn: psycopg.Connection, publication: catalog.Publication,
+    tables: Sequence[Table], meta: dict[str, Any], slot: str, backfill_added: bool,
+) -> None:
+    added, removed = catalog.set_publication_tables(conn, publication, tables)
+    states = dict(meta.get("backfill") or {})
+    for oid in removed:
+        states.pop(str(oid), None)
+    for table in added:
+        if backfill_added:
+            states[str(table.oid)] = {"after": None, "done": 0, "chunks": 0}
+    meta["backfill"] = states
+    if added:
+        log.warning("slot %s now also streams %s%s", slot,
+                    ", ".join(t.qualified for t in added),
+                    " (back-filled first)" if backfill_added else "")
+    if removed:
+        log.warning("slot %s no longer streams %s", slot, catalog.describe_oids(conn, removed))
+

@@ -1,0 +1,68 @@
+"""The change dict: a `Change` as plain JSON data, ``Change.to_dict()``, and back again.
+
+It is the ``change`` format: what ``changefeed run --format change`` writes, a Redis stream
+entry holds and a Kafka record holds by default, so that a feed reading a log rebuilds the
+change the sink wrote. JSON turns Decimals, datetimes inside rows, UUIDs and bytes into
+strings; `change_from_dict` restores ``committed_at`` and the `UNCHANGED` columns.
+
+``to_dict`` stays a method of the record (as on `SnapshotState` and `Message`): every item a
+feed yields gives its dict form the same way, and `changefeed.change` imports nothing above it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from changefeed import _speedups
+from changefeed.change import UNCHANGED, Change, Operation
+from changefeed.errors import DecodeError
+from changefeed.formats.codec import dumps_line
+
+
+def change_from_dict(data: dict[str, Any]) -> Change:
+    """Rebuild a `Change` from its ``to_dict()`` form (after a JSON round trip).
+
+    Raises `DecodeError` for anything else (a delta, say).
+    """
+    try:
+        operation = Operation[str(data["operation"]).upper()]
+        new = data.get("new")
+        if new is not None and data.get("unchanged"):
+            new = {**new, **dict.fromkeys(data["unchanged"], UNCHANGED)}
+        committed_at = data.get("committed_at")
+        if isinstance(committed_at, str):
+            committed_at = datetime.fromisoformat(committed_at)
+        return Change(
+            operation,
+            data["table"],
+            new=new,
+            old=data.get("old"),
+            key=data.get("key"),
+            position=data.get("position"),
+            committed_at=committed_at,
+            transaction=data.get("transaction"),
+            snapshot=bool(data.get("snapshot", False)),
+            meta=data.get("meta"),
+            schema_version=data.get("schema_version"),
+        )
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise DecodeError(f"not a change: {str(data)[:200]} ({exc})") from exc
+
+
+def change_line(item: Any) -> bytes:
+    """The JSON line of a change's dict, or of another item a feed yields (a `SnapshotState`):
+    what ``changefeed run --format change`` writes."""
+    return dumps_line(item.to_dict())
+
+
+def change_line_encoder() -> Callable[[Any], bytes]:
+    """`change_line`, or the compiled encoder of the same bytes where it is built."""
+    return change_line
+
+
+__all__ = ["change_from_dict", "change_line", "change_line_encoder"]
+
+# The compiled encoder where it is built (the function above stays the reference).
+change_line_encoder = _speedups.encoder_factory(change_line_encoder, "ChangeEncoder")

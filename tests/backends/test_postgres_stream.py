@@ -1,0 +1,182 @@
+"""`ReplicationStream` without a server: the frames it hands out, the backlog read ahead, the
+answers to keepalives, and the end of the stream.
+
+libpq's side of a copy-both connection is played by `ScriptedConnection`: ``get_copy_data``
+returns the scripted messages in order, and what the stream sends is recorded. The walsender's
+real behaviour is covered by the live tests (test_postgres.py: slow consumers, shutdowns)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections import deque
+from types import SimpleNamespace
+
+import pytest
+from psycopg import pq
+
+from changefeed.backends.postgres.ledger import AckLedger
+from changefeed.backends.postgres.pgoutput import Begin, Commit
+from changefeed.backends.postgres.position import PgPosition
+from changefeed.backends.postgres.stream import ReplicationStream
+from changefeed.change import Change, Operation
+
+NOTHING = (0, None)
+END = (-2, None)
+
+
+def xlogdata(payload: bytes, start: int = 0x100, wal_end: int = 0x900) -> tuple[int, memoryview]:
+    message = b"w" + struct.pack("!QQq", start, wal_end, 0) + payload
+    return len(message), memoryview(message)
+
+
+def keepalive(wal_end: int, reply: bool) -> tuple[int, memoryview]:
+    message = b"k" + struct.pack("!QqB", wal_end, 0, reply)
+    return len(message), memoryview(message)
+
+
+class ScriptedConnection:
+    """The pgconn of a replication connection in copy-both mode, scripted."""
+
+    def __init__(self, *script: tuple[int, memoryview | None]) -> None:
+        self.script = deque(script)
+        self.sent: list[tuple[int, int, bool]] = []  # standby statuses: written, flushed, reply
+        self.copy_ended = False
+        self._quiet, self._other = socket.socketpair()  # never readable: nothing more comes
+        self.socket = self._quiet.fileno()
+        self.transaction_status = pq.TransactionStatus.ACTIVE
+
+    def get_copy_data(self, async_: int) -> tuple[int, memoryview | None]:
+        return self.script.popleft() if self.script else NOTHING
+
+    def put_copy_data(self, data: bytes) -> int:
+        if self.copy_ended:
+            raise AssertionError("CopyData after CopyDone")
+        kind, written, flushed, _, _, reply = struct.unpack("!cQQQqB", data)
+        assert kind == b"r"
+        self.sent.append((written, flushed, bool(reply)))
+        return 1
+
+    def put_copy_end(self) -> int:
+        self.copy_ended = True
+        return 1
+
+    def flush(self) -> int:
+        return 0
+
+    def consume_input(self) -> None:
+        pass
+
+    def is_busy(self) -> bool:
+        return False
+
+    def get_result(self) -> None:
+        return None
+
+    def get_error_message(self) -> bytes:
+        return b"terminating walsender process"
+
+
+class ScriptedReplication:
+    closed = False
+
+    def __init__(self, pgconn: ScriptedConnection) -> None:
+        self.pgconn = pgconn
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def stream_of(*script, ledger: AckLedger | None = None) -> ReplicationStream:
+    repl = ScriptedReplication(ScriptedConnection(*script))
+    return ReplicationStream(repl, ledger or AckLedger(), 10.0, SimpleNamespace(lag_bytes=None))  # type: ignore[arg-type]
+
+
+def take(stream: ReplicationStream, count: int) -> list[bytes | None]:
+    frames = stream.frames
+    return [None if (f := next(frames)) is None else bytes(f) for _ in range(count)]
+
+
+def test_frames_are_the_payloads_in_order_then_none_when_nothing_is_at_hand():
+    stream = stream_of(xlogdata(b"B1"), keepalive(0x200, False), xlogdata(b"C1"))
+    assert take(stream, 3) == [b"B1", b"C1", None]
+    assert stream.caught_up
+
+
+def test_the_backlog_comes_first_and_its_bytes_are_counted_back_to_zero():
+    first, second = xlogdata(b"I1"), xlogdata(b"I2", start=0x180)
+    stream = stream_of(first, keepalive(0x300, False), second, xlogdata(b"I3"))
+    assert take(stream, 1) == [b"I1"]
+    stream.read_ahead()  # the consumer is busy: the rest is read into the backlog
+    assert stream.backlog_bytes == second[0] + xlogdata(b"I3")[0] and not stream.caught_up
+    assert stream.ledger.received_lsn == 0x180  # XLogData read ahead counts as received
+    stream.pgconn.script.append(xlogdata(b"I4"))
+    assert take(stream, 4) == [b"I2", b"I3", b"I4", None]
+    assert stream.backlog_bytes == 0 and stream.caught_up
+
+
+def test_reading_on_to_the_commit_takes_the_backlog_and_counts_it_back():
+    position = PgPosition(0x100, 0)
+    events = {b"C": Commit(0x100, 0x108, None), b"I": Change(Operation.INSERT, "t", {})}
+    stream = stream_of(xlogdata(b"C"))
+    stream.ledger.begin()
+    stream.read_ahead()
+    assert stream.read_to_commit(lambda payload: events[bytes(payload)], position) == 0x108
+    assert stream.backlog_bytes == 0 and not stream.ledger.in_transaction
+    assert stream.stats.lag_bytes == 0x900 - 0x108  # the server's WAL end at the Commit
+    stream.ledger.acknowledge(position)
+    assert stream.ledger.flush_lsn == 0x108
+
+
+@pytest.mark.parametrize("next_event, expected", [("change", None), ("nothing", None)])
+def test_reading_on_to_the_commit_gives_up_at_another_change_or_in_time(next_event, expected):
+    events = {b"I": Change(Operation.INSERT, "t", {}), b"B": Begin(0x200, None, 1)}
+    script = [xlogdata(b"B"), xlogdata(b"I")] if next_event == "change" else []
+    stream = stream_of(*script)
+    stream.COMMIT_WAIT_SECONDS = 0.05
+    stream.ledger.begin()
+    decode = lambda payload: events[bytes(payload)]  # noqa: E731
+    assert stream.read_to_commit(decode, PgPosition(0x100, 0)) is expected
+    assert stream.ledger.in_transaction  # nothing was recorded as ended
+
+
+def test_a_keepalive_in_stream_order_moves_an_idle_slot_and_is_answered():
+    stream = stream_of(keepalive(0x500, True))
+    assert take(stream, 1) == [None]
+    assert stream.ledger.flush_lsn == 0x500 and stream.pgconn.sent == [(0x500, 0x500, False)]
+    assert stream.stats.lag_bytes == 0x500
+
+
+def test_a_keepalive_read_ahead_behind_undelivered_stream_leaves_the_flush_unset():
+    ledger = AckLedger()
+    ledger.keepalive(0x80)  # confirmed up to here before
+    stream = stream_of(xlogdata(b"I1", start=0x100), keepalive(0x500, True), ledger=ledger)
+    stream.read_ahead()
+    # Received up to the server's end, delivered: nothing said (0), so the slot stays.
+    assert stream.pgconn.sent == [(0x500, 0, False)] and ledger.flush_lsn == 0x80
+    assert take(stream, 2) == [b"I1", None]  # the keepalive's turn: no reply asked twice
+    assert ledger.flush_lsn == 0x500  # in stream order, with nothing pending
+
+
+def test_a_keepalive_read_ahead_with_everything_delivered_moves_the_slot():
+    stream = stream_of(keepalive(0x500, True))
+    stream.read_ahead()
+    assert stream.pgconn.sent == [(0x500, 0x500, False)]
+
+
+def test_the_end_of_the_stream_ends_the_frames_with_the_server_s_reason():
+    stream = stream_of(xlogdata(b"B1"), END)
+    assert take(stream, 1) == [b"B1"]
+    assert list(stream.frames) == []
+    assert "terminating walsender process" in str(stream.ended())
+
+
+def test_finish_sends_the_last_status_and_answers_nothing_after_copydone():
+    ledger = AckLedger()
+    ledger.commit(PgPosition(0x100, 0), 0x108)
+    ledger.acknowledge(PgPosition(0x100, 0))
+    stream = stream_of(xlogdata(b"I9"), keepalive(0x900, True), END, ledger=ledger)
+    stream.finish()
+    assert stream.pgconn.sent == [(0x108, 0x108, False)] and stream.pgconn.copy_ended
+    assert ledger.reported_lsn == 0x108 and not stream.usable
+    assert list(stream.frames) == []  # it read on to the end
