@@ -11,9 +11,12 @@ CLI's path, each round timed in CPU time:
     deliver  the same, through ``changefeed run``'s loop: `ChangeFeed.read()`,
              `changefeed.delivery.bounded` and `deliver` with a `LineOutput` to /dev/null
     direct   (compiled path only) pgoutput bytes straight to the delta line, no `Change`
-             (`changefeed._speedups` ``Decoder.encode``)
-    direct-deliver  (compiled path only) the same through ``changefeed run``'s loop, as the
-             feed would run it once it yields these lines (not wired in yet)
+             (`PgOutputDecoder.line_decoder`, one message at a time: a replay has no frame
+             reader to batch from)
+    direct-deliver  (compiled path only) the same through ``changefeed run``'s loop
+
+(`run_instructions.py` counts a whole ``changefeed run``, where the direct path batches the
+row changes at hand.)
 
 ``--shape narrow`` replays a table of an int key and a short text instead of the benchmark's
 six columns. ``CHANGEFEED_IMPL=python`` measures the pure-Python path (`instructions.py` runs
@@ -36,13 +39,13 @@ import os
 import select
 import time
 from collections.abc import Callable
-from operator import attrgetter
 
 import psycopg
 from bench_postgres import TABLE, make_workload
 from psycopg import pq
 
 from changefeed import _speedups
+from changefeed._speedups import Lines
 from changefeed.backends.postgres.loading import psycopg_loaders
 from changefeed.backends.postgres.pgoutput import PgOutputDecoder
 from changefeed.change import Change
@@ -163,35 +166,31 @@ def stages(dsn: str) -> dict[str, Callable[[list[bytes]], int]]:
             return deliver(feed, output, ack_interval=0.2).count
 
     def direct(messages: list[bytes]) -> int:
-        kernel = make_decoder().kernel  # type: ignore[attr-defined]
-        kernel.set_line_format("delta")  # the lines `encode` writes
-        encode = kernel.encode
+        encode = make_decoder().line_decoder("delta")  # the lines `encode` writes
         count = 0
         for message in messages:
-            if encode(message[25:]).__class__ is Encoded:
-                count += 1
+            event = encode(message[25:])
+            if event.__class__ is Lines:
+                count += event.count
         return count
 
     def direct_delivered(messages: list[bytes]) -> int:
-        kernel = make_decoder().kernel  # type: ignore[attr-defined]
-        kernel.set_line_format("delta")
-        encode = kernel.encode
+        encode = make_decoder().line_decoder("delta")
 
         class Replay(ChangeFeed):
             def run_changefeed(self):  # type: ignore[no-untyped-def]
                 for message in messages:
                     event = encode(message[25:])
-                    if event.__class__ is Encoded:
+                    if event.__class__ is Lines:
                         yield event
 
         feed = Replay("bench")
         with open(os.devnull, "wb") as out:
-            output = LineOutput(out, attrgetter("line"))
+            output = LineOutput(out, delta_line_encoder())
             return deliver(feed, output, ack_interval=0.2).count
 
     runs = {"copy": copy, "decode": decode, "encode": encode, "deliver": delivered}
     if _speedups.kernels is not None:
-        Encoded = _speedups.kernels.Encoded
         runs["direct"] = direct
         runs["direct-deliver"] = direct_delivered
     return runs

@@ -7,6 +7,9 @@
     ...     print(change.operation, change.new)
 """
 
+# ``implementation``: "c" where the compiled hot path runs, "python" where the pure-Python code
+# does (no extension built, or CHANGEFEED_IMPL=python).
+from changefeed._speedups import implementation
 from changefeed.change import ALL, UNCHANGED, Change, Operation, Position, SnapshotState
 from changefeed.checkpoint import CheckpointStore, FileCheckpoint, MemoryCheckpoint
 from changefeed.delivery import FeedStats
@@ -53,4 +56,5 @@ __all__ = [
     "SnapshotState",
     "TransientBackendError",
     "get_changefeed",
+    "implementation",
 ]

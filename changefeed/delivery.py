@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, BinaryIO, Protocol
 
+from changefeed._speedups import Lines
 from changefeed.change import Change, Position
 from changefeed.errors import ChangefeedError, PipelineError
 
@@ -199,7 +200,8 @@ def bounded(
     seconds passed, no change came for ``idle_timeout`` seconds, or ``feed.stop()`` was called.
 
     This is where the ends of every read of a feed are enforced, each time after an item was
-    handled and before the next is read. ``ticks`` also yields the stream's None ticks.
+    handled and before the next is read; a batch of lines counts as the changes it holds (and
+    is cut at ``limit``). ``ticks`` also yields the stream's None ticks.
     ``close`` closes the stream at the end; `deliver` closes it itself, after acknowledging.
     """
     monotonic = time.monotonic
@@ -212,6 +214,10 @@ def bounded(
         # The hot loop: one iteration per change.
         for item in stream:
             if item is not None:
+                if item.__class__ is Lines:  # several changes (see `ChangeFeed.prefer_lines`)
+                    if limit is not None and read + item.count > limit:
+                        item = item.head(limit - read)
+                    read += item.count - 1
                 yield item
                 read += 1
                 if read == limit or feed.stopping:
@@ -337,6 +343,7 @@ class LineOutput(Output):
     thousand encoded lines alive until a flush made every encoding four times slower: glibc
     returning freed memory to the system and asking for it again). The buffer is flushed when
     the source goes idle and per `FLUSH_BYTES`; a flush confirms the lines written before it.
+    A batch of lines the feed wrote itself (`ChangeFeed.prefer_lines`) is written as it is.
     """
 
     def __init__(
@@ -356,8 +363,12 @@ class LineOutput(Output):
 
         def put(change: Any) -> None:
             nonlocal size, written, last
-            size += write(encode(change))
-            written += 1
+            if change.__class__ is Lines:
+                size += write(change)
+                written += change.count
+            else:
+                size += write(encode(change))
+                written += 1
             last = change
             if size >= flush_bytes:
                 flush()

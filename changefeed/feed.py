@@ -141,6 +141,15 @@ class ChangeFeed(Node):
     def close(self) -> None:
         """Release the backend's connections. The feed may be iterated again afterwards."""
 
+    def prefer_lines(self, fmt: str, model: Any = None) -> bool:
+        """Ask the feed to hand out row changes as their output lines of format ``fmt`` (with
+        the delta ``model``), batched (`changefeed._speedups.Lines`), instead of `Change`
+        objects, where the backend can write them itself; True if it may. For a reader that
+        writes those lines and needs nothing else of a change (``changefeed run`` without
+        stages, through `LineOutput`), which must still take any other item as it comes.
+        Default: False (the PostgreSQL backend's compiled path says yes)."""
+        return False
+
     def keep_alive(self) -> None:
         """Keep the source's connection healthy while the consumer is busy elsewhere.
 

@@ -28,12 +28,13 @@ from changefeed.backends.postgres.values import (
     PostgresText,
     TimeTZ,
 )
-from changefeed.change import UNCHANGED, Change, Operation
+from changefeed.change import UNCHANGED, Change, Operation, SnapshotState
 from changefeed.formats import debezium
 from changefeed.formats.change_dict import change_line_encoder
 from changefeed.formats.codec import dumps_line
 from changefeed.formats.delta import delta_line_encoder
 from changefeed.formats.registry import FormatOptions, format_named
+from changefeed.message import Message
 
 if _speedups.kernels is None:
     pytest.skip("the compiled extension is not built", allow_module_level=True)
@@ -108,13 +109,31 @@ def test_compiled_encoders_write_the_same_bytes(seed, monkeypatch):
     pairs = [
         (delta_line_encoder.python_factory(), kernels.DeltaEncoder()),
         (delta_line_encoder.python_factory({"*": "M"}), kernels.DeltaEncoder({"*": "M"})),
-        (lambda change: dumps_line(change.to_dict()), kernels.ChangeEncoder()),
+        (change_line_encoder.python_factory(), kernels.ChangeEncoder()),
         (debezium.line_encoder.python_factory(source), kernels.DebeziumEncoder(source)),
     ]
     for _ in range(500):
         change = random_change(rng)
         for python, compiled in pairs:
             assert outcome(compiled, change) == outcome(python, change), change
+
+
+def test_the_change_lines_of_other_items_are_their_dicts():
+    """A feed yields more than changes (snapshot markers, messages, a subclass a stage made):
+    the compiled `change` lines are theirs as the pure-Python encoder writes them."""
+
+    class Tagged(Change):
+        __slots__ = ()
+
+    items = [
+        SnapshotState("public.t", "started", PgPosition(0x16B3748, 0)),
+        SnapshotState("public.t", "done", {"chunk": 3}),
+        Message("app", b"{}", PgPosition(1, 2), True, None, 7, 0x16B3749),
+        Tagged(Operation.INSERT, "public.t", new={"id": 1}),
+    ]
+    python, compiled = change_line_encoder.python_factory(), _speedups.kernels.ChangeEncoder()
+    for item in items:
+        assert compiled(item) == python(item) == dumps_line(item.to_dict())
 
 
 def test_selection_gives_the_compiled_encoders():

@@ -355,6 +355,16 @@ class PgOutputDecoder:
         """The position of one more change in the current transaction (after those decoded)."""
         return self._positions.take()
 
+    def line_decoder(
+        self, fmt: str, model: Any = None, frames: Any = None,
+        replay_after: PgPosition | None = None,
+    ) -> Callable[[Any], Any] | None:
+        """A `decode` that gives row changes as their output lines of format ``fmt`` (the
+        compiled path's `Lines` batches, taking the row changes at hand from ``frames`` too,
+        and leaving out those at or before ``replay_after``), or None where this decoder cannot
+        write them: the pure-Python one never does (its changes go to the format's encoder)."""
+        return None
+
     def _truncate(self, data: bytes) -> Truncate:
         count, options = _TRUNCATE.unpack_from(data, 1)
         oids = struct.unpack_from(f"!{count}I", data, 6)

@@ -45,9 +45,58 @@ def check() -> None:
         raise ConfigurationError(_problem)
 
 
+class _NoLines:
+    """What `Lines` is without the extension: no item is ever one."""
+
+
+Lines: type = kernels.Lines if kernels is not None else _NoLines
+"""The direct path's batches of output lines (`PgOutputDecoder.line_decoder`): an item a feed
+hands out in place of several changes, with ``count``, ``position`` (of the last) and
+``committed_at``, written as bytes (the buffer protocol)."""
+
+def libpq_functions() -> tuple[int, int] | None:
+    """The addresses of ``PQgetCopyData`` and ``PQfreemem`` in the libpq that psycopg uses (its
+    binary or C build's own, or the one its ctypes build loaded), for the compiled frame reader;
+    None where they cannot be found."""
+    global _libpq
+    if _libpq is None:
+        _libpq = _find_libpq() or False
+    return _libpq or None
+
+
+_libpq: tuple[int, int] | bool | None = None
+
+
+def _find_libpq() -> tuple[int, int] | None:
+    import ctypes
+    import sys
+
+    from psycopg import pq
+
+    try:
+        if pq.__impl__ in ("binary", "c"):
+            # The extension module's own dependency: dlsym on its handle searches that first.
+            library = ctypes.CDLL(sys.modules[f"psycopg_{pq.__impl__}.pq"].__file__)
+        elif pq.__impl__ == "python":
+            from psycopg.pq import _pq_ctypes
+
+            library = _pq_ctypes.pq
+        else:
+            return None
+        addresses = (ctypes.cast(library.PQgetCopyData, ctypes.c_void_p).value,
+                     ctypes.cast(library.PQfreemem, ctypes.c_void_p).value)
+    except (AttributeError, KeyError, OSError):
+        return None
+    return addresses if all(addresses) else None  # type: ignore[return-value]
+
+
+LINE_FORMATS = ("delta", "change")
+"""The formats whose lines the direct path writes itself."""
+
+
 def decoder_class(python_class: type) -> type:
-    """``python_class`` (`PgOutputDecoder`), or a subclass whose ``decode`` and
-    ``next_position`` are the compiled kernel's where the extension is built.
+    """``python_class`` (`PgOutputDecoder`), or a subclass whose ``decode``, ``next_position``
+    and `line_decoder` are the compiled kernel's where the extension is built.
 
     A decoder whose options the kernel does not take (a loader factory of another kind) keeps
     the pure-Python methods; the pure class stays reachable as ``python_class``."""
@@ -66,6 +115,18 @@ def decoder_class(python_class: type) -> type:
                 self.kernel = kernel
                 self.decode = kernel.decode  # type: ignore[method-assign]
                 self.next_position = kernel.next_position  # type: ignore[method-assign]
+
+        def line_decoder(self, fmt: str, model: Any = None, frames: Any = None,
+                         replay_after: Any = None) -> Callable[[Any], Any] | None:
+            kernel = getattr(self, "kernel", None)
+            if kernel is None or fmt not in LINE_FORMATS:
+                return None
+            if type(frames) is not kernels.FrameReader:  # type: ignore[union-attr]
+                frames = None  # one message at a time
+            kernel.set_line_format(fmt, model, frames, replay_after)
+            return kernel.encode  # type: ignore[no-any-return]
+
+        line_decoder.__doc__ = python_class.line_decoder.__doc__
 
     PgOutputDecoder.python_class = python_class  # type: ignore[attr-defined]
     PgOutputDecoder.__module__ = python_class.__module__

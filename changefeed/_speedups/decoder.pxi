@@ -8,15 +8,8 @@ cdef enum:
     LINES_CHANGE = 2
 
 
-@cython.final
-cdef class Encoded:
-    """A row change as the direct path gives it: its position and commit time (the `Change`'s)
-    and its output line (what the format's encoder writes for that `Change`)."""
-
-    cdef readonly object position, line, committed_at
-
-    def __repr__(self):
-        return f"Encoded({self.position!r}, {self.line!r})"
+cdef enum:
+    BATCH_BYTES = 65536  # a batch of lines ends past this many bytes (memory stays flat)
 
 
 @cython.final
@@ -31,11 +24,15 @@ cdef class Decoder:
     cdef uint64_t final_lsn, index
     cdef object committed_at, xid
     cdef tuple message_prefixes
-    # The direct path (`encode`): which lines, and the encoders of the changes it leaves to them
+    # The direct path (`encode`): which lines, the encoders of the changes it leaves to them,
+    # where more row changes come from, and which were delivered before
     cdef int line_format
     cdef DeltaEncoder delta_encoder
     cdef ChangeEncoder change_encoder
     cdef JsonWriter out, old_row
+    cdef FrameReader frames
+    cdef bint skipping
+    cdef uint64_t skip_lsn, skip_index
 
     @staticmethod
     def for_decoder(decoder):
@@ -63,9 +60,11 @@ cdef class Decoder:
         self.xid = None
         self.line_format = LINES_NONE
 
-    def set_line_format(self, fmt, model=None):
+    def set_line_format(self, fmt, model=None, frames=None, replay_after=None):
         """Make `encode` write the lines of ``fmt``: ``"delta"`` (with ``model`` as for
-        `delta_line_encoder`) or ``"change"``."""
+        `delta_line_encoder`) or ``"change"``. ``frames`` (a `FrameReader`): take the row
+        changes that follow at hand from there into the same batch. ``replay_after`` (a
+        `PgPosition`): leave out the changes at or before it (delivered before)."""
         bind_formats()
         for plan in self.plans.values():  # lines of another model
             (<RelationPlan>plan).delta_start = None
@@ -79,11 +78,16 @@ cdef class Decoder:
             raise ValueError(f"no direct path for {fmt!r} lines: use delta or change")
         self.out = JsonWriter()
         self.old_row = JsonWriter()
+        self.frames = frames
+        self.skipping = replay_after is not None
+        if self.skipping:
+            self.skip_lsn, self.skip_index = replay_after.lsn, replay_after.index
 
     def encode(self, data):
-        """As `decode`, but a row change comes as an `Encoded`: its position and its output
-        line (`set_line_format`), written from the message's bytes without making a `Change`
-        (those with unchanged TOASTed values go through one)."""
+        """As `decode`, but row changes come as `Lines`: their output lines (`set_line_format`),
+        written from the messages' bytes without making `Change` objects (except for rows
+        with unchanged TOASTed values), this one and those following it at hand; None when
+        none of them is wanted."""
         if self.line_format == LINES_NONE:
             raise ValueError("set_line_format() first")
         if type(data) is not bytes:
@@ -92,46 +96,64 @@ cdef class Decoder:
         cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
         if size < 1 or not (p[0] == b"I" or p[0] == b"U" or p[0] == b"D"):
             return self.decode(data)
-        cdef uint64_t index = self.index
-        if not (self.insert_wanted if p[0] == b"I" else (
-                self.update_wanted if p[0] == b"U" else self.delete_wanted)):
-            self.index = index + 1
+        cdef Lines lines = new_lines(self.final_lsn, self.committed_at)
+        cdef JsonWriter out = self.out
+        cdef FrameReader frames = self.frames
+        out.length = 0  # what a failed call left
+        self.encode_row(lines, p, size)
+        if frames is not None:
+            while out.length < BATCH_BYTES and frames.next_row():
+                self.encode_row(lines, frames.payload, frames.payload_size)
+        if lines.count == 0 and not lines.any_seen:
+            out.length = 0
             return None
-        cdef RelationPlan plan = self.plan(p, size)
-        if plan is None:
-            self.index = index + 1
-            return None
-        line = self.write_line(plan, p, size)
-        cdef Encoded encoded
-        if line is not None:
-            self.index = index + 1
-            encoded = Encoded.__new__(Encoded)
-            encoded.position = make_position(self.final_lsn, index)
-            encoded.line = line
-            encoded.committed_at = self.committed_at
-            return encoded
-        # Unchanged TOASTed values: through a Change, which knows what to do with them.
-        change = self.insert(p, size) if p[0] == b"I" else (
-            self.update(p, size) if p[0] == b"U" else self.delete(p, size))
-        encoded = Encoded.__new__(Encoded)
-        encoded.position = change.position
-        encoded.committed_at = change.committed_at
-        encoded.line = (self.delta_encoder(change) if self.line_format == LINES_DELTA
-                        else self.change_encoder(change))
-        return encoded
+        out.hand_over(lines)
+        return lines
 
-    cdef object write_line(self, RelationPlan plan, const unsigned char* p, Py_ssize_t size):
-        """The line of the row change at ``p``, or None if it holds unchanged values."""
+    cdef int encode_row(self, Lines lines, const unsigned char* p, Py_ssize_t size) except -1:
+        """Append the line of the row change at ``p`` to ``lines`` (if wanted, watched and not
+        delivered before), as `decode` and the format's encoder would make it."""
+        cdef unsigned char kind = p[0]
+        cdef uint64_t index = self.index
+        cdef JsonWriter out = self.out
+        cdef Py_ssize_t start = out.length
+        if not (self.insert_wanted if kind == b"I" else (
+                self.update_wanted if kind == b"U" else self.delete_wanted)):
+            self.index = index + 1
+            return 0
+        cdef RelationPlan plan = self.plan(p, size)
+        self.index = index + 1
+        if plan is None:
+            return 0
+        lines.any_seen, lines.seen_index = True, index
+        if self.skipping and (self.final_lsn < self.skip_lsn or (
+                self.final_lsn == self.skip_lsn and index <= self.skip_index)):
+            return 0
+        if self.write_line(out, plan, p, size, index) == 0:
+            return lines.add(out.length, index)
+        # Unchanged TOASTed values: through a Change, which knows what to do with them.
+        out.length = start
+        self.index = index
+        change = self.insert(p, size) if kind == b"I" else (
+            self.update(p, size) if kind == b"U" else self.delete(p, size))
+        out.bytes_(self.delta_encoder(change) if self.line_format == LINES_DELTA
+                   else self.change_encoder(change))
+        return lines.add(out.length, index)
+
+    cdef int write_line(self, JsonWriter out, RelationPlan plan, const unsigned char* p,
+                        Py_ssize_t size, uint64_t index) except -1:
+        """Write the line of the row change at ``p`` (the ``index``-th of its transaction);
+        1 (with part of it written) if it holds unchanged values, else 0."""
         cdef unsigned char kind = p[0], marker = p[5]
         cdef Py_ssize_t offset = 5
         cdef bint has_old = False, old_is_key = False
-        cdef JsonWriter out = self.out, old_row = self.old_row
-        out.length = old_row.length = 0
+        cdef JsonWriter old_row = self.old_row
+        old_row.length = 0
         if kind == b"U":
             if marker == b"K" or marker == b"O":  # the old key, or the whole old row
                 offset = plan.parse_tuple(p, size, offset + 1)
                 if plan.any_unchanged:
-                    return None
+                    return 1
                 has_old, old_is_key = True, marker == b"K"
                 plan.write_row(old_row, p, old_is_key)
                 if offset >= size:
@@ -141,7 +163,7 @@ cdef class Decoder:
                 raise DecodeError(f"update without new tuple ({chr(marker)!r})")
         plan.parse_tuple(p, size, offset + 1)
         if plan.any_unchanged:
-            return None
+            return 1
         if kind == b"D":
             old_is_key = marker == b"K"
         if self.line_format == LINES_DELTA:
@@ -160,7 +182,7 @@ cdef class Decoder:
                 out.bytes_(<bytes>(start[0] if kind == b"I" else start[1]))
                 plan.write_row(out, p, kind == b"D" and old_is_key)
             out.raw(b"}\n", 2)
-            return out.take()
+            return 0
         out.bytes_(<bytes>PyDict_GetItem(
             OPERATION_NAMES, INSERT if kind == b"I" else (UPDATE if kind == b"U" else DELETE)))
         out.value(plan.table)
@@ -181,7 +203,7 @@ cdef class Decoder:
         else:
             plan.write_row(out, p, True)
         out.raw(b',"position":', 12)
-        out.value(make_position(self.final_lsn, self.index))  # not counted yet: this change's
+        out.position(self.final_lsn, index)
         out.raw(b',"committed_at":', 16)
         out.value(self.committed_at)
         out.raw(b',"transaction":', 15)
@@ -191,7 +213,7 @@ cdef class Decoder:
             out.raw(b',"schema_version":', 18)
             out.value(plan.schema_version)
         out.raw(b"}\n", 2)
-        return out.take()
+        return 0
 
     def decode(self, data):
         """Decode one pgoutput message, as `PgOutputDecoder.decode` does."""

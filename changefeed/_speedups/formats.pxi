@@ -99,7 +99,8 @@ cdef class DeltaEncoder:
 
 @cython.final
 cdef class ChangeEncoder:
-    """``dumps_line(change.to_dict())``: the whole change as one JSON line."""
+    """`change_line`: the whole change (or another item a feed yields, such as a
+    `SnapshotState`) as the JSON line of its ``to_dict()``."""
 
     cdef JsonWriter out
 
@@ -108,8 +109,9 @@ cdef class ChangeEncoder:
         self.out = JsonWriter()
 
     def __call__(self, change):
-        found = PyDict_GetItem(OPERATION_NAMES, change.operation) \
-            if type(change) is Change else NULL
+        if type(change) is not Change:
+            return codec_dumps_line(change.to_dict())
+        found = PyDict_GetItem(OPERATION_NAMES, change.operation)
         new, old = change.new, change.old
         if found is NULL or not (new is None or type(new) is dict) \
                 or not (old is None or type(old) is dict):

@@ -10,8 +10,6 @@ cdef extern from "Python.h":
     void* PyUnicode_DATA(object text)
     Py_ssize_t PyUnicode_GET_LENGTH(object text)
     long long PyLong_AsLongLongAndOverflow(object value, int* overflow) except? -1
-    void* PyMem_Realloc(void* p, size_t n)
-    void PyMem_Free(void* p)
     int PyDateTime_GET_YEAR(object o)
     int PyDateTime_GET_MONTH(object o)
     int PyDateTime_GET_DAY(object o)
@@ -115,6 +113,29 @@ cdef class JsonWriter:
         result = PyBytes_FromStringAndSize(self.data, self.length)
         self.length = 0
         return result
+
+    cdef int hand_over(self, Lines lines) except -1:
+        """Give the text written so far to ``lines`` (no copy); start again with an empty
+        buffer of the same size (the next batch is likely as long)."""
+        cdef char* fresh = <char*>PyMem_Realloc(NULL, self.capacity)
+        if fresh is NULL:
+            raise MemoryError()
+        lines.data, lines.length = self.data, self.length
+        self.data, self.length = fresh, 0
+        return 0
+
+    cdef int position(self, uint64_t lsn, uint64_t index) except -1:
+        """A PostgreSQL position as its JSON string (``"0000000001A2B3C8:00000003"``)."""
+        self.reserve(48)
+        self.data[self.length] = b'"'
+        self.length += 1
+        self.length += write_hex(self.data + self.length, lsn, 16)
+        self.data[self.length] = b":"
+        self.length += 1
+        self.length += write_hex(self.data + self.length, index, 8)
+        self.data[self.length] = b'"'
+        self.length += 1
+        return 0
 
     cdef int utf8_string(self, const unsigned char* text, Py_ssize_t size) except -1:
         """A JSON string of UTF-8 ``text``, escaped as orjson escapes: quote, backslash and

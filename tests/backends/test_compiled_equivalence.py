@@ -26,16 +26,21 @@ from typing import Any
 
 import psycopg
 import pytest
+from clitools import run_cli
 from psycopg.types.multirange import Multirange
 from psycopg.types.range import Range
+from test_postgres_stream import NOTHING, keepalive, stream_of, xlogdata  # noqa: E402
 
 from changefeed import _speedups
 from changefeed.backends.postgres import connection
+from changefeed.backends.postgres.feed import PostgresChangeFeed
 from changefeed.backends.postgres.loading import psycopg_loaders
-from changefeed.backends.postgres.pgoutput import PgOutputDecoder
+from changefeed.backends.postgres.pgoutput import Commit, PgOutputDecoder
+from changefeed.backends.postgres.position import PgPosition
 from changefeed.backends.postgres.values import PostgresText
 from changefeed.change import ALL, Change, Operation
 from changefeed.formats import debezium
+from changefeed.formats.change_dict import change_line
 from changefeed.formats.codec import dumps_line
 from changefeed.formats.delta import delta_line_encoder
 from changefeed.message import Message
@@ -155,6 +160,9 @@ FIXED = [
     "ALTER TABLE altered RENAME TO renamed",
     "INSERT INTO renamed VALUES (4, 'four', 4)",
     "DELETE FROM renamed WHERE id = 1",
+    # one transaction of many rows: the direct path's batches of lines end by size too
+    "INSERT INTO scalars (i4, t, n) SELECT g, repeat('x', 300), g / 7.0"
+    " FROM generate_series(1, 2000) g",
     # truncates
     "TRUNCATE keyless, toasted",
     "TRUNCATE renamed CASCADE",
@@ -375,24 +383,91 @@ def test_the_direct_path_writes_the_lines_of_the_changes(stream, configuration, 
     lines (and positions) as decoding and then encoding gives."""
     dsn, messages = stream
     python, compiled = decoders(dsn, **CONFIGURATIONS[configuration])
-    compiled.kernel.set_line_format(fmt, model)
-    if fmt == "delta":
-        encode = delta_line_encoder.python_factory(model)
-    else:
-        def encode(change: Change) -> bytes:
-            return dumps_line(change.to_dict())
+    decode_lines = compiled.line_decoder(fmt, model)
+    encode = delta_line_encoder.python_factory(model) if fmt == "delta" else change_line
 
     encoded = 0
     for payload in messages:
         want = python.decode(payload)
-        have = compiled.kernel.encode(memoryview(payload))
+        have = decode_lines(memoryview(payload))
         if want.__class__ is Change:
-            assert type(have).__name__ == "Encoded"
-            assert (have.position, have.line) == (want.position, encode(want))
+            assert type(have) is _speedups.Lines
+            assert (have.count, have.lines(), have.position) == (1, [encode(want)], want.position)
+            assert type(have.position) is type(want.position)
+            assert bytes(have) == encode(want)
             encoded += 1
         else:
             assert same(want, have)
     assert encoded >= 10
+
+
+@pytest.mark.parametrize("configuration", CONFIGURATIONS)
+@pytest.mark.parametrize("fmt", ["delta", "change"])
+def test_the_feeds_direct_path_writes_the_same_lines_in_batches(stream, configuration, fmt):
+    """The stream loop's direct path: the compiled frame reader hands out a message, the line
+    decoder takes the row changes at hand after it from the reader too, into `Lines` batches
+    that end at any other message, when nothing more is at hand, or past a size; changes at
+    or before ``replay_after`` are left out. Every line and position must be what decoding
+    and encoding each message gives, and the loop's last change handed out the same."""
+    dsn, messages = stream
+    python, compiled = decoders(dsn, **CONFIGURATIONS[configuration])
+    encode = delta_line_encoder.python_factory() if fmt == "delta" else change_line
+    wanted = [event for event in map(python.decode, messages) if event.__class__ is Change]
+    replay_after = wanted[len(wanted) // 3].position  # delivered before: left out
+    script = []
+    for number, payload in enumerate(messages):
+        script.append(xlogdata(payload, start=number, wal_end=10**6 + number))
+        if number % 7 == 0:
+            script.append(keepalive(10**6, False))
+        if number % 11 == 0 and not 100 < number < 2500:  # (the big transaction's whole)
+            script.append(NOTHING)  # nothing more at hand for a moment: a batch ends
+    python, _ = decoders(dsn, **CONFIGURATIONS[configuration])
+    expected_lines, expected_positions, expected_last = [], [], []
+    last = None
+    for payload in messages:
+        event = python.decode(payload)
+        if event.__class__ is Change:
+            last = event.position
+            if event.position > replay_after:
+                expected_lines.append(encode(event))
+                expected_positions.append(event.position)
+        elif event.__class__ is Commit:
+            expected_last.append(last)
+            last = None
+
+    replication = stream_of(*script)
+    assert type(replication.frames) is _speedups.kernels.FrameReader
+    decode_lines = compiled.line_decoder(fmt, None, replication.frames, replay_after)
+    lines, positions, last_handed_out, batches = [], [], [], []
+    last = None
+    while replication.pgconn.script:
+        for payload in replication.frames:
+            if payload is None:
+                break
+            event = decode_lines(payload)
+            if type(event) is _speedups.Lines:
+                assert event.seen is not None
+                last = event.seen
+                if event.count:
+                    lines += event.lines()
+                    positions += event.positions()
+                    assert event.position == positions[-1] and bytes(event) == b"".join(
+                        event.lines())
+                    batches.append(event)
+            elif event.__class__ is Commit:
+                last_handed_out.append(last)
+                last = None
+    assert lines == expected_lines
+    assert positions == expected_positions and all(type(p) is PgPosition for p in positions)
+    assert last_handed_out == expected_last
+    assert len(batches) < len(lines) and min(batch.count for batch in batches) == 1
+    if not CONFIGURATIONS[configuration].get("operation", ALL) & Operation.INSERT:
+        return  # the big transaction is all inserts
+    assert max(batch.count for batch in batches) > 50
+    assert max(batch.nbytes for batch in batches) < 70_000  # 64 KB and the line past it
+    big = max(batches, key=lambda batch: batch.count)
+    head = big.head(3)
+    assert (head.lines(), head.position, head.count) == (big.lines()[:3], big.positions()[2], 3)
 
 
 def test_the_workload_covers_what_it_claims(stream):
@@ -441,3 +516,60 @@ def test_the_kernel_parses_json_itself(stream, monkeypatch):
     assert [row for row in rows if row["jb"] == {"x": 1}], "no jsonb {'x': 1} parsed"
     assert [row for row in rows if type(row["jb"]) is list and row["jb"]
             and type(row["jb"][0]).__name__ == "JsonDecimal"], "no jsonb number parsed"
+
+
+@pytest.mark.parametrize("fmt", ["delta", "change"])
+def test_changefeed_run_writes_the_same_lines_on_both_paths(pg_dsn, pg, tmp_path, fmt):
+    """A whole ``changefeed run``, frames to stdout: the compiled direct path (batches of
+    lines) and the pure-Python path write the same bytes, also when a run stops at a limit in
+    the middle of a transaction and the next resumes from its checkpoint (the direct path
+    leaves out what was delivered), with messages among the changes and unchanged TOASTed
+    values."""
+    pg.execute("CREATE TABLE t (id int PRIMARY KEY, note text, big text)")
+    pg.execute("CREATE PUBLICATION direct FOR TABLE t")
+    pg.execute("SELECT pg_create_logical_replication_slot('template', 'pgoutput')")
+    with pg.transaction():
+        pg.execute(f"INSERT INTO t SELECT g, 'row ' || g, CASE WHEN g % 100 = 0 THEN {BIG} END"
+                   " FROM generate_series(1, 3000) g")
+        pg.execute("SELECT pg_logical_emit_message(true, 'app', 'in the transaction')")
+    pg.execute("UPDATE t SET note = 'toasted' WHERE id % 100 = 0")  # big stays unchanged
+    pg.execute("SELECT pg_logical_emit_message(false, 'app', 'alone')")
+    for number in range(1, 30):  # single-row transactions
+        pg.execute("DELETE FROM t WHERE id = %s", [number])
+    items = 3000 + 1 + 30 + 1 + 29
+    outputs = {}
+    for implementation in ("python", "c"):
+        slot, checkpoint = f"copy_{implementation}", str(tmp_path / f"{implementation}.json")
+        pg.execute("SELECT pg_copy_logical_replication_slot('template', %s)", [slot])
+        common = ["run", "t", "--url", pg_dsn, "--slot", slot, "--publication", "direct",
+                  "--format", fmt, "--messages", "app", "--checkpoint", checkpoint, "--quiet"]
+        environment = {"CHANGEFEED_IMPL": implementation}
+        first = run_cli(*common, "--limit", "1234", env=environment)
+        rest = run_cli(*common, "--until-idle", "2", env=environment)
+        assert first.returncode == rest.returncode == 0, first.stderr + rest.stderr
+        outputs[implementation] = first.stdout + rest.stdout
+    assert outputs["c"] == outputs["python"]
+    assert len(outputs["c"].splitlines()) == items
+
+
+def test_the_feed_hands_out_batches_of_lines_when_asked(pg_dsn, pg):
+    """`prefer_lines`: where the extension is built, the PostgreSQL feed hands out `Lines`
+    for the formats the kernel writes (delta, change), and a limit cuts a batch."""
+    pg.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    assert not PostgresChangeFeed("t", connection=pg_dsn).prefer_lines("debezium")
+    feed = PostgresChangeFeed("t", connection=pg_dsn)
+    assert feed.prefer_lines("delta")
+    assert list(feed.changes(timeout=0.2)) == []  # the slot exists from here on
+    pg.execute("INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 500) g")
+    changes = feed.changes(limit=300, timeout=20)
+    items = [next(changes)]
+    assert feed._stream.frames.reads_libpq  # with libpq itself, not through psycopg's call
+    items += changes
+    feed.close()
+    assert {type(item) for item in items} == {_speedups.Lines}
+    assert sum(item.count for item in items) == 300 and len(items) < 300
+    encode = delta_line_encoder.python_factory()
+    assert b"".join(map(bytes, items)) == b"".join(
+        encode(Change(Operation.INSERT, "public.t", {"id": g, "v": f"v{g}"}))
+        for g in range(1, 301))
+    assert items[-1].position.index == 299
