@@ -344,20 +344,39 @@ class LineOutput(Output):
     returning freed memory to the system and asking for it again). The buffer is flushed when
     the source goes idle and per `FLUSH_BYTES`; a flush confirms the lines written before it.
     A batch of lines the feed wrote itself (`ChangeFeed.prefer_lines`) is written as it is.
+    ``keep``: a `Change` it returns False for is handled without a line (the feed's ``where``
+    on what the feed could not judge itself).
     """
 
     def __init__(
-        self, out: BinaryIO, encode: Callable[[Any], bytes], flush_bytes: int = FLUSH_BYTES
+        self, out: BinaryIO, encode: Callable[[Any], bytes], flush_bytes: int = FLUSH_BYTES,
+        keep: Callable[[Change], bool] | None = None,
     ) -> None:
         self.out = out
         self.encode = encode
         self.flush_bytes = flush_bytes
+        self.keep = keep
 
     def open(self) -> None:
         # `put` runs once per change: as a closure over locals it costs a third of what a
         # method reading the same state from ``self`` costs (measured with decode_cost.py).
         out, write, encode, flush_bytes = self.out, self.out.write, self.encode, self.flush_bytes
         confirm = self.confirm
+        keep = self.keep
+        if keep is not None:
+            encode_any = encode
+
+            def encode(change: Any) -> bytes:
+                if change.__class__ is Change:
+                    try:
+                        kept = keep(change)
+                    except BaseException:
+                        flush()  # what came before is delivered, as a pipeline's sink does
+                        raise
+                    if not kept:
+                        return b""
+                return encode_any(change)
+
         size = written = 0
         last: Any = None
 

@@ -141,13 +141,17 @@ class ChangeFeed(Node):
     def close(self) -> None:
         """Release the backend's connections. The feed may be iterated again afterwards."""
 
-    def prefer_lines(self, fmt: str, model: Any = None) -> bool:
+    def prefer_lines(self, fmt: str, model: Any = None, where: list[Any] | None = None) -> bool:
         """Ask the feed to hand out row changes as their output lines of format ``fmt`` (with
         the delta ``model``), batched (`changefeed._speedups.Lines`), instead of `Change`
         objects, where the backend can write them itself; True if it may. For a reader that
         writes those lines and needs nothing else of a change (``changefeed run`` without
         stages, through `LineOutput`), which must still take any other item as it comes.
-        Default: False (the PostgreSQL backend's compiled path says yes)."""
+
+        ``where`` (a Snorky filter, checked): a change whose row does not match gets no line
+        but counts in its batch, as a change handled; one the backend cannot judge comes as
+        its `Change`, for the reader's own filter. Default: False (the PostgreSQL backend's
+        compiled path says yes)."""
         return False
 
     def keep_alive(self) -> None:

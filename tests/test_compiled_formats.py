@@ -48,6 +48,9 @@ def random_value(rng: random.Random, depth: int = 0) -> Any:
         lambda: rng.uniform(-1e300, 1e300), lambda: rng.choice([0.1, -0.0, 1e16, 1e-7]),
         lambda: NonFiniteFloat(rng.choice(["nan", "inf", "-inf"])),
         lambda: "".join(rng.choice('ab"\\\n\t\x00\x1f\x7fé€😀\u2028/') for _ in range(8)),
+        # long runs of plain text with a character to escape anywhere (or none)
+        lambda: "".join(rng.choice("plain text 0123456789" if rng.random() < 0.93 else
+                                   '"\\\n\x01\x1fé😀') for _ in range(rng.randint(0, 40))),
         lambda: rng.choice(["\ud800", "x\udfffy"]),
         lambda: Decimal(rng.choice(["1.50", "-0.0000001", "NaN", "-Infinity", "1E+5", "0E-9"])),
         lambda: JsonDecimal("2.50"),

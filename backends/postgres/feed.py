@@ -148,7 +148,7 @@ class PostgresChangeFeed(ChangeFeed):
         self._sql: psycopg.Connection | None = None
         self._replication: psycopg.Connection | None = None
         self._stream: ReplicationStream | None = None  # while START_REPLICATION runs
-        self._line_format: tuple[str, Any] | None = None  # see `prefer_lines`
+        self._line_format: tuple[str, Any, Any] | None = None  # see `prefer_lines`
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -261,8 +261,9 @@ class PostgresChangeFeed(ChangeFeed):
         # and written in C; `Change` objects still while a back-fill needs to see them.
         decode_lines = None
         if self._line_format is not None:
+            fmt, model, where = self._line_format
             decode_lines = decoder.line_decoder(
-                *self._line_format, frames=stream.frames, replay_after=skip_until)
+                fmt, model, frames=stream.frames, replay_after=skip_until, where=where)
 
         def decoding(observe: Any) -> Callable[[Any], Any]:
             return decode_changes if observe is not None or decode_lines is None else decode_lines
@@ -361,14 +362,14 @@ class PostgresChangeFeed(ChangeFeed):
 
     # -- what the consumer drives --------------------------------------------------------------
 
-    def prefer_lines(self, fmt: str, model: Any = None) -> bool:
+    def prefer_lines(self, fmt: str, model: Any = None, where: list[Any] | None = None) -> bool:
         """Hand out row changes as batches of their ``fmt`` lines where the compiled path is
-        built (see `ChangeFeed.prefer_lines`): decoded and written in C straight from the
-        stream's bytes, many to a Python call. A back-fill in progress still gets `Change`
-        objects (and so does the reader, then)."""
+        built (see `ChangeFeed.prefer_lines`): decoded, filtered and written in C straight
+        from the stream's bytes, many to a Python call. A back-fill in progress still gets
+        `Change` objects (and so does the reader, then)."""
         if kernels is None or fmt not in LINE_FORMATS:
             return False
-        self._line_format = (fmt, model)
+        self._line_format = (fmt, model, where)
         return True
 
     def keep_alive(self) -> None:

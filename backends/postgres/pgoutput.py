@@ -357,12 +357,13 @@ class PgOutputDecoder:
 
     def line_decoder(
         self, fmt: str, model: Any = None, frames: Any = None,
-        replay_after: PgPosition | None = None,
+        replay_after: PgPosition | None = None, where: list[Any] | None = None,
     ) -> Callable[[Any], Any] | None:
         """A `decode` that gives row changes as their output lines of format ``fmt`` (the
         compiled path's `Lines` batches, taking the row changes at hand from ``frames`` too,
-        and leaving out those at or before ``replay_after``), or None where this decoder cannot
-        write them: the pure-Python one never does (its changes go to the format's encoder)."""
+        leaving out those at or before ``replay_after``, and without a line for a row that
+        does not match the filter ``where``), or None where this decoder cannot write them:
+        the pure-Python one never does (its changes go to the format's encoder)."""
         return None
 
     def _truncate(self, data: bytes) -> Truncate:

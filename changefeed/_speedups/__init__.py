@@ -117,13 +117,14 @@ def decoder_class(python_class: type) -> type:
                 self.next_position = kernel.next_position  # type: ignore[method-assign]
 
         def line_decoder(self, fmt: str, model: Any = None, frames: Any = None,
-                         replay_after: Any = None) -> Callable[[Any], Any] | None:
+                         replay_after: Any = None,
+                         where: Any = None) -> Callable[[Any], Any] | None:
             kernel = getattr(self, "kernel", None)
             if kernel is None or fmt not in LINE_FORMATS:
                 return None
             if type(frames) is not kernels.FrameReader:  # type: ignore[union-attr]
                 frames = None  # one message at a time
-            kernel.set_line_format(fmt, model, frames, replay_after)
+            kernel.set_line_format(fmt, model, frames, replay_after, where)
             return kernel.encode  # type: ignore[no-any-return]
 
         line_decoder.__doc__ = python_class.line_decoder.__doc__

@@ -10,6 +10,7 @@ cdef enum:
 
 cdef enum:
     BATCH_BYTES = 65536  # a batch of lines ends past this many bytes (memory stays flat)
+    HAND_OUT = 1  # `Decoder.encode_row`: this change goes out as a `Change`
 
 
 @cython.final
@@ -24,6 +25,9 @@ cdef class Decoder:
     cdef uint64_t final_lsn, index
     cdef object committed_at, xid
     cdef tuple message_prefixes
+    # The change lines' parts common to a transaction (made at its first line): up to the
+    # position's index, and from after it to the snapshot flag
+    cdef bytes transaction_position, transaction_tail
     # The direct path (`encode`): which lines, the encoders of the changes it leaves to them,
     # where more row changes come from, and which were delivered before
     cdef int line_format
@@ -31,6 +35,7 @@ cdef class Decoder:
     cdef ChangeEncoder change_encoder
     cdef JsonWriter out, old_row
     cdef FrameReader frames
+    cdef object where  # a row filter (Snorky's list form) the lines are kept by, or None
     cdef bint skipping
     cdef uint64_t skip_lsn, skip_index
 
@@ -60,14 +65,19 @@ cdef class Decoder:
         self.xid = None
         self.line_format = LINES_NONE
 
-    def set_line_format(self, fmt, model=None, frames=None, replay_after=None):
+    def set_line_format(self, fmt, model=None, frames=None, replay_after=None, where=None):
         """Make `encode` write the lines of ``fmt``: ``"delta"`` (with ``model`` as for
         `delta_line_encoder`) or ``"change"``. ``frames`` (a `FrameReader`): take the row
         changes that follow at hand from there into the same batch. ``replay_after`` (a
-        `PgPosition`): leave out the changes at or before it (delivered before)."""
+        `PgPosition`): leave out the changes at or before it (delivered before). ``where`` (a
+        Snorky filter, checked): a change whose row does not match it gets no line (it still
+        counts in its batch, as a change handled); one the kernel cannot judge comes as its
+        `Change`, for the caller's own filter."""
         bind_formats()
-        for plan in self.plans.values():  # lines of another model
+        for plan in self.plans.values():  # lines of another model, another filter
             (<RelationPlan>plan).delta_start = None
+            (<RelationPlan>plan).matcher = None
+        self.where = where
         if fmt == "delta":
             self.line_format = LINES_DELTA
             self.delta_encoder = DeltaEncoder(model)
@@ -99,11 +109,18 @@ cdef class Decoder:
         cdef Lines lines = new_lines(self.final_lsn, self.committed_at)
         cdef JsonWriter out = self.out
         cdef FrameReader frames = self.frames
+        cdef uint64_t index = self.index
         out.length = 0  # what a failed call left
-        self.encode_row(lines, p, size)
+        if self.encode_row(lines, p, size) == HAND_OUT:
+            self.index = index
+            return self.decode(data)  # the change itself, for the caller's filter
         if frames is not None:
             while out.length < BATCH_BYTES and frames.next_row():
-                self.encode_row(lines, frames.payload, frames.payload_size)
+                index = self.index
+                if self.encode_row(lines, frames.payload, frames.payload_size) == HAND_OUT:
+                    self.index = index  # it comes again, first of the next call
+                    frames.put_back = True
+                    break
         if lines.count == 0 and not lines.any_seen:
             out.length = 0
             return None
@@ -112,7 +129,9 @@ cdef class Decoder:
 
     cdef int encode_row(self, Lines lines, const unsigned char* p, Py_ssize_t size) except -1:
         """Append the line of the row change at ``p`` to ``lines`` (if wanted, watched and not
-        delivered before), as `decode` and the format's encoder would make it."""
+        delivered before), as `decode` and the format's encoder would make it; no line if the
+        row does not match the filter. HAND_OUT (nothing appended) for a change the filter
+        cannot judge here: the caller hands out its `Change`."""
         cdef unsigned char kind = p[0]
         cdef uint64_t index = self.index
         cdef JsonWriter out = self.out
@@ -125,14 +144,28 @@ cdef class Decoder:
         self.index = index + 1
         if plan is None:
             return 0
-        lines.any_seen, lines.seen_index = True, index
         if self.skipping and (self.final_lsn < self.skip_lsn or (
                 self.final_lsn == self.skip_lsn and index <= self.skip_index)):
+            lines.any_seen, lines.seen_index = True, index
             return 0
+        cdef int verdict
         if self.write_line(out, plan, p, size, index) == 0:
+            if self.where is not None:
+                if plan.matcher is None:
+                    plan.matcher = RowMatcher(self.where, plan)
+                verdict = (<RowMatcher>plan.matcher).matches(p, kind == b"D" and p[5] == b"K")
+                if verdict == UNDECIDED:
+                    out.length = start
+                    return HAND_OUT
+                if verdict == 0:
+                    out.length = start  # handled, without a line
+            lines.any_seen, lines.seen_index = True, index
             return lines.add(out.length, index)
         # Unchanged TOASTed values: through a Change, which knows what to do with them.
         out.length = start
+        if self.where is not None:
+            return HAND_OUT
+        lines.any_seen, lines.seen_index = True, index
         self.index = index
         change = self.insert(p, size) if kind == b"I" else (
             self.update(p, size) if kind == b"U" else self.delete(p, size))
@@ -183,10 +216,8 @@ cdef class Decoder:
                 plan.write_row(out, p, kind == b"D" and old_is_key)
             out.raw(b"}\n", 2)
             return 0
-        out.bytes_(<bytes>PyDict_GetItem(
-            OPERATION_NAMES, INSERT if kind == b"I" else (UPDATE if kind == b"U" else DELETE)))
-        out.value(plan.table)
-        out.raw(b',"key":', 7)
+        starts = plan.change_starts()
+        out.bytes_(<bytes>starts[0 if kind == b"I" else (1 if kind == b"U" else 2)])
         plan.write_row(out, p, True)
         out.raw(b',"new":', 7)
         if kind == b"D":
@@ -202,17 +233,27 @@ cdef class Decoder:
             out.raw(old_row.data, old_row.length)
         else:
             plan.write_row(out, p, True)
+        if self.transaction_position is None:
+            self.transaction_parts()
+        out.bytes_(self.transaction_position)
+        out.hex8(index)
+        out.bytes_(self.transaction_tail)
+        out.bytes_(plan.change_end)
+        return 0
+
+    cdef int transaction_parts(self) except -1:
+        """``,"position":"<LSN>:`` and ``","committed_at":..,"transaction":..,"snapshot":false``
+        of the transaction's change lines."""
+        cdef JsonWriter out = JsonWriter()
         out.raw(b',"position":', 12)
-        out.position(self.final_lsn, index)
-        out.raw(b',"committed_at":', 16)
+        out.position(self.final_lsn, 0)
+        self.transaction_position = out.take()[:12 + 18]  # up to the index's 8 digits
+        out.raw(b'","committed_at":', 17)
         out.value(self.committed_at)
         out.raw(b',"transaction":', 15)
         out.value(self.xid)
         out.raw(b',"snapshot":false', 17)
-        if plan.schema_version is not None:
-            out.raw(b',"schema_version":', 18)
-            out.value(plan.schema_version)
-        out.raw(b"}\n", 2)
+        self.transaction_tail = out.take()
         return 0
 
     def decode(self, data):
@@ -237,6 +278,7 @@ cdef class Decoder:
             self.xid = read_u32(p + 17)
             self.in_transaction = True
             self.index = 0
+            self.transaction_position = None
             return Begin(self.final_lsn, self.committed_at, self.xid)
         if kind == b"C":
             check_size(size, 26, kind)

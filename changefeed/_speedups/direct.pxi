@@ -115,7 +115,7 @@ cdef int write_text_value(JsonWriter out, int kind, const char* p, Py_ssize_t n)
         out.char_(b'"')
         out.raw(p, 10)
         out.char_(b"T")
-        out.clock(hour, minute, second, microsecond)
+        out.clock_text(p + 11, n - 11, microsecond)
         if kind == KIND_TIMESTAMPTZ:
             out.raw(b"+00:00", 6)
         out.char_(b'"')
@@ -132,7 +132,7 @@ cdef int write_text_value(JsonWriter out, int kind, const char* p, Py_ssize_t n)
         if read_clock(p, n, &hour, &minute, &second, &microsecond) < 0:
             return 1
         out.char_(b'"')
-        out.clock(hour, minute, second, microsecond)
+        out.clock_text(p, n, microsecond)
         out.char_(b'"')
         return 0
     if kind == KIND_UUID:

@@ -4,7 +4,9 @@
 # whatever is unusual (another operation, a MongoDB change) goes to that code.
 
 cdef object delta_module, debezium_module, time_module, codec_dumps, codec_dumps_line
-cdef object OPERATION_NAMES = {}
+cdef bytes OPERATION_INSERT = b'{"operation":"insert","table":'
+cdef bytes OPERATION_UPDATE = b'{"operation":"update","table":'
+cdef bytes OPERATION_DELETE = b'{"operation":"delete","table":'
 
 
 cdef int bind_formats() except -1:
@@ -19,9 +21,6 @@ cdef int bind_formats() except -1:
 
     delta_module, debezium_module, time_module = delta, debezium, time
     codec_dumps, codec_dumps_line = codec.dumps, codec.dumps_line
-    OPERATION_NAMES.update({INSERT: b'{"operation":"insert","table":',
-                            UPDATE: b'{"operation":"update","table":',
-                            DELETE: b'{"operation":"delete","table":'})
     return 0
 
 
@@ -111,7 +110,13 @@ cdef class ChangeEncoder:
     def __call__(self, change):
         if type(change) is not Change:
             return codec_dumps_line(change.to_dict())
-        found = PyDict_GetItem(OPERATION_NAMES, change.operation)
+        operation = change_field(change, 0)
+        # (by identity: an operation's hash is a Python call)
+        found = <PyObject*>(OPERATION_INSERT if operation is INSERT else (
+            OPERATION_UPDATE if operation is UPDATE else (
+                OPERATION_DELETE if operation is DELETE else None)))
+        if <object>found is None:
+            found = NULL
         new, old = change.new, change.old
         if found is NULL or not (new is None or type(new) is dict) \
                 or not (old is None or type(old) is dict):

@@ -26,6 +26,32 @@ cdef object orjson_dumps, orjson_error, json_default, JSON_OPTIONS, JSON_NON_STR
 cdef object datetime_type, date_type, time_type
 cdef const char* BASE64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 cdef const char* LOWER_HEX = b"0123456789abcdef"
+cdef char HEX_PAIRS[512]  # "00" to "FF", upper case
+for _byte in range(256):
+    HEX_PAIRS[2 * _byte] = HEX_DIGITS[_byte >> 4]
+    HEX_PAIRS[2 * _byte + 1] = HEX_DIGITS[_byte & 15]
+
+
+cdef inline Py_ssize_t plain_prefix(const unsigned char* text, Py_ssize_t size) noexcept nogil:
+    """How many bytes at ``text`` need no escaping in JSON (no quote, backslash or control
+    character; bytes of UTF-8 sequences need none either): 8 at a time."""
+    cdef Py_ssize_t i = 0
+    cdef uint64_t word, below_space, quote, backslash
+    while i + 8 <= size:
+        memcpy(&word, text + i, 8)
+        below_space = (word - 0x2020202020202020ULL) & ~word
+        quote = word ^ 0x2222222222222222ULL
+        quote = (quote - 0x0101010101010101ULL) & ~quote
+        backslash = word ^ 0x5C5C5C5C5C5C5C5CULL
+        backslash = (backslash - 0x0101010101010101ULL) & ~backslash
+        if (below_space | quote | backslash) & 0x8080808080808080ULL:
+            break
+        i += 8
+    while i < size:
+        if text[i] < 0x20 or text[i] == b'"' or text[i] == b"\\":
+            break
+        i += 1
+    return i
 
 
 cdef int bind_json() except -1:
@@ -124,6 +150,21 @@ cdef class JsonWriter:
         self.data, self.length = fresh, 0
         return 0
 
+    cdef inline int hex8(self, uint64_t value) except -1:
+        """``value`` as 8 upper-case hex digits (a position's index)."""
+        if value > 0xFFFFFFFF:
+            self.reserve(16)
+            self.length += write_hex(self.data + self.length, value, 8)
+            return 0
+        self.reserve(8)
+        cdef char* at = self.data + self.length
+        cdef int i
+        for i in range(6, -1, -2):
+            memcpy(at + i, HEX_PAIRS + 2 * (value & 255), 2)
+            value >>= 8
+        self.length += 8
+        return 0
+
     cdef int position(self, uint64_t lsn, uint64_t index) except -1:
         """A PostgreSQL position as its JSON string (``"0000000001A2B3C8:00000003"``)."""
         self.reserve(48)
@@ -145,7 +186,13 @@ cdef class JsonWriter:
         self.reserve(size + 2)
         self.data[self.length] = b'"'
         self.length += 1
-        for i in range(size):
+        i = plain_prefix(text, size)
+        if i == size:  # the common case: nothing to escape
+            memcpy(self.data + self.length, text, size)
+            self.data[self.length + size] = b'"'
+            self.length += size + 1
+            return 0
+        for i in range(i, size):
             c = text[i]
             if c >= 0x20 and c != b'"' and c != b"\\":
                 continue
@@ -213,6 +260,22 @@ cdef class JsonWriter:
             self.data[self.length + i] = <char>(48 + value % 10)
             value //= 10
         self.length += count
+        return 0
+
+    cdef int clock_text(self, const char* p, Py_ssize_t n, int microsecond) except -1:
+        """PostgreSQL's ``HH:MM:SS[.f]`` (checked by `read_clock`, whose ``microsecond`` it
+        gave) as Python's isoformat writes the time: six fraction digits, or none for 0."""
+        cdef Py_ssize_t digits = n - 9
+        self.reserve(15)
+        memcpy(self.data + self.length, p, 8)
+        self.length += 8
+        if microsecond:
+            memcpy(self.data + self.length, p + 8, n - 8)
+            self.length += n - 8
+            while digits < 6:
+                self.data[self.length] = b"0"
+                self.length += 1
+                digits += 1
         return 0
 
     cdef int clock(self, int hour, int minute, int second, int microsecond) except -1:

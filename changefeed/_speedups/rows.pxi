@@ -19,6 +19,9 @@ cdef class RelationPlan:
     cdef list python_loaders  # per column: (fast load, tolerant load), made when first needed
     cdef list name_prefixes  # per column: its name in JSON and a colon
     cdef tuple delta_start  # the table's delta lines up to their row (`DeltaEncoder.start`)
+    cdef tuple change_start  # the table's change lines up to the key, per operation (I, U, D)
+    cdef bytes change_end  # and from after the snapshot flag
+    cdef object matcher  # the direct path's row filter for this table (`RowMatcher`), if any
     # The results of `parse_tuple` and `decode_row`:
     cdef bint any_unchanged
     cdef dict row, key
@@ -142,6 +145,22 @@ cdef class RelationPlan:
             out.bytes_(<bytes>self.name_prefixes[i])
             self.write_value(out, i, data)
         return out.char_(b"}")
+
+    cdef inline tuple change_starts(self):
+        """``{"operation":"insert","table":"public.t","key":`` and the same for updates and
+        deletes; and `change_end`, the end of the line: the schema version if any."""
+        if self.change_start is None:
+            self.make_change_parts()
+        return self.change_start
+
+    cdef int make_change_parts(self) except -1:
+        table = python_dumps(self.table)
+        self.change_start = (b'{"operation":"insert","table":' + table + b',"key":',
+                             b'{"operation":"update","table":' + table + b',"key":',
+                             b'{"operation":"delete","table":' + table + b',"key":')
+        self.change_end = (b',"schema_version":' + python_dumps(self.schema_version)
+                           if self.schema_version is not None else b"") + b"}\n"
+        return 0
 
     cdef int write_value(self, JsonWriter out, Py_ssize_t i, const unsigned char* data) except -1:
         cdef Py_ssize_t start = self.starts[i]

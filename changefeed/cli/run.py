@@ -40,6 +40,7 @@ from changefeed.delivery import (
 from changefeed.feed import ChangeFeed
 from changefeed.formats.codec import dumps_line
 from changefeed.formats.registry import FORMAT_NAMES, FORMATS, FormatOptions, format_named
+from changefeed.pipelines.where_expressions import parse_where, row_keeper
 from changefeed.preflight import check_writable
 from changefeed.registry import get_changefeed, is_postgresql_url
 
@@ -140,6 +141,10 @@ def make_feed(options: RunOptions, feed_options: dict[str, Any]) -> ChangeFeed:
 
 def make_output(feed: ChangeFeed, options: RunOptions) -> Output:
     """Where ``changefeed run`` delivers: the pipeline of its options, or JSON lines to stdout."""
+    keep = _filtered_by_the_feed(feed, options)
+    if keep is not None:
+        return LineOutput(buffered_stdout(), encoder(options.fmt, options.model, options.url),
+                          keep=keep)
     if options.pipeline_wanted:
         return build_cli_pipeline(
             feed, where=options.where, filter=options.filter, stages=options.stages,
@@ -297,6 +302,22 @@ def _parse_models(values: tuple[str, ...]) -> str | dict[str, str] | None:
     if default is not None:
         per_table["*"] = default
     return per_table
+
+
+def _filtered_by_the_feed(feed: ChangeFeed, options: RunOptions) -> Callable[[Any], bool] | None:
+    """With ``--where`` and nothing else of a pipeline (stdout, no other stage, no dead
+    letters), a feed that can filter and write the lines itself does (the PostgreSQL backend's
+    compiled path: no Python call per change); then the function deciding the changes it could
+    not judge, else None (a pipeline runs). ``--processes`` changes nothing then: no stage is
+    left to run elsewhere."""
+    if not options.where or options.filter or options.stages or options.sink != "-" \
+            or options.dead_letter or options.messages:
+        return None
+    with blame("where"):
+        expression = parse_where(options.where)
+    if not feed.prefer_lines(options.fmt, options.model, where=expression):
+        return None
+    return row_keeper(expression)
 
 
 def encoder(
