@@ -69,7 +69,7 @@ def spec(name: str, dsn: str, slot: str, limit: int, fmt: str = "delta") -> dict
     return {"name": name, "source": {"kind": "database"}, "secrets": [], "options": {
         "tables": ["bench"], "url": dsn, "ops": ["insert", "delete", "update"], "prefeed": None,
         "fmt": fmt, "model": None, "exclude": [], "chunk_size": None, "slot": slot,
-        "publication": "bench", "checkpoint": None, "limit": limit, "until_idle": None,
+        "publication": "bench", "checkpoint": None, "limit": limit, "idle_timeout": None,
         "where": None, "filter": None, "stages": [], "sink": "/dev/null", "dead_letter": None,
         "processes": False, "messages": [], "quiet": True}}
 
@@ -165,7 +165,7 @@ def meter_cost(kind: str, changes: int) -> None:
 
     from changefeed.delivery import deliver
     from changefeed.pipelines import JsonLinesSink, Pipeline, to_delta
-    from changefeed.serve.pipelines.meters import MeasuredOutput, MeasuredSink, SinkMeter, labeling
+    from changefeed.serve.pipelines.meters import Labeling, MeasuredOutput, MeasuredSink, SinkMeter
     from changefeed.testing import MemoryFeed, insert
 
     now = datetime.now(timezone.utc)
@@ -177,7 +177,7 @@ def meter_cost(kind: str, changes: int) -> None:
     if kind == "plain":
         output = Pipeline(feed, [to_delta()], sink=sink).output()
     else:
-        output = MeasuredOutput(Pipeline(feed, [labeling(to_delta())],
+        output = MeasuredOutput(Pipeline(feed, [Labeling(to_delta())],
                                          sink=MeasuredSink(sink, SinkMeter())).output())
     assert deliver(feed, output).count == changes
 

@@ -15,8 +15,10 @@ from typing import Any
 
 from changefeed.errors import ConfigurationError
 
-Position = Any
-"""A backend's resume position: JSON-serialisable, ordered within one feed."""
+Position = str | int | dict[str, Any] | None
+"""A backend's resume position: JSON-serialisable, ordered within one feed. PostgreSQL's is a
+`PgPosition` (a str: commit LSN and index), MongoDB's a resume token (a dict), a Redis stream's
+or a Kafka record's a str, `changefeed.testing.MemoryFeed`'s an int; None: none yet."""
 
 
 class Operation(enum.IntFlag):
@@ -116,7 +118,7 @@ class Change:
     schema_version: str | None = None
 
     def __init__(
-        self,
+        self: Any,  # a _ChangeFields while it is filled in (below): plain attribute stores
         operation: Operation,
         table: str,
         new: dict[str, Any] | None,

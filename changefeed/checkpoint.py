@@ -3,11 +3,14 @@
 A store maps a feed id to one position. `MemoryCheckpoint` is for tests and for backends
 that keep their own progress (a PostgreSQL slot remembers its confirmed position on the
 server); `FileCheckpoint` survives crashes: it writes a temporary file, fsyncs it and
-renames it over the old one, so a reader sees either the old or the new position, never half.
+renames it over the old one, so a reader sees either the old or the new position, never half;
+a save that fails (a full disk) raises `CheckpointError` and leaves the last saved positions
+(a directory that is missing or not writable is a `ConfigurationError`).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -16,7 +19,15 @@ from typing import Protocol
 import orjson
 
 from changefeed.change import Position
-from changefeed.errors import ConfigurationError
+from changefeed.errors import ChangefeedError, ConfigurationError
+from changefeed.linefiles import describe_os_error
+
+_SETUP_ERRORS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.EISDIR})
+
+
+class CheckpointError(ChangefeedError):
+    """A checkpoint could not be saved (a full disk, a quota, an I/O error): the run stops, since
+    it could no longer record what it delivered."""
 
 
 class CheckpointStore(Protocol):
@@ -71,15 +82,27 @@ class FileCheckpoint:
         return self._positions.get(feed_id)
 
     def save(self, feed_id: str, position: Position) -> None:
+        """Write every position to a temporary file, fsync it, rename it over the file, fsync
+        the directory. Raises `CheckpointError` (one line) if any step fails (a full disk, a
+        quota, an I/O error): the file then still holds the positions of the last save."""
+        previous = dict(self._positions)
         self._positions[feed_id] = position
-        data = orjson.dumps(self._positions, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
-        directory = self.path.parent
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=directory)
+            self._write(orjson.dumps(self._positions,
+                                     option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
         except OSError as exc:
-            raise ConfigurationError(
-                f"cannot write checkpoint {self.path}: {exc.strerror}"
+            self._positions = previous
+            if exc.errno in _SETUP_ERRORS:  # a directory missing or not ours: fix and rerun
+                raise ConfigurationError(
+                    f"cannot write checkpoint {self.path}: {exc.strerror}") from exc
+            raise CheckpointError(
+                f"cannot save checkpoint {self.path}: {describe_os_error(exc)}; it keeps the"
+                " last position saved, and what came after it comes again on the next run"
             ) from exc
+
+    def _write(self, data: bytes) -> None:
+        directory = self.path.parent
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=directory)
         try:
             with os.fdopen(fd, "wb") as file:
                 file.write(data)

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, cast
 
 from changefeed._speedups import Lines
 from changefeed.change import Change, Position
@@ -58,7 +58,8 @@ class FeedStats:
 
 
 class Feed(Protocol):
-    """What delivery reads and acknowledges: `changefeed.feed.ChangeFeed` is one."""
+    """What delivery reads and acknowledges, and a `Pipeline` stops: `changefeed.feed.ChangeFeed`
+    is one."""
 
     stopping: bool
     stats: FeedStats
@@ -70,6 +71,8 @@ class Feed(Protocol):
     def keep_alive(self) -> None: ...
 
     def close(self) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 class StopTimeout(Exception):
@@ -413,7 +416,7 @@ def buffered_stdout() -> BinaryIO:
     ``sys.stdout.buffer`` a raw file: one system call per line)."""
     stdout = sys.stdout.buffer
     if isinstance(stdout, io.BufferedIOBase):
-        return stdout
+        return cast(BinaryIO, stdout)  # it was one before the check narrowed it
     return io.BufferedWriter(io.FileIO(sys.stdout.fileno(), "wb", closefd=False))
 
 

@@ -4,6 +4,11 @@
 loopback port with ``wal_level=logical``, and removes everything on exit. PostgreSQL refuses to
 run as root, so when we are root the cluster belongs to an unprivileged user (``nobody`` unless
 ``CHANGEFEED_PG_USER`` names another) and the server runs as that user.
+
+``pg_ctl`` detaches the server from us, so a process killed before its ``destroy()`` (``kill
+-9``, a crash) would leave a server running and its directory behind forever. A guard (a small
+Python process of its own session, `_GUARD`) holds the read end of a pipe whose write end only
+we hold: its EOF, however we end, makes it stop the server and remove the directory.
 """
 
 from __future__ import annotations
@@ -14,11 +19,27 @@ import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from changefeed.errors import ConfigurationError
+
+_GUARD = """
+import os, shutil, subprocess, sys
+pg_ctl, datadir, directory, owner = sys.argv[1:5]
+while os.read(0, 4096):  # nothing is written: only the EOF of the creator's end matters
+    pass
+if os.path.exists(os.path.join(datadir, "postmaster.pid")):
+    uid, gid = (int(n) for n in owner.split(":")) if owner else (None, None)
+    subprocess.run([pg_ctl, "-D", datadir, "-m", "immediate", "-w", "stop"], user=uid,
+                   group=gid, extra_groups=[] if uid is not None else None,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+shutil.rmtree(directory, ignore_errors=True)
+"""
+"""The guard: waits for the EOF of its stdin, then stops the cluster (as its owner) and removes
+it (a cluster ``destroy()`` already removed is left alone)."""
 
 
 def find_pg_bindir() -> Path:
@@ -80,6 +101,7 @@ class TemporaryPostgres:
         } | (settings or {})
         self.directory: Path | None = None
         self._user: pwd.struct_passwd | None = None
+        self._guard: subprocess.Popen[bytes] | None = None
 
     @property
     def datadir(self) -> Path:
@@ -112,6 +134,7 @@ class TemporaryPostgres:
             config += f"port = {self.port}\nunix_socket_directories = '{self.directory}'\n"
             with open(self.datadir / "postgresql.conf", "a") as file:
                 file.write(config)
+            self._start_guard()
         self._run(
             [self.bindir / "pg_ctl", "-D", self.datadir, "-l", self.directory / "server.log",
              "-w", "-t", "60", "start"]
@@ -135,6 +158,27 @@ class TemporaryPostgres:
             if self.directory is not None:
                 shutil.rmtree(self.directory, ignore_errors=True)
                 self.directory = None
+            self._stop_guard()
+
+    def _start_guard(self) -> None:
+        """Start the guard that cleans up if this process ends without `destroy` (see the
+        module's notes), in a session of its own so that a signal to our process group (Ctrl-C)
+        does not end it first."""
+        assert self.directory is not None
+        owner = f"{self._user.pw_uid}:{self._user.pw_gid}" if self._user is not None else ""
+        self._guard = subprocess.Popen(
+            [sys.executable, "-I", "-c", _GUARD, str(self.bindir / "pg_ctl"),
+             str(self.datadir), str(self.directory), owner],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            cwd="/", start_new_session=True,
+        )
+
+    def _stop_guard(self) -> None:
+        guard, self._guard = self._guard, None
+        if guard is not None:
+            assert guard.stdin is not None
+            guard.stdin.close()  # the EOF it waits for; the cluster is gone already
+            guard.wait()
 
     def log(self) -> str:
         """The server log so far (for test failure messages)."""

@@ -17,7 +17,7 @@ import collections
 import logging
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 from multipipes import Node
 
@@ -35,6 +35,8 @@ from changefeed.retry import Retry
 
 log = logging.getLogger("changefeed")
 
+F = TypeVar("F", bound="ChangeFeed")
+
 RECONNECT_TICK = 0.1
 """While it waits to reconnect, a feed ticks this often (its reader may end the wait)."""
 
@@ -43,7 +45,8 @@ class ChangeFeed(Node):
     """A real-time feed of the inserts, updates and deletes of one table or collection.
 
     It is a `multipipes.Node`: put it in a ``Pipeline`` and its changes go to ``outqueue``. It is
-    also an iterable: ``for change in feed`` runs the same code in the calling process.
+    also an iterable: ``for change in feed`` runs the same code in the calling process. As a
+    context manager (``with get_changefeed(...) as feed:``) it is closed on leaving the block.
 
     Backends subclass it, implement `run_changefeed()` and `is_transient()`, call
     `mark_connected()` once they reached their server, and register with
@@ -153,6 +156,13 @@ class ChangeFeed(Node):
         its `Change`, for the reader's own filter. Default: False (the PostgreSQL backend's
         compiled path says yes)."""
         return False
+
+    def __enter__(self: F) -> F:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Leaving ``with feed:`` closes it, telling the server what was acknowledged."""
+        self.close()
 
     def keep_alive(self) -> None:
         """Keep the source's connection healthy while the consumer is busy elsewhere.

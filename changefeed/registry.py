@@ -149,7 +149,12 @@ def _load(backend: Backend) -> tuple[type[ChangeFeed], Callable[[str], None] | N
 
 @functools.singledispatch
 def get_changefeed(
-    connection: Any, table: str, operation: int = ALL, *, prefeed: Any = None, **options: Any
+    connection: Any,
+    table: str,
+    operation: int = ALL,
+    *,
+    prefeed: Iterable[Any] | str | None = None,
+    **options: Any,
 ) -> ChangeFeed:
     """Return the feed of ``table`` for ``connection``'s backend.
 

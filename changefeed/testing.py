@@ -1,9 +1,8 @@
 """Test helpers users import: an in-memory feed and a list sink.
 
-    >>> from changefeed import Change, Operation
-    >>> from changefeed.testing import MemoryFeed, ListSink
-    >>> feed = MemoryFeed("tasks", changes=[insert("tasks", {"id": 1})])
-    >>> sink = ListSink()
+    >>> from changefeed import testing
+    >>> feed = testing.MemoryFeed("tasks", changes=[testing.insert("tasks", {"id": 1})])
+    >>> sink = testing.ListSink()
     >>> for change in feed.changes():
     ...     sink(change)
     >>> [c.new for c in sink.items]

@@ -2,11 +2,13 @@
 
     feed -> stages -> sink
 
-A `Pipeline` reads a feed, runs each change through plain-function stages (`where`, `project`,
-`to_delta`, `route`, `subscription`, `batch`), hands the results to a sink, and acknowledges a
-change's position only once the sink confirmed it: delivery is at least once, in both the
-in-process mode (the default) and the multi-process mode (`own_process`, ``processes=True``).
-The README's "Compose a pipeline in Python" walks through it.
+A `Pipeline` reads a feed, runs each change through stages (`where`, `project`, `to_delta`,
+`route`, `subscription`, or any function), hands the results to a sink in batches
+(``batch_size``, ``batch_seconds``), and acknowledges a change's position only once the sink
+confirmed it: delivery is at least once, in both the in-process mode (the default) and the
+multi-process mode (`own_process`, ``processes=True``). The README's "Compose a pipeline in
+Python" walks through it. Users import all of it from `changefeed`; this package is where it
+lives.
 
 Every sink is importable from here. Those that need an optional driver (`WebhookSink` and
 `SnorkySink`: ``http``; `RedisStreamSink`: ``redis``; `KafkaSink`: ``kafka``) are loaded only
@@ -17,12 +19,19 @@ when first used. The feeds that read a Redis stream or Kafka topics back are sou
 import importlib
 from typing import Any
 
+from changefeed.formats.delta import ToDelta
 from changefeed.pipelines.filters import compile_filter
 from changefeed.pipelines.pipeline import Pipeline
 from changefeed.pipelines.sinks import Batch, BatchSink, CallbackSink, JsonLinesSink, Sink
 from changefeed.pipelines.sinks.spec import sink_from_spec
 from changefeed.pipelines.stages import (
     BatchPolicy,
+    OwnProcess,
+    Project,
+    Route,
+    Stage,
+    Subscription,
+    Where,
     batch,
     own_process,
     project,
@@ -54,11 +63,18 @@ __all__ = [
     "CallbackSink",
     "JsonLinesSink",
     "KafkaSink",
+    "OwnProcess",
     "Pipeline",
+    "Project",
     "RedisStreamSink",
+    "Route",
     "Sink",
     "SnorkySink",
+    "Stage",
+    "Subscription",
+    "ToDelta",
     "WebhookSink",
+    "Where",
     "batch",
     "compile_filter",
     "own_process",

@@ -4,25 +4,44 @@ Steps marked to run elsewhere become `multipipes.Node` processes connected by qu
 entries cross the boundaries, and the sink's process sends confirmations back to the feed's
 process, which alone acknowledges, in order, and waits for them through
 `changefeed.delivery.SinkWait` (the source answered, a stop a few seconds at most).
+
+A worker never outlives the feed's process: if that process is killed (``kill -9``, the OOM
+killer), each worker notices through its parent's sentinel and exits at once (see
+`_exit_with_parent`). Nothing a worker still holds could be acknowledged without its parent, so
+it comes again on the next run.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import multiprocessing.connection
+import os
 import queue
 import signal
+import threading
 import time
 from typing import Any, Protocol
 
 import multipipes
 
 from changefeed.delivery import Output, SinkWait, StopTimeout
-from changefeed.errors import PipelineError
+from changefeed.errors import ChangefeedError, PipelineError
 from changefeed.pipelines._sink_thread import SLOW_SINK
 from changefeed.pipelines._steps import _Chunk, _Entry, _Failure, _Segment, _SinkStep
 from changefeed.pipelines.stages import BatchPolicy, Stage
 
 log = logging.getLogger("changefeed.pipelines")
+
+def _log_failure(message: str, cause: BaseException | None) -> None:
+    """Log the traceback of an unexpected failure (a bug in a stage), which stays in the process
+    it happened in; the feed's process raises the failure itself, and a command says it in one
+    line, so an expected one (a sink's own error, a full disk) is not logged here."""
+    if cause is not None and not isinstance(cause, (ChangefeedError, OSError)):
+        log.error("%s", message, exc_info=cause)
+    else:
+        log.debug("%s", message, exc_info=cause)
+
 
 class _Worker:
     """The target of one worker process: a segment of stages, and the sink step if last."""
@@ -68,13 +87,13 @@ class _Worker:
                     if confirmed is not None:
                         yield confirmed
             if failure is not None:
-                log.error("%s", failure.message, exc_info=failure.cause)
+                _log_failure(failure.message, failure.cause)
                 self.failed = True
                 yield failure
         except PipelineError as exc:
             failure = _Failure(exc.message, exc.__cause__)
             if not failure.reader_gone:  # a reader that went away is no error to report
-                log.error("%s", exc.message, exc_info=exc.__cause__)
+                _log_failure(exc.message, exc.__cause__)
             self.failed = True
             yield failure
 
@@ -83,8 +102,37 @@ class _Worker:
             self.sink_step.close()
 
 
+PARENT_GONE_EXIT = 70
+"""The exit code of a worker that ended because the feed's process went away."""
+
+
+def _exit_with_parent(name: str) -> None:
+    """End this worker process as soon as the process that started it is gone.
+
+    The parent's sentinel, which `multiprocessing` gives every child on every platform and
+    start method, is what is watched: a pipe whose only writers are the parent (and, under
+    ``fork``, workers started after this one, which watch their own and go first), so it reads
+    EOF when the parent dies however it dies; on Windows, the parent's process handle. Linux's
+    ``PR_SET_PDEATHSIG`` would be simpler but fires when the *thread* that started the worker
+    ends (a pipeline opened from a short-lived thread would lose its workers), exists on Linux
+    only, and has a race with a parent that dies before it is set.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None:  # not a multiprocessing child (a pipeline stepped in-process)
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        log.warning("the feed's process (pid %s) went away: worker %s stops; what it had not"
+                    " delivered is not acknowledged and comes again", parent.pid, name)
+        os._exit(PARENT_GONE_EXIT)  # at once: nothing may be confirmed to a dead parent
+
+    threading.Thread(target=watch, name="changefeed-parent-watch", daemon=True).start()
+
+
 class _WorkerNode(multipipes.Node):
-    """A multipipes node that leaves Ctrl-C to the feed's process and closes its sinks."""
+    """A multipipes node that leaves Ctrl-C to the feed's process, closes its sinks, and dies
+    with the feed's process."""
 
     def run_forever(self) -> None:
         # A terminal's Ctrl-C reaches the whole process group; the feed's process decides how
@@ -93,6 +141,7 @@ class _WorkerNode(multipipes.Node):
         # terminate() that ends a failed pipeline.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _exit_with_parent(self.name)
         try:
             super().run_forever()
         finally:
@@ -160,7 +209,7 @@ class MultiProcessOutput(Output):
         if failure is not None:
             self._send(flush=True)
             self.inqueue.put(failure)
-            log.error("%s", failure.message, exc_info=failure.cause)
+            _log_failure(failure.message, failure.cause)
             try:
                 self._drain(until_all=True, expect_failure=True)  # raises the failure
             except StopTimeout:  # a stop gave up waiting for it

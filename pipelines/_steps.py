@@ -15,7 +15,13 @@ from typing import Any
 
 from changefeed.change import Change, Operation, Position
 from changefeed.errors import ChangefeedError, PipelineError
-from changefeed.pipelines.sinks import Batch, SinkInterrupted, as_sink
+from changefeed.pipelines.sinks import (
+    Batch,
+    ItemsRejected,
+    SinkInterrupted,
+    SinkUnavailable,
+    as_sink,
+)
 from changefeed.pipelines.stages import BatchPolicy, Stage, apply_stage, stage_name
 
 log = logging.getLogger("changefeed.pipelines")
@@ -283,15 +289,24 @@ class _SinkStep:
             return None
         items: list[Any] = []
         positions: list[Position] = []
+        owners: list[_Entry] = []
         for entry in entries:
             for item in entry.items:
                 items.append(item)
                 positions.append(entry.position)
+                owners.append(entry)
         if items:
             try:
                 self.sink.write_batch(Batch(items, positions))
             except SinkInterrupted:
                 raise
+            except ItemsRejected as exc:  # the rest was delivered: only these are dead letters
+                message = f"sink {self.name} rejected changes: {exc.message}"
+                if self.dead_letter is None:
+                    raise PipelineError(message) from exc
+                log.warning("%s", message)
+                for entry in {id(owners[i]): owners[i] for i in exc.rejected}.values():
+                    entry.dead_letter(self.name, exc)
             except Exception as exc:
                 where = (
                     f"position {positions[0]!r}"
@@ -299,7 +314,7 @@ class _SinkStep:
                     else f"positions {positions[0]!r}..{positions[-1]!r}"
                 )
                 message = f"sink {self.name} failed on the batch at {where}: {_describe(exc)}"
-                if self.dead_letter is None:
+                if self.dead_letter is None or isinstance(exc, SinkUnavailable):
                     raise PipelineError(message) from exc
                 log.warning("%s", message)
                 for entry in entries:

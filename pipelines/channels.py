@@ -44,13 +44,19 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import sys
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import msgspec
+
+if sys.version_info >= (3, 11):
+    from typing import dataclass_transform
+else:
+    from typing_extensions import dataclass_transform
 
 from changefeed.change import Position
 from changefeed.errors import ChangefeedError
@@ -71,6 +77,7 @@ class ChannelError(ChangefeedError):
     exit_code = 5
 
 
+@dataclass_transform()  # type checkers see each channel as the dataclass it becomes
 class Channel:
     """Base class of channels: subclass it with ``name=`` and ``version=`` class keywords.
 
@@ -249,21 +256,12 @@ def _quoted(table: str) -> str:
 # -- receiving -------------------------------------------------------------------------------
 
 
-class receive:  # noqa: N801  (a stage reads as a function in a stage list)
-    """A pipeline stage turning channel messages into `Notification` objects.
+class Receive:
+    """The stage `receive` makes: channel messages as `Notification` objects."""
 
-    Args:
-        channels: the channel classes this listener knows. For each name the highest version
-            given is the one delivered; older versions of it are upcast.
-        unknown: ``"error"`` (default) raises `UnknownChannel` for a channel not given (the
-            pipeline's dead letter, or a stop); ``"skip"`` drops it with a warning. A version
-            the listener cannot read (`UnknownVersion`) and a payload that does not match
-            always raise.
-
-    Row changes and messages that are not channel messages pass through unchanged.
-    """
-
-    def __init__(self, *channels: type[Channel], unknown: str = "error") -> None:
+    def __init__(
+        self, *channels: type[Channel], unknown: Literal["error", "skip"] = "error"
+    ) -> None:
         if unknown not in ("error", "skip"):
             raise ValueError(f"unknown= must be 'error' or 'skip', not {unknown!r}")
         self.unknown = unknown
@@ -293,6 +291,22 @@ class receive:  # noqa: N801  (a stage reads as a function in a stage list)
             raise ChannelError(f"a notification of channel {notification.channel} came under"
                                f" the prefix {item.prefix!r}")
         return notification
+
+
+def receive(*channels: type[Channel], unknown: Literal["error", "skip"] = "error") -> Receive:
+    """A pipeline stage turning channel messages into `Notification` objects.
+
+    Args:
+        channels: the channel classes this listener knows. For each name the highest version
+            given is the one delivered; older versions of it are upcast.
+        unknown: ``"error"`` (default) raises `UnknownChannel` for a channel not given (the
+            pipeline's dead letter, or a stop); ``"skip"`` drops it with a warning. A version
+            the listener cannot read (`UnknownVersion`) and a payload that does not match
+            always raise.
+
+    Row changes and messages that are not channel messages pass through unchanged.
+    """
+    return Receive(*channels, unknown=unknown)
 
 
 class UnknownChannel(ChannelError):

@@ -65,7 +65,7 @@ def compile_filter(filter: Filter, _depth: int = 1) -> Predicate:
             f"a filter is a non-empty list such as ['==', 'color', 'blue'], not {filter!r}"
         )
     op, *args = filter
-    if op in _COMPARISONS:
+    if isinstance(op, str) and op in _COMPARISONS:
         if len(args) != 2 or not isinstance(args[0], str) or not args[0]:
             raise ConfigurationError(
                 f"{op!r} takes a field name and a value, as in [{op!r}, 'age', 21]: got {filter!r}"
@@ -102,7 +102,7 @@ def _comparison(compare: Callable[[Any, Any], bool], field: str, value: Any) -> 
 def filter_fields(filter: Filter) -> set[str]:
     """The dotted field names ``filter`` reads (``filter`` must be valid)."""
     op, *args = filter
-    if op in _COMPARISONS:
+    if isinstance(op, str) and op in _COMPARISONS:
         return {args[0]}
     fields: set[str] = set()
     for arg in args:

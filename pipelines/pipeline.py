@@ -1,10 +1,11 @@
 """`Pipeline`: feed -> stages -> sink, with acknowledgement only after the sink confirms.
 
-    >>> from changefeed.testing import MemoryFeed, ListSink, insert
-    >>> from changefeed.pipelines import Pipeline, where, to_delta
-    >>> feed = MemoryFeed("tasks", changes=[insert("tasks", {"id": 1, "done": False}),
-    ...                                     insert("tasks", {"id": 2, "done": True})])
-    >>> sink = ListSink()
+    >>> from changefeed import Pipeline, testing, to_delta, where
+    >>> feed = testing.MemoryFeed("tasks", changes=[
+    ...     testing.insert("tasks", {"id": 1, "done": False}),
+    ...     testing.insert("tasks", {"id": 2, "done": True}),
+    ... ])
+    >>> sink = testing.ListSink()
     >>> Pipeline(feed, [where(lambda c: not c.new["done"]), to_delta("Task")], sink=sink).run()
     2
     >>> sink.items
@@ -23,15 +24,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
-from changefeed.delivery import Output, deliver
+from changefeed.delivery import Feed, Output, deliver
 from changefeed.errors import ConfigurationError, PipelineError
 from changefeed.pipelines._processes import MultiProcessOutput
 from changefeed.pipelines._sink_thread import _SinkThread
 from changefeed.pipelines._steps import _Confirmed, _Entry, _Segment, _SinkStep
-from changefeed.pipelines.stages import BatchPolicy, Stage, own_process
+from changefeed.pipelines.sinks import BatchSink, Sink
+from changefeed.pipelines.stages import BatchPolicy, OwnProcess, Stage
 
 log = logging.getLogger("changefeed.pipelines")
 
@@ -46,23 +48,34 @@ class Pipeline:
     Args:
         feed: a `ChangeFeed` (or anything `changefeed.delivery.Feed` describes); it stays in the
             calling process, which alone acknowledges.
-        stages: stages in order (see `changefeed.pipelines.stages`); a `batch()` may come last;
-            `own_process(stage)` marks where a new process starts.
+        stages: stages in order (see `changefeed.pipelines.stages`); `own_process(stage)` marks
+            where a new process starts.
         sink: a sink (see `changefeed.pipelines.sinks`), possibly wrapped in `own_process`.
+        batch_size, batch_seconds: group items for the sink: at most ``batch_size`` items (1000
+            when only ``batch_seconds`` is given), none older than ``batch_seconds`` (1.0). A
+            batch also goes as soon as the feed is idle. Without either, batches are of 1000
+            items and grow up to 10 times that while the sink is busy, and a plain callable
+            sink is called once per item; with either, the size is a hard limit and a plain
+            callable sink gets each batch as a list.
         dead_letter: a sink for changes whose stage or sink failed; None stops the pipeline
             on the first failure instead.
         processes: True runs every stage and the sink in its own process.
         ack_interval: acknowledge at most this often (seconds): a file checkpoint fsyncs on each
             acknowledgement. The last confirmed position is always acknowledged at the end.
+
+    It holds no resources between runs: `run()` opens the sinks and closes them, and the
+    feed's connection, before it returns.
     """
 
     def __init__(
         self,
-        feed: Any,
-        stages: Sequence[Any] = (),
+        feed: Feed,
+        stages: Sequence[Stage | OwnProcess] = (),
         *,
-        sink: Any,
-        dead_letter: Any = None,
+        sink: Sink | BatchSink | Callable[[Any], Any] | OwnProcess,
+        batch_size: int | None = None,
+        batch_seconds: float | None = None,
+        dead_letter: Sink | BatchSink | Callable[[Any], Any] | None = None,
         processes: bool = False,
         ack_interval: float = 0.0,
     ) -> None:
@@ -70,30 +83,41 @@ class Pipeline:
             raise ConfigurationError("a pipeline needs a sink")
         self.feed = feed
         self.dead_letter = dead_letter
-        steps = list(stages)
+        steps: list[Any] = list(stages)
         self.policy = DEFAULT_BATCH
-        if steps and isinstance(steps[-1], BatchPolicy):
+        if batch_size is not None or batch_seconds is not None:
+            self.policy = BatchPolicy(
+                size=batch_size if batch_size is not None else DEFAULT_BATCH.size,
+                seconds=batch_seconds if batch_seconds is not None else DEFAULT_BATCH.seconds,
+            )
+        if steps and isinstance(steps[-1], BatchPolicy):  # the deprecated batch() stage
+            if self.policy is not DEFAULT_BATCH:
+                raise ConfigurationError(
+                    "batching given twice: drop the batch() stage, batch_size= and"
+                    " batch_seconds= replace it"
+                )
             self.policy = steps.pop()
         for step in steps:
             if isinstance(step, BatchPolicy):
                 raise ConfigurationError(
-                    "batch() must be the last stage: it sets how items reach the sink"
+                    "batch() must be the last stage: it sets how items reach the sink (give"
+                    " Pipeline(..., batch_size=..., batch_seconds=...) instead)"
                 )
-            target = step.stage if isinstance(step, own_process) else step
+            target = step.stage if isinstance(step, OwnProcess) else step
             if not callable(target):
                 raise ConfigurationError(f"stage {target!r} is not callable")
         if processes:
-            steps = [s if isinstance(s, own_process) else own_process(s) for s in steps]
-            if not isinstance(sink, own_process):
-                sink = own_process(sink)
+            steps = [s if isinstance(s, OwnProcess) else OwnProcess(s) for s in steps]
+            if not isinstance(sink, OwnProcess):
+                sink = OwnProcess(sink)
         # Group the steps by process: group 0 runs in the feed's process.
         self._groups: list[list[Stage]] = [[]]
         for step in steps:
-            if isinstance(step, own_process):
-                self._groups.append([step.stage])
+            if isinstance(step, OwnProcess):
+                self._groups.append([cast(Stage, step.stage)])  # a stage: checked callable
             else:
                 self._groups[-1].append(step)
-        if isinstance(sink, own_process):
+        if isinstance(sink, OwnProcess):
             self._groups.append([])
             sink = sink.stage
         self.sink = sink

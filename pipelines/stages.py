@@ -6,25 +6,34 @@ acknowledge nor deliver, so the same list of stages runs in-process or across pr
 test calls them directly. They are small classes rather than closures so they pickle (needed only
 when processes are spawned rather than forked) and so error messages can name them.
 
-Two entries of a stage list are not stages but instructions to the `Pipeline`:
-
-* `batch(size, seconds)`, last in the list, says how items are grouped for the sink;
-* `own_process(stage)` runs that stage (and the ones after it, up to the next mark) in a
-  process of its own.
+Each built-in stage is a class (`Where`, `Project`, `ToDelta`, `Route`, `Subscription`) made
+by the function a stage list reads best with (`where`, `project`, `to_delta`, `route`,
+`subscription`). One entry of a stage list is not a stage but an instruction to the `Pipeline`:
+`own_process(stage)` runs that stage (and the ones after it, up to the next mark) in a process
+of its own. How items are grouped for the sink is a `Pipeline` setting (``batch_size``,
+``batch_seconds``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from changefeed.change import UNCHANGED, Change, Operation
 from changefeed.errors import ConfigurationError, PipelineError
-from changefeed.formats.delta import to_delta as _to_delta
+from changefeed.formats.delta import ToDelta
 from changefeed.pipelines.filters import Filter, compile_filter, filter_fields
+from changefeed.pipelines.sinks import BatchSink, Sink
 
-Stage = Callable[[Any], Any]
+
+class Stage(Protocol):
+    """A stage: called with an item (a `Change`, or what the stage before made of it), it
+    returns one item, None to drop it, or an iterable of items. A ``name`` attribute, when it
+    has one, names it in errors and dead letters."""
+
+    def __call__(self, item: Any, /) -> Any: ...
 
 
 def stage_name(stage: Any) -> str:
@@ -58,14 +67,8 @@ def run_stages(stages: Sequence[Stage], item: Any) -> list[Any]:
     return items
 
 
-class where:  # noqa: N801  (a stage reads as a function in a stage list)
-    """Keep the changes for which ``predicate(change)`` is true; drop the others.
-
-    >>> from changefeed.testing import insert
-    >>> keep_open = where(lambda change: change.row["status"] == "open")
-    >>> keep_open(insert("tasks", {"id": 1, "status": "done"})) is None
-    True
-    """
+class Where:
+    """The stage `where` makes: keeps the changes for which ``predicate(change)`` is true."""
 
     __slots__ = ("predicate",)
 
@@ -80,13 +83,19 @@ class where:  # noqa: N801  (a stage reads as a function in a stage list)
         return change if self.predicate(change) else None
 
 
-class project:  # noqa: N801
-    """Keep only ``fields`` of the rows (``new`` and ``old``); list the key if clients need it.
+def where(predicate: Callable[[Change], bool]) -> Where:
+    """Keep the changes for which ``predicate(change)`` is true; drop the others.
 
-    >>> from changefeed.testing import insert
-    >>> project(["id", "title"])(insert("tasks", {"id": 1, "title": "a", "body": "..."})).new
-    {'id': 1, 'title': 'a'}
+    >>> from changefeed import testing, where
+    >>> keep_open = where(lambda change: change.row["status"] == "open")
+    >>> keep_open(testing.insert("tasks", {"id": 1, "status": "done"})) is None
+    True
     """
+    return Where(predicate)
+
+
+class Project:
+    """The stage `project` makes: keeps only ``fields`` of ``new`` and ``old``."""
 
     __slots__ = ("fields",)
 
@@ -108,43 +117,32 @@ class project:  # noqa: N801
         return dataclasses.replace(change, new=self._keep(change.new), old=self._keep(change.old))
 
 
-class to_delta:  # noqa: N801
-    """Turn a change into its Snorky delta (see `changefeed.formats.delta`).
+def project(fields: Iterable[str]) -> Project:
+    """Keep only ``fields`` of the rows (``new`` and ``old``); list the key if clients need it.
 
-    Inserts and deletes carry ``data``, updates ``newData`` and ``oldData``; ``model`` defaults
-    to the table name without its schema.
+    >>> from changefeed import project, testing
+    >>> project(["id", "title"])(testing.insert("tasks", {"id": 1, "title": "a", "b": "c"})).new
+    {'id': 1, 'title': 'a'}
+    """
+    return Project(fields)
 
-    >>> from changefeed.testing import update
-    >>> to_delta(model="Task")(update("tasks", {"id": 1, "done": True}, {"id": 1}))
+
+def to_delta(model: str | Mapping[str, str] | None = None) -> ToDelta:
+    """Turn a change into its Snorky delta (`changefeed.formats.delta.ToDelta`).
+
+    Inserts and deletes carry ``data``, updates ``newData`` and ``oldData``. ``model`` defaults
+    to the table name without its schema; a mapping gives each table its model (by qualified
+    name, then bare name, then ``"*"``).
+
+    >>> from changefeed import testing, to_delta
+    >>> to_delta(model="Task")(testing.update("tasks", {"id": 1, "done": True}, {"id": 1}))
     {'type': 'update', 'model': 'Task', 'newData': {'id': 1, 'done': True}, 'oldData': {'id': 1}}
     """
-
-    __slots__ = ("model",)
-
-    def __init__(self, model: str | None = None) -> None:
-        self.model = model
-
-    @property
-    def name(self) -> str:
-        return f"to_delta(model={self.model!r})"
-
-    def __call__(self, change: Change) -> dict[str, Any]:
-        return _to_delta(change, self.model)
+    return ToDelta(model)
 
 
-class route:  # noqa: N801
-    """Send each change through the stages listed for its table; drop other tables.
-
-    ``routes`` maps a table name to a stage or a list of stages. A change's qualified table
-    (``public.tasks``) is looked up first, then its bare name (``tasks``). Changes of tables not
-    listed go through ``default`` when given, else are dropped.
-
-    >>> from changefeed.testing import insert
-    >>> split = route({"tasks": to_delta("Task"),
-    ...                "public.users": [project(["id"]), to_delta("User")]})
-    >>> split(insert("public.users", {"id": 7, "email": "x@example.com"}))
-    [{'type': 'insert', 'model': 'User', 'data': {'id': 7}}]
-    """
+class Route:
+    """The stage `route` makes: each change through the stages listed for its table."""
 
     __slots__ = ("routes", "default")
 
@@ -170,25 +168,53 @@ class route:  # noqa: N801
         return run_stages(stages, change)
 
 
-def _stage_list(stages: Stage | Sequence[Stage], where: str) -> list[Stage]:
+def route(
+    routes: Mapping[str, Stage | Sequence[Stage]],
+    default: Stage | Sequence[Stage] | None = None,
+) -> Route:
+    """Send each change through the stages listed for its table; drop other tables.
+
+    ``routes`` maps a table name to a stage or a list of stages. A change's qualified table
+    (``public.tasks``) is looked up first, then its bare name (``tasks``). Changes of tables not
+    listed go through ``default`` when given, else are dropped.
+
+    >>> from changefeed import project, route, testing, to_delta
+    >>> split = route({"tasks": to_delta("Task"),
+    ...                "public.users": [project(["id"]), to_delta("User")]})
+    >>> split(testing.insert("public.users", {"id": 7, "email": "x@example.com"}))
+    [{'type': 'insert', 'model': 'User', 'data': {'id': 7}}]
+    """
+    return Route(routes, default)
+
+
+def _stage_list(stages: Stage | Sequence[Stage], table: str) -> list[Stage]:
     listed: list[Stage] = list(stages) if isinstance(stages, (list, tuple)) else [stages]  # type: ignore[list-item]
     for stage in listed:
-        if isinstance(stage, (BatchPolicy, own_process)) or not callable(stage):
+        if isinstance(stage, (BatchPolicy, OwnProcess)) or not callable(stage):
             raise ConfigurationError(
-                f"route {where!r}: {stage!r} is not a stage (batch() and own_process() apply to"
-                " the whole pipeline)"
+                f"route {table!r}: {stage!r} is not a stage (own_process() and batching apply"
+                " to the whole pipeline)"
             )
     return listed
 
 
 @dataclasses.dataclass(frozen=True)
 class BatchPolicy:
-    """How items are grouped before the sink; made by `batch`."""
+    """How items are grouped before the sink: at most ``size`` items, at most ``seconds`` old
+    (a `Pipeline`'s ``batch_size`` and ``batch_seconds``)."""
 
     size: int = 1000
     seconds: float = 1.0
     explicit: bool = True
-    """False for the default policy: plain callable sinks then get items one at a time."""
+    """False for the default policy: plain callable sinks then get items one at a time, and
+    while the sink is busy a batch may grow past ``size``."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 1:
+            raise ConfigurationError(f"batch size must be an integer of at least 1, not"
+                                     f" {self.size!r}")
+        if not isinstance(self.seconds, (int, float)) or not self.seconds > 0:
+            raise ConfigurationError(f"batch seconds must be positive, not {self.seconds!r}")
 
     @property
     def name(self) -> str:
@@ -196,31 +222,24 @@ class BatchPolicy:
 
 
 def batch(size: int = 1000, seconds: float = 1.0) -> BatchPolicy:
-    """Group items for the sink: at most ``size`` items, at most ``seconds`` old.
+    """Deprecated: give ``Pipeline(..., batch_size=size, batch_seconds=seconds)`` instead.
 
-    Put it last in a stage list. A batch is also delivered as soon as the feed goes quiet, so
-    latency stays low when traffic is light. Sinks with a ``write_batch`` method always receive
-    batches (this sets their size); a plain callable sink receives lists once ``batch`` is given,
-    single items otherwise.
+    Last in a stage list, it sets how items are grouped for the sink, as those keywords do.
     """
-    if size < 1:
-        raise ConfigurationError(f"batch size must be at least 1, not {size}")
-    if seconds <= 0:
-        raise ConfigurationError(f"batch seconds must be positive, not {seconds}")
+    warnings.warn(
+        "batch() in a stage list is deprecated: give Pipeline(..., batch_size=...,"
+        " batch_seconds=...) instead", DeprecationWarning, stacklevel=2,
+    )
     return BatchPolicy(size, seconds)
 
 
-class own_process:  # noqa: N801
-    """Mark a stage (or the sink) to run in a process of its own, with the steps after it.
-
-    The steps after a mark run in the same process up to the next mark; steps before the first
-    mark run in the feed's process. Batches, not single changes, cross the process boundary.
-    """
+class OwnProcess:
+    """The mark `own_process` makes: ``stage`` (or the sink) starts a process of its own."""
 
     __slots__ = ("stage",)
 
-    def __init__(self, stage: Any) -> None:
-        if isinstance(stage, (own_process, BatchPolicy)):
+    def __init__(self, stage: Stage | Sink | BatchSink) -> None:
+        if isinstance(stage, (OwnProcess, BatchPolicy)):
             raise ConfigurationError(f"own_process() takes a stage or a sink, not {stage!r}")
         self.stage = stage
 
@@ -228,27 +247,17 @@ class own_process:  # noqa: N801
         return f"own_process({stage_name(self.stage)})"
 
 
-class subscription:  # noqa: N801
-    """What one subscriber with a Snorky filter must see, as changes (follow with `to_delta`).
+def own_process(stage: Stage | Sink | BatchSink) -> OwnProcess:
+    """Mark a stage (or the sink) to run in a process of its own, with the steps after it.
 
-    Inserts and deletes pass when their row matches. An update becomes
-
-    * an update when the old and the new row match,
-    * an insert of the new row when only the new row matches (the row entered the filter),
-    * a delete of the old row when only the old row matches (it left the filter),
-    * nothing when neither matches.
-
-    This needs the old values of the filtered fields: PostgreSQL sends them only under
-    ``ALTER TABLE ... REPLICA IDENTITY FULL``, MongoDB only with pre-images enabled. An update or
-    delete whose old row holds no more than its key and lacks a filtered field raises
-    `PipelineError` saying so, rather than guessing. A new value `UNCHANGED` (a TOASTed value
-    PostgreSQL did not resend) stands for the old value.
-
-    >>> from changefeed.testing import update
-    >>> blue = subscription(["==", "color", "blue"])
-    >>> blue(update("t", {"id": 1, "color": "blue"}, {"id": 1, "color": "red"})).operation
-    <Operation.INSERT: 1>
+    The steps after a mark run in the same process up to the next mark; steps before the first
+    mark run in the feed's process. Batches, not single changes, cross the process boundary.
     """
+    return OwnProcess(stage)
+
+
+class Subscription:
+    """The stage `subscription` makes: what one subscriber with a Snorky filter sees."""
 
     __slots__ = ("filter", "matches", "fields")
 
@@ -262,7 +271,7 @@ class subscription:  # noqa: N801
         return f"subscription({self.filter!r})"
 
     def __reduce__(self) -> tuple[type, tuple[Filter]]:
-        return (subscription, (self.filter,))  # the compiled predicate is a closure
+        return (Subscription, (self.filter,))  # the compiled predicate is a closure
 
     def __call__(self, change: Change) -> Change | None:
         operation = change.operation
@@ -299,6 +308,31 @@ class subscription:  # noqa: N801
                 f" {change.table} REPLICA IDENTITY FULL; on MongoDB enable pre-images"
                 " (changeStreamPreAndPostImages) on the collection"
             )
+
+
+
+def subscription(filter: Filter) -> Subscription:
+    """What one subscriber with a Snorky filter must see, as changes (follow with `to_delta`).
+
+    Inserts and deletes pass when their row matches. An update becomes
+
+    * an update when the old and the new row match,
+    * an insert of the new row when only the new row matches (the row entered the filter),
+    * a delete of the old row when only the old row matches (it left the filter),
+    * nothing when neither matches.
+
+    This needs the old values of the filtered fields: PostgreSQL sends them only under
+    ``ALTER TABLE ... REPLICA IDENTITY FULL``, MongoDB only with pre-images enabled. An update or
+    delete whose old row holds no more than its key and lacks a filtered field raises
+    `PipelineError` saying so, rather than guessing. A new value `UNCHANGED` (a TOASTed value
+    PostgreSQL did not resend) stands for the old value.
+
+    >>> from changefeed import subscription, testing
+    >>> blue = subscription(["==", "color", "blue"])
+    >>> blue(testing.update("t", {"id": 1, "color": "blue"}, {"id": 1, "color": "red"})).operation
+    <Operation.INSERT: 1>
+    """
+    return Subscription(filter)
 
 
 def _resolve_unchanged(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:

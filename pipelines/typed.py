@@ -64,17 +64,12 @@ class TypedChange(Generic[M]):
     change: Change
 
 
-class typed(Generic[M]):  # noqa: N801  (a stage reads as a function in a stage list)
-    """A stage turning changes into `TypedChange` events of ``model`` (see the module docstring).
+class Typed(Generic[M]):
+    """The stage `typed` makes: changes of ``model``'s table as `TypedChange` events."""
 
-    Args:
-        model: a class taking the row's columns as keyword arguments.
-        strict: refuse rows that do not fit the model exactly (else adapt them).
-        table: convert only this table's changes (qualified, ``public.tasks``); others, and
-            anything that is not a change, pass through. Default: every change.
-    """
-
-    def __init__(self, model: type[M], *, strict: bool = True, table: str | None = None):
+    def __init__(
+        self, model: type[M], *, strict: bool = True, table: str | None = None
+    ) -> None:
         self.model = model
         self.strict = strict
         self.table = table
@@ -132,6 +127,18 @@ class typed(Generic[M]):  # noqa: N801  (a stage reads as a function in a stage 
             old is not None and key is not None and old.keys() <= key.keys()
             and not self.fields <= old.keys()
         )
+
+
+def typed(model: type[M], *, strict: bool = True, table: str | None = None) -> Typed[M]:
+    """A stage turning changes into `TypedChange` events of ``model`` (see the module docstring).
+
+    Args:
+        model: a class taking the row's columns as keyword arguments.
+        strict: refuse rows that do not fit the model exactly (else adapt them).
+        table: convert only this table's changes (qualified, ``public.tasks``); others, and
+            anything that is not a change, pass through. Default: every change.
+    """
+    return Typed(model, strict=strict, table=table)
 
 
 def _signature(model: type) -> tuple[frozenset[str], tuple[str, ...], bool]:

@@ -27,7 +27,7 @@ from changefeed.change import Change
 from changefeed.errors import ConfigurationError, PipelineError
 from changefeed.pipelines._steps import _Entry, _Segment
 from changefeed.pipelines.filters import MAX_DEPTH, Filter, compile_filter
-from changefeed.pipelines.stages import where
+from changefeed.pipelines.stages import Where, where
 
 _TOKEN = re.compile(
     r"""\s*(?:
@@ -171,7 +171,7 @@ class _WhereParser:
         return [op[1], field, value]
 
 
-def row_filter(filter: Filter) -> where:
+def row_filter(filter: Filter) -> Where:
     """A `where` stage keeping changes whose row (new, or old for a delete) matches ``filter``."""
     matches = compile_filter(filter)
 

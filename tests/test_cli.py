@@ -50,7 +50,7 @@ def test_streams_snorky_deltas_as_json_lines(pg_dsn, tasks):
 
 
 def test_change_format_and_url_from_the_environment(pg_dsn, tasks):
-    assert run_cli("run", "tasks", "--limit", "1", "--until-idle", "0.5",
+    assert run_cli("run", "tasks", "--limit", "1", "--idle-timeout", "0.5",
                    env={"CHANGEFEED_URL": pg_dsn}).returncode == 0
     tasks.execute("INSERT INTO tasks (title) VALUES ('x')")
     result = run_cli("run", "tasks", "--format", "change", "--limit", "1", "-q",
@@ -72,7 +72,7 @@ def test_a_stop_signal_acknowledges_what_was_written(pg_dsn, tasks, signum):
         returncode, rest = process.stop(signum)
     assert returncode == 0 and rest == "", process.stderr
     tasks.execute("INSERT INTO tasks (title) VALUES ('c')")
-    result = run_cli("run", "tasks", "--url", pg_dsn, "--until-idle", "2", "-q")
+    result = run_cli("run", "tasks", "--url", pg_dsn, "--idle-timeout", "2", "-q")
     assert [d["data"]["title"] for d in json_lines(result.stdout)] == ["c"]
 
 
@@ -82,7 +82,7 @@ def test_sigkill_mid_stream_loses_nothing_and_repeats_only_unacknowledged(
     checkpoint = tmp_path / "checkpoint.json"
     args = ["run", "tasks", "--url", pg_dsn, "--format", "change", "--checkpoint",
             str(checkpoint)]
-    assert run_cli(*args, "--until-idle", "0.5").returncode == 0  # creates the slot
+    assert run_cli(*args, "--idle-timeout", "0.5").returncode == 0  # creates the slot
     committed = []
     writer_done = threading.Event()
 
@@ -108,7 +108,7 @@ def test_sigkill_mid_stream_loses_nothing_and_repeats_only_unacknowledged(
     thread.join(timeout=120)
     assert writer_done.is_set() and len(committed) == 1000
 
-    second_run = run_cli(*args, "--until-idle", "3", timeout=120)
+    second_run = run_cli(*args, "--idle-timeout", "3", timeout=120)
     assert second_run.returncode == 0, second_run.stderr
     second = json_lines(second_run.stdout)
     first_titles = [c["new"]["title"] for c in first_run]
@@ -139,13 +139,13 @@ def test_a_reader_that_goes_away_ends_the_run_quietly_and_loses_nothing(pg_dsn, 
         returncode, _ = process.finish()
     assert returncode == 0, process.stderr
     assert "Traceback" not in process.stderr and "Broken pipe" not in process.stderr
-    result = run_cli("run", "tasks", "--url", pg_dsn, "--until-idle", "2", "-q")
+    result = run_cli("run", "tasks", "--url", pg_dsn, "--idle-timeout", "2", "-q")
     titles = [d["data"]["title"] for d in json_lines(result.stdout)]
     assert titles == ["lost?", "more 1", "more 2", "more 3"]
 
 
 def test_slots_lists_and_drops(pg_dsn, tasks):
-    assert run_cli("run", "tasks", "--url", pg_dsn, "--until-idle", "0.3").returncode == 0
+    assert run_cli("run", "tasks", "--url", pg_dsn, "--idle-timeout", "0.3").returncode == 0
     listing = run_cli("slots", "--url", pg_dsn)
     assert listing.returncode == 0
     assert "changefeed_tasks" in listing.stdout and "public.tasks" in listing.stdout
@@ -235,12 +235,12 @@ def test_unwritable_checkpoint(pg_dsn, tasks, tmp_path):
     bad = tmp_path / "missing-dir" / "cp.json"
     tasks.execute("INSERT INTO tasks (title) VALUES ('x')")
     result = run_cli("run", "tasks", "--url", pg_dsn, "--checkpoint", str(bad),
-                     "--until-idle", "1")
+                     "--idle-timeout", "1")
     # Slot created on this run: nothing to deliver yet, so nothing to save; a run that
     # delivers must fail clearly when it cannot save.
     tasks.execute("INSERT INTO tasks (title) VALUES ('y')")
     result = run_cli("run", "tasks", "--url", pg_dsn, "--checkpoint", str(bad),
-                     "--until-idle", "2")
+                     "--idle-timeout", "2")
     assert_one_clear_line(result, "cannot write checkpoint")
 
 
@@ -259,6 +259,17 @@ def test_help_lists_the_commands():
     commands = [line.split()[0] for line in result.stdout.split("Commands:")[1].splitlines()
                 if line.strip()]
     assert commands == ["backfill", "demo", "drain", "run", "serve", "slots", "status"]
+
+
+def test_idle_timeout_is_shown_and_until_idle_its_old_name_hidden(pg_dsn, tasks):
+    help_text = run_cli("run", "--help").stdout
+    assert "--idle-timeout SECONDS" in help_text and "--until-idle" not in help_text
+    both = run_cli("run", "tasks", "--url", pg_dsn, "--idle-timeout", "1", "--until-idle", "1")
+    assert_exit(both, 2, "--until-idle is the old name of --idle-timeout: give one")
+    tasks.execute("INSERT INTO tasks (title) VALUES ('a')")
+    old = run_cli("run", "tasks", "--url", pg_dsn, "--prefeed", "snapshot", "--until-idle",
+                  "0.5", "-q")
+    assert old.returncode == 0 and json_lines(old.stdout)[0]["data"]["title"] == "a"
 
 
 def test_progress_reports_rate_and_lag_while_busy(monkeypatch, caplog):

@@ -1,6 +1,7 @@
 """Imports go one way: the core (with its formats) below the sources and the pipelines, the
-sources never into the pipelines. Read from the code's own import statements, those inside
-functions too, so that a lazy import cannot hide an arrow."""
+sources never into the pipelines, and the public surface (``changefeed/__init__.py``) above
+them all. Read from the code's own import statements, those inside functions (and under
+``TYPE_CHECKING``) too, so that a lazy import cannot hide an arrow."""
 
 from __future__ import annotations
 
@@ -30,13 +31,15 @@ def imported(folder: str, skip: tuple[str, ...] = ()) -> dict[str, set[str]]:
 
 
 @pytest.mark.parametrize(("folder", "skip", "above"), [
-    # The core and its formats: below everything else (the command line sits on top of all).
-    ("changefeed", ("cli", "__main__.py"),
+    # The core and its formats: below everything else. The two applications sit on top of all:
+    # the command line and `changefeed serve` (which builds its pipelines as `run` does); the
+    # surface, __init__.py, hands on names from every layer but those.
+    ("changefeed", ("cli", "serve", "__main__.py", "__init__.py"),
      ("changefeed.backends", "changefeed.pipelines", "changefeed.cli")),
-    # The sources read the core and the formats, never the pipelines or the command line.
-    ("backends", (), ("changefeed.pipelines", "changefeed.cli")),
-    # The pipelines read the core and the formats, not the command line.
-    ("pipelines", (), ("changefeed.cli",)),
+    # The sources read the core and the formats, never the pipelines or the applications.
+    ("backends", (), ("changefeed.pipelines", "changefeed.cli", "changefeed.serve")),
+    # The pipelines read the core and the formats, not the applications.
+    ("pipelines", (), ("changefeed.cli", "changefeed.serve")),
 ])
 def test_no_arrow_points_up(folder, skip, above):
     wrong = {
@@ -45,3 +48,21 @@ def test_no_arrow_points_up(folder, skip, above):
     }
     assert {file: names for file, names in wrong.items() if names} == {}
 
+
+def test_the_surface_sits_above_all_but_the_applications():
+    names = imported("changefeed")["changefeed/__init__.py"]
+    assert {"changefeed.pipelines.pipeline", "changefeed.backends.postgres"} <= names
+    assert sorted(name for name in names
+                  if name.startswith(("changefeed.cli", "changefeed.serve"))) == []
+
+
+@pytest.mark.parametrize(("folder", "skip"), [
+    ("changefeed", ("cli", "serve", "__init__.py", "__main__.py")),
+    ("backends", ()),
+    ("pipelines", ()),
+])
+def test_only_the_applications_import_the_surface(folder, skip):
+    """The core, the sources and the pipelines import the modules they need, never the
+    ``changefeed`` package's names: that would be an arrow from below to the surface above."""
+    wrong = {file for file, names in imported(folder, skip).items() if "changefeed" in names}
+    assert wrong == set()

@@ -8,6 +8,7 @@ the decoded changes and remembers the latest resume token for an in-process reco
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -73,7 +74,8 @@ class MongoChangeFeed(ChangeFeed):
         database: the database of ``table`` when it is not in ``table`` or the URL.
         max_await_ms: how long the server holds a getMore when nothing happens (< 1000, so the
             feed ticks at least once a second).
-        snapshot_batch: documents per batch while reading the snapshot.
+        chunk_size: documents read per round trip while reading the snapshot (PostgreSQL's
+            rows per snapshot chunk; ``snapshot_batch``, its old name, still works).
         client_options: extra keyword arguments for the ``MongoClient`` made from a URL
             (defaults: ``tz_aware=True``, ``serverSelectionTimeoutMS=5000``).
         Other arguments as for `ChangeFeed` (checkpoint, retry, name).
@@ -93,10 +95,14 @@ class MongoChangeFeed(ChangeFeed):
         resync: bool = False,
         database: str | None = None,
         max_await_ms: int = 500,
-        snapshot_batch: int = 1000,
+        chunk_size: int = 1000,
+        snapshot_batch: int | None = None,
         client_options: Mapping[str, Any] | None = None,
         **options: Any,
     ) -> None:
+        if snapshot_batch is not None:
+            warnings.warn("snapshot_batch= is now chunk_size=", DeprecationWarning, stacklevel=2)
+            chunk_size = snapshot_batch
         if pre_images not in _PRE_IMAGES:
             raise ConfigurationError(
                 f"unknown pre_images {pre_images!r}: use 'whenAvailable', 'required' or False"
@@ -116,7 +122,7 @@ class MongoChangeFeed(ChangeFeed):
         self.pre_images = "off" if pre_images is False else pre_images
         self.resync = resync
         self.max_await_ms = max_await_ms
-        self.snapshot_batch = snapshot_batch
+        self.chunk_size = chunk_size
         self.client_options = dict(client_options or {})
         self.ended: StreamEnded | None = None
         """Set when the stream ended (collection dropped or renamed, ...): why."""
@@ -228,7 +234,7 @@ class MongoChangeFeed(ChangeFeed):
         def make(document: dict[str, Any], number: int, last: bool) -> Change:
             return snapshot_change(document, table, snapshot_position(opened, number, last))
 
-        documents = collection.find(batch_size=self.snapshot_batch)
+        documents = collection.find(batch_size=self.chunk_size)
         for change in self.snapshot_changes(documents, make, "documents"):
             self._yielded = change.position
             yield change

@@ -29,17 +29,56 @@ OBJECT_IN_USE = "55006"
 OBJECT_NOT_IN_PREREQUISITE_STATE = "55000"
 UNDEFINED_OBJECT = "42704"
 
-_SHUTDOWN = (sqlstate.AdminShutdown, sqlstate.CrashShutdown, sqlstate.CannotConnectNow)
+TRANSIENT_CLASSES = frozenset({"08", "40", "53", "57", "58"})
+"""SQLSTATE classes that a new connection may not meet again: connection exceptions (08),
+transaction rollbacks such as deadlocks (40), resources running out (53: disk full, out of
+memory, too many connections), operator intervention (57: shutdown, restart, terminated or
+cancelled backend) and system errors (58: I/O)."""
+TRANSIENT_CODES = frozenset({OBJECT_IN_USE, "55P03"})
+"""Codes of other classes that heal by waiting: an object in use, a lock not available."""
+PERMANENT_CODES = frozenset({"53400", "57P04", "58P01", "58P02"})
+"""Codes of transient classes that do not: a configuration limit (max_replication_slots), a
+database dropped, a file missing (WAL removed) or duplicated."""
+
+
+def sqlstate_is_transient(code: str) -> bool:
+    """Whether the server will likely not say ``code`` again on a new connection: the codes of
+    `TRANSIENT_CLASSES` and `TRANSIENT_CODES`, except `PERMANENT_CODES`. Every other class is
+    the same on every retry: syntax errors and undefined objects (42), invalid values (22),
+    authorization (28), features not supported (0A), program limits (54), objects in the
+    wrong state (55000: an invalidated slot), internal errors (XX)..."""
+    if code in PERMANENT_CODES:
+        return False
+    return code[:2] in TRANSIENT_CLASSES or code in TRANSIENT_CODES
 
 
 def is_transient(exc: BaseException) -> bool:
     """Whether reconnecting may cure ``exc``: a lost connection, a server shutting down or
-    starting, a terminated walsender; not a slot that cannot be used any more (55000)."""
-    if isinstance(exc, (TransientBackendError, *_SHUTDOWN)):
+    starting, a terminated walsender, a deadlock, a full disk (`sqlstate_is_transient`);
+    judged by the SQLSTATE the server sent. A failure without one is libpq's (a lost or
+    refused connection): transient."""
+    if isinstance(exc, TransientBackendError):
         return True
-    return isinstance(exc, psycopg.OperationalError) and not isinstance(
-        exc, sqlstate.ObjectNotInPrerequisiteState
-    )
+    if not isinstance(exc, psycopg.Error):
+        return False
+    code = exc.sqlstate
+    if code is None:
+        return isinstance(exc, psycopg.OperationalError)
+    return sqlstate_is_transient(code)
+
+
+def server_error(code: str | None, message: str) -> psycopg.Error:
+    """The psycopg error of SQLSTATE ``code`` (the class psycopg raises for it) with
+    ``message``, for failures read off the replication protocol, where psycopg raises
+    nothing itself; without a code, a lost connection (`psycopg.OperationalError`)."""
+    if not code:
+        return psycopg.OperationalError(message)
+    try:
+        error = sqlstate.lookup(code)(message)
+    except KeyError:  # a code psycopg has no class for: its class's base
+        error = sqlstate.get_base_exception(code)(message)
+        error.sqlstate = code
+    return error
 
 
 def is_bad_url(exc: psycopg.Error) -> bool:
@@ -65,11 +104,28 @@ def connect_failure(exc: BaseException, dsn: str) -> str:
     return f"cannot connect to PostgreSQL at {where}: {reasons[-1].strip()}"
 
 
+_REFUSED_FOR_GOOD = re.compile(
+    r"password authentication failed|authentication failed for user|no pg_hba\.conf entry"
+    r"|pg_hba\.conf rejects|role \".*\" does not exist|database \".*\" does not exist"
+    r"|is not permitted to log in|permission denied for database"
+    r"|is not currently accepting connections|does not support SSL|certificate"
+)
+"""What the server (or libpq) says, in PostgreSQL's English words, when it refuses a login for a
+reason that trying again cannot change: authentication, a role or database that does not exist,
+no permission to connect, TLS that cannot work. libpq gives a refused connection no SQLSTATE,
+only this text; a server that answers in another language (``lc_messages``) is retried as a
+connection that did not get through."""
+
+
 def connection_error(exc: psycopg.Error, dsn: str) -> Exception:
-    """The error for a failed ``psycopg.connect``: a bad URL is the caller's to fix; a refused
-    connection may be a server restarting (the feed decides, by whether it ever got through)."""
+    """The error for a failed ``psycopg.connect``: a bad URL is the caller's to fix; a login the
+    server refuses for good (`_REFUSED_FOR_GOOD`: a wrong password, a role or database dropped,
+    CONNECT revoked) is permanent; any other refused connection may be a server restarting
+    (the feed decides, by whether it ever got through)."""
     if is_bad_url(exc):
         return ConfigurationError(f"bad PostgreSQL URL: {first_line(exc)}")
+    if _REFUSED_FOR_GOOD.search(str(exc)):
+        return PermanentBackendError(connect_failure(exc, dsn))
     return TransientBackendError(connect_failure(exc, dsn))
 
 
@@ -115,8 +171,17 @@ def slot_creation_error(slot: str, exc: psycopg.Error) -> Exception:
     return exc
 
 
+def server_message(message: str) -> str:
+    """libpq's text of a server error as one line: its first, without the severity
+    (``ERROR:  invalid publication_names syntax\nCONTEXT: ...`` -> ``invalid
+    publication_names syntax``)."""
+    lines = message.strip().splitlines()
+    return re.sub(r"^(ERROR|FATAL|PANIC):\s+", "", lines[0].strip()) if lines else ""
+
+
 def start_replication_error(slot: str, code: str, message: str) -> Exception:
     """The error for a refused START_REPLICATION, by its SQLSTATE ``code``."""
+    message = server_message(message)
     if code == OBJECT_IN_USE:  # our previous walsender may still be ending
         return TransientBackendError(f"slot {slot}: {message}")
     if code == OBJECT_NOT_IN_PREREQUISITE_STATE:  # invalidated: the WAL it needs is gone
@@ -126,13 +191,17 @@ def start_replication_error(slot: str, code: str, message: str) -> Exception:
         )
     if code == UNDEFINED_OBJECT:  # the slot (or publication) is gone: the setup tells why
         return TransientBackendError(f"slot {slot}: {message}")
-    return psycopg.OperationalError(message or "START_REPLICATION failed")
+    return server_error(code, message or "START_REPLICATION failed")
 
 
-def stream_ended(message: str) -> Exception:
-    """The server ended the replication stream (a walsender terminated, a shutdown): the
-    feed reconnects and resumes from the slot."""
-    return psycopg.OperationalError(message or "the server ended the replication stream")
+def stream_ended(message: str, code: str | None = None) -> Exception:
+    """The server ended the replication stream: with an error of SQLSTATE ``code`` (judged by
+    `is_transient`: a terminated walsender or a shutdown is, a publication name pgoutput
+    cannot parse is not), or without one (a lost connection: the feed reconnects)."""
+    message = server_message(message)
+    if code == UNDEFINED_OBJECT:  # the publication was dropped: the setup tells why
+        return TransientBackendError(message)
+    return server_error(code, message or "the server ended the replication stream")
 
 
 def text(message: str | bytes | None) -> str:

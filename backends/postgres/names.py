@@ -24,6 +24,7 @@ SLOT_PREFIX = "changefeed_"
 MAX_NAME = 63  # NAMEDATALEN - 1
 _SLOT_NAME = re.compile(r"[a-z0-9_]{1,63}")
 _UNQUOTED = re.compile(r"[A-Za-z_*?][A-Za-z0-9_$*?]*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -92,8 +93,14 @@ def parse_table_name(text: str) -> TableName:
     if len(parts) > 2:
         raise ConfigurationError(f"bad table name {text!r}: give at most schema.table")
     for part, _ in parts:
-        if len(part.encode()) > MAX_NAME:
+        try:
+            size = len(part.encode())
+        except UnicodeEncodeError:  # undecodable bytes of a command line (surrogate escapes)
+            raise ConfigurationError(f"bad table name {text!r}: not valid text") from None
+        if size > MAX_NAME:
             raise ConfigurationError(f"bad table name {text!r}: {part!r} is over 63 bytes")
+        if "\0" in part:
+            raise ConfigurationError(f"bad table name {text!r}: it holds a NUL character")
     if len(parts) == 1:
         return TableName(None, parts[0][0], parts[0][1])
     return TableName(parts[0][0], parts[1][0], parts[1][1])
@@ -136,7 +143,7 @@ def legacy_slot_name(tables: Sequence[str]) -> str:
 
 def check_slot_name(name: str) -> str:
     """``name`` if PostgreSQL accepts it as a replication slot name, else a clear error."""
-    if not _SLOT_NAME.fullmatch(name):
+    if not isinstance(name, str) or not _SLOT_NAME.fullmatch(name):
         raise ConfigurationError(
             f"invalid slot name {name!r}: use 1 to 63 lower-case letters, digits and underscores"
         )
@@ -144,10 +151,71 @@ def check_slot_name(name: str) -> str:
 
 
 def check_publication_name(name: str) -> str:
-    """``name`` if PostgreSQL accepts it as a publication name, else a clear error."""
-    if not name or len(name.encode()) > MAX_NAME or "\0" in name:
-        raise ConfigurationError(f"invalid publication name {name!r}: use 1 to 63 bytes")
+    """``name`` if it can name a publication, else a clear error.
+
+    Any text of 1 to 63 bytes works (quotes, commas, spaces, upper case: it is always quoted,
+    in SQL and in START_REPLICATION's ``publication_names``), except control characters, which
+    would break the one-line messages that quote it (and NUL, which PostgreSQL cannot store).
+    """
+    problem = _name_problem(name)
+    if problem is not None:
+        raise ConfigurationError(f"invalid publication name {name!r}: {problem}")
     return name
+
+
+def check_message_prefix(prefix: str) -> str:
+    """``prefix`` if it can match the prefix of a logical decoding message, else a clear error:
+    PostgreSQL's prefixes are text without NUL (``""`` matches every message)."""
+    if "\0" in prefix:
+        raise ConfigurationError(f"invalid message prefix {prefix!r}: it holds a NUL character,"
+                                 " which no message prefix can")
+    try:
+        prefix.encode()
+    except UnicodeEncodeError:
+        raise ConfigurationError(f"invalid message prefix {prefix!r}: not valid text") from None
+    return prefix
+
+
+def _name_problem(name: str) -> str | None:
+    """What keeps ``name`` from being an identifier changefeed creates and quotes (None: fine)."""
+    try:
+        size = len(name.encode())
+    except UnicodeEncodeError:
+        return "not valid text"
+    if not 0 < size <= MAX_NAME:
+        return f"use 1 to {MAX_NAME} bytes (it has {size})"
+    if _CONTROL.search(name):
+        return "it holds a control character (a newline, a tab, NUL...)"
+    return None
+
+
+def quote_identifier(name: str) -> str:
+    """``name`` as a quoted SQL identifier, for text that is parsed as identifiers but is not
+    SQL of its own (a string that holds a list of names); in SQL use `psycopg.sql.Identifier`."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def replication_literal(text: str) -> str:
+    """``text`` as a string literal of the replication protocol's commands (START_REPLICATION's
+    options), whose scanner knows only ``'...'`` with ``''`` for a quote: no ``E'...'``, and a
+    backslash is itself. (`psycopg.sql.Literal` writes ``E'...'`` for text with a backslash,
+    which that scanner refuses as a syntax error.)"""
+    if "\0" in text:
+        raise ConfigurationError(f"{text!r} holds a NUL character, which no option can")
+    return "'" + text.replace("'", "''") + "'"
+
+
+def publication_names_literal(names: Sequence[str]) -> str:
+    """pgoutput's ``publication_names`` option, as the string literal START_REPLICATION takes:
+    the names as a comma-separated list of quoted identifiers.
+
+    pgoutput splits the option like a list of SQL identifiers, so an unquoted ``Orders`` would
+    name ``orders``, and a name holding a comma or a double quote would not parse at all
+    (``invalid publication_names syntax``, on every reconnect). Quoted, every name
+    `check_publication_name` accepts arrives as it is.
+    """
+    return replication_literal(
+        ",".join(quote_identifier(check_publication_name(name)) for name in names))
 
 
 def slot_name_for(name: str) -> str:

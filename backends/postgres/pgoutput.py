@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from changefeed import _speedups
+import changefeed._speedups as _speedups
 from changefeed.backends.postgres.loading import psycopg_loaders
 from changefeed.backends.postgres.position import PgPosition, TransactionPositions
 from changefeed.backends.postgres.protocol import pg_timestamp

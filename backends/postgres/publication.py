@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from changefeed.backends.postgres import catalog, slots
 from changefeed.backends.postgres.tables import Table
@@ -82,10 +83,12 @@ def ensure_publication(
             if meta != publication.meta:
                 catalog.write_meta(conn, name, meta)
     except psycopg.errors.InsufficientPrivilege as exc:
+        quoted = ", ".join(t.identifier.as_string(conn) for t in tables)
         raise PermanentBackendError(
             f"cannot set up publication {name}: {first_line(exc)}; the tables' owner can run:"
-            f" CREATE PUBLICATION {name} FOR TABLE {qualified} WITH (publish ="
-            f" '{', '.join(operation.names)}', publish_via_partition_root = true)"
+            f" CREATE PUBLICATION {sql.Identifier(name).as_string(conn)} FOR TABLE {quoted}"
+            f" WITH (publish = '{', '.join(operation.names)}', publish_via_partition_root ="
+            " true)"
         ) from exc
     return PublicationSetup(meta, publication is None)
 

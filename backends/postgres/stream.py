@@ -28,9 +28,10 @@ from typing import Any
 import psycopg
 from psycopg import pq, sql
 
-from changefeed import _speedups
+import changefeed._speedups as _speedups
 from changefeed.backends.postgres.errors import start_replication_error, stream_ended, text
 from changefeed.backends.postgres.ledger import AckLedger
+from changefeed.backends.postgres.names import publication_names_literal
 from changefeed.backends.postgres.pgoutput import Commit
 from changefeed.backends.postgres.position import PgPosition
 from changefeed.backends.postgres.protocol import (
@@ -102,7 +103,7 @@ class ReplicationStream:
         pgconn = repl.pgconn
         command = sql.SQL(
             "START_REPLICATION SLOT {} LOGICAL 0/0 (proto_version '1', publication_names {}{})"
-        ).format(sql.Identifier(slot), sql.Literal(publication),
+        ).format(sql.Identifier(slot), sql.SQL(publication_names_literal([publication])),
                  sql.SQL(", messages 'true'" if messages else ""))
         pgconn.send_query(command.as_bytes(repl))
         result = pgconn.get_result()
@@ -167,11 +168,13 @@ class ReplicationStream:
     def ended(self) -> Exception:
         """The error for the end of the stream (`frames` ended)."""
         message = text(self.pgconn.get_error_message())
+        code = None
         if self._end == -1:
             result = self.pgconn.get_result()
             if result is not None and result.error_message:
                 message = text(result.error_message)
-        return stream_ended(message)
+                code = text(result.error_field(pq.DiagnosticField.SQLSTATE)) or None
+        return stream_ended(message, code)
 
     def committed(self, last_handed_out: PgPosition | None, end_lsn: int) -> None:
         """The transaction whose last change handed out was ``last_handed_out`` ended at

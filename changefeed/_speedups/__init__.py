@@ -49,7 +49,8 @@ class _NoLines:
     """What `Lines` is without the extension: no item is ever one."""
 
 
-Lines: type = kernels.Lines if kernels is not None else _NoLines
+# Any for the type checker: an item found to be of this class has count, head(), position.
+Lines: Any = kernels.Lines if kernels is not None else _NoLines
 """The direct path's batches of output lines (`PgOutputDecoder.line_decoder`): an item a feed
 hands out in place of several changes, with ``count``, ``position`` (of the last) and
 ``committed_at``, written as bytes (the buffer protocol)."""

@@ -65,7 +65,7 @@ cdef class DeltaEncoder:
 
     def __call__(self, change):
         if type(change) is not Change:
-            return codec_dumps_line(delta_module.to_delta(change, self.model))
+            return codec_dumps_line(delta_module.delta_of(change, self.model))
         operation = change_field(change, 0)
         table = change_field(change, 1)
         found = PyDict_GetItem(self.starts, table)
@@ -75,14 +75,14 @@ cdef class DeltaEncoder:
         if operation is INSERT or operation is DELETE:
             row = change_field(change, 2) if operation is INSERT else change_field(change, 3)
             if type(row) is not dict:
-                return codec_dumps_line(delta_module.to_delta(change, self.model))
+                return codec_dumps_line(delta_module.delta_of(change, self.model))
             out.bytes_(start[0] if operation is INSERT else start[1])
             out.row(row, False)
         elif operation is UPDATE:
             new, old = change_field(change, 2), change_field(change, 3)
             if (new is not None and type(new) is not dict) or (old is not None
                                                                 and type(old) is not dict):
-                return codec_dumps_line(delta_module.to_delta(change, self.model))
+                return codec_dumps_line(delta_module.delta_of(change, self.model))
             out.bytes_(start[2])
             out.value(new) if not has_unchanged(new) else out.row(new, True)
             out.raw(b',"oldData":', 11)
@@ -91,7 +91,7 @@ cdef class DeltaEncoder:
                 out.raw(b',"unchanged":', 13)
                 out.value(unchanged_names(new))
         else:
-            return codec_dumps_line(delta_module.to_delta(change, self.model))
+            return codec_dumps_line(delta_module.delta_of(change, self.model))
         out.raw(b"}\n", 2)
         return out.take()
 

@@ -1,7 +1,6 @@
 # The replication stream's frames read in C (`ReplicationStream.frames` where the extension is
 # built), and the batches of output lines the direct path hands out (`Lines`).
 
-from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 
 ctypedef int (*GetCopyData)(void* conn, char** buffer, int async_) noexcept nogil
 ctypedef void (*FreeMem)(void* pointer) noexcept nogil
@@ -31,9 +30,11 @@ cdef class FrameReader:
     than decoding a row); without them, through psycopg."""
 
     cdef object stream, pgconn, backlog, get_copy_data, keepalive
-    cdef object message  # the last message read through Python, whose buffer ``view`` holds
-    cdef Py_buffer view
-    cdef bint holding, put_back, ended
+    # The last message read through Python, as bytes. Not a Py_buffer held on psycopg's
+    # memoryview: Cython traverses a buffer's owner, so when the reader sat in a reference
+    # cycle the collector cleared that memoryview while it was still exported (a crash).
+    cdef bytes message
+    cdef bint put_back, ended
     cdef GetCopyData libpq_get_copy_data
     cdef FreeMem libpq_freemem
     cdef void* conn  # the PGconn, while psycopg's connection holds it
@@ -63,8 +64,6 @@ cdef class FrameReader:
                 operational_error = psycopg.OperationalError
 
     def __dealloc__(self):
-        if self.holding:
-            PyBuffer_Release(&self.view)
         if self.owned is not NULL:
             self.libpq_freemem(self.owned)
 
@@ -101,10 +100,7 @@ cdef class FrameReader:
         if self.ended:
             return FRAME_END
         while True:
-            if self.holding:
-                PyBuffer_Release(&self.view)
-                self.holding = False
-                self.message = None
+            self.message = None
             if self.owned is not NULL:
                 self.libpq_freemem(self.owned)
                 self.owned = NULL
@@ -131,10 +127,10 @@ cdef class FrameReader:
             if message is None:
                 p, length = <const unsigned char*>self.owned, nbytes
             else:
-                PyObject_GetBuffer(message, &self.view, PyBUF_SIMPLE)
-                self.holding = True
-                self.message = message
-                p, length = <const unsigned char*>self.view.buf, self.view.len
+                # A copy (this path is the fallback: the backlog, or no libpq at hand).
+                self.message = message if type(message) is bytes else bytes(message)
+                p = <const unsigned char*>PyBytes_AS_STRING(self.message)
+                length = PyBytes_GET_SIZE(self.message)
             if length < 1:
                 continue
             if p[0] == XLOGDATA_KIND:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import click
 
-from changefeed.cli.common import ACK_SECONDS, expected_errors, setup_logging
+from changefeed.cli.common import ACK_SECONDS, Seconds, expected_errors, setup_logging
 from changefeed.cli.postgres import backfill, drain, slots
 from changefeed.cli.run import encoder, run
 from changefeed.cli.serve import serve
@@ -27,7 +27,7 @@ def cli() -> None:
 
 
 @click.command()
-@click.option("--seconds", type=click.FloatRange(min=0), default=30.0, show_default=True,
+@click.option("--seconds", type=Seconds(), default=30.0, show_default=True,
               help="How long to run (0: until Ctrl-C).")
 @click.option("--format", "fmt", type=click.Choice(FORMAT_NAMES), default="delta",
               show_default=True)
@@ -37,7 +37,7 @@ def cli() -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="With --web: address.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
               help="With --web: port (0: any free port).")
-@click.option("--writer-seconds", type=click.FloatRange(min=0), default=2.0, show_default=True,
+@click.option("--writer-seconds", type=Seconds(), default=2.0, show_default=True,
               help="With --web: how often the demo's writer changes a task (0: no writer).")
 def demo(seconds: float, fmt: str, web: bool, host: str, port: int,
          writer_seconds: float) -> None:

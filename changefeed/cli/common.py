@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -13,6 +14,7 @@ from typing import Any
 
 import click
 
+from changefeed.bounds import MAX_COUNT, MAX_SECONDS
 from changefeed.change import Operation
 from changefeed.errors import ChangefeedError
 from changefeed.feed import ChangeFeed
@@ -48,6 +50,32 @@ def expected_errors() -> Iterator[None]:
         yield
     except ChangefeedError as exc:
         raise CliError(exc.message, exc.exit_code) from exc
+
+
+class Seconds(click.FloatRange):
+    """A duration in seconds: a finite number (not ``nan``, ``inf``) from ``min`` up to
+    `MAX_SECONDS`; ``-0`` is 0."""
+
+    name = "number of seconds"
+
+    def __init__(self, min: float = 0.0, min_open: bool = False,
+                 max: float = MAX_SECONDS) -> None:
+        super().__init__(min=min, max=max, min_open=min_open)
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        number = super(click.FloatRange, self).convert(value, param, ctx)  # float() of it
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a number of seconds: give a finite number"
+                      f" ({self._describe_range()})", param, ctx)
+        return super().convert(number + 0.0, param, ctx)  # + 0.0: -0.0 becomes 0.0
+
+
+class Count(click.IntRange):
+    """A whole number from ``min`` to `MAX_COUNT`."""
+
+    def __init__(self, min: int = 1, max: int = MAX_COUNT) -> None:
+        super().__init__(min=min, max=max)
 
 
 def parse_ops(ctx: click.Context, param: click.Parameter, value: str) -> Operation:

@@ -107,7 +107,7 @@ def pipeline_parts(
     `OptionError` naming the option (``where``, ``filter``, ``stages``, ``sink``...);
     ``flag`` says how messages name an option."""
     with blame("sink"):
-        out = sink_from_spec(sink, model=model, fmt=fmt, option=flag("sink"))  # type: ignore[arg-type]
+        out = sink_from_spec(sink, model=model, fmt=fmt, option=flag("sink"))
     steps: list[Any] = []
     if where:
         with blame("where"):

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import click
 
-from changefeed.cli.common import expected_errors, require_postgresql, url_option
+from changefeed.bounds import MAX_COUNT
+from changefeed.cli.common import (
+    Seconds,
+    expected_errors,
+    require_postgresql,
+    url_option,
+)
 
 
 @click.command()
@@ -58,7 +65,7 @@ def slots(url: str, drops: tuple[str, ...], drop_inactive: bool, warn_retained: 
 @click.command()
 @url_option
 @click.option("--slot", required=True, metavar="NAME", help="The replication slot to check.")
-@click.option("--timeout", type=click.FloatRange(min=0), default=300.0, show_default=True,
+@click.option("--timeout", type=Seconds(), default=300.0, show_default=True,
               metavar="SECONDS", help="Give up after this long.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr, only the result.")
 def drain(url: str, slot: str, timeout: float, quiet: bool) -> None:
@@ -83,7 +90,8 @@ def drain(url: str, slot: str, timeout: float, quiet: bool) -> None:
 
 
 def _parse_size(text: str) -> int:
-    """``512MB``, ``1GB``, ``1048576``: a byte count (usage error on anything else)."""
+    """``512MB``, ``1GB``, ``1048576``: a byte count from 0 to `MAX_COUNT` (a usage error on
+    anything else: a negative size, ``nan``, ``inf``, more bytes than PostgreSQL counts)."""
     units = {"": 1, "B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}
     number, unit = text.strip().upper().rstrip("B") or "0", ""
     for suffix in ("K", "M", "G", "T"):
@@ -93,6 +101,8 @@ def _parse_size(text: str) -> int:
         value = float(number.strip())
     except ValueError:
         raise click.BadParameter(f"{text!r} is not a size such as 512MB or 1GB") from None
+    if not (math.isfinite(value) and 0 <= value * units[unit] <= MAX_COUNT):
+        raise click.BadParameter(f"{text!r} is not a size from 0 to 8EB (such as 512MB or 1GB)")
     return int(value * units[unit])
 
 

@@ -10,7 +10,9 @@ delivers, acknowledges, and exits 0.
 
 from __future__ import annotations
 
+import errno
 import logging
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +23,9 @@ from changefeed.change import ALL, Change, Operation
 from changefeed.checkpoint import FileCheckpoint
 from changefeed.cli.common import (
     ACK_SECONDS,
+    CliError,
+    Count,
+    Seconds,
     expected_errors,
     log_format_option,
     parse_ops,
@@ -40,6 +45,7 @@ from changefeed.delivery import (
 from changefeed.feed import ChangeFeed
 from changefeed.formats.codec import dumps_line
 from changefeed.formats.registry import FORMAT_NAMES, FORMATS, FormatOptions, format_named
+from changefeed.linefiles import cut_partial_line, describe_os_error
 from changefeed.pipelines.where_expressions import parse_where, row_keeper
 from changefeed.preflight import check_writable
 from changefeed.registry import get_changefeed, is_postgresql_url
@@ -67,7 +73,7 @@ class RunOptions:
     publication: str | None = None
     checkpoint: str | None = None
     limit: int | None = None
-    until_idle: float | None = None
+    idle_timeout: float | None = None
     where: str | None = None
     filter: str | None = None
     stages: tuple[str, ...] = ()
@@ -93,10 +99,18 @@ def check_options(
     ``pipeline`` says the caller always runs a pipeline (``changefeed serve``)."""
     url = options.url
     feed_options: dict[str, Any] = {}
+    if options.slot is not None or options.publication is not None or options.messages:
+        from changefeed.backends.postgres.names import (
+            check_message_prefix,
+            check_publication_name,
+            check_slot_name,
+        )
     if options.slot is not None:
-        feed_options["slot"] = options.slot
+        with blame("slot"):
+            feed_options["slot"] = check_slot_name(options.slot)
     if options.publication is not None:
-        feed_options["publication"] = options.publication
+        with blame("publication"):
+            feed_options["publication"] = check_publication_name(options.publication)
     if options.exclude:
         feed_options["exclude"] = list(options.exclude)
     if options.chunk_size is not None:
@@ -118,7 +132,8 @@ def check_options(
             raise OptionError(
                 f"{flag('messages')} writes JSON lines to stdout: it does not combine with a"
                 f" pipeline ({others}) yet", "messages")
-        feed_options["messages"] = options.messages
+        with blame("messages"):
+            feed_options["messages"] = tuple(check_message_prefix(p) for p in options.messages)
     if (format_named(options.fmt).snapshot_markers and not (pipeline or options.pipeline_wanted)
             and postgresql):
         feed_options["snapshot_markers"] = True  # {"type": "snapshot", ...} lines
@@ -157,7 +172,25 @@ def make_output(feed: ChangeFeed, options: RunOptions) -> Output:
     # Nothing but these lines is wanted of a change: a feed that can write them itself may
     # hand them out so (the PostgreSQL backend's compiled direct path).
     feed.prefer_lines(options.fmt, options.model)
-    return LineOutput(buffered_stdout(), encode)
+    out = buffered_stdout()
+    _cut_partial_stdout_line()
+    return LineOutput(out, encode)
+
+
+def _cut_partial_stdout_line() -> None:
+    """Stdout appending to a file that a killed run left with a partial last line: cut it
+    (`changefeed.linefiles`), so that the first line of this run is not glued onto it."""
+    try:
+        cut_partial_line(sys.stdout.fileno(), "stdout")
+    except (AttributeError, OSError, ValueError):  # no descriptor, or nothing to repair
+        pass
+
+
+_WRITE_FAILURES = frozenset(
+    getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EFBIG", "EIO", "EROFS", "ENXIO",
+                                      "EBADF", "EPERM", "EACCES", "EINVAL")
+    if hasattr(errno, name))
+"""What a failed write to stdout raises (a full disk, a quota, a file-size limit, ...)."""
 
 
 @click.command()
@@ -175,7 +208,7 @@ def make_output(feed: ChangeFeed, options: RunOptions) -> Output:
                    " the table name).")
 @click.option("--exclude", multiple=True, metavar="TABLE",
               help="PostgreSQL: leave out this table or pattern (repeatable).")
-@click.option("--chunk-size", type=click.IntRange(min=1), default=None, metavar="ROWS",
+@click.option("--chunk-size", type=Count(), default=None, metavar="ROWS",
               help="PostgreSQL: rows per snapshot chunk (default 5000).")
 @click.option("--slot", default=None,
               help="PostgreSQL replication slot (default: changefeed_<table>).")
@@ -183,10 +216,12 @@ def make_output(feed: ChangeFeed, options: RunOptions) -> Output:
               help="PostgreSQL publication to use (default: the slot's name; created if missing).")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
               help="File keeping the last delivered position (needed to resume MongoDB).")
-@click.option("--limit", type=click.IntRange(min=1), default=None,
+@click.option("--limit", type=Count(), default=None,
               help="Stop after this many changes.")
-@click.option("--until-idle", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--idle-timeout", type=Seconds(min=0, min_open=True), default=None,
               metavar="SECONDS", help="Stop once no change arrived for this long.")
+@click.option("--until-idle", type=Seconds(min=0, min_open=True), default=None,
+              hidden=True)  # the old name of --idle-timeout, still accepted
 @click.option("--where", "where_expr", default=None, metavar="EXPR",
               help='Keep changes whose row matches, e.g. \'status == "open" and priority >= 2\'.')
 @click.option("--filter", "filter_json", default=None, metavar="JSON",
@@ -222,6 +257,7 @@ def run(
     publication: str | None,
     checkpoint: str | None,
     limit: int | None,
+    idle_timeout: float | None,
     until_idle: float | None,
     where_expr: str | None,
     filter_json: str | None,
@@ -238,14 +274,18 @@ def run(
     PostgreSQL streams any number of tables (or patterns such as 'public.*') through one
     slot; each change names its table.
 
-    Runs until Ctrl-C or SIGTERM (or --limit / --until-idle); what was delivered is
+    Runs until Ctrl-C or SIGTERM (or --limit / --idle-timeout); what was delivered is
     acknowledged before exit, so the next run continues after it.
     """
     setup_logging(quiet, log_format)
+    if until_idle is not None:
+        if idle_timeout is not None:
+            raise click.UsageError("--until-idle is the old name of --idle-timeout: give one")
+        idle_timeout = until_idle
     options = RunOptions(
         tables=tables, url=url, ops=ops, prefeed=prefeed, fmt=fmt, model=_parse_models(models),
         exclude=exclude, chunk_size=chunk_size, slot=slot, publication=publication,
-        checkpoint=checkpoint, limit=limit, until_idle=until_idle, where=where_expr,
+        checkpoint=checkpoint, limit=limit, idle_timeout=idle_timeout, where=where_expr,
         filter=filter_json, stages=stages, sink=sink, dead_letter=dead_letter,
         processes=processes, messages=messages, quiet=quiet,
     )
@@ -257,7 +297,7 @@ def run(
                 " FILE to continue from the last delivered change next time"
             )
         output = make_output(feed, options)
-        deliver_with_signals(feed, output, limit=limit, idle_timeout=until_idle, quiet=quiet)
+        deliver_with_signals(feed, output, limit=limit, idle_timeout=idle_timeout, quiet=quiet)
 
 
 def deliver_with_signals(
@@ -276,6 +316,15 @@ def deliver_with_signals(
             feed, output, limit=limit, idle_timeout=idle_timeout, ack_interval=ACK_SECONDS,
             progress=Progress(feed, quiet),
         )
+    except OSError as exc:
+        if not (isinstance(output, LineOutput) and exc.errno in _WRITE_FAILURES):
+            raise
+        # Stdout could not take a line: what was flushed before is acknowledged, a line
+        # written in part is cut off, and the rest (in stdout's buffer) goes nowhere.
+        _cut_partial_stdout_line()
+        silence_stdout()
+        raise CliError(f"cannot write to stdout: {describe_os_error(exc)}; what was not written"
+                       " is not acknowledged and comes again on the next run", 5) from None
     finally:
         restore_signals()
     if result.reader_gone:

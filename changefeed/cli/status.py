@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from changefeed.cli.common import CliError
+from changefeed.cli.common import CliError, Seconds
 from changefeed.redact import redact
 
 COLUMNS = ("SERVICE", "PIPELINE", "STATE", "READY", "DELIVERED", "LAG", "RESTARTS", "ERROR")
@@ -80,7 +80,7 @@ def render(table: list[tuple[str, ...]]) -> str:
 @click.option("--url", envvar="CHANGEFEED_STATUS_URL", default="http://127.0.0.1:8080",
               show_default=True, metavar="URL",
               help="Where changefeed serve listens (default: $CHANGEFEED_STATUS_URL).")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0,
+@click.option("--timeout", type=Seconds(min=0, min_open=True), default=10.0,
               show_default=True, metavar="SECONDS", help="How long to wait for the answer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the server's JSON as it is.")
 def status(url: str, timeout: float, as_json: bool) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from changefeed import _speedups
+import changefeed._speedups as _speedups
 from changefeed.change import UNCHANGED, Change, Operation
 from changefeed.errors import DecodeError
 from changefeed.formats.codec import dumps_line

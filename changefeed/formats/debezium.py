@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from changefeed import _speedups
+import changefeed._speedups as _speedups
 from changefeed.change import UNCHANGED, Change, Operation
 from changefeed.errors import DecodeError
 from changefeed.formats.codec import dumps_line

@@ -15,12 +15,12 @@ from typing import Any
 
 import orjson
 
-from changefeed import _speedups
+import changefeed._speedups as _speedups
 from changefeed.change import UNCHANGED, Change, Operation, _without_unchanged, unchanged_columns
 from changefeed.formats.codec import ORJSON_OPTIONS, dumps, dumps_line, json_default
 
 
-def to_delta(change: Change, model: str | Mapping[str, str] | None = None) -> dict[str, Any]:
+def delta_of(change: Change, model: str | Mapping[str, str] | None = None) -> dict[str, Any]:
     """The Snorky delta of ``change``; ``model`` defaults to the table name without schema.
 
     ``model`` may map tables to models: by qualified name (``public.tasks``), then bare name
@@ -36,7 +36,7 @@ def to_delta(change: Change, model: str | Mapping[str, str] | None = None) -> di
         # columns are left out of the rows and named, so a client replacing its object with
         # newData knows to keep (or look up) them.
         new = change.new
-        delta = {
+        delta: dict[str, Any] = {
             "type": "update",
             "model": model,
             "newData": new,
@@ -51,9 +51,9 @@ def to_delta(change: Change, model: str | Mapping[str, str] | None = None) -> di
     raise ValueError(f"a change has exactly one operation, not {operation!r}")
 
 
-class DeltaEncoder:
-    """`to_delta` with one ``model``: a picklable callable, named in errors and dead letters as
-    the `to_delta` stage of a pipeline is."""
+class ToDelta:
+    """`delta_of` with one ``model``, as a picklable callable named in errors and dead letters:
+    the ``to_delta()`` stage of a pipeline, and the ``delta`` format of the CLI and the sinks."""
 
     __slots__ = ("model",)
 
@@ -65,11 +65,11 @@ class DeltaEncoder:
         return f"to_delta(model={self.model!r})"
 
     def __call__(self, change: Change) -> dict[str, Any]:
-        return to_delta(change, self.model)
+        return delta_of(change, self.model)
 
 
 def model_for(table: str, models: Mapping[str, str] | None) -> str:
-    """The model name of ``table`` in ``models`` (see `to_delta`)."""
+    """The model name of ``table`` in ``models`` (see `delta_of`)."""
     bare = table.rpartition(".")[2]
     if not models:
         return bare
@@ -79,7 +79,7 @@ def model_for(table: str, models: Mapping[str, str] | None) -> str:
 def delta_line_encoder(
     model: str | Mapping[str, str] | None = None,
 ) -> Callable[[Change], bytes]:
-    """A function giving the same bytes as ``dumps_line(to_delta(change, model))``, faster.
+    """A function giving the same bytes as ``dumps_line(delta_of(change, model))``, faster.
 
     Inserts and deletes, the bulk of most streams, are written as the encoded start of their
     delta, made once per table, followed by the encoded row: no delta dict per change, and the
@@ -94,7 +94,7 @@ def delta_line_encoder(
         elif operation is _DELETE:
             row, which = change.old, 1
         else:
-            return dumps_line(to_delta(change, model))
+            return dumps_line(delta_of(change, model))
         start = starts.get(change.table)
         if start is None:
             start = starts[change.table] = _delta_starts(change.table, model)
@@ -102,21 +102,21 @@ def delta_line_encoder(
             return (start[which] + orjson.dumps(row, default=json_default, option=ORJSON_OPTIONS)
                     + b"}\n")
         except orjson.JSONEncodeError:  # keys that are not strings: the general path
-            return dumps_line(to_delta(change, model))
+            return dumps_line(delta_of(change, model))
 
     return encode
 
 
 def _delta_starts(table: str, model: str | Mapping[str, str] | None) -> tuple[bytes, bytes]:
     """The bytes of ``table``'s insert and delete deltas up to their row, which comes last."""
-    insert = dumps(to_delta(Change(_INSERT, table, new={}), model))
-    delete = dumps(to_delta(Change(_DELETE, table, new=None, old={}), model))
+    insert = dumps(delta_of(Change(_INSERT, table, new={}), model))
+    delete = dumps(delta_of(Change(_DELETE, table, new=None, old={}), model))
     return insert[: -len(b"{}}")], delete[: -len(b"{}}")]  # without the empty row and "}"
 
 
 _INSERT, _DELETE = Operation.INSERT, Operation.DELETE
 
-__all__ = ["DeltaEncoder", "delta_line_encoder", "model_for", "to_delta"]
+__all__ = ["ToDelta", "delta_line_encoder", "delta_of", "model_for"]
 
 # The compiled encoder where it is built (the function above stays the reference).
 delta_line_encoder = _speedups.encoder_factory(delta_line_encoder, "DeltaEncoder")

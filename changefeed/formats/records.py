@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import orjson
@@ -115,7 +116,10 @@ class RecordEncoder:
     progress, so one encoder serves one sequence of changes.
     """
 
-    def __init__(self, topic: str = "{table}", fmt: str = "change", model: str | None = None):
+    def __init__(
+        self, topic: str = "{table}", fmt: str = "change",
+        model: str | Mapping[str, str] | None = None,
+    ) -> None:
         self.format = format_named(fmt)
         check_topic_template(topic)
         self.topic = topic

@@ -23,7 +23,7 @@ from changefeed.change import Change
 from changefeed.errors import ConfigurationError
 from changefeed.formats import debezium
 from changefeed.formats.change_dict import change_from_dict, change_line_encoder
-from changefeed.formats.delta import DeltaEncoder, delta_line_encoder
+from changefeed.formats.delta import ToDelta, delta_line_encoder
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class FormatOptions:
     """What the caller tells every format (each takes what it needs)."""
 
     model: str | Mapping[str, str] | None = None
-    """The model name of deltas: one for every table, or per table (see `to_delta`)."""
+    """The model name of deltas: one for every table, or per table (see `delta_of`)."""
     url: str = ""
     """The source's URL: Debezium's ``source.db`` is its database name."""
 
@@ -104,7 +104,7 @@ FORMATS = (
     ),
     Format(
         "delta", "a Snorky delta",
-        items=lambda options: DeltaEncoder(options.model),
+        items=lambda options: ToDelta(options.model),
         lines=lambda options: delta_line_encoder(options.model),
     ),
     Format(

@@ -33,6 +33,12 @@ from typing import IO, Any, ClassVar, Literal, Protocol, TypeVar, runtime_checka
 from changefeed.change import Change, Position
 from changefeed.errors import PipelineError
 from changefeed.formats.codec import dumps_line
+from changefeed.linefiles import (
+    append_whole,
+    cut_partial_line,
+    describe_os_error,
+    is_regular_file,
+)
 from changefeed.retry import Retry
 
 log = logging.getLogger("changefeed.pipelines")
@@ -113,20 +119,34 @@ def jsonable(item: Any) -> Any:
     return item.to_dict() if isinstance(item, Change) else item
 
 
+class SinkUnavailable(PipelineError):
+    """A sink that cannot take anything now, whatever the change: a full disk, a read-only file
+    system, a receiver whose TLS certificate is refused. The run stops even with a dead-letter
+    sink, since every change after would fail the same way (and be acknowledged unwritten)."""
+
+
 class JsonLinesSink(Sink):
     """One JSON object per line to stdout (``"-"``), a file path, or an open binary file.
 
-    A batch is written in one call and flushed before the batch counts as delivered; with
-    ``fsync=True`` (files only) it is also on disk. Changes are written as ``to_dict()``; put
-    ``to_delta()`` before the sink for Snorky deltas. A path is opened for appending.
+    A batch is written in one call and counts as delivered once written; with ``fsync=True``
+    (files only) also once on disk. Changes are written as ``to_dict()``; put ``to_delta()``
+    before the sink for Snorky deltas. A path is opened for appending.
+
+    A file (a path, or stdout redirected to one) only ever holds whole lines
+    (`changefeed.linefiles`): a batch is appended in full or not at all, and a partial last line
+    that a killed run left is cut off when the file is opened. A write that fails (a full disk,
+    a quota, a file-size limit, an I/O error) raises `SinkUnavailable` in one line.
     """
 
     def __init__(self, target: str | os.PathLike[str] | IO[bytes] = "-", *, fsync: bool = False):
         self.target = target
         self.fsync = fsync
         self._file: IO[bytes] | None = None
+        self._fd: int | None = None
+        self._regular = False
         self._owned = False
-        self.name = f"json_lines({target if isinstance(target, (str, os.PathLike)) else 'file'})"
+        self.shown = (os.fspath(target) if isinstance(target, (str, os.PathLike)) else "file")
+        self.name = f"json_lines({self.shown})"
 
     @property
     def local(self) -> bool:
@@ -140,40 +160,95 @@ class JsonLinesSink(Sink):
             return True  # created on first write: a regular file
         return not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode))
 
-    def _open(self) -> IO[bytes]:
-        if self._file is None:
-            if self.target == "-":
-                self._file = sys.stdout.buffer
-            elif isinstance(self.target, (str, os.PathLike)):
-                self._file = open(self.target, "ab")  # noqa: SIM115  (closed in close())
-                self._owned = True
-            else:
-                self._file = self.target
-        return self._file
+    def _open(self) -> None:
+        """Open the target: a descriptor written with `append_whole` (a path, or stdout when it
+        has one), else the file object given (written and flushed)."""
+        if self._fd is not None or self._file is not None:
+            return
+        if self.target == "-":
+            stdout = sys.stdout.buffer
+            try:
+                fd = stdout.fileno()
+            except (AttributeError, OSError, ValueError):  # replaced (a test's capture)
+                self._file = stdout
+                return
+            stdout.flush()  # what was printed before comes first
+            self._fd, where = fd, "stdout"
+        elif isinstance(self.target, (str, os.PathLike)):
+            try:
+                self._fd = os.open(self.target, os.O_RDWR | os.O_APPEND | os.O_CREAT
+                                   | getattr(os, "O_CLOEXEC", 0), 0o666)
+            except OSError as exc:
+                raise SinkUnavailable(
+                    f"cannot open {self.shown}: {describe_os_error(exc)}") from exc
+            self._owned = True
+            where = self.shown
+        else:
+            self._file = self.target
+            return
+        self._regular = is_regular_file(self._fd)
+        try:
+            cut_partial_line(self._fd, where)
+        except OSError as exc:
+            raise SinkUnavailable(
+                f"cannot repair the end of {where}: {describe_os_error(exc)}") from exc
 
     def write_batch(self, batch: Batch) -> None:
-        file = self._open()
+        self._open()
         # One write per batch, so appenders sharing a file never tear each other's lines. The
         # lines are copied into one buffer as they are made: holding them all until a join
         # made encoding several times slower (glibc malloc trimming and growing the heap).
         lines = bytearray()
         for item in batch.items:
             lines += dumps_line(jsonable(item))
-        file.write(lines)
-        file.flush()
-        if self.fsync and self._owned:
-            os.fsync(file.fileno())
+        if self._fd is None:
+            file = self._file
+            assert file is not None
+            file.write(lines)
+            file.flush()
+            return
+        try:
+            append_whole(self._fd, lines, fsync=self.fsync and self._owned,
+                         regular=self._regular)
+        except BrokenPipeError:  # the reader of stdout went away: not a failure to report
+            raise
+        except OSError as exc:
+            where = "stdout" if self.target == "-" else self.shown
+            raise SinkUnavailable(
+                f"cannot write {where}: {describe_os_error(exc)}; none of the batch's"
+                f" {len(batch)} lines was kept"
+            ) from exc
 
     def close(self) -> None:
-        if self._owned and self._file is not None:
-            self._file.close()
+        if self._owned and self._fd is not None:
+            os.close(self._fd)
+        self._fd = None
         self._file = None
         self._owned = False
 
 
+class ItemsRejected(PipelineError):
+    """A sink delivered a batch except some items, which it will never take however often they
+    are sent (a webhook answering 413 to a single change): ``rejected`` holds their indexes in
+    the batch. The pipeline sends their changes to the dead letters (then the batch counts as
+    delivered), or fails without a dead-letter sink."""
+
+    def __init__(self, message: str, rejected: list[int]) -> None:
+        super().__init__(message)
+        self.rejected = rejected
+
+    def __reduce__(self) -> Any:
+        return type(self), (self.message, self.rejected)
+
+
 class Retryable(Exception):
     """Raised by an attempt given to `RemoteSink.retrying` that trying again may cure (a lost
-    connection, an HTTP 503); its message says what happened, without secrets."""
+    connection, an HTTP 503); its message says what happened, without secrets. ``after``: the
+    seconds the server asked to wait (``Retry-After``), waited at least."""
+
+    def __init__(self, message: str, after: float = 0.0) -> None:
+        super().__init__(message)
+        self.after = after
 
 
 class RemoteSink(Sink):
@@ -235,7 +310,7 @@ class RemoteSink(Sink):
                     raise PipelineError(
                         f"{where} failed {failures} times; last: {problem}"
                     ) from cause
-                delay = self.retry.delay(failures)
+                delay = max(self.retry.delay(failures), exc.after)
                 log.warning("%s: %s; retrying in %.1f s", where, problem, delay)
                 if self._interrupted.wait(delay):
                     raise SinkInterrupted(
@@ -270,9 +345,9 @@ class _ForeignSink(Sink):
 
     def __init__(self, target: Any, lists: bool) -> None:
         self.target = target
-        self.name = getattr(target, "name", None) or getattr(
+        self.name = str(getattr(target, "name", None) or getattr(
             target, "__name__", type(target).__name__
-        )
+        ))
         self.batches = isinstance(target, BatchSink)
         self.lists = lists
         self.is_local = bool(getattr(target, "local", False))
@@ -312,6 +387,6 @@ def as_sink(target: Any, lists: bool = False) -> Sink:
 
 
 __all__ = [
-    "Accepts", "Batch", "BatchSink", "CallbackSink", "JsonLinesSink", "RemoteSink", "Retryable",
-    "Sink", "SinkInterrupted", "as_sink", "jsonable",
+    "Accepts", "Batch", "BatchSink", "CallbackSink", "ItemsRejected", "JsonLinesSink", "RemoteSink",
+    "Retryable", "Sink", "SinkInterrupted", "SinkUnavailable", "as_sink", "jsonable",
 ]

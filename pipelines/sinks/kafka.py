@@ -19,6 +19,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from confluent_kafka import KafkaError, Producer
@@ -54,7 +55,7 @@ class KafkaSink(Sink):
         topic: str = "{table}",
         *,
         fmt: str = "change",
-        model: str | None = None,
+        model: str | Mapping[str, str] | None = None,
         config: dict[str, Any] | None = None,
         timeout: float = 30.0,
         label: str | None = None,
@@ -119,8 +120,10 @@ class KafkaSink(Sink):
     def _produce(self, record: Record, report: Any, deadline: float) -> None:
         while True:
             try:
-                self.producer.produce(record.topic, value=record.value, key=record.key,
-                                      headers=record.headers, on_delivery=report)
+                self.producer.produce(  # (str, bytes) headers: the stub's list is invariant
+                    record.topic, value=record.value, key=record.key,
+                    headers=record.headers, on_delivery=report,  # type: ignore[arg-type]
+                )
                 return
             except BufferError:  # the local queue is full: let deliveries drain it
                 if time.monotonic() > deadline:

@@ -75,7 +75,7 @@ class RedisStreamSink(RemoteSink):
         for item, position in zip(batch.items, batch.positions, strict=True):
             pipe.xadd(
                 self.stream,
-                stream_entry(item, position),  # type: ignore[arg-type]
+                stream_entry(item, position),
                 maxlen=self.maxlen,
                 approximate=True,
             )

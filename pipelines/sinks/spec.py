@@ -7,7 +7,10 @@ The CLI's ``--sink SPEC`` and ``--dead-letter SPEC`` take these forms:
 a file path                                                    JSON lines appended to the file
 ``http://...``, ``https://...``                                webhook: JSON array per batch;
                                                                ``$CHANGEFEED_WEBHOOK_SECRET``
-                                                               signs it (HMAC-SHA256)
+                                                               signs it (HMAC-SHA256);
+                                                               ``?timeout=``,
+                                                               ``connect_timeout=``,
+                                                               ``read_timeout=`` (seconds)
 ``snorky+http://host:port/backend?service=NAME&key=KEY``        Snorky's publishDeltas
                                                                (``snorky+https`` too)
 ``redis://host:port/0?stream=NAME[&maxlen=N]``                 Redis stream (``rediss://`` too)
@@ -25,11 +28,12 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
+from changefeed.bounds import parse_count, parse_seconds
 from changefeed.errors import ConfigurationError
 from changefeed.formats.registry import format_named
 from changefeed.pipelines.sinks import JsonLinesSink, Sink
@@ -47,7 +51,7 @@ class SinkOptions:
     fmt: str = "delta"
     """``--format`` (`changefeed.formats.registry`): the sinks that format their items themselves
     (Kafka) need it."""
-    model: str | None = None
+    model: str | Mapping[str, str] | None = None
     """``--model``: the model name of deltas."""
 
 
@@ -69,7 +73,8 @@ class SinkKind:
 
 
 def sink_from_spec(
-    spec: str, *, model: str | None = None, fmt: str = "delta", option: str = "--sink"
+    spec: str, *, model: str | Mapping[str, str] | None = None, fmt: str = "delta",
+    option: str = "--sink",
 ) -> Sink:
     """The sink a ``--sink`` value names (see the module docstring for the forms).
 
@@ -102,17 +107,31 @@ def sink_from_spec(
 def _split_params(spec: str, scheme: str, consumed: frozenset[str]) -> tuple[str, dict[str, str]]:
     """``spec`` with ``scheme`` and without the query parameters in ``consumed``, and those
     parameters (the last value of each)."""
-    parts = urlsplit(spec)
+    try:
+        parts = urlsplit(spec)
+    except ValueError as exc:  # an unclosed [ of an IPv6 address, say
+        raise ConfigurationError(f"bad URL {redact(spec)!r}: {exc}") from None
     params = {name: values[-1] for name, values in parse_qs(parts.query).items()}
     kept = {name: value for name, value in params.items() if name not in consumed}
     url = urlunsplit((scheme, parts.netloc, parts.path, urlencode(kept), parts.fragment))
     return url, {name: value for name, value in params.items() if name in consumed}
 
 
+HTTP_TIMEOUTS = frozenset({"timeout", "connect_timeout", "read_timeout"})
+"""The query parameters an HTTP sink takes out of its URL: seconds for each phase of a request,
+for connecting, and for the answer."""
+
+
+def _timeouts(params: dict[str, str]) -> dict[str, float]:
+    return {name: parse_seconds(params[name], name) for name in HTTP_TIMEOUTS if name in params}
+
+
 def _webhook(spec: str, scheme: str, options: SinkOptions) -> Sink:
     from changefeed.pipelines.sinks.http import WebhookSink
 
-    return WebhookSink(spec, secret=os.environ.get(WEBHOOK_SECRET_ENV) or None)
+    url, params = _split_params(spec, scheme, HTTP_TIMEOUTS)
+    return WebhookSink(url, secret=os.environ.get(WEBHOOK_SECRET_ENV) or None,
+                       **_timeouts(params))
 
 
 def _snorky(spec: str, scheme: str, options: SinkOptions) -> Sink:
@@ -120,14 +139,15 @@ def _snorky(spec: str, scheme: str, options: SinkOptions) -> Sink:
 
     if options.fmt != "delta":
         raise ConfigurationError(f"a Snorky sink takes deltas: drop --format {options.fmt}")
-    url, params = _split_params(spec, scheme.partition("+")[2], frozenset({"service", "key"}))
+    url, params = _split_params(spec, scheme.partition("+")[2],
+                                frozenset({"service", "key", *HTTP_TIMEOUTS}))
     if not params.get("key"):
         raise ConfigurationError(
             "a Snorky sink needs its backend key: snorky+http://host:port/backend"
             "?service=NAME&key=KEY"
         )
     return SnorkySink(url, service=params.get("service") or "datasync_backend",
-                      key=params["key"], model=options.model)
+                      key=params["key"], model=options.model, **_timeouts(params))
 
 
 def _redis(spec: str, scheme: str, options: SinkOptions) -> Sink:
@@ -138,9 +158,8 @@ def _redis(spec: str, scheme: str, options: SinkOptions) -> Sink:
     if not stream:
         raise ConfigurationError("a Redis sink needs a stream name: redis://host:port/0?stream=NAME")
     maxlen = params.get("maxlen")
-    if maxlen is not None and not maxlen.isdigit():
-        raise ConfigurationError(f"maxlen must be a number, not {maxlen!r}")
-    return RedisStreamSink(url, stream, maxlen=int(maxlen) if maxlen else None)
+    return RedisStreamSink(url, stream,
+                           maxlen=parse_count(maxlen, "maxlen") if maxlen is not None else None)
 
 
 def _kafka(spec: str, scheme: str, options: SinkOptions) -> Sink:
@@ -151,20 +170,17 @@ def _kafka(spec: str, scheme: str, options: SinkOptions) -> Sink:
     (``?compression.type=zstd``)."""
     from changefeed.pipelines.sinks.kafka import KafkaSink
 
-    parts = urlsplit(spec)
+    try:
+        parts = urlsplit(spec)
+    except ValueError as exc:
+        raise ConfigurationError(f"bad URL {redact(spec)!r}: {exc}") from None
     if not parts.hostname:
         raise ConfigurationError(f"a Kafka sink needs brokers: kafka://HOST:PORT?topic=NAME, not"
                                  f" {redact(spec)!r}")
     params = {name: values[-1] for name, values in parse_qs(parts.query).items()}
     topic = params.pop("topic", "{table}")
     mechanism = params.pop("mechanism", "PLAIN")
-    timeout = params.pop("timeout", "30")
-    try:
-        seconds = float(timeout)
-    except ValueError:
-        seconds = 0.0
-    if not seconds > 0:
-        raise ConfigurationError(f"timeout must be a number of seconds, not {timeout!r}")
+    seconds = parse_seconds(params.pop("timeout", "30"), "timeout")
     config: dict[str, Any] = dict(params)
     secure = scheme == "kafkas"
     if parts.username:

@@ -147,9 +147,10 @@ def test_real_event_documents_decode(collection):
     assert replace.operation is Operation.UPDATE and replace.new == {"_id": "a", "v": 2}
 
 
-def test_snapshot_prefeed_then_stream(collection):
+@pytest.mark.parametrize("chunk", [{}, {"chunk_size": 2}])  # one round trip, or two
+def test_snapshot_prefeed_then_stream(collection, chunk):
     collection.insert_many([{"_id": i, "n": i} for i in range(1, 4)])
-    feed = make_feed(collection, prefeed="snapshot")
+    feed = make_feed(collection, prefeed="snapshot", **chunk)
     changes = feed.changes(timeout=30)
     snapshot = take(changes, 3)
     collection.insert_one({"_id": 4, "n": 4})

@@ -61,6 +61,12 @@ def test_the_stream_is_watched_with_the_selected_types_lookup_and_pre_images():
     assert collection.streams[0].closed
 
 
+def test_snapshot_batch_is_the_old_name_of_chunk_size():
+    assert make_feed(FakeCollection([])).chunk_size == 1000
+    with pytest.deprecated_call(match="chunk_size"):
+        assert make_feed(FakeCollection([]), snapshot_batch=5).chunk_size == 5
+
+
 def test_pre_images_can_be_required_or_turned_off():
     collection = FakeCollection([event(1)], [event(1)])
     list(make_feed(collection, pre_images="required").changes(limit=1, timeout=5))

@@ -15,7 +15,7 @@ import redis
 
 from changefeed.backends.redis_streams import RedisStreamFeed
 from changefeed.errors import DecodeError
-from changefeed.pipelines import JsonLinesSink, Pipeline, batch
+from changefeed.pipelines import JsonLinesSink, Pipeline
 from changefeed.pipelines.sinks.redis import RedisStreamSink
 from changefeed.testing import ListSink, MemoryFeed, insert
 
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.redis
 def produce(redis_url: str, stream: str, n: int) -> MemoryFeed:
     feed = MemoryFeed("public.tasks", changes=[insert("public.tasks", {"id": i}, key={"id": i})
                                                for i in range(1, n + 1)])
-    Pipeline(feed, [batch(50, 60)], sink=RedisStreamSink(redis_url, stream)).run()
+    Pipeline(feed, sink=RedisStreamSink(redis_url, stream), batch_size=50, batch_seconds=60).run()
     return feed
 
 
@@ -65,7 +65,7 @@ class HangingSink(JsonLinesSink):
 
 def run_worker(redis_url, stream, path):
     feed = RedisStreamFeed(redis_url, stream, "workers", "a", count=10, claim_idle=0.5)
-    Pipeline(feed, [batch(10, 60)], sink=HangingSink(path)).run()
+    Pipeline(feed, sink=HangingSink(path), batch_size=10, batch_seconds=60).run()
 
 
 def test_a_dead_workers_pending_entries_are_claimed_by_another(redis_url, tmp_path):
@@ -88,11 +88,11 @@ def test_a_dead_workers_pending_entries_are_claimed_by_another(redis_url, tmp_pa
                   for entry_id, fields in client.xrange(stream)}
     pending = sorted(stream_ids[e["message_id"].decode()] for e in left_by_a)
     # Its first batch was acknowledged; its second (written, never confirmed) was not, nor what
-    # it read ahead meanwhile: at most one more batch (explicit batch(10) is a hard limit).
+    # it read ahead meanwhile: at most one more batch (an explicit batch_size is a hard limit).
     assert pending in (list(range(11, 21)), list(range(11, 31)))
 
     b = RedisStreamFeed(redis_url, stream, "workers", "b", count=10, claim_idle=0.5)
-    Pipeline(b, [batch(10, 60)], sink=JsonLinesSink(out_b)).run(idle_timeout=1.5)
+    Pipeline(b, sink=JsonLinesSink(out_b), batch_size=10, batch_seconds=60).run(idle_timeout=1.5)
 
     assert b.claimed == len(left_by_a)
     claimed_ids = {e["message_id"].decode() for e in left_by_a}

@@ -32,7 +32,7 @@ from changefeed.backends.postgres.values import (
     TimeTZ,
 )
 from changefeed.formats.codec import dumps, dumps_line
-from changefeed.formats.delta import delta_line_encoder, to_delta
+from changefeed.formats.delta import delta_line_encoder, delta_of
 
 pytestmark = pytest.mark.postgres
 
@@ -87,7 +87,7 @@ def check_family(pg, pg_dsn, column_type: str, cases, setup: tuple[str, ...] = (
             got = change.new["val"]
             assert same(got, value), (expression, got, value)
             assert dumps(got) == encoded, (expression, dumps(got))
-            assert encode(change) == dumps_line(to_delta(change))
+            assert encode(change) == dumps_line(delta_of(change))
 
 
 def take(feed, n: int) -> list:
@@ -487,7 +487,7 @@ def test_an_update_delta_names_the_unchanged_toasted_columns(pg, pg_dsn):
     pg.execute("UPDATE v SET n = 2")
     (update,) = take(feed, 1)
     assert update.new["big"] is UNCHANGED
-    delta = to_delta(update)
+    delta = delta_of(update)
     assert delta["newData"] == {"id": 1, "n": 2, "note": "a"}
     assert delta["unchanged"] == ["big"]
     assert json.loads(delta_line_encoder()(update))["unchanged"] == ["big"]
@@ -496,7 +496,7 @@ def test_an_update_delta_names_the_unchanged_toasted_columns(pg, pg_dsn):
     pg.execute("UPDATE v SET n = 3")
     (update,) = take(feed, 1)
     assert update.new["big"] == "x" * 100000
-    assert "unchanged" not in to_delta(update)
+    assert "unchanged" not in delta_of(update)
 
 
 def test_a_change_a_stage_fails_on_goes_to_the_dead_letters_and_the_feed_goes_on(

@@ -38,21 +38,21 @@ def _changes():
 
 def test_update_deltas_name_the_columns_not_sent():
     from changefeed import Change, Operation
-    from changefeed.formats.delta import to_delta
+    from changefeed.formats.delta import delta_of
 
     change = Change(Operation.UPDATE, "public.t", new={"id": 1, "a": UNCHANGED, "b": UNCHANGED},
                     old={"id": 1}, key={"id": 1})
-    assert to_delta(change) == {"type": "update", "model": "t", "newData": {"id": 1},
+    assert delta_of(change) == {"type": "update", "model": "t", "newData": {"id": 1},
                                 "oldData": {"id": 1}, "unchanged": ["a", "b"]}
-    assert "unchanged" not in to_delta(Change(Operation.UPDATE, "public.t", new={"id": 1}))
+    assert "unchanged" not in delta_of(Change(Operation.UPDATE, "public.t", new={"id": 1}))
 
 
 @pytest.mark.parametrize("model", [None, "Task", 'Odd "model" ✓'])
 def test_the_fast_delta_lines_equal_the_general_encoding(model):
-    from changefeed.formats.delta import delta_line_encoder, to_delta
+    from changefeed.formats.delta import delta_line_encoder, delta_of
 
     encode = delta_line_encoder(model)
     for change in _changes() * 2:  # the second time from the per-table starts made the first
         line = encode(change)
-        assert line == dumps_line(to_delta(change, model)), change
-        assert json.loads(line) == json.loads(dumps(to_delta(change, model)))
+        assert line == dumps_line(delta_of(change, model)), change
+        assert json.loads(line) == json.loads(dumps(delta_of(change, model)))

@@ -37,11 +37,10 @@ HTTP_SHAPES = [
     ("http://[::1]:{port}/hook?key=v6secret", ["v6secret"]),
     ("snorky+http://127.0.0.1:{port}/backend?service=datasync&key=sn0rkykey", ["sn0rkykey"]),
 ]
-RETRIED_SHAPES = [
-    *HTTP_SHAPES,
-    # TLS against a plain HTTP server: a connection error, retried.
-    ("https://bob:httpspw@127.0.0.1:{port}/hook?token=tls5ecret", ["bob", "httpspw", "tls5ecret"]),
-]
+RETRIED_SHAPES = HTTP_SHAPES
+TLS_SHAPE = ("https://bob:httpspw@127.0.0.1:{port}/hook?token=tls5ecret",
+             ["bob", "httpspw", "tls5ecret"])
+"""TLS against a plain HTTP server: a handshake that can never succeed, failed at once."""
 
 
 def receiver_for(spec: str, status: int) -> Receiver:
@@ -92,6 +91,20 @@ def test_the_error_line_of_a_refused_batch_shows_no_secret(pg_dsn, tasks, spec, 
         receiver.stop()
     assert_one_clear_line(result, shown_url(spec.format(port=receiver.server_address[1])))
     assert result.returncode == 5
+    assert_no_secret(result.stdout + result.stderr, secrets)
+
+
+def test_a_failed_tls_handshake_is_one_line_without_secrets(pg_dsn, tasks):
+    spec, secrets = TLS_SHAPE
+    receiver = receiver_for(spec, 200)
+    sink = spec.format(port=receiver.server_address[1])
+    try:
+        result = run_cli("run", "tasks", "--url", with_password(pg_dsn), "--prefeed", "snapshot",
+                         "--sink", sink)
+    finally:
+        receiver.stop()
+    assert_one_clear_line(result, shown_url(sink), "TLS handshake failed")
+    assert result.returncode == 5 and "retrying" not in result.stderr
     assert_no_secret(result.stdout + result.stderr, secrets)
 
 

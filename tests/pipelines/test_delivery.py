@@ -16,7 +16,7 @@ from servers import Receiver, free_port, start_redis, stop_process, wait_for_por
 
 from changefeed import PipelineError, Retry
 from changefeed.delivery import STOP_GRACE
-from changefeed.pipelines import CallbackSink, JsonLinesSink, Pipeline, batch
+from changefeed.pipelines import CallbackSink, JsonLinesSink, Pipeline
 from changefeed.pipelines.sinks.http import WebhookSink
 from changefeed.pipelines.sinks.redis import RedisStreamSink
 from changefeed.testing import MemoryFeed, insert
@@ -78,7 +78,7 @@ def test_the_feed_is_kept_alive_while_the_sink_is_busy():
         assert feed.kept_alive.wait(30), "keep_alive() was not called while the sink was busy"
         delivered.extend(c.new["id"] for c in batch_)
 
-    Pipeline(feed, [batch(10, 60)], sink=slow_sink).run()
+    Pipeline(feed, sink=slow_sink, batch_size=10, batch_seconds=60).run()
     assert delivered == [1, 2, 3] and feed.acks == [3]
 
 
@@ -109,7 +109,7 @@ def test_an_explicit_batch_size_stays_a_hard_limit_when_the_sink_is_slow():
             assert feed.kept_alive.wait(30)
         sizes.append(len(items))
 
-    Pipeline(feed, [batch(100, 60)], sink=sink).run()
+    Pipeline(feed, sink=sink, batch_size=100, batch_seconds=60).run()
     assert sum(sizes) == 450 and max(sizes) == 100
 
 
@@ -118,7 +118,7 @@ def test_a_stop_ends_the_run_while_the_webhook_retries_and_keeps_what_was_confir
     try:
         feed = RecordingFeed(endless=True)
         sink = WebhookSink(receiver.url)  # default retries: minutes of backoff
-        pipeline = Pipeline(feed, [batch(3, 0.1)], sink=sink)
+        pipeline = Pipeline(feed, sink=sink, batch_size=3, batch_seconds=0.1)
         for i in range(1, 4):
             feed.push(insert("tasks", {"id": i}))
         thread, outcome = run_in_thread(pipeline)

@@ -71,14 +71,14 @@ def test_one_change_can_become_several_items():
 
 def test_batch_groups_items_for_a_plain_callable_sink():
     sink = ListSink()
-    Pipeline(tasks(7), [to_delta(), batch(size=3, seconds=60)], sink=sink).run()
+    Pipeline(tasks(7), [to_delta()], sink=sink, batch_size=3, batch_seconds=60).run()
     assert [[d["data"]["id"] for d in b] for b in sink] == [[1, 2, 3], [4, 5, 6], [7]]
 
 
 def test_batch_sinks_get_positions_with_their_items():
     batches = []
     sink = CallbackSink(batches.append, batches=True)
-    Pipeline(tasks(4), [batch(size=2, seconds=60)], sink=sink).run()
+    Pipeline(tasks(4), sink=sink, batch_size=2, batch_seconds=60).run()
     assert [(b.first, b.last, len(b)) for b in batches] == [(1, 2, 2), (3, 4, 2)]
 
 
@@ -87,7 +87,7 @@ def test_a_quiet_feed_flushes_the_waiting_batch():
     sink = ListSink()
     feed.push(insert("tasks", {"id": 1}))
     # A batch of 1000 never fills: the quiet moment after the first change delivers it.
-    Pipeline(feed, [batch(size=1000, seconds=60)], sink=sink).run(idle_timeout=0.6)
+    Pipeline(feed, sink=sink, batch_size=1000, batch_seconds=60).run(idle_timeout=0.6)
     assert [[c.new["id"] for c in b] for b in sink] == [[1]]
     assert feed.checkpoint.positions == {"tasks": 1}
 
@@ -112,7 +112,7 @@ def test_a_failing_sink_acknowledges_nothing_of_its_batch():
             raise ConnectionError("refused")
 
     with pytest.raises(PipelineError, match=r"sink sink failed on the batch at positions 3..4"):
-        Pipeline(feed, [batch(size=2, seconds=60)], sink=sink).run()
+        Pipeline(feed, sink=sink, batch_size=2, batch_seconds=60).run()
     assert feed.checkpoint.positions == {"tasks": 2}
 
 
@@ -136,7 +136,8 @@ def test_dead_letters_take_the_changes_of_a_failed_sink_batch():
         if batch_[0]["data"]["id"] == 3:
             raise RuntimeError("full")
 
-    Pipeline(feed, [to_delta(), batch(2, 60)], sink=sink, dead_letter=dead).run()
+    Pipeline(feed, [to_delta()], sink=sink, dead_letter=dead, batch_size=2,
+             batch_seconds=60).run()
     assert [(r["change"]["position"], r["stage"], r["error"]) for r in dead] == [
         (3, "sink", "RuntimeError: full"), (4, "sink", "RuntimeError: full")
     ]
@@ -155,8 +156,23 @@ def test_restart_resumes_after_the_checkpoint():
 def test_batch_must_come_last():
     from changefeed import ConfigurationError
 
-    with pytest.raises(ConfigurationError, match="last"):
+    with pytest.raises(ConfigurationError, match="last"), pytest.deprecated_call():
         Pipeline(tasks(1), [batch(2), to_delta()], sink=ListSink())
+
+
+def test_a_batch_stage_last_still_batches_with_a_deprecation_warning():
+    sink = ListSink()
+    with pytest.deprecated_call(match="batch_size"):
+        stages = [to_delta(), batch(size=3, seconds=60)]
+    Pipeline(tasks(7), stages, sink=sink).run()
+    assert [len(items) for items in sink.items] == [3, 3, 1]
+
+
+def test_batching_given_twice_is_refused():
+    from changefeed import ConfigurationError
+
+    with pytest.deprecated_call(), pytest.raises(ConfigurationError, match="twice"):
+        Pipeline(tasks(1), [batch(2)], sink=ListSink(), batch_size=2)
 
 
 # -- multi-process -------------------------------------------------------------------------------
@@ -165,8 +181,8 @@ def test_batch_must_come_last():
 def test_processes_deliver_everything_and_acknowledge_it(tmp_path):
     feed = tasks(300)
     out = tmp_path / "out.jsonl"
-    pipeline = Pipeline(feed, [where(lambda c: c.new["id"] % 3), to_delta(), batch(50, 60)],
-                        sink=JsonLinesSink(out), processes=True)
+    pipeline = Pipeline(feed, [where(lambda c: c.new["id"] % 3), to_delta()],
+                        sink=JsonLinesSink(out), processes=True, batch_size=50, batch_seconds=60)
     assert pipeline.multiprocess
     assert pipeline.run() == 300
     assert [d["data"]["id"] for d in lines(out)] == [i for i in range(1, 301) if i % 3]
@@ -190,7 +206,8 @@ def test_a_sink_failing_in_its_process_acknowledges_only_confirmed_batches(tmp_p
     feed = tasks(30)
     out = tmp_path / "out.jsonl"
     with pytest.raises(PipelineError, match=r"positions 11..15: OSError: disk full"):
-        Pipeline(feed, [batch(5, 60)], sink=own_process(FailingFileSink(out, 13))).run()
+        Pipeline(feed, sink=own_process(FailingFileSink(out, 13)), batch_size=5,
+                 batch_seconds=60).run()
     assert [c["new"]["id"] for c in lines(out)] == list(range(1, 11))
     assert feed.checkpoint.positions == {"tasks": 10}
 
@@ -199,7 +216,8 @@ def test_a_stage_failing_in_its_process_stops_the_pipeline(tmp_path):
     feed = tasks(30)
     out = tmp_path / "out.jsonl"
     with pytest.raises(PipelineError, match="stage explode failed on the change at position 7"):
-        Pipeline(feed, [own_process(fail_on(7)), batch(5, 60)], sink=JsonLinesSink(out)).run()
+        Pipeline(feed, [own_process(fail_on(7))], sink=JsonLinesSink(out), batch_size=5,
+                 batch_seconds=60).run()
     assert [c["new"]["id"] for c in lines(out)] == list(range(1, 7))
     assert feed.checkpoint.positions == {"tasks": 6}
 
@@ -244,15 +262,17 @@ def test_sink_process_killed_mid_stream_then_restart_loses_nothing(tmp_path):
     checkpoint = MemoryCheckpoint()
     out = tmp_path / "out.jsonl"
     with pytest.raises(PipelineError, match="died with exit code -9"):
-        Pipeline(tasks(500, checkpoint=checkpoint), [batch(20, 60)],
-                 sink=own_process(KillingSink(out, kill_after=130))).run()
+        Pipeline(tasks(500, checkpoint=checkpoint),
+                 sink=own_process(KillingSink(out, kill_after=130)),
+                 batch_size=20, batch_seconds=60).run()
     acknowledged = checkpoint.load("tasks")
     first_run = [c["new"]["id"] for c in lines(out)]
     assert acknowledged is not None and acknowledged <= len(first_run) < 500
     assert first_run == list(range(1, len(first_run) + 1))  # all acknowledged rows were written
 
-    Pipeline(tasks(500, checkpoint=checkpoint), [batch(20, 60)],
-             sink=own_process(KillingSink(out, kill_after=None))).run()
+    Pipeline(tasks(500, checkpoint=checkpoint),
+             sink=own_process(KillingSink(out, kill_after=None)),
+             batch_size=20, batch_seconds=60).run()
     delivered = [c["new"]["id"] for c in lines(out)]
     assert set(delivered) == set(range(1, 501))  # nothing missing
     duplicates = {i for i in delivered if delivered.count(i) > 1}

@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from changefeed import PipelineError, Retry, get_changefeed
-from changefeed.pipelines import JsonLinesSink, Pipeline, batch, subscription, to_delta
+from changefeed.pipelines import JsonLinesSink, Pipeline, subscription, to_delta
 from changefeed.testing import ListSink
 
 pytestmark = pytest.mark.postgres
@@ -74,19 +74,17 @@ def test_a_filter_on_a_default_replica_identity_says_to_set_it_full(pg_dsn, task
 def test_multi_process_pipeline_resumes_from_the_slot_without_losing_rows(pg_dsn, tasks, tmp_path):
     slot = f"pipe_{uuid.uuid4().hex[:8]}"
     out = tmp_path / "out.jsonl"
-    stages = [to_delta(), batch(25, 0.2)]
-    Pipeline(feed_of(pg_dsn, slot), stages, sink=JsonLinesSink(out), processes=True).run(
-        idle_timeout=0.3, timeout=20
-    )
+    stages = [to_delta()]
+    batching = {"batch_size": 25, "batch_seconds": 0.2}
+    Pipeline(feed_of(pg_dsn, slot), stages, sink=JsonLinesSink(out), processes=True,
+             **batching).run(idle_timeout=0.3, timeout=20)
     for i in range(1, 201):
         tasks.execute("INSERT INTO tasks VALUES (%s, 'blue', 'x')", [i])
-    Pipeline(feed_of(pg_dsn, slot), stages, sink=JsonLinesSink(out), processes=True).run(
-        limit=120, timeout=20
-    )
+    Pipeline(feed_of(pg_dsn, slot), stages, sink=JsonLinesSink(out), processes=True,
+             **batching).run(limit=120, timeout=20)
     # A new feed (as after a crash: nothing in memory) resumes from the slot's confirmed position.
-    Pipeline(feed_of(pg_dsn, slot), stages, sink=JsonLinesSink(out), processes=True).run(
-        idle_timeout=1.0, timeout=20
-    )
+    Pipeline(feed_of(pg_dsn, slot), stages, sink=JsonLinesSink(out), processes=True,
+             **batching).run(idle_timeout=1.0, timeout=20)
     delivered = [json.loads(line)["data"]["id"] for line in out.read_text().splitlines()]
     assert set(delivered) == set(range(1, 201))
     assert delivered[:120] == list(range(1, 121))

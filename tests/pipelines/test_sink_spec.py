@@ -76,8 +76,15 @@ def test_a_kafka_spec_sets_the_topic_security_and_bound():
                           "&compression.type=zstd", fmt="debezium")
     assert (sink.bootstrap, sink.topic, sink.timeout) == ("b1:9093,b2:9093", "cdc.{table}", 2.5)
     assert sink.config == {"compression.type": "zstd", "security.protocol": "SSL"}
-    with pytest.raises(ConfigurationError, match="timeout must be a number of seconds"):
-        sink_from_spec("kafka://b1:9092?timeout=soon")
+    for timeout in ("soon", "nan", "inf", "-1", "0", "1e12"):
+        with pytest.raises(ConfigurationError, match=f"timeout='{timeout}': must be"):
+            sink_from_spec(f"kafka://b1:9092?timeout={timeout}")
+
+
+@pytest.mark.parametrize("maxlen", ["-1", "0", "1.5", "nan", "99999999999999999999", "x"])
+def test_a_redis_maxlen_that_means_nothing_is_refused(maxlen):
+    with pytest.raises(ConfigurationError, match=f"maxlen='{maxlen}': must be"):
+        sink_from_spec(f"redis://h:6379/0?stream=s&maxlen={maxlen}")
 
 
 def test_every_sink_declares_the_contract(tmp_path):

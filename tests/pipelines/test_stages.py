@@ -8,6 +8,7 @@ import pytest
 
 from changefeed import UNCHANGED, ConfigurationError, Operation, PipelineError
 from changefeed.pipelines import (
+    Pipeline,
     batch,
     compile_filter,
     project,
@@ -17,7 +18,7 @@ from changefeed.pipelines import (
     where,
 )
 from changefeed.pipelines.stages import apply_stage
-from changefeed.testing import delete, insert, update
+from changefeed.testing import ListSink, MemoryFeed, delete, insert, update
 
 ROW = {"id": 1, "color": "blue", "age": 30, "player": {"color": "red", "level": 3}}
 
@@ -112,11 +113,15 @@ def test_apply_stage_flattens_iterables_but_not_mappings():
 
 
 def test_batch_checks_its_arguments():
-    assert (batch(10, 0.5).size, batch(10, 0.5).seconds) == (10, 0.5)
-    with pytest.raises(ConfigurationError):
+    pipeline = Pipeline(MemoryFeed(), sink=ListSink(), batch_size=10, batch_seconds=0.5)
+    assert (pipeline.policy.size, pipeline.policy.seconds) == (10, 0.5)
+    for bad in ({"batch_size": 0}, {"batch_size": 2.5}, {"batch_size": True},
+                {"batch_seconds": 0}, {"batch_seconds": -1},
+                {"batch_size": 10, "batch_seconds": 0}):
+        with pytest.raises(ConfigurationError):
+            Pipeline(MemoryFeed(), sink=ListSink(), **bad)
+    with pytest.deprecated_call(), pytest.raises(ConfigurationError):
         batch(0)
-    with pytest.raises(ConfigurationError):
-        batch(10, 0)
 
 
 # -- subscription: what one filtered subscriber sees --------------------------------------------

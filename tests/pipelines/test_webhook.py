@@ -11,7 +11,7 @@ import pytest
 from servers import Receiver
 
 from changefeed import PipelineError, Retry
-from changefeed.pipelines import Pipeline, batch, to_delta
+from changefeed.pipelines import Pipeline, to_delta
 from changefeed.pipelines.sinks.http import WebhookSink
 from changefeed.testing import MemoryFeed, insert
 
@@ -27,7 +27,7 @@ def feed_of(n: int) -> MemoryFeed:
 def test_webhook_retries_5xx_with_the_same_key_and_loses_nothing(receiver):
     feed = feed_of(10)
     sink = WebhookSink(receiver.url, secret=SECRET, retry=FAST)
-    Pipeline(feed, [to_delta(), batch(4, 60)], sink=sink).run()
+    Pipeline(feed, [to_delta()], sink=sink, batch_size=4, batch_seconds=60).run()
 
     assert [status for _, _, status in receiver.requests[:4]] == [503, 503, 503, 200]
     first_key = receiver.requests[0][0]["idempotency-key"]

@@ -81,7 +81,7 @@ slot = "my_slot"
 publication = "my_pub"
 checkpoint = "{checkpoint}"
 limit = 10
-until_idle = 2.5
+idle_timeout = 2.5
 where = "status == 'open'"
 filter = ["==", "color", "blue"]
 stages = ["example_stages:shout", "example_stages:twice"]
@@ -102,7 +102,7 @@ stop_timeout = 10
     assert options.exclude == ("app.secret*",) and options.chunk_size == 100
     assert (options.slot, options.publication) == ("my_slot", "my_pub")
     assert options.checkpoint == str(checkpoint)
-    assert (options.limit, options.until_idle) == (10, 2.5)
+    assert (options.limit, options.idle_timeout) == (10, 2.5)
     assert options.where == "status == 'open'"
     assert json.loads(options.filter) == ["==", "color", "blue"]
     assert options.stages == ("example_stages:shout", "example_stages:twice")
@@ -171,6 +171,16 @@ sink = "{tmp_path}/${{EMPTY:-fallback}}.jsonl"
     assert options["sink"] == f"{tmp_path}/fallback.jsonl"
 
 
+def test_until_idle_is_read_as_idle_timeout_its_new_name(tmp_path):
+    pipeline = '[pipelines.{0}]\nurl = "{1}"\ntables = "t"\nsink = "{2}/{0}"\n'
+    text = ("[defaults]\nuntil_idle = 4\n" + pipeline.format("a", PG, tmp_path)
+            + pipeline.format("b", PG, tmp_path) + "idle_timeout = 2\n"
+            + pipeline.format("c", PG, tmp_path) + "until_idle = 3\n")
+    config = load_config(write(tmp_path, text), ENV)
+    assert [run_options(spec).idle_timeout for spec in config.pipelines.values()] == [4, 2, 3]
+    assert "until_idle" not in problem(tmp_path, pipeline.format("a", PG, tmp_path) + "idl = 1\n")
+
+
 def test_a_changed_key_changes_the_fingerprint_and_nothing_else_does(tmp_path):
     text = f'[pipelines.a]\nurl = "{PG}"\ntables = "t"\nsink = "{tmp_path}/a"\n'
     first = load_config(write(tmp_path, text), ENV).pipelines["a"]
@@ -185,6 +195,10 @@ BAD = [
      4, "pipelines.a.snik", "unknown key; did you mean sink?"),
     ("unknown top-level table", '[pipeline.a]\nurl = "{pg}"\n', 1, "pipeline",
      "unknown top-level table; did you mean pipelines?"),
+    ("an old name beside its new one",
+     '[pipelines.a]\nurl = "{pg}"\ntables = "t"\nsink = "{out}"\nidle_timeout = 1\n'
+     'until_idle = 2\n', 6, "pipelines.a.until_idle",
+     "until_idle is the old name of idle_timeout: give one"),
     ("wrong type: a string for a number",
      '[pipelines.a]\nurl = "{pg}"\ntables = "t"\nsink = "{out}"\nlimit = "10"\n',
      5, "pipelines.a.limit", 'expected an integer, not the string "10"'),

@@ -28,10 +28,10 @@ from changefeed.retry import Retry
 from changefeed.serve.pipelines.meters import (
     LATENCY_BUCKETS,
     CountingRetry,
+    Labeling,
     MeasuredOutput,
     MeasuredSink,
     SinkMeter,
-    labeling,
 )
 from changefeed.serve.pipelines.worker import is_transient
 from changefeed.testing import ListSink, MemoryFeed, delete, insert, update
@@ -58,7 +58,7 @@ def test_the_sink_meter_counts_what_the_sink_received_by_table_and_operation(tmp
     meter = SinkMeter()
     feed = MemoryFeed("public.orders", changes=changes())
     keep = where(lambda change: (change.new or change.old)["id"] != 3)
-    pipeline = Pipeline(feed, [keep, labeling(to_delta())],
+    pipeline = Pipeline(feed, [keep, Labeling(to_delta())],
                         sink=MeasuredSink(JsonLinesSink(str(out)), meter), processes=processes)
     assert pipeline.run() == 6
     deadline = time.monotonic() + 10
@@ -81,7 +81,7 @@ def test_items_that_are_not_changes_are_counted_without_labels():
     meter, sink = SinkMeter(), ListSink()
     feed = MemoryFeed("t", changes=[insert("t", {"id": 1}), insert("t", {"id": 2})])
     to_dicts = lambda change: [{"id": change.new["id"]}, {"copy": True}]  # noqa: E731
-    Pipeline(feed, [to_dicts, labeling(None)], sink=MeasuredSink(sink, meter)).run()
+    Pipeline(feed, [to_dicts, Labeling(None)], sink=MeasuredSink(sink, meter)).run()
     assert sink.items == [{"id": 1}, {"copy": True}, {"id": 2}, {"copy": True}]
     assert counted(meter) == {("", ""): 4}
 
@@ -92,7 +92,7 @@ def test_a_format_stage_that_fails_fails_as_that_stage_and_is_dead_lettered(tmp_
     not_a_change = lambda change: {"id": change.new["id"]} if change.new["id"] == 2 else change  # noqa: E731,E501
     letters = MeasuredSink(JsonLinesSink(str(dead)), meter, dead_letters=True)
     sink = ListSink()
-    Pipeline(feed, [not_a_change, labeling(to_delta())], sink=MeasuredSink(sink, meter),
+    Pipeline(feed, [not_a_change, Labeling(to_delta())], sink=MeasuredSink(sink, meter),
              dead_letter=letters).run()
     (record,) = [json.loads(line) for line in dead.read_text().splitlines()]
     assert record["stage"] == "to_delta(model=None)"
@@ -108,7 +108,7 @@ def test_retries_of_the_sink_are_counted_and_retrying_ends_with_the_next_deliver
         sink = MeasuredSink(hook, meter)
         assert isinstance(hook.retry, CountingRetry)
         feed = MemoryFeed("t", changes=[insert("t", {"id": 1})])
-        Pipeline(feed, [labeling(to_delta())], sink=sink).run()
+        Pipeline(feed, [Labeling(to_delta())], sink=sink).run()
         assert len(receiver.accepted()) == 1
         current = meter.current()
         assert current["retries"] == 2 and current["retrying_since"] is None
@@ -147,7 +147,7 @@ def test_lag_is_the_age_of_the_oldest_change_not_delivered_and_zero_when_none_wa
     feed = MemoryFeed("t", changes=[insert("t", {"id": i}, committed_at=committed)
                                     for i in range(3)], endless=True)
     meter = SinkMeter()
-    output = MeasuredOutput(Pipeline(feed, [labeling(None)],
+    output = MeasuredOutput(Pipeline(feed, [Labeling(None)],
                                      sink=MeasuredSink(slow_sink, meter)).output())
     runner = threading.Thread(target=deliver, args=(feed, output), daemon=True)
     runner.start()
@@ -170,7 +170,7 @@ def test_lag_is_the_age_of_the_oldest_change_not_delivered_and_zero_when_none_wa
 def test_bytes_are_the_json_lines_the_sink_got():
     meter, sink = SinkMeter(), ListSink()
     feed = MemoryFeed("t", changes=[insert("t", {"id": 1, "name": "é"})])
-    Pipeline(feed, [labeling(to_delta("Thing"))], sink=MeasuredSink(sink, meter)).run()
+    Pipeline(feed, [Labeling(to_delta("Thing"))], sink=MeasuredSink(sink, meter)).run()
     assert meter.current()["bytes"] == len(dumps_line(sink.items[0]))
 
 

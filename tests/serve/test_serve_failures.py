@@ -67,6 +67,9 @@ sink = "{tmp_path}/buggy.jsonl"
         assert "stage explode_on_13 failed" in buggy["error"] and "unlucky row 13" in (
             buggy["error"])
         serve.wait_until(lambda: len(jsonl(tmp_path / "orders.jsonl")) == 13, "the file's rows")
+        # The sink counts a batch once it is written: the file may show it a moment before.
+        serve.wait_until(lambda: serve.metric("changefeed_changes_delivered_total",
+                                              pipeline="to-file") == 13, "the file's count")
         status = run_cli("status", "--url", serve.url)
         assert status.returncode == 1, status.stderr
         rows = {line.split()[1]: line.split() for line in status.stdout.splitlines()[1:-1]}

@@ -17,7 +17,7 @@ def spec(tmp_path: Path, url: str, **supervision: float) -> PipelineSpec:
     options = {
         "tables": [], "url": url, "ops": ["insert", "delete", "update"], "prefeed": None,
         "fmt": "change", "model": None, "exclude": [], "chunk_size": None, "slot": None,
-        "publication": None, "checkpoint": None, "limit": None, "until_idle": None,
+        "publication": None, "checkpoint": None, "limit": None, "idle_timeout": None,
         "where": None, "filter": None, "stages": [], "sink": str(tmp_path / "out.jsonl"),
         "dead_letter": None, "processes": False, "messages": [], "quiet": True,
     }

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path as FilePath
 from typing import Any
 
+from changefeed.bounds import count_problem, seconds_problem
 from changefeed.change import ALL, Operation
 from changefeed.errors import ChangefeedError, ConfigurationError
 from changefeed.redact import redact, register_secret
@@ -62,8 +63,12 @@ class Key:
     """Returns what is wrong with a value of the right type (None: nothing)."""
 
 
-def _positive(value: Any) -> str | None:
-    return None if value > 0 else "must be greater than 0"
+def _count(value: Any) -> str | None:
+    return count_problem(value)
+
+
+def _seconds(value: Any) -> str | None:
+    return seconds_problem(value)
 
 
 def _strings(value: Any) -> str | None:
@@ -102,12 +107,13 @@ PIPELINE_KEYS: dict[str, Key] = {key.name: key for key in (
     Key("format", _STRING, "a string", _one_of("delta", "change", "debezium")),
     Key("model", (str, dict), "a string or a table of strings", _model),
     Key("exclude", _STRINGS, "a string or an array of strings", _strings),
-    Key("chunk_size", (int,), "an integer", _positive),
+    Key("chunk_size", (int,), "an integer", _count),
     Key("slot", _STRING, "a string"),
     Key("publication", _STRING, "a string"),
     Key("checkpoint", _STRING, "a string"),
-    Key("limit", (int,), "an integer", _positive),
-    Key("until_idle", _NUMBER, "a number of seconds", _positive),
+    Key("limit", (int,), "an integer", _count),
+    Key("idle_timeout", _NUMBER, "a number of seconds", _seconds),
+    Key("until_idle", _NUMBER, "a number of seconds", _seconds),
     Key("where", _STRING, "a string"),
     Key("filter", (str, list), "a string or an array"),
     Key("stages", _STRINGS, "a string or an array of strings", _strings),
@@ -117,11 +123,13 @@ PIPELINE_KEYS: dict[str, Key] = {key.name: key for key in (
     Key("messages", _STRINGS, "a string or an array of strings", _strings),
     Key("quiet", (bool,), "true or false"),
     Key("enabled", (bool,), "true or false"),
-    Key("restart_delay", _NUMBER, "a number of seconds", _positive),
-    Key("restart_max_delay", _NUMBER, "a number of seconds", _positive),
-    Key("stop_timeout", _NUMBER, "a number of seconds", _positive),
+    Key("restart_delay", _NUMBER, "a number of seconds", _seconds),
+    Key("restart_max_delay", _NUMBER, "a number of seconds", _seconds),
+    Key("stop_timeout", _NUMBER, "a number of seconds", _seconds),
 )}
 """Every key of a pipeline (and of ``[defaults]``)."""
+OLD_NAMES = {"until_idle": "idle_timeout"}
+"""Keys still accepted under the name they had, and the key each is now."""
 TOP_KEYS = ("pipelines", "defaults")
 DATABASE_ONLY = ("tables", "prefeed", "exclude", "chunk_size", "slot", "publication",
                  "checkpoint", "messages")
@@ -213,6 +221,10 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         raise ConfigurationError(f"{shown}:{line}: not UTF-8 text (TOML files are)") from None
+    deep = too_deep(text)
+    if deep is not None:
+        raise ConfigurationError(f"{shown}:{deep}: arrays and inline tables nest more than"
+                                 f" {MAX_NESTING} levels deep")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -231,6 +243,60 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
         where = locate(exc.path) if exc.path else shown
         raise ConfigurationError(f"{where}: {redact(exc.message)}") from None
     return ServeConfig(shown, pipelines, locate)
+
+
+MAX_NESTING = 128
+"""How deep arrays and inline tables may nest in the file: more than a filter may
+(`changefeed.pipelines.filters.MAX_DEPTH`), far less than what would exhaust Python's stack in
+``tomllib`` (a recursive parser: two frames a level) or in the checks after it."""
+_TOML_TOKENS = re.compile(r'"""|' + r"'''" + r"""|["'#\[\]{}\n]""")
+
+
+def too_deep(text: str) -> int | None:
+    """The line where arrays and inline tables in the TOML ``text`` first nest deeper than
+    `MAX_NESTING`, or None. A scan of brackets outside strings and comments, made before
+    ``tomllib`` parses (and recurses) at all; it decides nothing else."""
+    depth = 0
+    line = 1
+    position = 0
+    while True:
+        match = _TOML_TOKENS.search(text, position)
+        if match is None:
+            return None
+        token = match.group()
+        position = match.end()
+        if token == "\n":
+            line += 1
+        elif token == "#":
+            end = text.find("\n", position)
+            position = len(text) if end < 0 else end
+        elif token in ('"""', "'''", '"', "'"):
+            end = _string_end(text, position, token)
+            line += text.count("\n", position, end)
+            position = end
+        elif token in "[{":
+            depth += 1
+            if depth > MAX_NESTING:
+                return line
+        else:
+            depth = max(0, depth - 1)
+
+
+def _string_end(text: str, position: int, quote: str) -> int:
+    """Where the string opened by ``quote`` just before ``position`` ends (after its closing
+    quote; at the newline of a one-line string that lacks one: tomllib says what is wrong)."""
+    escapes = quote.startswith('"')
+    while position < len(text):
+        char = text[position]
+        if escapes and char == "\\":
+            position += 2
+            continue
+        if len(quote) == 1 and char == "\n":
+            return position
+        if text.startswith(quote, position):
+            return position + len(quote)
+        position += 1
+    return position
 
 
 def _syntax_error(shown: str, text: str, message: str) -> str:
@@ -311,6 +377,8 @@ def _pipelines(data: dict[str, Any], environ: dict[str, str]) -> dict[str, Pipel
     defaults = {key: substitute(value, ("defaults", key), environ, default_secrets[key])
                 for key, value in defaults.items()}
     _check_keys(defaults, ("defaults",))
+    defaults, default_origins = _new_names(defaults, ("defaults",))
+    default_secrets = {OLD_NAMES.get(key, key): found for key, found in default_secrets.items()}
     specs: dict[str, PipelineSpec] = {}
     normalized: dict[str, str] = {}
     for name, table in tables.items():
@@ -328,8 +396,10 @@ def _pipelines(data: dict[str, Any], environ: dict[str, str]) -> dict[str, Pipel
         secrets: list[str] = []
         table = substitute(table, where, environ, secrets)
         _check_keys(table, where)
+        table, table_origins = _new_names(table, where)
         values = {**defaults, **table}
-        origins = {key: (*where, key) if key in table else ("defaults", key) for key in values}
+        origins = {key: table_origins[key] if key in table else default_origins[key]
+                   for key in values}
         secrets += [secret for key, found in default_secrets.items() if key not in table
                     for secret in found]
         try:
@@ -356,12 +426,26 @@ def _check_keys(table: dict[str, Any], where: Path) -> None:
     for key, value in table.items():
         spec = PIPELINE_KEYS.get(key)
         if spec is None:
-            raise _Located(_unknown(key, list(PIPELINE_KEYS), "key"), (*where, key))
+            known = [name for name in PIPELINE_KEYS if name not in OLD_NAMES]
+            raise _Located(_unknown(key, known, "key"), (*where, key))
         if isinstance(value, bool) and bool not in spec.kinds or not isinstance(value, spec.kinds):
             raise _Located(f"expected {spec.shown}, not {_describe(value)}", (*where, key))
         problem = spec.check(value) if spec.check is not None else None
         if problem is not None:
             raise _Located(problem, (*where, key))
+
+
+def _new_names(table: dict[str, Any], where: Path) -> tuple[dict[str, Any], dict[str, Path]]:
+    """``table`` with its keys under their current names (`OLD_NAMES`), and where each key was
+    written (for messages, which name the key as the file does)."""
+    origins: dict[str, Path] = {key: (*where, key) for key in table}
+    for old, new in OLD_NAMES.items():
+        if old in table:
+            if new in table:
+                raise _Located(f"{old} is the old name of {new}: give one", (*where, old))
+            table = {new if key == old else key: value for key, value in table.items()}
+            origins[new] = origins.pop(old)
+    return table, origins
 
 
 def _describe(value: Any) -> str:
@@ -445,7 +529,7 @@ def _spec(name: str, values: dict[str, Any], origins: dict[str, Path], where: Pa
         "publication": values.get("publication"),
         "checkpoint": values.get("checkpoint"),
         "limit": values.get("limit"),
-        "until_idle": values.get("until_idle"),
+        "idle_timeout": values.get("idle_timeout"),
         "where": values.get("where"),
         "filter": json.dumps(filter_value) if isinstance(filter_value, list) else filter_value,
         "stages": _as_list(values.get("stages")),

@@ -1,7 +1,7 @@
 """What a served pipeline measures, by wrapping the parts ``changefeed run`` builds (no hooks in
 the core): the sink, the pipeline's output, and the retry policies.
 
-* `Labeled` / `labeling`: the format stage (or none) wrapped so that each item carries the
+* `Labeled` / `Labeling`: the format stage (or none) wrapped so that each item carries the
   table, operation and snapshot flag of the change it was made from, to the sink;
 * `MeasuredSink`: unwraps those items for the real sink and counts what it confirmed (by table
   and operation), their size as JSON lines, how long each batch took, dead letters; it runs
@@ -63,7 +63,7 @@ _NO_LABELS = ("", "", False)
 _key_of = operator.attrgetter("key")
 
 
-class labeling:  # noqa: N801  (a stage reads as a function in a stage list)
+class Labeling:
     """The last stage of a served pipeline: ``encode`` (the format stage, or None) applied to an
     item, its result `Labeled` with the table and operation of the change it was (items that
     are not changes, which a Python stage may make, get empty labels).
@@ -380,4 +380,4 @@ class MeasuredOutput(Output):
 
 
 __all__ = ["LATENCY_BUCKETS", "CountingRetry", "Labeled", "MeasuredOutput", "MeasuredSink",
-           "SinkMeter", "labeling"]
+           "SinkMeter", "Labeling"]

@@ -10,7 +10,9 @@ Nothing a supervisor does touches another pipeline: each has its own process, pi
 
 Stopping sends SIGTERM: the pipeline delivers what it holds, acknowledges, and exits; after
 ``stop_timeout`` seconds its process group is killed (what it had not acknowledged comes again
-on the next run).
+on the next run). A pipeline's process also stops when the server's process goes away, however
+it ends (``kill -9`` too): its stdin, which only the server holds open, then reads EOF (see
+`changefeed.serve.pipelines.worker`).
 
 Counters survive the pipeline's restarts: the supervisor adds up the runs (`Totals`).
 """
@@ -217,7 +219,8 @@ class Supervisor:
         `STABLE_SECONDS`."""
         read_fd, write_fd = os.pipe()
         request = json.dumps({"spec": self.spec.to_json(), "log_format": self.log_format,
-                              "quiet": self.quiet}).encode()
+                              "quiet": self.quiet,
+                              "stop_timeout": self.spec.supervision.stop_timeout}).encode()
         started = time.monotonic()
         try:
             process = subprocess.Popen(
@@ -239,10 +242,12 @@ class Supervisor:
             "pipeline": self.name, "fields": {"pid": process.pid}})
         if self.stopping.is_set():  # a stop that came while the process was being made
             _signal(process, signal.SIGTERM)
+        # One line of request; stdin then stays open, unwritten, until the process ended: the
+        # process reads its EOF as the server having gone away (killed, crashed) and stops.
         try:
             assert process.stdin is not None
-            process.stdin.write(request)
-            process.stdin.close()
+            process.stdin.write(request + b"\n")
+            process.stdin.flush()
         except OSError:
             pass  # it died at once: its exit code says so
         ended: dict[str, Any] | None = None
@@ -277,6 +282,11 @@ class Supervisor:
         finally:
             os.close(read_fd)
         code = process.wait()
+        try:
+            assert process.stdin is not None
+            process.stdin.close()
+        except OSError:
+            pass
         stable = time.monotonic() - started >= STABLE_SECONDS
         with self.lock:
             if self.stats is not None:

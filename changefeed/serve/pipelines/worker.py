@@ -1,13 +1,17 @@
 """A served pipeline's own process: ``python -m changefeed.serve.pipelines.worker FD``.
 
-The server writes the request (the pipeline's spec, the log format) as JSON on its stdin; the
-process builds the run exactly as ``changefeed run`` does (`config.build`), with the meters of
-`meters` around it, and runs `changefeed.delivery.deliver` until SIGTERM (deliver what it
-holds, acknowledge, exit 0), its ``limit`` or ``until_idle``, or a failure. Logs go to stderr
-(the server's), labelled with the pipeline. Every `REPORT_SECONDS` it writes its state and
-counts as one JSON line to FD; its last line says how it ended (`ended`): ``finished``,
-``stopped``, or ``failed`` with whether a restart may cure it (`is_transient`). It stops
-on its own when the server's process goes away.
+The server writes the request (the pipeline's spec, the log format) as one JSON line on its
+stdin and keeps stdin open; the process builds the run exactly as ``changefeed run`` does
+(`config.build`), with the meters of `meters` around it, and runs
+`changefeed.delivery.deliver` until SIGTERM (deliver what it holds, acknowledge, exit 0), its
+``limit`` or ``idle_timeout``, or a failure. Logs go to stderr (the server's), labelled with the
+pipeline. Every `REPORT_SECONDS` it writes its state and counts as one JSON line to FD; its last
+line says how it ended (`ended`): ``finished``, ``stopped``, or ``failed`` with whether a
+restart may cure it (`is_transient`).
+
+It stops on its own when the server's process goes away, however it ends: the EOF of stdin
+says so (`watch_server`); it then stops as on SIGTERM, and exits at once if that takes longer
+than the pipeline's ``stop_timeout``, since no supervisor is left to kill it.
 """
 
 from __future__ import annotations
@@ -37,10 +41,10 @@ from changefeed.serve.pipelines.config import PipelineSpec, Supervision, build
 from changefeed.serve.pipelines.meters import (
     SNAPSHOT_RECENT,
     CountingRetry,
+    Labeling,
     MeasuredOutput,
     MeasuredSink,
     SinkMeter,
-    labeling,
 )
 
 log = logging.getLogger("changefeed.serve")
@@ -163,7 +167,6 @@ class PipelineRun:
         self.send = send
         self.quiet = quiet or bool(spec.options.get("quiet"))
         self.stop_requested = False
-        self.parent = os.getppid()
         self.done = threading.Event()
         self.meter = SinkMeter()
         self.warnings = _LastWarning()
@@ -201,7 +204,7 @@ class PipelineRun:
                    if parts.dead_letter is not None else None)
         from changefeed.pipelines.pipeline import Pipeline
 
-        pipeline = Pipeline(feed, [*parts.stages, labeling(parts.encode)], sink=sink,
+        pipeline = Pipeline(feed, [*parts.stages, Labeling(parts.encode)], sink=sink,
                             dead_letter=letters, processes=options.processes,
                             ack_interval=ACK_SECONDS)
         output = self.output = MeasuredOutput(pipeline.output(), on_open=self._start_reporter)
@@ -212,7 +215,7 @@ class PipelineRun:
         try:
             if self.stop_requested:
                 feed.stop()
-            result = deliver(feed, output, limit=options.limit, idle_timeout=options.until_idle,
+            result = deliver(feed, output, limit=options.limit, idle_timeout=options.idle_timeout,
                              ack_interval=ACK_SECONDS, progress=Progress(feed, self.quiet))
             if result.reader_gone:
                 outcome = {"outcome": "failed", "transient": True,
@@ -253,9 +256,6 @@ class PipelineRun:
     def _report_loop(self) -> None:
         next_wal = 0.0
         while not self.done.wait(REPORT_SECONDS):
-            if os.getppid() != self.parent and not self.stop_requested:
-                log.warning("the server's process went away: stopping")
-                self.stop()
             if self.stop_requested and self.feed is not None and not self.feed.stopping:
                 self.feed.stop()  # a stop that came before the run began reading
             now = time.monotonic()
@@ -311,10 +311,39 @@ def spec_of(data: dict[str, Any]) -> PipelineSpec:
                         tuple(data.get("secrets", ())))
 
 
+PARENT_GONE_EXIT = 70
+"""The exit code of a process that the server's going away ended before it could stop."""
+
+
+def watch_server(run: PipelineRun, stdin: Any, stop_timeout: float) -> threading.Thread:
+    """A thread that waits for the EOF of ``stdin`` (the server holds the other end open until
+    the process ended), then stops ``run``, and ends the process if it has not stopped within
+    ``stop_timeout`` seconds."""
+
+    def watch() -> None:
+        while stdin.read(1 << 12):  # nothing more is written: only the EOF matters
+            pass
+        if run.done.is_set():
+            return
+        log.warning("the server's process went away: stopping")
+        run.stop()
+        if not run.done.wait(stop_timeout):
+            log.error("did not stop within %.0f s of the server going away: exiting; what was"
+                      " not acknowledged comes again on the next run", stop_timeout)
+            os._exit(PARENT_GONE_EXIT)
+
+    thread = threading.Thread(target=watch, name="changefeed-server-watch", daemon=True)
+    thread.start()
+    return thread
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     reporter = _Reporter(int(args[0]))
-    request = json.loads(sys.stdin.buffer.read())
+    line = sys.stdin.buffer.readline()
+    if not line.strip():  # the server went away before it sent the request
+        sys.exit(PARENT_GONE_EXIT)
+    request = json.loads(line)
     spec = spec_of(request["spec"])
     for secret in spec.secrets:
         register_secret(secret)
@@ -329,6 +358,7 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    watch_server(run, sys.stdin.buffer.raw, float(request.get("stop_timeout") or 30.0))
     sys.exit(run.run())
 
 

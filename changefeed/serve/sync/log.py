@@ -50,17 +50,19 @@ from psycopg import sql
 
 from changefeed import (
     UNCHANGED,
+    Batch,
     Change,
     ChangefeedError,
     ConfigurationError,
     Message,
     Operation,
+    Pipeline,
+    Sink,
     SnapshotState,
     get_changefeed,
 )
 from changefeed.errors import first_line
 from changefeed.formats.codec import dumps  # changefeed's JSON encoding
-from changefeed.pipelines import Batch, Pipeline, Sink, batch
 from changefeed.serve.sync.values import COLUMNS_SQL, KEY_SQL, TableInfo, table_from_rows
 
 log = logging.getLogger("changefeed.serve.sync")
@@ -465,7 +467,7 @@ class Feeder(threading.Thread):
                               status_interval=1.0, messages=[fence_prefix(self.schema)])
         self.sink = LogSink(self.url, self.schema, self.tables)
         # Batches close after at most BATCH_SECONDS: a change waits no longer to be logged.
-        pipeline = Pipeline(feed, [batch(1000, BATCH_SECONDS)], sink=self.sink)
+        pipeline = Pipeline(feed, sink=self.sink, batch_size=1000, batch_seconds=BATCH_SECONDS)
         self._pipeline = pipeline
         outcome: list[BaseException] = []
 

@@ -1,0 +1,91 @@
+"""A throwaway PostgreSQL (`changefeed.embedded.TemporaryPostgres`, ``changefeed demo``) does not
+outlive the process that made it: killed with SIGKILL, its server stops and its directory goes
+within `BOUND` seconds; a clean exit leaves no guard process behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from clitools import CHANGEFEED
+from proctools import descendants, wait_ended
+
+pytestmark = pytest.mark.postgres
+
+BOUND = 20.0
+"""Seconds within which the server and its directory must be gone (pg_ctl stop -m immediate)."""
+
+HOLDER = """
+import sys, time
+from changefeed.embedded import TemporaryPostgres
+server = TemporaryPostgres()
+server.start()
+print(server.directory, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.fixture
+def tmpdir_for_clusters():
+    """A TMPDIR the cluster's unprivileged owner can reach (pytest's own is root's only)."""
+    directory = tempfile.mkdtemp(prefix="changefeed-guard-test-", dir="/tmp")
+    os.chmod(directory, 0o755)
+    yield Path(directory)
+    subprocess.run(["rm", "-rf", directory], check=False)
+
+
+def postmaster(datadir: Path, seconds: float = 60) -> int:
+    deadline = time.monotonic() + seconds
+    while not (datadir / "postmaster.pid").exists():
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    return int((datadir / "postmaster.pid").read_text().split()[0])
+
+
+def assert_cleaned_up(directory: Path, server_pid: int, started: list[int]) -> None:
+    wait_ended([server_pid, *started], BOUND, "the cluster of a killed process")
+    deadline = time.monotonic() + BOUND
+    while directory.exists():
+        assert time.monotonic() < deadline, f"{directory} is still there"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("how", ["library", "demo"])
+def test_a_killed_process_leaves_no_server_and_no_directory(how, tmpdir_for_clusters):
+    env = {**os.environ, "TMPDIR": str(tmpdir_for_clusters)}
+    if how == "library":
+        argv = [sys.executable, "-c", HOLDER]
+    else:
+        argv = [*CHANGEFEED, "demo", "--seconds", "0"]
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        if how == "library":
+            directory = Path(process.stdout.readline().decode().strip())
+        else:
+            process.stdout.readline()  # the first delta: the cluster is up and streaming
+            (directory,) = tmpdir_for_clusters.glob("changefeed-pg-*")
+        server = postmaster(directory / "data")
+        started = descendants(process.pid)  # the guard (the server is pg_ctl's, not ours)
+        assert started, "no guard process"
+        process.kill()
+        process.wait(30)
+        assert_cleaned_up(directory, server, started)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.stdout.close()
+
+
+def test_a_clean_exit_stops_the_guard_too():
+    from changefeed.embedded import TemporaryPostgres
+
+    with TemporaryPostgres() as server:
+        guard = server._guard
+        assert guard is not None and guard.poll() is None
+        directory = server.directory
+    assert guard.returncode == 0 and not directory.exists()  # it ended on its stdin's EOF
