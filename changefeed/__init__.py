@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 # ``implementation``: "c" where the compiled hot path runs, "python" where the pure-Python code
 # does (no extension built, or CHANGEFEED_IMPL=python).
 from changefeed._speedups import implementation
-from changefeed.change import ALL, UNCHANGED, Change, Operation, Position, SnapshotState
+from changefeed.change import ALL, UNCHANGED, Change, Operation, Position, SnapshotState, Truncate
 from changefeed.checkpoint import CheckpointStore, FileCheckpoint, MemoryCheckpoint
 from changefeed.delivery import FeedStats
 from changefeed.errors import (
@@ -94,6 +94,7 @@ if TYPE_CHECKING:  # what _LAZY loads on first use, spelled out for type checker
 INSERT = Operation.INSERT
 DELETE = Operation.DELETE
 UPDATE = Operation.UPDATE
+TRUNCATE = Operation.TRUNCATE
 
 _LAZY: dict[str, str] = {
     # feeds: each imports its driver
@@ -155,6 +156,7 @@ __all__ = [
     "CHANNEL_PREFIX",
     "DELETE",
     "INSERT",
+    "TRUNCATE",
     "UNCHANGED",
     "UPDATE",
     "BackendError",
@@ -201,6 +203,7 @@ __all__ = [
     "Subscription",
     "ToDelta",
     "TransientBackendError",
+    "Truncate",
     "Typed",
     "TypedChange",
     "TypedRowError",

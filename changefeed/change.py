@@ -1,8 +1,11 @@
-"""The values a feed produces: `Operation` flags and immutable `Change` records.
+"""The values a feed produces: `Operation` flags, immutable `Change` records, and the
+table-level events beside them (`Truncate`).
 
 A `Change` holds Python values (int, Decimal, datetime, UUID, dict, list, bytes), never the
 database's text. Its ``position`` is opaque to everyone but the backend that made it: it is
 JSON-serialisable and, within one feed, ordered, so sinks can drop duplicates after a replay.
+A `Truncate` says a table was emptied; it has a position in the same sequence and is
+acknowledged like a change.
 """
 
 from __future__ import annotations
@@ -25,11 +28,13 @@ class Operation(enum.IntFlag):
     """The kinds of change a feed watches; combine them with ``|``.
 
     The values are BigchainDB's, so ``ChangeFeed.INSERT | ChangeFeed.UPDATE`` code keeps working.
+    ``TRUNCATE`` (a table emptied: a `Truncate` item) is part of `ALL`; only PostgreSQL has it.
     """
 
     INSERT = 1
     DELETE = 2
     UPDATE = 4
+    TRUNCATE = 8
 
     @classmethod
     def parse(cls, text: str) -> Operation:
@@ -59,7 +64,9 @@ class Operation(enum.IntFlag):
         return [(op.name or "").lower() for op in Operation if op in self]
 
 
-ALL = Operation.INSERT | Operation.DELETE | Operation.UPDATE
+ALL = Operation.INSERT | Operation.DELETE | Operation.UPDATE | Operation.TRUNCATE
+ROW_OPERATIONS = Operation.INSERT | Operation.DELETE | Operation.UPDATE
+"""The operations of single rows (what a `Change` can be)."""
 
 
 class _Unchanged:
@@ -195,6 +202,55 @@ class SnapshotState:
     def to_dict(self) -> dict[str, Any]:
         return {"type": "snapshot", "table": self.table, "state": self.state,
                 "position": self.position}
+
+
+@dataclass(frozen=True, slots=True)
+class Truncate:
+    """A table emptied by ``TRUNCATE``, as committed: every row of ``table`` is gone.
+
+    One per table: a statement truncating several tables (listed, or reached by ``CASCADE``)
+    gives one each, in the statement's order, with consecutive positions. ``cascade`` and
+    ``restart_identity`` are the statement's options. A consumer keeping a copy of the table
+    empties it; ``position``, ``committed_at`` and ``transaction`` are as on a `Change` (it is
+    acknowledged like one), ``meta`` as on a `Change` read back from a log.
+    `changefeed run --format change` writes it as ``{"operation": "truncate", "table": ...,
+    "position": ..., ...}`` (see `to_dict`).
+    """
+
+    table: str
+    position: Position = None
+    committed_at: datetime | None = None
+    transaction: Any = None
+    cascade: bool = False
+    restart_identity: bool = False
+    meta: dict[str, Any] | None = None
+
+    @property
+    def operation(self) -> Operation:
+        """`Operation.TRUNCATE`: what an operation mask filters it by."""
+        return Operation.TRUNCATE
+
+    @property
+    def snapshot(self) -> bool:
+        """False: a truncate is never part of a snapshot (as on a `Change` streamed)."""
+        return False
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form, shaped like `Change.to_dict` (``operation``, ``table``,
+        ``position``, ``committed_at``, ``transaction``) with the statement's options;
+        `changefeed.formats.change_dict` reads it back."""
+        result: dict[str, Any] = {
+            "operation": "truncate",
+            "table": self.table,
+            "position": self.position,
+            "committed_at": self.committed_at,
+            "transaction": self.transaction,
+            "cascade": self.cascade,
+            "restart_identity": self.restart_identity,
+        }
+        if self.meta:
+            result["meta"] = self.meta
+        return result
 
 
 class _ChangeFields:

@@ -64,6 +64,9 @@ class Feed(Protocol):
     stopping: bool
     stats: FeedStats
 
+    @property
+    def caught_up(self) -> bool: ...
+
     def read(self) -> Generator[Any, None, None]: ...
 
     def ack(self, position: Position) -> None: ...
@@ -200,7 +203,9 @@ def bounded(
     close: bool = False,
 ) -> Generator[Any, None, None]:
     """The items of ``stream`` (``feed.read()``) until ``limit`` of them were read, ``timeout``
-    seconds passed, no change came for ``idle_timeout`` seconds, or ``feed.stop()`` was called.
+    seconds passed, no change came for ``idle_timeout`` seconds while the feed was caught up
+    with its source (``feed.caught_up``: not reconnecting, not behind), or ``feed.stop()`` was
+    called.
 
     This is where the ends of every read of a feed are enforced, each time after an item was
     handled and before the next is read; a batch of lines counts as the changes it holds (and
@@ -233,6 +238,8 @@ def bounded(
             now = monotonic()
             if read != read_at_last_tick:
                 read_at_last_tick, idle_since = read, now
+            elif idle_timeout is not None and not getattr(feed, "caught_up", True):
+                idle_since = now  # quiet, but not caught up: that is no idleness
             if feed.stopping or (deadline is not None and now >= deadline) or (
                 idle_timeout is not None and now - idle_since >= idle_timeout
             ):

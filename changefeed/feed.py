@@ -67,6 +67,7 @@ class ChangeFeed(Node):
     INSERT = Operation.INSERT
     DELETE = Operation.DELETE
     UPDATE = Operation.UPDATE
+    TRUNCATE = Operation.TRUNCATE
     ALL = ALL
 
     supports_snapshot = False
@@ -109,6 +110,8 @@ class ChangeFeed(Node):
         self.stopping = False
         """Whether `stop()` was called since the current `read()` began (read it, do not set
         it): the delivery loop ends the run on it, and an output waiting on its sink gives up."""
+        self.reconnecting = False
+        """Whether the feed lost its source and has not streamed again since."""
 
     @property
     def acknowledged(self) -> Position:
@@ -156,6 +159,18 @@ class ChangeFeed(Node):
         its `Change`, for the reader's own filter. Default: False (the PostgreSQL backend's
         compiled path says yes)."""
         return False
+
+    def source_caught_up(self) -> bool:
+        """Whether the backend has handed out everything its source had when it last went
+        quiet. Default: a tick says so; backends that can tell better override this (PostgreSQL
+        compares the stream with the server's WAL)."""
+        return True
+
+    @property
+    def caught_up(self) -> bool:
+        """Whether the feed is idle because it is caught up with its source, not because it
+        lost it or lags behind it: an idle timeout (``--idle-timeout``) counts only then."""
+        return not self.reconnecting and self.source_caught_up()
 
     def __enter__(self: F) -> F:
         return self
@@ -246,6 +261,7 @@ class ChangeFeed(Node):
                             yield change
                         else:
                             self.connected_once = True  # a tick: the backend is streaming
+                            self.reconnecting = False
                             yield None
                     return
                 except Exception as exc:
@@ -259,6 +275,7 @@ class ChangeFeed(Node):
                         raise error from exc
                     failures += 1
                     delay = self._reconnect_delay(exc, failures)
+                    self.reconnecting = True
                 finally:
                     close_stream = getattr(stream, "close", None)
                     if close_stream is not None:  # a generator: run its clean-up now

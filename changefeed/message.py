@@ -8,6 +8,11 @@ becomes of the transaction around it, with a position of its own.
 
 A `Message` is acknowledged like a `Change` (``feed.ack(message.position)``), so a consumer that
 handles both does nothing special for either.
+
+JSON content is read as json column values are (`changefeed.formats.json_values`): numbers
+digit for digit, and content nested deeper than ``MAX_DEPTH`` containers (or escaping a lone
+surrogate) kept as its exact text, which goes out as JSON, not as a string. No content can stop
+a feed.
 """
 
 from __future__ import annotations
@@ -17,9 +22,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import orjson
-
 from changefeed.change import Position
+from changefeed.formats.json_values import loads_value
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,8 +49,10 @@ class Message:
         return self.content.decode("utf-8")
 
     def json(self) -> Any:
-        """The content parsed as JSON (orjson.JSONDecodeError, a ValueError, when it is not)."""
-        return orjson.loads(self.content)
+        """The content parsed as JSON, exactly: integers as ints, other numbers as
+        `changefeed.formats.json_values.JsonDecimal`, content nested too deep for Python as
+        its text (a ``RawJson``). ValueError when it is not JSON (UTF-8)."""
+        return loads_value(self.content)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON line ``changefeed run --messages`` writes for this message.
@@ -64,10 +70,11 @@ class Message:
 
 
 def decode_content(content: bytes) -> dict[str, Any]:
-    """``{"content": value}``: JSON, else text, else base64 (with ``content_encoding``)."""
+    """``{"content": value}``: JSON (exact, see `Message.json`), else text, else base64 (with
+    ``content_encoding``)."""
     try:
-        return {"content": orjson.loads(content)}
-    except orjson.JSONDecodeError:
+        return {"content": loads_value(content)}
+    except ValueError:
         pass
     try:
         return {"content": content.decode("utf-8")}

@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from changefeed.change import Change, Operation, Position
+from changefeed.change import Change, Operation, Position, Truncate
 from changefeed.errors import ChangefeedError, PipelineError
 from changefeed.pipelines.sinks import (
     Batch,
@@ -49,7 +49,7 @@ class _Entry:
         change = self.change
         self.dead.append(
             {
-                "change": change.to_dict() if isinstance(change, Change) else change,
+                "change": change.to_dict() if isinstance(change, (Change, Truncate)) else change,
                 "error": _describe(exc),
                 "stage": stage,
             }

@@ -27,7 +27,10 @@ Payload types: what msgspec encodes and validates: bool, int, float, str, bytes 
 None / optional fields, date, time, datetime (naive or aware), timedelta, Decimal (sent as a
 string: no digit is lost), UUID, enums, nested dataclasses, and lists, tuples, sets,
 frozensets and dicts (string keys) of those. A payload is checked on sending (the error names
-the field) and again on receiving.
+the field) and again on receiving. Numbers are read exactly: a JSON number in a field typed
+``Any`` (or seen by an upcaster) is an int or a `Decimal`, never a float that lost digits. A
+payload nested deeper than `changefeed.formats.json_values.MAX_DEPTH` levels is refused
+(`ChannelError`) on both sides: Python's parsers would run out of stack on it.
 
 Receiving: `receive(OrderCreated, ...)` is a pipeline stage turning each channel message into a
 `Notification` whose ``payload`` is the channel instance; rows and other messages pass through.
@@ -49,6 +52,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from decimal import Decimal
 from typing import Any, ClassVar, Literal, TypeVar
 
 import msgspec
@@ -60,6 +64,7 @@ else:
 
 from changefeed.change import Position
 from changefeed.errors import ChangefeedError
+from changefeed.formats.json_values import MAX_DEPTH, deeper_than
 from changefeed.message import Message
 
 log = logging.getLogger("changefeed.pipelines")
@@ -165,7 +170,11 @@ def encode(event: Channel, *, db_version: str | None = None, id: str | None = No
         payload = msgspec.json.encode(event)
     except (TypeError, msgspec.EncodeError) as exc:
         raise ChannelError(f"{_label(cls)}: cannot encode the payload: {exc}") from exc
-    _decode_payload(cls, msgspec.json.decode(payload))  # the same check a listener makes
+    except RecursionError:
+        raise ChannelError(f"{_label(cls)}: {_TOO_DEEP}") from None
+    if deeper_than(payload, MAX_DEPTH - 1):  # the envelope adds a level
+        raise ChannelError(f"{_label(cls)}: {_TOO_DEEP}")
+    _decode_payload(cls, _PAYLOAD.decode(payload))  # the same check a listener makes
     envelope = {
         "id": id or str(uuid.uuid4()),
         "channel": cls.channel_name,
@@ -323,8 +332,10 @@ def decode(content: bytes, channels: dict[str, type[Channel]] | Iterable[type[Ch
     """The `Notification` in an envelope, its payload upcast and checked (`ChannelError`)."""
     if not isinstance(channels, dict):
         channels = {cls.channel_name: cls for cls in channels}
+    if deeper_than(content):
+        raise ChannelError(f"not a channel envelope that can be read: {_TOO_DEEP}")
     try:
-        envelope = msgspec.json.decode(content, type=_Envelope)
+        envelope = _ENVELOPE.decode(content)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ChannelError(f"not a channel envelope: {exc}") from exc
     cls = channels.get(envelope.channel)
@@ -362,6 +373,12 @@ class _Envelope(msgspec.Struct, forbid_unknown_fields=False):
     payload: dict[str, Any]
     sent_at: datetime
     db_version: str | None = None
+
+
+# Numbers that are not integers become Decimals (exact), not floats; typed fields convert them.
+_ENVELOPE = msgspec.json.Decoder(_Envelope, float_hook=Decimal)
+_PAYLOAD = msgspec.json.Decoder(dict[str, Any], float_hook=Decimal)
+_TOO_DEEP = f"the payload nests deeper than {MAX_DEPTH - 1} levels"
 
 
 def _decode_payload(cls: type[C], payload: dict[str, Any]) -> C:

@@ -1,5 +1,10 @@
 """Built-in stages: plain callables ``Change -> Change | None | iterable``.
 
+A `Truncate` (a table emptied) goes through the stages too: those that look at rows (`where`,
+`project`, `subscription`) pass it on unchanged (every row of the table is gone, whatever a
+filter says of rows), `route` sends it through its table's stages, `to_delta` makes a truncate
+delta.
+
 A stage returns one item, None to drop the change, or an iterable (anything iterable but a
 mapping, str or bytes) for one change becoming several items. Stages are pure: they neither
 acknowledge nor deliver, so the same list of stages runs in-process or across processes, and a
@@ -21,7 +26,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
-from changefeed.change import UNCHANGED, Change, Operation
+from changefeed.change import UNCHANGED, Change, Operation, Truncate
 from changefeed.errors import ConfigurationError, PipelineError
 from changefeed.formats.delta import ToDelta
 from changefeed.pipelines.filters import Filter, compile_filter, filter_fields
@@ -79,7 +84,9 @@ class Where:
     def name(self) -> str:
         return f"where({stage_name(self.predicate)})"
 
-    def __call__(self, change: Change) -> Change | None:
+    def __call__(self, change: Change | Truncate) -> Change | Truncate | None:
+        if isinstance(change, Truncate):
+            return change  # a filter on rows keeps a table's truncate
         return change if self.predicate(change) else None
 
 
@@ -113,7 +120,9 @@ class Project:
             return None
         return {field: row[field] for field in self.fields if field in row}
 
-    def __call__(self, change: Change) -> Change:
+    def __call__(self, change: Change | Truncate) -> Change | Truncate:
+        if isinstance(change, Truncate):
+            return change
         return dataclasses.replace(change, new=self._keep(change.new), old=self._keep(change.old))
 
 
@@ -277,6 +286,8 @@ class Subscription:
         operation = change.operation
         if operation is Operation.INSERT:
             return change if self.matches(change.new or {}) else None
+        if operation is Operation.TRUNCATE:
+            return change  # every row left the subscription
         old = change.old
         self._check_old(change)
         if operation is Operation.DELETE:

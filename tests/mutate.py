@@ -10,7 +10,8 @@ processes they start) import the mutated files. The script checks that before it
 
 Only the functions named below are mutated (through a patch file listing their lines), each
 with the tests that guard it; the PostgreSQL ones run against a real server, so they are kept
-to a small subset. Usage::
+to a small subset (the back-fill's state machine is tested without a server first, with
+acknowledgements that lag, then on a server). Usage::
 
     .venv-mutmut/bin/python tests/mutate.py [TARGET ...]     # default: every target
     cd .tmp/mutate && ../../.venv-mutmut/bin/mutmut show ID  # a survivor's diff
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shlex
 import shutil
 import sqlite3
 import subprocess
@@ -61,6 +63,29 @@ PURE_MESSAGE_TESTS = " ".join([
 ])
 """The message tests that need no server (the positions of messages)."""
 
+L = "tests/test_lagging_acks.py::test_"
+PG_BACKFILL_TESTS = " ".join(map(shlex.quote, [
+    f"{L}a_chunk_acknowledged_late_records_its_own_last_key_not_the_next_chunks",
+    f"{L}snapshot_chunks_acknowledged_late_resume_after_the_last_acknowledged_chunk[10-15-25-"
+    "primary key]",
+    f"{L}snapshot_chunks_acknowledged_late_resume_after_the_last_acknowledged_chunk[10-12-20-"
+    "no key]",
+    "tests/backends/test_postgres.py::test_a_snapshot_of_a_table_without_key_cut_short_"
+    "continues_after_its_last_chunk",
+]))
+"""A few back-fill tests on a real server (half a minute): acknowledgements that lag. Quoted:
+the runner is a shell script, and test ids hold spaces."""
+PG_SNAPSHOT_TESTS = " ".join(map(shlex.quote, [
+    "tests/backends/test_postgres.py::test_an_exported_snapshot_cut_short_is_taken_again",
+    "tests/backends/test_postgres.py::test_a_snapshot_of_a_table_without_key_cut_short_"
+    "continues_after_its_last_chunk",
+    "tests/test_guarantees_tables.py::test_every_kind_of_identity_gives_the_same_key_in_"
+    "snapshot_and_stream[identity index-exported]",
+    "tests/test_guarantees_tables.py::test_every_kind_of_identity_gives_the_same_key_in_"
+    "snapshot_and_stream[FULL without key-chunked]",
+]))
+"""The snapshot readers on a real server: exported and chunked, keys of every kind."""
+
 TARGETS: dict[str, tuple[str, list[str], str]] = {
     # name: (file, functions or classes ("Class.method" or "Class"), tests)
     "acks": ("changefeed/feed.py", ["ChangeFeed.ack", "ChangeFeed.__iter__"],
@@ -89,6 +114,20 @@ TARGETS: dict[str, tuple[str, list[str], str]] = {
                 "tests/pipelines/test_stages.py tests/pipelines/test_filters.py"),
     "ledger": ("backends/postgres/ledger.py", ["AckLedger.advance", "AckLedger.acknowledge"],
                "tests/backends/test_postgres_protocol.py " + PG_LEDGER_TESTS),
+    "chunks": ("backends/postgres/chunks.py",
+               ["key_token", "_token", "parse_tid", "TableBackfill", "next_ctid_chunk",
+                "pages_for", "ChunkWindow", "requested_tables", "window_changes"],
+               "tests/backends/test_postgres_chunks.py"),
+    "backfill": ("backends/postgres/backfill.py",
+                 ["Backfills.start", "Backfills.renamed", "Backfills.observe",
+                  "Backfills.on_message", "Backfills._watermark", "Backfills.committed",
+                  "Backfills.confirmed", "Backfills.reset", "chunk_state", "_adapt_pages",
+                  "backfill_states"],
+                 "tests/backends/test_postgres_chunks.py " + PG_BACKFILL_TESTS),
+    "snapshot": ("backends/postgres/snapshot.py",
+                 ["row_bytes", "BoundedFetch", "read_chunk", "exported_change",
+                  "ExportedChanges"],
+                 "tests/backends/test_postgres_chunks.py " + PG_SNAPSHOT_TESTS),
 }
 
 
@@ -167,7 +206,7 @@ def main(names: list[str]) -> None:
         # counts as killed. Output goes to /dev/null: mutmut reads the runner's terminal to its
         # end, which a server started by the tests must not hold open.
         script = COPY / f".mutmut-{name}.sh"
-        seconds = 300 if name == "ledger" else 30
+        seconds = 300 if name in ("ledger", "backfill", "snapshot") else 30
         script.write_text(
             f"timeout -s INT -k 30 {seconds} {PYTHON} -m pytest -x -q -p no:cacheprovider"
             f" {tests} >/dev/null 2>&1 </dev/null || exit 1\n"

@@ -2,7 +2,7 @@ import pickle
 
 import pytest
 
-from changefeed import UNCHANGED, Change, ChangeFeed, ConfigurationError, Operation
+from changefeed import ALL, UNCHANGED, Change, ChangeFeed, ConfigurationError, Operation
 from changefeed.errors import PermanentBackendError, ResumeError, TransientBackendError
 
 
@@ -16,18 +16,20 @@ def test_operation_values_match_bigchaindb():
         ("insert", Operation.INSERT),
         ("insert,update", Operation.INSERT | Operation.UPDATE),
         (" Update , DELETE ", Operation.UPDATE | Operation.DELETE),
-        ("all", Operation.INSERT | Operation.UPDATE | Operation.DELETE),
+        ("all", Operation.INSERT | Operation.UPDATE | Operation.DELETE | Operation.TRUNCATE),
+        ("truncate", Operation.TRUNCATE),
+        ("insert, TRUNCATE", Operation.INSERT | Operation.TRUNCATE),
     ],
 )
 def test_operation_parse(text, expected):
     assert Operation.parse(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "insert,upsert", "truncate", ","])
+@pytest.mark.parametrize("text", ["", "insert,upsert", "truncated", ","])
 def test_operation_parse_rejects_unknown_words_and_names_the_valid_ones(text):
     with pytest.raises(ConfigurationError) as info:
         Operation.parse(text)
-    assert "insert, delete, update" in str(info.value)
+    assert "insert, delete, update, truncate" in str(info.value)
 
 
 def test_unchanged_is_a_singleton_that_survives_pickling():
@@ -79,8 +81,8 @@ def test_a_change_is_immutable_and_copies_with_replace():
 
 @pytest.mark.parametrize("text, message", [
     ("insert,upsert",
-     "unknown operation 'upsert': use one or more of insert, delete, update, or all"),
-    (" , ", "no operation given: use one or more of insert, delete, update"),
+     "unknown operation 'upsert': use one or more of insert, delete, update, truncate, or all"),
+    (" , ", "no operation given: use one or more of insert, delete, update, truncate"),
 ])
 def test_operation_parse_errors_word_for_word(text, message):
     with pytest.raises(ConfigurationError) as info:
@@ -90,6 +92,5 @@ def test_operation_parse_errors_word_for_word(text, message):
 
 def test_operation_parse_all_with_other_words_is_still_all():
     assert Operation.parse("delete,all") == Operation.parse("all,insert") == (
-        Operation.INSERT | Operation.UPDATE | Operation.DELETE)
-    assert Operation.parse("update,all,delete") == Operation.INSERT | Operation.UPDATE | \
-        Operation.DELETE
+        Operation.INSERT | Operation.UPDATE | Operation.DELETE | Operation.TRUNCATE)
+    assert Operation.parse("update,all,delete") == ALL

@@ -182,6 +182,9 @@ def test_the_kernel_parses_json_as_json_loader_does(seed):
     texts = [random_json(rng) for _ in range(2000)] + [
         '"\\ud83d\\ude00"', '"\\udc00"', "[NaN]", "01", "[1,]", '{"a":1}x', "\ufeff[]",
         "[" * 300 + "]" * 300, '"\x01"', "",
+        # Nesting at and past MAX_DEPTH (200: deeper is kept as its text), -0 (keeps its sign).
+        *("[" * n + "]" * n for n in (199, 200, 201)), '{"a":' * 201 + "1" + "}" * 201,
+        "-0", '{"a":-0}', "[-0, 0, -0.0]", "-0e0",
     ]
     for text in texts:
         data = text.encode("utf-8", "surrogatepass")

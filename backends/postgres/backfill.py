@@ -1,9 +1,11 @@
-"""Back-fills: the snapshot in primary-key chunks beside the stream (see `chunks` for how).
+"""Back-fills: the snapshot in key chunks beside the stream (see `chunks` for how).
 
 `Backfills` is the one object a feed holds for them: which tables to back-fill (planned at the
-first connection, or requested through the slot by ``changefeed backfill``), the open chunk
-window, the chunks handed out until their rows are acknowledged, and the progress recorded on
-the publication. Its chunk reads and watermarks go through the feed's plain connection.
+first connection, requested through the slot by ``changefeed backfill``, or started by the feed
+when a table appears: a partition attached with rows, a table renamed or newly matching a
+pattern), the open chunk window, the chunks handed out until their rows are acknowledged, and
+the progress recorded on the publication. Its chunk reads and watermarks go through the feed's
+plain connection.
 """
 
 from __future__ import annotations
@@ -26,29 +28,42 @@ from changefeed.backends.postgres.chunks import (
     WATERMARK_PREFIX,
     ChunkWindow,
     FinishedChunk,
+    Leaf,
     TableBackfill,
+    next_ctid_chunk,
+    pages_for,
     requested_tables,
     window_changes,
 )
 from changefeed.backends.postgres.connection import MESSAGES_VERSION
 from changefeed.backends.postgres.ledger import AckLedger
-from changefeed.backends.postgres.loading import TypeLoaders, psycopg_loaders, query_rows
+from changefeed.backends.postgres.loading import TypeLoaders, psycopg_loaders
 from changefeed.backends.postgres.pgoutput import PgOutputDecoder
-from changefeed.backends.postgres.snapshot import DONE, schema_version_of
-from changefeed.backends.postgres.tables import Table, WatchedTables, resolve_tables
-from changefeed.backends.postgres.values import SESSION_SETTINGS
-from changefeed.change import Change, SnapshotState
+from changefeed.backends.postgres.snapshot import DONE, read_chunk, schema_version_of
+from changefeed.backends.postgres.tables import (
+    Table,
+    WatchedTables,
+    resolve_tables,
+    stream_columns,
+)
+from changefeed.change import Change, SnapshotState, Truncate
 from changefeed.errors import BackendError, ConfigurationError, first_line
+from changefeed.formats.json_values import loads_value
 from changefeed.message import Message
 
 log = logging.getLogger("changefeed.postgres")
 
+CHUNK_BYTES = 16 << 20
+"""A chunk holds at most about this many bytes of rows (and at most ``chunk_size`` rows): its
+rows wait in memory until its window closes."""
+
 
 def in_chunks(server_version: int, tables: Iterable[Table]) -> bool:
-    """Whether snapshots go in key chunks through the stream: when the server sends logical
-    messages (14+) and every table has a primary key; else the whole snapshot is read in the
-    slot's exported snapshot at creation (`snapshot`)."""
-    return server_version >= MESSAGES_VERSION and all(table.key for table in tables)
+    """Whether snapshots go in chunks through the stream: when the server sends logical
+    messages (14+), the watermarks' carrier; tables with a key are read in key order, the
+    others by ctid. Else the whole snapshot is read in the slot's exported snapshot at
+    creation (`snapshot`)."""
+    return server_version >= MESSAGES_VERSION
 
 
 class Backfills:
@@ -61,11 +76,13 @@ class Backfills:
     def __init__(
         self, slot: str, tables: WatchedTables, connection: Callable[[], psycopg.Connection],
         *, chunk_size: int, markers: bool, save: Callable[[dict[str, Any]], None],
+        chunk_bytes: int = CHUNK_BYTES,
     ) -> None:
         self.slot = slot
         self.tables = tables
         self.connection = connection
         self.chunk_size = chunk_size
+        self.chunk_bytes = chunk_bytes
         self.markers = markers
         self.save = save
         self.read_rows = ChunkReader()
@@ -75,39 +92,63 @@ class Backfills:
         """Chunks handed out whose rows are not all acknowledged yet."""
         self.states: dict[str, Any] = {}
         self.last_report = 0.0
-        self.recent: deque[tuple[float, str, tuple[Any, ...]]] = deque(maxlen=100_000)
-        """(when, table, key) of the stream's changes of tables waiting to be back-filled."""
+        self.recent: deque[tuple[float, str, Any]] = deque()
+        """(when, table, key token) of the stream's changes of tables being back-filled, for
+        `RECENT_SECONDS` (token None: a truncate, every key)."""
+        self._names: dict[str, TableBackfill] = {}
+        """Table name -> a back-fill of it (the key to read a change's key with)."""
 
     # -- which tables --------------------------------------------------------------------------
 
-    def plan(self, conn: psycopg.Connection, meta: dict[str, Any]) -> None:
+    def plan(
+        self, conn: psycopg.Connection, meta: dict[str, Any], *, pending_only: bool = False
+    ) -> None:
         """Back-fill each table whose snapshot was not delivered on this slot yet, continuing
-        after the last recorded chunk of one cut short."""
-        planned = list(backfill_states(meta, self.tables.by_oid.values()))
+        after the last recorded chunk of one cut short (and partitions attached with rows);
+        ``pending_only``: only the back-fills recorded as begun (a feed without a snapshot
+        prefeed: tables that appeared, partitions attached, back-fills requested)."""
+        planned = [(table, source, state) for table, source, state
+                   in backfill_states(meta, self.tables.by_oid.values())
+                   if not pending_only or isinstance(state, dict)]
         if planned:
             self.states.update(meta.get("backfill") or {})
-        for table, state in planned:
+        for table, source, state in planned:
             name = self.tables.stream_names.get(table.oid, table.qualified)
-            self.start(table_backfill(conn, table, name, state))
+            self.start(table_backfill(conn, table, name, state, source=source))
 
     def start(self, backfill: TableBackfill) -> None:
-        """Queue ``backfill`` (replacing one of the same table that has not begun a chunk)."""
-        self.queue = deque(b for b in self.queue if b.oid != backfill.oid)
+        """Queue ``backfill`` (replacing one of the same relation that has not begun a chunk)."""
+        self.queue = deque(b for b in self.queue if b.source != backfill.source)
         self.queue.append(backfill)
-        self.states[str(backfill.oid)] = backfill.state()
+        self.states[str(backfill.source)] = backfill.state()
+        self._names = {queued.table: queued for queued in self.queue}
+
+    def start_table(self, oid: int, *, source: int | None = None, markers: bool = True,
+                    why: str = "") -> None:
+        """Back-fill watched table ``oid`` from its first row now (or only its partition
+        ``source``), saying ``why`` on stderr."""
+        table = self.tables.by_oid[oid]
+        name = self.tables.stream_names.get(oid, table.qualified)
+        backfill = table_backfill(self.connection(), table, name, None, source=source,
+                                  markers=markers)
+        if why:
+            log.info("%s: reading it in chunks of %s rows", why, f"{self.chunk_size:,}")
+        self.start(backfill)
+        self.save(self.states)
+
+    def renamed(self, oid: int, name: str) -> None:
+        """Table ``oid``'s changes carry ``name`` from now on: so do its back-fills'."""
+        for backfill in self.queue:
+            if backfill.oid == oid:
+                backfill.table = name
+        self._names = {queued.table: queued for queued in self.queue}
 
     def _requested(self, content: bytes) -> None:
         for oid in requested_tables(content, self.slot):
             table = self.tables.by_oid.get(oid)
             if table is None or oid in self.tables.dropped:
                 continue
-            if not table.key:
-                log.warning("cannot back-fill %s: it has no primary key", table.qualified)
-                continue
-            log.info("back-fill of %s requested: reading it in chunks of %s rows",
-                     table.qualified, f"{self.chunk_size:,}")
-            name = self.tables.stream_names.get(oid, table.qualified)
-            self.start(table_backfill(self.connection(), table, name))
+            self.start_table(oid, why=f"back-fill of {table.qualified} requested")
 
     # -- beside the stream ---------------------------------------------------------------------
 
@@ -117,55 +158,105 @@ class Backfills:
         None when none is."""
         return self.observe if self.queue else None
 
-    def observe(self, change: Change) -> None:
+    def observe(self, change: Change | Truncate) -> None:
         """A change from the stream: inside the open window its key's chunk row is stale (and
         the old key's, when an update changed the key); keys are kept a moment for the next
-        chunk (see `chunks`)."""
+        chunk (see `chunks`). A truncate makes every row of the chunk stale."""
         table = change.table
-        for backfill in self.queue:
-            if backfill.table == table:
-                break
-        else:
+        backfill = self._names.get(table)
+        if backfill is None:
             return
-        columns = backfill.key
-        keys = [tuple(row.get(c) for c in columns) for row in (change.key, change.old) if row]
+        if change.__class__ is Truncate:
+            tokens: list[Any] = [None]  # every key
+        else:
+            token = backfill.token
+            tokens = [token(row) for row in (change.key, change.old) if row]
         window = self.window
-        if window is not None and window.backfill is backfill:
-            for key in keys:
-                window.rows.pop(key, None)
+        if window is not None and window.backfill.table == table:
+            for key in tokens:
+                if key is None:
+                    window.rows.clear()
+                else:
+                    window.rows.pop(key, None)
         now = time.monotonic()
-        for key in keys:
-            self.recent.append((now, table, key))
+        recent = self.recent
+        while recent and recent[0][0] < now - RECENT_SECONDS:
+            recent.popleft()
+        for key in tokens:
+            recent.append((now, table, key))
 
     @property
     def due(self) -> bool:
         """Whether a chunk should start now (none open, a table waiting)."""
         return self.window is None and bool(self.queue)
 
+    @property
+    def busy(self) -> bool:
+        """Whether a back-fill is under way (queued, a window open, chunks not recorded)."""
+        return bool(self.queue) or self.window is not None or bool(self.finished)
+
     def open_chunk(self) -> None:
         """Read the next chunk and write its high watermark; the window is open from here."""
         backfill = self.queue[0]
         conn = self.connection()
-        watermark = uuid.uuid4().hex
-        identifier = self.tables.by_oid[backfill.oid].identifier
-        if backfill.estimate == 0:
-            backfill.estimate = _estimate(conn, backfill.oid, identifier)
         opened = time.monotonic()
-        rows: dict[tuple[Any, ...], dict[str, Any]] = {}
-        last_key = backfill.after
-        query = backfill.chunk_query(identifier, self.chunk_size)
-        for row in self.read_rows(conn, query):
-            last_key = row.pop("__changefeed_key")
-            rows[tuple(row.get(column) for column in backfill.key)] = row
-        complete = len(rows) < self.chunk_size
+        try:
+            window = self._read_chunk(conn, backfill)
+        except psycopg.errors.UndefinedTable as exc:  # a leaf dropped as it was planned
+            log.debug("chunk of %s: %s; planning it again", backfill.table, first_line(exc))
+            return
         recent = self.recent
         while recent and recent[0][0] < opened - RECENT_SECONDS:
             recent.popleft()
         for _, table, key in recent:
             if table == backfill.table:
-                rows.pop(key, None)
-        self._emit(conn, watermark, "high")
-        self.window = ChunkWindow(backfill, watermark, rows, last_key, complete=complete)
+                if key is None:  # a truncate
+                    window.rows.clear()
+                else:
+                    window.rows.pop(key, None)
+        self._emit(conn, window.watermark, "high")
+        self.window = window
+
+    def _read_chunk(self, conn: psycopg.Connection, backfill: TableBackfill) -> ChunkWindow:
+        """The next chunk of ``backfill`` as an open window (its watermark not written yet)."""
+        if backfill.estimate == 0:
+            backfill.estimate = _estimate(conn, backfill.source)
+        columns = stream_columns(conn, backfill.oid)
+        size = self.chunk_size
+        watermark = uuid.uuid4().hex
+        if backfill.by_ctid:
+            leaves = _leaves(conn, backfill.source)
+            pages = backfill.pages or pages_for(
+                max((leaf.rows_per_page for leaf in leaves), default=0.0), size)
+            chunk = next_ctid_chunk(backfill, leaves, pages)
+            if chunk is None:  # every leaf read
+                return ChunkWindow(backfill, watermark, {}, backfill.after, complete=True,
+                                   storage=backfill.storage)
+            query = backfill.ctid_query(chunk.leaf.name, columns, chunk.after, chunk.upper, size)
+            got, ended, backfill.row_bytes = self.read_rows(
+                conn, query, rows=size, max_bytes=self.chunk_bytes, row_size=backfill.row_bytes)
+            whole = ended and len(got) < size  # the page range is read to its end
+            leaf = str(chunk.leaf.oid)
+            last_key = [leaf, f"({chunk.upper},0)"] if whole else [
+                leaf, got[-1]["__changefeed_key"]]
+            backfill.pages = _adapt_pages(pages, len(got), size, whole)
+            complete = whole and chunk.last and chunk.upper >= chunk.leaf.pages
+            storage = chunk.leaf.storage
+        else:
+            identifier = _identifier(conn, backfill.source)
+            query = backfill.chunk_query(identifier, columns, size)
+            got, ended, backfill.row_bytes = self.read_rows(
+                conn, query, rows=size, max_bytes=self.chunk_bytes, row_size=backfill.row_bytes)
+            last_key = got[-1]["__changefeed_key"] if got else backfill.after
+            complete = ended and len(got) < size
+            storage = None
+        rows: dict[Any, list[dict[str, Any]]] = {}
+        token = backfill.token
+        for row in got:
+            del row["__changefeed_key"]
+            rows.setdefault(token(row), []).append(row)
+        return ChunkWindow(backfill, watermark, rows, last_key, complete=complete,
+                           storage=storage)
 
     def _emit(self, conn: psycopg.Connection, watermark: str, mark: str) -> None:
         content = json.dumps({"slot": self.slot, "id": watermark, "mark": mark})
@@ -203,7 +294,7 @@ class Backfills:
         """A watermark came through the stream: the window whose rows are due now (at its
         high watermark), else None. Watermarks of other feeds or of lost windows are ignored."""
         try:
-            mark = json.loads(content)
+            mark = loads_value(content)  # any message may carry the prefix: never recurse
         except ValueError:
             return None
         window = self.window
@@ -214,11 +305,11 @@ class Backfills:
         backfill = window.backfill
         if window.complete:
             self.queue.popleft()
+            self._names = {queued.table: queued for queued in self.queue}
         else:
             backfill.after = window.last_key
-        self.finished.append(
-            FinishedChunk(backfill, window.last_key, len(window.rows), window.complete)
-        )
+        self.finished.append(FinishedChunk(
+            backfill, window.last_key, window.count, window.complete, window.storage))
         return window
 
     def committed(self, end_lsn: int) -> None:
@@ -242,14 +333,16 @@ class Backfills:
             backfill = chunk.backfill
             backfill.done += chunk.count
             backfill.chunks += 1
+            key = str(backfill.source)
             if chunk.complete:
-                self.states[str(backfill.oid)] = DONE
-                log.info("snapshot of %s: done, %s rows in %s chunks", backfill.table,
+                if backfill.source != backfill.oid:
+                    self.states.pop(key, None)  # a partition's: nothing left to remember
+                else:
+                    self.states[key] = DONE
+                log.info("snapshot of %s: done, %s rows in %s chunks", _described(backfill),
                          f"{backfill.done:,}", backfill.chunks)
             else:
-                self.states[str(backfill.oid)] = {
-                    "after": chunk.last_key, "done": backfill.done, "chunks": backfill.chunks,
-                }
+                self.states[key] = chunk_state(backfill, chunk)
                 self._report(backfill)
             changed = True
         if changed:
@@ -265,7 +358,8 @@ class Backfills:
         total = max(backfill.estimate, backfill.done)
         eta = (total - backfill.done) / rate if rate > 0 else 0.0
         log.info("snapshot of %s: %s / ~%s rows, %s chunks, %.0f rows/s, ETA %.0f s",
-                 backfill.table, f"{backfill.done:,}", f"{total:,}", backfill.chunks, rate, eta)
+                 _described(backfill), f"{backfill.done:,}", f"{total:,}", backfill.chunks,
+                 rate, eta)
 
     def reset(self) -> None:
         """The stream restarts (reconnect): an open window and unconfirmed chunks are lost;
@@ -275,51 +369,94 @@ class Backfills:
         self.finished.clear()
         for chunk in reversed(lost):
             backfill = chunk.backfill
-            recorded = self.states.get(str(backfill.oid))
-            backfill.after = recorded.get("after") if isinstance(recorded, dict) else None
+            recorded = self.states.get(str(backfill.source))
+            recorded = recorded if isinstance(recorded, dict) else {}
+            backfill.after = recorded.get("after")
+            backfill.storage = recorded.get("storage")
             if all(queued is not backfill for queued in self.queue):
                 self.queue.appendleft(backfill)
+        self._names = {queued.table: queued for queued in self.queue}
+
+
+def chunk_state(backfill: TableBackfill, chunk: FinishedChunk) -> dict[str, Any]:
+    """The state recorded once ``chunk`` of ``backfill`` is acknowledged: after that chunk's
+    last key (not the back-fill's, which may be a later chunk's already)."""
+    state: dict[str, Any] = {"after": chunk.last_key, "done": backfill.done,
+                             "chunks": backfill.chunks}
+    if chunk.storage is not None:
+        state["storage"] = chunk.storage
+    if backfill.source != backfill.oid:
+        state["root"] = backfill.oid
+    return state
+
+
+def _described(backfill: TableBackfill) -> str:
+    if backfill.source == backfill.oid:
+        return backfill.table
+    return f"{backfill.table} (partition {backfill.source})"
+
+
+def _adapt_pages(pages: int, found: int, size: int, whole: bool) -> int:
+    """Pages for the next chunk of a table read by ctid: more when a range held fewer rows
+    than a chunk's (at most 8 times more at once), the same when it held more."""
+    if not whole:
+        return pages
+    if found == 0:
+        return min(pages * 8, 1 << 20)
+    return max(1, min(pages * 8, pages_for(found / pages, size)))
 
 
 def backfill_states(
     meta: dict[str, Any], tables: Iterable[Table]
-) -> Iterator[tuple[Table, Any]]:
-    """The tables whose snapshot was not delivered on this slot yet, with the recorded state
-    of a back-fill cut short (None: from the start)."""
+) -> Iterator[tuple[Table, int, Any]]:
+    """The back-fills not finished on this slot: (table, the relation to read, the recorded
+    state of one cut short or None) for each table whose snapshot was not delivered yet, and
+    for each partition attached with rows not read yet."""
     states = meta.get("backfill") or {}
     legacy_done = meta.get("snapshot") == DONE  # recorded by versions without back-fills
-    for table in tables:
+    by_oid = {table.oid: table for table in tables}
+    for table in by_oid.values():
         state = states.get(str(table.oid))
         if state == DONE or (state is None and legacy_done):
             continue
-        yield table, state
+        yield table, table.oid, state
+    for source, state in states.items():
+        if isinstance(state, dict) and state.get("root") in by_oid and source.isdigit():
+            yield by_oid[state["root"]], int(source), state
 
 
 def table_backfill(
-    conn: psycopg.Connection, table: Table, name: str, state: Any = None
+    conn: psycopg.Connection, table: Table, name: str, state: Any = None, *,
+    source: int | None = None, markers: bool = True,
 ) -> TableBackfill:
-    """The back-fill of ``table`` (streamed as ``name``), continuing after a recorded state."""
+    """The back-fill of ``table`` (streamed as ``name``; only its partition ``source`` if
+    given), continuing after a recorded state."""
     state = state if isinstance(state, dict) else {}
+    source = source or table.oid
     return TableBackfill(
         table.oid, name, list(table.key), key_types(conn, table.oid, table.key),
         after=state.get("after"), done=state.get("done", 0), chunks=state.get("chunks", 0),
         # A recorded chunk was acknowledged, and the "started" marker before its rows with it.
-        announced=state.get("chunks", 0) > 0,
+        announced=state.get("chunks", 0) > 0, source=source, storage=state.get("storage"),
+        markers=markers and source == table.oid,
     )
 
 
 class ChunkReader:
-    """Reads a back-fill chunk's rows as dicts (one short statement, in its own transaction),
-    loaded by the stream's own loaders: the same values as streamed rows."""
+    """Reads a back-fill chunk's rows as dicts (one short transaction, bounded in rows and
+    bytes), loaded by the stream's own loaders: the same values as streamed rows."""
 
     def __init__(self) -> None:
         self._loaders: TypeLoaders | None = None
 
-    def __call__(self, conn: psycopg.Connection, query: sql.Composed) -> list[dict[str, Any]]:
+    def __call__(
+        self, conn: psycopg.Connection, query: sql.Composed, *, rows: int, max_bytes: int,
+        row_size: float = 0.0,
+    ) -> tuple[list[dict[str, Any]], bool, float]:
         if self._loaders is None or self._loaders.catalog is not conn:
-            conn.execute(SESSION_SETTINGS)  # the settings the loaders expect of values' text
             self._loaders = psycopg_loaders(conn, catalog=conn)
-        return query_rows(conn, query, self._loaders)
+        return read_chunk(conn, query, self._loaders, rows=rows, max_bytes=max_bytes,
+                          row_size=row_size)
 
 
 def save_progress(
@@ -336,7 +473,30 @@ def save_progress(
                     first_line(exc))
 
 
-def _estimate(conn: psycopg.Connection, oid: int, identifier: sql.Identifier) -> int:
+def _identifier(conn: psycopg.Connection, oid: int) -> sql.Composable:
+    """Relation ``oid`` as SQL (its current name)."""
+    row = conn.execute("SELECT %s::oid::regclass::text", [oid]).fetchone()
+    return sql.SQL(row[0]) if row else sql.SQL(str(oid))
+
+
+def _leaves(conn: psycopg.Connection, oid: int) -> list[Leaf]:
+    """The relations with storage of table ``oid`` (itself, or its leaf partitions), in OID
+    order, with their size in pages now."""
+    rows = conn.execute(
+        "SELECT c.oid::bigint, n.nspname, c.relname, c.relfilenode::bigint,"
+        " (pg_relation_size(c.oid) / current_setting('block_size')::int)::bigint,"
+        " CASE WHEN c.relpages > 0 AND c.reltuples > 0"
+        "   THEN c.reltuples / c.relpages ELSE 0 END"
+        " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE c.relkind = 'r' AND (c.oid = %s"
+        "   OR c.oid IN (SELECT relid FROM pg_partition_tree(%s) WHERE isleaf))"
+        " ORDER BY c.oid", [oid, oid],
+    ).fetchall()
+    return [Leaf(row[0], sql.Identifier(row[1], row[2]), row[3], row[4], float(row[5]))
+            for row in rows]
+
+
+def _estimate(conn: psycopg.Connection, oid: int) -> int:
     """Rows in the table (and its partitions) by the statistics; counted when never analysed."""
     row = conn.execute(
         "SELECT CASE WHEN min(c.reltuples) < 0 THEN NULL ELSE sum(c.reltuples) END::bigint"
@@ -346,7 +506,8 @@ def _estimate(conn: psycopg.Connection, oid: int, identifier: sql.Identifier) ->
     ).fetchone()
     if row is not None and row[0] is not None:
         return int(row[0])
-    counted = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(identifier)).fetchone()
+    counted = conn.execute(
+        sql.SQL("SELECT count(*) FROM {}").format(_identifier(conn, oid))).fetchone()
     return int(counted[0]) if counted else 0
 
 
@@ -370,11 +531,6 @@ def request_backfill(conn: psycopg.Connection, slot: str, tables: Sequence[Table
     for table in tables:
         if published is not None and table.oid not in published:
             raise ConfigurationError(f"slot {slot} does not stream {table.qualified}")
-        if not table.key:
-            raise ConfigurationError(
-                f"{table.qualified} has no primary key: it cannot be back-filled in chunks"
-                " (a new feed with --prefeed snapshot reads it in one exported snapshot)"
-            )
     content = json.dumps({"slot": slot, "tables": [table.oid for table in tables]})
     conn.execute("SELECT pg_logical_emit_message(true, %s, %s)", [BACKFILL_PREFIX, content])
     return [table.qualified for table in tables]

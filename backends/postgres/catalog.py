@@ -7,7 +7,10 @@ Safety rules enforced here, each because breaking it loses changes or breaks the
 
 * A publication that publishes updates or deletes makes the application's own UPDATE/DELETE
   fail on a table without a replica identity, so `check_replica_identity` runs before any
-  publication is created or widened.
+  publication is created or widened. A partition created or attached later under a
+  partitioned table without a primary key has no replica identity (REPLICA IDENTITY is not
+  inherited), so such a table is refused too (`check_partition_identity`) unless the
+  database has the event trigger that gives new partitions one (`IDENTITY_GUARD`).
 * Partitioned tables are published through their root (``publish_via_partition_root``): changes
   of every partition, also partitions attached later, arrive under the root's name.
 * A feed refuses a publication that serves another set of tables, or that belongs to another
@@ -32,6 +35,7 @@ from psycopg import sql
 from changefeed.backends.postgres.tables import Table
 from changefeed.change import Operation
 from changefeed.errors import ConfigurationError
+from changefeed.formats.json_values import MAX_DEPTH, deeper_than
 
 _META_PREFIX = "changefeed "
 _LEGACY_SNAPSHOT = {"changefeed: snapshot pending": "pending", "changefeed: snapshot done": "done"}
@@ -48,6 +52,89 @@ def check_replica_identity(
     """
     if not operation & (Operation.UPDATE | Operation.DELETE):
         return
+    lacking = lacking_identity(conn, tables)
+    if lacking:
+        more = f" and {len(lacking) - 5} more" if len(lacking) > 5 else ""
+        which = ", ".join(lacking[:5]) + more
+        ops = " and ".join(f"{name}s" for name in Operation(operation & ~Operation.INSERT).names)
+        raise ConfigurationError(
+            f"{which} has no replica identity: publishing its {ops} would make the"
+            " application's own UPDATE and DELETE on it fail. Add a primary key, or run"
+            f" ALTER TABLE {lacking[0]} REPLICA IDENTITY FULL, or stream inserts only with"
+            " --ops insert"
+        )
+
+
+IDENTITY_GUARD = "changefeed_replica_identity"
+"""The event trigger that gives a partition created or attached under a partitioned table
+without a primary key ``REPLICA IDENTITY FULL`` (the README's "Partitioned tables without a
+primary key" has it; `IDENTITY_GUARD_SQL`)."""
+
+IDENTITY_GUARD_SQL = """\
+CREATE OR REPLACE FUNCTION changefeed_replica_identity() RETURNS event_trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+  part regclass;
+BEGIN
+  FOR part IN
+    SELECT DISTINCT t.relid::regclass
+    FROM pg_event_trigger_ddl_commands() AS d
+    CROSS JOIN LATERAL pg_partition_tree(d.objid) AS t
+    JOIN pg_class c ON c.oid = t.relid
+    WHERE d.classid = 'pg_class'::regclass AND c.relkind = 'r' AND c.relispartition
+      AND c.relreplident IN ('d', 'n')
+      AND NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)
+      AND (SELECT r.relreplident FROM pg_class r
+           WHERE r.oid = pg_partition_root(c.oid)) IN ('f', 'i')
+  LOOP
+    EXECUTE format('ALTER TABLE %s REPLICA IDENTITY FULL', part);
+  END LOOP;
+END $$;
+CREATE EVENT TRIGGER changefeed_replica_identity ON ddl_command_end
+  WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE')
+  EXECUTE FUNCTION changefeed_replica_identity();
+"""
+"""The README's event trigger (`IDENTITY_GUARD`): each new partition whose root has REPLICA
+IDENTITY FULL or USING INDEX, and that has no primary key nor identity of its own, gets
+REPLICA IDENTITY FULL in the same transaction that created or attached it."""
+
+
+def check_partition_identity(
+    conn: psycopg.Connection, tables: Sequence[Table], operation: Operation
+) -> None:
+    """Refuse to publish updates/deletes of a partitioned table without a primary key unless
+    the database has the `IDENTITY_GUARD` event trigger: a partition created or attached
+    later would have no replica identity, and the application's UPDATE/DELETE on it would
+    fail while the feed publishes them."""
+    if not operation & (Operation.UPDATE | Operation.DELETE):
+        return
+    partitioned = [table.oid for table in tables if table.kind == "p"]
+    if not partitioned:
+        return
+    rows = conn.execute(
+        "SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_class c"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = ANY(%s)"
+        " AND NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)"
+        " AND NOT EXISTS (SELECT 1 FROM pg_event_trigger e WHERE e.evtname = %s"
+        "   AND e.evtenabled <> 'D') ORDER BY 1",
+        [partitioned, IDENTITY_GUARD],
+    ).fetchall()
+    if rows:
+        ops = " and ".join(f"{name}s" for name in Operation(operation & ~Operation.INSERT).names)
+        raise ConfigurationError(
+            f"{rows[0][0]} is partitioned without a primary key: a partition created or"
+            f" attached later gets no replica identity, and publishing its {ops} would make"
+            " the application's UPDATE and DELETE on it fail. Add a primary key to"
+            f" {rows[0][0]}, stream --ops insert, or create the event trigger"
+            f" {IDENTITY_GUARD} (README: Partitioned tables without a primary key)"
+        )
+
+
+def lacking_identity(
+    conn: psycopg.Connection, tables: Sequence[Table]
+) -> list[str]:
+    """The tables among ``tables`` and their partitions whose UPDATE/DELETE fail while a
+    publication publishes them: no replica identity."""
     oids = [table.oid for table in tables]
     rows = conn.execute(  # the tables themselves, and every partition of partitioned ones
         "SELECT format('%%I.%%I', n.nspname, c.relname), c.relreplident,"
@@ -59,21 +146,11 @@ def check_replica_identity(
         " ORDER BY 1",
         [oids, oids],
     ).fetchall()
-    lacking = [
+    return [
         name for name, identity, has_key, has_index in rows
         if identity == "n" or (identity == "d" and not has_key)
         or (identity == "i" and not has_index)
     ]
-    if lacking:
-        more = f" and {len(lacking) - 5} more" if len(lacking) > 5 else ""
-        which = ", ".join(lacking[:5]) + more
-        ops = " and ".join(name for name in Operation(operation & ~Operation.INSERT).names)
-        raise ConfigurationError(
-            f"{which} has no replica identity: publishing its {ops}s would make the"
-            " application's own UPDATE and DELETE on it fail. Add a primary key, or run"
-            f" ALTER TABLE {lacking[0]} REPLICA IDENTITY FULL, or stream inserts only with"
-            " --ops insert"
-        )
 
 
 # -- the publication and its metadata --------------------------------------------------------
@@ -120,8 +197,13 @@ def parse_meta(comment: str | None) -> dict[str, Any]:
     if comment in _LEGACY_SNAPSHOT:
         return {"snapshot": _LEGACY_SNAPSHOT[comment]}
     if comment.startswith(_META_PREFIX):
+        text = comment[len(_META_PREFIX):]
+        # Ours nests a few levels around values of at most MAX_DEPTH; deeper is not ours (the
+        # publication's owner may comment anything) and json.loads would recurse on it.
+        if deeper_than(text.encode(), 2 * MAX_DEPTH):
+            return {}
         try:
-            meta = json.loads(comment[len(_META_PREFIX):])
+            meta = json.loads(text)
         except ValueError:
             return {}
         return meta if isinstance(meta, dict) else {}
@@ -275,6 +357,11 @@ def set_publication_tables(
             ident, sql.SQL(", ").join(sql.SQL(oid_name) for oid_name in
                                       _qualified_names(conn, removed))))
     return added, removed
+
+
+def add_publication_tables(conn: psycopg.Connection, name: str, tables: Sequence[Table]) -> None:
+    conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
+        sql.Identifier(name), sql.SQL(", ").join(table.identifier for table in tables)))
 
 
 def _qualified_names(conn: psycopg.Connection, oids: Sequence[int]) -> list[str]:

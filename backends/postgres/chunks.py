@@ -1,10 +1,11 @@
-"""Back-fill chunks: a table's rows read in primary-key chunks while the stream goes on (DBLog).
+"""Back-fill chunks: a table's rows read in key chunks while the stream goes on (DBLog).
 
 The approach of Netflix's DBLog (Andreakis & Papapanagiotou, 2020) and Debezium's incremental
 snapshots. For each chunk, on a plain autocommit connection, between two reads of the stream:
 
 1. the next chunk is selected: ``WHERE key > last key ORDER BY key LIMIT size`` (one short
-   statement: no long transaction holds back ``xmin``),
+   statement: no long transaction holds back ``xmin``), and no more rows than fill
+   ``chunk_bytes``: a chunk's rows wait in memory until its window closes,
 2. a high watermark is written through the slot (``pg_logical_emit_message``, transactional).
 
 The chunk's window opens where the stream was read up to when the chunk was selected, and
@@ -20,6 +21,13 @@ Opening the window at the stream position instead covers every change the stream
 yet, and keys the stream gave in the last `RECENT_SECONDS` before the SELECT are removed from the
 chunk too; removing a key is always safe, since the stream delivers its change.
 
+The key is the table's (`tables.Table`): the primary key or the replica identity index, read
+in key order. A table with neither (its key is the whole row) is read by physical position
+instead: ``WHERE ctid > last ctid AND ctid < (page + n, 0) ORDER BY ctid``, one partition (leaf)
+after the other; a chunk window works the same with whole rows as keys. A row an UPDATE moves
+to a page already read is in the stream; a rewrite of the table (``VACUUM FULL``, ``CLUSTER``,
+``TRUNCATE``: a new relfilenode) moves every row, so the leaf being read starts again.
+
 Once a chunk's rows are acknowledged, its last key is recorded on the publication: after
 a crash, a reconnect or a server restart the back-fill continues after the last finished chunk,
 and the slot, which kept the stream, delivers everything that happened meanwhile.
@@ -33,16 +41,19 @@ of a closed window); `changefeed.backends.postgres.backfill` does the side-conne
 
 from __future__ import annotations
 
-import json
+import math
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from psycopg import sql
 
 from changefeed.backends.postgres.position import PgPosition
 from changefeed.change import Change, Operation, SnapshotState
+from changefeed.formats.json_values import loads_value
 
 WATERMARK_PREFIX = "changefeed.watermark"
 """The prefix of the high watermarks the feed writes through its slot."""
@@ -51,35 +62,114 @@ RECENT_SECONDS = 1.0
 BACKFILL_PREFIX = "changefeed.backfill"
 """`changefeed backfill` writes this message; the running feed of the named slot starts a
 back-fill of the listed tables when it reads it."""
+START_TID = "(0,0)"
+"""Before the first row of a leaf (item numbers start at 1)."""
+_TID = re.compile(r"\((\d+),(\d+)\)")
+
+
+def key_token(values: Sequence[Any]) -> Any:
+    """A hashable token of key values, equal exactly when the values are: a stream change's
+    key finds the chunk row it replaces. Lists, dicts and NaN (unequal to itself) included."""
+    return tuple(_token(value) for value in values)
+
+
+def _token(value: Any) -> Any:
+    kind = value.__class__
+    if kind is int or kind is str or kind is bytes or value is None or kind is bool:
+        return value
+    if kind is float:
+        return ("float", value) if value == value else ("float", "NaN")
+    if kind is Decimal and value.is_nan():
+        return ("numeric", "NaN")
+    if kind is list or kind is tuple:
+        return ("list", tuple(_token(item) for item in value))
+    if kind is dict:
+        return ("dict", tuple((name, _token(item)) for name, item in value.items()))
+    try:
+        hash(value)
+    except TypeError:
+        return (kind.__name__, repr(value))
+    return value
+
+
+def parse_tid(text: str) -> tuple[int, int]:
+    """``(page,item)`` -> (page, item)."""
+    match = _TID.fullmatch(text)
+    if match is None:
+        raise ValueError(f"not a tid: {text!r}")
+    return int(match.group(1)), int(match.group(2))
 
 
 @dataclass
 class TableBackfill:
-    """Where one table's back-fill stands (recorded on the publication after each chunk)."""
+    """Where one table's back-fill stands (recorded on the publication after each chunk).
+
+    ``oid`` is the watched table (its name, key and shape); ``source`` the relation read, the
+    table itself or, for a partition attached with rows, that partition.
+    """
 
     oid: int
     table: str
     key: list[str]
+    """The key columns; empty: the key is the whole row, read by ctid."""
     key_types: list[str]
     after: list[str] | None = None
-    """The last key done, as PostgreSQL text of each key column (None: from the start)."""
+    """The last key done, as PostgreSQL text of each key column; read by ctid: the leaf's OID
+    and the last ctid done. None: from the start."""
     done: int = 0
     chunks: int = 0
     estimate: int = 0
     started: float = field(default_factory=time.monotonic)
     announced: bool = False
+    source: int = 0
+    """The relation read (0: ``oid``)."""
+    storage: int | None = None
+    """Read by ctid: the relfilenode of the leaf being read (a new one: it was rewritten)."""
+    markers: bool = True
+    """Whether "started" and "done" frame it (not for a partition attached with rows)."""
+    pages: int = 0
+    """Read by ctid: pages per chunk, adapted to the rows found (0: not known yet)."""
+    row_bytes: float = 0.0
+    """The size of a row as last read (0: not known yet), to size the first fetch."""
+
+    def __post_init__(self) -> None:
+        self.source = self.source or self.oid
+
+    @property
+    def by_ctid(self) -> bool:
+        return not self.key
 
     def state(self) -> dict[str, Any]:
-        return {"after": self.after, "done": self.done, "chunks": self.chunks}
+        state: dict[str, Any] = {"after": self.after, "done": self.done, "chunks": self.chunks}
+        if self.storage is not None:
+            state["storage"] = self.storage
+        if self.source != self.oid:
+            state["root"] = self.oid
+        return state
 
-    def chunk_query(self, identifier: sql.Identifier, size: int) -> sql.Composed:
-        """The next chunk's rows, each with its key as text (``__changefeed_key``) first."""
+    def key_of(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The key of ``row`` as its changes carry it (the whole row for a table without key)."""
+        if not self.key:
+            return dict(row)
+        return {column: row.get(column) for column in self.key}
+
+    def token(self, row: dict[str, Any]) -> Any:
+        """`key_token` of ``row``'s key."""
+        if not self.key:
+            return key_token(tuple(row.values()))
+        return key_token(tuple(row.get(column) for column in self.key))
+
+    def chunk_query(
+        self, identifier: sql.Composable, columns: Sequence[str], size: int
+    ) -> sql.Composed:
+        """The next chunk's rows in key order (columns ``columns``), each with its key as text
+        (``__changefeed_key``) first."""
         keys = [sql.Identifier(column) for column in self.key]
         key_text = sql.SQL("ARRAY[{}]::text[]").format(
             sql.SQL(", ").join(sql.SQL("{}::text").format(k) for k in keys)
         )
-        query = sql.SQL("SELECT {} AS __changefeed_key, t.* FROM {} t").format(
-            key_text, identifier
+        query = sql.SQL("SELECT {} AS __changefeed_key, {} FROM {} t").format(
+            key_text, _select_list(columns), identifier
         )
         if self.after is not None:
             bound = sql.SQL(", ").join(
@@ -90,17 +180,106 @@ class TableBackfill:
         order = sql.SQL(", ").join(keys)
         return query + sql.SQL(" ORDER BY {} LIMIT {}").format(order, sql.Literal(size))
 
+    def ctid_query(
+        self, leaf: sql.Composable, columns: Sequence[str], after: str, upper_page: int,
+        size: int,
+    ) -> sql.Composed:
+        """The next chunk of a table without key: rows of ``leaf`` (only that relation) after
+        ctid ``after`` and before page ``upper_page``, in ctid order, ctid first."""
+        return sql.SQL(
+            "SELECT t.ctid::text AS __changefeed_key, {} FROM ONLY {} t"
+            " WHERE t.ctid > {}::tid AND t.ctid < {}::tid ORDER BY t.ctid LIMIT {}"
+        ).format(_select_list(columns), leaf, sql.Literal(after),
+                 sql.Literal(f"({upper_page},0)"), sql.Literal(size))
+
+
+def _select_list(columns: Sequence[str]) -> sql.Composable:
+    return sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in columns)
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """A relation with storage that a table without key is read from, by ctid."""
+
+    oid: int
+    name: sql.Composable
+    storage: int
+    """Its relfilenode."""
+    pages: int
+    """Its size in pages when the chunk was planned."""
+    rows_per_page: float = 0.0
+    """By the statistics (0: not known)."""
+
+
+@dataclass(frozen=True)
+class CtidChunk:
+    """The next chunk of a table read by ctid: ``leaf``'s rows after ``after``, before page
+    ``upper``; ``last`` if no leaf follows."""
+
+    leaf: Leaf
+    after: str
+    upper: int
+    last: bool
+
+
+def next_ctid_chunk(
+    backfill: TableBackfill, leaves: Sequence[Leaf], pages: int
+) -> CtidChunk | None:
+    """Where the next chunk of ``backfill`` (read by ctid) lies among ``leaves`` (in OID
+    order), ``pages`` pages long; None when every leaf is read. Moves ``backfill.after`` on
+    past leaves that are done or gone, and starts a leaf again whose storage was rewritten."""
+    while True:
+        if backfill.after is None:
+            if not leaves:
+                return None
+            backfill.after = [str(leaves[0].oid), START_TID]
+            backfill.storage = leaves[0].storage
+        oid, after = int(backfill.after[0]), backfill.after[1]
+        index = next((i for i, leaf in enumerate(leaves) if leaf.oid >= oid), len(leaves))
+        if index == len(leaves):
+            return None
+        leaf = leaves[index]
+        if leaf.oid != oid:  # detached or dropped meanwhile: on with the next one
+            backfill.after, backfill.storage = [str(leaf.oid), START_TID], leaf.storage
+            continue
+        if backfill.storage not in (None, leaf.storage):  # rewritten: its rows moved
+            backfill.after, backfill.storage = [str(leaf.oid), START_TID], leaf.storage
+            continue
+        backfill.storage = leaf.storage
+        page = parse_tid(after)[0]
+        if page >= leaf.pages:
+            if index + 1 == len(leaves):
+                return None
+            following = leaves[index + 1]
+            backfill.after, backfill.storage = [str(following.oid), START_TID], following.storage
+            continue
+        return CtidChunk(leaf, after, page + max(1, pages), index + 1 == len(leaves))
+
+
+def pages_for(rows_per_page: float, chunk_size: int) -> int:
+    """Pages that hold about ``chunk_size`` rows at ``rows_per_page`` (at least 1)."""
+    if rows_per_page <= 0:
+        return 1
+    return max(1, min(1 << 20, math.ceil(chunk_size / rows_per_page)))
+
 
 @dataclass
 class ChunkWindow:
-    """One chunk between its watermarks: rows by key, minus the keys the stream changed."""
+    """One chunk between its watermarks: rows by key token, minus the keys the stream changed
+    (a list per token: rows without key may repeat)."""
 
     backfill: TableBackfill
     watermark: str
-    rows: dict[tuple[Any, ...], dict[str, Any]]
+    rows: dict[Any, list[dict[str, Any]]]
     last_key: list[str] | None
     complete: bool
-    """The chunk was shorter than asked: the table is done after it."""
+    """The chunk was the table's last: the table is done after it."""
+    storage: int | None = None
+    """Read by ctid: the relfilenode of the leaf it was read from."""
+
+    @property
+    def count(self) -> int:
+        return sum(map(len, self.rows.values()))
 
 
 @dataclass
@@ -111,6 +290,7 @@ class FinishedChunk:
     last_key: list[str] | None
     count: int
     complete: bool
+    storage: int | None = None
     end_lsn: int = 0
     last_position: PgPosition | None = None
     """The position of the chunk's last row handed out (None: no row)."""
@@ -120,12 +300,13 @@ def requested_tables(content: bytes, slot: str) -> list[int]:
     """The table OIDs a `BACKFILL_PREFIX` message asks ``slot``'s feed to back-fill
     (none when it is for another slot or not readable)."""
     try:
-        request = json.loads(content)
+        request = loads_value(content)  # any message may carry the prefix: never recurse
     except ValueError:
         return []
     if not isinstance(request, dict) or request.get("slot") != slot:
         return []
-    return list(request.get("tables") or [])
+    tables = request.get("tables")
+    return [oid for oid in tables if type(oid) is int] if isinstance(tables, list) else []
 
 
 def window_changes(
@@ -136,18 +317,19 @@ def window_changes(
     watermark's transaction (``next_position``), with the table's start and end markers where
     they fall; and the position of the chunk's last row (None: it had none)."""
     backfill = window.backfill
+    markers = markers and backfill.markers
     out: list[Change | SnapshotState] = []
     if markers and not backfill.announced:
         out.append(SnapshotState(table, "started", next_position()))
     backfill.announced = True
-    positions = [next_position() for _ in window.rows]
+    rows = [row for group in window.rows.values() for row in group]
+    positions = [next_position() for _ in rows]
     if markers and window.complete:
         positions.append(next_position())
-    for row, position in zip(window.rows.values(), positions, strict=False):
-        key = {column: row[column] for column in backfill.key}
-        out.append(Change(Operation.INSERT, table, row, None, key, position, None, None, True,
-                          None, version))
+    key_of = backfill.key_of
+    for row, position in zip(rows, positions, strict=False):
+        out.append(Change(Operation.INSERT, table, row, None, key_of(row), position, None, None,
+                          True, None, version))
     if markers and window.complete:
         out.append(SnapshotState(table, "done", positions[-1]))
     return out, positions[-1] if positions else None
-

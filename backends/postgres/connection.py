@@ -2,12 +2,17 @@
 
 `connect` (a bad URL, a server that is down), `check_server` (wal_level), `check_messages`
 (messages need 14+), `connect_replication` (the REPLICATION privilege, free WAL senders). Every
-connection's session reads values as the loaders expect them (`values.SESSION_SETTINGS`).
+connection's session reads values as the loaders expect them (`values.SESSION_SETTINGS`), and
+sets what the feed's work needs whatever the database's defaults (`SESSION_LIMITS`): a
+``statement_timeout`` of 20 ms set on the database would otherwise cancel every snapshot
+chunk, an ``idle_in_transaction_session_timeout`` end an exported snapshot's read, and
+``default_transaction_read_only`` refuse the watermarks.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -27,6 +32,42 @@ log = logging.getLogger("changefeed.postgres")
 
 MESSAGES_VERSION = 140000
 """pgoutput streams logical decoding messages from PostgreSQL 14 on."""
+
+SESSION_LIMITS = {
+    "statement_timeout": "0",
+    "lock_timeout": "0",
+    "idle_in_transaction_session_timeout": "0",
+    "default_transaction_read_only": "off",
+    "default_transaction_isolation": "read committed",
+}
+"""Settings of every connection a feed opens (plain, replication, snapshot readers): no
+statement, lock or idle-in-transaction timeout (a chunk, a snapshot read or a catalog change
+may take longer than the application's statements), writes allowed, READ COMMITTED. Sent at
+connection start, so they hold from the first statement and override the database's and the
+role's defaults; options in the URL come after them and win."""
+NEWER_LIMITS = ("idle_session_timeout", "transaction_timeout")
+"""Settings of later versions (14, 17), set to 0 where the server has them."""
+
+
+def session_options(dsn: str) -> str:
+    """libpq ``options`` for a feed's connection to ``dsn``: `SESSION_LIMITS`, then the
+    URL's own options (or ``PGOPTIONS``)."""
+    ours = " ".join(f"-c {name}={value.replace(' ', chr(92) + ' ')}"
+                    for name, value in SESSION_LIMITS.items())
+    try:
+        given = psycopg.conninfo.conninfo_to_dict(dsn).get("options")
+    except psycopg.ProgrammingError:
+        given = None  # a bad URL: connecting says so
+    if given is None:
+        given = os.environ.get("PGOPTIONS")
+    return f"{ours} {given}" if given else ours
+
+
+def set_newer_limits(conn: psycopg.Connection) -> None:
+    """Set `NEWER_LIMITS` to 0 where the server knows them (no error where it does not)."""
+    names = ", ".join(f"'{name}'" for name in NEWER_LIMITS)
+    # Without parameters: a replication connection takes none.
+    conn.execute(f"SELECT set_config(name, '0', false) FROM pg_settings WHERE name IN ({names})")
 
 
 def conninfo(connection: Any) -> str:
@@ -48,11 +89,11 @@ def conninfo(connection: Any) -> str:
 
 def connect(dsn: str, *, replication: bool = False) -> psycopg.Connection:
     """An autocommit connection whose sessions read values as the loaders expect them
-    (`values.SESSION_SETTINGS`: UTC, fixed date and number formats).
+    (`values.SESSION_SETTINGS`: UTC, fixed date and number formats), with `SESSION_LIMITS`.
 
     Raises `ConfigurationError` for a bad URL and `TransientBackendError` for a connection
     the server refused or that never got through (the feed decides whether to retry)."""
-    options: dict[str, Any] = {"autocommit": True}
+    options: dict[str, Any] = {"autocommit": True, "options": session_options(dsn)}
     if "connect_timeout" not in dsn:
         options["connect_timeout"] = 10
     if replication:
@@ -60,6 +101,7 @@ def connect(dsn: str, *, replication: bool = False) -> psycopg.Connection:
     try:
         conn = psycopg.connect(dsn, **options)
         conn.execute(SESSION_SETTINGS)
+        set_newer_limits(conn)
         return conn
     except (psycopg.ProgrammingError, psycopg.OperationalError) as exc:
         raise connection_error(exc, dsn) from exc

@@ -2,8 +2,9 @@
 
 `PgOutputDecoder.decode()` takes the payload of one XLogData message and returns a `Change`
 (insert, update, delete), a `Message` (``pg_logical_emit_message``, when its prefix is wanted),
-a `Begin` or `Commit` marking a transaction's bounds, or None for messages that carry no change
-(relation and type descriptions, origins, messages not wanted). No I/O
+a `Truncated` (a TRUNCATE: one `changefeed.Truncate` per watched table), a `Begin` or `Commit`
+marking a transaction's bounds, or None for messages that carry no change (relation and type
+descriptions, origins, messages not wanted). No I/O
 happens here: `changefeed.backends.postgres.stream` reads the bytes, this module turns them into
 values, and the tests feed it bytes recorded from a real server.
 
@@ -16,7 +17,8 @@ which keeps that value as text; the README's "Values" section has the whole tabl
 
 Positions (`changefeed.backends.postgres.position`): a change's transaction's commit LSN plus
 its index among the transaction's row changes. A transactional message takes its index in
-the same sequence (wanted or not, so positions do not depend on the prefixes asked for). A
+the same sequence (wanted or not, so positions do not depend on the prefixes asked for), and so
+does each table a TRUNCATE names, in the order it names them (wanted or not). A
 non-transactional one arrives outside any transaction with the LSN where its WAL record ends,
 which is where the next record starts, perhaps the commit of a transaction whose rows then have
 that LSN in their positions: so it gets index 0 at that LSN minus one (no record starts there),
@@ -37,12 +39,12 @@ from changefeed.backends.postgres.loading import psycopg_loaders
 from changefeed.backends.postgres.position import PgPosition, TransactionPositions
 from changefeed.backends.postgres.protocol import pg_timestamp
 from changefeed.backends.postgres.tuples import RowDecoder, RowLoad, row_decoder
-from changefeed.change import ALL, UNCHANGED, Change, Operation
+from changefeed.change import ALL, UNCHANGED, Change, Operation, Truncate
 from changefeed.errors import DecodeError
 from changefeed.message import Message
 
 __all__ = [
-    "Begin", "Commit", "LoaderFactory", "PgOutputDecoder", "Relation", "Renamed", "Truncate",
+    "Begin", "Commit", "LoaderFactory", "PgOutputDecoder", "Relation", "Renamed", "Truncated",
     "schema_version",
 ]
 
@@ -77,12 +79,13 @@ class Commit:
 
 
 @dataclass(frozen=True, slots=True)
-class Truncate:
-    """TRUNCATE of the named tables (reported, not turned into deletes)."""
+class Truncated:
+    """A TRUNCATE statement: ``items`` holds a `changefeed.Truncate` for each watched table it
+    emptied (none when the operation mask leaves truncates out); ``tables`` names every table
+    of the message, wanted or not."""
 
+    items: tuple[Truncate, ...]
     tables: tuple[str, ...]
-    cascade: bool
-    restart_identity: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +164,7 @@ class PgOutputDecoder:
     relation OIDs to their names as last known (the feed's way: a renamed table keeps its OID,
     and `decode` then returns a `Renamed`), or qualified names. ``primary_keys`` maps OIDs or
     qualified names to key columns: pgoutput flags the replica identity columns, which under
-    REPLICA IDENTITY FULL are all of them.
+    REPLICA IDENTITY FULL are all of them; a table with neither has the whole row as key.
     """
 
     def __init__(
@@ -184,6 +187,7 @@ class PgOutputDecoder:
         self._insert_wanted = bool(self.operation & Operation.INSERT)
         self._update_wanted = bool(self.operation & Operation.UPDATE)
         self._delete_wanted = bool(self.operation & Operation.DELETE)
+        self._truncate_wanted = bool(self.operation & Operation.TRUNCATE)
         self._in_transaction = False
         self._positions = TransactionPositions()
         self._committed_at: datetime | None = None
@@ -191,7 +195,7 @@ class PgOutputDecoder:
 
     def decode(
         self, data: bytes | memoryview
-    ) -> Change | Message | Begin | Commit | Truncate | Renamed | None:
+    ) -> Change | Message | Begin | Commit | Truncated | Renamed | None:
         """Decode one message; see the module docstring for what comes back."""
         if not isinstance(data, bytes):
             data = bytes(data)
@@ -251,6 +255,8 @@ class PgOutputDecoder:
         primary_key = self.primary_keys.get(oid) or self.primary_keys.get(qualified_name)
         if primary_key and all(column in columns for column in primary_key):
             keys = [columns.index(column) for column in primary_key]
+        elif not keys:  # no key and no replica identity (inserts only): the whole row is it
+            keys = list(range(len(columns)))
         names = self.table_names
         if names is not None:
             watched = oid in names
@@ -366,14 +372,30 @@ class PgOutputDecoder:
         the pure-Python one never does (its changes go to the format's encoder)."""
         return None
 
-    def _truncate(self, data: bytes) -> Truncate:
+    def _truncate(self, data: bytes) -> Truncated:
+        return self.decode_truncate(data, self._positions.take, self._committed_at, self._xid)
+
+    def decode_truncate(
+        self, data: bytes, take_position: Callable[[], PgPosition], committed_at: datetime | None,
+        transaction: Any,
+    ) -> Truncated:
+        """A Truncate message (relation OIDs, options: 1 CASCADE, 2 RESTART IDENTITY): each
+        table named takes the next position from ``take_position`` (wanted or not, watched or
+        not, so that positions do not depend on the mask), in the message's order. For a
+        decoder keeping the transaction's state itself (the compiled one)."""
         count, options = _TRUNCATE.unpack_from(data, 1)
         oids = struct.unpack_from(f"!{count}I", data, 6)
-        tables = tuple(
-            self.relations[oid].qualified_name if oid in self.relations else str(oid)
-            for oid in oids
-        )
-        return Truncate(tables, bool(options & 1), bool(options & 2))
+        cascade, restart_identity = bool(options & 1), bool(options & 2)
+        items, tables = [], []
+        for oid in oids:
+            position = take_position()
+            relation = self.relations.get(oid)
+            name = relation.qualified_name if relation is not None else str(oid)
+            tables.append(name)
+            if relation is not None and relation.watched and self._truncate_wanted:
+                items.append(Truncate(name, position, committed_at, transaction, cascade,
+                                      restart_identity))
+        return Truncated(tuple(items), tuple(tables))
 
     # -- helpers -------------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from psycopg import sql
 from changefeed.backends.postgres import catalog, slots
 from changefeed.backends.postgres.tables import Table
 from changefeed.change import Operation
-from changefeed.errors import PermanentBackendError, first_line
+from changefeed.errors import ConfigurationError, PermanentBackendError, first_line
 
 log = logging.getLogger("changefeed.postgres")
 
@@ -66,7 +66,18 @@ def ensure_publication(
     if publication is not None:
         catalog.check_publication(conn, publication, tables, slot, operation)
     catalog.check_slot_owner(conn, slot, name, tables)
-    catalog.check_replica_identity(conn, tables, operation)
+    try:
+        check_identity(conn, tables, operation)
+    except ConfigurationError as exc:
+        published = [t for t in tables if publication and t.oid in publication.table_oids]
+        if not any(refusal(conn, table, operation) for table in published):
+            raise
+        # The publication a feed made earlier publishes them already: the application's
+        # statements fail now, whether this feed runs or not.
+        raise ConfigurationError(
+            f"{exc.message}. Publication {name} already publishes it, so they fail now: fix"
+            f" that, or drop the feed with changefeed slots --drop {slot}"
+        ) from exc
     meta = dict(publication.meta) if publication is not None else {}
     if meta.get("slot", slot) == slot:  # the record is of the slot that made it
         meta.update(slot=slot, default=default_names,
@@ -93,6 +104,54 @@ def ensure_publication(
     return PublicationSetup(meta, publication is None)
 
 
+def check_identity(
+    conn: psycopg.Connection, tables: Sequence[Table], operation: Operation
+) -> None:
+    """Refuse tables whose UPDATE/DELETE would fail (or could, for partitions to come) once
+    a publication of ``operation`` publishes them (see `catalog`)."""
+    catalog.check_replica_identity(conn, tables, operation)
+    catalog.check_partition_identity(conn, tables, operation)
+
+
+def refusal(conn: psycopg.Connection, table: Table, operation: Operation) -> str | None:
+    """Why `check_identity` refuses ``table``, or None."""
+    try:
+        check_identity(conn, [table], operation)
+    except ConfigurationError as exc:
+        return exc.message
+    return None
+
+
+def add_tables(
+    conn: psycopg.Connection, name: str, tables: Sequence[Table], meta: dict[str, Any],
+    operation: Operation,
+) -> tuple[list[Table], dict[str, str]]:
+    """Add ``tables`` (that appeared while the feed ran: a pattern matches them now) to the
+    feed's publication ``name``, each recorded in ``meta`` as to be back-filled: its rows
+    committed before it was added never went through the slot. Returns the tables added and,
+    for the others, why not (their UPDATE/DELETE would fail, or no privilege)."""
+    added: list[Table] = []
+    refused: dict[str, str] = {}
+    for table in tables:
+        why = refusal(conn, table, operation)
+        if why is not None:
+            refused[table.qualified] = why
+        else:
+            added.append(table)
+    if not added:
+        return added, refused
+    try:
+        catalog.add_publication_tables(conn, name, added)
+    except psycopg.Error as exc:
+        return [], {table.qualified: first_line(exc) for table in added}
+    meta.setdefault("tables", {}).update({str(t.oid): t.qualified for t in added})
+    states = meta.setdefault("backfill", {})
+    for table in added:
+        states[str(table.oid)] = {"after": None, "done": 0, "chunks": 0}
+    catalog.write_meta(conn, name, meta)
+    return added, refused
+
+
 def _change_tables(
     conn: psycopg.Connection, publication: catalog.Publication,
     tables: Sequence[Table], meta: dict[str, Any], slot: str, backfill_added: bool,
@@ -102,13 +161,18 @@ def _change_tables(
     for oid in removed:
         states.pop(str(oid), None)
     for table in added:
-        if backfill_added:
+        if backfill_added or table.from_pattern:
             states[str(table.oid)] = {"after": None, "done": 0, "chunks": 0}
     meta["backfill"] = states
-    if added:
-        log.warning("slot %s now also streams %s%s", slot,
-                    ", ".join(t.qualified for t in added),
-                    " (back-filled first)" if backfill_added else "")
+    filled = [t.qualified for t in added if backfill_added or t.from_pattern]
+    unfilled = [t.qualified for t in added if not (backfill_added or t.from_pattern)]
+    if filled:
+        # Matched by a pattern, a table is new to the feed: its rows are new changes.
+        log.warning("slot %s now also streams %s (back-filled first)", slot, ", ".join(filled))
+    if unfilled:
+        log.warning("slot %s now also streams %s; its rows from before are not delivered"
+                    " (--prefeed snapshot, or changefeed backfill, reads them)", slot,
+                    ", ".join(unfilled))
     if removed:
         log.warning("slot %s no longer streams %s", slot, catalog.describe_oids(conn, removed))
 

@@ -17,6 +17,7 @@ import psycopg
 from psycopg import sql
 
 from changefeed.backends.postgres import catalog
+from changefeed.backends.postgres.connection import session_options
 from changefeed.backends.postgres.errors import (
     connect_failure,
     slot_creation_error,
@@ -130,6 +131,20 @@ def confirmed_position(conn: psycopg.Connection, name: str) -> str | None:
     return row[0] if row else None
 
 
+def server_wal_position(conn: psycopg.Connection) -> int:
+    """How far the server has written WAL (inserted, which a commit waits for; flushed a
+    moment later under ``synchronous_commit = off``; replayed, on a standby): a walsender that
+    reads up to there has everything committed until now. Right after a page header (where an
+    insert position can point, no record can end) it is that page's start."""
+    row = conn.execute(
+        "SELECT CASE WHEN p % b <= 40 THEN p - p % b ELSE p END FROM (SELECT"
+        " (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
+        "  ELSE pg_current_wal_insert_lsn() END - '0/0')::bigint AS p,"
+        " current_setting('wal_block_size')::bigint AS b) AS wal"
+    ).fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
 def advance_slot(dsn: str, name: str, lsn: str, *, wait: float = 5.0) -> None:
     """Confirm ``lsn`` on the slot without streaming (``pg_replication_slot_advance``): an
     acknowledgement that came after the stream closed. The feed's walsender may still be
@@ -137,7 +152,8 @@ def advance_slot(dsn: str, name: str, lsn: str, *, wait: float = 5.0) -> None:
     deadline = time.monotonic() + wait
     error: Exception
     try:
-        with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=10,
+                             options=session_options(dsn)) as conn:
             while True:
                 try:
                     conn.execute(
@@ -188,7 +204,8 @@ class SlotInfo:
 def connect(url: str) -> psycopg.Connection:
     """A plain connection for the housekeeping commands; failures as one clear line."""
     try:
-        return psycopg.connect(url, autocommit=True, connect_timeout=10)
+        return psycopg.connect(url, autocommit=True, connect_timeout=10,
+                               options=session_options(url))
     except psycopg.ProgrammingError as exc:
         raise ConfigurationError(f"bad PostgreSQL URL: {first_line(exc)}") from exc
     except psycopg.OperationalError as exc:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 import struct
+import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from operator import itemgetter
 from typing import Any
 
 import psycopg
@@ -21,13 +23,14 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 
 from changefeed.backends.postgres import catalog
+from changefeed.backends.postgres.connection import connect
 from changefeed.backends.postgres.ledger import AckLedger
-from changefeed.backends.postgres.loading import psycopg_loaders, read_rows
+from changefeed.backends.postgres.loading import TypeLoaders, load_result, psycopg_loaders
 from changefeed.backends.postgres.pgoutput import schema_version
 from changefeed.backends.postgres.position import PgPosition
-from changefeed.backends.postgres.tables import Table
-from changefeed.backends.postgres.values import SESSION_SETTINGS
+from changefeed.backends.postgres.tables import Table, stream_columns
 from changefeed.change import Change, Operation, SnapshotState
+from changefeed.errors import BackendError
 
 log = logging.getLogger("changefeed.postgres")
 
@@ -40,36 +43,120 @@ _TYPE = struct.Struct("!Ii")
 SnapshotItem = tuple[Table, str | None, dict[str, Any] | str]
 """(table, its schema version, a row or "started" / "done")."""
 
+FETCH_BYTES = 8 << 20
+"""A snapshot read fetches about this much per round trip (and at most its batch of rows)."""
+_CURSOR = sql.Identifier("changefeed_rows")
+
+
+def row_bytes(rows: Sequence[dict[str, Any]]) -> int:
+    """About the memory ``rows`` hold: the length of their text and bytes values, the shallow
+    size of json and array values, 16 bytes for any other. Measured per column, so that a
+    column of numbers costs nothing to measure."""
+    if not rows:
+        return 0
+    total = 0
+    for name in rows[0]:
+        get = itemgetter(name)
+        sample = next((value for value in map(get, rows) if value is not None), None)
+        kind = sample.__class__
+        if kind is str or kind is bytes or issubclass(kind, (str, bytes)):
+            total += sum(len(value) for value in map(get, rows) if value is not None)
+        elif kind is dict or kind is list:
+            total += sum(map(sys.getsizeof, map(get, rows)))
+        else:
+            total += 16 * len(rows)
+    return total
+
+
+class BoundedFetch:
+    """Reads a query's rows through a cursor, fetching as many at a time as fit in a number
+    of bytes: a table of 5 MB rows is read a few rows at a time, one of small rows thousands
+    at a time. The size of a row is learnt as it goes (`row_bytes`); the first fetch takes
+    one row unless ``row_size`` says how big they were before. ``conn`` must be in a
+    transaction."""
+
+    def __init__(
+        self, conn: psycopg.Connection, query: sql.Composable, loaders: TypeLoaders,
+        row_size: float = 0.0,
+    ) -> None:
+        self.cursor = conn.cursor()
+        self.cursor.execute(sql.SQL("DECLARE {} NO SCROLL CURSOR FOR {}").format(_CURSOR, query))
+        self.loaders = loaders
+        self.row_size = row_size
+        self.ended = False
+        """The query has no more rows."""
+
+    def fetch(self, rows: int, nbytes: int) -> list[dict[str, Any]]:
+        """At most ``rows`` rows, about ``nbytes`` at most (at least one row)."""
+        count = max(1, min(rows, int(nbytes / self.row_size) if self.row_size else 1))
+        self.cursor.execute(sql.SQL("FETCH FORWARD {} FROM {}").format(
+            sql.Literal(count), _CURSOR))
+        result = self.cursor.pgresult
+        got = load_result(result, self.loaders) if result is not None and result.ntuples else []
+        if len(got) < count:
+            self.ended = True
+        if got:
+            self.row_size = max(1.0, row_bytes(got) / len(got))
+        return got
+
+    def close(self) -> None:
+        self.cursor.close()
+
+
+def read_chunk(
+    conn: psycopg.Connection, query: sql.Composable, loaders: TypeLoaders, *, rows: int,
+    max_bytes: int, row_size: float = 0.0,
+) -> tuple[list[dict[str, Any]], bool, float]:
+    """Up to ``rows`` rows of ``query`` (one short transaction), fewer once they hold about
+    ``max_bytes``; whether the query had no more; and the size of a row as measured."""
+    got: list[dict[str, Any]] = []
+    size = 0.0
+    with conn.transaction():
+        fetch = BoundedFetch(conn, query, loaders, row_size)
+        try:
+            while not fetch.ended and len(got) < rows and size < max_bytes:
+                batch = fetch.fetch(rows - len(got), max_bytes - size)
+                got.extend(batch)
+                size += fetch.row_size * len(batch)
+        finally:
+            fetch.close()
+    return got, fetch.ended, fetch.row_size
+
 
 def exported_rows(
     reader: psycopg.Connection, snapshot_name: str, tables: Iterable[Table],
     batch: int, *, markers: bool = False,
 ) -> Iterator[SnapshotItem]:
     """Each table's rows in the exported snapshot ``snapshot_name``, loaded by the stream's own
-    loaders (the same values as streamed rows), with ``"started"`` and ``"done"`` around each
-    table's rows when ``markers`` is set. ``reader``: a fresh autocommit connection."""
-    reader.execute(SESSION_SETTINGS)
+    loaders (the same values as streamed rows, the same columns), with ``"started"`` and
+    ``"done"`` around each table's rows when ``markers`` is set. At most ``batch`` rows and
+    about `FETCH_BYTES` are held at a time. ``reader``: a fresh autocommit connection."""
     loaders = psycopg_loaders(reader, catalog=reader)
     reader.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
     reader.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_name)))
     for table in tables:
         relation = table.identifier
         version = schema_version_of(reader, table.oid)
+        columns = stream_columns(reader, table.oid)
         total = _estimate(reader, table)
         log.info("snapshot of %s: reading ~%s rows", table.qualified, f"{total:,}")
         if markers:
             yield table, version, "started"
         started = last_report = time.monotonic()
         done = 0
-        for row in read_rows(reader, sql.SQL("SELECT * FROM {}").format(relation), loaders,
-                             batch):
-            done += 1
-            yield table, version, row
+        query = sql.SQL("SELECT {} FROM {}").format(
+            sql.SQL(", ").join(map(sql.Identifier, columns)), relation)
+        fetch = BoundedFetch(reader, query, loaders)
+        while not fetch.ended:
+            for row in fetch.fetch(batch, FETCH_BYTES):
+                done += 1
+                yield table, version, row
             now = time.monotonic()
             if now - last_report >= 2.0:
                 last_report = now
                 log.info("snapshot of %s: %s / ~%s rows (%.0f rows/s)", table.qualified,
                          f"{done:,}", f"{max(total, done):,}", done / (now - started))
+        fetch.close()
         log.info("snapshot of %s: %s rows done", table.qualified, f"{done:,}")
         if markers:
             yield table, version, "done"
@@ -101,7 +188,7 @@ def exported_change(item: SnapshotItem, index: int) -> Change | SnapshotState:
     position = PgPosition(0, index)
     if isinstance(row, str):
         return SnapshotState(table.qualified, row, position)
-    key = {column: row[column] for column in table.key}
+    key = {column: row[column] for column in table.key} if table.key else dict(row)
     return Change(Operation.INSERT, table.qualified, row, None, key, position, None, None,
                   True, None, version)
 
@@ -125,9 +212,9 @@ def mark(dsn: str, publication: str, meta: dict[str, Any], state: str) -> None:
     mid-snapshot must take it again); a failure is only a warning."""
     meta["snapshot"] = state
     try:
-        with psycopg.connect(dsn, autocommit=True) as conn:
+        with connect(dsn) as conn:
             catalog.write_meta(conn, publication, meta)
-    except psycopg.Error as exc:
+    except (psycopg.Error, BackendError) as exc:
         log.warning("could not record the snapshot state on %s: %s", publication, exc)
 
 

@@ -32,7 +32,7 @@ import changefeed._speedups as _speedups
 from changefeed.backends.postgres.errors import start_replication_error, stream_ended, text
 from changefeed.backends.postgres.ledger import AckLedger
 from changefeed.backends.postgres.names import publication_names_literal
-from changefeed.backends.postgres.pgoutput import Commit
+from changefeed.backends.postgres.pgoutput import Commit, Truncated
 from changefeed.backends.postgres.position import PgPosition
 from changefeed.backends.postgres.protocol import (
     KEEPALIVE,
@@ -89,6 +89,9 @@ class ReplicationStream:
         nothing more is at hand (`wait`, then iterate on); it ends with the stream (`ended`).
         The compiled `FrameReader` where the extension is built (`_frames` is the reference),
         which also hands the direct path's decoder the row changes at hand."""
+        self.wal_end = 0
+        """How far the walsender has read (decoded) the server's WAL, as its last keepalive
+        said: it passes the server's WAL position once everything before was sent."""
         self._xlogdata: Any = None  # the last XLogData message handed out
         self._end = 0  # get_copy_data's result at the end of the stream
         self._closing = False  # CopyDone sent: nothing is answered any more
@@ -209,7 +212,8 @@ class ReplicationStream:
                 if event.__class__ is Commit:
                     self.committed(last, event.end_lsn)
                     return event.end_lsn
-                if event.__class__ is Change or event.__class__ is Message:
+                if event.__class__ is Change or event.__class__ is Message or (
+                        event.__class__ is Truncated and event.items):
                     return None
         except psycopg.Error as exc:
             log.debug("reading on to the commit: %s", first_line(exc))
@@ -251,6 +255,8 @@ class ReplicationStream:
         if self._closing:
             return
         wal_end, _, reply_requested = keepalive(buffer)
+        if wal_end > self.wal_end:
+            self.wal_end = wal_end
         ledger = self.ledger
         if busy:
             if not reply_requested:

@@ -24,7 +24,13 @@ log = logging.getLogger("changefeed.postgres")
 
 @dataclass
 class Table:
-    """A watched table as the catalog describes it now."""
+    """A watched table as the catalog describes it now.
+
+    ``key`` is what identifies a row in every change of the table, snapshot and stream alike
+    (`key_columns`): the columns of the replica identity index under ``REPLICA IDENTITY USING
+    INDEX`` (the only ones PostgreSQL sends for a delete then), else the primary key; empty
+    when there is neither, and then the key is the whole row.
+    """
 
     oid: int
     schema: str
@@ -32,6 +38,16 @@ class Table:
     kind: str
     """``r`` (table) or ``p`` (partitioned table)."""
     key: list[str] = field(default_factory=list)
+    identity: str = "d"
+    """``relreplident``: ``d`` default (the primary key), ``f`` full, ``i`` an index, ``n``
+    nothing."""
+    from_pattern: bool = False
+    """Matched by a pattern (``app.*``), not named."""
+
+    @property
+    def whole_row(self) -> bool:
+        """Whether the key is the whole row (no primary key, no identity index)."""
+        return not self.key
 
     @property
     def qualified(self) -> str:
@@ -44,12 +60,21 @@ class Table:
 
 _TABLE_COLUMNS = (
     "SELECT c.oid, n.nspname, c.relname, c.relkind,"
+    # The key (see `Table`): the identity index under REPLICA IDENTITY USING INDEX, else
+    # the primary key.
     " coalesce((SELECT array_agg(a.attname ORDER BY k.ord) FROM pg_index i"
     "   CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)"
     "   JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum"
-    "   WHERE i.indrelid = c.oid AND i.indisprimary), '{}')"
+    "   WHERE i.indexrelid = (SELECT x.indexrelid FROM pg_index x WHERE x.indrelid = c.oid"
+    "     AND (x.indisprimary OR (c.relreplident = 'i' AND x.indisreplident))"
+    "     ORDER BY c.relreplident = 'i' AND x.indisreplident DESC LIMIT 1)), '{}'),"
+    " c.relreplident"
     " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
 )
+
+
+def _table(row: Sequence[Any]) -> Table:
+    return Table(row[0], row[1], row[2], row[3], list(row[4]), row[5])
 
 
 def resolve_tables(
@@ -72,7 +97,7 @@ def resolve_tables(
         row = conn.execute(_TABLE_COLUMNS + " WHERE c.oid = to_regclass(%s)", [regclass]).fetchone()
         if row is None or row[3] not in ("r", "p"):
             raise ConfigurationError(_missing_table(conn, name, row))
-        tables.append(Table(row[0], row[1], row[2], row[3], list(row[4])))
+        tables.append(_table(row))
     if len({table.oid for table in tables}) != len(tables):
         raise ConfigurationError("the same table is listed twice")
     excluded = {t.oid for name in exclude for t in _matching(conn, name)}
@@ -98,13 +123,56 @@ def _matching(conn: psycopg.Connection, name: TableName) -> list[Table]:
         f" AND {schema_clause} AND c.relname LIKE %s ORDER BY n.nspname, c.relname",
         [like(name.schema) if name.schema is not None else None, like(name.name)],
     ).fetchall()
-    return [Table(row[0], row[1], row[2], row[3], list(row[4])) for row in rows]
+    tables = [_table(row) for row in rows]
+    for table in tables:
+        table.from_pattern = True
+    return tables
+
+
+def matching_tables(
+    conn: psycopg.Connection, names: Sequence[TableName], exclude: Sequence[TableName] = ()
+) -> list[Table]:
+    """The tables the patterns among ``names`` match now, less ``exclude``'s (no error when
+    none does)."""
+    excluded = {t.oid for name in exclude for t in _matching(conn, name)}
+    found: dict[int, Table] = {}
+    for name in names:
+        if name.is_pattern:
+            for table in _matching(conn, name):
+                if table.oid not in excluded:
+                    found.setdefault(table.oid, table)
+    return list(found.values())
+
+
+def partition_trees(conn: psycopg.Connection, oids: Sequence[int]) -> dict[int, dict[int, int]]:
+    """For each partitioned table among ``oids``: its partitions at every level, each with
+    its parent (relation OID -> parent OID)."""
+    rows = conn.execute(
+        "SELECT t.oid::bigint, p.relid::oid::bigint, p.parentrelid::oid::bigint"
+        " FROM unnest(%s::oid[]) AS t(oid) JOIN pg_class c ON c.oid = t.oid AND c.relkind = 'p'"
+        " CROSS JOIN LATERAL pg_partition_tree(t.oid) p WHERE p.level > 0",
+        [list(oids)],
+    ).fetchall()
+    trees: dict[int, dict[int, int]] = {}
+    for root, relid, parent in rows:
+        trees.setdefault(root, {})[relid] = parent
+    return trees
 
 
 def tables_by_oid(conn: psycopg.Connection, oids: Sequence[int]) -> dict[int, Table]:
     """The tables among ``oids`` that still exist, by OID (a missing one was dropped)."""
     rows = conn.execute(_TABLE_COLUMNS + " WHERE c.oid = ANY(%s)", [list(oids)]).fetchall()
-    return {row[0]: Table(row[0], row[1], row[2], row[3], list(row[4])) for row in rows}
+    return {row[0]: _table(row) for row in rows}
+
+
+def stream_columns(conn: psycopg.Connection, oid: int) -> list[str]:
+    """The columns pgoutput sends of table ``oid`` (not dropped, not generated), in order: what
+    a snapshot row holds, so that it has the stream's shape."""
+    rows = conn.execute(
+        "SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0"
+        " AND NOT attisdropped AND attgenerated = '' ORDER BY attnum", [oid],
+    ).fetchall()
+    return [row[0] for row in rows]
 
 
 def _missing_table(conn: psycopg.Connection, name: TableName, row: Any) -> str:
@@ -188,6 +256,11 @@ class WatchedTables:
 
     def name_of(self, oid: int) -> str:
         return self.stream_names.get(oid) or self.by_oid[oid].qualified
+
+    def add(self, table: Table) -> None:
+        """Watch ``table`` too (it appeared while the feed ran)."""
+        self.by_oid[table.oid] = table
+        self.stream_names[table.oid] = table.qualified
 
     def live(self) -> list[Table]:
         """The tables not dropped."""

@@ -1,11 +1,13 @@
 """What each PostgreSQL type family becomes in Python and in JSON.
 
 Every value PostgreSQL stores must arrive exactly, or, where Python cannot hold it, as
-PostgreSQL's own text in a recognisable form (`PostgresText`); no value may stop a feed. The
-README's "Values" section is the table; this module holds the value types it names and the
-psycopg loaders (by type OID) for the families where psycopg's own are not exact or not
-encodable: json/jsonb with exact numbers, float with visible NaN/Infinity, interval with months
-and days kept apart, timetz, money. `changefeed.backends.postgres.loading` puts them to work.
+PostgreSQL's own text in a recognisable form (`PostgresText`, `RawJson`); no value may stop a
+feed. The README's "Values" section is the table; this module holds the value types it names and
+the psycopg loaders (by type OID) for the families where psycopg's own are not exact or not
+encodable: json/jsonb with exact numbers at any depth (read by
+`changefeed.formats.json_values`, where their value types live, since feeds reading a log back
+use them too), float with visible NaN/Infinity, interval with months and days kept apart,
+timetz, money. `changefeed.backends.postgres.loading` puts them to work.
 
 The value types have a ``__json__`` method: the JSON encoder of `changefeed.formats.codec`
 encodes them as what it returns (a plain value or an ``orjson.Fragment``), so sinks need no
@@ -14,16 +16,22 @@ knowledge of PostgreSQL.
 
 from __future__ import annotations
 
-import json
 import re
 from datetime import time
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-import orjson
 import psycopg
 from psycopg import pq
 from psycopg.adapt import Loader
+
+from changefeed.formats.json_values import JsonDecimal, JsonInt, RawJson, loads_value
+
+__all__ = [
+    "SESSION_SETTINGS", "FloatLoader", "Interval", "IntervalLoader", "JsonDecimal", "JsonInt",
+    "JsonLoader", "MoneyLoader", "NonFiniteFloat", "PostgresText", "RawJson", "TimeTZ",
+    "TimetzLoader",
+]
 
 TEXT = pq.Format.TEXT
 
@@ -61,16 +69,6 @@ class PostgresText(str):
         return str(self)
 
 
-class RawJson(PostgresText):
-    """A json/jsonb value Python cannot parse (a number of more than 4300 digits): its text,
-    which goes out in JSON as itself, not as a string."""
-
-    def __json__(self) -> Any:
-        # Line breaks outside strings are only whitespace (inside strings they are escaped):
-        # one JSON line must stay one line.
-        return orjson.Fragment(str(self).replace("\n", " ").replace("\r", " "))
-
-
 class NonFiniteFloat(float):
     """A float NaN, Infinity or -Infinity; JSON has no such numbers, and orjson would write
     them as ``null``, the same as NULL. JSON: ``"NaN"``, ``"Infinity"``, ``"-Infinity"``."""
@@ -81,24 +79,6 @@ class NonFiniteFloat(float):
         if self != self:
             return "NaN"
         return "Infinity" if self > 0 else "-Infinity"
-
-
-class JsonInt(int):
-    """An integer inside a json value beyond 64 bits (orjson cannot encode those). JSON: the
-    number, digit for digit."""
-
-    def __json__(self) -> orjson.Fragment:
-        return orjson.Fragment(int.__repr__(self))
-
-
-class JsonDecimal(Decimal):
-    """A non-integral number inside a json value, exact. JSON: the number (not a string, which
-    is how `numeric` values go out)."""
-
-    __slots__ = ()
-
-    def __json__(self) -> orjson.Fragment:
-        return orjson.Fragment(Decimal.__str__(self))
 
 
 class TimeTZ(time):
@@ -183,19 +163,13 @@ def _trem(a: int, b: int) -> int:
 # -- loaders (text format) ---------------------------------------------------------------------
 
 
-def _json_int(text: str) -> int:
-    value = int(text)
-    return value if -(2**63) <= value < 2**64 else JsonInt(value)
-
-
 class JsonLoader(Loader):
-    """json and jsonb: ints unbounded, other numbers `JsonDecimal`; exact."""
+    """json and jsonb, exact: ints unbounded, other numbers `JsonDecimal`; a value nested
+    deeper than `changefeed.formats.json_values.MAX_DEPTH`, or escaping a lone surrogate
+    (``json`` takes them), as its text, a `RawJson` (see `loads_value`)."""
 
     def load(self, data: Any) -> Any:
-        try:
-            return json.loads(bytes(data), parse_float=JsonDecimal, parse_int=_json_int)
-        except ValueError:  # e.g. an integer beyond Python's 4300-digit limit
-            return RawJson(bytes(data).decode(), "json" if self.oid == 114 else "jsonb")
+        return loads_value(bytes(data), "json" if self.oid == 114 else "jsonb", trusted=True)
 
 
 class FloatLoader(Loader):

@@ -293,7 +293,8 @@ cdef class Decoder:
         if kind == b"Y" or kind == b"O":  # types, origins: no change
             return None
         if kind == b"T":
-            return self.python._truncate(data)
+            return self.python.decode_truncate(data, self.next_position, self.committed_at,
+                                               self.xid)
         if kind == b"M":
             return self.message(data, p, size)
         raise DecodeError(f"unknown pgoutput message type {chr(kind)!r}")

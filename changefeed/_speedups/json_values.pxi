@@ -53,7 +53,9 @@ cdef class JsonParser:
 
     cdef object value(self, int depth):
         self.skip_space()
-        if self.i >= self.n or depth > MAX_JSON_DEPTH:
+        # At MAX_JSON_DEPTH containers already open, declined: JsonLoader keeps a value nesting
+        # more than MAX_DEPTH (the same 200) as its text (`RawJson`).
+        if self.i >= self.n or depth >= MAX_JSON_DEPTH:
             return self.decline()
         cdef unsigned char c = self.p[self.i]
         if c == b'"':
@@ -160,6 +162,8 @@ cdef class JsonParser:
         if not integral:
             return JsonDecimal(PyUnicode_DecodeASCII(<const char*>self.p + start,
                                                      self.i - start, NULL))
+        if self.i - start == 2 and self.p[start] == b"-" and self.p[start + 1] == b"0":
+            return self.decline()  # -0: JsonLoader keeps its sign (a JsonDecimal)
         value = load_int(<const char*>self.p + start, self.i - start)  # up to 18 digits
         if value is DECLINE:
             return self.decline()

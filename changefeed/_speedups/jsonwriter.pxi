@@ -22,7 +22,7 @@ cdef extern from "Python.h":
     int PyDateTime_TIME_GET_SECOND(object o)
     int PyDateTime_TIME_GET_MICROSECOND(object o)
 
-cdef object orjson_dumps, orjson_error, json_default, JSON_OPTIONS, JSON_NON_STR_KEYS
+cdef object orjson_dumps, orjson_error, json_default, JSON_OPTIONS, JSON_NON_STR_KEYS, codec_dumps_value
 cdef object datetime_type, date_type, time_type
 cdef const char* BASE64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 cdef const char* LOWER_HEX = b"0123456789abcdef"
@@ -56,6 +56,7 @@ cdef inline Py_ssize_t plain_prefix(const unsigned char* text, Py_ssize_t size) 
 
 cdef int bind_json() except -1:
     global orjson_dumps, orjson_error, json_default, JSON_OPTIONS, JSON_NON_STR_KEYS
+    global codec_dumps_value
     global datetime_type, date_type, time_type
     if orjson_dumps is not None:
         return 0
@@ -71,16 +72,15 @@ cdef int bind_json() except -1:
     JSON_OPTIONS = codec.ORJSON_OPTIONS
     JSON_NON_STR_KEYS = codec._NON_STR_KEYS
     datetime_type, date_type, time_type = datetime.datetime, datetime.date, datetime.time
+    codec_dumps_value = codec.dumps
     orjson_dumps = orjson.dumps
     return 0
 
 
 cdef object python_dumps(object value):
-    """`codec.dumps`: orjson with changefeed's default, keys other than strings allowed."""
-    try:
-        return orjson_dumps(value, default=json_default, option=JSON_OPTIONS)
-    except orjson_error:
-        return orjson_dumps(value, default=json_default, option=JSON_OPTIONS | JSON_NON_STR_KEYS)
+    """`codec.dumps` itself: orjson with changefeed's default, and its careful path (keys
+    other than strings, raw JSON texts, values nested past orjson's limit)."""
+    return codec_dumps_value(value)
 
 
 @cython.final

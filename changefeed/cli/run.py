@@ -196,8 +196,9 @@ _WRITE_FAILURES = frozenset(
 @click.command()
 @click.argument("tables", nargs=-1, required=True, metavar="TABLE...")
 @url_option
-@click.option("--ops", default="insert,update,delete", show_default=True, callback=parse_ops,
-              help="Operations to stream: insert, update, delete (comma-separated) or all.")
+@click.option("--ops", default="all", show_default=True, callback=parse_ops,
+              help="Operations to stream: insert, update, delete, truncate (comma-separated) or"
+                   " all.")
 @click.option("--prefeed", type=click.Choice(["snapshot"]), default=None,
               help="Start with every existing row (as snapshot inserts), then stream.")
 @click.option("--format", "fmt", type=click.Choice(FORMAT_NAMES), default="delta",

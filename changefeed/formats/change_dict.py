@@ -5,8 +5,9 @@ entry holds and a Kafka record holds by default, so that a feed reading a log re
 change the sink wrote. JSON turns Decimals, datetimes inside rows, UUIDs and bytes into
 strings; `change_from_dict` restores ``committed_at`` and the `UNCHANGED` columns.
 
-``to_dict`` stays a method of the record (as on `SnapshotState` and `Message`): every item a
-feed yields gives its dict form the same way, and `changefeed.change` imports nothing above it.
+``to_dict`` stays a method of the record (as on `SnapshotState`, `Message` and `Truncate`):
+every item a feed yields gives its dict form the same way, and `changefeed.change` imports
+nothing above it. A `Truncate` reads back from its dict (``"operation": "truncate"``) too.
 """
 
 from __future__ import annotations
@@ -16,24 +17,34 @@ from datetime import datetime
 from typing import Any
 
 import changefeed._speedups as _speedups
-from changefeed.change import UNCHANGED, Change, Operation
+from changefeed.change import UNCHANGED, Change, Operation, Truncate
 from changefeed.errors import DecodeError
 from changefeed.formats.codec import dumps_line
 
 
-def change_from_dict(data: dict[str, Any]) -> Change:
-    """Rebuild a `Change` from its ``to_dict()`` form (after a JSON round trip).
+def change_from_dict(data: dict[str, Any]) -> Change | Truncate:
+    """Rebuild a `Change` (or a `Truncate`) from its ``to_dict()`` form (after a JSON round
+    trip).
 
     Raises `DecodeError` for anything else (a delta, say).
     """
     try:
         operation = Operation[str(data["operation"]).upper()]
-        new = data.get("new")
-        if new is not None and data.get("unchanged"):
-            new = {**new, **dict.fromkeys(data["unchanged"], UNCHANGED)}
         committed_at = data.get("committed_at")
         if isinstance(committed_at, str):
             committed_at = datetime.fromisoformat(committed_at)
+        if operation is Operation.TRUNCATE:
+            table = data["table"]
+            if not isinstance(table, str):
+                raise TypeError(f"table {table!r} is not a name")
+            return Truncate(
+                table, position=data.get("position"), committed_at=committed_at,
+                transaction=data.get("transaction"), cascade=bool(data.get("cascade")),
+                restart_identity=bool(data.get("restart_identity")), meta=data.get("meta"),
+            )
+        new = data.get("new")
+        if new is not None and data.get("unchanged"):
+            new = {**new, **dict.fromkeys(data["unchanged"], UNCHANGED)}
         return Change(
             operation,
             data["table"],
@@ -52,8 +63,8 @@ def change_from_dict(data: dict[str, Any]) -> Change:
 
 
 def change_line(item: Any) -> bytes:
-    """The JSON line of a change's dict, or of another item a feed yields (a `SnapshotState`):
-    what ``changefeed run --format change`` writes."""
+    """The JSON line of a change's dict, or of another item a feed yields (a `SnapshotState`, a
+    `Truncate`): what ``changefeed run --format change`` writes."""
     return dumps_line(item.to_dict())
 
 

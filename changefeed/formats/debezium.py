@@ -11,8 +11,10 @@ read these unchanged, as they read Debezium's events through ``JsonConverter`` w
 and the record key is the JSON of the key columns (``{"id": 7}``; MongoDB: ``{"id": "<the
 _id as Extended JSON>"}``). For PostgreSQL ``before``/``after`` are rows; for MongoDB they are
 Extended JSON strings, with ``updateDescription`` on updates, as Debezium's MongoDB connector
-writes them. ``op`` is ``c`` (insert), ``u`` (update), ``d`` (delete), ``r`` (a snapshot read).
-The top-level ``ts_ms`` is when the event was made, ``source.ts_ms`` the commit time.
+writes them. ``op`` is ``c`` (insert), ``u`` (update), ``d`` (delete), ``r`` (a snapshot read),
+``t`` (a `Truncate`: the table was emptied; ``before`` and ``after`` are null and the record key
+is null, as Debezium's truncate events have them). The top-level ``ts_ms`` is when the event was
+made, ``source.ts_ms`` the commit time.
 
 Everything here is a pure function of a `Change` and a `Source`; the README lists the fields
 that cannot match Debezium's and why.
@@ -29,7 +31,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import changefeed._speedups as _speedups
-from changefeed.change import UNCHANGED, Change, Operation
+from changefeed.change import UNCHANGED, Change, Operation, Truncate
 from changefeed.errors import DecodeError
 from changefeed.formats.codec import dumps_line
 
@@ -53,7 +55,7 @@ class Source:
     database: str | None = None
 
 
-def connector_of(change: Change) -> str:
+def connector_of(change: Change | Truncate) -> str:
     """``"postgresql"`` or ``"mongodb"``, told by the shape of the change's position."""
     position = change.position
     if isinstance(position, str) and ":" in position:
@@ -64,7 +66,7 @@ def connector_of(change: Change) -> str:
 
 
 def envelope(
-    change: Change, source: Source = Source(), *, now_ms: int | None = None,
+    change: Change | Truncate, source: Source = Source(), *, now_ms: int | None = None,
     data_collection_order: int | None = None,
 ) -> dict[str, Any]:
     """The Debezium event value of ``change`` (``now_ms``: the event's ``ts_ms``, default now).
@@ -72,6 +74,8 @@ def envelope(
     ``data_collection_order``: the change's rank among its transaction's changes of the same
     table, counted by the caller (`DebeziumEncoder` does); default: its rank in the transaction.
     """
+    if isinstance(change, Truncate):
+        return _truncate_envelope(change, source, now_ms, data_collection_order)
     connector = source.connector or connector_of(change)
     op = "r" if change.snapshot else _OPS[change.operation]
     committed_ms = _ms(change.committed_at)
@@ -96,6 +100,22 @@ def envelope(
 def _relational(
     change: Change, info: dict[str, Any], database: str | None, collection_order: int | None
 ) -> dict[str, Any]:
+    before = change.old
+    if change.operation is Operation.UPDATE and before is not None and _only_key(change):
+        before = None  # Debezium under REPLICA IDENTITY DEFAULT: no before for updates
+    return {
+        "before": _row(before),
+        "after": _row(change.new),
+        "source": info,
+        "transaction": _source_and_transaction(change, info, database, collection_order),
+    }
+
+
+def _source_and_transaction(
+    change: Change | Truncate, info: dict[str, Any], database: str | None,
+    collection_order: int | None,
+) -> dict[str, Any] | None:
+    """Complete a relational ``source`` (in place); the ``transaction`` block."""
     schema, _, table = change.table.rpartition(".")
     lsn, index = _lsn_and_index(change.position)
     info.update({
@@ -107,22 +127,35 @@ def _relational(
         "lsn": lsn,
         "xmin": None,
     })
-    before = change.old
-    if change.operation is Operation.UPDATE and before is not None and _only_key(change):
-        before = None  # Debezium under REPLICA IDENTITY DEFAULT: no before for updates
-    transaction = None
-    if change.transaction is not None and lsn is not None and not change.snapshot:
-        order = index + 1
-        transaction = {
-            "id": f"{change.transaction}:{lsn}",
-            "total_order": order,
-            "data_collection_order": collection_order or order,
-        }
+    if change.transaction is None or lsn is None or getattr(change, "snapshot", False):
+        return None
+    order = index + 1
     return {
-        "before": _row(before),
-        "after": _row(change.new),
+        "id": f"{change.transaction}:{lsn}",
+        "total_order": order,
+        "data_collection_order": collection_order or order,
+    }
+
+
+def _truncate_envelope(
+    truncate: Truncate, source: Source, now_ms: int | None, collection_order: int | None
+) -> dict[str, Any]:
+    """Debezium's truncate event: ``op`` ``t``, no rows, the table in ``source``."""
+    info: dict[str, Any] = {
+        "version": _version(),
+        "connector": source.connector or connector_of(truncate),
+        "name": source.name,
+        "ts_ms": _ms(truncate.committed_at),
+        "snapshot": "false",
+    }
+    transaction = _source_and_transaction(truncate, info, source.database, collection_order)
+    return {
+        "before": None,
+        "after": None,
         "source": info,
         "transaction": transaction,
+        "op": "t",
+        "ts_ms": time.time_ns() // 1_000_000 if now_ms is None else now_ms,
     }
 
 
@@ -159,9 +192,10 @@ def _mongodb(change: Change, info: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
-def key(change: Change, source: Source = Source()) -> dict[str, Any] | None:
-    """The Debezium record key: the key columns; MongoDB: ``{"id": <_id as Extended JSON>}``."""
-    if change.key is None:
+def key(change: Change | Truncate, source: Source = Source()) -> dict[str, Any] | None:
+    """The Debezium record key: the key columns; MongoDB: ``{"id": <_id as Extended JSON>}``;
+    none for a truncate."""
+    if isinstance(change, Truncate) or change.key is None:
         return None
     if (source.connector or connector_of(change)) == "mongodb":
         return {"id": extended_json(change.key.get("_id"))}
@@ -182,7 +216,11 @@ def _row(row: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _only_key(change: Change) -> bool:
-    return change.key is not None and change.old is not None and set(change.old) <= set(change.key)
+    """Whether ``old`` is the key alone (REPLICA IDENTITY DEFAULT): key columns, fewer than the
+    new row has (a table without key has the whole row as key, and its old row is whole)."""
+    old, key = change.old, change.key
+    return (key is not None and old is not None and set(old) <= set(key)
+            and len(old) < len(change.new or ()))
 
 
 def _lsn_and_index(position: Any) -> tuple[int | None, int]:
@@ -231,16 +269,16 @@ class DebeziumEncoder:
         self._transaction: Any = None
         self._per_table: dict[str, int] = {}
 
-    def __call__(self, change: Change) -> dict[str, Any]:
+    def __call__(self, change: Change | Truncate) -> dict[str, Any]:
         order = None
-        if change.transaction is not None and not change.snapshot:
+        if change.transaction is not None and not getattr(change, "snapshot", False):
             if change.transaction != self._transaction:
                 self._transaction = change.transaction
                 self._per_table = {}
             order = self._per_table[change.table] = self._per_table.get(change.table, 0) + 1
         return envelope(change, self.source, data_collection_order=order)
 
-    def line(self, change: Change) -> bytes:
+    def line(self, change: Change | Truncate) -> bytes:
         """The envelope as one JSON line."""
         return dumps_line(self(change))
 
@@ -251,8 +289,9 @@ def line_encoder(source: Source = Source()) -> Callable[[Change], bytes]:
     return DebeziumEncoder(source).line
 
 
-def change_from_debezium(event: dict[str, Any], key: Any = None) -> Change:
-    """A `Change` from a Debezium envelope (ours or Debezium's own) and its record key.
+def change_from_debezium(event: dict[str, Any], key: Any = None) -> Change | Truncate:
+    """A `Change` (a `Truncate` for ``op`` ``t``) from a Debezium envelope (ours or Debezium's
+    own) and its record key.
 
     The values are what the JSON holds (Decimals and times as strings); ``position`` is
     rebuilt for PostgreSQL from ``source.lsn`` and ``transaction.total_order`` (None otherwise),
@@ -260,6 +299,8 @@ def change_from_debezium(event: dict[str, Any], key: Any = None) -> Change:
     what is not a Debezium event.
     """
     try:
+        if event["op"] == "t":
+            return _truncate_from_debezium(event)
         operation = _OPERATIONS[event["op"]]
         source = event.get("source") or {}
         before, after = event.get("before"), event.get("after")
@@ -285,6 +326,21 @@ def change_from_debezium(event: dict[str, Any], key: Any = None) -> Change:
         )
     except (ArithmeticError, AttributeError, KeyError, OSError, TypeError, ValueError) as exc:
         raise DecodeError(f"not a Debezium event: {str(event)[:200]} ({exc})") from exc
+
+
+def _truncate_from_debezium(event: dict[str, Any]) -> Truncate:
+    source = event.get("source") or {}
+    if not source.get("table"):
+        raise ValueError("a truncate event names no table")
+    table = f"{source.get('schema') or 'public'}.{source['table']}"
+    position = None
+    lsn, transaction = source.get("lsn"), event.get("transaction") or {}
+    if isinstance(lsn, int) and transaction.get("total_order"):
+        position = f"{lsn:016X}:{transaction['total_order'] - 1:08X}"
+    ts_ms = source.get("ts_ms")
+    committed = None if ts_ms is None else datetime.fromtimestamp(ts_ms / 1000, timezone.utc)
+    return Truncate(table, position=position, committed_at=committed,
+                    transaction=source.get("txId"))
 
 
 def _from_extended_json(text: str) -> Any:

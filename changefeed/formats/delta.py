@@ -3,6 +3,11 @@
     {"type": "insert", "model": "Task", "data": {...}}
     {"type": "update", "model": "Task", "newData": {...}, "oldData": {...}}
     {"type": "delete", "model": "Task", "data": {...}}
+    {"type": "truncate", "model": "Task"}
+
+A truncate delta (from a `Truncate`) says every row of the model is gone: a subscriber empties
+its copy. (Snorky's own server knows only the first three; `changefeed.pipelines.sinks.http`
+says so and leaves truncates out of what it sends it.)
 
 Columns holding `UNCHANGED` (an unchanged TOASTed value PostgreSQL did not send) are left out of
 the row, and an update delta names them: ``"unchanged": ["big"]``.
@@ -16,11 +21,20 @@ from typing import Any
 import orjson
 
 import changefeed._speedups as _speedups
-from changefeed.change import UNCHANGED, Change, Operation, _without_unchanged, unchanged_columns
-from changefeed.formats.codec import ORJSON_OPTIONS, dumps, dumps_line, json_default
+from changefeed.change import (
+    UNCHANGED,
+    Change,
+    Operation,
+    Truncate,
+    _without_unchanged,
+    unchanged_columns,
+)
+from changefeed.formats.codec import ORJSON_OPTIONS, dumps, dumps_default, dumps_line
 
 
-def delta_of(change: Change, model: str | Mapping[str, str] | None = None) -> dict[str, Any]:
+def delta_of(
+    change: Change | Truncate, model: str | Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """The Snorky delta of ``change``; ``model`` defaults to the table name without schema.
 
     ``model`` may map tables to models: by qualified name (``public.tasks``), then bare name
@@ -30,24 +44,26 @@ def delta_of(change: Change, model: str | Mapping[str, str] | None = None) -> di
         model = model_for(change.table, model)
     operation = change.operation
     if operation is Operation.INSERT:
-        return {"type": "insert", "model": model, "data": change.new}
+        return {"type": "insert", "model": model, "data": change.new}  # type: ignore[union-attr]
     if operation is Operation.UPDATE:
         # Only updates can hold UNCHANGED (a TOASTed value PostgreSQL did not resend): such
         # columns are left out of the rows and named, so a client replacing its object with
         # newData knows to keep (or look up) them.
-        new = change.new
+        new = change.new  # type: ignore[union-attr]
         delta: dict[str, Any] = {
             "type": "update",
             "model": model,
             "newData": new,
-            "oldData": _without_unchanged(change.old),
+            "oldData": _without_unchanged(change.old),  # type: ignore[union-attr]
         }
         if new is not None and UNCHANGED in new.values():  # rare: checked in C first
             delta["newData"] = _without_unchanged(new)
             delta["unchanged"] = unchanged_columns(new)
         return delta
     if operation is Operation.DELETE:
-        return {"type": "delete", "model": model, "data": change.old}
+        return {"type": "delete", "model": model, "data": change.old}  # type: ignore[union-attr]
+    if operation is Operation.TRUNCATE:
+        return {"type": "truncate", "model": model}
     raise ValueError(f"a change has exactly one operation, not {operation!r}")
 
 
@@ -64,7 +80,7 @@ class ToDelta:
     def name(self) -> str:
         return f"to_delta(model={self.model!r})"
 
-    def __call__(self, change: Change) -> dict[str, Any]:
+    def __call__(self, change: Change | Truncate) -> dict[str, Any]:
         return delta_of(change, self.model)
 
 
@@ -99,9 +115,9 @@ def delta_line_encoder(
         if start is None:
             start = starts[change.table] = _delta_starts(change.table, model)
         try:
-            return (start[which] + orjson.dumps(row, default=json_default, option=ORJSON_OPTIONS)
+            return (start[which] + orjson.dumps(row, default=dumps_default, option=ORJSON_OPTIONS)
                     + b"}\n")
-        except orjson.JSONEncodeError:  # keys that are not strings: the general path
+        except orjson.JSONEncodeError:  # keys that are not strings, ...: the general path
             return dumps_line(delta_of(change, model))
 
     return encode

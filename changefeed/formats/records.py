@@ -8,6 +8,9 @@ line both Kafka ends share) is a pure function of a `Change` or of the bytes rea
 a server.
 
 * The JSON form of a change is ``Change.to_dict()``; `changefeed.formats.change_dict` reverses it.
+  A reader reads the JSON exactly (`changefeed.formats.json_values.loads_document`): numbers
+  keep their digits, and what is nested too deep for Python stays its exact text, so no value
+  a sink wrote can stop or change a feed reading it back.
 * A Redis stream entry holds that JSON in the field ``change`` and the source position (JSON) in
   ``position``.
 * A Kafka record goes to its table's topic (`topic_for`). Its key is the JSON of the row's key
@@ -15,27 +18,37 @@ a server.
   value is the change in one of the formats (`changefeed.formats.registry`); its headers say
   ``operation``, ``table``, ``position`` (JSON), ``format`` (so a reader knows how to decode the
   value) and, for a change that has one, ``schema_version``.
+* A `Truncate` is a record of its own in the same shape, with no key (as Debezium's truncate
+  events), marked `Record.every_partition`: the sink writes it to every partition of the
+  table's topic, so that on each partition it comes after every change of the table committed
+  before it and before every later one (Kafka orders records only within a partition). A reader
+  gets one `Truncate` per partition it reads. In a Redis stream (one sequence) it is one entry.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-import orjson
-
-from changefeed.change import Change
+from changefeed.change import Change, Truncate
 from changefeed.errors import ConfigurationError, DecodeError, PipelineError
 from changefeed.formats.change_dict import change_from_dict
 from changefeed.formats.codec import dumps
+from changefeed.formats.json_values import loads_document
 from changefeed.formats.registry import FORMATS, FormatOptions, format_named
 
 
-def read_back(change: Change, position: Any) -> Change:
+def read_back(change: Change | Truncate, position: Any) -> Change | Truncate:
     """``change`` as a feed reading a log emits it: at the log's ``position``, with the
     position it had at its source in ``meta["source_position"]``."""
+    if isinstance(change, Truncate):
+        return dataclasses.replace(
+            change, position=position,
+            meta={**(change.meta or {}), "source_position": change.position},
+        )
     return Change(
         change.operation, change.table, new=change.new, old=change.old, key=change.key,
         position=position, committed_at=change.committed_at, transaction=change.transaction,
@@ -48,16 +61,17 @@ def read_back(change: Change, position: Any) -> Change:
 # -- Redis stream entries ----------------------------------------------------------------------
 
 
-def stream_entry(change: Change, position: Any) -> dict[str, bytes]:
-    """The fields of ``change``'s stream entry: its JSON and its source position."""
+def stream_entry(change: Change | Truncate, position: Any) -> dict[str, bytes]:
+    """The fields of ``change``'s stream entry (a `Truncate`'s too): its JSON and its source
+    position."""
     return {"change": dumps(change.to_dict()), "position": dumps(position)}
 
 
 def change_of_entry(
     fields: dict[bytes, bytes] | None, where: str = "a stream entry"
-) -> Change | None:
-    """The change a stream entry holds; None for an entry trimmed or deleted meanwhile (Redis
-    then gives no fields).
+) -> Change | Truncate | None:
+    """The change (or `Truncate`) a stream entry holds; None for an entry trimmed or deleted
+    meanwhile (Redis then gives no fields).
 
     ``where`` names the entry in errors (``stream entry id``). Raises `DecodeError` for a
     ``change`` field that does not hold a change.
@@ -65,7 +79,7 @@ def change_of_entry(
     if not fields or b"change" not in fields:
         return None
     try:
-        return change_from_dict(orjson.loads(fields[b"change"]))
+        return change_from_dict(loads_document(fields[b"change"]))
     except (ValueError, DecodeError) as exc:
         raise DecodeError(f"{where} is not a change record: {exc}") from exc
 
@@ -107,6 +121,8 @@ class Record(NamedTuple):
     key: bytes | None
     value: bytes | None
     headers: list[tuple[str, bytes]]
+    every_partition: bool = False
+    """Written to each partition of the topic (a truncate: see the module docstring)."""
 
 
 class RecordEncoder:
@@ -128,12 +144,18 @@ class RecordEncoder:
         self._item = self.format.items(FormatOptions(model=model))
         self._topics: dict[str, str] = {}
 
-    def records(self, change: Change, position: Any) -> list[Record]:
+    def records(self, change: Change | Truncate, position: Any) -> list[Record]:
         """The records of ``change``: one, and for a delete in a format with tombstones
-        (Debezium's) a tombstone after it, so that log compaction can drop the key."""
+        (Debezium's) a tombstone after it, so that log compaction can drop the key. A
+        `Truncate` is one record without a key, for every partition."""
         topic = self._topics.get(change.table)
         if topic is None:
             topic = self._topics[change.table] = topic_for(self.topic, change.table)
+        if isinstance(change, Truncate):
+            headers = [("operation", b"truncate"), ("table", change.table.encode()),
+                       ("position", dumps(position)), ("format", self.fmt.encode())]
+            return [Record(topic, None, dumps(self._item(change)), headers,
+                           every_partition=True)]
         key = self.format.key(change)
         headers = [
             ("operation", (change.operation.name or "").lower().encode()),
@@ -152,8 +174,8 @@ class RecordEncoder:
 
 def change_of_record(
     value: bytes | None, key: bytes | None, headers: list[tuple[str, bytes]] | None, where: str
-) -> Change | None:
-    """The change a Kafka record holds; None for a tombstone.
+) -> Change | Truncate | None:
+    """The change (or `Truncate`) a Kafka record holds; None for a tombstone.
 
     ``where`` names the record in errors (``topic[partition]@offset``). Raises `DecodeError`
     for a value that is not in a readable format or not what its ``format`` header says.
@@ -167,7 +189,7 @@ def change_of_record(
         raise DecodeError(f"{where} holds a {name!r} record: KafkaFeed reads records"
                             f" written with format {readable}")
     try:
-        return read(orjson.loads(value), key)
+        return read(loads_document(value), key)
     except (ValueError, DecodeError) as exc:
         raise DecodeError(f"{where} is not a {name} record: {exc}") from exc
 

@@ -13,17 +13,17 @@ the position and the old row). Adding a format is adding one `Format` to `FORMAT
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
-from changefeed.change import Change
+from changefeed.change import Change, Truncate
 from changefeed.errors import ConfigurationError
 from changefeed.formats import debezium
 from changefeed.formats.change_dict import change_from_dict, change_line_encoder
 from changefeed.formats.delta import ToDelta, delta_line_encoder
+from changefeed.formats.json_values import loads_document
 
 
 @dataclass(frozen=True)
@@ -48,16 +48,16 @@ class Format:
     """What ``--format``, ``fmt=`` and a Kafka record's ``format`` header call it."""
     summary: str
     """What it holds, for ``--format``'s help."""
-    items: Callable[[FormatOptions], Callable[[Change], Any]]
-    """Makes the function giving each change of one sequence as a JSON-able item: a Kafka
-    record's value, what a sink takes. One per sequence: Debezium's counts a transaction's
-    changes."""
+    items: Callable[[FormatOptions], Callable[[Change | Truncate], Any]]
+    """Makes the function giving each change (or `Truncate`) of one sequence as a JSON-able
+    item: a Kafka record's value, what a sink takes. One per sequence: Debezium's counts a
+    transaction's changes."""
     lines: Callable[[FormatOptions], Callable[[Any], bytes]]
     """Makes the encoder of ``changefeed run``'s JSON lines: the bytes of ``dumps_line(item)``,
     as fast as they can be made."""
     key: Callable[[Change], Any] = _row_key
     """A Kafka record's key (JSON-able, None for none): the row's key columns by default."""
-    read: Callable[[Any, bytes | None], Change] | None = None
+    read: Callable[[Any, bytes | None], Change | Truncate] | None = None
     """The change a record holds, from its value (decoded JSON) and its key (bytes); None for
     a format a change cannot be rebuilt from."""
     tombstones: bool = False
@@ -89,14 +89,17 @@ def _debezium_encoder(options: FormatOptions) -> debezium.DebeziumEncoder:
     return debezium.DebeziumEncoder(_debezium_source(options))
 
 
-def _read_debezium(value: Any, key: bytes | None) -> Change:
-    return debezium.change_from_debezium(value, orjson.loads(key or b"null"))
+def _read_debezium(value: Any, key: bytes | None) -> Change | Truncate:
+    return debezium.change_from_debezium(value, loads_document(key or b"null"))
+
+
+_to_dict = operator.methodcaller("to_dict")  # a Change's, a Truncate's
 
 
 FORMATS = (
     Format(
         "change", "the full change with its position",
-        items=lambda options: Change.to_dict,
+        items=lambda options: _to_dict,
         lines=lambda options: change_line_encoder(),
         read=lambda value, key: change_from_dict(value),
         native=True,

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any, ClassVar, Literal, Protocol, TypeVar, runtime_checkable
 
-from changefeed.change import Change, Position
+from changefeed.change import Change, Position, Truncate
 from changefeed.errors import PipelineError
 from changefeed.formats.codec import dumps_line
 from changefeed.linefiles import (
@@ -115,8 +115,9 @@ class Sink:
 
 
 def jsonable(item: Any) -> Any:
-    """``item`` ready for JSON: a `Change` as its ``to_dict()``, anything else as it is."""
-    return item.to_dict() if isinstance(item, Change) else item
+    """``item`` ready for JSON: a `Change` or `Truncate` as its ``to_dict()``, anything else
+    as it is."""
+    return item.to_dict() if isinstance(item, (Change, Truncate)) else item
 
 
 class SinkUnavailable(PipelineError):

@@ -30,17 +30,18 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import hmac
+import logging
 import socket
 import ssl
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
 from changefeed.bounds import seconds_problem
-from changefeed.change import Change
+from changefeed.change import Change, Truncate
 from changefeed.errors import ConfigurationError, PipelineError
 from changefeed.formats.codec import dumps
 from changefeed.formats.delta import delta_of
@@ -55,6 +56,7 @@ from changefeed.pipelines.sinks import (
 from changefeed.redact import redact
 from changefeed.retry import Retry
 
+log = logging.getLogger("changefeed.pipelines")
 RETRY_STATUS = frozenset({408, 409, 425, 429})
 """4xx answers that may change on a later attempt (timeout, conflict, too early, too many)."""
 ENDPOINT_STATUS = frozenset({401, 403, 404, 405, 407, 410, 426})
@@ -96,7 +98,10 @@ def retry_after(value: str | None, now: float | None = None) -> float:
     return min(max(seconds, 0.0), RETRY_AFTER_MAX)
 
 
-def _cause(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+_Cause = TypeVar("_Cause", bound=BaseException)
+
+
+def _cause(exc: BaseException, kind: type[_Cause]) -> _Cause | None:
     """The first exception of type ``kind`` in ``exc``'s chain of causes and contexts."""
     seen: set[int] = set()
     current: BaseException | None = exc
@@ -108,12 +113,11 @@ def _cause(exc: BaseException, kind: type[BaseException]) -> BaseException | Non
     return None
 
 
-def _timeout(name: str, value: float | None) -> float | None:
+def _check_timeout(name: str, value: float | None) -> None:
     if value is not None:
         problem = seconds_problem(value)
         if problem is not None:
             raise ConfigurationError(f"{name} {problem}, not {value!r}")
-    return value
 
 
 class _HttpSink(RemoteSink):
@@ -137,9 +141,12 @@ class _HttpSink(RemoteSink):
         if not parsed.host:
             raise ConfigurationError(f"bad URL {self.shown_url!r}: no host")
         self.url = url
-        self.timeout = _timeout("timeout", timeout)
-        self.connect_timeout = _timeout("connect_timeout", connect_timeout)
-        self.read_timeout = _timeout("read_timeout", read_timeout)
+        _check_timeout("timeout", timeout)
+        _check_timeout("connect_timeout", connect_timeout)
+        _check_timeout("read_timeout", read_timeout)
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
         self.retry = retry if retry is not None else self.default_retry
         self._client: httpx.Client | None = None
         self._interrupted = threading.Event()
@@ -299,6 +306,11 @@ class SnorkySink(_HttpSink):
     answered, so a read timeout says to check the name.
 
     Items may be deltas (dicts from ``to_delta()``) or changes, turned into deltas with ``model``.
+
+    Snorky has no delta for a truncate (its backend refuses unknown types, failing the whole
+    batch): a `Truncate` (or a truncate delta) is left out with a warning naming the table, and
+    counts as delivered. Snorky's subscribers keep that table's rows: re-subscribe them.
+
     ``timeout``, ``connect_timeout`` and ``read_timeout`` as for `WebhookSink`.
     """
 
@@ -325,15 +337,24 @@ class SnorkySink(_HttpSink):
         self.name = f"snorky({self.shown_url}, service={service})"
 
     def _delta(self, item: Any) -> Any:
-        return delta_of(item, self.model) if isinstance(item, Change) else item
+        return delta_of(item, self.model) if isinstance(item, (Change, Truncate)) else item
 
     def write_batch(self, batch: Batch) -> None:
+        deltas = []
+        for item, position in zip(batch.items, batch.positions, strict=True):
+            delta = self._delta(item)
+            if isinstance(delta, dict) and delta.get("type") == "truncate":
+                log.warning(
+                    "%s: TRUNCATE of %s at position %r is not sent: Snorky has no delta for it,"
+                    " so its subscribers keep the rows of model %s", self.name,
+                    getattr(item, "table", delta.get("model")), position, delta.get("model"))
+                continue
+            deltas.append(delta)
+        if not deltas:
+            return
         message = {
             "service": self.service,
-            "message": {
-                "command": "publishDeltas",
-                "params": {"deltas": [self._delta(item) for item in batch.items]},
-            },
+            "message": {"command": "publishDeltas", "params": {"deltas": deltas}},
         }
         headers = {"Content-Type": "application/json", "X-Backend-Key": self.key}
         response = self.post(dumps(message), headers)

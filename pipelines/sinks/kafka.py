@@ -3,7 +3,9 @@
     database feed --Pipeline--> KafkaSink --produce--> topic per table (key = primary key)
 
 Each change is one record (see `changefeed.formats.records` for topic, key, value and
-headers): every change of a row goes to the same partition, in commit order. The producer is
+headers): every change of a row goes to the same partition, in commit order. A `Truncate` is
+written to every partition of its table's topic (as the topic's metadata lists them when it is
+sent), so that it sits in order with the changes of each partition. The producer is
 idempotent (``enable.idempotence``: no duplicates or reordering from its own retries). A batch
 counts as delivered only once the broker confirmed every record of it (delivery reports), so the
 pipeline acknowledges a database position only after everything up to it is in Kafka: a crash
@@ -22,9 +24,9 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from confluent_kafka import KafkaError, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 
-from changefeed.change import Change
+from changefeed.change import Change, Truncate
 from changefeed.errors import PipelineError
 from changefeed.formats.records import Record, RecordEncoder, warn_once
 from changefeed.pipelines.sinks import Batch, Sink
@@ -102,7 +104,7 @@ class KafkaSink(Sink):
 
         deadline = time.monotonic() + self.timeout
         for item, position in zip(batch.items, batch.positions, strict=True):
-            if not isinstance(item, Change):
+            if not isinstance(item, (Change, Truncate)):
                 raise PipelineError(
                     f"{self.name} writes changes, got a {type(item).__name__}: choose the"
                     " record format with fmt= (--format) instead of a to_delta() stage"
@@ -118,11 +120,35 @@ class KafkaSink(Sink):
             )
 
     def _produce(self, record: Record, report: Any, deadline: float) -> None:
+        if record.every_partition:
+            for partition in self._partitions(record.topic, deadline):
+                self._produce_one(record, report, deadline, partition)
+        else:
+            self._produce_one(record, report, deadline)
+
+    def _partitions(self, topic: str, deadline: float) -> list[int | None]:
+        """The partitions of ``topic`` now (asked each time: truncates are rare, partitions may
+        have been added); ``[None]`` (the partitioner's choice) for a topic that does not exist
+        yet, which then holds no record to be ordered with."""
+        try:
+            metadata = self.producer.list_topics(
+                topic, timeout=max(deadline - time.monotonic(), 1.0)).topics.get(topic)
+        except KafkaException as exc:
+            raise PipelineError(f"{self.name}: cannot read the partitions of {topic}: {exc}") \
+                from exc
+        if metadata is None or metadata.error is not None or not metadata.partitions:
+            return [None]
+        return sorted(metadata.partitions)
+
+    def _produce_one(
+        self, record: Record, report: Any, deadline: float, partition: int | None = None
+    ) -> None:
+        extra = {} if partition is None else {"partition": partition}
         while True:
             try:
                 self.producer.produce(  # (str, bytes) headers: the stub's list is invariant
                     record.topic, value=record.value, key=record.key,
-                    headers=record.headers, on_delivery=report,  # type: ignore[arg-type]
+                    headers=record.headers, on_delivery=report, **extra,  # type: ignore[arg-type]
                 )
                 return
             except BufferError:  # the local queue is full: let deliveries drain it

@@ -17,7 +17,7 @@ import threading
 
 import redis
 
-from changefeed.change import Change
+from changefeed.change import Change, Truncate
 from changefeed.errors import ConfigurationError, PipelineError
 from changefeed.formats.records import stream_entry
 from changefeed.pipelines.sinks import Batch, RemoteSink, Retryable
@@ -28,8 +28,9 @@ from changefeed.retry import Retry
 class RedisStreamSink(RemoteSink):
     """XADD each change of a batch to ``stream``, in one round trip per batch.
 
-    Put it where the items are still changes (before ``to_delta()``); workers reading the stream
-    with `RedisStreamFeed` apply their own stages. ``maxlen`` caps the stream (approximately)
+    Put it where the items are still changes (before ``to_delta()``); workers reading the
+    stream with `RedisStreamFeed` apply their own stages. A `Truncate` is an entry like a
+    change. ``maxlen`` caps the stream (approximately)
     so it does not grow forever: set it well above what consumers may lag behind.
 
     A connection error (refused, reset, timed out) is retried with exponential backoff and
@@ -62,7 +63,7 @@ class RedisStreamSink(RemoteSink):
 
     def write_batch(self, batch: Batch) -> None:
         for item in batch.items:
-            if not isinstance(item, Change):
+            if not isinstance(item, (Change, Truncate)):
                 raise PipelineError(
                     f"{self.name} stores changes, got a {type(item).__name__}: put stages that"
                     " turn changes into deltas in the pipelines that read the stream"

@@ -30,7 +30,7 @@ import importlib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 from changefeed.bounds import parse_count, parse_seconds
@@ -122,8 +122,21 @@ HTTP_TIMEOUTS = frozenset({"timeout", "connect_timeout", "read_timeout"})
 for connecting, and for the answer."""
 
 
-def _timeouts(params: dict[str, str]) -> dict[str, float]:
-    return {name: parse_seconds(params[name], name) for name in HTTP_TIMEOUTS if name in params}
+class _Timeouts(TypedDict, total=False):
+    timeout: float
+    connect_timeout: float
+    read_timeout: float
+
+
+def _timeouts(params: dict[str, str]) -> _Timeouts:
+    timeouts = _Timeouts()
+    if "timeout" in params:
+        timeouts["timeout"] = parse_seconds(params["timeout"], "timeout")
+    if "connect_timeout" in params:
+        timeouts["connect_timeout"] = parse_seconds(params["connect_timeout"], "connect_timeout")
+    if "read_timeout" in params:
+        timeouts["read_timeout"] = parse_seconds(params["read_timeout"], "read_timeout")
+    return timeouts
 
 
 def _webhook(spec: str, scheme: str, options: SinkOptions) -> Sink:

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from changefeed import UNCHANGED, Change, Operation
+from changefeed import ALL, UNCHANGED, Change, Operation, Truncate
 from changefeed.backends.postgres.pgoutput import (
     Begin,
     Commit,
     PgOutputDecoder,
-    Truncate,
+    Truncated,
 )
 from changefeed.backends.postgres.position import make_position, parse_position
 from changefeed.backends.postgres.protocol import format_lsn, parse_lsn
@@ -115,16 +115,32 @@ def test_commit_carries_the_end_lsn_to_acknowledge():
     assert all(c.end_lsn > c.commit_lsn for c in commits)
 
 
-def test_truncate_is_reported_not_turned_into_deletes():
-    truncates = [e for e in decode_all() if isinstance(e, Truncate)]
-    assert truncates == [Truncate(("public.keyed",), cascade=False, restart_identity=False)]
+def test_truncate_is_an_item_of_its_own_positioned_like_a_change_not_deletes():
+    events = decode_all(ALL)
+    (truncated,) = [e for e in events if isinstance(e, Truncated)]
+    begin = events[events.index(truncated) - 1]
+    assert isinstance(begin, Begin)  # TRUNCATE keyed, alone in its transaction
+    assert truncated.tables == ("public.keyed",)
+    assert truncated.items == (Truncate(
+        "public.keyed", make_position(begin.final_lsn, 0), begin.committed_at, begin.xid,
+        cascade=False, restart_identity=False),)
+    assert not [e for e in events if isinstance(e, Change) and e.table == "public.keyed"
+                and e.operation is Operation.DELETE and e.position > truncated.items[0].position]
 
 
-@pytest.mark.parametrize("mask", range(1, 8))
+def test_a_truncate_left_out_by_the_mask_still_names_its_tables():
+    (truncated,) = [e for e in decode_all() if isinstance(e, Truncated)]
+    assert truncated.items == () and truncated.tables == ("public.keyed",)
+
+
+@pytest.mark.parametrize("mask", range(1, 16))
 def test_operation_mask_filters_but_positions_stay_the_same(mask):
-    everything = changes()
+    everything = [e for e in decode_all(ALL) if isinstance(e, Change)]
     filtered = changes(operation=mask)
     assert filtered == [c for c in everything if c.operation & mask]
+    truncates = [t for e in decode_all(mask) if isinstance(e, Truncated) for t in e.items]
+    assert truncates == [t for e in decode_all(ALL) if isinstance(e, Truncated) for t in e.items
+                         if t.operation & mask]
 
 
 def test_table_filter():
@@ -302,13 +318,24 @@ def test_intervals_parse_and_print_as_postgres_does(text, value, iso):
     assert loaded == Interval(*value) and loaded.isoformat() == iso
 
 
-def test_json_numbers_python_cannot_parse_keep_the_exact_text():
+def test_json_numbers_python_cannot_parse_as_int_keep_their_digits():
     from changefeed.backends.postgres.loading import TypeLoaders
-    from changefeed.backends.postgres.values import RawJson
+    from changefeed.backends.postgres.values import JsonDecimal
     from changefeed.formats.codec import dumps
 
     digits = "9" * 5000  # beyond Python's int parsing limit; jsonb accepts it
     text = '{"n": ' + digits + ',\n "s": "a\\nb"}'
     (value,) = TypeLoaders()([3802])([text.encode()])
-    assert isinstance(value, RawJson) and value == text and value.type == "jsonb"
-    assert dumps({"j": value}) == b'{"j":{"n": ' + digits.encode() + b',  "s": "a\\nb"}}'
+    assert value == {"n": JsonDecimal(digits), "s": "a\nb"}
+    assert dumps({"j": value}) == b'{"j":{"n":' + digits.encode() + b',"s":"a\\nb"}}'
+
+
+def test_json_too_deep_for_python_keeps_the_exact_text_on_one_line():
+    from changefeed.backends.postgres.loading import TypeLoaders
+    from changefeed.backends.postgres.values import RawJson
+    from changefeed.formats.codec import dumps
+
+    text = "[" * 300 + '{"s": "a\\nb",\n "n": 1.10}' + "]" * 300
+    (value,) = TypeLoaders()([114])([text.encode()])
+    assert isinstance(value, RawJson) and value == text and value.type == "json"
+    assert dumps({"j": value}) == ('{"j":' + text.replace("\n", " ") + "}").encode()

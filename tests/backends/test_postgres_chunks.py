@@ -8,21 +8,32 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
+from datetime import date
+from decimal import Decimal
 from types import SimpleNamespace
+from uuid import UUID
 
 import pytest
 
-from changefeed.backends.postgres.backfill import Backfills, backfill_states
+from changefeed.backends.postgres import backfill as backfill_module
+from changefeed.backends.postgres.backfill import Backfills, _adapt_pages, backfill_states
 from changefeed.backends.postgres.chunks import (
     BACKFILL_PREFIX,
     WATERMARK_PREFIX,
     ChunkWindow,
+    Leaf,
     TableBackfill,
+    key_token,
+    next_ctid_chunk,
+    pages_for,
+    parse_tid,
     requested_tables,
     window_changes,
 )
 from changefeed.backends.postgres.ledger import AckLedger
 from changefeed.backends.postgres.position import TransactionPositions
+from changefeed.backends.postgres.snapshot import row_bytes
 from changefeed.backends.postgres.tables import Table, WatchedTables
 from changefeed.change import Change, Operation, SnapshotState
 from changefeed.message import Message
@@ -41,13 +52,13 @@ def window(rows: dict, *, complete: bool, of: TableBackfill | None = None, mark:
 def test_a_closed_window_s_rows_come_out_positioned_in_the_watermark_s_transaction(
     markers, complete
 ):
-    rows = {(1,): {"id": 1, "v": "a"}, (2,): {"id": 2, "v": "b"}}
+    rows = {(1,): [{"id": 1, "v": "a"}], (2,): [{"id": 2, "v": "b"}]}
     positions = TransactionPositions(0x500)
     positions.count = 3  # the watermark's transaction had three changes before it
     closed = window(rows, complete=complete)
     out, last = window_changes(closed, "app.t", "v1", positions.take, markers=markers)
     changes = [item for item in out if isinstance(item, Change)]
-    assert [c.new for c in changes] == list(rows.values())
+    assert [c.new for c in changes] == [group[0] for group in rows.values()]
     assert all(c.snapshot and c.operation == Operation.INSERT and c.schema_version == "v1"
                and c.table == "app.t" for c in changes)
     assert [c.key for c in changes] == [{"id": 1}, {"id": 2}]
@@ -72,6 +83,10 @@ def test_a_window_left_with_no_row_gives_no_change_and_no_position():
     (b'{"slot": "s"}', []),
     (b'[10]', []),
     (b"not json", []),
+    (b'{"slot": "s", "tables": [10, [11], "12", 1.5, true, null, 99999999999999999999999]}', [10]),
+    (b'{"slot": "s", "tables": {"10": 1}}', []),
+    (b'{"slot": "s", "tables": ' + b"[" * 5000 + b"]" * 5000 + b"}", []),
+    (b"[" * 50_000 + b"]" * 50_000, []),
 ])
 def test_a_backfill_request_names_its_slot(content, expected):
     assert requested_tables(content, "s") == expected
@@ -79,22 +94,97 @@ def test_a_backfill_request_names_its_slot(content, expected):
 
 def test_which_tables_still_need_their_snapshot():
     tables = [Table(oid, "public", f"t{oid}", "r", ["id"]) for oid in (1, 2, 3)]
-    meta = {"backfill": {"1": "done", "2": {"after": ["5"], "done": 5, "chunks": 1}}}
-    assert [(t.oid, state) for t, state in backfill_states(meta, tables)] == [
-        (2, {"after": ["5"], "done": 5, "chunks": 1}), (3, None)]
+    partition = {"after": None, "done": 0, "chunks": 0, "root": 1}
+    meta = {"backfill": {"1": "done", "2": {"after": ["5"], "done": 5, "chunks": 1},
+                         "7": partition, "8": {"after": None, "root": 99}}}
+    assert [(t.oid, source, state) for t, source, state in backfill_states(meta, tables)] == [
+        (2, 2, {"after": ["5"], "done": 5, "chunks": 1}), (3, 3, None), (1, 7, partition)]
     legacy = {"snapshot": "done", "backfill": {"3": {"after": None, "done": 0, "chunks": 0}}}
-    assert [t.oid for t, _ in backfill_states(legacy, tables)] == [3]
+    assert [t.oid for t, _, _ in backfill_states(legacy, tables)] == [3]
 
 
 def test_a_chunk_query_continues_after_the_last_key_done():
     table = backfill(key=("a", "b"))
-    assert table.chunk_query(Table(10, "public", "t", "r").identifier, 100).as_string(
-        None
-    ) == ('SELECT ARRAY["a"::text, "b"::text]::text[] AS __changefeed_key, t.*'
-          ' FROM "public"."t" t ORDER BY "a", "b" LIMIT 100')
+    identifier = Table(10, "public", "t", "r").identifier
+    assert table.chunk_query(identifier, ["a", "b", "v"], 100).as_string(None) == (
+        'SELECT ARRAY["a"::text, "b"::text]::text[] AS __changefeed_key, t."a", t."b", t."v"'
+        ' FROM "public"."t" t ORDER BY "a", "b" LIMIT 100')
     table.after = ["3", "x"]
-    assert ' WHERE ("a", "b") > (\'3\'::integer, \'x\'::integer) ORDER BY' in (
-        table.chunk_query(Table(10, "public", "t", "r").identifier, 100).as_string(None))
+    assert table.chunk_query(identifier, ["a"], 100).as_string(None) == (
+        'SELECT ARRAY["a"::text, "b"::text]::text[] AS __changefeed_key, t."a" FROM'
+        ' "public"."t" t WHERE ("a", "b") > (\'3\'::integer, \'x\'::integer)'
+        ' ORDER BY "a", "b" LIMIT 100')
+
+
+def test_a_ctid_chunk_query_reads_one_leaf_between_two_ctids():
+    table = backfill(key=())
+    assert table.ctid_query(Table(10, "public", "t", "r").identifier, ["v", "w"], "(3,7)", 9,
+                            50).as_string(None) == (
+        'SELECT t.ctid::text AS __changefeed_key, t."v", t."w" FROM ONLY "public"."t" t'
+        " WHERE t.ctid > '(3,7)'::tid AND t.ctid < '(9,0)'::tid ORDER BY t.ctid LIMIT 50")
+
+
+def leaf(oid: int, pages: int, storage: int = 1) -> Leaf:
+    return Leaf(oid, Table(oid, "public", f"p{oid}", "r").identifier, storage, pages)
+
+
+def test_a_table_without_key_is_read_leaf_after_leaf_by_pages():
+    table = backfill(key=())
+    leaves = [leaf(5, 3), leaf(7, 0), leaf(9, 2)]
+    chunk = next_ctid_chunk(table, leaves, 2)
+    assert (chunk.leaf.oid, chunk.after, chunk.upper, chunk.last) == (5, "(0,0)", 2, False)
+    table.after = ["5", "(1,4)"]  # stopped inside the range (a full chunk)
+    chunk = next_ctid_chunk(table, leaves, 2)
+    assert (chunk.leaf.oid, chunk.after, chunk.upper) == (5, "(1,4)", 3)
+    table.after = ["5", "(3,0)"]  # the leaf is read: the empty one is passed too
+    chunk = next_ctid_chunk(table, leaves, 2)
+    assert (chunk.leaf.oid, chunk.after, chunk.upper, chunk.last) == (9, "(0,0)", 2, True)
+    table.after = ["9", "(2,0)"]
+    assert next_ctid_chunk(table, leaves, 2) is None
+    table.after = ["6", "(1,1)"]  # leaf 6 was detached meanwhile: on with the next ones
+    assert next_ctid_chunk(table, leaves, 2).leaf.oid == 9
+
+
+@pytest.mark.parametrize("pages, upper", [(0, 1), (1, 1), (2, 2), (7, 7)])
+def test_a_single_leaf_is_read_from_its_first_page_at_least_a_page_at_a_time(pages, upper):
+    table = backfill(key=())
+    chunk = next_ctid_chunk(table, [leaf(5, 9, storage=4)], pages)
+    assert (chunk.leaf.oid, chunk.after, chunk.upper, chunk.last) == (5, "(0,0)", upper, True)
+    assert (table.after, table.storage) == (["5", "(0,0)"], 4)
+    table.after = ["5", "(3,2)"]
+    assert next_ctid_chunk(table, [leaf(5, 9, storage=4)], pages).upper == 3 + upper
+
+
+def test_a_leaf_rewritten_meanwhile_is_read_again_from_its_first_page():
+    table = backfill(key=())
+    table.after, table.storage = ["5", "(40,2)"], 1
+    chunk = next_ctid_chunk(table, [leaf(5, 100, storage=2)], 10)
+    assert (chunk.after, chunk.upper, table.storage) == ("(0,0)", 10, 2)
+
+
+@pytest.mark.parametrize("a, b", [
+    ((1, "x"), (1, "x")),
+    ((float("nan"),), (float("nan"),)),
+    ((Decimal("NaN"),), (Decimal("NaN"),)),
+    (([1, [2]], {"a": [1]}), ([1, [2]], {"a": [1]})),
+    ((b"\x00" * 10,), (b"\x00" * 10,)),
+    ((Decimal("1.50"), date(2020, 1, 2), UUID(int=7)), (Decimal("1.5"), date(2020, 1, 2),
+                                                       UUID(int=7))),
+    (([float("nan"), {"k": (Decimal("NaN"),)}],), ([float("nan"), {"k": [Decimal("NaN")]}],)),
+    ((bytearray(b"ab"), True), (bytearray(b"ab"), True)),
+])
+def test_key_tokens_are_equal_exactly_when_the_values_are(a, b):
+    assert key_token(a) == key_token(b) and hash(key_token(a)) == hash(key_token(b))
+
+
+@pytest.mark.parametrize("a, b", [
+    ((1,), (2,)), ((1.0,), (2.0,)), (([1],), ([2],)), (({"a": 1},), ({"a": 2},)),
+    ((None,), (0,)), ((-1,), (-2,)), ((Decimal("1.5"),), (Decimal("1.6"),)),
+    ((date(2020, 1, 2),), (date(2020, 1, 3),)), (({"a": 1},), ({"b": 1},)),
+    ((bytearray(b"ab"),), (bytearray(b"ac"),)), ((["x"],), ("x",)),
+])
+def test_key_tokens_of_different_values_differ(a, b):
+    assert key_token(a) != key_token(b)
 
 
 def watched(*oids: int) -> WatchedTables:
@@ -130,7 +220,7 @@ def test_backfills_from_watermark_to_the_recorded_chunk():
     table = backfill(table="public.t10")
     backfills.start(table)
     assert backfills.due and backfills.observer == backfills.observe
-    backfills.window = window({(1,): {"id": 1}, (2,): {"id": 2}}, complete=False, of=table)
+    backfills.window = window({(1,): [{"id": 1}], (2,): [{"id": 2}]}, complete=False, of=table)
     assert not backfills.due
     backfills.observe(Change(Operation.UPDATE, "public.t10", {"id": 2}, {"id": 2}, {"id": 2}))
     assert backfills.on_message(watermark("other"), decoder()) == []  # a lost window's
@@ -169,7 +259,7 @@ def test_a_reconnect_loses_the_open_window_and_unrecorded_chunks():
     backfills = backfills_of(watched(10))
     table = backfill(table="public.t10")
     backfills.start(table)
-    backfills.window = window({(1,): {"id": 1}}, complete=True, of=table)
+    backfills.window = window({(1,): [{"id": 1}]}, complete=True, of=table)
     backfills.on_message(watermark("w1"), decoder())
     assert not backfills.queue
     backfills.reset()
@@ -177,10 +267,186 @@ def test_a_reconnect_loses_the_open_window_and_unrecorded_chunks():
     assert backfills.window is None and not backfills.finished
 
 
-def test_a_request_for_a_table_without_a_key_is_refused_with_a_warning(caplog):
+def test_a_request_for_a_table_without_a_key_reads_it_by_ctid(caplog):
     tables = watched(10)
     tables.by_oid[10].key = []
     backfills = backfills_of(tables)
+    backfills.connection = lambda: SimpleNamespace(execute=lambda *a: SimpleNamespace(
+        fetchall=lambda: []))  # key_types of no key column
     request = Message(BACKFILL_PREFIX, b'{"slot": "s", "tables": [10, 99]}', None)
     assert backfills.on_message(request, decoder()) == []
-    assert not backfills.queue and "no primary key" in caplog.text
+    assert [b.by_ctid for b in backfills.queue] == [True]
+
+
+def test_a_chunk_acknowledged_after_the_next_was_handed_out_records_its_own_last_key():
+    saved = []
+    backfills = backfills_of(watched(10), lambda states: saved.append(copy.deepcopy(states)))
+    table = backfill(table="public.t10")
+    backfills.start(table)
+    firsts = []
+    for mark, last, lsn in (("w1", ["2"], 0x500), ("w2", ["4"], 0x600)):  # none acked
+        backfills.window = ChunkWindow(table, mark, {(1,): [{"id": 1}]}, last, complete=False)
+        out = backfills.on_message(watermark(mark), decoder(lsn))
+        backfills.committed(lsn + 8)
+        firsts.append(out[-1].position)
+    assert table.after == ["4"]
+    ledger = AckLedger()
+    backfills.confirmed(ledger)
+    assert saved == []  # nothing acknowledged: nothing recorded
+    ledger.acknowledge(firsts[0])  # the first chunk, late
+    backfills.confirmed(ledger)
+    assert saved == [{"10": {"after": ["2"], "done": 1, "chunks": 1}}]
+    backfills.reset()  # a crash now: the second chunk is read again
+    assert table.after == ["2"] and list(backfills.queue) == [table]
+
+
+def test_a_back_fill_s_recorded_state_says_where_it_stands():
+    table = backfill(key=())
+    assert table.by_ctid and table.source == 10
+    assert table.state() == {"after": None, "done": 0, "chunks": 0}
+    table.after, table.storage, table.done, table.chunks = ["10", "(3,0)"], 77, 5, 1
+    assert table.state() == {"after": ["10", "(3,0)"], "done": 5, "chunks": 1, "storage": 77}
+    partition = TableBackfill(10, "public.t", ["id"], ["integer"], source=12)
+    assert partition.state() == {"after": None, "done": 0, "chunks": 0, "root": 10}
+    assert not partition.by_ctid
+
+
+def test_the_key_of_a_row_is_its_key_columns_or_the_whole_row():
+    row = {"id": 1, "v": [1, 2], "w": None}
+    assert backfill(key=("id",)).key_of(row) == {"id": 1}
+    assert backfill(key=("v", "id")).key_of(row) == {"v": [1, 2], "id": 1}
+    assert backfill(key=()).key_of(row) == row and backfill(key=()).key_of(row) is not row
+    assert backfill(key=("id",)).token(row) == key_token((1,))
+    assert backfill(key=()).token(row) == key_token((1, [1, 2], None))
+    assert backfill(key=()).token(row) != backfill(key=()).token({**row, "w": 0})
+
+
+@pytest.mark.parametrize("text, tid", [("(0,0)", (0, 0)), ("(12,7)", (12, 7)),
+                                       ("(4294967295,65535)", (4294967295, 65535))])
+def test_tids_are_read_back(text, tid):
+    assert parse_tid(text) == tid
+
+
+@pytest.mark.parametrize("text", ["", "(1)", "1,2", "(a,1)", "(1,2) "])
+def test_anything_else_is_no_tid(text):
+    with pytest.raises(ValueError):
+        parse_tid(text)
+
+
+@pytest.mark.parametrize("rows_per_page, chunk, pages", [
+    (0, 100, 1), (-1, 100, 1), (50.0, 100, 2), (50.0, 101, 3), (200.0, 100, 1),
+    (0.001, 10_000, 1 << 20),
+])
+def test_pages_for_a_chunk(rows_per_page, chunk, pages):
+    assert pages_for(rows_per_page, chunk) == pages
+
+
+@pytest.mark.parametrize("pages, found, whole, expected", [
+    (4, 100, False, 4),    # a full chunk inside the range: the same range size
+    (4, 0, True, 32),      # nothing in 4 pages: 8 times more
+    (1 << 20, 0, True, 1 << 20),  # at most a million pages
+    (4, 10, True, 32),     # 2.5 rows a page, 100 wanted: 40 pages, at most 8 times more
+    (4, 50, True, 8),      # 12.5 rows a page: 8 pages
+    (4, 99, True, 5),
+])
+def test_pages_adapt_to_the_rows_found(pages, found, whole, expected):
+    assert _adapt_pages(pages, found, 100, whole) == expected
+
+
+def test_row_bytes_counts_text_and_bytes_and_guesses_the_rest():
+    rows = [{"a": "xyz", "b": b"\x00" * 10, "n": 5, "j": {"k": 1}, "z": None},
+            {"a": None, "b": b"", "n": None, "j": {"k": 2}, "z": None}]
+    size = row_bytes(rows)
+    assert size == 3 + 10 + 16 * 2 + 2 * sys.getsizeof({"k": 1}) + 16 * 2
+    assert row_bytes([]) == 0
+    assert row_bytes([{"a": "x" * 1000}]) > row_bytes([{"a": "x"}]) + 900
+    assert row_bytes([{"a": None}, {"a": "late text"}]) == 9  # typed by its first value
+
+
+def test_a_change_of_a_table_being_back_filled_takes_its_key_out_of_the_window():
+    backfills = backfills_of(watched(10, 11))
+    table = backfill(table="public.t10")
+    backfills.start(table)
+    backfills.window = window({(1,): [{"id": 1}], (2,): [{"id": 2}], (3,): [{"id": 3}],
+                               (4,): [{"id": 4}]}, complete=False, of=table)
+    backfills.observe(Change(Operation.UPDATE, "public.t10", {"id": 2}, {"id": 2}, {"id": 2}))
+    # A key changed: the old key's row is stale too.
+    backfills.observe(Change(Operation.UPDATE, "public.t10", {"id": 9}, {"id": 3}, {"id": 9}))
+    backfills.observe(Change(Operation.DELETE, "public.t10", None, {"id": 4}, {"id": 4}))
+    backfills.observe(Change(Operation.INSERT, "public.t11", {"id": 1}, None, {"id": 1}))
+    assert list(backfills.window.rows) == [(1,)]
+    assert [(table, key) for _, table, key in backfills.recent] == [
+        ("public.t10", key) for key in ((2,), (2,), (9,), (3,), (4,), (4,))]
+
+
+def test_a_renamed_table_s_back_fill_goes_on_under_its_new_name():
+    backfills = backfills_of(watched(10))
+    table = backfill(table="public.t10")
+    backfills.start(table)
+    backfills.renamed(10, "app.t10")
+    assert table.table == "app.t10" and backfills.observer is not None
+    backfills.window = window({(1,): [{"id": 1}]}, complete=False, of=table)
+    backfills.observe(Change(Operation.DELETE, "app.t10", None, {"id": 1}, {"id": 1}))
+    assert backfills.window.rows == {}
+
+
+def test_starting_a_back_fill_again_replaces_the_one_queued():
+    backfills = backfills_of(watched(10, 11))
+    first, other, again = backfill(10), backfill(11, "public.t11"), backfill(10)
+    for each in (first, other, again):
+        backfills.start(each)
+    assert list(backfills.queue) == [other, again]
+    assert backfills.states == {"10": again.state(), "11": other.state()}
+
+
+def test_a_partition_s_back_fill_is_forgotten_once_done():
+    saved = []
+    backfills = backfills_of(watched(10), lambda states: saved.append(copy.deepcopy(states)))
+    partition = TableBackfill(10, "public.t10", ["id"], ["integer"], source=12, markers=False)
+    backfills.start(partition)
+    assert backfills.states == {"12": {"after": None, "done": 0, "chunks": 0, "root": 10}}
+    backfills.window = ChunkWindow(partition, "w1", {(1,): [{"id": 1}]}, ["1"], complete=True)
+    out = backfills.on_message(watermark("w1"), decoder())
+    assert [type(item).__name__ for item in out] == ["Change"]  # no markers for a partition
+    backfills.committed(0x508)
+    ledger = AckLedger()
+    ledger.acknowledge(out[-1].position)
+    backfills.confirmed(ledger)
+    assert saved == [{}] and not backfills.busy
+
+
+def test_keys_the_stream_gave_are_kept_a_second_for_the_next_chunk_then_forgotten(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(backfill_module, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    backfills = backfills_of(watched(10))
+    backfills.start(backfill(table="public.t10"))
+
+    def change_at(moment: float, key: int) -> None:
+        now[0] = moment
+        backfills.observe(Change(Operation.INSERT, "public.t10", {"id": key}, None, {"id": key}))
+
+    def kept() -> list[tuple]:
+        return [key for _, _, key in backfills.recent]
+
+    change_at(100.0, 1)
+    change_at(100.5, 2)
+    change_at(101.2, 3)
+    assert kept() == [(2,), (3,)]  # key 1 is older than a second
+    change_at(105.0, 4)
+    assert kept() == [(4,)]
+    change_at(105.9, 5)
+    assert kept() == [(4,), (5,)]
+
+
+def test_a_table_whose_last_chunk_is_out_is_no_longer_watched_and_the_others_are():
+    backfills = backfills_of(watched(10, 11))
+    first, second = backfill(10, "public.t10"), backfill(11, "public.t11")
+    backfills.start(first)
+    backfills.start(second)
+    backfills.window = ChunkWindow(first, "w1", {(1,): [{"id": 1}]}, ["1"], complete=True)
+    out = backfills.on_message(watermark("w1"), decoder())
+    assert [(c.table, c.new, c.schema_version) for c in out] == [("public.t10", {"id": 1}, "v1")]
+    backfills.observe(Change(Operation.INSERT, "public.t10", {"id": 7}, None, {"id": 7}))
+    backfills.observe(Change(Operation.INSERT, "public.t11", {"id": 8}, None, {"id": 8}))
+    assert [(table, key) for _, table, key in backfills.recent] == [("public.t11", (8,))]
+    assert list(backfills.queue) == [second]

@@ -73,9 +73,14 @@ def test_a_partitioned_table_streams_every_partition_under_its_own_name(pg_dsn, 
         (Operation.UPDATE, "public.m", rows[-1][0]),
         (Operation.DELETE, "public.m", rows[0][0]),
     ]
-    # A later run reuses the publication (no "already member of publication").
+    # A later run reuses the publication (no "already member of publication"), and reads
+    # the partition that appeared since the last run once (its rows may come again).
     pg.execute("INSERT INTO m VALUES (99, 'b', 3)")
-    assert [c.key for c in drain(make_feed(pg_dsn, "m"))] == [{"id": 99, "region": "b"}]
+    later = drain(make_feed(pg_dsn, "m"))
+    assert [c.key for c in later if not c.snapshot] == [{"id": 99, "region": "b"}]
+    new_partition = "m_2" if partitioning.startswith("HASH") else "m_3"
+    assert {c.key["id"] for c in later if c.snapshot} == {
+        key for (key,) in pg.execute(f"SELECT id FROM {new_partition}").fetchall()}
 
 
 def test_a_partition_of_a_watched_table_is_not_a_separate_feed_of_changes(pg_dsn, pg):

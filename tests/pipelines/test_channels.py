@@ -231,6 +231,51 @@ def test_only_channel_instances_are_sent():
         encode(Address("x"))  # type: ignore[arg-type]
 
 
+class Loose(Channel, name="test.loose"):
+    data: Any
+    amount: Decimal = Decimal(0)
+    ratio: float = 0.0
+
+
+@pytest.mark.parametrize("number", [
+    "1.00000000000000000001", "12345678901234567890123", "-0.0", "1E+400", "1e-400",
+    "-123456789012345678901234567890.5",
+])
+def test_numbers_keep_their_digits_in_fields_typed_any_and_decimal(number):
+    content = json.dumps({
+        "id": str(uuid.uuid4()), "channel": "test.loose", "version": 1,
+        "sent_at": "2024-06-01T12:00:00Z",
+        "payload": {"data": {"n": "X", "list": ["X"]}, "amount": "X", "ratio": 0.5},
+    }).replace('"X"', number).encode()
+    got = decode(content, [Loose]).payload
+    for value in (got.data["n"], got.data["list"][0], got.amount):
+        assert str(value) == str(Decimal(number)) or str(value) == number  # every digit
+        assert isinstance(value, (int, Decimal)) and not isinstance(value, bool)
+    assert got.ratio == 0.5 and isinstance(got.ratio, float)
+
+
+def nested_list(depth: int) -> Any:
+    value: Any = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("depth", [200, 1000, 20000])
+def test_a_payload_too_deep_is_refused_on_both_sides_with_one_error(depth):
+    with pytest.raises(ChannelError, match="nests deeper than 199 levels"):
+        encode(Loose(nested_list(depth)))
+    content = b'{"id":"x","channel":"test.loose","version":1,"sent_at":"2024-06-01T12:00:00Z",' \
+        b'"payload":{"data":' + b"[" * depth + b"]" * depth + b"}}"
+    with pytest.raises(ChannelError, match="nests deeper than 199 levels"):
+        decode(content, [Loose])
+
+
+def test_a_payload_as_deep_as_allowed_goes_through():
+    event = Loose(nested_list(198))
+    assert decode(encode(event), [Loose]).payload == event
+
+
 # -- validation and upcasting on receiving ---------------------------------------------------
 
 

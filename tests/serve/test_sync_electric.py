@@ -328,7 +328,8 @@ def test_bad_shape_requests_get_one_line_and_unserved_tables_are_refused(
         assert code == 200 and [m["value"]["id"] for m in body if "key" in m] == ["2"]
         assert headers["electric-up-to-date"] == "" and "electric-schema" in headers
         # A catch-up answer is cacheable, and revalidates by its etag.
-        url = shape_url(server, table="items", offset="0_0", handle=headers["electric-handle"],
+        url = shape_url(server, table="items", offset=headers["electric-offset"],
+                        handle=headers["electric-handle"],
                         where="id = $1", **{"params[1]": "2"})
         code, headers, body = get(url)
         assert code == 200 and "max-age=60" in headers["cache-control"]

@@ -237,6 +237,38 @@ def test_a_retried_request_applies_nothing_twice(pg_dsn: str, pg: psycopg.Connec
         assert answer["applied"] == ["a"]
 
 
+@pytest.mark.parametrize("owner_column", ["owner", None])
+def test_clocks_of_a_dropped_log_are_told_to_sync_again_from_0(
+    pg_dsn: str, pg: psycopg.Connection, owner_column: str | None
+) -> None:
+    """Offsets of a new log start above every clock an earlier one gave out: a device is never
+    served the new log's changes after its old clock (it would miss what came before)."""
+    make_tables(pg)
+    pg.execute("INSERT INTO tags VALUES (1, 'alice', 'a'), (2, 'alice', 'b')")
+    server = Server(pg_dsn, ["notes", "tags"], app="sync_app:App",
+                    owner_column=owner_column).start()
+    try:
+        device = Device(server, "alice-phone")
+        device.sync()
+        clocks = [1, device.clock]
+        device.sync(diff(0, "tags", {"id": 3, "name": "c", "owner": "alice"}, as_text=False))
+        clocks.append(device.clock)
+        assert server.stop() == 0
+        pg.execute("DROP SCHEMA changefeed_sync CASCADE")  # an operator resets the log
+        pg.execute("UPDATE tags SET name = 'changed while no log was kept' WHERE id = 1")
+        pg.execute("DELETE FROM tags WHERE id = 2")
+        server.start()
+        for clock in clocks:
+            status, answer = post(f"{server.base}/sync", {
+                "auth_token": "alice-phone", "logical_clock": clock, "diffs": []})
+            assert status == 409 and "sync again from 0" in answer["message"], (clock, answer)
+        device.clock, device.rows = 0, {}
+        device.sync_until(lambda: owner_rows(pg, "alice"))
+        assert device.clock > max(clocks)
+    finally:
+        server.__exit__()
+
+
 BAD_BODIES: list[tuple[Any, int, str]] = [
     (b"{not json", 400, "not JSON"),
     ([1, 2], 400, "JSON object"),

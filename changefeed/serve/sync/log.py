@@ -47,6 +47,7 @@ from typing import Any
 import orjson
 import psycopg
 from psycopg import sql
+from psycopg.types.json import set_json_loads
 
 from changefeed import (
     UNCHANGED,
@@ -59,10 +60,12 @@ from changefeed import (
     Pipeline,
     Sink,
     SnapshotState,
+    Truncate,
     get_changefeed,
 )
 from changefeed.errors import first_line
-from changefeed.formats.codec import dumps  # changefeed's JSON encoding
+from changefeed.formats.codec import dumps, dumps_default  # changefeed's JSON encoding
+from changefeed.formats.json_values import RawJson, loads_document, loads_text, lone_surrogate
 from changefeed.serve.sync.values import COLUMNS_SQL, KEY_SQL, TableInfo, table_from_rows
 
 log = logging.getLogger("changefeed.serve.sync")
@@ -73,13 +76,15 @@ BATCH_SECONDS = 0.01
 
 
 def jsonify(value: Any) -> Any:
-    """``value`` (Python values from a feed) as changefeed JSON: what the log keeps."""
-    return orjson.loads(dumps(value))
+    """``value`` (Python values from a feed) as changefeed JSON: what the log keeps. Read back
+    exactly (`loads_document`): json numbers keep their digits, values nested too deep for
+    Python stay their JSON text (`RawJson`), so no value can stop the log."""
+    return loads_document(dumps(value))
 
 
 def key_text(key: Any) -> str:
     """A key (JSON) in one canonical text, to find it in dicts."""
-    return orjson.dumps(key, option=orjson.OPT_SORT_KEYS).decode()
+    return orjson.dumps(key, default=dumps_default, option=orjson.OPT_SORT_KEYS).decode()
 
 
 def schema_ddl(schema: str) -> list[sql.Composable]:
@@ -167,8 +172,14 @@ def prepare_schema(conn: psycopg.Connection, schema: str, tables: Iterable[Table
         row = conn.execute(sql.SQL("SELECT epoch FROM {}.state").format(s)).fetchone()
         if row is None:
             epoch = f"{int(time.time())}{secrets.randbelow(1000):03d}"
-            conn.execute(sql.SQL("INSERT INTO {}.state (id, epoch) VALUES (1, %s)").format(s),
-                         [epoch])
+            # Offsets start at the creation time in microseconds, above every offset an earlier
+            # log of this name gave out (it would have needed more than a change per
+            # microsecond): a device's clock from a dropped log is then below the horizons
+            # and is told to sync again from 0, never served from the wrong log.
+            base = time.time_ns() // 1000
+            conn.execute(sql.SQL("INSERT INTO {}.state (id, epoch, head, log_horizon,"
+                                 " tombstone_horizon) VALUES (1, %s, %s, %s, %s)").format(s),
+                         [epoch, base, base, base])
             name = slot_name(schema)
             conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
                          " WHERE slot_name = %s AND NOT active", [name])
@@ -213,6 +224,7 @@ class LogSink(Sink):
     def connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
             self._conn = psycopg.connect(self.url, autocommit=False)
+            set_json_loads(load_log_json, self._conn)  # old rows: any depth, exact
         return self._conn
 
     def write_batch(self, batch: Batch) -> None:
@@ -228,9 +240,12 @@ class LogSink(Sink):
                          if position is None or pos is None or str(pos) > position]
                 if not fresh:
                     return
-                changes = [item for item, _ in fresh if isinstance(item, (Change, Message))]
+                changes = [item for item, _ in fresh
+                           if isinstance(item, (Change, Message, Truncate))]
                 known = self._known_rows(conn, [c for c in changes if isinstance(c, Change)])
-                entries, rows, head = self._entries(changes, known, head)
+                emptied = self._table_rows(conn, {c.table for c in changes
+                                                  if isinstance(c, Truncate)})
+                entries, rows, head = self._entries(changes, known, head, emptied)
                 if entries:
                     with conn.cursor().copy(sql.SQL(
                             "COPY {}.log (seq, tbl, key, op, new, old, xid, committed_at)"
@@ -275,6 +290,16 @@ class LogSink(Sink):
             [[t for t, _ in wanted], [_text(k) for k in wanted.values()]])
         return {(tbl, key_text(key)): row for tbl, key, row in cursor}
 
+    def _table_rows(self, conn: psycopg.Connection,
+                    tables: set[str]) -> dict[tuple[str, str], tuple[Any, Any]]:
+        """Every row logged (not a tombstone) of ``tables``: (table, key text) -> (key, row)."""
+        if not tables:
+            return {}
+        cursor = conn.execute(
+            sql.SQL("SELECT tbl, key, row FROM {}.rows WHERE tbl = ANY(%s) AND row IS NOT NULL")
+            .format(sql.Identifier(self.schema)), [sorted(tables)])
+        return {(tbl, key_text(key)): (key, row) for tbl, key, row in cursor}
+
     def _keys_of(self, change: Change) -> list[Any]:
         keys = []
         if change.key is not None:
@@ -290,12 +315,19 @@ class LogSink(Sink):
             return jsonify({column: change.old[column] for column in columns})
         return None
 
-    def _entries(self, changes: list[Change | Message], known: dict[tuple, Any],
-                 head: int) -> tuple[list[_Pending], list[tuple], int]:
+    def _entries(self, changes: Sequence[Change | Message | Truncate], known: dict[tuple, Any],
+                 head: int, emptied: dict[tuple[str, str], tuple[Any, Any]] | None = None,
+                 ) -> tuple[list[_Pending], list[tuple], int]:
+        """The log entries of ``changes`` and the rows they leave. A `Truncate` is a delete of
+        every row of its table: those logged before (``emptied``, from `_table_rows`) and
+        those of this batch."""
         entries: list[_Pending] = []
         rows: dict[tuple[str, str], tuple] = {}
+        keys = dict(emptied or {})  # (table, key text) -> (key, row) of the truncated tables
+        truncates = any(isinstance(change, Truncate) for change in changes)
 
-        def emit(tbl: str, key: Any, op: str, new: Any, old: Any, change: Change) -> None:
+        def emit(tbl: str, key: Any, op: str, new: Any, old: Any,
+                 change: Change | Truncate) -> None:
             nonlocal head
             head += 1
             entries.append(_Pending(head, tbl, key, op, new, old, change.transaction,
@@ -303,6 +335,8 @@ class LogSink(Sink):
             ktext = key_text(key)
             known[(tbl, ktext)] = new
             rows[(tbl, ktext)] = (tbl, key, head, new)
+            if truncates:
+                keys[(tbl, ktext)] = (key, new)
 
         for change in changes:
             if isinstance(change, Message):  # a fence: the transaction is wholly logged
@@ -311,6 +345,12 @@ class LogSink(Sink):
                                         change.committed_at))
                 continue
             tbl = change.table
+            if isinstance(change, Truncate):
+                for (table, ktext), (key, row) in list(keys.items()):
+                    current = known.get((table, ktext), row)
+                    if table == tbl and current is not None:
+                        emit(tbl, key, "d", None, current, change)
+                continue
             if change.key is None:
                 continue
             key = jsonify(change.key)
@@ -357,8 +397,31 @@ def _fill_unchanged(new: dict[str, Any], previous: dict[str, Any] | None) -> dic
             for column, value in new.items()}
 
 
+RAW_TEXT = "changefeed.json_text"
+"""The key of ``{RAW_TEXT: text}``, how the log holds a column value jsonb cannot: a json value
+escaping a lone surrogate (``"\\ud800"``); `load_log_json` gives back its text (`RawJson`)."""
+
+
 def _text(value: Any) -> str | None:
-    return None if value is None else orjson.dumps(value).decode()
+    if value is None:
+        return None
+    text = dumps(value)
+    if isinstance(value, dict) and lone_surrogate(text):  # rare: checked on bytes first
+        text = dumps({column: {RAW_TEXT: dumps(item).decode()}
+                      if lone_surrogate(dumps(item)) else item
+                      for column, item in value.items()})
+    return text.decode()
+
+
+def load_log_json(data: bytes) -> Any:
+    """A jsonb value of the log (a row, a key), read exactly at any depth (`loads_text`), the
+    column values `_text` had to mark as their text again (`RawJson`)."""
+    value = loads_text(data)
+    if isinstance(value, dict) and RAW_TEXT.encode() in data:
+        for column, item in value.items():
+            if isinstance(item, dict) and len(item) == 1 and isinstance(item.get(RAW_TEXT), str):
+                value[column] = RawJson(item[RAW_TEXT])
+    return value
 
 
 def compact(conn: psycopg.Connection, schema: str, log_window: float,

@@ -38,6 +38,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from changefeed.errors import first_line
+from changefeed.formats.codec import dumps
 from changefeed.serve.sync.application import Forbidden, Unauthorized
 from changefeed.serve.sync.core import NotServed, SyncCore
 from changefeed.serve.sync.log import fence_prefix
@@ -373,7 +374,7 @@ class SyncApi:
                       f":{_key_id(data, table)}",
                 "owner": owner, "logical_clock": seq, "utc_timestamp": int(stamp * 1000),
                 "type": kind, "model": table.display,
-                "json_data": orjson.dumps(data).decode()}
+                "json_data": dumps(data).decode()}
 
 
 _VALIDATOR_NAMES = {CREATE: "validate_create", UPDATE: "validate_update",

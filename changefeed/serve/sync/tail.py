@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import orjson
 import psycopg
 from psycopg import sql
 from psycopg.rows import tuple_row
@@ -28,6 +27,7 @@ from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
 from changefeed.errors import first_line
+from changefeed.serve.sync.log import load_log_json
 
 log = logging.getLogger("changefeed.serve.sync")
 
@@ -67,7 +67,7 @@ _ENTRY_COLUMNS = "seq, tbl, key, op, new, old, xid, committed_at"
 
 
 async def _configure(conn: psycopg.AsyncConnection) -> None:
-    set_json_loads(orjson.loads, conn)
+    set_json_loads(load_log_json, conn)  # exact digits, any depth (as the log sink wrote them)
 
 
 class LogReader:

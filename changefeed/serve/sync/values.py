@@ -29,6 +29,8 @@ from typing import Any
 
 import orjson
 
+from changefeed.formats.codec import dumps
+
 KINDS = {
     "int2": "int", "int4": "int", "int8": "int", "oid": "int",
     "float4": "float", "float8": "float",
@@ -199,7 +201,7 @@ def _scalar_text(kind: str, value: Any) -> str:
     if kind == "float":
         return _float_text(value)
     if kind == "json":
-        return orjson.dumps(value).decode()
+        return dumps(value).decode()
     if kind == "bytea":
         if not isinstance(value, str):
             raise ValueError("bytea values are base64 strings")
@@ -262,7 +264,7 @@ def _range_or_json(value: dict | list) -> str:
         upper = "" if value.get("upper") is None else str(value["upper"])
         bounds = str(value["bounds"])
         return f"{bounds[0]}{lower},{upper}{bounds[1]}"
-    return orjson.dumps(value).decode()
+    return dumps(value).decode()
 
 
 def _array_text(kind: str, items: list) -> str:
