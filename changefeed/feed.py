@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from multipipes import Node
 
+from changefeed._speedups import Lines
 from changefeed.change import ALL, Change, Operation, Position
 from changefeed.checkpoint import CheckpointStore, MemoryCheckpoint
 from changefeed.delivery import FeedStats, Output, bounded, deliver
@@ -256,7 +257,8 @@ class ChangeFeed(Node):
                     # The hot loop: keep it lean, it runs once per change.
                     for change in stream:
                         if change is not None:
-                            stats.changes += 1
+                            # A batch of lines (`prefer_lines`) holds several changes.
+                            stats.changes += change.count if change.__class__ is Lines else 1
                             stats.last = change
                             yield change
                         else:

@@ -580,6 +580,22 @@ def test_the_feed_hands_out_batches_of_lines_when_asked(pg_dsn, pg):
     assert items[-1].position.index == 299
 
 
+def test_the_feed_counts_every_change_of_its_batches(pg_dsn, pg):
+    """A `Lines` batch counts as the changes it holds in the feed's stats (what progress and
+    ``changefeed status`` show), as the changes would one by one."""
+    pg.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    feed = PostgresChangeFeed("t", connection=pg_dsn)
+    assert feed.prefer_lines("delta")
+    assert list(feed.changes(timeout=0.2)) == []
+    for start in (1, 101, 151):  # three transactions
+        pg.execute("INSERT INTO t SELECT g, 'v' FROM generate_series(%s::int, %s::int + 49) g",
+                   [start, start])
+    items = list(feed.changes(limit=150, timeout=20))
+    feed.close()
+    assert sum(item.count for item in items) == 150 and len(items) < 150
+    assert feed.stats.changes == 150
+
+
 WHERE_EXPRESSIONS = {  # and whether the stage fails (on a numeric NaN, which has no order)
     "id >= 0": False,  # every row
     'title == "row 7" or (amount > 10 and not flag == true)': True,
