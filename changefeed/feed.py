@@ -17,7 +17,7 @@ import collections
 import logging
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from multipipes import Node
 
@@ -258,7 +258,8 @@ class ChangeFeed(Node):
                     for change in stream:
                         if change is not None:
                             # A batch of lines (`prefer_lines`) holds several changes.
-                            stats.changes += change.count if change.__class__ is Lines else 1
+                            stats.changes += (cast(Any, change).count
+                                              if change.__class__ is Lines else 1)
                             stats.last = change
                             yield change
                         else:
