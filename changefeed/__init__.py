@@ -48,7 +48,27 @@ if TYPE_CHECKING:  # what _LAZY loads on first use, spelled out for type checker
     from changefeed.backends.postgres import PostgresChangeFeed
     from changefeed.backends.redis_streams import RedisStreamFeed
     from changefeed.backends.rethinkdb import RethinkChangeFeed
-    from changefeed.formats.delta import ToDelta
+    from changefeed.pipelines import (
+        Batch,
+        BatchSink,
+        CallbackSink,
+        JsonLinesSink,
+        OwnProcess,
+        Project,
+        Route,
+        Sink,
+        Stage,
+        Subscription,
+        ToDelta,
+        Where,
+        own_process,
+        project,
+        route,
+        sink_from_spec,
+        subscription,
+        to_delta,
+        where,
+    )
     from changefeed.pipelines.channels import (
         CHANNEL_PREFIX,
         Channel,
@@ -63,32 +83,10 @@ if TYPE_CHECKING:  # what _LAZY loads on first use, spelled out for type checker
         receive,
     )
     from changefeed.pipelines.pipeline import Pipeline
-    from changefeed.pipelines.sinks import (
-        Batch,
-        BatchSink,
-        CallbackSink,
-        JsonLinesSink,
-        Sink,
-        SinkInterrupted,
-    )
+    from changefeed.pipelines.sinks import SinkInterrupted
     from changefeed.pipelines.sinks.http import SnorkySink, WebhookSink
     from changefeed.pipelines.sinks.kafka import KafkaSink
     from changefeed.pipelines.sinks.redis import RedisStreamSink
-    from changefeed.pipelines.sinks.spec import sink_from_spec
-    from changefeed.pipelines.stages import (
-        OwnProcess,
-        Project,
-        Route,
-        Stage,
-        Subscription,
-        Where,
-        own_process,
-        project,
-        route,
-        subscription,
-        to_delta,
-        where,
-    )
     from changefeed.pipelines.typed import Typed, TypedChange, TypedRowError, typed
 
 INSERT = Operation.INSERT
@@ -103,24 +101,20 @@ _LAZY: dict[str, str] = {
     "RethinkChangeFeed": "changefeed.backends.rethinkdb",
     "KafkaFeed": "changefeed.backends.kafka",
     "RedisStreamFeed": "changefeed.backends.redis_streams",
-    # pipelines
+    # pipelines, stages and sinks
     "Pipeline": "changefeed.pipelines.pipeline",
     **dict.fromkeys(
-        ["Stage", "Where", "where", "Project", "project", "to_delta", "Route", "route",
-         "Subscription", "subscription", "OwnProcess", "own_process"],
-        "changefeed.pipelines.stages",
+        ["Stage", "Where", "where", "Project", "project", "to_delta", "ToDelta",
+         "Route", "route", "Subscription", "subscription", "OwnProcess", "own_process",
+         "Sink", "BatchSink", "Batch", "JsonLinesSink", "CallbackSink", "sink_from_spec"],
+        "changefeed.pipelines",
     ),
-    "ToDelta": "changefeed.formats.delta",
-    # sinks (the HTTP, Redis and Kafka ones import their drivers)
-    **dict.fromkeys(
-        ["Sink", "BatchSink", "Batch", "SinkInterrupted", "JsonLinesSink", "CallbackSink"],
-        "changefeed.pipelines.sinks",
-    ),
+    # the HTTP, Redis and Kafka sinks import their drivers
     "WebhookSink": "changefeed.pipelines.sinks.http",
     "SnorkySink": "changefeed.pipelines.sinks.http",
     "RedisStreamSink": "changefeed.pipelines.sinks.redis",
     "KafkaSink": "changefeed.pipelines.sinks.kafka",
-    "sink_from_spec": "changefeed.pipelines.sinks.spec",
+    "SinkInterrupted": "changefeed.pipelines.sinks",
     # channels and typed rows
     **dict.fromkeys(
         ["CHANNEL_PREFIX", "Channel", "ChannelError", "Notification", "Receive",

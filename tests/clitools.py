@@ -13,8 +13,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from waiting import wait_until
+
+T = TypeVar("T")
 
 CHANGEFEED = [sys.executable, "-m", "changefeed"]
 STREAMING = "streaming "
@@ -108,16 +113,22 @@ class CliProcess:
         return [json.loads(self.readline(max(deadline - time.monotonic(), 0)))
                 for _ in range(count)]
 
-    def wait_for_stderr(self, fragment: str, timeout: float = 60) -> None:
-        """Wait until stderr says ``fragment``; fail if it does not within ``timeout`` s."""
-        deadline = time.monotonic() + timeout
-        while fragment not in self.stderr:
-            if self.process.stderr not in self._open:
-                raise self._fail(f"stderr ended without {fragment!r}", timeout)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise self._fail(f"no {fragment!r} on stderr", timeout)
-            self._pump(remaining)
+    def wait_for(self, condition: Callable[[], T], what: str, timeout: float = 60) -> T:
+        """`waiting.wait_until` while reading the process's output: fails with its stderr if
+        ``condition()`` is not true within ``timeout`` seconds or once the process ended."""
+        return wait_until(condition, what, timeout, ended=self._ended,
+                          said=lambda: f"(exit code {self.process.poll()}) {self.stderr}",
+                          pause=self._pump, step=0.05)
+
+    def _ended(self) -> bool:
+        """Whether the process ended and everything it wrote was read."""
+        return self.process.stderr not in self._open and self.process.poll() is not None
+
+    def wait_for_stderr(self, fragment: str, timeout: float = 60, count: int = 1) -> None:
+        """Wait until stderr says ``fragment`` (``count`` times); fail if it does not within
+        ``timeout`` s."""
+        self.wait_for(lambda: self.stderr.count(fragment) >= count,
+                      f"{count} x {fragment!r} on stderr", timeout)
 
     def wait_streaming(self, timeout: float = 60) -> None:
         """Wait for the line saying the stream is open (every later commit will come)."""
@@ -163,11 +174,7 @@ class CliProcess:
                     pass
             return False
 
-        deadline = time.monotonic() + timeout
-        while not blocked():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise self._fail("the process did not block writing to its stdout", timeout)
-            self._pump(0.02)
+        self.wait_for(blocked, "the process to block writing to its stdout", timeout)
 
 
 def start_cli(*args: str, env: dict | None = None, stdout: int | None = None) -> CliProcess:

@@ -1,20 +1,26 @@
 """Shared fixtures: one real PostgreSQL cluster per test session, a fresh database per test, and
 one MongoDB-wire server (SecantusDB) and one Kafka broker (Tansu) per session, started from the
 test extra's PyPI packages unless CHANGEFEED_TEST_MONGODB_URL / CHANGEFEED_TEST_KAFKA_BOOTSTRAP
-name real servers (see testservers.py), and one Redis server per session."""
+name real servers (see testservers.py), one Redis server and one Snorky server per session, and a
+webhook receiver per test."""
 
 from __future__ import annotations
 
 import itertools
 import os
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
 from testservers import (
     KAFKA_ENV,
     MONGODB_ENV,
+    SNORKY_KEY,
+    Receiver,
     Server,
+    drop_slot,
     free_port,
     start_redis,
     start_secantus,
@@ -51,14 +57,7 @@ def pg_dsn(pg_server: TemporaryPostgres) -> Iterator[str]:
             "SELECT slot_name FROM pg_replication_slots WHERE database = %s", [name]
         ).fetchall()
         for (slot,) in slots:
-            for _ in range(50):
-                try:
-                    conn.execute("SELECT pg_drop_replication_slot(%s)", [slot])
-                    break
-                except psycopg.errors.ObjectInUse:
-                    import time
-
-                    time.sleep(0.1)
+            drop_slot(conn, slot, timeout=5)
         conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
 
 
@@ -108,5 +107,47 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         wait_for_port(port, process, "redis-server")
         yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        stop_process(process)
+
+
+@pytest.fixture
+def receiver(request) -> Iterator[Receiver]:
+    """A webhook receiver that records every request (its arguments: ``indirect`` params)."""
+    server = Receiver(*getattr(request, "param", ())).start()
+    yield server
+    server.stop()
+
+
+SNORKY_PYTHON_ENV = "CHANGEFEED_TEST_SNORKY_PYTHON"
+
+
+def snorky_python() -> str | None:
+    """The interpreter that has snorky 0.1.0a4: $CHANGEFEED_TEST_SNORKY_PYTHON or .venv-snorky."""
+    given = os.environ.get(SNORKY_PYTHON_ENV)
+    if given:
+        return given
+    default = Path(__file__).parents[1] / ".venv-snorky" / "bin" / "python"
+    return str(default) if default.exists() else None
+
+
+@pytest.fixture(scope="session")
+def snorky() -> Iterator[str]:
+    """The base URL of a real Snorky DataSync server (snorky 0.1.0a4, see snorky_server.py).
+
+    Snorky pins tornado 4.5.3, so it lives in a virtualenv of its own that ``make install``
+    creates (``.venv-snorky``); the server runs as a subprocess of that interpreter.
+    """
+    python = snorky_python()
+    if python is None:
+        pytest.skip(f"no Snorky interpreter: run `make install` (it creates .venv-snorky) or set"
+                    f" {SNORKY_PYTHON_ENV} to a Python with snorky==0.1.0a4")
+    port = free_port()
+    launcher = Path(__file__).parent / "pipelines" / "snorky_server.py"
+    process = subprocess.Popen([python, str(launcher), str(port), SNORKY_KEY],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_port(port, process, "the Snorky server")
+        yield f"http://127.0.0.1:{port}"
     finally:
         stop_process(process)

@@ -11,6 +11,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
+from waiting import wait_until
 
 from changefeed.testing import delete, insert, update
 
@@ -63,16 +64,12 @@ def changes_of(table: str) -> list:
 
 
 def wait_for_commits(bootstrap: str, group: str, topic: str, ends: dict[int, int]) -> bool:
-    """Whether ``group``'s committed offsets reach ``ends`` (partition: offset) within 30 s."""
+    """Whether ``group``'s committed offsets reach ``ends`` (partition: offset): fails the test
+    if they do not within 30 s."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
     try:
-        deadline = time.monotonic() + 30
         wanted = [TopicPartition(topic, p) for p in sorted(ends)]
-        while time.monotonic() < deadline:
-            committed = consumer.committed(wanted, timeout=10)
-            if [tp.offset for tp in committed] == [ends[p] for p in sorted(ends)]:
-                return True
-            time.sleep(0.2)
-        return False
+        return wait_until(lambda: [tp.offset for tp in consumer.committed(wanted, timeout=10)]
+                          == [ends[p] for p in sorted(ends)], f"{group}'s commits", 30, step=0.2)
     finally:
         consumer.close()

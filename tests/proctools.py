@@ -8,6 +8,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from waiting import wait_until
+
 
 def children(pid: int) -> list[int]:
     """The direct children of ``pid`` (of every thread of it)."""
@@ -54,12 +56,10 @@ def wait_ended(pids: list[int], seconds: float, what: str) -> float:
     """Wait until every process of ``pids`` ended; fail naming those alive after ``seconds``.
     Returns how long it took."""
     started = time.monotonic()
-    deadline = started + seconds
-    while True:
-        alive = [pid for pid in pids if not ended(pid)]
-        if not alive:
-            return time.monotonic() - started
-        if time.monotonic() > deadline:
-            shown = ", ".join(f"{pid} ({command_line(pid)[:80]})" for pid in alive)
-            raise AssertionError(f"{what}: still alive after {seconds} s: {shown}")
-        time.sleep(0.05)
+
+    def alive() -> str:
+        return ", ".join(f"{pid} ({command_line(pid)[:80]})" for pid in pids if not ended(pid))
+
+    wait_until(lambda: all(ended(pid) for pid in pids), f"{what} to end", seconds,
+               said=lambda: f"still alive: {alive()}")
+    return time.monotonic() - started

@@ -11,14 +11,17 @@ import pytest
 
 pytestmark = pytest.mark.postgres
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_postgres.py"
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def bench(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run ``benchmarks/<script>`` with ``args``, its output captured."""
+    return subprocess.run([sys.executable, str(BENCHMARKS / script), *args],
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def test_benchmark_runs_both_consumers_to_the_end_and_reports_the_ratio():
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--changes", "2000", "--rounds", "2", "--big-rows", "3000"],
-        capture_output=True, text=True, timeout=300,
-    )
+    result = bench("bench_postgres.py", "--changes", "2000", "--rounds", "2", "--big-rows", "3000")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "workload: 2,000 changes" in out
@@ -29,11 +32,7 @@ def test_benchmark_runs_both_consumers_to_the_end_and_reports_the_ratio():
 
 
 def test_decode_cost_replays_every_recorded_change_through_each_stage():
-    script = SCRIPT.with_name("decode_cost.py")
-    result = subprocess.run(
-        [sys.executable, str(script), "--changes", "2000", "--rounds", "1"],
-        capture_output=True, text=True, timeout=300,
-    )
+    result = bench("decode_cost.py", "--changes", "2000", "--rounds", "1")
     assert result.returncode == 0, result.stderr  # it exits non-zero if a change went missing
     for stage in ("copy", "decode", "encode"):
         line = rf"  {stage} +\d+\.\d\d us  \(\d+\.\dx copy\)"
@@ -41,11 +40,7 @@ def test_decode_cost_replays_every_recorded_change_through_each_stage():
 
 
 def test_snapshot_benchmark_reads_the_table_both_ways_and_reports_the_ratio():
-    script = SCRIPT.with_name("bench_snapshot.py")
-    result = subprocess.run(
-        [sys.executable, str(script), "--rows", "3000", "--rounds", "2", "--chunk-size", "500"],
-        capture_output=True, text=True, timeout=300,
-    )
+    result = bench("bench_snapshot.py", "--rows", "3000", "--rounds", "2", "--chunk-size", "500")
     assert result.returncode == 0, result.stderr
     assert len(re.findall(r"round \d: (changefeed|copy) ", result.stdout)) == 4
     assert re.search(r"ratio changefeed / COPY: \d+\.\d\d \(of the medians: \d+\.\d\d\)",
@@ -54,17 +49,12 @@ def test_snapshot_benchmark_reads_the_table_both_ways_and_reports_the_ratio():
 
 
 def test_serve_benchmark_runs_pipelines_in_processes_and_in_threads_and_the_meters():
-    script = SCRIPT.with_name("bench_serve.py")
-    result = subprocess.run(
-        [sys.executable, str(script), "--changes", "2000", "--rounds", "2", "--pipelines", "2"],
-        capture_output=True, text=True, timeout=300,
-    )
+    result = bench("bench_serve.py", "--changes", "2000", "--rounds", "2", "--pipelines", "2")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert len(re.findall(r"round \d: (process|thread) .* changes/s .* probe late p50", out)) == 4
     assert re.search(r"ratio of wall times thread / process: \d+\.\d\d", out)
     assert re.search(r"served \(meters\) \d+\.\d us, changefeed run \d+\.\d us; ratio", out)
     for kind in ("plain", "metered"):  # what valgrind counts
-        run = subprocess.run([sys.executable, str(script), "--meter-cost", kind, "--changes",
-                              "500"], capture_output=True, text=True, timeout=120)
+        run = bench("bench_serve.py", "--meter-cost", kind, "--changes", "500", timeout=120)
         assert run.returncode == 0, run.stderr

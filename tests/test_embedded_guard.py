@@ -8,12 +8,12 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 from clitools import CHANGEFEED
 from proctools import descendants, wait_ended
+from waiting import wait_until
 
 pytestmark = pytest.mark.postgres
 
@@ -40,19 +40,13 @@ def tmpdir_for_clusters():
 
 
 def postmaster(datadir: Path, seconds: float = 60) -> int:
-    deadline = time.monotonic() + seconds
-    while not (datadir / "postmaster.pid").exists():
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
+    wait_until((datadir / "postmaster.pid").exists, "the server to start", seconds)
     return int((datadir / "postmaster.pid").read_text().split()[0])
 
 
 def assert_cleaned_up(directory: Path, server_pid: int, started: list[int]) -> None:
     wait_ended([server_pid, *started], BOUND, "the cluster of a killed process")
-    deadline = time.monotonic() + BOUND
-    while directory.exists():
-        assert time.monotonic() < deadline, f"{directory} is still there"
-        time.sleep(0.05)
+    wait_until(lambda: not directory.exists(), f"{directory} to be removed", BOUND)
 
 
 @pytest.mark.parametrize("how", ["library", "demo"])
@@ -85,7 +79,7 @@ def test_a_clean_exit_stops_the_guard_too():
     from changefeed.embedded import TemporaryPostgres
 
     with TemporaryPostgres() as server:
-        guard = server._guard
+        guard = server._guard  # private: the guard process has no public handle, on purpose
         assert guard is not None and guard.poll() is None
         directory = server.directory
     assert guard.returncode == 0 and not directory.exists()  # it ended on its stdin's EOF

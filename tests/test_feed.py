@@ -5,6 +5,7 @@ import time
 
 import pytest
 from multipipes import Node, Pipe, Pipeline
+from waiting import wait_until
 
 from changefeed import (
     ChangeFeed,
@@ -239,13 +240,9 @@ def test_run_forever_acknowledges_nothing_the_next_node_did_not_take():
 
 
 def checkpoint_reaches(path, position) -> bool:
-    """Whether the feed's process saved ``position`` within ten seconds."""
-    deadline = time.monotonic() + 10
-    while FileCheckpoint(path).load("t") != position:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
+    """Whether the feed's process saved ``position`` (it fails the test after ten seconds)."""
+    return wait_until(lambda: FileCheckpoint(path).load("t") == position,
+                      f"the checkpoint to reach {position}", 10)
 
 
 def test_run_forever_acknowledges_what_the_next_node_took_off_the_queue(tmp_path):

@@ -21,6 +21,7 @@ import signal
 import threading
 import time
 
+import feeds
 import psycopg
 import pytest
 from clitools import assert_exit, json_lines, run_cli, start_cli
@@ -66,12 +67,7 @@ def read(feed, count, *, ack_until=None, timeout=60):
 
 def drain(feed, *, idle=1.5, timeout=60):
     """Everything ``feed`` has now (until ``idle`` seconds without a change), acknowledged."""
-    got = []
-    for change in feed.changes(idle_timeout=idle, timeout=timeout):
-        got.append(change)
-        feed.ack(change.position)
-    feed.close()
-    return got
+    return feeds.drain(feed, idle=idle, timeout=timeout, close=True)
 
 
 def insert_transaction(conn, first, count, prefix="row"):
@@ -690,7 +686,7 @@ def test_truncates_while_a_chunked_snapshot_is_read_leave_the_consumer_equal_to_
                     conn.execute("TRUNCATE tasks")
                     conn.execute("INSERT INTO tasks SELECT g, 'new'"
                                  " FROM generate_series(%s::int, %s::int) g", [first, first + 300])
-                time.sleep(0.03)
+                time.sleep(0.03)  # the writer's pace
 
     feed = make_feed(pg_dsn, prefeed="snapshot", chunk_size=100)
     writer = threading.Thread(target=truncate_and_refill)
@@ -722,7 +718,7 @@ def test_a_truncate_between_a_chunks_read_and_its_watermark_empties_the_chunk(
     from changefeed.backends.postgres.backfill import Backfills
 
     tasks.execute("INSERT INTO tasks SELECT g, 'old' FROM generate_series(1, 1000) g")
-    emit = Backfills._emit
+    emit = Backfills._emit  # private: the moment between a chunk's read and its watermark
     chunks = []
 
     def truncate_then_emit(self, conn, watermark, mark):

@@ -19,6 +19,7 @@ import threading
 import time
 from typing import Any
 
+import feeds
 import orjson
 import psycopg
 import pytest
@@ -40,12 +41,8 @@ def make_feed(dsn, table, operation=ALL, **options) -> PostgresChangeFeed:
 
 
 def drain(feed, *, idle=1.5, timeout=60):
-    got = []
-    for change in feed.changes(idle_timeout=idle, timeout=timeout):
-        got.append(change)
-        feed.ack(change.position)
-    feed.close()
-    return got
+    """Everything ``feed`` has now (until ``idle`` seconds without a change), acknowledged."""
+    return feeds.drain(feed, idle=idle, timeout=timeout, close=True)
 
 
 def frozen(row: dict[str, Any]) -> tuple:
@@ -226,13 +223,7 @@ def test_a_snapshot_of_a_table_without_key_killed_mid_way_never_starts_again(pg_
         pg.execute(f"UPDATE k SET v = v + 1 WHERE id % {89 + attempt} = 0")
     rest = run_cli(*args, "--until-idle", "3", timeout=180)
     assert rest.returncode == 0, rest.stderr
-    for line in rest.stdout.splitlines():
-        item = json.loads(line)
-        if item.get("type") == "snapshot":
-            markers.append(item["state"])
-        else:
-            consumer.apply(Change(Operation[item["operation"].upper()], item["table"],
-                                  item.get("new"), item.get("old"), item["key"]))
+    markers += apply_lines(consumer, rest.stdout)
     assert consumer.table() == table_rows(pg, "k")
     assert "taking it again" not in rest.stderr
     assert markers == ["started", "done"]  # said once: the snapshot never started again
@@ -321,7 +312,7 @@ def test_a_feed_that_keeps_losing_its_server_is_not_idle(pg_dsn, pg):
                     " WHERE datname = current_database() AND pid <> pg_backend_pid()"
                     " AND pid <> %s", [ours],
                 ).fetchall())
-                time.sleep(0.005)
+                time.sleep(0.005)  # the killer's pace
 
     thread = threading.Thread(target=end_connections)
     with start_cli("run", "c", "--url", pg_dsn, "--prefeed", "snapshot", "--format",
@@ -446,6 +437,19 @@ class Reader:
     def close(self) -> None:
         self.changes.close()
         self.feed.close()
+
+    @classmethod
+    def run(cls, feed: PostgresChangeFeed, consumer: Any, steps: Any = ()) -> None:
+        """One run of ``feed``: caught up, then each step (some DDL or writes) and caught up
+        again after it; closed at the end."""
+        reader = cls(feed, consumer)
+        try:
+            reader.idle()
+            for step in steps:
+                step()
+                reader.idle()
+        finally:
+            reader.close()
 
 
 @pytest.fixture
@@ -574,14 +578,7 @@ def test_partitions_attached_with_rows_are_back_filled(pg_dsn, pg, often, caplog
     consumer = KeyedConsumer(strict=False)
 
     def run(steps):
-        reader = Reader(make_feed(pg_dsn, "p", prefeed="snapshot", chunk_size=50), consumer)
-        try:
-            reader.idle()
-            for step in steps:
-                step()
-                reader.idle()
-        finally:
-            reader.close()
+        Reader.run(make_feed(pg_dsn, "p", prefeed="snapshot", chunk_size=50), consumer, steps)
 
     attach = ("ALTER TABLE p ATTACH PARTITION p_3 FOR VALUES FROM (2000) TO (3000)",)
     if order == "attach while running":
@@ -633,14 +630,7 @@ def test_a_table_created_under_a_pattern_is_streamed_and_back_filled(
 
     def run(steps=()):
         # No --prefeed snapshot: a table that appears later is new, its rows are changes.
-        reader = Reader(make_feed(pg_dsn, "app.*", slot="apps"), consumer)
-        try:
-            reader.idle()
-            for step in steps:
-                step()
-                reader.idle()
-        finally:
-            reader.close()
+        Reader.run(make_feed(pg_dsn, "app.*", slot="apps"), consumer, steps)
 
     def create():
         pg.execute("CREATE TABLE app.b (id int PRIMARY KEY, v text)")

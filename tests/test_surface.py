@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from feeds import FAST_RETRY
 
 import changefeed
-from changefeed import Retry, get_changefeed
+from changefeed import get_changefeed
 
 DRIVERS = ("psycopg", "pymongo", "rethinkdb", "redis", "confluent_kafka", "httpx", "starlette")
 SURFACE = Path(changefeed.__file__)
@@ -97,7 +98,6 @@ def test_the_type_checking_imports_are_the_lazy_names():
 
 # -- feeds are context managers --------------------------------------------------------------
 
-FAST_RETRY = Retry(initial=0.05, maximum=0.5)
 
 
 @pytest.mark.postgres

@@ -17,7 +17,6 @@ import ipaddress
 import json
 import random
 import re
-import time
 import uuid
 from decimal import Decimal
 
@@ -25,6 +24,7 @@ import psycopg
 import pytest
 from clitools import json_lines, run_cli
 from psycopg import sql
+from waiting import wait_until
 
 from changefeed import Retry
 from changefeed.backends.postgres import PostgresChangeFeed
@@ -237,8 +237,8 @@ def test_messages_keep_their_digits_and_depth(pg, pg_dsn, server_max):
 
 @pytest.fixture
 def receiver():
-    """A webhook receiver (tests/pipelines/servers.py) recording what it is sent."""
-    from tests.pipelines.servers import Receiver
+    """A webhook receiver (tests/testservers.py) recording what it is sent."""
+    from testservers import Receiver
 
     server = Receiver().start()
     yield server
@@ -412,15 +412,16 @@ def test_deep_and_exact_json_through_the_sync_shape_api(pg, pg_dsn, server_max):
         expected = {row: (canonical(j), canonical(t)) for row, j, t in pg.execute(
             "SELECT id, j::text, CASE WHEN id IN (7, 8, 9) THEN t::text ELSE t::jsonb::text END"
             " FROM docs")}
-        deadline = time.monotonic() + 60
-        while True:
+
+        def shape_rows() -> dict:
             status, _, body = get(shape_url(server, table="docs", offset="-1"))
             assert status == 200, body
-            got = {int(m["value"]["id"]): (canonical(m["value"]["j"]), canonical(m["value"]["t"]))
-                   for m in body if "value" in m}
-            if got == expected or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
+            return {int(m["value"]["id"]): (canonical(m["value"]["j"]), canonical(m["value"]["t"]))
+                    for m in body if "value" in m}
+
+        wait_until(lambda: shape_rows() == expected, "the shape's rows", 60,
+                   said=lambda: server.errors()[-2000:], step=0.2)
+        got = shape_rows()
         assert got == expected, server.errors()[-2000:]
         assert "error" not in server.errors()
 

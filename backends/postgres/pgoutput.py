@@ -1,29 +1,10 @@
 """A pure decoder of PostgreSQL's ``pgoutput`` logical replication messages (protocol 1).
 
-`PgOutputDecoder.decode()` takes the payload of one XLogData message and returns a `Change`
-(insert, update, delete), a `Message` (``pg_logical_emit_message``, when its prefix is wanted),
-a `Truncated` (a TRUNCATE: one `changefeed.Truncate` per watched table), a `Begin` or `Commit`
-marking a transaction's bounds, or None for messages that carry no change (relation and type
-descriptions, origins, messages not wanted). No I/O
-happens here: `changefeed.backends.postgres.stream` reads the bytes, this module turns them into
-values, and the tests feed it bytes recorded from a real server.
-
-Values arrive as text and become Python values through a loader factory chosen by type OID
-(`changefeed.backends.postgres.loading`: psycopg's loaders, `Transformer.load_sequence` in C,
-plus ours for the families where theirs are not exact): numeric -> Decimal, json -> dict,
-arrays -> lists, timestamptz -> datetime (in UTC: the feed's session sets TimeZone to UTC), and
-so on. A value Python cannot hold makes the row go through the factory's ``rescue`` loader,
-which keeps that value as text; the README's "Values" section has the whole table.
-
-Positions (`changefeed.backends.postgres.position`): a change's transaction's commit LSN plus
-its index among the transaction's row changes. A transactional message takes its index in
-the same sequence (wanted or not, so positions do not depend on the prefixes asked for), and so
-does each table a TRUNCATE names, in the order it names them (wanted or not). A
-non-transactional one arrives outside any transaction with the LSN where its WAL record ends,
-which is where the next record starts, perhaps the commit of a transaction whose rows then have
-that LSN in their positions: so it gets index 0 at that LSN minus one (no record starts there),
-which orders it after every transaction committed before it and before every later one.
-"""
+`PgOutputDecoder.decode()` takes the payload of one XLogData message and returns a `Change`, a
+`Message` (when its prefix is wanted), a `Truncated` (a `changefeed.Truncate` per watched table
+a TRUNCATE emptied), a `Begin` or `Commit`, or None for messages that carry no change. Values
+become Python values through `changefeed.backends.postgres.loading`; positions are made here
+(ARCHITECTURE.md, "Positions", says how messages and truncates are placed among changes)."""
 
 from __future__ import annotations
 

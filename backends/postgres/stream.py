@@ -1,20 +1,9 @@
 """The replication connection while it streams: every read of its socket, standby status
 updates, and the read-ahead that keeps the walsender answered while the consumer is busy.
 
-The stream hands out frames (`ReplicationStream.frames`): the pgoutput payloads of XLogData
-messages in stream order, None when nothing more is at hand (then `wait`), and the end of the
-stream; it answers keepalives itself. It never waits while handing out frames, and waits only
-in `wait` (psycopg's split of protocol and waiting). The feed's stream loop
-(`feed.PostgresChangeFeed._stream_changes`) decodes and dispatches what it is given. The rules
-of the conversation with the walsender, easy to get wrong, live here:
-
-* the flush position sent is only ever what the `ledger` says was delivered;
-* the walsender ends a connection that stays silent for ``wal_sender_timeout``, and a fast
-  shutdown of the server waits until the client has confirmed everything it was sent, so a
-  busy consumer's feed must still read and answer (`read_ahead`);
-* a consumer may stop between a transaction's last change and its Commit (`read_to_commit`),
-  and the last status must reach the server before the connection goes (`finish`).
-"""
+`ReplicationStream.frames` hands out the pgoutput payloads in stream order (None when nothing
+more is at hand: then `wait`) and answers keepalives itself; the feed decodes and dispatches.
+The rules of the conversation with the walsender: ARCHITECTURE.md, "The walsender conversation"."""
 
 from __future__ import annotations
 

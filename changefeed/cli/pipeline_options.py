@@ -22,7 +22,7 @@ import importlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from changefeed.cli.common import ACK_SECONDS
 from changefeed.errors import ConfigurationError
@@ -32,6 +32,9 @@ from changefeed.pipelines.sinks import Sink
 from changefeed.pipelines.sinks.spec import sink_from_spec
 from changefeed.pipelines.stages import OwnProcess, Stage, subscription
 from changefeed.pipelines.where_expressions import parse_filter, parse_where, row_filter
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 _FLAGS = {"tables": "TABLE...", "fmt": "--format", "stages": "--stage"}
 
@@ -78,6 +81,18 @@ def load_stage(spec: str) -> Stage:
     if not callable(target):
         raise ConfigurationError(f"stage {spec!r} is not callable")
     return target
+
+
+class PipelineOptions(TypedDict, total=False):
+    """The options that make a pipeline's parts: `pipeline_parts`'s keywords, with its defaults."""
+
+    where: str | None
+    filter: str | None
+    stages: Sequence[str]
+    sink: str
+    dead_letter: str | None
+    fmt: str
+    model: str | dict[str, str] | None
 
 
 @dataclass
@@ -136,18 +151,10 @@ def pipeline_parts(
 
 
 def build_cli_pipeline(
-    feed: Any,
-    *,
-    where: str | None = None,
-    filter: str | None = None,
-    stages: Sequence[str] = (),
-    sink: str = "-",
-    dead_letter: str | None = None,
-    fmt: str = "delta",
-    model: str | dict[str, str] | None = None,
-    processes: bool = False,
+    feed: Any, *, processes: bool = False, **options: Unpack[PipelineOptions]
 ) -> Pipeline:
-    """The pipeline ``changefeed run`` runs: ``--where``, ``--filter``, ``--stage``, the format.
+    """The pipeline ``changefeed run`` runs: ``--where``, ``--filter``, ``--stage``, the format
+    (the keywords of `pipeline_parts`).
 
     Acknowledges at most every `changefeed.cli.ACK_SECONDS` (and always at the end), as the
     command does without a pipeline. With ``processes`` each stage runs in a process of its
@@ -155,8 +162,7 @@ def build_cli_pipeline(
     stage: a process of its own would cost a pickling of every change each way for one cheap
     call, measured with ``benchmarks/bench_postgres.py --variants sink_processes``).
     """
-    parts = pipeline_parts(feed, where=where, filter=filter, stages=stages, sink=sink,
-                           dead_letter=dead_letter, fmt=fmt, model=model)
+    parts = pipeline_parts(feed, **options)
     steps: list[Any] = list(parts.stages)
     out: Any = parts.sink
     if processes:

@@ -312,12 +312,7 @@ def change_from_debezium(event: dict[str, Any], key: Any = None) -> Change | Tru
                 key = {"_id": _from_extended_json(key["id"])}
         else:
             table = f"{source.get('schema') or 'public'}.{source.get('table')}"
-        position = None
-        lsn, transaction = source.get("lsn"), event.get("transaction") or {}
-        if isinstance(lsn, int) and transaction.get("total_order"):
-            position = f"{lsn:016X}:{transaction['total_order'] - 1:08X}"
-        ts_ms = source.get("ts_ms")
-        committed = None if ts_ms is None else datetime.fromtimestamp(ts_ms / 1000, timezone.utc)
+        position, committed = _position_and_commit_time(event, source)
         return Change(
             operation, table, new=_restore(after), old=_restore(before),
             key=key if isinstance(key, dict) else None, position=position,
@@ -328,17 +323,25 @@ def change_from_debezium(event: dict[str, Any], key: Any = None) -> Change | Tru
         raise DecodeError(f"not a Debezium event: {str(event)[:200]} ({exc})") from exc
 
 
-def _truncate_from_debezium(event: dict[str, Any]) -> Truncate:
-    source = event.get("source") or {}
-    if not source.get("table"):
-        raise ValueError("a truncate event names no table")
-    table = f"{source.get('schema') or 'public'}.{source['table']}"
+def _position_and_commit_time(event: dict[str, Any], source: dict[str, Any]
+                              ) -> tuple[str | None, datetime | None]:
+    """A PostgreSQL event's position (its LSN and order in the transaction, as the feed writes
+    positions) and commit time, None where the event does not say."""
     position = None
     lsn, transaction = source.get("lsn"), event.get("transaction") or {}
     if isinstance(lsn, int) and transaction.get("total_order"):
         position = f"{lsn:016X}:{transaction['total_order'] - 1:08X}"
     ts_ms = source.get("ts_ms")
     committed = None if ts_ms is None else datetime.fromtimestamp(ts_ms / 1000, timezone.utc)
+    return position, committed
+
+
+def _truncate_from_debezium(event: dict[str, Any]) -> Truncate:
+    source = event.get("source") or {}
+    if not source.get("table"):
+        raise ValueError("a truncate event names no table")
+    table = f"{source.get('schema') or 'public'}.{source['table']}"
+    position, committed = _position_and_commit_time(event, source)
     return Truncate(table, position=position, committed_at=committed,
                     transaction=source.get("txId"))
 

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 import uuid
 from typing import Any
 from urllib.parse import urlsplit
 
-from changefeed import Change, Retry, get_changefeed
+from feeds import FAST_RETRY
 
-FAST_RETRY = Retry(initial=0.05, maximum=0.5)
+from changefeed import Change, get_changefeed
+
 RETHINKDB_ENV = "CHANGEFEED_TEST_RETHINKDB_URL"
 
 
@@ -241,12 +241,3 @@ def available_backends() -> list[tuple[str, str | None]]:
         ("rethinkdb", None if os.environ.get(RETHINKDB_ENV) else
          f"set {RETHINKDB_ENV} (docker compose up -d rethinkdb; make test-live) to run it"),
     ]
-
-
-def wait_until(predicate, seconds: float = 20.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False

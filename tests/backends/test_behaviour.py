@@ -210,7 +210,7 @@ def test_resync_after_a_reconnect(backend):
     def write() -> None:
         backend.insert(1, "a", 0)
         backend.insert(2, "b", 0)
-        time.sleep(0.3)
+        time.sleep(0.3)  # let the feed read them
         assert backend.drop_feed_connections(feed) >= 1
         backend.update(1, 7)   # while the feed is away: only the re-read can carry these
         backend.insert(3, "c", 0)

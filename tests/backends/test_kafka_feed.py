@@ -10,12 +10,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 from kafkatools import FAST_GROUP, changes_of, create_topic, new_table, wait_for_commits
+from waiting import wait_until
 
 from changefeed import Operation
 from changefeed.backends.kafka import KafkaFeed
@@ -122,34 +122,30 @@ def test_a_killed_worker_s_partitions_go_to_the_other(kafka_bootstrap, tmp_path)
                                 stderr=subprocess.DEVNULL, env=env) for out in outs]
     try:
         produce(1, 41)
-        deadline = time.monotonic() + 60  # until both share the work and all 40 are in
-        while time.monotonic() < deadline and not (
-            all(_positions(out) for out in outs)
-            and len({p for out in outs for p in _positions(out)}) >= 40
-        ):
-            time.sleep(0.1)
+        wait_until(lambda: all(_positions(out) for out in outs)
+                   and len({p for out in outs for p in _positions(out)}) >= 40,
+                   "both workers sharing the work and all 40 in", 60, step=0.1)
         owned_by_a = {p.rsplit(":", 2)[1] for p in _positions(outs[0])}
         assert owned_by_a and _positions(outs[1]), "the two workers did not share the topic"
         workers[0].send_signal(signal.SIGKILL)
         workers[0].wait(10)
         produce(41, 81)
         wanted = set(range(1, 81))
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            seen = {json.loads(line)["key"]["id"] for out in outs if out.exists()
+
+        def seen_ids() -> set[int]:
+            return {json.loads(line)["key"]["id"] for out in outs if out.exists()
                     for line in out.read_text().splitlines() if line}
-            if seen >= wanted:
-                break
-            time.sleep(0.2)
+
+        wait_until(lambda: seen_ids() >= wanted, "every record delivered", 90, step=0.2)
+        seen = seen_ids()
         assert seen >= wanted, sorted(wanted - seen)
         taken = _positions(outs[1])
         taken_over = {p.rsplit(":", 2)[1] for p in taken}
         assert owned_by_a <= taken_over  # b processed records of every partition a had
         # ... and commits, after the rebalance too, every partition up to what it delivered.
         produce(81, 101)
-        deadline = time.monotonic() + 60
-        while len(_positions(outs[1])) < len(taken) + 20 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: len(_positions(outs[1])) >= len(taken) + 20,
+                   "b's next 20 records", 60, step=0.1)
         ends: dict[int, int] = {}
         for position in _positions(outs[0]) + _positions(outs[1]):
             partition, offset = map(int, position.rsplit(":", 2)[1:])

@@ -13,14 +13,14 @@ import struct
 
 import psycopg
 import pytest
+from clitools import assert_one_clear_line, run_cli, start_cli
+from feeds import FAST_RETRY
 
 from changefeed import Change, ConfigurationError, MemoryCheckpoint, Message, Operation
 from changefeed.backends.postgres import PostgresChangeFeed
 from changefeed.backends.postgres.connection import check_messages
 from changefeed.backends.postgres.pgoutput import PgOutputDecoder
 from changefeed.backends.postgres.position import make_position
-from tests.backends.test_postgres import FAST_RETRY
-from tests.clitools import assert_one_clear_line, run_cli, start_cli
 
 # -- the decoder (no server) -----------------------------------------------------------------
 

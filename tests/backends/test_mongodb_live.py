@@ -15,14 +15,14 @@ from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import pytest
+from feeds import FAST_RETRY
 from testservers import SECANTUSDB, Server
 
-from changefeed import ALL, Change, FileCheckpoint, Operation, Retry, get_changefeed
+from changefeed import ALL, Change, FileCheckpoint, Operation, get_changefeed
 from changefeed.backends.mongodb import MongoChangeFeed, StreamEnded, decode_event
 
 pytestmark = [pytest.mark.live]
 
-FAST_RETRY = Retry(initial=0.05, maximum=0.5)
 URL = ""
 """The server's URL, set by `server` for the helpers below."""
 

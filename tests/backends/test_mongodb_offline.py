@@ -283,7 +283,7 @@ def test_get_changefeed_dispatches_on_urls_and_pymongo_objects():
         with pytest.raises(ConfigurationError, match="does not match"):
             get_changefeed(client["app"]["tasks"], "jobs")
         by_client.close()  # a client passed in stays open and in use
-        assert by_client._get_collection().database.client is client
+        assert by_client._get_collection().database.client is client  # private: no server
     finally:
         client.close()
 
@@ -306,4 +306,4 @@ def test_a_server_unreachable_at_start_is_a_permanent_error_naming_it():
     )
     with pytest.raises(PermanentBackendError, match="cannot reach MongoDB at 127.0.0.1:1"):
         list(feed.changes(timeout=10))
-    assert feed._client is None  # the client the feed made was closed
+    assert feed._client is None  # the client the feed made was closed (private: no server)

@@ -10,6 +10,7 @@ from decimal import Decimal
 
 import psycopg
 import pytest
+from feeds import drain, make_feed, start
 
 from changefeed import (
     ALL,
@@ -18,35 +19,12 @@ from changefeed import (
     MemoryCheckpoint,
     Operation,
     PermanentBackendError,
-    Retry,
     get_changefeed,
 )
 from changefeed.backends.postgres import PostgresChangeFeed
 from changefeed.backends.postgres import feed as feed_module
 
 pytestmark = pytest.mark.postgres
-
-FAST_RETRY = Retry(initial=0.05, maximum=0.5)
-
-
-def make_feed(dsn, table="tasks", operation=ALL, **options) -> PostgresChangeFeed:
-    options.setdefault("retry", FAST_RETRY)
-    return PostgresChangeFeed(table, operation, connection=dsn, **options)
-
-
-def start(feed: PostgresChangeFeed) -> None:
-    """Create the slot (and publication) now, so later writes are streamed."""
-    assert list(feed.changes(timeout=0.2)) == []
-
-
-def drain(feed, *, idle=1.0, timeout=20.0, ack=True):
-    got = []
-    for change in feed.changes(idle_timeout=idle, timeout=timeout):
-        got.append(change)
-        if ack:
-            feed.ack(change.position)
-    return got
-
 
 @pytest.fixture
 def tasks(pg):
@@ -320,7 +298,7 @@ def test_reconnects_when_the_walsender_is_terminated_and_loses_nothing(pg_dsn, t
                         "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots"
                         " WHERE slot_name = 'changefeed_tasks' AND active"
                     )
-                time.sleep(0.002)
+                time.sleep(0.002)  # the writer's pace
         done.set()
 
     thread = threading.Thread(target=writer)
@@ -545,7 +523,7 @@ def test_keep_alive_answers_the_walsender_so_a_slow_consumer_is_not_cut_off(pg_d
         written += 1
         pg.execute("INSERT INTO slow VALUES (%s)", [100 + written])  # more stream meanwhile
         feed.keep_alive()
-        time.sleep(0.2)
+        time.sleep(0.2)  # busy: the consumer's own time
     expected = [1, 2, 3, 4, 5] + [100 + n for n in range(1, written + 1)]
     for change in changes:
         got.append(change.key["id"])

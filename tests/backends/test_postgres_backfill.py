@@ -10,10 +10,10 @@ import time
 
 import psycopg
 import pytest
+from clitools import run_cli, start_cli
+from feeds import drain, make_feed, start
 
 from changefeed import Operation
-from tests.backends.test_postgres import drain, make_feed, start
-from tests.clitools import run_cli, start_cli
 
 
 class Consumer:
@@ -72,7 +72,7 @@ class Writers:
                 conn.execute(f"UPDATE {table} SET v = v + 1 WHERE id = %s", [1 + step * 7 % 500])
                 conn.execute(f"DELETE FROM {table} WHERE id = %s", [2 + step * 13 % 500])
                 step += 1
-                time.sleep(0.002)
+                time.sleep(0.002)  # the writer's pace
 
     def __enter__(self) -> Writers:
         for thread in self.threads:

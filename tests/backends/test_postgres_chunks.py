@@ -350,6 +350,7 @@ def test_pages_for_a_chunk(rows_per_page, chunk, pages):
     (4, 99, True, 5),
 ])
 def test_pages_adapt_to_the_rows_found(pages, found, whole, expected):
+    # private: the I/O module's one pure rule, tested here without a server
     assert _adapt_pages(pages, found, 100, whole) == expected
 
 

@@ -3,17 +3,16 @@ server limits. Each class of failure with several members, on a real server."""
 
 from __future__ import annotations
 
-import time
-
 import psycopg
 import pytest
+from clitools import run_cli, start_cli
+from feeds import FAST_RETRY, drain, make_feed, start
+from testservers import drop_slot
 
 from changefeed import ALL, ConfigurationError, Operation, PermanentBackendError, ResumeError
 from changefeed.backends.postgres import PostgresChangeFeed
 from changefeed.backends.postgres.names import default_slot_name, parse_table_name
 from changefeed.embedded import TemporaryPostgres
-from tests.backends.test_postgres import FAST_RETRY, drain, make_feed, start
-from tests.clitools import run_cli, start_cli
 
 pytestmark = pytest.mark.postgres
 
@@ -369,14 +368,7 @@ def test_a_slot_dropped_while_the_feed_runs_is_a_resume_error(pg_dsn, pg):
     pg.execute("CREATE TABLE tasks (id int PRIMARY KEY)")
     feed = make_feed(pg_dsn, "tasks")
     start(feed)
-    deadline = time.monotonic() + 10
-    while True:  # the walsender of start() may take a moment to end
-        try:
-            pg.execute("SELECT pg_drop_replication_slot('changefeed_tasks')")
-            break
-        except psycopg.errors.ObjectInUse:
-            assert time.monotonic() < deadline, "the slot stayed in use"
-            time.sleep(0.05)
+    drop_slot(pg, "changefeed_tasks")  # once the walsender of start() has ended
     with pytest.raises(ResumeError, match="was dropped while the feed ran"):
         list(feed.changes(timeout=10))
 

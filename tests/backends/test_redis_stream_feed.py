@@ -12,6 +12,7 @@ import uuid
 
 import pytest
 import redis
+from waiting import wait_until
 
 from changefeed.backends.redis_streams import RedisStreamFeed
 from changefeed.errors import DecodeError
@@ -76,10 +77,9 @@ def test_a_dead_workers_pending_entries_are_claimed_by_another(redis_url, tmp_pa
         target=run_worker, args=(redis_url, stream, out_a)
     )
     worker.start()
-    deadline = time.monotonic() + 10
-    while not (out_a.exists() and len(ids(out_a)) >= 20):  # written, then stuck before XACK
-        assert time.monotonic() < deadline and worker.is_alive()
-        time.sleep(0.02)
+    wait_until(lambda: out_a.exists() and len(ids(out_a)) >= 20,  # written, then stuck
+               "the worker's first rows", 10,                    # before XACK
+               ended=lambda: not worker.is_alive())
     os.kill(worker.pid, signal.SIGKILL)
     worker.join()
     client = redis.Redis.from_url(redis_url)

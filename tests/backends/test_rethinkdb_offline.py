@@ -83,7 +83,7 @@ def test_a_driver_connection_dispatches_and_is_never_closed_by_the_feed():
     assert feed.table == "app.tasks" and feed.params.where == "db.example:28015"
     closed = []
     conn.close = lambda noreply_wait=True: closed.append(True)  # type: ignore[method-assign]
-    feed._conn = conn
+    feed._conn = conn  # private: as if connected, without a server
     feed.close()
     assert closed == [] and feed._conn is None
     with pytest.raises(ConfigurationError, match="cannot use a dict"):
@@ -125,7 +125,7 @@ class FakeCursor:
                 raise item
             self.server.apply(item)
             return item
-        time.sleep(0.005)
+        time.sleep(0.005)  # a read that waits and times out
         raise ReqlTimeoutError("localhost", 28015)
 
     def close(self) -> None:

@@ -6,11 +6,11 @@ import json
 import struct
 
 import pytest
+from clitools import run_cli
+from feeds import FAST_RETRY
 
 from changefeed.backends.postgres import PostgresChangeFeed
 from changefeed.backends.postgres.pgoutput import PgOutputDecoder, schema_version
-from tests.backends.test_postgres import FAST_RETRY
-from tests.clitools import run_cli
 
 
 def relation(columns, oid=16384, name="t"):

@@ -19,8 +19,8 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Interface, IP
 from typing import Any
 
 import pytest
+from feeds import make_feed
 from psycopg.types.range import Range
-from test_postgres import make_feed
 
 from changefeed import UNCHANGED
 from changefeed.backends.postgres.values import (

@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 import psycopg
 import pytest
+from clitools import run_cli, start_cli
 
 from changefeed import ChangeFeed, Message, PipelineError
 from changefeed.backends.postgres import PostgresChangeFeed
@@ -39,7 +40,6 @@ from changefeed.pipelines.channels import (
     receive,
 )
 from changefeed.testing import ListSink, insert
-from tests.clitools import run_cli, start_cli
 
 # -- declarations ----------------------------------------------------------------------------
 

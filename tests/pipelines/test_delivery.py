@@ -12,7 +12,8 @@ import time
 
 import pytest
 import redis
-from servers import Receiver, free_port, start_redis, stop_process, wait_for_port, wait_until
+from testservers import Receiver, free_port, start_redis, stop_process, wait_for_port
+from waiting import wait_until
 
 from changefeed import PipelineError, Retry
 from changefeed.delivery import STOP_GRACE
@@ -122,11 +123,11 @@ def test_a_stop_ends_the_run_while_the_webhook_retries_and_keeps_what_was_confir
         for i in range(1, 4):
             feed.push(insert("tasks", {"id": i}))
         thread, outcome = run_in_thread(pipeline)
-        wait_until(lambda: len(receiver.accepted()) == 1, what="the first batch")
+        wait_until(lambda: len(receiver.accepted()) == 1, "the first batch")
         receiver.fail_first = 10**9  # from now on: 503 forever
         for i in range(4, 7):
             feed.push(insert("tasks", {"id": i}))
-        wait_until(lambda: len(receiver.requests) >= 3, what="two failed attempts")
+        wait_until(lambda: len(receiver.requests) >= 3, "two failed attempts")
         stop_and_join(pipeline, thread)
     finally:
         receiver.stop()
@@ -140,7 +141,7 @@ def test_a_stop_ends_the_run_while_the_webhook_hangs():
         feed = RecordingFeed(2)
         pipeline = Pipeline(feed, [], sink=WebhookSink(receiver.url, timeout=600))
         thread, _ = run_in_thread(pipeline, timeout=600)
-        wait_until(lambda: feed.keep_alive_calls > 0, what="the feed's thread waiting")
+        wait_until(lambda: feed.keep_alive_calls > 0, "the feed's thread waiting")
         stop_and_join(pipeline, thread)
     finally:
         receiver.stop()
@@ -153,7 +154,7 @@ def test_processes_a_stop_ends_the_run_while_the_webhook_retries():
         feed = RecordingFeed(3)
         pipeline = Pipeline(feed, [], sink=WebhookSink(receiver.url), processes=True)
         thread, _ = run_in_thread(pipeline, timeout=600)
-        wait_until(lambda: len(receiver.requests) >= 2, what="two failed attempts")
+        wait_until(lambda: len(receiver.requests) >= 2, "two failed attempts")
         assert feed.keep_alive_calls > 0  # the feed's process answered while it waited
         stop_and_join(pipeline, thread)
     finally:
@@ -174,7 +175,7 @@ def test_a_stop_gives_the_sink_the_same_grace_in_a_thread_and_in_a_process(
         sink = WebhookSink(receiver.url, timeout=600)
         pipeline = Pipeline(feed, [], sink=sink, processes=processes)
         thread, _ = run_in_thread(pipeline)
-        wait_until(lambda: feed.keep_alive_calls > 0, what="the feed's side waiting on the sink")
+        wait_until(lambda: feed.keep_alive_calls > 0, "the feed's side waiting on the sink")
         if answers_in_the_grace:
             threading.Timer(1.0, receiver.release.set).start()  # after the stop, in the grace
         seconds = stop_and_join(pipeline, thread)
@@ -196,7 +197,7 @@ def test_redis_sink_retries_until_redis_starts(tmp_path, caplog):
     sink = RedisStreamSink(url, "late", retry=Retry(initial=0.1, maximum=0.5, attempts=100))
     thread, outcome = run_in_thread(Pipeline(feed, [], sink=sink))
     # Nothing listens yet: the sink retries (and says so) until the server comes.
-    wait_until(lambda: "retrying in" in caplog.text, what="a retry warning")
+    wait_until(lambda: "retrying in" in caplog.text, "a retry warning")
     process = start_redis(port, str(tmp_path))
     try:
         wait_for_port(port, process, "redis-server")
@@ -227,7 +228,7 @@ def test_a_stop_ends_the_run_while_the_redis_sink_retries():
     sink = RedisStreamSink(f"redis://127.0.0.1:{free_port()}/0", "never")
     pipeline = Pipeline(feed, [], sink=sink)
     thread, _ = run_in_thread(pipeline, timeout=600)
-    wait_until(lambda: feed.keep_alive_calls > 0, what="the feed's thread waiting")
+    wait_until(lambda: feed.keep_alive_calls > 0, "the feed's thread waiting")
     stop_and_join(pipeline, thread)
     assert feed.checkpoint.load("tasks") is None
 
@@ -283,5 +284,6 @@ def test_the_network_sinks_pickle_for_spawned_processes():
     for sink in (WebhookSink("https://tok@h/x?k=1"), RedisStreamSink("redis://h/0", "s")):
         sink.interrupt()
         copy = pickle.loads(pickle.dumps(sink))
+        # private: an interrupt is a process-local event and must not travel with the copy
         assert copy.url == sink.url and not copy._interrupted.is_set()
         assert "tok" not in repr(copy) and "k=1" not in repr(copy)

@@ -11,7 +11,6 @@ import logging
 import os
 import signal
 import threading
-import time
 import uuid
 
 import orjson
@@ -20,6 +19,7 @@ import pytest
 from clitools import assert_one_clear_line, run_cli, start_cli
 from kafkatools import changes_of, new_table, read_topic
 from testservers import KAFKA_ENV, start_tansu
+from waiting import wait_until
 
 from changefeed.errors import PipelineError
 from changefeed.pipelines import Batch, Pipeline
@@ -108,9 +108,8 @@ def test_a_broker_restart_loses_no_confirmed_record(tmp_path, caplog):
         with caplog.at_level(logging.WARNING, logger="changefeed.kafka"):
             writer = threading.Thread(target=write)
             writer.start()
-            deadline = time.monotonic() + 30  # until the producer noticed the broker is gone
-            while "brokers are down" not in caplog.text and time.monotonic() < deadline:
-                time.sleep(0.05)
+            wait_until(lambda: "brokers are down" in caplog.text,
+                       "the producer to notice the broker is gone", 30)
             assert "brokers are down" in caplog.text
             broker.restart()
             writer.join(60)
@@ -179,9 +178,8 @@ def test_sigkill_of_changefeed_run_with_a_kafka_sink_loses_nothing(
         # more acknowledgement was made (the moment an early acknowledgement would be lost).
         read_topic(kafka_bootstrap, topic, lambda r: len(r) >= 200)
         acknowledged = checkpoint.read_text()
-        deadline = time.monotonic() + 30
-        while checkpoint.read_text() == acknowledged and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: checkpoint.read_text() != acknowledged, "one more acknowledgement",
+                   30, step=0.01)
         process.stop(signal.SIGKILL, timeout=10)
         killed_while_writing = not done.is_set()
         killed.set()

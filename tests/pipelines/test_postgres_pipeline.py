@@ -6,8 +6,9 @@ import json
 import uuid
 
 import pytest
+from feeds import FAST_RETRY
 
-from changefeed import PipelineError, Retry, get_changefeed
+from changefeed import PipelineError, get_changefeed
 from changefeed.pipelines import JsonLinesSink, Pipeline, subscription, to_delta
 from changefeed.testing import ListSink
 
@@ -15,8 +16,7 @@ pytestmark = pytest.mark.postgres
 
 
 def feed_of(dsn: str, slot: str, **options):
-    return get_changefeed(dsn, "tasks", slot=slot, retry=Retry(initial=0.05, maximum=0.5),
-                          **options)
+    return get_changefeed(dsn, "tasks", slot=slot, retry=FAST_RETRY, **options)
 
 
 @pytest.fixture

@@ -7,48 +7,14 @@ current Python. See the ``snorky`` fixture in conftest.py.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
-from contextlib import contextmanager
-
-import httpx
 import pytest
-from servers import SNORKY_KEY as KEY
-from websockets.sync.client import ClientConnection, connect
+from testservers import SNORKY_KEY as KEY
+from testservers import received, subscribe
 
 from changefeed import PipelineError
 from changefeed.pipelines import Pipeline, subscription, to_delta
 from changefeed.pipelines.sinks.http import SnorkySink
 from changefeed.testing import MemoryFeed, delete, insert, update
-
-
-@contextmanager
-def subscribe(base: str, dealer: str, query) -> Iterator[ClientConnection]:
-    """A WebSocket client that acquired a subscription to ``dealer`` with ``query``."""
-    answer = httpx.post(f"{base}/backend", headers={"X-Backend-Key": KEY}, json={
-        "service": "datasync_backend",
-        "message": {"command": "authorizeSubscription", "callId": 1,
-                    "params": {"items": [{"dealer": dealer, "query": query}]}},
-    }).json()
-    token = answer["message"]["data"]
-    with connect(base.replace("http", "ws") + "/ws") as ws:
-        ws.send(json.dumps({"service": "datasync", "message": {
-            "command": "acquireSubscription", "params": {"token": token}, "callId": 1}}))
-        reply = json.loads(ws.recv(timeout=5))
-        assert reply["message"]["type"] == "response", reply
-        yield ws
-
-
-def received(ws: ClientConnection, count: int) -> list[dict]:
-    deltas = []
-    while len(deltas) < count:
-        frame = json.loads(ws.recv(timeout=5))
-        assert frame["message"]["type"] == "delta", frame
-        deltas.append(frame["message"]["delta"])
-    with pytest.raises(TimeoutError):  # and nothing more
-        ws.recv(timeout=0.3)
-    return deltas
-
 
 CHANGES = [
     insert("public.tasks", {"id": 1, "color": "blue", "title": "a"}, key={"id": 1}),

@@ -13,8 +13,7 @@ import uuid
 import orjson
 import pytest
 from kafkatools import FAST_GROUP, create_topic, new_table, read_topic
-from servers import SNORKY_KEY
-from test_snorky import received, subscribe
+from testservers import SNORKY_KEY, received, subscribe
 
 from changefeed import Operation, Truncate
 from changefeed.backends.kafka import KafkaFeed

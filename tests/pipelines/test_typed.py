@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
 import psycopg
 import pytest
+from feeds import FAST_RETRY
+from waiting import wait_until
 
 from changefeed import UNCHANGED, Message, Operation, PipelineError
 from changefeed.backends.postgres import PostgresChangeFeed
 from changefeed.pipelines import Pipeline
 from changefeed.pipelines.typed import TypedChange, TypedRowError, typed
 from changefeed.testing import ListSink, delete, insert, update
-from tests.backends.test_postgres import FAST_RETRY
 
 
 @dataclass
@@ -133,12 +133,10 @@ class Item:
 
 def wait_until_slot_is_free(pg_dsn, slot="changefeed_items", timeout=10.0):
     """A feed that just stopped leaves its walsender exiting for a moment."""
-    deadline = time.monotonic() + timeout
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        while conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s",
-                           [slot]).fetchone() == (True,):
-            assert time.monotonic() < deadline, "the slot stayed in use"
-            time.sleep(0.05)
+        wait_until(lambda: conn.execute("SELECT active FROM pg_replication_slots"
+                                        " WHERE slot_name = %s", [slot]).fetchone() != (True,),
+                   "the slot to be free", timeout)
 
 
 def run(pg_dsn, stages, dead_letter=None):

@@ -8,7 +8,7 @@ import json
 import threading
 
 import pytest
-from servers import Receiver
+from testservers import Receiver
 
 from changefeed import PipelineError, Retry
 from changefeed.pipelines import Pipeline, to_delta
@@ -61,7 +61,7 @@ def test_webhook_does_not_retry_a_4xx(receiver):
 
 
 def test_webhook_retries_while_the_server_is_down():
-    from servers import free_port
+    from testservers import free_port
 
     port = free_port()
     started: list[Receiver] = []

@@ -25,7 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import psycopg
 import pytest
 from clitools import assert_exit, run_cli
-from servers import Receiver, free_port
+from testservers import Receiver, free_port
 
 from changefeed import PipelineError, Retry
 from changefeed.pipelines import Pipeline, batch

@@ -10,57 +10,18 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import threading
 
 import psycopg
 import pytest
 from clitools import run_cli, start_cli
 from proctools import descendants, ended, wait_ended
-from servers import wait_until
+from stuck import STUCK_STAGE, Silent
+from waiting import wait_until
 
 pytestmark = pytest.mark.postgres
 
 BOUND = 10.0
 """Seconds within which every worker must end after the feed's process was killed."""
-
-STUCK_STAGE = '''
-import os
-import time
-
-def stuck(change):
-    """A stage that takes far longer than any test: stands for a long computation."""
-    open(os.environ["STUCK_MARK"], "w").close()
-    time.sleep(600)
-    return change
-'''
-
-
-class Silent:
-    """An HTTP endpoint that takes requests and never answers (a hung receiver)."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/hook"
-        self.requested = threading.Event()
-        self.held: list[socket.socket] = []
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.held.append(conn)
-            if conn.recv(1 << 16):
-                self.requested.set()
-
-    def close(self) -> None:
-        self.sock.close()
-        for conn in self.held:
-            conn.close()
-
 
 @pytest.fixture
 def tasks(pg):
@@ -97,8 +58,8 @@ def test_file_sink_workers_die_with_the_feed_and_the_next_run_loses_nothing(
     with start_cli(*args) as run:
         run.wait_streaming()
         insert(pg_dsn, range(1, 201))
-        wait_until(lambda: out.exists() and out.read_text().count("\n") >= 200, 60,
-                   "the rows in the sink file")
+        wait_until(lambda: out.exists() and out.read_text().count("\n") >= 200,
+                   "the rows in the sink file", 60)
         insert(pg_dsn, range(201, 401))  # some of these are in flight when it dies
         kill_and_wait(run, 2)  # --where; the sink, which writes the format
     result = run_cli(*args, "--until-idle", "1.5")
@@ -115,7 +76,7 @@ def test_a_worker_stuck_in_a_webhook_request_dies_with_the_feed(pg_dsn, tasks):
                        "--sink", endpoint.url) as run:
             run.wait_streaming()
             insert(pg_dsn, range(1, 4))
-            wait_until(endpoint.requested.is_set, 60, "the webhook request")
+            wait_until(endpoint.requested.is_set, "the webhook request", 60)
             kill_and_wait(run, 1)  # the sink, which writes the format
     finally:
         endpoint.close()
@@ -131,6 +92,6 @@ def test_a_worker_stuck_in_a_stage_dies_with_the_feed(pg_dsn, tasks, tmp_path):
                    "stuck_stage:stuck", "--sink", str(out), env=env) as run:
         run.wait_streaming()
         insert(pg_dsn, range(1, 4))
-        wait_until(mark.exists, 60, "the stage to be stuck")
+        wait_until(mark.exists, "the stage to be stuck", 60)
         kill_and_wait(run, 2)  # the stage; the sink, which writes the format
     assert not out.exists() or out.read_text() == ""

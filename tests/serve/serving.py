@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -19,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
-from servers import free_port
+from testservers import free_port
+from waiting import wait_until
 
 HERE = Path(__file__).parent
 
@@ -71,16 +71,11 @@ class Serve:
         return AssertionError(f"{what} (exit code {code}); the server said:\n{self.log}")
 
     def wait_until(self, condition: Callable[[], Any], what: str, timeout: float = 60) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            value = condition()
-            if value:
-                return value
-            if self.process is not None and self.process.poll() is not None:
-                raise self.fail(f"the server ended while waiting for {what}")
-            if time.monotonic() > deadline:
-                raise self.fail(f"timed out after {timeout} s waiting for {what}")
-            time.sleep(0.1)
+        """`waiting.wait_until` while this server runs, failing with what it logged."""
+        def ended() -> bool:
+            return self.process is not None and self.process.poll() is not None
+
+        return wait_until(condition, what, timeout, ended=ended, said=lambda: self.log, step=0.1)
 
     def get(self, path: str, timeout: float = 10) -> tuple[int, Any]:
         try:
@@ -143,3 +138,13 @@ class Serve:
 
 def jsonl(path: Path) -> list[Any]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def orders_config(folder: Path, pipelines: str, **defaults: object) -> Path:
+    """``folder/changefeed.toml``: the ``orders`` table of ``$DATABASE_URL`` by default (with
+    ``defaults``, numbers as they are), then the ``pipelines`` given as TOML."""
+    lines = ['url = "${DATABASE_URL}"', 'tables = "orders"',
+             *(f"{key} = {value}" for key, value in defaults.items())]
+    config = folder / "changefeed.toml"
+    config.write_text("\n[defaults]\n" + "\n".join(lines) + "\n" + pipelines)
+    return config

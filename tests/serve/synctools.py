@@ -21,6 +21,8 @@ from typing import Any
 
 import psycopg
 import pytest
+from testservers import free_port, stop_process
+from waiting import wait_until
 
 HERE = Path(__file__).parent
 JS = HERE / "js"
@@ -39,14 +41,6 @@ def node_modules() -> Path:
                        env={**os.environ, "PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD": "1"},
                        capture_output=True)
     return modules
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Server:
@@ -91,18 +85,17 @@ class Server:
         return self
 
     def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise AssertionError(f"serve exited {self.process.returncode}: {self.errors()}")
+        process = self.process
+        assert process is not None
+
+        def ready() -> bool:
             try:
-                if get(self.base + "/readyz", timeout=2)[0] == 200:
-                    return
+                return get(self.base + "/readyz", timeout=2)[0] == 200
             except OSError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"serve not ready in {timeout} s: {self.errors()}")
+                return False
+
+        wait_until(ready, "serve to be ready", timeout, ended=lambda: process.poll() is not None,
+                   said=self.errors, step=0.1)
 
     def errors(self) -> str:
         if self.log is not None and self.log.exists():
@@ -195,12 +188,7 @@ class _Node:
 
     def stop(self) -> None:
         if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            stop_process(self.process)
 
 
 class ShapeClient:
@@ -339,3 +327,21 @@ def _parse(typname: str, text: str | None) -> Any:
     if typname in ("json", "jsonb") or typname.startswith("_"):
         return json.loads(text)
     return text
+
+
+ITEMS = """
+CREATE TABLE items (
+    id int PRIMARY KEY, title text, done boolean NOT NULL DEFAULT false, priority int,
+    price numeric(10, 2), due timestamptz, tags text[], meta jsonb, big bigint
+)"""
+
+
+def make_items(pg: psycopg.Connection, count: int = 20) -> None:
+    """The ``items`` table of the sync tests, with ``count`` rows of every column type."""
+    pg.execute(ITEMS)
+    pg.execute(
+        "INSERT INTO items SELECT g, CASE WHEN g %% 3 = 0 THEN 'apple ' || g ELSE 'item ' || g"
+        " END, g %% 2 = 0, g %% 5, g * 1.25, CASE WHEN g %% 4 = 0 THEN NULL ELSE"
+        " timestamptz '2024-05-01 10:00:00+00' + g * interval '5 days' END,"
+        " ARRAY['t' || g, 'x y'], CASE WHEN g %% 6 = 0 THEN jsonb_build_object('g', g) END,"
+        " g * 3 FROM generate_series(1, %s) g", [count])

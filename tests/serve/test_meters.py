@@ -10,7 +10,8 @@ import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from servers import Receiver
+from testservers import Receiver
+from waiting import wait_until
 
 from changefeed.delivery import deliver
 from changefeed.errors import (
@@ -61,9 +62,7 @@ def test_the_sink_meter_counts_what_the_sink_received_by_table_and_operation(tmp
     pipeline = Pipeline(feed, [keep, Labeling(to_delta())],
                         sink=MeasuredSink(JsonLinesSink(str(out)), meter), processes=processes)
     assert pipeline.run() == 6
-    deadline = time.monotonic() + 10
-    while meter.current()["items"] < 5 and time.monotonic() < deadline:  # a sink process's
-        time.sleep(0.05)                                                 # last report
+    wait_until(lambda: meter.current()["items"] >= 5, "a sink process's last report", 10)
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     received = collections.Counter((d["model"], d["type"]) for d in lines)
     assert counted(meter) == {("public.orders", "insert"): 2, ("public.orders", "update"): 1,
@@ -151,16 +150,12 @@ def test_lag_is_the_age_of_the_oldest_change_not_delivered_and_zero_when_none_wa
                                      sink=MeasuredSink(slow_sink, meter)).output())
     runner = threading.Thread(target=deliver, args=(feed, output), daemon=True)
     runner.start()
-    deadline = time.monotonic() + 10
-    while output.read < 3 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: output.read >= 3, "the three changes read", 10)
     first = output.lag_seconds()
-    time.sleep(0.3)
+    time.sleep(0.3)  # time passes while the sink holds the batch
     assert 20 <= first < output.lag_seconds() < 40  # rises while the sink holds the batch
     release.set()
-    deadline = time.monotonic() + 10
-    while output.lag_seconds() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: not output.lag_seconds(), "the lag to fall to 0", 10)
     assert output.lag_seconds() == 0.0 and len(received) == 3
     feed.stop()
     runner.join(10)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from clitools import run_cli
-from serving import Serve, jsonl
+from serving import Serve, jsonl, orders_config
 
 pytestmark = pytest.mark.postgres
 
@@ -31,12 +31,7 @@ def insert(pg, ids) -> None:
 def test_a_failing_sink_fails_only_its_pipeline_which_retries_then_catches_up(
         tmp_path: Path, pg_dsn, orders, receiver):
     receiver.fail_first = 10**9  # every request answered 503 until healed
-    config = tmp_path / "changefeed.toml"
-    config.write_text(f'''
-[defaults]
-url = "${{DATABASE_URL}}"
-tables = "orders"
-
+    config = orders_config(tmp_path, pipelines=f'''
 [pipelines.to-file]
 sink = "{tmp_path}/orders.jsonl"
 
@@ -106,13 +101,7 @@ sink = "{tmp_path}/buggy.jsonl"
 
 
 def test_a_killed_pipeline_process_is_restarted_and_loses_nothing(tmp_path, pg_dsn, orders):
-    config = tmp_path / "changefeed.toml"
-    config.write_text(f'''
-[defaults]
-url = "${{DATABASE_URL}}"
-tables = "orders"
-restart_delay = 0.2
-
+    config = orders_config(tmp_path, restart_delay=0.2, pipelines=f'''
 [pipelines.victim]
 sink = "{tmp_path}/victim.jsonl"
 

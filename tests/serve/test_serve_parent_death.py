@@ -7,53 +7,19 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import threading
 from pathlib import Path
 
 import psycopg
 import pytest
 from proctools import descendants, ended, wait_ended
-from serving import Serve, jsonl, stage_path
+from serving import Serve, jsonl, orders_config, stage_path
+from stuck import STUCK_STAGE, Silent
 
 pytestmark = pytest.mark.postgres
 
 BOUND = 15.0
 """Seconds within which every process of a killed server must end (a pipeline gets
 ``stop_timeout = 3`` to stop cleanly, then exits by itself)."""
-
-
-STUCK_STAGE = '''
-import time
-
-def stuck(change):
-    """A stage that takes far longer than any test: stands for a long computation."""
-    time.sleep(600)
-    return change
-'''
-
-
-class Silent:
-    """An HTTP endpoint that takes requests and never answers."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/hook"
-        self.held: list[socket.socket] = []
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.held.append(conn)
-
-    def close(self) -> None:
-        self.sock.close()
-        for conn in self.held:
-            conn.close()
 
 
 def insert(dsn: str, ids: range) -> None:
@@ -65,13 +31,7 @@ def insert(dsn: str, ids: range) -> None:
 def test_killing_the_server_ends_every_pipeline_process_and_worker(tmp_path: Path, pg_dsn, pg):
     pg.execute("CREATE TABLE orders (id int PRIMARY KEY, total int)")
     endpoint = Silent()
-    config = tmp_path / "changefeed.toml"
-    config.write_text(f'''
-[defaults]
-url = "${{DATABASE_URL}}"
-tables = "orders"
-stop_timeout = 3
-
+    config = orders_config(tmp_path, stop_timeout=3, pipelines=f'''
 [pipelines.plain]
 sink = "{tmp_path}/plain.jsonl"
 

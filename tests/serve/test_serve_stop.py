@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from serving import Serve, jsonl
+from serving import Serve, jsonl, orders_config
 
 pytestmark = pytest.mark.postgres
 
@@ -38,12 +38,7 @@ class Writer(threading.Thread):
 
 def test_sigterm_under_load_then_a_restart_loses_nothing(tmp_path: Path, pg_dsn, pg, receiver):
     pg.execute("CREATE TABLE orders (id int PRIMARY KEY, total int)")
-    config = tmp_path / "changefeed.toml"
-    config.write_text(f'''
-[defaults]
-url = "${{DATABASE_URL}}"
-tables = "orders"
-
+    config = orders_config(tmp_path, pipelines=f'''
 [pipelines.to-file]
 checkpoint = "{tmp_path}/to-file.checkpoint"
 sink = "{tmp_path}/orders.jsonl"

@@ -7,13 +7,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 from clitools import assert_exit, run_cli
 from testservers import free_port
+from waiting import wait_until
 
 HERE = Path(__file__).parent
 
@@ -31,14 +31,6 @@ def get(port: int, path: str, timeout: float = 10) -> tuple[int, object]:
             return reply.status, json.loads(reply.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
-
-
-def wait_until(condition, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def serving(port: int) -> bool:

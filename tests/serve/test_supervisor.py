@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from testservers import free_port
+from waiting import wait_until
 
 from changefeed.serve.pipelines.config import PipelineSpec, Supervision
 from changefeed.serve.pipelines.supervisor import Supervisor
@@ -25,19 +26,12 @@ def spec(tmp_path: Path, url: str, **supervision: float) -> PipelineSpec:
     return PipelineSpec("p", options, source, True, Supervision(**supervision))
 
 
-def wait_for(condition, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def test_a_source_that_cannot_be_reached_is_retried_with_a_growing_backoff(tmp_path):
     supervisor = Supervisor(spec(tmp_path, f"redis://127.0.0.1:{free_port()}/0",
                                  restart_delay=0.2, restart_max_delay=0.8))
     supervisor.start()
     try:
-        wait_for(lambda: supervisor.snapshot().restarts >= 3, "three restarts")
+        wait_until(lambda: supervisor.snapshot().restarts >= 3, "three restarts")
         snap = supervisor.snapshot()
         assert snap.state in ("retrying", "starting")
         assert "ConnectionError: Error 111 connecting to 127.0.0.1" in snap.error
@@ -55,10 +49,10 @@ def test_a_configuration_that_broke_since_it_was_checked_fails_for_good(tmp_path
     supervisor = Supervisor(broken)  # its sink's directory does not exist (any more)
     supervisor.start()
     try:
-        wait_for(lambda: supervisor.snapshot().state == "failed", "the failure")
+        wait_until(lambda: supervisor.snapshot().state == "failed", "the failure")
         snap = supervisor.snapshot()
         assert "directory" in snap.error and str(gone) in snap.error
-        time.sleep(0.5)
+        time.sleep(0.5)  # time passes: a failed pipeline must not restart
         assert supervisor.snapshot().restarts == 0
     finally:
         supervisor.stop()

@@ -15,7 +15,9 @@ from typing import Any
 
 import psycopg
 import pytest
-from synctools import CHANGEFEED, JS, free_port, get, node_modules
+from synctools import CHANGEFEED, JS, get, node_modules
+from testservers import free_port
+from waiting import wait_until
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
@@ -62,20 +64,17 @@ class Browser:
                 self.process.kill()
 
 
+def until(condition: Any, what: str, timeout: float = 30) -> Any:
+    """`wait_until`, looking every 0.2 s: each look at the page is a call into the browser."""
+    return wait_until(condition, what, timeout, step=0.2)
+
+
 def titles(conn: psycopg.Connection) -> list[str]:
     return sorted(row[0] for row in conn.execute("SELECT title FROM tasks"))
 
 
 def page_titles(browser: Browser) -> list[str]:
     return sorted(browser("eval", js="window.demo.visible().map(r => r.title)"))
-
-
-def until(condition: Any, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 @pytest.fixture
@@ -144,7 +143,7 @@ def test_the_demo_page_syncs_live_queues_offline_edits_and_catches_up(
             conn.execute("UPDATE tasks SET title = 'changed while offline' WHERE title ="
                          " 'written by the test'")
             conn.execute("DELETE FROM tasks WHERE title = 'try changefeed'")
-            time.sleep(1.0)
+            time.sleep(1.0)  # time for a write that must not happen
             assert "edited offline" not in titles(conn)  # nothing left the browser
             # Back online: the queue is sent, and the page catches up with the database.
             browser("offline", value=False)

@@ -10,15 +10,10 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from synctools import Server, ShapeClient, electric_rows, get, shape_clients, shape_url
+from synctools import Server, ShapeClient, electric_rows, get, make_items, shape_clients, shape_url
+from waiting import wait_until
 
 pytestmark = pytest.mark.postgres
-
-ITEMS = """
-CREATE TABLE items (
-    id int PRIMARY KEY, title text, done boolean NOT NULL DEFAULT false, priority int,
-    price numeric(10, 2), due timestamptz, tags text[], meta jsonb, big bigint
-)"""
 
 WHERES = [
     "priority >= 3",
@@ -30,16 +25,6 @@ WHERES = [
     "big BETWEEN 5 AND 50 AND priority <> 4",
     "due::date = '2024-07-01' OR price IS NULL",
 ]
-
-
-def make_items(pg: psycopg.Connection, count: int = 20) -> None:
-    pg.execute(ITEMS)
-    pg.execute(
-        "INSERT INTO items SELECT g, CASE WHEN g %% 3 = 0 THEN 'apple ' || g ELSE 'item ' || g"
-        " END, g %% 2 = 0, g %% 5, g * 1.25, CASE WHEN g %% 4 = 0 THEN NULL ELSE"
-        " timestamptz '2024-05-01 10:00:00+00' + g * interval '5 days' END,"
-        " ARRAY['t' || g, 'x y'], CASE WHEN g %% 6 = 0 THEN jsonb_build_object('g', g) END,"
-        " g * 3 FROM generate_series(1, %s) g", [count])
 
 
 def shuffle_items(pg: psycopg.Connection) -> None:
@@ -183,7 +168,7 @@ def test_sigkill_of_the_server_mid_stream_loses_nothing(
                              [n, n % 4])
                 conn.execute("UPDATE items SET priority = (priority + 1) %% 4 WHERE id = %s",
                              [n % 20 + 1])
-                time.sleep(0.01)
+                time.sleep(0.01)  # the writer's pace
 
     try:
         client, sse = shape_clients(server, "items", [{"where": where}, {"sse": True}])
@@ -196,7 +181,7 @@ def test_sigkill_of_the_server_mid_stream_loses_nothing(
                 server.kill()
                 time.sleep(1.0)  # writes go on while the server is down
                 server.start()
-                time.sleep(1.0)
+                time.sleep(1.0)  # and while it starts again
             finally:
                 stop.set()
                 thread.join()
@@ -245,10 +230,8 @@ def test_must_refetch_only_when_the_log_is_gone_and_never_twice(
 
 def wait_for_count(pg: psycopg.Connection, query: str, what: str, timeout: float = 30) -> None:
     """Wait until compaction has removed every row ``query`` counts."""
-    deadline = time.monotonic() + timeout
-    while (count := pg.execute(query).fetchone()[0]) != 0:
-        assert time.monotonic() < deadline, f"compaction left {count} of {what}"
-        time.sleep(0.1)
+    wait_until(lambda: pg.execute(query).fetchone()[0] == 0, f"compaction to remove the {what}",
+               timeout, step=0.1)
 
 
 def test_offsets_older_than_the_log_window_are_served_or_refetched_once(

@@ -14,6 +14,7 @@ import psycopg
 import pytest
 from clitools import assert_exit, run_cli
 from synctools import Server, get, post, shape_url
+from waiting import wait_until
 
 pytestmark = pytest.mark.postgres
 
@@ -41,11 +42,12 @@ class Device:
     def sync_until(self, expected: Any, timeout: float = 20) -> None:
         """Sync until the device's rows equal ``expected()``: others' writes reach the log
         (and so the answers) a moment after they commit."""
-        deadline = time.monotonic() + timeout
-        while self.rows != expected():
-            assert time.monotonic() < deadline, (self.rows, expected())
-            time.sleep(0.1)
+        def sync_after(seconds: float) -> None:
+            time.sleep(seconds)
             self.sync()
+
+        wait_until(lambda: self.rows == expected(), "the device's rows", timeout,
+                   said=lambda: f"{self.rows} != {expected()}", pause=sync_after, step=0.1)
 
     def sync(self, *diffs: dict[str, Any], expect: int = 200) -> dict[str, Any]:
         status, answer = post(f"{self.server.base}/sync", {

@@ -200,7 +200,7 @@ def test_the_log_sink_keeps_whole_rows_and_follows_key_changes() -> None:
         change(Operation.DELETE, None, {"id": 9}, {"id": 9}),
         change(Operation.DELETE, None, {"id": 2}, {"id": 2}),
     ]
-    entries, rows, head = sink._entries(changes, known, 10)
+    entries, rows, head = sink._entries(changes, known, 10)  # the sink's pure part, no server
     assert [(e.seq, e.op, e.key) for e in entries] == [
         (11, "u", {"id": 1}), (12, "d", {"id": 1}), (13, "i", {"id": 2}), (15, "d", {"id": 2})]
     assert entries[0].new["title"] == "Hello" and entries[0].old == ROW  # filled from the log

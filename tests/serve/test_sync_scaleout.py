@@ -4,13 +4,12 @@ feed when the feeding process dies."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import psycopg
 import pytest
-from synctools import Server, ShapeClient, electric_rows, get, shape_url
-from test_sync_electric import make_items
+from synctools import Server, ShapeClient, electric_rows, get, make_items, shape_url
+from waiting import wait_until
 
 pytestmark = pytest.mark.postgres
 
@@ -45,10 +44,8 @@ def test_processes_share_the_log_and_take_over_the_feed(
             pg.execute("INSERT INTO items (id, title, priority) VALUES (500, 'late', 3)")
             client.wait_rows(lambda: electric_rows(pg, "items", where), timeout=60)
             assert client.refetches() == 0
-        deadline = time.monotonic() + 30
-        while feeder_state(standing) != "streaming":
-            assert time.monotonic() < deadline, standing.errors()
-            time.sleep(0.2)
+        wait_until(lambda: feeder_state(standing) == "streaming", "the other process to feed",
+                   30, said=standing.errors, step=0.2)
     finally:
         first.__exit__()
         second.__exit__()

@@ -17,10 +17,22 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from starlette.responses import Response
+
 from changefeed.serve.sync.application import Application
 from changefeed.serve.sync.shapes import Shape, ShapeError, parse_table
 from changefeed.serve.sync.tail import LogReader
 from changefeed.serve.sync.values import TableInfo
+
+
+def preflight(methods: str, headers: str) -> Response:
+    """The answer to a CORS preflight (``OPTIONS``): both APIs may be called from any origin,
+    with ``methods`` and the request ``headers`` named, and browsers may cache that for a day."""
+    return Response(status_code=204, headers={
+        "access-control-allow-origin": "*",
+        "access-control-allow-methods": methods,
+        "access-control-allow-headers": headers,
+        "access-control-max-age": "86400"})
 
 
 class NotServed(Exception):

@@ -1,28 +1,11 @@
 """``GET /v1/shape``: Electric's HTTP shape API, so ``@electric-sql/client`` syncs unchanged.
 
-* ``offset=-1``: the shape's rows at one log offset (read from ``rows`` with that offset in one
-  transaction), as inserts, then ``up-to-date``; ``electric-offset`` is that offset.
-  ``offset=now`` skips the rows. ``log=changes_only`` too.
-* ``offset=<o>`` with the ``handle``: the shape's changes after ``o``, in log order, up to
-  `Settings.chunk_messages` per response; ``up-to-date`` once the response reaches the head.
-  ``live=true`` holds the request until the shape changes (or `Settings.live_timeout`);
-  ``live_sse=true`` streams Server-Sent Events instead, ``up-to-date`` after each batch with
-  ``global_last_seen_lsn`` (the client's next offset is ``<it>_0``).
-* Offsets are ``<seq>_0``: ``seq`` numbers the log, so an offset means the same in every
-  process and after restarts. Values are PostgreSQL's text; ``electric-schema`` gives the types.
-
-*must-refetch* (409, a new handle) is sent only when the request cannot be served: the handle
-is of another shape (the ``where`` or columns changed, or the table's columns did) or of an
-earlier log (the schema was made anew), or the offset is older than the log keeps (see
-`changefeed.serve.sync.core` and `changefeed.serve.sync.log`). A must-refetch is never answered
-by another: the next request (``offset=-1``) is always served, and its offset is servable for at
-least the log window.
-
-*Caching.* Every response is a correct prefix of the shape's log from its offset, so caches may
-serve stale ones: catch-up responses are ``max-age=60``, the initial one ``max-age=1``, live ones
-``max-age=5`` with Electric's ``cursor`` busting collapsed requests; with an application that
-authenticates, responses are ``private`` and ``Vary: Authorization``.
-"""
+``offset=-1`` answers the shape's rows at one log offset as inserts (``offset=now`` skips them);
+``offset=<seq>_0`` with the ``handle`` the shape's changes after it, in log order, up to
+`Settings.chunk_messages` a response, ``up-to-date`` at the head; ``live=true`` holds the
+request until the shape changes, ``live_sse=true`` streams Server-Sent Events. Values are
+PostgreSQL's text (``electric-schema`` gives the types). When a must-refetch is sent, and why
+responses may be cached: ARCHITECTURE.md, "Handles and must-refetch"."""
 
 from __future__ import annotations
 
@@ -38,7 +21,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from changefeed.serve.sync.application import Forbidden, Unauthorized
-from changefeed.serve.sync.core import NotServed, SyncCore
+from changefeed.serve.sync.core import NotServed, SyncCore, preflight
 from changefeed.serve.sync.shapes import Shape, ShapeError, View, parse_columns
 from changefeed.serve.sync.tail import Entry, tables_loaded
 from changefeed.serve.sync.values import to_pg_text
@@ -168,11 +151,7 @@ class ShapeApi:
 
     async def endpoint(self, request: Request) -> Response:
         if request.method == "OPTIONS":
-            return Response(status_code=204, headers={
-                "access-control-allow-origin": "*",
-                "access-control-allow-methods": "GET, OPTIONS",
-                "access-control-allow-headers": "authorization, content-type",
-                "access-control-max-age": "86400"})
+            return preflight("GET, OPTIONS", "authorization, content-type")
         core = self.core
         try:
             owner = await core.app.owner(_bearer(request))

@@ -1,38 +1,9 @@
 """The shape log: every change of the served tables, in PostgreSQL, numbered, kept and compacted.
 
-Schema (``changefeed_sync`` by default; the server creates and manages it)::
-
-    state  (one row)   epoch (a new log, a new epoch: every handle changes), head (the last
-                       offset given), position (the feed position of the last change logged),
-                       log_horizon, tombstone_horizon (see compaction)
-    tables             name, loaded (its snapshot is complete in rows)
-    log                seq (the offset), tbl, key, op ('i' 'u' 'd'; 'f' for a fence, see
-                       `fence_prefix`), new and old (whole rows, changefeed's JSON), xid,
-                       committed_at, logged_at
-    rows               tbl, key, seq (of its last change), row (NULL: deleted, a tombstone),
-                       changed_at: the compacted log, one entry per key
-    diffs              owner, id: the Mobync diffs applied (a retried request skips them)
-
-*Fed with acknowledged delivery.* One `changefeed.pipelines.Pipeline` reads the served tables
-(``prefeed="snapshot"``, a replication slot and publication named after the schema) into
-`LogSink`, which writes each batch in one transaction: the log entries, the rows, the new head
-and the feed position, then ``NOTIFY``. The pipeline acknowledges a position only after that
-commit, so nothing is lost; a change that comes again after a crash has a position at or before
-the one recorded and is skipped, so nothing is logged twice. The sink also fills what the stream
-may lack from the row it logged last for the key: the whole old row (so ``where`` entering and
-leaving works under any REPLICA IDENTITY) and unchanged TOASTed values.
-
-*One feeder.* Every ``serve`` process may feed, but only the one holding the schema's advisory
-lock does (`Feeder`); the others read. If it dies, its session ends, the lock is free and
-another process takes over within seconds (the slot is also exclusive: two feeds cannot run).
-
-*Compaction.* Entries older than ``log_window`` leave ``log`` (``log_horizon`` becomes the last
-one removed); ``rows`` keeps the latest state of every key, and tombstones older than
-``tombstone_window`` go too (``tombstone_horizon``). An offset at or past ``log_horizon`` is
-served change by change; an older one, down to ``tombstone_horizon``, as the difference of
-rows changed since (the latest state of each, deletes included); an older one cannot be served
-(must-refetch).
-"""
+`prepare_schema` makes its tables (``state``, ``tables``, ``log``, ``rows``, ``diffs``);
+`LogSink` writes each batch a pipeline delivers in one transaction, so the pipeline acknowledges
+only what the log holds; `Feeder` makes one ``serve`` process the feeder (an advisory lock);
+compaction keeps the log within its windows. ARCHITECTURE.md ("The shape log") says why."""
 
 from __future__ import annotations
 

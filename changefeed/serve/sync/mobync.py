@@ -1,28 +1,11 @@
 """``POST /sync``: Mobync's sync protocol, with the writes made safe.
 
-Request ``{auth_token, logical_clock, diffs: [{id, owner, logical_clock, utc_timestamp, type,
-model, json_data}]}`` (type 0 create, 1 update, 2 delete; ``model`` a served table;
-``json_data`` an object or its JSON text: the row for a create, the key and the changed columns
-for an update, the key for a delete). Answer ``{success, message, logical_clock, diffs,
-applied, rejected}``: ``diffs`` are every change of the device's rows after its
-``logical_clock`` up to the returned one, in log order (other devices', the application's own
-writes, and this request's), as Mobync diffs; a fresh device (clock 0) gets its rows as
-creates. ``applied`` lists the ids of the diffs now applied (a retried one included),
-``rejected`` the others with one-line reasons.
-
-*One transaction, a savepoint per diff.* A diff that the validator refuses, that breaks the
-owner rule or a constraint, rolls back to its savepoint and is reported; the others commit.
-*Idempotent.* The ids of applied diffs are kept (per owner, `Settings.tombstone_window`), in the
-same transaction as the writes: a retried request skips them, so nothing is applied twice.
-*Owner rule* (``--owner-column``): a create is the token's owner's (its owner column is set, or
-must already be the owner), an update or delete reaches only the owner's rows (the owner is
-part of its WHERE), and no update may change the owner column: no device reads, changes,
-deletes or gives away another owner's row.
-
-The logical clock is the shape log's offset: after committing, the answer waits until the log
-holds all of this request's own writes (a logical message written last in its transaction
-marks the end: `changefeed.serve.sync.log.fence_prefix`), at most `Settings.sync_wait_seconds`.
-"""
+A request ``{auth_token, logical_clock, diffs}`` (each diff: type 0 create, 1 update, 2 delete
+of a row of ``model``, a served table) is answered ``{success, message, logical_clock, diffs,
+applied, rejected}``: every change of the device's rows after its clock, in log order, and which
+diffs were applied or rejected (with one-line reasons). Diffs are applied in one transaction, a
+savepoint each, at most once, only to the token's owner's rows (``--owner-column``); the clock
+is the shape log's offset. ARCHITECTURE.md ("Mobync writes") says how."""
 
 from __future__ import annotations
 
@@ -40,7 +23,7 @@ from starlette.routing import Route
 from changefeed.errors import first_line
 from changefeed.formats.codec import dumps
 from changefeed.serve.sync.application import Forbidden, Unauthorized
-from changefeed.serve.sync.core import NotServed, SyncCore
+from changefeed.serve.sync.core import NotServed, SyncCore, preflight
 from changefeed.serve.sync.log import fence_prefix
 from changefeed.serve.sync.shapes import Shape, ShapeError, View
 from changefeed.serve.sync.tail import Entry
@@ -132,11 +115,7 @@ class SyncApi:
 
     async def endpoint(self, request: Request) -> Response:
         if request.method == "OPTIONS":
-            return Response(status_code=204, headers={
-                "access-control-allow-origin": "*",
-                "access-control-allow-methods": "POST, OPTIONS",
-                "access-control-allow-headers": "content-type",
-                "access-control-max-age": "86400"})
+            return preflight("POST, OPTIONS", "content-type")
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > MAX_BODY:
             return _failure(413, f"the body is larger than {MAX_BODY // (1024 * 1024)} MB")

@@ -17,12 +17,11 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from servers import SNORKY_KEY
-from test_snorky import subscribe
+from testservers import SNORKY_KEY, subscribe
 
 from changefeed import get_changefeed
 
-README = Path(__file__).parents[2] / "README.md"
+README = Path(__file__).parents[1] / "README.md"
 NOT_RUNNABLE = "# Not runnable as is: "
 
 RUN_BY_TESTS = {
@@ -90,7 +89,7 @@ def test_every_python_block_runs_in_a_test_or_says_why_it_cannot():
     assert runnable == set(RUN_BY_TESTS)
     for test in RUN_BY_TESTS.values():
         path, _, name = test.rpartition("::")
-        source = Path(__file__).parents[2] / path if path else Path(__file__)
+        source = Path(__file__).parents[1] / path if path else Path(__file__)
         assert f"def {name}(" in source.read_text()
 
 
@@ -219,7 +218,7 @@ def test_docstring_examples_import_from_the_surface():
     """A docstring example shows what a user writes: ``from changefeed import ...``."""
     wrong = []
     for folder in ("changefeed", "backends", "pipelines"):
-        for path in (Path(__file__).parents[2] / folder).rglob("*.py"):
+        for path in (Path(__file__).parents[1] / folder).rglob("*.py"):
             for line in path.read_text().splitlines():
                 if re.match(r"\s*>>> (from|import) changefeed\.", line):
                     wrong.append(f"{path}: {line.strip()}")

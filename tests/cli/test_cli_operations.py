@@ -8,9 +8,8 @@ import time
 
 import psycopg
 import pytest
-from clitools import run_cli
-from liverun import LiveRun
-from servers import Receiver
+from clitools import CliProcess, run_cli, start_cli
+from testservers import Receiver
 
 from changefeed.delivery import STOP_GRACE
 
@@ -34,8 +33,8 @@ def stdout_ids(text: str) -> list[int]:
     return [json.loads(line)["data"]["id"] for line in text.splitlines()]
 
 
-def start_streaming(dsn: str, *args: str) -> LiveRun:
-    run = LiveRun("run", "tasks", "--url", dsn, *args)
+def start_streaming(dsn: str, *args: str) -> CliProcess:
+    run = start_cli("run", "tasks", "--url", dsn, *args)
     run.wait_for_stderr("streaming public.tasks")
     return run
 
@@ -45,21 +44,20 @@ def test_a_fast_restart_does_not_wait_for_a_run_whose_webhook_fails(
     pg_dsn, pg_server, tasks, extra
 ):
     receiver = Receiver(fail_first=10**9).start()  # 503 forever
-    run = start_streaming(pg_dsn, "--sink", receiver.url, *extra)
     try:
-        tasks.execute("INSERT INTO tasks SELECT i, 'x' FROM generate_series(1, 20) i")
-        run.wait_for(lambda: len(receiver.requests) >= 2, what="two failed deliveries")
-        began = time.monotonic()
-        pg_server.stop("fast")
-        took = time.monotonic() - began
-        pg_server.start()
-        # Before, the walsender waited for the feed's answer until wal_sender_timeout (60 s).
-        assert took < 15, f"pg_ctl -m fast stop waited {took:.1f} s for the feed"
-        run.terminate(STOP_BOUND)
+        with start_streaming(pg_dsn, "--sink", receiver.url, *extra) as run:
+            tasks.execute("INSERT INTO tasks SELECT i, 'x' FROM generate_series(1, 20) i")
+            run.wait_for(lambda: len(receiver.requests) >= 2, "two failed deliveries")
+            began = time.monotonic()
+            pg_server.stop("fast")
+            took = time.monotonic() - began
+            pg_server.start()
+            # Before, the walsender waited for the feed's answer until wal_sender_timeout (60 s).
+            assert took < 15, f"pg_ctl -m fast stop waited {took:.1f} s for the feed"
+            run.stop(timeout=STOP_BOUND)
     finally:
-        run.kill()
         receiver.stop()
-    assert run.process.returncode == 0 and "Traceback" not in run.err, run.err
+    assert run.process.returncode == 0 and "Traceback" not in run.stderr, run.stderr
     # Nothing was confirmed, so nothing was acknowledged: every row comes again.
     result = run_cli("run", "tasks", "--url", pg_dsn, "--until-idle", "2", "-q")
     assert stdout_ids(result.stdout) == list(range(1, 21)), result.stderr
@@ -70,18 +68,19 @@ def test_sigterm_ends_a_run_whose_webhook_retries_and_acknowledges_what_was_conf
     pg_dsn, tasks, extra
 ):
     receiver = Receiver().start()
-    run = start_streaming(pg_dsn, "--sink", receiver.url, *extra)
     try:
-        tasks.execute("INSERT INTO tasks SELECT i, 'x' FROM generate_series(1, 3) i")
-        run.wait_for(lambda: delivered_ids(receiver) == [1, 2, 3], what="the first rows")
-        receiver.fail_first = 10**9  # from now on: 503 forever (8 retries: over a minute)
-        tasks.execute("INSERT INTO tasks SELECT i, 'x' FROM generate_series(4, 6) i")
-        run.wait_for(lambda: len(receiver.requests) >= 3, what="two failed deliveries")
-        took = run.terminate(STOP_BOUND)
+        with start_streaming(pg_dsn, "--sink", receiver.url, *extra) as run:
+            tasks.execute("INSERT INTO tasks SELECT i, 'x' FROM generate_series(1, 3) i")
+            run.wait_for(lambda: delivered_ids(receiver) == [1, 2, 3], "the first rows")
+            receiver.fail_first = 10**9  # from now on: 503 forever (8 retries: over a minute)
+            tasks.execute("INSERT INTO tasks SELECT i, 'x' FROM generate_series(4, 6) i")
+            run.wait_for(lambda: len(receiver.requests) >= 3, "two failed deliveries")
+            began = time.monotonic()
+            run.stop(timeout=STOP_BOUND)
+            took = time.monotonic() - began
     finally:
-        run.kill()
         receiver.stop()
-    assert run.process.returncode == 0 and "Traceback" not in run.err, run.err
+    assert run.process.returncode == 0 and "Traceback" not in run.stderr, run.stderr
     assert took < STOP_BOUND
     # 1..3 were confirmed and acknowledged; 4..6 were not and come again, once.
     result = run_cli("run", "tasks", "--url", pg_dsn, "--until-idle", "2", "-q")
@@ -92,10 +91,10 @@ def test_a_slow_webhook_keeps_up_with_a_steady_writer(pg_dsn, tasks):
     # Each answer takes 1 s. Writing 500 rows/s for 5 s, batches must grow toward the backlog
     # (before, they stayed under 100 changes and the lag grew without end).
     receiver = Receiver(delay=1.0).start()
-    run = start_streaming(pg_dsn, "--sink", receiver.url)
     total = 2500
     try:
-        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        with start_streaming(pg_dsn, "--sink", receiver.url) as run, \
+                psycopg.connect(pg_dsn, autocommit=True) as conn:
             next_id = 1
             period = 0.1
             began = time.monotonic()
@@ -103,14 +102,14 @@ def test_a_slow_webhook_keeps_up_with_a_steady_writer(pg_dsn, tasks):
                 conn.execute("INSERT INTO tasks SELECT i, 'x'"
                              " FROM generate_series(%s::int, %s::int) i", [next_id, next_id + 49])
                 next_id += 50
+                # the writer's pace (500 rows/s), not a wait for a condition
                 time.sleep(max(0.0, began + period * (next_id // 50) - time.monotonic()))
-        written = time.monotonic()
-        run.wait_for(lambda: len(delivered_ids(receiver)) >= total, seconds=60,
-                     what="every row delivered")
-        lag = time.monotonic() - written
-        run.terminate(STOP_BOUND)
+            written = time.monotonic()
+            run.wait_for(lambda: len(delivered_ids(receiver)) >= total, "every row delivered",
+                         60)
+            lag = time.monotonic() - written
+            run.stop(timeout=STOP_BOUND)
     finally:
-        run.kill()
         receiver.stop()
     assert delivered_ids(receiver) == list(range(1, total + 1))  # in order, nothing twice
     sizes = [len(json.loads(body)) for _, body in receiver.accepted()]

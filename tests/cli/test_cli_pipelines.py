@@ -8,16 +8,15 @@ import hmac
 import json
 import os
 import signal
-import subprocess
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import psycopg
 import pytest
-from clitools import CHANGEFEED, assert_one_clear_line, run_cli
-from servers import SNORKY_KEY
+from clitools import assert_one_clear_line, run_cli, start_cli
+from proctools import children
+from testservers import SNORKY_KEY
 from websockets.sync.client import connect
 
 from changefeed.backends.redis_streams import RedisStreamFeed
@@ -162,11 +161,6 @@ def test_where_filter_and_dead_letters(pg_dsn, tasks, tmp_path):
     assert letter["change"]["operation"] == "update" and letter["change"]["key"] == {"id": 1}
 
 
-def children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(child) for child in path.read_text().split()]
-
-
 def test_processes_sink_killed_mid_stream_restart_loses_nothing(pg_dsn, tasks, tmp_path):
     out = tmp_path / "out.jsonl"
     args = ["run", "tasks", "--url", pg_dsn, "--sink", str(out), "--processes"]
@@ -181,28 +175,24 @@ def test_processes_sink_killed_mid_stream_restart_loses_nothing(pg_dsn, tasks, t
                 i += 1
                 conn.execute("INSERT INTO tasks VALUES (%s, 'blue', 'w')", [i])
                 committed.append(i)
-                time.sleep(0.002)
+                time.sleep(0.002)  # the writer's pace
 
     thread = threading.Thread(target=writer)
     thread.start()
-    process = subprocess.Popen([*CHANGEFEED, *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and (
-            not out.exists() or len(out.read_text().splitlines()) < 100
-        ):
-            time.sleep(0.05)
-        assert len(out.read_text().splitlines()) >= 100, "the sink wrote too little in 30 s"
-        workers = children(process.pid)
-        assert len(workers) == 1  # the sink, which writes the format (to_delta) first
-        os.kill(workers[-1], signal.SIGKILL)
-        _, stderr = process.communicate(timeout=30)
+        with start_cli(*args) as cli:
+            process = cli.process
+            cli.wait_for(lambda: out.exists() and len(out.read_text().splitlines()) >= 100,
+                         "the sink's first 100 rows", 30)
+            assert len(out.read_text().splitlines()) >= 100, "the sink wrote too little in 30 s"
+            workers = children(process.pid)
+            assert len(workers) == 1  # the sink, which writes the format (to_delta) first
+            os.kill(workers[-1], signal.SIGKILL)
+            cli.finish(timeout=30)
+            stderr = cli.stderr
     finally:
         stop.set()
         thread.join()
-        if process.poll() is None:
-            process.kill()
     assert process.returncode == 5
     assert "died with exit code -9" in stderr and "Traceback" not in stderr
 

@@ -13,7 +13,7 @@ from clitools import assert_exit, json_lines, run_cli
 
 pytestmark = pytest.mark.postgres
 
-STAGES_DIR = str(Path(__file__).parent / "serve")
+STAGES_DIR = str(Path(__file__).parents[1] / "serve")
 WITH_STAGES = {"PYTHONPATH": os.pathsep.join([STAGES_DIR, os.environ.get("PYTHONPATH", "")])}
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from clitools import assert_one_clear_line, run_cli, start_cli
 
 from changefeed.backends.postgres.drain import DrainState, describe, timeout_message
 from changefeed.backends.postgres.protocol import parse_lsn
-from tests.clitools import assert_one_clear_line, run_cli, start_cli
 
 # -- pure ------------------------------------------------------------------------------------
 

@@ -4,9 +4,8 @@ real PostgreSQL (its URL with a password too), delivering to real failing server
 from __future__ import annotations
 
 import pytest
-from clitools import assert_one_clear_line, run_cli
-from liverun import LiveRun
-from servers import Receiver, free_port
+from clitools import assert_one_clear_line, run_cli, start_cli
+from testservers import Receiver, free_port
 
 from changefeed.delivery import STOP_GRACE
 from changefeed.embedded import free_port as pg_free_port
@@ -68,17 +67,16 @@ def assert_no_secret(text: str, secrets: list[str]) -> None:
 def test_retry_warnings_and_stopping_show_no_secret(pg_dsn, tasks, spec, secrets):
     receiver = receiver_for(spec, 503)
     sink = spec.format(port=receiver.server_address[1])
-    run = LiveRun("run", "tasks", "--url", with_password(pg_dsn), "--prefeed", "snapshot",
-                  "--sink", sink)
     try:
-        run.wait_for_stderr("retrying in", count=2)
-        run.terminate(STOP_GRACE + 12)
+        with start_cli("run", "tasks", "--url", with_password(pg_dsn), "--prefeed", "snapshot",
+                       "--sink", sink) as run:
+            run.wait_for_stderr("retrying in", count=2)
+            _, out = run.stop(timeout=STOP_GRACE + 12)
     finally:
-        run.kill()
         receiver.stop()
-    assert run.process.returncode == 0, run.err
-    assert shown_url(sink) in run.err  # the URL is named, without its secrets
-    assert_no_secret(run.out + run.err, secrets)
+    assert run.process.returncode == 0, run.stderr
+    assert shown_url(sink) in run.stderr  # the URL is named, without its secrets
+    assert_no_secret(out + run.stderr, secrets)
 
 
 @pytest.mark.parametrize("spec, secrets", HTTP_SHAPES, ids=[s for s, _ in HTTP_SHAPES])
@@ -110,16 +108,13 @@ def test_a_failed_tls_handshake_is_one_line_without_secrets(pg_dsn, tasks):
 
 def test_a_refused_redis_connection_is_retried_and_shows_no_secret(pg_dsn, tasks):
     spec = f"redis://:r3dispass@127.0.0.1:{free_port()}/0?stream=s"
-    run = LiveRun("run", "tasks", "--url", with_password(pg_dsn), "--prefeed", "snapshot",
-                  "--sink", spec)
-    try:
+    with start_cli("run", "tasks", "--url", with_password(pg_dsn), "--prefeed", "snapshot",
+                   "--sink", spec) as run:
         run.wait_for_stderr("retrying in", count=2)  # before, the run ended at once
-        run.terminate(STOP_GRACE + 12)
-    finally:
-        run.kill()
-    assert run.process.returncode == 0, run.err
-    assert "redis://***@127.0.0.1" in run.err
-    assert_no_secret(run.out + run.err, ["r3dispass", "stream=s"])
+        _, out = run.stop(timeout=STOP_GRACE + 12)
+    assert run.process.returncode == 0, run.stderr
+    assert "redis://***@127.0.0.1" in run.stderr
+    assert_no_secret(out + run.stderr, ["r3dispass", "stream=s"])
 
 
 @pytest.mark.parametrize("url_of, fragment", [
