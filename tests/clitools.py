@@ -40,6 +40,12 @@ def json_lines(text: str) -> list[Any]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+def json_lines_before_kill(text: str) -> list[Any]:
+    """`json_lines` of what a process killed with SIGKILL wrote to a pipe: its last line may be
+    cut (a change not acknowledged, which comes again), so only whole lines count."""
+    return json_lines("\n".join(text.split("\n")[:-1]))
+
+
 class CliProcess:
     """``changefeed ARGS`` running in the background, its stdout and stderr read with deadlines.
 

@@ -23,7 +23,7 @@ import feeds
 import orjson
 import psycopg
 import pytest
-from clitools import run_cli, start_cli
+from clitools import json_lines_before_kill, run_cli, start_cli
 
 from changefeed import ALL, Change, ConfigurationError, Operation, Retry
 from changefeed.backends.postgres import PostgresChangeFeed
@@ -212,7 +212,7 @@ def test_a_snapshot_of_a_table_without_key_killed_mid_way_never_starts_again(pg_
                                     timeout=60)
             lines = process.read_json(600 + 300 * attempt, timeout=60)
             _, out = process.stop(signal.SIGKILL)
-        items = lines + [json.loads(line) for line in out.splitlines() if line.strip()]
+        items = lines + json_lines_before_kill(out)
         markers += [i["state"] for i in items if i.get("type") == "snapshot"]
         for item in items:
             if item.get("type") != "snapshot":

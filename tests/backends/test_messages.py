@@ -13,7 +13,7 @@ import struct
 
 import psycopg
 import pytest
-from clitools import assert_one_clear_line, run_cli, start_cli
+from clitools import assert_one_clear_line, json_lines_before_kill, run_cli, start_cli
 from feeds import FAST_RETRY
 
 from changefeed import Change, ConfigurationError, MemoryCheckpoint, Message, Operation
@@ -395,7 +395,7 @@ def test_a_killed_consumer_gets_every_message_again(pg_dsn, tasks):
         seen = proc.read_json(3)
         # What reached the pipe was delivered (and may have been acknowledged): read it all.
         _, rest = proc.stop(signal.SIGKILL)
-    seen += [json.loads(line) for line in rest.splitlines()]
+    seen += json_lines_before_kill(rest)
     result = run_cli("run", "tasks", "--url", pg_dsn, "--messages", "app", "--until-idle",
                      "1", "-q")
     after = [json.loads(line) for line in result.stdout.splitlines()]

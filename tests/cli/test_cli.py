@@ -12,7 +12,14 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from clitools import assert_exit, assert_one_clear_line, json_lines, run_cli, start_cli
+from clitools import (
+    assert_exit,
+    assert_one_clear_line,
+    json_lines,
+    json_lines_before_kill,
+    run_cli,
+    start_cli,
+)
 
 from changefeed.embedded import TemporaryPostgres, free_port
 
@@ -103,7 +110,7 @@ def test_sigkill_mid_stream_loses_nothing_and_repeats_only_unacknowledged(
         first_run = process.read_json(300, timeout=120)
         # SIGKILL: no chance to flush or acknowledge anything more.
         _, rest = process.stop(signal.SIGKILL)
-    first_run += json_lines(rest)
+    first_run += json_lines_before_kill(rest)
     saved = json.loads(checkpoint.read_text())["tasks"] if checkpoint.exists() else None
     thread.join(timeout=120)
     assert writer_done.is_set() and len(committed) == 1000

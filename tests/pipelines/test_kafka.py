@@ -177,7 +177,9 @@ def test_sigkill_of_changefeed_run_with_a_kafka_sink_loses_nothing(
         # Kill it while the writer is busy, once some of the stream is in Kafka and then one
         # more acknowledgement was made (the moment an early acknowledgement would be lost).
         read_topic(kafka_bootstrap, topic, lambda r: len(r) >= 200)
-        acknowledged = checkpoint.read_text()
+        # The first acknowledgement may still be on its way to the file (saves are throttled).
+        acknowledged = wait_until(lambda: checkpoint.exists() and checkpoint.read_text(),
+                                  "a first acknowledgement", 30, step=0.01)
         wait_until(lambda: checkpoint.read_text() != acknowledged, "one more acknowledgement",
                    30, step=0.01)
         process.stop(signal.SIGKILL, timeout=10)
