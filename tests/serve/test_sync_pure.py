@@ -11,7 +11,8 @@ import pytest
 
 from changefeed import UNCHANGED, Change, Operation
 from changefeed.serve.sync.electric import Messages, parse_offset
-from changefeed.serve.sync.log import LogSink, key_text
+from changefeed.serve.sync.log import key_text
+from changefeed.serve.sync.log_sink import LogSink
 from changefeed.serve.sync.shapes import Shape, ShapeError, parse_columns, parse_table
 from changefeed.serve.sync.values import Column, parse_literal, table_from_rows, to_pg_text
 from changefeed.serve.sync.where import WhereError, compile_where
