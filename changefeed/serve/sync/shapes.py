@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from changefeed.serve.sync.values import TableInfo, to_python
-from changefeed.serve.sync.where import Row, WhereError, compile_where
+from changefeed.serve.sync.where import WhereError, compile_where
+from changefeed.serve.sync.where_values import Row
 
 
 class ShapeError(ValueError):
