@@ -15,6 +15,11 @@ TEST_WORKERS ?= 3
 # driving Debian's chromium, installed from the lock file when it changed (never a browser build).
 JS_TESTS := tests/serve/js
 JS_STAMP := $(JS_TESTS)/node_modules/.installed
+# The suite runs on the compiled hot path (changefeed/_speedups), whose equivalence tests compare
+# it with the pure-Python one; these files then run again on the pure-Python path alone
+# (CHANGEFEED_IMPL=python): decoding, values, the stream's frames and the formats.
+PURE_PYTHON_TESTS := tests/backends/test_pgoutput.py tests/backends/test_values.py \
+	tests/backends/test_postgres_stream.py tests/backends/test_messages.py tests/formats
 
 .PHONY: demo test test-live lint typecheck bench mutate install system-deps clean
 
@@ -23,7 +28,9 @@ demo: install
 
 test: install $(SNORKY_STAMP) $(JS_STAMP) typecheck
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	CHANGEFEED_IMPL=c $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	CHANGEFEED_IMPL=python $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile \
+		$(PURE_PYTHON_TESTS)
 
 # Live suites for MongoDB, RethinkDB and Kafka against docker compose (see README): the same
 # tests `make test` runs against SecantusDB and Tansu, now against mongod and Apache Kafka. Set
@@ -72,7 +79,9 @@ install: system-deps $(STAMP)
 system-deps:
 	@bash .ci/system-deps.sh
 
-$(STAMP): setup.cfg pyproject.toml
+# The install builds the compiled hot path (changefeed/_speedups) with Cython and the C compiler
+# system-deps provides; it is rebuilt when its sources change.
+$(STAMP): setup.cfg pyproject.toml $(wildcard changefeed/_speedups/*.pyx changefeed/_speedups/*.pxi)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
@@ -89,4 +98,5 @@ $(SNORKY_STAMP):
 	touch $(SNORKY_STAMP)
 
 clean:
-	rm -rf $(VENV) $(SNORKY_VENV) $(MUTMUT_VENV) $(JS_TESTS)/node_modules .tmp/mutate .tmp/typecheck *.egg-info .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) $(SNORKY_VENV) $(MUTMUT_VENV) $(JS_TESTS)/node_modules .tmp/mutate .tmp/typecheck *.egg-info \
+		.pytest_cache .ruff_cache .mypy_cache build changefeed/_speedups/*.c changefeed/_speedups/*.so

@@ -8,9 +8,18 @@ values and writes JSON deltas to /dev/null. Both run as child processes, timed f
 exit, in alternating order over several rounds; the best round of each is compared (and the
 medians, as shared machines make single rounds noisy).
 
+``--variants`` adds ``changefeed run`` with a pipeline, each from slots of its own in the same
+rounds, and prints each one's median as a ratio of the run without stages (``plain``):
+``where`` (``--where 'id >= 0'``, which keeps every row: the decoder evaluates it on the direct
+path), ``processes`` (the same with ``--processes``, which leaves no stage to move), ``sink``
+(the same ``--where`` as a pipeline's stage, with a file sink: a real pipeline of `Change`
+objects) and ``sink_processes`` (that pipeline with ``--processes``). ``--shape narrow`` makes
+rows of an int key and a short text.
+
 Then peak RSS of ``changefeed run`` while it streams one 1,000,000-row transaction.
 
     .venv/bin/python benchmarks/bench_postgres.py [--rounds 7] [--big-rows 1000000]
+        [--shape bench|narrow] [--variants plain,where,processes]
 """
 
 from __future__ import annotations
@@ -32,15 +41,23 @@ from changefeed.embedded import TemporaryPostgres, find_pg_bindir
 TABLE = """CREATE TABLE bench (
     id int PRIMARY KEY, title text NOT NULL, done boolean NOT NULL, priority int,
     amount numeric(12, 2), created_at timestamptz NOT NULL)"""
+NARROW_TABLE = "CREATE TABLE bench (id int PRIMARY KEY, title text NOT NULL)"
 PER_TRANSACTION = 1000
+SINK_FILE = f"/tmp/bench_postgres_{os.getpid()}.jsonl"
+VARIANTS = {"plain": [], "where": ["--where", "id >= 0"],
+            "processes": ["--where", "id >= 0", "--processes"],
+            "sink": ["--where", "id >= 0", "--sink", SINK_FILE],
+            "sink_processes": ["--where", "id >= 0", "--sink", SINK_FILE, "--processes"]}
 
 
-def make_workload(conn: psycopg.Connection, changes: int) -> None:
+def make_workload(conn: psycopg.Connection, changes: int, narrow: bool = False) -> None:
     """Inserts, then updates of half of them, then deletes of the other half."""
     rows = changes // 2
     for start in range(0, rows, PER_TRANSACTION):
         with conn.transaction():
             conn.execute(
+                "INSERT INTO bench SELECT g, 'task ' || g FROM generate_series(%s::int, %s::int) g"
+                if narrow else
                 "INSERT INTO bench SELECT g, 'task ' || g, false, g %% 5, g * 1.25, now()"
                 " FROM generate_series(%s::int, %s::int) g",
                 [start + 1, min(start + PER_TRANSACTION, rows)],
@@ -48,8 +65,9 @@ def make_workload(conn: psycopg.Connection, changes: int) -> None:
     for start in range(0, rows // 2, PER_TRANSACTION):
         with conn.transaction():
             conn.execute(
-                "UPDATE bench SET done = true, priority = priority + 1"
-                " WHERE id BETWEEN %s AND %s", [start + 1, start + PER_TRANSACTION]
+                ("UPDATE bench SET title = title || '!'" if narrow else
+                 "UPDATE bench SET done = true, priority = priority + 1")
+                + " WHERE id BETWEEN %s AND %s", [start + 1, start + PER_TRANSACTION]
             )
     for start in range(rows // 2, rows, PER_TRANSACTION):
         with conn.transaction():
@@ -83,33 +101,40 @@ def recvlogical_argv(dsn: str, slot: str, publication: str, end_lsn: str) -> lis
             "-o", "proto_version=1", "-o", f"publication_names={publication}", "-f", "/dev/null"]
 
 
-def throughput(server: TemporaryPostgres, changes: int, rounds: int) -> None:
+def throughput(server: TemporaryPostgres, changes: int, rounds: int, narrow: bool = False,
+               variants: tuple[str, ...] = ()) -> None:
     dsn = server.dsn()
+    kinds = ("changefeed", "recvlogical", *variants)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(TABLE)
+        conn.execute(NARROW_TABLE if narrow else TABLE)
         conn.execute("CREATE PUBLICATION bench FOR TABLE bench")
         slots = []
         for number in range(rounds):
-            for kind in ("changefeed", "recvlogical"):
+            for kind in kinds:
                 slot = f"{kind}_{number}"
                 conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", [slot])
                 slots.append(slot)
         started = time.perf_counter()
-        make_workload(conn, changes)
+        make_workload(conn, changes, narrow)
         (end_lsn,) = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
         print(f"workload: {changes:,} changes in {time.perf_counter() - started:.1f} s,"
               f" end LSN {end_lsn}")
         conn.execute("CHECKPOINT")
 
-    results: dict[str, list[float]] = {"changefeed": [], "recvlogical": []}
+    results: dict[str, list[float]] = {kind: [] for kind in kinds}
     for number in range(rounds):
-        order = ("recvlogical", "changefeed") if number % 2 == 0 else ("changefeed", "recvlogical")
+        order = kinds if number % 2 == 0 else kinds[::-1]
         for kind in order:
             slot = f"{kind}_{number}"
             if kind == "changefeed":
                 seconds, cpu, _ = timed(changefeed_argv(dsn, slot, "bench", changes))
-            else:
+            elif kind == "recvlogical":
                 seconds, cpu, _ = timed(recvlogical_argv(dsn, slot, "bench", end_lsn))
+            else:
+                seconds, cpu, _ = timed(changefeed_argv(dsn, slot, "bench", changes)
+                                        + VARIANTS[kind])
+                if os.path.exists(SINK_FILE):
+                    os.unlink(SINK_FILE)
             results[kind].append(seconds)
             rate = changes / seconds
             print(f"round {number + 1}: {kind:12} {seconds:6.2f} s  {rate:10,.0f} rows/s"
@@ -123,6 +148,11 @@ def throughput(server: TemporaryPostgres, changes: int, rounds: int) -> None:
     )
     print(f"ratio changefeed / pg_recvlogical: {best_pg / best_cf:.2f}"
           f" (of the medians: {median_ratio:.2f})")
+    for kind in variants:
+        print(f"{kind}: median {changes / statistics.median(results[kind]):,.0f} rows/s,"
+              f" {statistics.median(results['changefeed']) / statistics.median(results[kind]):.2f}x"
+              f" the run without stages (best rounds:"
+              f" {best_cf / min(results[kind]):.2f}x)")
 
 
 def memory(server: TemporaryPostgres, rows: int) -> None:
@@ -146,7 +176,15 @@ def main() -> None:
     parser.add_argument("--changes", type=int, default=200_000)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--big-rows", type=int, default=1_000_000)
+    parser.add_argument("--shape", choices=["bench", "narrow"], default="bench")
+    parser.add_argument("--variants", default="",
+                        help="pipelines to compare with the plain run: " + ", ".join(
+                            kind for kind in VARIANTS if kind != "plain"))
     args = parser.parse_args()
+    variants = tuple(kind for kind in args.variants.split(",") if kind and kind != "plain")
+    for kind in variants:
+        if kind not in VARIANTS:
+            raise SystemExit(f"unknown variant {kind!r}")
     os.chdir(Path(__file__).resolve().parent.parent)
     # Time the tool as installed: a regular install byte-compiles the package, while an
     # editable one under PYTHONDONTWRITEBYTECODE (set on some machines) would compile every
@@ -154,7 +192,7 @@ def main() -> None:
     for package in ("changefeed", "backends", "pipelines"):
         compileall.compile_dir(package, quiet=1)
     with TemporaryPostgres() as server:
-        throughput(server, args.changes, args.rounds)
+        throughput(server, args.changes, args.rounds, args.shape == "narrow", variants)
         if args.big_rows:
             memory(server, args.big_rows)
 

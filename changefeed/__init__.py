@@ -20,6 +20,9 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+# ``implementation``: "c" where the compiled hot path runs, "python" where the pure-Python code
+# does (no extension built, or CHANGEFEED_IMPL=python).
+from changefeed._speedups import implementation
 from changefeed.change import ALL, UNCHANGED, Change, Operation, Position, SnapshotState, Truncate
 from changefeed.checkpoint import CheckpointStore, FileCheckpoint, MemoryCheckpoint
 from changefeed.delivery import FeedStats
@@ -205,6 +208,7 @@ __all__ = [
     "alembic",
     "django",
     "get_changefeed",
+    "implementation",
     "notify",
     "own_process",
     "project",

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, BinaryIO, Protocol, cast
 
+from changefeed._speedups import Lines
 from changefeed.change import Change, Position
 from changefeed.errors import ChangefeedError, PipelineError
 
@@ -207,7 +208,8 @@ def bounded(
     called.
 
     This is where the ends of every read of a feed are enforced, each time after an item was
-    handled and before the next is read. ``ticks`` also yields the stream's None ticks.
+    handled and before the next is read; a batch of lines counts as the changes it holds (and
+    is cut at ``limit``). ``ticks`` also yields the stream's None ticks.
     ``close`` closes the stream at the end; `deliver` closes it itself, after acknowledging.
     """
     monotonic = time.monotonic
@@ -220,6 +222,10 @@ def bounded(
         # The hot loop: one iteration per change.
         for item in stream:
             if item is not None:
+                if item.__class__ is Lines:  # several changes (see `ChangeFeed.prefer_lines`)
+                    if limit is not None and read + item.count > limit:
+                        item = item.head(limit - read)
+                    read += item.count - 1
                 yield item
                 read += 1
                 if read == limit or feed.stopping:
@@ -347,27 +353,51 @@ class LineOutput(Output):
     thousand encoded lines alive until a flush made every encoding four times slower: glibc
     returning freed memory to the system and asking for it again). The buffer is flushed when
     the source goes idle and per `FLUSH_BYTES`; a flush confirms the lines written before it.
+    A batch of lines the feed wrote itself (`ChangeFeed.prefer_lines`) is written as it is.
+    ``keep``: a `Change` it returns False for is handled without a line (the feed's ``where``
+    on what the feed could not judge itself).
     """
 
     def __init__(
-        self, out: BinaryIO, encode: Callable[[Any], bytes], flush_bytes: int = FLUSH_BYTES
+        self, out: BinaryIO, encode: Callable[[Any], bytes], flush_bytes: int = FLUSH_BYTES,
+        keep: Callable[[Change], bool] | None = None,
     ) -> None:
         self.out = out
         self.encode = encode
         self.flush_bytes = flush_bytes
+        self.keep = keep
 
     def open(self) -> None:
         # `put` runs once per change: as a closure over locals it costs a third of what a
         # method reading the same state from ``self`` costs (measured with decode_cost.py).
         out, write, encode, flush_bytes = self.out, self.out.write, self.encode, self.flush_bytes
         confirm = self.confirm
+        keep = self.keep
+        if keep is not None:
+            encode_any = encode
+
+            def encode(change: Any) -> bytes:
+                if change.__class__ is Change:
+                    try:
+                        kept = keep(change)
+                    except BaseException:
+                        flush()  # what came before is delivered, as a pipeline's sink does
+                        raise
+                    if not kept:
+                        return b""
+                return encode_any(change)
+
         size = written = 0
         last: Any = None
 
         def put(change: Any) -> None:
             nonlocal size, written, last
-            size += write(encode(change))
-            written += 1
+            if change.__class__ is Lines:
+                size += write(change)
+                written += change.count
+            else:
+                size += write(encode(change))
+                written += 1
             last = change
             if size >= flush_bytes:
                 flush()

@@ -17,10 +17,11 @@ import collections
 import logging
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from multipipes import Node
 
+from changefeed._speedups import Lines
 from changefeed.change import ALL, Change, Operation, Position
 from changefeed.checkpoint import CheckpointStore, MemoryCheckpoint
 from changefeed.delivery import FeedStats, Output, bounded, deliver
@@ -147,6 +148,19 @@ class ChangeFeed(Node):
     def close(self) -> None:
         """Release the backend's connections. The feed may be iterated again afterwards."""
 
+    def prefer_lines(self, fmt: str, model: Any = None, where: list[Any] | None = None) -> bool:
+        """Ask the feed to hand out row changes as their output lines of format ``fmt`` (with
+        the delta ``model``), batched (`changefeed._speedups.Lines`), instead of `Change`
+        objects, where the backend can write them itself; True if it may. For a reader that
+        writes those lines and needs nothing else of a change (``changefeed run`` without
+        stages, through `LineOutput`), which must still take any other item as it comes.
+
+        ``where`` (a Snorky filter, checked): a change whose row does not match gets no line
+        but counts in its batch, as a change handled; one the backend cannot judge comes as
+        its `Change`, for the reader's own filter. Default: False (the PostgreSQL backend's
+        compiled path says yes)."""
+        return False
+
     def source_caught_up(self) -> bool:
         """Whether the backend has handed out everything its source had when it last went
         quiet. Default: a tick says so; backends that can tell better override this (PostgreSQL
@@ -243,7 +257,9 @@ class ChangeFeed(Node):
                     # The hot loop: keep it lean, it runs once per change.
                     for change in stream:
                         if change is not None:
-                            stats.changes += 1
+                            # A batch of lines (`prefer_lines`) holds several changes.
+                            stats.changes += (cast(Any, change).count
+                                              if change.__class__ is Lines else 1)
                             stats.last = change
                             yield change
                         else:

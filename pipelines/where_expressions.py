@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 from changefeed.change import Change
-from changefeed.errors import ConfigurationError
+from changefeed.errors import ConfigurationError, PipelineError
+from changefeed.pipelines._steps import _Entry, _Segment
 from changefeed.pipelines.filters import MAX_DEPTH, Filter, compile_filter
 from changefeed.pipelines.stages import Where, where
 
@@ -180,6 +182,22 @@ def row_filter(filter: Filter) -> Where:
     return where(row_matches)
 
 
+def row_keeper(filter: Filter) -> Callable[[Change], bool]:
+    """What the `row_filter` stage of ``filter`` decides for a change, as a function: True to
+    keep it. A failure raises the `PipelineError` a pipeline would. For ``changefeed run
+    --where`` without a pipeline, on the changes its feed could not filter itself (see
+    `ChangeFeed.prefer_lines`)."""
+    segment = _Segment([row_filter(filter)], keep_change=False, dead_letter=None)
+
+    def keep(change: Change) -> bool:
+        entries, failure = segment.process([_Entry(change, False)])
+        if failure is not None:
+            raise PipelineError(failure.message) from failure.cause
+        return bool(entries[0].items)
+
+    return keep
+
+
 def parse_filter(text: str) -> Filter:
     """Parse a ``--filter`` JSON Snorky filter, checking its shape."""
     try:
@@ -197,4 +215,4 @@ def parse_filter(text: str) -> Filter:
     return filter
 
 
-__all__ = ["parse_filter", "parse_where", "row_filter"]
+__all__ = ["parse_filter", "parse_where", "row_filter", "row_keeper"]

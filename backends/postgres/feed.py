@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import psycopg
 
+from changefeed._speedups import LINE_FORMATS, Lines, kernels
 from changefeed.backends.postgres import catalog, slots, snapshot
 from changefeed.backends.postgres.backfill import Backfills, in_chunks, save_progress
 from changefeed.backends.postgres.chunks import BACKFILL_PREFIX, WATERMARK_PREFIX
@@ -144,6 +145,7 @@ class PostgresChangeFeed(ChangeFeed):
         self._sql: psycopg.Connection | None = None
         self._replication: psycopg.Connection | None = None
         self._stream: ReplicationStream | None = None  # while START_REPLICATION runs
+        self._line_format: tuple[str, Any, Any] | None = None  # see `prefer_lines`
         self._idle = IdleCheck()
         self._structure = Structure(self._tables, self.table_names, self.exclude, self.operation)
         self._decoder: PgOutputDecoder | None = None
@@ -293,14 +295,26 @@ class PostgresChangeFeed(ChangeFeed):
             messages=(*self.messages, *_OWN_PREFIXES) if with_messages else (),
         )
         self._decoder = decoder
-        decode = decoder.decode
+        decode_changes = decoder.decode
         skip_until = ledger.replay_after
+        # The direct path (`prefer_lines`): row changes as batches of output lines, decoded
+        # and written in C; `Change` objects still while a back-fill needs to see them.
+        decode_lines = None
+        if self._line_format is not None:
+            fmt, model, where = self._line_format
+            decode_lines = decoder.line_decoder(
+                fmt, model, frames=stream.frames, replay_after=skip_until, where=where)
+
+        def decoding(observe: Any) -> Callable[[Any], Any]:
+            return decode_changes if observe is not None or decode_lines is None else decode_lines
+
         last_emitted: PgPosition | None = None
         last_table_check = time.monotonic()
         backfills = self._backfills
         backfills.reset()  # a window of the previous connection is lost: its chunk comes again
         # While tables are back-filled, their changes go to the back-fills too (see `backfill`).
         observe = backfills.observer
+        decode = decoding(observe)
 
         # The hot loop: one iteration per pgoutput message, hundreds of thousands a second.
         try:
@@ -315,6 +329,10 @@ class PostgresChangeFeed(ChangeFeed):
                             observe(event)
                         if skip_until is None or last_emitted > skip_until:
                             yield event
+                    elif event.__class__ is Lines:  # delivered ones left out already
+                        last_emitted = event.seen
+                        if event.count:
+                            yield event
                     elif event.__class__ is Begin:
                         ledger.begin()
                         last_emitted = None
@@ -326,12 +344,14 @@ class PostgresChangeFeed(ChangeFeed):
                         if backfills.due:
                             backfills.open_chunk()
                             observe = backfills.observer
+                            decode = decoding(observe)
                     elif event.__class__ is Message:
                         if event.prefix.startswith(_OWN_PREFIXES):  # watermarks, requests
                             for change in backfills.on_message(event, decoder):
                                 last_emitted = change.position
                                 yield change
                             observe = backfills.observer
+                            decode = decoding(observe)
                             continue
                         if ledger.in_transaction:
                             last_emitted = event.position
@@ -368,6 +388,7 @@ class PostgresChangeFeed(ChangeFeed):
                 if backfills.due:
                     backfills.open_chunk()
                     observe = backfills.observer
+                    decode = decoding(observe)
                 if stream.status_due(now):
                     stream.send_status()
                 self._idle.quiet(stream, self._sql, self.stats.changes, now)
@@ -376,7 +397,7 @@ class PostgresChangeFeed(ChangeFeed):
             raise stream.ended()
         except GeneratorExit:  # the consumer stopped, maybe right after a transaction's last change
             if ledger.in_transaction and last_emitted is not None:
-                end_lsn = stream.read_to_commit(decode, last_emitted)
+                end_lsn = stream.read_to_commit(decode_changes, last_emitted)
                 if end_lsn is not None and backfills.finished:
                     backfills.committed(end_lsn)
             raise
@@ -483,6 +504,16 @@ class PostgresChangeFeed(ChangeFeed):
                 and self._idle.reached(stream, self.stats.changes))
 
     # -- what the consumer drives --------------------------------------------------------------
+
+    def prefer_lines(self, fmt: str, model: Any = None, where: list[Any] | None = None) -> bool:
+        """Hand out row changes as batches of their ``fmt`` lines where the compiled path is
+        built (see `ChangeFeed.prefer_lines`): decoded, filtered and written in C straight
+        from the stream's bytes, many to a Python call. A back-fill in progress still gets
+        `Change` objects (and so does the reader, then)."""
+        if kernels is None or fmt not in LINE_FORMATS:
+            return False
+        self._line_format = (fmt, model, where)
+        return True
 
     def keep_alive(self) -> None:
         """Answer the walsender while the consumer is busy (see `ReplicationStream.read_ahead`):

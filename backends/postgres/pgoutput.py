@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import changefeed._speedups as _speedups
 from changefeed.backends.postgres.loading import psycopg_loaders
 from changefeed.backends.postgres.position import PgPosition, TransactionPositions
 from changefeed.backends.postgres.protocol import pg_timestamp
@@ -341,6 +342,17 @@ class PgOutputDecoder:
         """The position of one more change in the current transaction (after those decoded)."""
         return self._positions.take()
 
+    def line_decoder(
+        self, fmt: str, model: Any = None, frames: Any = None,
+        replay_after: PgPosition | None = None, where: list[Any] | None = None,
+    ) -> Callable[[Any], Any] | None:
+        """A `decode` that gives row changes as their output lines of format ``fmt`` (the
+        compiled path's `Lines` batches, taking the row changes at hand from ``frames`` too,
+        leaving out those at or before ``replay_after``, and without a line for a row that
+        does not match the filter ``where``), or None where this decoder cannot write them:
+        the pure-Python one never does (its changes go to the format's encoder)."""
+        return None
+
     def _truncate(self, data: bytes) -> Truncated:
         return self.decode_truncate(data, self._positions.take, self._committed_at, self._xid)
 
@@ -384,3 +396,7 @@ class PgOutputDecoder:
 def _string(data: bytes, offset: int) -> tuple[str, int]:
     end = data.index(0, offset)
     return data[offset:end].decode(), end + 1
+
+
+# The compiled kernel's decode where it is built (the class above stays the reference).
+PgOutputDecoder = _speedups.decoder_class(PgOutputDecoder)  # type: ignore[misc]

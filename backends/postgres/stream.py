@@ -17,6 +17,7 @@ from typing import Any
 import psycopg
 from psycopg import pq, sql
 
+import changefeed._speedups as _speedups
 from changefeed.backends.postgres.errors import start_replication_error, stream_ended, text
 from changefeed.backends.postgres.ledger import AckLedger
 from changefeed.backends.postgres.names import publication_names_literal
@@ -70,9 +71,13 @@ class ReplicationStream:
         self.usable = True
         """False once `read_ahead` met the stream's end or an error: the loop meets it too."""
         self.last_status = time.monotonic()
-        self.frames: Iterator[Any] = self._frames()
+        self.frames: Iterator[Any] = (
+            _speedups.kernels.FrameReader(self, _speedups.libpq_functions())
+            if _speedups.kernels is not None else self._frames())
         """The pgoutput payloads of the XLogData messages, in stream order; None whenever
-        nothing more is at hand (`wait`, then iterate on); it ends with the stream (`ended`)."""
+        nothing more is at hand (`wait`, then iterate on); it ends with the stream (`ended`).
+        The compiled `FrameReader` where the extension is built (`_frames` is the reference),
+        which also hands the direct path's decoder the row changes at hand."""
         self.wal_end = 0
         """How far the walsender has read (decoded) the server's WAL, as its last keepalive
         said: it passes the server's WAL position once everything before was sent."""
@@ -167,8 +172,13 @@ class ReplicationStream:
         """The transaction whose last change handed out was ``last_handed_out`` ended at
         ``end_lsn`` (its Commit was the last frame): tell the ledger, note the lag."""
         self.ledger.commit(last_handed_out, end_lsn)
-        if self.stats is not None and self._xlogdata is not None:
-            self.stats.lag_bytes = max(0, xlogdata_header(self._xlogdata)[1] - end_lsn)
+        if self.stats is not None:
+            frames = self.frames
+            wal_end = getattr(frames, "wal_end", None)  # the compiled reader keeps it
+            if wal_end is None and self._xlogdata is not None:
+                wal_end = xlogdata_header(self._xlogdata)[1]
+            if wal_end:
+                self.stats.lag_bytes = max(0, wal_end - end_lsn)
 
     def read_to_commit(
         self, decode: Callable[[Any], Any], last: PgPosition

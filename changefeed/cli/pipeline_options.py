@@ -30,7 +30,7 @@ from changefeed.formats.registry import FormatOptions, format_named
 from changefeed.pipelines.pipeline import Pipeline
 from changefeed.pipelines.sinks import Sink
 from changefeed.pipelines.sinks.spec import sink_from_spec
-from changefeed.pipelines.stages import Stage, subscription
+from changefeed.pipelines.stages import OwnProcess, Stage, subscription
 from changefeed.pipelines.where_expressions import parse_filter, parse_where, row_filter
 
 if TYPE_CHECKING:
@@ -157,9 +157,22 @@ def build_cli_pipeline(
     (the keywords of `pipeline_parts`).
 
     Acknowledges at most every `changefeed.cli.ACK_SECONDS` (and always at the end), as the
-    command does without a pipeline.
+    command does without a pipeline. With ``processes`` each stage runs in a process of its
+    own and the sink in another, which also writes the format (the sink's encoding, not a
+    stage: a process of its own would cost a pickling of every change each way for one cheap
+    call, measured with ``benchmarks/bench_postgres.py --variants sink_processes``).
     """
     parts = pipeline_parts(feed, **options)
-    steps = [*parts.stages, *([parts.encode] if parts.encode is not None else [])]
-    return Pipeline(feed, steps, sink=parts.sink, dead_letter=parts.dead_letter,
-                    processes=processes, ack_interval=ACK_SECONDS)
+    steps: list[Any] = list(parts.stages)
+    out: Any = parts.sink
+    if processes:
+        steps = [OwnProcess(stage) for stage in steps]
+        out = OwnProcess(out)
+    if parts.encode is not None:
+        if processes:  # the sink's process formats the changes first
+            steps.append(OwnProcess(parts.encode))
+            out = parts.sink
+        else:
+            steps.append(parts.encode)
+    return Pipeline(feed, steps, sink=out, dead_letter=parts.dead_letter,
+                    ack_interval=ACK_SECONDS)

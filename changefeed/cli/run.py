@@ -46,6 +46,7 @@ from changefeed.feed import ChangeFeed
 from changefeed.formats.codec import dumps_line
 from changefeed.formats.registry import FORMAT_NAMES, FORMATS, FormatOptions, format_named
 from changefeed.linefiles import cut_partial_line, describe_os_error
+from changefeed.pipelines.where_expressions import parse_where, row_keeper
 from changefeed.preflight import check_writable
 from changefeed.registry import get_changefeed, is_postgresql_url
 
@@ -155,6 +156,10 @@ def make_feed(options: RunOptions, feed_options: dict[str, Any]) -> ChangeFeed:
 
 def make_output(feed: ChangeFeed, options: RunOptions) -> Output:
     """Where ``changefeed run`` delivers: the pipeline of its options, or JSON lines to stdout."""
+    keep = _filtered_by_the_feed(feed, options)
+    if keep is not None:
+        return LineOutput(buffered_stdout(), encoder(options.fmt, options.model, options.url),
+                          keep=keep)
     if options.pipeline_wanted:
         return build_cli_pipeline(
             feed, where=options.where, filter=options.filter, stages=options.stages,
@@ -164,6 +169,9 @@ def make_output(feed: ChangeFeed, options: RunOptions) -> Output:
     encode = encoder(options.fmt, options.model, options.url)
     if options.messages:
         encode = _with_messages(encode)
+    # Nothing but these lines is wanted of a change: a feed that can write them itself may
+    # hand them out so (the PostgreSQL backend's compiled direct path).
+    feed.prefer_lines(options.fmt, options.model)
     out = buffered_stdout()
     _cut_partial_stdout_line()
     return LineOutput(out, encode)
@@ -344,6 +352,22 @@ def _parse_models(values: tuple[str, ...]) -> str | dict[str, str] | None:
     if default is not None:
         per_table["*"] = default
     return per_table
+
+
+def _filtered_by_the_feed(feed: ChangeFeed, options: RunOptions) -> Callable[[Any], bool] | None:
+    """With ``--where`` and nothing else of a pipeline (stdout, no other stage, no dead
+    letters), a feed that can filter and write the lines itself does (the PostgreSQL backend's
+    compiled path: no Python call per change); then the function deciding the changes it could
+    not judge, else None (a pipeline runs). ``--processes`` changes nothing then: no stage is
+    left to run elsewhere."""
+    if not options.where or options.filter or options.stages or options.sink != "-" \
+            or options.dead_letter or options.messages:
+        return None
+    with blame("where"):
+        expression = parse_where(options.where)
+    if not feed.prefer_lines(options.fmt, options.model, where=expression):
+        return None
+    return row_keeper(expression)
 
 
 def encoder(

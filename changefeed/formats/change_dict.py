@@ -12,9 +12,11 @@ nothing above it. A `Truncate` reads back from its dict (``"operation": "truncat
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+import changefeed._speedups as _speedups
 from changefeed.change import UNCHANGED, Change, Operation, Truncate
 from changefeed.errors import DecodeError
 from changefeed.formats.codec import dumps_line
@@ -66,4 +68,12 @@ def change_line(item: Any) -> bytes:
     return dumps_line(item.to_dict())
 
 
-__all__ = ["change_from_dict", "change_line"]
+def change_line_encoder() -> Callable[[Any], bytes]:
+    """`change_line`, or the compiled encoder of the same bytes where it is built."""
+    return change_line
+
+
+__all__ = ["change_from_dict", "change_line", "change_line_encoder"]
+
+# The compiled encoder where it is built (the function above stays the reference).
+change_line_encoder = _speedups.encoder_factory(change_line_encoder, "ChangeEncoder")

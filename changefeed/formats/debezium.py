@@ -25,10 +25,12 @@ from __future__ import annotations
 import functools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+import changefeed._speedups as _speedups
 from changefeed.change import UNCHANGED, Change, Operation, Truncate
 from changefeed.errors import DecodeError
 from changefeed.formats.codec import dumps_line
@@ -281,6 +283,12 @@ class DebeziumEncoder:
         return dumps_line(self(change))
 
 
+def line_encoder(source: Source = Source()) -> Callable[[Change], bytes]:
+    """A function giving the Debezium JSON line of each change: `DebeziumEncoder.line`, or
+    the compiled encoder of the same bytes where it is built."""
+    return DebeziumEncoder(source).line
+
+
 def change_from_debezium(event: dict[str, Any], key: Any = None) -> Change | Truncate:
     """A `Change` (a `Truncate` for ``op`` ``t``) from a Debezium envelope (ours or Debezium's
     own) and its record key.
@@ -385,4 +393,9 @@ __all__ = [
     "envelope",
     "extended_json",
     "key",
+    "line_encoder",
 ]
+
+
+# The compiled encoder where it is built (the function above stays the reference).
+line_encoder = _speedups.encoder_factory(line_encoder, "DebeziumEncoder")

@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 
+import changefeed._speedups as _speedups
 from changefeed.change import (
     UNCHANGED,
     Change,
@@ -132,3 +133,6 @@ def _delta_starts(table: str, model: str | Mapping[str, str] | None) -> tuple[by
 _INSERT, _DELETE = Operation.INSERT, Operation.DELETE
 
 __all__ = ["ToDelta", "delta_line_encoder", "delta_of", "model_for"]
+
+# The compiled encoder where it is built (the function above stays the reference).
+delta_line_encoder = _speedups.encoder_factory(delta_line_encoder, "DeltaEncoder")

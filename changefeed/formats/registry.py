@@ -21,7 +21,7 @@ from typing import Any
 from changefeed.change import Change, Truncate
 from changefeed.errors import ConfigurationError
 from changefeed.formats import debezium
-from changefeed.formats.change_dict import change_from_dict, change_line
+from changefeed.formats.change_dict import change_from_dict, change_line_encoder
 from changefeed.formats.delta import ToDelta, delta_line_encoder
 from changefeed.formats.json_values import loads_document
 
@@ -81,8 +81,12 @@ class Format:
         return None if self.native else self.items(options)
 
 
+def _debezium_source(options: FormatOptions) -> debezium.Source:
+    return debezium.Source(database=debezium.database_of(options.url))
+
+
 def _debezium_encoder(options: FormatOptions) -> debezium.DebeziumEncoder:
-    return debezium.DebeziumEncoder(debezium.Source(database=debezium.database_of(options.url)))
+    return debezium.DebeziumEncoder(_debezium_source(options))
 
 
 def _read_debezium(value: Any, key: bytes | None) -> Change | Truncate:
@@ -96,7 +100,7 @@ FORMATS = (
     Format(
         "change", "the full change with its position",
         items=lambda options: _to_dict,
-        lines=lambda options: change_line,
+        lines=lambda options: change_line_encoder(),
         read=lambda value, key: change_from_dict(value),
         native=True,
         snapshot_markers=True,
@@ -109,7 +113,7 @@ FORMATS = (
     Format(
         "debezium", "Debezium's envelope",
         items=_debezium_encoder,
-        lines=lambda options: _debezium_encoder(options).line,
+        lines=lambda options: debezium.line_encoder(_debezium_source(options)),
         key=debezium.key,
         read=_read_debezium,
         tombstones=True,

@@ -55,3 +55,23 @@ def test_build_cli_pipeline_rejects_bad_options():
         build_cli_pipeline(feed, filter='["~", "color", "blue"]')
     with pytest.raises(ConfigurationError, match="dead letters"):
         build_cli_pipeline(feed, dead_letter="redis://h/0?stream=x")
+
+
+@pytest.mark.parametrize(("options", "groups"), [
+    # The format joins the sink's process; each user stage has a process of its own.
+    ({"where": "id >= 0"}, [[], ["Where"], ["ToDelta"]]),
+    # The change format is the sink's own way of writing a change: no stage to place.
+    ({"where": "id >= 0", "filter": '["==", "c", 1]', "fmt": "change"},
+     [[], ["Where"], ["Subscription"], []]),
+    ({"fmt": "debezium"}, [[], ["DebeziumEncoder"]]),
+])
+def test_with_processes_the_format_runs_in_the_sink_s_process(tmp_path, options, groups):
+    out = tmp_path / "out.jsonl"
+    options = {**options, "sink": str(out)}
+    changes = [insert("public.t", {"id": n, "c": 1}) for n in range(1, 4)]
+    pipeline = build_cli_pipeline(MemoryFeed("public.t", changes=changes), processes=True,
+                                  **options)
+    names = [[type(stage).__name__ for stage in group] for group in pipeline._groups]
+    assert names == groups  # group 0 is the feed's process; the sink runs in the last
+    assert pipeline.run() == 3  # the sink's process formats and writes every change
+    assert len(out.read_text().splitlines()) == 3
