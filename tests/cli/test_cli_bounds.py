@@ -8,7 +8,8 @@ import pytest
 from clitools import assert_exit, run_cli
 
 from changefeed.errors import ConfigurationError
-from changefeed.serve.pipelines.config import MAX_NESTING, load_config, too_deep
+from changefeed.serve.pipelines.config import load_config
+from changefeed.serve.pipelines.config_file import MAX_NESTING, too_deep
 
 NOWHERE = "postgresql://127.0.0.1:1/nothing"
 """A URL nothing listens on: a refusal must come before any connection is tried."""

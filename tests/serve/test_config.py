@@ -13,13 +13,9 @@ from serving import stage_path
 from changefeed.errors import ConfigurationError
 from changefeed.redact import redact
 from changefeed.serve.pipelines import PipelinesService
-from changefeed.serve.pipelines.config import (
-    PIPELINE_KEYS,
-    check_tables,
-    default_slot,
-    load_config,
-    run_options,
-)
+from changefeed.serve.pipelines.build import run_options
+from changefeed.serve.pipelines.config import check_tables, default_slot, load_config
+from changefeed.serve.pipelines.keys import PIPELINE_KEYS
 
 PG = "postgresql://u@127.0.0.1:5/db"
 ENV = {"DATABASE_URL": PG, "HOOK_TOKEN": "s3cr3t-t0ken", "EMPTY": ""}

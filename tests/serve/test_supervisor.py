@@ -10,7 +10,7 @@ from pathlib import Path
 from testservers import free_port
 from waiting import wait_until
 
-from changefeed.serve.pipelines.config import PipelineSpec, Supervision
+from changefeed.serve.pipelines.specs import PipelineSpec, Supervision
 from changefeed.serve.pipelines.supervisor import Supervisor
 
 

@@ -11,15 +11,11 @@ import pytest
 
 from changefeed import UNCHANGED, Change, Operation
 from changefeed.serve.sync.electric import Messages, parse_offset
-from changefeed.serve.sync.log import LogSink, key_text
-from changefeed.serve.sync.shapes import (
-    Shape,
-    ShapeError,
-    compile_where,
-    parse_columns,
-    parse_table,
-)
+from changefeed.serve.sync.log import key_text
+from changefeed.serve.sync.log_sink import LogSink
+from changefeed.serve.sync.shapes import Shape, ShapeError, parse_columns, parse_table
 from changefeed.serve.sync.values import Column, parse_literal, table_from_rows, to_pg_text
+from changefeed.serve.sync.where import WhereError, compile_where
 
 COLUMNS = [
     ("id", "int4", None, 0, True, "integer", -1, "N"),
@@ -130,8 +126,10 @@ def test_where_normal_form_identifies_the_shape() -> None:
     ("SELECT 1", "not an expression"), ("id = ?", "$1"),
 ])
 def test_bad_wheres_are_one_line_errors(where: str, words: str) -> None:
-    with pytest.raises(ShapeError, match=words.replace("$", r"\$")):
+    with pytest.raises(WhereError, match=words.replace("$", r"\$")):
         compile_where(where, TABLE)
+    with pytest.raises(ShapeError, match=words.replace("$", r"\$")):
+        Shape(TABLE, where)
 
 
 def test_views_enter_and_leave_the_where() -> None:

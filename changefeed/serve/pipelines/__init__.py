@@ -8,8 +8,9 @@ SIGTERM stops them all cleanly. ``/metrics`` shows `metrics.METRICS` per pipelin
 and ``/readyz`` each pipeline's state (`metrics.details`).
 
 The parts: `service` (the `PipelinesService`), `config` (the file, checked before anything
-connects), `worker` (a pipeline's process), `meters` (what it measures), `supervisor`,
-`metrics`.
+connects: read by `config_file` and `toml_lines`, keys in `keys`, results in `specs`), `build`
+(a spec made into a feed and a pipeline), `worker` (a pipeline's process), `meters` (what it
+measures), `supervisor`, `metrics`.
 """
 
 from __future__ import annotations

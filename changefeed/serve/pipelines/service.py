@@ -7,8 +7,9 @@ import asyncio
 import logging
 from typing import Any
 
-from changefeed.serve.pipelines.config import ServeConfig, check_tables, load_config
+from changefeed.serve.pipelines.config import check_tables, load_config
 from changefeed.serve.pipelines.metrics import PipelinesCollector, details
+from changefeed.serve.pipelines.specs import ServeConfig
 from changefeed.serve.pipelines.supervisor import READY_STATES, Supervisor
 from changefeed.serve.service import Health, ServeContext, Service
 

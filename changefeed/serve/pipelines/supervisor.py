@@ -32,8 +32,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from changefeed.serve.pipelines.config import PipelineSpec
 from changefeed.serve.pipelines.meters import LATENCY_BUCKETS
+from changefeed.serve.pipelines.specs import PipelineSpec
 
 log = logging.getLogger("changefeed.serve")
 

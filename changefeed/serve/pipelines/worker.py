@@ -2,7 +2,7 @@
 
 The server writes the request (the pipeline's spec, the log format) as one JSON line on its
 stdin and keeps stdin open; the process builds the run exactly as ``changefeed run`` does
-(`config.build`), with the meters of `meters` around it, and runs
+(`build.build`), with the meters of `meters` around it, and runs
 `changefeed.delivery.deliver` until SIGTERM (deliver what it holds, acknowledge, exit 0), its
 ``limit`` or ``idle_timeout``, or a failure. Logs go to stderr (the server's), labelled with the
 pipeline. Every `REPORT_SECONDS` it writes its state and counts as one JSON line to FD; its last
@@ -37,7 +37,7 @@ from changefeed.errors import (
     first_line,
 )
 from changefeed.redact import redact, register_secret
-from changefeed.serve.pipelines.config import PipelineSpec, Supervision, build
+from changefeed.serve.pipelines.build import build
 from changefeed.serve.pipelines.meters import (
     SNAPSHOT_RECENT,
     CountingRetry,
@@ -46,6 +46,7 @@ from changefeed.serve.pipelines.meters import (
     MeasuredSink,
     SinkMeter,
 )
+from changefeed.serve.pipelines.specs import PipelineSpec, Supervision
 
 log = logging.getLogger("changefeed.serve")
 

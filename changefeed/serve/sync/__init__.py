@@ -4,7 +4,7 @@
 the tables through `SyncService`:
 
 * ``GET /v1/shape`` (`electric`): Electric's HTTP shape API, so ``@electric-sql/client``
-  syncs shapes (a table, a ``where``, columns: `shapes`) unchanged;
+  syncs shapes (a table, a ``where``, columns: `shapes`, the ``where`` compiler: `where`) unchanged;
 * ``POST /sync`` (`mobync`): Mobync's protocol, writes made safe by the application's
   validators and the owner rule (`application`);
 * ``/static/changefeed-sync.js``: a small client keeping a local store and an offline queue.

@@ -18,7 +18,8 @@ from changefeed.serve.service import Health, ServeContext, Service
 from changefeed.serve.sync.application import Application
 from changefeed.serve.sync.core import Settings, SyncCore
 from changefeed.serve.sync.electric import ShapeApi
-from changefeed.serve.sync.log import DEFAULT_SCHEMA, Feeder, prepare_schema, resolve_tables
+from changefeed.serve.sync.feeder import Feeder
+from changefeed.serve.sync.log import DEFAULT_SCHEMA, prepare_schema, resolve_tables
 from changefeed.serve.sync.mobync import SyncApi
 from changefeed.serve.sync.tail import LogReader, tables_loaded
 
