@@ -212,15 +212,18 @@ def test_a_postgresql_restart_mid_snapshot_does_not_start_it_again(pg_dsn, pg_se
     feed = make_feed(pg_dsn, "big", prefeed="snapshot", chunk_size=500)
     consumer = Consumer()
     snapshot_rows = 0
-    restarted = False
+    # Restarted from another thread, so the feed keeps reading while the server stops: a
+    # walsender waits (up to wal_sender_timeout) for its client to take the rest of the WAL.
+    restarter = threading.Thread(target=pg_server.restart)
     for change in feed.changes(timeout=120, idle_timeout=3):
         consumer.apply_change(change)
         feed.ack(change.position)
         snapshot_rows += change.snapshot
-        if snapshot_rows == 5_000 and not restarted:
-            pg_server.restart()
-            restarted = True
-    assert restarted and feed.stats.reconnects >= 1
+        if snapshot_rows == 5_000 and restarter.ident is None:
+            restarter.start()
+    restarter.join(120)
+    assert snapshot_rows >= 5_000 and not restarter.is_alive()
+    assert feed.stats.reconnects >= 1
     with psycopg.connect(pg_dsn, autocommit=True) as pg:
         assert consumer.rows("public.big") == table_rows(pg, "big")
     assert snapshot_rows < 20_000 + 500 * 2, "the snapshot started again from the first row"
