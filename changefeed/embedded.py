@@ -146,8 +146,12 @@ class TemporaryPostgres:
             self._run([self.bindir / "pg_ctl", "-D", self.datadir, "-m", mode, "-w", "stop"])
 
     def restart(self) -> None:
-        """Stop and start again on the same port and data."""
-        self.stop()
+        """Stop and start again on the same port and data. A server that does not stop in time
+        (a walsender waiting for a client that does not read) is stopped as in a crash."""
+        try:
+            self.stop()
+        except ConfigurationError:
+            self.stop("immediate")
         self.start()
 
     def destroy(self) -> None:
