@@ -40,10 +40,15 @@ def json_lines(text: str) -> list[Any]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+def whole_lines(text: str) -> str:
+    """What a process killed with SIGKILL wrote to a pipe, up to its last newline: the line
+    after it may be cut (a change not acknowledged, which comes again)."""
+    return text[:text.rfind("\n") + 1]
+
+
 def json_lines_before_kill(text: str) -> list[Any]:
-    """`json_lines` of what a process killed with SIGKILL wrote to a pipe: its last line may be
-    cut (a change not acknowledged, which comes again), so only whole lines count."""
-    return json_lines("\n".join(text.split("\n")[:-1]))
+    """`json_lines` of the `whole_lines` a process killed with SIGKILL wrote."""
+    return json_lines(whole_lines(text))
 
 
 class CliProcess:
