@@ -50,7 +50,7 @@ class _Worker:
         self.segment = segment
         self.sink_step = sink_step
         self.failed = False
-        self.__name__ = "+".join(name for _, name in segment.stages) or (
+        self.__name__ = "+".join(name for _, name, _ in segment.stages) or (
             sink_step.name if sink_step else "worker"
         )
         if sink_step is not None and segment.stages:
@@ -204,16 +204,7 @@ class MultiProcessOutput(Output):
         chunk = self.chunk
         if not chunk:
             self.chunk_started = time.monotonic()
-        entries, failure = self.segment.process([_Entry(change, self.keep_change)])
-        chunk.extend(entries)
-        if failure is not None:
-            self._send(flush=True)
-            self.inqueue.put(failure)
-            _log_failure(failure.message, failure.cause)
-            try:
-                self._drain(until_all=True, expect_failure=True)  # raises the failure
-            except StopTimeout:  # a stop gave up waiting for it
-                raise PipelineError(failure.message) from None
+        chunk.append(_Entry(change, self.keep_change))
         if len(chunk) >= self.chunk_size or time.monotonic() - self.chunk_started >= self.seconds:
             self._send(flush=False)
             # Confirmations only follow sends: polling the queue costs ~6 µs, more than
@@ -240,12 +231,24 @@ class MultiProcessOutput(Output):
             self._terminate()
 
     def _send(self, flush: bool) -> None:
+        """Run this process's stages on the chunk taken and send it on; raise a stage's
+        failure once the workers delivered what came before it."""
         chunk, self.chunk = self.chunk, []
-        if chunk or flush:
+        failure = None
+        if chunk:
+            chunk, failure = self.segment.process(chunk)
+        if chunk or flush or failure is not None:
             if self.sent == self.confirmed:
                 self.last_progress = time.monotonic()
-            self.inqueue.put(_Chunk(chunk, flush))
+            self.inqueue.put(_Chunk(chunk, flush or failure is not None))
             self.sent += len(chunk)
+        if failure is not None:
+            self.inqueue.put(failure)
+            _log_failure(failure.message, failure.cause)
+            try:
+                self._drain(until_all=True, expect_failure=True)  # raises the failure
+            except StopTimeout:  # a stop gave up waiting for it
+                raise PipelineError(failure.message) from None
 
     def _drain(self, until_all: bool = False, expect_failure: bool = False) -> None:
         """Handle the confirmations that arrived; wait while too much is in flight, or (with
