@@ -13,6 +13,7 @@ it comes again on the next run.
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -141,6 +142,9 @@ class _WorkerNode(multipipes.Node):
         # terminate() that ends a failed pipeline.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # What the worker inherited from the feed's process is never garbage here: out of the
+        # collector's sight, a collection does not walk it (nor copy its pages on write).
+        gc.freeze()
         _exit_with_parent(self.name)
         try:
             super().run_forever()
@@ -177,7 +181,8 @@ class MultiProcessOutput(Output):
         self.chunk_size = policy.size
         self.seconds = policy.seconds
         self.max_in_flight = 4 * policy.size
-        self.chunk: list[_Entry] = []
+        self.chunk: list[Any] = []
+        """The changes taken since the last send."""
         self.chunk_started = 0.0
         self.sent = 0
         self.confirmed = 0
@@ -204,7 +209,7 @@ class MultiProcessOutput(Output):
         chunk = self.chunk
         if not chunk:
             self.chunk_started = time.monotonic()
-        chunk.append(_Entry(change, self.keep_change))
+        chunk.append(change)
         if len(chunk) >= self.chunk_size or time.monotonic() - self.chunk_started >= self.seconds:
             self._send(flush=False)
             # Confirmations only follow sends: polling the queue costs ~6 µs, more than
@@ -233,14 +238,18 @@ class MultiProcessOutput(Output):
     def _send(self, flush: bool) -> None:
         """Run this process's stages on the chunk taken and send it on; raise a stage's
         failure once the workers delivered what came before it."""
-        chunk, self.chunk = self.chunk, []
+        changes, self.chunk = self.chunk, []
         failure = None
-        if chunk:
-            chunk, failure = self.segment.process(chunk)
-        if chunk or flush or failure is not None:
+        if not self.segment.stages:  # nothing to run here: the changes are packed as they are
+            chunk = _Chunk.of_changes(changes, self.keep_change, flush)
+        else:
+            entries, failure = self.segment.process(
+                [_Entry(change, self.keep_change) for change in changes])
+            chunk = _Chunk(entries, flush or failure is not None)
+        if len(chunk) or flush or failure is not None:
             if self.sent == self.confirmed:
                 self.last_progress = time.monotonic()
-            self.inqueue.put(_Chunk(chunk, flush or failure is not None))
+            self.inqueue.put(chunk)
             self.sent += len(chunk)
         if failure is not None:
             self.inqueue.put(failure)

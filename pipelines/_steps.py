@@ -92,19 +92,36 @@ class _Chunk:
     itself (their own hooks run in Python, ~25 µs a change each way, more than the stages), and
     a `JsonLine` crosses as its bytes. The kernels pack and unpack where they are built."""
 
-    __slots__ = ("entries", "flush")
+    __slots__ = ("entries", "flush", "changes", "keep_change")
 
     def __init__(self, entries: list[_Entry], flush: bool) -> None:
         self.entries = entries
         self.flush = flush
+        self.changes: list[Any] | None = None
+
+    @classmethod
+    def of_changes(cls, changes: list[Any], keep_change: bool, flush: bool) -> _Chunk:
+        """The chunk of ``_Entry(change, keep_change)`` for each of ``changes``, packed without
+        making those entries (the feed's process runs no stage: it only sends)."""
+        chunk = cls([], flush)
+        chunk.changes = changes
+        chunk.keep_change = keep_change
+        return chunk
+
+    def __len__(self) -> int:
+        return len(self.changes if self.changes is not None else self.entries)
 
     def __getstate__(self) -> tuple[bytes, list[Any], bool]:
-        tags, values = pack_entries(self.entries)
+        if self.changes is not None:
+            tags, values = pack_changes(self.changes, self.keep_change)
+        else:
+            tags, values = pack_entries(self.entries)
         return tags, values, self.flush
 
     def __setstate__(self, state: tuple[bytes, list[Any], bool]) -> None:
         tags, values, self.flush = state
         self.entries = unpack_entries(tags, values)
+        self.changes = None
 
 
 # How `pack_entries` writes an entry: a tag, then its values in one flat list.
@@ -142,6 +159,23 @@ def _pack_entries(entries: list[_Entry]) -> tuple[bytes, list[Any]]:
                 continue
         tags.append(_OTHER_TAG)
         values.append(_pack_other(entry))
+    return bytes(tags), values
+
+
+def _pack_changes(changes: list[Any], keep_change: bool) -> tuple[bytes, list[Any]]:
+    """``_pack_entries([_Entry(change, keep_change) for change in changes])``, without making
+    the entries. The reference of the kernels' ``pack_changes``."""
+    tags = bytearray()
+    values: list[Any] = []
+    for change in changes:
+        if change.__class__ is Change:
+            tags.append(_KEPT_TAG if keep_change else _CHANGE_TAG)
+            values += (change.operation._value_, change.table, change.new, change.old,
+                       change.key, _pack(change.position), change.committed_at,
+                       change.transaction, change.snapshot, change.meta, change.schema_version)
+        else:
+            tags.append(_OTHER_TAG)
+            values.append(_pack_other(_Entry(change, keep_change)))
     return bytes(tags), values
 
 
@@ -245,6 +279,7 @@ def _compiled(name: str, reference: Any) -> Any:
 
 
 pack_entries = _compiled("pack_entries", _pack_entries)
+pack_changes = _compiled("pack_changes", _pack_changes)
 unpack_entries = _compiled("unpack_entries", _unpack_entries)
 
 

@@ -80,17 +80,7 @@ def pack_entries(list entries, entry_cls, line_cls, pack_value, unpack_value, pa
             if (type(item) is Change and change_slots_known and change_field(item, 5) is position
                     and (change is None or change is item)):
                 tags[i] = TAG_CHANGE if change is None else TAG_KEPT
-                values.append(change_field(item, 0)._value_)
-                values.append(change_field(item, 1))
-                values.append(change_field(item, 2))
-                values.append(change_field(item, 3))
-                values.append(change_field(item, 4))
-                values.append(pack_position(position, pack_value))
-                values.append(change_field(item, 6))
-                values.append(change_field(item, 7))
-                values.append(change_field(item, 8))
-                values.append(change_field(item, 9))
-                values.append(change_field(item, 10))
+                append_change(values, item, position, pack_value)
                 i += 1
                 continue
             if type(item) is line_class and change is None:
@@ -101,6 +91,42 @@ def pack_entries(list entries, entry_cls, line_cls, pack_value, unpack_value, pa
                 continue
         tags[i] = TAG_OTHER
         values.append(pack_other(entry))
+        i += 1
+    return bytes(tags), values
+
+
+cdef inline int append_change(list values, object change, object position,
+                              object pack_value) except -1:
+    """The fields of ``change`` (exactly a `Change`) as `_pack_entries` writes them."""
+    values.append(change_field(change, 0)._value_)
+    values.append(change_field(change, 1))
+    values.append(change_field(change, 2))
+    values.append(change_field(change, 3))
+    values.append(change_field(change, 4))
+    values.append(pack_position(position, pack_value))
+    values.append(change_field(change, 6))
+    values.append(change_field(change, 7))
+    values.append(change_field(change, 8))
+    values.append(change_field(change, 9))
+    values.append(change_field(change, 10))
+    return 0
+
+
+def pack_changes(list changes, bint keep, entry_cls, line_cls, pack_value, unpack_value,
+                 pack_other, unpack_other):
+    """The entries of ``changes`` (``_Entry(change, keep)`` each), packed without making them:
+    `_pack_changes`' result, exactly."""
+    bind_entries(entry_cls, line_cls)
+    cdef bytearray tags = bytearray(len(changes))
+    cdef list values = []
+    cdef Py_ssize_t i = 0
+    for change in changes:
+        if type(change) is Change and change_slots_known:
+            tags[i] = TAG_KEPT if keep else TAG_CHANGE
+            append_change(values, change, change_field(change, 5), pack_value)
+        else:
+            tags[i] = TAG_OTHER
+            values.append(pack_other(entry_cls(change, keep)))
         i += 1
     return bytes(tags), values
 

@@ -76,9 +76,12 @@ def implementations(request, monkeypatch):
     if "c" in request.param and _speedups.kernels is None:
         pytest.skip("the compiled extension is not built (or CHANGEFEED_IMPL=python)")
     compiled = {"pack": _steps._compiled("pack_entries", _steps._pack_entries),
+                "changes": _steps._compiled("pack_changes", _steps._pack_changes),
                 "unpack": _steps._compiled("unpack_entries", _steps._unpack_entries)}
     monkeypatch.setattr(_steps, "pack_entries",
                         compiled["pack"] if pack == "c" else _steps._pack_entries)
+    monkeypatch.setattr(_steps, "pack_changes",
+                        compiled["changes"] if pack == "c" else _steps._pack_changes)
     monkeypatch.setattr(_steps, "unpack_entries",
                         compiled["unpack"] if unpack == "c" else _steps._unpack_entries)
     return pack, unpack
@@ -151,3 +154,27 @@ def test_the_kernels_pack_as_the_python_reference_does():
     tags, values = compiled(entries)
     reference_tags, reference_values = _steps._pack_entries(entries)
     assert tags == reference_tags and same(values, reference_values)
+    changes = [change(position), change("text"), Truncate("public.t", position), "x"]
+    compiled = _steps._compiled("pack_changes", _steps._pack_changes)
+    for keep in (False, True):
+        tags, values = compiled(changes, keep)
+        reference_tags, reference_values = _steps._pack_changes(changes, keep)
+        assert tags == reference_tags and same(values, reference_values)
+
+
+def test_changes_packed_without_entries_cross_as_their_entries(implementations):
+    """The feed's process, running no stage, packs its changes as they are (`_Chunk.of_changes`):
+    they arrive as the entries ``_Entry(change, keep)`` would have."""
+    position = PgPosition(0x16B3748, 7)
+    message = Message("app", b"x", PgPosition(5, 0), False, None, None, 6)
+    items = [change(position), change(None), change(Label("7", "n")), message,
+             Truncate("public.t", position, WHEN, 726), "a prefeed item",
+             SnapshotState("public.t", "done", position), change({"token": b"\x01"})]
+    for keep in (False, True):
+        chunk = pickle.loads(pickle.dumps(_Chunk.of_changes(items, keep, flush=True), 5))
+        assert chunk.flush is True and len(chunk.entries) == len(items)
+        for sent, got in zip([_Entry(item, keep) for item in items], chunk.entries, strict=True):
+            assert same(got.position, sent.position) and same(got.change, sent.change)
+            assert same(got.items, sent.items) and got.dead == []
+            if keep:
+                assert got.items[0] is got.change
