@@ -309,9 +309,9 @@ class _Segment:
     """Consecutive stages run in one process, on a batch of entries at a time.
 
     Each stage takes the whole batch before the next one does. A stage with an ``each`` method
-    (`changefeed.pipelines.stages.Where`, the format's `EncodeLines`: single items in, single
-    items or None out) gets the batch in one call, compiled where it can be; any other is called
-    per item. Stages are pure, so when ``each`` raises, the batch is run again one item at a
+    (``--where``'s `RowWhere`, the format's `EncodeLines`: single items in, single items or
+    None out) gets the batch in one call, compiled where it can be; any other is called per
+    item. These stages are pure, so when ``each`` raises, the batch is run again one item at a
     time to find the change that failed, which then fails (or is dead-lettered) as it would
     alone: the entries before it are returned with the failure, and no stage runs on the ones
     after it.
@@ -387,11 +387,13 @@ class _SinkStep:
         self.items = 0
         self.started = 0.0
 
-    def add(self, entries: list[_Entry]) -> None:
+    def add(self, entries: list[_Entry], since: float | None = None) -> None:
+        """Add ``entries`` to the waiting batch; ``since``: when the first of them was taken
+        (for the batch's age), if not now."""
         if not entries:
             return
         if not self.entries:
-            self.started = time.monotonic()
+            self.started = time.monotonic() if since is None else since
         self.entries.extend(entries)
         self.items += sum(len(entry.items) for entry in entries)
 

@@ -209,7 +209,7 @@ class _InProcessOutput(Output):
         sink_step = self.sink_step
         entries, failure = self.segment.process(self.pending)
         self.pending = []
-        sink_step.add(entries)
+        sink_step.add(entries, since=self.pending_since)
         if failure is not None:
             self.sink_thread.finish(sink_step.take())  # what came before the failure
             raise PipelineError(failure.message) from failure.cause

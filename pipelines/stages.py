@@ -89,11 +89,6 @@ class Where:
             return change  # a filter on rows keeps a table's truncate
         return change if self.predicate(change) else None
 
-    def each(self, items: list[Any]) -> list[Any] | None:
-        """The stage's result for each of ``items`` (None: dropped), in one call (see
-        `changefeed.pipelines._steps`: a batch of changes goes through a stage at once)."""
-        return [self(item) for item in items]
-
 
 def where(predicate: Callable[[Change], bool]) -> Where:
     """Keep the changes for which ``predicate(change)`` is true; drop the others.
@@ -182,8 +177,9 @@ class EncodeLines:
         return self.items(item)
 
     def each(self, items: list[Any]) -> list[Any] | None:
-        """Each change's `JsonLine` (see `Where.each`); None (one at a time, please) when a stage
-        before made other items."""
+        """Each change's `JsonLine`, in one call (`changefeed.pipelines._steps._Segment` gives
+        a batch to a stage with this method); None (one at a time, please) when a stage before
+        made other items."""
         encode = self.encode
         try:
             return [JsonLine(encode(item)) if item.__class__ is Change

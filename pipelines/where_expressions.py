@@ -197,6 +197,7 @@ class RowWhere(Where):
         return RowWhere, (self.filter,)  # the predicate is a closure
 
     def each(self, items: list[Any]) -> list[Any] | None:
+        """Each of ``items`` if kept, else None, in one call (see `EncodeLines.each`)."""
         if self._batch is not None:
             return self._batch.each(items)  # type: ignore[no-any-return]
         return [self(item) for item in items]

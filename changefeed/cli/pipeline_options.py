@@ -158,10 +158,10 @@ def build_cli_pipeline(
 
     Acknowledges at most every `changefeed.cli.ACK_SECONDS` (and always at the end), as the
     command does without a pipeline. A sink writing JSON lines gets them made by the format's
-    line encoder (`EncodeLines`: no item per change). With ``processes`` each stage runs in a
-    process of its own and the sink in another; the format runs in the process of the last
-    stage (the feed's without stages), so that only the lines cross to the sink's process,
-    far cheaper than the changes would. (For another sink the sink's process formats: a
+    line encoder (`EncodeLines`: no item per change). With ``processes`` each stage but
+    ``--where`` (cheaper than a crossing) runs in a process of its own and the sink in another;
+    the format runs in the process of the last stage (the feed's without other stages), so
+    that only the lines cross to the sink's process, far cheaper than the changes would. (For another sink the sink's process formats: a
     process of its own would cost a pickling of every change each way for one cheap call,
     measured with ``benchmarks/bench_postgres.py --variants sink_processes``.)
     """
@@ -175,7 +175,10 @@ def build_cli_pipeline(
         encode = EncodeLines(options.get("fmt", "delta"), FormatOptions(
             model=options.get("model"), url=connection if isinstance(connection, str) else ""))
     if processes:
-        steps = [OwnProcess(stage) for stage in steps]
+        # ``--where`` (first, when given) stays in the feed's process: evaluated in C on a batch
+        # at a time, it costs far less than the crossing of the changes it drops.
+        stay = 1 if options.get("where") else 0
+        steps = steps[:stay] + [OwnProcess(stage) for stage in steps[stay:]]
         out = OwnProcess(out)
     if encode is not None:
         if processes and not lines:  # the sink's process formats the changes first

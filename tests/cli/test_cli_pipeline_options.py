@@ -58,14 +58,16 @@ def test_build_cli_pipeline_rejects_bad_options():
 
 
 @pytest.mark.parametrize(("options", "groups"), [
-    # The format joins the last stage's process: only lines cross to the sink's; each user
-    # stage has a process of its own.
-    ({"where": "id >= 0"}, [[], ["RowWhere", "EncodeLines"], []]),
+    # --where stays in the feed's process (compiled, cheaper than a crossing); the format
+    # joins the last stage's process: only lines cross to the sink's.
+    ({"where": "id >= 0"}, [["RowWhere", "EncodeLines"], []]),
+    # Each other stage has a process of its own.
     ({"where": "id >= 0", "filter": '["==", "c", 1]'},
-     [[], ["RowWhere"], ["Subscription", "EncodeLines"], []]),
+     [["RowWhere"], ["Subscription", "EncodeLines"], []]),
+    ({"filter": '["==", "c", 1]'}, [[], ["Subscription", "EncodeLines"], []]),
     # The change format is the sink's own way of writing a change: no stage to place.
     ({"where": "id >= 0", "filter": '["==", "c", 1]', "fmt": "change"},
-     [[], ["RowWhere"], ["Subscription"], []]),
+     [["RowWhere"], ["Subscription"], []]),
     # Without stages the feed's process writes the lines.
     ({"fmt": "debezium"}, [["EncodeLines"], []]),
 ])

@@ -196,3 +196,21 @@ def test_processes_write_the_bytes_of_the_in_process_run(tmp_path, options):
     in_process = run_cli_pipeline(tmp_path, "in", False, **options)
     assert in_process.count(b"\n") > 90
     assert run_cli_pipeline(tmp_path, "processes", True, **options) == in_process
+
+
+def test_a_python_stage_is_called_once_per_change_even_when_one_fails():
+    """Only the built-in pure stages take batches: a Python stage or predicate is never run
+    twice on a change (a failure is found by its own call)."""
+    seen: list = []
+
+    def keep_small(change):
+        seen.append(change.position)
+        if change.new and change.new["n"] == 3:
+            raise RuntimeError("too big")
+        return True
+
+    changes = changes_of([{"n": 1}, {"n": 2}, {"n": 3}])
+    entries, failure = segment_run([where(keep_small)], changes)
+    assert failure is not None and "too big" in failure.message
+    assert seen == [change.position for change in changes[:7]]  # up to the failing insert
+    assert len(entries) == 6
