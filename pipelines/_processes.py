@@ -1,7 +1,9 @@
 """The multi-process mode of `changefeed.pipelines.Pipeline` (``own_process``, ``processes=True``).
 
 Steps marked to run elsewhere become `multipipes.Node` processes connected by queues; chunks of
-entries cross the boundaries, and the sink's process sends confirmations back to the feed's
+entries cross the boundaries, packed compactly (`_steps._Chunk`; the feed's process, when it runs
+no stage, packs its changes without making entries), each process runs its stages on a chunk at
+a time, and the sink's process sends confirmations back to the feed's
 process, which alone acknowledges, in order, and waits for them through
 `changefeed.delivery.SinkWait` (the source answered, a stop a few seconds at most).
 
