@@ -31,7 +31,15 @@ import multipipes
 from changefeed.delivery import Output, SinkWait, StopTimeout
 from changefeed.errors import ChangefeedError, PipelineError
 from changefeed.pipelines._sink_thread import SLOW_SINK
-from changefeed.pipelines._steps import _Chunk, _Entry, _Failure, _Segment, _SinkStep
+from changefeed.pipelines._steps import (
+    _Chunk,
+    _Entry,
+    _Failure,
+    _Segment,
+    _SinkStep,
+    freeze_heap,
+    thaw_heap,
+)
 from changefeed.pipelines.stages import BatchPolicy, Stage
 
 log = logging.getLogger("changefeed.pipelines")
@@ -194,6 +202,7 @@ class MultiProcessOutput(Output):
         self.waiting = SinkWait(self.feed)
 
     def open(self) -> None:
+        freeze_heap()  # also before the fork, as the gc module advises
         self.inqueue = multipipes.Pipe()
         self.outqueue = multipipes.Pipe()
         self.nodes = [
@@ -205,7 +214,11 @@ class MultiProcessOutput(Output):
             for worker in self.workers
         ]
         self.mp_pipeline = multipipes.Pipeline([self.inqueue, *self.nodes, self.outqueue])
-        self.mp_pipeline.start()  # before the feed connects: the workers share no socket with it
+        try:
+            self.mp_pipeline.start()  # before the feed connects: the workers share no socket
+        except BaseException:
+            thaw_heap()  # no run, so no close()
+            raise
 
     def put(self, change: Any) -> None:
         chunk = self.chunk
@@ -232,10 +245,13 @@ class MultiProcessOutput(Output):
         self._drain(until_all=True)
 
     def close(self, clean: bool) -> None:
-        if clean:
-            self.mp_pipeline.poison_pill()
-        else:
-            self._terminate()
+        try:
+            if clean:
+                self.mp_pipeline.poison_pill()
+            else:
+                self._terminate()
+        finally:
+            thaw_heap()
 
     def _send(self, flush: bool) -> None:
         """Run this process's stages on the chunk taken and send it on; raise a stage's

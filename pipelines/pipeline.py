@@ -31,7 +31,14 @@ from changefeed.delivery import Feed, Output, deliver
 from changefeed.errors import ConfigurationError, PipelineError
 from changefeed.pipelines._processes import MultiProcessOutput
 from changefeed.pipelines._sink_thread import _SinkThread
-from changefeed.pipelines._steps import _Confirmed, _Entry, _Segment, _SinkStep
+from changefeed.pipelines._steps import (
+    _Confirmed,
+    _Entry,
+    _Segment,
+    _SinkStep,
+    freeze_heap,
+    thaw_heap,
+)
 from changefeed.pipelines.sinks import BatchSink, Sink
 from changefeed.pipelines.stages import BatchPolicy, OwnProcess, Stage
 
@@ -188,6 +195,7 @@ class _InProcessOutput(Output):
         self.pending_since = 0.0
 
     def open(self) -> None:
+        freeze_heap()
         self.sink_thread = _SinkThread(self.sink_step, self.feed, self._confirmed)
 
     def put(self, change: Any) -> None:
@@ -223,7 +231,10 @@ class _InProcessOutput(Output):
         self.sink_thread.finish(self.sink_step.take())
 
     def close(self, clean: bool) -> None:
-        self.sink_thread.close(wait=clean)
+        try:
+            self.sink_thread.close(wait=clean)
+        finally:
+            thaw_heap()
 
     def _confirmed(self, confirmed: _Confirmed | None) -> None:
         if confirmed is not None:

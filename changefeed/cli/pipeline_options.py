@@ -161,9 +161,10 @@ def build_cli_pipeline(
     line encoder (`EncodeLines`: no item per change). With ``processes`` each stage but
     ``--where`` (cheaper than a crossing) runs in a process of its own and the sink in another;
     the format runs in the process of the last stage (the feed's without other stages), so
-    that only the lines cross to the sink's process, far cheaper than the changes would. (For another sink the sink's process formats: a
-    process of its own would cost a pickling of every change each way for one cheap call,
-    measured with ``benchmarks/bench_postgres.py --variants sink_processes``.)
+    that only the lines cross to the sink's process, far cheaper than the changes would. (For
+    another sink the sink's process formats: a process of its own would cost a pickling of
+    every change each way for one cheap call, measured with ``benchmarks/bench_postgres.py
+    --variants sink_processes``.)
     """
     parts = pipeline_parts(feed, **options)
     steps: list[Any] = list(parts.stages)
