@@ -31,6 +31,7 @@ from changefeed.backends.postgres.position import PgPosition
 from changefeed.backends.postgres.stream import ReplicationStream
 from changefeed.backends.postgres.structure import CHECK_SECONDS
 from changefeed.backends.postgres.tables import WatchedTables
+from changefeed.backends.postgres.tracing import LatencyTrace
 from changefeed.change import Change, Operation
 from changefeed.message import Message
 
@@ -113,6 +114,7 @@ class StreamLoop:
         # While tables are back-filled, their changes go to the back-fills too (see `backfill`).
         observe = backfills.observer
         decode = decoding(observe)
+        trace = LatencyTrace.from_environment()  # None unless a benchmark asks (`tracing`)
 
         # The hot loop: one iteration per pgoutput message, hundreds of thousands a second.
         try:
@@ -136,6 +138,8 @@ class StreamLoop:
                         last_emitted = None
                     elif event.__class__ is Commit:
                         stream.committed(last_emitted, event.end_lsn)
+                        if trace is not None:
+                            trace.committed(event.committed_at, stream.sent_at)
                         if backfills.finished:
                             backfills.committed(event.end_lsn)
                         self._settle()
@@ -172,6 +176,8 @@ class StreamLoop:
                         self._renamed(event.oid, event.old_name, event.new_name)
                     continue
                 yield None  # caught up: the consumer may flush and acknowledge now
+                if trace is not None:
+                    trace.flushed()
                 if not stream.caught_up:  # the consumer's keep_alive() read on meanwhile
                     continue
                 self._settle()
@@ -190,6 +196,8 @@ class StreamLoop:
                 if stream.status_due(now):
                     stream.send_status()
                 self._idle.quiet(stream, self._sql, self.stats.changes, now)
+                if trace is not None:
+                    trace.quiet_work()
                 if not stream.wait(1.0):
                     yield None
             raise stream.ended()
@@ -199,6 +207,9 @@ class StreamLoop:
                 if end_lsn is not None and backfills.finished:
                     backfills.committed(end_lsn)
             raise
+        finally:
+            if trace is not None:
+                trace.close()
 
 
 class IdleCheck:
