@@ -11,6 +11,7 @@ delivers, acknowledges, and exits 0.
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import sys
 from collections.abc import Callable
@@ -312,6 +313,10 @@ def deliver_with_signals(
     """`deliver` as a command runs it: SIGINT/SIGTERM stop it cleanly, progress goes to stderr,
     and a reader of stdout that went away ends it quietly (exit 0). Returns the count."""
     restore_signals = stop_on_signals(feed)
+    # What start-up made (modules, the feed, the output) lives as long as the process: frozen,
+    # the collector's full collections no longer walk it, a pause of 5-50 ms in the stream
+    # (several thousand changes held up) every few seconds under load otherwise.
+    gc.freeze()
     try:
         result = deliver(
             feed, output, limit=limit, idle_timeout=idle_timeout, ack_interval=ACK_SECONDS,
