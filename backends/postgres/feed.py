@@ -221,6 +221,7 @@ class PostgresChangeFeed(StreamLoop, StructureReactions, ChangeFeed):
         """Whether the stream has read the server's WAL as far as it went when the feed went
         quiet, with nothing undelivered, no back-fill under way: idle means caught up, not a
         slot far behind or a large transaction still being decoded."""
+        self._idle.wanted = True  # from now on the stream loop checks (see `IdleCheck`)
         stream = self._stream
         return (stream is not None and stream.caught_up and not self._ledger.in_transaction
                 and not self._backfills.busy

@@ -216,12 +216,18 @@ class IdleCheck:
     """Whether a quiet stream is caught up with the server: the server's WAL position is noted
     when the stream goes quiet (again at most every `SAMPLE_SECONDS` while changes come), and
     the walsender asked how far it has read; caught up once its keepalive passes that
-    position with no change handed out since."""
+    position with no change handed out since.
+
+    Only once someone asked (``wanted``, set by `PostgresChangeFeed.source_caught_up`: a reader
+    with an idle timeout): the query is a round trip on the plain connection, which holds up
+    the stream loop and every change behind it (up to 5 a second, each 1-5 ms on a busy
+    machine, in the latency trace of ``benchmarks/bench_latency.py``)."""
 
     SAMPLE_SECONDS = 0.2
     ASK_SECONDS = 1.0
 
     def __init__(self) -> None:
+        self.wanted = False
         self.target: int | None = None
         self.changes = -1  # the feed's change count when the target was noted
         self.sampled = self.asked = 0.0
@@ -230,7 +236,7 @@ class IdleCheck:
               now: float) -> None:
         """The stream has nothing at hand: note the server's WAL position if changes came
         since, or ask the walsender again how far it has read."""
-        if conn is None or conn.closed:
+        if not self.wanted or conn is None or conn.closed:
             return
         if changes != self.changes and now - self.sampled >= self.SAMPLE_SECONDS:
             self.target = slots.server_wal_position(conn)
