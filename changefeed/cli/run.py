@@ -47,7 +47,6 @@ from changefeed.feed import ChangeFeed
 from changefeed.formats.codec import dumps_line
 from changefeed.formats.registry import FORMAT_NAMES, FORMATS, FormatOptions, format_named
 from changefeed.linefiles import cut_partial_line, describe_os_error
-from changefeed.pipelines.where_expressions import parse_where, row_keeper
 from changefeed.preflight import check_writable
 from changefeed.registry import get_changefeed, is_postgresql_url
 
@@ -368,6 +367,8 @@ def _filtered_by_the_feed(feed: ChangeFeed, options: RunOptions) -> Callable[[An
     if not options.where or options.filter or options.stages or options.sink != "-" \
             or options.dead_letter or options.messages:
         return None
+    from changefeed.pipelines.where_expressions import parse_where, row_keeper
+
     with blame("where"):
         expression = parse_where(options.where)
     if not feed.prefer_lines(options.fmt, options.model, where=expression):
