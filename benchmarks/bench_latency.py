@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -88,8 +89,9 @@ class Setup:
 
 
 def one_round(dsn: str, implementation: str, rate: int, seconds: int, number: int,
-              setup: Setup) -> tuple[list[tuple[float, float]], Path | None]:
-    """(commit time, time read) of each change of a round, and the feed's trace file."""
+              setup: Setup) -> tuple[list[tuple[float, float]], Path | None, float]:
+    """(commit time, time read) of each change of a round, the feed's trace file, and the CPU
+    seconds the feed (or the reference) used."""
     slot = f"latency_{implementation}_{number}"
     trace: Path | None = None
     reader_of = read_latencies
@@ -111,6 +113,7 @@ def one_round(dsn: str, implementation: str, rate: int, seconds: int, number: in
     feed = subprocess.Popen(setup.feed_argv(argv), stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, env=env)
     latencies: list[tuple[float, float]] = []
+    before = None
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:  # wait until the feed streams
             deadline = time.monotonic() + 30
@@ -135,16 +138,20 @@ def one_round(dsn: str, implementation: str, rate: int, seconds: int, number: in
                             str(seconds), "-c", "2", "-j", "1", dsn]),
                            check=True, capture_output=True,
                            env={**os.environ, "PGOPTIONS": "-c synchronous_commit=on"})
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)  # pgbench's counted already
         time.sleep(1.0)  # the last lines come; then the feed stops and its stdout ends
         feed.terminate()
         reader.join(timeout=30)
     finally:
         feed.terminate()
         feed.wait(timeout=30)  # a traced feed writes its trace as it stops
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the feed's added, once reaped
+        cpu = (after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+               if before is not None else 0.0)
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("SELECT pg_drop_replication_slot(%s)", [slot])
             conn.execute("DROP PUBLICATION IF EXISTS " + slot)
-    return latencies, trace
+    return latencies, trace, cpu
 
 
 def milliseconds(pairs: list[tuple[float, float]]) -> list[float]:
@@ -155,7 +162,8 @@ def percentile(ordered: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
 
 
-def report(name: str, latencies: list[float], seconds: int, reference: float | None) -> float:
+def report(name: str, latencies: list[float], seconds: int, reference: float | None,
+           cpu: float) -> float:
     """Print a round's numbers; returns its p99 (0 without changes)."""
     if not latencies:
         print(f"{name:14} no changes read")
@@ -165,7 +173,7 @@ def report(name: str, latencies: list[float], seconds: int, reference: float | N
     ratio = f"  p99 {p99 / reference:5.2f}x pg_recvlogical's" if reference else ""
     print(f"{name:14} {len(ordered):7,} changes ({len(ordered) / seconds:,.0f}/s):"
           f" p50 {statistics.median(ordered):6.2f} ms  p90 {percentile(ordered, 0.9):6.2f} ms"
-          f"  p99 {p99:7.2f} ms  max {ordered[-1]:7.2f} ms{ratio}", flush=True)
+          f"  p99 {p99:7.2f} ms  max {ordered[-1]:7.2f} ms{ratio}  CPU {cpu:.2f} s", flush=True)
     return p99
 
 
@@ -174,7 +182,7 @@ def report_trace(pairs: list[tuple[float, float]], trace: Path) -> None:
     commit time; the slowest 1% by the whole latency, and the feed's garbage collections."""
     read_here = {round(committed * 1e6): read for committed, read in pairs}
     parts: list[tuple[float, float, float, float]] = []
-    collections, stalls = [], []
+    collections, stalls, flushes = [], [], []
     for line in trace.read_bytes().splitlines():
         row = orjson.loads(line)
         if "gc" in row:
@@ -182,6 +190,9 @@ def report_trace(pairs: list[tuple[float, float]], trace: Path) -> None:
             continue
         if "quiet_work" in row:
             stalls.append(row["ms"])
+            continue
+        if "flush" in row:
+            flushes.append(row["ms"])
             continue
         read = read_here.get(round(row["commit"] * 1e6))
         if read is None or not row["sent"]:
@@ -210,6 +221,9 @@ def report_trace(pairs: list[tuple[float, float]], trace: Path) -> None:
     if stalls:
         print(f"  feed's work while quiet took >= 1 ms {len(stalls)} times, longest"
               f" {max(stalls):.2f} ms")
+    if flushes:
+        print(f"  feed's flushes took >= 1 ms {len(flushes)} times, longest {max(flushes):.2f} ms,"
+              f" {sum(flushes):.0f} ms in all")
 
 
 def main() -> None:
@@ -238,14 +252,15 @@ def main() -> None:
         implementations = args.implementations.split(",")
         for number in range(args.rounds):
             print(f"round {number + 1}: {os.getloadavg()[0]:.2f} load", flush=True)
-            pairs, _ = one_round(dsn, "pg_recvlogical", args.rate, args.seconds, number, setup)
-            reference = report("pg_recvlogical", milliseconds(pairs), args.seconds, None)
+            pairs, _, cpu = one_round(dsn, "pg_recvlogical", args.rate, args.seconds, number,
+                                      setup)
+            reference = report("pg_recvlogical", milliseconds(pairs), args.seconds, None, cpu)
             for implementation in (implementations if number % 2 == 0
                                    else implementations[::-1]):
-                pairs, trace = one_round(dsn, implementation, args.rate, args.seconds, number,
-                                         setup)
+                pairs, trace, cpu = one_round(dsn, implementation, args.rate, args.seconds,
+                                              number, setup)
                 report(f"changefeed {implementation}", milliseconds(pairs), args.seconds,
-                       reference)
+                       reference, cpu)
                 if trace is not None and trace.exists():
                     report_trace(pairs, trace)
 

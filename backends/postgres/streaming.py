@@ -175,6 +175,8 @@ class StreamLoop:
                     elif event.__class__ is Renamed:
                         self._renamed(event.oid, event.old_name, event.new_name)
                     continue
+                if trace is not None:
+                    trace.handing_over()
                 yield None  # caught up: the consumer may flush and acknowledge now
                 if trace is not None:
                     trace.flushed()

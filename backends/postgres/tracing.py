@@ -37,7 +37,8 @@ class LatencyTrace:
         self.rows: list[tuple[float, float, float, float]] = []
         self.collections: list[tuple[int, float, float]] = []
         self.stalls: list[tuple[float, float]] = []
-        self._gc_started = self._flushed_at = 0.0
+        self.slow_flushes: list[tuple[float, float]] = []
+        self._gc_started = self._flushed_at = self._handed_over_at = 0.0
         gc.callbacks.append(self._on_gc)
 
     @classmethod
@@ -52,10 +53,18 @@ class LatencyTrace:
             sent = sent_at / 1e6 + PG_EPOCH if sent_at else 0.0
             self.pending.append((committed_at.timestamp(), sent, time.time()))
 
+    def handing_over(self) -> None:
+        """The loop lets the consumer flush now (a None tick)."""
+        self._handed_over_at = time.time()
+
     def flushed(self) -> None:
-        """The consumer has flushed what the transactions taken so far wrote."""
+        """The consumer has flushed what the transactions taken so far wrote (noted when that
+        took 1 ms or more: a reader of the output behind, the pipe full)."""
         now = time.time()
         self._flushed_at = now
+        took = (now - self._handed_over_at) * 1000
+        if took >= 1.0 and len(self.slow_flushes) < self.LIMIT:
+            self.slow_flushes.append((self._handed_over_at, took))
         if self.pending:
             self.rows.extend((*row, now) for row in self.pending)
             self.pending.clear()
@@ -86,6 +95,9 @@ class LatencyTrace:
                 file.write(orjson.dumps({"gc": generation, "at": at, "ms": milliseconds}) + b"\n")
             for at, milliseconds in self.stalls:
                 file.write(orjson.dumps({"quiet_work": at, "ms": milliseconds}) + b"\n")
+            for at, milliseconds in self.slow_flushes:
+                file.write(orjson.dumps({"flush": at, "ms": milliseconds}) + b"\n")
         self.rows.clear()
         self.stalls.clear()
+        self.slow_flushes.clear()
         self.collections.clear()
