@@ -9,6 +9,7 @@ and answers the application's DDL (`ddl`); the `ledger` says what the slot may c
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -221,8 +222,12 @@ class PostgresChangeFeed(StreamLoop, StructureReactions, ChangeFeed):
         """Whether the stream has read the server's WAL as far as it went when the feed went
         quiet, with nothing undelivered, no back-fill under way: idle means caught up, not a
         slot far behind or a large transaction still being decoded."""
-        self._idle.wanted = True  # from now on the stream loop checks (see `IdleCheck`)
         stream = self._stream
+        if not self._idle.wanted:  # the first to ask: the stream loop checks from now on
+            self._idle.wanted = True
+            if stream is not None and stream.caught_up:  # and the first check starts now,
+                # not after the loop's next wait for the socket (up to a second when quiet)
+                self._idle.quiet(stream, self._sql, self.stats.changes, time.monotonic())
         return (stream is not None and stream.caught_up and not self._ledger.in_transaction
                 and not self._backfills.busy
                 and self._idle.reached(stream, self.stats.changes))
