@@ -13,8 +13,10 @@ rounds, and prints each one's median as a ratio of the run without stages (``pla
 ``where`` (``--where 'id >= 0'``, which keeps every row: the decoder evaluates it on the direct
 path), ``processes`` (the same with ``--processes``, which leaves no stage to move), ``sink``
 (the same ``--where`` as a pipeline's stage, with a file sink: a real pipeline of `Change`
-objects) and ``sink_processes`` (that pipeline with ``--processes``). ``--shape narrow`` makes
-rows of an int key and a short text.
+objects), ``sink_processes`` (that pipeline with ``--processes``), ``heavy`` (a CPU-heavy Python
+stage, `enrich`, with a file sink) and ``heavy_processes`` (that with ``--processes``); a
+variant with ``--processes`` is also compared with its in-process twin when both run.
+``--shape narrow`` makes rows of an int key and a short text.
 
 Then peak RSS of ``changefeed run`` while it streams one 1,000,000-row transaction.
 
@@ -33,6 +35,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -44,10 +47,24 @@ TABLE = """CREATE TABLE bench (
 NARROW_TABLE = "CREATE TABLE bench (id int PRIMARY KEY, title text NOT NULL)"
 PER_TRANSACTION = 1000
 SINK_FILE = f"/tmp/bench_postgres_{os.getpid()}.jsonl"
+HEAVY_STAGE = ["--stage", "benchmarks.bench_postgres:enrich"]
 VARIANTS = {"plain": [], "where": ["--where", "id >= 0"],
             "processes": ["--where", "id >= 0", "--processes"],
             "sink": ["--where", "id >= 0", "--sink", SINK_FILE],
-            "sink_processes": ["--where", "id >= 0", "--sink", SINK_FILE, "--processes"]}
+            "sink_processes": ["--where", "id >= 0", "--sink", SINK_FILE, "--processes"],
+            "heavy": [*HEAVY_STAGE, "--sink", SINK_FILE],
+            "heavy_processes": [*HEAVY_STAGE, "--sink", SINK_FILE, "--processes"]}
+
+
+def enrich(change: Any) -> Any:
+    """The CPU-heavy stage of the ``heavy`` variants: Python work per change (a checksum of the
+    row's text, as an enrichment or a scrubbing stage would compute something), ~20 µs here;
+    the change goes on unchanged."""
+    text = repr(change.row) * 4
+    checksum = 0
+    for index, char in enumerate(text):
+        checksum = (checksum * 31 + ord(char) * index) & 0xFFFFFFFF
+    return change if checksum >= 0 else None
 
 
 def make_workload(conn: psycopg.Connection, changes: int, narrow: bool = False) -> None:
@@ -153,6 +170,11 @@ def throughput(server: TemporaryPostgres, changes: int, rounds: int, narrow: boo
               f" {statistics.median(results['changefeed']) / statistics.median(results[kind]):.2f}x"
               f" the run without stages (best rounds:"
               f" {best_cf / min(results[kind]):.2f}x)")
+    for kind in variants:
+        twin = kind.removesuffix("_processes")
+        if kind.endswith("_processes") and twin in variants:
+            speedup = statistics.median(results[twin]) / statistics.median(results[kind])
+            print(f"{kind}: {speedup:.2f}x the same pipeline in one process (medians)")
 
 
 def memory(server: TemporaryPostgres, rows: int) -> None:

@@ -1,7 +1,9 @@
 """The multi-process mode of `changefeed.pipelines.Pipeline` (``own_process``, ``processes=True``).
 
 Steps marked to run elsewhere become `multipipes.Node` processes connected by queues; chunks of
-entries cross the boundaries, and the sink's process sends confirmations back to the feed's
+entries cross the boundaries, packed compactly (`_steps._Chunk`; the feed's process, when it runs
+no stage, packs its changes without making entries), each process runs its stages on a chunk at
+a time, and the sink's process sends confirmations back to the feed's
 process, which alone acknowledges, in order, and waits for them through
 `changefeed.delivery.SinkWait` (the source answered, a stop a few seconds at most).
 
@@ -13,6 +15,7 @@ it comes again on the next run.
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -28,7 +31,15 @@ import multipipes
 from changefeed.delivery import Output, SinkWait, StopTimeout
 from changefeed.errors import ChangefeedError, PipelineError
 from changefeed.pipelines._sink_thread import SLOW_SINK
-from changefeed.pipelines._steps import _Chunk, _Entry, _Failure, _Segment, _SinkStep
+from changefeed.pipelines._steps import (
+    _Chunk,
+    _Entry,
+    _Failure,
+    _Segment,
+    _SinkStep,
+    freeze_heap,
+    thaw_heap,
+)
 from changefeed.pipelines.stages import BatchPolicy, Stage
 
 log = logging.getLogger("changefeed.pipelines")
@@ -50,7 +61,7 @@ class _Worker:
         self.segment = segment
         self.sink_step = sink_step
         self.failed = False
-        self.__name__ = "+".join(name for _, name in segment.stages) or (
+        self.__name__ = "+".join(name for _, name, _ in segment.stages) or (
             sink_step.name if sink_step else "worker"
         )
         if sink_step is not None and segment.stages:
@@ -141,6 +152,9 @@ class _WorkerNode(multipipes.Node):
         # terminate() that ends a failed pipeline.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # What the worker inherited from the feed's process is never garbage here: out of the
+        # collector's sight, a collection does not walk it (nor copy its pages on write).
+        gc.freeze()
         _exit_with_parent(self.name)
         try:
             super().run_forever()
@@ -177,7 +191,8 @@ class MultiProcessOutput(Output):
         self.chunk_size = policy.size
         self.seconds = policy.seconds
         self.max_in_flight = 4 * policy.size
-        self.chunk: list[_Entry] = []
+        self.chunk: list[Any] = []
+        """The changes taken since the last send."""
         self.chunk_started = 0.0
         self.sent = 0
         self.confirmed = 0
@@ -187,6 +202,7 @@ class MultiProcessOutput(Output):
         self.waiting = SinkWait(self.feed)
 
     def open(self) -> None:
+        freeze_heap()  # also before the fork, as the gc module advises
         self.inqueue = multipipes.Pipe()
         self.outqueue = multipipes.Pipe()
         self.nodes = [
@@ -198,22 +214,17 @@ class MultiProcessOutput(Output):
             for worker in self.workers
         ]
         self.mp_pipeline = multipipes.Pipeline([self.inqueue, *self.nodes, self.outqueue])
-        self.mp_pipeline.start()  # before the feed connects: the workers share no socket with it
+        try:
+            self.mp_pipeline.start()  # before the feed connects: the workers share no socket
+        except BaseException:
+            thaw_heap()  # no run, so no close()
+            raise
 
     def put(self, change: Any) -> None:
         chunk = self.chunk
         if not chunk:
             self.chunk_started = time.monotonic()
-        entries, failure = self.segment.process([_Entry(change, self.keep_change)])
-        chunk.extend(entries)
-        if failure is not None:
-            self._send(flush=True)
-            self.inqueue.put(failure)
-            _log_failure(failure.message, failure.cause)
-            try:
-                self._drain(until_all=True, expect_failure=True)  # raises the failure
-            except StopTimeout:  # a stop gave up waiting for it
-                raise PipelineError(failure.message) from None
+        chunk.append(change)
         if len(chunk) >= self.chunk_size or time.monotonic() - self.chunk_started >= self.seconds:
             self._send(flush=False)
             # Confirmations only follow sends: polling the queue costs ~6 µs, more than
@@ -234,18 +245,37 @@ class MultiProcessOutput(Output):
         self._drain(until_all=True)
 
     def close(self, clean: bool) -> None:
-        if clean:
-            self.mp_pipeline.poison_pill()
-        else:
-            self._terminate()
+        try:
+            if clean:
+                self.mp_pipeline.poison_pill()
+            else:
+                self._terminate()
+        finally:
+            thaw_heap()
 
     def _send(self, flush: bool) -> None:
-        chunk, self.chunk = self.chunk, []
-        if chunk or flush:
+        """Run this process's stages on the chunk taken and send it on; raise a stage's
+        failure once the workers delivered what came before it."""
+        changes, self.chunk = self.chunk, []
+        failure = None
+        if not self.segment.stages:  # nothing to run here: the changes are packed as they are
+            chunk = _Chunk.of_changes(changes, self.keep_change, flush)
+        else:
+            entries, failure = self.segment.process(
+                [_Entry(change, self.keep_change) for change in changes])
+            chunk = _Chunk(entries, flush or failure is not None)
+        if len(chunk) or flush or failure is not None:
             if self.sent == self.confirmed:
                 self.last_progress = time.monotonic()
-            self.inqueue.put(_Chunk(chunk, flush))
+            self.inqueue.put(chunk)
             self.sent += len(chunk)
+        if failure is not None:
+            self.inqueue.put(failure)
+            _log_failure(failure.message, failure.cause)
+            try:
+                self._drain(until_all=True, expect_failure=True)  # raises the failure
+            except StopTimeout:  # a stop gave up waiting for it
+                raise PipelineError(failure.message) from None
 
     def _drain(self, until_all: bool = False, expect_failure: bool = False) -> None:
         """Handle the confirmations that arrived; wait while too much is in flight, or (with

@@ -8,16 +8,19 @@ position of each delivered batch as `_Confirmed`. See `changefeed.pipelines.pipe
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Sequence
 from typing import Any
 
+import changefeed._speedups as _speedups
 from changefeed.change import Change, Operation, Position, Truncate
 from changefeed.errors import ChangefeedError, PipelineError
 from changefeed.pipelines.sinks import (
     Batch,
     ItemsRejected,
+    JsonLine,
     SinkInterrupted,
     SinkUnavailable,
     as_sink,
@@ -86,63 +89,148 @@ class _Failure:
 class _Chunk:
     """Entries crossing a process boundary; ``flush`` asks the sink to deliver at once.
 
-    Pickled compactly (`_pack`): a `Change` as the tuple of its fields, its operation as its
-    number and a position that is only a text (`PgPosition`) as that text, rebuilt on the
-    other side. Pickling the objects themselves (the dataclass's, the enum's and the
-    position's own hooks, in Python) cost ~25 µs a change each way, more than the stages."""
+    Pickled compactly (`pack_entries`): no `Change`, enum or position object is pickled as
+    itself (their own hooks run in Python, ~25 µs a change each way, more than the stages), and
+    a `JsonLine` crosses as its bytes. The kernels pack and unpack where they are built."""
 
-    __slots__ = ("entries", "flush")
+    __slots__ = ("entries", "flush", "changes", "keep_change")
 
     def __init__(self, entries: list[_Entry], flush: bool) -> None:
         self.entries = entries
         self.flush = flush
+        self.changes: list[Any] | None = None
 
-    def __getstate__(self) -> tuple[list[Any], bool]:
-        packed: list[Any] = []
-        for entry in self.entries:
-            items, change = entry.items, entry.change
-            if len(items) == 1 and not entry.dead:  # the common cases: a change
-                if change is None and getattr(items[0], "position", None) is entry.position:
-                    packed.append(_pack(items[0]))
-                    continue
-                if items[0] is change and getattr(change, "position", None) is entry.position:
-                    packed.append((_KEPT, _pack(change)))
-                    continue
-            same = change is not None and bool(items) and items[0] is change
-            packed.append((_WHOLE, _pack(entry.position), _pack(change), same,
-                           [_pack(item) for item in items[same:]], entry.dead))
-        return packed, self.flush
+    @classmethod
+    def of_changes(cls, changes: list[Any], keep_change: bool, flush: bool) -> _Chunk:
+        """The chunk of ``_Entry(change, keep_change)`` for each of ``changes``, packed without
+        making those entries (the feed's process runs no stage: it only sends)."""
+        chunk = cls([], flush)
+        chunk.changes = changes
+        chunk.keep_change = keep_change
+        return chunk
 
-    def __setstate__(self, state: tuple[list[Any], bool]) -> None:
-        packed, self.flush = state
-        entries = []
-        new_entry = _Entry.__new__
-        for one in packed:
-            entry = new_entry(_Entry)
-            size = len(one) if one.__class__ is tuple else 0
-            if size == 2:  # (_KEPT, change)
-                change = entry.change = _unpack(one[1])
-                entry.position = getattr(change, "position", None)
-                entry.items, entry.dead = [change], []
-            elif size == 6:  # (_WHOLE, position, change, same, items, dead)
-                _, position, change, same, items, entry.dead = one
-                entry.position, entry.change = _unpack(position), _unpack(change)
-                entry.items = [_unpack(item) for item in items]
-                if same:
-                    entry.items.insert(0, entry.change)  # one object, as before
-            else:
-                item = _unpack(one)
-                entry.position, entry.change = getattr(item, "position", None), None
-                entry.items, entry.dead = [item], []
+    def __len__(self) -> int:
+        return len(self.changes if self.changes is not None else self.entries)
+
+    def __getstate__(self) -> tuple[bytes, list[Any], bool]:
+        if self.changes is not None:
+            tags, values = pack_changes(self.changes, self.keep_change)
+        else:
+            tags, values = pack_entries(self.entries)
+        return tags, values, self.flush
+
+    def __setstate__(self, state: tuple[bytes, list[Any], bool]) -> None:
+        tags, values, self.flush = state
+        self.entries = unpack_entries(tags, values)
+        self.changes = None
+
+
+# How `pack_entries` writes an entry: a tag, then its values in one flat list.
+_CHANGE_TAG = 0
+"""Its only item is a `Change` holding the entry's position; the change is not kept (for dead
+letters): the change's 11 fields, its operation as its number, its position packed."""
+_KEPT_TAG = 1
+"""The same, the change kept as the entry's change."""
+_LINE_TAG = 2
+"""Its only item is a `JsonLine`; the change is not kept: the position packed, the line's bytes."""
+_OTHER_TAG = 3
+"""Anything else: one value, `_pack_other`'s tuple."""
+
+
+def _pack_entries(entries: list[_Entry]) -> tuple[bytes, list[Any]]:
+    """``entries`` as tags (one per entry) and a flat list of values, all of which pickle in C:
+    `_Chunk`'s state. The reference of the kernels' ``pack_entries``."""
+    tags = bytearray()
+    values: list[Any] = []
+    for entry in entries:
+        items, change = entry.items, entry.change
+        if len(items) == 1 and not entry.dead:
+            item = items[0]
+            cls = item.__class__
+            if cls is Change and item.position is entry.position and (
+                    change is None or change is item):
+                tags.append(_CHANGE_TAG if change is None else _KEPT_TAG)
+                values += (item.operation._value_, item.table, item.new, item.old, item.key,
+                           _pack(item.position), item.committed_at, item.transaction,
+                           item.snapshot, item.meta, item.schema_version)
+                continue
+            if cls is JsonLine and change is None:
+                tags.append(_LINE_TAG)
+                values += (_pack(entry.position), item.line)
+                continue
+        tags.append(_OTHER_TAG)
+        values.append(_pack_other(entry))
+    return bytes(tags), values
+
+
+def _pack_changes(changes: list[Any], keep_change: bool) -> tuple[bytes, list[Any]]:
+    """``_pack_entries([_Entry(change, keep_change) for change in changes])``, without making
+    the entries. The reference of the kernels' ``pack_changes``."""
+    tags = bytearray()
+    values: list[Any] = []
+    for change in changes:
+        if change.__class__ is Change:
+            tags.append(_KEPT_TAG if keep_change else _CHANGE_TAG)
+            values += (change.operation._value_, change.table, change.new, change.old,
+                       change.key, _pack(change.position), change.committed_at,
+                       change.transaction, change.snapshot, change.meta, change.schema_version)
+        else:
+            tags.append(_OTHER_TAG)
+            values.append(_pack_other(_Entry(change, keep_change)))
+    return bytes(tags), values
+
+
+def _unpack_entries(tags: bytes, values: list[Any]) -> list[_Entry]:
+    """The entries `_pack_entries` packed. The reference of the kernels' ``unpack_entries``."""
+    entries: list[_Entry] = []
+    new_entry = _Entry.__new__
+    at = 0
+    for tag in tags:
+        if tag == _OTHER_TAG:
+            entries.append(_unpack_other(values[at]))
+            at += 1
+            continue
+        entry = new_entry(_Entry)
+        entry.dead = []
+        if tag == _LINE_TAG:
+            entry.position = _unpack(values[at])
+            entry.change = None
+            entry.items = [JsonLine(values[at + 1])]
             entries.append(entry)
-        self.entries = entries
+            at += 2
+            continue
+        (operation, table, new, old, key, position, committed_at, transaction, snapshot, meta,
+         schema_version) = values[at:at + 11]
+        at += 11
+        change = Change(_OPERATIONS[operation], table, new, old, key, _unpack(position),
+                        committed_at, transaction, snapshot, meta, schema_version)
+        entry.position = change.position
+        entry.change = change if tag == _KEPT_TAG else None
+        entry.items = [change]
+        entries.append(entry)
+    return entries
 
 
-# The packed forms of an entry, told apart by their lengths: its only item, holding its
-# position (`_pack`: itself, a 1-tuple, a text (3) or a Change (12)); its change, kept, as its
-# only item (2); any other (6).
-_KEPT, _WHOLE = "kept", "whole"
-_CHANGE, _TEXT = 0, 1  # the packed forms (any other value travels as a 1-tuple)
+def _pack_other(entry: _Entry) -> tuple[Any, ...]:
+    change = entry.change
+    same = change is not None and bool(entry.items) and entry.items[0] is change
+    return (_pack(entry.position), _pack(change), same,
+            [_pack(item) for item in entry.items[same:]], entry.dead)
+
+
+def _unpack_other(packed: tuple[Any, ...]) -> _Entry:
+    entry = _Entry.__new__(_Entry)
+    position, change, same, items, entry.dead = packed
+    entry.position, entry.change = _unpack(position), _unpack(change)
+    entry.items = [_unpack(item) for item in items]
+    if same:
+        entry.items.insert(0, entry.change)  # one object, as before
+    return entry
+
+
+# The packed forms of a value (`_pack`), told apart by their lengths: itself (a str, None), a
+# 1-tuple (any other value, pickled as it is), a `JsonLine` (2), a text (3), a Change (12).
+_CHANGE, _TEXT, _LINE = 0, 1, 2
 _OPERATIONS = {operation.value: operation for operation in Operation}
 _TEXT_CLASSES: dict[type, bool] = {}
 
@@ -156,6 +244,8 @@ def _pack(value: Any) -> Any:
                 value.meta, value.schema_version)
     if cls is str or value is None:
         return value
+    if cls is JsonLine:
+        return (_LINE, value.line)
     text_only = _TEXT_CLASSES.get(cls)
     if text_only is None:  # a str subclass whose instances hold nothing but their text
         text_only = _TEXT_CLASSES[cls] = issubclass(cls, str) and "__dict__" not in dir(cls)
@@ -167,14 +257,46 @@ def _pack(value: Any) -> Any:
 def _unpack(packed: Any) -> Any:
     if packed.__class__ is not tuple:
         return packed
-    if len(packed) == 1:
+    size = len(packed)
+    if size == 1:
         return packed[0]
-    if packed[0] == _CHANGE:
-        (_, operation, table, new, old, key, position, committed_at, transaction, snapshot, meta,
-         schema_version) = packed
-        return Change(_OPERATIONS[operation], table, new, old, key, _unpack(position),
-                      committed_at, transaction, snapshot, meta, schema_version)
-    return str.__new__(packed[1], packed[2])
+    if size == 2:
+        return JsonLine(packed[1])
+    if size == 3:
+        return str.__new__(packed[1], packed[2])
+    (_, operation, table, new, old, key, position, committed_at, transaction, snapshot, meta,
+     schema_version) = packed
+    return Change(_OPERATIONS[operation], table, new, old, key, _unpack(position),
+                  committed_at, transaction, snapshot, meta, schema_version)
+
+
+def _compiled(name: str, reference: Any) -> Any:
+    kernels = _speedups.kernels
+    if kernels is None or not hasattr(kernels, name):
+        return reference
+    compiled = getattr(kernels, name)
+    return lambda *args: compiled(*args, _Entry, JsonLine, _pack, _unpack, _pack_other,
+                                  _unpack_other)
+
+
+pack_entries = _compiled("pack_entries", _pack_entries)
+pack_changes = _compiled("pack_changes", _pack_changes)
+unpack_entries = _compiled("unpack_entries", _unpack_entries)
+
+
+def freeze_heap() -> None:
+    """Put what the process holds when a pipeline starts (its modules, the feed) out of the
+    cyclic collector's sight for the run (`thaw_heap` at its end): each full collection would
+    walk all of it again, and changes in flight, promoted while they wait for a sink or a
+    queue, trigger many (measured: half a pipeline's CPU on 200,000 changes). Objects still
+    die by reference counting; frozen cyclic garbage waits until the thaw. Before a fork it
+    also keeps the workers from copying those pages (as the `gc` module advises)."""
+    gc.freeze()
+
+
+def thaw_heap() -> None:
+    """Give the collector back what `freeze_heap` hid."""
+    gc.unfreeze()
 
 
 class _Confirmed:
@@ -200,23 +322,45 @@ def _describe(exc: BaseException) -> str:
 
 
 class _Segment:
-    """Consecutive stages run in one process."""
+    """Consecutive stages run in one process, on a batch of entries at a time.
+
+    Each stage takes the whole batch before the next one does. A stage with an ``each`` method
+    (``--where``'s `RowWhere`, the format's `EncodeLines`: single items in, single items or
+    None out) gets the batch in one call, compiled where it can be; any other is called per
+    item. These stages are pure, so when ``each`` raises, the batch is run again one item at a
+    time to find the change that failed, which then fails (or is dead-lettered) as it would
+    alone: the entries before it are returned with the failure, and no stage runs on the ones
+    after it.
+    """
 
     def __init__(self, stages: Sequence[Stage], keep_change: bool, dead_letter: Any) -> None:
-        self.stages = [(stage, stage_name(stage)) for stage in stages]
+        self.stages = [(stage, stage_name(stage), getattr(stage, "each", None))
+                       for stage in stages]
         self.keep_change = keep_change
         self.dead_letter = dead_letter is not None
 
     def process(self, entries: list[_Entry]) -> tuple[list[_Entry], _Failure | None]:
-        """Run the stages on each entry; on a failure without dead letters, return the
+        """Run the stages on the entries; on a failure without dead letters, return the
         entries before the failed one and the failure."""
         if not self.stages:
             return entries, None
-        for index, entry in enumerate(entries):
-            items = entry.items
-            for stage, name in self.stages:
-                if not items:
-                    break
+        failure: _Failure | None = None
+        live = entries  # the entries that still have items for the next stage
+        for stage, name, each in self.stages:
+            live = [entry for entry in live if entry.items]
+            if not live:
+                break
+            if each is not None and all(len(entry.items) == 1 for entry in live):
+                try:
+                    results = each([entry.items[0] for entry in live])
+                except Exception:
+                    results = None  # found one at a time below
+                if results is not None and len(results) == len(live):
+                    for entry, result in zip(live, results, strict=True):
+                        entry.items = [] if result is None else [result]
+                    continue
+            for index, entry in enumerate(live):
+                items = entry.items
                 try:
                     if len(items) == 1:
                         items = apply_stage(stage, items[0])
@@ -226,15 +370,24 @@ class _Segment:
                     if self.dead_letter:
                         log.warning("stage %s failed at position %r: %s", name, entry.position, exc)
                         entry.dead_letter(name, exc)
-                        items = []
-                        break
+                        continue
                     message = (
                         f"stage {name} failed on the change at position {entry.position!r}:"
                         f" {_describe(exc)}"
                     )
-                    return entries[:index], _Failure(message, exc)
-            entry.items = items
-        return entries, None
+                    failure = _Failure(message, exc)
+                    entries = entries[:_index_of(entries, entry)]
+                    live = live[:index]
+                    break
+                entry.items = items
+        return entries, failure
+
+
+def _index_of(entries: list[_Entry], entry: _Entry) -> int:
+    for index, one in enumerate(entries):
+        if one is entry:
+            return index
+    raise ValueError("not an entry of the batch")
 
 
 class _SinkStep:
@@ -250,11 +403,13 @@ class _SinkStep:
         self.items = 0
         self.started = 0.0
 
-    def add(self, entries: list[_Entry]) -> None:
+    def add(self, entries: list[_Entry], since: float | None = None) -> None:
+        """Add ``entries`` to the waiting batch; ``since``: when the first of them was taken
+        (for the batch's age), if not now."""
         if not entries:
             return
         if not self.entries:
-            self.started = time.monotonic()
+            self.started = time.monotonic() if since is None else since
         self.entries.extend(entries)
         self.items += sum(len(entry.items) for entry in entries)
 

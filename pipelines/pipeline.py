@@ -31,7 +31,14 @@ from changefeed.delivery import Feed, Output, deliver
 from changefeed.errors import ConfigurationError, PipelineError
 from changefeed.pipelines._processes import MultiProcessOutput
 from changefeed.pipelines._sink_thread import _SinkThread
-from changefeed.pipelines._steps import _Confirmed, _Entry, _Segment, _SinkStep
+from changefeed.pipelines._steps import (
+    _Confirmed,
+    _Entry,
+    _Segment,
+    _SinkStep,
+    freeze_heap,
+    thaw_heap,
+)
 from changefeed.pipelines.sinks import BatchSink, Sink
 from changefeed.pipelines.stages import BatchPolicy, OwnProcess, Stage
 
@@ -166,6 +173,11 @@ class Pipeline:
         return self._output
 
 
+STAGE_BATCH = 500
+"""Changes gathered before the stages run on them (at most the batch size): a batch through a
+stage costs far less per change than a call per change (`_Segment`)."""
+
+
 class _InProcessOutput(Output):
     """Stages in the feed's thread, the sink in a thread of its own (`_SinkThread`)."""
 
@@ -175,29 +187,54 @@ class _InProcessOutput(Output):
         self.sink_step = _SinkStep(pipeline.sink, pipeline.dead_letter, pipeline.policy)
         policy = pipeline.policy
         self.cap = policy.size if policy.explicit else policy.size * GROWTH
+        self.stage_batch = min(STAGE_BATCH, policy.size)
+        self.seconds = policy.seconds
         self.feed = pipeline.feed
+        self.pending: list[_Entry] = []
+        """Changes taken that the stages did not see yet."""
+        self.pending_since = 0.0
 
     def open(self) -> None:
+        freeze_heap()
         self.sink_thread = _SinkThread(self.sink_step, self.feed, self._confirmed)
 
     def put(self, change: Any) -> None:
+        pending = self.pending
+        if not pending:
+            self.pending_since = time.monotonic()
+        pending.append(_Entry(change, keep_change=True))
+        if len(pending) >= self.stage_batch or (
+                time.monotonic() - self.pending_since >= self.seconds):
+            self._run_stages()
+            if self.sink_step.due(time.monotonic()):
+                self.sink_thread.offer(self.sink_step, self.cap)
+
+    def _run_stages(self) -> None:
+        """Run the stages on the pending changes; raise a stage's failure once what came
+        before it is delivered."""
+        if not self.pending:
+            return
         sink_step = self.sink_step
-        entries, failure = self.segment.process([_Entry(change, keep_change=True)])
-        sink_step.add(entries)
+        entries, failure = self.segment.process(self.pending)
+        self.pending = []
+        sink_step.add(entries, since=self.pending_since)
         if failure is not None:
             self.sink_thread.finish(sink_step.take())  # what came before the failure
             raise PipelineError(failure.message) from failure.cause
-        if sink_step.due(time.monotonic()):
-            self.sink_thread.offer(sink_step, self.cap)
 
     def idle(self) -> None:
+        self._run_stages()
         self.sink_thread.idle(self.sink_step)
 
     def finish(self) -> None:
+        self._run_stages()
         self.sink_thread.finish(self.sink_step.take())
 
     def close(self, clean: bool) -> None:
-        self.sink_thread.close(wait=clean)
+        try:
+            self.sink_thread.close(wait=clean)
+        finally:
+            thaw_heap()
 
     def _confirmed(self, confirmed: _Confirmed | None) -> None:
         if confirmed is not None:

@@ -30,7 +30,7 @@ from changefeed.change import UNCHANGED, Change, Operation, Truncate
 from changefeed.errors import ConfigurationError, PipelineError
 from changefeed.formats.delta import ToDelta
 from changefeed.pipelines.filters import Filter, compile_filter, filter_fields
-from changefeed.pipelines.sinks import BatchSink, Sink
+from changefeed.pipelines.sinks import BatchSink, JsonLine, Sink
 
 
 class Stage(Protocol):
@@ -148,6 +148,52 @@ def to_delta(model: str | Mapping[str, str] | None = None) -> ToDelta:
     {'type': 'update', 'model': 'Task', 'newData': {'id': 1, 'done': True}, 'oldData': {'id': 1}}
     """
     return ToDelta(model)
+
+
+class EncodeLines:
+    """The format stage of a pipeline whose sink writes JSON lines (``takes_lines``): each change
+    (or truncate) as the `JsonLine` of its item in format ``fmt``, made by the format's line
+    encoder (the bytes ``dumps_line`` gives the item, without making the item); anything else
+    a stage before made, as the format's item. Named, and failing, as the format's stage."""
+
+    __slots__ = ("fmt", "options", "encode", "items", "name")
+
+    def __init__(self, fmt: str, options: Any) -> None:
+        from changefeed.formats.registry import format_named
+
+        known = format_named(fmt)
+        self.fmt = fmt
+        self.options = options
+        self.encode = known.lines(options)
+        self.items = known.items(options)
+        self.name = stage_name(self.items)
+
+    def __reduce__(self) -> tuple[type, tuple[str, Any]]:
+        return EncodeLines, (self.fmt, self.options)  # compiled encoders do not pickle
+
+    def __call__(self, item: Any) -> Any:
+        if item.__class__ is Change or item.__class__ is Truncate:
+            return JsonLine(self.encode(item))
+        return self.items(item)
+
+    def each(self, items: list[Any]) -> list[Any] | None:
+        """Each change's `JsonLine`, in one call (`changefeed.pipelines._steps._Segment` gives
+        a batch to a stage with this method); None (one at a time, please) when a stage before
+        made other items."""
+        encode = self.encode
+        try:
+            return [JsonLine(encode(item)) if item.__class__ is Change
+                    or item.__class__ is Truncate else _declined(item) for item in items]
+        except _Declined:
+            return None
+
+
+class _Declined(Exception):
+    """An item `EncodeLines.each` leaves to the stage's call (which may fan it out or drop it)."""
+
+
+def _declined(item: Any) -> Any:
+    raise _Declined
 
 
 class Route:

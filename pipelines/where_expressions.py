@@ -23,11 +23,12 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+import changefeed._speedups as _speedups
 from changefeed.change import Change
 from changefeed.errors import ConfigurationError, PipelineError
 from changefeed.pipelines._steps import _Entry, _Segment
 from changefeed.pipelines.filters import MAX_DEPTH, Filter, compile_filter
-from changefeed.pipelines.stages import Where, where
+from changefeed.pipelines.stages import Where
 
 _TOKEN = re.compile(
     r"""\s*(?:
@@ -171,15 +172,40 @@ class _WhereParser:
         return [op[1], field, value]
 
 
+class RowWhere(Where):
+    """The `where` stage `row_filter` makes: keeps changes whose row (new, or old for a delete)
+    matches a Snorky ``filter``. A batch of changes is judged in one call (`each`), by the
+    compiled evaluator where it is built (the same answers; it asks the predicate per change
+    only for what it cannot be sure of), else by the predicate."""
+
+    __slots__ = ("filter", "_batch")
+
+    def __init__(self, filter: Filter) -> None:
+        matches = compile_filter(filter)
+
+        def row_matches(change: Change) -> bool:
+            return matches(change.row or {})
+
+        row_matches.__name__ = json.dumps(filter)
+        super().__init__(row_matches)
+        self.filter = filter
+        self._batch: Any = None
+        if _speedups.kernels is not None:
+            self._batch = _speedups.kernels.RowFilter(filter, self)
+
+    def __reduce__(self) -> tuple[type, tuple[Filter]]:
+        return RowWhere, (self.filter,)  # the predicate is a closure
+
+    def each(self, items: list[Any]) -> list[Any] | None:
+        """Each of ``items`` if kept, else None, in one call (see `EncodeLines.each`)."""
+        if self._batch is not None:
+            return self._batch.each(items)  # type: ignore[no-any-return]
+        return [self(item) for item in items]
+
+
 def row_filter(filter: Filter) -> Where:
     """A `where` stage keeping changes whose row (new, or old for a delete) matches ``filter``."""
-    matches = compile_filter(filter)
-
-    def row_matches(change: Change) -> bool:
-        return matches(change.row or {})
-
-    row_matches.__name__ = json.dumps(filter)
-    return where(row_matches)
+    return RowWhere(filter)
 
 
 def row_keeper(filter: Filter) -> Callable[[Change], bool]:

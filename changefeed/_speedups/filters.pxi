@@ -159,3 +159,130 @@ cdef class RowMatcher:
 
 
 cdef object NULL_VALUE = object()  # a column's SQL NULL (its value: None) while loaded
+
+
+# The same filter on the rows of `Change` objects a pipeline's ``--where`` stage gets: a batch
+# judged in one call (`RowFilter.each`), each answer the one `compile_filter`'s predicate gives
+# for ``change.row or {}``.
+
+@cython.final
+cdef class RowFieldNode:
+    """One part of a filter, reading fields of a row dict by name."""
+
+    cdef int kind, op
+    cdef object first  # the dotted field's first name: a key of the row
+    cdef tuple path  # the rest: keys into nested mappings
+    cdef object value
+    cdef list children
+
+
+cdef RowFieldNode compile_row_node(object spec):
+    cdef RowFieldNode node = RowFieldNode.__new__(RowFieldNode)
+    op = spec[0]
+    if op in COMPARISON_OPS:
+        node.kind = NODE_COMPARE
+        node.op = COMPARISON_OPS[op]
+        parts = spec[1].split(".")
+        node.first = parts[0]
+        node.path = tuple(parts[1:])
+        node.value = spec[2]
+        return node
+    node.kind = NODE_AND if op == "and" else (NODE_OR if op == "or" else NODE_NOT)
+    node.children = [compile_row_node(part) for part in spec[1:]]
+    return node
+
+
+cdef object truncate_class = None  # changefeed.change.Truncate, bound on first use
+
+
+@cython.final
+cdef class RowFilter:
+    """A filter (checked by `compile_filter` already) judging the rows of a batch of changes;
+    ``stage`` (the `RowWhere` in Python) answers for what it cannot be sure of: an item that
+    is not exactly a `Change`, a row that is not a dict, a comparison raising another error
+    than TypeError (the stage raises it where it would)."""
+
+    cdef RowFieldNode root
+    cdef object stage
+
+    def __cinit__(self, spec, stage):
+        global mapping_class, truncate_class
+        bind_core()
+        if mapping_class is None or truncate_class is None:
+            from collections.abc import Mapping
+
+            from changefeed.change import Truncate
+
+            mapping_class = Mapping
+            truncate_class = Truncate
+        self.root = compile_row_node(spec)
+        self.stage = stage
+
+    def each(self, list items):
+        """Each item if the stage keeps it, else None."""
+        cdef list kept = [None] * len(items)
+        cdef Py_ssize_t i
+        cdef int verdict
+        cdef object empty = {}
+        for i in range(len(items)):
+            item = items[i]
+            cls = type(item)
+            if cls is Change and change_slots_known:
+                row = change_field(item, 2)
+                if row is None:
+                    row = change_field(item, 3)
+                    if row is None:
+                        row = empty
+                verdict = self.evaluate(self.root, row) if type(row) is dict else UNDECIDED
+            elif cls is truncate_class:
+                verdict = 1  # a filter on rows keeps a table's truncate
+            else:
+                verdict = UNDECIDED
+            if verdict == 1:
+                kept[i] = item
+            elif verdict == UNDECIDED:
+                kept[i] = self.stage(item)
+        return kept
+
+    cdef int evaluate(self, RowFieldNode node, dict row) except -2:
+        cdef int verdict
+        cdef RowFieldNode child
+        if node.kind == NODE_COMPARE:
+            return self.compare(node, row)
+        if node.kind == NODE_NOT:
+            verdict = self.evaluate(<RowFieldNode>node.children[0], row)
+            return verdict if verdict == UNDECIDED else 1 - verdict
+        for child in node.children:
+            verdict = self.evaluate(child, row)
+            if verdict == UNDECIDED:
+                return UNDECIDED
+            if verdict == (0 if node.kind == NODE_AND else 1):
+                return verdict
+        return 1 if node.kind == NODE_AND else 0
+
+    cdef int compare(self, RowFieldNode node, dict row) except -2:
+        try:
+            found = row.get(node.first, MISSING)
+        except Exception:
+            return UNDECIDED
+        if found is MISSING:
+            return 0
+        for part in node.path:
+            if type(found) is dict:
+                found = (<dict>found).get(part, MISSING)
+            elif isinstance(found, mapping_class):
+                try:
+                    found = found.get(part, MISSING)
+                except Exception:
+                    return UNDECIDED
+            else:
+                return 0
+            if found is MISSING:
+                return 0
+        try:
+            result = PyObject_RichCompare(found, node.value, node.op)
+            return PyObject_IsTrue(result)
+        except TypeError:  # "a" < 1: no match (Snorky's rule)
+            return 0
+        except Exception:  # for the Python predicate to raise where it would
+            return UNDECIDED

@@ -161,25 +161,38 @@ def build_cli_pipeline(
     (the keywords of `pipeline_parts`).
 
     Acknowledges at most every `changefeed.cli.ACK_SECONDS` (and always at the end), as the
-    command does without a pipeline. With ``processes`` each stage runs in a process of its
-    own and the sink in another, which also writes the format (the sink's encoding, not a
-    stage: a process of its own would cost a pickling of every change each way for one cheap
-    call, measured with ``benchmarks/bench_postgres.py --variants sink_processes``).
+    command does without a pipeline. A sink writing JSON lines gets them made by the format's
+    line encoder (`EncodeLines`: no item per change). With ``processes`` each stage but
+    ``--where`` (cheaper than a crossing) runs in a process of its own and the sink in another;
+    the format runs in the process of the last stage (the feed's without other stages), so
+    that only the lines cross to the sink's process, far cheaper than the changes would. (For
+    another sink the sink's process formats: a process of its own would cost a pickling of
+    every change each way for one cheap call, measured with ``benchmarks/bench_postgres.py
+    --variants sink_processes``.)
     """
     from changefeed.pipelines.pipeline import Pipeline
-    from changefeed.pipelines.stages import OwnProcess
+    from changefeed.pipelines.stages import EncodeLines, OwnProcess
 
     parts = pipeline_parts(feed, **options)
     steps: list[Any] = list(parts.stages)
     out: Any = parts.sink
+    encode = parts.encode
+    lines = encode is not None and getattr(parts.sink, "takes_lines", False)
+    if lines:
+        connection = getattr(feed, "connection", None)
+        encode = EncodeLines(options.get("fmt", "delta"), FormatOptions(
+            model=options.get("model"), url=connection if isinstance(connection, str) else ""))
     if processes:
-        steps = [OwnProcess(stage) for stage in steps]
+        # ``--where`` (first, when given) stays in the feed's process: evaluated in C on a batch
+        # at a time, it costs far less than the crossing of the changes it drops.
+        stay = 1 if options.get("where") else 0
+        steps = steps[:stay] + [OwnProcess(stage) for stage in steps[stay:]]
         out = OwnProcess(out)
-    if parts.encode is not None:
-        if processes:  # the sink's process formats the changes first
-            steps.append(OwnProcess(parts.encode))
+    if encode is not None:
+        if processes and not lines:  # the sink's process formats the changes first
+            steps.append(OwnProcess(encode))
             out = parts.sink
         else:
-            steps.append(parts.encode)
+            steps.append(encode)
     return Pipeline(feed, steps, sink=out, dead_letter=parts.dead_letter,
                     ack_interval=ACK_SECONDS)

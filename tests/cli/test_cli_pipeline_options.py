@@ -58,14 +58,20 @@ def test_build_cli_pipeline_rejects_bad_options():
 
 
 @pytest.mark.parametrize(("options", "groups"), [
-    # The format joins the sink's process; each user stage has a process of its own.
-    ({"where": "id >= 0"}, [[], ["Where"], ["ToDelta"]]),
+    # --where stays in the feed's process (compiled, cheaper than a crossing); the format
+    # joins the last stage's process: only lines cross to the sink's.
+    ({"where": "id >= 0"}, [["RowWhere", "EncodeLines"], []]),
+    # Each other stage has a process of its own.
+    ({"where": "id >= 0", "filter": '["==", "c", 1]'},
+     [["RowWhere"], ["Subscription", "EncodeLines"], []]),
+    ({"filter": '["==", "c", 1]'}, [[], ["Subscription", "EncodeLines"], []]),
     # The change format is the sink's own way of writing a change: no stage to place.
     ({"where": "id >= 0", "filter": '["==", "c", 1]', "fmt": "change"},
-     [[], ["Where"], ["Subscription"], []]),
-    ({"fmt": "debezium"}, [[], ["DebeziumEncoder"]]),
+     [["RowWhere"], ["Subscription"], []]),
+    # Without stages the feed's process writes the lines.
+    ({"fmt": "debezium"}, [["EncodeLines"], []]),
 ])
-def test_with_processes_the_format_runs_in_the_sink_s_process(tmp_path, options, groups):
+def test_with_processes_lines_cross_to_the_sink_s_process(tmp_path, options, groups):
     out = tmp_path / "out.jsonl"
     options = {**options, "sink": str(out)}
     changes = [insert("public.t", {"id": n, "c": 1}) for n in range(1, 4)]
@@ -73,5 +79,5 @@ def test_with_processes_the_format_runs_in_the_sink_s_process(tmp_path, options,
                                   **options)
     names = [[type(stage).__name__ for stage in group] for group in pipeline._groups]
     assert names == groups  # group 0 is the feed's process; the sink runs in the last
-    assert pipeline.run() == 3  # the sink's process formats and writes every change
+    assert pipeline.run() == 3  # the sink's process writes every change
     assert len(out.read_text().splitlines()) == 3

@@ -61,7 +61,7 @@ def test_file_sink_workers_die_with_the_feed_and_the_next_run_loses_nothing(
         wait_until(lambda: out.exists() and out.read_text().count("\n") >= 200,
                    "the rows in the sink file", 60)
         insert(pg_dsn, range(201, 401))  # some of these are in flight when it dies
-        kill_and_wait(run, 2)  # --where; the sink, which writes the format
+        kill_and_wait(run, 1)  # the sink (--where and the format run in the feed's process)
     result = run_cli(*args, "--until-idle", "1.5")
     assert result.returncode == 0, result.stderr
     lines = out.read_text().splitlines()
