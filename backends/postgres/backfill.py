@@ -36,15 +36,14 @@ from changefeed.backends.postgres.chunks import (
     window_changes,
 )
 from changefeed.backends.postgres.connection import MESSAGES_VERSION
+from changefeed.backends.postgres.copy import CopyReader, copy_shape, limit_for
 from changefeed.backends.postgres.ledger import AckLedger
-from changefeed.backends.postgres.loading import TypeLoaders, psycopg_loaders
 from changefeed.backends.postgres.pgoutput import PgOutputDecoder
-from changefeed.backends.postgres.snapshot import DONE, read_chunk, schema_version_of
+from changefeed.backends.postgres.snapshot import DONE, schema_version_of
 from changefeed.backends.postgres.tables import (
     Table,
     WatchedTables,
     resolve_tables,
-    stream_columns,
 )
 from changefeed.change import Change, SnapshotState, Truncate
 from changefeed.errors import BackendError, ConfigurationError, first_line
@@ -85,7 +84,7 @@ class Backfills:
         self.chunk_bytes = chunk_bytes
         self.markers = markers
         self.save = save
-        self.read_rows = ChunkReader()
+        self.read_rows = CopyReader()
         self.queue: deque[TableBackfill] = deque()
         self.window: ChunkWindow | None = None
         self.finished: deque[FinishedChunk] = deque()
@@ -221,8 +220,10 @@ class Backfills:
         """The next chunk of ``backfill`` as an open window (its watermark not written yet)."""
         if backfill.estimate == 0:
             backfill.estimate = _estimate(conn, backfill.source)
-        columns = stream_columns(conn, backfill.oid)
+        shape = copy_shape(conn, backfill.oid, backfill.table, backfill.key)
         size = self.chunk_size
+        # COPY cannot stop after a number of bytes: the LIMIT keeps a chunk to its budget.
+        limit = limit_for(size, self.chunk_bytes, backfill.row_bytes)
         watermark = uuid.uuid4().hex
         if backfill.by_ctid:
             leaves = _leaves(conn, backfill.source)
@@ -232,28 +233,29 @@ class Backfills:
             if chunk is None:  # every leaf read
                 return ChunkWindow(backfill, watermark, {}, backfill.after, complete=True,
                                    storage=backfill.storage)
-            query = backfill.ctid_query(chunk.leaf.name, columns, chunk.after, chunk.upper, size)
-            got, ended, backfill.row_bytes = self.read_rows(
-                conn, query, rows=size, max_bytes=self.chunk_bytes, row_size=backfill.row_bytes)
+            query = backfill.ctid_query(chunk.leaf.name, shape.columns, chunk.after, chunk.upper,
+                                        limit)
+            got, ended, row_size, last = self.read_rows(
+                conn, query, shape, limit=limit, max_bytes=self.chunk_bytes)
             whole = ended and len(got) < size  # the page range is read to its end
             leaf = str(chunk.leaf.oid)
-            last_key = [leaf, f"({chunk.upper},0)"] if whole else [
-                leaf, got[-1]["__changefeed_key"]]
+            last_key = [leaf, f"({chunk.upper},0)"] if whole else [leaf, last]
             backfill.pages = _adapt_pages(pages, len(got), size, whole)
             complete = whole and chunk.last and chunk.upper >= chunk.leaf.pages
             storage = chunk.leaf.storage
         else:
             identifier = _identifier(conn, backfill.source)
-            query = backfill.chunk_query(identifier, columns, size)
-            got, ended, backfill.row_bytes = self.read_rows(
-                conn, query, rows=size, max_bytes=self.chunk_bytes, row_size=backfill.row_bytes)
-            last_key = got[-1]["__changefeed_key"] if got else backfill.after
+            query = backfill.chunk_query(identifier, shape.columns, limit)
+            got, ended, row_size, last = self.read_rows(
+                conn, query, shape, limit=limit, max_bytes=self.chunk_bytes)
+            last_key = last if got else backfill.after
             complete = ended and len(got) < size
             storage = None
+        if row_size:
+            backfill.row_bytes = row_size
         rows: dict[Any, list[dict[str, Any]]] = {}
         token = backfill.token
         for row in got:
-            del row["__changefeed_key"]
             rows.setdefault(token(row), []).append(row)
         return ChunkWindow(backfill, watermark, rows, last_key, complete=complete,
                            storage=storage)
@@ -440,23 +442,6 @@ def table_backfill(
         announced=state.get("chunks", 0) > 0, source=source, storage=state.get("storage"),
         markers=markers and source == table.oid,
     )
-
-
-class ChunkReader:
-    """Reads a back-fill chunk's rows as dicts (one short transaction, bounded in rows and
-    bytes), loaded by the stream's own loaders: the same values as streamed rows."""
-
-    def __init__(self) -> None:
-        self._loaders: TypeLoaders | None = None
-
-    def __call__(
-        self, conn: psycopg.Connection, query: sql.Composed, *, rows: int, max_bytes: int,
-        row_size: float = 0.0,
-    ) -> tuple[list[dict[str, Any]], bool, float]:
-        if self._loaders is None or self._loaders.catalog is not conn:
-            self._loaders = psycopg_loaders(conn, catalog=conn)
-        return read_chunk(conn, query, self._loaders, rows=rows, max_bytes=max_bytes,
-                          row_size=row_size)
 
 
 def save_progress(
