@@ -34,6 +34,7 @@ from changefeed.backends.postgres.chunks import (
     pages_for,
     requested_tables,
     window_changes,
+    window_lines,
 )
 from changefeed.backends.postgres.connection import MESSAGES_VERSION
 from changefeed.backends.postgres.copy import CopyReader, copy_shape, limit_for
@@ -45,7 +46,7 @@ from changefeed.backends.postgres.tables import (
     WatchedTables,
     resolve_tables,
 )
-from changefeed.change import Change, SnapshotState, Truncate
+from changefeed.change import Change, Truncate
 from changefeed.errors import BackendError, ConfigurationError, first_line
 from changefeed.formats.json_values import loads_value
 from changefeed.message import Message
@@ -85,6 +86,9 @@ class Backfills:
         self.markers = markers
         self.save = save
         self.read_rows = CopyReader()
+        self.line_format: tuple[str, Any] | None = None
+        """(format, delta model) when the feed hands out ready lines (`prefer_lines`): chunks of
+        tables with a key are then read as JSON and come out as `Lines` (the compiled path)."""
         self.queue: deque[TableBackfill] = deque()
         self.window: ChunkWindow | None = None
         self.finished: deque[FinishedChunk] = deque()
@@ -236,7 +240,7 @@ class Backfills:
             query = backfill.ctid_query(chunk.leaf.name, shape.columns, chunk.after, chunk.upper,
                                         limit)
             got, ended, row_size, last = self.read_rows(
-                conn, query, shape, limit=limit, max_bytes=self.chunk_bytes)
+                conn, query, shape, limit=limit, max_bytes=self.chunk_bytes)[:4]
             whole = ended and len(got) < size  # the page range is read to its end
             leaf = str(chunk.leaf.oid)
             last_key = [leaf, f"({chunk.upper},0)"] if whole else [leaf, last]
@@ -246,11 +250,17 @@ class Backfills:
         else:
             identifier = _identifier(conn, backfill.source)
             query = backfill.chunk_query(identifier, shape.columns, limit)
-            got, ended, row_size, last = self.read_rows(
-                conn, query, shape, limit=limit, max_bytes=self.chunk_bytes)
-            last_key = last if got else backfill.after
+            chunk = self.read_rows(conn, query, shape, limit=limit, max_bytes=self.chunk_bytes,
+                                   lines=self.line_format is not None)
+            got, ended, row_size, last = chunk[:4]
+            last_key = last if len(got) else backfill.after
             complete = ended and len(got) < size
             storage = None
+            if chunk.by_token is not None:  # the direct path's: rows as JSON, by token
+                if row_size:
+                    backfill.row_bytes = row_size
+                return ChunkWindow(backfill, watermark, chunk.by_token, last_key,
+                                   complete=complete, lines=got)
         if row_size:
             backfill.row_bytes = row_size
         rows: dict[Any, list[dict[str, Any]]] = {}
@@ -272,7 +282,7 @@ class Backfills:
 
     def on_message(
         self, message: Message, decoder: PgOutputDecoder
-    ) -> list[Change | SnapshotState]:
+    ) -> list[Any]:
         """Handle one of changefeed's own messages: a watermark closing a chunk (its rows come
         out, positioned in the watermark's transaction), or a back-fill request."""
         if message.prefix == BACKFILL_PREFIX:
@@ -285,10 +295,14 @@ class Backfills:
         relation = decoder.relations.get(oid)
         version = (relation.schema_version if relation is not None
                    else schema_version_of(self.connection(), oid))
-        changes, last = window_changes(
-            window, self.tables.stream_names.get(oid, window.backfill.table), version,
-            decoder.next_position, markers=self.markers,
-        )
+        table = self.tables.stream_names.get(oid, window.backfill.table)
+        if window.lines is not None and self.line_format is not None:
+            fmt, model = self.line_format
+            changes, last = window_lines(window, table, version, decoder.next_position,
+                                         markers=self.markers, fmt=fmt, model=model)
+        else:
+            changes, last = window_changes(window, table, version, decoder.next_position,
+                                           markers=self.markers)
         self.finished[-1].last_position = last
         return changes
 

@@ -243,6 +243,9 @@ class ChunkWindow:
     """The chunk was the table's last: the table is done after it."""
     storage: int | None = None
     """Read by ctid: the relfilenode of the leaf it was read from."""
+    lines: Any = None
+    """For the direct path: the rows as JSON (a compiled `CopiedLines`), ``rows`` holding
+    their indexes in it (see `window_lines`)."""
 
     @property
     def count(self) -> int:
@@ -300,3 +303,30 @@ def window_changes(
     if markers and window.complete:
         out.append(SnapshotState(table, "done", positions[-1]))
     return out, positions[-1] if positions else None
+
+
+def window_lines(
+    window: ChunkWindow, table: str, version: str | None,
+    next_position: Callable[[], PgPosition], *, markers: bool, fmt: str, model: Any = None,
+) -> tuple[list[Any], PgPosition | None]:
+    """`window_changes` for the direct path (a window read as ``lines``): the chunk's rows as
+    one batch of their ``fmt`` lines (`changefeed._speedups.Lines`), the markers around it, at
+    the same positions, with the same bytes as the encoders write of `window_changes`'s."""
+    backfill = window.backfill
+    markers = markers and backfill.markers
+    out: list[Any] = []
+    if markers and not backfill.announced:
+        out.append(SnapshotState(table, "started", next_position()))
+    backfill.announced = True
+    indexes = [index for group in window.rows.values() for index in group]
+    last = None
+    if indexes:
+        first = last = next_position()
+        for _ in range(len(indexes) - 1):
+            last = next_position()
+        out.append(window.lines.lines(indexes, fmt, model, table, version, first.lsn,
+                                      first.index))
+    if markers and window.complete:
+        last = next_position()
+        out.append(SnapshotState(table, "done", last))
+    return out, last

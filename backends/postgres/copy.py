@@ -94,13 +94,15 @@ def limit_for(rows: int, max_bytes: int, row_size: float) -> int:
 
 
 class CopiedChunk(NamedTuple):
-    """A chunk read: its rows (dicts of the stream's columns), whether the query had no more
-    rows, the size of a row as measured, and the last row's ``__changefeed_key``."""
+    """A chunk read: its rows (dicts of the stream's columns; for the direct path, a compiled
+    `CopiedLines`), whether the query had no more rows, the size of a row as measured, the
+    last row's ``__changefeed_key``, and for the direct path the rows' indexes by key token."""
 
-    rows: list[dict[str, Any]]
+    rows: Any
     ended: bool
     row_size: float
     last_key: Any
+    by_token: dict[Any, list[int]] | None = None
 
 
 class CopyReader:
@@ -133,10 +135,11 @@ class CopyReader:
 
     def __call__(
         self, conn: psycopg.Connection, query: sql.Composable, shape: CopyShape, *, limit: int,
-        max_bytes: int,
+        max_bytes: int, lines: bool = False,
     ) -> CopiedChunk:
         """The rows of ``query`` (which ends in ``LIMIT limit``), fewer once they hold about
-        ``max_bytes`` of text. ``conn``: an autocommit connection, idle."""
+        ``max_bytes`` of text. ``conn``: an autocommit connection, idle. ``lines``: as JSON
+        for the direct path (compiled only, tables with a key: `CopyParser.read_lines`)."""
         _speedups.check()
         parser = self.parser(conn, shape)
         pgconn = conn.pgconn
@@ -149,8 +152,13 @@ class CopyReader:
                 raise psycopg.OperationalError(pgconn.get_error_message().decode(errors="replace"))
             raise error_from_result(result, encoding=conn.info.encoding)
         finished = False
+        by_token = None
         try:
-            rows, last_key, nbytes, finished = parser.read(pgconn, limit, max_bytes)
+            if lines:
+                rows, by_token, last_key, nbytes, finished = parser.read_lines(
+                    pgconn, limit, max_bytes)
+            else:
+                rows, last_key, nbytes, finished = parser.read(pgconn, limit, max_bytes)
         finally:
             if not finished:  # cut at the budget, or an error: stop the COPY
                 conn.cancel_safe()
@@ -158,8 +166,8 @@ class CopyReader:
                     pass
         _finish(pgconn, conn)
         ended = finished and len(rows) < limit
-        return CopiedChunk(rows, ended, max(1.0, nbytes / len(rows)) if rows else 0.0,
-                           parser.key(last_key))
+        return CopiedChunk(rows, ended, max(1.0, nbytes / len(rows)) if len(rows) else 0.0,
+                           parser.key(last_key), by_token)
 
 
 def _drain(pgconn: Any) -> None:

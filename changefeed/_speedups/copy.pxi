@@ -101,7 +101,20 @@ cdef class CopyParser:
     def read(self, pgconn, Py_ssize_t limit, Py_ssize_t max_bytes):
         """As `copy.RowParser.read`: (rows, the last raw key, the bytes read, whether the COPY
         ended)."""
-        cdef list rows = []
+        rows = []
+        nbytes, finished = self.read_rows(pgconn, limit, max_bytes, rows, None)
+        return rows, self.key_bytes(), nbytes, finished
+
+    def read_lines(self, pgconn, Py_ssize_t limit, Py_ssize_t max_bytes):
+        """The direct path's `read`: the rows as JSON (`CopiedLines`), not dicts, and the rows'
+        indexes by key token (as `ChunkWindow.rows` holds rows): (lines, rows by token, the last
+        raw key, the bytes read, whether the COPY ended). Only for tables with a key."""
+        cdef CopiedLines lines = CopiedLines()
+        nbytes, finished = self.read_rows(pgconn, limit, max_bytes, None, lines)
+        return lines, lines.by_token, self.key_bytes(), nbytes, finished
+
+    cdef tuple read_rows(self, pgconn, Py_ssize_t limit, Py_ssize_t max_bytes, list rows,
+                         CopiedLines lines):
         cdef Py_ssize_t nbytes = 0, count = 0
         cdef int size
         cdef char* buffer
@@ -112,7 +125,7 @@ cdef class CopyParser:
         self.any_row = False
         while True:
             if nbytes >= max_bytes and count < limit:
-                return rows, self.key_bytes(), nbytes, False
+                return nbytes, False
             if conn is not NULL:
                 buffer = NULL
                 with nogil:
@@ -121,9 +134,12 @@ cdef class CopyParser:
                     if size == -2:
                         raise self.pgconn_error(
                             f"receiving copy data failed: {pgconn.get_error_message()}")
-                    return rows, self.key_bytes(), nbytes, True
+                    return nbytes, True
                 try:
-                    rows.append(self.parse_row(buffer, size))
+                    if lines is None:
+                        rows.append(self.parse_row(buffer, size))
+                    else:
+                        self.parse_line(buffer, size, lines)
                 finally:
                     self.libpq_freemem(buffer)
             else:
@@ -132,9 +148,12 @@ cdef class CopyParser:
                     if size == -2:
                         raise self.pgconn_error(
                             f"receiving copy data failed: {pgconn.get_error_message()}")
-                    return rows, self.key_bytes(), nbytes, True
+                    return nbytes, True
                 data = bytes(data)
-                rows.append(self.parse_row(PyBytes_AS_STRING(data), size))
+                if lines is None:
+                    rows.append(self.parse_row(PyBytes_AS_STRING(data), size))
+                else:
+                    self.parse_line(PyBytes_AS_STRING(data), size, lines)
             nbytes += size
             count += 1
 
@@ -156,20 +175,21 @@ cdef class CopyParser:
         """The loaded ``__changefeed_key`` (as `copy.RowParser.key`)."""
         return None if raw is None else self.key_decode([raw])["key"]
 
-    cdef dict parse_row(self, const char* p, Py_ssize_t n):
-        """One COPY text row: its key kept raw (`last_key`), the row's values loaded."""
-        cdef RelationPlan plan = self.plan
-        cdef Py_ssize_t i, length, count = plan.count
-        cdef const char* end
-        cdef const char* text
-        cdef const char* field_end
+    def lines_of(self, lines):
+        """`read_lines` of COPY lines at hand (for tests): (lines, rows by token, last raw
+        key)."""
+        cdef CopiedLines copied = CopiedLines()
+        self.any_row = False
+        for line in lines:
+            line = bytes(line)
+            self.parse_line(PyBytes_AS_STRING(line), PyBytes_GET_SIZE(line), copied)
+        return copied, copied.by_token, self.key_bytes()
+
+    cdef const char* take_key(self, const char* p, const char* end) except NULL:
+        """Keep the raw ``__changefeed_key`` at ``p`` (`last_key`); returns where it ends."""
+        cdef Py_ssize_t length
         cdef char* grown
-        if n and p[n - 1] == b"\n":
-            n -= 1
-        end = p + n
-        cdef const char* line = p
-        # The key: its text, unescaped
-        field_end = <const char*>memchr(p, b"\t", n)
+        cdef const char* field_end = <const char*>memchr(p, b"\t", end - p)
         if field_end is NULL:
             field_end = end
         length = field_end - p
@@ -185,6 +205,18 @@ cdef class CopyParser:
         else:
             self.last_key_size = copy_unescape(p, length, self.last_key)
         self.any_row = True
+        return field_end
+
+    cdef dict parse_row(self, const char* p, Py_ssize_t n):
+        """One COPY text row: its key kept raw (`last_key`), the row's values loaded."""
+        cdef RelationPlan plan = self.plan
+        cdef Py_ssize_t i, length, count = plan.count
+        cdef const char* text
+        if n and p[n - 1] == b"\n":
+            n -= 1
+        cdef const char* line = p
+        cdef const char* end = p + n
+        cdef const char* field_end = self.take_key(p, end)
         row = {}
         columns = plan.columns
         for i in range(count):
@@ -211,6 +243,163 @@ cdef class CopyParser:
         if field_end != end:
             raise copy_width_error(plan, line, n)
         return row
+
+    cdef int parse_line(self, const char* p, Py_ssize_t n, CopiedLines lines) except -1:
+        """One COPY text row as JSON: the row's and its key's (as the encoders write the dicts
+        `parse_row` makes), and its key token (`chunks.key_token` of the key values)."""
+        cdef RelationPlan plan = self.plan
+        cdef Py_ssize_t i, k, length, used = 0, count = plan.count
+        cdef char* text = self.room(n + 1)  # every value, unescaped, one after the other
+        if n and p[n - 1] == b"\n":
+            n -= 1
+        cdef const char* line = p
+        cdef const char* end = p + n
+        cdef const char* field_end = self.take_key(p, end)
+        for i in range(count):
+            if field_end == end:
+                raise copy_width_error(plan, line, n)
+            p = field_end + 1
+            field_end = <const char*>memchr(p, b"\t", end - p)
+            if field_end is NULL:
+                field_end = end
+            length = field_end - p
+            if length == 2 and p[0] == b"\\" and p[1] == b"N":
+                plan.starts[i] = -1
+                continue
+            plan.starts[i] = used
+            if memchr(p, b"\\", length) is NULL:
+                memcpy(text + used, p, length)
+            else:
+                length = copy_unescape(p, length, text + used)
+            plan.lengths[i] = length
+            used += length
+        if field_end != end:
+            raise copy_width_error(plan, line, n)
+        # The key's token: the tuple of its values when they are their own tokens (ints,
+        # texts, ...), else what `key_token` makes of them.
+        token = PyTuple_New(plan.key_count)
+        cdef bint plain = True
+        for k in range(plan.key_count):
+            i = plan.key_indexes[k]
+            value = None
+            if plan.starts[i] >= 0:
+                value = DECLINE
+                if plan.kinds[i] != KIND_PYTHON:
+                    value = load_value(plan.kinds[i], text + plan.starts[i], plan.lengths[i])
+                if value is DECLINE:
+                    value = plan.python_value(i, text + plan.starts[i], plan.lengths[i])
+                cls = type(value)
+                if not (cls is int or cls is str or cls is bytes or cls is bool):
+                    plain = False
+            Py_INCREF(value)
+            PyTuple_SET_ITEM(token, k, value)
+        if not plain:
+            token = lines.key_token(token)
+        lines.add_row(plan, <const unsigned char*>text, token)
+        return 0
+
+
+cdef extern from "Python.h":
+    object PyTuple_New(Py_ssize_t size)
+    void PyTuple_SET_ITEM(object p, Py_ssize_t pos, object o)
+
+
+cdef struct RowSpan:
+    Py_ssize_t start  # the row's JSON in the buffer
+    Py_ssize_t key  # its key's JSON (up to the next row's start)
+
+
+@cython.final
+cdef class CopiedLines:
+    """A chunk's rows as JSON, for the direct path (`CopyParser.read_lines`): each row and its
+    key as `JsonWriter.row` writes their dicts; made into a `Lines` batch of their delta or
+    change lines once the chunk's window closes (`lines`)."""
+
+    cdef JsonWriter out
+    cdef RowSpan* spans
+    cdef Py_ssize_t count, capacity
+    cdef readonly dict by_token
+    """Row indexes by key token."""
+    cdef object key_token
+
+    def __cinit__(self):
+        self.out = JsonWriter()
+        self.by_token = {}
+        from changefeed.backends.postgres.chunks import key_token
+
+        self.key_token = key_token
+
+    def __dealloc__(self):
+        PyMem_Free(self.spans)
+
+    def __len__(self):
+        return self.count
+
+    cdef int add_row(self, RelationPlan plan, const unsigned char* text, object token) except -1:
+        cdef RowSpan* grown
+        if self.count == self.capacity:
+            self.capacity = self.capacity * 2 if self.capacity else 1024
+            grown = <RowSpan*>PyMem_Realloc(self.spans, self.capacity * sizeof(RowSpan))
+            if grown is NULL:
+                raise MemoryError()
+            self.spans = grown
+        self.spans[self.count].start = self.out.length
+        plan.write_row(self.out, text, False)
+        self.spans[self.count].key = self.out.length
+        plan.write_row(self.out, text, True)
+        found = PyDict_GetItem(self.by_token, token)
+        if found is NULL:
+            PyDict_SetItem(self.by_token, token, [self.count])
+        else:
+            (<list>found).append(self.count)
+        self.count += 1
+        return 0
+
+    cdef inline Py_ssize_t end_of(self, Py_ssize_t i):
+        return self.spans[i + 1].start if i + 1 < self.count else self.out.length
+
+    def lines(self, indexes, fmt, model, table, schema_version, lsn, first_index):
+        """The ``fmt`` lines (``"delta"``, with ``model``, or ``"change"``) of the rows at
+        ``indexes`` as snapshot inserts into ``table``, at positions ``first_index`` on of the
+        transaction at ``lsn``: what the format's encoder writes of the `Change` objects
+        `chunks.window_changes` makes."""
+        cdef JsonWriter out = JsonWriter()
+        cdef Lines lines = new_lines(lsn, None)
+        cdef Py_ssize_t i
+        cdef uint64_t index = first_index
+        cdef RowSpan span
+        cdef bint delta = fmt == "delta"
+        cdef bytes start, end
+        if delta:
+            start = (<DeltaEncoder>DeltaEncoder(model)).start(table)[0]
+            end = b"}\n"
+        elif fmt == "change":
+            start = b'{"operation":"insert","table":' + python_dumps(table) + b',"key":'
+            end = (b',"schema_version":' + python_dumps(schema_version)
+                   if schema_version is not None else b"") + b"}\n"
+        else:
+            raise ValueError(f"no direct path for {fmt!r} lines: use delta or change")
+        for i in indexes:
+            if i < 0 or i >= self.count:
+                raise IndexError(i)
+            span = self.spans[i]
+            out.bytes_(start)
+            if delta:
+                out.raw(self.out.data + span.start, span.key - span.start)
+            else:
+                out.raw(self.out.data + span.key, self.end_of(i) - span.key)
+                out.raw(b',"new":', 7)
+                out.raw(self.out.data + span.start, span.key - span.start)
+                out.raw(b',"old":null,"position":', 23)
+                out.position(lsn, index)
+                out.raw(b',"committed_at":null,"transaction":null,"snapshot":true', 55)
+            out.bytes_(end)
+            lines.add(out.length, index)
+            index += 1
+        if lines.count:
+            lines.any_seen, lines.seen_index = True, index - 1
+        out.hand_over(lines)
+        return lines
 
 
 cdef object copy_width_error(RelationPlan plan, const char* line, Py_ssize_t n):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import uuid
 from collections.abc import Iterator
 from datetime import date, datetime
@@ -26,13 +27,20 @@ from typing import Any
 
 import psycopg
 import pytest
+from clitools import run_cli
 from psycopg.types.multirange import Multirange
 from psycopg.types.range import Range
 
 from changefeed import _speedups
 from changefeed.backends.postgres import connection
 from changefeed.backends.postgres.backfill import key_types
-from changefeed.backends.postgres.chunks import START_TID, TableBackfill
+from changefeed.backends.postgres.chunks import (
+    START_TID,
+    ChunkWindow,
+    TableBackfill,
+    window_changes,
+    window_lines,
+)
 from changefeed.backends.postgres.copy import (
     CopyReader,
     CopyShape,
@@ -347,6 +355,92 @@ def test_errors_of_the_chunk_query_are_psycopg_errors(database):
     with pytest.raises(psycopg.errors.UndefinedTable):
         CopyReader()(conn, query, shape, limit=10, max_bytes=1 << 20)
     assert conn.execute("SELECT 3").fetchone() == (3,)
+
+
+# -- the direct path: chunks as ready lines ----------------------------------------------------
+
+MODELS = {"public.scalars": "Scalar \"quoted\"", "*": "Other"}
+
+
+@compiled_only
+@pytest.mark.parametrize("table", [t for t in TABLES if t != "keyless"])
+@pytest.mark.parametrize("fmt,model", [("delta", None), ("delta", MODELS), ("change", None)])
+def test_chunk_lines_are_the_lines_of_the_chunks_changes(database, table, fmt, model):
+    """`CopyParser.read_lines` and `window_lines` (``changefeed run`` without stages): each
+    chunk's `Lines` hold, byte for byte and at the same positions, the lines the pure-Python
+    encoders write of the changes `window_changes` makes of the rows the pure parser reads;
+    the same rows by key token; with rows taken out by the stream, markers, a schema
+    version."""
+    conn = connection.connect(database)
+    loaders = psycopg_loaders(conn, catalog=conn)
+    pure_delta = getattr(delta_line_encoder, "python_factory", delta_line_encoder)
+    encode = pure_delta(model) if fmt == "delta" else change_line
+    rng = random.Random(table)
+    for number, (query, shape) in enumerate(chunk_queries(conn, table, size=97)):
+        lines = copy_lines(conn, query)
+        rows, raw_key = RowParser(shape, loaders).rows(lines)
+        copied, by_token, lines_key = kernels.CopyParser(shape, loaders).lines_of(lines)
+        assert lines_key == raw_key and len(copied) == len(rows)
+        backfill, _ = backfill_of(conn, table)
+        backfill.announced = number > 0
+        by_rows: dict[Any, list[dict[str, Any]]] = {}
+        for row in rows:
+            by_rows.setdefault(backfill.token(row), []).append(row)
+        assert list(by_token) == list(by_rows)
+        assert [len(group) for group in by_token.values()] == list(map(len, by_rows.values()))
+        for token in rng.sample(list(by_rows), len(by_rows) // 4):  # changed by the stream
+            del by_rows[token], by_token[token]
+        complete = len(rows) < 97
+        windows = (ChunkWindow(backfill, "w", by_rows, None, complete),
+                   ChunkWindow(backfill, "w", by_token, None, complete, lines=copied))
+        version = "v1" if number % 2 else None
+        changes, last = window_changes(windows[0], backfill.table, version,
+                                       positions(7 + number), markers=True)
+        backfill.announced = number > 0
+        items, last_of_lines = window_lines(windows[1], backfill.table, version,
+                                            positions(7 + number), markers=True, fmt=fmt,
+                                            model=model)
+        assert last_of_lines == last
+        want = [encode(c) if c.__class__ is Change else c for c in changes]
+        got: list[Any] = []
+        for item in items:
+            if item.__class__ is _speedups.Lines:
+                assert item.positions() == [c.position for c in changes if c.__class__ is Change]
+                assert item.position == item.positions()[-1] and item.committed_at is None
+                got += item.lines()
+            else:
+                got.append(item)
+        assert got == want
+
+
+def positions(lsn: int) -> Any:
+    """A transaction's `next_position` (as the decoder gives one)."""
+    from changefeed.backends.postgres.position import PgPosition
+
+    index = iter(range(1 << 20))
+    return lambda: PgPosition(lsn << 24, next(index))
+
+
+@compiled_only
+@pytest.mark.parametrize("fmt", ["delta", "change"])
+def test_a_snapshot_through_the_direct_path_writes_the_pure_paths_lines(database, fmt, tmp_path):
+    """``changefeed run --prefeed snapshot`` without stages, compiled (chunks as `Lines`) and
+    pure: the same output, byte for byte, chunk after chunk of every table with a key."""
+    outputs = {}
+    for implementation in ("c", "python"):
+        slot = f"copy_lines_{fmt}_{implementation}"
+        result = run_cli(
+            "run", "scalars", "kinds", '"Mixed Case"', "generated", "--url", database, "--slot",
+            slot, "--prefeed", "snapshot", "--chunk-size", "61", "--format", fmt,
+            "--until-idle", "1", "--quiet", "--checkpoint", str(tmp_path / slot),
+            env={"CHANGEFEED_IMPL": implementation})
+        assert result.returncode == 0, result.stderr
+        with psycopg.connect(database, autocommit=True) as conn:
+            conn.execute("SELECT pg_drop_replication_slot(%s)", [slot])
+        outputs[implementation] = re.sub(r'"position":"[0-9A-F]+:', '"position":"',
+                                         result.stdout)
+    assert outputs["c"] == outputs["python"]
+    assert len(outputs["c"].splitlines()) >= 400
 
 
 # -- COPY's text format, on its own -----------------------------------------------------------
