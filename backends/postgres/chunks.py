@@ -245,10 +245,12 @@ class ChunkWindow:
     """Read by ctid: the relfilenode of the leaf it was read from."""
     lines: Any = None
     """For the direct path: the rows as JSON (a compiled `CopiedLines`), ``rows`` holding
-    their indexes in it (see `window_lines`)."""
+    their indexes in it (an index per token, a list where one repeats; see `window_lines`)."""
 
     @property
     def count(self) -> int:
+        if self.lines is not None:  # an index per token, a list where one repeats
+            return int(self.lines.rows_in(self.rows.values()))
         return sum(map(len, self.rows.values()))
 
 
@@ -318,14 +320,14 @@ def window_lines(
     if markers and not backfill.announced:
         out.append(SnapshotState(table, "started", next_position()))
     backfill.announced = True
-    indexes = [index for group in window.rows.values() for index in group]
+    count = window.count
     last = None
-    if indexes:
+    if count:
         first = last = next_position()
-        for _ in range(len(indexes) - 1):
+        for _ in range(count - 1):
             last = next_position()
-        out.append(window.lines.lines(indexes, fmt, model, table, version, first.lsn,
-                                      first.index))
+        out.append(window.lines.lines(window.rows.values(), fmt, model, table, version,
+                                      first.lsn, first.index))
     if markers and window.complete:
         last = next_position()
         out.append(SnapshotState(table, "done", last))

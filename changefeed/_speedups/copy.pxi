@@ -347,20 +347,31 @@ cdef class CopiedLines:
         plan.write_row(self.out, text, False)
         self.spans[self.count].key = self.out.length
         plan.write_row(self.out, text, True)
+        # One index per token (a key is unique in a table), a list only where a token repeats:
+        # no container per row for the collector to go through.
         found = PyDict_GetItem(self.by_token, token)
         if found is NULL:
-            PyDict_SetItem(self.by_token, token, [self.count])
-        else:
+            PyDict_SetItem(self.by_token, token, self.count)
+        elif type(<object>found) is list:
             (<list>found).append(self.count)
+        else:
+            PyDict_SetItem(self.by_token, token, [<object>found, self.count])
         self.count += 1
         return 0
+
+    def rows_in(self, groups):
+        """How many rows ``groups`` (values of `by_token`, or some of them) hold."""
+        cdef Py_ssize_t total = 0
+        for group in groups:
+            total += len(<list>group) if type(group) is list else 1
+        return total
 
     cdef inline Py_ssize_t end_of(self, Py_ssize_t i):
         return self.spans[i + 1].start if i + 1 < self.count else self.out.length
 
-    def lines(self, indexes, fmt, model, table, schema_version, lsn, first_index):
-        """The ``fmt`` lines (``"delta"``, with ``model``, or ``"change"``) of the rows at
-        ``indexes`` as snapshot inserts into ``table``, at positions ``first_index`` on of the
+    def lines(self, groups, fmt, model, table, schema_version, lsn, first_index):
+        """The ``fmt`` lines (``"delta"``, with ``model``, or ``"change"``) of the rows of
+        ``groups`` (values of `by_token`: an index, or a list of them) as snapshot inserts into ``table``, at positions ``first_index`` on of the
         transaction at ``lsn``: what the format's encoder writes of the `Change` objects
         `chunks.window_changes` makes."""
         cdef JsonWriter out = JsonWriter()
@@ -379,6 +390,12 @@ cdef class CopiedLines:
                    if schema_version is not None else b"") + b"}\n"
         else:
             raise ValueError(f"no direct path for {fmt!r} lines: use delta or change")
+        indexes = []
+        for group in groups:
+            if type(group) is list:
+                indexes.extend(<list>group)
+            else:
+                indexes.append(group)
         for i in indexes:
             if i < 0 or i >= self.count:
                 raise IndexError(i)
