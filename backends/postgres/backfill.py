@@ -20,6 +20,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.pq import TransactionStatus
 
 from changefeed.backends.postgres import catalog, names, slots
 from changefeed.backends.postgres.chunks import (
@@ -273,12 +274,17 @@ class Backfills:
     def _emit(self, conn: psycopg.Connection, watermark: str, mark: str) -> None:
         content = json.dumps({"slot": self.slot, "id": watermark, "mark": mark})
         # Committed with synchronous_commit on: the walsender then sends it at once, not
-        # when the WAL writer gets to it (up to wal_writer_delay later, for every chunk).
-        with conn.transaction():
-            conn.execute("SET LOCAL synchronous_commit TO on")
-            conn.execute(
-                "SELECT pg_logical_emit_message(true, %s, %s)", [WATERMARK_PREFIX, content]
-            )
+        # when the WAL writer gets to it (up to wal_writer_delay later, for every chunk). One
+        # round trip (a simple query of several statements), not four.
+        try:
+            conn.execute(sql.SQL(
+                "BEGIN; SET LOCAL synchronous_commit TO on;"
+                " SELECT pg_logical_emit_message(true, {}, {}); COMMIT"
+            ).format(sql.Literal(WATERMARK_PREFIX), sql.Literal(content)))
+        except psycopg.Error:
+            if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
+                conn.rollback()
+            raise
 
     def on_message(
         self, message: Message, decoder: PgOutputDecoder

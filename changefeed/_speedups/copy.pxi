@@ -419,6 +419,24 @@ cdef class CopiedLines:
         return lines
 
 
+def take_positions(next_position, Py_ssize_t count):
+    """Take ``count`` positions (at least one) from ``next_position`` (a decoder's): the first
+    and the last, the others between them (a chunk's rows, one after the other)."""
+    first = last = next_position()
+    cdef Py_ssize_t i
+    cdef Decoder decoder
+    owner = getattr(next_position, "__self__", None)
+    if type(owner) is Decoder:  # the compiled decoder's: its index moves on at once
+        decoder = <Decoder>owner
+        if count > 1:
+            decoder.index += <uint64_t>(count - 1)
+            last = make_position(decoder.final_lsn, decoder.index - 1)
+        return first, last
+    for i in range(count - 1):
+        last = next_position()
+    return first, last
+
+
 cdef object copy_width_error(RelationPlan plan, const char* line, Py_ssize_t n):
     found = PyBytes_FromStringAndSize(line, n).count(b"\t") + 1
     return DecodeError(f"{plan.table}: a COPY row of {found} columns, not {plan.count + 1}")

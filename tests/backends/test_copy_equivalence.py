@@ -443,6 +443,32 @@ def test_a_snapshot_through_the_direct_path_writes_the_pure_paths_lines(database
     assert len(outputs["c"].splitlines()) >= 400
 
 
+@compiled_only
+@pytest.mark.parametrize("count", [1, 2, 5000])
+def test_taking_a_chunks_positions_at_once_moves_the_decoder_as_one_by_one(database, count):
+    """`take_positions` on the compiled decoder's `next_position` (its index moved on at once)
+    and on a pure one's: the first and last of ``count`` positions, and the decoder's next
+    position after them, as taking them one by one gives."""
+    import struct
+
+    from changefeed.backends.postgres.pgoutput import PgOutputDecoder
+
+    begin = b"B" + struct.pack("!QqI", 0x1A2B3C4D5E, 1_000_000, 77)
+    results = []
+    for cls in (PgOutputDecoder, PgOutputDecoder.python_class, PgOutputDecoder):
+        decoder = cls(loaders=psycopg_loaders())
+        decoder.decode(begin)
+        decoder.next_position()  # a change before the chunk
+        if len(results) < 2:
+            first, last = kernels.take_positions(decoder.next_position, count)
+        else:
+            taken = [decoder.next_position() for _ in range(count)]
+            first, last = taken[0], taken[-1]
+        results.append((first, last, decoder.next_position()))
+    assert results[0] == results[1] == results[2]
+    assert results[0][1].index - results[0][0].index == count - 1
+
+
 # -- COPY's text format, on its own -----------------------------------------------------------
 
 ESCAPED = [
