@@ -14,6 +14,7 @@ is its COPY text, measured for free as it is read.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -161,7 +162,8 @@ class CopyReader:
                 rows, last_key, nbytes, finished = parser.read(pgconn, limit, max_bytes)
         finally:
             if not finished:  # cut at the budget, or an error: stop the COPY
-                conn.cancel_safe()
+                with contextlib.suppress(psycopg.Error):  # a connection lost: its error stands
+                    conn.cancel_safe()
                 while pgconn.get_copy_data(0)[0] >= 0:
                     pass
         _finish(pgconn, conn)

@@ -81,7 +81,8 @@ CREATE TABLE kinds (
     ua uuid[], ja jsonb[], tza timestamptz[], m mood, ma mood[], pos positive, lb label,
     pr pair, ns nested, pra pair[], ir int4range, tr tstzrange, fr floatrange, dr daterange,
     mr int4multirange, inet_v inet, cidr_v cidr, mo money, mac macaddr, pt point, bx box,
-    pa path, pg polygon, ci circle, bits bit(4), vb varbit, x xml, tsv tsvector, lsn pg_lsn
+    pa path, pg polygon, ci circle, bits bit(4), vb varbit, x xml, tsv tsvector, lsn pg_lsn,
+    m8 macaddr8, ln line, ls lseg, tq tsquery
 );
 CREATE TABLE keyless (a int, b text, c jsonb);
 CREATE TABLE "Mixed Case" (k text, n int, "v\tw" text, PRIMARY KEY (k, n));
@@ -114,6 +115,9 @@ ROWS = [
         (SELECT repeat('[', 100) || repeat(']', 100))::json,
         (SELECT repeat('{"a":', 60) || '1.5' || repeat('}', 60))::jsonb)""",
     "INSERT INTO scalars (j) VALUES ((SELECT repeat('[', 3000) || repeat(']', 3000))::json)",
+    # a lone surrogate escaped in json (UTF-8 cannot hold it), a year after 9999
+    """INSERT INTO scalars (j, d, ts) VALUES ('["\\ud800", "x\\u0000y"]', '10000-01-01',
+       '12345-06-07 08:09:10')""",
     "INSERT INTO scalars (jb) VALUES (('[' || repeat('9', 5000) || ']')::jsonb)",
     """INSERT INTO kinds VALUES (1, '{1,NULL,3}', ARRAY['a,b', 'c"d', NULL, 'NULL', E'e\\tf',
        E'g\\\\h', E'i\\nj'], '{{a,b},{c,d}}', '{NaN,1e308,-Infinity}', '{2024-02-29,infinity,NULL}',
@@ -125,7 +129,7 @@ ROWS = [
        'empty', '{[1,3), [5,7)}', '192.168.0.1/24', '10.0.0.0/8', '-1234567.89',
        '08:00:2b:01:02:03', '(1,2.5)', '((0,0),(1,1))', '[(0,0),(1,1),(2,0)]',
        '((0,0),(1,1),(2,0))', '<(1,1),2>', '1010', '10110', E'<a>b\\tc</a>', 'a cat sat',
-       '16/B374D848')""",
+       '16/B374D848', '08:00:2b:01:02:03:04:05', '{1,-1,0}', '[(0,0),(1,1)]', 'cat & !dog')""",
     "INSERT INTO kinds (id) VALUES (2)",
     """INSERT INTO kinds (id, ia, t2, inet_v, da, pr) VALUES (3, '{{1,2},{3,NULL}}',
        '{{{a}},{{NULL}}}', '::1', '{4713-01-01 BC}', ROW(NULL, NULL))""",
