@@ -250,7 +250,10 @@ class Backfills:
             return []
         oid = window.backfill.oid
         relation = decoder.relations.get(oid)
+        # The stream's version of the table if it described it, else the one the chunk was
+        # read with (or, for a window made elsewhere, the catalog's now).
         version = (relation.schema_version if relation is not None
+                   else window.version if window.version is not None
                    else schema_version_of(self.connection(), oid))
         table = self.tables.stream_names.get(oid, window.backfill.table)
         if window.lines is not None and self.line_format is not None:

@@ -32,7 +32,7 @@ def read_chunk(
     read as JSON for the direct path (`CopyParser.read_lines`)."""
     if backfill.estimate == 0:
         backfill.estimate = _estimate(conn, backfill.source)
-    shape = copy_shape(conn, backfill.oid, backfill.table, backfill.key)
+    shape = copy_shape(conn, backfill.oid, backfill.table, backfill.key, backfill.source)
     size = chunk_size
     # COPY cannot stop after a number of bytes: the LIMIT keeps a chunk to its budget.
     limit = limit_for(size, chunk_bytes, backfill.row_bytes)
@@ -44,7 +44,7 @@ def read_chunk(
         chunk = next_ctid_chunk(backfill, leaves, pages)
         if chunk is None:  # every leaf read
             return ChunkWindow(backfill, watermark, {}, backfill.after, complete=True,
-                               storage=backfill.storage)
+                               storage=backfill.storage, version=shape.schema_version)
         query = backfill.ctid_query(chunk.leaf.name, shape.columns, chunk.after, chunk.upper,
                                     limit)
         got, ended, row_size, last = reader(
@@ -56,10 +56,8 @@ def read_chunk(
         complete = whole and chunk.last and chunk.upper >= chunk.leaf.pages
         storage = chunk.leaf.storage
     else:
-        identifier = _identifier(conn, backfill.source)
-        query = backfill.chunk_query(identifier, shape.columns, limit)
-        chunk = reader(conn, query, shape, limit=limit, max_bytes=chunk_bytes,
-                               lines=lines)
+        query = backfill.chunk_query(sql.SQL(shape.source), shape.columns, limit)
+        chunk = reader(conn, query, shape, limit=limit, max_bytes=chunk_bytes, lines=lines)
         got, ended, row_size, last = chunk[:4]
         last_key = last if len(got) else backfill.after
         complete = ended and len(got) < size
@@ -68,7 +66,7 @@ def read_chunk(
             if row_size:
                 backfill.row_bytes = row_size
             return ChunkWindow(backfill, watermark, chunk.by_token, last_key,
-                               complete=complete, lines=got)
+                               complete=complete, lines=got, version=shape.schema_version)
     if row_size:
         backfill.row_bytes = row_size
     rows: dict[Any, list[dict[str, Any]]] = {}
@@ -76,7 +74,7 @@ def read_chunk(
     for row in got:
         rows.setdefault(token(row), []).append(row)
     return ChunkWindow(backfill, watermark, rows, last_key, complete=complete,
-                       storage=storage)
+                       storage=storage, version=shape.schema_version)
 
 
 def _adapt_pages(pages: int, found: int, size: int, whole: bool) -> int:

@@ -244,6 +244,8 @@ class ChunkWindow:
     """The chunk was the table's last: the table is done after it."""
     storage: int | None = None
     """Read by ctid: the relfilenode of the leaf it was read from."""
+    version: str | None = None
+    """The table's schema version when the chunk was read (None: not known)."""
     lines: Any = None
     """For the direct path: the rows as JSON (a compiled `CopiedLines`), ``rows`` holding
     their indexes in it (an index per token, a list where one repeats; see `window_lines`)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -26,9 +27,11 @@ from psycopg.errors import error_from_result
 
 from changefeed import _speedups
 from changefeed.backends.postgres.loading import TypeLoaders, _row_reader, psycopg_loaders
+from changefeed.backends.postgres.pgoutput import schema_version
 from changefeed.errors import DecodeError
 
 _NULL = b"\\N"
+_TYPE = struct.Struct("!Ii")
 _ESCAPE = re.compile(rb"\\(?:([0-7]{1,3})|x([0-9a-fA-F]{1,2})|(.))", re.DOTALL)
 _LETTERS = {ord("b"): b"\b", ord("f"): b"\f", ord("n"): b"\n", ord("r"): b"\r",
             ord("t"): b"\t", ord("v"): b"\v"}
@@ -71,19 +74,30 @@ class CopyShape:
     watched: bool = True
     schema_version: str | None = None
     key_names: tuple[str, ...] = field(default=())
+    source: str = ""
+    """The relation read, as SQL (its current name)."""
 
 
-def copy_shape(conn: psycopg.Connection, oid: int, name: str, key: Sequence[str]) -> CopyShape:
+def copy_shape(
+    conn: psycopg.Connection, oid: int, name: str, key: Sequence[str], source: int | None = None
+) -> CopyShape:
     """The shape of table ``oid``'s chunk rows: the columns pgoutput sends (not dropped, not
-    generated, as `tables.stream_columns`), with the type OIDs pgoutput gives them."""
+    generated, as `tables.stream_columns`), with the type OIDs pgoutput gives them, the table's
+    `pgoutput.schema_version` now, and the name of the relation read (``source``, a partition,
+    or the table). One round trip."""
     rows = conn.execute(
-        "SELECT attname, atttypid::oid::bigint FROM pg_attribute WHERE attrelid = %s"
-        " AND attnum > 0 AND NOT attisdropped AND attgenerated = '' ORDER BY attnum", [oid],
+        "SELECT s.relation, a.attname, a.atttypid::oid::bigint, a.atttypmod"
+        " FROM (SELECT %s::oid::regclass::text) AS s(relation) LEFT JOIN pg_attribute a"
+        " ON a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''"
+        " ORDER BY a.attnum", [source or oid, oid],
     ).fetchall()
-    columns = tuple(row[0] for row in rows)
+    found = [row for row in rows if row[1] is not None]
+    columns = tuple(row[1] for row in found)
     indexes = tuple(columns.index(column) for column in key if column in columns)
-    return CopyShape(name, columns, tuple(row[1] for row in rows), indexes,
-                     _KEY_TYPES["array" if key else "ctid"], key_names=tuple(key))
+    version = schema_version(list(columns), [_TYPE.pack(row[2], row[3]) for row in found])
+    return CopyShape(name, columns, tuple(row[2] for row in found), indexes,
+                     _KEY_TYPES["array" if key else "ctid"], schema_version=version,
+                     key_names=tuple(key), source=rows[0][0] if rows else str(source or oid))
 
 
 def limit_for(rows: int, max_bytes: int, row_size: float) -> int:

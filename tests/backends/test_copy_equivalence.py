@@ -49,6 +49,8 @@ from changefeed.backends.postgres.copy import (
     copy_shape,
 )
 from changefeed.backends.postgres.loading import TypeLoaders, psycopg_loaders, query_rows
+from changefeed.backends.postgres.snapshot import schema_version_of
+from changefeed.backends.postgres.tables import stream_columns
 from changefeed.backends.postgres.values import PostgresText
 from changefeed.change import Change, Operation
 from changefeed.errors import DecodeError
@@ -359,6 +361,19 @@ def test_errors_of_the_chunk_query_are_psycopg_errors(database):
     with pytest.raises(psycopg.errors.UndefinedTable):
         CopyReader()(conn, query, shape, limit=10, max_bytes=1 << 20)
     assert conn.execute("SELECT 3").fetchone() == (3,)
+
+
+@pytest.mark.parametrize("table", TABLES)
+def test_a_chunks_shape_is_the_streams(database, table):
+    """`copy_shape` (one round trip): the columns pgoutput sends, their types, the schema
+    version `schema_version_of` gives, and the relation's name as SQL."""
+    conn = connection.connect(database)
+    backfill, shape = backfill_of(conn, table)
+    assert shape.schema_version == schema_version_of(conn, backfill.oid)
+    assert list(shape.columns) == stream_columns(conn, backfill.oid)
+    assert shape.source == conn.execute("SELECT %s::oid::regclass::text",
+                                        [backfill.oid]).fetchone()[0]
+    assert [shape.columns[i] for i in shape.key_indexes] == backfill.key
 
 
 # -- the direct path: chunks as ready lines ----------------------------------------------------
