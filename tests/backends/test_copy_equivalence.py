@@ -561,3 +561,22 @@ def test_a_row_of_another_width_is_a_decode_error(line):
     for parser in text_parsers(3):
         with pytest.raises(DecodeError, match="a COPY row of .* columns, not 4"):
             parser.rows([line])
+
+
+@compiled_only
+def test_rows_whose_key_repeats_keep_their_order_in_the_lines():
+    """A key given by the user need not be unique: rows sharing a token are listed together,
+    counted and written in the order read, as `window_changes` writes their changes."""
+    (python, _), (_, compiled) = text_parsers(2), text_parsers(2)
+    lines = [b"k\tA\tx\n", b"k\tB\ty\n", b"k\tA\tz\n"]
+    copied, by_token, _ = compiled.lines_of(lines)
+    assert by_token == {("A",): [0, 2], ("B",): 1}
+    assert copied.rows_in(by_token.values()) == 3
+    rows, _ = python.rows(lines)
+    backfill = TableBackfill(1, "public.t", ["c0"], ["text"])
+    window = ChunkWindow(backfill, "w", {}, None, False)
+    for row in rows:
+        window.rows.setdefault(backfill.token(row), []).append(row)
+    changes, _ = window_changes(window, "public.t", None, positions(1), markers=False)
+    got = copied.lines(by_token.values(), "change", None, "public.t", None, 1 << 24, 0)
+    assert got.lines() == [change_line(change) for change in changes]
