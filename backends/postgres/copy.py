@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import select
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -160,7 +161,7 @@ class CopyReader:
         pgconn = conn.pgconn
         command = sql.SQL("COPY ({}) TO STDOUT").format(query).as_bytes(conn)
         pgconn.send_query(command)
-        result = pgconn.get_result()
+        result = _result(pgconn)
         if result is None or result.status != pq.ExecStatus.COPY_OUT:
             _drain(pgconn)
             if result is None:
@@ -178,7 +179,7 @@ class CopyReader:
             if not finished:  # cut at the budget, or an error: stop the COPY
                 with contextlib.suppress(psycopg.Error):  # a connection lost: its error stands
                     conn.cancel_safe()
-                while pgconn.get_copy_data(0)[0] >= 0:
+                while _copy_data(pgconn)[0] >= 0:
                     pass
         _finish(pgconn, conn)
         ended = finished and len(rows) < limit
@@ -186,15 +187,40 @@ class CopyReader:
                            parser.key(last_key), by_token)
 
 
+# Waiting for the server in select(), never inside libpq, which would hold the GIL: another
+# thread of the process (one holding a lock the COPY waits for) must be able to go on.
+
+
+def _wait(pgconn: Any) -> None:
+    select.select([pgconn.socket], [], [])
+    pgconn.consume_input()
+
+
+def _result(pgconn: Any) -> Any:
+    """The next result of the query sent (None: no more)."""
+    while pgconn.is_busy():
+        _wait(pgconn)
+    return pgconn.get_result()
+
+
+def _copy_data(pgconn: Any) -> tuple[int, Any]:
+    """The next COPY row: (its size, its bytes); a size of -1 at the end, -2 for an error."""
+    while True:
+        size, data = pgconn.get_copy_data(1)
+        if size:
+            return size, data
+        _wait(pgconn)
+
+
 def _drain(pgconn: Any) -> None:
-    while pgconn.get_result() is not None:
+    while _result(pgconn) is not None:
         pass
 
 
 def _finish(pgconn: Any, conn: psycopg.Connection) -> None:
     """Take the COPY's results: an error (not a cancel of ours) is raised."""
     error = None
-    while (result := pgconn.get_result()) is not None:
+    while (result := _result(pgconn)) is not None:
         if result.status == pq.ExecStatus.FATAL_ERROR and error is None:
             error = error_from_result(result, encoding=conn.info.encoding)
     if error is not None and not isinstance(error, psycopg.errors.QueryCanceled):
@@ -232,12 +258,11 @@ class RowParser:
         the last raw key, the bytes read, whether the COPY ended)."""
         lines: list[bytes] = []
         nbytes = 0
-        get = pgconn.get_copy_data
         while True:
             if nbytes >= max_bytes and len(lines) < limit:
                 rows, key = self.rows(lines)
                 return rows, key, nbytes, False
-            size, data = get(0)
+            size, data = _copy_data(pgconn)
             if size < 0:
                 if size == -2:
                     raise psycopg.OperationalError(

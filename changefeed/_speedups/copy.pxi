@@ -143,7 +143,10 @@ cdef class CopyParser:
                 finally:
                     self.libpq_freemem(buffer)
             else:
-                size, data = pgconn.get_copy_data(0)
+                size, data = pgconn.get_copy_data(1)
+                if size == 0:  # wait in select(), without the GIL (see `copy._wait`)
+                    wait_readable(pgconn)
+                    continue
                 if size < 0:
                     if size == -2:
                         raise self.pgconn_error(
@@ -417,6 +420,20 @@ cdef class CopiedLines:
             lines.any_seen, lines.seen_index = True, index - 1
         out.hand_over(lines)
         return lines
+
+
+cdef object select_function = None
+
+
+cdef int wait_readable(pgconn) except -1:
+    global select_function
+    if select_function is None:
+        import select
+
+        select_function = select.select
+    select_function([pgconn.socket], [], [])
+    pgconn.consume_input()
+    return 0
 
 
 def take_positions(next_position, Py_ssize_t count):

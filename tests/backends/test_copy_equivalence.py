@@ -18,6 +18,8 @@ import json
 import math
 import random
 import re
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import date, datetime
@@ -374,6 +376,39 @@ def test_a_chunks_shape_is_the_streams(database, table):
     assert shape.source == conn.execute("SELECT %s::oid::regclass::text",
                                         [backfill.oid]).fetchone()[0]
     assert [shape.columns[i] for i in shape.key_indexes] == backfill.key
+
+
+def test_a_chunk_waiting_for_a_lock_lets_the_processs_other_threads_run(database):
+    """The COPY waits for the server outside libpq (select() releases the GIL): another thread
+    of the process, here the one holding the lock the chunk waits for, goes on and commits.
+    (Waiting inside libpq with the GIL held hung until the lock timeout.)"""
+    conn = connection.connect(database)
+    conn.execute("SET lock_timeout = '60s'")
+    query, shape = next(chunk_queries(conn, "kinds", size=10))
+    holder = psycopg.connect(database, autocommit=True)
+    watcher = psycopg.connect(database, autocommit=True)
+    holder.execute("BEGIN")
+    holder.execute("LOCK TABLE kinds")
+    reader_pid = conn.info.backend_pid
+
+    def release_once_the_reader_waits() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            row = watcher.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s",
+                                  [reader_pid]).fetchone()
+            if row and row[0] == "Lock":
+                break
+            time.sleep(0.01)
+        holder.execute("COMMIT")
+
+    thread = threading.Thread(target=release_once_the_reader_waits)
+    thread.start()
+    for attempt in ("waiting", "again"):  # the second read takes the lock at once
+        chunk = CopyReader()(conn, query, shape, limit=10, max_bytes=1 << 20)
+        assert len(chunk.rows) == 3 and chunk.ended, attempt
+    thread.join()
+    holder.close()
+    watcher.close()
 
 
 # -- the direct path: chunks as ready lines ----------------------------------------------------
