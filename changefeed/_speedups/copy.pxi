@@ -296,7 +296,11 @@ cdef class CopyParser:
                     plain = False
             Py_INCREF(value)
             PyTuple_SET_ITEM(token, k, value)
-        if not plain:
+        if plain:
+            # Values that hold no reference: the collector has nothing to find in it (as it
+            # finds itself, later); left tracked, a chunk's tokens went through full collections.
+            PyObject_GC_UnTrack(token)
+        else:
             token = lines.key_token(token)
         lines.add_row(plan, <const unsigned char*>text, token)
         return 0
@@ -305,6 +309,7 @@ cdef class CopyParser:
 cdef extern from "Python.h":
     object PyTuple_New(Py_ssize_t size)
     void PyTuple_SET_ITEM(object p, Py_ssize_t pos, object o)
+    void PyObject_GC_UnTrack(object o)
 
 
 cdef struct RowSpan:
