@@ -18,7 +18,7 @@ from typing import Any
 
 from psycopg import sql
 
-from changefeed import _speedups
+from changefeed._speedups import kernels
 from changefeed.backends.postgres.position import PgPosition
 from changefeed.change import Change, Operation, SnapshotState
 from changefeed.formats.json_values import loads_value
@@ -326,7 +326,7 @@ def window_lines(
     count = window.count
     last = None
     if count:
-        first, last = _speedups.kernels.take_positions(next_position, count)  # type: ignore
+        first, last = kernels.take_positions(next_position, count)  # type: ignore
         out.append(window.lines.lines(window.rows.values(), fmt, model, table, version,
                                       first.lsn, first.index))
     if markers and window.complete:

@@ -26,7 +26,7 @@ import psycopg
 from psycopg import pq, sql
 from psycopg.errors import error_from_result
 
-from changefeed import _speedups
+from changefeed._speedups import check, kernels
 from changefeed.backends.postgres.loading import TypeLoaders, _row_reader, psycopg_loaders
 from changefeed.backends.postgres.pgoutput import schema_version
 from changefeed.errors import DecodeError
@@ -141,7 +141,6 @@ class CopyReader:
         parser = self._parsers.get(shape)
         if parser is None:
             loaders.resolve([shape.key_type, *shape.type_oids])
-            kernels = _speedups.kernels
             parser = (kernels.CopyParser(shape, loaders) if kernels is not None
                       else RowParser(shape, loaders))
             if len(self._parsers) > 64:
@@ -156,7 +155,7 @@ class CopyReader:
         """The rows of ``query`` (which ends in ``LIMIT limit``), fewer once they hold about
         ``max_bytes`` of text. ``conn``: an autocommit connection, idle. ``lines``: as JSON
         for the direct path (compiled only, tables with a key: `CopyParser.read_lines`)."""
-        _speedups.check()
+        check()
         parser = self.parser(conn, shape)
         pgconn = conn.pgconn
         command = sql.SQL("COPY ({}) TO STDOUT").format(query).as_bytes(conn)
