@@ -26,7 +26,7 @@ import pytest
 from clitools import json_lines_before_kill, run_cli, start_cli
 
 from changefeed import ALL, Change, ConfigurationError, Operation, Retry
-from changefeed.backends.postgres import PostgresChangeFeed
+from changefeed.backends.postgres import PostgresChangeFeed, streaming
 from changefeed.backends.postgres import feed as feed_module
 from changefeed.formats import debezium
 from changefeed.formats.records import RecordEncoder
@@ -455,7 +455,7 @@ class Reader:
 @pytest.fixture
 def often(monkeypatch):
     """The feed compares the catalog with what it knows every 0.2 s instead of 5 s."""
-    monkeypatch.setattr(feed_module, "CHECK_SECONDS", 0.2)
+    monkeypatch.setattr(streaming, "CHECK_SECONDS", 0.2)
 
 
 class TableConsumer:

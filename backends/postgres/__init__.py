@@ -2,7 +2,8 @@
 
 Where each job lives:
 
-* `feed`: `PostgresChangeFeed`, the I/O loop (importing it registers the backend);
+* `feed`: `PostgresChangeFeed`, set-up and what the consumer drives (importing it registers
+  the backend); `streaming`: its stream loop; `ddl`: its answers to the application's DDL;
 * `stream`: every read of the replication socket, and the rest of the walsender conversation
   (status updates, keepalives, read-ahead, the end);
 * `connection`: connecting, and the server's checks;

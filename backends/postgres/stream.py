@@ -180,6 +180,15 @@ class ReplicationStream:
             if wal_end:
                 self.stats.lag_bytes = max(0, wal_end - end_lsn)
 
+    @property
+    def sent_at(self) -> int:
+        """The walsender's send time in the header of the last XLogData message handed out
+        (microseconds since 2000-01-01; 0 if none yet)."""
+        sent_at = getattr(self.frames, "sent_at", None)  # the compiled reader keeps it
+        if sent_at is None:
+            sent_at = xlogdata_header(self._xlogdata)[2] if self._xlogdata is not None else 0
+        return int(sent_at)
+
     def read_to_commit(
         self, decode: Callable[[Any], Any], last: PgPosition
     ) -> int | None:

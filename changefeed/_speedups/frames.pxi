@@ -40,9 +40,12 @@ cdef class FrameReader:
     cdef void* conn  # the PGconn, while psycopg's connection holds it
     cdef object conn_address
     cdef char* owned  # the last message read with libpq (freed at the next read)
-    cdef uint64_t frame_wal_end
+    cdef uint64_t frame_wal_end, frame_sent_at
     cdef readonly uint64_t wal_end
     """The WAL end in the header of the last XLogData message handed out (0: none yet)."""
+    cdef readonly uint64_t sent_at
+    """The send time in the header of the last XLogData message handed out: microseconds
+    since 2000-01-01 on the server's clock (0: none yet)."""
     cdef const unsigned char* payload
     cdef Py_ssize_t payload_size
 
@@ -83,6 +86,7 @@ cdef class FrameReader:
         cdef int status = self.read()
         if status == FRAME_XLOGDATA:
             self.wal_end = self.frame_wal_end
+            self.sent_at = self.frame_sent_at
             return PyBytes_FromStringAndSize(<const char*>self.payload, self.payload_size)
         if status == FRAME_NONE:
             return None
@@ -136,6 +140,7 @@ cdef class FrameReader:
             if p[0] == XLOGDATA_KIND:
                 if length >= XLOGDATA_HEADER:
                     self.frame_wal_end = read_u64(p + 9)
+                    self.frame_sent_at = read_u64(p + 17)
                     self.payload = p + XLOGDATA_HEADER
                     self.payload_size = length - XLOGDATA_HEADER
                 else:
@@ -155,6 +160,7 @@ cdef class FrameReader:
         if self.payload_size > 0 and (self.payload[0] == b"I" or self.payload[0] == b"U"
                                       or self.payload[0] == b"D"):
             self.wal_end = self.frame_wal_end
+            self.sent_at = self.frame_sent_at
             return True
         self.put_back = True
         return False

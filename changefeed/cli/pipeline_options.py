@@ -27,14 +27,13 @@ from typing import TYPE_CHECKING, Any, TypedDict
 from changefeed.cli.common import ACK_SECONDS
 from changefeed.errors import ConfigurationError
 from changefeed.formats.registry import FormatOptions, format_named
-from changefeed.pipelines.pipeline import Pipeline
-from changefeed.pipelines.sinks import Sink
-from changefeed.pipelines.sinks.spec import sink_from_spec
-from changefeed.pipelines.stages import OwnProcess, Stage, subscription
-from changefeed.pipelines.where_expressions import parse_filter, parse_where, row_filter
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
+
+    from changefeed.pipelines.pipeline import Pipeline
+    from changefeed.pipelines.sinks import Sink
+    from changefeed.pipelines.stages import Stage
 
 _FLAGS = {"tables": "TABLE...", "fmt": "--format", "stages": "--stage"}
 
@@ -121,6 +120,11 @@ def pipeline_parts(
     """``--where``, then ``--filter``, then each ``--stage``; the format; the sinks. Raises
     `OptionError` naming the option (``where``, ``filter``, ``stages``, ``sink``...);
     ``flag`` says how messages name an option."""
+    # Imported here: ``changefeed run`` without a pipeline starts without them.
+    from changefeed.pipelines.sinks.spec import sink_from_spec
+    from changefeed.pipelines.stages import subscription
+    from changefeed.pipelines.where_expressions import parse_filter, parse_where, row_filter
+
     with blame("sink"):
         out = sink_from_spec(sink, model=model, fmt=fmt, option=flag("sink"))
     steps: list[Any] = []
@@ -162,6 +166,9 @@ def build_cli_pipeline(
     stage: a process of its own would cost a pickling of every change each way for one cheap
     call, measured with ``benchmarks/bench_postgres.py --variants sink_processes``).
     """
+    from changefeed.pipelines.pipeline import Pipeline
+    from changefeed.pipelines.stages import OwnProcess
+
     parts = pipeline_parts(feed, **options)
     steps: list[Any] = list(parts.stages)
     out: Any = parts.sink

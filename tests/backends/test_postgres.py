@@ -228,6 +228,29 @@ def test_snapshot_of_a_table_without_key_while_a_writer_runs(pg_dsn, pg, monkeyp
     assert state == final
 
 
+def test_the_idle_check_queries_the_server_only_once_a_reader_asks_whether_it_is_caught_up(
+    pg_dsn, tasks
+):
+    # Its query is a round trip that holds up the stream loop and the changes behind it: a
+    # reader without an idle timeout never pays for it; one with it stops once caught up.
+    feed = make_feed(pg_dsn)
+    start(feed)
+    for title in ("a", "b", "c"):
+        tasks.execute("INSERT INTO tasks (title) VALUES (%s)", [title])
+    first = []
+    for change in feed.changes(limit=3, timeout=20):
+        first.append(change.new["title"])
+        feed.ack(change.position)
+    assert first == ["a", "b", "c"]
+    assert feed._idle.target is None and not feed._idle.wanted
+    tasks.execute("INSERT INTO tasks (title) VALUES ('d')")
+    started = time.monotonic()
+    assert [c.new["title"] for c in drain(feed, idle=0.5, timeout=20)] == ["d"]
+    assert time.monotonic() - started < 15  # it ended by being idle, not at the timeout
+    assert feed._idle.wanted and feed._idle.target is not None
+    feed.close()
+
+
 def test_several_rows_in_one_transaction_and_acknowledging_part_of_it(pg_dsn, tasks):
     checkpoint = MemoryCheckpoint()
     feed = make_feed(pg_dsn, checkpoint=checkpoint)

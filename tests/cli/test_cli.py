@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -404,3 +405,14 @@ def test_malformed_urls_are_one_line(url, fragment):
     result = run_cli("run", "tasks", "--url", url)
     assert_one_clear_line(result, fragment)
     assert result.returncode == 2
+
+
+def test_the_command_line_starts_without_what_only_some_commands_use():
+    # Start-up is a short run's cost: the pipelines (multipipes, multiprocessing) load only
+    # for a run with stages or a sink, urllib only for `changefeed status`.
+    code = ("import sys, changefeed.cli, changefeed.cli.run, changefeed.backends.postgres;"
+            " print(sorted(m for m in sys.modules"
+            " if m.startswith(('changefeed.pipelines', 'urllib.request', 'http.client'))))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True).stdout
+    assert loaded.strip() == "[]"
