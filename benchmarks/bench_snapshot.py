@@ -1,11 +1,14 @@
 """Snapshot throughput of `changefeed run --prefeed snapshot` against COPY of the same table.
 
-A table of 1,000,000 rows on a throwaway local cluster. ``COPY big TO STDOUT`` through psql into
-/dev/null is the limit (the server formats the rows, nothing decodes them); changefeed reads the
-table in primary-key chunks between watermarks (see `changefeed.backends.postgres.backfill`),
-turns every row into Python values and writes JSON lines to /dev/null. Both run as child
-processes, timed from start to exit, in alternating order; the best and the median rounds are
-compared. The peak RSS of changefeed shows that a snapshot holds one chunk, not the table.
+A table of 1,000,000 rows on a throwaway local cluster. Two references, through psql into
+/dev/null: ``COPY big TO STDOUT`` is the limit (the server formats the rows in table order,
+nothing decodes them); the chunk queries, ``COPY (SELECT ... WHERE key > ... ORDER BY key LIMIT
+n) TO STDOUT`` one after the other exactly as the feed sends them, are the server's own cost of
+reading the table in key order, in chunks. changefeed reads those chunks between watermarks
+(see `changefeed.backends.postgres.backfill`) through COPY and writes JSON lines to /dev/null.
+All run as child processes, timed from start to exit, in alternating order; the best and the
+median rounds are compared. The peak RSS of changefeed shows that a snapshot holds one chunk,
+not the table.
 
     .venv/bin/python benchmarks/bench_snapshot.py [--rows 1000000] [--rounds 3]
 """
@@ -21,10 +24,13 @@ import sys
 from pathlib import Path
 
 import psycopg
+from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_postgres import timed  # noqa: E402  (a script beside this one)
 
+from changefeed.backends.postgres.chunks import TableBackfill  # noqa: E402
+from changefeed.backends.postgres.tables import stream_columns  # noqa: E402
 from changefeed.embedded import TemporaryPostgres, find_pg_bindir  # noqa: E402
 
 TABLE = """CREATE TABLE big (
@@ -51,14 +57,19 @@ def main() -> None:
                 " FROM generate_series(1, %s) g", [args.rows]
             )
             conn.execute("VACUUM ANALYZE big")
+            chunks = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_snapshot_{os.getpid()}.sql"
+            chunks.write_text(chunk_script(conn, args.rows, args.chunk_size))
         print(f"table: {args.rows:,} rows, chunks of {args.chunk_size:,}")
-        results: dict[str, list[float]] = {"changefeed": [], "copy": []}
+        kinds = ("copy", "chunks", "changefeed")
+        results: dict[str, list[float]] = {kind: [] for kind in kinds}
         peaks = []
         for number in range(args.rounds):
-            order = ("copy", "changefeed") if number % 2 == 0 else ("changefeed", "copy")
+            order = kinds if number % 2 == 0 else kinds[::-1]
             for kind in order:
                 if kind == "copy":
                     argv = [psql, "-d", dsn, "-q", "-c", "COPY big TO STDOUT"]
+                elif kind == "chunks":
+                    argv = [psql, "-d", dsn, "-q", "-f", str(chunks)]
                 else:
                     argv = [sys.executable, "-m", "changefeed", "run", "big", "--url", dsn,
                             "--slot", f"snapshot_{number}", "--prefeed", "snapshot",
@@ -70,12 +81,31 @@ def main() -> None:
                     peaks.append(peak_kb)
                 print(f"round {number + 1}: {kind:10} {seconds:6.2f} s"
                       f"  {args.rows / seconds:10,.0f} rows/s  (CPU {cpu:.2f} s)")
-        best_cf, best_copy = min(results["changefeed"]), min(results["copy"])
-        medians = statistics.median(results["copy"]) / statistics.median(results["changefeed"])
-        print(f"\nbest of {args.rounds}: changefeed {args.rows / best_cf:,.0f} rows/s,"
-              f" COPY {args.rows / best_copy:,.0f} rows/s")
-        print(f"ratio changefeed / COPY: {best_copy / best_cf:.2f} (of the medians: {medians:.2f})")
+        chunks.unlink()
+        median = {kind: statistics.median(results[kind]) for kind in kinds}
+        best = {kind: min(results[kind]) for kind in kinds}
+        print(f"\nmedians of {args.rounds}: " + ", ".join(
+            f"{kind} {args.rows / median[kind]:,.0f} rows/s" for kind in kinds))
+        print("best: " + ", ".join(f"{kind} {args.rows / best[kind]:,.0f} rows/s"
+                                    for kind in kinds))
+        print(f"ratio changefeed / COPY: {median['copy'] / median['changefeed']:.2f} (medians),"
+              f" {best['copy'] / best['changefeed']:.2f} (best)")
+        print(f"ratio changefeed / chunk queries: {median['chunks'] / median['changefeed']:.2f}"
+              f" (medians); chunk queries / COPY: {median['copy'] / median['chunks']:.2f}")
         print(f"peak RSS of changefeed: {max(peaks) / 1024:.0f} MB")
+
+
+def chunk_script(conn: psycopg.Connection, rows: int, size: int) -> str:
+    """The COPY statements of the feed's chunk queries of ``big`` (ids 1 to ``rows``), as
+    `TableBackfill.chunk_query` writes them, one after the other."""
+    backfill = TableBackfill(0, "public.big", ["id"], ["integer"])
+    columns = stream_columns(conn, conn.execute("SELECT 'big'::regclass::oid").fetchone()[0])
+    statements = []
+    for after in range(0, rows + 1, size):
+        backfill.after = [str(after)] if after else None
+        query = backfill.chunk_query(sql.Identifier("big"), columns, size)
+        statements.append(sql.SQL("COPY ({}) TO STDOUT;").format(query).as_string(conn))
+    return "\n".join(statements) + "\n"
 
 
 if __name__ == "__main__":

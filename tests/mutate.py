@@ -125,7 +125,7 @@ TARGETS: dict[str, tuple[str, list[str], str]] = {
                   "backfill_states"],
                  "tests/backends/test_postgres_chunks.py " + PG_BACKFILL_TESTS),
     "snapshot": ("backends/postgres/snapshot.py",
-                 ["row_bytes", "BoundedFetch", "read_chunk", "exported_change",
+                 ["row_bytes", "BoundedFetch", "exported_change",
                   "ExportedChanges"],
                  "tests/backends/test_postgres_chunks.py " + PG_SNAPSHOT_TESTS),
 }

@@ -39,12 +39,14 @@ def test_decode_cost_replays_every_recorded_change_through_each_stage():
         assert re.search(line, result.stdout), result.stdout
 
 
-def test_snapshot_benchmark_reads_the_table_both_ways_and_reports_the_ratio():
+def test_snapshot_benchmark_reads_the_table_three_ways_and_reports_the_ratios():
     result = bench("bench_snapshot.py", "--rows", "3000", "--rounds", "2", "--chunk-size", "500")
     assert result.returncode == 0, result.stderr
-    assert len(re.findall(r"round \d: (changefeed|copy) ", result.stdout)) == 4
-    assert re.search(r"ratio changefeed / COPY: \d+\.\d\d \(of the medians: \d+\.\d\d\)",
+    assert len(re.findall(r"round \d: (changefeed|copy|chunks) ", result.stdout)) == 6
+    assert re.search(r"ratio changefeed / COPY: \d+\.\d\d \(medians\), \d+\.\d\d \(best\)",
                      result.stdout)
+    assert re.search(r"ratio changefeed / chunk queries: \d+\.\d\d \(medians\); chunk queries"
+                     r" / COPY: \d+\.\d\d", result.stdout)
     assert re.search(r"peak RSS of changefeed: \d+ MB", result.stdout)
 
 

@@ -25,3 +25,19 @@ def test_every_package_folder_is_listed_in_setup_cfg():
             found.add(".".join([package, *parts]))
     assert found, "no package folder found"
     assert found == listed
+
+
+def test_every_included_cython_file_is_a_dependency_of_the_extension():
+    """The .pxi files _kernels.pyx includes are the extension's ``depends`` in pyproject.toml:
+    a file left out is missing from the sdist (which then cannot build the extension) and
+    a change to it does not rebuild the extension."""
+    import re
+    import tomllib
+
+    speedups = ROOT / "changefeed" / "_speedups"
+    included = set(re.findall(r'^include "([^"]+)"', (speedups / "_kernels.pyx").read_text(),
+                              flags=re.MULTILINE))
+    assert included == {path.name for path in speedups.glob("*.pxi")}
+    (module,) = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "ext-modules"]
+    assert set(module["depends"]) == {f"changefeed/_speedups/{name}" for name in included}

@@ -4,8 +4,9 @@
 first connection, requested through the slot by ``changefeed backfill``, or started by the feed
 when a table appears: a partition attached with rows, a table renamed or newly matching a
 pattern), the open chunk window, the chunks handed out until their rows are acknowledged, and
-the progress recorded on the publication. Its chunk reads and watermarks go through the feed's
-plain connection.
+the progress recorded on the publication. Its chunk reads (`backfill_reads`, through COPY) and
+watermarks go through the feed's plain connection; ``changefeed backfill`` asks for one through
+the slot (`backfill_requests`).
 """
 
 from __future__ import annotations
@@ -13,41 +14,38 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.pq import TransactionStatus
 
-from changefeed.backends.postgres import catalog, names, slots
+from changefeed.backends.postgres import catalog
+from changefeed.backends.postgres.backfill_reads import read_chunk
 from changefeed.backends.postgres.chunks import (
     BACKFILL_PREFIX,
     RECENT_SECONDS,
     WATERMARK_PREFIX,
     ChunkWindow,
     FinishedChunk,
-    Leaf,
     TableBackfill,
-    next_ctid_chunk,
-    pages_for,
     requested_tables,
     window_changes,
+    window_lines,
 )
 from changefeed.backends.postgres.connection import MESSAGES_VERSION
+from changefeed.backends.postgres.copy import CopyReader
 from changefeed.backends.postgres.ledger import AckLedger
-from changefeed.backends.postgres.loading import TypeLoaders, psycopg_loaders
 from changefeed.backends.postgres.pgoutput import PgOutputDecoder
-from changefeed.backends.postgres.snapshot import DONE, read_chunk, schema_version_of
+from changefeed.backends.postgres.snapshot import DONE, schema_version_of
 from changefeed.backends.postgres.tables import (
     Table,
     WatchedTables,
-    resolve_tables,
-    stream_columns,
 )
-from changefeed.change import Change, SnapshotState, Truncate
-from changefeed.errors import BackendError, ConfigurationError, first_line
+from changefeed.change import Change, Truncate
+from changefeed.errors import BackendError, first_line
 from changefeed.formats.json_values import loads_value
 from changefeed.message import Message
 
@@ -85,7 +83,10 @@ class Backfills:
         self.chunk_bytes = chunk_bytes
         self.markers = markers
         self.save = save
-        self.read_rows = ChunkReader()
+        self.read_rows = CopyReader()
+        self.line_format: tuple[str, Any] | None = None
+        """(format, delta model) when the feed hands out ready lines (`prefer_lines`): chunks of
+        tables with a key are then read as JSON and come out as `Lines` (the compiled path)."""
         self.queue: deque[TableBackfill] = deque()
         self.window: ChunkWindow | None = None
         self.finished: deque[FinishedChunk] = deque()
@@ -218,59 +219,27 @@ class Backfills:
         self.window = window
 
     def _read_chunk(self, conn: psycopg.Connection, backfill: TableBackfill) -> ChunkWindow:
-        """The next chunk of ``backfill`` as an open window (its watermark not written yet)."""
-        if backfill.estimate == 0:
-            backfill.estimate = _estimate(conn, backfill.source)
-        columns = stream_columns(conn, backfill.oid)
-        size = self.chunk_size
-        watermark = uuid.uuid4().hex
-        if backfill.by_ctid:
-            leaves = _leaves(conn, backfill.source)
-            pages = backfill.pages or pages_for(
-                max((leaf.rows_per_page for leaf in leaves), default=0.0), size)
-            chunk = next_ctid_chunk(backfill, leaves, pages)
-            if chunk is None:  # every leaf read
-                return ChunkWindow(backfill, watermark, {}, backfill.after, complete=True,
-                                   storage=backfill.storage)
-            query = backfill.ctid_query(chunk.leaf.name, columns, chunk.after, chunk.upper, size)
-            got, ended, backfill.row_bytes = self.read_rows(
-                conn, query, rows=size, max_bytes=self.chunk_bytes, row_size=backfill.row_bytes)
-            whole = ended and len(got) < size  # the page range is read to its end
-            leaf = str(chunk.leaf.oid)
-            last_key = [leaf, f"({chunk.upper},0)"] if whole else [
-                leaf, got[-1]["__changefeed_key"]]
-            backfill.pages = _adapt_pages(pages, len(got), size, whole)
-            complete = whole and chunk.last and chunk.upper >= chunk.leaf.pages
-            storage = chunk.leaf.storage
-        else:
-            identifier = _identifier(conn, backfill.source)
-            query = backfill.chunk_query(identifier, columns, size)
-            got, ended, backfill.row_bytes = self.read_rows(
-                conn, query, rows=size, max_bytes=self.chunk_bytes, row_size=backfill.row_bytes)
-            last_key = got[-1]["__changefeed_key"] if got else backfill.after
-            complete = ended and len(got) < size
-            storage = None
-        rows: dict[Any, list[dict[str, Any]]] = {}
-        token = backfill.token
-        for row in got:
-            del row["__changefeed_key"]
-            rows.setdefault(token(row), []).append(row)
-        return ChunkWindow(backfill, watermark, rows, last_key, complete=complete,
-                           storage=storage)
+        return read_chunk(conn, backfill, self.read_rows, chunk_size=self.chunk_size,
+                          chunk_bytes=self.chunk_bytes, lines=self.line_format is not None)
 
     def _emit(self, conn: psycopg.Connection, watermark: str, mark: str) -> None:
         content = json.dumps({"slot": self.slot, "id": watermark, "mark": mark})
         # Committed with synchronous_commit on: the walsender then sends it at once, not
-        # when the WAL writer gets to it (up to wal_writer_delay later, for every chunk).
-        with conn.transaction():
-            conn.execute("SET LOCAL synchronous_commit TO on")
-            conn.execute(
-                "SELECT pg_logical_emit_message(true, %s, %s)", [WATERMARK_PREFIX, content]
-            )
+        # when the WAL writer gets to it (up to wal_writer_delay later, for every chunk). One
+        # round trip (a simple query of several statements), not four.
+        try:
+            conn.execute(sql.SQL(
+                "BEGIN; SET LOCAL synchronous_commit TO on;"
+                " SELECT pg_logical_emit_message(true, {}, {}); COMMIT"
+            ).format(sql.Literal(WATERMARK_PREFIX), sql.Literal(content)))
+        except psycopg.Error:
+            if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
+                conn.rollback()
+            raise
 
     def on_message(
         self, message: Message, decoder: PgOutputDecoder
-    ) -> list[Change | SnapshotState]:
+    ) -> list[Any]:
         """Handle one of changefeed's own messages: a watermark closing a chunk (its rows come
         out, positioned in the watermark's transaction), or a back-fill request."""
         if message.prefix == BACKFILL_PREFIX:
@@ -281,12 +250,19 @@ class Backfills:
             return []
         oid = window.backfill.oid
         relation = decoder.relations.get(oid)
+        # The stream's version of the table if it described it, else the one the chunk was
+        # read with (or, for a window made elsewhere, the catalog's now).
         version = (relation.schema_version if relation is not None
+                   else window.version if window.version is not None
                    else schema_version_of(self.connection(), oid))
-        changes, last = window_changes(
-            window, self.tables.stream_names.get(oid, window.backfill.table), version,
-            decoder.next_position, markers=self.markers,
-        )
+        table = self.tables.stream_names.get(oid, window.backfill.table)
+        if window.lines is not None and self.line_format is not None:
+            fmt, model = self.line_format
+            changes, last = window_lines(window, table, version, decoder.next_position,
+                                         markers=self.markers, fmt=fmt, model=model)
+        else:
+            changes, last = window_changes(window, table, version, decoder.next_position,
+                                           markers=self.markers)
         self.finished[-1].last_position = last
         return changes
 
@@ -396,16 +372,6 @@ def _described(backfill: TableBackfill) -> str:
     return f"{backfill.table} (partition {backfill.source})"
 
 
-def _adapt_pages(pages: int, found: int, size: int, whole: bool) -> int:
-    """Pages for the next chunk of a table read by ctid: more when a range held fewer rows
-    than a chunk's (at most 8 times more at once), the same when it held more."""
-    if not whole:
-        return pages
-    if found == 0:
-        return min(pages * 8, 1 << 20)
-    return max(1, min(pages * 8, pages_for(found / pages, size)))
-
-
 def backfill_states(
     meta: dict[str, Any], tables: Iterable[Table]
 ) -> Iterator[tuple[Table, int, Any]]:
@@ -442,23 +408,6 @@ def table_backfill(
     )
 
 
-class ChunkReader:
-    """Reads a back-fill chunk's rows as dicts (one short transaction, bounded in rows and
-    bytes), loaded by the stream's own loaders: the same values as streamed rows."""
-
-    def __init__(self) -> None:
-        self._loaders: TypeLoaders | None = None
-
-    def __call__(
-        self, conn: psycopg.Connection, query: sql.Composed, *, rows: int, max_bytes: int,
-        row_size: float = 0.0,
-    ) -> tuple[list[dict[str, Any]], bool, float]:
-        if self._loaders is None or self._loaders.catalog is not conn:
-            self._loaders = psycopg_loaders(conn, catalog=conn)
-        return read_chunk(conn, query, self._loaders, rows=rows, max_bytes=max_bytes,
-                          row_size=row_size)
-
-
 def save_progress(
     conn: Callable[[], psycopg.Connection], publication: str, meta: dict[str, Any],
     states: dict[str, Any],
@@ -473,44 +422,6 @@ def save_progress(
                     first_line(exc))
 
 
-def _identifier(conn: psycopg.Connection, oid: int) -> sql.Composable:
-    """Relation ``oid`` as SQL (its current name)."""
-    row = conn.execute("SELECT %s::oid::regclass::text", [oid]).fetchone()
-    return sql.SQL(row[0]) if row else sql.SQL(str(oid))
-
-
-def _leaves(conn: psycopg.Connection, oid: int) -> list[Leaf]:
-    """The relations with storage of table ``oid`` (itself, or its leaf partitions), in OID
-    order, with their size in pages now."""
-    rows = conn.execute(
-        "SELECT c.oid::bigint, n.nspname, c.relname, c.relfilenode::bigint,"
-        " (pg_relation_size(c.oid) / current_setting('block_size')::int)::bigint,"
-        " CASE WHEN c.relpages > 0 AND c.reltuples > 0"
-        "   THEN c.reltuples / c.relpages ELSE 0 END"
-        " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-        " WHERE c.relkind = 'r' AND (c.oid = %s"
-        "   OR c.oid IN (SELECT relid FROM pg_partition_tree(%s) WHERE isleaf))"
-        " ORDER BY c.oid", [oid, oid],
-    ).fetchall()
-    return [Leaf(row[0], sql.Identifier(row[1], row[2]), row[3], row[4], float(row[5]))
-            for row in rows]
-
-
-def _estimate(conn: psycopg.Connection, oid: int) -> int:
-    """Rows in the table (and its partitions) by the statistics; counted when never analysed."""
-    row = conn.execute(
-        "SELECT CASE WHEN min(c.reltuples) < 0 THEN NULL ELSE sum(c.reltuples) END::bigint"
-        " FROM pg_class c WHERE c.relkind = 'r' AND (c.oid = %s"
-        " OR c.oid IN (SELECT relid FROM pg_partition_tree(%s) WHERE isleaf))",
-        [oid, oid],
-    ).fetchone()
-    if row is not None and row[0] is not None:
-        return int(row[0])
-    counted = conn.execute(
-        sql.SQL("SELECT count(*) FROM {}").format(_identifier(conn, oid))).fetchone()
-    return int(counted[0]) if counted else 0
-
-
 def key_types(conn: psycopg.Connection, oid: int, key: list[str]) -> list[str]:
     """The SQL type names of the key columns (to cast recorded text keys back)."""
     rows = dict(conn.execute(
@@ -518,27 +429,3 @@ def key_types(conn: psycopg.Connection, oid: int, key: list[str]) -> list[str]:
         " WHERE attrelid = %s AND attname = ANY(%s)", [oid, key],
     ).fetchall())
     return [rows[column] for column in key]
-
-
-def request_backfill(conn: psycopg.Connection, slot: str, tables: Sequence[Table]) -> list[str]:
-    """Ask the feed of ``slot`` to back-fill ``tables``: the request goes through the slot,
-    so a running feed starts at once and a stopped one when it next reads. Returns the
-    tables' names."""
-    if slots.get_slot(conn, slot) is None:
-        raise ConfigurationError(f"no replication slot named {slot!r} in this database")
-    publications = [p for p in catalog.changefeed_publications(conn) if p.meta.get("slot") == slot]
-    published = frozenset().union(*(p.table_oids for p in publications)) if publications else None
-    for table in tables:
-        if published is not None and table.oid not in published:
-            raise ConfigurationError(f"slot {slot} does not stream {table.qualified}")
-    content = json.dumps({"slot": slot, "tables": [table.oid for table in tables]})
-    conn.execute("SELECT pg_logical_emit_message(true, %s, %s)", [BACKFILL_PREFIX, content])
-    return [table.qualified for table in tables]
-
-
-def request_backfills(url: str, slot: str, tables: Sequence[str]) -> list[str]:
-    """`request_backfill` for ``changefeed backfill``: a URL, and table names or patterns as
-    given on the command line; returns the tables' names."""
-    parsed = [names.parse_table_name(t) for name in tables for t in names.split_tables(name)]
-    with slots.connect(url) as conn:
-        return request_backfill(conn, names.check_slot_name(slot), resolve_tables(conn, parsed))

@@ -18,6 +18,7 @@ from typing import Any
 
 from psycopg import sql
 
+from changefeed._speedups import kernels
 from changefeed.backends.postgres.position import PgPosition
 from changefeed.change import Change, Operation, SnapshotState
 from changefeed.formats.json_values import loads_value
@@ -243,9 +244,16 @@ class ChunkWindow:
     """The chunk was the table's last: the table is done after it."""
     storage: int | None = None
     """Read by ctid: the relfilenode of the leaf it was read from."""
+    version: str | None = None
+    """The table's schema version when the chunk was read (None: not known)."""
+    lines: Any = None
+    """For the direct path: the rows as JSON (a compiled `CopiedLines`), ``rows`` holding
+    their indexes in it (an index per token, a list where one repeats; see `window_lines`)."""
 
     @property
     def count(self) -> int:
+        if self.lines is not None:  # an index per token, a list where one repeats
+            return int(self.lines.rows_in(self.rows.values()))
         return sum(map(len, self.rows.values()))
 
 
@@ -300,3 +308,28 @@ def window_changes(
     if markers and window.complete:
         out.append(SnapshotState(table, "done", positions[-1]))
     return out, positions[-1] if positions else None
+
+
+def window_lines(
+    window: ChunkWindow, table: str, version: str | None,
+    next_position: Callable[[], PgPosition], *, markers: bool, fmt: str, model: Any = None,
+) -> tuple[list[Any], PgPosition | None]:
+    """`window_changes` for the direct path (a window read as ``lines``): the chunk's rows as
+    one batch of their ``fmt`` lines (`changefeed._speedups.Lines`), the markers around it, at
+    the same positions, with the same bytes as the encoders write of `window_changes`'s."""
+    backfill = window.backfill
+    markers = markers and backfill.markers
+    out: list[Any] = []
+    if markers and not backfill.announced:
+        out.append(SnapshotState(table, "started", next_position()))
+    backfill.announced = True
+    count = window.count
+    last = None
+    if count:
+        first, last = kernels.take_positions(next_position, count)  # type: ignore
+        out.append(window.lines.lines(window.rows.values(), fmt, model, table, version,
+                                      first.lsn, first.index))
+    if markers and window.complete:
+        last = next_position()
+        out.append(SnapshotState(table, "done", last))
+    return out, last

@@ -242,6 +242,7 @@ class PostgresChangeFeed(StreamLoop, StructureReactions, ChangeFeed):
         if kernels is None or fmt not in LINE_FORMATS:
             return False
         self._line_format = (fmt, model, where)
+        self._backfills.line_format = (fmt, model) if where is None else None
         return True
 
     def keep_alive(self) -> None:

@@ -103,26 +103,6 @@ class BoundedFetch:
         self.cursor.close()
 
 
-def read_chunk(
-    conn: psycopg.Connection, query: sql.Composable, loaders: TypeLoaders, *, rows: int,
-    max_bytes: int, row_size: float = 0.0,
-) -> tuple[list[dict[str, Any]], bool, float]:
-    """Up to ``rows`` rows of ``query`` (one short transaction), fewer once they hold about
-    ``max_bytes``; whether the query had no more; and the size of a row as measured."""
-    got: list[dict[str, Any]] = []
-    size = 0.0
-    with conn.transaction():
-        fetch = BoundedFetch(conn, query, loaders, row_size)
-        try:
-            while not fetch.ended and len(got) < rows and size < max_bytes:
-                batch = fetch.fetch(rows - len(got), max_bytes - size)
-                got.extend(batch)
-                size += fetch.row_size * len(batch)
-        finally:
-            fetch.close()
-    return got, fetch.ended, fetch.row_size
-
-
 def exported_rows(
     reader: psycopg.Connection, snapshot_name: str, tables: Iterable[Table],
     batch: int, *, markers: bool = False,

@@ -118,7 +118,7 @@ def backfill(tables: tuple[str, ...], url: str, slot: str) -> None:
     """
     require_postgresql(url, "changefeed backfill works on PostgreSQL slots: give a"
                             " postgresql:// URL")
-    from changefeed.backends.postgres.backfill import request_backfills
+    from changefeed.backends.postgres.backfill_requests import request_backfills
 
     with expected_errors():
         requested = request_backfills(url, slot, tables)

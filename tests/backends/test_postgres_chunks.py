@@ -17,7 +17,8 @@ from uuid import UUID
 import pytest
 
 from changefeed.backends.postgres import backfill as backfill_module
-from changefeed.backends.postgres.backfill import Backfills, _adapt_pages, backfill_states
+from changefeed.backends.postgres.backfill import Backfills, backfill_states
+from changefeed.backends.postgres.backfill_reads import _adapt_pages
 from changefeed.backends.postgres.chunks import (
     BACKFILL_PREFIX,
     WATERMARK_PREFIX,

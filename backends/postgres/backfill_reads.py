@@ -1,0 +1,125 @@
+"""Reading one back-fill chunk: the next rows of a table in key order (or the next ctid range
+of a table without key) through COPY, as the open window of `Backfills` (see `backfill`).
+
+The reads adapt to what they find: a chunk's LIMIT to the size of its rows (`copy.limit_for`),
+the pages of a ctid range to the rows they held (`_adapt_pages`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from changefeed.backends.postgres.chunks import (
+    ChunkWindow,
+    Leaf,
+    TableBackfill,
+    next_ctid_chunk,
+    pages_for,
+)
+from changefeed.backends.postgres.copy import CopyReader, copy_shape, limit_for
+
+
+def read_chunk(
+    conn: psycopg.Connection, backfill: TableBackfill, reader: CopyReader, *, chunk_size: int,
+    chunk_bytes: int, lines: bool = False,
+) -> ChunkWindow:
+    """The next chunk of ``backfill`` as an open window (its watermark not written yet): at
+    most ``chunk_size`` rows, about ``chunk_bytes`` at most; ``lines``: a table with a key is
+    read as JSON for the direct path (`CopyParser.read_lines`)."""
+    if backfill.estimate == 0:
+        backfill.estimate = _estimate(conn, backfill.source)
+    shape = copy_shape(conn, backfill.oid, backfill.table, backfill.key, backfill.source)
+    size = chunk_size
+    # COPY cannot stop after a number of bytes: the LIMIT keeps a chunk to its budget.
+    limit = limit_for(size, chunk_bytes, backfill.row_bytes)
+    watermark = uuid.uuid4().hex
+    if backfill.by_ctid:
+        leaves = _leaves(conn, backfill.source)
+        pages = backfill.pages or pages_for(
+            max((leaf.rows_per_page for leaf in leaves), default=0.0), size)
+        chunk = next_ctid_chunk(backfill, leaves, pages)
+        if chunk is None:  # every leaf read
+            return ChunkWindow(backfill, watermark, {}, backfill.after, complete=True,
+                               storage=backfill.storage, version=shape.schema_version)
+        query = backfill.ctid_query(chunk.leaf.name, shape.columns, chunk.after, chunk.upper,
+                                    limit)
+        got, ended, row_size, last = reader(
+            conn, query, shape, limit=limit, max_bytes=chunk_bytes)[:4]
+        whole = ended and len(got) < size  # the page range is read to its end
+        leaf = str(chunk.leaf.oid)
+        last_key = [leaf, f"({chunk.upper},0)"] if whole else [leaf, last]
+        backfill.pages = _adapt_pages(pages, len(got), size, whole)
+        complete = whole and chunk.last and chunk.upper >= chunk.leaf.pages
+        storage = chunk.leaf.storage
+    else:
+        query = backfill.chunk_query(sql.SQL(shape.source), shape.columns, limit)
+        chunk = reader(conn, query, shape, limit=limit, max_bytes=chunk_bytes, lines=lines)
+        got, ended, row_size, last = chunk[:4]
+        last_key = last if len(got) else backfill.after
+        complete = ended and len(got) < size
+        storage = None
+        if chunk.by_token is not None:  # the direct path's: rows as JSON, by token
+            if row_size:
+                backfill.row_bytes = row_size
+            return ChunkWindow(backfill, watermark, chunk.by_token, last_key,
+                               complete=complete, lines=got, version=shape.schema_version)
+    if row_size:
+        backfill.row_bytes = row_size
+    rows: dict[Any, list[dict[str, Any]]] = {}
+    token = backfill.token
+    for row in got:
+        rows.setdefault(token(row), []).append(row)
+    return ChunkWindow(backfill, watermark, rows, last_key, complete=complete,
+                       storage=storage, version=shape.schema_version)
+
+
+def _adapt_pages(pages: int, found: int, size: int, whole: bool) -> int:
+    """Pages for the next chunk of a table read by ctid: more when a range held fewer rows
+    than a chunk's (at most 8 times more at once), the same when it held more."""
+    if not whole:
+        return pages
+    if found == 0:
+        return min(pages * 8, 1 << 20)
+    return max(1, min(pages * 8, pages_for(found / pages, size)))
+
+
+def _identifier(conn: psycopg.Connection, oid: int) -> sql.Composable:
+    """Relation ``oid`` as SQL (its current name)."""
+    row = conn.execute("SELECT %s::oid::regclass::text", [oid]).fetchone()
+    return sql.SQL(row[0]) if row else sql.SQL(str(oid))
+
+
+def _leaves(conn: psycopg.Connection, oid: int) -> list[Leaf]:
+    """The relations with storage of table ``oid`` (itself, or its leaf partitions), in OID
+    order, with their size in pages now."""
+    rows = conn.execute(
+        "SELECT c.oid::bigint, n.nspname, c.relname, c.relfilenode::bigint,"
+        " (pg_relation_size(c.oid) / current_setting('block_size')::int)::bigint,"
+        " CASE WHEN c.relpages > 0 AND c.reltuples > 0"
+        "   THEN c.reltuples / c.relpages ELSE 0 END"
+        " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE c.relkind = 'r' AND (c.oid = %s"
+        "   OR c.oid IN (SELECT relid FROM pg_partition_tree(%s) WHERE isleaf))"
+        " ORDER BY c.oid", [oid, oid],
+    ).fetchall()
+    return [Leaf(row[0], sql.Identifier(row[1], row[2]), row[3], row[4], float(row[5]))
+            for row in rows]
+
+
+def _estimate(conn: psycopg.Connection, oid: int) -> int:
+    """Rows in the table (and its partitions) by the statistics; counted when never analysed."""
+    row = conn.execute(
+        "SELECT CASE WHEN min(c.reltuples) < 0 THEN NULL ELSE sum(c.reltuples) END::bigint"
+        " FROM pg_class c WHERE c.relkind = 'r' AND (c.oid = %s"
+        " OR c.oid IN (SELECT relid FROM pg_partition_tree(%s) WHERE isleaf))",
+        [oid, oid],
+    ).fetchone()
+    if row is not None and row[0] is not None:
+        return int(row[0])
+    counted = conn.execute(
+        sql.SQL("SELECT count(*) FROM {}").format(_identifier(conn, oid))).fetchone()
+    return int(counted[0]) if counted else 0

@@ -1,0 +1,464 @@
+# Back-fill chunks read through COPY (`changefeed.backends.postgres.copy`): the text rows taken
+# from libpq one by one, split and unescaped here, each value loaded by its column's kernel
+# loader or, for the other types and the values a kernel loader declines, by the Python loaders
+# (a `RelationPlan` made from the chunk's columns, as from a pgoutput Relation message).
+
+from libc.string cimport memchr
+
+
+cdef Py_ssize_t copy_unescape(const char* p, Py_ssize_t n, char* out) noexcept nogil:
+    """COPY's text escapes undone (as `copy.copy_fields` does): ``out`` holds at least ``n``
+    bytes; returns the length written."""
+    cdef Py_ssize_t i = 0, length = 0, digits
+    cdef int value, d
+    cdef char c
+    while i < n:
+        c = p[i]
+        if c != b"\\" or i + 1 == n:
+            out[length] = c
+            length += 1
+            i += 1
+            continue
+        c = p[i + 1]
+        i += 2
+        if b"0" <= c <= b"7":
+            value = c - 48
+            digits = 1
+            while digits < 3 and i < n and b"0" <= p[i] <= b"7":
+                value = value * 8 + (p[i] - 48)
+                i += 1
+                digits += 1
+            c = <char>(value & 0xFF)
+        elif c == b"x" and i < n and hex_value(p[i]) >= 0:
+            value = hex_value(p[i])
+            i += 1
+            if i < n:
+                d = hex_value(p[i])
+                if d >= 0:
+                    value = value * 16 + d
+                    i += 1
+            c = <char>value
+        elif c == b"b":
+            c = b"\b"
+        elif c == b"f":
+            c = b"\f"
+        elif c == b"n":
+            c = b"\n"
+        elif c == b"r":
+            c = b"\r"
+        elif c == b"t":
+            c = b"\t"
+        elif c == b"v":
+            c = b"\v"
+        out[length] = c
+        length += 1
+    return length
+
+
+@cython.final
+cdef class CopyParser:
+    """`copy.RowParser`, compiled: reads a chunk's COPY rows from libpq (``PQgetCopyData``,
+    found as the frame reader finds it; else through psycopg) and loads them into the row
+    dicts the Python code makes, value for value."""
+
+    cdef RelationPlan plan
+    cdef object key_decode, pgconn_error
+    cdef char* scratch  # a value's unescaped text
+    cdef Py_ssize_t scratch_size
+    cdef char* last_key  # the last row's raw ``__changefeed_key``, unescaped
+    cdef Py_ssize_t last_key_size, last_key_capacity
+    cdef bint any_row, last_key_null
+    cdef GetCopyData libpq_get_copy_data
+    cdef FreeMem libpq_freemem
+
+    def __cinit__(self, shape, loaders):
+        bind_python()
+        from changefeed._speedups import libpq_functions
+        from changefeed.backends.postgres.loading import _row_reader
+        import psycopg
+
+        self.plan = RelationPlan(shape, loaders)
+        self.key_decode = _row_reader(["key"], [shape.key_type], loaders)
+        self.pgconn_error = psycopg.OperationalError
+        libpq = libpq_functions()
+        if libpq is not None:
+            self.libpq_get_copy_data = <GetCopyData><size_t>libpq[0]
+            self.libpq_freemem = <FreeMem><size_t>libpq[1]
+
+    def __dealloc__(self):
+        PyMem_Free(self.scratch)
+        PyMem_Free(self.last_key)
+
+    cdef char* room(self, Py_ssize_t size) except NULL:
+        cdef char* grown
+        if size > self.scratch_size or self.scratch is NULL:
+            grown = <char*>PyMem_Realloc(self.scratch, max(size, 256))
+            if grown is NULL:
+                raise MemoryError()
+            self.scratch, self.scratch_size = grown, max(size, 256)
+        return self.scratch
+
+    def read(self, pgconn, Py_ssize_t limit, Py_ssize_t max_bytes):
+        """As `copy.RowParser.read`: (rows, the last raw key, the bytes read, whether the COPY
+        ended)."""
+        rows = []
+        nbytes, finished = self.read_rows(pgconn, limit, max_bytes, rows, None)
+        return rows, self.key_bytes(), nbytes, finished
+
+    def read_lines(self, pgconn, Py_ssize_t limit, Py_ssize_t max_bytes):
+        """The direct path's `read`: the rows as JSON (`CopiedLines`), not dicts, and the rows'
+        indexes by key token (as `ChunkWindow.rows` holds rows): (lines, rows by token, the last
+        raw key, the bytes read, whether the COPY ended). Only for tables with a key."""
+        cdef CopiedLines lines = CopiedLines()
+        nbytes, finished = self.read_rows(pgconn, limit, max_bytes, None, lines)
+        return lines, lines.by_token, self.key_bytes(), nbytes, finished
+
+    cdef tuple read_rows(self, pgconn, Py_ssize_t limit, Py_ssize_t max_bytes, list rows,
+                         CopiedLines lines):
+        cdef Py_ssize_t nbytes = 0, count = 0
+        cdef int size
+        cdef char* buffer
+        cdef void* conn = NULL
+        address = getattr(pgconn, "pgconn_ptr", None)
+        if self.libpq_get_copy_data is not NULL and address:
+            conn = <void*><size_t>address
+        self.any_row = False
+        while True:
+            if nbytes >= max_bytes and count < limit:
+                return nbytes, False
+            if conn is not NULL:
+                buffer = NULL
+                with nogil:
+                    size = self.libpq_get_copy_data(conn, &buffer, 0)
+                if size < 0:
+                    if size == -2:
+                        raise self.pgconn_error(
+                            f"receiving copy data failed: {pgconn.get_error_message()}")
+                    return nbytes, True
+                try:
+                    if lines is None:
+                        rows.append(self.parse_row(buffer, size))
+                    else:
+                        self.parse_line(buffer, size, lines)
+                finally:
+                    self.libpq_freemem(buffer)
+            else:
+                size, data = pgconn.get_copy_data(1)
+                if size == 0:  # wait in select(), without the GIL (see `copy._wait`)
+                    wait_readable(pgconn)
+                    continue
+                if size < 0:
+                    if size == -2:
+                        raise self.pgconn_error(
+                            f"receiving copy data failed: {pgconn.get_error_message()}")
+                    return nbytes, True
+                data = bytes(data)
+                if lines is None:
+                    rows.append(self.parse_row(PyBytes_AS_STRING(data), size))
+                else:
+                    self.parse_line(PyBytes_AS_STRING(data), size, lines)
+            nbytes += size
+            count += 1
+
+    def rows(self, lines):
+        """The rows of COPY lines and the last one's raw key (as `copy.RowParser.rows`)."""
+        cdef list rows = []
+        self.any_row = False
+        for line in lines:
+            line = bytes(line)
+            rows.append(self.parse_row(PyBytes_AS_STRING(line), PyBytes_GET_SIZE(line)))
+        return rows, self.key_bytes()
+
+    cdef object key_bytes(self):
+        if not self.any_row or self.last_key_null:
+            return None
+        return PyBytes_FromStringAndSize(self.last_key, self.last_key_size)
+
+    def key(self, raw):
+        """The loaded ``__changefeed_key`` (as `copy.RowParser.key`)."""
+        return None if raw is None else self.key_decode([raw])["key"]
+
+    def lines_of(self, lines):
+        """`read_lines` of COPY lines at hand (for tests): (lines, rows by token, last raw
+        key)."""
+        cdef CopiedLines copied = CopiedLines()
+        self.any_row = False
+        for line in lines:
+            line = bytes(line)
+            self.parse_line(PyBytes_AS_STRING(line), PyBytes_GET_SIZE(line), copied)
+        return copied, copied.by_token, self.key_bytes()
+
+    cdef const char* take_key(self, const char* p, const char* end) except NULL:
+        """Keep the raw ``__changefeed_key`` at ``p`` (`last_key`); returns where it ends."""
+        cdef Py_ssize_t length
+        cdef char* grown
+        cdef const char* field_end = <const char*>memchr(p, b"\t", end - p)
+        if field_end is NULL:
+            field_end = end
+        length = field_end - p
+        if length > self.last_key_capacity or self.last_key is NULL:
+            grown = <char*>PyMem_Realloc(self.last_key, max(length, 64))
+            if grown is NULL:
+                raise MemoryError()
+            self.last_key, self.last_key_capacity = grown, max(length, 64)
+        self.last_key_null = length == 2 and p[0] == b"\\" and p[1] == b"N"
+        if memchr(p, b"\\", length) is NULL:
+            memcpy(self.last_key, p, length)
+            self.last_key_size = length
+        else:
+            self.last_key_size = copy_unescape(p, length, self.last_key)
+        self.any_row = True
+        return field_end
+
+    cdef dict parse_row(self, const char* p, Py_ssize_t n):
+        """One COPY text row: its key kept raw (`last_key`), the row's values loaded."""
+        cdef RelationPlan plan = self.plan
+        cdef Py_ssize_t i, length, count = plan.count
+        cdef const char* text
+        if n and p[n - 1] == b"\n":
+            n -= 1
+        cdef const char* line = p
+        cdef const char* end = p + n
+        cdef const char* field_end = self.take_key(p, end)
+        row = {}
+        columns = plan.columns
+        for i in range(count):
+            if field_end == end:
+                raise copy_width_error(plan, line, n)
+            p = field_end + 1
+            field_end = <const char*>memchr(p, b"\t", end - p)
+            if field_end is NULL:
+                field_end = end
+            length = field_end - p
+            if length == 2 and p[0] == b"\\" and p[1] == b"N":
+                value = None
+            else:
+                text = p
+                if memchr(p, b"\\", length) is not NULL:
+                    text = self.room(length)
+                    length = copy_unescape(p, length, self.scratch)
+                value = DECLINE
+                if plan.kinds[i] != KIND_PYTHON:
+                    value = load_value(plan.kinds[i], text, length)
+                if value is DECLINE:
+                    value = plan.python_value(i, text, length)
+            PyDict_SetItem(row, columns[i], value)
+        if field_end != end:
+            raise copy_width_error(plan, line, n)
+        return row
+
+    cdef int parse_line(self, const char* p, Py_ssize_t n, CopiedLines lines) except -1:
+        """One COPY text row as JSON: the row's and its key's (as the encoders write the dicts
+        `parse_row` makes), and its key token (`chunks.key_token` of the key values)."""
+        cdef RelationPlan plan = self.plan
+        cdef Py_ssize_t i, k, length, used = 0, count = plan.count
+        cdef char* text = self.room(n + 1)  # every value, unescaped, one after the other
+        if n and p[n - 1] == b"\n":
+            n -= 1
+        cdef const char* line = p
+        cdef const char* end = p + n
+        cdef const char* field_end = self.take_key(p, end)
+        for i in range(count):
+            if field_end == end:
+                raise copy_width_error(plan, line, n)
+            p = field_end + 1
+            field_end = <const char*>memchr(p, b"\t", end - p)
+            if field_end is NULL:
+                field_end = end
+            length = field_end - p
+            if length == 2 and p[0] == b"\\" and p[1] == b"N":
+                plan.starts[i] = -1
+                continue
+            plan.starts[i] = used
+            if memchr(p, b"\\", length) is NULL:
+                memcpy(text + used, p, length)
+            else:
+                length = copy_unescape(p, length, text + used)
+            plan.lengths[i] = length
+            used += length
+        if field_end != end:
+            raise copy_width_error(plan, line, n)
+        # The key's token: the tuple of its values when they are their own tokens (ints,
+        # texts, ...), else what `key_token` makes of them.
+        token = PyTuple_New(plan.key_count)
+        cdef bint plain = True
+        for k in range(plan.key_count):
+            i = plan.key_indexes[k]
+            value = None
+            if plan.starts[i] >= 0:
+                value = DECLINE
+                if plan.kinds[i] != KIND_PYTHON:
+                    value = load_value(plan.kinds[i], text + plan.starts[i], plan.lengths[i])
+                if value is DECLINE:
+                    value = plan.python_value(i, text + plan.starts[i], plan.lengths[i])
+                cls = type(value)
+                if not (cls is int or cls is str or cls is bytes or cls is bool):
+                    plain = False
+            Py_INCREF(value)
+            PyTuple_SET_ITEM(token, k, value)
+        if plain:
+            # Values that hold no reference: the collector has nothing to find in it (as it
+            # finds itself, later); left tracked, a chunk's tokens went through full collections.
+            PyObject_GC_UnTrack(token)
+        else:
+            token = lines.key_token(token)
+        lines.add_row(plan, <const unsigned char*>text, token)
+        return 0
+
+
+cdef extern from "Python.h":
+    object PyTuple_New(Py_ssize_t size)
+    void PyTuple_SET_ITEM(object p, Py_ssize_t pos, object o)
+    void PyObject_GC_UnTrack(object o)
+
+
+cdef struct RowSpan:
+    Py_ssize_t start  # the row's JSON in the buffer
+    Py_ssize_t key  # its key's JSON (up to the next row's start)
+
+
+@cython.final
+cdef class CopiedLines:
+    """A chunk's rows as JSON, for the direct path (`CopyParser.read_lines`): each row and its
+    key as `JsonWriter.row` writes their dicts; made into a `Lines` batch of their delta or
+    change lines once the chunk's window closes (`lines`)."""
+
+    cdef JsonWriter out
+    cdef RowSpan* spans
+    cdef Py_ssize_t count, capacity
+    cdef readonly dict by_token
+    """Row indexes by key token."""
+    cdef object key_token
+
+    def __cinit__(self):
+        self.out = JsonWriter()
+        self.by_token = {}
+        from changefeed.backends.postgres.chunks import key_token
+
+        self.key_token = key_token
+
+    def __dealloc__(self):
+        PyMem_Free(self.spans)
+
+    def __len__(self):
+        return self.count
+
+    cdef int add_row(self, RelationPlan plan, const unsigned char* text, object token) except -1:
+        cdef RowSpan* grown
+        if self.count == self.capacity:
+            self.capacity = self.capacity * 2 if self.capacity else 1024
+            grown = <RowSpan*>PyMem_Realloc(self.spans, self.capacity * sizeof(RowSpan))
+            if grown is NULL:
+                raise MemoryError()
+            self.spans = grown
+        self.spans[self.count].start = self.out.length
+        plan.write_row(self.out, text, False)
+        self.spans[self.count].key = self.out.length
+        plan.write_row(self.out, text, True)
+        # One index per token (a key is unique in a table), a list only where a token repeats:
+        # no container per row for the collector to go through.
+        found = PyDict_GetItem(self.by_token, token)
+        if found is NULL:
+            PyDict_SetItem(self.by_token, token, self.count)
+        elif type(<object>found) is list:
+            (<list>found).append(self.count)
+        else:
+            PyDict_SetItem(self.by_token, token, [<object>found, self.count])
+        self.count += 1
+        return 0
+
+    def rows_in(self, groups):
+        """How many rows ``groups`` (values of `by_token`, or some of them) hold."""
+        cdef Py_ssize_t total = 0
+        for group in groups:
+            total += len(<list>group) if type(group) is list else 1
+        return total
+
+    cdef inline Py_ssize_t end_of(self, Py_ssize_t i):
+        return self.spans[i + 1].start if i + 1 < self.count else self.out.length
+
+    def lines(self, groups, fmt, model, table, schema_version, lsn, first_index):
+        """The ``fmt`` lines (``"delta"``, with ``model``, or ``"change"``) of the rows of
+        ``groups`` (values of `by_token`: an index, or a list of them) as snapshot inserts into ``table``, at positions ``first_index`` on of the
+        transaction at ``lsn``: what the format's encoder writes of the `Change` objects
+        `chunks.window_changes` makes."""
+        cdef JsonWriter out = JsonWriter()
+        cdef Lines lines = new_lines(lsn, None)
+        cdef Py_ssize_t i
+        cdef uint64_t index = first_index
+        cdef RowSpan span
+        cdef bint delta = fmt == "delta"
+        cdef bytes start, end
+        if delta:
+            start = (<DeltaEncoder>DeltaEncoder(model)).start(table)[0]
+            end = b"}\n"
+        elif fmt == "change":
+            start = b'{"operation":"insert","table":' + python_dumps(table) + b',"key":'
+            end = (b',"schema_version":' + python_dumps(schema_version)
+                   if schema_version is not None else b"") + b"}\n"
+        else:
+            raise ValueError(f"no direct path for {fmt!r} lines: use delta or change")
+        indexes = []
+        for group in groups:
+            if type(group) is list:
+                indexes.extend(<list>group)
+            else:
+                indexes.append(group)
+        for i in indexes:
+            if i < 0 or i >= self.count:
+                raise IndexError(i)
+            span = self.spans[i]
+            out.bytes_(start)
+            if delta:
+                out.raw(self.out.data + span.start, span.key - span.start)
+            else:
+                out.raw(self.out.data + span.key, self.end_of(i) - span.key)
+                out.raw(b',"new":', 7)
+                out.raw(self.out.data + span.start, span.key - span.start)
+                out.raw(b',"old":null,"position":', 23)
+                out.position(lsn, index)
+                out.raw(b',"committed_at":null,"transaction":null,"snapshot":true', 55)
+            out.bytes_(end)
+            lines.add(out.length, index)
+            index += 1
+        if lines.count:
+            lines.any_seen, lines.seen_index = True, index - 1
+        out.hand_over(lines)
+        return lines
+
+
+cdef object select_function = None
+
+
+cdef int wait_readable(pgconn) except -1:
+    global select_function
+    if select_function is None:
+        import select
+
+        select_function = select.select
+    select_function([pgconn.socket], [], [])
+    pgconn.consume_input()
+    return 0
+
+
+def take_positions(next_position, Py_ssize_t count):
+    """Take ``count`` positions (at least one) from ``next_position`` (a decoder's): the first
+    and the last, the others between them (a chunk's rows, one after the other)."""
+    first = last = next_position()
+    cdef Py_ssize_t i
+    cdef Decoder decoder
+    owner = getattr(next_position, "__self__", None)
+    if type(owner) is Decoder:  # the compiled decoder's: its index moves on at once
+        decoder = <Decoder>owner
+        if count > 1:
+            decoder.index += <uint64_t>(count - 1)
+            last = make_position(decoder.final_lsn, decoder.index - 1)
+        return first, last
+    for i in range(count - 1):
+        last = next_position()
+    return first, last
+
+
+cdef object copy_width_error(RelationPlan plan, const char* line, Py_ssize_t n):
+    found = PyBytes_FromStringAndSize(line, n).count(b"\t") + 1
+    return DecodeError(f"{plan.table}: a COPY row of {found} columns, not {plan.count + 1}")
