@@ -4,7 +4,14 @@ install holds all of changefeed: an editable install would hide a forgotten one.
 from __future__ import annotations
 
 import configparser
+import re
+import sys
 from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,9 +38,6 @@ def test_every_included_cython_file_is_a_dependency_of_the_extension():
     """The .pxi files _kernels.pyx includes are the extension's ``depends`` in pyproject.toml:
     a file left out is missing from the sdist (which then cannot build the extension) and
     a change to it does not rebuild the extension."""
-    import re
-    import tomllib
-
     speedups = ROOT / "changefeed" / "_speedups"
     included = set(re.findall(r'^include "([^"]+)"', (speedups / "_kernels.pyx").read_text(),
                               flags=re.MULTILINE))
