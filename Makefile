@@ -8,9 +8,9 @@ STAMP  := $(VENV)/.installed
 # Snorky (for the Snorky sink's tests) pins tornado 4.5.3: it gets a virtualenv of its own.
 SNORKY_VENV  ?= .venv-snorky
 SNORKY_STAMP := $(SNORKY_VENV)/.installed
-# Test files run in parallel (pytest-xdist): most tests wait on servers, so three workers keep
+# Test files run in parallel (pytest-xdist): most tests wait on servers, so four workers keep
 # two cores busy. Each worker starts servers of its own; TEST_WORKERS=0 runs in one process.
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 4
 # The sync tests' real clients (tests/serve/js): @electric-sql/client in Node and playwright-core
 # driving Debian's chromium, installed from the lock file when it changed (never a browser build).
 JS_TESTS := tests/serve/js
