@@ -132,7 +132,7 @@ class JsonLine:
         self.line = line
 
     def __eq__(self, other: object) -> bool:
-        return other.__class__ is JsonLine and self.line == other.line  # type: ignore[attr-defined]
+        return other.__class__ is JsonLine and self.line == other.line
 
     def __hash__(self) -> int:
         return hash(self.line)
