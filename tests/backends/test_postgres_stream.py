@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import socket
 import struct
+import time
 from collections import deque
 from types import SimpleNamespace
 
@@ -19,7 +20,7 @@ from psycopg import pq
 from changefeed.backends.postgres.ledger import AckLedger
 from changefeed.backends.postgres.pgoutput import Begin, Commit
 from changefeed.backends.postgres.position import PgPosition
-from changefeed.backends.postgres.stream import ReplicationStream
+from changefeed.backends.postgres.stream import ReadPacing, ReplicationStream, waiting_bytes
 from changefeed.change import Change, Operation
 
 NOTHING = (0, None)
@@ -193,3 +194,62 @@ def test_finish_sends_the_last_status_and_answers_nothing_after_copydone():
     assert stream.pgconn.sent == [(0x108, 0x108, False)] and stream.pgconn.copy_ended
     assert ledger.reported_lsn == 0x108 and not stream.usable
     assert list(stream.frames) == []  # it read on to the end
+
+
+# -- pacing the reads of a backlog (ReadPacing) ----------------------------------------------
+
+BUSY = ReadPacing.BUSY_WAKEUPS
+BEHIND = ReadPacing.BEHIND_SECONDS
+
+
+def test_a_live_stream_is_never_paused_however_busy():
+    pacing = ReadPacing()
+    for behind in (0.0, 0.001, BEHIND / 2, BEHIND - 0.001, -5.0):  # -5: a server clock ahead
+        assert [pacing.pause(100, behind) for _ in range(5 * BUSY)] == [0.0] * (5 * BUSY)
+
+
+def test_a_backlog_read_as_it_trickles_in_is_paused_after_a_streak_of_busy_wake_ups():
+    for behind in (BEHIND, 3.0, 3600.0):
+        pacing = ReadPacing()
+        pauses = [pacing.pause(900, behind) for _ in range(2 * BUSY)]
+        assert pauses == [0.0] * (BUSY - 1) + [ReadPacing.PAUSE] * (BUSY + 1)
+
+
+def test_a_wake_up_with_nothing_waiting_or_caught_up_ends_the_streak():
+    for breaker in ((0, 10.0), (900, 0.0)):  # nothing waiting; a live transaction read
+        pacing = ReadPacing()
+        assert [pacing.pause(900, 10.0) for _ in range(BUSY)][-1] == ReadPacing.PAUSE
+        assert pacing.pause(*breaker) == 0.0
+        assert [pacing.pause(900, 10.0) for _ in range(BUSY - 1)] == [0.0] * (BUSY - 1)
+        assert pacing.pause(900, 10.0) == ReadPacing.PAUSE
+
+
+def test_enough_bytes_waiting_are_read_at_once_so_a_fast_backlog_is_not_held_back():
+    pacing = ReadPacing()
+    for _ in range(BUSY):
+        pacing.pause(900, 10.0)
+    for waiting in (ReadPacing.ENOUGH_BYTES, 10 * ReadPacing.ENOUGH_BYTES, 1 << 24):
+        assert pacing.pause(waiting, 10.0) == 0.0
+    assert pacing.pause(ReadPacing.ENOUGH_BYTES - 1, 10.0) == ReadPacing.PAUSE
+
+
+@pytest.mark.parametrize("family", [socket.AF_UNIX, socket.AF_INET])
+def test_waiting_bytes_counts_what_the_socket_received_and_nobody_read(family):
+    if family == socket.AF_UNIX:
+        left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    else:
+        listener = socket.create_server(("127.0.0.1", 0))
+        left = socket.create_connection(listener.getsockname())
+        right, _ = listener.accept()
+        listener.close()
+    with left, right:
+        assert waiting_bytes(right.fileno()) == 0
+        for total in (1, 1000, 70000):
+            left.sendall(b"x" * (total - waiting_bytes(right.fileno())))
+            deadline = time.monotonic() + 5
+            while waiting_bytes(right.fileno()) < total and time.monotonic() < deadline:
+                time.sleep(0.001)  # loopback delivery is asynchronous for TCP
+            assert waiting_bytes(right.fileno()) == total
+        right.recv(500)
+        assert waiting_bytes(right.fileno()) == 70000 - 500
+    assert waiting_bytes(right.fileno()) == 0  # a closed socket: the platform cannot say
