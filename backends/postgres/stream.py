@@ -369,12 +369,14 @@ class ReadPacing:
     the sender's queue empty, so every message crosses as a TCP segment of its own, and the
     kernel work per segment (on loopback, charged to the walsender and the feed) bounds the
     stream: 1.24M segments for 1M changes. Data left unread a moment lets the kernel merge
-    the sender's writes (2,700 segments, twice the throughput, a sixth of the CPU). So once
-    `BUSY_WAKEUPS` wake-ups in a row found bytes already waiting (a stream far behind, not
-    commits trickling in), a wake-up that finds fewer than `ENOUGH_BYTES` waiting first
-    pauses `PAUSE` seconds. With that much or more waiting, or nothing, there is no pause:
-    a fast stream is never held to what one pause lets in, and latency at a trickle is
-    untouched. See the README's "What bounds streaming"."""
+    the sender's writes (2,700 segments, twice the throughput, a sixth of the CPU). So while
+    the stream reads transactions committed `BEHIND_SECONDS` ago or more (a backlog, where a
+    millisecond is nothing) and `BUSY_WAKEUPS` wake-ups in a row found bytes already
+    waiting, a wake-up that finds fewer than `ENOUGH_BYTES` waiting first pauses `PAUSE`
+    seconds. A live stream is never paused, so its latency is untouched (a server clock
+    running behind ours would make it look older: at most `PAUSE` added then); nor is a
+    wake-up with nothing or with enough waiting, so a fast backlog is never held to what one
+    pause lets in. See the README's "What bounds streaming"."""
 
     BEHIND_SECONDS = 0.5
     BUSY_WAKEUPS = 8
