@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import select
 import time
 import uuid
@@ -30,6 +29,7 @@ import pytest
 from clitools import run_cli
 from psycopg.types.multirange import Multirange
 from psycopg.types.range import Range
+from random_scalars import random_rows
 from test_postgres_stream import NOTHING, keepalive, stream_of, xlogdata  # noqa: E402
 
 from changefeed import _speedups
@@ -170,53 +170,6 @@ FIXED = [
 ]
 
 
-def random_rows(seed: int, count: int) -> list[tuple[str, list[Any]]]:
-    """Rows of random values for `scalars` (as statements with parameters): lengths, signs,
-    precisions, NULLs, dates and times across the ranges Python holds and beyond."""
-    rng = random.Random(seed)
-
-    def maybe(value: Any) -> Any:
-        return None if rng.random() < 0.15 else value
-
-    def text() -> str:
-        alphabet = 'ab "\\\n\t\x01é€😀\u2028/'
-        return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
-
-    def numeric() -> str:
-        digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(1, 30)))
-        point = rng.randint(0, len(digits))
-        number = (digits[:point] or "0") + ("." + digits[point:] if point < len(digits) else "")
-        return rng.choice(["", "-"]) + number
-
-    def when() -> str:
-        year = rng.choice([1, 99, 1969, 2024, 9999, 10000, -44])
-        era = " BC" if year < 0 else ""
-        fraction = rng.choice(["", ".5", ".123456", ".000001"])
-        return (f"{abs(year):04d}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"
-                f" {rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}:{rng.randint(0, 59):02d}"
-                f"{fraction}{era}")
-
-    rows = []
-    for _ in range(count):
-        stamp = when()
-        rows.append((
-            "INSERT INTO scalars (i2, i4, i8, n, f4, f8, flag, t, c, bin, u, d, ts, tz, tm, jb)"
-            " VALUES (%s, %s, %s, %s::numeric, %s::float4, %s::float8, %s, %s, %s, %s, %s,"
-            " %s::date, %s::timestamp, %s::timestamptz, %s::time, %s::jsonb)",
-            [maybe(rng.randint(-32768, 32767)), maybe(rng.randint(-2**31, 2**31 - 1)),
-             maybe(rng.choice([rng.randint(-2**63, 2**63 - 1), rng.randint(-999, 999)])),
-             maybe(rng.choice([numeric(), "NaN"])),
-             maybe(repr(rng.uniform(-1e6, 1e6))),
-             maybe(rng.choice([repr(rng.uniform(-1e300, 1e300)), repr(rng.random()),
-                               "Infinity", "-0"])),
-             maybe(rng.random() < 0.5), maybe(text()), maybe(text()[:5]),
-             maybe(rng.randbytes(rng.randint(0, 20))), maybe(uuid.UUID(int=rng.getrandbits(128))),
-             maybe(stamp.split(" ")[0] + (" BC" if stamp.endswith("BC") else "")),
-             maybe(stamp), maybe(stamp + "+00"),
-             maybe(rng.choice([stamp.split(" ")[1].split(" ")[0], "24:00:00"])),
-             maybe(rng.choice(['{"x": 1}', f'[{Decimal(numeric())}, "{rng.random()}"]', "null"]))],
-        ))
-    return rows
 
 
 def record(dsn: str) -> list[bytes]:
