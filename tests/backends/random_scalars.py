@@ -55,6 +55,6 @@ def random_rows(seed: int, count: int) -> list[tuple[str, list[Any]]]:
              maybe(stamp), maybe(stamp + "+00"),
              maybe(rng.choice([stamp.split(" ")[1], "24:00:00"])),
              maybe(rng.choice(['{"x": 1}', f"[{json.dumps(text())}, {Decimal(numeric())}]",
-                               "null"]))],
+                               f'[{Decimal(numeric())}, "{rng.random()}"]', "null"]))],
         ))
     return rows
