@@ -14,22 +14,15 @@ debezium, message) the same, byte for byte.
 from __future__ import annotations
 
 import json
-import math
 import select
 import time
-import uuid
 from collections.abc import Iterator
-from datetime import date, datetime
-from datetime import time as clock_time
-from decimal import Decimal
 from typing import Any
 
 import psycopg
 import pytest
 from clitools import run_cli
-from psycopg.types.multirange import Multirange
-from psycopg.types.range import Range
-from random_scalars import random_rows
+from equivalence import random_rows, same
 from test_postgres_stream import NOTHING, keepalive, stream_of, xlogdata  # noqa: E402
 
 from changefeed import _speedups
@@ -38,7 +31,6 @@ from changefeed.backends.postgres.feed import PostgresChangeFeed
 from changefeed.backends.postgres.loading import psycopg_loaders
 from changefeed.backends.postgres.pgoutput import Commit, PgOutputDecoder, Truncated
 from changefeed.backends.postgres.position import PgPosition
-from changefeed.backends.postgres.values import PostgresText
 from changefeed.change import ALL, Change, Operation
 from changefeed.formats import debezium
 from changefeed.formats.change_dict import change_line
@@ -221,34 +213,6 @@ def stream(pg_server) -> Iterator[tuple[str, list[bytes]]]:
             conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
 
 
-def same(a: Any, b: Any) -> bool:
-    """Equal and of the same types, recursively, to the last detail a consumer could see."""
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, float):
-        return repr(a) == repr(b) and math.copysign(1, a) == math.copysign(1, b)
-    if isinstance(a, Decimal):
-        return str(a) == str(b)
-    if isinstance(a, PostgresText):
-        return str(a) == str(b) and a.type == b.type
-    if isinstance(a, (datetime, clock_time)):
-        return a == b and repr(a) == repr(b)
-    if isinstance(a, date):
-        return a == b
-    if isinstance(a, uuid.UUID):
-        return a == b and a.is_safe == b.is_safe
-    if isinstance(a, dict):
-        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple, Multirange)):
-        return len(a) == len(b) and all(map(same, a, b))
-    if isinstance(a, Range):
-        return a.isempty == b.isempty and a.bounds == b.bounds and same(a.lower, b.lower) \
-            and same(a.upper, b.upper)
-    if isinstance(a, Change):
-        return all(same(getattr(a, field), getattr(b, field)) for field in Change.__slots__)
-    if isinstance(a, Message):
-        return all(same(getattr(a, field), getattr(b, field)) for field in Message.__slots__)
-    return bool(a == b)
 
 
 def decoders(dsn: str, **options: Any) -> tuple[Any, Any]:

@@ -14,24 +14,17 @@ but does not write.
 
 from __future__ import annotations
 
-import math
 import random
 import re
 import threading
 import time
-import uuid
 from collections.abc import Iterator
-from datetime import date, datetime
-from datetime import time as clock_time
-from decimal import Decimal
 from typing import Any
 
 import psycopg
 import pytest
 from clitools import run_cli
-from psycopg.types.multirange import Multirange
-from psycopg.types.range import Range
-from random_scalars import random_rows
+from equivalence import random_rows, same
 
 from changefeed import _speedups
 from changefeed.backends.postgres import connection
@@ -53,7 +46,6 @@ from changefeed.backends.postgres.copy import (
 from changefeed.backends.postgres.loading import TypeLoaders, psycopg_loaders, query_rows
 from changefeed.backends.postgres.snapshot import schema_version_of
 from changefeed.backends.postgres.tables import stream_columns
-from changefeed.backends.postgres.values import PostgresText
 from changefeed.change import Change, Operation
 from changefeed.errors import DecodeError
 from changefeed.formats.change_dict import change_line
@@ -145,8 +137,6 @@ ROWS = [
 ]
 
 
-
-
 TABLES = ["scalars", "kinds", "keyless", "Mixed Case", "generated"]
 
 
@@ -170,30 +160,6 @@ def database(pg_server) -> Iterator[str]:
             conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
 
 
-def same(a: Any, b: Any) -> bool:
-    """Equal and of the same types, recursively, to the last detail a consumer could see."""
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, float):
-        return repr(a) == repr(b) and math.copysign(1, a) == math.copysign(1, b)
-    if isinstance(a, Decimal):
-        return str(a) == str(b)
-    if isinstance(a, PostgresText):
-        return str(a) == str(b) and a.type == b.type
-    if isinstance(a, (datetime, clock_time)):
-        return a == b and repr(a) == repr(b)
-    if isinstance(a, date):
-        return a == b
-    if isinstance(a, uuid.UUID):
-        return a == b and a.is_safe == b.is_safe
-    if isinstance(a, dict):
-        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple, Multirange)):
-        return len(a) == len(b) and all(map(same, a, b))
-    if isinstance(a, Range):
-        return a.isempty == b.isempty and a.bounds == b.bounds and same(a.lower, b.lower) \
-            and same(a.upper, b.upper)
-    return bool(a == b)
 
 
 def backfill_of(conn: psycopg.Connection, table: str) -> tuple[TableBackfill, CopyShape]:

@@ -1,13 +1,24 @@
-"""Random rows of scalar values, shared by the equivalence tests of the stream's decoders
-(test_compiled_equivalence) and of the COPY parsers (test_copy_equivalence)."""
+"""What the equivalence tests of the stream's decoders (test_compiled_equivalence) and of the
+COPY parsers (test_copy_equivalence) share: random rows of scalar values, and `same`, the
+comparison of what two paths made."""
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import uuid
+from datetime import date, datetime
+from datetime import time as clock_time
 from decimal import Decimal
 from typing import Any
+
+from psycopg.types.multirange import Multirange
+from psycopg.types.range import Range
+
+from changefeed.backends.postgres.values import PostgresText
+from changefeed.change import Change
+from changefeed.message import Message
 
 
 def random_rows(seed: int, count: int) -> list[tuple[str, list[Any]]]:
@@ -58,3 +69,33 @@ def random_rows(seed: int, count: int) -> list[tuple[str, list[Any]]]:
                                f'[{Decimal(numeric())}, "{rng.random()}"]', "null"]))],
         ))
     return rows
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal and of the same types, recursively, to the last detail a consumer could see."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        return repr(a) == repr(b) and math.copysign(1, a) == math.copysign(1, b)
+    if isinstance(a, Decimal):
+        return str(a) == str(b)
+    if isinstance(a, PostgresText):
+        return str(a) == str(b) and a.type == b.type
+    if isinstance(a, (datetime, clock_time)):
+        return a == b and repr(a) == repr(b)
+    if isinstance(a, date):
+        return a == b
+    if isinstance(a, uuid.UUID):
+        return a == b and a.is_safe == b.is_safe
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple, Multirange)):
+        return len(a) == len(b) and all(map(same, a, b))
+    if isinstance(a, Range):
+        return a.isempty == b.isempty and a.bounds == b.bounds and same(a.lower, b.lower) \
+            and same(a.upper, b.upper)
+    if isinstance(a, Change):
+        return all(same(getattr(a, field), getattr(b, field)) for field in Change.__slots__)
+    if isinstance(a, Message):
+        return all(same(getattr(a, field), getattr(b, field)) for field in Message.__slots__)
+    return bool(a == b)
