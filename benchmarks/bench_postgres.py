@@ -213,7 +213,9 @@ def main() -> None:
     # module from source at each start.
     for package in ("changefeed", "backends", "pipelines"):
         compileall.compile_dir(package, quiet=1)
-    with TemporaryPostgres() as server:
+    # A slot (and a walsender) per consumer and round, created before the workload.
+    slots = str(max(20, args.rounds * (len(variants) + 2) + 4))
+    with TemporaryPostgres({"max_replication_slots": slots, "max_wal_senders": slots}) as server:
         throughput(server, args.changes, args.rounds, args.shape == "narrow", variants)
         if args.big_rows:
             memory(server, args.big_rows)

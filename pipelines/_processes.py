@@ -1,7 +1,7 @@
 """The multi-process mode of `changefeed.pipelines.Pipeline` (``own_process``, ``processes=True``).
 
 Steps marked to run elsewhere become `multipipes.Node` processes connected by queues; chunks of
-entries cross the boundaries, packed compactly (`_steps._Chunk`; the feed's process, when it runs
+entries cross the boundaries, packed compactly (`_crossing._Chunk`; the feed's process, when it runs
 no stage, packs its changes without making entries), each process runs its stages on a chunk at
 a time, and the sink's process sends confirmations back to the feed's
 process, which alone acknowledges, in order, and waits for them through
@@ -30,9 +30,9 @@ import multipipes
 
 from changefeed.delivery import Output, SinkWait, StopTimeout
 from changefeed.errors import ChangefeedError, PipelineError
+from changefeed.pipelines._crossing import _Chunk
 from changefeed.pipelines._sink_thread import SLOW_SINK
 from changefeed.pipelines._steps import (
-    _Chunk,
     _Entry,
     _Failure,
     _Segment,
