@@ -3,8 +3,10 @@
 A `_Chunk` of entries is pickled compactly: each entry as a tag and a few values that pickle
 writes and reads in C (`pack_entries`, `unpack_entries`), never a `Change`, enum or position
 object as itself (their own pickling hooks run in Python, ~25 µs a change each way, more than
-the stages cost). The functions here are the reference; the kernels (`entries.pxi`) do the same
-in C where the extension is built, with the same packed form.
+the stages cost). A batch of lines the feed wrote itself (`Lines`, `ChangeFeed.prefer_lines`)
+crosses as two bytes objects, its text and its line ends, however many changes it holds. The
+functions here are the reference; the kernels (`entries.pxi`) do the same in C where the
+extension is built, with the same packed form.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import changefeed._speedups as _speedups
+from changefeed._speedups import Lines
 from changefeed.change import Change, Operation
 from changefeed.pipelines._steps import _Entry
 from changefeed.pipelines.sinks import JsonLine
@@ -160,8 +163,9 @@ def _unpack_other(packed: tuple[Any, ...]) -> _Entry:
 
 
 # The packed forms of a value (`_pack`), told apart by their lengths: itself (a str, None), a
-# 1-tuple (any other value, pickled as it is), a `JsonLine` (2), a text (3), a Change (12).
-_CHANGE, _TEXT, _LINE = 0, 1, 2
+# 1-tuple (any other value, pickled as it is), a `JsonLine` (2), a text (3), a batch of ready
+# lines (7: `Lines`, its text and line ends as two bytes objects), a Change (12).
+_CHANGE, _TEXT, _LINE, _LINES = 0, 1, 2, 3
 _OPERATIONS = {operation.value: operation for operation in Operation}
 _TEXT_CLASSES: dict[type, bool] = {}
 
@@ -177,6 +181,8 @@ def _pack(value: Any) -> Any:
         return value
     if cls is JsonLine:
         return (_LINE, value.line)
+    if cls is Lines:  # only made where the kernels are built
+        return (_LINES, *_speedups.kernels.pack_lines(value))
     text_only = _TEXT_CLASSES.get(cls)
     if text_only is None:  # a str subclass whose instances hold nothing but their text
         text_only = _TEXT_CLASSES[cls] = issubclass(cls, str) and "__dict__" not in dir(cls)
@@ -195,6 +201,8 @@ def _unpack(packed: Any) -> Any:
         return JsonLine(packed[1])
     if size == 3:
         return str.__new__(packed[1], packed[2])
+    if size == 7:
+        return _speedups.kernels.unpack_lines(*packed[1:])
     (_, operation, table, new, old, key, position, committed_at, transaction, snapshot, meta,
      schema_version) = packed
     return Change(_OPERATIONS[operation], table, new, old, key, _unpack(position),

@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from changefeed._speedups import Lines
 from changefeed.change import Change, Position, Truncate
 from changefeed.errors import ChangefeedError, PipelineError
 from changefeed.pipelines.sinks import (
@@ -31,7 +32,12 @@ log = logging.getLogger("changefeed.pipelines")
 
 
 class _Entry:
-    """One change on its way: its position, the items made of it so far, dead letters."""
+    """One change on its way: its position, the items made of it so far, dead letters.
+
+    An entry of a batch of lines the feed wrote itself (`Lines`: asked for with
+    `ChangeFeed.prefer_lines` by whoever built the stages, only when they would make those very
+    lines and no dead letters are wanted) stands for the ``count`` changes it holds: the stages
+    pass it by, and the sink writes it as it is (`changes_in`)."""
 
     __slots__ = ("position", "change", "items", "dead")
 
@@ -101,7 +107,7 @@ def thaw_heap() -> None:
 
 
 class _Confirmed:
-    """The sink delivered ``count`` more entries; ``position`` is the last one's (or None)."""
+    """The sink delivered ``count`` more changes; ``position`` is the last one's (or None)."""
 
     __slots__ = ("position", "count")
 
@@ -146,7 +152,9 @@ class _Segment:
         if not self.stages:
             return entries, None
         failure: _Failure | None = None
-        live = entries  # the entries that still have items for the next stage
+        # The entries that still have items for the next stage (the feed's lines are made).
+        live = [entry for entry in entries
+                if entry.items and entry.items[0].__class__ is not Lines]
         for stage, name, each in self.stages:
             live = [entry for entry in live if entry.items]
             if not live:
@@ -184,6 +192,16 @@ class _Segment:
         return entries, failure
 
 
+def changes_in(entries: list[_Entry]) -> int:
+    """How many changes ``entries`` stand for (a `Lines` entry for each of its lines)."""
+    count = len(entries)
+    for entry in entries:
+        items = entry.items
+        if items and items[0].__class__ is Lines:
+            count += items[0].count - 1
+    return count
+
+
 def _index_of(entries: list[_Entry], entry: _Entry) -> int:
     for index, one in enumerate(entries):
         if one is entry:
@@ -212,7 +230,11 @@ class _SinkStep:
         if not self.entries:
             self.started = time.monotonic() if since is None else since
         self.entries.extend(entries)
-        self.items += sum(len(entry.items) for entry in entries)
+        items = 0
+        for entry in entries:
+            made = entry.items
+            items += made[0].count if made and made[0].__class__ is Lines else len(made)
+        self.items += items
 
     def due(self, now: float) -> bool:
         """Whether the waiting batch is full or old enough to go."""
@@ -246,11 +268,14 @@ class _SinkStep:
         items: list[Any] = []
         positions: list[Position] = []
         owners: list[_Entry] = []
+        changes = len(entries)  # each a change, but a batch of lines stands for its lines
         for entry in entries:
             for item in entry.items:
                 items.append(item)
                 positions.append(entry.position)
                 owners.append(entry)
+                if item.__class__ is Lines:
+                    changes += item.count - 1
         if items:
             try:
                 self.sink.write_batch(Batch(items, positions))
@@ -288,7 +313,7 @@ class _SinkStep:
                     f"dead-letter sink {self.dead_letter_name} failed: {_describe(exc)}"
                 ) from exc
         last = next((e.position for e in reversed(entries) if e.position is not None), None)
-        return _Confirmed(last, len(entries))
+        return _Confirmed(last, changes)
 
     def interrupt(self) -> None:
         """Tell the sinks that can give up a batch (``interrupt()``) to do so: we stop."""
