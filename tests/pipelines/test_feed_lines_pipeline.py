@@ -11,6 +11,7 @@ comes again, in order.
 from __future__ import annotations
 
 import os
+import pickle
 import resource
 import subprocess
 import uuid
@@ -19,9 +20,12 @@ import pytest
 from clitools import CHANGEFEED, assert_exit
 
 from changefeed import FileCheckpoint, PipelineError, _speedups, get_changefeed
+from changefeed._speedups import Lines
 from changefeed.cli.pipeline_options import build_cli_pipeline
 from changefeed.formats.registry import FormatOptions
 from changefeed.pipelines import JsonLinesSink, Pipeline, sinks
+from changefeed.pipelines._crossing import _Chunk
+from changefeed.pipelines._steps import _Entry
 from changefeed.pipelines.stages import EncodeLines
 from changefeed.pipelines.where_expressions import RowWhere, parse_where
 
@@ -200,3 +204,42 @@ def test_a_sink_failing_mid_run_loses_nothing_and_resumes_in_order(
     # on in order to the end.
     start = len(expected) - len(resumed)
     assert 0 <= start <= len(first) and resumed == expected[start:]
+
+
+@pytest.mark.skipif(_speedups.kernels is None, reason="the compiled extension is not built")
+def test_the_feed_s_lines_cross_a_process_boundary_whole(pg_dsn, stream):
+    """A `_Chunk` holding batches of the feed's lines (among changes) is unpickled into the
+    same batches: bytes, lines, positions, counts, commit times."""
+    table, slots = stream
+    feed = get_changefeed(pg_dsn, table, slot=slots[0], publication=table)
+    assert feed.prefer_lines("change", where=parse_where("id < 50 or ok == true"))
+    taken = list(changes_of(feed, ROWS + 120 + ROWS // 20 + 50 + 1))
+    assert any(item.__class__ is Lines for item in taken)
+    assert any(item.__class__ is not Lines for item in taken)
+    for keep in (False, True):
+        chunk = _Chunk([_Entry(item, keep) for item in taken], flush=True)
+        for entry, item in zip(pickle.loads(pickle.dumps(chunk)).entries, taken, strict=True):
+            got = entry.items[0]
+            assert got.__class__ is item.__class__ and entry.position == item.position
+            if item.__class__ is Lines:
+                assert bytes(got) == bytes(item) and got.lines() == item.lines()
+                assert got.count == item.count and got.positions() == item.positions()
+                assert got.committed_at == item.committed_at and got.seen == item.seen
+                assert bytes(got.head(1)) == bytes(item.head(1))
+            else:
+                assert got == item
+    with pytest.raises(ValueError):
+        _speedups.kernels.unpack_lines(b"x\n", b"\0" * 15, 1, True, 0, None)
+
+
+def changes_of(feed, count: int):
+    """The first ``count`` changes ``feed`` hands out (batches of lines counting as theirs)."""
+    taken = 0
+    for item in feed.changes(idle_timeout=2.0):
+        if item is None:
+            continue
+        yield item
+        taken += item.count if item.__class__ is Lines else 1
+        if taken >= count:
+            break
+    feed.close()
