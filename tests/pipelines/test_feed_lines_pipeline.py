@@ -92,26 +92,28 @@ def test_the_feed_s_lines_give_the_bytes_of_the_python_path(pg_dsn, stream, tmp_
     table, slots = stream
     outputs = {}
     for slot, (name, extra, impl) in zip(slots, [
-            ("python", (), "python"), ("c", (), "c"), ("c-processes", ("--processes",), "c")],
-            strict=False):
-        out = tmp_path / f"{name}.jsonl"
+            ("python", (), "python"), ("c", (), "c"), ("c-processes", ("--processes",), "c"),
+            ("python-processes", ("--processes",), "python")], strict=False):
+        # With --processes, a pipe (not a local file) keeps the sink in a process of its own.
+        out = "/dev/stdout" if extra else tmp_path / f"{name}.jsonl"
         result = run(pg_dsn, table, slot, out, *options, *extra, impl=impl)
         assert result.returncode == 0, result.stderr
-        outputs[name] = out.read_bytes()
+        outputs[name] = result.stdout.encode() if extra else out.read_bytes()
         # Everything was acknowledged: the slot gives nothing more.
         again = run(pg_dsn, table, slot, out, *options, *extra, impl=impl)
         assert again.returncode == 0, again.stderr
-        assert out.read_bytes() == outputs[name]
+        assert (again.stdout.encode() == b"") if extra else out.read_bytes() == outputs[name]
     assert outputs["python"].count(b"\n") > 100
     assert outputs["c"] == outputs["python"]
-    assert outputs["c-processes"] == outputs["python"]
+    assert outputs["c-processes"] == outputs["python-processes"] == outputs["python"]
 
 
 @pytest.mark.skipif(_speedups.kernels is None, reason="the compiled extension is not built")
 @pytest.mark.parametrize("processes", [False, True], ids=["in-process", "processes"])
 def test_the_sink_gets_the_feed_s_lines(pg_dsn, stream, tmp_path, monkeypatch, processes):
     """The lean path is taken: the sink writes `Lines` batches (and the few changes the feed
-    handed out as they are, formatted by the stages), and confirms each change once."""
+    handed out as they are, formatted by the stages), and confirms each change once. With
+    ``processes``, a local file's sink stays in the feed's process: nothing is left to move."""
     table, slots = stream
     written = tmp_path / "classes"
     write_batch = sinks.JsonLinesSink.write_batch
@@ -125,6 +127,7 @@ def test_the_sink_gets_the_feed_s_lines(pg_dsn, stream, tmp_path, monkeypatch, p
     feed = get_changefeed(pg_dsn, table, slot=slots[0], publication=table)
     pipeline = build_cli_pipeline(feed, where="id >= 0", sink=str(tmp_path / "out.jsonl"),
                                   processes=processes)
+    assert not pipeline.multiprocess
     handled = pipeline.run(idle_timeout=1.0, timeout=60)
     kinds = written.read_text().split()
     assert "Lines" in kinds and set(kinds) <= {"Lines", "JsonLine"}
@@ -182,22 +185,22 @@ def limited(size: int):
     return limit
 
 
-@pytest.mark.parametrize("processes", [(), ("--processes",)], ids=["in-process", "processes"])
-def test_a_sink_failing_mid_run_loses_nothing_and_resumes_in_order(
-        pg_dsn, stream, tmp_path, processes):
+@pytest.mark.parametrize("fmt", ["delta", "change"])
+def test_a_sink_failing_mid_run_loses_nothing_and_resumes_in_order(pg_dsn, stream, tmp_path, fmt):
     table, slots = stream
     reference = tmp_path / "reference.jsonl"
-    result = run(pg_dsn, table, slots[0], reference, "--where", "id > 5", impl="python")
+    result = run(pg_dsn, table, slots[0], reference, "--where", "id > 5", "--format", fmt,
+                 impl="python")
     assert result.returncode == 0, result.stderr
     expected = reference.read_bytes().splitlines(keepends=True)
     out = tmp_path / "out.jsonl"
-    result = run(pg_dsn, table, slots[1], out, "--where", "id > 5", *processes,
+    result = run(pg_dsn, table, slots[1], out, "--where", "id > 5", "--format", fmt,
                  preexec=limited(40_000))
     assert_exit(result, 5, "File too large (EFBIG)")
     first = out.read_bytes().splitlines(keepends=True)
     assert 0 < len(first) < len(expected) and out.stat().st_size <= 40_000
     assert first == expected[:len(first)]  # whole lines, in order: a batch in full or not at all
-    result = run(pg_dsn, table, slots[1], out, "--where", "id > 5", *processes)
+    result = run(pg_dsn, table, slots[1], out, "--where", "id > 5", "--format", fmt)
     assert result.returncode == 0, result.stderr
     resumed = out.read_bytes().splitlines(keepends=True)[len(first):]
     # At least once: the second run starts at or before the first line not written, and goes
@@ -243,3 +246,48 @@ def changes_of(feed, count: int):
         if taken >= count:
             break
     feed.close()
+
+
+class FillingSink(JsonLinesSink):
+    """A file sink whose disk is full after ``room`` bytes: a batch that does not fit fails
+    whole, as `append_whole` leaves it (`SinkUnavailable`)."""
+
+    def __init__(self, path: str, room: int) -> None:
+        super().__init__(path)
+        self.room = room
+
+    def write_batch(self, batch) -> None:
+        size = sum(len(bytes(item)) if item.__class__ is Lines else len(item.line)
+                   for item in batch.items)
+        if size > self.room:
+            raise sinks.SinkUnavailable("the disk is full")
+        self.room -= size
+        super().write_batch(batch)
+
+
+@pytest.mark.skipif(_speedups.kernels is None, reason="the compiled extension is not built")
+def test_a_sink_failing_in_its_own_process_loses_nothing_and_resumes_exactly(
+        pg_dsn, stream, tmp_path):
+    """The feed's lines cross to the sink's process; the sink fails on a batch mid-run: the
+    batches before it are written and acknowledged exactly (a checkpoint), and the next run
+    starts with the first change not written."""
+    table, slots = stream
+    reference = tmp_path / "reference.jsonl"
+    result = run(pg_dsn, table, slots[0], reference, "--where", "ok == false", impl="python")
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "out.jsonl"
+
+    def pipeline(sink):
+        feed = get_changefeed(pg_dsn, table, slot=slots[1], publication=table,
+                              checkpoint=FileCheckpoint(tmp_path / "checkpoint"))
+        assert feed.prefer_lines("delta", where=parse_where("ok == false"))
+        return Pipeline(feed, [RowWhere(parse_where("ok == false")),
+                               EncodeLines("delta", FormatOptions())],
+                        sink=sink, processes=True)
+
+    with pytest.raises(PipelineError, match="the disk is full"):
+        pipeline(FillingSink(str(out), 30_000)).run(idle_timeout=1.0, timeout=60)
+    written = out.read_bytes()
+    assert 0 < len(written) <= 30_000 and reference.read_bytes().startswith(written)
+    pipeline(JsonLinesSink(str(out))).run(idle_timeout=1.0, timeout=60)
+    assert out.read_bytes() == reference.read_bytes()  # each change once, in order
