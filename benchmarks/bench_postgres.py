@@ -14,9 +14,9 @@ rounds, and prints each one's median as a ratio of the run without stages (``pla
 path), ``processes`` (the same with ``--processes``, which leaves no stage to move), ``sink``
 (the same ``--where`` in a pipeline with a file sink: its stages and sink see batches of the
 feed's own lines where the extension is built, `Change` objects otherwise), ``sink_processes``
-(that pipeline with ``--processes``, which keeps a local file's sink in the feed's process),
-``pipe`` and ``pipe_processes`` (the same pipeline writing to a pipe, read by ``cat``: with
-``--processes`` the sink gets a process of its own, and the lines cross to it), ``heavy`` (a
+(that pipeline with ``--processes``: the lines cross to the sink's process), ``pipe`` and
+``pipe_processes`` (the same two writing to a pipe read by ``cat``, a sink that is not a
+local file: in one process, a thread of its own runs it), ``heavy`` (a
 CPU-heavy Python stage, `enrich`, with a file sink) and ``heavy_processes`` (that with
 ``--processes``); a variant with ``--processes`` is also compared with its in-process twin
 when both run.
@@ -61,8 +61,8 @@ VARIANTS = {"plain": [], "where": ["--where", "id >= 0"],
             "pipe": ["--where", "id >= 0", "--sink", "/dev/stdout"],
             "pipe_processes": ["--where", "id >= 0", "--sink", "/dev/stdout", "--processes"]}
 PIPED = ("pipe", "pipe_processes")
-"""Variants whose sink writes to a pipe (read by ``cat``): not a local file, so that
-``--processes`` gives the sink a process of its own (a local file's stays in the feed's)."""
+"""Variants whose sink writes to a pipe (read by ``cat``): not a local file, so that the
+in-process pipeline hands its batches to a sink thread."""
 
 
 def enrich(change: Any) -> Any:

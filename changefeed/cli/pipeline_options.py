@@ -173,9 +173,8 @@ def build_cli_pipeline(
     When those lines are all the pipeline makes (``--where`` at most, no other stage, no dead
     letters), the feed is asked to write them itself (`ChangeFeed.prefer_lines`, the PostgreSQL
     backend's compiled direct path, ``--where`` judged there too): batches of ready lines then
-    pass the stages by, and cross to a sink's process as one buffer each (with ``processes``, for
-    a sink that is not a local file: a local file's sink stays in the feed's process). What the
-    feed hands out as changes still goes through the stages.
+    pass the stages by, and cross to a sink's process as one buffer each. What the feed hands out
+    as changes still goes through the stages.
     """
     from changefeed.pipelines.pipeline import Pipeline
     from changefeed.pipelines.stages import EncodeLines, OwnProcess
@@ -189,13 +188,8 @@ def build_cli_pipeline(
         connection = getattr(feed, "connection", None)
         encode = EncodeLines(options.get("fmt", "delta"), FormatOptions(
             model=options.get("model"), url=connection if isinstance(connection, str) else ""))
-        if (not (options.get("filter") or options.get("stages") or parts.dead_letter)
-                and _prefer_lines(feed, options) and parts.sink.local):
-            # Nothing is left to move: the feed's process writes the lines in C, and the sink
-            # only appends them to a local file (as ``--processes`` without a sink changes
-            # nothing, `changefeed.cli.run`). A process of its own would add a crossing per
-            # chunk and its wake-ups, for no work taken off the feed's process.
-            processes = False
+        if not (options.get("filter") or options.get("stages") or parts.dead_letter):
+            _prefer_lines(feed, options)
     if processes:
         # ``--where`` (first, when given) stays in the feed's process: evaluated in C on a batch
         # at a time, it costs far less than the crossing of the changes it drops.

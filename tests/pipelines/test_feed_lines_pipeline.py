@@ -94,7 +94,7 @@ def test_the_feed_s_lines_give_the_bytes_of_the_python_path(pg_dsn, stream, tmp_
     for slot, (name, extra, impl) in zip(slots, [
             ("python", (), "python"), ("c", (), "c"), ("c-processes", ("--processes",), "c"),
             ("python-processes", ("--processes",), "python")], strict=False):
-        # With --processes, a pipe (not a local file) keeps the sink in a process of its own.
+        # With --processes, through a pipe (stdout) for a change.
         out = "/dev/stdout" if extra else tmp_path / f"{name}.jsonl"
         result = run(pg_dsn, table, slot, out, *options, *extra, impl=impl)
         assert result.returncode == 0, result.stderr
@@ -112,8 +112,8 @@ def test_the_feed_s_lines_give_the_bytes_of_the_python_path(pg_dsn, stream, tmp_
 @pytest.mark.parametrize("processes", [False, True], ids=["in-process", "processes"])
 def test_the_sink_gets_the_feed_s_lines(pg_dsn, stream, tmp_path, monkeypatch, processes):
     """The lean path is taken: the sink writes `Lines` batches (and the few changes the feed
-    handed out as they are, formatted by the stages), and confirms each change once. With
-    ``processes``, a local file's sink stays in the feed's process: nothing is left to move."""
+    handed out as they are, formatted by the stages), and confirms each change once; with
+    ``processes`` in the sink's own process, the lines crossing to it."""
     table, slots = stream
     written = tmp_path / "classes"
     write_batch = sinks.JsonLinesSink.write_batch
@@ -127,7 +127,7 @@ def test_the_sink_gets_the_feed_s_lines(pg_dsn, stream, tmp_path, monkeypatch, p
     feed = get_changefeed(pg_dsn, table, slot=slots[0], publication=table)
     pipeline = build_cli_pipeline(feed, where="id >= 0", sink=str(tmp_path / "out.jsonl"),
                                   processes=processes)
-    assert not pipeline.multiprocess
+    assert pipeline.multiprocess == processes
     handled = pipeline.run(idle_timeout=1.0, timeout=60)
     kinds = written.read_text().split()
     assert "Lines" in kinds and set(kinds) <= {"Lines", "JsonLine"}
