@@ -220,8 +220,13 @@ cdef class Lines:
     @property
     def seen(self):
         """The position of the last change the decoder took into it or dropped as delivered
-        before (None if none): the stream loop's last change handed out."""
-        return make_position(self.lsn, self.seen_index) if self.any_seen else None
+        before (None if none): the stream loop's last change handed out. Mostly the last
+        line's: then the same object as `position` (one `PgPosition` per live transaction)."""
+        if not self.any_seen:
+            return None
+        if self.count and self.ends[self.count - 1].index == self.seen_index:
+            return self.position
+        return make_position(self.lsn, self.seen_index)
 
     @property
     def nbytes(self):
