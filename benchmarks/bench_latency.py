@@ -174,8 +174,13 @@ def attach_syscall_counter(pid: int, output: Path) -> subprocess.Popen[bytes]:
                                    stderr=subprocess.DEVNULL)
 
         def attached() -> bool:  # it opened its events
-            fds = Path(f"/proc/{counter.pid}/fd")
-            return any("perf_event" in os.readlink(fd) for fd in fds.iterdir())
+            for fd in Path(f"/proc/{counter.pid}/fd").iterdir():
+                try:
+                    if "perf_event" in os.readlink(fd):
+                        return True
+                except OSError:  # closed meanwhile
+                    continue
+            return False
     else:
         counter = subprocess.Popen(["strace", "-c", "-f", "-qq", "-o", str(output), "-p",
                                     str(pid)], stderr=subprocess.DEVNULL)

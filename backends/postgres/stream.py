@@ -272,9 +272,15 @@ class ReplicationStream:
         wait in the backlog: while anything received is undelivered, the answer leaves the
         flush position unset (0), which PostgreSQL ignores for the slot and which lets a
         shutting-down walsender judge by the write position; the slot keeps its place."""
+        wal_end, _, reply_requested = keepalive(buffer)
+        self.keepalive_at(wal_end, reply_requested, busy)
+
+    def keepalive_at(self, wal_end: int, reply_requested: bool, busy: bool) -> None:
+        """`_keepalive` of a message already taken apart: the compiled frame reader reads
+        keepalives itself (on a live stream PostgreSQL 15+ sends one nearly every transaction,
+        each time its walsender waits for WAL while the consumer's last status is behind)."""
         if self._closing:
             return
-        wal_end, _, reply_requested = keepalive(buffer)
         if wal_end > self.wal_end:
             self.wal_end = wal_end
         ledger = self.ledger

@@ -105,6 +105,10 @@ def test_frames_are_the_payloads_in_order_then_none_when_nothing_is_at_hand():
     stream = stream_of(xlogdata(b"B1"), keepalive(0x200, False), xlogdata(b"C1"))
     assert take(stream, 3) == [b"B1", b"C1", None]
     assert stream.caught_up
+    # The keepalive between them, read in stream order: nothing pending, so the slot may move
+    # to the server's WAL end; no reply was asked for, none sent.
+    assert stream.wal_end == 0x200 and stream.ledger.flush_lsn == 0x200
+    assert stream.stats.lag_bytes == 0x200 and stream.pgconn.sent == []
 
 
 def test_a_stream_left_in_a_cycle_mid_message_is_collected_cleanly():
