@@ -243,6 +243,7 @@ def one_round(dsn: str, implementation: str, rate: int, seconds: int, number: in
     slot = f"latency_{re.sub(r'[^a-z0-9_]', '_', implementation.lower())}_{number}"
     trace: Path | None = None
     reader_class: type[Reader] = Reader
+    checkout = ""
     if implementation == "pg_recvlogical":
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("SELECT pg_create_logical_replication_slot(%s, 'test_decoding')", [slot])
@@ -261,8 +262,9 @@ def one_round(dsn: str, implementation: str, rate: int, seconds: int, number: in
         if setup.trace:
             trace = Path(tempfile.mkdtemp()) / "trace.jsonl"
             env["CHANGEFEED_LATENCY_TRACE"] = str(trace)
+    # In the checkout's own directory: ``-m`` imports from the working directory first.
     feed = subprocess.Popen(setup.feed_argv(argv), stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, env=env)
+                            stderr=subprocess.DEVNULL, env=env, cwd=checkout or None)
     latencies: list[tuple[float, float]] = []
     before = None
     load = Load()
