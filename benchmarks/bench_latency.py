@@ -27,7 +27,7 @@ or, where perf may not, ``strace -c -f`` (which slows every call: the latencies 
 then mean nothing).
 
     .venv/bin/python benchmarks/bench_latency.py [--rate 10000] [--seconds 10] [--rounds 2]
-        [--implementations c,python] [--trace] [--pin] [--nice N] [--syscalls]
+        [--implementations c,python] [--trace] [--pin] [--nice N] [--syscalls] [--together]
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import resource
 import shutil
 import signal
 import statistics
@@ -155,6 +154,8 @@ class Load:
         counters = self.counters
         text = (f"  per transaction: CPU {counters.cpu * per * 1e6:5.1f} us, context switches"
                 f" {counters.voluntary * per:.2f} voluntary + {counters.involuntary * per:.2f}")
+        if counters.voluntary:  # each a wait for the socket (or the pipe): a wake-up
+            text += f"; CPU per wake-up {counters.cpu / counters.voluntary * 1e6:5.1f} us"
         if self.syscalls:
             calls = sorted(self.syscalls.items(), key=lambda item: -item[1][0])
             total = sum(count for count, _ in self.syscalls.values())
@@ -236,59 +237,107 @@ class Setup:
         return ["taskset", "-c", "0", *argv] if self.pin else argv
 
 
-def one_round(dsn: str, implementation: str, rate: int, seconds: int, number: int,
-              setup: Setup) -> tuple[list[tuple[float, float]], Path | None, float, Load]:
-    """(commit time, time read) of each change of a round, the feed's trace file, the CPU
-    seconds the feed (or the reference) used, and what it spent while pgbench ran."""
-    slot = f"latency_{re.sub(r'[^a-z0-9_]', '_', implementation.lower())}_{number}"
-    trace: Path | None = None
-    reader_class: type[Reader] = Reader
-    checkout = ""
-    if implementation == "pg_recvlogical":
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'test_decoding')", [slot])
-        binary = shutil.which("pg_recvlogical") or str(find_pg_bindir() / "pg_recvlogical")
-        argv = [binary, "-d", dsn, "--slot", slot, "--start", "-f", "-", "-F", "0",
-                "-o", "include-timestamp=1", "-o", "skip-empty-xacts=1"]
-        env = dict(os.environ)
-        reader_class = ReferenceReader
-    else:
-        # "c@DIR": the checkout in DIR (its .venv), for A/B rounds against another version.
-        implementation, _, checkout = implementation.partition("@")
-        python = str(Path(checkout) / ".venv/bin/python") if checkout else sys.executable
-        argv = [python, "-m", "changefeed", "run", "latency", "--url", dsn, "--slot",
-                slot, "--format", "change", "--quiet"]
-        env = {**os.environ, "CHANGEFEED_IMPL": implementation}
-        if setup.trace:
-            trace = Path(tempfile.mkdtemp()) / "trace.jsonl"
-            env["CHANGEFEED_LATENCY_TRACE"] = str(trace)
-    # In the checkout's own directory: ``-m`` imports from the working directory first.
-    feed = subprocess.Popen(setup.feed_argv(argv), stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, env=env, cwd=checkout or None)
-    latencies: list[tuple[float, float]] = []
-    before = None
-    load = Load()
-    tracer = None
-    syscalls_output = Path(tempfile.mkdtemp()) / "syscalls.txt"
+class Consumer:
+    """One consumer of a round (`pg_recvlogical` or ``changefeed run``) on a slot of its own:
+    its process, the thread reading its stdout, and what it spent while pgbench ran."""
+
+    def __init__(self, dsn: str, implementation: str, number: int, setup: Setup) -> None:
+        self.dsn, self.implementation, self.setup = dsn, implementation, setup
+        self.slot = f"latency_{re.sub(r'[^a-z0-9_]', '_', implementation.lower())}_{number}"
+        self.trace: Path | None = None
+        self.load = Load()
+        self.tracer: subprocess.Popen[bytes] | None = None
+        self.syscalls_output = Path(tempfile.mkdtemp()) / "syscalls.txt"
+        self.cpu = 0.0
+        reader_class: type[Reader] = Reader
+        checkout = ""
+        if implementation == "pg_recvlogical":
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute("SELECT pg_create_logical_replication_slot(%s, 'test_decoding')",
+                             [self.slot])
+            binary = shutil.which("pg_recvlogical") or str(find_pg_bindir() / "pg_recvlogical")
+            argv = [binary, "-d", dsn, "--slot", self.slot, "--start", "-f", "-", "-F", "0",
+                    "-o", "include-timestamp=1", "-o", "skip-empty-xacts=1"]
+            env = dict(os.environ)
+            reader_class = ReferenceReader
+        else:
+            # "c@DIR": the checkout in DIR (its .venv), for A/B rounds against another version.
+            implementation, _, checkout = implementation.partition("@")
+            python = str(Path(checkout) / ".venv/bin/python") if checkout else sys.executable
+            argv = [python, "-m", "changefeed", "run", "latency", "--url", dsn, "--slot",
+                    self.slot, "--format", "change", "--quiet"]
+            env = {**os.environ, "CHANGEFEED_IMPL": implementation}
+            if setup.trace:
+                self.trace = Path(tempfile.mkdtemp()) / "trace.jsonl"
+                env["CHANGEFEED_LATENCY_TRACE"] = str(self.trace)
+        # In the checkout's own directory: ``-m`` imports from the working directory first.
+        self.process = subprocess.Popen(setup.feed_argv(argv), stdout=subprocess.PIPE,
+                                        stderr=subprocess.DEVNULL, env=env,
+                                        cwd=checkout or None)
+        self.reading = reader_class(self.process.stdout, b"COMMIT " if reader_class is
+                                    ReferenceReader else b"\n")
+        self.reader = threading.Thread(target=self.reading.run, daemon=True)
+        self.started: Counters | None = None
+
+    def streaming(self) -> bool:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            return bool(conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s"
+                                     " AND active", [self.slot]).fetchone())
+
+    def begin(self) -> None:
+        """Read its output; count from now on."""
+        self.reader.start()
+        if self.setup.pin:
+            os.sched_setaffinity(self.reader.native_id or 0, {1})
+        if self.setup.syscalls:
+            self.tracer = attach_syscall_counter(self.process.pid, self.syscalls_output)
+        self.started = Counters.of(self.process.pid)
+
+    def end(self, transactions: int) -> None:
+        """Stop counting (pgbench made ``transactions``)."""
+        self.load.transactions = transactions
+        assert self.started is not None
+        self.load.counters = Counters.of(self.process.pid) - self.started
+        if self.tracer is not None:
+            self.tracer.send_signal(signal.SIGINT)  # detaches and writes its summary
+            self.tracer.wait(timeout=30)
+            self.load.syscalls = syscall_counts(self.syscalls_output)
+
+    def stop(self) -> None:
+        if self.tracer is not None and self.tracer.poll() is None:
+            self.tracer.kill()
+        self.syscalls_output.unlink(missing_ok=True)
+        self.syscalls_output.parent.rmdir()
+        if self.process.returncode is None:
+            self.cpu = Counters.of(self.process.pid).cpu  # all of it, start-up too
+            self.process.terminate()
+            self.process.wait(timeout=30)  # a traced feed writes its trace as it stops
+        if self.reader.is_alive():
+            self.reader.join(timeout=30)
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute("SELECT pg_drop_replication_slot(%s)", [self.slot])
+            conn.execute("DROP PUBLICATION IF EXISTS " + self.slot)
+
+
+def one_round(dsn: str, implementations: list[str], rate: int, seconds: int, number: int,
+              setup: Setup) -> list[tuple[list[tuple[float, float]], Path | None, float, Load]]:
+    """For each of ``implementations``, all consuming the same load at once: (commit time,
+    time read) of each change of a round, the feed's trace file, the CPU seconds the feed
+    (or the reference) used, and what it spent while pgbench ran."""
+    consumers: list[Consumer] = []
+    results = []
     try:
-        with psycopg.connect(dsn, autocommit=True) as conn:  # wait until the feed streams
-            deadline = time.monotonic() + 30
-            while not conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s"
-                                   " AND active", [slot]).fetchone():
-                if time.monotonic() > deadline:
-                    raise SystemExit("changefeed run did not start streaming")
-                time.sleep(0.1)
+        for implementation in implementations:
+            consumers.append(Consumer(dsn, implementation, number, setup))
+        deadline = time.monotonic() + 30
+        while not all(consumer.streaming() for consumer in consumers):
+            if time.monotonic() > deadline:
+                raise SystemExit("a consumer did not start streaming")
+            time.sleep(0.1)
         expected = rate * seconds
-        reading = reader_class(feed.stdout, b"COMMIT " if reader_class is ReferenceReader
-                               else b"\n")
-        reader = threading.Thread(target=reading.run, daemon=True)
-        reader.start()
-        if setup.pin:
-            os.sched_setaffinity(reader.native_id or 0, {1})
+        for consumer in consumers:
+            consumer.begin()
         pgbench = shutil.which("pgbench") or str(find_pg_bindir() / "pgbench")
-        if setup.syscalls:
-            tracer = attach_syscall_counter(feed.pid, syscalls_output)
-        started = Counters.of(feed.pid)
         with tempfile.NamedTemporaryFile("w", suffix=".sql") as script:
             script.write("INSERT INTO latency (note) VALUES ('x');\n")
             script.flush()
@@ -298,36 +347,24 @@ def one_round(dsn: str, implementation: str, rate: int, seconds: int, number: in
                                   str(rate), "-T", str(seconds), "-c", "2", "-j", "1", dsn]),
                                   check=True, capture_output=True,
                                   env={**os.environ, "PGOPTIONS": "-c synchronous_commit=on"})
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)  # pgbench's counted already
         made = re.search(rb"actually processed: (\d+)", done.stdout)
-        load.transactions = int(made[1]) if made else 0
-        deadline = time.monotonic() + 10  # the last lines come; then the feed stops
-        while (reading.records < min(expected, load.transactions)
-               and time.monotonic() < deadline):
-            time.sleep(0.01)
-        load.counters = Counters.of(feed.pid) - started
-        if tracer is not None:
-            tracer.send_signal(signal.SIGINT)  # detaches and writes its summary
-            tracer.wait(timeout=30)
-            load.syscalls = syscall_counts(syscalls_output)
+        transactions = int(made[1]) if made else 0
+        for consumer in consumers:  # the last lines come; then the counts end
+            deadline = time.monotonic() + 10
+            while (consumer.reading.records < min(expected, transactions)
+                   and time.monotonic() < deadline):
+                time.sleep(0.01)
+            consumer.end(transactions)
         time.sleep(0.2)  # what a feed writes after the last change (nothing, normally)
-        feed.terminate()
-        reader.join(timeout=30)
-        latencies = reading.latencies(expected)
+        for consumer in consumers:
+            consumer.stop()
+            results.append((consumer.reading.latencies(expected), consumer.trace,
+                            consumer.cpu, consumer.load))
     finally:
-        if tracer is not None and tracer.poll() is None:
-            tracer.kill()
-        syscalls_output.unlink(missing_ok=True)
-        syscalls_output.parent.rmdir()
-        feed.terminate()
-        feed.wait(timeout=30)  # a traced feed writes its trace as it stops
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the feed's added, once reaped
-        cpu = (after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
-               if before is not None else 0.0)
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("SELECT pg_drop_replication_slot(%s)", [slot])
-            conn.execute("DROP PUBLICATION IF EXISTS " + slot)
-    return latencies, trace, cpu, load
+        for consumer in consumers:
+            if consumer.process.returncode is None:
+                consumer.process.kill()
+    return results
 
 
 def milliseconds(pairs: list[tuple[float, float]]) -> list[float]:
@@ -418,6 +455,9 @@ def main() -> None:
     parser.add_argument("--syscalls", action="store_true",
                         help="count system calls per transaction (perf trace, or strace: then"
                         " the latencies mean nothing)")
+    parser.add_argument("--together", action="store_true",
+                        help="all consumers on the same load at once (a slot each): their"
+                        " counts per transaction compare under the same conditions")
     args = parser.parse_args()
     setup = Setup(trace=args.trace, pin=args.pin, nice=args.nice, syscalls=args.syscalls)
     os.chdir(Path(__file__).resolve().parent.parent)
@@ -432,19 +472,22 @@ def main() -> None:
         implementations = args.implementations.split(",")
         for number in range(args.rounds):
             print(f"round {number + 1}: {os.getloadavg()[0]:.2f} load", flush=True)
-            pairs, _, cpu, load = one_round(dsn, "pg_recvlogical", args.rate, args.seconds,
-                                            number, setup)
-            reference = report("pg_recvlogical", milliseconds(pairs), args.seconds, None, cpu)
-            print(load.describe())
-            for implementation in (implementations if number % 2 == 0
-                                   else implementations[::-1]):
-                pairs, trace, cpu, load = one_round(dsn, implementation, args.rate, args.seconds,
-                                                    number, setup)
-                report(f"changefeed {implementation}", milliseconds(pairs), args.seconds,
-                       reference, cpu)
-                print(load.describe())
-                if trace is not None and trace.exists():
-                    report_trace(pairs, trace)
+            order = implementations if number % 2 == 0 else implementations[::-1]
+            if args.together:  # one load for all: the same conditions, compared as counts
+                rounds = [["pg_recvlogical", *order]]
+            else:
+                rounds = [["pg_recvlogical"]] + [[implementation] for implementation in order]
+            reference = None
+            for names in rounds:
+                results = one_round(dsn, names, args.rate, args.seconds, number, setup)
+                for name, (pairs, trace, cpu, load) in zip(names, results, strict=True):
+                    label = name if name == "pg_recvlogical" else f"changefeed {name}"
+                    p99 = report(label, milliseconds(pairs), args.seconds, reference, cpu)
+                    if name == "pg_recvlogical":
+                        reference = p99
+                    print(load.describe())
+                    if trace is not None and trace.exists():
+                        report_trace(pairs, trace)
 
 
 if __name__ == "__main__":
