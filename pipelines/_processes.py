@@ -342,6 +342,11 @@ class MultiProcessOutput(Output):
 
     def _terminate(self) -> None:
         """End every worker now (after a failure): SIGTERM, then SIGKILL what lingers."""
+        # What the queues still hold is dropped with the workers: their feeder threads must not
+        # hold up this process's exit, writing to a pipe no worker reads any more (full when a
+        # worker died while chunks kept coming).
+        for pipe in (self.inqueue, self.outqueue):
+            pipe.cancel_join_thread()
         processes = [process for node in self.nodes for process in node.processes]
         for process in processes:
             if process.is_alive():
