@@ -18,6 +18,7 @@ import contextlib
 import re
 import select
 import struct
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -101,24 +102,70 @@ def copy_shape(
                      key_names=tuple(key), source=rows[0][0] if rows else str(source or oid))
 
 
+PROBE_ROWS = 1000
+"""The LIMIT of a table's first chunk, before the size of its rows is known."""
+
+
 def limit_for(rows: int, max_bytes: int, row_size: float) -> int:
     """The LIMIT of a chunk query: ``rows``, fewer when rows of ``row_size`` bytes would pass
-    ``max_bytes`` (at least one row)."""
+    ``max_bytes`` (at least one row); at most `PROBE_ROWS` while ``row_size`` is not known."""
     if row_size <= 0:
-        return max(1, rows)
+        return max(1, min(rows, PROBE_ROWS))
     return max(1, min(rows, int(max_bytes / row_size)))
+
+
+_SLOT = 8
+"""A reference in a list or tuple."""
+_ENTRY = 3 * 8 * 3 // 2
+"""A dict entry (hash, key, value) with the table's spare room."""
+
+
+def held_per_row(chunk: Any) -> float:
+    """About the memory one row of ``chunk`` (a `CopiedChunk`) holds while its window is
+    open: its dict and values (a few rows sampled), or for the direct path its JSON and
+    spans; with its entry among the window's rows by key token and the token itself."""
+    rows = chunk.rows
+    count = len(rows)
+    if not count:
+        return 0.0
+    token_cost = _ENTRY + _SLOT
+    if chunk.by_token is not None:  # the direct path: JSON in one buffer
+        token = next(iter(chunk.by_token), None)
+        if token is not None:
+            token_cost += _deep_size(token)
+        return (rows.held_bytes() + sys.getsizeof(chunk.by_token)) / count + token_cost
+    step = max(1, count // 8)
+    sample = rows[::step]
+    size = sum(_deep_size(row) for row in sample) / len(sample)
+    return size + 2 * _SLOT + token_cost + 64  # the list of rows, a token's tuple of values
+
+
+def _deep_size(value: Any) -> int:
+    """The size of ``value`` and of the values it holds (one level of dict, list, tuple)."""
+    size = sys.getsizeof(value)
+    if isinstance(value, dict):
+        size += sum(map(sys.getsizeof, value.values()))
+    elif isinstance(value, (list, tuple)):
+        size += sum(map(sys.getsizeof, value))
+    return size
 
 
 class CopiedChunk(NamedTuple):
     """A chunk read: its rows (dicts of the stream's columns; for the direct path, a compiled
-    `CopiedLines`), whether the query had no more rows, the size of a row as measured, the
-    last row's ``__changefeed_key``, and for the direct path the rows' indexes by key token."""
+    `CopiedLines`), whether the query had no more rows, the size of a row's COPY text as
+    measured, the last row's ``__changefeed_key``, and for the direct path the rows' indexes
+    by key token."""
 
     rows: Any
     ended: bool
     row_size: float
     last_key: Any
     by_token: dict[Any, list[int]] | None = None
+
+    @property
+    def held_size(self) -> float:
+        """About the memory a row holds in a window (`held_per_row`; 0 without rows)."""
+        return held_per_row(self)
 
 
 class CopyReader:

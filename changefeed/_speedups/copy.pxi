@@ -367,6 +367,11 @@ cdef class CopiedLines:
         self.count += 1
         return 0
 
+    def held_bytes(self):
+        """The bytes its rows' JSON and spans hold (allocated; `by_token` and the tokens are
+        counted by the caller)."""
+        return self.out.capacity + self.capacity * <Py_ssize_t>sizeof(RowSpan)
+
     def rows_in(self, groups):
         """How many rows ``groups`` (values of `by_token`, or some of them) hold."""
         cdef Py_ssize_t total = 0

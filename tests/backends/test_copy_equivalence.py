@@ -18,6 +18,7 @@ import random
 import re
 import threading
 import time
+import tracemalloc
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,6 +30,7 @@ from equivalence import random_rows, same
 from changefeed import _speedups
 from changefeed.backends.postgres import connection
 from changefeed.backends.postgres.backfill import key_types
+from changefeed.backends.postgres.backfill_reads import read_chunk
 from changefeed.backends.postgres.chunks import (
     START_TID,
     ChunkWindow,
@@ -37,6 +39,7 @@ from changefeed.backends.postgres.chunks import (
     window_lines,
 )
 from changefeed.backends.postgres.copy import (
+    PROBE_ROWS,
     CopyReader,
     CopyShape,
     RowParser,
@@ -272,6 +275,35 @@ def test_a_chunk_stops_at_its_byte_budget_and_the_connection_goes_on(database):
     assert conn.execute("SELECT 2").fetchone() == (2,)
 
 
+@pytest.mark.parametrize("lines", [False, True] if kernels is not None else [False])
+def test_a_chunk_holds_about_its_byte_budget_of_memory(database, lines):
+    """A table's first chunk is a probe of `PROBE_ROWS` rows; the next ones take as many rows
+    as hold about the budget of memory (as dicts, or as JSON for the direct path), measured
+    here by tracemalloc: neither far over the budget nor far under it."""
+    conn = connection.connect(database)
+    table = f"budget_{int(lines)}"
+    conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, t text, n numeric)")
+    conn.execute(f"INSERT INTO {table} SELECT g, repeat('x', g % 300), g * 1.5"
+                 " FROM generate_series(1, 30000) g")
+    backfill, _ = backfill_of(conn, table)
+    reader = CopyReader()
+    budget = 2 << 20
+    first = read_chunk(conn, backfill, reader, chunk_size=10**6, chunk_bytes=budget,
+                       lines=lines)
+    assert first.count == PROBE_ROWS and backfill.row_bytes > 0
+    backfill.after = first.last_key
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        window = read_chunk(conn, backfill, reader, chunk_size=10**6, chunk_bytes=budget,
+                            lines=lines)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert PROBE_ROWS < window.count < 30000 - PROBE_ROWS
+    assert budget / 2 < held < budget * 1.5, (held, window.count)
+
+
 def test_errors_of_the_chunk_query_are_psycopg_errors(database):
     """A table dropped between planning and reading: `UndefinedTable`, as the feed expects
     (it plans the chunk again); the connection goes on."""
@@ -370,20 +402,24 @@ def test_chunk_lines_are_the_lines_of_the_chunks_changes(database, table, fmt, m
         changes, last = window_changes(windows[0], backfill.table, version,
                                        positions(7 + number), markers=True)
         backfill.announced = number > 0
+        batch = (5, 7, 1000)[number % 3]  # batches of lines: several, or one per chunk
         items, last_of_lines = window_lines(windows[1], backfill.table, version,
                                             positions(7 + number), markers=True, fmt=fmt,
-                                            model=model)
+                                            model=model, batch=batch)
         assert last_of_lines == last
         want = [encode(c) if c.__class__ is Change else c for c in changes]
         got: list[Any] = []
+        got_positions = []
         for item in items:
             if item.__class__ is _speedups.Lines:
-                assert item.positions() == [c.position for c in changes if c.__class__ is Change]
+                assert 0 < item.count <= batch
                 assert item.position == item.positions()[-1] and item.committed_at is None
+                got_positions += item.positions()
                 got += item.lines()
             else:
                 got.append(item)
         assert got == want
+        assert got_positions == [c.position for c in changes if c.__class__ is Change]
 
 
 def positions(lsn: int) -> Any:
