@@ -51,6 +51,8 @@ from changefeed.message import Message
 
 log = logging.getLogger("changefeed.postgres")
 
+DEFAULT_CHUNK_ROWS = 5000
+"""Rows per chunk unless told (``--chunk-size``); `CHUNK_BYTES` may make chunks smaller."""
 CHUNK_BYTES = 16 << 20
 """A chunk's rows hold about this much memory at most (and are at most ``chunk_size`` rows):
 they wait in memory until its window closes (`copy.held_per_row` measures a row's share)."""

@@ -61,7 +61,8 @@ def read_chunk(
         complete = whole and chunk.last and chunk.upper >= chunk.leaf.pages
         storage = chunk.leaf.storage
     else:
-        query = backfill.chunk_query(sql.SQL(shape.source), shape.columns, limit)
+        query = backfill.chunk_query(sql.SQL(shape.source), shape.columns, limit,
+                                     shape.cast_keys)
         copied = reader(conn, query, shape, limit=limit, max_bytes=copy_bytes, lines=lines)
         _measured(backfill, copied)
         got, ended, last = copied.rows, copied.ended, copied.last_key

@@ -133,16 +133,18 @@ class TableBackfill:
         return key_token(tuple(row.get(column) for column in self.key))
 
     def chunk_query(
-        self, identifier: sql.Composable, columns: Sequence[str], size: int
+        self, identifier: sql.Composable, columns: Sequence[str], size: int,
+        cast_keys: Sequence[str] = (),
     ) -> sql.Composed:
-        """The next chunk's rows in key order (columns ``columns``), each with its key as text
-        (``__changefeed_key``) first."""
+        """The next chunk's rows in key order (columns ``columns``), after the key columns
+        ``cast_keys`` as ``::text`` (`copy.copy_shape` says which: the others' text is read
+        from their own fields)."""
         keys = [sql.Identifier(column) for column in self.key]
-        key_text = sql.SQL("ARRAY[{}]::text[]").format(
-            sql.SQL(", ").join(sql.SQL("{}::text").format(k) for k in keys)
-        )
-        query = sql.SQL("SELECT {} AS __changefeed_key, {} FROM {} t").format(
-            key_text, _select_list(columns), identifier
+        texts = [sql.SQL("t.{}::text AS {}").format(sql.Identifier(column),
+                                                    sql.Identifier(f"__changefeed_key_{i}"))
+                 for i, column in enumerate(cast_keys)]
+        query = sql.SQL("SELECT {} FROM {} t").format(
+            sql.SQL(", ").join([*texts, _select_list(columns)]), identifier
         )
         if self.after is not None:
             bound = sql.SQL(", ").join(
