@@ -131,9 +131,13 @@ cdef class CopyParser:
             if nbytes >= max_bytes and count < limit:
                 return nbytes, False
             if conn is not NULL:
+                # A row libpq holds already comes without giving up the GIL; only a read
+                # from the socket (which may block) is made without it.
                 buffer = NULL
-                with nogil:
-                    size = self.libpq_get_copy_data(conn, &buffer, 0)
+                size = self.libpq_get_copy_data(conn, &buffer, 1)
+                if size == 0:
+                    with nogil:
+                        size = self.libpq_get_copy_data(conn, &buffer, 0)
                 if size < 0:
                     if size == -2:
                         raise self.pgconn_error(
