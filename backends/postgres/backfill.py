@@ -51,8 +51,9 @@ from changefeed.message import Message
 
 log = logging.getLogger("changefeed.postgres")
 
-DEFAULT_CHUNK_ROWS = 5000
-"""Rows per chunk unless told (``--chunk-size``); `CHUNK_BYTES` may make chunks smaller."""
+DEFAULT_CHUNK_ROWS = 100_000
+"""Rows per chunk at most unless told (``--chunk-size``): `CHUNK_BYTES` sizes most chunks (a
+chunk costs several round trips and a watermark's trip through the walsender)."""
 CHUNK_BYTES = 16 << 20
 """A chunk's rows hold about this much memory at most (and are at most ``chunk_size`` rows):
 they wait in memory until its window closes (`copy.held_per_row` measures a row's share)."""
@@ -135,7 +136,8 @@ class Backfills:
         backfill = table_backfill(self.connection(), table, name, None, source=source,
                                   markers=markers)
         if why:
-            log.info("%s: reading it in chunks of %s rows", why, f"{self.chunk_size:,}")
+            log.info("%s: reading it in chunks of at most %s rows and about %s MB", why,
+                     f"{self.chunk_size:,}", self.chunk_bytes >> 20)
         self.start(backfill)
         self.save(self.states)
 
