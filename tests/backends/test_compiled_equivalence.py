@@ -504,13 +504,15 @@ def test_the_feed_counts_every_change_of_its_batches(pg_dsn, pg):
     feed = PostgresChangeFeed("t", connection=pg_dsn)
     assert feed.prefer_lines("delta")
     assert list(feed.changes(timeout=0.2)) == []
-    for start in (1, 101, 151):  # three transactions
-        pg.execute("INSERT INTO t SELECT g, 'v' FROM generate_series(%s::int, %s::int + 49) g",
+    # Three transactions of 2,000 rows: a batch holds what one read finds, and a walsender
+    # starved of CPU can hand over a small transaction a message per read.
+    for start in (1, 2001, 4001):
+        pg.execute("INSERT INTO t SELECT g, 'v' FROM generate_series(%s::int, %s::int + 1999) g",
                    [start, start])
-    items = list(feed.changes(limit=150, timeout=20))
+    items = list(feed.changes(limit=6000, timeout=20))
     feed.close()
-    assert sum(item.count for item in items) == 150 and len(items) < 150
-    assert feed.stats.changes == 150
+    assert sum(item.count for item in items) == 6000 and len(items) < 6000
+    assert feed.stats.changes == 6000
 
 
 WHERE_EXPRESSIONS = {  # and whether the stage fails (on a numeric NaN, which has no order)
