@@ -213,7 +213,8 @@ class PostgresChangeFeed(StreamLoop, StructureReactions, ChangeFeed):
         ledger = self._ledger
         if self._backfills.finished:
             self._backfills.confirmed(ledger)
-        if ledger.snapshot_delivered():
+        # Called twice per live transaction: the attribute first, cheaper than the call.
+        if ledger.snapshot_last is not None and ledger.snapshot_delivered():
             snapshot.mark(self.dsn, self.publication, self._meta, snapshot.DONE)
 
     # -- the stream (the loop: `streaming`; the reactions to DDL: `ddl`) ------------------------

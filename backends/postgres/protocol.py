@@ -69,4 +69,4 @@ def parse_lsn(text: str) -> int:
 
 def pg_timestamp(microseconds: int) -> datetime:
     """A protocol timestamp (microseconds since 2000-01-01 UTC) as a datetime."""
-    return PG_EPOCH + timedelta(microseconds=microseconds)
+    return PG_EPOCH + timedelta(0, 0, microseconds)  # positional: half the cost of a keyword

@@ -91,6 +91,10 @@ class ReplicationStream:
         self.pacing = ReadPacing()
         self.last_commit_at: datetime | None = None
         """The commit time of the last transaction read (the stream loop notes it)."""
+        # `wait`'s one wait per wake-up: the socket registered once (select.select builds
+        # its sets on every call).
+        self._readable = select.poll()
+        self._readable.register(self.pgconn.socket, select.POLLIN)
 
     @classmethod
     def start(
@@ -142,14 +146,19 @@ class ReplicationStream:
 
     def wait(self, timeout: float) -> bool:
         """Wait at most ``timeout`` seconds for the server to send more; False if it did not.
-        (Frames `read_ahead` kept come first and need no waiting: see `caught_up`.)"""
-        socket = self.pgconn.socket
+        (Frames `read_ahead` kept come first and need no waiting: see `caught_up`.)
+
+        Once per wake-up, thousands a second on a live stream: one poll and one read of the
+        socket; only a backlog also asks how much waits there (`ReadPacing`)."""
         committed = self.last_commit_at
-        behind = time.time() - committed.timestamp() if committed is not None else 0.0
-        pause = self.pacing.pause(waiting_bytes(socket), behind)
-        if pause:
-            time.sleep(pause)
-        if not select.select([socket], [], [], timeout)[0]:
+        if committed is not None:
+            pacing = self.pacing
+            behind = time.time() - committed.timestamp()
+            if pacing.reading_backlog(behind):
+                pause = pacing.pause(waiting_bytes(self.pgconn.socket), behind)
+                if pause:
+                    time.sleep(pause)
+        if not self._readable.poll(timeout * 1000):  # milliseconds, rounded up
             return False
         self.pgconn.consume_input()
         return True
@@ -263,9 +272,15 @@ class ReplicationStream:
         wait in the backlog: while anything received is undelivered, the answer leaves the
         flush position unset (0), which PostgreSQL ignores for the slot and which lets a
         shutting-down walsender judge by the write position; the slot keeps its place."""
+        wal_end, _, reply_requested = keepalive(buffer)
+        self.keepalive_at(wal_end, reply_requested, busy)
+
+    def keepalive_at(self, wal_end: int, reply_requested: bool, busy: bool) -> None:
+        """`_keepalive` of a message already taken apart: the compiled frame reader reads
+        keepalives itself (on a live stream PostgreSQL 15+ sends one nearly every transaction,
+        each time its walsender waits for WAL while the consumer's last status is behind)."""
         if self._closing:
             return
-        wal_end, _, reply_requested = keepalive(buffer)
         if wal_end > self.wal_end:
             self.wal_end = wal_end
         ledger = self.ledger
@@ -386,10 +401,19 @@ class ReadPacing:
     def __init__(self) -> None:
         self.busy = 0  # wake-ups in a row that found bytes waiting
 
+    def reading_backlog(self, behind: float) -> bool:
+        """Whether the last transaction read, committed ``behind`` seconds ago, is a backlog's
+        (then ask `pause`). A live one ends the streak: its reader need not ask the socket
+        how much waits (a system call per wake-up)."""
+        if behind < self.BEHIND_SECONDS:
+            self.busy = 0
+            return False
+        return True
+
     def pause(self, waiting: int, behind: float) -> float:
         """Seconds to pause before reading, given the bytes ``waiting`` in the socket and how
         many seconds ago the last transaction read was committed."""
-        if waiting <= 0 or behind < self.BEHIND_SECONDS:
+        if waiting <= 0 or not self.reading_backlog(behind):
             self.busy = 0
             return 0.0
         self.busy += 1

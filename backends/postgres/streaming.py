@@ -115,6 +115,7 @@ class StreamLoop:
         observe = backfills.observer
         decode = decoding(observe)
         trace = LatencyTrace.from_environment()  # None unless a benchmark asks (`tracing`)
+        idle = self._idle
 
         # The hot loop: one iteration per pgoutput message, hundreds of thousands a second.
         try:
@@ -198,7 +199,8 @@ class StreamLoop:
                     decode = decoding(observe)
                 if stream.status_due(now):
                     stream.send_status()
-                self._idle.quiet(stream, self._sql, self.stats.changes, now)
+                if idle.wanted:
+                    idle.quiet(stream, self._sql, self.stats.changes, now)
                 if trace is not None:
                     trace.quiet_work()
                 if not stream.wait(1.0):

@@ -24,6 +24,7 @@ cdef class Decoder:
     cdef bint insert_wanted, update_wanted, delete_wanted, in_transaction
     cdef uint64_t final_lsn, index
     cdef object committed_at, xid
+    cdef uint64_t begin_timestamp  # committed_at as sent: the Commit's is the same
     cdef tuple message_prefixes
     # The change lines' parts common to a transaction (made at its first line): up to the
     # position's index, and from after it to the snapshot flag
@@ -265,6 +266,7 @@ cdef class Decoder:
         if size < 1:
             raise DecodeError("empty pgoutput message")
         cdef unsigned char kind = p[0]
+        cdef uint64_t timestamp
         if kind == b"I":
             return self.insert(p, size)
         if kind == b"U":
@@ -274,7 +276,8 @@ cdef class Decoder:
         if kind == b"B":
             check_size(size, 21, kind)
             self.final_lsn = read_u64(p + 1)
-            self.committed_at = pg_timestamp(<int64_t>read_u64(p + 9))
+            self.begin_timestamp = read_u64(p + 9)
+            self.committed_at = pg_timestamp(<int64_t>self.begin_timestamp)
             self.xid = read_u32(p + 17)
             self.in_transaction = True
             self.index = 0
@@ -283,8 +286,11 @@ cdef class Decoder:
         if kind == b"C":
             check_size(size, 26, kind)
             self.in_transaction = False
+            timestamp = read_u64(p + 18)
             return Commit(read_u64(p + 2), read_u64(p + 10),
-                          pg_timestamp(<int64_t>read_u64(p + 18)))
+                          self.committed_at if self.committed_at is not None
+                          and timestamp == self.begin_timestamp
+                          else pg_timestamp(<int64_t>timestamp))
         if kind == b"R":
             check_size(size, 5, kind)
             self.plans.pop(read_u32(p + 1), None)

@@ -14,15 +14,17 @@ cdef enum:
     XLOGDATA_KIND = 119  # b"w"
     KEEPALIVE_KIND = 107  # b"k"
     XLOGDATA_HEADER = 25
+    KEEPALIVE_SIZE = 18  # kind, WAL end, send time, reply requested
 
 
 @cython.final
 cdef class FrameReader:
     """`ReplicationStream.frames`, compiled: the pgoutput payloads of the XLogData messages in
     stream order (bytes), None whenever nothing more is at hand, and the end with the stream's;
-    what `read_ahead` kept in the backlog first; keepalives answered by the stream's
-    `_keepalive`. The direct path's `Decoder` also takes the row changes that follow one another
-    straight from here (`next_row`), without a Python call or a copy per message.
+    what `read_ahead` kept in the backlog first; keepalives read here and answered by the
+    stream's `keepalive_at`. The direct path's `Decoder` also takes the row changes that
+    follow one another straight from here (`next_row`), without a Python call or a copy per
+    message.
 
     ``libpq``: the addresses of ``PQgetCopyData`` and ``PQfreemem`` in the libpq psycopg uses
     (`changefeed._speedups.libpq_functions`): messages are then read with libpq itself, not
@@ -55,7 +57,7 @@ cdef class FrameReader:
         self.pgconn = stream.pgconn
         self.backlog = stream.backlog
         self.get_copy_data = self.pgconn.get_copy_data
-        self.keepalive = stream._keepalive
+        self.keepalive = stream.keepalive_at
         self.conn_address = getattr(self.pgconn, "pgconn_ptr", None)
         if libpq is not None and self.conn_address:
             self.libpq_get_copy_data = <GetCopyData><size_t>libpq[0]
@@ -147,9 +149,13 @@ cdef class FrameReader:
                     self.payload, self.payload_size = p, 0
                 return FRAME_XLOGDATA
             if p[0] == KEEPALIVE_KIND:
-                if message is None:
-                    message = PyBytes_FromStringAndSize(<const char*>p, length)
-                self.keepalive(message, busy=False)
+                if length >= KEEPALIVE_SIZE:  # no bytes object, no struct: one nearly every
+                    # live transaction (see `keepalive_at`)
+                    self.keepalive(read_u64(p + 1), p[17] != 0, False)
+                else:  # cut short: the stream's own parser says how
+                    if message is None:
+                        message = PyBytes_FromStringAndSize(<const char*>p, length)
+                    self.stream._keepalive(message, busy=False)
 
     cdef bint next_row(self) except -1:
         """Take the next message if it is at hand and a row change (insert, update, delete):
@@ -220,8 +226,13 @@ cdef class Lines:
     @property
     def seen(self):
         """The position of the last change the decoder took into it or dropped as delivered
-        before (None if none): the stream loop's last change handed out."""
-        return make_position(self.lsn, self.seen_index) if self.any_seen else None
+        before (None if none): the stream loop's last change handed out. Mostly the last
+        line's: then the same object as `position` (one `PgPosition` per live transaction)."""
+        if not self.any_seen:
+            return None
+        if self.count and self.ends[self.count - 1].index == self.seen_index:
+            return self.position
+        return make_position(self.lsn, self.seen_index)
 
     @property
     def nbytes(self):

@@ -23,6 +23,8 @@ from changefeed import (
 )
 from changefeed.backends.postgres import PostgresChangeFeed
 from changefeed.backends.postgres import feed as feed_module
+from changefeed.backends.postgres import stream as stream_module
+from changefeed.backends.postgres.stream import ReadPacing
 
 pytestmark = pytest.mark.postgres
 
@@ -352,6 +354,41 @@ def test_idle_feed_lets_the_slot_advance(pg_dsn, tasks):
         "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'changefeed_tasks'"
     ).fetchone()[0]
     assert confirmed >= end
+
+
+def test_a_live_stream_asks_the_socket_how_much_waits_only_while_it_reads_a_backlog(
+    pg_dsn, tasks, monkeypatch
+):
+    # Read pacing needs to know how many bytes wait in the socket (a FIONREAD) only for
+    # transactions committed long ago; a live stream's wake-up is one poll and one read.
+    asked: list[int] = []
+    waiting_bytes = stream_module.waiting_bytes
+    monkeypatch.setattr(stream_module, "waiting_bytes",
+                        lambda fd: asked.append(fd) or waiting_bytes(fd))
+    feed = make_feed(pg_dsn)
+    start(feed)
+    backlog = 1500
+    tasks.execute(f"DO $$ BEGIN FOR n IN 0..{backlog - 1} LOOP"  # a transaction each
+                  " INSERT INTO tasks (title) VALUES ('old ' || n); COMMIT; END LOOP; END $$")
+    committed = time.time()
+    while time.time() - committed < ReadPacing.BEHIND_SECONDS:  # old enough to be a backlog
+        time.sleep(0.05)
+    changes = feed.changes(timeout=60)
+    for number in range(backlog):
+        change = next(changes)
+        assert change.new["title"] == f"old {number}"
+        feed.ack(change.position)
+    assert asked, "reading the backlog asked how much waits"
+    for number in range(12):  # live: each read before the next is committed
+        tasks.execute("INSERT INTO tasks (title) VALUES (%s)", [f"live {number}"])
+        change = next(changes)
+        assert change.new["title"] == f"live {number}"
+        feed.ack(change.position)
+        if number == 0:  # the wait before it still judged by the backlog's last commit
+            asked.clear()
+    assert asked == []
+    changes.close()
+    feed.close()
 
 
 def test_missing_table_is_a_clear_configuration_error(pg_dsn, pg):

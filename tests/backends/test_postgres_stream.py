@@ -12,11 +12,13 @@ import socket
 import struct
 import time
 from collections import deque
+from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 
 import pytest
 from psycopg import pq
 
+from changefeed.backends.postgres import stream as stream_module
 from changefeed.backends.postgres.ledger import AckLedger
 from changefeed.backends.postgres.pgoutput import Begin, Commit
 from changefeed.backends.postgres.position import PgPosition
@@ -103,6 +105,10 @@ def test_frames_are_the_payloads_in_order_then_none_when_nothing_is_at_hand():
     stream = stream_of(xlogdata(b"B1"), keepalive(0x200, False), xlogdata(b"C1"))
     assert take(stream, 3) == [b"B1", b"C1", None]
     assert stream.caught_up
+    # The keepalive between them, read in stream order: nothing pending, so the slot may move
+    # to the server's WAL end; no reply was asked for, none sent.
+    assert stream.wal_end == 0x200 and stream.ledger.flush_lsn == 0x200
+    assert stream.stats.lag_bytes == 0x200 and stream.pgconn.sent == []
 
 
 def test_a_stream_left_in_a_cycle_mid_message_is_collected_cleanly():
@@ -231,6 +237,35 @@ def test_enough_bytes_waiting_are_read_at_once_so_a_fast_backlog_is_not_held_bac
     for waiting in (ReadPacing.ENOUGH_BYTES, 10 * ReadPacing.ENOUGH_BYTES, 1 << 24):
         assert pacing.pause(waiting, 10.0) == 0.0
     assert pacing.pause(ReadPacing.ENOUGH_BYTES - 1, 10.0) == ReadPacing.PAUSE
+
+
+def test_a_live_transaction_read_ends_the_streak_without_asking_the_socket():
+    for behind in (0.0, BEHIND - 0.001, -5.0):
+        pacing = ReadPacing()
+        assert [pacing.pause(900, 10.0) for _ in range(BUSY)][-1] == ReadPacing.PAUSE
+        assert not pacing.reading_backlog(behind)
+        assert [pacing.pause(900, 10.0) for _ in range(BUSY - 1)] == [0.0] * (BUSY - 1)
+    assert all(ReadPacing().reading_backlog(behind) for behind in (BEHIND, 3.0, 3600.0))
+
+
+@pytest.mark.parametrize("committed_ago, asks", [
+    (None, False), (0.0, False), (BEHIND / 2, False), (BEHIND + 1, True), (3600.0, True),
+])
+def test_waiting_asks_how_much_the_socket_holds_only_while_reading_a_backlog(
+        monkeypatch, committed_ago, asks):
+    """A live stream's wake-up is one poll and one read: the pacing's ioctl only for a
+    backlog (thousands of wake-ups a second otherwise pay a system call each for nothing)."""
+    asked = []
+    monkeypatch.setattr(stream_module, "waiting_bytes", lambda fd: asked.append(fd) or 0)
+    stream = stream_of()
+    if committed_ago is not None:
+        stream.last_commit_at = datetime.now(timezone.utc) - timedelta(seconds=committed_ago)
+    for _ in range(3):
+        assert stream.wait(0.0) is False  # nothing came
+    assert asked == ([stream.pgconn.socket] * 3 if asks else [])
+    stream.pgconn._other.send(b"x")  # the server sent something: the wait ends at once
+    started = time.monotonic()
+    assert stream.wait(10.0) is True and time.monotonic() - started < 5.0
 
 
 @pytest.mark.parametrize("family", [socket.AF_UNIX, socket.AF_INET])
