@@ -12,10 +12,14 @@ medians, as shared machines make single rounds noisy).
 rounds, and prints each one's median as a ratio of the run without stages (``plain``):
 ``where`` (``--where 'id >= 0'``, which keeps every row: the decoder evaluates it on the direct
 path), ``processes`` (the same with ``--processes``, which leaves no stage to move), ``sink``
-(the same ``--where`` as a pipeline's stage, with a file sink: a real pipeline of `Change`
-objects), ``sink_processes`` (that pipeline with ``--processes``), ``heavy`` (a CPU-heavy Python
-stage, `enrich`, with a file sink) and ``heavy_processes`` (that with ``--processes``); a
-variant with ``--processes`` is also compared with its in-process twin when both run.
+(the same ``--where`` in a pipeline with a file sink: its stages and sink see batches of the
+feed's own lines where the extension is built, `Change` objects otherwise), ``sink_processes``
+(that pipeline with ``--processes``: the lines cross to the sink's process), ``pipe`` and
+``pipe_processes`` (the same two writing to a pipe read by ``cat``, a sink that is not a
+local file: in one process, a thread of its own runs it), ``heavy`` (a
+CPU-heavy Python stage, `enrich`, with a file sink) and ``heavy_processes`` (that with
+``--processes``); a variant with ``--processes`` is also compared with its in-process twin
+when both run.
 ``--shape narrow`` makes rows of an int key and a short text.
 
 Then peak RSS of ``changefeed run`` while it streams one 1,000,000-row transaction.
@@ -53,7 +57,12 @@ VARIANTS = {"plain": [], "where": ["--where", "id >= 0"],
             "sink": ["--where", "id >= 0", "--sink", SINK_FILE],
             "sink_processes": ["--where", "id >= 0", "--sink", SINK_FILE, "--processes"],
             "heavy": [*HEAVY_STAGE, "--sink", SINK_FILE],
-            "heavy_processes": [*HEAVY_STAGE, "--sink", SINK_FILE, "--processes"]}
+            "heavy_processes": [*HEAVY_STAGE, "--sink", SINK_FILE, "--processes"],
+            "pipe": ["--where", "id >= 0", "--sink", "/dev/stdout"],
+            "pipe_processes": ["--where", "id >= 0", "--sink", "/dev/stdout", "--processes"]}
+PIPED = ("pipe", "pipe_processes")
+"""Variants whose sink writes to a pipe (read by ``cat``): not a local file, so that the
+in-process pipeline hands its batches to a sink thread."""
 
 
 def enrich(change: Any) -> Any:
@@ -147,6 +156,9 @@ def throughput(server: TemporaryPostgres, changes: int, rounds: int, narrow: boo
                 seconds, cpu, _ = timed(changefeed_argv(dsn, slot, "bench", changes))
             elif kind == "recvlogical":
                 seconds, cpu, _ = timed(recvlogical_argv(dsn, slot, "bench", end_lsn))
+            elif kind in PIPED:
+                argv = changefeed_argv(dsn, slot, "bench", changes) + VARIANTS[kind]
+                seconds, cpu, _ = timed(["sh", "-c", '"$@" | cat > /dev/null', "sh", *argv])
             else:
                 seconds, cpu, _ = timed(changefeed_argv(dsn, slot, "bench", changes)
                                         + VARIANTS[kind])
@@ -213,7 +225,9 @@ def main() -> None:
     # module from source at each start.
     for package in ("changefeed", "backends", "pipelines"):
         compileall.compile_dir(package, quiet=1)
-    with TemporaryPostgres() as server:
+    # A slot (and a walsender) per consumer and round, created before the workload.
+    slots = str(max(20, args.rounds * (len(variants) + 2) + 4))
+    with TemporaryPostgres({"max_replication_slots": slots, "max_wal_senders": slots}) as server:
         throughput(server, args.changes, args.rounds, args.shape == "narrow", variants)
         if args.big_rows:
             memory(server, args.big_rows)

@@ -29,7 +29,10 @@ from psycopg import sql
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_postgres import timed  # noqa: E402  (a script beside this one)
 
+from changefeed.backends.postgres.backfill import CHUNK_BYTES, DEFAULT_CHUNK_ROWS  # noqa: E402
+from changefeed.backends.postgres.backfill_reads import read_chunk  # noqa: E402
 from changefeed.backends.postgres.chunks import TableBackfill  # noqa: E402
+from changefeed.backends.postgres.copy import PROBE_ROWS, CopyReader, limit_for  # noqa: E402
 from changefeed.backends.postgres.tables import stream_columns  # noqa: E402
 from changefeed.embedded import TemporaryPostgres, find_pg_bindir  # noqa: E402
 
@@ -42,7 +45,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--chunk-size", type=int, default=5000)
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="rows per chunk (default: the feed's, by the memory budget)")
     args = parser.parse_args()
     os.chdir(Path(__file__).resolve().parent.parent)
     for package in ("changefeed", "backends", "pipelines"):
@@ -58,8 +62,10 @@ def main() -> None:
             )
             conn.execute("VACUUM ANALYZE big")
             chunks = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_snapshot_{os.getpid()}.sql"
-            chunks.write_text(chunk_script(conn, args.rows, args.chunk_size))
-        print(f"table: {args.rows:,} rows, chunks of {args.chunk_size:,}")
+            size = chunk_rows(conn, args.chunk_size)
+            chunks.write_text(chunk_script(conn, args.rows, size))
+        print(f"table: {args.rows:,} rows, chunks of {size:,} rows"
+              f" ({'--chunk-size' if args.chunk_size else 'by the feed memory budget'})")
         kinds = ("copy", "chunks", "changefeed")
         results: dict[str, list[float]] = {kind: [] for kind in kinds}
         peaks = []
@@ -73,8 +79,9 @@ def main() -> None:
                 else:
                     argv = [sys.executable, "-m", "changefeed", "run", "big", "--url", dsn,
                             "--slot", f"snapshot_{number}", "--prefeed", "snapshot",
-                            "--chunk-size", str(args.chunk_size), "--limit", str(args.rows),
-                            "--quiet"]
+                            "--limit", str(args.rows), "--quiet"]
+                    if args.chunk_size:
+                        argv += ["--chunk-size", str(args.chunk_size)]
                 seconds, cpu, peak_kb = timed(argv)
                 results[kind].append(seconds)
                 if kind == "changefeed":
@@ -95,13 +102,27 @@ def main() -> None:
         print(f"peak RSS of changefeed: {max(peaks) / 1024:.0f} MB")
 
 
+def chunk_rows(conn: psycopg.Connection, chunk_size: int | None) -> int:
+    """The rows of the feed's chunks of ``big`` after its first: ``chunk_size`` rows, fewer
+    when they would hold more than the memory budget (as `read_chunk` measures the first)."""
+    oid = conn.execute("SELECT 'big'::regclass::oid").fetchone()[0]
+    backfill = TableBackfill(oid, "public.big", ["id"], ["integer"])
+    size = chunk_size or DEFAULT_CHUNK_ROWS
+    read_chunk(conn, backfill, CopyReader(), chunk_size=size, chunk_bytes=CHUNK_BYTES,
+               lines=True)
+    return limit_for(size, CHUNK_BYTES, backfill.row_bytes)
+
+
 def chunk_script(conn: psycopg.Connection, rows: int, size: int) -> str:
     """The COPY statements of the feed's chunk queries of ``big`` (ids 1 to ``rows``), as
-    `TableBackfill.chunk_query` writes them, one after the other."""
+    `TableBackfill.chunk_query` writes them, one after the other: a probe, then ``size`` rows
+    each."""
     backfill = TableBackfill(0, "public.big", ["id"], ["integer"])
     columns = stream_columns(conn, conn.execute("SELECT 'big'::regclass::oid").fetchone()[0])
     statements = []
-    for after in range(0, rows + 1, size):
+    # The feed's first chunk is a probe (the size of a row is not known yet).
+    afters = [0, *range(min(size, PROBE_ROWS), rows + 1, size)]
+    for after in afters:
         backfill.after = [str(after)] if after else None
         query = backfill.chunk_query(sql.Identifier("big"), columns, size)
         statements.append(sql.SQL("COPY ({}) TO STDOUT;").format(query).as_string(conn))

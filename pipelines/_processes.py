@@ -1,7 +1,7 @@
 """The multi-process mode of `changefeed.pipelines.Pipeline` (``own_process``, ``processes=True``).
 
 Steps marked to run elsewhere become `multipipes.Node` processes connected by queues; chunks of
-entries cross the boundaries, packed compactly (`_steps._Chunk`; the feed's process, when it runs
+entries cross the boundaries, packed compactly (`_crossing._Chunk`; the feed's process, when it runs
 no stage, packs its changes without making entries), each process runs its stages on a chunk at
 a time, and the sink's process sends confirmations back to the feed's
 process, which alone acknowledges, in order, and waits for them through
@@ -28,15 +28,17 @@ from typing import Any, Protocol
 
 import multipipes
 
+from changefeed._speedups import Lines
 from changefeed.delivery import Output, SinkWait, StopTimeout
 from changefeed.errors import ChangefeedError, PipelineError
+from changefeed.pipelines._crossing import _Chunk
 from changefeed.pipelines._sink_thread import SLOW_SINK
 from changefeed.pipelines._steps import (
-    _Chunk,
     _Entry,
     _Failure,
     _Segment,
     _SinkStep,
+    changes_in,
     freeze_heap,
     thaw_heap,
 )
@@ -112,6 +114,9 @@ class _Worker:
         if self.sink_step is not None:
             self.sink_step.close()
 
+
+IDLE_WAIT = 0.005
+"""How long an idle feed waits for busy workers before it sends them what it took."""
 
 PARENT_GONE_EXIT = 70
 """The exit code of a worker that ended because the feed's process went away."""
@@ -193,6 +198,8 @@ class MultiProcessOutput(Output):
         self.max_in_flight = 4 * policy.size
         self.chunk: list[Any] = []
         """The changes taken since the last send."""
+        self.chunk_lines = 0
+        """How many more changes than items ``chunk`` holds (in batches of `Lines`)."""
         self.chunk_started = 0.0
         self.sent = 0
         self.confirmed = 0
@@ -225,7 +232,10 @@ class MultiProcessOutput(Output):
         if not chunk:
             self.chunk_started = time.monotonic()
         chunk.append(change)
-        if len(chunk) >= self.chunk_size or time.monotonic() - self.chunk_started >= self.seconds:
+        if change.__class__ is Lines:  # a batch of the feed's own lines (`prefer_lines`)
+            self.chunk_lines += change.count - 1
+        if (len(chunk) + self.chunk_lines >= self.chunk_size
+                or time.monotonic() - self.chunk_started >= self.seconds):
             self._send(flush=False)
             # Confirmations only follow sends: polling the queue costs ~6 µs, more than
             # decoding a change, so poll per chunk (and on idle ticks).
@@ -233,6 +243,12 @@ class MultiProcessOutput(Output):
 
     def idle(self) -> None:
         if self.chunk:
+            if self.sent > self.confirmed and IDLE_WAIT:
+                # The workers are still on the last chunk: give them a moment to finish it
+                # before this one goes. The feed had nothing at hand anyway, and what the
+                # source sends meanwhile makes the next read, and the next chunk, larger:
+                # chunks grow to what the workers take per wake-up, instead of one per read.
+                self._receive(IDLE_WAIT)
             self._send(flush=True)
         # Caught up with the source. If the workers are slow, wait for them here, where
         # keep_alive() answers the source (a PostgreSQL shutdown waits for a client that keeps
@@ -257,6 +273,8 @@ class MultiProcessOutput(Output):
         """Run this process's stages on the chunk taken and send it on; raise a stage's
         failure once the workers delivered what came before it."""
         changes, self.chunk = self.chunk, []
+        count = len(changes) + self.chunk_lines  # how many changes the chunk stands for
+        self.chunk_lines = 0
         failure = None
         if not self.segment.stages:  # nothing to run here: the changes are packed as they are
             chunk = _Chunk.of_changes(changes, self.keep_change, flush)
@@ -264,11 +282,13 @@ class MultiProcessOutput(Output):
             entries, failure = self.segment.process(
                 [_Entry(change, self.keep_change) for change in changes])
             chunk = _Chunk(entries, flush or failure is not None)
-        if len(chunk) or flush or failure is not None:
+            if failure is not None:
+                count = changes_in(entries)
+        if count or flush or failure is not None:
             if self.sent == self.confirmed:
                 self.last_progress = time.monotonic()
             self.inqueue.put(chunk)
-            self.sent += len(chunk)
+            self.sent += count
         if failure is not None:
             self.inqueue.put(failure)
             _log_failure(failure.message, failure.cause)
@@ -322,6 +342,11 @@ class MultiProcessOutput(Output):
 
     def _terminate(self) -> None:
         """End every worker now (after a failure): SIGTERM, then SIGKILL what lingers."""
+        # What the queues still hold is dropped with the workers: their feeder threads must not
+        # hold up this process's exit, writing to a pipe no worker reads any more (full when a
+        # worker died while chunks kept coming).
+        for pipe in (self.inqueue, self.outqueue):
+            pipe.cancel_join_thread()
         processes = [process for node in self.nodes for process in node.processes]
         for process in processes:
             if process.is_alive():

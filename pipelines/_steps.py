@@ -3,7 +3,8 @@
 An `_Entry` is one change on its way: its position, the items the stages made of it so far,
 and (with a dead-letter sink) the change itself. A `_Segment` runs consecutive stages on
 entries; a `_SinkStep` groups entries into batches and delivers them, and reports the last
-position of each delivered batch as `_Confirmed`. See `changefeed.pipelines.pipeline`.
+position of each delivered batch as `_Confirmed`. See `changefeed.pipelines.pipeline`; how
+entries cross between processes is `_crossing`'s.
 """
 
 from __future__ import annotations
@@ -14,13 +15,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import changefeed._speedups as _speedups
-from changefeed.change import Change, Operation, Position, Truncate
+from changefeed._speedups import Lines
+from changefeed.change import Change, Position, Truncate
 from changefeed.errors import ChangefeedError, PipelineError
 from changefeed.pipelines.sinks import (
     Batch,
     ItemsRejected,
-    JsonLine,
     SinkInterrupted,
     SinkUnavailable,
     as_sink,
@@ -32,7 +32,12 @@ log = logging.getLogger("changefeed.pipelines")
 
 
 class _Entry:
-    """One change on its way: its position, the items made of it so far, dead letters."""
+    """One change on its way: its position, the items made of it so far, dead letters.
+
+    An entry of a batch of lines the feed wrote itself (`Lines`: asked for with
+    `ChangeFeed.prefer_lines` by whoever built the stages, only when they would make those very
+    lines and no dead letters are wanted) stands for the ``count`` changes it holds: the stages
+    pass it by, and the sink writes it as it is (`changes_in`)."""
 
     __slots__ = ("position", "change", "items", "dead")
 
@@ -86,204 +91,6 @@ class _Failure:
         self.cause = BrokenPipeError() if state[1] else None
 
 
-class _Chunk:
-    """Entries crossing a process boundary; ``flush`` asks the sink to deliver at once.
-
-    Pickled compactly (`pack_entries`): no `Change`, enum or position object is pickled as
-    itself (their own hooks run in Python, ~25 µs a change each way, more than the stages), and
-    a `JsonLine` crosses as its bytes. The kernels pack and unpack where they are built."""
-
-    __slots__ = ("entries", "flush", "changes", "keep_change")
-
-    def __init__(self, entries: list[_Entry], flush: bool) -> None:
-        self.entries = entries
-        self.flush = flush
-        self.changes: list[Any] | None = None
-
-    @classmethod
-    def of_changes(cls, changes: list[Any], keep_change: bool, flush: bool) -> _Chunk:
-        """The chunk of ``_Entry(change, keep_change)`` for each of ``changes``, packed without
-        making those entries (the feed's process runs no stage: it only sends)."""
-        chunk = cls([], flush)
-        chunk.changes = changes
-        chunk.keep_change = keep_change
-        return chunk
-
-    def __len__(self) -> int:
-        return len(self.changes if self.changes is not None else self.entries)
-
-    def __getstate__(self) -> tuple[bytes, list[Any], bool]:
-        if self.changes is not None:
-            tags, values = pack_changes(self.changes, self.keep_change)
-        else:
-            tags, values = pack_entries(self.entries)
-        return tags, values, self.flush
-
-    def __setstate__(self, state: tuple[bytes, list[Any], bool]) -> None:
-        tags, values, self.flush = state
-        self.entries = unpack_entries(tags, values)
-        self.changes = None
-
-
-# How `pack_entries` writes an entry: a tag, then its values in one flat list.
-_CHANGE_TAG = 0
-"""Its only item is a `Change` holding the entry's position; the change is not kept (for dead
-letters): the change's 11 fields, its operation as its number, its position packed."""
-_KEPT_TAG = 1
-"""The same, the change kept as the entry's change."""
-_LINE_TAG = 2
-"""Its only item is a `JsonLine`; the change is not kept: the position packed, the line's bytes."""
-_OTHER_TAG = 3
-"""Anything else: one value, `_pack_other`'s tuple."""
-
-
-def _pack_entries(entries: list[_Entry]) -> tuple[bytes, list[Any]]:
-    """``entries`` as tags (one per entry) and a flat list of values, all of which pickle in C:
-    `_Chunk`'s state. The reference of the kernels' ``pack_entries``."""
-    tags = bytearray()
-    values: list[Any] = []
-    for entry in entries:
-        items, change = entry.items, entry.change
-        if len(items) == 1 and not entry.dead:
-            item = items[0]
-            cls = item.__class__
-            if cls is Change and item.position is entry.position and (
-                    change is None or change is item):
-                tags.append(_CHANGE_TAG if change is None else _KEPT_TAG)
-                values += (item.operation._value_, item.table, item.new, item.old, item.key,
-                           _pack(item.position), item.committed_at, item.transaction,
-                           item.snapshot, item.meta, item.schema_version)
-                continue
-            if cls is JsonLine and change is None:
-                tags.append(_LINE_TAG)
-                values += (_pack(entry.position), item.line)
-                continue
-        tags.append(_OTHER_TAG)
-        values.append(_pack_other(entry))
-    return bytes(tags), values
-
-
-def _pack_changes(changes: list[Any], keep_change: bool) -> tuple[bytes, list[Any]]:
-    """``_pack_entries([_Entry(change, keep_change) for change in changes])``, without making
-    the entries. The reference of the kernels' ``pack_changes``."""
-    tags = bytearray()
-    values: list[Any] = []
-    for change in changes:
-        if change.__class__ is Change:
-            tags.append(_KEPT_TAG if keep_change else _CHANGE_TAG)
-            values += (change.operation._value_, change.table, change.new, change.old,
-                       change.key, _pack(change.position), change.committed_at,
-                       change.transaction, change.snapshot, change.meta, change.schema_version)
-        else:
-            tags.append(_OTHER_TAG)
-            values.append(_pack_other(_Entry(change, keep_change)))
-    return bytes(tags), values
-
-
-def _unpack_entries(tags: bytes, values: list[Any]) -> list[_Entry]:
-    """The entries `_pack_entries` packed. The reference of the kernels' ``unpack_entries``."""
-    entries: list[_Entry] = []
-    new_entry = _Entry.__new__
-    at = 0
-    for tag in tags:
-        if tag == _OTHER_TAG:
-            entries.append(_unpack_other(values[at]))
-            at += 1
-            continue
-        entry = new_entry(_Entry)
-        entry.dead = []
-        if tag == _LINE_TAG:
-            entry.position = _unpack(values[at])
-            entry.change = None
-            entry.items = [JsonLine(values[at + 1])]
-            entries.append(entry)
-            at += 2
-            continue
-        (operation, table, new, old, key, position, committed_at, transaction, snapshot, meta,
-         schema_version) = values[at:at + 11]
-        at += 11
-        change = Change(_OPERATIONS[operation], table, new, old, key, _unpack(position),
-                        committed_at, transaction, snapshot, meta, schema_version)
-        entry.position = change.position
-        entry.change = change if tag == _KEPT_TAG else None
-        entry.items = [change]
-        entries.append(entry)
-    return entries
-
-
-def _pack_other(entry: _Entry) -> tuple[Any, ...]:
-    change = entry.change
-    same = change is not None and bool(entry.items) and entry.items[0] is change
-    return (_pack(entry.position), _pack(change), same,
-            [_pack(item) for item in entry.items[same:]], entry.dead)
-
-
-def _unpack_other(packed: tuple[Any, ...]) -> _Entry:
-    entry = _Entry.__new__(_Entry)
-    position, change, same, items, entry.dead = packed
-    entry.position, entry.change = _unpack(position), _unpack(change)
-    entry.items = [_unpack(item) for item in items]
-    if same:
-        entry.items.insert(0, entry.change)  # one object, as before
-    return entry
-
-
-# The packed forms of a value (`_pack`), told apart by their lengths: itself (a str, None), a
-# 1-tuple (any other value, pickled as it is), a `JsonLine` (2), a text (3), a Change (12).
-_CHANGE, _TEXT, _LINE = 0, 1, 2
-_OPERATIONS = {operation.value: operation for operation in Operation}
-_TEXT_CLASSES: dict[type, bool] = {}
-
-
-def _pack(value: Any) -> Any:
-    """``value`` in a form pickle writes and reads in C (see `_Chunk`)."""
-    cls = value.__class__
-    if cls is Change:
-        return (_CHANGE, value.operation._value_, value.table, value.new, value.old, value.key,
-                _pack(value.position), value.committed_at, value.transaction, value.snapshot,
-                value.meta, value.schema_version)
-    if cls is str or value is None:
-        return value
-    if cls is JsonLine:
-        return (_LINE, value.line)
-    text_only = _TEXT_CLASSES.get(cls)
-    if text_only is None:  # a str subclass whose instances hold nothing but their text
-        text_only = _TEXT_CLASSES[cls] = issubclass(cls, str) and "__dict__" not in dir(cls)
-    if text_only:
-        return (_TEXT, cls, str(value))
-    return (value,)
-
-
-def _unpack(packed: Any) -> Any:
-    if packed.__class__ is not tuple:
-        return packed
-    size = len(packed)
-    if size == 1:
-        return packed[0]
-    if size == 2:
-        return JsonLine(packed[1])
-    if size == 3:
-        return str.__new__(packed[1], packed[2])
-    (_, operation, table, new, old, key, position, committed_at, transaction, snapshot, meta,
-     schema_version) = packed
-    return Change(_OPERATIONS[operation], table, new, old, key, _unpack(position),
-                  committed_at, transaction, snapshot, meta, schema_version)
-
-
-def _compiled(name: str, reference: Any) -> Any:
-    kernels = _speedups.kernels
-    if kernels is None or not hasattr(kernels, name):
-        return reference
-    compiled = getattr(kernels, name)
-    return lambda *args: compiled(*args, _Entry, JsonLine, _pack, _unpack, _pack_other,
-                                  _unpack_other)
-
-
-pack_entries = _compiled("pack_entries", _pack_entries)
-pack_changes = _compiled("pack_changes", _pack_changes)
-unpack_entries = _compiled("unpack_entries", _unpack_entries)
-
-
 def freeze_heap() -> None:
     """Put what the process holds when a pipeline starts (its modules, the feed) out of the
     cyclic collector's sight for the run (`thaw_heap` at its end): each full collection would
@@ -300,7 +107,7 @@ def thaw_heap() -> None:
 
 
 class _Confirmed:
-    """The sink delivered ``count`` more entries; ``position`` is the last one's (or None)."""
+    """The sink delivered ``count`` more changes; ``position`` is the last one's (or None)."""
 
     __slots__ = ("position", "count")
 
@@ -345,7 +152,9 @@ class _Segment:
         if not self.stages:
             return entries, None
         failure: _Failure | None = None
-        live = entries  # the entries that still have items for the next stage
+        # The entries that still have items for the next stage (the feed's lines are made).
+        live = [entry for entry in entries
+                if entry.items and entry.items[0].__class__ is not Lines]
         for stage, name, each in self.stages:
             live = [entry for entry in live if entry.items]
             if not live:
@@ -383,6 +192,16 @@ class _Segment:
         return entries, failure
 
 
+def changes_in(entries: list[_Entry]) -> int:
+    """How many changes ``entries`` stand for (a `Lines` entry for each of its lines)."""
+    count = len(entries)
+    for entry in entries:
+        items = entry.items
+        if items and items[0].__class__ is Lines:
+            count += items[0].count - 1
+    return count
+
+
 def _index_of(entries: list[_Entry], entry: _Entry) -> int:
     for index, one in enumerate(entries):
         if one is entry:
@@ -411,7 +230,11 @@ class _SinkStep:
         if not self.entries:
             self.started = time.monotonic() if since is None else since
         self.entries.extend(entries)
-        self.items += sum(len(entry.items) for entry in entries)
+        items = 0
+        for entry in entries:
+            made = entry.items
+            items += made[0].count if made and made[0].__class__ is Lines else len(made)
+        self.items += items
 
     def due(self, now: float) -> bool:
         """Whether the waiting batch is full or old enough to go."""
@@ -445,11 +268,14 @@ class _SinkStep:
         items: list[Any] = []
         positions: list[Position] = []
         owners: list[_Entry] = []
+        changes = len(entries)  # each a change, but a batch of lines stands for its lines
         for entry in entries:
             for item in entry.items:
                 items.append(item)
                 positions.append(entry.position)
                 owners.append(entry)
+                if item.__class__ is Lines:
+                    changes += item.count - 1
         if items:
             try:
                 self.sink.write_batch(Batch(items, positions))
@@ -487,7 +313,7 @@ class _SinkStep:
                     f"dead-letter sink {self.dead_letter_name} failed: {_describe(exc)}"
                 ) from exc
         last = next((e.position for e in reversed(entries) if e.position is not None), None)
-        return _Confirmed(last, len(entries))
+        return _Confirmed(last, changes)
 
     def interrupt(self) -> None:
         """Tell the sinks that can give up a batch (``interrupt()``) to do so: we stop."""

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
+from changefeed._speedups import Lines
 from changefeed.delivery import Feed, Output, deliver
 from changefeed.errors import ConfigurationError, PipelineError
 from changefeed.pipelines._processes import MultiProcessOutput
@@ -192,6 +193,8 @@ class _InProcessOutput(Output):
         self.feed = pipeline.feed
         self.pending: list[_Entry] = []
         """Changes taken that the stages did not see yet."""
+        self.pending_lines = 0
+        """How many more changes than entries ``pending`` holds (in batches of `Lines`)."""
         self.pending_since = 0.0
 
     def open(self) -> None:
@@ -203,7 +206,9 @@ class _InProcessOutput(Output):
         if not pending:
             self.pending_since = time.monotonic()
         pending.append(_Entry(change, keep_change=True))
-        if len(pending) >= self.stage_batch or (
+        if change.__class__ is Lines:  # a batch of the feed's own lines (`prefer_lines`)
+            self.pending_lines += change.count - 1
+        if len(pending) + self.pending_lines >= self.stage_batch or (
                 time.monotonic() - self.pending_since >= self.seconds):
             self._run_stages()
             if self.sink_step.due(time.monotonic()):
@@ -217,6 +222,7 @@ class _InProcessOutput(Output):
         sink_step = self.sink_step
         entries, failure = self.segment.process(self.pending)
         self.pending = []
+        self.pending_lines = 0
         sink_step.add(entries, since=self.pending_since)
         if failure is not None:
             self.sink_thread.finish(sink_step.take())  # what came before the failure

@@ -51,9 +51,12 @@ from changefeed.message import Message
 
 log = logging.getLogger("changefeed.postgres")
 
+DEFAULT_CHUNK_ROWS = 100_000
+"""Rows per chunk at most unless told (``--chunk-size``): `CHUNK_BYTES` sizes most chunks (a
+chunk costs several round trips and a watermark's trip through the walsender)."""
 CHUNK_BYTES = 16 << 20
-"""A chunk holds at most about this many bytes of rows (and at most ``chunk_size`` rows): its
-rows wait in memory until its window closes."""
+"""A chunk's rows hold about this much memory at most (and are at most ``chunk_size`` rows):
+they wait in memory until its window closes (`copy.held_per_row` measures a row's share)."""
 
 
 def in_chunks(server_version: int, tables: Iterable[Table]) -> bool:
@@ -133,7 +136,8 @@ class Backfills:
         backfill = table_backfill(self.connection(), table, name, None, source=source,
                                   markers=markers)
         if why:
-            log.info("%s: reading it in chunks of %s rows", why, f"{self.chunk_size:,}")
+            log.info("%s: reading it in chunks of at most %s rows and about %s MB", why,
+                     f"{self.chunk_size:,}", self.chunk_bytes >> 20)
         self.start(backfill)
         self.save(self.states)
 
@@ -239,9 +243,10 @@ class Backfills:
 
     def on_message(
         self, message: Message, decoder: PgOutputDecoder
-    ) -> list[Any]:
+    ) -> Iterable[Any]:
         """Handle one of changefeed's own messages: a watermark closing a chunk (its rows come
-        out, positioned in the watermark's transaction), or a back-fill request."""
+        out, positioned in the watermark's transaction; on the direct path, batches of lines
+        made as they are taken), or a back-fill request."""
         if message.prefix == BACKFILL_PREFIX:
             self._requested(message.content)
             return []
@@ -256,15 +261,16 @@ class Backfills:
                    else window.version if window.version is not None
                    else schema_version_of(self.connection(), oid))
         table = self.tables.stream_names.get(oid, window.backfill.table)
+        items: Iterable[Any]
         if window.lines is not None and self.line_format is not None:
             fmt, model = self.line_format
-            changes, last = window_lines(window, table, version, decoder.next_position,
-                                         markers=self.markers, fmt=fmt, model=model)
+            items, last = window_lines(window, table, version, decoder.next_position,
+                                       markers=self.markers, fmt=fmt, model=model)
         else:
-            changes, last = window_changes(window, table, version, decoder.next_position,
-                                           markers=self.markers)
+            items, last = window_changes(window, table, version, decoder.next_position,
+                                         markers=self.markers)
         self.finished[-1].last_position = last
-        return changes
+        return items
 
     def _watermark(self, content: bytes) -> ChunkWindow | None:
         """A watermark came through the stream: the window whose rows are due now (at its

@@ -1,8 +1,9 @@
 """Reading one back-fill chunk: the next rows of a table in key order (or the next ctid range
 of a table without key) through COPY, as the open window of `Backfills` (see `backfill`).
 
-The reads adapt to what they find: a chunk's LIMIT to the size of its rows (`copy.limit_for`),
-the pages of a ctid range to the rows they held (`_adapt_pages`).
+The reads adapt to what they find: a chunk's LIMIT to the memory its rows hold
+(`copy.limit_for`, `copy.held_per_row`), the pages of a ctid range to the rows they held
+(`_adapt_pages`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from changefeed.backends.postgres.chunks import (
     next_ctid_chunk,
     pages_for,
 )
-from changefeed.backends.postgres.copy import CopyReader, copy_shape, limit_for
+from changefeed.backends.postgres.copy import CopiedChunk, CopyReader, copy_shape, limit_for
 
 
 def read_chunk(
@@ -28,14 +29,17 @@ def read_chunk(
     chunk_bytes: int, lines: bool = False,
 ) -> ChunkWindow:
     """The next chunk of ``backfill`` as an open window (its watermark not written yet): at
-    most ``chunk_size`` rows, about ``chunk_bytes`` at most; ``lines``: a table with a key is
-    read as JSON for the direct path (`CopyParser.read_lines`)."""
+    most ``chunk_size`` rows, holding about ``chunk_bytes`` of memory at most; ``lines``: a
+    table with a key is read as JSON for the direct path (`CopyParser.read_lines`)."""
     if backfill.estimate == 0:
         backfill.estimate = _estimate(conn, backfill.source)
     shape = copy_shape(conn, backfill.oid, backfill.table, backfill.key, backfill.source)
     size = chunk_size
-    # COPY cannot stop after a number of bytes: the LIMIT keeps a chunk to its budget.
+    # COPY cannot stop after a number of bytes: the LIMIT keeps a chunk to its budget, by the
+    # memory a row held in the last chunk; the cut at the budget (in COPY text, by the share
+    # of it a row's text was) is the safety net when rows grow.
     limit = limit_for(size, chunk_bytes, backfill.row_bytes)
+    copy_bytes = max(1, int(chunk_bytes * backfill.copy_share))
     watermark = uuid.uuid4().hex
     if backfill.by_ctid:
         leaves = _leaves(conn, backfill.source)
@@ -47,8 +51,9 @@ def read_chunk(
                                storage=backfill.storage, version=shape.schema_version)
         query = backfill.ctid_query(chunk.leaf.name, shape.columns, chunk.after, chunk.upper,
                                     limit)
-        got, ended, row_size, last = reader(
-            conn, query, shape, limit=limit, max_bytes=chunk_bytes)[:4]
+        copied = reader(conn, query, shape, limit=limit, max_bytes=copy_bytes)
+        _measured(backfill, copied)
+        got, ended, last = copied.rows, copied.ended, copied.last_key
         whole = ended and len(got) < size  # the page range is read to its end
         leaf = str(chunk.leaf.oid)
         last_key = [leaf, f"({chunk.upper},0)"] if whole else [leaf, last]
@@ -56,25 +61,32 @@ def read_chunk(
         complete = whole and chunk.last and chunk.upper >= chunk.leaf.pages
         storage = chunk.leaf.storage
     else:
-        query = backfill.chunk_query(sql.SQL(shape.source), shape.columns, limit)
-        chunk = reader(conn, query, shape, limit=limit, max_bytes=chunk_bytes, lines=lines)
-        got, ended, row_size, last = chunk[:4]
+        query = backfill.chunk_query(sql.SQL(shape.source), shape.columns, limit,
+                                     shape.cast_keys)
+        copied = reader(conn, query, shape, limit=limit, max_bytes=copy_bytes, lines=lines)
+        _measured(backfill, copied)
+        got, ended, last = copied.rows, copied.ended, copied.last_key
         last_key = last if len(got) else backfill.after
         complete = ended and len(got) < size
         storage = None
-        if chunk.by_token is not None:  # the direct path's: rows as JSON, by token
-            if row_size:
-                backfill.row_bytes = row_size
-            return ChunkWindow(backfill, watermark, chunk.by_token, last_key,
+        if copied.by_token is not None:  # the direct path's: rows as JSON, by token
+            return ChunkWindow(backfill, watermark, copied.by_token, last_key,
                                complete=complete, lines=got, version=shape.schema_version)
-    if row_size:
-        backfill.row_bytes = row_size
     rows: dict[Any, list[dict[str, Any]]] = {}
     token = backfill.token
     for row in got:
         rows.setdefault(token(row), []).append(row)
     return ChunkWindow(backfill, watermark, rows, last_key, complete=complete,
                        storage=storage, version=shape.schema_version)
+
+
+def _measured(backfill: TableBackfill, copied: CopiedChunk) -> None:
+    """Learn the size of ``backfill``'s rows from the chunk just read (if it had rows): the
+    memory a row holds, and the share of it its COPY text is."""
+    held = copied.held_size
+    if held > 0:
+        backfill.row_bytes = held
+        backfill.copy_share = min(1.0, copied.row_size / held)
 
 
 def _adapt_pages(pages: int, found: int, size: int, whole: bool) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -25,6 +25,9 @@ from changefeed.formats.json_values import loads_value
 
 WATERMARK_PREFIX = "changefeed.watermark"
 """The prefix of the high watermarks the feed writes through its slot."""
+LINES_BATCH = 2048
+"""A closed window's rows come out (direct path) in batches of lines of this many rows: the
+batches written are freed as the next is made (`window_lines`)."""
 RECENT_SECONDS = 1.0
 """Keys the stream gave this long before a chunk's SELECT are taken out of the chunk."""
 BACKFILL_PREFIX = "changefeed.backfill"
@@ -98,7 +101,9 @@ class TableBackfill:
     pages: int = 0
     """Read by ctid: pages per chunk, adapted to the rows found (0: not known yet)."""
     row_bytes: float = 0.0
-    """The size of a row as last read (0: not known yet), to size the first fetch."""
+    """The memory a row held in the last chunk read (0: not known yet), to size the next."""
+    copy_share: float = 1.0
+    """The share of that memory a row's COPY text was (to cut a chunk at its budget)."""
 
     def __post_init__(self) -> None:
         self.source = self.source or self.oid
@@ -128,16 +133,18 @@ class TableBackfill:
         return key_token(tuple(row.get(column) for column in self.key))
 
     def chunk_query(
-        self, identifier: sql.Composable, columns: Sequence[str], size: int
+        self, identifier: sql.Composable, columns: Sequence[str], size: int,
+        cast_keys: Sequence[str] = (),
     ) -> sql.Composed:
-        """The next chunk's rows in key order (columns ``columns``), each with its key as text
-        (``__changefeed_key``) first."""
+        """The next chunk's rows in key order (columns ``columns``), after the key columns
+        ``cast_keys`` as ``::text`` (`copy.copy_shape` says which: the others' text is read
+        from their own fields)."""
         keys = [sql.Identifier(column) for column in self.key]
-        key_text = sql.SQL("ARRAY[{}]::text[]").format(
-            sql.SQL(", ").join(sql.SQL("{}::text").format(k) for k in keys)
-        )
-        query = sql.SQL("SELECT {} AS __changefeed_key, {} FROM {} t").format(
-            key_text, _select_list(columns), identifier
+        texts = [sql.SQL("t.{}::text AS {}").format(sql.Identifier(column),
+                                                    sql.Identifier(f"__changefeed_key_{i}"))
+                 for i, column in enumerate(cast_keys)]
+        query = sql.SQL("SELECT {} FROM {} t").format(
+            sql.SQL(", ").join([*texts, _select_list(columns)]), identifier
         )
         if self.after is not None:
             bound = sql.SQL(", ").join(
@@ -313,23 +320,45 @@ def window_changes(
 def window_lines(
     window: ChunkWindow, table: str, version: str | None,
     next_position: Callable[[], PgPosition], *, markers: bool, fmt: str, model: Any = None,
-) -> tuple[list[Any], PgPosition | None]:
+    batch: int = LINES_BATCH,
+) -> tuple[Iterator[Any], PgPosition | None]:
     """`window_changes` for the direct path (a window read as ``lines``): the chunk's rows as
-    one batch of their ``fmt`` lines (`changefeed._speedups.Lines`), the markers around it, at
-    the same positions, with the same bytes as the encoders write of `window_changes`'s."""
+    batches of at most ``batch`` of their ``fmt`` lines (`changefeed._speedups.Lines`), the
+    markers around them, at the same positions, with the same bytes as the encoders write of
+    `window_changes`'s. The positions are taken at once; the batches are made as they are
+    taken from the iterator, so a chunk's lines are never all in memory at once."""
     backfill = window.backfill
     markers = markers and backfill.markers
-    out: list[Any] = []
+    started = None
     if markers and not backfill.announced:
-        out.append(SnapshotState(table, "started", next_position()))
+        started = SnapshotState(table, "started", next_position())
     backfill.announced = True
     count = window.count
-    last = None
+    first = last = None
     if count:
         first, last = kernels.take_positions(next_position, count)  # type: ignore
-        out.append(window.lines.lines(window.rows.values(), fmt, model, table, version,
-                                      first.lsn, first.index))
+    done = None
     if markers and window.complete:
         last = next_position()
-        out.append(SnapshotState(table, "done", last))
-    return out, last
+        done = SnapshotState(table, "done", last)
+    return _window_items(window, started, first, done, table, version, fmt, model,
+                         max(1, batch)), last
+
+
+def _window_items(
+    window: ChunkWindow, started: SnapshotState | None, first: PgPosition | None,
+    done: SnapshotState | None, table: str, version: str | None, fmt: str, model: Any,
+    batch: int,
+) -> Iterator[Any]:
+    if started is not None:
+        yield started
+    if first is not None:
+        groups = list(window.rows.values())
+        index = first.index
+        for start in range(0, len(groups), batch):
+            lines = window.lines.lines(groups[start:start + batch], fmt, model, table, version,
+                                       first.lsn, index)
+            index += lines.count
+            yield lines
+    if done is not None:
+        yield done

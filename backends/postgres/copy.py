@@ -18,6 +18,7 @@ import contextlib
 import re
 import select
 import struct
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -36,11 +37,6 @@ _TYPE = struct.Struct("!Ii")
 _ESCAPE = re.compile(rb"\\(?:([0-7]{1,3})|x([0-9a-fA-F]{1,2})|(.))", re.DOTALL)
 _LETTERS = {ord("b"): b"\b", ord("f"): b"\f", ord("n"): b"\n", ord("r"): b"\r",
             ord("t"): b"\t", ord("v"): b"\v"}
-_KEY_TYPES = {"array": 1009, "ctid": 25}
-"""The type of ``__changefeed_key``: the key values as text[] (`TableBackfill.chunk_query`),
-or the ctid as text (`TableBackfill.ctid_query`)."""
-
-
 def _unescaped(match: re.Match[bytes]) -> bytes:
     octal, hexadecimal, other = match.groups()
     if octal is not None:
@@ -64,19 +60,38 @@ def copy_fields(line: bytes | memoryview) -> list[bytes | None]:
 
 @dataclass(frozen=True)
 class CopyShape:
-    """The columns of a chunk's rows after ``__changefeed_key`` (what a compiled
-    `RelationPlan` is made from, as from a pgoutput `Relation`)."""
+    """The columns of a chunk's rows (what a compiled `RelationPlan` is made from, as from a
+    pgoutput `Relation`), after ``leading`` fields of key text: the ctid of a table without
+    key, or the key columns whose ``::text`` is not their COPY text (`cast_keys`)."""
 
     qualified_name: str
     columns: tuple[str, ...]
     type_oids: tuple[int, ...]
     key_indexes: tuple[int, ...]
-    key_type: int
+    key_fields: tuple[int, ...]
+    """The field of a COPY row holding each key value's text (the ctid's, without key)."""
+    leading: int = 0
+    cast_keys: tuple[str, ...] = ()
+    """The key columns selected first, as ``::text``."""
     watched: bool = True
     schema_version: str | None = None
     key_names: tuple[str, ...] = field(default=())
     source: str = ""
     """The relation read, as SQL (its current name)."""
+
+    @property
+    def by_ctid(self) -> bool:
+        return not self.key_names
+
+
+_COLUMNS = """
+SELECT s.relation, a.attname, a.atttypid::oid::bigint, a.atttypmod, a.attgenerated <> '',
+  t.typtype = 'd' OR EXISTS (SELECT FROM pg_cast c WHERE c.castsource = a.atttypid
+    AND c.casttarget = 'text'::regtype AND c.castmethod = 'f')
+FROM (SELECT %s::oid::regclass::text) AS s(relation)
+LEFT JOIN pg_attribute a ON a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
+LEFT JOIN pg_type t ON t.oid = a.atttypid
+ORDER BY a.attnum"""
 
 
 def copy_shape(
@@ -85,40 +100,110 @@ def copy_shape(
     """The shape of table ``oid``'s chunk rows: the columns pgoutput sends (not dropped, not
     generated, as `tables.stream_columns`), with the type OIDs pgoutput gives them, the table's
     `pgoutput.schema_version` now, and the name of the relation read (``source``, a partition,
-    or the table). One round trip."""
-    rows = conn.execute(
-        "SELECT s.relation, a.attname, a.atttypid::oid::bigint, a.atttypmod"
-        " FROM (SELECT %s::oid::regclass::text) AS s(relation) LEFT JOIN pg_attribute a"
-        " ON a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''"
-        " ORDER BY a.attnum", [source or oid, oid],
-    ).fetchall()
-    found = [row for row in rows if row[1] is not None]
-    columns = tuple(row[1] for row in found)
+    or the table). One round trip.
+
+    A key value is read from its column's COPY text: its type's output function, as ``::text``
+    is, except where a cast function makes ``::text`` (bool, char(n), inet, cidr, name; a
+    domain, to be safe) or the column is not sent (generated): those key columns are selected
+    first as ``::text``. The recorded text of a key is so that of ``::text``, as it was."""
+    rows = conn.execute(_COLUMNS, [source or oid, oid]).fetchall()
+    sent = [row for row in rows if row[1] is not None and not row[4]]
+    columns = tuple(row[1] for row in sent)
+    cast = {row[1] for row in rows if row[1] is not None and row[5]}
+    cast_keys = tuple(column for column in key if column in cast or column not in columns)
+    leading = len(cast_keys) if key else 1
+    key_fields = tuple(cast_keys.index(column) if column in cast_keys
+                       else leading + columns.index(column) for column in key) or (0,)
     indexes = tuple(columns.index(column) for column in key if column in columns)
-    version = schema_version(list(columns), [_TYPE.pack(row[2], row[3]) for row in found])
-    return CopyShape(name, columns, tuple(row[2] for row in found), indexes,
-                     _KEY_TYPES["array" if key else "ctid"], schema_version=version,
-                     key_names=tuple(key), source=rows[0][0] if rows else str(source or oid))
+    version = schema_version(list(columns), [_TYPE.pack(row[2], row[3]) for row in sent])
+    return CopyShape(name, columns, tuple(row[2] for row in sent), indexes, key_fields,
+                     leading, cast_keys, schema_version=version, key_names=tuple(key),
+                     source=rows[0][0] if rows else str(source or oid))
+
+
+class KeyReader:
+    """The key of a COPY row as text (`line_key`): each key column's text (a list), or the
+    ctid's of a table without key, decoded by the text loader as the ``text[]`` of the key
+    and ``ctid::text`` were before the key was read from the row's own fields."""
+
+    def __init__(self, shape: CopyShape, loaders: TypeLoaders) -> None:
+        self.fields = shape.key_fields
+        self.listed = not shape.by_ctid
+        names = [str(i) for i in range(len(self.fields))]
+        self.decode = _row_reader(names, [25] * len(names), loaders)
+
+    def __call__(self, line: bytes | None) -> Any:
+        if line is None:
+            return None
+        fields = copy_fields(line)
+        texts = list(self.decode([fields[i] for i in self.fields]).values())
+        return texts if self.listed else texts[0]
+
+
+PROBE_ROWS = 1000
+"""The LIMIT of a table's first chunk, before the size of its rows is known."""
 
 
 def limit_for(rows: int, max_bytes: int, row_size: float) -> int:
     """The LIMIT of a chunk query: ``rows``, fewer when rows of ``row_size`` bytes would pass
-    ``max_bytes`` (at least one row)."""
+    ``max_bytes`` (at least one row); at most `PROBE_ROWS` while ``row_size`` is not known."""
     if row_size <= 0:
-        return max(1, rows)
+        return max(1, min(rows, PROBE_ROWS))
     return max(1, min(rows, int(max_bytes / row_size)))
+
+
+_SLOT = 8
+"""A reference in a list or tuple."""
+_ENTRY = 3 * 8 * 3 // 2
+"""A dict entry (hash, key, value) with the table's spare room."""
+
+
+def held_per_row(chunk: Any) -> float:
+    """About the memory one row of ``chunk`` (a `CopiedChunk`) holds while its window is
+    open: its dict and values (a few rows sampled), or for the direct path its JSON and
+    spans; with its entry among the window's rows by key token and the token itself."""
+    rows = chunk.rows
+    count = len(rows)
+    if not count:
+        return 0.0
+    token_cost = _ENTRY + _SLOT
+    if chunk.by_token is not None:  # the direct path: JSON in one buffer
+        token = next(iter(chunk.by_token), None)
+        if token is not None:
+            token_cost += _deep_size(token)
+        return (rows.held_bytes() + sys.getsizeof(chunk.by_token)) / count + token_cost
+    step = max(1, count // 8)
+    sample = rows[::step]
+    size = sum(_deep_size(row) for row in sample) / len(sample)
+    return size + 2 * _SLOT + token_cost + 64  # the list of rows, a token's tuple of values
+
+
+def _deep_size(value: Any) -> int:
+    """The size of ``value`` and of the values it holds (one level of dict, list, tuple)."""
+    size = sys.getsizeof(value)
+    if isinstance(value, dict):
+        size += sum(map(sys.getsizeof, value.values()))
+    elif isinstance(value, (list, tuple)):
+        size += sum(map(sys.getsizeof, value))
+    return size
 
 
 class CopiedChunk(NamedTuple):
     """A chunk read: its rows (dicts of the stream's columns; for the direct path, a compiled
-    `CopiedLines`), whether the query had no more rows, the size of a row as measured, the
-    last row's ``__changefeed_key``, and for the direct path the rows' indexes by key token."""
+    `CopiedLines`), whether the query had no more rows, the size of a row's COPY text as
+    measured, the last row's key as text (`KeyReader`), and for the direct path the rows' indexes
+    by key token."""
 
     rows: Any
     ended: bool
     row_size: float
     last_key: Any
     by_token: dict[Any, list[int]] | None = None
+
+    @property
+    def held_size(self) -> float:
+        """About the memory a row holds in a window (`held_per_row`; 0 without rows)."""
+        return held_per_row(self)
 
 
 class CopyReader:
@@ -140,7 +225,7 @@ class CopyReader:
         loaders = self.loaders(conn)
         parser = self._parsers.get(shape)
         if parser is None:
-            loaders.resolve([shape.key_type, *shape.type_oids])
+            loaders.resolve([25, *shape.type_oids])
             parser = (kernels.CopyParser(shape, loaders) if kernels is not None
                       else RowParser(shape, loaders))
             if len(self._parsers) > 64:
@@ -233,44 +318,45 @@ class RowParser:
     def __init__(self, shape: CopyShape, loaders: TypeLoaders) -> None:
         self.shape = shape
         self.decode = _row_reader(list(shape.columns), list(shape.type_oids), loaders)
-        self.key_load = _row_reader(["key"], [shape.key_type], loaders)
+        self.key = KeyReader(shape, loaders)
+        """The key (as text) of a row's line: `KeyReader`."""
 
     def rows(self, lines: Sequence[bytes]) -> tuple[list[dict[str, Any]], bytes | None]:
-        """The rows of COPY lines, and the last one's raw ``__changefeed_key``."""
+        """The rows of COPY lines, and the last line without its newline (its key: `key`)."""
         decode = self.decode
-        width = len(self.shape.columns) + 1
+        leading = self.shape.leading
+        width = len(self.shape.columns) + leading
         rows = []
-        key = None
+        last = None
         for line in lines:
             fields = copy_fields(line)
             if len(fields) != width:
                 raise DecodeError(f"{self.shape.qualified_name}: a COPY row of {len(fields)}"
                                   f" columns, not {width}")
-            key = fields[0]
-            rows.append(decode(fields[1:]))
-        return rows, key
+            last = line
+            rows.append(decode(fields[leading:] if leading else fields))
+        if last is None:
+            return rows, None
+        last = bytes(last)
+        return rows, last[:-1] if last.endswith(b"\n") else last
 
     def read(
         self, pgconn: Any, limit: int, max_bytes: int
     ) -> tuple[list[dict[str, Any]], bytes | None, int, bool]:
         """Read the COPY's lines (at most ``limit``, until they hold ``max_bytes``): (rows,
-        the last raw key, the bytes read, whether the COPY ended)."""
+        the last line, the bytes read, whether the COPY ended)."""
         lines: list[bytes] = []
         nbytes = 0
         while True:
             if nbytes >= max_bytes and len(lines) < limit:
-                rows, key = self.rows(lines)
-                return rows, key, nbytes, False
+                rows, last = self.rows(lines)
+                return rows, last, nbytes, False
             size, data = _copy_data(pgconn)
             if size < 0:
                 if size == -2:
                     raise psycopg.OperationalError(
                         pgconn.get_error_message().decode(errors="replace"))
-                rows, key = self.rows(lines)
-                return rows, key, nbytes, True
+                rows, last = self.rows(lines)
+                return rows, last, nbytes, True
             lines.append(bytes(data))
             nbytes += size
-
-    def key(self, raw: bytes | None) -> Any:
-        """The loaded ``__changefeed_key`` (a list of texts, or a ctid's text)."""
-        return None if raw is None else self.key_load([raw])["key"]

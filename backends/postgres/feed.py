@@ -17,7 +17,12 @@ import psycopg
 
 from changefeed._speedups import LINE_FORMATS, kernels
 from changefeed.backends.postgres import catalog, slots, snapshot
-from changefeed.backends.postgres.backfill import Backfills, in_chunks, save_progress
+from changefeed.backends.postgres.backfill import (
+    DEFAULT_CHUNK_ROWS,
+    Backfills,
+    in_chunks,
+    save_progress,
+)
 from changefeed.backends.postgres.connection import (
     check_messages,
     check_server,
@@ -66,7 +71,8 @@ class PostgresChangeFeed(StreamLoop, StructureReactions, ChangeFeed):
         slot: the replication slot name (default ``changefeed_<name or tables>``); the
             publication gets the same name unless ``publication`` is given.
         status_interval: seconds between standby status updates while streaming.
-        chunk_size: rows per snapshot chunk (see `changefeed.backends.postgres.chunks`); an
+        chunk_size: rows per snapshot chunk at most (fewer when they would hold more than 16 MB;
+            see `changefeed.backends.postgres.chunks`); an
             exported snapshot fetches this many at a time (``--chunk-size``).
         exclude: tables or patterns to leave out of ``table``'s.
         snapshot_markers: also yield a `SnapshotState` where each table's snapshot starts and
@@ -89,7 +95,7 @@ class PostgresChangeFeed(StreamLoop, StructureReactions, ChangeFeed):
         slot: str | None = None,
         publication: str | None = None,
         status_interval: float = 10.0,
-        chunk_size: int = 5000,
+        chunk_size: int = DEFAULT_CHUNK_ROWS,
         exclude: str | Sequence[str] = (),
         snapshot_markers: bool = False,
         messages: Sequence[str] = (),

@@ -62,23 +62,27 @@ cdef class CopyParser:
     dicts the Python code makes, value for value."""
 
     cdef RelationPlan plan
-    cdef object key_decode, pgconn_error
+    cdef object pgconn_error
+    cdef readonly object key
+    """The key (as text) of a row's line: `copy.KeyReader`."""
     cdef char* scratch  # a value's unescaped text
     cdef Py_ssize_t scratch_size
-    cdef char* last_key  # the last row's raw ``__changefeed_key``, unescaped
+    cdef Py_ssize_t leading  # the fields of key text before the columns
+    cdef char* last_key  # the last row's line, as received (without its newline)
     cdef Py_ssize_t last_key_size, last_key_capacity
-    cdef bint any_row, last_key_null
+    cdef bint any_row
     cdef GetCopyData libpq_get_copy_data
     cdef FreeMem libpq_freemem
 
     def __cinit__(self, shape, loaders):
         bind_python()
         from changefeed._speedups import libpq_functions
-        from changefeed.backends.postgres.loading import _row_reader
+        from changefeed.backends.postgres.copy import KeyReader
         import psycopg
 
         self.plan = RelationPlan(shape, loaders)
-        self.key_decode = _row_reader(["key"], [shape.key_type], loaders)
+        self.key = KeyReader(shape, loaders)
+        self.leading = shape.leading
         self.pgconn_error = psycopg.OperationalError
         libpq = libpq_functions()
         if libpq is not None:
@@ -99,7 +103,7 @@ cdef class CopyParser:
         return self.scratch
 
     def read(self, pgconn, Py_ssize_t limit, Py_ssize_t max_bytes):
-        """As `copy.RowParser.read`: (rows, the last raw key, the bytes read, whether the COPY
+        """As `copy.RowParser.read`: (rows, the last line, the bytes read, whether the COPY
         ended)."""
         rows = []
         nbytes, finished = self.read_rows(pgconn, limit, max_bytes, rows, None)
@@ -108,7 +112,7 @@ cdef class CopyParser:
     def read_lines(self, pgconn, Py_ssize_t limit, Py_ssize_t max_bytes):
         """The direct path's `read`: the rows as JSON (`CopiedLines`), not dicts, and the rows'
         indexes by key token (as `ChunkWindow.rows` holds rows): (lines, rows by token, the last
-        raw key, the bytes read, whether the COPY ended). Only for tables with a key."""
+        line, the bytes read, whether the COPY ended). Only for tables with a key."""
         cdef CopiedLines lines = CopiedLines()
         nbytes, finished = self.read_rows(pgconn, limit, max_bytes, None, lines)
         return lines, lines.by_token, self.key_bytes(), nbytes, finished
@@ -127,9 +131,13 @@ cdef class CopyParser:
             if nbytes >= max_bytes and count < limit:
                 return nbytes, False
             if conn is not NULL:
+                # A row libpq holds already comes without giving up the GIL; only a read
+                # from the socket (which may block) is made without it.
                 buffer = NULL
-                with nogil:
-                    size = self.libpq_get_copy_data(conn, &buffer, 0)
+                size = self.libpq_get_copy_data(conn, &buffer, 1)
+                if size == 0:
+                    with nogil:
+                        size = self.libpq_get_copy_data(conn, &buffer, 0)
                 if size < 0:
                     if size == -2:
                         raise self.pgconn_error(
@@ -161,7 +169,7 @@ cdef class CopyParser:
             count += 1
 
     def rows(self, lines):
-        """The rows of COPY lines and the last one's raw key (as `copy.RowParser.rows`)."""
+        """The rows of COPY lines and the last line (as `copy.RowParser.rows`)."""
         cdef list rows = []
         self.any_row = False
         for line in lines:
@@ -170,17 +178,13 @@ cdef class CopyParser:
         return rows, self.key_bytes()
 
     cdef object key_bytes(self):
-        if not self.any_row or self.last_key_null:
+        if not self.any_row:
             return None
         return PyBytes_FromStringAndSize(self.last_key, self.last_key_size)
 
-    def key(self, raw):
-        """The loaded ``__changefeed_key`` (as `copy.RowParser.key`)."""
-        return None if raw is None else self.key_decode([raw])["key"]
-
     def lines_of(self, lines):
-        """`read_lines` of COPY lines at hand (for tests): (lines, rows by token, last raw
-        key)."""
+        """`read_lines` of COPY lines at hand (for tests): (lines, rows by token, the last
+        line)."""
         cdef CopiedLines copied = CopiedLines()
         self.any_row = False
         for line in lines:
@@ -189,29 +193,29 @@ cdef class CopyParser:
         return copied, copied.by_token, self.key_bytes()
 
     cdef const char* take_key(self, const char* p, const char* end) except NULL:
-        """Keep the raw ``__changefeed_key`` at ``p`` (`last_key`); returns where it ends."""
-        cdef Py_ssize_t length
+        """Keep the row's line (`last_key`: its key's text, taken once the chunk is read);
+        returns where its leading fields of key text end (just before its first column)."""
+        cdef Py_ssize_t k, length = end - p
         cdef char* grown
-        cdef const char* field_end = <const char*>memchr(p, b"\t", end - p)
-        if field_end is NULL:
-            field_end = end
-        length = field_end - p
+        cdef const char* field_end = p - 1
         if length > self.last_key_capacity or self.last_key is NULL:
             grown = <char*>PyMem_Realloc(self.last_key, max(length, 64))
             if grown is NULL:
                 raise MemoryError()
             self.last_key, self.last_key_capacity = grown, max(length, 64)
-        self.last_key_null = length == 2 and p[0] == b"\\" and p[1] == b"N"
-        if memchr(p, b"\\", length) is NULL:
-            memcpy(self.last_key, p, length)
-            self.last_key_size = length
-        else:
-            self.last_key_size = copy_unescape(p, length, self.last_key)
+        memcpy(self.last_key, p, length)
+        self.last_key_size = length
         self.any_row = True
+        for k in range(self.leading):
+            if field_end == end:
+                break
+            field_end = <const char*>memchr(field_end + 1, b"\t", end - field_end - 1)
+            if field_end is NULL:
+                field_end = end
         return field_end
 
     cdef dict parse_row(self, const char* p, Py_ssize_t n):
-        """One COPY text row: its key kept raw (`last_key`), the row's values loaded."""
+        """One COPY text row: its line kept (`last_key`), the row's values loaded."""
         cdef RelationPlan plan = self.plan
         cdef Py_ssize_t i, length, count = plan.count
         cdef const char* text
@@ -224,7 +228,7 @@ cdef class CopyParser:
         columns = plan.columns
         for i in range(count):
             if field_end == end:
-                raise copy_width_error(plan, line, n)
+                raise copy_width_error(plan, line, n, self.leading)
             p = field_end + 1
             field_end = <const char*>memchr(p, b"\t", end - p)
             if field_end is NULL:
@@ -244,7 +248,7 @@ cdef class CopyParser:
                     value = plan.python_value(i, text, length)
             PyDict_SetItem(row, columns[i], value)
         if field_end != end:
-            raise copy_width_error(plan, line, n)
+            raise copy_width_error(plan, line, n, self.leading)
         return row
 
     cdef int parse_line(self, const char* p, Py_ssize_t n, CopiedLines lines) except -1:
@@ -260,7 +264,7 @@ cdef class CopyParser:
         cdef const char* field_end = self.take_key(p, end)
         for i in range(count):
             if field_end == end:
-                raise copy_width_error(plan, line, n)
+                raise copy_width_error(plan, line, n, self.leading)
             p = field_end + 1
             field_end = <const char*>memchr(p, b"\t", end - p)
             if field_end is NULL:
@@ -277,7 +281,7 @@ cdef class CopyParser:
             plan.lengths[i] = length
             used += length
         if field_end != end:
-            raise copy_width_error(plan, line, n)
+            raise copy_width_error(plan, line, n, self.leading)
         # The key's token: the tuple of its values when they are their own tokens (ints,
         # texts, ...), else what `key_token` makes of them.
         token = PyTuple_New(plan.key_count)
@@ -367,6 +371,11 @@ cdef class CopiedLines:
         self.count += 1
         return 0
 
+    def held_bytes(self):
+        """The bytes its rows' JSON and spans hold (allocated; `by_token` and the tokens are
+        counted by the caller)."""
+        return self.out.capacity + self.capacity * <Py_ssize_t>sizeof(RowSpan)
+
     def rows_in(self, groups):
         """How many rows ``groups`` (values of `by_token`, or some of them) hold."""
         cdef Py_ssize_t total = 0
@@ -441,6 +450,19 @@ cdef int wait_readable(pgconn) except -1:
     return 0
 
 
+def copy_unescaped(bytes text):
+    """``text`` with COPY's escapes undone by the kernel (for tests: `copy.copy_fields` does
+    the same in Python)."""
+    cdef char* out = <char*>PyMem_Malloc(max(PyBytes_GET_SIZE(text), 1))
+    if out is NULL:
+        raise MemoryError()
+    try:
+        return PyBytes_FromStringAndSize(
+            out, copy_unescape(PyBytes_AS_STRING(text), PyBytes_GET_SIZE(text), out))
+    finally:
+        PyMem_Free(out)
+
+
 def take_positions(next_position, Py_ssize_t count):
     """Take ``count`` positions (at least one) from ``next_position`` (a decoder's): the first
     and the last, the others between them (a chunk's rows, one after the other)."""
@@ -459,6 +481,7 @@ def take_positions(next_position, Py_ssize_t count):
     return first, last
 
 
-cdef object copy_width_error(RelationPlan plan, const char* line, Py_ssize_t n):
+cdef object copy_width_error(RelationPlan plan, const char* line, Py_ssize_t n,
+                             Py_ssize_t leading):
     found = PyBytes_FromStringAndSize(line, n).count(b"\t") + 1
-    return DecodeError(f"{plan.table}: a COPY row of {found} columns, not {plan.count + 1}")
+    return DecodeError(f"{plan.table}: a COPY row of {found} columns, not {plan.count + leading}")

@@ -1,4 +1,4 @@
-# A pipeline's entries as they cross a process boundary (`changefeed.pipelines._steps._Chunk`):
+# A pipeline's entries as they cross a process boundary (`changefeed.pipelines._crossing._Chunk`):
 # what `_pack_entries` and `_unpack_entries` do in Python, in C, in the same packed form (tags,
 # and one flat list of values that pickle writes and reads in C). A `Change` is rebuilt by
 # filling its slots, without the cost of its __init__; anything uncommon is left to the Python
@@ -194,3 +194,35 @@ cdef object make_change(object operation, object table, object new, object old, 
     set_slot(change, change_offsets[9], meta)
     set_slot(change, change_offsets[10], schema_version)
     return change
+
+
+def pack_lines(Lines lines):
+    """A batch of ready lines (`Lines`, the direct path's) as (text, line ends, LSN, whether a
+    change was seen, the last seen change's index, commit time): plain values that pickle in
+    C, from which `unpack_lines` makes the same batch in another process. One copy of the
+    text and of the ends, whatever the number of lines (the lean crossing of `_crossing`)."""
+    return (PyBytes_FromStringAndSize(lines.data, lines.length),
+            PyBytes_FromStringAndSize(<char*>lines.ends, lines.count * sizeof(LineEnd)),
+            lines.lsn, lines.any_seen, lines.seen_index, lines.committed_at)
+
+
+def unpack_lines(bytes text, bytes ends, uint64_t lsn, bint any_seen, uint64_t seen_index,
+                 committed_at):
+    """The `Lines` `pack_lines` packed (its lines, positions and counts the same)."""
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(ends), length = PyBytes_GET_SIZE(text)
+    cdef Py_ssize_t count = size // <Py_ssize_t>sizeof(LineEnd)
+    if size % <Py_ssize_t>sizeof(LineEnd):
+        raise ValueError("packed line ends are cut short")
+    cdef Lines lines = new_lines(lsn, committed_at)
+    lines.data = <char*>PyMem_Malloc(max(length, 1))
+    lines.ends = <LineEnd*>PyMem_Malloc(max(size, 1))
+    if lines.data is NULL or lines.ends is NULL:
+        raise MemoryError()
+    memcpy(lines.data, PyBytes_AS_STRING(text), length)
+    memcpy(lines.ends, PyBytes_AS_STRING(ends), size)
+    lines.length = length
+    lines.count = lines.capacity = count
+    if count and lines.ends[count - 1].end != length:
+        raise ValueError("packed lines do not end where their text does")
+    lines.any_seen, lines.seen_index = any_seen, seen_index
+    return lines

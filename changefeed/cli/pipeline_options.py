@@ -169,6 +169,12 @@ def build_cli_pipeline(
     another sink the sink's process formats: a process of its own would cost a pickling of
     every change each way for one cheap call, measured with ``benchmarks/bench_postgres.py
     --variants sink_processes``.)
+
+    When those lines are all the pipeline makes (``--where`` at most, no other stage, no dead
+    letters), the feed is asked to write them itself (`ChangeFeed.prefer_lines`, the PostgreSQL
+    backend's compiled direct path, ``--where`` judged there too): batches of ready lines then
+    pass the stages by, and cross to a sink's process as one buffer each. What the feed hands out
+    as changes still goes through the stages.
     """
     from changefeed.pipelines.pipeline import Pipeline
     from changefeed.pipelines.stages import EncodeLines, OwnProcess
@@ -182,6 +188,8 @@ def build_cli_pipeline(
         connection = getattr(feed, "connection", None)
         encode = EncodeLines(options.get("fmt", "delta"), FormatOptions(
             model=options.get("model"), url=connection if isinstance(connection, str) else ""))
+        if not (options.get("filter") or options.get("stages") or parts.dead_letter):
+            _prefer_lines(feed, options)
     if processes:
         # ``--where`` (first, when given) stays in the feed's process: evaluated in C on a batch
         # at a time, it costs far less than the crossing of the changes it drops.
@@ -196,3 +204,16 @@ def build_cli_pipeline(
             steps.append(encode)
     return Pipeline(feed, steps, sink=out, dead_letter=parts.dead_letter,
                     ack_interval=ACK_SECONDS)
+
+
+def _prefer_lines(feed: Any, options: PipelineOptions) -> bool:
+    """Ask ``feed`` for its own lines of the pipeline's format, kept by its ``--where``; True if
+    it will hand them out."""
+    from changefeed.pipelines.where_expressions import parse_where
+
+    prefer = getattr(feed, "prefer_lines", None)
+    if prefer is None:  # not a `ChangeFeed` (a feed of a test or an embedding program)
+        return False
+    where = options.get("where")
+    return bool(prefer(options.get("fmt", "delta"), options.get("model"),
+                       where=parse_where(where) if where else None))

@@ -210,7 +210,8 @@ _WRITE_FAILURES = frozenset(
 @click.option("--exclude", multiple=True, metavar="TABLE",
               help="PostgreSQL: leave out this table or pattern (repeatable).")
 @click.option("--chunk-size", type=Count(), default=None, metavar="ROWS",
-              help="PostgreSQL: rows per snapshot chunk (default 5000).")
+              help="PostgreSQL: rows per snapshot chunk at most (default 100000; fewer when"
+                   " they would hold more than 16 MB).")
 @click.option("--slot", default=None,
               help="PostgreSQL replication slot (default: changefeed_<table>).")
 @click.option("--publication", default=None,

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any, ClassVar, Literal, Protocol, TypeVar, runtime_checkable
 
+from changefeed._speedups import Lines
 from changefeed.change import Change, Position, Truncate
 from changefeed.errors import PipelineError
 from changefeed.formats.codec import dumps_line
@@ -164,7 +165,8 @@ class JsonLinesSink(Sink):
     """
 
     takes_lines = True
-    """It writes a `JsonLine` item as it is (a format stage may make them for it)."""
+    """It writes a `JsonLine` item as it is (a format stage may make them for it), and a
+    batch of lines the feed wrote itself (`Lines`)."""
 
     def __init__(self, target: str | os.PathLike[str] | IO[bytes] = "-", *, fsync: bool = False):
         self.target = target
@@ -227,8 +229,15 @@ class JsonLinesSink(Sink):
         # lines are copied into one buffer as they are made: holding them all until a join
         # made encoding several times slower (glibc malloc trimming and growing the heap).
         lines = bytearray()
+        count = 0
         for item in batch.items:
-            lines += item.line if item.__class__ is JsonLine else dumps_line(jsonable(item))
+            cls = item.__class__
+            if cls is Lines:  # the feed's own lines, made for this sink (`prefer_lines`)
+                lines += item
+                count += item.count
+                continue
+            lines += item.line if cls is JsonLine else dumps_line(jsonable(item))
+            count += 1
         if self._fd is None:
             file = self._file
             assert file is not None
@@ -244,7 +253,7 @@ class JsonLinesSink(Sink):
             where = "stdout" if self.target == "-" else self.shown
             raise SinkUnavailable(
                 f"cannot write {where}: {describe_os_error(exc)}; none of the batch's"
-                f" {len(batch)} lines was kept"
+                f" {count} lines was kept"
             ) from exc
 
     def close(self) -> None:

@@ -14,10 +14,12 @@ but does not write.
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import threading
 import time
+import tracemalloc
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,10 +27,12 @@ import psycopg
 import pytest
 from clitools import run_cli
 from equivalence import random_rows, same
+from psycopg import sql
 
 from changefeed import _speedups
 from changefeed.backends.postgres import connection
 from changefeed.backends.postgres.backfill import key_types
+from changefeed.backends.postgres.backfill_reads import read_chunk
 from changefeed.backends.postgres.chunks import (
     START_TID,
     ChunkWindow,
@@ -37,6 +41,7 @@ from changefeed.backends.postgres.chunks import (
     window_lines,
 )
 from changefeed.backends.postgres.copy import (
+    PROBE_ROWS,
     CopyReader,
     CopyShape,
     RowParser,
@@ -174,20 +179,54 @@ def backfill_of(conn: psycopg.Connection, table: str) -> tuple[TableBackfill, Co
 
 def chunk_queries(conn: psycopg.Connection, table: str, size: int) -> Iterator[Any]:
     """The chunk queries of a back-fill of ``table`` (key order, or ctid ranges), each with
-    its shape, until the table is read: chunks follow the last key the cursor path read."""
+    its shape and the chunk's keys as ``::text`` gives them (None by ctid), until the table
+    is read: chunks follow the last of those keys."""
     backfill, shape = backfill_of(conn, table)
     identifier = psycopg.sql.Identifier(table)
     if backfill.by_ctid:
-        yield backfill.ctid_query(identifier, shape.columns, START_TID, 1 << 20, 1 << 30), shape
+        yield (backfill.ctid_query(identifier, shape.columns, START_TID, 1 << 20, 1 << 30),
+               shape, None)
         return
-    loaders = psycopg_loaders(conn, catalog=conn)
     while True:
-        query = backfill.chunk_query(identifier, shape.columns, size)
-        yield query, shape
-        rows = query_rows(conn, query, loaders)
-        if len(rows) < size:
+        query = backfill.chunk_query(identifier, shape.columns, size, shape.cast_keys)
+        keys = text_keys(conn, backfill, identifier, size)
+        yield query, shape, keys
+        if len(keys) < size:
             return
-        backfill.after = rows[-1]["__changefeed_key"]
+        backfill.after = keys[-1]
+
+
+def text_keys(conn: psycopg.Connection, backfill: TableBackfill, identifier: Any,
+              size: int) -> list[list[str]]:
+    """The keys of the next chunk of ``backfill`` as each key column's ``::text``: the text
+    recorded before the key was read from the rows' own COPY fields (the reference)."""
+    keys = [sql.Identifier(column) for column in backfill.key]
+    query = sql.SQL("SELECT ARRAY[{}]::text[] FROM {} t").format(
+        sql.SQL(", ").join(sql.SQL("{}::text").format(k) for k in keys), identifier)
+    if backfill.after is not None:
+        query += sql.SQL(" WHERE ({}) > ({})").format(
+            sql.SQL(", ").join(keys), sql.SQL(", ").join(
+                sql.SQL("{}::{}").format(sql.Literal(value), sql.SQL(name))
+                for value, name in zip(backfill.after, backfill.key_types, strict=True)))
+    query += sql.SQL(" ORDER BY {} LIMIT {}").format(sql.SQL(", ").join(keys),
+                                                     sql.Literal(size))
+    return [row[0] for row in conn.execute(query).fetchall()]
+
+
+def cursor_chunk(conn: psycopg.Connection, query: Any, keys: list[list[str]] | None,
+                 loaders: TypeLoaders) -> tuple[list[dict[str, Any]], Any]:
+    """A chunk's rows through a cursor (the path before COPY), without the leading key
+    texts, and its last key as ``::text`` gives it (the ctid's, for a table without key)."""
+    rows = query_rows(conn, query, loaders)
+    if keys is None:
+        want_key = rows[-1]["__changefeed_key"] if rows else None
+    else:
+        assert len(keys) == len(rows)
+        want_key = keys[-1] if keys else None
+    for row in rows:
+        for name in [name for name in row if name.startswith("__changefeed_key")]:
+            del row[name]
+    return rows, want_key
 
 
 def copy_lines(conn: psycopg.Connection, query: Any) -> list[bytes]:
@@ -204,12 +243,9 @@ def test_copy_rows_are_the_cursor_paths_rows(database, table):
     conn = connection.connect(database)
     loaders = psycopg_loaders(conn, catalog=conn)
     chunks = 0
-    for query, shape in chunk_queries(conn, table, size=97):
+    for query, shape, keys in chunk_queries(conn, table, size=97):
         chunks += 1
-        cursor_rows = query_rows(conn, query, loaders)
-        want_key = cursor_rows[-1]["__changefeed_key"] if cursor_rows else None
-        for row in cursor_rows:
-            del row["__changefeed_key"]
+        cursor_rows, want_key = cursor_chunk(conn, query, keys, loaders)
         lines = copy_lines(conn, query)
         assert len(lines) == len(cursor_rows)
         parsers = [RowParser(shape, loaders)]
@@ -244,13 +280,10 @@ def test_the_copy_reader_reads_each_chunk_whole(database, table):
     conn = connection.connect(database)
     loaders = psycopg_loaders(conn, catalog=conn)
     reader = CopyReader()
-    for query, shape in chunk_queries(conn, table, size=97):
-        cursor_rows = query_rows(conn, query, loaders)
+    for query, shape, keys in chunk_queries(conn, table, size=97):
+        cursor_rows, want_key = cursor_chunk(conn, query, keys, loaders)
         chunk = reader(conn, query, shape, limit=97, max_bytes=1 << 30)
-        assert chunk.ended == (len(cursor_rows) < 97 or shape.key_type == 25)
-        want_key = cursor_rows[-1]["__changefeed_key"] if cursor_rows else None
-        for row in cursor_rows:
-            del row["__changefeed_key"]
+        assert chunk.ended == (len(cursor_rows) < 97 or shape.by_ctid)
         assert same(chunk.rows, cursor_rows)
         assert same(chunk.last_key, want_key)
         assert chunk.row_size > 0 or not cursor_rows
@@ -262,7 +295,7 @@ def test_a_chunk_stops_at_its_byte_budget_and_the_connection_goes_on(database):
     ended), and the connection is idle again for the next statement."""
     conn = connection.connect(database)
     reader = CopyReader()
-    query, shape = next(chunk_queries(conn, "scalars", size=400))
+    query, shape, _ = next(chunk_queries(conn, "scalars", size=400))
     whole = reader(conn, query, shape, limit=400, max_bytes=1 << 30)
     cut = reader(conn, query, shape, limit=400, max_bytes=2000)
     assert whole.ended is False and len(whole.rows) == 400
@@ -272,12 +305,105 @@ def test_a_chunk_stops_at_its_byte_budget_and_the_connection_goes_on(database):
     assert conn.execute("SELECT 2").fetchone() == (2,)
 
 
+@pytest.mark.parametrize("lines", [False, True] if kernels is not None else [False])
+def test_a_chunk_holds_about_its_byte_budget_of_memory(database, lines):
+    """A table's first chunk is a probe of `PROBE_ROWS` rows; the next ones take as many rows
+    as hold about the budget of memory (as dicts, or as JSON for the direct path), measured
+    here by tracemalloc: neither far over the budget nor far under it."""
+    conn = connection.connect(database)
+    table = f"budget_{int(lines)}"
+    conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, t text, n numeric)")
+    conn.execute(f"INSERT INTO {table} SELECT g, repeat('x', g % 300), g * 1.5"
+                 " FROM generate_series(1, 30000) g")
+    backfill, _ = backfill_of(conn, table)
+    reader = CopyReader()
+    budget = 2 << 20
+    first = read_chunk(conn, backfill, reader, chunk_size=10**6, chunk_bytes=budget,
+                       lines=lines)
+    assert first.count == PROBE_ROWS and backfill.row_bytes > 0
+    backfill.after = first.last_key
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        window = read_chunk(conn, backfill, reader, chunk_size=10**6, chunk_bytes=budget,
+                            lines=lines)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert PROBE_ROWS < window.count < 30000 - PROBE_ROWS
+    assert budget / 2 < held < budget * 1.5, (held, window.count)
+
+
+KEYED = {
+    "k_int": ("id int PRIMARY KEY, v text", "SELECT g, 'v' || g FROM generate_series(1, 23) g"),
+    "k_bigint": ("id bigint PRIMARY KEY", "SELECT g * 3000000000 FROM generate_series(-11, 11) g"),
+    "k_text": ("v int, k text PRIMARY KEY",  # not the first column; escapes of every kind
+               "SELECT g, CASE g % 5 WHEN 0 THEN E'a\\tb' WHEN 1 THEN E'c\\\\d' WHEN 2"
+               " THEN E'e\\nf' WHEN 3 THEN E'\\\\N' ELSE '' END || g"
+               " FROM generate_series(1, 23) g"),
+    "k_uuid": ("id uuid PRIMARY KEY", "SELECT md5(g::text)::uuid FROM generate_series(1, 23) g"),
+    "k_numeric": ("id numeric PRIMARY KEY",
+                  "SELECT g / 7.0 * 1e10 FROM generate_series(-11, 11) g"),
+    "k_float": ("id float8 PRIMARY KEY", "SELECT g / 10.0 FROM generate_series(1, 23) g"),
+    "k_tz": ("id timestamptz PRIMARY KEY",
+             "SELECT '2024-01-01 00:00:00.5+02'::timestamptz + g * interval '37 minutes'"
+             " FROM generate_series(1, 23) g"),
+    "k_bool": ("id bool, n int, PRIMARY KEY (id, n)",  # bool::text is 'true', COPY's 't'
+               "SELECT g % 2 = 0, g FROM generate_series(1, 23) g"),
+    "k_char": ("id char(6) PRIMARY KEY",  # ::text drops the padding COPY keeps
+               "SELECT 'c' || g FROM generate_series(1, 23) g"),
+    "k_inet": ("id inet PRIMARY KEY",  # ::text shows the /32 COPY leaves out
+               "SELECT ('10.0.0.' || g)::inet FROM generate_series(1, 23) g"),
+    "k_domain": ("id positive PRIMARY KEY", "SELECT g FROM generate_series(1, 23) g"),
+    "k_composite": ("a text, b int, c text, PRIMARY KEY (c, b)",
+                    "SELECT 'x', g % 4, E'c\\t' || g / 4 FROM generate_series(1, 23) g"),
+    "k_named": ('"we""ird\tkey ü" text PRIMARY KEY, "select" int',
+                "SELECT 'w' || g, g FROM generate_series(1, 23) g"),
+    "k_generated": ("a int, id int GENERATED ALWAYS AS (a * 2) STORED PRIMARY KEY",
+                    "SELECT g FROM generate_series(1, 23) g"),
+}
+
+
+@pytest.mark.parametrize("lines", [False, True] if kernels is not None else [False])
+@pytest.mark.parametrize("table", list(KEYED))
+def test_a_chunks_last_key_is_its_text_and_the_next_chunk_follows_it(database, table, lines):
+    """The key of a chunk's last row, read from the COPY fields of its key columns (or their
+    ``::text`` where that differs: bool, char(n), inet, a domain, a generated column), is the
+    text ``::text`` gives, the text recorded before; read chunk after chunk, from it as
+    recorded, and after a restart from it, every row comes exactly once."""
+    conn = connection.connect(database)
+    columns, rows = KEYED[table]
+    name = f"{table}_{int(lines)}"
+    conn.execute(f"CREATE TABLE {name} ({columns})")
+    conn.execute(f"INSERT INTO {name} {rows}")
+    backfill, shape = backfill_of(conn, name)
+    identifier = sql.Identifier(name)
+    want = text_keys(conn, backfill, identifier, 1 << 20)
+    assert len(want) == 23
+    reader = CopyReader()
+    seen: list[list[str]] = []
+    while True:
+        keys = text_keys(conn, backfill, identifier, 4)
+        window = read_chunk(conn, backfill, reader, chunk_size=4, chunk_bytes=1 << 20,
+                            lines=lines)
+        assert window.count == len(keys)
+        assert window.last_key == (keys[-1] if keys else backfill.after)
+        seen += keys
+        if window.complete:
+            break
+        # Recorded as JSON, read back after a restart: the next chunk follows it.
+        backfill = TableBackfill(backfill.oid, backfill.table, backfill.key,
+                                 backfill.key_types, after=json.loads(json.dumps(
+                                     window.last_key)))
+    assert seen == want
+
+
 def test_errors_of_the_chunk_query_are_psycopg_errors(database):
     """A table dropped between planning and reading: `UndefinedTable`, as the feed expects
     (it plans the chunk again); the connection goes on."""
     conn = connection.connect(database)
     conn.execute("CREATE TABLE doomed (id int PRIMARY KEY)")
-    query, shape = next(chunk_queries(conn, "doomed", size=10))
+    query, shape, _ = next(chunk_queries(conn, "doomed", size=10))
     conn.execute("DROP TABLE doomed")
     with pytest.raises(psycopg.errors.UndefinedTable):
         CopyReader()(conn, query, shape, limit=10, max_bytes=1 << 20)
@@ -303,7 +429,7 @@ def test_a_chunk_waiting_for_a_lock_lets_the_processs_other_threads_run(database
     (Waiting inside libpq with the GIL held hung until the lock timeout.)"""
     conn = connection.connect(database)
     conn.execute("SET lock_timeout = '60s'")
-    query, shape = next(chunk_queries(conn, "kinds", size=10))
+    query, shape, _ = next(chunk_queries(conn, "kinds", size=10))
     holder = psycopg.connect(database, autocommit=True)
     watcher = psycopg.connect(database, autocommit=True)
     holder.execute("BEGIN")
@@ -349,7 +475,7 @@ def test_chunk_lines_are_the_lines_of_the_chunks_changes(database, table, fmt, m
     pure_delta = getattr(delta_line_encoder, "python_factory", delta_line_encoder)
     encode = pure_delta(model) if fmt == "delta" else change_line
     rng = random.Random(table)
-    for number, (query, shape) in enumerate(chunk_queries(conn, table, size=97)):
+    for number, (query, shape, _) in enumerate(chunk_queries(conn, table, size=97)):
         lines = copy_lines(conn, query)
         rows, raw_key = RowParser(shape, loaders).rows(lines)
         copied, by_token, lines_key = kernels.CopyParser(shape, loaders).lines_of(lines)
@@ -370,20 +496,24 @@ def test_chunk_lines_are_the_lines_of_the_chunks_changes(database, table, fmt, m
         changes, last = window_changes(windows[0], backfill.table, version,
                                        positions(7 + number), markers=True)
         backfill.announced = number > 0
+        batch = (5, 7, 1000)[number % 3]  # batches of lines: several, or one per chunk
         items, last_of_lines = window_lines(windows[1], backfill.table, version,
                                             positions(7 + number), markers=True, fmt=fmt,
-                                            model=model)
+                                            model=model, batch=batch)
         assert last_of_lines == last
         want = [encode(c) if c.__class__ is Change else c for c in changes]
         got: list[Any] = []
+        got_positions = []
         for item in items:
             if item.__class__ is _speedups.Lines:
-                assert item.positions() == [c.position for c in changes if c.__class__ is Change]
+                assert 0 < item.count <= batch
                 assert item.position == item.positions()[-1] and item.committed_at is None
+                got_positions += item.positions()
                 got += item.lines()
             else:
                 got.append(item)
         assert got == want
+        assert got_positions == [c.position for c in changes if c.__class__ is Change]
 
 
 def positions(lsn: int) -> Any:
@@ -463,7 +593,7 @@ def test_copy_fields_undoes_copys_escapes(line, fields):
 
 def text_parsers(width: int) -> list[Any]:
     shape = CopyShape("public.t", tuple(f"c{i}" for i in range(width)), (25,) * width,
-                      (0,), 25, key_names=("c0",))
+                      (0,), (0,), 1, ("c0",), key_names=("c0",))  # c0's ::text first
     loaders = TypeLoaders()
     parsers = [RowParser(shape, loaders)]
     if kernels is not None:
@@ -471,22 +601,21 @@ def text_parsers(width: int) -> list[Any]:
     return parsers
 
 
-def raw_fields(parser: Any, line: bytes) -> list[bytes]:
-    """Each field of ``line`` as ``parser`` unescapes it: as the raw key of a row of its own
-    (the key is kept as bytes, not loaded)."""
-    return [parser.rows([field + b"\t\\N\n"])[1] for field in line.rstrip(b"\n").split(b"\t")]
+def compiled_fields(line: bytes) -> list[bytes | None]:
+    """Each field of ``line`` as the kernel unescapes it (`copy_fields`, compiled)."""
+    return [None if field == b"\\N" else kernels.copy_unescaped(field)
+            for field in line.rstrip(b"\n").split(b"\t")]
 
 
 @compiled_only
 @pytest.mark.parametrize("line,fields", ESCAPED)
 def test_the_compiled_parser_undoes_the_same_escapes(line, fields):
-    python, compiled = text_parsers(1)
-    assert raw_fields(python, line) == raw_fields(compiled, line) == fields
-    row = b"key\t" + line
+    assert compiled_fields(line) == fields
+    row = b"k\\tey\t" + line
     python, compiled = text_parsers(len(fields))
     assert python.rows([row]) == compiled.rows([row])
-    (loaded,), key = compiled.rows([row])
-    assert key == b"key"
+    (loaded,), last = compiled.rows([row])
+    assert last == row.rstrip(b"\n") and python.key(last) == compiled.key(last) == ["k\tey"]
     assert [value if value is None else str(value).encode(errors="surrogateescape")
             for value in loaded.values()] == [
         field if field is None else field.decode(errors="replace").encode(
@@ -502,12 +631,11 @@ def test_both_parsers_agree_on_random_lines():
               b"\\x4", b"\\xAf", b"\\x", b"\\0", b"\\12", b"\\377", b"\\9", b"a",
               b"\xc3\xa9", b"x", b"\\"]
     python, compiled = text_parsers(4)
-    single = text_parsers(1)
     for _ in range(2000):
         line = b"\t".join(b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 6)))
                            for _ in range(5)) + b"\n"
         assert python.rows([line]) == compiled.rows([line]), line
-        assert raw_fields(single[0], line) == raw_fields(single[1], line), line
+        assert copy_fields(line) == compiled_fields(line), line
 
 
 @pytest.mark.parametrize("line", [b"k\ta\tb\n", b"k\ta\tb\tc\td", b"k"])

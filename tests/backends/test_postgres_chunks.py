@@ -108,11 +108,10 @@ def test_a_chunk_query_continues_after_the_last_key_done():
     table = backfill(key=("a", "b"))
     identifier = Table(10, "public", "t", "r").identifier
     assert table.chunk_query(identifier, ["a", "b", "v"], 100).as_string(None) == (
-        'SELECT ARRAY["a"::text, "b"::text]::text[] AS __changefeed_key, t."a", t."b", t."v"'
-        ' FROM "public"."t" t ORDER BY "a", "b" LIMIT 100')
+        'SELECT t."a", t."b", t."v" FROM "public"."t" t ORDER BY "a", "b" LIMIT 100')
     table.after = ["3", "x"]
-    assert table.chunk_query(identifier, ["a"], 100).as_string(None) == (
-        'SELECT ARRAY["a"::text, "b"::text]::text[] AS __changefeed_key, t."a" FROM'
+    assert table.chunk_query(identifier, ["a", "v"], 100, ["b"]).as_string(None) == (
+        'SELECT t."b"::text AS "__changefeed_key_0", t."a", t."v" FROM'
         ' "public"."t" t WHERE ("a", "b") > (\'3\'::integer, \'x\'::integer)'
         ' ORDER BY "a", "b" LIMIT 100')
 

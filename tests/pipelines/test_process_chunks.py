@@ -17,8 +17,9 @@ from changefeed import _speedups
 from changefeed.backends.postgres.position import PgPosition
 from changefeed.change import UNCHANGED, Change, Operation, SnapshotState, Truncate
 from changefeed.message import Message
-from changefeed.pipelines import _steps
-from changefeed.pipelines._steps import _Chunk, _Entry
+from changefeed.pipelines import _crossing
+from changefeed.pipelines._crossing import _Chunk
+from changefeed.pipelines._steps import _Entry
 from changefeed.pipelines.sinks import JsonLine
 
 WHEN = datetime(2024, 1, 2, 3, 4, 5, 6, tzinfo=timezone.utc)
@@ -75,15 +76,15 @@ def implementations(request, monkeypatch):
     pack, unpack = request.param
     if "c" in request.param and _speedups.kernels is None:
         pytest.skip("the compiled extension is not built (or CHANGEFEED_IMPL=python)")
-    compiled = {"pack": _steps._compiled("pack_entries", _steps._pack_entries),
-                "changes": _steps._compiled("pack_changes", _steps._pack_changes),
-                "unpack": _steps._compiled("unpack_entries", _steps._unpack_entries)}
-    monkeypatch.setattr(_steps, "pack_entries",
-                        compiled["pack"] if pack == "c" else _steps._pack_entries)
-    monkeypatch.setattr(_steps, "pack_changes",
-                        compiled["changes"] if pack == "c" else _steps._pack_changes)
-    monkeypatch.setattr(_steps, "unpack_entries",
-                        compiled["unpack"] if unpack == "c" else _steps._unpack_entries)
+    compiled = {"pack": _crossing._compiled("pack_entries", _crossing._pack_entries),
+                "changes": _crossing._compiled("pack_changes", _crossing._pack_changes),
+                "unpack": _crossing._compiled("unpack_entries", _crossing._unpack_entries)}
+    monkeypatch.setattr(_crossing, "pack_entries",
+                        compiled["pack"] if pack == "c" else _crossing._pack_entries)
+    monkeypatch.setattr(_crossing, "pack_changes",
+                        compiled["changes"] if pack == "c" else _crossing._pack_changes)
+    monkeypatch.setattr(_crossing, "unpack_entries",
+                        compiled["unpack"] if unpack == "c" else _crossing._unpack_entries)
     return pack, unpack
 
 
@@ -150,15 +151,15 @@ def test_the_kernels_pack_as_the_python_reference_does():
                entry(change(position), keep=False, items=[JsonLine(b"{}\n")]),
                entry(change(position), keep=False, items=[]),
                entry(change(Label("7", "n")), keep=False)]
-    compiled = _steps._compiled("pack_entries", _steps._pack_entries)
+    compiled = _crossing._compiled("pack_entries", _crossing._pack_entries)
     tags, values = compiled(entries)
-    reference_tags, reference_values = _steps._pack_entries(entries)
+    reference_tags, reference_values = _crossing._pack_entries(entries)
     assert tags == reference_tags and same(values, reference_values)
     changes = [change(position), change("text"), Truncate("public.t", position), "x"]
-    compiled = _steps._compiled("pack_changes", _steps._pack_changes)
+    compiled = _crossing._compiled("pack_changes", _crossing._pack_changes)
     for keep in (False, True):
         tags, values = compiled(changes, keep)
-        reference_tags, reference_values = _steps._pack_changes(changes, keep)
+        reference_tags, reference_values = _crossing._pack_changes(changes, keep)
         assert tags == reference_tags and same(values, reference_values)
 
 
