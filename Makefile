@@ -8,9 +8,13 @@ STAMP  := $(VENV)/.installed
 # Snorky (for the Snorky sink's tests) pins tornado 4.5.3: it gets a virtualenv of its own.
 SNORKY_VENV  ?= .venv-snorky
 SNORKY_STAMP := $(SNORKY_VENV)/.installed
-# Test files run in parallel (pytest-xdist): most tests wait on servers, so four workers keep
-# two cores busy. Each worker starts servers of its own; TEST_WORKERS=0 runs in one process.
-TEST_WORKERS ?= 4
+# Tests run in parallel (pytest-xdist): most tests wait on servers and subprocesses (four
+# workers used about half of two cores), so six keep two cores busy. Each worker starts servers
+# of its own, when a test first needs one, and isolates tests by database and slot names;
+# worksteal lets an idle worker take tests from a busy one (--dist loadfile left one long file,
+# alone on a worker, as the run's end). TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 6
+TEST_DIST ?= worksteal
 # The sync tests' real clients (tests/serve/js): @electric-sql/client in Node and playwright-core
 # driving Debian's chromium, installed from the lock file when it changed (never a browser build).
 JS_TESTS := tests/serve/js
@@ -28,8 +32,8 @@ demo: install
 
 test: install $(SNORKY_STAMP) $(JS_STAMP) typecheck
 	$(BIN)/ruff check .
-	CHANGEFEED_IMPL=c $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
-	CHANGEFEED_IMPL=python $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile \
+	CHANGEFEED_IMPL=c $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist $(TEST_DIST)
+	CHANGEFEED_IMPL=python $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist $(TEST_DIST) \
 		$(PURE_PYTHON_TESTS)
 
 # Live suites for MongoDB, RethinkDB and Kafka against docker compose (see README): the same

@@ -24,10 +24,14 @@ def start(feed: PostgresChangeFeed) -> None:
     assert list(feed.changes(timeout=0.2)) == []
 
 
-def drain(feed: Any, *, idle: float = 1.0, timeout: float = 20.0, ack: bool = True,
+def drain(feed: Any, *, idle: float = 0.5, timeout: float = 20.0, ack: bool = True,
           close: bool = False) -> list[Change]:
     """Every change until the feed is idle for ``idle`` seconds, each acknowledged unless not
-    ``ack``; the feed closed after if ``close``."""
+    ``ack``; the feed closed after if ``close``.
+
+    A PostgreSQL feed is idle only once caught up with the server's WAL as it was when the
+    feed went quiet (`IdleCheck`): everything committed before the call is read whatever
+    ``idle`` is, so a short one is enough; a longer one only waits for writes still to come."""
     got = []
     for change in feed.changes(idle_timeout=idle, timeout=timeout):
         got.append(change)

@@ -65,8 +65,9 @@ def read(feed, count, *, ack_until=None, timeout=60):
     return got
 
 
-def drain(feed, *, idle=1.5, timeout=60):
-    """Everything ``feed`` has now (until ``idle`` seconds without a change), acknowledged."""
+def drain(feed, *, idle=0.5, timeout=60):
+    """Everything ``feed`` has now (until ``idle`` seconds without a change once caught up with
+    the server's WAL: see `feeds.drain`), acknowledged."""
     return feeds.drain(feed, idle=idle, timeout=timeout, close=True)
 
 
@@ -255,7 +256,7 @@ def test_the_cli_acknowledges_only_output_that_was_flushed(pg_dsn, tasks, tmp_pa
     written = json_lines(output[capacity:].decode())
     assert written == []  # the three rows never left the CLI's buffer
     assert not checkpoint.exists(), checkpoint.read_text()  # so nothing was acknowledged
-    rerun = run_cli(*args, "--until-idle", "2", "-q")
+    rerun = run_cli(*args, "--until-idle", "0.5", "-q")
     assert rerun.returncode == 0, rerun.stderr
     assert ids(written) + ids(json_lines(rerun.stdout)) == [0, 1, 2]
 
@@ -274,9 +275,9 @@ def test_limit_inside_a_transaction_without_checkpoint_leaves_it_to_come_again(p
     assert [c["position"].split(":")[1] for c in written][15:] == ["0000000F", "00000010"]
     # The slot cannot stop inside a transaction: all of it comes again, nothing after it lost.
     insert_transaction(tasks, 30, 5)
-    again = run_cli(*args, "--until-idle", "2")
+    again = run_cli(*args, "--until-idle", "0.5")
     assert ids(json_lines(again.stdout)) == list(range(35))
-    assert json_lines(run_cli(*args, "--until-idle", "1").stdout) == []
+    assert json_lines(run_cli(*args, "--until-idle", "0.5").stdout) == []
 
 
 @pytest.mark.parametrize(
@@ -294,8 +295,8 @@ def test_limit_inside_a_transaction_with_checkpoint_continues_after_what_was_wri
     insert_transaction(tasks, 0, 30)
     insert_transaction(tasks, 30, 10)
     runs = [run_cli(*args, "--limit", "17") for _ in range(2)]
-    runs.append(run_cli(*args, "--until-idle", "2"))
-    runs.append(run_cli(*args, "--until-idle", "1"))
+    runs.append(run_cli(*args, "--until-idle", "0.5"))
+    runs.append(run_cli(*args, "--until-idle", "0.5"))
     assert [r.returncode for r in runs] == [0, 0, 0, 0], [r.stderr for r in runs]
     assert [ids(json_lines(r.stdout)) for r in runs] == [
         list(range(17)), list(range(17, 34)), list(range(34, 40)), []]
@@ -334,7 +335,7 @@ def test_limit_at_the_end_of_a_transaction_without_checkpoint_moves_the_slot_pas
         tasks.execute("INSERT INTO tasks VALUES (8, 'then a message')")
         tasks.execute("SELECT pg_logical_emit_message(true, 'elsewhere', 'x')")
     runs = [run_cli(*args, "--limit", limit) for limit in ("1", "1", "1", "5", "1")]
-    runs.append(run_cli(*args, "--until-idle", "1"))
+    runs.append(run_cli(*args, "--until-idle", "0.5"))
     assert [r.returncode for r in runs] == [0] * 6, [r.stderr for r in runs]
     assert [ids(json_lines(r.stdout)) for r in runs] == [[0], [1], [2], [3, 4, 5, 6, 7], [8], []]
 
@@ -478,7 +479,7 @@ def test_exit_5_when_a_stage_fails_and_what_failed_is_not_acknowledged(pg_dsn, t
     # A subscription needs the old row (REPLICA IDENTITY FULL) to judge an update: without it
     # the stage fails; what came before is delivered and acknowledged, the update is not.
     args = ["run", "tasks", "--url", pg_dsn, "--filter", '["==", "title", "blue"]',
-            "--until-idle", "2", "--checkpoint", str(tmp_path / "checkpoint.json")]
+            "--until-idle", "0.5", "--checkpoint", str(tmp_path / "checkpoint.json")]
     assert run_cli(*args).returncode == 0  # creates the slot
     tasks.execute("INSERT INTO tasks VALUES (1, 'blue')")
     tasks.execute("UPDATE tasks SET title = 'red' WHERE id = 1")
@@ -601,7 +602,7 @@ def test_truncate_in_every_format_on_the_command_line(pg_dsn, tasks):
     lines = {}
     for fmt in FORMATS:
         result = run_cli("run", "tasks", "--url", pg_dsn, "--slot", f"s_{fmt}", "--format", fmt,
-                         "--until-idle", "2")
+                         "--until-idle", "0.5")
         assert result.returncode == 0, result.stderr
         lines[fmt] = json_lines(result.stdout)
         assert len(lines[fmt]) == 3, (fmt, result.stdout, result.stderr)
@@ -632,9 +633,9 @@ def test_truncate_left_out_by_ops_is_said_on_stderr_and_positions_do_not_move(pg
         tasks.execute("TRUNCATE tasks")
         tasks.execute("INSERT INTO tasks VALUES (2, 'b')")
     everything = run_cli("run", "tasks", "--url", pg_dsn, "--slot", "s_0", "--format",
-                         "change", "--until-idle", "2")
+                         "change", "--until-idle", "0.5")
     rows_only = run_cli("run", "tasks", "--url", pg_dsn, "--slot", "s_2", "--ops",
-                        "insert,update,delete", "--format", "change", "--until-idle", "2")
+                        "insert,update,delete", "--format", "change", "--until-idle", "0.5")
     all_lines, row_lines = json_lines(everything.stdout), json_lines(rows_only.stdout)
     assert [line["operation"] for line in all_lines] == ["insert", "truncate", "insert"]
     assert row_lines == [all_lines[0], all_lines[2]]  # the same positions, the truncate out
@@ -653,7 +654,7 @@ def test_truncate_through_a_pipeline_with_where_filter_and_a_file_sink(pg_dsn, t
     sink = tmp_path / "out.jsonl"
     result = run_cli("run", "tasks", "--url", pg_dsn, "--where", 'title == "a"', "--filter",
                      '["==", "title", "a"]', "--format", "change", "--sink", str(sink),
-                     "--until-idle", "2", *processes)
+                     "--until-idle", "0.5", *processes)
     assert result.returncode == 0, result.stderr
     got = [(line["operation"], (line.get("new") or {}).get("id")) for line in
            json_lines(sink.read_text())]

@@ -40,8 +40,9 @@ def make_feed(dsn, table, operation=ALL, **options) -> PostgresChangeFeed:
                               retry=Retry(initial=0.05, maximum=0.5), **options)
 
 
-def drain(feed, *, idle=1.5, timeout=60):
-    """Everything ``feed`` has now (until ``idle`` seconds without a change), acknowledged."""
+def drain(feed, *, idle=0.5, timeout=60):
+    """Everything ``feed`` has now (until ``idle`` seconds without a change once caught up with
+    the server's WAL: see `feeds.drain`), acknowledged."""
     return feeds.drain(feed, idle=idle, timeout=timeout, close=True)
 
 
@@ -316,12 +317,12 @@ def test_a_feed_that_keeps_losing_its_server_is_not_idle(pg_dsn, pg):
 
     thread = threading.Thread(target=end_connections)
     with start_cli("run", "c", "--url", pg_dsn, "--prefeed", "snapshot", "--format",
-                   "change", "--chunk-size", "500", "--until-idle", "1") as process:
+                   "change", "--chunk-size", "500", "--until-idle", "0.5") as process:
         try:
             process.wait_streaming()
             thread.start()
             process.wait_for_stderr("reconnecting", timeout=60)
-            time.sleep(4)  # four times the idle timeout without progress
+            time.sleep(2)  # four times the idle timeout without progress
         finally:
             stop.set()
             if thread.is_alive():

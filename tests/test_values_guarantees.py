@@ -111,7 +111,7 @@ def texts(pg) -> dict[int, tuple[str, str]]:
 
 def change_slot(pg_dsn, slot: str, fmt: str, *extra: str) -> list:
     result = run_cli("run", "docs", "--url", pg_dsn, "--slot", slot, "--format", fmt,
-                     "--until-idle", "3", *extra, timeout=300)
+                     "--until-idle", "0.5", *extra, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     assert all(line.strip() for line in lines)
@@ -122,7 +122,7 @@ def test_deep_and_exact_json_in_new_and_old_rows_in_every_format(pg, pg_dsn, ser
     rows = fill(pg, server_max)
     for fmt in ("change", "delta", "debezium"):  # a slot each, its snapshot taken now
         result = run_cli("run", "docs", "--url", pg_dsn, "--slot", f"s_{fmt}", "--prefeed",
-                         "snapshot", "--format", fmt, "--until-idle", "3", timeout=300)
+                         "snapshot", "--format", fmt, "--until-idle", "0.5", timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]
         lines = [loads_document(line.encode()) for line in result.stdout.splitlines()]
         lines = [line for line in lines if line.get("type") != "snapshot"]  # markers
@@ -196,7 +196,7 @@ def test_a_deep_jsonb_primary_key_is_the_key_of_every_change(pg, pg_dsn, depth):
     pg.execute("UPDATE keyed SET v = 2")
     pg.execute("DELETE FROM keyed")
     (server_text,) = pg.execute("SELECT %s::jsonb::text", [key]).fetchone()
-    result = run_cli("run", "keyed", "--url", pg_dsn, "--format", "change", "--until-idle", "2")
+    result = run_cli("run", "keyed", "--url", pg_dsn, "--format", "change", "--until-idle", "0.5")
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [loads_document(line.encode()) for line in result.stdout.splitlines()]
     assert [line["operation"] for line in lines] == ["insert", "update", "delete"]
@@ -221,7 +221,7 @@ def test_messages_keep_their_digits_and_depth(pg, pg_dsn, server_max):
     ]
     for content in contents:
         pg.execute("SELECT pg_logical_emit_message(true, 'm', %s)", [content])
-    result = run_cli("run", "docs", "--url", pg_dsn, "--messages", "m", "--until-idle", "3",
+    result = run_cli("run", "docs", "--url", pg_dsn, "--messages", "m", "--until-idle", "0.5",
                      timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [loads_document(line.encode()) for line in result.stdout.splitlines()]
@@ -326,7 +326,7 @@ def test_inet_and_cidr_come_out_as_postgresql_writes_them(pg, pg_dsn):
         network = str(ipaddress.ip_network(literal, strict=False))
         pg.execute("INSERT INTO nets VALUES (%s, %s, %s, ARRAY[%s, %s]::inet[])",
                    [row, literal, network, literal, network])
-    result = run_cli("run", "nets", "--url", pg_dsn, "--format", "change", "--until-idle", "2")
+    result = run_cli("run", "nets", "--url", pg_dsn, "--format", "change", "--until-idle", "0.5")
     lines = json_lines(result.stdout)
     assert len(lines) == len(literals), result.stderr[-2000:]
     server = {row: [i, c, json.loads(a.replace("{", "[").replace("}", "]"))] for row, i, c, a in
@@ -354,7 +354,7 @@ def test_nothing_a_value_holds_stops_a_feed_after_it(pg, pg_dsn, server_max):
     pg.execute("INSERT INTO docs VALUES (100, '1')")
     for fmt in formats:
         result = run_cli("run", "docs", "--url", pg_dsn, "--slot", f"s_{fmt}", "--format", fmt,
-                         "--until-idle", "2", timeout=300)
+                         "--until-idle", "0.5", timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]
         lines = [loads_document(line.encode()) for line in result.stdout.splitlines()]
         assert len(lines) == len(values) + 2, fmt
@@ -437,6 +437,6 @@ def test_a_deep_publication_comment_cannot_stop_a_feed(pg, pg_dsn):
             sql.Identifier(publication), sql.Literal(comment)))
         pg.execute("INSERT INTO docs SELECT coalesce(max(id), 0) + 1 FROM docs")
         result = run_cli("run", "docs", "--url", pg_dsn, "--format", "change",
-                         "--until-idle", "1")
+                         "--until-idle", "0.5")
         assert result.returncode == 0, result.stderr[-2000:]
         assert len(json_lines(result.stdout)) == 1

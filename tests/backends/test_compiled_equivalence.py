@@ -467,7 +467,7 @@ def test_changefeed_run_writes_the_same_lines_on_both_paths(pg_dsn, pg, tmp_path
                   "--format", fmt, "--messages", "app", "--checkpoint", checkpoint, "--quiet"]
         environment = {"CHANGEFEED_IMPL": implementation}
         first = run_cli(*common, "--limit", "1234", env=environment)
-        rest = run_cli(*common, "--until-idle", "2", env=environment)
+        rest = run_cli(*common, "--until-idle", "0.5", env=environment)
         assert first.returncode == rest.returncode == 0, first.stderr + rest.stderr
         outputs[implementation] = first.stdout + rest.stdout
     assert outputs["c"] == outputs["python"]
@@ -559,7 +559,7 @@ def test_changefeed_run_where_gives_the_same_on_both_paths(pg_dsn, pg, tmp_path,
                   "--where", expression, "--checkpoint", checkpoint, "--quiet"]
         environment = {"CHANGEFEED_IMPL": implementation}
         first = run_cli(*common, "--limit", "1500", env=environment)
-        rest = run_cli(*common, "--until-idle", "2", env=environment)
+        rest = run_cli(*common, "--until-idle", "0.5", env=environment)
         results[implementation] = (first.stdout, first.returncode, rest.stdout, rest.returncode,
                                    rest.stderr.strip().splitlines()[-1:])
     assert results["c"] == results["python"]

@@ -14,7 +14,7 @@ import struct
 import psycopg
 import pytest
 from clitools import assert_one_clear_line, json_lines_before_kill, run_cli, start_cli
-from feeds import FAST_RETRY
+from feeds import FAST_RETRY, start
 
 from changefeed import Change, ConfigurationError, MemoryCheckpoint, Message, Operation
 from changefeed.backends.postgres import PostgresChangeFeed
@@ -129,7 +129,9 @@ def make_feed(dsn, messages=("app",), table="tasks", **options):
                               **options)
 
 
-def read(feed, *, count=None, idle=1.5, timeout=20.0, ack=True):
+def read(feed, *, count=None, idle=0.5, timeout=20.0, ack=True):
+    """What ``feed`` has now (idle means caught up with the server's WAL: see `feeds.drain`),
+    each acknowledged unless not ``ack``."""
     got = []
     for item in feed.changes(idle_timeout=idle, timeout=timeout, limit=count):
         got.append(item)
@@ -158,7 +160,7 @@ def emit(conn, prefix, content, transactional=True):
 @pg_marks
 def test_messages_and_rows_arrive_in_commit_order(pg_dsn, tasks):
     feed = make_feed(pg_dsn, table="tasks,notes")
-    read(feed)  # creates the slot
+    start(feed)  # creates the slot
     other = psycopg.connect(pg_dsn)
     with tasks.transaction():
         tasks.execute("INSERT INTO tasks (title) VALUES ('a1')")
@@ -184,7 +186,7 @@ def test_messages_and_rows_arrive_in_commit_order(pg_dsn, tasks):
 @pg_marks
 def test_messages_of_rolled_back_transactions_never_appear(pg_dsn, tasks):
     feed = make_feed(pg_dsn)
-    read(feed)
+    start(feed)
     with pytest.raises(RuntimeError):
         with tasks.transaction():
             emit(tasks, "app", "lost")
@@ -205,7 +207,7 @@ def test_messages_of_rolled_back_transactions_never_appear(pg_dsn, tasks):
 @pg_marks
 def test_non_transactional_messages_arrive_even_if_their_transaction_rolls_back(pg_dsn, tasks):
     feed = make_feed(pg_dsn)
-    read(feed)
+    start(feed)
     tasks.execute("BEGIN")
     tasks.execute("INSERT INTO tasks (title) VALUES ('never')")
     emit(tasks, "app", "at once", transactional=False)
@@ -222,7 +224,7 @@ def test_a_non_transactional_message_right_before_a_commit_has_a_position_of_its
 ):
     # Its WAL record ends where the commit record starts: the transaction's commit LSN.
     feed = make_feed(pg_dsn)
-    read(feed)
+    start(feed)
     for n in range(3):
         tasks.execute("BEGIN")
         tasks.execute("INSERT INTO tasks (title) VALUES (%s)", [f"r{n}"])
@@ -238,7 +240,7 @@ def test_a_non_transactional_message_right_before_a_commit_has_a_position_of_its
 @pg_marks
 def test_an_acknowledged_non_transactional_message_is_not_sent_again(pg_dsn, tasks):
     feed = make_feed(pg_dsn)
-    read(feed)
+    start(feed)
     emit(tasks, "app", "one", transactional=False)
     emit(tasks, "app", "two", transactional=False)
     first = read(feed, count=1)
@@ -253,7 +255,7 @@ def test_an_acknowledged_non_transactional_message_is_not_sent_again(pg_dsn, tas
 @pg_marks
 def test_unacknowledged_messages_come_again_with_the_same_positions(pg_dsn, tasks):
     feed = make_feed(pg_dsn)
-    read(feed)
+    start(feed)
     with tasks.transaction():
         emit(tasks, "app", "t1")
         tasks.execute("INSERT INTO tasks (title) VALUES ('r1')")
@@ -272,7 +274,7 @@ def test_unacknowledged_messages_come_again_with_the_same_positions(pg_dsn, task
 def test_a_checkpoint_inside_a_transaction_skips_its_messages_and_rows_up_to_it(pg_dsn, tasks):
     checkpoint = MemoryCheckpoint()
     feed = make_feed(pg_dsn, checkpoint=checkpoint, name="f")
-    read(feed)
+    start(feed)
     with tasks.transaction():
         tasks.execute("INSERT INTO tasks (title) VALUES ('r1')")
         emit(tasks, "app", "m1")
@@ -291,7 +293,7 @@ def test_a_checkpoint_inside_a_transaction_skips_its_messages_and_rows_up_to_it(
 @pg_marks
 def test_messages_only_with_the_option_and_rows_unchanged_without(pg_dsn, tasks):
     feed = make_feed(pg_dsn, messages=())
-    read(feed)
+    start(feed)
     with tasks.transaction():
         emit(tasks, "app", "m")
         tasks.execute("INSERT INTO tasks (title) VALUES ('r')")
@@ -304,7 +306,7 @@ def test_messages_only_with_the_option_and_rows_unchanged_without(pg_dsn, tasks)
 @pg_marks
 def test_binary_content_and_large_messages(pg_dsn, tasks):
     feed = make_feed(pg_dsn)
-    read(feed)
+    start(feed)
     blob = bytes(range(256)) * 4000  # ~1 MB: no 8,000-byte limit as with NOTIFY
     tasks.execute("SELECT pg_logical_emit_message(true, 'app.bin', %s::bytea)", [blob])
     (got,) = read(feed)
@@ -341,7 +343,7 @@ def test_cli_streams_messages_as_json_lines_among_deltas(pg_dsn, tasks):
         emit(tasks, "other", "filtered out")
     emit(tasks, "app.late", "after", transactional=False)
     result = run_cli("run", "tasks", "--url", pg_dsn, "--messages", "app.", "--format",
-                     "change", "--until-idle", "1", "-q")
+                     "change", "--until-idle", "0.5", "-q")
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line.get("type", line.get("operation")) for line in lines] == [
@@ -366,7 +368,7 @@ def test_runs_that_end_at_a_transactions_last_message_do_not_repeat_it(pg_dsn, t
             tasks.execute("INSERT INTO tasks (title) VALUES ('x')")
             emit(tasks, "app.step", str(number))
     runs = [run_cli(*args, "--limit", "2") for _ in range(2)]
-    runs.append(run_cli(*args, "--until-idle", "1"))
+    runs.append(run_cli(*args, "--until-idle", "0.5"))
     assert [r.returncode for r in runs] == [0, 0, 0], [r.stderr for r in runs]
     got = [[line.get("type", line.get("operation")) + ":" + str(line.get("content", ""))
             for line in map(json.loads, r.stdout.splitlines())] for r in runs]
@@ -397,7 +399,7 @@ def test_a_killed_consumer_gets_every_message_again(pg_dsn, tasks):
         _, rest = proc.stop(signal.SIGKILL)
     seen += json_lines_before_kill(rest)
     result = run_cli("run", "tasks", "--url", pg_dsn, "--messages", "app", "--until-idle",
-                     "1", "-q")
+                     "0.5", "-q")
     after = [json.loads(line) for line in result.stdout.splitlines()]
     # At least once: nothing missing, and what comes again is identical (same position).
     assert {line["content"]["n"] for line in seen + after} == set(range(200))

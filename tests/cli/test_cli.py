@@ -80,7 +80,7 @@ def test_a_stop_signal_acknowledges_what_was_written(pg_dsn, tasks, signum):
         returncode, rest = process.stop(signum)
     assert returncode == 0 and rest == "", process.stderr
     tasks.execute("INSERT INTO tasks (title) VALUES ('c')")
-    result = run_cli("run", "tasks", "--url", pg_dsn, "--idle-timeout", "2", "-q")
+    result = run_cli("run", "tasks", "--url", pg_dsn, "--idle-timeout", "0.5", "-q")
     assert [d["data"]["title"] for d in json_lines(result.stdout)] == ["c"]
 
 
@@ -116,7 +116,7 @@ def test_sigkill_mid_stream_loses_nothing_and_repeats_only_unacknowledged(
     thread.join(timeout=120)
     assert writer_done.is_set() and len(committed) == 1000
 
-    second_run = run_cli(*args, "--idle-timeout", "3", timeout=120)
+    second_run = run_cli(*args, "--idle-timeout", "0.5", timeout=120)
     assert second_run.returncode == 0, second_run.stderr
     second = json_lines(second_run.stdout)
     first_titles = [c["new"]["title"] for c in first_run]
@@ -147,7 +147,7 @@ def test_a_reader_that_goes_away_ends_the_run_quietly_and_loses_nothing(pg_dsn, 
         returncode, _ = process.finish()
     assert returncode == 0, process.stderr
     assert "Traceback" not in process.stderr and "Broken pipe" not in process.stderr
-    result = run_cli("run", "tasks", "--url", pg_dsn, "--idle-timeout", "2", "-q")
+    result = run_cli("run", "tasks", "--url", pg_dsn, "--idle-timeout", "0.5", "-q")
     titles = [d["data"]["title"] for d in json_lines(result.stdout)]
     assert titles == ["lost?", "more 1", "more 2", "more 3"]
 
@@ -243,12 +243,12 @@ def test_unwritable_checkpoint(pg_dsn, tasks, tmp_path):
     bad = tmp_path / "missing-dir" / "cp.json"
     tasks.execute("INSERT INTO tasks (title) VALUES ('x')")
     result = run_cli("run", "tasks", "--url", pg_dsn, "--checkpoint", str(bad),
-                     "--idle-timeout", "1")
+                     "--idle-timeout", "0.5")
     # Slot created on this run: nothing to deliver yet, so nothing to save; a run that
     # delivers must fail clearly when it cannot save.
     tasks.execute("INSERT INTO tasks (title) VALUES ('y')")
     result = run_cli("run", "tasks", "--url", pg_dsn, "--checkpoint", str(bad),
-                     "--idle-timeout", "2")
+                     "--idle-timeout", "0.5")
     assert_one_clear_line(result, "cannot write checkpoint")
 
 
