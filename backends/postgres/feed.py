@@ -234,7 +234,10 @@ class PostgresChangeFeed(StreamLoop, StructureReactions, ChangeFeed):
             self._idle.wanted = True
             if stream is not None and stream.caught_up:  # and the first check starts now,
                 # not after the loop's next wait for the socket (up to a second when quiet)
-                self._idle.quiet(stream, self._sql, self.stats.changes, time.monotonic())
+                try:
+                    self._idle.quiet(stream, self._sql, self.stats.changes, time.monotonic())
+                except psycopg.Error:  # outside the loop's reconnects: not caught up, and
+                    return False  # the loop meets the same failure and deals with it
         return (stream is not None and stream.caught_up and not self._ledger.in_transaction
                 and not self._backfills.busy
                 and self._idle.reached(stream, self.stats.changes))

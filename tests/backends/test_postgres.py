@@ -11,6 +11,7 @@ from decimal import Decimal
 import psycopg
 import pytest
 from feeds import drain, make_feed, start
+from waiting import wait_until
 
 from changefeed import (
     ALL,
@@ -251,6 +252,36 @@ def test_the_idle_check_queries_the_server_only_once_a_reader_asks_whether_it_is
     assert time.monotonic() - started < 15  # it ended by being idle, not at the timeout
     assert feed._idle.wanted and feed._idle.target is not None
     feed.close()
+
+
+@pytest.mark.parametrize("lost", ["plain", "all"])
+def test_a_connection_lost_when_a_reader_first_asks_whether_caught_up_is_not_an_error(
+    pg_dsn, pg, tasks, lost
+):
+    """The first question starts the idle check with a query on the plain connection, outside
+    the stream loop's reconnects: a connection ended under it (the plain one alone, or every
+    one of the feed's) means "not caught up" and the loop reconnects, never a traceback."""
+    feed = make_feed(pg_dsn)
+    start(feed)
+    tasks.execute("INSERT INTO tasks (title) VALUES ('a')")
+    changes = feed.changes(timeout=20)
+    change = next(changes)
+    feed.ack(change.position)
+    assert change.new["title"] == "a" and not feed._idle.wanted
+    pids = [feed._sql.info.backend_pid]
+    if lost == "all":
+        pids += [row[0] for row in pg.execute(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", [feed.slot])]
+    pg.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", [pids])
+    wait_until(lambda: not pg.execute("SELECT count(*) FROM pg_stat_activity WHERE pid ="
+                                      " ANY(%s)", [pids]).fetchone()[0], "the backends ended")
+    assert feed.caught_up is False
+    tasks.execute("INSERT INTO tasks (title) VALUES ('b')")
+    change = next(changes)
+    assert change.new["title"] == "b"
+    feed.ack(change.position)
+    changes.close()
+    assert [c.new["title"] for c in drain(feed, close=True)] == []
 
 
 def test_several_rows_in_one_transaction_and_acknowledging_part_of_it(pg_dsn, tasks):
