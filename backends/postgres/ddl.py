@@ -63,11 +63,31 @@ class StructureReactions:
         """At the feed's start: the back-fills to go on with or begin (a snapshot, tables a
         pattern matched since, partitions attached since), and what the operations miss."""
         attached = self._structure.start(conn, self._meta)
-        if chunked:
-            self._backfills.plan(conn, self._meta, pending_only=self.prefeed != "snapshot")
+        if self._own_publication():
+            if chunked:
+                self._backfills.plan(conn, self._meta, pending_only=self.prefeed != "snapshot")
+                for root, partition in attached:
+                    self._backfill_partition(root, partition)
+            catalog.write_meta(conn, self.publication, self._meta)
+        else:
+            # Shared with another slot's feed: the record's back-fills are that feed's (taken
+            # here, that feed's record would move past rows it never delivered).
             for root, partition in attached:
-                self._backfill_partition(root, partition)
-        catalog.write_meta(conn, self.publication, self._meta)
+                self._say_partition_missed(root, partition)
+        self._warn_moves()
+
+    def _own_publication(self) -> bool:
+        """Whether the publication's record is this feed's slot's (not another's it shares)."""
+        return self._meta.get("slot") == self.slot
+
+    def _say_partition_missed(self, root: int, partition: int) -> None:
+        self._structure.say_once(
+            ("attached", partition), "a partition of %s appeared: its rows from before are not"
+            " delivered (%s)", self._tables.name_of(root),
+            "the publication is not this feed's own" if not self._own_publication()
+            else "chunked back-fills need PostgreSQL 14")
+
+    def _warn_moves(self) -> None:
         moves = self.operation & Operation.UPDATE and not (
             self.operation & Operation.INSERT and self.operation & Operation.DELETE)
         partitioned = [t.qualified for t in self._tables.live() if t.kind == "p"]
@@ -77,24 +97,21 @@ class StructureReactions:
                 " insert there, which --ops %s does not deliver: add insert,delete to see it",
                 ", ".join(partitioned), ",".join(self.operation.names))
 
-
     def _watch_structure(self, conn: psycopg.Connection) -> None:
         self._tables.note_dropped(conn)
         found = self._structure.check(conn)
         chunked = in_chunks(self._server_version, ())
+        own = self._own_publication()
         for root, partition in found.attached:
-            if chunked:
+            if chunked and own:
                 self._backfill_partition(root, partition)
             else:
-                self._structure.say_once(
-                    ("attached", partition), "a partition of %s appeared: its rows from before"
-                    " are not delivered (chunked back-fills need PostgreSQL 14)",
-                    self._tables.name_of(root))
+                self._say_partition_missed(root, partition)
         if found.appeared:
             self._add_tables(conn, found.appeared, chunked)
         for oid, _, new in found.renamed:
             self._renames.setdefault(oid, (new, found.position))
-        if found.attached or found.appeared:
+        if (found.attached or found.appeared) and own:
             catalog.write_meta(conn, self.publication, self._meta)
 
     def _backfill_partition(self, root: int, partition: int) -> None:
@@ -106,7 +123,7 @@ class StructureReactions:
 
     def _add_tables(self, conn: psycopg.Connection, tables: list[Table], chunked: bool) -> None:
         """Tables a pattern matches that appeared: streamed from now on and back-filled."""
-        own = self._meta.get("slot") == self.slot
+        own = self._own_publication()
         if not own or not chunked:
             for table in tables:
                 self._structure.say_once(

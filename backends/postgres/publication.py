@@ -79,7 +79,21 @@ def ensure_publication(
             f" that, or drop the feed with changefeed slots --drop {slot}"
         ) from exc
     meta = dict(publication.meta) if publication is not None else {}
-    if meta.get("slot", slot) == slot:  # the record is of the slot that made it
+    owner = meta.get("slot", slot)
+    if owner != slot and slots.get_slot(conn, owner) is None:
+        # The record is of a slot dropped since: its snapshot and back-fills are not this
+        # slot's, which takes the publication over (and its own snapshot, if it asks for one).
+        log.info("publication %s was slot %s's, which is gone: now slot %s's", name, owner, slot)
+        meta, owner = {}, slot
+    elif owner != slot and backfill_added:
+        # The record's snapshot and back-fill states are the other slot's: taken as this
+        # slot's, they would skip its snapshot (delivered to the other) or move the other's
+        # back-fill past rows it never delivered.
+        raise ConfigurationError(
+            f"publication {name} records the snapshot of slot {owner}: a snapshot for slot"
+            f" {slot} needs a publication of its own (choose another --publication)"
+        )
+    if owner == slot:  # the record is of the slot that made it
         meta.update(slot=slot, default=default_names,
                     tables={str(t.oid): t.qualified for t in tables})
     try:

@@ -3,10 +3,13 @@ server limits. Each class of failure with several members, on a real server."""
 
 from __future__ import annotations
 
+import json
+
 import psycopg
 import pytest
 from clitools import run_cli, start_cli
 from feeds import FAST_RETRY, drain, make_feed, start
+from psycopg import sql
 from testservers import drop_slot
 
 from changefeed import ALL, ConfigurationError, Operation, PermanentBackendError, ResumeError
@@ -260,6 +263,78 @@ def test_a_publication_serving_other_tables_is_refused(pg_dsn, pg):
     with pytest.raises(ConfigurationError, match="FOR ALL TABLES"):
         list(make_feed(pg_dsn, "a", slot="s3", publication="everything").changes(timeout=5))
     assert "other_slot" not in slots(pg) and "b_pub" not in publications(pg)
+
+
+def record(pg, publication: str) -> str:
+    """changefeed's record on ``publication`` (its comment), as written."""
+    return pg.execute("SELECT obj_description(oid, 'pg_publication') FROM pg_publication"
+                      " WHERE pubname = %s", [publication]).fetchone()[0]
+
+
+@pytest.mark.parametrize("key", ["int", "text", "uuid"])
+def test_a_snapshot_for_a_slot_sharing_another_slots_publication_is_refused(pg_dsn, pg, key):
+    """The publication's record holds the snapshot and back-fill states of the slot that made
+    it: another slot asking for a snapshot through it would find them done and get nothing."""
+    values = {"int": "g", "text": "'k' || g", "uuid": "md5(g::text)::uuid"}[key]
+    pg.execute(f"CREATE TABLE tasks (id {key} PRIMARY KEY, v int)")
+    pg.execute(f"INSERT INTO tasks SELECT {values}, g FROM generate_series(1, 30) g")
+    first = make_feed(pg_dsn, slot="first", publication="shared", prefeed="snapshot")
+    assert len(drain(first, close=True)) == 30
+    before = record(pg, "shared")
+    with pytest.raises(ConfigurationError, match="publication shared records the snapshot of"
+                       " slot first: a snapshot for slot second needs a publication of its own"):
+        list(make_feed(pg_dsn, slot="second", publication="shared",
+                       prefeed="snapshot").changes(timeout=5))
+    result = run_cli("run", "tasks", "--url", pg_dsn, "--slot", "third", "--publication",
+                     "shared", "--prefeed", "snapshot", "--until-idle", "0.5", timeout=60)
+    assert result.returncode != 0 and result.stdout == ""
+    assert "needs a publication of its own" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert slots(pg) == {"first"} and record(pg, "shared") == before
+    # Its own publication gives it the snapshot.
+    second = make_feed(pg_dsn, slot="second", publication="second", prefeed="snapshot")
+    assert sorted(c.new["v"] for c in drain(second, close=True)) == list(range(1, 31))
+
+
+def test_a_slot_takes_over_the_publication_of_a_dropped_slot_and_gets_its_snapshot(pg_dsn, pg):
+    pg.execute("CREATE TABLE tasks (id int PRIMARY KEY, v text)")
+    pg.execute("INSERT INTO tasks SELECT g, 'v' || g FROM generate_series(1, 25) g")
+    assert len(drain(make_feed(pg_dsn, slot="gone", publication="kept", prefeed="snapshot"),
+                     close=True)) == 25
+    drop_slot(pg, "gone")
+    pg.execute("INSERT INTO tasks VALUES (26, 'v26')")
+    feed = make_feed(pg_dsn, slot="new", publication="kept", prefeed="snapshot")
+    got = drain(feed)
+    assert sorted(c.new["id"] for c in got) == list(range(1, 27))
+    assert '"slot": "new"' in record(pg, "kept")
+    pg.execute("INSERT INTO tasks VALUES (27, 'v27')")
+    assert [c.new["id"] for c in drain(feed, close=True)] == [27]
+    # Its snapshot is recorded as its own: a restart does not take it again.
+    assert drain(make_feed(pg_dsn, slot="new", publication="kept", prefeed="snapshot"),
+                 close=True) == []
+
+
+def test_a_feed_sharing_a_publication_leaves_the_owners_back_fill_alone(pg_dsn, pg):
+    """A feed of another slot on the same publication neither continues nor records the
+    owner's back-fill (cut short here: its record says where the owner's next chunk starts)."""
+    pg.execute("CREATE TABLE tasks (id int PRIMARY KEY, v text)")
+    pg.execute("INSERT INTO tasks SELECT g, 'v' || g FROM generate_series(1, 40) g")
+    start(make_feed(pg_dsn, slot="owner", publication="shared"))
+    prefix, meta = record(pg, "shared").split(" ", 1)
+    oid = pg.execute("SELECT 'tasks'::regclass::oid::int").fetchone()[0]
+    states = json.loads(meta)
+    assert states["slot"] == "owner"
+    states["backfill"] = {str(oid): {"after": ["10"], "done": 10, "chunks": 1}}
+    cut_short = f"{prefix} {json.dumps(states)}"
+    pg.execute(sql.SQL("COMMENT ON PUBLICATION shared IS {}").format(cut_short))
+    sharer = make_feed(pg_dsn, slot="sharer", publication="shared")
+    start(sharer)
+    pg.execute("INSERT INTO tasks VALUES (41, 'v41')")
+    assert [c.new["id"] for c in drain(sharer, close=True)] == [41]
+    assert record(pg, "shared") == cut_short
+    # The owner goes on from its own record: the rows after its last chunk, then the insert.
+    got = drain(make_feed(pg_dsn, slot="owner", publication="shared"), close=True)
+    assert sorted(c.new["id"] for c in got) == list(range(11, 42))
 
 
 # -- replica identity --------------------------------------------------------------------------
