@@ -25,7 +25,7 @@ from changefeed import (
 from changefeed.backends.postgres import PostgresChangeFeed
 from changefeed.backends.postgres import feed as feed_module
 from changefeed.backends.postgres import stream as stream_module
-from changefeed.backends.postgres.stream import ReadPacing
+from changefeed.backends.postgres.pacing import ReadPacing
 
 pytestmark = pytest.mark.postgres
 

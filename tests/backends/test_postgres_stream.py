@@ -20,9 +20,10 @@ from psycopg import pq
 
 from changefeed.backends.postgres import stream as stream_module
 from changefeed.backends.postgres.ledger import AckLedger
+from changefeed.backends.postgres.pacing import ReadPacing, waiting_bytes
 from changefeed.backends.postgres.pgoutput import Begin, Commit
 from changefeed.backends.postgres.position import PgPosition
-from changefeed.backends.postgres.stream import ReadPacing, ReplicationStream, waiting_bytes
+from changefeed.backends.postgres.stream import ReplicationStream
 from changefeed.change import Change, Operation
 
 NOTHING = (0, None)
