@@ -3,9 +3,9 @@
 Before a deploy ships a migration that old code or old notifications cannot survive, the
 deployer must know that nothing written under the old schema is still waiting to be processed.
 pgpubsub answers with a ``db_version`` on each stored notification; with logical replication the
-answer is exact: read the server's WAL position once (``pg_current_wal_lsn()``: every
-transaction committed before that read ends at or before it), then wait until the slot's
-confirmed position (what its consumer acknowledged as delivered) reaches it.
+answer is exact: read the server's WAL position once (`drain_target`: every transaction
+committed before that read ends at or before it, asynchronous commits included), then wait
+until the slot's confirmed position (what its consumer acknowledged as delivered) reaches it.
 
 `DrainState` and `describe` are pure; `wait_for_drain` polls the server.
 
@@ -108,8 +108,7 @@ def wait_for_drain(
     ``report`` is called with the state every ``report_every`` seconds while waiting.
     """
     started = time.monotonic()
-    (target,) = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone() or ("0/0",)
-    target_lsn = parse_lsn(target)
+    target_lsn = drain_target(conn)
     last_report = started
     while True:
         state = _state(conn, slot, target_lsn, time.monotonic() - started)
@@ -122,6 +121,34 @@ def wait_for_drain(
             last_report = now
             report(state)
         time.sleep(min(poll, max(0.0, started + timeout - now)))
+
+
+def drain_target(conn: psycopg.Connection) -> int:
+    """A WAL position that every transaction committed so far ends at or before.
+
+    The insert position, not the write position (``pg_current_wal_lsn()``): an asynchronous
+    commit (``synchronous_commit = off``) returns before its commit record is written, and a
+    gate reading the write position opened with such changes undelivered. At the start of a
+    page the insert position lies past the page header no record has filled yet; the last
+    record ended at the page boundary, which is then the target (the WAL written, and a
+    caught-up consumer's confirmation, go no further until the next record)."""
+    insert, block, segment = conn.execute(
+        "SELECT pg_current_wal_insert_lsn()::text, current_setting('wal_block_size')::int,"
+        " pg_size_bytes(current_setting('wal_segment_size'))"
+    ).fetchone() or ("0/0", 8192, 16 << 20)
+    return without_page_header(parse_lsn(insert), block, segment)
+
+
+def without_page_header(lsn: int, block: int, segment: int) -> int:
+    """``lsn`` less the page header it lies just past, if it does (the long header of a
+    segment's first page, 40 bytes, or a page's short one, 24)."""
+    header = LONG_PAGE_HEADER if lsn % segment == LONG_PAGE_HEADER else SHORT_PAGE_HEADER
+    return lsn - header if lsn % block == header else lsn
+
+
+SHORT_PAGE_HEADER = 24
+LONG_PAGE_HEADER = 40
+"""The sizes of a WAL page's header (``SizeOfXLogShortPHD``, ``SizeOfXLogLongPHD``)."""
 
 
 def _state(conn: psycopg.Connection, slot: str, target: int, elapsed: float) -> DrainState:

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import json
 
+import psycopg
 import pytest
 from clitools import assert_one_clear_line, run_cli, start_cli
 
-from changefeed.backends.postgres.drain import DrainState, describe, timeout_message
+from changefeed.backends.postgres.drain import (
+    DrainState,
+    describe,
+    drain_target,
+    timeout_message,
+    without_page_header,
+)
 from changefeed.backends.postgres.protocol import parse_lsn
 
 # -- pure ------------------------------------------------------------------------------------
@@ -50,6 +57,28 @@ def tasks(pg):
 def write(conn, count, start=0):
     for n in range(start, start + count):
         conn.execute("INSERT INTO tasks (title) VALUES (%s)", [f"t{n}"])
+
+
+def test_a_target_just_past_a_page_header_is_the_page_boundary():
+    block, segment = 8192, 16 << 20
+    assert without_page_header(5 * block + 24, block, segment) == 5 * block
+    assert without_page_header(3 * segment + 40, block, segment) == 3 * segment
+    for lsn in (5 * block, 5 * block + 32, 5 * block + 8000, 3 * segment + 48):
+        assert without_page_header(lsn, block, segment) == lsn
+    assert without_page_header(2 * 32768 + 24, 32768, 1 << 30) == 2 * 32768
+
+
+@pg_mark
+def test_the_target_covers_asynchronous_commits_not_written_yet(pg_dsn, tasks):
+    # synchronous_commit = off: the commit returns before the WAL holding it is written, and
+    # a gate reading only the write position opened with those changes undelivered (CI).
+    tasks.execute("SET synchronous_commit = off")
+    with psycopg.connect(pg_dsn, autocommit=True) as gate:
+        for n in range(30):
+            write(tasks, 1, n)
+            (inserted,) = tasks.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+            assert drain_target(gate) >= without_page_header(parse_lsn(inserted), 8192,
+                                                             16 << 20)
 
 
 @pg_mark
