@@ -123,6 +123,11 @@ def wait_for_drain(
         time.sleep(min(poll, max(0.0, started + timeout - now)))
 
 
+SHORT_PAGE_HEADER = 24
+LONG_PAGE_HEADER = 40
+"""The sizes of a WAL page's header (``SizeOfXLogShortPHD``, ``SizeOfXLogLongPHD``)."""
+
+
 def drain_target(conn: psycopg.Connection) -> int:
     """A WAL position that every transaction committed so far ends at or before.
 
@@ -144,11 +149,6 @@ def without_page_header(lsn: int, block: int, segment: int) -> int:
     segment's first page, 40 bytes, or a page's short one, 24)."""
     header = LONG_PAGE_HEADER if lsn % segment == LONG_PAGE_HEADER else SHORT_PAGE_HEADER
     return lsn - header if lsn % block == header else lsn
-
-
-SHORT_PAGE_HEADER = 24
-LONG_PAGE_HEADER = 40
-"""The sizes of a WAL page's header (``SizeOfXLogShortPHD``, ``SizeOfXLogLongPHD``)."""
 
 
 def _state(conn: psycopg.Connection, slot: str, target: int, elapsed: float) -> DrainState:
