@@ -27,6 +27,7 @@ from changefeed.backends.postgres.pgoutput import Commit, Truncated
 from changefeed.backends.postgres.position import PgPosition
 from changefeed.backends.postgres.protocol import (
     KEEPALIVE,
+    PG_EPOCH_OFFSET_US,
     XLOGDATA,
     XLOGDATA_HEADER_SIZE,
     keepalive,
@@ -87,8 +88,10 @@ class ReplicationStream:
         self._end = 0  # get_copy_data's result at the end of the stream
         self._closing = False  # CopyDone sent: nothing is answered any more
         self.pacing = ReadPacing()
-        self.last_commit_at: datetime | None = None
-        """The commit time of the last transaction read (the stream loop notes it)."""
+        self.sent_behind: float | None = None
+        """How many seconds after its commit the walsender sent the last Commit read, both by
+        the server's clock (`note_commit`): a backlog's long after, a live stream's at once,
+        however long its consumer then took or idled before it asked for more."""
         # `wait`'s one wait per wake-up: the socket registered once (select.select builds
         # its sets on every call).
         self._readable = select.poll()
@@ -148,10 +151,9 @@ class ReplicationStream:
 
         Once per wake-up, thousands a second on a live stream: one poll and one read of the
         socket; only a backlog also asks how much waits there (`ReadPacing`)."""
-        committed = self.last_commit_at
-        if committed is not None:
+        behind = self.sent_behind
+        if behind is not None:
             pacing = self.pacing
-            behind = time.time() - committed.timestamp()
             if pacing.reading_backlog(behind):
                 pause = pacing.pause(waiting_bytes(self.pgconn.socket), behind)
                 if pause:
@@ -199,6 +201,13 @@ class ReplicationStream:
                 wal_end = xlogdata_header(self._xlogdata)[1]
             if wal_end:
                 self.stats.lag_bytes = max(0, wal_end - end_lsn)
+
+    def note_commit(self, committed_at: datetime) -> None:
+        """The stream loop read a Commit of ``committed_at``: note how long after it the server
+        sent it (`sent_behind`, for the read pacing)."""
+        sent_at = self.sent_at
+        if sent_at:
+            self.sent_behind = (sent_at + PG_EPOCH_OFFSET_US) / 1e6 - committed_at.timestamp()
 
     @property
     def sent_at(self) -> int:

@@ -139,7 +139,7 @@ class StreamLoop:
                         last_emitted = None
                     elif event.__class__ is Commit:
                         stream.committed(last_emitted, event.end_lsn)
-                        stream.last_commit_at = event.committed_at  # how far behind (pacing)
+                        stream.note_commit(event.committed_at)  # how far behind (pacing)
                         if trace is not None:
                             trace.committed(event.committed_at, stream.sent_at)
                         if backfills.finished:

@@ -391,7 +391,10 @@ def test_a_live_stream_asks_the_socket_how_much_waits_only_while_it_reads_a_back
     pg_dsn, tasks, monkeypatch
 ):
     # Read pacing needs to know how many bytes wait in the socket (a FIONREAD) only for
-    # transactions committed long ago; a live stream's wake-up is one poll and one read.
+    # transactions the server sent long after their commit; a live stream's wake-up is one
+    # poll and one read, also when its consumer idled longer than that between reads.
+    behind = 1.5  # not the default 0.5 s: a loaded machine may take that long to send one
+    monkeypatch.setattr(ReadPacing, "BEHIND_SECONDS", behind)
     asked: list[int] = []
     waiting_bytes = stream_module.waiting_bytes
     monkeypatch.setattr(stream_module, "waiting_bytes",
@@ -402,7 +405,7 @@ def test_a_live_stream_asks_the_socket_how_much_waits_only_while_it_reads_a_back
     tasks.execute(f"DO $$ BEGIN FOR n IN 0..{backlog - 1} LOOP"  # a transaction each
                   " INSERT INTO tasks (title) VALUES ('old ' || n); COMMIT; END LOOP; END $$")
     committed = time.time()
-    while time.time() - committed < ReadPacing.BEHIND_SECONDS:  # old enough to be a backlog
+    while time.time() - committed < behind:  # old enough to be a backlog
         time.sleep(0.05)
     changes = feed.changes(timeout=60)
     for number in range(backlog):
@@ -411,6 +414,8 @@ def test_a_live_stream_asks_the_socket_how_much_waits_only_while_it_reads_a_back
         feed.ack(change.position)
     assert asked, "reading the backlog asked how much waits"
     for number in range(12):  # live: each read before the next is committed
+        if number in (4, 8):
+            time.sleep(behind + 0.5)  # the consumer idles, with a Commit read long ago
         tasks.execute("INSERT INTO tasks (title) VALUES (%s)", [f"live {number}"])
         change = next(changes)
         assert change.new["title"] == f"live {number}"

@@ -12,7 +12,7 @@ import socket
 import struct
 import time
 from collections import deque
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from types import SimpleNamespace
 
 import pytest
@@ -23,6 +23,7 @@ from changefeed.backends.postgres.ledger import AckLedger
 from changefeed.backends.postgres.pacing import ReadPacing, waiting_bytes
 from changefeed.backends.postgres.pgoutput import Begin, Commit
 from changefeed.backends.postgres.position import PgPosition
+from changefeed.backends.postgres.protocol import PG_EPOCH_OFFSET_US
 from changefeed.backends.postgres.stream import ReplicationStream
 from changefeed.change import Change, Operation
 
@@ -30,8 +31,9 @@ NOTHING = (0, None)
 END = (-2, None)
 
 
-def xlogdata(payload: bytes, start: int = 0x100, wal_end: int = 0x900) -> tuple[int, memoryview]:
-    message = b"w" + struct.pack("!QQq", start, wal_end, 0) + payload
+def xlogdata(payload: bytes, start: int = 0x100, wal_end: int = 0x900,
+             sent_at: int = 0) -> tuple[int, memoryview]:
+    message = b"w" + struct.pack("!QQq", start, wal_end, sent_at) + payload
     return len(message), memoryview(message)
 
 
@@ -249,24 +251,43 @@ def test_a_live_transaction_read_ends_the_streak_without_asking_the_socket():
     assert all(ReadPacing().reading_backlog(behind) for behind in (BEHIND, 3.0, 3600.0))
 
 
-@pytest.mark.parametrize("committed_ago, asks", [
+@pytest.mark.parametrize("sent_behind, asks", [
     (None, False), (0.0, False), (BEHIND / 2, False), (BEHIND + 1, True), (3600.0, True),
 ])
 def test_waiting_asks_how_much_the_socket_holds_only_while_reading_a_backlog(
-        monkeypatch, committed_ago, asks):
+        monkeypatch, sent_behind, asks):
     """A live stream's wake-up is one poll and one read: the pacing's ioctl only for a
     backlog (thousands of wake-ups a second otherwise pay a system call each for nothing)."""
     asked = []
     monkeypatch.setattr(stream_module, "waiting_bytes", lambda fd: asked.append(fd) or 0)
     stream = stream_of()
-    if committed_ago is not None:
-        stream.last_commit_at = datetime.now(timezone.utc) - timedelta(seconds=committed_ago)
+    stream.sent_behind = sent_behind
     for _ in range(3):
         assert stream.wait(0.0) is False  # nothing came
     assert asked == ([stream.pgconn.socket] * 3 if asks else [])
     stream.pgconn._other.send(b"x")  # the server sent something: the wait ends at once
     started = time.monotonic()
     assert stream.wait(10.0) is True and time.monotonic() - started < 5.0
+
+
+@pytest.mark.parametrize("sent_after", [0.0, 0.002, BEHIND - 0.01, BEHIND, 7.5, 86400.0])
+def test_a_commit_is_judged_by_how_long_after_it_the_server_sent_it(monkeypatch, sent_after):
+    """Whether a backlog is read: the walsender's send time of the Commit's frame against the
+    commit time, both by the server's clock. Not how long ago by ours: a live stream whose
+    consumer took its time, or idled for minutes, is still live (its reader would otherwise
+    ask the socket on every wake-up)."""
+    asked = []
+    monkeypatch.setattr(stream_module, "waiting_bytes", lambda fd: asked.append(fd) or 0)
+    committed = datetime(2026, 12, 3, 9, 30, 0, 250_000, tzinfo=timezone.utc)
+    sent_at = round((committed.timestamp() + sent_after) * 1e6) - PG_EPOCH_OFFSET_US
+    stream = stream_of(xlogdata(b"C", sent_at=sent_at))
+    stream.note_commit(committed)  # before any frame: nothing known yet
+    assert stream.sent_behind is None
+    assert take(stream, 1) == [b"C"]
+    stream.note_commit(committed)
+    assert stream.sent_behind == pytest.approx(sent_after, abs=1e-6)
+    stream.wait(0.0)
+    assert asked == ([stream.pgconn.socket] if sent_after >= BEHIND else [])
 
 
 @pytest.mark.parametrize("family", [socket.AF_UNIX, socket.AF_INET])
