@@ -179,10 +179,7 @@ class Backfills:
         window = self.window
         if window is not None and window.backfill.table == table:
             for key in tokens:
-                if key is None:
-                    window.rows.clear()
-                else:
-                    window.rows.pop(key, None)
+                window.drop(key)
         now = time.monotonic()
         recent = self.recent
         while recent and recent[0][0] < now - RECENT_SECONDS:
@@ -215,16 +212,15 @@ class Backfills:
             recent.popleft()
         for _, table, key in recent:
             if table == backfill.table:
-                if key is None:  # a truncate
-                    window.rows.clear()
-                else:
-                    window.rows.pop(key, None)
+                window.drop(key)
         self._emit(conn, window.watermark, "high")
         self.window = window
 
     def _read_chunk(self, conn: psycopg.Connection, backfill: TableBackfill) -> ChunkWindow:
+        line_format = self.line_format
         return read_chunk(conn, backfill, self.read_rows, chunk_size=self.chunk_size,
-                          chunk_bytes=self.chunk_bytes, lines=self.line_format is not None)
+                          chunk_bytes=self.chunk_bytes, lines=line_format is not None,
+                          keys_json=line_format is None or line_format[0] != "delta")
 
     def _emit(self, conn: psycopg.Connection, watermark: str, mark: str) -> None:
         content = json.dumps({"slot": self.slot, "id": watermark, "mark": mark})
@@ -262,7 +258,7 @@ class Backfills:
                    else schema_version_of(self.connection(), oid))
         table = self.tables.stream_names.get(oid, window.backfill.table)
         items: Iterable[Any]
-        if window.lines is not None and self.line_format is not None:
+        if window.lines and self.line_format is not None:
             fmt, model = self.line_format
             items, last = window_lines(window, table, version, decoder.next_position,
                                        markers=self.markers, fmt=fmt, model=model)

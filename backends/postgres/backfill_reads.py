@@ -9,7 +9,6 @@ The reads adapt to what they find: a chunk's LIMIT to the memory its rows hold
 from __future__ import annotations
 
 import uuid
-from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -26,11 +25,12 @@ from changefeed.backends.postgres.copy import CopiedChunk, CopyReader, copy_shap
 
 def read_chunk(
     conn: psycopg.Connection, backfill: TableBackfill, reader: CopyReader, *, chunk_size: int,
-    chunk_bytes: int, lines: bool = False,
+    chunk_bytes: int, lines: bool = False, keys_json: bool = True,
 ) -> ChunkWindow:
     """The next chunk of ``backfill`` as an open window (its watermark not written yet): at
     most ``chunk_size`` rows, holding about ``chunk_bytes`` of memory at most; ``lines``: a
-    table with a key is read as JSON for the direct path (`CopyParser.read_lines`)."""
+    table with a key is read as JSON for the direct path (`CopyParser.read_lines`, with its
+    keys' JSON if ``keys_json``)."""
     if backfill.estimate == 0:
         backfill.estimate = _estimate(conn, backfill.source)
     shape = copy_shape(conn, backfill.oid, backfill.table, backfill.key, backfill.source)
@@ -63,21 +63,15 @@ def read_chunk(
     else:
         query = backfill.chunk_query(sql.SQL(shape.source), shape.columns, limit,
                                      shape.cast_keys)
-        copied = reader(conn, query, shape, limit=limit, max_bytes=copy_bytes, lines=lines)
+        copied = reader(conn, query, shape, limit=limit, max_bytes=copy_bytes, lines=lines,
+                        keys_json=keys_json)
         _measured(backfill, copied)
         got, ended, last = copied.rows, copied.ended, copied.last_key
         last_key = last if len(got) else backfill.after
         complete = ended and len(got) < size
         storage = None
-        if copied.by_token is not None:  # the direct path's: rows as JSON, by token
-            return ChunkWindow(backfill, watermark, copied.by_token, last_key,
-                               complete=complete, lines=got, version=shape.schema_version)
-    rows: dict[Any, list[dict[str, Any]]] = {}
-    token = backfill.token
-    for row in got:
-        rows.setdefault(token(row), []).append(row)
-    return ChunkWindow(backfill, watermark, rows, last_key, complete=complete,
-                       storage=storage, version=shape.schema_version)
+    return ChunkWindow(backfill, watermark, got, last_key, complete=complete, storage=storage,
+                       version=shape.schema_version, lines=copied.lines)
 
 
 def _measured(backfill: TableBackfill, copied: CopiedChunk) -> None:

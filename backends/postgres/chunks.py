@@ -240,12 +240,14 @@ def pages_for(rows_per_page: float, chunk_size: int) -> int:
 
 @dataclass
 class ChunkWindow:
-    """One chunk between its watermarks: rows by key token, minus the keys the stream changed
-    (a list per token: rows without key may repeat)."""
+    """One chunk between its watermarks: its rows in the order read, minus the rows whose key
+    the stream changed inside the window (`drop`)."""
 
     backfill: TableBackfill
     watermark: str
-    rows: dict[Any, list[dict[str, Any]]]
+    rows: Any
+    """The rows read: a list of row dicts, or for the direct path (``lines``) a compiled
+    `CopiedLines` of their JSON."""
     last_key: list[str] | None
     complete: bool
     """The chunk was the table's last: the table is done after it."""
@@ -253,15 +255,56 @@ class ChunkWindow:
     """Read by ctid: the relfilenode of the leaf it was read from."""
     version: str | None = None
     """The table's schema version when the chunk was read (None: not known)."""
-    lines: Any = None
-    """For the direct path: the rows as JSON (a compiled `CopiedLines`), ``rows`` holding
-    their indexes in it (an index per token, a list where one repeats; see `window_lines`)."""
+    lines: bool = False
+    """Whether ``rows`` are the direct path's JSON (see `window_lines`)."""
+    dropped: set[int] = field(default_factory=set)
+    """The indexes of the rows taken out."""
+    cleared: bool = False
+    """A truncate inside the window: every row is taken out."""
+    _by_token: dict[Any, list[int]] | None = field(default=None, repr=False)
+
+    def drop(self, token: Any) -> None:
+        """The stream changed the key of ``token`` (None: a truncate, every key) inside the
+        window: the rows of that key are stale. The rows' index by token is made at the first
+        change that comes (most windows see none)."""
+        if token is None:
+            self.cleared = True
+            return
+        if self.cleared:
+            return
+        by_token = self._by_token
+        if by_token is None:
+            by_token = self._by_token = self._indexed()
+        found = by_token.pop(token, None)
+        if found is not None:
+            self.dropped.update(found)
+
+    def _indexed(self) -> dict[Any, list[int]]:
+        """The rows' indexes by key token (a list: rows without key may repeat)."""
+        rows = self.rows
+        tokens = (rows.tokens(0, len(rows)) if self.lines
+                  else map(self.backfill.token, rows))
+        by_token: dict[Any, list[int]] = {}
+        for index, token in enumerate(tokens):
+            found = by_token.get(token)
+            if found is None:
+                by_token[token] = [index]
+            else:
+                found.append(index)
+        return by_token
+
+    def kept(self) -> Sequence[int]:
+        """The indexes of the rows not taken out, in the order read."""
+        if self.cleared:
+            return range(0)
+        if not self.dropped:
+            return range(len(self.rows))
+        dropped = self.dropped
+        return [index for index in range(len(self.rows)) if index not in dropped]
 
     @property
     def count(self) -> int:
-        if self.lines is not None:  # an index per token, a list where one repeats
-            return int(self.lines.rows_in(self.rows.values()))
-        return sum(map(len, self.rows.values()))
+        return 0 if self.cleared else len(self.rows) - len(self.dropped)
 
 
 @dataclass
@@ -304,7 +347,8 @@ def window_changes(
     if markers and not backfill.announced:
         out.append(SnapshotState(table, "started", next_position()))
     backfill.announced = True
-    rows = [row for group in window.rows.values() for row in group]
+    every = window.rows
+    rows = [every[index] for index in window.kept()]
     positions = [next_position() for _ in rows]
     if markers and window.complete:
         positions.append(next_position())
@@ -353,11 +397,11 @@ def _window_items(
     if started is not None:
         yield started
     if first is not None:
-        groups = list(window.rows.values())
+        kept = window.kept()
         index = first.index
-        for start in range(0, len(groups), batch):
-            lines = window.lines.lines(groups[start:start + batch], fmt, model, table, version,
-                                       first.lsn, index)
+        for start in range(0, len(kept), batch):
+            lines = window.rows.lines(kept[start:start + batch], fmt, model, table, version,
+                                      first.lsn, index)
             index += lines.count
             yield lines
     if done is not None:

@@ -166,16 +166,16 @@ def held_per_row(chunk: Any) -> float:
     count = len(rows)
     if not count:
         return 0.0
-    token_cost = _ENTRY + _SLOT
-    if chunk.by_token is not None:  # the direct path: JSON in one buffer
-        token = next(iter(chunk.by_token), None)
-        if token is not None:
-            token_cost += _deep_size(token)
-        return (rows.held_bytes() + sys.getsizeof(chunk.by_token)) / count + token_cost
+    # The window's index by key token, made if the stream changes a key inside it: an entry,
+    # a list of one index and the token (a tuple of values).
+    index_cost = _ENTRY + 64 + _SLOT
+    if chunk.lines:  # the direct path: JSON in one buffer
+        token = rows.tokens(0, 1)[0]
+        return rows.held_bytes() / count + index_cost + _deep_size(token)
     step = max(1, count // 8)
     sample = rows[::step]
     size = sum(_deep_size(row) for row in sample) / len(sample)
-    return size + 2 * _SLOT + token_cost + 64  # the list of rows, a token's tuple of values
+    return size + _SLOT + index_cost + 64  # the list of rows, a token's tuple of values
 
 
 def _deep_size(value: Any) -> int:
@@ -189,16 +189,15 @@ def _deep_size(value: Any) -> int:
 
 
 class CopiedChunk(NamedTuple):
-    """A chunk read: its rows (dicts of the stream's columns; for the direct path, a compiled
-    `CopiedLines`), whether the query had no more rows, the size of a row's COPY text as
-    measured, the last row's key as text (`KeyReader`), and for the direct path the rows' indexes
-    by key token."""
+    """A chunk read: its rows (dicts of the stream's columns; for the direct path, ``lines``,
+    a compiled `CopiedLines`), whether the query had no more rows, the size of a row's COPY
+    text as measured, the last row's key as text (`KeyReader`)."""
 
     rows: Any
     ended: bool
     row_size: float
     last_key: Any
-    by_token: dict[Any, list[int]] | None = None
+    lines: bool = False
 
     @property
     def held_size(self) -> float:
@@ -235,11 +234,12 @@ class CopyReader:
 
     def __call__(
         self, conn: psycopg.Connection, query: sql.Composable, shape: CopyShape, *, limit: int,
-        max_bytes: int, lines: bool = False,
+        max_bytes: int, lines: bool = False, keys_json: bool = True,
     ) -> CopiedChunk:
         """The rows of ``query`` (which ends in ``LIMIT limit``), fewer once they hold about
         ``max_bytes`` of text. ``conn``: an autocommit connection, idle. ``lines``: as JSON
-        for the direct path (compiled only, tables with a key: `CopyParser.read_lines`)."""
+        for the direct path (compiled only, tables with a key: `CopyParser.read_lines`; the
+        keys' JSON too if ``keys_json``)."""
         check()
         parser = self.parser(conn, shape)
         pgconn = conn.pgconn
@@ -252,11 +252,10 @@ class CopyReader:
                 raise psycopg.OperationalError(pgconn.get_error_message().decode(errors="replace"))
             raise error_from_result(result, encoding=conn.info.encoding)
         finished = False
-        by_token = None
         try:
             if lines:
-                rows, by_token, last_key, nbytes, finished = parser.read_lines(
-                    pgconn, limit, max_bytes)
+                rows, last_key, nbytes, finished = parser.read_lines(
+                    pgconn, limit, max_bytes, keys_json)
             else:
                 rows, last_key, nbytes, finished = parser.read(pgconn, limit, max_bytes)
         finally:
@@ -268,7 +267,7 @@ class CopyReader:
         _finish(pgconn, conn)
         ended = finished and len(rows) < limit
         return CopiedChunk(rows, ended, max(1.0, nbytes / len(rows)) if len(rows) else 0.0,
-                           parser.key(last_key), by_token)
+                           parser.key(last_key), lines)
 
 
 # Waiting for the server in select(), never inside libpq, which would hold the GIL: another

@@ -109,13 +109,14 @@ cdef class CopyParser:
         nbytes, finished = self.read_rows(pgconn, limit, max_bytes, rows, None)
         return rows, self.key_bytes(), nbytes, finished
 
-    def read_lines(self, pgconn, Py_ssize_t limit, Py_ssize_t max_bytes):
-        """The direct path's `read`: the rows as JSON (`CopiedLines`), not dicts, and the rows'
-        indexes by key token (as `ChunkWindow.rows` holds rows): (lines, rows by token, the last
-        line, the bytes read, whether the COPY ended). Only for tables with a key."""
-        cdef CopiedLines lines = CopiedLines()
+    def read_lines(self, pgconn, Py_ssize_t limit, Py_ssize_t max_bytes, bint keys_json=True):
+        """The direct path's `read`: the rows as JSON (`CopiedLines`), not dicts; their keys'
+        JSON only if ``keys_json`` (the change format's lines need it, the delta format's do
+        not): (lines, the last line, the bytes read, whether the COPY ended). Only for tables
+        with a key."""
+        cdef CopiedLines lines = CopiedLines.__new__(CopiedLines, self.plan, keys_json)
         nbytes, finished = self.read_rows(pgconn, limit, max_bytes, None, lines)
-        return lines, lines.by_token, self.key_bytes(), nbytes, finished
+        return lines, self.key_bytes(), nbytes, finished
 
     cdef tuple read_rows(self, pgconn, Py_ssize_t limit, Py_ssize_t max_bytes, list rows,
                          CopiedLines lines):
@@ -182,15 +183,14 @@ cdef class CopyParser:
             return None
         return PyBytes_FromStringAndSize(self.last_key, self.last_key_size)
 
-    def lines_of(self, lines):
-        """`read_lines` of COPY lines at hand (for tests): (lines, rows by token, the last
-        line)."""
-        cdef CopiedLines copied = CopiedLines()
+    def lines_of(self, lines, bint keys_json=True):
+        """`read_lines` of COPY lines at hand (for tests): (lines, the last line)."""
+        cdef CopiedLines copied = CopiedLines.__new__(CopiedLines, self.plan, keys_json)
         self.any_row = False
         for line in lines:
             line = bytes(line)
             self.parse_line(PyBytes_AS_STRING(line), PyBytes_GET_SIZE(line), copied)
-        return copied, copied.by_token, self.key_bytes()
+        return copied, self.key_bytes()
 
     cdef const char* take_key(self, const char* p, const char* end) except NULL:
         """Keep the row's line (`last_key`: its key's text, taken once the chunk is read);
@@ -252,10 +252,10 @@ cdef class CopyParser:
         return row
 
     cdef int parse_line(self, const char* p, Py_ssize_t n, CopiedLines lines) except -1:
-        """One COPY text row as JSON: the row's and its key's (as the encoders write the dicts
-        `parse_row` makes), and its key token (`chunks.key_token` of the key values)."""
+        """One COPY text row as JSON (as the encoders write the dict `parse_row` makes), and
+        its key's text (its token is made only if a window needs it: `CopiedLines.tokens`)."""
         cdef RelationPlan plan = self.plan
-        cdef Py_ssize_t i, k, length, used = 0, count = plan.count
+        cdef Py_ssize_t i, length, used = 0, count = plan.count
         cdef char* text = self.room(n + 1)  # every value, unescaped, one after the other
         if n and p[n - 1] == b"\n":
             n -= 1
@@ -282,61 +282,43 @@ cdef class CopyParser:
             used += length
         if field_end != end:
             raise copy_width_error(plan, line, n, self.leading)
-        # The key's token: the tuple of its values when they are their own tokens (ints,
-        # texts, ...), else what `key_token` makes of them.
-        token = PyTuple_New(plan.key_count)
-        cdef bint plain = True
-        for k in range(plan.key_count):
-            i = plan.key_indexes[k]
-            value = None
-            if plan.starts[i] >= 0:
-                value = DECLINE
-                if plan.kinds[i] != KIND_PYTHON:
-                    value = load_value(plan.kinds[i], text + plan.starts[i], plan.lengths[i])
-                if value is DECLINE:
-                    value = plan.python_value(i, text + plan.starts[i], plan.lengths[i])
-                cls = type(value)
-                if not (cls is int or cls is str or cls is bytes or cls is bool):
-                    plain = False
-            Py_INCREF(value)
-            PyTuple_SET_ITEM(token, k, value)
-        if plain:
-            # Values that hold no reference: the collector has nothing to find in it (as it
-            # finds itself, later); left tracked, a chunk's tokens went through full collections.
-            PyObject_GC_UnTrack(token)
-        else:
-            token = lines.key_token(token)
-        lines.add_row(plan, <const unsigned char*>text, token)
+        lines.add_row(plan, <const unsigned char*>text)
         return 0
 
 
 cdef extern from "Python.h":
     object PyTuple_New(Py_ssize_t size)
     void PyTuple_SET_ITEM(object p, Py_ssize_t pos, object o)
-    void PyObject_GC_UnTrack(object o)
 
 
 cdef struct RowSpan:
     Py_ssize_t start  # the row's JSON in the buffer
-    Py_ssize_t key  # its key's JSON (up to the next row's start)
+    Py_ssize_t key  # its key's JSON (up to the next row's start; empty without keys' JSON)
+    Py_ssize_t key_text  # its key values' text in `keys`
 
 
 @cython.final
 cdef class CopiedLines:
-    """A chunk's rows as JSON, for the direct path (`CopyParser.read_lines`): each row and its
-    key as `JsonWriter.row` writes their dicts; made into a `Lines` batch of their delta or
-    change lines once the chunk's window closes (`lines`)."""
+    """A chunk's rows as JSON, for the direct path (`CopyParser.read_lines`): each row (and
+    its key, for the change format) as `JsonWriter.row` writes their dicts, and its key
+    values' text; made into `Lines` batches of their delta or change lines once the chunk's
+    window closes (`lines`). The key tokens are made only when asked (`tokens`): most windows
+    see no change of the stream, and need none."""
 
     cdef JsonWriter out
+    cdef JsonWriter keys  # per row and key column: its text's length (int32, -1: NULL), text
     cdef RowSpan* spans
     cdef Py_ssize_t count, capacity
-    cdef readonly dict by_token
-    """Row indexes by key token."""
+    cdef RelationPlan plan
+    cdef readonly bint keys_json
+    """Whether the rows' keys were written as JSON (the change format's lines need them)."""
     cdef object key_token
 
-    def __cinit__(self):
+    def __cinit__(self, RelationPlan plan, bint keys_json):
         self.out = JsonWriter()
-        self.by_token = {}
+        self.keys = JsonWriter()
+        self.plan = plan
+        self.keys_json = keys_json
         from changefeed.backends.postgres.chunks import key_token
 
         self.key_token = key_token
@@ -347,8 +329,10 @@ cdef class CopiedLines:
     def __len__(self):
         return self.count
 
-    cdef int add_row(self, RelationPlan plan, const unsigned char* text, object token) except -1:
+    cdef int add_row(self, RelationPlan plan, const unsigned char* text) except -1:
         cdef RowSpan* grown
+        cdef Py_ssize_t k, i
+        cdef int32_t length
         if self.count == self.capacity:
             self.capacity = self.capacity * 2 if self.capacity else 1024
             grown = <RowSpan*>PyMem_Realloc(self.spans, self.capacity * sizeof(RowSpan))
@@ -358,82 +342,116 @@ cdef class CopiedLines:
         self.spans[self.count].start = self.out.length
         plan.write_row(self.out, text, False)
         self.spans[self.count].key = self.out.length
-        plan.write_row(self.out, text, True)
-        # One index per token (a key is unique in a table), a list only where a token repeats:
-        # no container per row for the collector to go through.
-        found = PyDict_GetItem(self.by_token, token)
-        if found is NULL:
-            PyDict_SetItem(self.by_token, token, self.count)
-        elif type(<object>found) is list:
-            (<list>found).append(self.count)
-        else:
-            PyDict_SetItem(self.by_token, token, [<object>found, self.count])
+        if self.keys_json:
+            plan.write_row(self.out, text, True)
+        self.spans[self.count].key_text = self.keys.length
+        for k in range(plan.key_count):
+            i = plan.key_indexes[k]
+            length = -1 if plan.starts[i] < 0 else <int32_t>plan.lengths[i]
+            self.keys.raw(<const char*>&length, 4)
+            if length > 0:
+                self.keys.raw(<const char*>text + plan.starts[i], length)
         self.count += 1
         return 0
 
-    def held_bytes(self):
-        """The bytes its rows' JSON and spans hold (allocated; `by_token` and the tokens are
-        counted by the caller)."""
-        return self.out.capacity + self.capacity * <Py_ssize_t>sizeof(RowSpan)
+    def tokens(self, Py_ssize_t start, Py_ssize_t stop):
+        """The key tokens of rows ``start`` to ``stop`` (`chunks.key_token` of their key
+        values, loaded as `CopyParser.parse_row` loads them)."""
+        cdef RelationPlan plan = self.plan
+        cdef Py_ssize_t r, k, i, at
+        cdef int32_t length
+        cdef const char* text
+        cdef bint plain
+        tokens = []
+        for r in range(max(start, 0), min(stop, self.count)):
+            at = self.spans[r].key_text
+            token = PyTuple_New(plan.key_count)
+            plain = True
+            for k in range(plan.key_count):
+                i = plan.key_indexes[k]
+                memcpy(&length, self.keys.data + at, 4)
+                at += 4
+                value = None
+                if length >= 0:
+                    text = self.keys.data + at
+                    at += length
+                    value = DECLINE
+                    if plan.kinds[i] != KIND_PYTHON:
+                        value = load_value(plan.kinds[i], text, length)
+                    if value is DECLINE:
+                        value = plan.python_value(i, text, length)
+                    cls = type(value)
+                    if not (cls is int or cls is str or cls is bytes or cls is bool):
+                        plain = False
+                Py_INCREF(value)
+                PyTuple_SET_ITEM(token, k, value)
+            tokens.append(token if plain else self.key_token(token))
+        return tokens
 
-    def rows_in(self, groups):
-        """How many rows ``groups`` (values of `by_token`, or some of them) hold."""
-        cdef Py_ssize_t total = 0
-        for group in groups:
-            total += len(<list>group) if type(group) is list else 1
-        return total
+    def held_bytes(self):
+        """The bytes its rows' JSON, key texts and spans hold (allocated)."""
+        return (self.out.capacity + self.keys.capacity
+                + self.capacity * <Py_ssize_t>sizeof(RowSpan))
 
     cdef inline Py_ssize_t end_of(self, Py_ssize_t i):
         return self.spans[i + 1].start if i + 1 < self.count else self.out.length
 
-    def lines(self, groups, fmt, model, table, schema_version, lsn, first_index):
-        """The ``fmt`` lines (``"delta"``, with ``model``, or ``"change"``) of the rows of
-        ``groups`` (values of `by_token`: an index, or a list of them) as snapshot inserts into ``table``, at positions ``first_index`` on of the
-        transaction at ``lsn``: what the format's encoder writes of the `Change` objects
-        `chunks.window_changes` makes."""
+    def lines(self, indexes, fmt, model, table, schema_version, lsn, first_index):
+        """The ``fmt`` lines (``"delta"``, with ``model``, or ``"change"``) of rows
+        ``indexes`` (a range, or ints in order) as snapshot inserts into ``table``, at
+        positions ``first_index`` on of the transaction at ``lsn``: what the format's encoder
+        writes of the `Change` objects `chunks.window_changes` makes."""
         cdef JsonWriter out = JsonWriter()
         cdef Lines lines = new_lines(lsn, None)
-        cdef Py_ssize_t i
+        cdef Py_ssize_t i, first, last, step
         cdef uint64_t index = first_index
-        cdef RowSpan span
         cdef bint delta = fmt == "delta"
         cdef bytes start, end
         if delta:
             start = (<DeltaEncoder>DeltaEncoder(model)).start(table)[0]
             end = b"}\n"
         elif fmt == "change":
+            if not self.keys_json:
+                raise ValueError("change lines need the keys' JSON (read with keys_json)")
             start = b'{"operation":"insert","table":' + python_dumps(table) + b',"key":'
             end = (b',"schema_version":' + python_dumps(schema_version)
                    if schema_version is not None else b"") + b"}\n"
         else:
             raise ValueError(f"no direct path for {fmt!r} lines: use delta or change")
-        indexes = []
-        for group in groups:
-            if type(group) is list:
-                indexes.extend(<list>group)
-            else:
-                indexes.append(group)
-        for i in indexes:
-            if i < 0 or i >= self.count:
-                raise IndexError(i)
-            span = self.spans[i]
-            out.bytes_(start)
-            if delta:
-                out.raw(self.out.data + span.start, span.key - span.start)
-            else:
-                out.raw(self.out.data + span.key, self.end_of(i) - span.key)
-                out.raw(b',"new":', 7)
-                out.raw(self.out.data + span.start, span.key - span.start)
-                out.raw(b',"old":null,"position":', 23)
-                out.position(lsn, index)
-                out.raw(b',"committed_at":null,"transaction":null,"snapshot":true', 55)
-            out.bytes_(end)
-            lines.add(out.length, index)
-            index += 1
+        if type(indexes) is range and (<object>indexes).step == 1:
+            first, last = (<object>indexes).start, (<object>indexes).stop
+            if first < last and (first < 0 or last > self.count):
+                raise IndexError(indexes)
+            for i in range(first, last):
+                self.add_line(out, lines, i, delta, start, end, lsn, index)
+                index += 1
+        else:
+            for item in indexes:
+                i = item
+                if i < 0 or i >= self.count:
+                    raise IndexError(i)
+                self.add_line(out, lines, i, delta, start, end, lsn, index)
+                index += 1
         if lines.count:
             lines.any_seen, lines.seen_index = True, index - 1
         out.hand_over(lines)
         return lines
+
+    cdef inline int add_line(self, JsonWriter out, Lines lines, Py_ssize_t i, bint delta,
+                             bytes start, bytes end, lsn, uint64_t index) except -1:
+        cdef RowSpan span = self.spans[i]
+        out.bytes_(start)
+        if delta:
+            out.raw(self.out.data + span.start, span.key - span.start)
+        else:
+            out.raw(self.out.data + span.key, self.end_of(i) - span.key)
+            out.raw(b',"new":', 7)
+            out.raw(self.out.data + span.start, span.key - span.start)
+            out.raw(b',"old":null,"position":', 23)
+            out.position(lsn, index)
+            out.raw(b',"committed_at":null,"transaction":null,"snapshot":true', 55)
+        out.bytes_(end)
+        return lines.add(out.length, index)
 
 
 cdef object select_function = None

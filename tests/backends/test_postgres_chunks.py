@@ -44,8 +44,12 @@ def backfill(oid: int = 10, table: str = "public.t", key: tuple[str, ...] = ("id
     return TableBackfill(oid, table, list(key), ["integer"] * len(key))
 
 
-def window(rows: dict, *, complete: bool, of: TableBackfill | None = None, mark: str = "w1"):
+def window(rows: list, *, complete: bool, of: TableBackfill | None = None, mark: str = "w1"):
     return ChunkWindow(of or backfill(), mark, rows, ["9"], complete=complete)
+
+
+def kept_rows(window: ChunkWindow) -> list:
+    return [window.rows[index] for index in window.kept()]
 
 
 @pytest.mark.parametrize("markers", [False, True])
@@ -53,13 +57,13 @@ def window(rows: dict, *, complete: bool, of: TableBackfill | None = None, mark:
 def test_a_closed_window_s_rows_come_out_positioned_in_the_watermark_s_transaction(
     markers, complete
 ):
-    rows = {(1,): [{"id": 1, "v": "a"}], (2,): [{"id": 2, "v": "b"}]}
+    rows = [{"id": 1, "v": "a"}, {"id": 2, "v": "b"}]
     positions = TransactionPositions(0x500)
     positions.count = 3  # the watermark's transaction had three changes before it
     closed = window(rows, complete=complete)
     out, last = window_changes(closed, "app.t", "v1", positions.take, markers=markers)
     changes = [item for item in out if isinstance(item, Change)]
-    assert [c.new for c in changes] == [group[0] for group in rows.values()]
+    assert [c.new for c in changes] == rows
     assert all(c.snapshot and c.operation == Operation.INSERT and c.schema_version == "v1"
                and c.table == "app.t" for c in changes)
     assert [c.key for c in changes] == [{"id": 1}, {"id": 2}]
@@ -67,13 +71,13 @@ def test_a_closed_window_s_rows_come_out_positioned_in_the_watermark_s_transacti
     assert states == ([("started", "app.t")] + [("done", "app.t")] * complete if markers else [])
     assert [item.position.index for item in out] == list(range(3, 3 + len(out)))
     assert last == out[-1].position and closed.backfill.announced
-    again, _ = window_changes(window({}, complete=False, of=closed.backfill), "app.t", "v1",
+    again, _ = window_changes(window([], complete=False, of=closed.backfill), "app.t", "v1",
                               positions.take, markers=markers)
     assert again == []  # "started" is said once
 
 
 def test_a_window_left_with_no_row_gives_no_change_and_no_position():
-    out, last = window_changes(window({}, complete=False), "t", None,
+    out, last = window_changes(window([], complete=False), "t", None,
                                TransactionPositions(1).take, markers=False)
     assert (out, last) == ([], None)
 
@@ -220,7 +224,7 @@ def test_backfills_from_watermark_to_the_recorded_chunk():
     table = backfill(table="public.t10")
     backfills.start(table)
     assert backfills.due and backfills.observer == backfills.observe
-    backfills.window = window({(1,): [{"id": 1}], (2,): [{"id": 2}]}, complete=False, of=table)
+    backfills.window = window([{"id": 1}, {"id": 2}], complete=False, of=table)
     assert not backfills.due
     backfills.observe(Change(Operation.UPDATE, "public.t10", {"id": 2}, {"id": 2}, {"id": 2}))
     assert backfills.on_message(watermark("other"), decoder()) == []  # a lost window's
@@ -243,7 +247,7 @@ def test_a_chunk_without_rows_is_recorded_once_the_slot_passes_its_watermark():
     backfills = backfills_of(watched(10), saved.append)
     table = backfill(table="public.t10")
     backfills.start(table)
-    backfills.window = window({}, complete=True, of=table)
+    backfills.window = window([], complete=True, of=table)
     assert backfills.on_message(watermark("w1"), decoder()) == []
     assert not backfills.queue and backfills.observer is None
     ledger = AckLedger()
@@ -259,7 +263,7 @@ def test_a_reconnect_loses_the_open_window_and_unrecorded_chunks():
     backfills = backfills_of(watched(10))
     table = backfill(table="public.t10")
     backfills.start(table)
-    backfills.window = window({(1,): [{"id": 1}]}, complete=True, of=table)
+    backfills.window = window([{"id": 1}], complete=True, of=table)
     backfills.on_message(watermark("w1"), decoder())
     assert not backfills.queue
     backfills.reset()
@@ -285,7 +289,7 @@ def test_a_chunk_acknowledged_after_the_next_was_handed_out_records_its_own_last
     backfills.start(table)
     firsts = []
     for mark, last, lsn in (("w1", ["2"], 0x500), ("w2", ["4"], 0x600)):  # none acked
-        backfills.window = ChunkWindow(table, mark, {(1,): [{"id": 1}]}, last, complete=False)
+        backfills.window = ChunkWindow(table, mark, [{"id": 1}], last, complete=False)
         out = backfills.on_message(watermark(mark), decoder(lsn))
         backfills.committed(lsn + 8)
         firsts.append(out[-1].position)
@@ -368,14 +372,14 @@ def test_a_change_of_a_table_being_back_filled_takes_its_key_out_of_the_window()
     backfills = backfills_of(watched(10, 11))
     table = backfill(table="public.t10")
     backfills.start(table)
-    backfills.window = window({(1,): [{"id": 1}], (2,): [{"id": 2}], (3,): [{"id": 3}],
-                               (4,): [{"id": 4}]}, complete=False, of=table)
+    backfills.window = window([{"id": 1}, {"id": 2}, {"id": 3}, {"id": 4}], complete=False,
+                              of=table)
     backfills.observe(Change(Operation.UPDATE, "public.t10", {"id": 2}, {"id": 2}, {"id": 2}))
     # A key changed: the old key's row is stale too.
     backfills.observe(Change(Operation.UPDATE, "public.t10", {"id": 9}, {"id": 3}, {"id": 9}))
     backfills.observe(Change(Operation.DELETE, "public.t10", None, {"id": 4}, {"id": 4}))
     backfills.observe(Change(Operation.INSERT, "public.t11", {"id": 1}, None, {"id": 1}))
-    assert list(backfills.window.rows) == [(1,)]
+    assert kept_rows(backfills.window) == [{"id": 1}] and backfills.window.count == 1
     assert [(table, key) for _, table, key in backfills.recent] == [
         ("public.t10", key) for key in ((2,), (2,), (9,), (3,), (4,), (4,))]
 
@@ -386,9 +390,9 @@ def test_a_renamed_table_s_back_fill_goes_on_under_its_new_name():
     backfills.start(table)
     backfills.renamed(10, "app.t10")
     assert table.table == "app.t10" and backfills.observer is not None
-    backfills.window = window({(1,): [{"id": 1}]}, complete=False, of=table)
+    backfills.window = window([{"id": 1}], complete=False, of=table)
     backfills.observe(Change(Operation.DELETE, "app.t10", None, {"id": 1}, {"id": 1}))
-    assert backfills.window.rows == {}
+    assert kept_rows(backfills.window) == [] and backfills.window.count == 0
 
 
 def test_starting_a_back_fill_again_replaces_the_one_queued():
@@ -406,7 +410,7 @@ def test_a_partition_s_back_fill_is_forgotten_once_done():
     partition = TableBackfill(10, "public.t10", ["id"], ["integer"], source=12, markers=False)
     backfills.start(partition)
     assert backfills.states == {"12": {"after": None, "done": 0, "chunks": 0, "root": 10}}
-    backfills.window = ChunkWindow(partition, "w1", {(1,): [{"id": 1}]}, ["1"], complete=True)
+    backfills.window = ChunkWindow(partition, "w1", [{"id": 1}], ["1"], complete=True)
     out = backfills.on_message(watermark("w1"), decoder())
     assert [type(item).__name__ for item in out] == ["Change"]  # no markers for a partition
     backfills.committed(0x508)
@@ -444,7 +448,7 @@ def test_a_table_whose_last_chunk_is_out_is_no_longer_watched_and_the_others_are
     first, second = backfill(10, "public.t10"), backfill(11, "public.t11")
     backfills.start(first)
     backfills.start(second)
-    backfills.window = ChunkWindow(first, "w1", {(1,): [{"id": 1}]}, ["1"], complete=True)
+    backfills.window = ChunkWindow(first, "w1", [{"id": 1}], ["1"], complete=True)
     out = backfills.on_message(watermark("w1"), decoder())
     assert [(c.table, c.new, c.schema_version) for c in out] == [("public.t10", {"id": 1}, "v1")]
     backfills.observe(Change(Operation.INSERT, "public.t10", {"id": 7}, None, {"id": 7}))
