@@ -261,7 +261,7 @@ class ChunkWindow:
     """The indexes of the rows taken out."""
     cleared: bool = False
     """A truncate inside the window: every row is taken out."""
-    _by_token: dict[Any, list[int]] | None = field(default=None, repr=False)
+    _by_token: dict[Any, Any] | None = field(default=None, repr=False)
 
     def drop(self, token: Any) -> None:
         """The stream changed the key of ``token`` (None: a truncate, every key) inside the
@@ -276,21 +276,26 @@ class ChunkWindow:
         if by_token is None:
             by_token = self._by_token = self._indexed()
         found = by_token.pop(token, None)
-        if found is not None:
+        if found.__class__ is list:
             self.dropped.update(found)
+        elif found is not None:
+            self.dropped.add(found)
 
-    def _indexed(self) -> dict[Any, list[int]]:
-        """The rows' indexes by key token (a list: rows without key may repeat)."""
+    def _indexed(self) -> dict[Any, Any]:
+        """The rows' indexes by key token: an index, a list where a token repeats (rows
+        without key, a key given by the user)."""
         rows = self.rows
         tokens = (rows.tokens(0, len(rows)) if self.lines
                   else map(self.backfill.token, rows))
-        by_token: dict[Any, list[int]] = {}
+        by_token: dict[Any, Any] = {}
         for index, token in enumerate(tokens):
-            found = by_token.get(token)
-            if found is None:
-                by_token[token] = [index]
-            else:
+            found = by_token.setdefault(token, index)
+            if found is index:
+                continue
+            if found.__class__ is list:
                 found.append(index)
+            else:
+                by_token[token] = [found, index]
         return by_token
 
     def kept(self) -> Sequence[int]:

@@ -166,9 +166,9 @@ def held_per_row(chunk: Any) -> float:
     count = len(rows)
     if not count:
         return 0.0
-    # The window's index by key token, made if the stream changes a key inside it: an entry,
-    # a list of one index and the token (a tuple of values).
-    index_cost = _ENTRY + 64 + _SLOT
+    # The window's index by key token, made if the stream changes a key inside it: an entry
+    # (the row's index: a small int, shared) and the token (a tuple of values).
+    index_cost = _ENTRY + _SLOT
     if chunk.lines:  # the direct path: JSON in one buffer
         token = rows.tokens(0, 1)[0]
         return rows.held_bytes() / count + index_cost + _deep_size(token)
