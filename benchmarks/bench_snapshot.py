@@ -8,9 +8,11 @@ reading the table in key order, in chunks. changefeed reads those chunks between
 (see `changefeed.backends.postgres.backfill`) through COPY and writes JSON lines to /dev/null.
 All run as child processes, timed from start to exit, in alternating order; the best and the
 median rounds are compared. The peak RSS of changefeed shows that a snapshot holds one chunk,
-not the table.
+not the table. ``--reference`` runs another checkout's changefeed (its venv's python, e.g.
+main's) in the same rounds, to compare two versions under the same load.
 
     .venv/bin/python benchmarks/bench_snapshot.py [--rows 1000000] [--rounds 3]
+        [--reference ../main/.venv/bin/python]
 """
 
 from __future__ import annotations
@@ -47,10 +49,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--chunk-size", type=int, default=None,
                         help="rows per chunk (default: the feed's, by the memory budget)")
+    parser.add_argument("--reference", metavar="PYTHON", default=None,
+                        help="another checkout's venv python: its changefeed runs as well")
     args = parser.parse_args()
     os.chdir(Path(__file__).resolve().parent.parent)
-    for package in ("changefeed", "backends", "pipelines"):
-        compileall.compile_dir(package, quiet=1)
+    roots = [Path.cwd()]
+    if args.reference:
+        roots.append(Path(args.reference).absolute().parent.parent.parent)
+    for root in roots:
+        for package in ("changefeed", "backends", "pipelines"):
+            compileall.compile_dir(str(root / package), quiet=1)
     psql = shutil.which("psql") or str(find_pg_bindir() / "psql")
     with TemporaryPostgres() as server:
         dsn = server.dsn()
@@ -66,9 +74,11 @@ def main() -> None:
             chunks.write_text(chunk_script(conn, args.rows, size))
         print(f"table: {args.rows:,} rows, chunks of {size:,} rows"
               f" ({'--chunk-size' if args.chunk_size else 'by the feed memory budget'})")
-        kinds = ("copy", "chunks", "changefeed")
+        kinds: tuple[str, ...] = ("copy", "chunks", "changefeed")
+        if args.reference:
+            kinds += ("reference",)
         results: dict[str, list[float]] = {kind: [] for kind in kinds}
-        peaks = []
+        peaks: dict[str, list[int]] = {"changefeed": [], "reference": []}
         for number in range(args.rounds):
             order = kinds if number % 2 == 0 else kinds[::-1]
             for kind in order:
@@ -77,15 +87,17 @@ def main() -> None:
                 elif kind == "chunks":
                     argv = [psql, "-d", dsn, "-q", "-f", str(chunks)]
                 else:
-                    argv = [sys.executable, "-m", "changefeed", "run", "big", "--url", dsn,
-                            "--slot", f"snapshot_{number}", "--prefeed", "snapshot",
+                    # -P: the package that python's venv installs, not the one in this folder
+                    python = sys.executable if kind == "changefeed" else args.reference
+                    argv = [python, "-P", "-m", "changefeed", "run", "big", "--url", dsn,
+                            "--slot", f"{kind}_{number}", "--prefeed", "snapshot",
                             "--limit", str(args.rows), "--quiet"]
                     if args.chunk_size:
                         argv += ["--chunk-size", str(args.chunk_size)]
                 seconds, cpu, peak_kb = timed(argv)
                 results[kind].append(seconds)
-                if kind == "changefeed":
-                    peaks.append(peak_kb)
+                if kind in peaks:
+                    peaks[kind].append(peak_kb)
                 print(f"round {number + 1}: {kind:10} {seconds:6.2f} s"
                       f"  {args.rows / seconds:10,.0f} rows/s  (CPU {cpu:.2f} s)")
         chunks.unlink()
@@ -99,7 +111,13 @@ def main() -> None:
               f" {best['copy'] / best['changefeed']:.2f} (best)")
         print(f"ratio changefeed / chunk queries: {median['chunks'] / median['changefeed']:.2f}"
               f" (medians); chunk queries / COPY: {median['copy'] / median['chunks']:.2f}")
-        print(f"peak RSS of changefeed: {max(peaks) / 1024:.0f} MB")
+        if args.reference:
+            print(f"ratio reference / COPY: {median['copy'] / median['reference']:.2f}"
+                  f" (medians); changefeed / reference: "
+                  f"{median['reference'] / median['changefeed']:.2f}")
+        for kind, peak in peaks.items():
+            if peak:
+                print(f"peak RSS of {kind}: {max(peak) / 1024:.0f} MB")
 
 
 def chunk_rows(conn: psycopg.Connection, chunk_size: int | None) -> int:
