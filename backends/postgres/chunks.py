@@ -285,10 +285,10 @@ class ChunkWindow:
         """The rows' indexes by key token: an index, a list where a token repeats (rows
         without key, a key given by the user)."""
         rows = self.rows
-        tokens = (rows.tokens(0, len(rows)) if self.lines
-                  else map(self.backfill.token, rows))
+        if self.lines:
+            return rows.by_token()  # type: ignore[no-any-return]
         by_token: dict[Any, Any] = {}
-        for index, token in enumerate(tokens):
+        for index, token in enumerate(map(self.backfill.token, rows)):
             found = by_token.setdefault(token, index)
             if found is index:
                 continue

@@ -357,36 +357,52 @@ cdef class CopiedLines:
     def tokens(self, Py_ssize_t start, Py_ssize_t stop):
         """The key tokens of rows ``start`` to ``stop`` (`chunks.key_token` of their key
         values, loaded as `CopyParser.parse_row` loads them)."""
+        cdef Py_ssize_t r
+        return [self.token_of(r) for r in range(max(start, 0), min(stop, self.count))]
+
+    def by_token(self):
+        """The rows' indexes by key token: an index, a list where a token repeats (a key given
+        by the user need not be unique); what `chunks.ChunkWindow` looks a change's key up in."""
+        cdef dict found_by = {}
+        cdef Py_ssize_t r
+        cdef PyObject* found
+        for r in range(self.count):
+            token = self.token_of(r)
+            found = PyDict_GetItem(found_by, token)
+            if found is NULL:
+                PyDict_SetItem(found_by, token, r)
+            elif type(<object>found) is list:
+                (<list>found).append(r)
+            else:
+                PyDict_SetItem(found_by, token, [<object>found, r])
+        return found_by
+
+    cdef object token_of(self, Py_ssize_t r):
         cdef RelationPlan plan = self.plan
-        cdef Py_ssize_t r, k, i, at
+        cdef Py_ssize_t k, i, at = self.spans[r].key_text
         cdef int32_t length
         cdef const char* text
-        cdef bint plain
-        tokens = []
-        for r in range(max(start, 0), min(stop, self.count)):
-            at = self.spans[r].key_text
-            token = PyTuple_New(plan.key_count)
-            plain = True
-            for k in range(plan.key_count):
-                i = plan.key_indexes[k]
-                memcpy(&length, self.keys.data + at, 4)
-                at += 4
-                value = None
-                if length >= 0:
-                    text = self.keys.data + at
-                    at += length
-                    value = DECLINE
-                    if plan.kinds[i] != KIND_PYTHON:
-                        value = load_value(plan.kinds[i], text, length)
-                    if value is DECLINE:
-                        value = plan.python_value(i, text, length)
-                    cls = type(value)
-                    if not (cls is int or cls is str or cls is bytes or cls is bool):
-                        plain = False
-                Py_INCREF(value)
-                PyTuple_SET_ITEM(token, k, value)
-            tokens.append(token if plain else self.key_token(token))
-        return tokens
+        cdef bint plain = True
+        token = PyTuple_New(plan.key_count)
+        for k in range(plan.key_count):
+            i = plan.key_indexes[k]
+            memcpy(&length, self.keys.data + at, 4)
+            at += 4
+            value = None
+            if length >= 0:
+                text = self.keys.data + at
+                at += length
+                value = DECLINE
+                if plan.kinds[i] != KIND_PYTHON:
+                    value = load_value(plan.kinds[i], text, length)
+                if value is DECLINE:
+                    value = plan.python_value(i, text, length)
+                cls = type(value)
+                if not (cls is int or cls is str or cls is bytes or cls is bool):
+                    plain = False
+            Py_INCREF(value)
+            PyTuple_SET_ITEM(token, k, value)
+        return token if plain else self.key_token(token)
 
     def held_bytes(self):
         """The bytes its rows' JSON, key texts and spans hold (allocated)."""
@@ -422,6 +438,9 @@ cdef class CopiedLines:
             first, last = (<object>indexes).start, (<object>indexes).stop
             if first < last and (first < 0 or last > self.count):
                 raise IndexError(indexes)
+            if delta and first < last:  # its size at once: no growing copy after copy
+                out.reserve(self.spans[last - 1].key - self.spans[first].start
+                            + (last - first) * (len(start) + len(end)))
             for i in range(first, last):
                 self.add_line(out, lines, i, delta, start, end, lsn, index)
                 index += 1

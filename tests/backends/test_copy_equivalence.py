@@ -484,6 +484,7 @@ def test_chunk_lines_are_the_lines_of_the_chunks_changes(database, table, fmt, m
         backfill, _ = backfill_of(conn, table)
         backfill.announced = number > 0
         assert copied.tokens(0, len(rows)) == [backfill.token(row) for row in rows]
+        assert copied.by_token() == {backfill.token(row): i for i, row in enumerate(rows)}
         complete = len(rows) < 97
         windows = (ChunkWindow(backfill, "w", rows, None, complete),
                    ChunkWindow(backfill, "w", copied, None, complete, lines=True))
@@ -653,6 +654,7 @@ def test_rows_whose_key_repeats_keep_their_order_in_the_lines():
     lines = [b"k\tA\tx\n", b"k\tB\ty\n", b"k\tA\tz\n", b"k\tC\tw\n"]
     copied, _ = compiled.lines_of(lines)
     assert copied.tokens(0, 4) == [("A",), ("B",), ("A",), ("C",)]
+    assert copied.by_token() == {("A",): [0, 2], ("B",): 1, ("C",): 3}
     rows, _ = python.rows(lines)
     backfill = TableBackfill(1, "public.t", ["c0"], ["text"])
     cases = [([], [0, 1, 2, 3]), ([("A",)], [1, 3]), ([("A",), ("Z",), ("C",)], [1]),
