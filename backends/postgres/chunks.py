@@ -257,11 +257,11 @@ class ChunkWindow:
     """The table's schema version when the chunk was read (None: not known)."""
     lines: bool = False
     """Whether ``rows`` are the direct path's JSON (see `window_lines`)."""
-    dropped: set[int] = field(default_factory=set)
+    dropped: set[int] = field(default_factory=set, init=False)
     """The indexes of the rows taken out."""
-    cleared: bool = False
+    cleared: bool = field(default=False, init=False)
     """A truncate inside the window: every row is taken out."""
-    _by_token: dict[Any, Any] | None = field(default=None, repr=False)
+    _by_token: dict[Any, Any] | None = field(default=None, init=False, repr=False)
 
     def drop(self, token: Any) -> None:
         """The stream changed the key of ``token`` (None: a truncate, every key) inside the
