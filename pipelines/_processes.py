@@ -118,7 +118,7 @@ class _Worker:
                 failure = chunk.failure  # a failure before this process: after its entries
             if sink_step is None:
                 if failure is not None:
-                    self.failed = True
+                    self._stop()
                 yield _Chunk(entries, chunk.flush or failure is not None, chunk.seq, failure)
                 return
             sink_step.add(entries)
@@ -136,10 +136,17 @@ class _Worker:
         """What this process sends on after its sink (or a stage's bookkeeping) failed."""
         if not failure.reader_gone:  # a reader that went away is no error to report
             _log_failure(failure.message, failure.cause)
-        self.failed = True
+        self._stop()
         if self.sink_step is None and seq is not None:
             return _Chunk([], True, seq, failure)
         return failure
+
+    def _stop(self) -> None:
+        """Take no more chunks after a failure, in a single process: what comes next follows
+        the failure. A copy goes on: a chunk it takes next may come before the failed one (from
+        copies before it, in any order), and the next single process drops what follows."""
+        if self.in_order is not None:
+            self.failed = True
 
     def close(self) -> None:
         if self.sink_step is not None:
@@ -228,7 +235,8 @@ class MultiProcessOutput(Output):
                                         copies))
         self.chunk_size = policy.size
         self.seconds = policy.seconds
-        self.max_in_flight = 4 * policy.size
+        # Enough chunks in flight for every copy of a process to have one, and the next.
+        self.max_in_flight = max(4, 2 * max(pipeline._workers)) * policy.size
         self.chunk: list[Any] = []
         """The changes taken since the last send."""
         self.chunk_lines = 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import threading
 import time
 
 import pytest
@@ -169,3 +170,37 @@ def test_dead_letters_from_copies_keep_the_feed_s_order(tmp_path):
 def test_bad_worker_counts_are_configuration_errors(make):
     with pytest.raises(ConfigurationError, match="workers"):
         make()
+
+
+def test_a_failure_in_copies_after_copies_waits_for_the_chunks_before_it(tmp_path):
+    """The second copied stage gets chunks in any order: a copy that failed on a later chunk
+    still passes on the earlier ones it takes next, so the failure is raised after them (a
+    copy that stopped at its failure would hold them back for ever)."""
+    # Only the first chunk is slow: every copy of the second stage has failed on a later one
+    # by the time it comes.
+    feed = MemoryFeed("tasks", changes=[insert("tasks", {"id": i, "cost": (i == 1) * 300})
+                                        for i in range(1, 301)])
+    out = tmp_path / "out.jsonl"
+    pipeline = Pipeline(feed, [own_process(Costly(tmp_path / "log"), workers=3),
+                               own_process(Costly(tmp_path / "log2", fail=range(21, 301)),
+                                           workers=3)],
+                        sink=JsonLinesSink(out), batch_size=20, batch_seconds=60)
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            pipeline.run()
+        except BaseException as exc:  # noqa: BLE001  (looked at below)
+            raised.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(60)
+    if thread.is_alive():  # a chunk held back: no failure ever comes
+        pipeline.stop()
+        thread.join(60)
+        pytest.fail("the pipeline waited for ever for a chunk a failed copy dropped")
+    [error] = raised
+    assert isinstance(error, PipelineError) and "position 21" in str(error), error
+    assert [c["new"]["id"] for c in lines(out)] == list(range(1, 21))
+    assert feed.checkpoint.positions == {"tasks": 20}
