@@ -15,12 +15,12 @@ class ReadPacing:
     kernel work per segment (on loopback, charged to the walsender and the feed) bounds the
     stream: 1.24M segments for 1M changes. Data left unread a moment lets the kernel merge
     the sender's writes (2,700 segments, twice the throughput, a sixth of the CPU). So while
-    the stream reads transactions committed `BEHIND_SECONDS` ago or more (a backlog, where a
-    millisecond is nothing) and `BUSY_WAKEUPS` wake-ups in a row found bytes already
-    waiting, a wake-up that finds fewer than `ENOUGH_BYTES` waiting first pauses `PAUSE`
-    seconds. A live stream is never paused, so its latency is untouched (a server clock
-    running behind ours would make it look older: at most `PAUSE` added then); nor is a
-    wake-up with nothing or with enough waiting, so a fast backlog is never held to what one
+    the stream reads transactions the server sent `BEHIND_SECONDS` or more after their commit
+    (a backlog, where a millisecond is nothing; both times by the server's clock, so neither
+    our clock nor how long our consumer took counts) and `BUSY_WAKEUPS` wake-ups in a row
+    found bytes already waiting, a wake-up that finds fewer than `ENOUGH_BYTES` waiting first
+    pauses `PAUSE` seconds. A live stream is never paused, so its latency is untouched; nor is
+    a wake-up with nothing or with enough waiting, so a fast backlog is never held to what one
     pause lets in. See the README's "What bounds streaming"."""
 
     BEHIND_SECONDS = 0.5
@@ -32,8 +32,8 @@ class ReadPacing:
         self.busy = 0  # wake-ups in a row that found bytes waiting
 
     def reading_backlog(self, behind: float) -> bool:
-        """Whether the last transaction read, committed ``behind`` seconds ago, is a backlog's
-        (then ask `pause`). A live one ends the streak: its reader need not ask the socket
+        """Whether the last transaction read, sent ``behind`` seconds after its commit, is a
+        backlog's (then ask `pause`). A live one ends the streak: its reader need not ask the socket
         how much waits (a system call per wake-up)."""
         if behind < self.BEHIND_SECONDS:
             self.busy = 0
@@ -42,7 +42,7 @@ class ReadPacing:
 
     def pause(self, waiting: int, behind: float) -> float:
         """Seconds to pause before reading, given the bytes ``waiting`` in the socket and how
-        many seconds ago the last transaction read was committed."""
+        many seconds after its commit the last transaction read was sent."""
         if waiting <= 0 or not self.reading_backlog(behind):
             self.busy = 0
             return 0.0

@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from changefeed import UNCHANGED, Change, Operation
-from changefeed.serve.sync.electric import Messages, parse_offset
+from changefeed.serve.sync.electric_messages import Messages, parse_offset
 from changefeed.serve.sync.log import key_text
 from changefeed.serve.sync.log_sink import LogSink
 from changefeed.serve.sync.shapes import Shape, ShapeError, parse_columns, parse_table

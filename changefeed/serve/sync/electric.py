@@ -13,7 +13,6 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from typing import Any
 
 import orjson
 from starlette.requests import Request
@@ -22,18 +21,19 @@ from starlette.routing import Route
 
 from changefeed.serve.sync.application import Forbidden, Unauthorized
 from changefeed.serve.sync.core import NotServed, SyncCore, preflight
-from changefeed.serve.sync.shapes import Shape, ShapeError, View, parse_columns
-from changefeed.serve.sync.tail import Entry, tables_loaded
-from changefeed.serve.sync.values import to_pg_text
+from changefeed.serve.sync.electric_messages import (
+    BadRequest,
+    Messages,
+    offset_text,
+    parse_offset,
+)
+from changefeed.serve.sync.shapes import Shape, ShapeError, parse_columns
+from changefeed.serve.sync.tail import tables_loaded
 
 UP_TO_DATE = b'{"headers":{"control":"up-to-date"}}'
 MUST_REFETCH = b'[{"headers":{"control":"must-refetch"}}]'
 EXPOSED = ("electric-handle, electric-offset, electric-schema, electric-cursor,"
            " electric-up-to-date, etag")
-
-
-class BadRequest(Exception):
-    """A 400 with a one-line reason."""
 
 
 def _error(status: int, message: str, extra: dict[str, str] | None = None) -> Response:
@@ -42,95 +42,6 @@ def _error(status: int, message: str, extra: dict[str, str] | None = None) -> Re
         headers.update(extra)
     return Response(orjson.dumps({"message": message}), status_code=status, headers=headers,
                     media_type="application/json")
-
-
-def parse_offset(text: str | None) -> int | str:
-    """``-1``, ``now``, or the log sequence of ``<seq>_<n>``."""
-    if text is None or text == "":
-        raise BadRequest("offset is required: -1 for the initial sync")
-    if text in ("-1", "now"):
-        return text
-    seq, sep, rest = text.partition("_")
-    if not sep or not seq.isdigit() or not rest.isdigit():
-        raise BadRequest(f"offset {text!r} is not -1, now or an offset this server gave")
-    return int(seq)
-
-
-def offset_text(seq: int) -> str:
-    return f"{seq}_0"
-
-
-class Messages:
-    """Turns log entries into Electric messages for one shape (pure)."""
-
-    def __init__(self, shape: Shape) -> None:
-        self.shape = shape
-        table = shape.table
-        self.columns = [table.columns[name] for name in shape.columns]
-        self.key_columns = [table.columns[name] for name in table.key]
-        self.relation = [table.schema, table.name]
-        self.prefix = f'"{_quote(table.schema)}"."{_quote(table.name)}"'
-
-    def key(self, row: dict[str, Any]) -> str:
-        parts = [_quote(to_pg_text(c, row.get(c.name)) or "") for c in self.key_columns]
-        return self.prefix + "".join(f'/"{part}"' for part in parts)
-
-    def values(self, row: dict[str, Any], columns: Any = None) -> dict[str, str | None]:
-        return {c.name: to_pg_text(c, row.get(c.name)) for c in (columns or self.columns)}
-
-    def message(self, view: View, headers: dict[str, Any]) -> bytes | None:
-        operation = view.operation
-        full = self.shape.replica == "full"
-        body: dict[str, Any] = {"headers": {"operation": operation, **headers}}
-        if operation == "insert":
-            assert view.new is not None
-            body["key"] = self.key(view.new)
-            body["value"] = self.values(view.new)
-        elif operation == "delete":
-            assert view.old is not None
-            body["key"] = self.key(view.old)
-            body["value"] = self.values(view.old, None if full else self.key_columns)
-        else:
-            assert view.new is not None and view.old is not None
-            changed = [c for c in self.columns
-                       if view.new.get(c.name) != view.old.get(c.name)]
-            if not changed:
-                return None  # nothing this client sees changed
-            body["key"] = self.key(view.new)
-            if full:
-                body["value"] = self.values(view.new)
-                body["old_value"] = self.values(view.old, changed)
-            else:
-                keys = [c for c in self.key_columns if c not in changed]
-                body["value"] = self.values(view.new, keys + changed)
-        return orjson.dumps(body)
-
-    def of_entry(self, entry: Entry) -> bytes | None:
-        view = self.shape.view(entry.op, entry.new, entry.old)
-        if view is None:
-            return None
-        headers = {"relation": self.relation, "lsn": str(entry.seq), "op_position": 0}
-        if entry.xid is not None:
-            headers["txids"] = [entry.xid]
-        return self.message(view, headers)
-
-    def of_row(self, row: dict[str, Any]) -> bytes | None:
-        """A snapshot row as an insert, if it is in the shape."""
-        if not self.shape.matches(row):
-            return None
-        return self.message(View("insert", row, None), {"relation": self.relation})
-
-    def of_difference(self, row: dict[str, Any] | None, key: dict[str, Any]) -> bytes | None:
-        """A key changed since the client's offset: its row now (an insert, which the
-        client's store takes as an upsert) or a delete when it is gone or out of the shape."""
-        if row is not None and self.shape.matches(row):
-            return self.message(View("insert", row, None), {"relation": self.relation})
-        return orjson.dumps({"headers": {"operation": "delete", "relation": self.relation},
-                             "key": self.key(key), "value": self.values(key, self.key_columns)})
-
-
-def _quote(text: str) -> str:
-    return text.replace('"', '""')
 
 
 class ShapeApi:
