@@ -17,9 +17,10 @@ feed's own lines where the extension is built, `Change` objects otherwise), ``si
 (that pipeline with ``--processes``: the lines cross to the sink's process), ``pipe`` and
 ``pipe_processes`` (the same two writing to a pipe read by ``cat``, a sink that is not a
 local file: in one process, a thread of its own runs it), ``heavy`` (a
-CPU-heavy Python stage, `enrich`, with a file sink) and ``heavy_processes`` (that with
-``--processes``); a variant with ``--processes`` is also compared with its in-process twin
-when both run.
+CPU-heavy Python stage, `enrich`, with a file sink), ``heavy_processes`` (that with
+``--processes``) and ``heavy_workers`` (that with ``--workers 2``: two copies of the stage's
+process); a variant with ``--processes`` or ``--workers`` is also compared with its in-process
+twin when both run.
 ``--shape narrow`` makes rows of an int key and a short text.
 
 Then peak RSS of ``changefeed run`` while it streams one 1,000,000-row transaction.
@@ -58,6 +59,7 @@ VARIANTS = {"plain": [], "where": ["--where", "id >= 0"],
             "sink_processes": ["--where", "id >= 0", "--sink", SINK_FILE, "--processes"],
             "heavy": [*HEAVY_STAGE, "--sink", SINK_FILE],
             "heavy_processes": [*HEAVY_STAGE, "--sink", SINK_FILE, "--processes"],
+            "heavy_workers": [*HEAVY_STAGE, "--sink", SINK_FILE, "--workers", "2"],
             "pipe": ["--where", "id >= 0", "--sink", "/dev/stdout"],
             "pipe_processes": ["--where", "id >= 0", "--sink", "/dev/stdout", "--processes"]}
 PIPED = ("pipe", "pipe_processes")
@@ -183,8 +185,8 @@ def throughput(server: TemporaryPostgres, changes: int, rounds: int, narrow: boo
               f" the run without stages (best rounds:"
               f" {best_cf / min(results[kind]):.2f}x)")
     for kind in variants:
-        twin = kind.removesuffix("_processes")
-        if kind.endswith("_processes") and twin in variants:
+        twin = kind.removesuffix("_processes").removesuffix("_workers")
+        if twin != kind and twin in variants:
             speedup = statistics.median(results[twin]) / statistics.median(results[kind])
             print(f"{kind}: {speedup:.2f}x the same pipeline in one process (medians)")
 

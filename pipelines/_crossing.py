@@ -16,23 +16,31 @@ from typing import Any
 import changefeed._speedups as _speedups
 from changefeed._speedups import Lines
 from changefeed.change import Change, Operation
-from changefeed.pipelines._steps import _Entry
+from changefeed.pipelines._steps import _Entry, _Failure
 from changefeed.pipelines.sinks import JsonLine
 
 
 class _Chunk:
     """Entries crossing a process boundary; ``flush`` asks the sink to deliver at once.
 
+    ``seq`` numbers the chunks the feed's process sends (0, 1, ...): copies of a worker process
+    (``own_process(stage, workers=N)``) finish them in any order, and the next single process
+    puts them back in that order (`InOrder`). ``failure``: a stage failed on the change after
+    these entries (it travels with them, so that it is raised after them, in order).
+
     Pickled compactly (`pack_entries`): no `Change`, enum or position object is pickled as
     itself (their own hooks run in Python, ~25 µs a change each way, more than the stages), and
     a `JsonLine` crosses as its bytes. The kernels pack and unpack where they are built."""
 
-    __slots__ = ("entries", "flush", "changes", "keep_change")
+    __slots__ = ("entries", "flush", "changes", "keep_change", "seq", "failure")
 
-    def __init__(self, entries: list[_Entry], flush: bool) -> None:
+    def __init__(self, entries: list[_Entry], flush: bool, seq: int = 0,
+                 failure: _Failure | None = None) -> None:
         self.entries = entries
         self.flush = flush
         self.changes: list[Any] | None = None
+        self.seq = seq
+        self.failure = failure
 
     @classmethod
     def of_changes(cls, changes: list[Any], keep_change: bool, flush: bool) -> _Chunk:
@@ -46,17 +54,49 @@ class _Chunk:
     def __len__(self) -> int:
         return len(self.changes if self.changes is not None else self.entries)
 
-    def __getstate__(self) -> tuple[bytes, list[Any], bool]:
+    def __getstate__(self) -> tuple[bytes, list[Any], bool, int, _Failure | None]:
         if self.changes is not None:
             tags, values = pack_changes(self.changes, self.keep_change)
         else:
             tags, values = pack_entries(self.entries)
-        return tags, values, self.flush
+        return tags, values, self.flush, self.seq, self.failure
 
-    def __setstate__(self, state: tuple[bytes, list[Any], bool]) -> None:
-        tags, values, self.flush = state
+    def __setstate__(self, state: tuple[bytes, list[Any], bool, int, _Failure | None]) -> None:
+        tags, values, self.flush, self.seq, self.failure = state
         self.entries = unpack_entries(tags, values)
         self.changes = None
+
+
+class InOrder:
+    """Puts chunks back in the order of their ``seq`` (the feed's), from copies of a process
+    that finish them in any order: a chunk that comes early waits until those before it came.
+    What waits is bounded by what the feed's process lets be in flight."""
+
+    __slots__ = ("next", "early")
+
+    def __init__(self) -> None:
+        self.next = 0
+        self.early: dict[int, _Chunk] = {}
+
+    def __len__(self) -> int:
+        return len(self.early)
+
+    def add(self, chunk: _Chunk) -> list[_Chunk]:
+        """The chunks now in order, ``chunk`` and those that waited for it (none if it is
+        early)."""
+        if chunk.seq != self.next:
+            self.early[chunk.seq] = chunk
+            return []
+        ready = [chunk]
+        self.next += 1
+        early = self.early
+        while early:
+            waiting = early.pop(self.next, None)
+            if waiting is None:
+                break
+            ready.append(waiting)
+            self.next += 1
+        return ready
 
 
 # How `pack_entries` writes an entry: a tag, then its values in one flat list.

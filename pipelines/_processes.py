@@ -7,6 +7,11 @@ a time, and the sink's process sends confirmations back to the feed's
 process, which alone acknowledges, in order, and waits for them through
 `changefeed.delivery.SinkWait` (the source answered, a stop a few seconds at most).
 
+A stage's process may run in several copies (``own_process(stage, workers=N)``, ``changefeed
+run --workers N``), for stages that cost more CPU than one core gives: the copies take chunks
+from one queue, and the next single process (the sink's at the latest) puts them back in the
+order the feed's process numbered them (`_crossing.InOrder`) before it runs or writes anything.
+
 A worker never outlives the feed's process: if that process is killed (``kill -9``, the OOM
 killer), each worker notices through its parent's sentinel and exits at once (see
 `_exit_with_parent`). Nothing a worker still holds could be acknowledged without its parent, so
@@ -31,7 +36,7 @@ import multipipes
 from changefeed._speedups import Lines
 from changefeed.delivery import Output, SinkWait, StopTimeout
 from changefeed.errors import ChangefeedError, PipelineError
-from changefeed.pipelines._crossing import _Chunk
+from changefeed.pipelines._crossing import InOrder, _Chunk
 from changefeed.pipelines._sink_thread import SLOW_SINK
 from changefeed.pipelines._steps import (
     _Entry,
@@ -57,11 +62,19 @@ def _log_failure(message: str, cause: BaseException | None) -> None:
 
 
 class _Worker:
-    """The target of one worker process: a segment of stages, and the sink step if last."""
+    """The target of one worker process: a segment of stages, and the sink step if last.
 
-    def __init__(self, segment: _Segment, sink_step: _SinkStep | None) -> None:
+    With ``copies`` > 1 the process runs in that many copies, each taking the next chunk from a
+    shared queue, which it passes on with its ``seq``. A single process (the sink's, always)
+    takes chunks in the feed's order (`InOrder`), so it runs and writes nothing out of order;
+    a stage's failure travels with the chunk it ended (`_Chunk.failure`) and is raised after
+    the entries before it, so nothing after it is written or confirmed."""
+
+    def __init__(self, segment: _Segment, sink_step: _SinkStep | None, copies: int = 1) -> None:
         self.segment = segment
         self.sink_step = sink_step
+        self.copies = copies
+        self.in_order = InOrder() if copies == 1 else None
         self.failed = False
         self.__name__ = "+".join(name for _, name, _ in segment.stages) or (
             sink_step.name if sink_step else "worker"
@@ -77,38 +90,63 @@ class _Worker:
         if self.failed:
             return
         sink_step = self.sink_step
+        if message is None:  # no input for a while: deliver a batch that has waited
+            if sink_step is not None and sink_step.due(time.monotonic()):
+                yield from self._flush()
+            return
+        chunks = [message] if self.in_order is None else self.in_order.add(message)
+        for chunk in chunks:
+            yield from self._chunk(chunk)
+            if self.failed:
+                return
+
+    def _flush(self) -> Any:
         try:
-            if message is None:  # no input for a while: deliver a batch that has waited
-                if sink_step is not None and sink_step.due(time.monotonic()):
-                    yield sink_step.flush()
-                return
-            if isinstance(message, _Failure):
-                if sink_step is not None:
-                    confirmed = sink_step.flush()
-                    if confirmed is not None:
-                        yield confirmed
-                self.failed = True
-                yield message
-                return
-            entries, failure = self.segment.process(message.entries)
-            if sink_step is None:
-                yield _Chunk(entries, message.flush)
-            else:
-                sink_step.add(entries)
-                if failure is not None or message.flush or sink_step.due(time.monotonic()):
-                    confirmed = sink_step.flush()
-                    if confirmed is not None:
-                        yield confirmed
+            confirmed = self.sink_step.flush()  # type: ignore[union-attr]
+            if confirmed is not None:
+                yield confirmed
+        except PipelineError as exc:
+            yield self._failed(_Failure(exc.message, exc.__cause__), seq=None)
+
+    def _chunk(self, chunk: _Chunk) -> Any:
+        sink_step = self.sink_step
+        try:
+            entries, failure = self.segment.process(chunk.entries)
             if failure is not None:
                 _log_failure(failure.message, failure.cause)
+            else:
+                failure = chunk.failure  # a failure before this process: after its entries
+            if sink_step is None:
+                if failure is not None:
+                    self._stop()
+                yield _Chunk(entries, chunk.flush or failure is not None, chunk.seq, failure)
+                return
+            sink_step.add(entries)
+            if failure is not None or chunk.flush or sink_step.due(time.monotonic()):
+                confirmed = sink_step.flush()
+                if confirmed is not None:
+                    yield confirmed
+            if failure is not None:
                 self.failed = True
                 yield failure
         except PipelineError as exc:
-            failure = _Failure(exc.message, exc.__cause__)
-            if not failure.reader_gone:  # a reader that went away is no error to report
-                _log_failure(exc.message, exc.__cause__)
+            yield self._failed(_Failure(exc.message, exc.__cause__), chunk.seq)
+
+    def _failed(self, failure: _Failure, seq: int | None) -> Any:
+        """What this process sends on after its sink (or a stage's bookkeeping) failed."""
+        if not failure.reader_gone:  # a reader that went away is no error to report
+            _log_failure(failure.message, failure.cause)
+        self._stop()
+        if self.sink_step is None and seq is not None:
+            return _Chunk([], True, seq, failure)
+        return failure
+
+    def _stop(self) -> None:
+        """Take no more chunks after a failure, in a single process: what comes next follows
+        the failure. A copy goes on: a chunk it takes next may come before the failed one (from
+        copies before it, in any order), and the next single process drops what follows."""
+        if self.in_order is not None:
             self.failed = True
-            yield failure
 
     def close(self) -> None:
         if self.sink_step is not None:
@@ -175,6 +213,7 @@ class PipelineParts(Protocol):
     dead_letter: Any
     policy: BatchPolicy
     _groups: list[list[Stage]]
+    _workers: list[int]
 
 
 class MultiProcessOutput(Output):
@@ -189,13 +228,15 @@ class MultiProcessOutput(Output):
         self.keep_change = keep
         groups = pipeline._groups[1:]
         self.workers = []
-        for index, stages in enumerate(groups):
+        for index, (stages, copies) in enumerate(zip(groups, pipeline._workers[1:], strict=True)):
             last = index == len(groups) - 1
             sink_step = _SinkStep(pipeline.sink, pipeline.dead_letter, policy) if last else None
-            self.workers.append(_Worker(_Segment(stages, keep, pipeline.dead_letter), sink_step))
+            self.workers.append(_Worker(_Segment(stages, keep, pipeline.dead_letter), sink_step,
+                                        copies))
         self.chunk_size = policy.size
         self.seconds = policy.seconds
-        self.max_in_flight = 4 * policy.size
+        # Enough chunks in flight for every copy of a process to have one, and the next.
+        self.max_in_flight = max(4, 2 * max(pipeline._workers)) * policy.size
         self.chunk: list[Any] = []
         """The changes taken since the last send."""
         self.chunk_lines = 0
@@ -203,6 +244,8 @@ class MultiProcessOutput(Output):
         self.chunk_started = 0.0
         self.sent = 0
         self.confirmed = 0
+        self.chunks_sent = 0
+        """How many chunks were sent: the next one's ``seq``."""
         self.last_alive_check = time.monotonic()
         self.last_progress = time.monotonic()
         """When the workers last confirmed something (or were given work while idle)."""
@@ -217,6 +260,7 @@ class MultiProcessOutput(Output):
                 target=worker,
                 name=worker.__name__,
                 timeout=0.1 if worker.sink_step is not None else None,
+                number_of_processes=worker.copies,
             )
             for worker in self.workers
         ]
@@ -281,16 +325,17 @@ class MultiProcessOutput(Output):
         else:
             entries, failure = self.segment.process(
                 [_Entry(change, self.keep_change) for change in changes])
-            chunk = _Chunk(entries, flush or failure is not None)
+            chunk = _Chunk(entries, flush or failure is not None, failure=failure)
             if failure is not None:
                 count = changes_in(entries)
         if count or flush or failure is not None:
             if self.sent == self.confirmed:
                 self.last_progress = time.monotonic()
-            self.inqueue.put(chunk)
+            chunk.seq = self.chunks_sent
+            self.chunks_sent += 1
+            self.inqueue.put(chunk)  # a failure with it: raised after its entries
             self.sent += count
         if failure is not None:
-            self.inqueue.put(failure)
             _log_failure(failure.message, failure.cause)
             try:
                 self._drain(until_all=True, expect_failure=True)  # raises the failure
@@ -363,8 +408,10 @@ class MultiProcessOutput(Output):
         for node in self.nodes:
             for process in node.processes:
                 if not process.is_alive():
+                    which = (f"one of the {len(node.processes)} processes" if
+                             len(node.processes) > 1 else "the process")
                     raise PipelineError(
-                        f"the process running {node.name} (pid {process.pid}) died with exit"
+                        f"{which} running {node.name} (pid {process.pid}) died with exit"
                         f" code {process.exitcode}; {self.sent - self.confirmed} changes were not"
                         " confirmed and are not acknowledged"
                     )

@@ -68,6 +68,8 @@ class Pipeline:
         dead_letter: a sink for changes whose stage or sink failed; None stops the pipeline
             on the first failure instead.
         processes: True runs every stage and the sink in its own process.
+        workers: with ``processes``, each stage's process runs in this many copies (see
+            `own_process`; the sink's runs alone). More than 1 implies ``processes``.
         ack_interval: acknowledge at most this often (seconds): a file checkpoint fsyncs on each
             acknowledgement. The last confirmed position is always acknowledged at the end.
 
@@ -85,6 +87,7 @@ class Pipeline:
         batch_seconds: float | None = None,
         dead_letter: Sink | BatchSink | Callable[[Any], Any] | None = None,
         processes: bool = False,
+        workers: int = 1,
         ack_interval: float = 0.0,
     ) -> None:
         if sink is None:
@@ -114,20 +117,33 @@ class Pipeline:
             target = step.stage if isinstance(step, OwnProcess) else step
             if not callable(target):
                 raise ConfigurationError(f"stage {target!r} is not callable")
-        if processes:
-            steps = [s if isinstance(s, OwnProcess) else OwnProcess(s) for s in steps]
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+            raise ConfigurationError(f"workers must be an integer of at least 1, not {workers!r}")
+        if workers > 1 or processes:
+            steps = [s if isinstance(s, OwnProcess) else OwnProcess(s, workers) for s in steps]
             if not isinstance(sink, OwnProcess):
                 sink = OwnProcess(sink)
         # Group the steps by process: group 0 runs in the feed's process.
         self._groups: list[list[Stage]] = [[]]
+        self._workers: list[int] = [1]
+        """How many copies of each group's process run (the feed's: 1)."""
         for step in steps:
             if isinstance(step, OwnProcess):
                 self._groups.append([cast(Stage, step.stage)])  # a stage: checked callable
+                self._workers.append(step.workers)
             else:
                 self._groups[-1].append(step)
+        sink_alone = isinstance(sink, OwnProcess)
         if isinstance(sink, OwnProcess):
-            self._groups.append([])
+            if sink.workers > 1:
+                raise ConfigurationError(
+                    f"{sink!r}: the sink runs in one process (it writes in the feed's order);"
+                    " give workers= to the stages' own_process() instead")
             sink = sink.stage
+        if sink_alone or self._workers[-1] > 1:
+            # The sink's own process, which also puts the copies' batches back in order.
+            self._groups.append([])
+            self._workers.append(1)
         self.sink = sink
         self.ack_interval = ack_interval
         self._output: Output | None = None

@@ -289,26 +289,38 @@ def batch(size: int = 1000, seconds: float = 1.0) -> BatchPolicy:
 
 
 class OwnProcess:
-    """The mark `own_process` makes: ``stage`` (or the sink) starts a process of its own."""
+    """The mark `own_process` makes: ``stage`` (or the sink) starts a process of its own, run
+    in ``workers`` copies (a stage only)."""
 
-    __slots__ = ("stage",)
+    __slots__ = ("stage", "workers")
 
-    def __init__(self, stage: Stage | Sink | BatchSink) -> None:
+    def __init__(self, stage: Stage | Sink | BatchSink, workers: int = 1) -> None:
         if isinstance(stage, (OwnProcess, BatchPolicy)):
             raise ConfigurationError(f"own_process() takes a stage or a sink, not {stage!r}")
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+            raise ConfigurationError(
+                f"own_process() workers must be an integer of at least 1, not {workers!r}")
         self.stage = stage
+        self.workers = workers
 
     def __repr__(self) -> str:
-        return f"own_process({stage_name(self.stage)})"
+        more = f", workers={self.workers}" if self.workers > 1 else ""
+        return f"own_process({stage_name(self.stage)}{more})"
 
 
-def own_process(stage: Stage | Sink | BatchSink) -> OwnProcess:
+def own_process(stage: Stage | Sink | BatchSink, workers: int = 1) -> OwnProcess:
     """Mark a stage (or the sink) to run in a process of its own, with the steps after it.
 
     The steps after a mark run in the same process up to the next mark; steps before the first
     mark run in the feed's process. Batches, not single changes, cross the process boundary.
+
+    ``workers`` > 1 runs that process in as many copies, each taking the next batch: for stages
+    that cost much CPU, on as many cores. The copies' batches are put back in the feed's order
+    before the next single process (and always before the sink, which runs in one process of its
+    own then), so the sink writes and acknowledges in order; the stages of a copied process must
+    not rely on state shared across changes (each copy sees some of the batches).
     """
-    return OwnProcess(stage)
+    return OwnProcess(stage, workers)
 
 
 class Subscription:

@@ -1,5 +1,5 @@
 """``changefeed run``'s pipeline options: the pipeline its ``--where``, ``--filter``, ``--stage``,
-``--sink``, ``--dead-letter``, ``--format`` and ``--processes`` make::
+``--sink``, ``--dead-letter``, ``--format``, ``--processes`` and ``--workers`` make::
 
     pipeline = build_cli_pipeline(feed, where=..., filter=..., sink=..., dead_letter=...,
                                   fmt="delta", model=None)
@@ -19,6 +19,7 @@ stages), whatever the format; a Kafka sink writes each record in the format give
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,6 +42,33 @@ _FLAGS = {"tables": "TABLE...", "fmt": "--format", "stages": "--stage"}
 def cli_flag(option: str) -> str:
     """How ``changefeed run`` names a `changefeed.cli.run.RunOptions` field: ``--dead-letter``."""
     return _FLAGS.get(option) or "--" + option.replace("_", "-")
+
+
+MAX_WORKERS = 64
+"""The most copies of a stage's process ``--workers`` runs (more would only contend)."""
+
+
+def workers_count(value: str | int) -> int:
+    """``--workers``: a whole number from 1 to `MAX_WORKERS`, or ``auto``, the number of cores
+    this process may run on. Raises `ConfigurationError` for anything else."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return max(1, min(MAX_WORKERS, _cores()))
+    if isinstance(value, str):
+        try:
+            value = int(value.strip(), 10)
+        except ValueError:
+            raise ConfigurationError(
+                f"workers must be a whole number from 1 to {MAX_WORKERS} or auto, not {value!r}"
+            ) from None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        raise ConfigurationError(
+            f"workers must be a whole number from 1 to {MAX_WORKERS} or auto, not {value!r}")
+    return value
+
+
+def _cores() -> int:
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
 
 
 class OptionError(ConfigurationError):
@@ -155,7 +183,7 @@ def pipeline_parts(
 
 
 def build_cli_pipeline(
-    feed: Any, *, processes: bool = False, **options: Unpack[PipelineOptions]
+    feed: Any, *, processes: bool = False, workers: int = 1, **options: Unpack[PipelineOptions]
 ) -> Pipeline:
     """The pipeline ``changefeed run`` runs: ``--where``, ``--filter``, ``--stage``, the format
     (the keywords of `pipeline_parts`).
@@ -169,6 +197,11 @@ def build_cli_pipeline(
     another sink the sink's process formats: a process of its own would cost a pickling of
     every change each way for one cheap call, measured with ``benchmarks/bench_postgres.py
     --variants sink_processes``.)
+
+    ``workers`` > 1 (implies ``processes``) runs each of those stage processes (``--filter``,
+    ``--stage``, with the format when it joins them) in as many copies, each on the next chunk
+    (`own_process`); the sink's process puts their chunks back in the feed's order before it
+    writes. The stages must then not rely on state shared across changes.
 
     When those lines are all the pipeline makes (``--where`` at most, no other stage, no dead
     letters), the feed is asked to write them itself (`ChangeFeed.prefer_lines`, the PostgreSQL
@@ -190,11 +223,14 @@ def build_cli_pipeline(
             model=options.get("model"), url=connection if isinstance(connection, str) else ""))
         if not (options.get("filter") or options.get("stages") or parts.dead_letter):
             _prefer_lines(feed, options)
+    with blame("workers"):
+        workers = workers_count(workers)
+    processes = processes or workers > 1
     if processes:
         # ``--where`` (first, when given) stays in the feed's process: evaluated in C on a batch
         # at a time, it costs far less than the crossing of the changes it drops.
         stay = 1 if options.get("where") else 0
-        steps = steps[:stay] + [OwnProcess(stage) for stage in steps[stay:]]
+        steps = steps[:stay] + [OwnProcess(stage, workers) for stage in steps[stay:]]
         out = OwnProcess(out)
     if encode is not None:
         if processes and not lines:  # the sink's process formats the changes first

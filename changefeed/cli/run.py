@@ -34,7 +34,13 @@ from changefeed.cli.common import (
     stop_on_signals,
     url_option,
 )
-from changefeed.cli.pipeline_options import OptionError, blame, build_cli_pipeline, cli_flag
+from changefeed.cli.pipeline_options import (
+    OptionError,
+    blame,
+    build_cli_pipeline,
+    cli_flag,
+    workers_count,
+)
 from changefeed.delivery import (
     LineOutput,
     Output,
@@ -43,6 +49,7 @@ from changefeed.delivery import (
     deliver,
     silence_stdout,
 )
+from changefeed.errors import ChangefeedError
 from changefeed.feed import ChangeFeed
 from changefeed.formats.codec import dumps_line
 from changefeed.formats.registry import FORMAT_NAMES, FORMATS, FormatOptions, format_named
@@ -80,6 +87,7 @@ class RunOptions:
     sink: str = "-"
     dead_letter: str | None = None
     processes: bool = False
+    workers: int = 1
     messages: tuple[str, ...] = ()
     quiet: bool = False
 
@@ -87,7 +95,7 @@ class RunOptions:
     def pipeline_wanted(self) -> bool:
         """Whether a pipeline runs (else the fast path: JSON lines to stdout)."""
         return bool(self.where or self.filter or self.stages or self.sink != "-"
-                    or self.dead_letter or self.processes)
+                    or self.dead_letter or self.processes or self.workers > 1)
 
 
 def check_options(
@@ -128,7 +136,7 @@ def check_options(
             raise OptionError(f"{flag('messages')} applies to PostgreSQL URLs only", "messages")
         if pipeline or options.pipeline_wanted:
             others = ", ".join(flag(name) for name in (
-                "where", "filter", "stages", "sink", "dead_letter", "processes"))
+                "where", "filter", "stages", "sink", "dead_letter", "processes", "workers"))
             raise OptionError(
                 f"{flag('messages')} writes JSON lines to stdout: it does not combine with a"
                 f" pipeline ({others}) yet", "messages")
@@ -164,7 +172,7 @@ def make_output(feed: ChangeFeed, options: RunOptions) -> Output:
         return build_cli_pipeline(
             feed, where=options.where, filter=options.filter, stages=options.stages,
             sink=options.sink, dead_letter=options.dead_letter, fmt=options.fmt,
-            model=options.model, processes=options.processes,
+            model=options.model, processes=options.processes, workers=options.workers,
         ).output()
     encode = encoder(options.fmt, options.model, options.url)
     if options.messages:
@@ -191,6 +199,14 @@ _WRITE_FAILURES = frozenset(
                                       "EBADF", "EPERM", "EACCES", "EINVAL")
     if hasattr(errno, name))
 """What a failed write to stdout raises (a full disk, a quota, a file-size limit, ...)."""
+
+
+def _parse_workers(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    """The ``--workers`` callback: a count, or ``auto`` (`workers_count`)."""
+    try:
+        return workers_count(value)
+    except ChangefeedError as exc:
+        raise click.BadParameter(exc.message) from exc
 
 
 @click.command()
@@ -241,6 +257,12 @@ _WRITE_FAILURES = frozenset(
                    " (default: stop at the first failure).")
 @click.option("--processes", is_flag=True,
               help="Run the stages and the sink in processes of their own.")
+@click.option("--workers", default="1", show_default=True, callback=_parse_workers,
+              metavar="N|auto",
+              help="Run each --stage/--filter process in N copies (auto: one per core), for"
+                   " CPU-heavy stages; implies --processes. The stages then must not rely on"
+                   " state shared across changes: each copy sees some of them. The sink still"
+                   " gets every change in order.")
 @click.option("--messages", multiple=True, metavar="PREFIX",
               help="Also stream pg_logical_emit_message messages whose prefix starts with"
                    " PREFIX (repeatable; PostgreSQL 14+).")
@@ -267,6 +289,7 @@ def run(
     sink: str,
     dead_letter: str | None,
     processes: bool,
+    workers: int,
     messages: tuple[str, ...],
     quiet: bool,
     log_format: str,
@@ -289,7 +312,7 @@ def run(
         exclude=exclude, chunk_size=chunk_size, slot=slot, publication=publication,
         checkpoint=checkpoint, limit=limit, idle_timeout=idle_timeout, where=where_expr,
         filter=filter_json, stages=stages, sink=sink, dead_letter=dead_letter,
-        processes=processes, messages=messages, quiet=quiet,
+        processes=processes, workers=workers, messages=messages, quiet=quiet,
     )
     with expected_errors():
         feed = make_feed(options, check_options(options))  # not connected yet

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -81,3 +82,35 @@ def test_with_processes_lines_cross_to_the_sink_s_process(tmp_path, options, gro
     assert names == groups  # group 0 is the feed's process; the sink runs in the last
     assert pipeline.run() == 3  # the sink's process writes every change
     assert len(out.read_text().splitlines()) == 3
+
+
+@pytest.mark.parametrize(("options", "groups", "workers"), [
+    # Each stage's process runs in copies, the format with the last; the sink alone.
+    ({"filter": '["==", "c", 1]'}, [[], ["Subscription", "EncodeLines"], []], [1, 3, 1]),
+    ({"where": "id >= 0", "filter": '["==", "c", 1]'},
+     [["RowWhere"], ["Subscription", "EncodeLines"], []], [1, 3, 1]),
+    # No stage to copy: as --processes.
+    ({"where": "id >= 0"}, [["RowWhere", "EncodeLines"], []], [1, 1]),
+    # A sink that does not take lines formats in its own process, alone.
+    ({"filter": '["==", "c", 1]', "sink": "http://127.0.0.1:1/hook"},
+     [[], ["Subscription"], ["ToDelta"]], [1, 3, 1]),
+    ({"filter": '["==", "c", 1]', "sink": "redis://127.0.0.1:1/0?stream=s"},
+     [[], ["Subscription"], []], [1, 3, 1]),
+])
+def test_workers_copy_each_stage_s_process(tmp_path, options, groups, workers):
+    options = {"sink": str(tmp_path / "out.jsonl"), **options}
+    changes = [insert("public.t", {"id": n, "c": 1}) for n in range(1, 4)]
+    pipeline = build_cli_pipeline(MemoryFeed("public.t", changes=changes), workers=3, **options)
+    assert [[type(stage).__name__ for stage in group] for group in pipeline._groups] == groups
+    assert pipeline._workers == workers
+
+
+def test_workers_auto_is_the_cores_this_process_may_use():
+    from changefeed.cli.pipeline_options import MAX_WORKERS, workers_count
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert workers_count("auto") == workers_count(" AUTO ") == min(cores, MAX_WORKERS)
+    assert workers_count("4") == workers_count(4) == 4
+    for bad in ("0", "-1", str(MAX_WORKERS + 1), "1e3", "x", "", 0, True, 2.0):
+        with pytest.raises(ConfigurationError, match="whole number from 1 to"):
+            workers_count(bad)

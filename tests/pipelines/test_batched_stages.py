@@ -175,14 +175,15 @@ def without_clock(lines: bytes) -> bytes:
     return re.sub(rb'"ts_ms":\d+', b'"ts_ms":0', lines)
 
 
-def run_cli_pipeline(tmp_path, name, processes, **options):
+def run_cli_pipeline(tmp_path, name, processes, workers=1, **options):
     out = tmp_path / f"{name}.jsonl"
     feed = MemoryFeed("public.t", changes=[
         Change(Operation.INSERT, "public.t", {**every_value_family(), "id": n}, None, ("id",))
         for n in range(5)
     ] + [Change(Operation.UPDATE, "public.t", {"id": n, "x": "y"}, {"id": n}, ("id",))
          for n in range(5, 2500)] + [Truncate("public.t")])
-    pipeline = build_cli_pipeline(feed, sink=str(out), processes=processes, **options)
+    pipeline = build_cli_pipeline(feed, sink=str(out), processes=processes, workers=workers,
+                                  **options)
     assert pipeline.run() == 2501
     return without_clock(out.read_bytes())
 
@@ -193,9 +194,11 @@ def run_cli_pipeline(tmp_path, name, processes, **options):
     {"fmt": "debezium", "where": "id < 100", "filter": '[">=", "id", 2]'},
 ], ids=str)
 def test_processes_write_the_bytes_of_the_in_process_run(tmp_path, options):
+    """With ``--processes``, and with 3 copies of each stage's process (``--workers``)."""
     in_process = run_cli_pipeline(tmp_path, "in", False, **options)
     assert in_process.count(b"\n") > 90
     assert run_cli_pipeline(tmp_path, "processes", True, **options) == in_process
+    assert run_cli_pipeline(tmp_path, "copies", False, workers=3, **options) == in_process
 
 
 def test_a_python_stage_is_called_once_per_change_even_when_one_fails():

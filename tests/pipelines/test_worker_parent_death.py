@@ -95,3 +95,20 @@ def test_a_worker_stuck_in_a_stage_dies_with_the_feed(pg_dsn, tasks, tmp_path):
         wait_until(mark.exists, "the stage to be stuck", 60)
         kill_and_wait(run, 2)  # the stage; the sink, which writes the format
     assert not out.exists() or out.read_text() == ""
+
+
+def test_every_copy_of_a_stage_s_process_dies_with_the_feed(pg_dsn, tasks, tmp_path):
+    """``--workers 3``: the three copies of the stage's process (each started after the one
+    before, which holds the parent's sentinel open) and the sink's all end."""
+    (tmp_path / "stuck_stage.py").write_text(STUCK_STAGE)
+    mark = tmp_path / "stuck"
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+           "STUCK_MARK": str(mark)}
+    out = tmp_path / "out.jsonl"
+    with start_cli("run", "tasks", "--url", pg_dsn, "--workers", "3", "--stage",
+                   "stuck_stage:stuck", "--sink", str(out), env=env) as run:
+        run.wait_streaming()
+        insert(pg_dsn, range(1, 4))
+        wait_until(mark.exists, "the stage to be stuck", 60)
+        kill_and_wait(run, 4)  # three copies of the stage; the sink
+    assert not out.exists() or out.read_text() == ""

@@ -84,6 +84,7 @@ stages = ["example_stages:shout", "example_stages:twice"]
 sink = "http://127.0.0.1:9/hook?token=${{HOOK_TOKEN}}"
 dead_letter = "{dead}"
 processes = true
+workers = 3
 enabled = false
 restart_delay = 0.5
 restart_max_delay = 5
@@ -103,7 +104,7 @@ stop_timeout = 10
     assert json.loads(options.filter) == ["==", "color", "blue"]
     assert options.stages == ("example_stages:shout", "example_stages:twice")
     assert options.sink == "http://127.0.0.1:9/hook?token=s3cr3t-t0ken"
-    assert options.dead_letter == str(dead) and options.processes
+    assert options.dead_letter == str(dead) and options.processes and options.workers == 3
     assert not spec.enabled
     assert (spec.supervision.restart_delay, spec.supervision.restart_max_delay,
             spec.supervision.stop_timeout) == (0.5, 5.0, 10.0)
@@ -201,6 +202,12 @@ BAD = [
     ("wrong type: a number for a boolean",
      '[pipelines.a]\nurl = "{pg}"\ntables = "t"\nsink = "{out}"\nprocesses = 1\n',
      5, "pipelines.a.processes", "expected true or false, not an integer 1"),
+    ("workers out of range",
+     '[pipelines.a]\nurl = "{pg}"\ntables = "t"\nsink = "{out}"\nworkers = 0\n',
+     5, "pipelines.a.workers", 'must be a whole number from 1 to 64, or "auto"'),
+    ("workers neither a number nor auto",
+     '[pipelines.a]\nurl = "{pg}"\ntables = "t"\nsink = "{out}"\nworkers = "many"\n',
+     5, "pipelines.a.workers", 'must be a whole number from 1 to 64, or "auto"'),
     ("wrong type: a boolean for a number",
      '[pipelines.a]\nurl = "{pg}"\ntables = "t"\nsink = "{out}"\nchunk_size = true\n',
      5, "pipelines.a.chunk_size", "expected an integer, not a boolean (true)"),

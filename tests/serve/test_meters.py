@@ -53,14 +53,16 @@ def counted(meter: SinkMeter) -> dict[tuple[str, str], int]:
     return {(table, op): count for table, op, count in meter.current()["delivered"]}
 
 
-@pytest.mark.parametrize("processes", [False, True])
-def test_the_sink_meter_counts_what_the_sink_received_by_table_and_operation(tmp_path, processes):
+@pytest.mark.parametrize(("processes", "workers"), [(False, 1), (True, 1), (True, 3)])
+def test_the_sink_meter_counts_what_the_sink_received_by_table_and_operation(tmp_path, processes,
+                                                                             workers):
     out = tmp_path / "out.jsonl"
     meter = SinkMeter()
     feed = MemoryFeed("public.orders", changes=changes())
     keep = where(lambda change: (change.new or change.old)["id"] != 3)
     pipeline = Pipeline(feed, [keep, Labeling(to_delta())],
-                        sink=MeasuredSink(JsonLinesSink(str(out)), meter), processes=processes)
+                        sink=MeasuredSink(JsonLinesSink(str(out)), meter), processes=processes,
+                        workers=workers, batch_size=2)
     assert pipeline.run() == 6
     wait_until(lambda: meter.current()["items"] >= 5, "a sink process's last report", 10)
     lines = [json.loads(line) for line in out.read_text().splitlines()]

@@ -25,9 +25,11 @@ class Built:
 
 def run_options(spec: PipelineSpec) -> Any:
     """The spec's options as `changefeed.cli.run.RunOptions`."""
+    from changefeed.cli.pipeline_options import workers_count
     from changefeed.cli.run import RunOptions
 
     values = dict(spec.options)
+    values["workers"] = workers_count(values.get("workers", 1))  # "auto": this machine's cores
     values["ops"] = Operation.parse(",".join(values["ops"]))
     for key in ("tables", "exclude", "stages", "messages"):
         values[key] = tuple(values[key])

@@ -207,6 +207,7 @@ def _spec(name: str, values: dict[str, Any], origins: dict[str, Path], where: Pa
         "sink": values["sink"],
         "dead_letter": values.get("dead_letter"),
         "processes": values.get("processes", False),
+        "workers": values.get("workers", 1),
         "messages": _as_list(values.get("messages")),
         "quiet": values.get("quiet", False),
     }

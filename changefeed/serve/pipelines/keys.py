@@ -42,6 +42,17 @@ def _seconds(value: Any) -> str | None:
     return seconds_problem(value)
 
 
+def _workers(value: Any) -> str | None:
+    from changefeed.cli.pipeline_options import MAX_WORKERS, workers_count
+    from changefeed.errors import ConfigurationError
+
+    try:
+        workers_count(value)
+    except ConfigurationError:
+        return f'must be a whole number from 1 to {MAX_WORKERS}, or "auto"'
+    return None
+
+
 def _strings(value: Any) -> str | None:
     if isinstance(value, list) and not all(isinstance(item, str) for item in value):
         return "must hold strings only"
@@ -91,6 +102,7 @@ PIPELINE_KEYS: dict[str, Key] = {key.name: key for key in (
     Key("sink", _STRING, "a string"),
     Key("dead_letter", _STRING, "a string"),
     Key("processes", (bool,), "true or false"),
+    Key("workers", (int, str), 'an integer or "auto"', _workers),
     Key("messages", _STRINGS, "a string or an array of strings", _strings),
     Key("quiet", (bool,), "true or false"),
     Key("enabled", (bool,), "true or false"),

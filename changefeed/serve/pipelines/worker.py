@@ -207,6 +207,7 @@ class PipelineRun:
 
         pipeline = Pipeline(feed, [*parts.stages, Labeling(parts.encode)], sink=sink,
                             dead_letter=letters, processes=options.processes,
+                            workers=options.workers,
                             ack_interval=ACK_SECONDS)
         output = self.output = MeasuredOutput(pipeline.output(), on_open=self._start_reporter)
         if getattr(feed, "slot", None) and getattr(feed, "dsn", None):
