@@ -19,6 +19,7 @@ from changefeed.backends.postgres.chunks import (
     TableBackfill,
     next_ctid_chunk,
     pages_for,
+    parse_tid,
 )
 from changefeed.backends.postgres.copy import CopiedChunk, CopyReader, copy_shape, limit_for
 
@@ -43,21 +44,33 @@ def read_chunk(
     watermark = uuid.uuid4().hex
     if backfill.by_ctid:
         leaves = _leaves(conn, backfill.source)
+        wanted = range_rows(limit)
         pages = backfill.pages or pages_for(
-            max((leaf.rows_per_page for leaf in leaves), default=0.0), size)
+            max((leaf.rows_per_page for leaf in leaves), default=0.0), wanted)
         chunk = next_ctid_chunk(backfill, leaves, pages)
         if chunk is None:  # every leaf read
             return ChunkWindow(backfill, watermark, {}, backfill.after, complete=True,
                                storage=backfill.storage, version=shape.schema_version)
-        query = backfill.ctid_query(chunk.leaf.name, shape.columns, chunk.after, chunk.upper,
-                                    limit)
-        copied = reader(conn, query, shape, limit=limit, max_bytes=copy_bytes)
+        # A range is read whole, unsorted, as cheaply as COPY scans the table; only one holding
+        # more than a chunk is read again, its first rows in ctid order, so that the chunk ends
+        # at a ctid (pages are sized to make that rare). A range starting inside a page follows
+        # such a chunk: it is read in ctid order at once.
+        copied = None
+        from_page_start = parse_tid(chunk.after)[1] == 0
+        if from_page_start:
+            copied = reader(conn, backfill.ctid_query(chunk.leaf.name, shape.columns,
+                                                      chunk.after, chunk.upper, None),
+                            shape, limit=limit, max_bytes=copy_bytes)
+        if copied is None or not copied.ended:
+            copied = reader(conn, backfill.ctid_query(chunk.leaf.name, shape.columns,
+                                                      chunk.after, chunk.upper, limit),
+                            shape, limit=limit, max_bytes=copy_bytes)
         _measured(backfill, copied)
         got, ended, last = copied.rows, copied.ended, copied.last_key
         whole = ended and len(got) < size  # the page range is read to its end
         leaf = str(chunk.leaf.oid)
         last_key = [leaf, f"({chunk.upper},0)"] if whole else [leaf, last]
-        backfill.pages = _adapt_pages(pages, len(got), size, whole)
+        backfill.pages = _adapt_pages(pages, len(got), wanted, whole, from_page_start)
         complete = whole and chunk.last and chunk.upper >= chunk.leaf.pages
         storage = chunk.leaf.storage
     else:
@@ -83,14 +96,28 @@ def _measured(backfill: TableBackfill, copied: CopiedChunk) -> None:
         backfill.copy_share = min(1.0, copied.row_size / held)
 
 
-def _adapt_pages(pages: int, found: int, size: int, whole: bool) -> int:
-    """Pages for the next chunk of a table read by ctid: more when a range held fewer rows
-    than a chunk's (at most 8 times more at once), the same when it held more."""
+RANGE_SHARE = 0.75
+"""The share of a chunk's rows a ctid range is sized to hold: rows per page vary, and a range
+holding more than a chunk is read twice (`read_chunk`)."""
+
+
+def range_rows(limit: int) -> int:
+    """The rows a ctid range is sized to hold, for chunks of at most ``limit`` rows."""
+    return max(1, int(limit * RANGE_SHARE))
+
+
+def _adapt_pages(pages: int, found: int, size: int, whole: bool, from_page_start: bool) -> int:
+    """Pages for the next ctid range of a table, sized to hold at most about ``size`` rows by
+    the rows a page held in the last range read whole from a page's start: more when it held
+    fewer (at most 8 times more at once), fewer when a range held more than a chunk (it was
+    read twice)."""
     if not whole:
-        return pages
+        return max(1, pages * 3 // 4)
     if found == 0:
         return min(pages * 8, 1 << 20)
-    return max(1, min(pages * 8, pages_for(found / pages, size)))
+    if not from_page_start:  # its first page was read in part: no measure of a page's rows
+        return pages
+    return max(1, min(pages * 8, int(size * pages / found)))
 
 
 def _identifier(conn: psycopg.Connection, oid: int) -> sql.Composable:

@@ -157,15 +157,21 @@ class TableBackfill:
 
     def ctid_query(
         self, leaf: sql.Composable, columns: Sequence[str], after: str, upper_page: int,
-        size: int,
+        size: int | None,
     ) -> sql.Composed:
         """The next chunk of a table without key: rows of ``leaf`` (only that relation) after
-        ctid ``after`` and before page ``upper_page``, in ctid order, ctid first."""
-        return sql.SQL(
+        ctid ``after`` and before page ``upper_page``, ctid first: the first ``size`` in ctid
+        order, or (``size`` None) all of them as the scan finds them. PostgreSQL does not know
+        that a TID range scan finds them in ctid order: ``ORDER BY`` makes it sort them
+        (on disk past ``work_mem``), 2.7x the time of the scan alone."""
+        query = sql.SQL(
             "SELECT t.ctid::text AS __changefeed_key, {} FROM ONLY {} t"
-            " WHERE t.ctid > {}::tid AND t.ctid < {}::tid ORDER BY t.ctid LIMIT {}"
+            " WHERE t.ctid > {}::tid AND t.ctid < {}::tid"
         ).format(_select_list(columns), leaf, sql.Literal(after),
-                 sql.Literal(f"({upper_page},0)"), sql.Literal(size))
+                 sql.Literal(f"({upper_page},0)"))
+        if size is None:
+            return query
+        return query + sql.SQL(" ORDER BY t.ctid LIMIT {}").format(sql.Literal(size))
 
 
 def _select_list(columns: Sequence[str]) -> sql.Composable:

@@ -126,6 +126,11 @@ def test_a_ctid_chunk_query_reads_one_leaf_between_two_ctids():
                             50).as_string(None) == (
         'SELECT t.ctid::text AS __changefeed_key, t."v", t."w" FROM ONLY "public"."t" t'
         " WHERE t.ctid > '(3,7)'::tid AND t.ctid < '(9,0)'::tid ORDER BY t.ctid LIMIT 50")
+    # The whole range, unsorted (a TID range scan; ORDER BY would sort it).
+    assert table.ctid_query(Table(10, "public", "t", "r").identifier, ["v"], "(3,0)", 9,
+                            None).as_string(None) == (
+        'SELECT t.ctid::text AS __changefeed_key, t."v" FROM ONLY "public"."t" t'
+        " WHERE t.ctid > '(3,0)'::tid AND t.ctid < '(9,0)'::tid")
 
 
 def leaf(oid: int, pages: int, storage: int = 1) -> Leaf:
@@ -345,17 +350,22 @@ def test_pages_for_a_chunk(rows_per_page, chunk, pages):
     assert pages_for(rows_per_page, chunk) == pages
 
 
-@pytest.mark.parametrize("pages, found, whole, expected", [
-    (4, 100, False, 4),    # a full chunk inside the range: the same range size
-    (4, 0, True, 32),      # nothing in 4 pages: 8 times more
-    (1 << 20, 0, True, 1 << 20),  # at most a million pages
-    (4, 10, True, 32),     # 2.5 rows a page, 100 wanted: 40 pages, at most 8 times more
-    (4, 50, True, 8),      # 12.5 rows a page: 8 pages
-    (4, 99, True, 5),
+@pytest.mark.parametrize("pages, found, whole, from_page_start, expected", [
+    (4, 100, False, True, 3),    # more than a chunk in the range (read twice): fewer pages
+    (1, 100, False, False, 1),   # at least one
+    (4, 0, True, True, 32),      # nothing in 4 pages: 8 times more
+    (4, 0, True, False, 32),
+    (1 << 20, 0, True, True, 1 << 20),  # at most a million pages
+    (4, 10, True, True, 32),     # 2.5 rows a page, 100 wanted: 40 pages, at most 8 times more
+    (4, 50, True, True, 8),      # 12.5 rows a page: 8 pages
+    (4, 99, True, True, 4),      # 24.75 rows a page: 4 pages hold 99, 5 would hold 124
+    (1, 185, True, True, 1),
+    (1, 60, True, True, 1),      # 60 rows a page: 1 page (2 would hold 120)
+    (4, 60, True, False, 4),     # its first page read in part: no measure, the same
 ])
-def test_pages_adapt_to_the_rows_found(pages, found, whole, expected):
+def test_pages_adapt_to_the_rows_found(pages, found, whole, from_page_start, expected):
     # private: the I/O module's one pure rule, tested here without a server
-    assert _adapt_pages(pages, found, 100, whole) == expected
+    assert _adapt_pages(pages, found, 100, whole, from_page_start) == expected
 
 
 def test_row_bytes_counts_text_and_bytes_and_guesses_the_rest():
