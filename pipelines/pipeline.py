@@ -41,7 +41,7 @@ from changefeed.pipelines._steps import (
     thaw_heap,
 )
 from changefeed.pipelines.sinks import BatchSink, Sink
-from changefeed.pipelines.stages import BatchPolicy, OwnProcess, Stage
+from changefeed.pipelines.stages import BatchPolicy, OwnProcess, Stage, checked_count
 
 log = logging.getLogger("changefeed.pipelines")
 
@@ -117,8 +117,7 @@ class Pipeline:
             target = step.stage if isinstance(step, OwnProcess) else step
             if not callable(target):
                 raise ConfigurationError(f"stage {target!r} is not callable")
-        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-            raise ConfigurationError(f"workers must be an integer of at least 1, not {workers!r}")
+        checked_count(workers, "workers")
         if workers > 1 or processes:
             steps = [s if isinstance(s, OwnProcess) else OwnProcess(s, workers) for s in steps]
             if not isinstance(sink, OwnProcess):
@@ -134,7 +133,7 @@ class Pipeline:
             else:
                 self._groups[-1].append(step)
         sink_alone = isinstance(sink, OwnProcess)
-        if isinstance(sink, OwnProcess):
+        if isinstance(sink, OwnProcess):  # (again: mypy narrows on the call, not on sink_alone)
             if sink.workers > 1:
                 raise ConfigurationError(
                     f"{sink!r}: the sink runs in one process (it writes in the feed's order);"

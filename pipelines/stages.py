@@ -253,6 +253,14 @@ def _stage_list(stages: Stage | Sequence[Stage], table: str) -> list[Stage]:
     return listed
 
 
+def checked_count(value: Any, what: str) -> int:
+    """``value`` if it is a whole number of at least 1 (not a bool); a `ConfigurationError`
+    naming ``what`` otherwise."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigurationError(f"{what} must be an integer of at least 1, not {value!r}")
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class BatchPolicy:
     """How items are grouped before the sink: at most ``size`` items, at most ``seconds`` old
@@ -265,9 +273,7 @@ class BatchPolicy:
     while the sink is busy a batch may grow past ``size``."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 1:
-            raise ConfigurationError(f"batch size must be an integer of at least 1, not"
-                                     f" {self.size!r}")
+        checked_count(self.size, "batch size")
         if not isinstance(self.seconds, (int, float)) or not self.seconds > 0:
             raise ConfigurationError(f"batch seconds must be positive, not {self.seconds!r}")
 
@@ -297,11 +303,8 @@ class OwnProcess:
     def __init__(self, stage: Stage | Sink | BatchSink, workers: int = 1) -> None:
         if isinstance(stage, (OwnProcess, BatchPolicy)):
             raise ConfigurationError(f"own_process() takes a stage or a sink, not {stage!r}")
-        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-            raise ConfigurationError(
-                f"own_process() workers must be an integer of at least 1, not {workers!r}")
         self.stage = stage
-        self.workers = workers
+        self.workers = checked_count(workers, "own_process() workers")
 
     def __repr__(self) -> str:
         more = f", workers={self.workers}" if self.workers > 1 else ""

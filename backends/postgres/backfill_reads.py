@@ -55,16 +55,15 @@ def read_chunk(
         # more than a chunk is read again, its first rows in ctid order, so that the chunk ends
         # at a ctid (pages are sized to make that rare). A range starting inside a page follows
         # such a chunk: it is read in ctid order at once.
-        copied = None
+        def read_range(rows: int | None) -> CopiedChunk:
+            query = backfill.ctid_query(chunk.leaf.name, shape.columns, chunk.after,
+                                        chunk.upper, rows)
+            return reader(conn, query, shape, limit=limit, max_bytes=copy_bytes)
+
         from_page_start = parse_tid(chunk.after)[1] == 0
-        if from_page_start:
-            copied = reader(conn, backfill.ctid_query(chunk.leaf.name, shape.columns,
-                                                      chunk.after, chunk.upper, None),
-                            shape, limit=limit, max_bytes=copy_bytes)
+        copied = read_range(None) if from_page_start else None
         if copied is None or not copied.ended:
-            copied = reader(conn, backfill.ctid_query(chunk.leaf.name, shape.columns,
-                                                      chunk.after, chunk.upper, limit),
-                            shape, limit=limit, max_bytes=copy_bytes)
+            copied = read_range(limit)
         _measured(backfill, copied)
         got, ended, last = copied.rows, copied.ended, copied.last_key
         whole = ended and len(got) < size  # the page range is read to its end

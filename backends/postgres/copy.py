@@ -236,10 +236,10 @@ class CopyReader:
         self, conn: psycopg.Connection, query: sql.Composable, shape: CopyShape, *, limit: int,
         max_bytes: int, lines: bool = False, keys_json: bool = True,
     ) -> CopiedChunk:
-        """The rows of ``query`` (which ends in ``LIMIT limit``), fewer once they hold about
-        ``max_bytes`` of text. ``conn``: an autocommit connection, idle. ``lines``: as JSON
-        for the direct path (compiled only, tables with a key: `CopyParser.read_lines`; the
-        keys' JSON too if ``keys_json``)."""
+        """The rows of ``query``, at most ``limit`` (its ``LIMIT``, or the COPY cut here),
+        fewer once they hold about ``max_bytes`` of text. ``conn``: an autocommit connection,
+        idle. ``lines``: as JSON for the direct path (compiled only, tables with a key:
+        `CopyParser.read_lines`; the keys' JSON too if ``keys_json``)."""
         check()
         parser = self.parser(conn, shape)
         pgconn = conn.pgconn
