@@ -23,10 +23,14 @@ process); a variant with ``--processes`` or ``--workers`` is also compared with 
 twin when both run.
 ``--shape narrow`` makes rows of an int key and a short text.
 
+``--reference PYTHON`` (another checkout's venv python, e.g. ``../main/.venv/bin/python``) also
+runs each variant with that checkout's changefeed in the same rounds (``ref:VARIANT``), and prints
+this checkout's median as a ratio of the reference's.
+
 Then peak RSS of ``changefeed run`` while it streams one 1,000,000-row transaction.
 
     .venv/bin/python benchmarks/bench_postgres.py [--rounds 7] [--big-rows 1000000]
-        [--shape bench|narrow] [--variants plain,where,processes]
+        [--shape bench|narrow] [--variants plain,where,processes] [--reference PYTHON]
 """
 
 from __future__ import annotations
@@ -105,11 +109,12 @@ def make_workload(conn: psycopg.Connection, changes: int, narrow: bool = False) 
 
 
 def timed(
-    argv: list[str], stdout: int | None = subprocess.DEVNULL
+    argv: list[str], stdout: int | None = subprocess.DEVNULL, cwd: Path | None = None
 ) -> tuple[float, float, int]:
-    """Run ``argv``; return (seconds, CPU seconds, peak RSS in kB) of that child alone."""
+    """Run ``argv`` (in ``cwd``); return (seconds, CPU seconds, peak RSS in kB) of that child
+    alone."""
     started = time.perf_counter()
-    process = subprocess.Popen(argv, stdout=stdout, stderr=subprocess.PIPE)
+    process = subprocess.Popen(argv, stdout=stdout, stderr=subprocess.PIPE, cwd=cwd)
     _, status, usage = os.wait4(process.pid, 0)
     elapsed = time.perf_counter() - started
     stderr = process.stderr.read().decode() if process.stderr else ""
@@ -118,8 +123,9 @@ def timed(
     return elapsed, usage.ru_utime + usage.ru_stime, usage.ru_maxrss
 
 
-def changefeed_argv(dsn: str, slot: str, publication: str, limit: int) -> list[str]:
-    return [sys.executable, "-m", "changefeed", "run", "bench", "--url", dsn, "--slot", slot,
+def changefeed_argv(dsn: str, slot: str, publication: str, limit: int,
+                    python: str = sys.executable) -> list[str]:
+    return [python, "-m", "changefeed", "run", "bench", "--url", dsn, "--slot", slot,
             "--publication", publication, "--limit", str(limit), "--quiet"]
 
 
@@ -130,16 +136,18 @@ def recvlogical_argv(dsn: str, slot: str, publication: str, end_lsn: str) -> lis
 
 
 def throughput(server: TemporaryPostgres, changes: int, rounds: int, narrow: bool = False,
-               variants: tuple[str, ...] = ()) -> None:
+               variants: tuple[str, ...] = (), reference: str | None = None) -> None:
     dsn = server.dsn()
     kinds = ("changefeed", "recvlogical", *variants)
+    if reference:
+        kinds += tuple(f"ref:{kind}" for kind in ("plain", *variants))
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(NARROW_TABLE if narrow else TABLE)
         conn.execute("CREATE PUBLICATION bench FOR TABLE bench")
         slots = []
         for number in range(rounds):
             for kind in kinds:
-                slot = f"{kind}_{number}"
+                slot = f"{kind.replace(':', '_')}_{number}"
                 conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", [slot])
                 slots.append(slot)
         started = time.perf_counter()
@@ -152,23 +160,28 @@ def throughput(server: TemporaryPostgres, changes: int, rounds: int, narrow: boo
     results: dict[str, list[float]] = {kind: [] for kind in kinds}
     for number in range(rounds):
         order = kinds if number % 2 == 0 else kinds[::-1]
-        for kind in order:
-            slot = f"{kind}_{number}"
-            if kind == "changefeed":
-                seconds, cpu, _ = timed(changefeed_argv(dsn, slot, "bench", changes))
+        for label in order:
+            slot = f"{label.replace(':', '_')}_{number}"
+            python, kind, cwd = sys.executable, label, None
+            if label.startswith("ref:") and reference:
+                # From its own checkout: the package (and the stages) it imports are its own.
+                python, kind = reference, label.removeprefix("ref:")
+                cwd = Path(reference).absolute().parent.parent.parent
+            argv = changefeed_argv(dsn, slot, "bench", changes, python)
+            if kind in ("changefeed", "plain"):
+                seconds, cpu, _ = timed(argv, cwd=cwd)
             elif kind == "recvlogical":
                 seconds, cpu, _ = timed(recvlogical_argv(dsn, slot, "bench", end_lsn))
             elif kind in PIPED:
-                argv = changefeed_argv(dsn, slot, "bench", changes) + VARIANTS[kind]
-                seconds, cpu, _ = timed(["sh", "-c", '"$@" | cat > /dev/null', "sh", *argv])
+                seconds, cpu, _ = timed(["sh", "-c", '"$@" | cat > /dev/null', "sh",
+                                         *argv, *VARIANTS[kind]], cwd=cwd)
             else:
-                seconds, cpu, _ = timed(changefeed_argv(dsn, slot, "bench", changes)
-                                        + VARIANTS[kind])
+                seconds, cpu, _ = timed(argv + VARIANTS[kind], cwd=cwd)
                 if os.path.exists(SINK_FILE):
                     os.unlink(SINK_FILE)
-            results[kind].append(seconds)
+            results[label].append(seconds)
             rate = changes / seconds
-            print(f"round {number + 1}: {kind:12} {seconds:6.2f} s  {rate:10,.0f} rows/s"
+            print(f"round {number + 1}: {label:18} {seconds:6.2f} s  {rate:10,.0f} rows/s"
                   f"  (CPU {cpu:.2f} s)")
     best_cf = min(results["changefeed"])
     best_pg = min(results["recvlogical"])
@@ -189,6 +202,18 @@ def throughput(server: TemporaryPostgres, changes: int, rounds: int, narrow: boo
         if twin != kind and twin in variants:
             speedup = statistics.median(results[twin]) / statistics.median(results[kind])
             print(f"{kind}: {speedup:.2f}x the same pipeline in one process (medians)")
+    if reference:
+        for kind in ("changefeed", *variants):
+            ref = "ref:plain" if kind == "changefeed" else f"ref:{kind}"
+            ratio = statistics.median(results[ref]) / statistics.median(results[kind])
+            print(f"{kind}: {ratio:.2f}x the reference's speed (medians)")
+        for kind in variants:
+            twin = kind.removesuffix("_processes").removesuffix("_workers")
+            if twin != kind and twin in variants:
+                speedup = (statistics.median(results[f"ref:{twin}"])
+                           / statistics.median(results[f"ref:{kind}"]))
+                print(f"reference {kind}: {speedup:.2f}x the same pipeline in one process"
+                      " (medians)")
 
 
 def memory(server: TemporaryPostgres, rows: int) -> None:
@@ -216,6 +241,8 @@ def main() -> None:
     parser.add_argument("--variants", default="",
                         help="pipelines to compare with the plain run: " + ", ".join(
                             kind for kind in VARIANTS if kind != "plain"))
+    parser.add_argument("--reference", metavar="PYTHON", default=None,
+                        help="another checkout's venv python: its changefeed runs as well")
     args = parser.parse_args()
     variants = tuple(kind for kind in args.variants.split(",") if kind and kind != "plain")
     for kind in variants:
@@ -225,12 +252,17 @@ def main() -> None:
     # Time the tool as installed: a regular install byte-compiles the package, while an
     # editable one under PYTHONDONTWRITEBYTECODE (set on some machines) would compile every
     # module from source at each start.
-    for package in ("changefeed", "backends", "pipelines"):
-        compileall.compile_dir(package, quiet=1)
+    roots = [Path.cwd()]
+    if args.reference:
+        roots.append(Path(args.reference).absolute().parent.parent.parent)
+    for root in roots:
+        for package in ("changefeed", "backends", "pipelines"):
+            compileall.compile_dir(str(root / package), quiet=1)
     # A slot (and a walsender) per consumer and round, created before the workload.
-    slots = str(max(20, args.rounds * (len(variants) + 2) + 4))
+    slots = str(max(20, args.rounds * (2 * len(variants) + 3) + 4))
     with TemporaryPostgres({"max_replication_slots": slots, "max_wal_senders": slots}) as server:
-        throughput(server, args.changes, args.rounds, args.shape == "narrow", variants)
+        throughput(server, args.changes, args.rounds, args.shape == "narrow", variants,
+                   args.reference)
         if args.big_rows:
             memory(server, args.big_rows)
 

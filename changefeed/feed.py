@@ -189,6 +189,16 @@ class ChangeFeed(Node):
         (PostgreSQL's walsender keepalives) answers them here. Default: nothing to do.
         """
 
+    def wait_for_source(self, timeout: float | None, fd: int) -> bool | None:
+        """Wait at most ``timeout`` seconds (None: no limit) until the source has more to hand
+        out or the file descriptor ``fd`` is readable, whichever comes first: True if the
+        source has more, False otherwise. For a consumer between two reads that waits for
+        its own workers (a pipeline's processes, on their confirmations' pipe) but would
+        rather read on if the source sends first. Called from the thread that iterates the
+        feed, never while a change is being handed out. Default: None, the backend cannot
+        tell (the caller waits on ``fd`` alone)."""
+        return None
+
     # -- what every feed shares ----------------------------------------------------------------
 
     def mark_connected(self) -> None:

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 import multipipes
 
 from changefeed._speedups import Lines
-from changefeed.delivery import Output, SinkWait, StopTimeout
+from changefeed.delivery import WAIT_STEP, Output, SinkWait, StopTimeout
 from changefeed.errors import ChangefeedError, PipelineError
 from changefeed.pipelines._crossing import InOrder, _Chunk
 from changefeed.pipelines._sink_thread import SLOW_SINK
@@ -154,7 +154,8 @@ class _Worker:
 
 
 IDLE_WAIT = 0.005
-"""How long an idle feed waits for busy workers before it sends them what it took."""
+"""How long an idle feed that cannot wait on its source (`ChangeFeed.wait_for_source`) waits
+for busy workers before it sends them what it took."""
 
 PARENT_GONE_EXIT = 70
 """The exit code of a worker that ended because the feed's process went away."""
@@ -265,6 +266,8 @@ class MultiProcessOutput(Output):
             for worker in self.workers
         ]
         self.mp_pipeline = multipipes.Pipeline([self.inqueue, *self.nodes, self.outqueue])
+        # The pipe the confirmations come through, to wait on with the source's socket.
+        self.confirmations = self.outqueue._reader.fileno()  # type: ignore[attr-defined]
         try:
             self.mp_pipeline.start()  # before the feed connects: the workers share no socket
         except BaseException:
@@ -287,12 +290,12 @@ class MultiProcessOutput(Output):
 
     def idle(self) -> None:
         if self.chunk:
-            if self.sent > self.confirmed and IDLE_WAIT:
-                # The workers are still on the last chunk: give them a moment to finish it
-                # before this one goes. The feed had nothing at hand anyway, and what the
-                # source sends meanwhile makes the next read, and the next chunk, larger:
-                # chunks grow to what the workers take per wake-up, instead of one per read.
-                self._receive(IDLE_WAIT)
+            if self.sent > self.confirmed and self._source_first():
+                # The workers are still on the last chunk and the source sent more: read it
+                # into this chunk, which goes at the next idle moment the workers are free
+                # (or once full). Chunks grow to what the workers take per wake-up instead
+                # of one per read, and the feed never sits idle while the source has more.
+                return
             self._send(flush=True)
         # Caught up with the source. If the workers are slow, wait for them here, where
         # keep_alive() answers the source (a PostgreSQL shutdown waits for a client that keeps
@@ -341,6 +344,20 @@ class MultiProcessOutput(Output):
                 self._drain(until_all=True, expect_failure=True)  # raises the failure
             except StopTimeout:  # a stop gave up waiting for it
                 raise PipelineError(failure.message) from None
+
+    def _source_first(self) -> bool:
+        """Wait until the workers confirm what they hold or the source sends more, whichever
+        comes first (at most `WAIT_STEP`: the chunk then goes anyway); True if the source did
+        while the workers are still busy. One wait on both (`ChangeFeed.wait_for_source`), no
+        fixed sleep: a live stream's chunk goes the moment the workers are free. A feed that
+        cannot wait on its source gives the workers `IDLE_WAIT` instead."""
+        wait = getattr(self.feed, "wait_for_source", None)
+        source = wait(WAIT_STEP, self.confirmations) if wait is not None else None
+        if source is None:
+            self._receive(IDLE_WAIT)
+            return False
+        self._receive(0.0)
+        return source and self.sent > self.confirmed
 
     def _drain(self, until_all: bool = False, expect_failure: bool = False) -> None:
         """Handle the confirmations that arrived; wait while too much is in flight, or (with

@@ -261,6 +261,14 @@ class PostgresChangeFeed(StreamLoop, StructureReactions, ChangeFeed):
         if self._stream is not None:
             self._stream.read_ahead()
 
+    def wait_for_source(self, timeout: float | None, fd: int) -> bool | None:
+        """Wait until the replication stream has more or ``fd`` is readable (see
+        `ChangeFeed.wait_for_source`); None while no stream is open (reconnecting)."""
+        stream = self._stream
+        if stream is None or not stream.usable or self._replication is None:
+            return None
+        return stream.wait_either(timeout, fd)
+
     @property
     def acknowledged(self) -> PgPosition | None:
         """The last position acknowledged (loaded from the checkpoint at start), as the ledger

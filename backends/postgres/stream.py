@@ -96,6 +96,7 @@ class ReplicationStream:
         # its sets on every call).
         self._readable = select.poll()
         self._readable.register(self.pgconn.socket, select.POLLIN)
+        self._either: tuple[int, Any] | None = None  # `wait_either`'s fd and poll object
 
     @classmethod
     def start(
@@ -162,6 +163,23 @@ class ReplicationStream:
             return False
         self.pgconn.consume_input()
         return True
+
+    def wait_either(self, timeout: float | None, fd: int) -> bool:
+        """Wait at most ``timeout`` seconds (None: as long as it takes) until the server sent
+        more or ``fd`` is readable, whichever comes first: True if the server did (or frames
+        read ahead wait), False if only ``fd`` became readable or the time passed. For a
+        consumer that waits for its own workers (`ChangeFeed.wait_for_source`); nothing is
+        read here: the loop reads, and paces its reads (`wait`), when it runs again."""
+        if self.backlog:
+            return True
+        either = self._either
+        if either is None or either[0] != fd:
+            poller = select.poll()
+            poller.register(self.pgconn.socket, select.POLLIN)
+            poller.register(fd, select.POLLIN)
+            either = self._either = (fd, poller)
+        ready = either[1].poll(None if timeout is None else timeout * 1000)
+        return any(one != fd for one, _ in ready)
 
     @property
     def caught_up(self) -> bool:
