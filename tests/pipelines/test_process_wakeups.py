@@ -1,0 +1,146 @@
+"""An idle feed with busy workers (``--processes``) waits on the workers' confirmations and the
+replication socket at once (`ChangeFeed.wait_for_source`): it reads on when the source sends
+first, and sends what it holds the moment the workers are free. On a real server: the wait ends
+on whichever comes first, and a live stream that arrives while a slow sink works is delivered
+whole, in order, once, and acknowledged exactly (a next run gets nothing again).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+import uuid
+
+import psycopg
+import pytest
+from clitools import CHANGEFEED, json_lines
+from feeds import FAST_RETRY, make_feed, start
+
+from changefeed import get_changefeed
+from changefeed.pipelines import JsonLinesSink, Pipeline, to_delta
+from changefeed.pipelines.sinks import Batch
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+def tasks(pg):
+    pg.execute("CREATE TABLE tasks (id int PRIMARY KEY, title text)")
+    return pg
+
+
+def test_the_wait_ends_on_the_workers_pipe_or_the_source_whichever_comes_first(pg_dsn, tasks):
+    feed = make_feed(pg_dsn, "tasks")
+    start(feed)
+    workers, confirm = os.pipe()  # the workers' confirmations: read end, write end
+    ticks = feed.changes(ticks=True, timeout=60)
+    try:
+        assert next(ticks) is None  # caught up: nothing at hand
+
+        def quiet() -> None:  # read what the server sent since (a keepalive), until nothing
+            while feed.wait_for_source(0.0, workers):
+                assert next(ticks) is None
+
+        quiet()
+        # The workers answer first: the wait ends on their pipe, not at the server's next
+        # keepalive (tens of seconds away), and says the source has nothing.
+        os.write(confirm, b"c")
+        assert feed.wait_for_source(None, workers) is False
+        assert os.read(workers, 1) == b"c"
+        assert feed.wait_for_source(0.0, workers) is False  # neither, in the time given
+        # The source sends first: the wait says so, and the change is read next.
+        tasks.execute("INSERT INTO tasks VALUES (1, 'one')")
+        assert feed.wait_for_source(None, workers) is True
+        change = next(item for item in ticks if item is not None)
+        assert change.key == {"id": 1}
+        feed.ack(change.position)
+        quiet()
+        # Both at once: the source's news is what counts (read on), the pipe stays readable.
+        tasks.execute("INSERT INTO tasks VALUES (2, 'two')")
+        silent, unused = os.pipe()
+        try:
+            assert feed.wait_for_source(None, silent) is True  # the server sent it
+        finally:
+            os.close(silent)
+            os.close(unused)
+        os.write(confirm, b"c")
+        assert feed.wait_for_source(None, workers) is True
+        assert next(item for item in ticks if item is not None).key == {"id": 2}
+    finally:
+        ticks.close()
+        os.close(workers)
+        os.close(confirm)
+
+
+class SlowSink(JsonLinesSink):
+    """A file sink that takes its time over each batch (a remote sink would), so that the
+    feed meets busy workers at its idle moments."""
+
+    def write_batch(self, batch: Batch) -> None:
+        time.sleep(0.02)
+        super().write_batch(batch)
+
+
+def write_live(dsn: str, transactions: int, rows: int, started: threading.Event) -> None:
+    """``transactions`` commits of ``rows`` inserts each, spread out as a live stream."""
+    started.wait(30)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for number in range(transactions):
+            with conn.transaction():
+                conn.execute(
+                    "INSERT INTO tasks SELECT g, 'task ' || g FROM generate_series(%s::int,"
+                    " %s::int) g", [number * rows + 1, (number + 1) * rows])
+            time.sleep(0.005)  # the pace of the writes, not a wait for anything
+
+
+@pytest.mark.parametrize("batching", [{}, {"batch_size": 7}], ids=["default", "batch_size=7"])
+def test_a_live_stream_through_busy_workers_is_delivered_whole_in_order_once(
+    pg_dsn, tasks, tmp_path, batching
+):
+    slot = f"wake_{uuid.uuid4().hex[:8]}"
+    out = tmp_path / "out.jsonl"
+
+    def pipeline() -> Pipeline:
+        feed = get_changefeed(pg_dsn, "tasks", slot=slot, retry=FAST_RETRY)
+        return Pipeline(feed, [to_delta()], sink=SlowSink(out), processes=True, **batching)
+
+    pipeline().run(idle_timeout=0.3, timeout=20)  # the slot exists: every commit is streamed
+    started = threading.Event()
+    transactions, rows = 40, 13
+    writer = threading.Thread(target=write_live, args=(pg_dsn, transactions, rows, started))
+    writer.start()
+    started.set()
+    try:
+        handled = pipeline().run(limit=transactions * rows, timeout=60)
+    finally:
+        writer.join()
+    assert handled == transactions * rows
+    delivered = [json.loads(line)["data"]["id"] for line in out.read_text().splitlines()]
+    assert delivered == list(range(1, transactions * rows + 1))
+    # Acknowledged exactly: a next run finds nothing to deliver again.
+    assert pipeline().run(idle_timeout=0.5, timeout=20) == 0
+
+
+def test_the_feed_s_own_lines_cross_to_busy_workers_whole_in_order_once(pg_dsn, tasks, tmp_path):
+    # ``--where`` with a file sink and ``--processes``: batches of the feed's lines cross.
+    slot = f"wake_{uuid.uuid4().hex[:8]}"
+    out = tmp_path / "out.jsonl"
+    argv = [*CHANGEFEED, "run", "tasks", "--url", pg_dsn, "--slot", slot, "--where", "id > 0",
+            "--sink", str(out), "--processes", "--quiet"]
+    subprocess.run([*argv, "--idle-timeout", "0.3"], check=True, timeout=60)
+    started = threading.Event()
+    transactions, rows = 60, 29
+    writer = threading.Thread(target=write_live, args=(pg_dsn, transactions, rows, started))
+    writer.start()
+    started.set()
+    try:
+        subprocess.run([*argv, "--limit", str(transactions * rows)], check=True, timeout=60)
+    finally:
+        writer.join()
+    ids = [line["data"]["id"] for line in json_lines(out.read_text())]
+    assert ids == list(range(1, transactions * rows + 1))
+    subprocess.run([*argv, "--idle-timeout", "0.5"], check=True, timeout=60)
+    assert len(out.read_text().splitlines()) == transactions * rows  # nothing came again
