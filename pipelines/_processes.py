@@ -26,9 +26,11 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import queue
+import select
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import multipipes
@@ -206,6 +208,17 @@ class _WorkerNode(multipipes.Node):
             self.target.close()
 
 
+def _readable(reader: multiprocessing.connection.Connection) -> Callable[[float], bool]:
+    """Whether ``reader`` has something to read, waiting up to the seconds given: one
+    ``poll`` system call on a poll object made once (the connection's own ``poll`` builds a
+    selector on every call), or that ``poll`` where ``select.poll`` is missing (Windows)."""
+    if not hasattr(select, "poll"):
+        return reader.poll
+    poller = select.poll()
+    poller.register(reader.fileno(), select.POLLIN)
+    return lambda seconds: bool(poller.poll(seconds * 1000))
+
+
 class PipelineParts(Protocol):
     """What a multi-process output needs of its pipeline (`Pipeline` has it)."""
 
@@ -267,7 +280,9 @@ class MultiProcessOutput(Output):
         ]
         self.mp_pipeline = multipipes.Pipeline([self.inqueue, *self.nodes, self.outqueue])
         # The pipe the confirmations come through, to wait on with the source's socket.
-        self.confirmations = self.outqueue._reader.fileno()  # type: ignore[attr-defined]
+        reader = self.outqueue._reader  # type: ignore[attr-defined]
+        self.confirmations = reader.fileno()
+        self.confirmations_ready = _readable(reader)
         try:
             self.mp_pipeline.start()  # before the feed connects: the workers share no socket
         except BaseException:
@@ -389,16 +404,22 @@ class MultiProcessOutput(Output):
     def _receive(self, timeout: float) -> None:
         """Confirm what the workers sent back, waiting up to ``timeout`` seconds for the first;
         raise a worker's failure."""
+        # One poll of the pipe first: the queue's own check of it builds a selector each
+        # time (~3,000 empty checks per 200,000 changes, more than the messages themselves).
+        ready = self.confirmations_ready
         outqueue = self.outqueue
+        if not ready(timeout):
+            return
         try:
-            message = outqueue.get(timeout=timeout) if timeout else outqueue.get_nowait()
             while True:
+                message = outqueue.get_nowait()
                 if isinstance(message, _Failure):
                     raise message.error()
                 self.confirmed += message.count
                 self.last_progress = time.monotonic()
                 self.confirm(message.position, message.count)
-                message = outqueue.get_nowait()
+                if not ready(0.0):
+                    return
         except queue.Empty:
             pass
 
