@@ -296,9 +296,11 @@ class MultiProcessOutput(Output):
         chunk.append(change)
         if change.__class__ is Lines:  # a batch of the feed's own lines (`prefer_lines`)
             self.chunk_lines += change.count - 1
-        if (len(chunk) + self.chunk_lines >= self.chunk_size
-                or time.monotonic() - self.chunk_started >= self.seconds):
-            self._send(flush=False)
+        full = len(chunk) + self.chunk_lines >= self.chunk_size
+        if full or time.monotonic() - self.chunk_started >= self.seconds:
+            # A chunk that waited its batch's time (held while the workers were busy) is
+            # delivered at once: the sink's process would otherwise start its wait anew.
+            self._send(flush=not full)
             # Confirmations only follow sends: polling the queue costs ~6 µs, more than
             # decoding a change, so poll per chunk (and on idle ticks).
             self._drain()
@@ -407,9 +409,9 @@ class MultiProcessOutput(Output):
         # One poll of the pipe first: the queue's own check of it builds a selector each
         # time (~3,000 empty checks per 200,000 changes, more than the messages themselves).
         ready = self.confirmations_ready
-        outqueue = self.outqueue
         if not ready(timeout):
             return
+        outqueue = self.outqueue
         try:
             while True:
                 message = outqueue.get_nowait()

@@ -19,7 +19,7 @@ import pytest
 from clitools import CHANGEFEED, json_lines
 from feeds import FAST_RETRY, make_feed, start
 
-from changefeed import get_changefeed
+from changefeed import get_changefeed, testing
 from changefeed.pipelines import JsonLinesSink, Pipeline, to_delta
 from changefeed.pipelines.sinks import Batch
 
@@ -144,3 +144,30 @@ def test_the_feed_s_own_lines_cross_to_busy_workers_whole_in_order_once(pg_dsn, 
     assert ids == list(range(1, transactions * rows + 1))
     subprocess.run([*argv, "--idle-timeout", "0.5"], check=True, timeout=60)
     assert len(out.read_text().splitlines()) == transactions * rows  # nothing came again
+
+
+class Sent(list):
+    """Stands in for the queue to the workers: what the feed's process sends, in order."""
+
+    def put(self, chunk) -> None:
+        self.append((len(chunk), chunk.flush))
+
+
+def test_a_chunk_that_waited_its_batch_s_time_goes_to_be_delivered_at_once():
+    # A chunk held while the workers were busy can reach its batch's age before it is full:
+    # it goes with ``flush`` (the sink's process delivers it at once, instead of starting the
+    # batch's wait anew); a full chunk goes without (the sink's process batches it as due).
+    feed = testing.MemoryFeed("tasks", changes=[])
+    pipeline = Pipeline(feed, sink=testing.ListSink(), processes=True, batch_size=3,
+                        batch_seconds=5.0)
+    output = pipeline.output()
+    output.confirm = lambda position, count: None
+    sent = output.inqueue = Sent()  # no workers: only what is sent is looked at
+    output.nodes = []
+    output.confirmations_ready = lambda seconds: False  # nothing comes back
+    for number in range(1, 4):
+        output.put(testing.insert("tasks", {"id": number}))
+    output.put(testing.insert("tasks", {"id": 4}))
+    output.chunk_started -= 5.0  # as if it had been held for its batch's time
+    output.put(testing.insert("tasks", {"id": 5}))
+    assert sent == [(3, False), (2, True)]
