@@ -93,8 +93,8 @@ class Backfills:
         self.save = save
         self.read_rows = CopyReader()
         self.line_format: tuple[str, Any] | None = None
-        """(format, delta model) when the feed hands out ready lines (`prefer_lines`): chunks of
-        tables with a key are then read as JSON and come out as `Lines` (the compiled path)."""
+        """(format, delta model) when the feed hands out ready lines (`prefer_lines`): chunks are
+        then read as JSON and come out as `Lines` (the compiled path)."""
         self.queue: deque[TableBackfill] = deque()
         self.window: ChunkWindow | None = None
         self.finished: deque[FinishedChunk] = deque()

@@ -37,9 +37,9 @@ def read_chunk(
     helper: ChunkHelper | None = None,
 ) -> ChunkWindow:
     """The next chunk of ``backfill`` as an open window (its watermark not written yet): at
-    most ``chunk_size`` rows, holding about ``chunk_bytes`` of memory at most; ``lines``: a
-    table with a key is read as JSON for the direct path (`CopyParser.read_lines`, with its
-    keys' JSON if ``keys_json``). With a ``helper``, a table with a key is read in two
+    most ``chunk_size`` rows, holding about ``chunk_bytes`` of memory at most; ``lines``: read
+    as JSON for the direct path (`CopyParser.read_lines`, with its keys' JSON if
+    ``keys_json``). With a ``helper``, a table with a key is read in two
     halves at once (`_read_in_two`)."""
     if backfill.estimate == 0:
         backfill.estimate = _estimate(conn, backfill.source)
@@ -67,7 +67,8 @@ def read_chunk(
         def read_range(rows: int | None) -> CopiedChunk:
             query = backfill.ctid_query(chunk.leaf.name, shape.columns, chunk.after,
                                         chunk.upper, rows)
-            return reader(conn, query, shape, limit=limit, max_bytes=copy_bytes)
+            return reader(conn, query, shape, limit=limit, max_bytes=copy_bytes, lines=lines,
+                          keys_json=keys_json)
 
         from_page_start = parse_tid(chunk.after)[1] == 0
         copied = read_range(None) if from_page_start else None

@@ -112,8 +112,8 @@ cdef class CopyParser:
     def read_lines(self, pgconn, Py_ssize_t limit, Py_ssize_t max_bytes, bint keys_json=True):
         """The direct path's `read`: the rows as JSON (`CopiedLines`), not dicts; their keys'
         JSON only if ``keys_json`` (the change format's lines need it, the delta format's do
-        not): (lines, the last line, the bytes read, whether the COPY ended). Only for tables
-        with a key."""
+        not; without key, a row's key is the whole row): (lines, the last line, the bytes
+        read, whether the COPY ended)."""
         cdef CopiedLines lines = CopiedLines.__new__(CopiedLines, self.plan, keys_json)
         nbytes, finished = self.read_rows(pgconn, limit, max_bytes, None, lines)
         return lines, self.key_bytes(), nbytes, finished
