@@ -3,9 +3,12 @@
 A table of 1,000,000 rows on a throwaway local cluster. Two references, through psql into
 /dev/null: ``COPY big TO STDOUT`` is the limit (the server formats the rows in table order,
 nothing decodes them); the chunk queries, ``COPY (SELECT ... WHERE key > ... ORDER BY key LIMIT
-n) TO STDOUT`` one after the other exactly as the feed sends them, are the server's own cost of
-reading the table in key order, in chunks. changefeed reads those chunks between watermarks
-(see `changefeed.backends.postgres.backfill`) through COPY and writes JSON lines to /dev/null.
+n) TO STDOUT`` one after the other on one connection, are the server's own cost of reading the
+table in key order, in chunks. changefeed reads those chunks between watermarks (see
+`changefeed.backends.postgres.backfill`) through COPY, each in two halves at once on two
+connections, and writes JSON lines to /dev/null. Its start-up (interpreter, imports, the slot,
+the first chunk: the same run with ``--limit 1``) is measured too, and set apart in a second
+ratio, the rate of the reads themselves.
 All run as child processes, timed from start to exit, in alternating order; the best and the
 median rounds are compared. The peak RSS of changefeed shows that a snapshot holds one chunk,
 not the table. ``--reference`` runs another checkout's changefeed (its venv's python, e.g.
@@ -74,7 +77,7 @@ def main() -> None:
             chunks.write_text(chunk_script(conn, args.rows, size))
         print(f"table: {args.rows:,} rows, chunks of {size:,} rows"
               f" ({'--chunk-size' if args.chunk_size else 'by the feed memory budget'})")
-        kinds: tuple[str, ...] = ("copy", "chunks", "changefeed")
+        kinds: tuple[str, ...] = ("copy", "chunks", "changefeed", "start-up")
         if args.reference:
             kinds += ("reference",)
         results: dict[str, list[float]] = {kind: [] for kind in kinds}
@@ -86,6 +89,10 @@ def main() -> None:
                     argv = [psql, "-d", dsn, "-q", "-c", "COPY big TO STDOUT"]
                 elif kind == "chunks":
                     argv = [psql, "-d", dsn, "-q", "-f", str(chunks)]
+                elif kind == "start-up":  # the same run to its first row: no snapshot's reads
+                    argv = [sys.executable, "-P", "-m", "changefeed", "run", "big", "--url",
+                            dsn, "--slot", f"startup_{number}", "--prefeed", "snapshot",
+                            "--limit", "1", "--quiet"]
                 else:
                     # -P: the package that python's venv installs, not the one in this folder
                     python = sys.executable if kind == "changefeed" else args.reference
@@ -98,19 +105,26 @@ def main() -> None:
                 results[kind].append(seconds)
                 if kind in peaks:
                     peaks[kind].append(peak_kb)
-                print(f"round {number + 1}: {kind:10} {seconds:6.2f} s"
-                      f"  {args.rows / seconds:10,.0f} rows/s  (CPU {cpu:.2f} s)")
+                rate = f"{args.rows / seconds:10,.0f} rows/s" if kind != "start-up" else " " * 17
+                print(f"round {number + 1}: {kind:10} {seconds:6.2f} s  {rate}  (CPU {cpu:.2f} s)")
         chunks.unlink()
         median = {kind: statistics.median(results[kind]) for kind in kinds}
         best = {kind: min(results[kind]) for kind in kinds}
+        rates = [kind for kind in kinds if kind != "start-up"]
         print(f"\nmedians of {args.rounds}: " + ", ".join(
-            f"{kind} {args.rows / median[kind]:,.0f} rows/s" for kind in kinds))
+            f"{kind} {args.rows / median[kind]:,.0f} rows/s" for kind in rates))
         print("best: " + ", ".join(f"{kind} {args.rows / best[kind]:,.0f} rows/s"
-                                    for kind in kinds))
+                                    for kind in rates))
         print(f"ratio changefeed / COPY: {median['copy'] / median['changefeed']:.2f} (medians),"
               f" {best['copy'] / best['changefeed']:.2f} (best)")
         print(f"ratio changefeed / chunk queries: {median['chunks'] / median['changefeed']:.2f}"
               f" (medians); chunk queries / COPY: {median['copy'] / median['chunks']:.2f}")
+        # What start-up costs once (the interpreter, imports, connections, the slot, the first
+        # chunk), set apart: the rate of the snapshot's reads themselves.
+        reading = median["changefeed"] - median["start-up"]
+        print(f"start-up (a run to its first row): {median['start-up']:.2f} s; changefeed's"
+              f" reads after it: {args.rows / reading:,.0f} rows/s,"
+              f" {median['copy'] / reading:.2f}x of COPY")
         if args.reference:
             print(f"ratio reference / COPY: {median['copy'] / median['reference']:.2f}"
                   f" (medians); changefeed / reference: "

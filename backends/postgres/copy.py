@@ -68,6 +68,7 @@ class CopyShape:
     columns: tuple[str, ...]
     type_oids: tuple[int, ...]
     key_indexes: tuple[int, ...]
+    """The columns of a row's key (every column, for a table without key)."""
     key_fields: tuple[int, ...]
     """The field of a COPY row holding each key value's text (the ctid's, without key)."""
     leading: int = 0
@@ -114,7 +115,9 @@ def copy_shape(
     leading = len(cast_keys) if key else 1
     key_fields = tuple(cast_keys.index(column) if column in cast_keys
                        else leading + columns.index(column) for column in key) or (0,)
-    indexes = tuple(columns.index(column) for column in key if column in columns)
+    # The key's columns among those sent; without key, the key is the whole row (`key_of`).
+    indexes = (tuple(columns.index(column) for column in key if column in columns) if key
+               else tuple(range(len(columns))))
     version = schema_version(list(columns), [_TYPE.pack(row[2], row[3]) for row in sent])
     return CopyShape(name, columns, tuple(row[2] for row in sent), indexes, key_fields,
                      leading, cast_keys, schema_version=version, key_names=tuple(key),
@@ -238,7 +241,7 @@ class CopyReader:
     ) -> CopiedChunk:
         """The rows of ``query``, at most ``limit`` (its ``LIMIT``, or the COPY cut here),
         fewer once they hold about ``max_bytes`` of text. ``conn``: an autocommit connection,
-        idle. ``lines``: as JSON for the direct path (compiled only, tables with a key:
+        idle. ``lines``: as JSON for the direct path (compiled only:
         `CopyParser.read_lines`; the keys' JSON too if ``keys_json``)."""
         check()
         parser = self.parser(conn, shape)
