@@ -5,7 +5,10 @@ entries cross the boundaries, packed compactly (`_crossing._Chunk`; the feed's p
 no stage, packs its changes without making entries), each process runs its stages on a chunk at
 a time, and the sink's process sends confirmations back to the feed's
 process, which alone acknowledges, in order, and waits for them through
-`changefeed.delivery.SinkWait` (the source answered, a stop a few seconds at most).
+`changefeed.delivery.SinkWait` (the source answered, a stop a few seconds at most). Between two
+reads, a feed whose workers are busy waits on their confirmations and the source at once
+(`ChangeFeed.wait_for_source`): it reads on into the chunk it holds if the source sends first,
+and sends it the moment the workers are free, so chunks grow to what the workers take.
 
 A stage's process may run in several copies (``own_process(stage, workers=N)``, ``changefeed
 run --workers N``), for stages that cost more CPU than one core gives: the copies take chunks
