@@ -268,6 +268,8 @@ class PostgresChangeFeed(StreamLoop, StructureReactions, ChangeFeed):
         stream = self._stream
         if stream is None or not stream.usable or self._replication is None:
             return None
+        if self._backfills.due:  # the next chunk of a back-fill is the loop's to read now
+            return True
         return stream.wait_either(timeout, fd)
 
     @property

@@ -16,8 +16,9 @@ import uuid
 
 import psycopg
 import pytest
-from clitools import CHANGEFEED, json_lines
+from clitools import CHANGEFEED, json_lines, run_cli, start_cli
 from feeds import FAST_RETRY, make_feed, start
+from waiting import wait_until
 
 from changefeed import get_changefeed, testing
 from changefeed.pipelines import JsonLinesSink, Pipeline, to_delta
@@ -171,3 +172,31 @@ def test_a_chunk_that_waited_its_batch_s_time_goes_to_be_delivered_at_once():
     output.chunk_started -= 5.0  # as if it had been held for its batch's time
     output.put(testing.insert("tasks", {"id": 5}))
     assert sent == [(3, False), (2, True)]
+
+
+@pytest.mark.parametrize("stage", [["--where", "id > 0"], ["--stage", "slow_stage:slow"]],
+                         ids=["feed-lines", "slow-stage"])
+def test_a_back_fill_through_busy_workers_reads_every_chunk(pg_dsn, tasks, tmp_path, stage):
+    # A back-fill's next chunk is the feed's own work, not the socket's: an idle feed whose
+    # workers are busy reads it at once (`wait_for_source` says the source has more).
+    tasks.execute("INSERT INTO tasks SELECT g, 'task ' || g FROM generate_series(1, 1200) g")
+    slot = f"wake_{uuid.uuid4().hex[:8]}"
+    out = tmp_path / "out.jsonl"
+    (tmp_path / "slow_stage.py").write_text(
+        "import time\n\ndef slow(change):\n    time.sleep(0.001)\n    return change\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    start(make_feed(pg_dsn, "tasks", slot=slot))
+    with start_cli("run", "tasks", "--slot", slot, "--url", pg_dsn, "--format", "change",
+                   "--chunk-size", "100", *stage, "--sink", str(out), "--processes",
+                   env=env) as process:
+        process.wait_streaming()
+        requested = run_cli("backfill", "tasks", "--slot", slot, "--url", pg_dsn)
+        assert requested.returncode == 0, requested.stderr
+        process.wait_for_stderr("snapshot of public.tasks: done, 1,200 rows", timeout=60)
+        tasks.execute("INSERT INTO tasks VALUES (1201, 'after')")
+        wait_until(lambda: out.exists() and b'"id":1201' in out.read_bytes().replace(b" ", b""),
+                   "the change after the back-fill in the sink's file", timeout=60)
+        process.stop()
+    items = json_lines(out.read_text())
+    assert [item["key"]["id"] for item in items if item.get("snapshot")] == list(range(1, 1201))
+    assert items[-1]["key"] == {"id": 1201}
