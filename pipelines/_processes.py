@@ -33,6 +33,7 @@ import select
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -262,6 +263,11 @@ class MultiProcessOutput(Output):
         self.sent = 0
         self.confirmed = 0
         self.chunks_sent = 0
+        self.unconfirmed: deque[int] = deque()
+        """For each chunk sent and not confirmed yet, ``sent`` once it went."""
+        self.queued_enough = max(pipeline._workers) + 1
+        """Chunks in flight at which an idle feed holds the next one while the source sends:
+        one for each copy of the busiest process to work on, and one queued behind them."""
         """How many chunks were sent: the next one's ``seq``."""
         self.last_alive_check = time.monotonic()
         self.last_progress = time.monotonic()
@@ -310,11 +316,13 @@ class MultiProcessOutput(Output):
 
     def idle(self) -> None:
         if self.chunk:
-            if self.sent > self.confirmed and self._source_first():
-                # The workers are still on the last chunk and the source sent more: read it
-                # into this chunk, which goes at the next idle moment the workers are free
-                # (or once full). Chunks grow to what the workers take per wake-up instead
-                # of one per read, and the feed never sits idle while the source has more.
+            self._receive(0.0)
+            if len(self.unconfirmed) >= self.queued_enough and self._source_first():
+                # The workers are busy and have the next chunk queued already, and the source
+                # sent more: read it into this chunk, which goes at the next idle moment one of
+                # those is confirmed (or once full). Chunks grow to what the workers take per
+                # wake-up instead of one per read, the feed never sits idle while the source
+                # has more, and a worker that is done never waits for the feed's next send.
                 return
             self._send(flush=True)
         # Caught up with the source. If the workers are slow, wait for them here, where
@@ -356,6 +364,8 @@ class MultiProcessOutput(Output):
                 self.last_progress = time.monotonic()
             chunk.seq = self.chunks_sent
             self.chunks_sent += 1
+            if count:  # nothing to confirm otherwise
+                self.unconfirmed.append(self.sent + count)
             self.inqueue.put(chunk)  # a failure with it: raised after its entries
             self.sent += count
         if failure is not None:
@@ -368,7 +378,7 @@ class MultiProcessOutput(Output):
     def _source_first(self) -> bool:
         """Wait until the workers confirm what they hold or the source sends more, whichever
         comes first (at most `WAIT_STEP`: the chunk then goes anyway); True if the source did
-        while the workers are still busy. One wait on both (`ChangeFeed.wait_for_source`), no
+        while the workers still hold enough. One wait on both (`ChangeFeed.wait_for_source`), no
         fixed sleep: a live stream's chunk goes the moment the workers are free. A feed that
         cannot wait on its source gives the workers `IDLE_WAIT` instead."""
         wait = getattr(self.feed, "wait_for_source", None)
@@ -377,7 +387,7 @@ class MultiProcessOutput(Output):
             self._receive(IDLE_WAIT)
             return False
         self._receive(0.0)
-        return source and self.sent > self.confirmed
+        return source and len(self.unconfirmed) >= self.queued_enough
 
     def _drain(self, until_all: bool = False, expect_failure: bool = False) -> None:
         """Handle the confirmations that arrived; wait while too much is in flight, or (with
@@ -421,6 +431,9 @@ class MultiProcessOutput(Output):
                 if isinstance(message, _Failure):
                     raise message.error()
                 self.confirmed += message.count
+                unconfirmed = self.unconfirmed
+                while unconfirmed and unconfirmed[0] <= self.confirmed:
+                    unconfirmed.popleft()
                 self.last_progress = time.monotonic()
                 self.confirm(message.position, message.count)
                 if not ready(0.0):

@@ -22,6 +22,7 @@ from waiting import wait_until
 
 from changefeed import get_changefeed, testing
 from changefeed.pipelines import JsonLinesSink, Pipeline, to_delta
+from changefeed.pipelines._steps import _Confirmed
 from changefeed.pipelines.sinks import Batch
 
 pytestmark = pytest.mark.postgres
@@ -200,3 +201,51 @@ def test_a_back_fill_through_busy_workers_reads_every_chunk(pg_dsn, tasks, tmp_p
     items = json_lines(out.read_text())
     assert [item["key"]["id"] for item in items if item.get("snapshot")] == list(range(1, 1201))
     assert items[-1]["key"] == {"id": 1201}
+
+
+class SourceWithMore:
+    """A feed whose source always has more at hand (what `wait_for_source` says)."""
+
+    stopping = False
+
+    def wait_for_source(self, timeout, fd) -> bool:
+        return True
+
+    def keep_alive(self) -> None:
+        pass
+
+
+class Confirmations:
+    """Stands in for the queue of confirmations: what the test lets the workers confirm."""
+
+    def __init__(self) -> None:
+        self.waiting: list[_Confirmed] = []
+
+    def ready(self, seconds: float) -> bool:
+        return bool(self.waiting)
+
+    def get_nowait(self) -> _Confirmed:
+        return self.waiting.pop(0)
+
+
+def test_an_idle_feed_queues_one_chunk_behind_busy_workers_then_reads_on():
+    # Idle with nothing in flight, or one chunk (a worker on it): the chunk goes at once, to
+    # wait in the queue (a worker that is done never waits for the feed's next send). Idle
+    # with two in flight while the source has more: the feed holds it and reads on, until one
+    # of them is confirmed.
+    feed = testing.MemoryFeed("tasks", changes=[])
+    output = Pipeline(feed, sink=testing.ListSink(), processes=True).output()
+    output.feed = SourceWithMore()
+    output.confirm = lambda position, count: None
+    sent = output.inqueue = Sent()
+    confirmations = output.outqueue = Confirmations()
+    output.confirmations_ready = confirmations.ready
+    output.confirmations, output.nodes = -1, []
+    for number in (1, 2, 3, 4):
+        output.put(testing.insert("tasks", {"id": number}))
+        output.idle()
+    assert sent == [(1, True), (1, True)]  # the third and fourth are held, in one chunk
+    confirmations.waiting.append(_Confirmed(None, 1))  # the first chunk is delivered
+    output.idle()
+    assert sent == [(1, True), (1, True), (2, True)]
+    assert not output.chunk
