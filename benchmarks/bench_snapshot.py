@@ -3,13 +3,12 @@
 A table of 1,000,000 rows on a throwaway local cluster. Two references, through psql into
 /dev/null: ``COPY big TO STDOUT`` is the limit (the server formats the rows in table order,
 nothing decodes them); the chunk queries, ``COPY (SELECT ... WHERE key > ... ORDER BY key LIMIT
-n) TO STDOUT`` one after the other on one connection, are the server's own cost of reading the
-table in key order, in chunks. changefeed reads those chunks between watermarks (see
-`changefeed.backends.postgres.backfill`) through COPY, each in two halves at once on two
-connections, and writes JSON lines to /dev/null. Its start-up (interpreter, imports, the slot,
-the first chunk: the same run with ``--limit 1``) is measured too, and set apart in a second
-ratio, the rate of the reads themselves.
-All run as child processes, timed from start to exit, in alternating order; the best and the
+n) TO STDOUT`` one after the other exactly as the feed sends them, are the server's own cost of
+reading the table in key order, in chunks. changefeed reads those chunks between watermarks
+(see `changefeed.backends.postgres.backfill`) through COPY and writes JSON lines to /dev/null.
+Its start-up (interpreter, imports, the slot, the first chunk: the same run with ``--limit 1``)
+is measured too, and set apart in a second ratio, the rate of the reads themselves. All run as
+child processes, timed from start to exit, in alternating order; the best and the
 median rounds are compared. The peak RSS of changefeed shows that a snapshot holds one chunk,
 not the table. ``--reference`` runs another checkout's changefeed (its venv's python, e.g.
 main's) in the same rounds, to compare two versions under the same load.

@@ -23,7 +23,7 @@ from psycopg import sql
 from psycopg.pq import TransactionStatus
 
 from changefeed.backends.postgres import catalog
-from changefeed.backends.postgres.backfill_reads import ChunkHelper, read_chunk
+from changefeed.backends.postgres.backfill_reads import read_chunk
 from changefeed.backends.postgres.chunks import (
     BACKFILL_PREFIX,
     RECENT_SECONDS,
@@ -78,13 +78,8 @@ class Backfills:
         self, slot: str, tables: WatchedTables, connection: Callable[[], psycopg.Connection],
         *, chunk_size: int, markers: bool, save: Callable[[dict[str, Any]], None],
         chunk_bytes: int = CHUNK_BYTES,
-        connect: Callable[[], psycopg.Connection] | None = None,
     ) -> None:
         self.slot = slot
-        self.connect = connect
-        """Opens another connection: a helper's, for chunks read in two (None: never)."""
-        self._helper: ChunkHelper | None = None
-        self._helper_refused = False
         self.tables = tables
         self.connection = connection
         self.chunk_size = chunk_size
@@ -225,34 +220,7 @@ class Backfills:
         line_format = self.line_format
         return read_chunk(conn, backfill, self.read_rows, chunk_size=self.chunk_size,
                           chunk_bytes=self.chunk_bytes, lines=line_format is not None,
-                          keys_json=line_format is None or line_format[0] != "delta",
-                          helper=None if backfill.by_ctid else self.helper())
-
-    def helper(self) -> ChunkHelper | None:
-        """The helper connection that reads the second half of key chunks (`read_chunk`),
-        opened on first use; None without a way to connect, or once the server refused one
-        (the chunks are then read whole on the feed's connection, as fast as one backend
-        reads)."""
-        helper = self._helper
-        if helper is not None and not helper.conn.closed:
-            return helper
-        if self.connect is None or self._helper_refused:
-            return None
-        try:
-            conn = self.connect()
-        except (psycopg.Error, BackendError) as exc:
-            self._helper_refused = True
-            log.warning("snapshot chunks are read on one connection: a second was refused"
-                        " (%s)", first_line(exc))
-            return None
-        self._helper = ChunkHelper(conn, CopyReader())
-        return self._helper
-
-    def close(self) -> None:
-        """Close the helper connection, if open (the feed closes its own connections)."""
-        helper, self._helper = self._helper, None
-        if helper is not None and not helper.conn.closed:
-            helper.conn.close()
+                          keys_json=line_format is None or line_format[0] != "delta")
 
     def _emit(self, conn: psycopg.Connection, watermark: str, mark: str) -> None:
         content = json.dumps({"slot": self.slot, "id": watermark, "mark": mark})
@@ -316,8 +284,6 @@ class Backfills:
         if window.complete:
             self.queue.popleft()
             self._names = {queued.table: queued for queued in self.queue}
-            if not self.queue:
-                self.close()
         else:
             backfill.after = window.last_key
         self.finished.append(FinishedChunk(
@@ -377,8 +343,6 @@ class Backfills:
         """The stream restarts (reconnect): an open window and unconfirmed chunks are lost;
         their tables continue from the last recorded chunk."""
         self.window = None
-        self.close()  # its server may have gone with the stream's
-        self._helper_refused = False
         lost = list(self.finished)
         self.finished.clear()
         for chunk in reversed(lost):

@@ -8,11 +8,7 @@ The reads adapt to what they find: a chunk's LIMIT to the memory its rows hold
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import threading
 import uuid
-from typing import NamedTuple, Protocol
 
 import psycopg
 from psycopg import sql
@@ -26,21 +22,16 @@ from changefeed.backends.postgres.chunks import (
     parse_tid,
 )
 from changefeed.backends.postgres.copy import CopiedChunk, CopyReader, copy_shape, limit_for
-from changefeed.errors import first_line
-
-log = logging.getLogger("changefeed.postgres")
 
 
 def read_chunk(
     conn: psycopg.Connection, backfill: TableBackfill, reader: CopyReader, *, chunk_size: int,
     chunk_bytes: int, lines: bool = False, keys_json: bool = True,
-    helper: ChunkHelper | None = None,
 ) -> ChunkWindow:
     """The next chunk of ``backfill`` as an open window (its watermark not written yet): at
     most ``chunk_size`` rows, holding about ``chunk_bytes`` of memory at most; ``lines``: read
     as JSON for the direct path (`CopyParser.read_lines`, with its keys' JSON if
-    ``keys_json``). With a ``helper``, a table with a key is read in two
-    halves at once (`_read_in_two`)."""
+    ``keys_json``)."""
     if backfill.estimate == 0:
         backfill.estimate = _estimate(conn, backfill.source)
     shape = copy_shape(conn, backfill.oid, backfill.table, backfill.key, backfill.source)
@@ -83,17 +74,10 @@ def read_chunk(
         complete = whole and chunk.last and chunk.upper >= chunk.leaf.pages
         storage = chunk.leaf.storage
     else:
-        def read_keys(connection: psycopg.Connection, read: CopyReader, rows: int, skip: int,
-                      budget: int) -> CopiedChunk:
-            query = backfill.chunk_query(sql.SQL(shape.source), shape.columns, rows,
-                                         shape.cast_keys, skip)
-            return read(connection, query, shape, limit=rows, max_bytes=budget, lines=lines,
+        query = backfill.chunk_query(sql.SQL(shape.source), shape.columns, limit,
+                                     shape.cast_keys)
+        copied = reader(conn, query, shape, limit=limit, max_bytes=copy_bytes, lines=lines,
                         keys_json=keys_json)
-
-        if helper is None or limit < 2:
-            copied = read_keys(conn, reader, limit, 0, copy_bytes)
-        else:
-            copied = _read_in_two(read_keys, backfill, conn, reader, helper, limit, copy_bytes)
         _measured(backfill, copied)
         got, ended, last = copied.rows, copied.ended, copied.last_key
         last_key = last if len(got) else backfill.after
@@ -101,78 +85,6 @@ def read_chunk(
         storage = None
     return ChunkWindow(backfill, watermark, got, last_key, complete=complete, storage=storage,
                        version=shape.schema_version, lines=copied.lines)
-
-
-class ChunkHelper(NamedTuple):
-    """A second connection (autocommit, idle) and its reader, for the second half of chunks
-    read in two."""
-
-    conn: psycopg.Connection
-    reader: CopyReader
-
-
-class ReadKeys(Protocol):
-    def __call__(self, connection: psycopg.Connection, read: CopyReader, rows: int, skip: int,
-                 budget: int) -> CopiedChunk: ...
-
-
-def _read_in_two(
-    read_keys: ReadKeys, backfill: TableBackfill, conn: psycopg.Connection, reader: CopyReader,
-    helper: ChunkHelper, limit: int, copy_bytes: int,
-) -> CopiedChunk:
-    """A chunk of a table with a key read as two queries at once, on two connections, so
-    that the server reads it on two cores. The first reads the chunk's first half; the second
-    skips all of it but its last row and reads on from there. When both hold that row, they
-    meet: together they are every row from the chunk's start to the second's end, each read
-    by one statement after the window opened, which is all a window asks. When they do not
-    (rows of the first half inserted or deleted between the two statements, the first cut at
-    its byte budget, the table ended in it), the second is dropped and the chunk is the
-    first's rows. A failure of the second read only costs its rows: the helper's connection
-    is closed (a new one is opened for the next chunk)."""
-    first = (limit + 1) // 2
-    first_bytes = max(1, copy_bytes * first // limit)
-    outcome: list[CopiedChunk | BaseException] = []
-
-    def read_second() -> None:
-        try:
-            outcome.append(read_keys(helper.conn, helper.reader, limit - first + 1, first - 1,
-                                     max(1, copy_bytes - first_bytes)))
-        except BaseException as exc:  # handed to the caller's thread
-            outcome.append(exc)
-
-    thread = threading.Thread(target=read_second, name="changefeed-chunk-half", daemon=True)
-    thread.start()
-    try:
-        copied = read_keys(conn, reader, first, 0, first_bytes)
-    finally:
-        thread.join()
-    second = outcome[0]
-    if isinstance(second, BaseException):
-        if not isinstance(second, psycopg.Error):
-            raise second
-        log.debug("second half of a chunk of %s: %s", backfill.table, first_line(second))
-        with contextlib.suppress(psycopg.Error):
-            helper.conn.close()
-        return copied
-    return _joined(backfill, copied, second, first)
-
-
-def _joined(backfill: TableBackfill, copied: CopiedChunk, second: CopiedChunk,
-            first: int) -> CopiedChunk:
-    """The two halves of a chunk as one, when they meet at the first's last row; else the
-    first alone (see `_read_in_two`)."""
-    rows, more = copied.rows, second.rows
-    if len(rows) != first or not len(more):
-        return copied
-    if copied.lines:
-        if rows.tokens(first - 1, first) != more.tokens(0, 1):
-            return copied
-        rows.extend(more, 1)
-    else:
-        if backfill.token(rows[-1]) != backfill.token(more[0]):
-            return copied
-        rows.extend(more[1:])
-    return copied._replace(ended=second.ended, last_key=second.last_key)
 
 
 def _measured(backfill: TableBackfill, copied: CopiedChunk) -> None:

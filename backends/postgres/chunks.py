@@ -134,12 +134,11 @@ class TableBackfill:
 
     def chunk_query(
         self, identifier: sql.Composable, columns: Sequence[str], size: int,
-        cast_keys: Sequence[str] = (), skip: int = 0,
+        cast_keys: Sequence[str] = (),
     ) -> sql.Composed:
         """The next chunk's rows in key order (columns ``columns``), after the key columns
         ``cast_keys`` as ``::text`` (`copy.copy_shape` says which: the others' text is read
-        from their own fields); ``size`` of them, after the first ``skip`` (the second part
-        of a chunk read in two, see `backfill_reads`)."""
+        from their own fields)."""
         keys = [sql.Identifier(column) for column in self.key]
         texts = [sql.SQL("t.{}::text AS {}").format(sql.Identifier(column),
                                                     sql.Identifier(f"__changefeed_key_{i}"))
@@ -154,10 +153,7 @@ class TableBackfill:
             )
             query += sql.SQL(" WHERE ({}) > ({})").format(sql.SQL(", ").join(keys), bound)
         order = sql.SQL(", ").join(keys)
-        query += sql.SQL(" ORDER BY {} LIMIT {}").format(order, sql.Literal(size))
-        if skip:
-            query += sql.SQL(" OFFSET {}").format(sql.Literal(skip))
-        return query
+        return query + sql.SQL(" ORDER BY {} LIMIT {}").format(order, sql.Literal(size))
 
     def ctid_query(
         self, leaf: sql.Composable, columns: Sequence[str], after: str, upper_page: int,

@@ -129,7 +129,6 @@ class PostgresChangeFeed(StreamLoop, StructureReactions, ChangeFeed):
             self.slot, self._tables, self._plain_connection, chunk_size=chunk_size,
             markers=snapshot_markers, save=lambda states: save_progress(
                 self._plain_connection, self.publication, self._meta, states),
-            connect=lambda: connect(self.dsn),
         )
         self._sql: psycopg.Connection | None = None
         self._replication: psycopg.Connection | None = None
@@ -308,7 +307,6 @@ class PostgresChangeFeed(StreamLoop, StructureReactions, ChangeFeed):
         if self._sql is not None and not self._sql.closed:
             self._sql.close()
         self._sql = None
-        self._backfills.close()
 
     def is_transient(self, exc: BaseException) -> bool:
         """Connection-level failures (lost connection, server shutdown, terminated walsender);

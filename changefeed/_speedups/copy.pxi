@@ -330,10 +330,15 @@ cdef class CopiedLines:
         return self.count
 
     cdef int add_row(self, RelationPlan plan, const unsigned char* text) except -1:
+        cdef RowSpan* grown
         cdef Py_ssize_t k, i
         cdef int32_t length
         if self.count == self.capacity:
-            self.grow()
+            self.capacity = self.capacity * 2 if self.capacity else 1024
+            grown = <RowSpan*>PyMem_Realloc(self.spans, self.capacity * sizeof(RowSpan))
+            if grown is NULL:
+                raise MemoryError()
+            self.spans = grown
         self.spans[self.count].start = self.out.length
         plan.write_row(self.out, text, False)
         self.spans[self.count].key = self.out.length
@@ -347,35 +352,6 @@ cdef class CopiedLines:
             if length > 0:
                 self.keys.raw(<const char*>text + plan.starts[i], length)
         self.count += 1
-        return 0
-
-    def extend(self, CopiedLines other, Py_ssize_t first):
-        """Append ``other``'s rows from row ``first`` on: the second part of a chunk read in
-        two (`backfill_reads`), parsed from the same shape."""
-        cdef Py_ssize_t r, base_out, base_keys, from_out, from_keys
-        if other.keys_json != self.keys_json or other.plan.count != self.plan.count:
-            raise ValueError("the parts of a chunk differ in shape")
-        if first < 0 or first >= other.count:
-            return
-        from_out, from_keys = other.spans[first].start, other.spans[first].key_text
-        base_out, base_keys = self.out.length, self.keys.length
-        self.out.raw(other.out.data + from_out, other.out.length - from_out)
-        self.keys.raw(other.keys.data + from_keys, other.keys.length - from_keys)
-        for r in range(first, other.count):
-            if self.count == self.capacity:
-                self.grow()
-            self.spans[self.count].start = other.spans[r].start - from_out + base_out
-            self.spans[self.count].key = other.spans[r].key - from_out + base_out
-            self.spans[self.count].key_text = other.spans[r].key_text - from_keys + base_keys
-            self.count += 1
-
-    cdef int grow(self) except -1:
-        cdef RowSpan* grown
-        self.capacity = self.capacity * 2 if self.capacity else 1024
-        grown = <RowSpan*>PyMem_Realloc(self.spans, self.capacity * sizeof(RowSpan))
-        if grown is NULL:
-            raise MemoryError()
-        self.spans = grown
         return 0
 
     def tokens(self, Py_ssize_t start, Py_ssize_t stop):
