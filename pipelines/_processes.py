@@ -263,12 +263,12 @@ class MultiProcessOutput(Output):
         self.sent = 0
         self.confirmed = 0
         self.chunks_sent = 0
+        """How many chunks were sent: the next one's ``seq``."""
         self.unconfirmed: deque[int] = deque()
         """For each chunk sent and not confirmed yet, ``sent`` once it went."""
         self.queued_enough = max(pipeline._workers) + 1
         """Chunks in flight at which an idle feed holds the next one while the source sends:
         one for each copy of the busiest process to work on, and one queued behind them."""
-        """How many chunks were sent: the next one's ``seq``."""
         self.last_alive_check = time.monotonic()
         self.last_progress = time.monotonic()
         """When the workers last confirmed something (or were given work while idle)."""
