@@ -108,6 +108,19 @@ def make_workload(conn: psycopg.Connection, changes: int, narrow: bool = False) 
             )
 
 
+def compile_checkouts(reference: str | None) -> None:
+    """Byte-compile this checkout's package (the current folder's) and the one of
+    ``reference`` (another checkout's venv python), to time the tool as installed: a regular
+    install byte-compiles the package, while an editable one under PYTHONDONTWRITEBYTECODE
+    (set on some machines) would compile every module from source at each start."""
+    roots = [Path.cwd()]
+    if reference:
+        roots.append(Path(reference).absolute().parent.parent.parent)
+    for root in roots:
+        for package in ("changefeed", "backends", "pipelines"):
+            compileall.compile_dir(str(root / package), quiet=1)
+
+
 def timed(
     argv: list[str], stdout: int | None = subprocess.DEVNULL, cwd: Path | None = None
 ) -> tuple[float, float, int]:
@@ -249,15 +262,7 @@ def main() -> None:
         if kind not in VARIANTS:
             raise SystemExit(f"unknown variant {kind!r}")
     os.chdir(Path(__file__).resolve().parent.parent)
-    # Time the tool as installed: a regular install byte-compiles the package, while an
-    # editable one under PYTHONDONTWRITEBYTECODE (set on some machines) would compile every
-    # module from source at each start.
-    roots = [Path.cwd()]
-    if args.reference:
-        roots.append(Path(args.reference).absolute().parent.parent.parent)
-    for root in roots:
-        for package in ("changefeed", "backends", "pipelines"):
-            compileall.compile_dir(str(root / package), quiet=1)
+    compile_checkouts(args.reference)
     # A slot (and a walsender) per consumer and round, created before the workload.
     slots = str(max(20, args.rounds * (2 * len(variants) + 3) + 4))
     with TemporaryPostgres({"max_replication_slots": slots, "max_wal_senders": slots}) as server:

@@ -20,7 +20,6 @@ main's) in the same rounds, to compare two versions under the same load.
 from __future__ import annotations
 
 import argparse
-import compileall
 import os
 import shutil
 import statistics
@@ -31,7 +30,7 @@ import psycopg
 from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_postgres import timed  # noqa: E402  (a script beside this one)
+from bench_postgres import compile_checkouts, timed  # noqa: E402  (a script beside this one)
 
 from changefeed.backends.postgres.backfill import CHUNK_BYTES, DEFAULT_CHUNK_ROWS  # noqa: E402
 from changefeed.backends.postgres.backfill_reads import read_chunk  # noqa: E402
@@ -55,12 +54,7 @@ def main() -> None:
                         help="another checkout's venv python: its changefeed runs as well")
     args = parser.parse_args()
     os.chdir(Path(__file__).resolve().parent.parent)
-    roots = [Path.cwd()]
-    if args.reference:
-        roots.append(Path(args.reference).absolute().parent.parent.parent)
-    for root in roots:
-        for package in ("changefeed", "backends", "pipelines"):
-            compileall.compile_dir(str(root / package), quiet=1)
+    compile_checkouts(args.reference)
     psql = shutil.which("psql") or str(find_pg_bindir() / "psql")
     with TemporaryPostgres() as server:
         dsn = server.dsn()

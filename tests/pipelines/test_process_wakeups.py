@@ -7,12 +7,14 @@ whole, in order, once, and acknowledged exactly (a next run gets nothing again).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -86,16 +88,26 @@ class SlowSink(JsonLinesSink):
         super().write_batch(batch)
 
 
-def write_live(dsn: str, transactions: int, rows: int, started: threading.Event) -> None:
-    """``transactions`` commits of ``rows`` inserts each, spread out as a live stream."""
-    started.wait(30)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        for number in range(transactions):
-            with conn.transaction():
-                conn.execute(
-                    "INSERT INTO tasks SELECT g, 'task ' || g FROM generate_series(%s::int,"
-                    " %s::int) g", [number * rows + 1, (number + 1) * rows])
-            time.sleep(0.005)  # the pace of the writes, not a wait for anything
+@contextlib.contextmanager
+def live_writes(dsn: str, transactions: int, rows: int) -> Iterator[None]:
+    """While the body runs, ``transactions`` commits of ``rows`` inserts each into ``tasks``
+    from a thread, spread out as a live stream (ids 1 on)."""
+
+    def write() -> None:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for number in range(transactions):
+                with conn.transaction():
+                    conn.execute(
+                        "INSERT INTO tasks SELECT g, 'task ' || g FROM generate_series(%s::int,"
+                        " %s::int) g", [number * rows + 1, (number + 1) * rows])
+                time.sleep(0.005)  # the pace of the writes, not a wait for anything
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        yield
+    finally:
+        writer.join()
 
 
 @pytest.mark.parametrize("batching", [{}, {"batch_size": 7}], ids=["default", "batch_size=7"])
@@ -110,15 +122,9 @@ def test_a_live_stream_through_busy_workers_is_delivered_whole_in_order_once(
         return Pipeline(feed, [to_delta()], sink=SlowSink(out), processes=True, **batching)
 
     pipeline().run(idle_timeout=0.3, timeout=20)  # the slot exists: every commit is streamed
-    started = threading.Event()
     transactions, rows = 40, 13
-    writer = threading.Thread(target=write_live, args=(pg_dsn, transactions, rows, started))
-    writer.start()
-    started.set()
-    try:
+    with live_writes(pg_dsn, transactions, rows):
         handled = pipeline().run(limit=transactions * rows, timeout=60)
-    finally:
-        writer.join()
     assert handled == transactions * rows
     delivered = [json.loads(line)["data"]["id"] for line in out.read_text().splitlines()]
     assert delivered == list(range(1, transactions * rows + 1))
@@ -133,15 +139,9 @@ def test_the_feed_s_own_lines_cross_to_busy_workers_whole_in_order_once(pg_dsn, 
     argv = [*CHANGEFEED, "run", "tasks", "--url", pg_dsn, "--slot", slot, "--where", "id > 0",
             "--sink", str(out), "--processes", "--quiet"]
     subprocess.run([*argv, "--idle-timeout", "0.3"], check=True, timeout=60)
-    started = threading.Event()
     transactions, rows = 60, 29
-    writer = threading.Thread(target=write_live, args=(pg_dsn, transactions, rows, started))
-    writer.start()
-    started.set()
-    try:
+    with live_writes(pg_dsn, transactions, rows):
         subprocess.run([*argv, "--limit", str(transactions * rows)], check=True, timeout=60)
-    finally:
-        writer.join()
     ids = [line["data"]["id"] for line in json_lines(out.read_text())]
     assert ids == list(range(1, transactions * rows + 1))
     subprocess.run([*argv, "--idle-timeout", "0.5"], check=True, timeout=60)
