@@ -18,6 +18,9 @@ wake-up and its queue), taken -> flushed (the feed's work), flushed -> read here
 reader); for the slowest 1% the mean of each part, and the feed's garbage collections.
 ``--pin`` puts the server's new backends (the walsender too) and pgbench on CPU 0, the feed (or
 pg_recvlogical) and this reader on CPU 1; ``--nice N`` runs the feed and the reference at nice N.
+``--feed-args`` adds options to ``changefeed run``, e.g. a pipeline in processes: ``--feed-args
+"--where 'id >= 0' --sink /dev/stdout --processes"`` (the counts below are then the feed's
+process alone, not its workers').
 
 Each round also prints, per transaction of the load (counts, which a loaded machine does not
 blur as it blurs times): the consumer's CPU while pgbench ran (start-up left out) and its
@@ -28,6 +31,7 @@ then mean nothing).
 
     .venv/bin/python benchmarks/bench_latency.py [--rate 10000] [--seconds 10] [--rounds 2]
         [--implementations c,python] [--trace] [--pin] [--nice N] [--syscalls] [--together]
+        [--feed-args "OPTIONS"]
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -227,6 +232,8 @@ class Setup:
     pin: bool = False
     nice: int | None = None
     syscalls: bool = False
+    feed_args: tuple[str, ...] = ()
+    """More options of ``changefeed run`` (``--feed-args``)."""
 
     def feed_argv(self, argv: list[str]) -> list[str]:
         if self.nice is not None:
@@ -265,7 +272,7 @@ class Consumer:
             implementation, _, checkout = implementation.partition("@")
             python = str(Path(checkout) / ".venv/bin/python") if checkout else sys.executable
             argv = [python, "-m", "changefeed", "run", "latency", "--url", dsn, "--slot",
-                    self.slot, "--format", "change", "--quiet"]
+                    self.slot, "--format", "change", "--quiet", *setup.feed_args]
             env = {**os.environ, "CHANGEFEED_IMPL": implementation}
             if setup.trace:
                 self.trace = Path(tempfile.mkdtemp()) / "trace.jsonl"
@@ -458,8 +465,12 @@ def main() -> None:
     parser.add_argument("--together", action="store_true",
                         help="all consumers on the same load at once (a slot each): their"
                         " counts per transaction compare under the same conditions")
+    parser.add_argument("--feed-args", default="", metavar="OPTIONS",
+                        help="more options of changefeed run, as one shell-quoted string (e.g."
+                        " \"--where 'id >= 0' --sink /dev/stdout --processes\")")
     args = parser.parse_args()
-    setup = Setup(trace=args.trace, pin=args.pin, nice=args.nice, syscalls=args.syscalls)
+    setup = Setup(trace=args.trace, pin=args.pin, nice=args.nice, syscalls=args.syscalls,
+                  feed_args=tuple(shlex.split(args.feed_args)))
     os.chdir(Path(__file__).resolve().parent.parent)
     with TemporaryPostgres() as server:
         dsn = server.dsn()
