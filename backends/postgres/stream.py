@@ -88,10 +88,10 @@ class ReplicationStream:
         self._end = 0  # get_copy_data's result at the end of the stream
         self._closing = False  # CopyDone sent: nothing is answered any more
         self.pacing = ReadPacing()
-        self.sent_behind: float | None = None
-        """How many seconds after its commit the walsender sent the last Commit read, both by
-        the server's clock (`note_commit`): a backlog's long after, a live stream's at once,
-        however long its consumer then took or idled before it asked for more."""
+        # For `sent_behind`: the commit time (Unix seconds) of the transaction being read, from
+        # its Begin (None between transactions), and the last Commit's own delay.
+        self._reading_committed: float | None = None
+        self._last_commit_behind: float | None = None
         # `wait`'s one wait per wake-up: the socket registered once (select.select builds
         # its sets on every call).
         self._readable = select.poll()
@@ -220,12 +220,35 @@ class ReplicationStream:
             if wal_end:
                 self.stats.lag_bytes = max(0, wal_end - end_lsn)
 
+    def note_begin(self, committed_at: datetime) -> None:
+        """The stream loop read the Begin of a transaction committed at ``committed_at``: its
+        frames are judged by it from now on (`sent_behind`, for the read pacing)."""
+        self._reading_committed = committed_at.timestamp()
+
     def note_commit(self, committed_at: datetime) -> None:
-        """The stream loop read a Commit of ``committed_at``: note how long after it the server
-        sent it (`sent_behind`, for the read pacing)."""
+        """The stream loop read the Commit of a transaction committed at ``committed_at``: until
+        the next Begin, the stream is judged by how long after it this Commit was sent."""
+        self._reading_committed = None
+        self._last_commit_behind = self._sent_after(committed_at.timestamp())
+
+    @property
+    def sent_behind(self) -> float | None:
+        """How many seconds after its transaction's commit the walsender sent the last frame
+        read, both by the server's clock (None before any transaction): a backlog's long after,
+        a live stream's at once, however long its consumer then took or idled before it asked
+        for more. Within a transaction, its own frames decide from its Begin on, so a live one
+        read right after a backlog is not taken for the backlog, and one transaction too large
+        to be sent at once becomes a backlog as its frames fall behind its commit. Between
+        transactions, the last Commit decides (messages outside transactions have no commit
+        time to be judged by)."""
+        committed = self._reading_committed
+        if committed is None:
+            return self._last_commit_behind
+        return self._sent_after(committed)
+
+    def _sent_after(self, committed: float) -> float | None:
         sent_at = self.sent_at
-        if sent_at:
-            self.sent_behind = (sent_at + PG_EPOCH_OFFSET_US) / 1e6 - committed_at.timestamp()
+        return (sent_at + PG_EPOCH_OFFSET_US) / 1e6 - committed if sent_at else None
 
     @property
     def sent_at(self) -> int:

@@ -136,6 +136,7 @@ class StreamLoop:
                             yield event
                     elif event.__class__ is Begin:
                         ledger.begin()
+                        stream.note_begin(event.committed_at)  # how far behind (pacing)
                         last_emitted = None
                     elif event.__class__ is Commit:
                         stream.committed(last_emitted, event.end_lsn)

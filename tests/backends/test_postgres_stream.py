@@ -251,17 +251,38 @@ def test_a_live_transaction_read_ends_the_streak_without_asking_the_socket():
     assert all(ReadPacing().reading_backlog(behind) for behind in (BEHIND, 3.0, 3600.0))
 
 
-@pytest.mark.parametrize("sent_behind, asks", [
+COMMITTED = datetime(2026, 12, 3, 9, 30, 0, 250_000, tzinfo=timezone.utc)
+
+
+def sent(after: float, committed: datetime = COMMITTED) -> int:
+    """The walsender's send time (its clock, its epoch) ``after`` seconds after ``committed``."""
+    return round((committed.timestamp() + after) * 1e6) - PG_EPOCH_OFFSET_US
+
+
+def socket_asks(monkeypatch) -> list[int]:
+    """The sockets the stream asks how many bytes wait (`waiting_bytes`), recorded."""
+    asked: list[int] = []
+    monkeypatch.setattr(stream_module, "waiting_bytes", lambda fd: asked.append(fd) or 0)
+    return asked
+
+
+@pytest.mark.parametrize("commit_sent_after, asks", [
     (None, False), (0.0, False), (BEHIND / 2, False), (BEHIND + 1, True), (3600.0, True),
 ])
 def test_waiting_asks_how_much_the_socket_holds_only_while_reading_a_backlog(
-        monkeypatch, sent_behind, asks):
+        monkeypatch, commit_sent_after, asks):
     """A live stream's wake-up is one poll and one read: the pacing's ioctl only for a
     backlog (thousands of wake-ups a second otherwise pay a system call each for nothing)."""
-    asked = []
-    monkeypatch.setattr(stream_module, "waiting_bytes", lambda fd: asked.append(fd) or 0)
-    stream = stream_of()
-    stream.sent_behind = sent_behind
+    asked = socket_asks(monkeypatch)
+    if commit_sent_after is None:  # no transaction read yet
+        stream = stream_of()
+    else:
+        stream = stream_of(xlogdata(b"B", sent_at=sent(commit_sent_after)),
+                           xlogdata(b"C", sent_at=sent(commit_sent_after)))
+        take(stream, 1)
+        stream.note_begin(COMMITTED)
+        take(stream, 1)
+        stream.note_commit(COMMITTED)
     for _ in range(3):
         assert stream.wait(0.0) is False  # nothing came
     assert asked == ([stream.pgconn.socket] * 3 if asks else [])
@@ -271,23 +292,83 @@ def test_waiting_asks_how_much_the_socket_holds_only_while_reading_a_backlog(
 
 
 @pytest.mark.parametrize("sent_after", [0.0, 0.002, BEHIND - 0.01, BEHIND, 7.5, 86400.0])
-def test_a_commit_is_judged_by_how_long_after_it_the_server_sent_it(monkeypatch, sent_after):
-    """Whether a backlog is read: the walsender's send time of the Commit's frame against the
-    commit time, both by the server's clock. Not how long ago by ours: a live stream whose
-    consumer took its time, or idled for minutes, is still live (its reader would otherwise
-    ask the socket on every wake-up)."""
-    asked = []
-    monkeypatch.setattr(stream_module, "waiting_bytes", lambda fd: asked.append(fd) or 0)
-    committed = datetime(2026, 12, 3, 9, 30, 0, 250_000, tzinfo=timezone.utc)
-    sent_at = round((committed.timestamp() + sent_after) * 1e6) - PG_EPOCH_OFFSET_US
-    stream = stream_of(xlogdata(b"C", sent_at=sent_at))
-    stream.note_commit(committed)  # before any frame: nothing known yet
+def test_a_transaction_is_judged_by_how_long_after_its_commit_the_server_sent_it(
+        monkeypatch, sent_after):
+    """Whether a backlog is read: the walsender's send time of the transaction's frames
+    against its commit time, both by the server's clock. Not how long ago by ours: a live
+    stream whose consumer took its time, or idled for minutes, is still live (its reader would
+    otherwise ask the socket on every wake-up)."""
+    asked = socket_asks(monkeypatch)
+    stream = stream_of(xlogdata(b"B", sent_at=sent(sent_after)),
+                       xlogdata(b"C", sent_at=sent(sent_after)))
+    stream.note_commit(COMMITTED)  # before any frame: nothing known yet
     assert stream.sent_behind is None
+    assert take(stream, 1) == [b"B"]
+    stream.note_begin(COMMITTED)
+    assert stream.sent_behind == pytest.approx(sent_after, abs=1e-6)
     assert take(stream, 1) == [b"C"]
-    stream.note_commit(committed)
+    stream.note_commit(COMMITTED)
     assert stream.sent_behind == pytest.approx(sent_after, abs=1e-6)
     stream.wait(0.0)
     assert asked == ([stream.pgconn.socket] if sent_after >= BEHIND else [])
+
+
+@pytest.mark.parametrize("backlog_sent_after", [BEHIND, 60.0, 86400.0])
+def test_a_live_transaction_after_a_backlog_is_judged_from_its_begin(
+        monkeypatch, backlog_sent_after):
+    """The walsender flushes each message, so a live transaction's Commit may arrive a moment
+    after the change before it was handed out. The wait for it is the live transaction's, not
+    the backlog's read before (which asked the socket there: the CI failure of stop 25)."""
+    asked = socket_asks(monkeypatch)
+    live = datetime(2026, 12, 3, 9, 31, 0, tzinfo=timezone.utc)
+    stream = stream_of(xlogdata(b"B-old", sent_at=sent(backlog_sent_after)),
+                       xlogdata(b"C-old", sent_at=sent(backlog_sent_after)),
+                       xlogdata(b"B-live", sent_at=sent(0.0004, live)),
+                       xlogdata(b"I-live", sent_at=sent(0.0005, live)))
+    take(stream, 1)
+    stream.note_begin(COMMITTED)
+    take(stream, 1)
+    stream.note_commit(COMMITTED)
+    stream.wait(0.0)  # between the two: the backlog's Commit decides
+    assert asked == [stream.pgconn.socket]
+    asked.clear()
+    assert take(stream, 1) == [b"B-live"]
+    stream.note_begin(live)
+    assert take(stream, 2) == [b"I-live", None]  # the Commit has not come yet
+    stream.wait(0.0)
+    assert asked == []
+    assert stream.sent_behind == pytest.approx(0.0005, abs=1e-6)
+
+
+def test_a_transaction_sent_long_after_its_begin_becomes_a_backlog(monkeypatch):
+    """One transaction too large to send at once (the walsender sends it only once it is
+    committed) falls behind its commit as it is read: paced like any backlog from then on."""
+    asked = socket_asks(monkeypatch)
+    stream = stream_of(xlogdata(b"B", sent_at=sent(0.001)), xlogdata(b"I1", sent_at=sent(0.2)),
+                       xlogdata(b"I2", sent_at=sent(BEHIND + 2)))
+    take(stream, 1)
+    stream.note_begin(COMMITTED)
+    assert take(stream, 1) == [b"I1"]
+    stream.wait(0.0)
+    assert asked == []
+    assert take(stream, 1) == [b"I2"]
+    stream.wait(0.0)
+    assert asked == [stream.pgconn.socket]
+
+
+def test_messages_outside_transactions_are_judged_by_the_last_commit(monkeypatch):
+    """A logical decoding message outside any transaction has no commit time: it is sent
+    whenever it is emitted, maybe hours after the last Commit, and is no backlog for that."""
+    asked = socket_asks(monkeypatch)
+    stream = stream_of(xlogdata(b"B", sent_at=sent(0.001)), xlogdata(b"C", sent_at=sent(0.001)),
+                       xlogdata(b"M", sent_at=sent(7200.0)))
+    take(stream, 1)
+    stream.note_begin(COMMITTED)
+    take(stream, 1)
+    stream.note_commit(COMMITTED)
+    assert take(stream, 2) == [b"M", None]
+    stream.wait(0.0)
+    assert asked == [] and stream.sent_behind == pytest.approx(0.001, abs=1e-6)
 
 
 @pytest.mark.parametrize("family", [socket.AF_UNIX, socket.AF_INET])
