@@ -604,17 +604,22 @@ def test_a_busy_consumer_that_keeps_the_feed_alive_does_not_hold_a_server_shutdo
 
 
 def test_keep_alive_answers_the_walsender_so_a_slow_consumer_is_not_cut_off(pg_dsn, pg):
-    # With wal_sender_timeout at 1 s, a consumer busy for several timeouts keeps its stream
+    # With wal_sender_timeout at 4 s, a consumer busy for three timeouts keeps its stream
     # (no reconnect) because it calls keep_alive(), and then receives everything in order.
+    # The walsender asks for an answer half a timeout after the last one and gives up at the
+    # timeout: the consumer may be held up that long (at 1 s, a loaded machine's half second
+    # without a turn cut the stream off).
+    timeout = 4.0
     pg.execute("CREATE TABLE slow (id int PRIMARY KEY)")
-    pg.execute(f"ALTER ROLE postgres IN DATABASE {pg.info.dbname} SET wal_sender_timeout = '1s'")
-    feed = make_feed(pg_dsn, "slow", status_interval=30)
+    pg.execute(f"ALTER ROLE postgres IN DATABASE {pg.info.dbname}"
+               f" SET wal_sender_timeout = '{timeout:g}s'")
+    feed = make_feed(pg_dsn, "slow", status_interval=30)  # answers only when asked
     start(feed)
     pg.execute("INSERT INTO slow SELECT generate_series(1, 5)")
     changes = feed.changes(timeout=60)
     got = [next(changes).key["id"]]
     written = 0
-    busy_until = time.monotonic() + 4  # four timeouts
+    busy_until = time.monotonic() + 3 * timeout
     while time.monotonic() < busy_until:
         written += 1
         pg.execute("INSERT INTO slow VALUES (%s)", [100 + written])  # more stream meanwhile
