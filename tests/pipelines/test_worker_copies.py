@@ -1,11 +1,12 @@
 """``changefeed run --workers N``: a stage's process runs in N copies, on a real server.
 
-The stage sleeps in proportion to a row's ``cost`` column, so a copy given an early chunk still
-works on it while another finishes later chunks: the tests check from the stage's own log that
-chunks really finished out of the feed's order, and that the sink's file still holds the bytes
-of the in-process run, in the feed's order. A stage failing in one copy, a copy killed, and dead
-letters keep their guarantees: what was written is a prefix of that run, acknowledged exactly,
-and the next run resumes with the first change not written.
+The stage sleeps in proportion to a row's ``cost`` column, and where a test says so the first
+row waits until another copy logged a later chunk's change (``COPIES_HOLD_UNTIL``: a condition,
+not a time, so a slow or loaded machine cannot finish the first chunk first): the tests check
+from the stage's own log that chunks really finished out of the feed's order, and that the
+sink's file still holds the bytes of the in-process run, in the feed's order. A stage failing in
+one copy, a copy killed, and dead letters keep their guarantees: what was written is a prefix of
+that run, acknowledged exactly, and the next run resumes with the first change not written.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def costly(change):
     if cost:
         time.sleep(cost / 1000)
     log = os.environ.get("COPIES_LOG")
+    if number == 1 and "COPIES_HOLD_UNTIL" in os.environ:
+        _hold(log, os.environ["COPIES_HOLD_UNTIL"])
     if os.environ.get("COPIES_FAIL_AT") == str(number):
         if log:
             _note(log, f"{os.getpid()} {change.operation.name.lower()} {number} failed")
@@ -47,6 +50,20 @@ def costly(change):
     if log:
         _note(log, f"{os.getpid()} {change.operation.name.lower()} {number}")
     return change
+
+
+def _hold(path, until, seconds=60.0):
+    """Wait until a line of the log at ``path`` holds ``until`` ("": any line), written by
+    another copy (this one logged nothing yet), or ``seconds`` passed: the test then fails."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with open(path) as file:
+                if any(until in line for line in file):
+                    return
+        except FileNotFoundError:
+            pass
+        time.sleep(0.01)
 
 
 def _note(path, line):
@@ -125,7 +142,7 @@ def test_copies_write_the_bytes_of_the_in_process_run_in_the_feed_s_order(
     order = order_of(expected)
     out, log = tmp_path / "out.jsonl", tmp_path / "stage.log"
     result = run(pg_dsn, table, slots[1], out, stage_path, "--workers", str(copies), impl=impl,
-                 COPIES_LOG=str(log))
+                 COPIES_LOG=str(log), COPIES_HOLD_UNTIL="")  # row 1 waits for a later chunk
     assert result.returncode == 0, result.stderr
     pids, places = finished(log, order)
     assert len(pids) >= 2  # the copies shared the work...
@@ -137,9 +154,10 @@ def test_copies_write_the_bytes_of_the_in_process_run_in_the_feed_s_order(
 @pytest.mark.parametrize("copies", [2, 3])
 def test_a_stage_failing_in_one_copy_stops_after_what_came_before_and_resumes_exactly(
         pg_dsn, stream, stage_path, tmp_path, copies):
-    """Row 1500 (the second chunk) fails in one copy while another still sleeps on the first
-    chunk: the failure waits for it, the sink writes rows 1..1499 and nothing after, the run
-    fails naming the change, and the next run (the stage fixed) writes the rest, once."""
+    """Row 1500 (the second chunk) fails in one copy while another still works on the first
+    chunk (its row 1 waits for that failure): the failure waits for it, the sink writes rows
+    1..1499 and nothing after, the run fails naming the change, and the next run (the stage
+    fixed) writes the rest, once."""
     table, slots = stream
     reference = tmp_path / "reference.jsonl"
     assert run(pg_dsn, table, slots[0], reference, stage_path).returncode == 0
@@ -149,7 +167,8 @@ def test_a_stage_failing_in_one_copy_stops_after_what_came_before_and_resumes_ex
     # A checkpoint holds positions inside a transaction (a slot, only whole transactions).
     checkpoint = ("--checkpoint", str(tmp_path / "checkpoint"))
     result = run(pg_dsn, table, slots[1], out, stage_path, "--workers", str(copies),
-                 *checkpoint, COPIES_FAIL_AT="1500", COPIES_LOG=str(log))
+                 *checkpoint, COPIES_FAIL_AT="1500", COPIES_LOG=str(log),
+                 COPIES_HOLD_UNTIL="failed")  # row 1 waits for the failure
     assert result.returncode != 0
     assert "stage costly failed on the change at position" in result.stderr, result.stderr
     assert "row 1500 is bad" in result.stderr
