@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +30,9 @@ import psycopg
 import pytest
 from waiting import wait_until
 from websockets.sync.client import ClientConnection, connect
+
+from changefeed.embedded import TemporaryPostgres
+from changefeed.errors import ConfigurationError
 
 MONGODB_ENV = "CHANGEFEED_TEST_MONGODB_URL"
 KAFKA_ENV = "CHANGEFEED_TEST_KAFKA_BOOTSTRAP"
@@ -125,6 +129,21 @@ def drop_slot(conn: psycopg.Connection, slot: str, timeout: float = 10) -> None:
             return False
 
     wait_until(dropped, f"the slot {slot} to be free", timeout)
+
+
+def fast_stop_then_start(server: TemporaryPostgres) -> float:
+    """Stop ``server`` with ``pg_ctl -m fast stop`` and start it again; the seconds the stop
+    took. A server that did not stop within pg_ctl's minute is stopped as in a crash and
+    started all the same: the test fails on the time, and the session's later tests on this
+    worker still have their server (not a hundred errors after one failure)."""
+    began = time.monotonic()
+    try:
+        server.stop("fast")
+    except ConfigurationError:
+        server.stop("immediate")
+    took = time.monotonic() - began
+    server.start()
+    return took
 
 
 def stop_process(process: subprocess.Popen) -> None:
