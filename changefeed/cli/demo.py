@@ -26,7 +26,16 @@ TITLES = ["write docs", "fix flaky test", "review PR", "ship release", "answer i
           "tune autovacuum", "rotate keys", "plan sprint"]
 
 
-def _writer(dsn: str, stop: threading.Event) -> None:
+def _writer(dsn: str, stop: threading.Event, feed: PostgresChangeFeed,
+            seconds: float | None) -> None:
+    """Insert, update and delete tasks, from the moment ``feed`` handed out its first change
+    (the snapshot's row: the demo opens with the table as it is, also on a machine slow to
+    start the feed), for ``seconds`` from then (None: until stopped)."""
+    while not feed.stats.changes:
+        if stop.wait(0.05):
+            return
+    if seconds:
+        threading.Timer(seconds, feed.stop).start()
     rng = random.Random(7)
     with psycopg.connect(dsn, autocommit=True) as conn:
         while not stop.wait(0.4):
@@ -48,7 +57,8 @@ def _writer(dsn: str, stop: threading.Event) -> None:
 
 
 def run_demo(seconds: float | None, encode: Callable[[Change], bytes]) -> None:
-    """Run the demo for ``seconds`` (None: until Ctrl-C)."""
+    """Run the demo: the table as it is, then ``seconds`` of live changes (None: until
+    Ctrl-C)."""
     log.info("starting a throwaway PostgreSQL cluster (initdb in a temporary directory)")
     with TemporaryPostgres() as server:
         dsn = server.dsn()
@@ -65,11 +75,9 @@ def run_demo(seconds: float | None, encode: Callable[[Change], bytes]) -> None:
             f" for {seconds:g} s" if seconds else " until Ctrl-C",
         )
         stop = threading.Event()
-        writer = threading.Thread(target=_writer, args=(dsn, stop), daemon=True)
-        writer.start()
         feed = PostgresChangeFeed("tasks", ALL, connection=dsn, prefeed="snapshot")
-        if seconds:
-            threading.Timer(seconds, feed.stop).start()
+        writer = threading.Thread(target=_writer, args=(dsn, stop, feed, seconds), daemon=True)
+        writer.start()
         try:
             deliver_with_signals(feed, LineOutput(buffered_stdout(), encode))
         finally:
