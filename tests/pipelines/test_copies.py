@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+from waiting import wait_until
 
 from changefeed import ConfigurationError, PipelineError
 from changefeed.pipelines import JsonLinesSink, Pipeline, own_process, to_delta
@@ -31,15 +32,21 @@ def lines(path) -> list[dict]:
 
 class Costly:
     """Sleeps ``cost`` ms (the first change of each chunk of 20 is slow), notes its process
-    and the change in ``log`` when done, fails on ``fail``."""
+    and the change in ``log`` when done, fails on ``fail``. ``hold_first``: the first change
+    waits until another copy noted a later one (a condition, not a head start that a loaded
+    machine may not honour), so chunks surely finish out of the feed's order."""
 
-    def __init__(self, log, fail=()):
+    def __init__(self, log, fail=(), hold_first=False):
         self.log = str(log)
         self.fail = fail
+        self.hold_first = hold_first
         self.name = "costly"
 
     def __call__(self, change):
         time.sleep(change.new["cost"] / 1000)
+        if self.hold_first and change.new["id"] == 1:
+            wait_until(lambda: os.path.exists(self.log) and os.path.getsize(self.log),
+                       "another copy to finish a later change", 60, step=0.01)
         if change.new["id"] in self.fail:
             raise ValueError(f"bad row {change.new['id']}")
         with open(self.log, "a") as file:
@@ -90,7 +97,7 @@ def test_copies_deliver_in_the_feed_s_order_to_a_single_process_and_the_sink(tmp
     copied stage, then the sink (in a process of its own): every change once, in order,
     acknowledged."""
     feed, out, log = tasks(400), tmp_path / "out.jsonl", tmp_path / "log"
-    pipeline = Pipeline(feed, [own_process(Costly(log), workers=copies),
+    pipeline = Pipeline(feed, [own_process(Costly(log, hold_first=True), workers=copies),
                                own_process(InOrderOnly()), own_process(to_delta(), workers=2)],
                         sink=JsonLinesSink(out), batch_size=20, batch_seconds=60)
     assert pipeline._workers == [1, copies, 1, 2, 1]
