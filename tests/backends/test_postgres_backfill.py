@@ -3,6 +3,7 @@ server: the consumer that applies the output in order ends with exactly the tabl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import threading
@@ -14,7 +15,8 @@ import pytest
 from clitools import run_cli, start_cli, whole_lines
 from feeds import drain, make_feed, start
 
-from changefeed import Operation
+from changefeed import UNCHANGED, Change, Operation, SnapshotState
+from changefeed.backends.postgres import backfill as backfill_module
 
 
 class Consumer:
@@ -375,3 +377,209 @@ def test_rows_the_stream_changes_while_their_chunk_is_open_never_go_back(pg_dsn,
         read_until(lambda: seen == final, "the writer's last versions")
     assert went_back == []
     assert commits[0] > 300  # every row was changed while the snapshot read it
+
+
+# -- TOASTed values an update leaves out --------------------------------------------------------
+# Under the default replica identity an UPDATE sends a TOASTed value it did not change as
+# `UNCHANGED`. Where the stream's update takes a chunk's row out of its window (or moves a row to
+# a key read already), that update cannot stand for the row: the consumer never had its value.
+# The row is read again by key after the window, and the chunk is recorded only after that.
+
+BODY = "(SELECT string_agg(md5(n::text || i::text), '') FROM generate_series(1, 700) i)"
+"""~22 kB of text that does not compress below the TOAST threshold: stored out of line."""
+
+
+class MergingConsumer:
+    """Applies changes in order as a consumer must under the default replica identity: an
+    update's `UNCHANGED` values keep what the row had (and stay missing if it had nothing)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple, dict] = {}
+        self.markers: list[str] = []
+
+    def apply(self, operation: str, key: dict, new: dict | None, unchanged=()) -> None:
+        token = tuple(sorted(key.items()))
+        if operation == "delete":
+            self.rows.pop(token, None)
+            return
+        row = dict(self.rows.get(token, {}))
+        row.update({name: value for name, value in new.items() if value is not UNCHANGED})
+        for name in unchanged:
+            row.setdefault(name, UNCHANGED)
+        self.rows[token] = row
+
+    def apply_change(self, change) -> None:
+        if isinstance(change, SnapshotState):
+            self.markers.append(change.state)
+        elif isinstance(change, Change):
+            old_key = change.old and {name: change.old[name] for name in change.key}
+            if old_key and old_key != change.key:
+                self.apply("delete", old_key, None)
+            self.apply(change.operation.name.lower(), change.key, change.new,
+                       [name for name, value in (change.new or {}).items() if value is UNCHANGED])
+
+    def apply_line(self, item: dict) -> None:
+        if item.get("type") == "snapshot":
+            self.markers.append(item["state"])
+            return
+        if item["operation"] == "update" and item.get("old"):
+            old_key = {name: item["old"][name] for name in item["key"] if name in item["old"]}
+            if old_key and old_key != item["key"]:
+                self.apply("delete", old_key, None)
+        self.apply(item["operation"], item["key"], item.get("new"), item.get("unchanged", ()))
+
+    def bodies(self) -> dict[tuple, tuple]:
+        """Each row's key -> (v, md5 of its body, or UNCHANGED where it never came)."""
+        return {token: (row["v"], row["body"] if row["body"] is UNCHANGED
+                        else hashlib.md5(row["body"].encode()).hexdigest())
+                for token, row in self.rows.items()}
+
+
+def table_bodies(pg, key_columns: list[str]) -> dict[tuple, tuple]:
+    keys = ", ".join(key_columns)
+    with pg.cursor(row_factory=psycopg.rows.dict_row) as cursor:
+        return {tuple(sorted((name, row[name] if isinstance(row[name], int | str)
+                              else str(row[name])) for name in key_columns)):  # as in JSON
+                (row["v"], row["md5"])
+                for row in cursor.execute(f"SELECT {keys}, v, md5(body) FROM docs")}
+
+
+def test_rows_an_update_without_their_toasted_value_took_out_of_a_chunk_are_read_again(
+        pg_dsn, pg, monkeypatch):
+    # Scripted writes right after chunk reads, so each lands inside that chunk's window: every
+    # member of the class (a value updated, a key changed inside the chunk and into keys read
+    # already, a row updated then deleted, a row read again updated again, the last chunk).
+    pg.execute("CREATE TABLE docs (id int PRIMARY KEY, v int NOT NULL, body text NOT NULL)")
+    pg.execute(f"INSERT INTO docs SELECT n, 0, {BODY} FROM generate_series(1, 40) n")
+    writes = {
+        1: ["UPDATE docs SET v = v + 1 WHERE id IN (2, 3)",
+            "UPDATE docs SET id = 105, v = v + 1 WHERE id = 5",   # to keys not read yet
+            "UPDATE docs SET id = -35, v = v + 1 WHERE id = 35",  # to keys read already
+            "UPDATE docs SET v = v + 1 WHERE id = 7", "DELETE FROM docs WHERE id = 7"],
+        2: ["UPDATE docs SET v = v + 1 WHERE id = -35"],  # read again, and changed again
+    }
+    reads = []
+
+    def then_write(read):
+        def reading(conn, backfill, *args, **kwargs):
+            window = read(conn, backfill, *args, **kwargs)
+            reads.append((read.__name__, len(window.rows)))
+            statements = writes.get(len(reads), [])
+            if any(row["id"] == 38 for row in window.rows):
+                statements = [*statements, "UPDATE docs SET v = v + 1 WHERE id = 38"]
+            with psycopg.connect(pg_dsn, autocommit=True) as other:
+                for statement in statements:
+                    other.execute(statement)
+            return window
+        return reading
+
+    monkeypatch.setattr(backfill_module, "read_chunk", then_write(backfill_module.read_chunk))
+    monkeypatch.setattr(backfill_module, "read_again", then_write(backfill_module.read_again))
+    consumer = MergingConsumer()
+    feed = make_feed(pg_dsn, "docs", prefeed="snapshot", chunk_size=10)
+    snapshot_rows = []
+    for change in drain(feed, idle=1.0, timeout=60):
+        consumer.apply_change(change)
+        if isinstance(change, Change) and change.snapshot:
+            snapshot_rows.append(change.key["id"])
+        if isinstance(change, SnapshotState) and change.state == "done":
+            snapshot_rows.append("done")
+    assert consumer.bodies() == table_bodies(pg, ["id"])
+    assert ("read_again", 2) in reads  # the rows given new keys: 105 and -35
+    for key in (2, 3, 38, 105, -35):  # each made whole once (105 also read in its chunk)
+        assert snapshot_rows.count(key) == 1 + (key == 105), (key, snapshot_rows)
+    assert 7 not in snapshot_rows
+    feed.close()
+
+
+def test_a_feed_cut_short_before_the_rows_read_again_reads_their_chunk_again(
+        pg_dsn, pg, monkeypatch):
+    pg.execute("CREATE TABLE docs (id int PRIMARY KEY, v int NOT NULL, body text NOT NULL)")
+    pg.execute(f"INSERT INTO docs SELECT n, 0, {BODY} FROM generate_series(1, 30) n")
+    read_chunk = backfill_module.read_chunk
+
+    def first_then_write(conn, backfill, *args, **kwargs):
+        window = read_chunk(conn, backfill, *args, **kwargs)
+        if backfill.done == 0 and backfill.after is None:
+            with psycopg.connect(pg_dsn, autocommit=True) as other:  # rows read again
+                other.execute("UPDATE docs SET id = 102 WHERE id = 2")
+                other.execute("UPDATE docs SET id = -3 WHERE id = 3")
+        return window
+
+    monkeypatch.setattr(backfill_module, "read_chunk", first_then_write)
+    consumer = MergingConsumer()
+    feed = make_feed(pg_dsn, "docs", prefeed="snapshot", chunk_size=10)
+    for change in feed.changes(timeout=30):
+        consumer.apply_change(change)
+        feed.ack(change.position)
+        if isinstance(change, Change) and change.snapshot and change.key["id"] == 10:
+            break  # the chunk's rows are acknowledged; the rows read again are not out yet
+    feed.close()
+    assert {token: value[1] for token, value in consumer.bodies().items()
+            if token in ((("id", 102),), (("id", -3),))} == {(("id", 102),): UNCHANGED,
+                                                            (("id", -3),): UNCHANGED}
+    monkeypatch.setattr(backfill_module, "read_chunk", read_chunk)
+    again = make_feed(pg_dsn, "docs", prefeed="snapshot", chunk_size=10)
+    got = drain(again, idle=1.0, timeout=60, close=True)
+    for change in got:
+        consumer.apply_change(change)
+    # The first chunk again (-3 is in its keys now), not the rows after it.
+    assert [c.key["id"] for c in got if isinstance(c, Change)][:10] == [
+        -3, 1, *range(4, 12)]
+    assert consumer.bodies() == table_bodies(pg, ["id"])
+
+
+TOAST_KEYS = {name: KEYS[name] for name in ("int", "text with escapes", "uuid", "composite")}
+
+
+@pytest.mark.parametrize("impl", ["c", "python"])
+@pytest.mark.parametrize("key", list(TOAST_KEYS))
+def test_a_snapshot_beside_updates_that_leave_toasted_values_out_ends_with_every_value(
+        pg_dsn, pg, key, impl):
+    # A writer updates rows' small column round and round, their TOASTed bodies untouched,
+    # while the CLI reads the table in small chunks (the direct path where built): once it
+    # stops, a consumer applying the lines holds every row's body exactly.
+    columns, values = TOAST_KEYS[key]
+    pg.execute(f"CREATE TABLE docs ({columns}, n int UNIQUE NOT NULL, v int NOT NULL,"
+               " body text NOT NULL)")
+    pg.execute(f"INSERT INTO docs SELECT {values}, n, 0, {BODY} FROM generate_series(1, 200) n")
+    key_columns = [name for name, in pg.execute(
+        "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid"
+        " AND a.attnum = ANY(i.indkey) WHERE i.indrelid = 'docs'::regclass AND i.indisprimary")]
+    stop = threading.Event()
+    commits = []
+
+    def write():
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            step = 0
+            while not stop.is_set():
+                conn.execute("UPDATE docs SET v = v + 1 WHERE n = %s", [step * 7 % 200 + 1])
+                step += 1
+        commits.append(step)
+
+    consumer = MergingConsumer()
+    writer = threading.Thread(target=write)
+    with start_cli("run", "docs", "--url", pg_dsn, "--prefeed", "snapshot", "--chunk-size",
+                   "20", "--format", "change", env={"CHANGEFEED_IMPL": impl}) as process:
+        writer.start()
+        try:
+            deadline = time.monotonic() + 120
+            while "done" not in consumer.markers:
+                assert time.monotonic() < deadline, "the snapshot did not end within 120 s"
+                consumer.apply_line(json.loads(process.readline(timeout=60)))
+        finally:
+            stop.set()
+            writer.join()
+        final = table_bodies(pg, key_columns)
+        deadline = time.monotonic() + 60
+        while consumer.bodies() != final:
+            assert time.monotonic() < deadline, "the writer's last updates did not arrive"
+            try:
+                line = process.readline(timeout=30)
+            except AssertionError as exc:
+                got = consumer.bodies()
+                differ = [(key, got.get(key), row) for key, row in final.items()
+                          if got.get(key) != row]
+                raise AssertionError(f"rows that differ (key, got, table): {differ[:5]}") from exc
+            consumer.apply_line(json.loads(line))
+    assert commits[0] > 200  # rows were updated while the snapshot read them
