@@ -20,6 +20,7 @@ from psycopg import sql
 
 from changefeed._speedups import kernels
 from changefeed.backends.postgres.position import PgPosition
+from changefeed.backends.postgres.values import Interval
 from changefeed.change import UNCHANGED, Change, Operation, SnapshotState
 from changefeed.formats.json_values import loads_value
 
@@ -183,7 +184,7 @@ class TableBackfill:
                  for i, column in enumerate(cast_keys)]
         wanted = sql.SQL(", ").join(
             sql.SQL("({})").format(sql.SQL(", ").join(
-                sql.SQL("{}::{}").format(sql.Literal(key[column]), sql.SQL(type_name))
+                sql.SQL("{}::{}").format(sql.Literal(_literal(key[column])), sql.SQL(type_name))
                 for column, type_name in zip(self.key, self.key_types, strict=True)))
             for key in keys)
         return sql.SQL("SELECT {} FROM {} t WHERE ({}) IN ({})").format(
@@ -209,6 +210,13 @@ class TableBackfill:
         if size is None:
             return query
         return query + sql.SQL(" ORDER BY t.ctid LIMIT {}").format(sql.Literal(size))
+
+
+def _literal(value: Any) -> Any:
+    """A key value as psycopg can write it: our own value types as PostgreSQL reads them."""
+    if value.__class__ is Interval:
+        return value.isoformat()  # ISO 8601: PostgreSQL's interval input reads it exactly
+    return value
 
 
 def _select_list(columns: Sequence[str]) -> sql.Composable:
