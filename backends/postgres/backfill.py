@@ -71,15 +71,18 @@ class Backfills:
     """A feed's back-fills beside the stream.
 
     ``connection`` gives the feed's plain connection (autocommit); ``tables`` are the feed's;
-    ``save(states)`` records progress (a dict of OID -> state, "done" for finished tables).
+    ``save(states)`` records progress (a dict of OID -> state, "done" for finished tables);
+    ``ledger``, the feed's, is held back while rows to read again are not recorded.
     """
 
     def __init__(
         self, slot: str, tables: WatchedTables, connection: Callable[[], psycopg.Connection],
         *, chunk_size: int, markers: bool, save: Callable[[dict[str, Any]], None],
-        chunk_bytes: int = CHUNK_BYTES,
+        chunk_bytes: int = CHUNK_BYTES, ledger: AckLedger | None = None,
     ) -> None:
         self.slot = slot
+        self.ledger = ledger
+        """The feed's: the slot is held back while rows to read again are not recorded."""
         self.tables = tables
         self.connection = connection
         self.chunk_size = chunk_size
@@ -185,6 +188,10 @@ class Backfills:
                     and change.operation is Operation.UPDATE
                     and any(value is UNCHANGED for value in change.new.values())):
                 backfill.reread[tokens[0]] = change.key
+                if self.ledger is not None:
+                    # Until that read is recorded, the slot stays before this transaction: a
+                    # feed cut short streams it again and learns of the row again.
+                    self.ledger.hold(self.ledger.flush_lsn)
         window = self.window
         if window is not None and window.backfill.table == table:
             _apply(window, tokens, change)
@@ -349,6 +356,9 @@ class Backfills:
             changed = True
         if changed:
             self.save(self.states)
+        if ledger.held is not None and not any(chunk.record is False for chunk in self.finished) \
+                and not any(backfill.reread for backfill in self.queue):
+            ledger.release()  # every row read again is recorded
 
     def _report(self, backfill: TableBackfill) -> None:
         now = time.monotonic()
