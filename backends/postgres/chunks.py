@@ -24,8 +24,6 @@ from changefeed.backends.postgres.values import Interval
 from changefeed.change import UNCHANGED, Change, Operation, SnapshotState
 from changefeed.formats.json_values import loads_value
 
-MOVED = object()
-"""`ChunkWindow.images`: an update moved the row there from another key."""
 WATERMARK_PREFIX = "changefeed.watermark"
 """The prefix of the high watermarks the feed writes through its slot."""
 LINES_BATCH = 2048
@@ -41,10 +39,18 @@ START_TID = "(0,0)"
 _TID = re.compile(r"\((\d+),(\d+)\)")
 
 
-def _over(before: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Moved:
+    """`ChunkWindow.images`: a row an update gave a key that another row had inside the
+    window: which of the two a chunk's row of that key is, is not known."""
+
+    row: dict[str, Any]
+
+
+def _over(before: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
     """``new`` (a row an update gave), its values left out (`UNCHANGED`) taken from
-    ``before`` (the row as the stream gave it before) where it has them."""
-    if not any(value is UNCHANGED for value in new.values()):
+    ``before`` (the row as the stream gave it before, if it did) where it has them."""
+    if before is None or not any(value is UNCHANGED for value in new.values()):
         return new
     return {name: before.get(name, value) if value is UNCHANGED else value
             for name, value in new.items()}
@@ -314,8 +320,8 @@ class ChunkWindow:
     with it."""
     images: dict[Any, Any] = field(default_factory=dict, init=False)
     """The row of each key the stream changed inside the window (or just before its read), as
-    far as the stream gave it (`saw`): None where deleted, `MOVED` where an update gave it a
-    new key."""
+    far as the stream gave it (`saw`): None where deleted, `Moved` where an update gave it a
+    key another row had in the window."""
     dropped: set[int] = field(default_factory=set, init=False)
     """The indexes of the rows taken out."""
     cleared: bool = field(default=False, init=False)
@@ -358,16 +364,19 @@ class ChunkWindow:
         elif operation is Operation.INSERT:
             images[token] = change.new
         elif old_token is not None and old_token != token:
-            # The row as the update gave it, if no other row had that key in the window (a
-            # chunk's row of the key is then this one, read after it moved); else MOVED.
-            images[token] = MOVED if token in images else images.get(old_token) or change.new
-            if images[token] is not MOVED:
-                images[token] = _over(images[token], change.new)
+            before = images.get(old_token)
+            moved = before.__class__ is Moved
+            row = _over(before.row if moved else before, change.new)
+            # A chunk's row of the new key is this row, read after it moved, unless another
+            # row had that key in the window.
+            images[token] = Moved(row) if moved or token in images else row
             images[old_token] = None
         else:
             before = images.get(token)
-            if before is not MOVED:
-                images[token] = change.new if before is None else _over(before, change.new)
+            if before.__class__ is Moved:
+                images[token] = Moved(_over(before.row, change.new))
+            else:
+                images[token] = _over(before, change.new)
 
     def complete_taken_rows(self) -> dict[Any, dict[str, Any]]:
         """Make whole, where the window can, the rows it took out for updates that left a
@@ -377,23 +386,21 @@ class ChunkWindow:
         chunk's row, read inside it, has it: that row, with the stream's values over it,
         comes out. The keys of those it cannot make whole (a window of direct-path lines, a
         key the chunk read twice, a column the chunk did not have) are returned (token -> key)
-        to be read again. Rows moved from another key are not here: `observe` reads them
-        again, wherever they are."""
+        to be read again, as are rows moved to a key another row had in the window."""
         again: dict[Any, dict[str, Any]] = {}
         if self.cleared:
             return again
         images = self.images
         for token, index in self.taken.items():
             image = images.get(token)
-            if image is MOVED:  # which row the chunk read is not known
-                again[token] = self.backfill.key_of(self.rows[index]) if not self.lines and \
-                    index.__class__ is int else dict(zip(self.backfill.key, token, strict=True))
-                continue
+            moved = image.__class__ is Moved
+            if moved:
+                image = image.row
             if image is None or not any(value is UNCHANGED for value in image.values()):
                 continue  # deleted, or whole in the stream
             read = self.rows[index] if not self.lines and index.__class__ is int else None
-            if read is None or any(value is UNCHANGED and name not in read
-                                   for name, value in image.items()):
+            if moved or read is None or any(value is UNCHANGED and name not in read
+                                            for name, value in image.items()):
                 again[token] = self.backfill.key_of(image)
                 continue
             self.rows[index] = {name: read[name] if value is UNCHANGED else value

@@ -490,6 +490,21 @@ def test_a_row_the_window_cannot_make_whole_is_read_again():
     assert backfills.finished[-1].record is False
 
 
+def test_a_row_moved_to_a_key_another_row_had_in_the_window_is_read_again():
+    backfills = backfills_of(watched(10))
+    table = backfill(table="public.t10")
+    backfills.start(table)
+    backfills.window = ChunkWindow(table, "w1", docs(1, 2, 3, 5), ["5"], complete=False)
+    backfills.observe(Change(Operation.DELETE, "public.t10", None, {"id": 5}, {"id": 5}))
+    backfills.observe(update("public.t10", 5, old_key=9))  # the chunk's 5 may be either row
+    backfills.observe(update("public.t10", 2, toasted_left_out=False))
+    backfills.observe(update("public.t10", 3, old_key=2))  # the body given just before
+    table.reread.clear()  # (`observe` reads every such move again: here, the window's own)
+    out = close(backfills, "w1")
+    assert [change.new["id"] for change in out] == [1]
+    assert table.reread == {(5,): {"id": 5}}
+
+
 @pytest.mark.parametrize("markers", [False, True])
 def test_a_table_whose_last_chunk_has_rows_to_read_again_is_done_after_them(markers):
     backfills = backfills_of(watched(10))
