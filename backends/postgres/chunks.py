@@ -125,7 +125,7 @@ class TableBackfill:
     reread: dict[Any, dict[str, Any]] = field(default_factory=dict)
     """Rows to read again by key (token -> key) before the chunk read last is recorded: the
     stream updated them with a TOASTed value left out (`changefeed.UNCHANGED`) where the
-    consumer may not have the row yet (see `ChunkWindow.reread`)."""
+    consumer may not have the row yet (`ChunkWindow.complete_taken_rows`, `Backfills.observe`)."""
     complete_after_reread: bool = False
     """The chunk read last was the table's last: it is done once `reread` is."""
 
