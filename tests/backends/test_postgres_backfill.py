@@ -17,6 +17,10 @@ from feeds import drain, make_feed, start
 
 from changefeed import UNCHANGED, Change, Operation, SnapshotState
 from changefeed.backends.postgres import backfill as backfill_module
+from changefeed.backends.postgres.backfill import table_backfill
+from changefeed.backends.postgres.backfill_reads import read_again, read_chunk
+from changefeed.backends.postgres.copy import CopyReader
+from changefeed.backends.postgres.tables import Table
 
 
 class Consumer:
@@ -496,8 +500,6 @@ def test_a_feed_cut_short_before_the_rows_read_again_reads_their_chunk_again(
         pg_dsn, pg, monkeypatch):
     pg.execute("CREATE TABLE docs (id int PRIMARY KEY, v int NOT NULL, body text NOT NULL)")
     pg.execute(f"INSERT INTO docs SELECT n, 0, {BODY} FROM generate_series(1, 30) n")
-    read_chunk = backfill_module.read_chunk
-
     def first_then_write(conn, backfill, *args, **kwargs):
         window = read_chunk(conn, backfill, *args, **kwargs)
         if backfill.done == 0 and backfill.after is None:
@@ -617,11 +619,6 @@ READ_AGAIN_KEYS = {  # key type -> the column's SQL, its value for row n
 def test_rows_read_again_by_key_are_the_rows_of_those_keys(pg_dsn, pg, key):
     # The keys come from the stream's values (Python): each is written back as a literal of
     # its column's type, and finds exactly its row.
-    from changefeed.backends.postgres.backfill import table_backfill
-    from changefeed.backends.postgres.backfill_reads import read_again, read_chunk
-    from changefeed.backends.postgres.copy import CopyReader
-    from changefeed.backends.postgres.tables import Table
-
     column, value = READ_AGAIN_KEYS[key]
     pg.execute("CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy')")
     pg.execute("CREATE DOMAIN code AS text CHECK (VALUE <> '')")
@@ -651,7 +648,6 @@ def test_a_row_moved_into_keys_recorded_already_comes_whole_after_a_restart(
     # and reads the row again.
     pg.execute("CREATE TABLE docs (id int PRIMARY KEY, v int NOT NULL, body text NOT NULL)")
     pg.execute(f"INSERT INTO docs SELECT n, 0, {BODY} FROM generate_series(1, 40) n")
-    read_chunk = backfill_module.read_chunk
     moved = []
 
     def move_once_a_chunk_is_recorded(conn, backfill, *args, **kwargs):
