@@ -62,6 +62,7 @@ class _SinkThread:
 
     def _run(self) -> None:
         step = self.sink_step
+        failure: BaseException | None = None
         try:
             while True:
                 entries = self._batches.get()
@@ -70,7 +71,7 @@ class _SinkThread:
                 try:
                     result = step.deliver(entries)
                 except BaseException as exc:  # raised again in the feed's thread
-                    self._results.put(exc)
+                    failure = exc
                     return  # nothing after a failed batch may be delivered
                 self._results.put(result)
         finally:
@@ -80,6 +81,10 @@ class _SinkThread:
                     step.close()
                 except Exception:
                     log.exception("closing the sink failed")
+            if failure is not None:
+                # Only now: the run ends on it, and a next run with the same sinks must find
+                # them closed already, not closed (or told to stop) under it by this thread.
+                self._results.put(failure)
 
     # -- the feed's thread ---------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from psycopg import sql
 from psycopg.pq import TransactionStatus
 
 from changefeed.backends.postgres import catalog
-from changefeed.backends.postgres.backfill_reads import read_chunk
+from changefeed.backends.postgres.backfill_reads import read_again, read_chunk
 from changefeed.backends.postgres.chunks import (
     BACKFILL_PREFIX,
     RECENT_SECONDS,
@@ -44,7 +44,7 @@ from changefeed.backends.postgres.tables import (
     Table,
     WatchedTables,
 )
-from changefeed.change import Change, Truncate
+from changefeed.change import UNCHANGED, Change, Operation, Truncate
 from changefeed.errors import BackendError, first_line
 from changefeed.formats.json_values import loads_value
 from changefeed.message import Message
@@ -71,15 +71,18 @@ class Backfills:
     """A feed's back-fills beside the stream.
 
     ``connection`` gives the feed's plain connection (autocommit); ``tables`` are the feed's;
-    ``save(states)`` records progress (a dict of OID -> state, "done" for finished tables).
+    ``save(states)`` records progress (a dict of OID -> state, "done" for finished tables);
+    ``ledger``, the feed's, is held back while rows to read again are not recorded.
     """
 
     def __init__(
         self, slot: str, tables: WatchedTables, connection: Callable[[], psycopg.Connection],
         *, chunk_size: int, markers: bool, save: Callable[[dict[str, Any]], None],
-        chunk_bytes: int = CHUNK_BYTES,
+        chunk_bytes: int = CHUNK_BYTES, ledger: AckLedger | None = None,
     ) -> None:
         self.slot = slot
+        self.ledger = ledger
+        """The feed's: the slot is held back while rows to read again are not recorded."""
         self.tables = tables
         self.connection = connection
         self.chunk_size = chunk_size
@@ -96,9 +99,9 @@ class Backfills:
         """Chunks handed out whose rows are not all acknowledged yet."""
         self.states: dict[str, Any] = {}
         self.last_report = 0.0
-        self.recent: deque[tuple[float, str, Any]] = deque()
-        """(when, table, key token) of the stream's changes of tables being back-filled, for
-        `RECENT_SECONDS` (token None: a truncate, every key)."""
+        self.recent: deque[tuple[float, str, list[Any], Change | Truncate]] = deque()
+        """(when, table, key tokens, change) of the stream's changes of tables being
+        back-filled, for `RECENT_SECONDS` (token None: a truncate, every key)."""
         self._names: dict[str, TableBackfill] = {}
         """Table name -> a back-fill of it (the key to read a change's key with)."""
 
@@ -166,7 +169,12 @@ class Backfills:
     def observe(self, change: Change | Truncate) -> None:
         """A change from the stream: inside the open window its key's chunk row is stale (and
         the old key's, when an update changed the key); keys are kept a moment for the next
-        chunk (see `chunks`). A truncate makes every row of the chunk stale."""
+        chunk (see `chunks`). A truncate makes every row of the chunk stale.
+
+        An update that leaves a TOASTed value out (`UNCHANGED`, under the default replica
+        identity) and gives a row a new key is read again by key (`TableBackfill.reread`):
+        the row may have moved from keys not read yet to keys read already, and the consumer
+        never had its value (see also `ChunkWindow.complete_taken_rows`)."""
         table = change.table
         backfill = self._names.get(table)
         if backfill is None:
@@ -176,16 +184,22 @@ class Backfills:
         else:
             token = backfill.token
             tokens = [token(row) for row in (change.key, change.old) if row]
+            if (len(tokens) == 2 and tokens[0] != tokens[1] and backfill.key
+                    and change.operation is Operation.UPDATE
+                    and any(value is UNCHANGED for value in change.new.values())):
+                backfill.reread[tokens[0]] = change.key
+                if self.ledger is not None:
+                    # Until that read is recorded, the slot stays before this transaction: a
+                    # feed cut short streams it again and learns of the row again.
+                    self.ledger.hold(self.ledger.flush_lsn)
         window = self.window
         if window is not None and window.backfill.table == table:
-            for key in tokens:
-                window.drop(key)
+            _apply(window, tokens, change)
         now = time.monotonic()
         recent = self.recent
         while recent and recent[0][0] < now - RECENT_SECONDS:
             recent.popleft()
-        for key in tokens:
-            recent.append((now, table, key))
+        recent.append((now, table, tokens, change))
 
     @property
     def due(self) -> bool:
@@ -210,13 +224,15 @@ class Backfills:
         recent = self.recent
         while recent and recent[0][0] < opened - RECENT_SECONDS:
             recent.popleft()
-        for _, table, key in recent:
+        for _, table, tokens, change in recent:
             if table == backfill.table:
-                window.drop(key)
+                _apply(window, tokens, change)
         self._emit(conn, window.watermark, "high")
         self.window = window
 
     def _read_chunk(self, conn: psycopg.Connection, backfill: TableBackfill) -> ChunkWindow:
+        if backfill.reread:
+            return read_again(conn, backfill, self.read_rows, chunk_bytes=self.chunk_bytes)
         line_format = self.line_format
         return read_chunk(conn, backfill, self.read_rows, chunk_size=self.chunk_size,
                           chunk_bytes=self.chunk_bytes, lines=line_format is not None,
@@ -281,13 +297,26 @@ class Backfills:
             return None
         self.window = None
         backfill = window.backfill
+        for token in window.rereads:
+            backfill.reread.pop(token, None)
+        backfill.reread.update(window.complete_taken_rows())
+        if window.rereads:  # rows read again: the last key range's completion stands
+            completes_table = backfill.complete_after_reread
+        else:
+            completes_table = window.complete
+            if not completes_table:
+                backfill.after = window.last_key
+        # Rows still to read again come first: the table is done, and the last key range is
+        # recorded, after them (a feed cut short meanwhile reads that range again).
+        pending = bool(backfill.reread)
+        backfill.complete_after_reread = completes_table and pending
+        window.complete = completes_table and not pending
         if window.complete:
             self.queue.popleft()
             self._names = {queued.table: queued for queued in self.queue}
-        else:
-            backfill.after = window.last_key
         self.finished.append(FinishedChunk(
-            backfill, window.last_key, window.count, window.complete, window.storage))
+            backfill, window.last_key, window.count, window.complete, window.storage,
+            record=not pending))
         return window
 
     def committed(self, end_lsn: int) -> None:
@@ -311,6 +340,8 @@ class Backfills:
             backfill = chunk.backfill
             backfill.done += chunk.count
             backfill.chunks += 1
+            if not chunk.record:
+                continue
             key = str(backfill.source)
             if chunk.complete:
                 if backfill.source != backfill.oid:
@@ -325,6 +356,9 @@ class Backfills:
             changed = True
         if changed:
             self.save(self.states)
+        if ledger.held is not None and not any(chunk.record is False for chunk in self.finished) \
+                and not any(backfill.reread for backfill in self.queue):
+            ledger.release()  # every row read again is recorded
 
     def _report(self, backfill: TableBackfill) -> None:
         now = time.monotonic()
@@ -351,9 +385,19 @@ class Backfills:
             recorded = recorded if isinstance(recorded, dict) else {}
             backfill.after = recorded.get("after")
             backfill.storage = recorded.get("storage")
+            backfill.complete_after_reread = False  # (rows to read again stay: it is harmless)
             if all(queued is not backfill for queued in self.queue):
                 self.queue.appendleft(backfill)
         self._names = {queued.table: queued for queued in self.queue}
+
+
+def _apply(window: ChunkWindow, tokens: list[Any], change: Change | Truncate) -> None:
+    """The stream's ``change`` (of keys ``tokens``: its key, then its old key if it has one)
+    in ``window``: the rows of those keys are stale; the window notes what the stream gave."""
+    for token in tokens:
+        window.drop(token)
+    if change.__class__ is Change and window.backfill.key:
+        window.saw(change, tokens[0], tokens[1] if len(tokens) > 1 else None)
 
 
 def chunk_state(backfill: TableBackfill, chunk: FinishedChunk) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """Reading one back-fill chunk: the next rows of a table in key order (or the next ctid range
-of a table without key) through COPY, as the open window of `Backfills` (see `backfill`).
+of a table without key) through COPY, as the open window of `Backfills` (see `backfill`);
+or rows read again by key (`read_again`).
 
 The reads adapt to what they find: a chunk's LIMIT to the memory its rows hold
 (`copy.limit_for`, `copy.held_per_row`), the pages of a ctid range to the rows they held
@@ -8,6 +9,7 @@ The reads adapt to what they find: a chunk's LIMIT to the memory its rows hold
 
 from __future__ import annotations
 
+import itertools
 import uuid
 
 import psycopg
@@ -85,6 +87,28 @@ def read_chunk(
         storage = None
     return ChunkWindow(backfill, watermark, got, last_key, complete=complete, storage=storage,
                        version=shape.schema_version, lines=copied.lines)
+
+
+REREAD_KEYS = 1000
+"""Rows read again by key in one window at most (`read_again`)."""
+
+
+def read_again(
+    conn: psycopg.Connection, backfill: TableBackfill, reader: CopyReader, *, chunk_bytes: int,
+) -> ChunkWindow:
+    """The rows of (at most `REREAD_KEYS` of) ``backfill.reread`` as an open window, read by
+    key (with the stream's loaders, as Python rows: they are few). Keys a read cut at its
+    budget did not reach stay in ``backfill.reread`` for the next."""
+    shape = copy_shape(conn, backfill.oid, backfill.table, backfill.key, backfill.source)
+    tokens = list(itertools.islice(backfill.reread, REREAD_KEYS))
+    query = backfill.keys_query(sql.SQL(shape.source), shape.columns,
+                                [backfill.reread[token] for token in tokens], shape.cast_keys)
+    copied = reader(conn, query, shape, limit=len(tokens) + 1, max_bytes=chunk_bytes)
+    if not copied.ended:  # cut: only the keys of the rows read are done
+        tokens = [backfill.token(row) for row in copied.rows]
+    return ChunkWindow(backfill, uuid.uuid4().hex, copied.rows, backfill.after,
+                       complete=backfill.complete_after_reread, version=shape.schema_version,
+                       rereads=tuple(tokens))
 
 
 def _measured(backfill: TableBackfill, copied: CopiedChunk) -> None:

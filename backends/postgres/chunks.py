@@ -20,7 +20,8 @@ from psycopg import sql
 
 from changefeed._speedups import kernels
 from changefeed.backends.postgres.position import PgPosition
-from changefeed.change import Change, Operation, SnapshotState
+from changefeed.backends.postgres.values import Interval
+from changefeed.change import UNCHANGED, Change, Operation, SnapshotState
 from changefeed.formats.json_values import loads_value
 
 WATERMARK_PREFIX = "changefeed.watermark"
@@ -36,6 +37,23 @@ back-fill of the listed tables when it reads it."""
 START_TID = "(0,0)"
 """Before the first row of a leaf (item numbers start at 1)."""
 _TID = re.compile(r"\((\d+),(\d+)\)")
+
+
+@dataclass(frozen=True)
+class Moved:
+    """`ChunkWindow.images`: a row an update gave a key that another row had inside the
+    window: which of the two a chunk's row of that key is, is not known."""
+
+    row: dict[str, Any]
+
+
+def _over(before: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` (a row an update gave), its values left out (`UNCHANGED`) taken from
+    ``before`` (the row as the stream gave it before, if it did) where it has them."""
+    if before is None or not any(value is UNCHANGED for value in new.values()):
+        return new
+    return {name: before.get(name, value) if value is UNCHANGED else value
+            for name, value in new.items()}
 
 
 def key_token(values: Sequence[Any]) -> Any:
@@ -104,6 +122,12 @@ class TableBackfill:
     """The memory a row held in the last chunk read (0: not known yet), to size the next."""
     copy_share: float = 1.0
     """The share of that memory a row's COPY text was (to cut a chunk at its budget)."""
+    reread: dict[Any, dict[str, Any]] = field(default_factory=dict)
+    """Rows to read again by key (token -> key) before the chunk read last is recorded: the
+    stream updated them with a TOASTed value left out (`changefeed.UNCHANGED`) where the
+    consumer may not have the row yet (`ChunkWindow.complete_taken_rows`, `Backfills.observe`)."""
+    complete_after_reread: bool = False
+    """The chunk read last was the table's last: it is done once `reread` is."""
 
     def __post_init__(self) -> None:
         self.source = self.source or self.oid
@@ -155,6 +179,26 @@ class TableBackfill:
         order = sql.SQL(", ").join(keys)
         return query + sql.SQL(" ORDER BY {} LIMIT {}").format(order, sql.Literal(size))
 
+    def keys_query(
+        self, identifier: sql.Composable, columns: Sequence[str], keys: Sequence[dict[str, Any]],
+        cast_keys: Sequence[str] = (),
+    ) -> sql.Composed:
+        """The rows of ``keys`` (as the stream gives keys: column -> value), as `chunk_query`
+        gives a chunk's: each value a literal cast to its key column's type."""
+        texts = [sql.SQL("t.{}::text AS {}").format(sql.Identifier(column),
+                                                    sql.Identifier(f"__changefeed_key_{i}"))
+                 for i, column in enumerate(cast_keys)]
+        wanted = sql.SQL(", ").join(
+            sql.SQL("({})").format(sql.SQL(", ").join(
+                sql.SQL("{}::{}").format(sql.Literal(_literal(key[column])), sql.SQL(type_name))
+                for column, type_name in zip(self.key, self.key_types, strict=True)))
+            for key in keys)
+        return sql.SQL("SELECT {} FROM {} t WHERE ({}) IN ({})").format(
+            sql.SQL(", ").join([*texts, _select_list(columns)]), identifier,
+            sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(column))
+                               for column in self.key),
+            wanted)
+
     def ctid_query(
         self, leaf: sql.Composable, columns: Sequence[str], after: str, upper_page: int,
         size: int | None,
@@ -172,6 +216,13 @@ class TableBackfill:
         if size is None:
             return query
         return query + sql.SQL(" ORDER BY t.ctid LIMIT {}").format(sql.Literal(size))
+
+
+def _literal(value: Any) -> Any:
+    """A key value as psycopg can write it: our own value types as PostgreSQL reads them."""
+    if value.__class__ is Interval:
+        return value.isoformat()  # ISO 8601: PostgreSQL's interval input reads it exactly
+    return value
 
 
 def _select_list(columns: Sequence[str]) -> sql.Composable:
@@ -263,21 +314,31 @@ class ChunkWindow:
     """The table's schema version when the chunk was read (None: not known)."""
     lines: bool = False
     """Whether ``rows`` are the direct path's JSON (see `window_lines`)."""
+    rereads: tuple[Any, ...] = ()
+    """The tokens of the keys this chunk read again (`TableBackfill.reread`) instead of the
+    next key range (empty: a key range); ``last_key`` is then the last range's, recorded
+    with it."""
+    images: dict[Any, Any] = field(default_factory=dict, init=False)
+    """The row of each key the stream changed inside the window (or just before its read), as
+    far as the stream gave it (`saw`): None where deleted, `Moved` where an update gave it a
+    key another row had in the window."""
     dropped: set[int] = field(default_factory=set, init=False)
     """The indexes of the rows taken out."""
     cleared: bool = field(default=False, init=False)
     """A truncate inside the window: every row is taken out."""
+    taken: dict[Any, Any] = field(default_factory=dict, init=False)
+    """Token -> the index (a list where a token repeats) of each row taken out by `drop`."""
     _by_token: dict[Any, Any] | None = field(default=None, init=False, repr=False)
 
-    def drop(self, token: Any) -> None:
+    def drop(self, token: Any) -> bool:
         """The stream changed the key of ``token`` (None: a truncate, every key) inside the
-        window: the rows of that key are stale. The rows' index by token is made at the first
-        change that comes (most windows see none)."""
+        window: the rows of that key are stale. Whether a row was taken out. The rows' index
+        by token is made at the first change that comes (most windows see none)."""
         if token is None:
             self.cleared = True
-            return
+            return bool(self.rows)
         if self.cleared:
-            return
+            return False
         by_token = self._by_token
         if by_token is None:
             by_token = self._by_token = self._indexed()
@@ -286,6 +347,66 @@ class ChunkWindow:
             self.dropped.update(found)
         elif found is not None:
             self.dropped.add(found)
+        else:
+            return False
+        self.taken[token] = found
+        return True
+
+    def saw(self, change: Change, token: Any, old_token: Any = None) -> None:
+        """The stream's ``change`` of key ``token`` (``old_token``: its key before, when an
+        update changed it), inside the window or just before its read, in stream order: the
+        row as the stream has given it so far (`images`). A value an update left out
+        (`UNCHANGED`) is the one an earlier change in the window gave, if one did."""
+        images = self.images
+        operation = change.operation
+        if operation is Operation.DELETE:
+            images[token] = None
+        elif operation is Operation.INSERT:
+            images[token] = change.new
+        elif old_token is not None and old_token != token:
+            before = images.get(old_token)
+            moved = before.__class__ is Moved
+            row = _over(before.row if moved else before, change.new)
+            # A chunk's row of the new key is this row, read after it moved, unless another
+            # row had that key in the window.
+            images[token] = Moved(row) if moved or token in images else row
+            images[old_token] = None
+        else:
+            before = images.get(token)
+            if before.__class__ is Moved:
+                images[token] = Moved(_over(before.row, change.new))
+            else:
+                images[token] = _over(before, change.new)
+
+    def complete_taken_rows(self) -> dict[Any, dict[str, Any]]:
+        """Make whole, where the window can, the rows it took out for updates that left a
+        TOASTed value out (`UNCHANGED`): the consumer never had such a row in full (this chunk
+        was to bring it), and the stream does not send the value again until it changes.
+        A value no change inside the window gave did not change while it was open, so the
+        chunk's row, read inside it, has it: that row, with the stream's values over it,
+        comes out. The keys of those it cannot make whole (a window of direct-path lines, a
+        key the chunk read twice, a column the chunk did not have) are returned (token -> key)
+        to be read again, as are rows moved to a key another row had in the window."""
+        again: dict[Any, dict[str, Any]] = {}
+        if self.cleared:
+            return again
+        images = self.images
+        for token, index in self.taken.items():
+            image = images.get(token)
+            moved = image.__class__ is Moved
+            if moved:
+                image = image.row
+            if image is None or not any(value is UNCHANGED for value in image.values()):
+                continue  # deleted, or whole in the stream
+            read = self.rows[index] if not self.lines and index.__class__ is int else None
+            if moved or read is None or any(value is UNCHANGED and name not in read
+                                            for name, value in image.items()):
+                again[token] = self.backfill.key_of(image)
+                continue
+            self.rows[index] = {name: read[name] if value is UNCHANGED else value
+                                for name, value in image.items()}
+            self.dropped.discard(index)
+        return again
 
     def _indexed(self) -> dict[Any, Any]:
         """The rows' indexes by key token: an index, a list where a token repeats (rows
@@ -330,6 +451,10 @@ class FinishedChunk:
     end_lsn: int = 0
     last_position: PgPosition | None = None
     """The position of the chunk's last row handed out (None: no row)."""
+    record: bool = True
+    """Whether its acknowledgement is recorded: not for a chunk whose rows are read again
+    after it (`ChunkWindow.reread`): the last read again records it, so that a feed cut short
+    before reads the chunk again."""
 
 
 def requested_tables(content: bytes, slot: str) -> list[int]:

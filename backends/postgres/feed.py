@@ -129,6 +129,7 @@ class PostgresChangeFeed(StreamLoop, StructureReactions, ChangeFeed):
             self.slot, self._tables, self._plain_connection, chunk_size=chunk_size,
             markers=snapshot_markers, save=lambda states: save_progress(
                 self._plain_connection, self.publication, self._meta, states),
+            ledger=self._ledger,
         )
         self._sql: psycopg.Connection | None = None
         self._replication: psycopg.Connection | None = None
@@ -217,7 +218,7 @@ class PostgresChangeFeed(StreamLoop, StructureReactions, ChangeFeed):
         """Record what acknowledgements completed: back-fill chunks, the exported snapshot
         (I/O, so never from `on_acknowledge`)."""
         ledger = self._ledger
-        if self._backfills.finished:
+        if self._backfills.finished or ledger.held is not None:
             self._backfills.confirmed(ledger)
         # Called twice per live transaction: the attribute first, cheaper than the call.
         if ledger.snapshot_last is not None and ledger.snapshot_delivered():
@@ -300,8 +301,8 @@ class PostgresChangeFeed(StreamLoop, StructureReactions, ChangeFeed):
             repl.close()
             ledger.stream_closed()
         elif ledger.acknowledged_after_close:
-            slots.advance_slot(self.dsn, self.slot, format_lsn(ledger.flush_lsn))
-            ledger.reported(ledger.flush_lsn)  # tried: the warning said what comes again
+            slots.advance_slot(self.dsn, self.slot, format_lsn(ledger.confirmable_lsn))
+            ledger.reported(ledger.confirmable_lsn)  # tried: the warning said what comes again
         self._replication = None
         self._stream = None
         if self._sql is not None and not self._sql.closed:

@@ -34,6 +34,8 @@ class AckLedger:
         self.closed_lsn = 0
         """The flush LSN when the last stream closed (told to the server, or given up)."""
         self.in_transaction = False
+        self.held: int | None = None
+        """While set, the server is not told of deliveries past this LSN (`hold`)."""
         self.snapshot_last: PgPosition | None = None
         """The position of the exported snapshot's last change until it is acknowledged."""
         # (last change handed out, or None for none; the LSN where the transaction ends)
@@ -118,14 +120,30 @@ class AckLedger:
 
     # -- what to tell the server ---------------------------------------------------------------
 
+    def hold(self, lsn: int) -> None:
+        """Tell the server of no delivery past ``lsn`` until `release` (the earliest of the
+        holds stands): what comes after must be streamed again after a restart, because the
+        feed has not recorded what it learnt from it (a back-fill's rows to read again)."""
+        self.held = lsn if self.held is None else min(self.held, lsn)
+
+    def release(self) -> None:
+        self.held = None
+
+    @property
+    def confirmable_lsn(self) -> int:
+        """What the slot may confirm: the flush LSN, unless `hold` keeps it back."""
+        held = self.held
+        return self.flush_lsn if held is None or self.flush_lsn < held else held
+
     @property
     def flush_due(self) -> bool:
         """An acknowledgement moved the flush LSN beyond what the server was told."""
-        return self.flush_lsn > self.reported_lsn
+        return self.confirmable_lsn > self.reported_lsn
 
     def status(self) -> tuple[int, int]:
         """(written, flushed) for a standby status update."""
-        return max(self.received_lsn, self.flush_lsn), self.flush_lsn
+        flush = self.confirmable_lsn
+        return max(self.received_lsn, flush), flush
 
     def reported(self, flushed: int) -> None:
         """The server was told ``flushed`` (0 tells it nothing)."""
@@ -134,13 +152,13 @@ class AckLedger:
 
     def stream_closed(self) -> None:
         """The stream closed, its last status sent (or given up with the connection)."""
-        self.closed_lsn = self.flush_lsn
+        self.closed_lsn = self.confirmable_lsn
 
     @property
     def acknowledged_after_close(self) -> bool:
         """An acknowledgement after the stream closed moved the flush LSN: the slot must be
         told without a stream."""
-        return self.flush_lsn > max(self.closed_lsn, self.reported_lsn)
+        return self.confirmable_lsn > max(self.closed_lsn, self.reported_lsn)
 
     def undelivered(self, *, backlog: bool = False) -> bool:
         """Whether something received is not yet delivered: a transaction open or pending,

@@ -297,7 +297,7 @@ class ReplicationStream:
         asks the server for a keepalive telling how far its WAL goes."""
         ledger = self.ledger
         if flush is None:
-            flush = ledger.flush_lsn
+            flush = ledger.confirmable_lsn
         if written is None:
             written = max(ledger.received_lsn, flush)
         message = standby_status(written, flush, unix_time=time.time(), reply=reply)

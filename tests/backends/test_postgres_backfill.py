@@ -3,6 +3,7 @@ server: the consumer that applies the output in order ends with exactly the tabl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import threading
@@ -14,7 +15,12 @@ import pytest
 from clitools import run_cli, start_cli, whole_lines
 from feeds import drain, make_feed, start
 
-from changefeed import Operation
+from changefeed import UNCHANGED, Change, Operation, SnapshotState
+from changefeed.backends.postgres import backfill as backfill_module
+from changefeed.backends.postgres.backfill import table_backfill
+from changefeed.backends.postgres.backfill_reads import read_again, read_chunk
+from changefeed.backends.postgres.copy import CopyReader
+from changefeed.backends.postgres.tables import Table
 
 
 class Consumer:
@@ -375,3 +381,299 @@ def test_rows_the_stream_changes_while_their_chunk_is_open_never_go_back(pg_dsn,
         read_until(lambda: seen == final, "the writer's last versions")
     assert went_back == []
     assert commits[0] > 300  # every row was changed while the snapshot read it
+
+
+# -- TOASTed values an update leaves out --------------------------------------------------------
+# Under the default replica identity an UPDATE sends a TOASTed value it did not change as
+# `UNCHANGED`. Where the stream's update takes a chunk's row out of its window (or moves a row to
+# a key read already), that update cannot stand for the row: the consumer never had its value.
+# The row is read again by key after the window, and the chunk is recorded only after that.
+
+BODY = "(SELECT string_agg(md5(n::text || i::text), '') FROM generate_series(1, 700) i)"
+"""~22 kB of text that does not compress below the TOAST threshold: stored out of line."""
+
+
+class MergingConsumer:
+    """Applies changes in order as a consumer must under the default replica identity: an
+    update's `UNCHANGED` values keep what the row had (and stay missing if it had nothing)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple, dict] = {}
+        self.markers: list[str] = []
+
+    def apply(self, operation: str, key: dict, new: dict | None, unchanged=()) -> None:
+        token = tuple(sorted(key.items()))
+        if operation == "delete":
+            self.rows.pop(token, None)
+            return
+        row = dict(self.rows.get(token, {}))
+        row.update({name: value for name, value in new.items() if value is not UNCHANGED})
+        for name in unchanged:
+            row.setdefault(name, UNCHANGED)
+        self.rows[token] = row
+
+    def apply_change(self, change) -> None:
+        if isinstance(change, SnapshotState):
+            self.markers.append(change.state)
+        elif isinstance(change, Change):
+            old_key = change.old and {name: change.old[name] for name in change.key}
+            if old_key and old_key != change.key:
+                self.apply("delete", old_key, None)
+            self.apply(change.operation.name.lower(), change.key, change.new,
+                       [name for name, value in (change.new or {}).items() if value is UNCHANGED])
+
+    def apply_line(self, item: dict) -> None:
+        if item.get("type") == "snapshot":
+            self.markers.append(item["state"])
+            return
+        if item["operation"] == "update" and item.get("old"):
+            old_key = {name: item["old"][name] for name in item["key"] if name in item["old"]}
+            if old_key and old_key != item["key"]:
+                self.apply("delete", old_key, None)
+        self.apply(item["operation"], item["key"], item.get("new"), item.get("unchanged", ()))
+
+    def bodies(self) -> dict[tuple, tuple]:
+        """Each row's key -> (v, md5 of its body, or UNCHANGED where it never came)."""
+        return {token: (row["v"], row["body"] if row["body"] is UNCHANGED
+                        else hashlib.md5(row["body"].encode()).hexdigest())
+                for token, row in self.rows.items()}
+
+
+def table_bodies(pg, key_columns: list[str]) -> dict[tuple, tuple]:
+    keys = ", ".join(key_columns)
+    with pg.cursor(row_factory=psycopg.rows.dict_row) as cursor:
+        return {tuple(sorted((name, row[name] if isinstance(row[name], int | str)
+                              else str(row[name])) for name in key_columns)):  # as in JSON
+                (row["v"], row["md5"])
+                for row in cursor.execute(f"SELECT {keys}, v, md5(body) FROM docs")}
+
+
+def test_rows_an_update_without_their_toasted_value_took_out_of_a_chunk_are_read_again(
+        pg_dsn, pg, monkeypatch):
+    # Scripted writes right after chunk reads, so each lands inside that chunk's window: every
+    # member of the class (a value updated, a key changed inside the chunk and into keys read
+    # already, a row updated then deleted, a row read again updated again, the last chunk).
+    pg.execute("CREATE TABLE docs (id int PRIMARY KEY, v int NOT NULL, body text NOT NULL)")
+    pg.execute(f"INSERT INTO docs SELECT n, 0, {BODY} FROM generate_series(1, 40) n")
+    writes = {
+        1: ["UPDATE docs SET v = v + 1 WHERE id IN (2, 3)",
+            "UPDATE docs SET id = 105, v = v + 1 WHERE id = 5",   # to keys not read yet
+            "UPDATE docs SET id = -35, v = v + 1 WHERE id = 35",  # to keys read already
+            "UPDATE docs SET v = v + 1 WHERE id = 7", "DELETE FROM docs WHERE id = 7"],
+        2: ["UPDATE docs SET v = v + 1 WHERE id = -35"],  # read again, and changed again
+    }
+    reads = []
+
+    def then_write(read):
+        def reading(conn, backfill, *args, **kwargs):
+            window = read(conn, backfill, *args, **kwargs)
+            reads.append((read.__name__, len(window.rows)))
+            statements = writes.get(len(reads), [])
+            if any(row["id"] == 38 for row in window.rows):
+                statements = [*statements, "UPDATE docs SET v = v + 1 WHERE id = 38"]
+            with psycopg.connect(pg_dsn, autocommit=True) as other:
+                for statement in statements:
+                    other.execute(statement)
+            return window
+        return reading
+
+    monkeypatch.setattr(backfill_module, "read_chunk", then_write(backfill_module.read_chunk))
+    monkeypatch.setattr(backfill_module, "read_again", then_write(backfill_module.read_again))
+    consumer = MergingConsumer()
+    feed = make_feed(pg_dsn, "docs", prefeed="snapshot", chunk_size=10)
+    snapshot_rows = []
+    for change in drain(feed, idle=1.0, timeout=60):
+        consumer.apply_change(change)
+        if isinstance(change, Change) and change.snapshot:
+            snapshot_rows.append(change.key["id"])
+        if isinstance(change, SnapshotState) and change.state == "done":
+            snapshot_rows.append("done")
+    assert consumer.bodies() == table_bodies(pg, ["id"])
+    assert ("read_again", 2) in reads  # the rows given new keys: 105 and -35
+    for key in (2, 3, 38, 105, -35):  # each made whole once (105 also read in its chunk)
+        assert snapshot_rows.count(key) == 1 + (key == 105), (key, snapshot_rows)
+    assert 7 not in snapshot_rows
+    feed.close()
+
+
+def test_a_feed_cut_short_before_the_rows_read_again_reads_their_chunk_again(
+        pg_dsn, pg, monkeypatch):
+    pg.execute("CREATE TABLE docs (id int PRIMARY KEY, v int NOT NULL, body text NOT NULL)")
+    pg.execute(f"INSERT INTO docs SELECT n, 0, {BODY} FROM generate_series(1, 30) n")
+    def first_then_write(conn, backfill, *args, **kwargs):
+        window = read_chunk(conn, backfill, *args, **kwargs)
+        if backfill.done == 0 and backfill.after is None:
+            with psycopg.connect(pg_dsn, autocommit=True) as other:  # rows read again
+                other.execute("UPDATE docs SET id = 102 WHERE id = 2")
+                other.execute("UPDATE docs SET id = -3 WHERE id = 3")
+        return window
+
+    monkeypatch.setattr(backfill_module, "read_chunk", first_then_write)
+    consumer = MergingConsumer()
+    feed = make_feed(pg_dsn, "docs", prefeed="snapshot", chunk_size=10)
+    for change in feed.changes(timeout=30):
+        consumer.apply_change(change)
+        feed.ack(change.position)
+        if isinstance(change, Change) and change.snapshot and change.key["id"] == 10:
+            break  # the chunk's rows are acknowledged; the rows read again are not out yet
+    feed.close()
+    assert {token: value[1] for token, value in consumer.bodies().items()
+            if token in ((("id", 102),), (("id", -3),))} == {(("id", 102),): UNCHANGED,
+                                                            (("id", -3),): UNCHANGED}
+    monkeypatch.setattr(backfill_module, "read_chunk", read_chunk)
+    again = make_feed(pg_dsn, "docs", prefeed="snapshot", chunk_size=10)
+    got = drain(again, idle=1.0, timeout=60, close=True)
+    for change in got:
+        consumer.apply_change(change)
+    # The updates that gave rows new keys come again (the slot was held before them), their
+    # rows are read again (before or after the first chunk, as the stream brings them), and
+    # the first chunk comes again (-3 is in its keys now), not the rows after it.
+    assert [c.key["id"] for c in got if isinstance(c, Change) and not c.snapshot][:2] == [
+        102, -3]
+    snapshot = [c.key["id"] for c in got if isinstance(c, Change) and c.snapshot]
+    first_chunk = [-3, 1, *range(4, 12)]
+    assert snapshot[:10] == first_chunk or snapshot[2:12] == first_chunk, snapshot
+    assert consumer.bodies() == table_bodies(pg, ["id"])
+
+
+TOAST_KEYS = {name: KEYS[name] for name in ("int", "text with escapes", "uuid", "composite")}
+
+
+@pytest.mark.parametrize("impl", ["c", "python"])
+@pytest.mark.parametrize("key", list(TOAST_KEYS))
+def test_a_snapshot_beside_updates_that_leave_toasted_values_out_ends_with_every_value(
+        pg_dsn, pg, key, impl):
+    # A writer updates rows' small column round and round, their TOASTed bodies untouched,
+    # while the CLI reads the table in small chunks (the direct path where built): once it
+    # stops, a consumer applying the lines holds every row's body exactly.
+    columns, values = TOAST_KEYS[key]
+    pg.execute(f"CREATE TABLE docs ({columns}, n int UNIQUE NOT NULL, v int NOT NULL,"
+               " body text NOT NULL)")
+    pg.execute(f"INSERT INTO docs SELECT {values}, n, 0, {BODY} FROM generate_series(1, 200) n")
+    key_columns = [name for name, in pg.execute(
+        "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid"
+        " AND a.attnum = ANY(i.indkey) WHERE i.indrelid = 'docs'::regclass AND i.indisprimary")]
+    stop = threading.Event()
+    commits = []
+
+    def write():
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            step = 0
+            while not stop.is_set():
+                conn.execute("UPDATE docs SET v = v + 1 WHERE n = %s", [step * 7 % 200 + 1])
+                step += 1
+        commits.append(step)
+
+    consumer = MergingConsumer()
+    writer = threading.Thread(target=write)
+    with start_cli("run", "docs", "--url", pg_dsn, "--prefeed", "snapshot", "--chunk-size",
+                   "20", "--format", "change", env={"CHANGEFEED_IMPL": impl}) as process:
+        writer.start()
+        try:
+            deadline = time.monotonic() + 120
+            while "done" not in consumer.markers:
+                assert time.monotonic() < deadline, "the snapshot did not end within 120 s"
+                consumer.apply_line(json.loads(process.readline(timeout=60)))
+        finally:
+            stop.set()
+            writer.join()
+        final = table_bodies(pg, key_columns)
+        deadline = time.monotonic() + 60
+        while consumer.bodies() != final:
+            assert time.monotonic() < deadline, "the writer's last updates did not arrive"
+            try:
+                line = process.readline(timeout=30)
+            except AssertionError as exc:
+                got = consumer.bodies()
+                differ = [(key, got.get(key), row) for key, row in final.items()
+                          if got.get(key) != row]
+                raise AssertionError(f"rows that differ (key, got, table): {differ[:5]}") from exc
+            consumer.apply_line(json.loads(line))
+    assert commits[0] > 200  # rows were updated while the snapshot read them
+
+
+READ_AGAIN_KEYS = {  # key type -> the column's SQL, its value for row n
+    "bigint": ("bigint", "n * 10000000000"),
+    "numeric": ("numeric", "n / 7.0"),
+    "text": ("text", "format(E'k''\\t%s\\\\\"é', n)"),
+    "varchar": ("varchar(20)", "'v' || n"),
+    "uuid": ("uuid", "md5(n::text)::uuid"),
+    "timestamptz": ("timestamptz",
+                    "'2026-12-03 09:30:00.123456+02'::timestamptz + n * interval '1 s'"),
+    "timestamp": ("timestamp", "'2026-12-03 09:30:00'::timestamp + n * interval '1 ms'"),
+    "date": ("date", "'2026-01-01'::date + n"),
+    "bytea": ("bytea", "decode(md5(n::text), 'hex')"),
+    "float8": ("float8", "n / 3.0"),
+    "enum": ("mood", "(enum_range(NULL::mood))[n % 3 + 1]"),
+    "domain": ("code", "'c-' || n"),
+    "interval": ("interval", "n * interval '1 mon 1 day 1.5 s' - interval '1 year'"),
+    "date, infinite": ("date",
+                       "CASE n WHEN 5 THEN 'infinity'::date ELSE '2026-01-01'::date + n END"),
+    "float8, NaN": ("float8", "CASE n WHEN 5 THEN 'NaN'::float8 ELSE n / 3.0 END"),
+    "timetz": ("timetz", "'12:00:00+02'::timetz + n * interval '1 min'"),
+    "inet": ("inet", "('10.0.0.' || n)::inet"),
+}
+
+
+@pytest.mark.parametrize("key", list(READ_AGAIN_KEYS))
+def test_rows_read_again_by_key_are_the_rows_of_those_keys(pg_dsn, pg, key):
+    # The keys come from the stream's values (Python): each is written back as a literal of
+    # its column's type, and finds exactly its row.
+    column, value = READ_AGAIN_KEYS[key]
+    pg.execute("CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy')")
+    pg.execute("CREATE DOMAIN code AS text CHECK (VALUE <> '')")
+    pg.execute(f"CREATE TABLE docs (k {column}, n int, v int, PRIMARY KEY (k, n))")
+    pg.execute(f"INSERT INTO docs SELECT {value}, n, n FROM generate_series(1, 12) n")
+    oid = pg.execute("SELECT 'docs'::regclass::oid").fetchone()[0]
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        backfill = table_backfill(conn, Table(oid, "public", "docs", "r", ["k", "n"]),
+                                  "public.docs")
+        reader = CopyReader()
+        every = read_chunk(conn, backfill, reader, chunk_size=100, chunk_bytes=1 << 20).rows
+        wanted = [row for row in every if row["n"] % 3 != 1]  # n = 5 among them
+        backfill.reread = {backfill.token(row): backfill.key_of(row) for row in wanted}
+        again = read_again(conn, backfill, reader, chunk_bytes=1 << 20)
+    def rows(found):  # repr: NaN is not equal to itself
+        return sorted((row["n"], repr(row)) for row in found)
+
+    assert rows(again.rows) == rows(wanted)
+    assert set(again.rereads) == set(backfill.reread)
+
+
+def test_a_row_moved_into_keys_recorded_already_comes_whole_after_a_restart(
+        pg_dsn, pg, monkeypatch):
+    # An update moves a row from keys not read yet to keys whose chunks are recorded, its
+    # TOASTed value left out; the consumer acknowledges it and the feed stops before the row
+    # is read again. The slot was held before that update, so the next run streams it again,
+    # and reads the row again.
+    pg.execute("CREATE TABLE docs (id int PRIMARY KEY, v int NOT NULL, body text NOT NULL)")
+    pg.execute(f"INSERT INTO docs SELECT n, 0, {BODY} FROM generate_series(1, 40) n")
+    moved = []
+
+    def move_once_a_chunk_is_recorded(conn, backfill, *args, **kwargs):
+        window = read_chunk(conn, backfill, *args, **kwargs)
+        if backfill.chunks >= 1 and not moved:
+            assert int(backfill.after[0]) < 40
+            with psycopg.connect(pg_dsn, autocommit=True) as other:
+                other.execute("UPDATE docs SET id = -40, v = 1 WHERE id = 40")
+            moved.append(backfill.after)
+        return window
+
+    monkeypatch.setattr(backfill_module, "read_chunk", move_once_a_chunk_is_recorded)
+    consumer = MergingConsumer()
+    feed = make_feed(pg_dsn, "docs", prefeed="snapshot", chunk_size=10)
+    for change in feed.changes(timeout=30):
+        consumer.apply_change(change)
+        feed.ack(change.position)
+        if isinstance(change, Change) and change.key["id"] == -40:
+            break  # acknowledged; the row is not read again yet
+    feed.close()
+    assert moved and consumer.bodies()[(("id", -40),)] == (1, UNCHANGED)
+    recorded = pg.execute("SELECT obj_description(oid, 'pg_publication') FROM pg_publication"
+                          " WHERE pubname = 'changefeed_docs'").fetchone()[0]
+    assert '"after"' in recorded  # the back-fill goes on after a recorded chunk
+    monkeypatch.setattr(backfill_module, "read_chunk", read_chunk)
+    again = make_feed(pg_dsn, "docs", prefeed="snapshot", chunk_size=10)
+    for change in drain(again, idle=1.0, timeout=60, close=True):
+        consumer.apply_change(change)
+    assert consumer.bodies() == table_bodies(pg, ["id"])

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 from uuid import UUID
 
 import pytest
+from psycopg import sql
 
 from changefeed.backends.postgres import backfill as backfill_module
 from changefeed.backends.postgres.backfill import Backfills, backfill_states
@@ -36,7 +37,7 @@ from changefeed.backends.postgres.ledger import AckLedger
 from changefeed.backends.postgres.position import TransactionPositions
 from changefeed.backends.postgres.snapshot import row_bytes
 from changefeed.backends.postgres.tables import Table, WatchedTables
-from changefeed.change import Change, Operation, SnapshotState
+from changefeed.change import UNCHANGED, Change, Operation, SnapshotState
 from changefeed.message import Message
 
 
@@ -390,8 +391,164 @@ def test_a_change_of_a_table_being_back_filled_takes_its_key_out_of_the_window()
     backfills.observe(Change(Operation.DELETE, "public.t10", None, {"id": 4}, {"id": 4}))
     backfills.observe(Change(Operation.INSERT, "public.t11", {"id": 1}, None, {"id": 1}))
     assert kept_rows(backfills.window) == [{"id": 1}] and backfills.window.count == 1
-    assert [(table, key) for _, table, key in backfills.recent] == [
+    assert [(table, key) for _, table, keys, _ in backfills.recent for key in keys] == [
         ("public.t10", key) for key in ((2,), (2,), (9,), (3,), (4,), (4,))]
+
+
+def update(table: str, key: int, *, old_key: int | None = None, toasted_left_out: bool = True,
+           v: int = 1):
+    """An UPDATE as pgoutput gives it under the default replica identity: the old key only
+    when the key changed, an unchanged TOASTed value as `UNCHANGED`."""
+    new = {"id": key, "v": v, "body": UNCHANGED if toasted_left_out else "new"}
+    old = {"id": old_key} if old_key is not None else None
+    return Change(Operation.UPDATE, table, new, old, {"id": key})
+
+
+def close(backfills: Backfills, mark: str) -> list:
+    """The window of ``mark`` closes at its watermark: the items it hands out."""
+    return list(backfills.on_message(watermark(mark), decoder()))
+
+
+def confirm_all(backfills: Backfills, out: list) -> None:
+    backfills.committed(0x508)
+    ledger = AckLedger()
+    for item in out:
+        ledger.acknowledge(item.position)
+    backfills.confirmed(ledger)
+
+
+def docs(*keys: int) -> list[dict]:
+    return [{"id": key, "v": 0, "body": f"body {key}"} for key in keys]
+
+
+def test_rows_taken_out_for_updates_that_left_a_toasted_value_out_come_out_whole():
+    # The stream's update stands for a row the consumer never had in full (the chunk was to
+    # bring it), without its TOASTed value: the window makes the row whole from the chunk's
+    # row (the value did not change while it was open). A row given a new key is read again
+    # by key, and the chunk recorded only once that read is acknowledged.
+    saved = []
+    backfills = backfills_of(watched(10), lambda states: saved.append(copy.deepcopy(states)))
+    table = backfill(table="public.t10")
+    backfills.start(table)
+    backfills.window = ChunkWindow(table, "w1", docs(1, 2, 3, 4, 5, 6), ["6"], complete=False)
+    backfills.observe(update("public.t10", 2))                          # made whole
+    backfills.observe(update("public.t10", 3, toasted_left_out=False))  # whole in the stream
+    backfills.observe(update("public.t10", 40))                         # not in the chunk
+    backfills.observe(update("public.t10", 30, old_key=4))  # a new key: its row read again
+    backfills.observe(update("public.t10", 4, old_key=90))  # to a key the chunk had
+    backfills.observe(update("public.t10", 6, v=7))
+    backfills.observe(Change(Operation.DELETE, "public.t10", None, {"id": 6}, {"id": 6}))
+    assert table.reread == {(30,): {"id": 30}, (4,): {"id": 4}}
+    out = close(backfills, "w1")
+    assert [change.new for change in out] == [
+        {"id": 1, "v": 0, "body": "body 1"}, {"id": 2, "v": 1, "body": "body 2"},
+        {"id": 5, "v": 0, "body": "body 5"}]
+    assert list(table.reread) == [(30,), (4,)] and table.after == ["6"]
+    assert backfills.due and backfills.queue[0] is table
+    confirm_all(backfills, out)
+    assert saved == []  # not recorded: a feed cut short now reads the chunk again
+    # The rows read again (key 30 is gone meanwhile), in a window of their own; the stream
+    # changes one of them again, leaving its TOASTed value out again.
+    backfills.window = ChunkWindow(table, "w2", [{"id": 4, "v": 1, "body": "body 90"}],
+                                   table.after, complete=False, rereads=((30,), (4,)))
+    backfills.observe(update("public.t10", 4, v=2))
+    out = close(backfills, "w2")
+    assert [(change.new, change.snapshot) for change in out] == [
+        ({"id": 4, "v": 2, "body": "body 90"}, True)]
+    assert table.reread == {}
+    confirm_all(backfills, out)
+    assert saved == [{"10": {"after": ["6"], "done": 4, "chunks": 2}}]
+
+
+def test_a_row_s_values_come_from_the_stream_s_changes_in_the_window_over_the_chunk_s_row():
+    backfills = backfills_of(watched(10))
+    table = backfill(table="public.t10")
+    backfills.start(table)
+    backfills.window = ChunkWindow(table, "w1", docs(1, 2, 3), ["3"], complete=False)
+    backfills.observe(update("public.t10", 1, toasted_left_out=False))  # body "new"
+    backfills.observe(update("public.t10", 1, v=5))  # left out: the one given before
+    backfills.observe(Change(Operation.DELETE, "public.t10", None, {"id": 2}, {"id": 2}))
+    backfills.observe(Change(Operation.INSERT, "public.t10", {"id": 2, "v": 9, "body": "b"},
+                             None, {"id": 2}))
+    backfills.observe(update("public.t10", 2, v=10))
+    out = close(backfills, "w1")
+    # 1 and 2 are whole in the stream already: nothing more of them.
+    assert [change.new for change in out] == [{"id": 3, "v": 0, "body": "body 3"}]
+    assert table.reread == {}
+
+
+def test_a_row_the_window_cannot_make_whole_is_read_again():
+    backfills = backfills_of(watched(10))
+    table = backfill(table="public.t10")
+    backfills.start(table)
+    rows = [{"id": 1, "v": 0}, {"id": 2, "v": 0, "body": "b"}, {"id": 2, "v": 0, "body": "c"}]
+    backfills.window = ChunkWindow(table, "w1", rows, ["2"], complete=False)
+    backfills.observe(update("public.t10", 1))  # a column the chunk did not read
+    backfills.observe(update("public.t10", 2))  # a key the chunk read twice
+    assert close(backfills, "w1") == []
+    assert table.reread == {(1,): {"id": 1}, (2,): {"id": 2}}
+    assert backfills.finished[-1].record is False
+
+
+def test_a_row_moved_to_a_key_another_row_had_in_the_window_is_read_again():
+    backfills = backfills_of(watched(10))
+    table = backfill(table="public.t10")
+    backfills.start(table)
+    backfills.window = ChunkWindow(table, "w1", docs(1, 2, 3, 5), ["5"], complete=False)
+    backfills.observe(Change(Operation.DELETE, "public.t10", None, {"id": 5}, {"id": 5}))
+    backfills.observe(update("public.t10", 5, old_key=9))  # the chunk's 5 may be either row
+    backfills.observe(update("public.t10", 2, toasted_left_out=False))
+    backfills.observe(update("public.t10", 3, old_key=2))  # the body given just before
+    table.reread.clear()  # (`observe` reads every such move again: here, the window's own)
+    out = close(backfills, "w1")
+    assert [change.new["id"] for change in out] == [1]
+    assert table.reread == {(5,): {"id": 5}}
+
+
+@pytest.mark.parametrize("markers", [False, True])
+def test_a_table_whose_last_chunk_has_rows_to_read_again_is_done_after_them(markers):
+    backfills = backfills_of(watched(10))
+    backfills.markers = markers
+    table = backfill(table="public.t10")
+    backfills.start(table)
+    backfills.window = ChunkWindow(table, "w1", docs(1, 2), ["2"], complete=True)
+    backfills.observe(update("public.t10", 9, old_key=2))
+    out = close(backfills, "w1")
+    assert [type(item).__name__ for item in out] == ["SnapshotState"] * markers + ["Change"]
+    assert backfills.queue[0] is table and backfills.observer is not None  # still watched
+    assert table.complete_after_reread and not backfills.finished[-1].complete
+    backfills.window = ChunkWindow(table, "w2", [{"id": 9, "v": 1, "body": "body 2"}],
+                                   table.after, complete=table.complete_after_reread,
+                                   rereads=((9,),))
+    out = close(backfills, "w2")
+    assert [(type(item).__name__, getattr(item, "state", None)) for item in out] == [
+        ("Change", None), *[("SnapshotState", "done")] * markers]
+    assert not backfills.queue and backfills.finished[-1].complete
+
+
+def test_a_change_the_stream_gave_just_before_a_chunk_s_read_is_applied_to_it(monkeypatch):
+    backfills = backfills_of(watched(10))
+    table = backfill(table="public.t10")
+    backfills.start(table)
+    backfills.observe(update("public.t10", 2))   # before the chunk's SELECT
+    backfills.observe(update("public.t10", 50))  # the chunk will not have it
+    chunk = ChunkWindow(table, "w1", docs(1, 2), ["2"], complete=False)
+    monkeypatch.setattr(backfills, "connection", lambda: None)
+    monkeypatch.setattr(backfills, "_read_chunk", lambda conn, of: chunk)
+    monkeypatch.setattr(backfills, "_emit", lambda conn, mark, kind: None)
+    backfills.open_chunk()
+    assert backfills.window is chunk and kept_rows(chunk) == docs(1)
+    assert [change.new for change in close(backfills, "w1")] == [
+        {"id": 1, "v": 0, "body": "body 1"}, {"id": 2, "v": 1, "body": "body 2"}]
+
+
+def test_keys_to_read_again_become_one_query_with_each_value_cast_to_its_column_type():
+    table = TableBackfill(10, "public.t", ["a", "b"], ["integer", "text"])
+    query = table.keys_query(sql.SQL("public.t"), ["a", "b", "body"],
+                             [{"a": 1, "b": "it's"}, {"a": 2, "b": "x"}], ["b"])
+    assert query.as_string(None) == (
+        'SELECT t."b"::text AS "__changefeed_key_0", t."a", t."b", t."body" FROM public.t t'
+        " WHERE (t.\"a\", t.\"b\") IN ((1::integer, 'it''s'::text), (2::integer, 'x'::text))")
 
 
 def test_a_renamed_table_s_back_fill_goes_on_under_its_new_name():
@@ -441,7 +598,7 @@ def test_keys_the_stream_gave_are_kept_a_second_for_the_next_chunk_then_forgotte
         backfills.observe(Change(Operation.INSERT, "public.t10", {"id": key}, None, {"id": key}))
 
     def kept() -> list[tuple]:
-        return [key for _, _, key in backfills.recent]
+        return [key for _, _, keys, _ in backfills.recent for key in keys]
 
     change_at(100.0, 1)
     change_at(100.5, 2)
@@ -463,5 +620,5 @@ def test_a_table_whose_last_chunk_is_out_is_no_longer_watched_and_the_others_are
     assert [(c.table, c.new, c.schema_version) for c in out] == [("public.t10", {"id": 1}, "v1")]
     backfills.observe(Change(Operation.INSERT, "public.t10", {"id": 7}, None, {"id": 7}))
     backfills.observe(Change(Operation.INSERT, "public.t11", {"id": 8}, None, {"id": 8}))
-    assert [(table, key) for _, table, key in backfills.recent] == [("public.t11", (8,))]
+    assert [(table, keys) for _, table, keys, _ in backfills.recent] == [("public.t11", [(8,)])]
     assert list(backfills.queue) == [second]

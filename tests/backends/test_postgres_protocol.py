@@ -114,6 +114,27 @@ def test_keepalives_advance_an_idle_slot_only_when_nothing_is_pending():
     assert ledger.undelivered(backlog=True) and not ledger.undelivered()
 
 
+def test_a_hold_keeps_what_the_server_is_told_back_until_released():
+    ledger = AckLedger()
+    ledger.commit(f"{0xA0:016X}:00000000", 0xA8)
+    ledger.acknowledge(f"{0xA0:016X}:00000000")
+    ledger.begin()
+    ledger.hold(ledger.flush_lsn)  # inside the next transaction: the slot stays before it
+    ledger.commit(f"{0xC0:016X}:00000000", 0xC8)
+    ledger.acknowledge(f"{0xC0:016X}:00000000")
+    ledger.keepalive(0x200)
+    assert ledger.flush_lsn == 0x200  # delivered: what the feed knows
+    assert ledger.confirmable_lsn == 0xA8 and ledger.status() == (0x200, 0xA8)
+    ledger.reported(0xA8)
+    ledger.hold(0xB0)  # a later hold does not move the earlier one
+    assert not ledger.flush_due and ledger.confirmable_lsn == 0xA8
+    ledger.stream_closed()
+    assert not ledger.acknowledged_after_close
+    ledger.release()
+    assert ledger.flush_due and ledger.status() == (0x200, 0x200)
+    assert ledger.acknowledged_after_close
+
+
 def test_a_message_outside_transactions_is_passed_once_acknowledged():
     ledger = AckLedger()
     position = f"{0x4F:016X}:00000000"

@@ -17,7 +17,8 @@ from waiting import wait_until
 
 from changefeed import PipelineError, Retry
 from changefeed.delivery import STOP_GRACE
-from changefeed.pipelines import CallbackSink, JsonLinesSink, Pipeline
+from changefeed.pipelines import CallbackSink, JsonLinesSink, Pipeline, _sink_thread
+from changefeed.pipelines.sinks import Sink
 from changefeed.pipelines.sinks.http import WebhookSink
 from changefeed.pipelines.sinks.redis import RedisStreamSink
 from changefeed.testing import MemoryFeed, insert
@@ -276,6 +277,59 @@ def test_a_webhook_sink_works_again_in_a_new_run_after_a_failed_one():
     finally:
         receiver.stop()
     assert len(receiver.accepted()) == 1 and feed.checkpoint.load("tasks") == 2
+
+
+class FailingSlowToClose(Sink):
+    """A sink whose batch fails and whose close takes a moment (a client shutting down)."""
+
+    name = "failing"
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def write_batch(self, batch) -> None:
+        raise OSError("the server went away")
+
+    def interrupt(self) -> None:
+        self.events.append("interrupt")
+
+    def close(self) -> None:
+        time.sleep(0.2)
+        self.events.append("close")
+
+
+def test_a_failed_run_ends_only_once_its_sink_thread_closed_the_sinks(monkeypatch):
+    # Else the thread closes them (or is told to stop them) late, under the next run that
+    # uses the same sinks (a CI failure: the webhook test above, its next run interrupted).
+    # private: the sink thread is descheduled right after it hands its failure over, as a
+    # loaded machine may do; the run must still end only after the thread closed the sinks.
+    init = _sink_thread._SinkThread.__init__
+
+    class Descheduled:
+        def __init__(self, results) -> None:
+            self.results = results
+
+        def put(self, item) -> None:
+            self.results.put(item)
+            if isinstance(item, BaseException):
+                time.sleep(0.3)
+
+        def __getattr__(self, name):
+            return getattr(self.results, name)
+
+    def late_thread(self, *args, **kwargs) -> None:
+        init(self, *args, **kwargs)
+        self._results = Descheduled(self._results)
+
+    monkeypatch.setattr(_sink_thread._SinkThread, "__init__", late_thread)
+    sink = FailingSlowToClose()
+    with pytest.raises(PipelineError, match="went away"):
+        Pipeline(RecordingFeed(1), [], sink=sink).run()
+    assert sink.events == ["close"]  # closed before run() ended, and never told to stop
+    sink.events.clear()
+    with pytest.raises(PipelineError, match="went away"):
+        Pipeline(RecordingFeed(1), [], sink=sink).run()
+    assert sink.events == ["close"]
 
 
 def test_the_network_sinks_pickle_for_spawned_processes():
