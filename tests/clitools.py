@@ -6,6 +6,7 @@ a slow machine makes a test slower, never hang or pass by luck.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -67,6 +68,7 @@ class CliProcess:
             env={name: value for name, value in environ.items() if value is not None},
         )
         self.pid = self.process.pid
+        self.args = args
         self.stderr = ""
         """Everything read from stderr so far."""
         self._out = bytearray()
@@ -167,9 +169,16 @@ class CliProcess:
         return returncode, rest
 
     def stop(self, signum: int = signal.SIGTERM, timeout: float = 60) -> tuple[int, str]:
-        """Send ``signum`` (default SIGTERM) and `finish`."""
+        """Send ``signum`` (default SIGTERM) and `finish`. After a SIGKILL, also wait until
+        the PostgreSQL server of ``--url`` let go of the process's replication connections:
+        its walsender notices the crash only when it next looks at the socket, and a rerun
+        finding the slot still in use fails (a loaded machine's walsender may take a while)."""
+        ports = tcp_ports(self.pid) if signum == signal.SIGKILL else set()
         self.process.send_signal(signum)
-        return self.finish(timeout)
+        result = self.finish(timeout)
+        if ports and "--url" in self.args:
+            released(self.args[self.args.index("--url") + 1], ports, timeout)
+        return result
 
     def wait_blocked_writing(self, timeout: float = 60) -> None:
         """Wait until one of the process's threads (the sink's, in a pipeline) sleeps in a
@@ -186,6 +195,47 @@ class CliProcess:
             return False
 
         self.wait_for(blocked, "the process to block writing to its stdout", timeout)
+
+
+def tcp_ports(pid: int) -> set[int]:
+    """The local ports of the TCP sockets process ``pid`` holds (Linux: /proc)."""
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[len("socket:["):-1])
+    except OSError:  # it ended already
+        return set()
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as sockets:
+            for line in list(sockets)[1:]:
+                fields = line.split()
+                if fields[9] in inodes:
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def released(url: str, ports: set[int], timeout: float = 60) -> None:
+    """Wait until no walsender of the server at ``url`` serves a client on ``ports`` (a
+    process that was killed) and no slot is held by one."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        walsenders = [pid for (pid,) in conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'walsender'"
+            " AND client_port = ANY(%s)", [list(ports)])]
+
+        def gone() -> bool:
+            return not conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE pid = ANY(%s) UNION ALL"
+                " SELECT active_pid FROM pg_replication_slots WHERE active_pid = ANY(%s)",
+                [walsenders, walsenders]).fetchall()
+
+        if walsenders:
+            wait_until(gone, f"the walsenders {walsenders} of a killed process to end", timeout)
 
 
 def start_cli(*args: str, env: dict | None = None, stdout: int | None = None) -> CliProcess:
