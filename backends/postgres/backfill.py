@@ -186,7 +186,7 @@ class Backfills:
             tokens = [token(row) for row in (change.key, change.old) if row]
             if (len(tokens) == 2 and tokens[0] != tokens[1] and backfill.key
                     and change.operation is Operation.UPDATE
-                    and any(value is UNCHANGED for value in change.new.values())):
+                    and UNCHANGED in change.new.values()):
                 backfill.reread[tokens[0]] = change.key
                 if self.ledger is not None:
                     # Until that read is recorded, the slot stays before this transaction: a
@@ -194,7 +194,7 @@ class Backfills:
                     self.ledger.hold(self.ledger.flush_lsn)
         window = self.window
         if window is not None and window.backfill.table == table:
-            _apply(window, tokens, change)
+            window.changed(tokens, change)
         now = time.monotonic()
         recent = self.recent
         while recent and recent[0][0] < now - RECENT_SECONDS:
@@ -226,7 +226,7 @@ class Backfills:
             recent.popleft()
         for _, table, tokens, change in recent:
             if table == backfill.table:
-                _apply(window, tokens, change)
+                window.changed(tokens, change)
         self._emit(conn, window.watermark, "high")
         self.window = window
 
@@ -389,15 +389,6 @@ class Backfills:
             if all(queued is not backfill for queued in self.queue):
                 self.queue.appendleft(backfill)
         self._names = {queued.table: queued for queued in self.queue}
-
-
-def _apply(window: ChunkWindow, tokens: list[Any], change: Change | Truncate) -> None:
-    """The stream's ``change`` (of keys ``tokens``: its key, then its old key if it has one)
-    in ``window``: the rows of those keys are stale; the window notes what the stream gave."""
-    for token in tokens:
-        window.drop(token)
-    if change.__class__ is Change and window.backfill.key:
-        window.saw(change, tokens[0], tokens[1] if len(tokens) > 1 else None)
 
 
 def chunk_state(backfill: TableBackfill, chunk: FinishedChunk) -> dict[str, Any]:

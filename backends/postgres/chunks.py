@@ -21,7 +21,7 @@ from psycopg import sql
 from changefeed._speedups import kernels
 from changefeed.backends.postgres.position import PgPosition
 from changefeed.backends.postgres.values import Interval
-from changefeed.change import UNCHANGED, Change, Operation, SnapshotState
+from changefeed.change import UNCHANGED, Change, Operation, SnapshotState, Truncate
 from changefeed.formats.json_values import loads_value
 
 WATERMARK_PREFIX = "changefeed.watermark"
@@ -50,7 +50,7 @@ class Moved:
 def _over(before: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
     """``new`` (a row an update gave), its values left out (`UNCHANGED`) taken from
     ``before`` (the row as the stream gave it before, if it did) where it has them."""
-    if before is None or not any(value is UNCHANGED for value in new.values()):
+    if before is None or UNCHANGED not in new.values():
         return new
     return {name: before.get(name, value) if value is UNCHANGED else value
             for name, value in new.items()}
@@ -330,27 +330,35 @@ class ChunkWindow:
     """Token -> the index (a list where a token repeats) of each row taken out by `drop`."""
     _by_token: dict[Any, Any] | None = field(default=None, init=False, repr=False)
 
-    def drop(self, token: Any) -> bool:
+    def drop(self, token: Any) -> None:
         """The stream changed the key of ``token`` (None: a truncate, every key) inside the
-        window: the rows of that key are stale. Whether a row was taken out. The rows' index
-        by token is made at the first change that comes (most windows see none)."""
+        window: the rows of that key are stale (`taken`). The rows' index by token is made at
+        the first change that comes (most windows see none)."""
         if token is None:
             self.cleared = True
-            return bool(self.rows)
+            return
         if self.cleared:
-            return False
+            return
         by_token = self._by_token
         if by_token is None:
             by_token = self._by_token = self._indexed()
         found = by_token.pop(token, None)
+        if found is None:
+            return
         if found.__class__ is list:
             self.dropped.update(found)
-        elif found is not None:
-            self.dropped.add(found)
         else:
-            return False
+            self.dropped.add(found)
         self.taken[token] = found
-        return True
+
+    def changed(self, tokens: list[Any], change: Change | Truncate) -> None:
+        """The stream's ``change`` (of keys ``tokens``: its key, then its old key if it has
+        one; None: a truncate) inside the window or just before its read: the rows of those
+        keys are stale (`drop`), and the window notes what the stream gave (`saw`)."""
+        for token in tokens:
+            self.drop(token)
+        if change.__class__ is Change and self.backfill.key:
+            self.saw(change, tokens[0], tokens[1] if len(tokens) > 1 else None)
 
     def saw(self, change: Change, token: Any, old_token: Any = None) -> None:
         """The stream's ``change`` of key ``token`` (``old_token``: its key before, when an
@@ -396,7 +404,7 @@ class ChunkWindow:
             moved = image.__class__ is Moved
             if moved:
                 image = image.row
-            if image is None or not any(value is UNCHANGED for value in image.values()):
+            if image is None or UNCHANGED not in image.values():
                 continue  # deleted, or whole in the stream
             read = self.rows[index] if not self.lines and index.__class__ is int else None
             if moved or read is None or any(value is UNCHANGED and name not in read
