@@ -91,13 +91,19 @@ def test_a_dead_workers_pending_entries_are_claimed_by_another(redis_url, tmp_pa
     # it read ahead meanwhile: at most one more batch (an explicit batch_size is a hard limit).
     assert pending in (list(range(11, 21)), list(range(11, 31)))
 
+    # b gets every entry a did not acknowledge (11..200): those a left pending, once they
+    # were idle for 0.5 s, and the ones nobody read. It runs until it has them all (a count,
+    # not an idle time: a loaded machine may pause it longer than any idle timeout before it
+    # claims again); the timeout only ends a run that never claims.
     b = RedisStreamFeed(redis_url, stream, "workers", "b", count=10, claim_idle=0.5)
-    Pipeline(b, sink=JsonLinesSink(out_b), batch_size=10, batch_seconds=60).run(idle_timeout=1.5)
+    Pipeline(b, sink=JsonLinesSink(out_b), batch_size=10, batch_seconds=60).run(
+        limit=190, timeout=60)
 
     assert b.claimed == len(left_by_a)
     claimed_ids = {e["message_id"].decode() for e in left_by_a}
     assert {stream_ids[i] for i in claimed_ids} <= set(ids(out_b))
     assert set(ids(out_a)) | set(ids(out_b)) == set(range(1, 201))  # nothing missing
+    assert sorted(ids(out_b)) == list(range(11, 201))  # what a did not acknowledge, once
     assert client.xpending(stream, "workers")["pending"] == 0
 
 
