@@ -34,20 +34,40 @@ class Costly:
     """Sleeps ``cost`` ms (the first change of each chunk of 20 is slow), notes its process
     and the change in ``log`` when done, fails on ``fail``. ``hold_first``: the first change
     waits until another copy noted a later one (a condition, not a head start that a loaded
-    machine may not honour), so chunks surely finish out of the feed's order."""
+    machine may not honour), so chunks surely finish out of the feed's order.
 
-    def __init__(self, log, fail=(), hold_first=False):
+    ``fail_together``: a failing change first notes its process in ``<log>.failed`` and waits
+    until that many processes did (each copy then fails on a chunk of its own).
+    ``hold_first_for``: (a ``.failed`` file, n): the first change waits until n processes
+    noted a failure there."""
+
+    def __init__(self, log, fail=(), hold_first=False, fail_together=0, hold_first_for=None):
         self.log = str(log)
         self.fail = fail
         self.hold_first = hold_first
+        self.fail_together = fail_together
+        self.hold_first_for = hold_first_for
         self.name = "costly"
+
+    @property
+    def failures(self) -> str:
+        return self.log + ".failed"
 
     def __call__(self, change):
         time.sleep(change.new["cost"] / 1000)
         if self.hold_first and change.new["id"] == 1:
             wait_until(lambda: os.path.exists(self.log) and os.path.getsize(self.log),
                        "another copy to finish a later change", 60, step=0.01)
+        if self.hold_first_for and change.new["id"] == 1:
+            path, count = self.hold_first_for
+            wait_until(lambda: failed_processes(path) >= count,
+                       f"{count} copies after this one to fail", 60, step=0.01)
         if change.new["id"] in self.fail:
+            if self.fail_together:
+                with open(self.failures, "a") as file:
+                    file.write(f"{os.getpid()}\n")
+                wait_until(lambda: failed_processes(self.failures) >= self.fail_together,
+                           f"{self.fail_together} copies to fail", 60, step=0.01)
             raise ValueError(f"bad row {change.new['id']}")
         with open(self.log, "a") as file:
             file.write(f"{os.getpid()} {change.new['id']}\n")
@@ -67,6 +87,11 @@ class InOrderOnly:
             raise AssertionError(f"position {change.position} after {self.last}")
         self.last = change.position
         return change
+
+
+def failed_processes(path) -> int:
+    """How many processes noted a failure in ``path`` (a `Costly` ``.failed`` file)."""
+    return len(set(open(path).read().split())) if os.path.exists(path) else 0
 
 
 def finished(log) -> tuple[set[int], list[int]]:
@@ -183,14 +208,15 @@ def test_a_failure_in_copies_after_copies_waits_for_the_chunks_before_it(tmp_pat
     """The second copied stage gets chunks in any order: a copy that failed on a later chunk
     still passes on the earlier ones it takes next, so the failure is raised after them (a
     copy that stopped at its failure would hold them back for ever)."""
-    # Only the first chunk is slow: every copy of the second stage has failed on a later one
-    # by the time it comes.
-    feed = MemoryFeed("tasks", changes=[insert("tasks", {"id": i, "cost": (i == 1) * 300})
+    # The first chunk waits in the first stage until every copy of the second has failed on
+    # a later one (each on its own: a failing copy waits for the others), then comes to one
+    # of them. Conditions, not a head start a loaded machine may not honour.
+    feed = MemoryFeed("tasks", changes=[insert("tasks", {"id": i, "cost": 0})
                                         for i in range(1, 301)])
     out = tmp_path / "out.jsonl"
-    pipeline = Pipeline(feed, [own_process(Costly(tmp_path / "log"), workers=3),
-                               own_process(Costly(tmp_path / "log2", fail=range(21, 301)),
-                                           workers=3)],
+    second = Costly(tmp_path / "log2", fail=range(21, 301), fail_together=3)
+    first = Costly(tmp_path / "log", hold_first_for=(second.failures, 3))
+    pipeline = Pipeline(feed, [own_process(first, workers=3), own_process(second, workers=3)],
                         sink=JsonLinesSink(out), batch_size=20, batch_seconds=60)
     raised: list[BaseException] = []
 
