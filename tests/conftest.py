@@ -20,7 +20,7 @@ from testservers import (
     SNORKY_KEY,
     Receiver,
     Server,
-    drop_slot,
+    drop_database,
     free_port,
     start_redis,
     start_secantus,
@@ -49,16 +49,7 @@ def pg_dsn(pg_server: TemporaryPostgres) -> Iterator[str]:
         conn.execute(f"CREATE DATABASE {name}")
     yield pg_server.dsn(name)
     with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
-        for (pid,) in conn.execute(
-            "SELECT active_pid FROM pg_replication_slots WHERE database = %s AND active", [name]
-        ).fetchall():
-            conn.execute("SELECT pg_terminate_backend(%s)", [pid])
-        slots = conn.execute(
-            "SELECT slot_name FROM pg_replication_slots WHERE database = %s", [name]
-        ).fetchall()
-        for (slot,) in slots:
-            drop_slot(conn, slot, timeout=5)
-        conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+        drop_database(conn, name)
 
 
 @pytest.fixture

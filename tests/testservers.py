@@ -131,6 +131,35 @@ def drop_slot(conn: psycopg.Connection, slot: str, timeout: float = 10) -> None:
     wait_until(dropped, f"the slot {slot} to be free", timeout)
 
 
+def drop_database(conn: psycopg.Connection, name: str, timeout: float = 30) -> None:
+    """Drop the database ``name`` and its replication slots, even while a feed of it is still
+    reconnecting (a thread or process a test left behind): no connection is let in any more
+    (``ALLOW_CONNECTIONS false`` holds for superusers too), then its sessions and walsenders
+    are ended and its slots and itself dropped, again until none was back in time.
+
+    Otherwise a walsender that reconnected between the terminate and the drop held its slot
+    (the drop failed), or a slot made again stayed behind: slot names are the cluster's, so
+    later tests on this server found it taken."""
+    conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+
+    def dropped() -> bool:
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                     " WHERE datname = %s AND pid <> pg_backend_pid()", [name])
+        conn.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots"
+                     " WHERE database = %s AND active", [name])
+        try:
+            for (slot,) in conn.execute(
+                "SELECT slot_name FROM pg_replication_slots WHERE database = %s", [name]
+            ).fetchall():
+                conn.execute("SELECT pg_drop_replication_slot(%s)", [slot])
+            conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+            return True
+        except (psycopg.errors.ObjectInUse, psycopg.errors.UndefinedObject):
+            return False  # a walsender still ending, or a slot gone meanwhile: look again
+
+    wait_until(dropped, f"the database {name} and its slots to be dropped", timeout)
+
+
 def fast_stop_then_start(server: TemporaryPostgres) -> float:
     """Stop ``server`` with ``pg_ctl -m fast stop`` and start it again; the seconds the stop
     took. A server that did not stop within pg_ctl's minute is stopped as in a crash and

@@ -24,6 +24,7 @@ import pytest
 from clitools import run_cli
 from equivalence import random_rows, same
 from test_postgres_stream import NOTHING, keepalive, stream_of, xlogdata  # noqa: E402
+from testservers import drop_database
 
 from changefeed import _speedups
 from changefeed.backends.postgres import connection
@@ -209,8 +210,7 @@ def stream(pg_server) -> Iterator[tuple[str, list[bytes]]]:
         yield dsn, record(dsn)
     finally:
         with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
-            conn.execute("SELECT pg_drop_replication_slot('equivalence')")
-            conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+            drop_database(conn, name)  # and its slots
 
 
 

@@ -28,6 +28,7 @@ import pytest
 from clitools import run_cli
 from equivalence import random_rows, same
 from psycopg import sql
+from testservers import drop_database
 
 from changefeed import _speedups
 from changefeed.backends.postgres import connection
@@ -162,7 +163,7 @@ def database(pg_server) -> Iterator[str]:
         yield dsn
     finally:
         with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+            drop_database(conn, name)  # and its slots
 
 
 
