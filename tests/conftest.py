@@ -21,7 +21,7 @@ from testservers import (
     Receiver,
     Server,
     drop_database,
-    free_port,
+    start_on_a_free_port,
     start_redis,
     start_secantus,
     start_tansu,
@@ -93,10 +93,15 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The URL of a throwaway Redis server (Debian's redis-server) for the whole session."""
-    port = free_port()
-    process = start_redis(port, str(tmp_path_factory.mktemp("redis")))
-    try:
+    directory = str(tmp_path_factory.mktemp("redis"))
+
+    def start(port: int) -> tuple[int, subprocess.Popen]:
+        process = start_redis(port, directory)
         wait_for_port(port, process, "redis-server")
+        return port, process
+
+    port, process = start_on_a_free_port(start)
+    try:
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         stop_process(process)
@@ -133,12 +138,16 @@ def snorky() -> Iterator[str]:
     if python is None:
         pytest.skip(f"no Snorky interpreter: run `make install` (it creates .venv-snorky) or set"
                     f" {SNORKY_PYTHON_ENV} to a Python with snorky==0.1.0a4")
-    port = free_port()
     launcher = Path(__file__).parent / "pipelines" / "snorky_server.py"
-    process = subprocess.Popen([python, str(launcher), str(port), SNORKY_KEY],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
+
+    def start(port: int) -> tuple[int, subprocess.Popen]:
+        process = subprocess.Popen([python, str(launcher), str(port), SNORKY_KEY],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         wait_for_port(port, process, "the Snorky server")
+        return port, process
+
+    port, process = start_on_a_free_port(start)
+    try:
         yield f"http://127.0.0.1:{port}"
     finally:
         stop_process(process)

@@ -25,11 +25,12 @@ import feeds
 import psycopg
 import pytest
 from clitools import assert_exit, json_lines, run_cli, start_cli
+from testservers import refused_port
 
 from changefeed import ALL, FileCheckpoint, MemoryCheckpoint, Operation, Retry
 from changefeed.backends.postgres import PostgresChangeFeed
 from changefeed.backends.postgres.position import PgPosition
-from changefeed.embedded import TemporaryPostgres, free_port
+from changefeed.embedded import TemporaryPostgres
 
 pytestmark = pytest.mark.postgres
 
@@ -436,7 +437,7 @@ def test_exit_2_for_usage_and_configuration(pg_dsn, tasks):
 
 
 def test_exit_3_for_an_unreachable_server():
-    url = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    url = f"postgresql://postgres@127.0.0.1:{refused_port()}/postgres"
     assert_exit(run_cli("run", "tasks", "--url", url), 3, "cannot connect to PostgreSQL")
 
 

@@ -12,18 +12,22 @@ Also the servers a test runs itself: `Receiver`, an HTTP endpoint that records e
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import psycopg
@@ -33,6 +37,8 @@ from websockets.sync.client import ClientConnection, connect
 
 from changefeed.embedded import TemporaryPostgres
 from changefeed.errors import ConfigurationError
+
+T = TypeVar("T")
 
 MONGODB_ENV = "CHANGEFEED_TEST_MONGODB_URL"
 KAFKA_ENV = "CHANGEFEED_TEST_KAFKA_BOOTSTRAP"
@@ -64,10 +70,72 @@ class Server:
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for a server started on it
+    next: see `start_on_a_free_port`; a port that must stay closed is `refused_port`)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def reserve_port() -> socket.socket:
+    """A TCP socket bound to a free port on 127.0.0.1, not listening: connections to the port
+    are refused, and no other process can bind it while the socket is open (it is not
+    SO_REUSEADDR). A `Receiver` can listen on it later (``sock=``)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+_refused: list[socket.socket] = []
+
+
+def refused_port() -> int:
+    """A port on 127.0.0.1 that refuses connections for the rest of the session: bound and
+    never listening (`reserve_port`), so no server of another test or process can come up on
+    it meanwhile, as one could on a port that was only free when it was picked."""
+    sock = reserve_port()
+    _refused.append(sock)
+    return sock.getsockname()[1]
+
+
+ADDRESS_IN_USE = re.compile(r"address already in use|AddrInUse", re.IGNORECASE)
+
+
+def start_on_a_free_port(start: Callable[[int], T], attempts: int = 3) -> T:
+    """``start(port)`` on a free port, again on another if the server could not bind it: a
+    port is free when picked, but a connection's ephemeral port or another test's server can
+    take it before the server binds it (`wait_for_port` then raises with what it said)."""
+    for attempt in range(attempts):
+        try:
+            return start(free_port())
+        except RuntimeError as exc:
+            if attempt + 1 == attempts or not ADDRESS_IN_USE.search(str(exc)):
+                raise
+    raise AssertionError("unreachable")
+
+
+def listens(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds a socket listening on TCP ``port`` (Linux: /proc; True
+    where there is no /proc to tell)."""
+    if not os.path.isdir("/proc/self/fd"):
+        return True
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[len("socket:["):-1])
+    except OSError:  # it ended
+        return False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as sockets:
+            for line in list(sockets)[1:]:
+                fields = line.split()
+                if (fields[3] == "0A" and fields[9] in inodes  # 0A: LISTEN
+                        and int(fields[1].rsplit(":", 1)[1], 16) == port):
+                    return True
+    return False
 
 
 def wait_for_port(port: int, process: subprocess.Popen, what: str, log: Path | None = None,
@@ -78,9 +146,11 @@ def wait_for_port(port: int, process: subprocess.Popen, what: str, log: Path | N
     def listening() -> bool:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return True
         except OSError:
             return False
+        # Another process that took the port meanwhile answers too: only ours counts (ours
+        # then exits, unable to bind: see `start_on_a_free_port`).
+        return listens(process.pid, port)
 
     def output() -> str:
         if process.poll() is None:  # still running: its pipe would not end
@@ -199,7 +269,8 @@ def start_secantus(directory: Path, port: int | None = None) -> Server:
     binary = secantus_binary()
     if binary is None:
         raise FileNotFoundError("secantusd-py is not installed: pip install -e '.[test]'")
-    port = port or free_port()
+    if port is None:
+        return start_on_a_free_port(lambda free: start_secantus(directory, free))
     log = directory / "secantusd.log"
     command = [binary, "--host", "127.0.0.1", "--port", str(port), "--storage-path",
                str(directory / "data"), "--log-level", "WARNING"]
@@ -217,7 +288,8 @@ def tansu_binary() -> str:
 
 def start_tansu(directory: Path, port: int | None = None) -> Server:
     """A Tansu Kafka broker with in-memory storage on ``port`` (a free one by default)."""
-    port = port or free_port()
+    if port is None:
+        return start_on_a_free_port(lambda free: start_tansu(directory, free))
     address = f"tcp://127.0.0.1:{port}"
     log = directory / f"tansu-{port}.log"
     command = [tansu_binary(), "broker", "--listener-url", address, "--advertised-listener-url",
@@ -232,13 +304,24 @@ SNORKY_KEY = "swordfish"
 
 class Receiver(ThreadingHTTPServer):
     """Records every request; answers ``fail_first`` requests with ``fail_status``, each after
-    ``delay`` seconds (or when `release` is set, which ends every wait)."""
+    ``delay`` seconds (or when `release` is set, which ends every wait). ``sock``: listen on
+    this bound socket (`reserve_port`) instead of binding ``host`` and ``port``: a port that
+    refused connections until now, which no other process could take meanwhile."""
 
     def __init__(self, fail_first: int = 0, fail_status: int = 503, port: int = 0,
-                 delay: float = 0.0, host: str = "127.0.0.1") -> None:
+                 delay: float = 0.0, host: str = "127.0.0.1",
+                 sock: socket.socket | None = None) -> None:
         if ":" in host:
             self.address_family = socket.AF_INET6
-        super().__init__((host, port), Handler)
+        if sock is None:
+            super().__init__((host, port), Handler)
+        else:
+            super().__init__(sock.getsockname(), Handler, bind_and_activate=False)
+            self.socket.close()
+            self.socket = sock
+            self.server_address = sock.getsockname()
+            self.server_name, self.server_port = self.server_address[:2]
+            self.server_activate()
         self.fail_first = fail_first
         self.fail_status = fail_status
         self.delay = delay

@@ -21,8 +21,9 @@ from clitools import (
     run_cli,
     start_cli,
 )
+from testservers import refused_port
 
-from changefeed.embedded import TemporaryPostgres, free_port
+from changefeed.embedded import TemporaryPostgres
 
 pytestmark = pytest.mark.postgres
 
@@ -209,7 +210,7 @@ def test_missing_url():
 
 
 def test_unreachable_server():
-    url = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    url = f"postgresql://postgres@127.0.0.1:{refused_port()}/postgres"
     assert_one_clear_line(run_cli("run", "tasks", "--url", url),
                           "cannot connect to PostgreSQL at 127.0.0.1", "refused")
 
@@ -360,7 +361,7 @@ def test_unwritable_files_fail_before_anything_is_streamed(
     assert_one_clear_line(result, fragment)
     assert result.returncode == 2 and result.stdout == ""
     # Checked before connecting: a server that is not there is never reached.
-    nowhere = f"postgresql://postgres@127.0.0.1:{free_port()}/db"
+    nowhere = f"postgresql://postgres@127.0.0.1:{refused_port()}/db"
     assert_one_clear_line(run_cli("run", "tasks", "--url", nowhere, option, path_of(tmp_path)),
                           fragment)
 

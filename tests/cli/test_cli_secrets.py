@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 from clitools import assert_one_clear_line, run_cli, start_cli
-from testservers import Receiver, free_port
+from testservers import Receiver, refused_port
 
 from changefeed.delivery import STOP_GRACE
-from changefeed.embedded import free_port as pg_free_port
 
 pytestmark = pytest.mark.postgres
 
@@ -107,7 +106,7 @@ def test_a_failed_tls_handshake_is_one_line_without_secrets(pg_dsn, tasks):
 
 
 def test_a_refused_redis_connection_is_retried_and_shows_no_secret(pg_dsn, tasks):
-    spec = f"redis://:r3dispass@127.0.0.1:{free_port()}/0?stream=s"
+    spec = f"redis://:r3dispass@127.0.0.1:{refused_port()}/0?stream=s"
     with start_cli("run", "tasks", "--url", with_password(pg_dsn), "--prefeed", "snapshot",
                    "--sink", spec) as run:
         run.wait_for_stderr("retrying in", count=2)  # before, the run ended at once
@@ -119,12 +118,12 @@ def test_a_refused_redis_connection_is_retried_and_shows_no_secret(pg_dsn, tasks
 
 @pytest.mark.parametrize("url_of, fragment", [
     (lambda dsn: with_password(dsn), "table 'nope' does not exist"),
-    (lambda dsn: f"postgresql://postgres:{PG_SECRET}@127.0.0.1:{pg_free_port()}/db",
+    (lambda dsn: f"postgresql://postgres:{PG_SECRET}@127.0.0.1:{refused_port()}/db",
      "cannot connect to PostgreSQL"),
     (lambda dsn: f"postgresql://postgres:{PG_SECRET}@[::1/db", "bad PostgreSQL URL"),
     (lambda dsn: f"postgresql://postgres:{PG_SECRET}@127.0.0.1/db?nosuch=1",
      "bad PostgreSQL URL"),
-    (lambda dsn: f"host=127.0.0.1 port={pg_free_port()} password={PG_SECRET} dbname=db",
+    (lambda dsn: f"host=127.0.0.1 port={refused_port()} password={PG_SECRET} dbname=db",
      "cannot connect to PostgreSQL"),
 ], ids=["unknown-table", "unreachable", "malformed", "unknown-option", "conninfo"])
 def test_a_postgresql_password_is_never_printed(pg_dsn, url_of, fragment):

@@ -12,7 +12,14 @@ import time
 
 import pytest
 import redis
-from testservers import Receiver, free_port, start_redis, stop_process, wait_for_port
+from testservers import (
+    Receiver,
+    refused_port,
+    reserve_port,
+    start_redis,
+    stop_process,
+    wait_for_port,
+)
 from waiting import wait_until
 
 from changefeed import PipelineError, Retry
@@ -192,13 +199,15 @@ def test_a_stop_gives_the_sink_the_same_grace_in_a_thread_and_in_a_process(
 
 
 def test_redis_sink_retries_until_redis_starts(tmp_path, caplog):
-    port = free_port()
+    reserved = reserve_port()  # refused until redis starts on it; no one else can take it
+    port = reserved.getsockname()[1]
     url = f"redis://127.0.0.1:{port}/0"
     feed = RecordingFeed(5)
     sink = RedisStreamSink(url, "late", retry=Retry(initial=0.1, maximum=0.5, attempts=100))
     thread, outcome = run_in_thread(Pipeline(feed, [], sink=sink))
     # Nothing listens yet: the sink retries (and says so) until the server comes.
     wait_until(lambda: "retrying in" in caplog.text, "a retry warning")
+    reserved.close()  # redis binds it itself
     process = start_redis(port, str(tmp_path))
     try:
         wait_for_port(port, process, "redis-server")
@@ -215,7 +224,7 @@ def test_redis_sink_retries_until_redis_starts(tmp_path, caplog):
 
 
 def test_redis_sink_gives_up_after_its_attempts_with_one_clear_error():
-    url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
+    url = f"redis://:hunter2@127.0.0.1:{refused_port()}/0"
     feed = RecordingFeed(2)
     sink = RedisStreamSink(url, "never", retry=Retry(initial=0.01, maximum=0.02, attempts=2))
     with pytest.raises(PipelineError, match=r"failed 3 times; last: ConnectionError") as info:
@@ -226,7 +235,7 @@ def test_redis_sink_gives_up_after_its_attempts_with_one_clear_error():
 
 def test_a_stop_ends_the_run_while_the_redis_sink_retries():
     feed = RecordingFeed(2)
-    sink = RedisStreamSink(f"redis://127.0.0.1:{free_port()}/0", "never")
+    sink = RedisStreamSink(f"redis://127.0.0.1:{refused_port()}/0", "never")
     pipeline = Pipeline(feed, [], sink=sink)
     thread, _ = run_in_thread(pipeline, timeout=600)
     wait_until(lambda: feed.keep_alive_calls > 0, "the feed's thread waiting")

@@ -66,9 +66,9 @@ def test_records_are_keyed_by_primary_key_in_commit_order_with_headers(kafka_boo
 
 
 def test_an_unreachable_broker_fails_the_batch_with_one_clear_error(tmp_path):
-    from testservers import free_port
+    from testservers import refused_port
 
-    sink = KafkaSink(f"127.0.0.1:{free_port()}", timeout=2)
+    sink = KafkaSink(f"127.0.0.1:{refused_port()}", timeout=2)
     table = new_table()
     with pytest.raises(PipelineError) as failure:
         sink.write_batch(Batch(changes_of(table)[:2], [1, 2]))
@@ -222,14 +222,14 @@ def test_a_table_name_that_is_no_topic_name_fails_before_anything_is_acknowledge
 def test_changefeed_run_with_the_broker_down_fails_clearly_and_acknowledges_nothing(
     kafka_bootstrap, pg_dsn, pg
 ):
-    from testservers import free_port
+    from testservers import refused_port
 
     pg.execute("CREATE TABLE items (id int PRIMARY KEY)")
     assert run_cli("run", "items", "--url", pg_dsn, "--until-idle", "0.5").returncode == 0
     pg.execute("INSERT INTO items VALUES (1)")
     topic = f"cdc.items_{uuid.uuid4().hex[:8]}"
     down = run_cli("run", "items", "--url", pg_dsn, "--format", "change", "--sink",
-                   f"kafka://user:hunter2@127.0.0.1:{free_port()}?topic={topic}&timeout=2")
+                   f"kafka://user:hunter2@127.0.0.1:{refused_port()}?topic={topic}&timeout=2")
     assert_one_clear_line(down, "Kafka did not confirm the batch within 2 s")
     assert down.returncode == 5 and "hunter2" not in down.stderr
     # Nothing was acknowledged: with the broker there, the same change arrives.

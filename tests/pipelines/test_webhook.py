@@ -61,13 +61,14 @@ def test_webhook_does_not_retry_a_4xx(receiver):
 
 
 def test_webhook_retries_while_the_server_is_down():
-    from testservers import free_port
+    from testservers import reserve_port
 
-    port = free_port()
+    reserved = reserve_port()  # bound, not listening: refused, and no one else can take it
+    port = reserved.getsockname()[1]
     started: list[Receiver] = []
 
     def serve() -> None:
-        receiver = Receiver(port=port)
+        receiver = Receiver(sock=reserved)
         started.append(receiver)
         receiver.serve_forever(0.05)
 

@@ -25,7 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import psycopg
 import pytest
 from clitools import assert_exit, run_cli
-from testservers import Receiver, free_port
+from testservers import Receiver, reserve_port
 
 from changefeed import PipelineError, Retry
 from changefeed.pipelines import Pipeline, batch
@@ -311,7 +311,8 @@ def test_retry_after_forms():
 
 
 def test_a_refused_connection_is_retried_until_the_endpoint_comes():
-    port = free_port()  # nothing listens yet
+    reserved = reserve_port()  # bound, not listening: refused, and no one else can take it
+    port = reserved.getsockname()[1]
     refused = threading.Event()
 
     class Noting(Retry):
@@ -326,7 +327,7 @@ def test_a_refused_connection_is_retried_until_the_endpoint_comes():
 
     def come_up() -> None:
         refused.wait(30)
-        receivers.append(Receiver(port=port).start())
+        receivers.append(Receiver(sock=reserved).start())
 
     thread = threading.Thread(target=come_up, daemon=True)
     thread.start()

@@ -76,9 +76,9 @@ def test_exit_codes_ready_not_ready_and_json(answering):
 
 
 def test_a_server_that_is_not_there_or_not_changefeed_is_one_line_exit_3(answering):
-    from testservers import free_port
+    from testservers import refused_port
 
-    port = free_port()
+    port = refused_port()
     assert_exit(run_cli("status", "--url", f"http://127.0.0.1:{port}"), 3,
                 f"cannot reach http://127.0.0.1:{port}/readyz")
     assert_exit(run_cli("status", "--url", answering(200, b"<html>hello</html>")), 3,

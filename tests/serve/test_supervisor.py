@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from testservers import free_port
+from testservers import refused_port
 from waiting import wait_until
 
 from changefeed.serve.pipelines.specs import PipelineSpec, Supervision
@@ -27,7 +27,7 @@ def spec(tmp_path: Path, url: str, **supervision: float) -> PipelineSpec:
 
 
 def test_a_source_that_cannot_be_reached_is_retried_with_a_growing_backoff(tmp_path):
-    supervisor = Supervisor(spec(tmp_path, f"redis://127.0.0.1:{free_port()}/0",
+    supervisor = Supervisor(spec(tmp_path, f"redis://127.0.0.1:{refused_port()}/0",
                                  restart_delay=0.2, restart_max_delay=0.8))
     supervisor.start()
     try:
@@ -45,7 +45,7 @@ def test_a_source_that_cannot_be_reached_is_retried_with_a_growing_backoff(tmp_p
 
 def test_a_configuration_that_broke_since_it_was_checked_fails_for_good(tmp_path):
     gone = tmp_path / "gone"
-    broken = spec(gone, f"redis://127.0.0.1:{free_port()}/0", restart_delay=0.1)
+    broken = spec(gone, f"redis://127.0.0.1:{refused_port()}/0", restart_delay=0.1)
     supervisor = Supervisor(broken)  # its sink's directory does not exist (any more)
     supervisor.start()
     try:
