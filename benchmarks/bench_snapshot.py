@@ -32,6 +32,7 @@ from psycopg import sql
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_postgres import compile_checkouts, timed  # noqa: E402  (a script beside this one)
 
+from changefeed._speedups import implementation  # noqa: E402
 from changefeed.backends.postgres.backfill import CHUNK_BYTES, DEFAULT_CHUNK_ROWS  # noqa: E402
 from changefeed.backends.postgres.backfill_reads import read_chunk  # noqa: E402
 from changefeed.backends.postgres.chunks import TableBackfill  # noqa: E402
@@ -133,8 +134,9 @@ def chunk_rows(conn: psycopg.Connection, chunk_size: int | None) -> int:
     oid = conn.execute("SELECT 'big'::regclass::oid").fetchone()[0]
     backfill = TableBackfill(oid, "public.big", ["id"], ["integer"])
     size = chunk_size or DEFAULT_CHUNK_ROWS
+    # As the feed reads it: as lines on the compiled path (a line holds less than a row).
     read_chunk(conn, backfill, CopyReader(), chunk_size=size, chunk_bytes=CHUNK_BYTES,
-               lines=True)
+               lines=implementation == "c")
     return limit_for(size, CHUNK_BYTES, backfill.row_bytes)
 
 

@@ -149,11 +149,16 @@ def replication_refused(
     return None
 
 
-def slot_in_use(slot: str, pid: int | None, *, first_connection: bool) -> Exception:
+def slot_in_use(
+    slot: str, pid: int | None, *, first_connection: bool, waited: float = 0.0
+) -> Exception:
     """The slot is streaming to another process: on the feed's first connection someone
-    else's; on a reconnect most likely our own previous walsender, still ending."""
+    else's (after ``waited`` seconds for it to be released); on a reconnect most likely our
+    own previous walsender, still ending."""
     message = f"slot {slot} is in use by another process (pid {pid})"
     if first_connection:
+        if waited > 0:
+            message += f" (still after {waited:.1f} s)"
         return PermanentBackendError(message + ": stop it, or use another --slot")
     return TransientBackendError(message)
 

@@ -50,6 +50,7 @@ from changefeed.backends.postgres.stream import ReplicationStream
 from changefeed.backends.postgres.streaming import IdleCheck, StreamLoop
 from changefeed.backends.postgres.structure import Structure
 from changefeed.backends.postgres.tables import WatchedTables
+from changefeed.bounds import seconds_problem
 from changefeed.change import ALL, ROW_OPERATIONS, Change, SnapshotState
 from changefeed.errors import ConfigurationError
 from changefeed.feed import ChangeFeed
@@ -80,6 +81,9 @@ class PostgresChangeFeed(StreamLoop, StructureReactions, ChangeFeed):
         messages: prefixes of the ``pg_logical_emit_message`` messages to stream as `Message`
             objects among the changes (a prefix matches by ``startswith``; "" matches all).
             Needs PostgreSQL 14 or later.
+        slot_wait: seconds the first connection waits for a slot that another process streams
+            from to be released (a client that just died holds it until the server notices),
+            before it fails; 0 fails at once.
         Other arguments as for `ChangeFeed`.
     """
 
@@ -99,6 +103,7 @@ class PostgresChangeFeed(StreamLoop, StructureReactions, ChangeFeed):
         exclude: str | Sequence[str] = (),
         snapshot_markers: bool = False,
         messages: Sequence[str] = (),
+        slot_wait: float = slots.RELEASE_WAIT,
         **options: Any,
     ) -> None:
         tables = split_tables(table)
@@ -119,6 +124,11 @@ class PostgresChangeFeed(StreamLoop, StructureReactions, ChangeFeed):
         self.slot = check_slot_name(slot)
         self.publication = check_publication_name(publication or self.slot)
         self.status_interval = status_interval
+        problem = seconds_problem(slot_wait, open_minimum=False)
+        if problem is not None:
+            raise ConfigurationError(f"slot_wait={slot_wait!r}: {problem}")
+        self.slot_wait = slot_wait
+        """Seconds the first connection waits for a slot another process streams from."""
         self.chunk_size = chunk_size
         self.messages = tuple([messages] if isinstance(messages, str) else messages)
         self._tables = WatchedTables()
@@ -165,7 +175,15 @@ class PostgresChangeFeed(StreamLoop, StructureReactions, ChangeFeed):
             self._backfills.slot = self.slot
         repl = self._replication = connect_replication(self.dsn, conn)
         slot = slots.get_slot(conn, self.slot)
-        slots.check_slot(conn, slot, first_connection=first_connection)
+        waited = 0.0
+        if first_connection and slot is not None and slot.active and self.slot_wait > 0:
+            # Most likely a client that just died, whose walsender has not noticed yet.
+            began = time.monotonic()
+            slot = slots.wait_until_released(conn, slot, self.slot_wait, lambda: self.stopping)
+            waited = time.monotonic() - began
+            if self.stopping:  # asked to stop while it waited: nothing was read, nothing lost
+                return
+        slots.check_slot(conn, slot, first_connection=first_connection, waited=waited)
         publication = ensure_publication(
             conn, self.publication, self._tables.live(), slot=self.slot,
             operation=self.operation & ROW_OPERATIONS, default_names=self._default_names,

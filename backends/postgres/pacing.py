@@ -21,7 +21,7 @@ class ReadPacing:
     found bytes already waiting, a wake-up that finds fewer than `ENOUGH_BYTES` waiting first
     pauses `PAUSE` seconds. A live stream is never paused, so its latency is untouched; nor is
     a wake-up with nothing or with enough waiting, so a fast backlog is never held to what one
-    pause lets in. See the README's "What bounds streaming"."""
+    pause lets in. See "Read pacing" in the README's Benchmark section."""
 
     BEHIND_SECONDS = 0.5
     BUSY_WAKEUPS = 8

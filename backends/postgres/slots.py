@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psycopg
@@ -35,6 +36,12 @@ log = logging.getLogger("changefeed.postgres")
 
 RETAINED_WARNING_BYTES = 1 << 30
 """A feed warns at start when its slot keeps more WAL than this (see `changefeed slots`)."""
+RELEASE_WAIT = 10.0
+"""Seconds a feed's first connection waits for a slot another process streams from. A client
+that died (a crash, kill -9) holds its slot until its walsender notices: at once when the
+connection closes, seconds later on a busy server. A supervisor restarting a crashed feed at
+once then finds the slot free instead of failing for good."""
+RELEASE_POLL = 0.1
 
 
 @dataclass
@@ -60,7 +67,32 @@ def get_slot(conn: psycopg.Connection, name: str) -> Slot | None:
     return Slot(*row) if row else None
 
 
-def check_slot(conn: psycopg.Connection, slot: Slot | None, *, first_connection: bool) -> None:
+def wait_until_released(
+    conn: psycopg.Connection, slot: Slot | None, wait: float, stopping: Callable[[], bool],
+) -> Slot | None:
+    """``slot`` as it is once no process streams from it, asked every `RELEASE_POLL` seconds
+    for at most ``wait`` seconds (or until ``stopping()``); still active if it stayed in use,
+    None if it was dropped meanwhile."""
+    if slot is None or not slot.active or wait <= 0:
+        return slot
+    log.warning("slot %s is in use by another process (pid %s): waiting up to %g s for it to"
+                " be released", slot.name, slot.active_pid, wait)
+    deadline = time.monotonic() + wait
+    current: Slot | None = slot
+    while current is not None and current.active and not stopping():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        time.sleep(min(RELEASE_POLL, remaining))
+        current = get_slot(conn, slot.name)
+    if current is None or not current.active:
+        log.info("slot %s was released", slot.name)
+    return current
+
+
+def check_slot(
+    conn: psycopg.Connection, slot: Slot | None, *, first_connection: bool, waited: float = 0.0,
+) -> None:
     """Raise a clear error if the slot exists but cannot be used; on the feed's first
     connection, warn when it keeps much WAL."""
     if slot is None:
@@ -77,7 +109,8 @@ def check_slot(conn: psycopg.Connection, slot: Slot | None, *, first_connection:
             " and start again with --prefeed snapshot"
         )
     if slot.active:
-        raise slot_in_use(slot.name, slot.active_pid, first_connection=first_connection)
+        raise slot_in_use(slot.name, slot.active_pid, first_connection=first_connection,
+                          waited=waited)
     if first_connection and (slot.retained_bytes or 0) > RETAINED_WARNING_BYTES:
         log.warning("slot %s keeps %s of WAL on the server: this feed is far behind",
                     slot.name, format_size(slot.retained_bytes or 0))

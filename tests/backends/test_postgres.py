@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -438,10 +439,121 @@ def test_slot_in_use_is_a_clear_error(pg_dsn, tasks):
     iterator = first.changes(ticks=True)
     next(iterator)  # streaming now, holding the slot
     try:
-        with pytest.raises(PermanentBackendError, match="slot changefeed_tasks is in use"):
-            list(make_feed(pg_dsn).changes(timeout=2))
+        at_once = time.monotonic()
+        with pytest.raises(PermanentBackendError, match=r"slot changefeed_tasks is in use by"
+                           r" another process \(pid \d+\): stop it, or use another --slot"):
+            list(make_feed(pg_dsn, slot_wait=0).changes(timeout=20))
+        assert time.monotonic() - at_once < 10
+        # Waited for, the slot stays in use: the same error, saying how long it waited.
+        began = time.monotonic()
+        with pytest.raises(PermanentBackendError, match=r"slot changefeed_tasks is in use by"
+                           r" another process \(pid \d+\) \(still after [\d.]+ s\)"):
+            list(make_feed(pg_dsn, slot_wait=0.5).changes(timeout=20))
+        assert time.monotonic() - began >= 0.5
     finally:
         iterator.close()
+
+
+class Messages(logging.Handler):
+    """The messages of one logger, from any thread (set on the logger itself: the CLI's
+    logging set-up, run in-process by other tests, stops changefeed's from propagating)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.logger = logging.getLogger(name)
+        self.texts: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.texts.append(record.getMessage())
+
+    def __enter__(self) -> Messages:
+        self.level = self.logger.level
+        self.logger.addHandler(self)
+        self.logger.setLevel(logging.DEBUG)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.level)
+
+    def saw(self, text: str) -> bool:
+        return any(text in message for message in self.texts)
+
+
+def read_in_thread(feed, **options):
+    """Read ``feed`` in a thread: (the thread, its changes, the error it ended with)."""
+    got, errors = [], []
+
+    def read():
+        try:
+            got.extend(feed.changes(**options))
+        except Exception as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    return thread, got, errors
+
+
+@pytest.mark.parametrize("held_by", ["feed", "walsender"])
+def test_a_first_connection_waits_for_a_slot_still_held_to_be_released(pg_dsn, tasks, held_by):
+    """A supervisor restarting a feed that just died finds its slot still held (by a feed or
+    by a bare replication connection, as a walsender whose client is gone holds it): the new
+    feed waits for the slot to be released, then streams what the slot kept."""
+    if held_by == "feed":
+        first = make_feed(pg_dsn)
+        holder = first.changes(ticks=True)
+        next(holder)  # streaming now, holding the slot
+        release = holder.close
+    else:
+        start(make_feed(pg_dsn))
+        holder = psycopg.connect(pg_dsn, autocommit=True, replication="database")
+        holder.execute("START_REPLICATION SLOT changefeed_tasks LOGICAL 0/0"
+                       " (proto_version '1', publication_names 'changefeed_tasks')")
+        release = holder.close
+    tasks.execute("INSERT INTO tasks (title) VALUES ('kept by the slot')")
+    with Messages("changefeed.postgres") as log:
+        thread, got, errors = read_in_thread(make_feed(pg_dsn, slot_wait=60), limit=1,
+                                             timeout=60)
+        try:
+            wait_until(lambda: log.saw("waiting up to 60 s for it to be released") or errors,
+                       "the feed to wait for the slot")
+            assert not errors, errors
+            assert thread.is_alive()  # waiting, not failed
+        finally:
+            release()
+        thread.join(60)
+    assert not thread.is_alive()
+    assert not errors, errors
+    assert [(change.operation, change.new["title"]) for change in got] == [
+        (Operation.INSERT, "kept by the slot")]
+    assert log.saw("slot changefeed_tasks was released")
+
+
+def test_a_stop_request_ends_the_wait_for_a_slot(pg_dsn, tasks):
+    first = make_feed(pg_dsn)
+    holder = first.changes(ticks=True)
+    next(holder)
+    try:
+        waiting = make_feed(pg_dsn, slot_wait=300)
+        with Messages("changefeed.postgres") as log:
+            thread, got, errors = read_in_thread(waiting, timeout=600)
+            wait_until(lambda: log.saw("waiting up to 300 s") or errors,
+                       "the feed to wait for the slot")
+            asked = time.monotonic()
+            waiting.stop()
+            thread.join(60)
+        assert not thread.is_alive()
+        assert time.monotonic() - asked < 30  # not the 300 s
+        assert (got, errors) == ([], [])  # stopped as asked, not failed
+    finally:
+        holder.close()
+
+
+@pytest.mark.parametrize("wait", [-1, float("nan"), float("inf"), "10", True])
+def test_slot_wait_must_be_a_number_of_seconds(wait):
+    with pytest.raises(ConfigurationError, match="slot_wait="):
+        PostgresChangeFeed("tasks", connection="postgresql://localhost/db", slot_wait=wait)
 
 
 def test_role_without_replication_privilege_is_a_clear_error(pg_dsn, tasks, pg_server):

@@ -233,11 +233,37 @@ def test_role_without_replication_privilege(pg_dsn, tasks):
 
 
 def test_slot_already_in_use(pg_dsn, tasks):
+    """A slot another run streams from: the second run waits for it (a client that just died
+    holds its slot for a moment), then fails with one line."""
     with start_cli("run", "tasks", "--url", pg_dsn) as first:
         first.wait_streaming()
         result = run_cli("run", "tasks", "--url", pg_dsn)
         assert first.stop()[0] == 0, first.stderr
-    assert_exit(result, 3, "slot changefeed_tasks is in use by another process")
+    assert "waiting up to 10 s for it to be released" in result.stderr
+    assert_exit(result, 3, "slot changefeed_tasks is in use by another process",
+                "(still after 10.", "stop it, or use another --slot")
+
+
+def test_a_run_waits_for_a_slot_its_dead_predecessor_still_holds(pg_dsn, tasks):
+    """A supervisor restarts a run that crashed while the server still holds its slot (its
+    walsender notices the dead client only when it next looks at the socket; held here by a
+    bare replication connection): the new run waits, then streams what the slot kept."""
+    made = run_cli("run", "tasks", "--url", pg_dsn, "--idle-timeout", "0.5")  # the slot
+    assert made.returncode == 0, made.stderr
+    holder = psycopg.connect(pg_dsn, autocommit=True, replication="database")
+    try:
+        holder.execute("START_REPLICATION SLOT changefeed_tasks LOGICAL 0/0"
+                       " (proto_version '1', publication_names 'changefeed_tasks')")
+        tasks.execute("INSERT INTO tasks (title) VALUES ('kept')")
+        with start_cli("run", "tasks", "--url", pg_dsn, "--limit", "1") as run:
+            run.wait_for_stderr("waiting up to 10 s for it to be released")
+            holder.close()
+            code, out = run.finish()
+    finally:
+        holder.close()
+    assert code == 0, run.stderr
+    assert [(line["type"], line["data"]["title"]) for line in json_lines(out)] == [
+        ("insert", "kept")]
 
 
 def test_unwritable_checkpoint(pg_dsn, tasks, tmp_path):
