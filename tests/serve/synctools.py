@@ -21,7 +21,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from testservers import free_port, stop_process
+from testservers import ADDRESS_IN_USE, free_port, stop_process
 from waiting import wait_until
 
 HERE = Path(__file__).parent
@@ -52,6 +52,7 @@ class Server:
         self.url = url
         self.tables = list(tables)
         self.port = port or free_port()
+        self.may_move = port is None  # to another free port, until it first started
         self.app = app
         self.owner_column = owner_column
         self.settings = settings
@@ -76,12 +77,24 @@ class Server:
                 *options, *self.tables]
 
     def start(self, wait: bool = True) -> Server:
-        stderr = open(self.log, "a") if self.log else subprocess.PIPE  # noqa: SIM115
-        self.process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL,
-                                        stderr=stderr, text=True, cwd=HERE,
-                                        env={**os.environ, "PYTHONPATH": str(HERE)})
-        if wait:
-            self.wait_ready()
+        """Start the server (and wait until it is ready). On a port of its own choosing, it
+        starts again on another if a process took that one before the server bound it."""
+        for attempt in range(3):
+            stderr = open(self.log, "a") if self.log else subprocess.PIPE  # noqa: SIM115
+            self.process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL,
+                                            stderr=stderr, text=True, cwd=HERE,
+                                            env={**os.environ, "PYTHONPATH": str(HERE)})
+            if not wait:
+                break
+            try:
+                self.wait_ready()
+            except AssertionError as exc:
+                if not (self.may_move and attempt < 2 and ADDRESS_IN_USE.search(str(exc))):
+                    raise
+                self.port = free_port()
+                continue
+            break
+        self.may_move = False
         return self
 
     def wait_ready(self, timeout: float = 60) -> None:
