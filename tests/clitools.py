@@ -6,7 +6,6 @@ a slow machine makes a test slower, never hang or pass by luck.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import select
@@ -18,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from procnet import tcp_sockets
 from waiting import wait_until
 
 T = TypeVar("T")
@@ -199,23 +199,7 @@ class CliProcess:
 
 def tcp_ports(pid: int) -> set[int]:
     """The local ports of the TCP sockets process ``pid`` holds (Linux: /proc)."""
-    inodes = set()
-    try:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(OSError):
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target.startswith("socket:["):
-                    inodes.add(target[len("socket:["):-1])
-    except OSError:  # it ended already
-        return set()
-    ports = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError), open(table) as sockets:
-            for line in list(sockets)[1:]:
-                fields = line.split()
-                if fields[9] in inodes:
-                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports
+    return {port for port, _ in tcp_sockets(pid)}
 
 
 def released(url: str, ports: set[int], timeout: float = 60) -> None:

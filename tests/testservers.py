@@ -12,7 +12,6 @@ Also the servers a test runs itself: `Receiver`, an HTTP endpoint that records e
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -32,6 +31,7 @@ from typing import TypeVar
 import httpx
 import psycopg
 import pytest
+from procnet import LISTEN, tcp_sockets
 from waiting import wait_until
 from websockets.sync.client import ClientConnection, connect
 
@@ -119,23 +119,7 @@ def listens(pid: int, port: int) -> bool:
     where there is no /proc to tell)."""
     if not os.path.isdir("/proc/self/fd"):
         return True
-    inodes = set()
-    try:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(OSError):
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target.startswith("socket:["):
-                    inodes.add(target[len("socket:["):-1])
-    except OSError:  # it ended
-        return False
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError), open(table) as sockets:
-            for line in list(sockets)[1:]:
-                fields = line.split()
-                if (fields[3] == "0A" and fields[9] in inodes  # 0A: LISTEN
-                        and int(fields[1].rsplit(":", 1)[1], 16) == port):
-                    return True
-    return False
+    return (port, LISTEN) in tcp_sockets(pid)
 
 
 def wait_for_port(port: int, process: subprocess.Popen, what: str, log: Path | None = None,
