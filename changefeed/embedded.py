@@ -71,6 +71,13 @@ def _version_key(path: str) -> int:
         return 0
 
 
+PORT_ATTEMPTS = 3
+"""Ports a new cluster tries (see `TemporaryPostgres.start`)."""
+ADDRESS_IN_USE = "Address already in use"
+"""What the server log says when the port was taken (the C library's text, not localised by
+the cluster, which initdb makes with ``--locale=C.UTF-8``)."""
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:
@@ -135,6 +142,22 @@ class TemporaryPostgres:
             with open(self.datadir / "postgresql.conf", "a") as file:
                 file.write(config)
             self._start_guard()
+            # The port was free when picked; another process may bind it before the server
+            # does. A first start then moves to another port (a restart keeps its own).
+            for _ in range(PORT_ATTEMPTS - 1):
+                try:
+                    self._pg_ctl_start()
+                    return
+                except ConfigurationError:
+                    if ADDRESS_IN_USE not in self.log():
+                        raise
+                self.port = free_port()
+                with open(self.datadir / "postgresql.conf", "a") as file:
+                    file.write(f"port = {self.port}\n")  # the last setting of a name wins
+        self._pg_ctl_start()
+
+    def _pg_ctl_start(self) -> None:
+        assert self.directory is not None
         self._run(
             [self.bindir / "pg_ctl", "-D", self.datadir, "-l", self.directory / "server.log",
              "-w", "-t", "60", "start"]

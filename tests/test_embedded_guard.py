@@ -1,19 +1,24 @@
 """A throwaway PostgreSQL (`changefeed.embedded.TemporaryPostgres`, ``changefeed demo``) does not
 outlive the process that made it: killed with SIGKILL, its server stops and its directory goes
-within `BOUND` seconds; a clean exit leaves no guard process behind."""
+within `BOUND` seconds; a clean exit leaves no guard process behind. A port taken between its
+choice and the server's start moves the new cluster to another."""
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import psycopg
 import pytest
 from clitools import CHANGEFEED
 from proctools import descendants, wait_ended
 from waiting import wait_until
+
+from changefeed import embedded
 
 pytestmark = pytest.mark.postgres
 
@@ -83,3 +88,30 @@ def test_a_clean_exit_stops_the_guard_too():
         assert guard is not None and guard.poll() is None
         directory = server.directory
     assert guard.returncode == 0 and not directory.exists()  # it ended on its stdin's EOF
+
+
+@pytest.mark.parametrize("taken", [1, 2])
+def test_a_port_taken_before_the_server_binds_it_moves_the_cluster(monkeypatch, taken):
+    """Another process listens on the port picked (once, or twice in a row): the cluster
+    starts on the next free one, and its URL says which."""
+    squatters = []
+    for _ in range(taken):
+        squatter = socket.socket()
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        squatters.append(squatter)
+    ports = iter([sock.getsockname()[1] for sock in squatters])
+    picked = embedded.free_port
+    monkeypatch.setattr(embedded, "free_port", lambda: next(ports, None) or picked())
+    try:
+        with embedded.TemporaryPostgres() as server:
+            assert server.port not in [sock.getsockname()[1] for sock in squatters]
+            assert server.log().count(embedded.ADDRESS_IN_USE) >= taken
+            with psycopg.connect(server.dsn()) as conn:
+                assert conn.execute("SHOW port").fetchone() == (str(server.port),)
+            server.restart()  # a restart keeps the port it found
+            with psycopg.connect(server.dsn()) as conn:
+                assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        for sock in squatters:
+            sock.close()
