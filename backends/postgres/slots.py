@@ -68,13 +68,11 @@ def get_slot(conn: psycopg.Connection, name: str) -> Slot | None:
 
 
 def wait_until_released(
-    conn: psycopg.Connection, slot: Slot | None, wait: float, stopping: Callable[[], bool],
+    conn: psycopg.Connection, slot: Slot, wait: float, stopping: Callable[[], bool],
 ) -> Slot | None:
-    """``slot`` as it is once no process streams from it, asked every `RELEASE_POLL` seconds
-    for at most ``wait`` seconds (or until ``stopping()``); still active if it stayed in use,
-    None if it was dropped meanwhile."""
-    if slot is None or not slot.active or wait <= 0:
-        return slot
+    """``slot`` (active: the caller decides whether to wait) as it is once no process streams
+    from it, asked every `RELEASE_POLL` seconds for at most ``wait`` seconds (or until
+    ``stopping()``); still active if it stayed in use, None if it was dropped meanwhile."""
     log.warning("slot %s is in use by another process (pid %s): waiting up to %g s for it to"
                 " be released", slot.name, slot.active_pid, wait)
     deadline = time.monotonic() + wait
