@@ -145,11 +145,12 @@ class TemporaryPostgres:
             # The port was free when picked; another process may bind it before the server
             # does. A first start then moves to another port (a restart keeps its own).
             for _ in range(PORT_ATTEMPTS - 1):
+                logged = len(self.log())
                 try:
                     self._pg_ctl_start()
                     return
                 except ConfigurationError:
-                    if ADDRESS_IN_USE not in self.log():
+                    if ADDRESS_IN_USE not in self.log()[logged:]:  # this attempt's lines
                         raise
                 self.port = free_port()
                 with open(self.datadir / "postgresql.conf", "a") as file:
